@@ -1,0 +1,118 @@
+// pyaccel._C: plain C++ kernels behind a pybind11 module. No libtorch: Python
+// passes data pointers, sizes and strides (as integers) and owns all memory,
+// so one wheel works with every torch release. Arguments are validated on the
+// Python side (pyaccel/ops.py); the checks here guard what Python cannot see
+// (the packed layout header).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common/cpu_features.h"
+#include "common/parallel.h"
+#include "int8_gemm/int8_gemm.h"
+
+namespace py = pybind11;
+using namespace pyaccel;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+py::dict cpu_info() {
+  const CpuFeatures& f = cpu_features();
+  py::dict d;
+  d["avx2"] = f.avx2;
+  d["fma"] = f.fma;
+  d["avx512f"] = f.avx512f;
+  d["avx512bw"] = f.avx512bw;
+  d["avx512dq"] = f.avx512dq;
+  d["avx512vl"] = f.avx512vl;
+  d["avx512_vnni"] = f.avx512vnni;
+  d["avx512_vpopcntdq"] = f.avx512vpopcntdq;
+  d["avx512_bf16"] = f.avx512bf16;
+  d["detected_isa"] = isa_name(detected_isa());
+  d["isa_cap"] = isa_name(isa_cap());
+  d["selected_isa"] = isa_name(selected_isa());
+  d["omp_max_threads"] = max_threads();
+  return d;
+}
+
+void check_packed_or_throw(uintptr_t packed, int64_t nbytes, int64_t n, int64_t k) {
+  if (const char* err = int8_gemm::check_packed(ptr<const uint8_t>(packed), nbytes, n, k))
+    throw py::value_error(std::string("packed_weight: ") + err);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyaccel native CPU kernels (no libtorch; pointers in, pointers out)";
+  m.def("cpu_info", &cpu_info, "CPU features, detected/capped/selected ISA");
+  m.def("set_isa_cap", &set_isa_cap, py::arg("name"),
+        "Cap the ISA (avx512_vnni|avx512|avx2|portable, '' = none); returns False for an unknown name");
+  m.def("selected_isa", [] { return std::string(isa_name(selected_isa())); });
+  m.def("int8_kernel_name", [] { return std::string(int8_gemm::select_kernel().name); });
+
+  m.def("int8_packed_nbytes", &int8_gemm::packed_nbytes, py::arg("n"), py::arg("k"));
+  m.def(
+      "int8_pack",
+      [](uintptr_t w, int64_t ldw, int64_t n, int64_t k, uintptr_t out, int64_t out_nbytes) {
+        if (out_nbytes != int8_gemm::packed_nbytes(n, k))
+          throw py::value_error("out: wrong size for the packed weight");
+        py::gil_scoped_release nogil;
+        int8_gemm::pack_weights(ptr<const int8_t>(w), ldw, n, k, ptr<uint8_t>(out));
+      },
+      py::arg("w"), py::arg("ldw"), py::arg("n"), py::arg("k"), py::arg("out"),
+      py::arg("out_nbytes"));
+  m.def(
+      "int8_check_packed",
+      [](uintptr_t packed, int64_t nbytes, int64_t n, int64_t k) -> py::object {
+        if (const char* e = int8_gemm::check_packed(ptr<const uint8_t>(packed), nbytes, n, k))
+          return py::str(e);
+        return py::none();
+      },
+      py::arg("packed"), py::arg("nbytes"), py::arg("n"), py::arg("k"));
+  m.def(
+      "int8_linear",
+      [](uintptr_t x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, uintptr_t packed,
+         int64_t packed_nbytes, int64_t n, uintptr_t w_scale, uintptr_t bias, uintptr_t y,
+         int64_t ldy, bool y_bf16, int nthreads) {
+        check_packed_or_throw(packed, packed_nbytes, n, k);
+        py::gil_scoped_release nogil;
+        int8_gemm::linear(ptr<const void>(x), ldx, x_bf16, m, k, ptr<const uint8_t>(packed),
+                          ptr<const float>(w_scale), bias ? ptr<const float>(bias) : nullptr,
+                          ptr<void>(y), ldy, y_bf16, nthreads);
+      },
+      "y[m, n] = dequant(quant_per_row(x) @ w.T) + bias, all pointers",
+      py::arg("x"), py::arg("ldx"), py::arg("x_bf16"), py::arg("m"), py::arg("k"),
+      py::arg("packed"), py::arg("packed_nbytes"), py::arg("n"), py::arg("w_scale"),
+      py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("y_bf16"), py::arg("nthreads"));
+  m.def(
+      "int8_gemm_prequantized",
+      [](uintptr_t q, int64_t ldq, uintptr_t q_scale, int64_t m, int64_t k, uintptr_t packed,
+         int64_t packed_nbytes, int64_t n, uintptr_t w_scale, uintptr_t bias, uintptr_t y,
+         int64_t ldy, bool y_bf16, int nthreads) {
+        check_packed_or_throw(packed, packed_nbytes, n, k);
+        py::gil_scoped_release nogil;
+        int8_gemm::gemm_prequantized(ptr<const int8_t>(q), ldq, ptr<const float>(q_scale), m, k,
+                                     ptr<const uint8_t>(packed), ptr<const float>(w_scale),
+                                     bias ? ptr<const float>(bias) : nullptr, ptr<void>(y), ldy,
+                                     y_bf16, nthreads);
+      },
+      py::arg("q"), py::arg("ldq"), py::arg("q_scale"), py::arg("m"), py::arg("k"),
+      py::arg("packed"), py::arg("packed_nbytes"), py::arg("n"), py::arg("w_scale"),
+      py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("y_bf16"), py::arg("nthreads"));
+  m.def(
+      "quantize_rows",
+      [](uintptr_t x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, uintptr_t q, int64_t ldq,
+         uintptr_t scale, int nthreads) {
+        py::gil_scoped_release nogil;
+        int8_gemm::quantize_rows(ptr<const void>(x), ldx, x_bf16, m, k, ptr<int8_t>(q), ldq,
+                                 ptr<float>(scale), nthreads);
+      },
+      py::arg("x"), py::arg("ldx"), py::arg("x_bf16"), py::arg("m"), py::arg("k"), py::arg("q"),
+      py::arg("ldq"), py::arg("scale"), py::arg("nthreads"));
+}

@@ -1,0 +1,114 @@
+#include "common/cpu_features.h"
+
+#include <cpuid.h>
+#include <atomic>
+#include <cstdlib>
+#include <mutex>
+
+namespace pyaccel {
+namespace {
+
+unsigned long long xgetbv0() {
+  unsigned eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (static_cast<unsigned long long>(edx) << 32) | eax;
+}
+
+CpuFeatures detect() {
+  CpuFeatures f;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = (c >> 27) & 1;
+  f.fma = (c >> 12) & 1;
+  const bool avx = (c >> 28) & 1;
+  if (osxsave && avx) {
+    const unsigned long long xcr0 = xgetbv0();
+    f.os_avx = (xcr0 & 0x6) == 0x6;            // XMM and YMM state
+    f.os_avx512 = f.os_avx && (xcr0 & 0xE0) == 0xE0;  // opmask, ZMM_Hi256, Hi16_ZMM
+  }
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(7, 0, a, b, c, d);
+  f.avx2 = f.os_avx && ((b >> 5) & 1);
+  f.avx512f = f.os_avx512 && ((b >> 16) & 1);
+  f.avx512dq = f.os_avx512 && ((b >> 17) & 1);
+  f.avx512bw = f.os_avx512 && ((b >> 30) & 1);
+  f.avx512vl = f.os_avx512 && ((b >> 31) & 1);
+  f.avx512vnni = f.os_avx512 && ((c >> 11) & 1);
+  f.avx512vpopcntdq = f.os_avx512 && ((c >> 14) & 1);
+  __cpuid_count(7, 1, a, b, c, d);
+  f.avx512bf16 = f.os_avx512 && ((a >> 5) & 1);
+  return f;
+}
+
+std::atomic<int> g_cap{-1};  // -1: not initialised yet; else an Isa value
+std::atomic<int> g_generation{0};
+std::once_flag g_env_once;
+
+void init_cap_from_env() {
+  std::call_once(g_env_once, [] {
+    Isa cap = Isa::kAvx512Vnni;
+    if (const char* env = std::getenv("PYACCEL_CPU_ISA")) {
+      Isa parsed;
+      if (parse_isa(env, &parsed)) cap = parsed;  // unknown names: ignored (Python warns)
+    }
+    int expected = -1;
+    g_cap.compare_exchange_strong(expected, static_cast<int>(cap));
+  });
+}
+
+}  // namespace
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = detect();
+  return f;
+}
+
+Isa detected_isa() {
+  const CpuFeatures& f = cpu_features();
+  const bool avx512 = f.avx512f && f.avx512bw && f.avx512dq && f.avx512vl && f.avx2 && f.fma;
+  if (avx512 && f.avx512vnni) return Isa::kAvx512Vnni;
+  if (avx512) return Isa::kAvx512;
+  if (f.avx2 && f.fma) return Isa::kAvx2;
+  return Isa::kPortable;
+}
+
+Isa isa_cap() {
+  init_cap_from_env();
+  return static_cast<Isa>(g_cap.load());
+}
+
+Isa selected_isa() {
+  const Isa d = detected_isa(), c = isa_cap();
+  return static_cast<int>(c) < static_cast<int>(d) ? c : d;
+}
+
+bool set_isa_cap(const std::string& name) {
+  init_cap_from_env();
+  Isa cap = Isa::kAvx512Vnni;
+  if (!name.empty() && !parse_isa(name, &cap)) return false;
+  g_cap.store(static_cast<int>(cap));
+  g_generation.fetch_add(1);
+  return true;
+}
+
+int isa_generation() { return g_generation.load(); }
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512Vnni: return "avx512_vnni";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kPortable: return "portable";
+  }
+  return "unknown";
+}
+
+bool parse_isa(const std::string& name, Isa* out) {
+  if (name == "avx512_vnni") { *out = Isa::kAvx512Vnni; return true; }
+  if (name == "avx512") { *out = Isa::kAvx512; return true; }
+  if (name == "avx2") { *out = Isa::kAvx2; return true; }
+  if (name == "portable") { *out = Isa::kPortable; return true; }
+  return false;
+}
+
+}  // namespace pyaccel

@@ -1,0 +1,45 @@
+// CPU feature detection and the ISA ladder shared by every op.
+//
+// Nothing else in pyaccel asks the CPU what it can do: each op's dispatch
+// function calls selected_isa() once and picks its kernel, packing and tiles.
+#pragma once
+#include <string>
+
+namespace pyaccel {
+
+// Ordered from worst to best: a larger value may use every smaller one.
+enum class Isa : int {
+  kPortable = 0,   // plain C++, any x86-64
+  kAvx2 = 1,       // AVX2 + FMA
+  kAvx512 = 2,     // AVX-512 F/BW/DQ/VL
+  kAvx512Vnni = 3, // AVX-512 + VNNI (vpdpbusd)
+};
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, avx512f = false, avx512bw = false,
+       avx512dq = false, avx512vl = false, avx512vnni = false,
+       avx512vpopcntdq = false, avx512bf16 = false, os_avx = false,
+       os_avx512 = false;
+};
+
+// What CPUID (and XGETBV: the OS must save the registers) reports. Cached.
+const CpuFeatures& cpu_features();
+
+// Best ISA this CPU supports.
+Isa detected_isa();
+
+// The ISA kernels use: min(detected, cap). The cap starts from the
+// PYACCEL_CPU_ISA environment variable (if set) and can be lowered or restored
+// by set_isa_cap(); it can never raise the choice above what the CPU has.
+Isa selected_isa();
+Isa isa_cap();
+// name: "avx512_vnni" | "avx512" | "avx2" | "portable" | "" (no cap).
+// Returns false (and changes nothing) for an unknown name.
+bool set_isa_cap(const std::string& name);
+// Bumped whenever the cap changes, so dispatch tables know to re-select.
+int isa_generation();
+
+const char* isa_name(Isa isa);
+bool parse_isa(const std::string& name, Isa* out);
+
+}  // namespace pyaccel

@@ -1,0 +1,138 @@
+// The int8 GEMM dispatch ladder (chosen once per ISA-cap generation) and the
+// threaded driver: quantize activations, then run micro-tiles over a grid of
+// (panel, row-chunk) tiles split in contiguous ranges over the threads.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "common/parallel.h"
+#include "int8_gemm/int8_gemm.h"
+
+namespace pyaccel {
+namespace int8_gemm {
+namespace {
+
+// Best first. Each entry names the kernel, its tile rows, the activation
+// encoding it expects, and its quantizer.
+const Kernel kLadder[] = {
+    {Isa::kAvx512Vnni, "qs8_gemm_6x64c4_avx512vnni", 6, 0x80, quantize_rows_avx512,
+     qs8_gemm_6x64c4_avx512vnni},
+    {Isa::kAvx512, "qs8_gemm_4x64c4_avx512bw", 4, 0x00, quantize_rows_avx512,
+     qs8_gemm_4x64c4_avx512bw},
+    {Isa::kAvx2, "qs8_gemm_4x16c4_avx2", 4, 0x00, quantize_rows_avx2, qs8_gemm_4x16c4_avx2},
+    {Isa::kPortable, "qs8_gemm_1x64c4_scalar", 1, 0x00, quantize_rows_scalar,
+     qs8_gemm_1x64c4_scalar},
+};
+
+std::atomic<const Kernel*> g_kernel{nullptr};
+std::atomic<int> g_kernel_generation{-1};
+std::mutex g_select_mutex;
+
+// Per-thread scratch for quantized activations, grown on demand and reused so
+// that large calls do not page-fault a fresh buffer every time.
+struct Scratch {
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+};
+thread_local Scratch t_scratch;
+
+int64_t rows_per_chunk(int mr) { return static_cast<int64_t>(mr) * 8; }
+
+void run_gemm(const Kernel& kern, const GemmArgs& g, int64_t n_pad, int nthreads) {
+  const int64_t panels = n_pad / kPanel;
+  const int64_t rc = rows_per_chunk(kern.mr);
+  const int64_t chunks = (g.m + rc - 1) / rc;
+  const int64_t tiles = panels * chunks;  // panel-major: a thread's range reuses panels
+  parallel_for(tiles, 1, nthreads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1;) {
+      const int64_t p = t / chunks, c0 = t % chunks;
+      // merge consecutive row chunks of one panel into a single call
+      const int64_t c1 = std::min<int64_t>(chunks, c0 + (t1 - t));
+      const int64_t m0 = c0 * rc, m1 = std::min<int64_t>(g.m, c1 * rc);
+      kern.gemm(g, m0, m1, p, p + 1);
+      t += c1 - c0;
+    }
+  });
+}
+
+}  // namespace
+
+const Kernel& select_kernel() {
+  const int gen = isa_generation();
+  const Kernel* k = g_kernel.load(std::memory_order_acquire);
+  if (k && g_kernel_generation.load(std::memory_order_acquire) == gen) return *k;
+  std::lock_guard<std::mutex> lock(g_select_mutex);
+  const Isa isa = selected_isa();
+  const Kernel* chosen = &kLadder[sizeof(kLadder) / sizeof(kLadder[0]) - 1];
+  for (const Kernel& cand : kLadder) {
+    if (static_cast<int>(cand.isa) <= static_cast<int>(isa)) { chosen = &cand; break; }
+  }
+  g_kernel.store(chosen, std::memory_order_release);
+  g_kernel_generation.store(gen, std::memory_order_release);
+  return *chosen;
+}
+
+void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
+            const uint8_t* packed, const float* w_scale, const float* bias, void* y,
+            int64_t ldy, bool y_bf16, int nthreads) {
+  if (m <= 0) return;
+  const Kernel& kern = select_kernel();
+  PackedHeader h;
+  std::memcpy(&h, packed, sizeof(h));
+  Scratch& s = t_scratch;
+  if (s.q.size() < static_cast<size_t>(m * h.k_pad)) s.q.resize(m * h.k_pad);
+  if (s.scale.size() < static_cast<size_t>(m)) s.scale.resize(m);
+  int8_t* q = s.q.data();
+  float* qs = s.scale.data();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
+  parallel_for(m, grain, nthreads, [&](int64_t m0, int64_t m1) {
+    kern.quantize(x, ldx, x_bf16, m0, m1, k, h.k_pad, kern.a_xor, q, qs);
+  });
+  GemmArgs g{q, h.k_pad, qs,
+             reinterpret_cast<const int8_t*>(packed + h.data_offset),
+             reinterpret_cast<const int32_t*>(packed + h.comp_offset),
+             w_scale, bias, y, ldy, y_bf16, m, h.n, h.k_pad};
+  run_gemm(kern, g, h.n_pad, nthreads);
+}
+
+void gemm_prequantized(const int8_t* q, int64_t lda, const float* q_scale, int64_t m,
+                       int64_t k, const uint8_t* packed, const float* w_scale,
+                       const float* bias, void* y, int64_t ldy, bool y_bf16, int nthreads) {
+  if (m <= 0) return;
+  const Kernel& kern = select_kernel();
+  PackedHeader h;
+  std::memcpy(&h, packed, sizeof(h));
+  // Re-encode into k_pad rows with the kernel's activation encoding.
+  Scratch& s = t_scratch;
+  if (s.q.size() < static_cast<size_t>(m * h.k_pad)) s.q.resize(m * h.k_pad);
+  int8_t* a = s.q.data();
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t i = 0; i < k; ++i)
+      a[r * h.k_pad + i] = static_cast<int8_t>(static_cast<uint8_t>(q[r * lda + i]) ^ kern.a_xor);
+    for (int64_t i = k; i < h.k_pad; ++i) a[r * h.k_pad + i] = static_cast<int8_t>(kern.a_xor);
+  }
+  GemmArgs g{a, h.k_pad, q_scale,
+             reinterpret_cast<const int8_t*>(packed + h.data_offset),
+             reinterpret_cast<const int32_t*>(packed + h.comp_offset),
+             w_scale, bias, y, ldy, y_bf16, m, h.n, h.k_pad};
+  run_gemm(kern, g, h.n_pad, nthreads);
+}
+
+void quantize_rows(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int8_t* q,
+                   int64_t ldq, float* scale, int nthreads) {
+  if (m <= 0) return;
+  const Kernel& kern = select_kernel();
+  const int64_t k_pad = (k + kKGroup - 1) / kKGroup * kKGroup;
+  // quantize into a k_pad-strided scratch, then copy out the k valid columns
+  std::vector<int8_t> tmp(static_cast<size_t>(m * k_pad));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
+  parallel_for(m, grain, nthreads, [&](int64_t m0, int64_t m1) {
+    kern.quantize(x, ldx, x_bf16, m0, m1, k, k_pad, 0, tmp.data(), scale);
+  });
+  for (int64_t r = 0; r < m; ++r) std::memcpy(q + r * ldq, tmp.data() + r * k_pad, k);
+}
+
+}  // namespace int8_gemm
+}  // namespace pyaccel

@@ -1,0 +1,122 @@
+// int8 GEMM with dynamic per-row activation quantization and a fused
+// dequantization epilogue:
+//
+//   y[m, n] = float(sum_k q[m, k] * w[n, k]) * (sx[m] * sw[n]) + bias[n]
+//   q[m, :] = clamp(rne(x[m, :] * (127 / max|x[m, :]|)), -127, 127), sx[m] = max|x[m, :]| / 127
+//
+// Weights (int8, symmetric per output channel) are packed once into the
+// "NR64K4" layout (see pack.cpp); activations are quantized per call.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "common/cpu_features.h"
+
+namespace pyaccel {
+namespace int8_gemm {
+
+// ---- packed weight layout -------------------------------------------------
+constexpr int kPanel = 64;    // columns (output channels) per packed panel
+constexpr int kKGroup = 4;    // consecutive k values per 32-bit lane (vpdpbusd)
+constexpr uint32_t kMagic = 0x38495150u;  // "PQI8"
+constexpr int32_t kLayoutNR64K4 = 1;
+
+// 64-byte header at the front of every packed buffer; kernels refuse a buffer
+// whose magic, layout, n or k differ from what the caller says.
+struct PackedHeader {
+  uint32_t magic;
+  int32_t layout;
+  int64_t n, k;          // logical weight shape [n, k]
+  int64_t n_pad, k_pad;  // n rounded up to kPanel, k rounded up to kKGroup
+  int64_t comp_offset;   // int32[n_pad]: 128 * sum_k w[n, k] (for u8 activations)
+  int64_t data_offset;   // int8 panels
+  int64_t reserved;
+};
+static_assert(sizeof(PackedHeader) == 64, "header must stay 64 bytes");
+
+int64_t packed_nbytes(int64_t n, int64_t k);
+// w: int8 [n, k] with row stride ldw; out: packed_nbytes(n, k) bytes, 64-byte aligned.
+void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* out);
+// Returns nullptr if the buffer is a valid NR64K4 packing of an [n, k] weight,
+// else a message saying what is wrong.
+const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k);
+
+// ---- kernels ----------------------------------------------------------------
+// Quantize rows [m0, m1) of x (fp32, or bf16 if x_bf16) into q (row stride
+// k_pad, tail zero-filled) XOR-ed with xor_mask (0x80 turns int8 into the
+// uint8 that vpdpbusd wants), and write the per-row scale.
+using QuantizeRowsFn = void (*)(const void* x, int64_t ldx, bool x_bf16, int64_t m0,
+                                int64_t m1, int64_t k, int64_t k_pad, uint8_t xor_mask,
+                                int8_t* q, float* scale);
+
+struct GemmArgs {
+  const int8_t* a;      // quantized activations [m, k_pad]
+  int64_t lda;
+  const float* a_scale; // [m]
+  const int8_t* w;      // packed panels
+  const int32_t* comp;  // [n_pad]
+  const float* w_scale; // [n]
+  const float* bias;    // [n] or nullptr
+  void* c;              // output [m, n], fp32 or bf16
+  int64_t ldc;
+  bool c_bf16;
+  int64_t m, n, k_pad;
+};
+// Computes rows [m0, m1) for panels [p0, p1).
+using GemmFn = void (*)(const GemmArgs& args, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+
+struct Kernel {
+  Isa isa;
+  const char* name;     // e.g. "qs8_gemm_6x64c4_avx512vnni"
+  int mr;               // rows per micro-tile
+  uint8_t a_xor;        // 0x80 when the kernel wants uint8 activations
+  QuantizeRowsFn quantize;
+  GemmFn gemm;
+};
+
+// The kernel for selected_isa(); chosen once per ISA-cap generation.
+const Kernel& select_kernel();
+
+// Whole linear: quantize x [m, k] and multiply. nthreads: OpenMP threads.
+void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
+            const uint8_t* packed, const float* w_scale, const float* bias, void* y,
+            int64_t ldy, bool y_bf16, int nthreads);
+
+// Multiply already-quantized int8 activations (row stride lda, k valid columns).
+void gemm_prequantized(const int8_t* q, int64_t lda, const float* q_scale, int64_t m,
+                       int64_t k, const uint8_t* packed, const float* w_scale,
+                       const float* bias, void* y, int64_t ldy, bool y_bf16, int nthreads);
+
+// Just the quantization (for tests and the standalone op): q is [m, k] int8.
+void quantize_rows(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
+                   int8_t* q, int64_t ldq, float* scale, int nthreads);
+
+// ---- per-ISA entry points (one file each) ---------------------------------
+void quantize_rows_scalar(const void*, int64_t, bool, int64_t, int64_t, int64_t, int64_t,
+                          uint8_t, int8_t*, float*);
+void quantize_rows_avx2(const void*, int64_t, bool, int64_t, int64_t, int64_t, int64_t,
+                        uint8_t, int8_t*, float*);
+void quantize_rows_avx512(const void*, int64_t, bool, int64_t, int64_t, int64_t, int64_t,
+                          uint8_t, int8_t*, float*);
+void qs8_gemm_1x64c4_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void qs8_gemm_4x16c4_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void qs8_gemm_4x64c4_avx512bw(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void qs8_gemm_6x64c4_avx512vnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+
+// fp32 -> bf16, round to nearest even (what torch's .to(bfloat16) does).
+inline uint16_t fp32_to_bf16(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float bf16_to_fp32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
+}  // namespace int8_gemm
+}  // namespace pyaccel

@@ -1,0 +1,113 @@
+// int8 GEMM micro-kernel, AVX2: 4 rows x 16 channels (a quarter of a packed
+// panel), 4 k per step. Same sign trick as the AVX-512 BW kernel: |a| in the
+// unsigned operand of vpmaddubsw, a's sign applied to the weight with
+// vpsignb, so int16 pair sums never saturate (<= 2*127*127). 8 ymm
+// accumulators + 2 weights + temporaries fit the 16 ymm registers.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "int8_gemm/int8_gemm.h"
+
+namespace pyaccel {
+namespace int8_gemm {
+namespace {
+
+inline __m128i cvt_fp32_bf16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+  r = _mm256_srli_epi32(r, 16);
+  // pack 8 x u32 (< 65536) into 8 x u16
+  const __m128i lo = _mm256_castsi256_si128(r), hi = _mm256_extracti128_si256(r, 1);
+  return _mm_packus_epi32(lo, hi);
+}
+
+inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t n0) {
+  const int64_t left = g.n - n0;
+  if (left <= 0) return;
+  alignas(32) float tmp[8];
+  alignas(32) float ws[8] = {0}, bs[8] = {0};
+  const int cnt = left >= 8 ? 8 : static_cast<int>(left);
+  std::memcpy(ws, g.w_scale + n0, cnt * 4);
+  if (g.bias) std::memcpy(bs, g.bias + n0, cnt * 4);
+  __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc),
+                           _mm256_mul_ps(_mm256_set1_ps(sa), _mm256_load_ps(ws)));
+  if (g.bias) v = _mm256_add_ps(v, _mm256_load_ps(bs));
+  if (g.c_bf16) {
+    uint16_t* c = static_cast<uint16_t*>(g.c) + m * g.ldc + n0;
+    const __m128i h = cvt_fp32_bf16(v);
+    if (cnt == 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(c), h);
+    } else {
+      alignas(16) uint16_t th[8];
+      _mm_store_si128(reinterpret_cast<__m128i*>(th), h);
+      std::memcpy(c, th, cnt * 2);
+    }
+  } else {
+    float* c = static_cast<float*>(g.c) + m * g.ldc + n0;
+    if (cnt == 8) {
+      _mm256_storeu_ps(c, v);
+    } else {
+      _mm256_store_ps(tmp, v);
+      std::memcpy(c, tmp, cnt * 4);
+    }
+  }
+}
+
+template <int MR>
+inline void tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0) {
+  const int64_t groups = g.k_pad / kKGroup;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  const int8_t* a = g.a + m * g.lda;
+  const int8_t* b = sub;
+  for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32));
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      int32_t a4;
+      std::memcpy(&a4, a + r * g.lda + grp * kKGroup, 4);
+      const __m256i av = _mm256_set1_epi32(a4);
+      const __m256i aabs = _mm256_abs_epi8(av);
+      const __m256i p0 = _mm256_maddubs_epi16(aabs, _mm256_sign_epi8(b0, av));
+      const __m256i p1 = _mm256_maddubs_epi16(aabs, _mm256_sign_epi8(b1, av));
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(p0, ones));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(p1, ones));
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    const float sa = g.a_scale[m + r];
+    store8(g, acc[r][0], sa, m + r, n0);
+    store8(g, acc[r][1], sa, m + r, n0 + 8);
+  }
+}
+
+}  // namespace
+
+void qs8_gemm_4x16c4_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const int64_t groups = g.k_pad / kKGroup;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int8_t* panel = g.w + p * groups * kPanel * kKGroup;
+    for (int s = 0; s < kPanel / 16; ++s) {
+      const int64_t n0 = p * kPanel + 16 * s;
+      if (n0 >= g.n) break;
+      const int8_t* sub = panel + 16 * s * kKGroup;
+      int64_t m = m0;
+      for (; m + 4 <= m1; m += 4) tile<4>(g, m, sub, n0);
+      switch (m1 - m) {
+        case 3: tile<3>(g, m, sub, n0); break;
+        case 2: tile<2>(g, m, sub, n0); break;
+        case 1: tile<1>(g, m, sub, n0); break;
+        default: break;
+      }
+    }
+  }
+}
+
+}  // namespace int8_gemm
+}  // namespace pyaccel

@@ -1,0 +1,33 @@
+// Dynamic per-row symmetric int8 quantization, portable C++.
+// Bit-exact with the reference: inv = 127 / amax (fp32 division), q = rne(x * inv).
+#include <cmath>
+#include <cstring>
+
+#include "int8_gemm/int8_gemm.h"
+
+namespace pyaccel {
+namespace int8_gemm {
+
+void quantize_rows_scalar(const void* x, int64_t ldx, bool x_bf16, int64_t m0, int64_t m1,
+                          int64_t k, int64_t k_pad, uint8_t xor_mask, int8_t* q,
+                          float* scale) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xf = x_bf16 ? nullptr : static_cast<const float*>(x) + m * ldx;
+    const uint16_t* xh = x_bf16 ? static_cast<const uint16_t*>(x) + m * ldx : nullptr;
+    auto at = [&](int64_t i) { return xf ? xf[i] : bf16_to_fp32(xh[i]); };
+    float amax = 0.f;
+    for (int64_t i = 0; i < k; ++i) amax = std::fmax(amax, std::fabs(at(i)));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    scale[m] = amax / 127.f;
+    int8_t* qr = q + m * k_pad;
+    for (int64_t i = 0; i < k; ++i) {
+      float v = std::nearbyint(at(i) * inv);
+      v = std::fmin(127.f, std::fmax(-127.f, v));
+      qr[i] = static_cast<int8_t>(static_cast<uint8_t>(static_cast<int8_t>(v)) ^ xor_mask);
+    }
+    for (int64_t i = k; i < k_pad; ++i) qr[i] = static_cast<int8_t>(xor_mask);
+  }
+}
+
+}  // namespace int8_gemm
+}  // namespace pyaccel

@@ -1,0 +1,15 @@
+"""pyaccel: hand-written CPU (SIMD) and GPU (Triton) kernels for compressed PyTorch models.
+
+    import pyaccel
+    report = pyaccel.patch(model)                   # lossless swaps, in place
+    report = pyaccel.patch(model, quantize="int8")  # also quantize float Linear layers
+    print(report); pyaccel.backend_info()
+"""
+from pyaccel import _native  # noqa: F401  (loads torch, then the native library)
+from pyaccel import ops  # noqa: F401  (registers torch.ops.pyaccel.*)
+from pyaccel import nn  # noqa: F401
+from pyaccel.backend import BackendInfo, backend_info
+from pyaccel.patch import PatchEntry, PatchReport, patch
+
+__version__ = "0.1.0"
+__all__ = ["patch", "PatchReport", "PatchEntry", "backend_info", "BackendInfo", "nn", "ops"]

@@ -1,0 +1,87 @@
+"""Loading the native CPU library (``pyaccel._C``) without ever failing import.
+
+The extension is plain C++ (no libtorch): it takes data pointers, sizes and
+strides. If it cannot be loaded, pyaccel still imports and every op falls back
+to its pure-PyTorch reference; :func:`pyaccel.backend_info` says why.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Iterator, Optional
+
+import torch  # noqa: F401  (load torch's libgomp first: the extension then shares it)
+
+ISA_LADDER = ("avx512_vnni", "avx512", "avx2", "portable")
+"""CPU ISAs from best to worst. ``PYACCEL_CPU_ISA`` may only lower the choice."""
+
+_C = None
+_load_error: Optional[str] = None
+
+if os.environ.get("PYACCEL_BACKEND", "").lower() == "reference":
+    _load_error = "disabled by PYACCEL_BACKEND=reference"
+else:
+    try:
+        from pyaccel import _C  # type: ignore[attr-defined,no-redef]
+    except Exception as exc:  # ImportError, OSError (missing libgomp), ...
+        _C = None
+        _load_error = f"{type(exc).__name__}: {exc}"
+
+_env_isa = os.environ.get("PYACCEL_CPU_ISA", "")
+if _env_isa and _env_isa not in ISA_LADDER:
+    warnings.warn(
+        f"PYACCEL_CPU_ISA={_env_isa!r} is not one of {ISA_LADDER}; ignored",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def lib():
+    """The native module, or None when it is unavailable (see :func:`load_error`)."""
+    return _C
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def load_error() -> Optional[str]:
+    return _load_error
+
+
+def selected_isa() -> str:
+    """The CPU ISA the native kernels use now ('none' without the native library)."""
+    return _C.selected_isa() if _C is not None else "none"
+
+
+def set_isa_cap(name: str) -> None:
+    """Cap the ISA the native kernels may use ('' removes the cap).
+
+    A cap only lowers the choice: asking for an ISA the CPU lacks leaves the
+    best available one in use. Mainly for tests and benchmarks.
+    """
+    if name and name not in ISA_LADDER:
+        raise ValueError(f"isa: expected one of {ISA_LADDER} or '', got {name!r}")
+    if _C is None:
+        raise RuntimeError(f"pyaccel native library not loaded ({_load_error})")
+    _C.set_isa_cap(name)
+
+
+def isa_supported(name: str) -> bool:
+    """True when this CPU can run kernels of ISA `name`."""
+    if _C is None:
+        return False
+    detected = _C.cpu_info()["detected_isa"]
+    return ISA_LADDER.index(name) >= ISA_LADDER.index(detected)
+
+
+@contextlib.contextmanager
+def isa_cap(name: str) -> Iterator[str]:
+    """Run a block with the native kernels capped at ISA `name`; yields the ISA in use."""
+    prev = _C.cpu_info()["isa_cap"] if _C is not None else ""
+    set_isa_cap(name)
+    try:
+        yield selected_isa()
+    finally:
+        _C.set_isa_cap(prev)

@@ -1,0 +1,94 @@
+"""``pyaccel.backend_info()``: what runs here, and why."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from pyaccel import _native
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    """What pyaccel will run on this machine.
+
+    Attributes:
+        native_loaded: the C++ SIMD library (pyaccel._C) is loaded.
+        native_error: why it is not loaded (None when it is).
+        cpu_isa: ISA the CPU kernels use: avx512_vnni | avx512 | avx2 | portable | none.
+        cpu_isa_detected: best ISA the CPU supports.
+        isa_override: value of PYACCEL_CPU_ISA (it can only lower the choice), or None.
+        backend_override: value of PYACCEL_BACKEND, or None.
+        int8_kernel: the int8 GEMM micro-kernel in use.
+        cpu_features: CPUID flags that matter to pyaccel.
+        threads: threads the CPU kernels use (torch.get_num_threads()).
+        triton_version: installed Triton, or None.
+        cuda_device: name of CUDA device 0, or None.
+    """
+
+    native_loaded: bool
+    native_error: Optional[str]
+    cpu_isa: str
+    cpu_isa_detected: str
+    isa_override: Optional[str]
+    backend_override: Optional[str]
+    int8_kernel: Optional[str]
+    cpu_features: dict
+    threads: int
+    triton_version: Optional[str]
+    cuda_device: Optional[str]
+
+    def __str__(self) -> str:
+        native = "loaded" if self.native_loaded else f"NOT loaded ({self.native_error})"
+        feats = ", ".join(k for k, v in self.cpu_features.items() if v is True) or "-"
+        lines = [
+            f"pyaccel native library : {native}",
+            f"CPU ISA in use         : {self.cpu_isa} (detected {self.cpu_isa_detected}; "
+            f"PYACCEL_CPU_ISA={self.isa_override or 'unset'})",
+            f"int8 GEMM kernel       : {self.int8_kernel or 'reference (PyTorch)'}",
+            f"CPU features           : {feats}",
+            f"threads                : {self.threads}",
+            f"Triton                 : {self.triton_version or 'not installed'}",
+            f"CUDA device            : {self.cuda_device or 'none'}",
+        ]
+        if self.backend_override:
+            lines.append(f"PYACCEL_BACKEND        : {self.backend_override}")
+        return "\n".join(lines)
+
+
+def _triton_version() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        return "unknown"
+
+
+def backend_info() -> BackendInfo:
+    """Report what pyaccel runs here (native library, ISA, Triton, CUDA) and why."""
+    C = _native.lib()
+    if C is not None:
+        info = C.cpu_info()
+        feats = {k: v for k, v in info.items() if isinstance(v, bool)}
+        isa, detected, kernel = info["selected_isa"], info["detected_isa"], C.int8_kernel_name()
+    else:
+        feats, isa, detected, kernel = {}, "none", "unknown", None
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return BackendInfo(
+        native_loaded=C is not None,
+        native_error=_native.load_error(),
+        cpu_isa=isa,
+        cpu_isa_detected=detected,
+        isa_override=os.environ.get("PYACCEL_CPU_ISA") or None,
+        backend_override=os.environ.get("PYACCEL_BACKEND") or None,
+        int8_kernel=kernel,
+        cpu_features=feats,
+        threads=torch.get_num_threads(),
+        triton_version=_triton_version(),
+        cuda_device=cuda,
+    )

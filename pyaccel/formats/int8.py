@@ -1,0 +1,93 @@
+"""int8 weights: symmetric per output channel (int8 [N, K] + fp32 scale [N]).
+
+The canonical form holds values in [-127, 127] (never -128). The native
+kernels read a packed copy ("NR64K4", see csrc/int8_gemm/pack.cpp) built by
+:func:`pack_int8_weight` once per module; it starts with a header (magic,
+layout tag, N, K) that the kernels check, and is never stored in a state_dict.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+import torch
+
+from pyaccel import _native
+from pyaccel.reference import QMAX
+
+
+@dataclasses.dataclass
+class Int8Weight:
+    """Canonical int8 linear weight: w ≈ values * scale[:, None]."""
+
+    values: torch.Tensor  # int8 [N, K], in [-127, 127]
+    scale: torch.Tensor  # fp32 [N]
+    notes: List[str] = dataclasses.field(default_factory=list)  # lossy steps taken
+
+
+def quantize_weight_per_channel(weight: torch.Tensor) -> Int8Weight:
+    """Symmetric per-output-channel int8 quantization of a float [N, K] weight."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(
+            f"weight: expected a 2-D floating-point tensor [N, K], got "
+            f"{type(weight).__name__} {getattr(weight, 'dtype', '')} {tuple(getattr(weight, 'shape', ()))}"
+        )
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1, keepdim=True) if w.shape[1] > 0 else w.new_zeros(w.shape[0], 1)
+    inv = torch.where(amax > 0, torch.full_like(amax, float(QMAX)) / amax, torch.zeros_like(amax))
+    q = torch.round(w * inv).clamp_(-QMAX, QMAX).to(torch.int8)
+    return Int8Weight(q.contiguous(), (amax / QMAX).squeeze(1).contiguous())
+
+
+def dequantize_weight(w: Int8Weight) -> torch.Tensor:
+    return w.values.float() * w.scale[:, None]
+
+
+def from_torch_ao_dynamic_linear(module: torch.nn.Module) -> Int8Weight:
+    """Reuse the int8 weight and scales of a torch.ao dynamically quantized Linear.
+
+    Accepts per-tensor and per-channel (axis 0) symmetric qint8 weights (zero
+    point 0). Values of -128 (torch.ao's range includes it) are clamped to -127
+    so that every kernel path stays exact; the count is recorded in `notes`.
+    Raises ValueError for what the int8 kernels cannot represent.
+    """
+    wq, _ = module._packed_params._weight_bias()
+    if wq.dtype != torch.qint8:
+        raise ValueError(f"module: expected qint8 weights, got {wq.dtype}")
+    scheme = wq.qscheme()
+    vals = wq.int_repr()
+    if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        if int(wq.q_zero_point()) != 0:
+            raise ValueError(f"module: weight zero point must be 0 (symmetric), got {wq.q_zero_point()}")
+        scale = torch.full((vals.shape[0],), float(wq.q_scale()), dtype=torch.float32)
+    elif scheme in (torch.per_channel_affine, torch.per_channel_symmetric):
+        if wq.q_per_channel_axis() != 0:
+            raise ValueError(f"module: per-channel axis must be 0, got {wq.q_per_channel_axis()}")
+        if bool((wq.q_per_channel_zero_points() != 0).any()):
+            raise ValueError("module: per-channel weight zero points must all be 0 (symmetric)")
+        scale = wq.q_per_channel_scales().float()
+    else:
+        raise ValueError(f"module: unsupported weight qscheme {scheme}")
+    notes = []
+    n128 = int((vals == -128).sum())
+    if n128:
+        vals = vals.clamp(min=-QMAX)
+        notes.append(f"clamped {n128} weight value(s) from -128 to -127")
+    return Int8Weight(vals.to(torch.int8).contiguous(), scale.contiguous(), notes)
+
+
+def pack_int8_weight(values: torch.Tensor) -> Optional[torch.Tensor]:
+    """Pack int8 [N, K] for the native CPU kernels; None without the native library."""
+    C = _native.lib()
+    if C is None:
+        return None
+    v = values.detach()
+    if v.device.type != "cpu":
+        v = v.cpu()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    n, k = v.shape
+    nbytes = C.int8_packed_nbytes(n, k)
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    C.int8_pack(v.data_ptr(), v.stride(0), n, k, out.data_ptr(), nbytes)
+    return out

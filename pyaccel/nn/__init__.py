@@ -1,0 +1,4 @@
+"""Inference modules backed by pyaccel kernels."""
+from pyaccel.nn.int8_linear import Int8Linear  # noqa: F401
+
+__all__ = ["Int8Linear"]

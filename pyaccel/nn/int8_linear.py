@@ -1,0 +1,151 @@
+"""Int8Linear: y = x Wᵀ + b with int8 weights (per output channel) and int8
+activations quantized per row at run time; int32 accumulation; the
+dequantization and bias are fused into the kernel's epilogue."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from pyaccel import _native, ops
+from pyaccel.formats.int8 import (
+    Int8Weight,
+    dequantize_weight,
+    from_torch_ao_dynamic_linear,
+    pack_int8_weight,
+    quantize_weight_per_channel,
+)
+from pyaccel.reference import QMAX
+
+try:  # torch.ao's dynamic Linear; absent in some builds
+    from torch.ao.nn.quantized.dynamic import Linear as _AoDynamicLinear
+except Exception:  # pragma: no cover
+    _AoDynamicLinear = None
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_scripting()
+
+
+class Int8Linear(nn.Module):
+    """Linear layer with int8 weights and dynamically quantized int8 activations.
+
+    Buffers (what state_dict holds, machine independent):
+        weight_int8: int8 [out_features, in_features], values in [-127, 127]
+        weight_scale: float32 [out_features]
+        bias: float32 [out_features] (only when the layer has a bias)
+
+    The native CPU kernels read a packed copy of weight_int8, built once when the
+    module is created, loaded or moved to the CPU; it is never saved.
+
+    Inputs: [..., in_features] float32 or bfloat16; the output has x's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device=None) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features/out_features: expected >= 1, got {in_features}, {out_features}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device))
+        else:
+            self.bias = None
+        self.notes: List[str] = []
+        self._packed: Optional[Tensor] = None
+        self._repack()
+
+    # ---- construction ---------------------------------------------------------
+    @classmethod
+    def from_weights(cls, weight: Int8Weight, bias: Optional[Tensor] = None) -> "Int8Linear":
+        """Build from a canonical int8 weight (values [N, K] int8, scale [N] fp32)."""
+        v, s = weight.values, weight.scale
+        if not isinstance(v, Tensor) or v.dtype != torch.int8 or v.dim() != 2:
+            raise TypeError(f"weight.values: expected a 2-D int8 tensor, got {ops._desc(v)}")
+        if v.numel() and int(v.min()) < -QMAX:
+            raise ValueError("weight.values: expected values in [-127, 127], found -128")
+        n, k = v.shape
+        if not isinstance(s, Tensor) or tuple(s.shape) != (n,) or not s.is_floating_point():
+            raise ValueError(f"weight.scale: expected a float tensor of shape ({n},), got {ops._desc(s)}")
+        if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (n,)):
+            raise ValueError(f"bias: expected a tensor of shape ({n},) or None, got {ops._desc(bias)}")
+        mod = cls(k, n, bias=bias is not None, device=v.device)
+        with torch.no_grad():
+            mod.weight_int8.copy_(v)
+            mod.weight_scale.copy_(s.float())
+            if bias is not None:
+                mod.bias.copy_(bias.detach().float())
+        mod.notes = list(weight.notes)
+        mod._repack()
+        return mod
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "Int8Linear":
+        """Quantize an nn.Linear: weights symmetric per output channel (lossy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected torch.nn.Linear, got {type(linear).__name__}")
+        if linear.weight.device.type == "meta":
+            raise ValueError("linear: weights are on the meta device; materialize them first")
+        b = linear.bias.detach() if linear.bias is not None else None
+        return cls.from_weights(quantize_weight_per_channel(linear.weight), b)
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "Int8Linear":
+        """Reuse the int8 weights of a torch.ao dynamically quantized Linear
+        (torch.ao.quantization.quantize_dynamic), per-tensor or per-channel."""
+        if _AoDynamicLinear is None or not isinstance(module, _AoDynamicLinear):
+            raise TypeError(
+                f"module: expected torch.ao.nn.quantized.dynamic.Linear, got {type(module).__name__}"
+                + (" (use Int8Linear.from_float for nn.Linear)" if isinstance(module, nn.Linear) else "")
+            )
+        w = from_torch_ao_dynamic_linear(module)
+        _, bias = module._packed_params._weight_bias()
+        return cls.from_weights(w, bias.detach() if bias is not None else None)
+
+    # ---- packing ----------------------------------------------------------------
+    def _repack(self) -> None:
+        if self.weight_int8.device.type == "cpu" and _native.available():
+            self._packed = pack_int8_weight(self.weight_int8)
+        else:
+            self._packed = None
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._repack()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._repack()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._repack()
+
+    def dequantized_weight(self) -> Tensor:
+        return dequantize_weight(Int8Weight(self.weight_int8, self.weight_scale))
+
+    # ---- forward ------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        packed = self._packed
+        if packed is not None and not _is_compiling() and type(x) is Tensor and x.device.type == "cpu":
+            # eager fast path: the native kernel directly, with the op's checks
+            if x.dtype not in ops._FLOAT_IO or x.dim() < 1 or x.shape[-1] != self.in_features:
+                ops.check_int8_linear_args(x, self.weight_int8, self.weight_scale, self.bias)
+            return ops.int8_linear_cpu(x, self.weight_int8, self.weight_scale, self.bias, packed)
+        return torch.ops.pyaccel.int8_linear(x, self.weight_int8, self.weight_scale, self.bias, packed)
+
+    def extra_repr(self) -> str:
+        dev = self.weight_int8.device.type
+        if dev == "cpu":
+            backend = f"cpu/{_native.selected_isa()}" if self._packed is not None else "cpu/reference"
+        elif dev == "cuda":
+            backend = "cuda/triton"
+        else:
+            backend = f"{dev}/reference"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, backend={backend}")

@@ -1,0 +1,184 @@
+"""pyaccel ops, registered with ``torch.library``.
+
+Each op has a schema, a fake (meta) implementation for tracing/compiling, a
+CPU kernel (pyaccel._C), a CUDA kernel (Triton, kernels/) and the pure-PyTorch
+reference (pyaccel.reference) for every other device or when the native library
+is missing. All of them validate their arguments the same way and raise
+ValueError/TypeError naming the argument, what was expected and what came.
+
+Calling a Python-defined torch.library op costs ~10 µs, so inference modules
+call :func:`int8_linear_cpu` directly in eager mode and go through
+``torch.ops.pyaccel.*`` only when tracing or compiling.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from pyaccel import _native, reference
+from pyaccel.formats.int8 import pack_int8_weight
+
+_FLOAT_IO = (torch.float32, torch.bfloat16)
+
+
+def _desc(t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+
+
+def check_int8_linear_args(x, w_int8, w_scale, bias, packed=None) -> None:
+    """Raise TypeError/ValueError naming the bad argument of int8_linear."""
+    for name, t in (("x", x), ("w_int8", w_int8), ("w_scale", w_scale)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in _FLOAT_IO:
+        raise TypeError(f"x: expected float32 or bfloat16, got {_desc(x)}")
+    if w_int8.dtype != torch.int8 or w_int8.dim() != 2:
+        raise TypeError(f"w_int8: expected a 2-D int8 tensor [N, K], got {_desc(w_int8)}")
+    n, k = w_int8.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x: expected last dimension K={k} (w_int8 is [{n}, {k}]), got {_desc(x)}")
+    if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (n,):
+        raise ValueError(f"w_scale: expected float32 of shape ({n},), got {_desc(w_scale)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dtype != torch.float32 or tuple(bias.shape) != (n,):
+            raise ValueError(f"bias: expected float32 of shape ({n},), got {_desc(bias)}")
+    for name, t in (("w_int8", w_int8), ("w_scale", w_scale), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(
+                f"{name}: expected a tensor on x's device {x.device}, got {_desc(t)} "
+                f"(move the module with .to({str(x.device)!r}))"
+            )
+    if packed is not None and (packed.dtype != torch.uint8 or packed.dim() != 1):
+        raise TypeError(f"packed: expected a 1-D uint8 tensor from pack_int8_weight, got {_desc(packed)}")
+
+
+def _as_rows(x: Tensor, k: int) -> Tensor:
+    """x as a [M, K] view with unit stride along K (copies only when it must)."""
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] > 1 and (x2.stride(1) != 1 or x2.stride(0) < k):
+        x2 = x2.contiguous()
+    elif x2.stride(1) != 1 and k > 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def int8_linear_cpu(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                    packed: Optional[Tensor]) -> Tensor:
+    """The native CPU int8 linear (arguments already checked). Falls back to the
+    reference when the native library is missing."""
+    C = _native.lib()
+    if C is None:
+        return reference.int8_linear(x, w_int8, w_scale, bias)
+    if packed is None:
+        packed = pack_int8_weight(w_int8)
+    n, k = w_int8.shape
+    x2 = _as_rows(x, k)
+    m = x2.shape[0]
+    bf16 = x.dtype == torch.bfloat16
+    y = torch.empty((m, n), dtype=x.dtype)
+    if m:
+        w_scale = w_scale.contiguous()
+        bias_ptr = bias.contiguous().data_ptr() if bias is not None else 0
+        C.int8_linear(x2.data_ptr(), x2.stride(0), bf16, m, k, packed.data_ptr(), packed.numel(), n,
+                      w_scale.data_ptr(), bias_ptr, y.data_ptr(), n, bf16, torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
+
+
+def _int8_linear_cuda(x, w_int8, w_scale, bias):
+    try:
+        from pyaccel.kernels import int8_gemm as tk
+    except ImportError as exc:  # no triton
+        raise ValueError(f"x: a CUDA tensor needs pyaccel's Triton kernels, which cannot load here ({exc})") from exc
+    n, k = w_int8.shape
+    x2 = _as_rows(x, k)
+    y = tk.int8_linear(x2, w_int8.contiguous(), w_scale.contiguous(),
+                       None if bias is None else bias.contiguous(), out_dtype=x.dtype)
+    return y.view(*x.shape[:-1], n)
+
+
+# ---- pyaccel::quantize_per_row ------------------------------------------------
+@torch.library.custom_op("pyaccel::quantize_per_row", mutates_args=())
+def quantize_per_row(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Symmetric dynamic int8 quantization per row: (q int8 [..., K], scale fp32 [...])."""
+    _check_quant_arg(x)
+    return reference.quantize_per_row(x)
+
+
+def _check_quant_arg(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_IO or x.dim() < 1:
+        raise TypeError(f"x: expected a float32 or bfloat16 tensor with >= 1 dim, got {_desc(x)}")
+
+
+@quantize_per_row.register_kernel("cpu")
+def _quantize_per_row_cpu(x: Tensor) -> Tuple[Tensor, Tensor]:
+    _check_quant_arg(x)
+    C = _native.lib()
+    if C is None:
+        return reference.quantize_per_row(x)
+    k = x.shape[-1]
+    x2 = _as_rows(x, k)
+    m = x2.shape[0]
+    q = torch.empty((m, k), dtype=torch.int8)
+    s = torch.empty((m,), dtype=torch.float32)
+    if m and k:
+        C.quantize_rows(x2.data_ptr(), x2.stride(0), x.dtype == torch.bfloat16, m, k,
+                        q.data_ptr(), k, s.data_ptr(), torch.get_num_threads())
+    elif m:
+        s.zero_()
+    return q.view(x.shape), s.view(x.shape[:-1])
+
+
+@quantize_per_row.register_kernel("cuda")
+def _quantize_per_row_cuda(x: Tensor) -> Tuple[Tensor, Tensor]:
+    _check_quant_arg(x)
+    from pyaccel.kernels import int8_gemm as tk
+
+    k = x.shape[-1]
+    q, s = tk.quantize_per_row(_as_rows(x, k))
+    return q.view(x.shape), s.view(x.shape[:-1])
+
+
+@quantize_per_row.register_fake
+def _quantize_per_row_fake(x: Tensor) -> Tuple[Tensor, Tensor]:
+    _check_quant_arg(x)
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+# ---- pyaccel::int8_linear -----------------------------------------------------
+@torch.library.custom_op("pyaccel::int8_linear", mutates_args=())
+def int8_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                packed: Optional[Tensor]) -> Tensor:
+    """y = dequant(quantize_per_row(x) @ w_int8.T) + bias, in x's dtype.
+
+    x: [..., K] float32/bfloat16; w_int8: [N, K] int8 in [-127, 127];
+    w_scale: [N] float32; bias: [N] float32 or None; packed: the CPU packing of
+    w_int8 (pack_int8_weight) or None (CPU packs per call then: slow).
+    """
+    check_int8_linear_args(x, w_int8, w_scale, bias, packed)
+    return reference.int8_linear(x, w_int8, w_scale, bias)
+
+
+@int8_linear.register_kernel("cpu")
+def _int8_linear_cpu_op(x, w_int8, w_scale, bias, packed):
+    check_int8_linear_args(x, w_int8, w_scale, bias, packed)
+    return int8_linear_cpu(x, w_int8, w_scale, bias, packed)
+
+
+@int8_linear.register_kernel("cuda")
+def _int8_linear_cuda_op(x, w_int8, w_scale, bias, packed):
+    check_int8_linear_args(x, w_int8, w_scale, bias, packed)
+    return _int8_linear_cuda(x, w_int8, w_scale, bias)
+
+
+@int8_linear.register_fake
+def _int8_linear_fake(x, w_int8, w_scale, bias, packed):
+    check_int8_linear_args(x, w_int8, w_scale, bias, packed)
+    return x.new_empty((*x.shape[:-1], w_int8.shape[0]))

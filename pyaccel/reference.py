@@ -1,0 +1,54 @@
+"""Pure-PyTorch references for every pyaccel op.
+
+These define what the kernels compute. Native and Triton kernels are tested
+against them (integer parts exactly), and they run wherever no faster backend
+exists. They work on any device and dtype torch supports.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+QMAX = 127
+"""Symmetric int8 range is [-127, 127]: -128 is never produced, so negating a
+value (the sign trick of the AVX2 kernels) cannot overflow."""
+
+
+def quantize_per_row(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric dynamic int8 quantization of each row (last dim) of `x`.
+
+    scale = max|x| / 127; q = clamp(round_half_even(x * (127 / max|x|)), -127, 127).
+    A row of zeros gets scale 0 and q 0. Computed in fp32 whatever x's dtype.
+    Returns (q int8 [..., K], scale fp32 [...]).
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True) if xf.shape[-1] > 0 else xf.new_zeros(*xf.shape[:-1], 1)
+    inv = torch.where(amax > 0, torch.full_like(amax, float(QMAX)) / amax, torch.zeros_like(amax))
+    q = torch.round(xf * inv).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, (amax / QMAX).squeeze(-1)
+
+
+def int8_matmul_exact(q: torch.Tensor, w_int8: torch.Tensor) -> torch.Tensor:
+    """int32 accumulation q @ w_int8.T, exact (fp64 holds every partial sum exactly)."""
+    return (q.double() @ w_int8.double().t()).to(torch.int32)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """y = float(q(x) @ w_int8.T) * (sx * w_scale) + bias, in x's dtype.
+
+    x: [..., K] float; w_int8: [N, K] int8; w_scale: [N] fp32; bias: [N] or None.
+    """
+    k = w_int8.shape[1]
+    x2 = x.reshape(-1, k)
+    q, sx = quantize_per_row(x2)
+    acc = int8_matmul_exact(q, w_int8)
+    y = acc.float() * (sx[:, None] * w_scale.float()[None, :])
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], w_int8.shape[0])
