@@ -38,24 +38,33 @@ struct Scratch {
 };
 thread_local Scratch t_scratch;
 
-int64_t rows_per_chunk(int mr) { return static_cast<int64_t>(mr) * 8; }
-
 void run_gemm(const Kernel& kern, const GemmArgs& g, int64_t n_pad, int nthreads) {
   const int64_t panels = n_pad / kPanel;
-  const int64_t rc = rows_per_chunk(kern.mr);
-  const int64_t chunks = (g.m + rc - 1) / rc;
-  const int64_t tiles = panels * chunks;  // panel-major: a thread's range reuses panels
+  // Row chunks only when there are too few panels to keep every thread busy;
+  // otherwise each thread runs whole panels over all rows (its weight panel
+  // stays in L2 while the rows stream past it).
+  int64_t chunks = 1;
+  if (nthreads > 1 && panels < 4 * nthreads)
+    chunks = std::min<int64_t>((g.m + kern.mr - 1) / kern.mr, (4 * nthreads + panels - 1) / panels);
+  const int64_t row_tiles = (g.m + kern.mr - 1) / kern.mr;
+  const int64_t tiles = panels * chunks;  // panel-major
   parallel_for(tiles, 1, nthreads, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1;) {
       const int64_t p = t / chunks, c0 = t % chunks;
       // merge consecutive row chunks of one panel into a single call
       const int64_t c1 = std::min<int64_t>(chunks, c0 + (t1 - t));
-      const int64_t m0 = c0 * rc, m1 = std::min<int64_t>(g.m, c1 * rc);
+      const int64_t m0 = std::min<int64_t>(g.m, row_tiles * c0 / chunks * kern.mr);
+      const int64_t m1 = c1 == chunks ? g.m : std::min<int64_t>(g.m, row_tiles * c1 / chunks * kern.mr);
       kern.gemm(g, m0, m1, p, p + 1);
       t += c1 - c0;
     }
   });
 }
+
+// Row stride of the quantized activations: k_pad plus one cache line when
+// k_pad is a multiple of 1 KiB, so the MR rows a micro-tile broadcasts from do
+// not all fall in the same L1 set.
+int64_t a_stride(int64_t k_pad) { return k_pad % 1024 == 0 ? k_pad + 64 : k_pad; }
 
 }  // namespace
 
@@ -82,15 +91,16 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
   PackedHeader h;
   std::memcpy(&h, packed, sizeof(h));
   Scratch& s = t_scratch;
-  if (s.q.size() < static_cast<size_t>(m * h.k_pad)) s.q.resize(m * h.k_pad);
+  const int64_t lda = a_stride(h.k_pad);
+  if (s.q.size() < static_cast<size_t>(m * lda)) s.q.resize(m * lda);
   if (s.scale.size() < static_cast<size_t>(m)) s.scale.resize(m);
   int8_t* q = s.q.data();
   float* qs = s.scale.data();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
   parallel_for(m, grain, nthreads, [&](int64_t m0, int64_t m1) {
-    kern.quantize(x, ldx, x_bf16, m0, m1, k, h.k_pad, kern.a_xor, q, qs);
+    kern.quantize(x, ldx, x_bf16, m0, m1, k, h.k_pad, lda, kern.a_xor, q, qs);
   });
-  GemmArgs g{q, h.k_pad, qs,
+  GemmArgs g{q, lda, qs,
              reinterpret_cast<const int8_t*>(packed + h.data_offset),
              reinterpret_cast<const int32_t*>(packed + h.comp_offset),
              w_scale, bias, y, ldy, y_bf16, m, h.n, h.k_pad};
@@ -106,14 +116,15 @@ void gemm_prequantized(const int8_t* q, int64_t lda, const float* q_scale, int64
   std::memcpy(&h, packed, sizeof(h));
   // Re-encode into k_pad rows with the kernel's activation encoding.
   Scratch& s = t_scratch;
-  if (s.q.size() < static_cast<size_t>(m * h.k_pad)) s.q.resize(m * h.k_pad);
+  const int64_t lda_a = a_stride(h.k_pad);
+  if (s.q.size() < static_cast<size_t>(m * lda_a)) s.q.resize(m * lda_a);
   int8_t* a = s.q.data();
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t i = 0; i < k; ++i)
-      a[r * h.k_pad + i] = static_cast<int8_t>(static_cast<uint8_t>(q[r * lda + i]) ^ kern.a_xor);
-    for (int64_t i = k; i < h.k_pad; ++i) a[r * h.k_pad + i] = static_cast<int8_t>(kern.a_xor);
+      a[r * lda_a + i] = static_cast<int8_t>(static_cast<uint8_t>(q[r * lda + i]) ^ kern.a_xor);
+    for (int64_t i = k; i < h.k_pad; ++i) a[r * lda_a + i] = static_cast<int8_t>(kern.a_xor);
   }
-  GemmArgs g{a, h.k_pad, q_scale,
+  GemmArgs g{a, lda_a, q_scale,
              reinterpret_cast<const int8_t*>(packed + h.data_offset),
              reinterpret_cast<const int32_t*>(packed + h.comp_offset),
              w_scale, bias, y, ldy, y_bf16, m, h.n, h.k_pad};
@@ -129,7 +140,7 @@ void quantize_rows(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k
   std::vector<int8_t> tmp(static_cast<size_t>(m * k_pad));
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
   parallel_for(m, grain, nthreads, [&](int64_t m0, int64_t m1) {
-    kern.quantize(x, ldx, x_bf16, m0, m1, k, k_pad, 0, tmp.data(), scale);
+    kern.quantize(x, ldx, x_bf16, m0, m1, k, k_pad, k_pad, 0, tmp.data(), scale);
   });
   for (int64_t r = 0; r < m; ++r) std::memcpy(q + r * ldq, tmp.data() + r * k_pad, k);
 }

@@ -43,10 +43,10 @@ const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t 
 
 // ---- kernels ----------------------------------------------------------------
 // Quantize rows [m0, m1) of x (fp32, or bf16 if x_bf16) into q (row stride
-// k_pad, tail zero-filled) XOR-ed with xor_mask (0x80 turns int8 into the
+// ldq, columns [k, k_pad) zero-filled) XOR-ed with xor_mask (0x80 turns int8 into the
 // uint8 that vpdpbusd wants), and write the per-row scale.
 using QuantizeRowsFn = void (*)(const void* x, int64_t ldx, bool x_bf16, int64_t m0,
-                                int64_t m1, int64_t k, int64_t k_pad, uint8_t xor_mask,
+                                int64_t m1, int64_t k, int64_t k_pad, int64_t ldq, uint8_t xor_mask,
                                 int8_t* q, float* scale);
 
 struct GemmArgs {
@@ -93,15 +93,32 @@ void quantize_rows(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k
 
 // ---- per-ISA entry points (one file each) ---------------------------------
 void quantize_rows_scalar(const void*, int64_t, bool, int64_t, int64_t, int64_t, int64_t,
-                          uint8_t, int8_t*, float*);
+                          int64_t, uint8_t, int8_t*, float*);
 void quantize_rows_avx2(const void*, int64_t, bool, int64_t, int64_t, int64_t, int64_t,
-                        uint8_t, int8_t*, float*);
+                        int64_t, uint8_t, int8_t*, float*);
 void quantize_rows_avx512(const void*, int64_t, bool, int64_t, int64_t, int64_t, int64_t,
-                          uint8_t, int8_t*, float*);
+                          int64_t, uint8_t, int8_t*, float*);
 void qs8_gemm_1x64c4_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_4x16c4_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_4x64c4_avx512bw(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_6x64c4_avx512vnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+
+// Splits rows [m0, m1) into ceil(rows / MR) tiles of nearly equal height (so
+// 32 rows with MR = 6 run as 6,6,5,5,5,5, not 6,6,6,6,6,2) and calls
+// fn(m, height) for each.
+template <int MR, typename Fn>
+inline void for_each_row_tile(int64_t m0, int64_t m1, const Fn& fn) {
+  const int64_t rows = m1 - m0;
+  if (rows <= 0) return;
+  const int64_t tiles = (rows + MR - 1) / MR;
+  const int64_t base = rows / tiles, extra = rows % tiles;
+  int64_t m = m0;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t h = base + (t < extra ? 1 : 0);
+    fn(m, static_cast<int>(h));
+    m += h;
+  }
+}
 
 // fp32 -> bf16, round to nearest even (what torch's .to(bfloat16) does).
 inline uint16_t fp32_to_bf16(float f) {

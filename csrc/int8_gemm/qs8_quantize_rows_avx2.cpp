@@ -24,7 +24,7 @@ inline float load1(const void* x, bool bf16, int64_t i) {
 }  // namespace
 
 void quantize_rows_avx2(const void* x, int64_t ldx, bool x_bf16, int64_t m0, int64_t m1,
-                        int64_t k, int64_t k_pad, uint8_t xor_mask, int8_t* q, float* scale) {
+                        int64_t k, int64_t k_pad, int64_t ldq, uint8_t xor_mask, int8_t* q, float* scale) {
   const size_t esize = x_bf16 ? 2 : 4;
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
@@ -41,7 +41,7 @@ void quantize_rows_avx2(const void* x, int64_t ldx, bool x_bf16, int64_t m0, int
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     scale[m] = amax / 127.f;
     const __m256 vinv = _mm256_set1_ps(inv);
-    int8_t* qr = q + m * k_pad;
+    int8_t* qr = q + m * ldq;
     for (i = 0; i + 8 <= k; i += 8) {
       __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(load8(row, x_bf16, i), vinv));
       v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);

@@ -21,7 +21,7 @@ inline __m512 load16(const void* x, bool bf16, int64_t i, __mmask16 mask) {
 }  // namespace
 
 void quantize_rows_avx512(const void* x, int64_t ldx, bool x_bf16, int64_t m0, int64_t m1,
-                          int64_t k, int64_t k_pad, uint8_t xor_mask, int8_t* q,
+                          int64_t k, int64_t k_pad, int64_t ldq, uint8_t xor_mask, int8_t* q,
                           float* scale) {
   const size_t esize = x_bf16 ? 2 : 4;
   const __m128i xr = _mm_set1_epi8(static_cast<char>(xor_mask));
@@ -39,7 +39,7 @@ void quantize_rows_avx512(const void* x, int64_t ldx, bool x_bf16, int64_t m0, i
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     scale[m] = amax / 127.f;
     const __m512 vinv = _mm512_set1_ps(inv);
-    int8_t* qr = q + m * k_pad;
+    int8_t* qr = q + m * ldq;
     for (i = 0; i < k_pad; i += 16) {
       const int64_t left = k - i;
       const __mmask16 mk = left >= 16 ? __mmask16(0xffff)

@@ -9,7 +9,7 @@ namespace pyaccel {
 namespace int8_gemm {
 
 void quantize_rows_scalar(const void* x, int64_t ldx, bool x_bf16, int64_t m0, int64_t m1,
-                          int64_t k, int64_t k_pad, uint8_t xor_mask, int8_t* q,
+                          int64_t k, int64_t k_pad, int64_t ldq, uint8_t xor_mask, int8_t* q,
                           float* scale) {
   for (int64_t m = m0; m < m1; ++m) {
     const float* xf = x_bf16 ? nullptr : static_cast<const float*>(x) + m * ldx;
@@ -19,7 +19,7 @@ void quantize_rows_scalar(const void* x, int64_t ldx, bool x_bf16, int64_t m0, i
     for (int64_t i = 0; i < k; ++i) amax = std::fmax(amax, std::fabs(at(i)));
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     scale[m] = amax / 127.f;
-    int8_t* qr = q + m * k_pad;
+    int8_t* qr = q + m * ldq;
     for (int64_t i = 0; i < k; ++i) {
       float v = std::nearbyint(at(i) * inv);
       v = std::fmin(127.f, std::fmax(-127.f, v));
