@@ -12,6 +12,7 @@ call :func:`int8_linear_cpu` directly in eager mode and go through
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -60,7 +61,7 @@ def check_int8_linear_args(x, w_int8, w_scale, bias, packed=None) -> None:
 
 def _as_rows(x: Tensor, k: int) -> Tensor:
     """x as a [M, K] view with unit stride along K (copies only when it must)."""
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(math.prod(x.shape[:-1]), k)
     if x2.shape[0] > 1 and (x2.stride(1) != 1 or x2.stride(0) < k):
         x2 = x2.contiguous()
     elif x2.stride(1) != 1 and k > 1:

@@ -6,6 +6,7 @@ exists. They work on any device and dtype torch supports.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -45,7 +46,7 @@ def int8_linear(
     x: [..., K] float; w_int8: [N, K] int8; w_scale: [N] fp32; bias: [N] or None.
     """
     k = w_int8.shape[1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(math.prod(x.shape[:-1]), k)
     q, sx = quantize_per_row(x2)
     acc = int8_matmul_exact(q, w_int8)
     y = acc.float() * (sx[:, None] * w_scale.float()[None, :])

@@ -39,7 +39,7 @@ void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* o
   std::memset(data, 0, static_cast<size_t>(h.n_pad * h.k_pad));
   const int64_t groups = h.k_pad / kKGroup;
   for (int64_t c = 0; c < h.n_pad; ++c) {
-    int32_t sum = 0;
+    int64_t sum = 0;
     if (c < n) {
       const int8_t* row = w + c * ldw;
       int8_t* panel = data + (c / kPanel) * groups * kPanel * kKGroup;
@@ -49,7 +49,9 @@ void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* o
         sum += row[kk];
       }
     }
-    comp[c] = 128 * sum;
+    // wraps modulo 2^32 like the kernel's int32 accumulators, so acc - comp
+    // is exact whenever the true dot product fits in int32
+    comp[c] = static_cast<int32_t>(static_cast<uint32_t>(128 * sum));
   }
 }
 

@@ -1,0 +1,45 @@
+"""Shared fixtures. Tests run against the *installed* pyaccel (CI installs the
+wheel; pytest runs with --import-mode=importlib so the source tree's pyaccel/
+does not shadow it)."""
+import os
+
+import torch
+
+# Triton kernels run in the interpreter when there is no GPU. Set before
+# anything imports triton (pyaccel imports it lazily).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import pyaccel  # noqa: E402
+from pyaccel import _native  # noqa: E402
+
+ISAS = _native.ISA_LADDER
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Runs the test once per CPU ISA path; skips the ones this CPU lacks."""
+    name = request.param
+    if not _native.available():
+        pytest.skip(f"native library not loaded: {_native.load_error()}")
+    if not _native.isa_supported(name):
+        pytest.skip(f"this CPU lacks {name} (detected {pyaccel.backend_info().cpu_isa_detected})")
+    with _native.isa_cap(name) as used:
+        assert used == name
+        yield name
+
+
+@pytest.fixture
+def gen():
+    """A seeded generator, different per test (fresh random data, reproducible)."""
+    import zlib
+
+    seed = zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode())
+    return torch.Generator().manual_seed(seed)
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    return float(20 * torch.log10(ref.norm() / (ref - out).norm().clamp_min(1e-300)))

@@ -1,0 +1,164 @@
+"""pyaccel::int8_linear: native CPU kernels (every ISA) against the reference.
+
+Tile facts the grid is built from (csrc/int8_gemm/README.md): rows per tile
+MR = 6 (VNNI), 4 (AVX-512 BW, AVX2), 1 (portable); 64-channel panels (AVX2
+works in 16-channel quarters); k in groups of 4; the VNNI kernel blocks K by
+256. Integer accumulators must match exactly; the fp32 epilogue computes the
+same expression as the reference, so outputs agree to an ulp.
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyaccel import _native, reference
+from pyaccel.formats.int8 import pack_int8_weight, quantize_weight_per_channel
+
+M_GRID = [1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 50]
+N_GRID = [1, 15, 16, 17, 63, 64, 65, 130]
+K_GRID = [1, 3, 4, 5, 255, 256, 257, 1030]
+
+
+def _rand_int8(shape, gen):
+    return torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+
+
+def native_acc(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """int32 accumulators from the native kernel (unit scales, no bias)."""
+    C = _native.lib()
+    m, k = q.shape
+    n = w.shape[0]
+    packed = pack_int8_weight(w)
+    ones_m, ones_n = torch.ones(m), torch.ones(n)
+    y = torch.empty(m, n)
+    C.int8_gemm_prequantized(q.data_ptr(), q.stride(0), ones_m.data_ptr(), m, k, packed.data_ptr(),
+                             packed.numel(), n, ones_n.data_ptr(), 0, y.data_ptr(), n, False, 2)
+    return y
+
+
+def assert_close_epilogue(y, yr):
+    """Same fp32 expression on both sides: allow one rounding step of |y|."""
+    tol = torch.finfo(y.dtype).eps * yr.abs().float().clamp_min(1e-30)
+    bad = ((y.float() - yr.float()).abs() > tol)
+    assert not bad.any(), f"{int(bad.sum())} mismatches, first at {bad.nonzero()[0].tolist()}: " \
+        f"{y[tuple(bad.nonzero()[0])]} vs {yr[tuple(bad.nonzero()[0])]}"
+
+
+@pytest.mark.parametrize("m", M_GRID)
+@pytest.mark.parametrize("n", N_GRID)
+def test_accumulators_exact_grid(isa, gen, m, n):
+    for k in K_GRID:
+        q, w = _rand_int8((m, k), gen), _rand_int8((n, k), gen)
+        # |acc| <= 127*127*1030 < 2**24: the fp32 output is the exact integer
+        acc = native_acc(q, w)
+        ref = reference.int8_matmul_exact(q, w).float()
+        diff = (acc - ref).abs()
+        assert torch.equal(acc, ref), f"k={k}: first mismatch at {diff.nonzero()[0].tolist()}"
+
+
+def test_accumulator_overflow_boundary(isa):
+    # largest |acc| that fits int32: 127*127*k < 2**31 for k = 133_000. The
+    # VNNI kernel's uint8 trick wraps in between and must still come out exact.
+    k = 133_000
+    q = torch.full((2, k), 127, dtype=torch.int8)
+    q[1] = -127
+    w = torch.full((3, k), 127, dtype=torch.int8)
+    w[1] = -127
+    w[2, ::2] = -127
+    acc = native_acc(q, w)
+    ref = reference.int8_matmul_exact(q, w).float()
+    assert abs(float(ref[0, 0])) > 2**31 * 0.99
+    assert torch.equal(acc, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_reference(isa, gen, dtype, bias):
+    for m, n, k in [(1, 64, 64), (7, 65, 257), (13, 130, 1030), (50, 17, 5)]:
+        w = quantize_weight_per_channel(torch.randn(n, k, generator=gen))
+        b = torch.randn(n, generator=gen) if bias else None
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        y = torch.ops.pyaccel.int8_linear(x, w.values, w.scale, b, pack_int8_weight(w.values))
+        yr = reference.int8_linear(x, w.values, w.scale, b)
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert_close_epilogue(y, yr)
+
+
+def test_batch_dims_strides_zero_size(isa, gen):
+    n, k = 40, 70
+    w = quantize_weight_per_channel(torch.randn(n, k, generator=gen))
+    p = pack_int8_weight(w.values)
+    b = torch.randn(n, generator=gen)
+    big = torch.randn(3, 9, 100, generator=gen)
+    cases = {
+        "3-D": torch.randn(2, 5, k, generator=gen),
+        "4-D": torch.randn(2, 1, 3, k, generator=gen),
+        "row-strided": big[:, :, 5:75],
+        "column-strided": torch.randn(k, 6, generator=gen).t(),
+        "every-other-row": torch.randn(10, k, generator=gen)[::2],
+        "zero-batch": torch.randn(0, k),
+        "zero-batch-3d": torch.randn(2, 0, k),
+        "1-D": torch.randn(k, generator=gen),
+    }
+    for name, x in cases.items():
+        y = torch.ops.pyaccel.int8_linear(x, w.values, w.scale, b, p)
+        yr = reference.int8_linear(x, w.values, w.scale, b)
+        assert y.shape == (*x.shape[:-1], n), name
+        assert_close_epilogue(y, yr)
+
+
+def test_unpacked_weight_is_packed_on_the_fly(gen):
+    w = quantize_weight_per_channel(torch.randn(33, 20, generator=gen))
+    x = torch.randn(4, 20, generator=gen)
+    y = torch.ops.pyaccel.int8_linear(x, w.values, w.scale, None, None)
+    assert_close_epilogue(y, reference.int8_linear(x, w.values, w.scale, None))
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(0, 20), n=st.integers(1, 150), k=st.integers(1, 600),
+       bf16=st.booleans(), bias=st.booleans(), transposed=st.booleans(),
+       isa_name=st.sampled_from(_native.ISA_LADDER), seed=st.integers(0, 2**31 - 1))
+def test_property_random_shapes(m, n, k, bf16, bias, transposed, isa_name, seed):
+    if not _native.isa_supported(isa_name):
+        isa_name = "portable"
+    g = torch.Generator().manual_seed(seed)
+    w = quantize_weight_per_channel(torch.randn(n, k, generator=g))
+    b = torch.randn(n, generator=g) if bias else None
+    x = torch.randn(k, m, generator=g).t() if transposed else torch.randn(m, k, generator=g)
+    if bf16:
+        x = x.to(torch.bfloat16)
+    with _native.isa_cap(isa_name):
+        y = torch.ops.pyaccel.int8_linear(x, w.values, w.scale, b, pack_int8_weight(w.values))
+    assert_close_epilogue(y, reference.int8_linear(x, w.values, w.scale, b))
+
+
+def test_opcheck(gen):
+    w = quantize_weight_per_channel(torch.randn(24, 40, generator=gen))
+    p = pack_int8_weight(w.values)
+    for x, b in [(torch.randn(3, 40, generator=gen), torch.randn(24, generator=gen)),
+                 (torch.randn(2, 2, 40, generator=gen).to(torch.bfloat16), None)]:
+        torch.library.opcheck(torch.ops.pyaccel.int8_linear.default, (x, w.values, w.scale, b, p))
+    torch.library.opcheck(torch.ops.pyaccel.quantize_per_row.default, (torch.randn(3, 40, generator=gen),))
+
+
+def test_bad_input_names_the_argument(gen):
+    w = quantize_weight_per_channel(torch.randn(8, 16, generator=gen))
+    x = torch.randn(2, 16, generator=gen)
+    op = torch.ops.pyaccel.int8_linear
+    with pytest.raises(ValueError, match=r"x: expected last dimension K=16"):
+        op(torch.randn(2, 15), w.values, w.scale, None, None)
+    with pytest.raises(TypeError, match=r"x: expected float32 or bfloat16.*float64"):
+        op(x.double(), w.values, w.scale, None, None)
+    with pytest.raises(TypeError, match=r"w_int8: expected a 2-D int8"):
+        op(x, w.values.float(), w.scale, None, None)
+    with pytest.raises(ValueError, match=r"w_scale: expected float32 of shape \(8,\)"):
+        op(x, w.values, w.scale[:4], None, None)
+    with pytest.raises(ValueError, match=r"bias: expected float32 of shape \(8,\)"):
+        op(x, w.values, w.scale, torch.zeros(7), None)
+    with pytest.raises(ValueError, match=r"packed_weight: packed weight shape does not match"):
+        other = pack_int8_weight(torch.zeros(9, 16, dtype=torch.int8))
+        op(x, w.values, w.scale, None, other)
+    with pytest.raises(ValueError, match=r"packed_weight: .*magic"):
+        op(x, w.values, w.scale, None, torch.zeros_like(pack_int8_weight(w.values)))
+    with pytest.raises(TypeError, match=r"packed: expected a 1-D uint8"):
+        op(x, w.values, w.scale, None, torch.zeros(3, 3))

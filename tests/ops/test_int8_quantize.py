@@ -1,0 +1,67 @@
+"""pyaccel::quantize_per_row (native, every ISA) against the reference: bit-exact."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyaccel import reference
+
+K_GRID = [1, 3, 4, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 255, 256, 1000, 1024, 1030]
+
+
+def _check(x):
+    q, s = torch.ops.pyaccel.quantize_per_row(x)
+    qr, sr = reference.quantize_per_row(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert q.shape == x.shape and s.shape == x.shape[:-1]
+    diff = (q.int() - qr.int()).abs()
+    assert torch.equal(q, qr), f"q differs at {diff.nonzero()[:5].tolist()}"
+    assert torch.equal(s, sr), f"scale differs: {(s - sr).abs().max()}"
+    return q, s
+
+
+@pytest.mark.parametrize("k", K_GRID)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_over_k(isa, gen, k, dtype):
+    x = (torch.randn(5, k, generator=gen) * 3).to(dtype)
+    _check(x)
+
+
+def test_ties_round_half_even(isa):
+    # amax 127 makes inv exactly 1: x*inv hits .5 ties exactly
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5]])
+    q, _ = _check(x)
+    assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 126, -126]]
+
+
+def test_zero_rows_and_zero_size(isa, gen):
+    x = torch.randn(4, 40, generator=gen)
+    x[1] = 0
+    q, s = _check(x)
+    assert s[1] == 0 and q[1].abs().sum() == 0
+    _check(torch.randn(0, 40))
+    _check(torch.randn(3, 0))
+
+
+def test_strided_and_3d(isa, gen):
+    base = torch.randn(6, 100, generator=gen)
+    _check(base[:, 10:73])       # row stride 100, K 63
+    _check(base[::2])            # every other row
+    _check(torch.randn(2, 3, 37, generator=gen))
+    _check(torch.randn(37, 6, generator=gen).t())  # unit stride along rows, not K
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(0, 9), k=st.integers(1, 300), scale=st.floats(1e-3, 1e3),
+       bf16=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_property_exact(m, k, scale, bf16, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * scale
+    _check(x.to(torch.bfloat16) if bf16 else x)
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="x: expected a float32 or bfloat16"):
+        torch.ops.pyaccel.quantize_per_row(torch.zeros(3, 4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="x: expected"):
+        torch.ops.pyaccel.quantize_per_row(torch.zeros((), dtype=torch.float32))

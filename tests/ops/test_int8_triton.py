@@ -1,0 +1,102 @@
+"""Triton int8 kernels: run under TRITON_INTERPRET=1 on CPU tensors (or on a
+real GPU when there is one) against the reference; compile for sm_80 and
+sm_90 without a GPU."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton is not installed")
+
+from pyaccel import reference  # noqa: E402
+from pyaccel.formats.int8 import quantize_weight_per_channel  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+from pyaccel.kernels import int8_gemm as tk  # noqa: E402
+
+# tiles are 32 under the interpreter: sizes below, at and above them
+SHAPES = [(1, 1, 1), (1, 64, 32), (5, 33, 31), (32, 32, 32), (33, 65, 100), (70, 40, 257)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_quantize_exact(m, n, k, dtype):
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x = (torch.randn(m, k, generator=g) * 4).to(dtype).to(DEVICE)
+    q, s = tk.quantize_per_row(x)
+    qr, sr = reference.quantize_per_row(x)
+    assert torch.equal(q.cpu(), qr.cpu())
+    assert torch.equal(s.cpu(), sr.cpu())
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_int8_linear(m, n, k, dtype, bias):
+    g = torch.Generator().manual_seed(m * 7 + n * 13 + k)
+    w = quantize_weight_per_channel(torch.randn(n, k, generator=g))
+    b = torch.randn(n, generator=g).to(DEVICE) if bias else None
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+    wv, ws = w.values.to(DEVICE), w.scale.to(DEVICE)
+    y = tk.int8_linear(x, wv, ws, b, out_dtype=dtype)
+    yr = reference.int8_linear(x, wv, ws, b)
+    # integer part exact; the epilogue may use an FMA on GPU: one rounding of |y|
+    tol = 2 * torch.finfo(dtype).eps * yr.float().abs() + 1e-6
+    assert ((y.float() - yr.float()).abs() <= tol).all()
+
+
+def test_triton_zero_batch_and_strided_rows():
+    g = torch.Generator().manual_seed(3)
+    w = quantize_weight_per_channel(torch.randn(40, 50, generator=g))
+    y = tk.int8_linear(torch.randn(0, 50).to(DEVICE), w.values.to(DEVICE), w.scale.to(DEVICE), None,
+                       out_dtype=torch.float32)
+    assert y.shape == (0, 40)
+    x = torch.randn(6, 80, generator=g).to(DEVICE)[:, 10:60]
+    y = tk.int8_linear(x, w.values.to(DEVICE), w.scale.to(DEVICE), None, out_dtype=torch.float32)
+    yr = reference.int8_linear(x, w.values.to(DEVICE), w.scale.to(DEVICE), None)
+    assert torch.allclose(y, yr, rtol=1e-6, atol=1e-6)
+
+
+_COMPILE = textwrap.dedent("""
+    import os, sys
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from pyaccel.kernels import int8_gemm as tk
+    cc = int(sys.argv[1])
+    target = GPUTarget("cuda", cc, 32)
+    sig = {"q_ptr": "*i8", "w_ptr": "*i8", "sx_ptr": "*fp32", "sw_ptr": "*fp32", "bias_ptr": "*fp32",
+           "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_qm": "i32", "stride_wn": "i32",
+           "stride_ym": "i32", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+           "BLOCK_K": "constexpr"}
+    for m in (1, 64, 512):
+        cfg = tk.gemm_config(m, 4096, 4096)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        src = ASTSource(fn=tk._int8_gemm_kernel, signature=sig, constexprs=dict(HAS_BIAS=True, **cfg))
+        k = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+        ptx = k.asm["ptx"]
+        assert ".s8.s8.s32" in ptx or "wgmma" in ptx, "no int8 tensor-core instruction in the PTX"
+    qsig = {"x_ptr": "*fp32", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
+            "stride_qm": "i32", "BLOCK_K": "constexpr"}
+    k = triton.compile(ASTSource(fn=tk._quantize_rows_kernel, signature=qsig, constexprs={"BLOCK_K": 1024}),
+                       target=target, options={"enable_fp_fusion": False})
+    assert "div.rn.f32" in k.asm["ptx"]
+    print("compiled", cc)
+""")
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_kernels_compile_for_gpu(cc, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, "-c", _COMPILE, str(cc)], capture_output=True, text=True,
+                       env=env, timeout=600, cwd=tmp_path)  # cwd: not the source tree
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"compiled {cc}" in r.stdout
