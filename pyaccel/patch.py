@@ -170,7 +170,7 @@ def patch(
                 break
         if result is None:
             continue
-        entry = PatchEntry(path=path, old_type=type(mod).__name__)
+        entry = PatchEntry(path=path, old_type=mod._get_name())
         report.entries.append(entry)
         if (inc is not None and not _matches(path, inc)) or (exc is not None and _matches(path, exc)):
             entry.reason = "excluded by include/exclude patterns"

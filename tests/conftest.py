@@ -38,8 +38,3 @@ def gen():
 
     seed = zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode())
     return torch.Generator().manual_seed(seed)
-
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.double(), out.double()
-    return float(20 * torch.log10(ref.norm() / (ref - out).norm().clamp_min(1e-300)))

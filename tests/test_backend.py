@@ -1,0 +1,60 @@
+"""backend_info, ISA dispatch and overrides (in fresh processes where the
+choice is made at start-up)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import pyaccel
+from pyaccel import _native
+
+
+def _run(code, tmp_path, **env):
+    e = dict(os.environ, **env)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e,
+                       cwd=tmp_path, timeout=300)  # cwd: not the source tree
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip()
+
+
+def test_backend_info_fields():
+    info = pyaccel.backend_info()
+    assert info.native_loaded, info.native_error
+    assert info.cpu_isa in _native.ISA_LADDER
+    assert info.threads >= 1
+    text = str(info)
+    assert "CPU ISA in use" in text and "Triton" in text and "CUDA device" in text
+
+
+@pytest.mark.parametrize("name", _native.ISA_LADDER)
+def test_env_override_lowers_choice(tmp_path, name):
+    out = _run("import pyaccel; i = pyaccel.backend_info(); print(i.cpu_isa, i.int8_kernel)",
+               tmp_path, PYACCEL_CPU_ISA=name)
+    isa, kernel = out.split()
+    if _native.isa_supported(name):
+        assert isa == name
+    else:  # an override never raises the choice above what the CPU has
+        assert isa == pyaccel.backend_info().cpu_isa_detected
+    suffix = {"avx512_vnni": "avx512vnni", "avx512": "avx512bw", "avx2": "avx2", "portable": "scalar"}
+    assert kernel.endswith("_" + suffix[isa]), kernel
+
+
+def test_unknown_override_warns_and_is_ignored(tmp_path):
+    out = _run("import warnings; warnings.simplefilter('always')\n"
+               "import pyaccel; print(pyaccel.backend_info().cpu_isa)", tmp_path, PYACCEL_CPU_ISA="sse9")
+    assert out == pyaccel.backend_info().cpu_isa
+
+
+def test_reference_backend_override(tmp_path):
+    code = ("import torch, pyaccel\n"
+            "i = pyaccel.backend_info(); assert not i.native_loaded, i\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(16, 8)); r = pyaccel.patch(m, quantize='int8')\n"
+            "print(r.swapped[0].backend, m(torch.randn(2, 16)).shape)")
+    out = _run(code, tmp_path, PYACCEL_BACKEND="reference")
+    assert out == "cpu/reference torch.Size([2, 8])"
+
+
+def test_set_isa_cap_rejects_unknown():
+    with pytest.raises(ValueError, match="isa: expected one of"):
+        _native.set_isa_cap("sse2")

@@ -1,0 +1,114 @@
+"""pyaccel.patch: what it swaps, what it leaves (and why), filters, inplace."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import pyaccel
+from pyaccel.nn import Int8Linear
+
+from _helpers import sqnr_db
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Linear(32, 32)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x):
+        return self.norm(x + self.mlp(self.attn(x)))
+
+
+class MyLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(Block(), Block(), nn.Linear(32, 10))
+
+
+def test_default_patch_is_lossless_and_reports_reasons():
+    net = _net()
+    x = torch.randn(4, 32)
+    before = net(x)
+    report = pyaccel.patch(net)
+    assert report.model is net
+    assert not report.swapped
+    assert len(report.skipped) == 7
+    assert all("quantize='int8'" in e.reason for e in report.skipped)
+    assert torch.equal(net(x), before)
+    text = str(report)
+    assert "0.mlp.0" in text and "skipped" in text and "0 swapped, 7 skipped" in text
+
+
+def test_quantize_int8_swaps_every_linear():
+    net = _net()
+    x = torch.randn(8, 32)
+    ref = net(x)
+    report = pyaccel.patch(net, quantize="int8")
+    assert len(report.swapped) == 7
+    assert all(isinstance(m, Int8Linear) for n, m in net.named_modules() if n.endswith(("attn", "mlp.0", "mlp.2")))
+    assert all(e.lossy and e.backend.startswith("cpu/") for e in report.swapped)
+    assert sqnr_db(ref, net(x)) > 25
+    # patching again changes nothing
+    again = pyaccel.patch(net, quantize="int8")
+    assert not again.entries
+
+
+def test_inplace_false_leaves_original_untouched():
+    net = _net()
+    report = pyaccel.patch(net, quantize="int8", inplace=False)
+    assert report.model is not net
+    assert isinstance(report.model[2], Int8Linear)
+    assert type(net[2]) is nn.Linear
+
+
+def test_filters():
+    net = _net()
+    report = pyaccel.patch(net, quantize="int8", filter_fn=lambda m, path: m.out_features != 10)
+    assert type(net[2]) is nn.Linear
+    assert any(e.path == "2" and "filter_fn" in e.reason for e in report.skipped)
+    net = _net()
+    report = pyaccel.patch(net, quantize="int8", include="*.mlp.*")
+    assert {e.path for e in report.swapped} == {"0.mlp.0", "0.mlp.2", "1.mlp.0", "1.mlp.2"}
+    net = _net()
+    report = pyaccel.patch(net, quantize="int8", exclude=["0.*", "2"])
+    assert {e.path for e in report.swapped} == {"1.attn", "1.mlp.0", "1.mlp.2"}
+
+
+def test_subclass_and_root_module():
+    net = nn.Sequential(MyLinear(4, 4), nn.Linear(4, 4))
+    report = pyaccel.patch(net, quantize="int8")
+    assert type(net[0]) is MyLinear
+    assert "subclass MyLinear" in report.skipped[0].reason
+    lin = nn.Linear(5, 3)
+    report = pyaccel.patch(lin, quantize="int8")
+    assert isinstance(report.model, Int8Linear)
+
+
+def test_training_flag_and_mixed_models_kept():
+    net = _net().eval()
+    pyaccel.patch(net, quantize="int8")
+    assert not net[2].training
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        pyaccel.patch(object())
+    with pytest.raises(ValueError, match="quantize: expected one of"):
+        pyaccel.patch(nn.Linear(2, 2), quantize="int4")
+    with pytest.raises(TypeError, match="filter_fn: expected a callable"):
+        pyaccel.patch(nn.Linear(2, 2), filter_fn=3)
+
+
+def test_model_that_cannot_be_accelerated_is_left_as_is():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    sd = copy.deepcopy(net.state_dict())
+    report = pyaccel.patch(net, quantize="int8")
+    assert not report.entries and "0 swapped, 0 skipped" in str(report)
+    assert all(torch.equal(sd[k], v) for k, v in net.state_dict().items())
