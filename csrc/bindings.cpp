@@ -46,6 +46,30 @@ void check_packed_or_throw(uintptr_t packed, int64_t nbytes, int64_t n, int64_t 
     throw py::value_error(std::string("packed_weight: ") + err);
 }
 
+// A validated int8 linear layer: packed weight, scales and bias pointers
+// checked once, so that the per-call path converts only six arguments.
+// The Python owner keeps the tensors alive for as long as the plan.
+class Int8LinearPlan {
+ public:
+  Int8LinearPlan(uintptr_t packed, int64_t packed_nbytes, int64_t n, int64_t k, uintptr_t w_scale,
+                 uintptr_t bias)
+      : packed_(packed), n_(n), k_(k), w_scale_(w_scale), bias_(bias) {
+    check_packed_or_throw(packed, packed_nbytes, n, k);
+    if (!w_scale) throw py::value_error("w_scale: null pointer");
+  }
+  void run(uintptr_t x, int64_t ldx, bool bf16, int64_t m, uintptr_t y, int nthreads) const {
+    py::gil_scoped_release nogil;
+    int8_gemm::linear(ptr<const void>(x), ldx, bf16, m, k_, ptr<const uint8_t>(packed_),
+                      ptr<const float>(w_scale_), bias_ ? ptr<const float>(bias_) : nullptr,
+                      ptr<void>(y), n_, bf16, nthreads);
+  }
+
+ private:
+  uintptr_t packed_;
+  int64_t n_, k_;
+  uintptr_t w_scale_, bias_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -56,6 +80,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("selected_isa", [] { return std::string(isa_name(selected_isa())); });
   m.def("int8_kernel_name", [] { return std::string(int8_gemm::select_kernel().name); });
 
+  py::class_<Int8LinearPlan>(m, "Int8LinearPlan")
+      .def(py::init<uintptr_t, int64_t, int64_t, int64_t, uintptr_t, uintptr_t>(), py::arg("packed"),
+           py::arg("packed_nbytes"), py::arg("n"), py::arg("k"), py::arg("w_scale"), py::arg("bias"))
+      .def("__call__", &Int8LinearPlan::run, py::arg("x"), py::arg("ldx"), py::arg("bf16"),
+           py::arg("m"), py::arg("y"), py::arg("nthreads"),
+           "y[m, n] (row stride n, x's dtype) = int8 linear of x[m, k] (row stride ldx)");
   m.def("int8_packed_nbytes", &int8_gemm::packed_nbytes, py::arg("n"), py::arg("k"));
   m.def(
       "int8_pack",

@@ -138,7 +138,7 @@ def test_torch_compile_matches_eager(gen):
 
 def test_reference_backend_when_unpacked(gen):
     m = Int8Linear.from_float(nn.Linear(20, 10))
-    m._packed = None  # e.g. native library missing
+    m._packed, m._plan = None, None  # as when the native library is missing
     x = torch.randn(3, 20, generator=gen)
     assert torch.allclose(m(x), reference.int8_linear(x, m.weight_int8, m.weight_scale, m.bias))
 

@@ -64,6 +64,8 @@ void run_gemm(const Kernel& kern, const GemmArgs& g, int64_t n_pad, int nthreads
 // Row stride of the quantized activations: k_pad plus one cache line when
 // k_pad is a multiple of 1 KiB, so the MR rows a micro-tile broadcasts from do
 // not all fall in the same L1 set.
+constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
+
 int64_t a_stride(int64_t k_pad) { return k_pad % 1024 == 0 ? k_pad + 64 : k_pad; }
 
 }  // namespace
@@ -90,6 +92,8 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
   const Kernel& kern = select_kernel();
   PackedHeader h;
   std::memcpy(&h, packed, sizeof(h));
+  // Below ~0.5M multiply-adds a fork/join (2-3 us) costs more than it saves.
+  if (m * h.n_pad * h.k_pad < kMinParallelMacs) nthreads = 1;
   Scratch& s = t_scratch;
   const int64_t lda = a_stride(h.k_pad);
   if (s.q.size() < static_cast<size_t>(m * lda)) s.q.resize(m * lda);

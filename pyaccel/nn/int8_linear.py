@@ -18,14 +18,13 @@ from pyaccel.formats.int8 import (
 )
 from pyaccel.reference import QMAX
 
+_WEIGHT_NAMES = frozenset({"weight_int8", "weight_scale", "bias"})
+_is_compiling = torch.compiler.is_compiling
+
 try:  # torch.ao's dynamic Linear; absent in some builds
     from torch.ao.nn.quantized.dynamic import Linear as _AoDynamicLinear
 except Exception:  # pragma: no cover
     _AoDynamicLinear = None
-
-
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_scripting()
 
 
 class Int8Linear(nn.Module):
@@ -57,6 +56,7 @@ class Int8Linear(nn.Module):
             self.bias = None
         self.notes: List[str] = []
         self._packed: Optional[Tensor] = None
+        self._plan = None
         self._repack()
 
     # ---- construction ---------------------------------------------------------
@@ -108,10 +108,18 @@ class Int8Linear(nn.Module):
 
     # ---- packing ----------------------------------------------------------------
     def _repack(self) -> None:
-        if self.weight_int8.device.type == "cpu" and _native.available():
+        """Build the packed weight and the native call plan (after any change
+        of weights, device or state; done automatically on load and .to())."""
+        self._packed, self._plan = None, None
+        C = _native.lib()
+        if self.weight_int8.device.type == "cpu" and C is not None:
             self._packed = pack_int8_weight(self.weight_int8)
-        else:
-            self._packed = None
+            ws, b = self.weight_scale, self.bias
+            if ws.is_contiguous() and ws.dtype == torch.float32 and (
+                    b is None or (b.is_contiguous() and b.dtype == torch.float32)):
+                run = C.Int8LinearPlan(self._packed.data_ptr(), self._packed.numel(), self.out_features,
+                                       self.in_features, ws.data_ptr(), 0 if b is None else b.data_ptr())
+                self._plan = run
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -122,6 +130,12 @@ class Int8Linear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._repack()
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_plan"] = None  # native handles do not pickle; __setstate__ rebuilds them
+        state["_packed"] = None
+        return state
+
     def __setstate__(self, state):
         super().__setstate__(state)
         self._repack()
@@ -130,14 +144,27 @@ class Int8Linear(nn.Module):
         return dequantize_weight(Int8Weight(self.weight_int8, self.weight_scale))
 
     # ---- forward ------------------------------------------------------------------
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in _WEIGHT_NAMES and "_plan" in self.__dict__:
+            self._repack()  # a replaced weight, scale or bias invalidates the packing and plan
+
     def forward(self, x: Tensor) -> Tensor:
-        packed = self._packed
-        if packed is not None and not _is_compiling() and type(x) is Tensor and x.device.type == "cpu":
-            # eager fast path: the native kernel directly, with the op's checks
-            if x.dtype not in ops._FLOAT_IO or x.dim() < 1 or x.shape[-1] != self.in_features:
-                ops.check_int8_linear_args(x, self.weight_int8, self.weight_scale, self.bias)
-            return ops.int8_linear_cpu(x, self.weight_int8, self.weight_scale, self.bias, packed)
-        return torch.ops.pyaccel.int8_linear(x, self.weight_int8, self.weight_scale, self.bias, packed)
+        plan = self._plan
+        if plan is not None and type(x) is Tensor and not _is_compiling():
+            shape = x.shape
+            dt = x.dtype
+            if (len(shape) == 2 and shape[1] == self.in_features and x.is_cpu and x.stride(1) == 1
+                    and (dt is torch.float32 or dt is torch.bfloat16)):
+                # eager fast path: straight into the validated native plan. (In-place
+                # edits of weight_scale/bias are seen; of weight_int8 need _repack().)
+                y = torch.empty(shape[0], self.out_features, dtype=dt)
+                plan(x.data_ptr(), x.stride(0), dt is torch.bfloat16, shape[0], y.data_ptr(),
+                     torch.get_num_threads())
+                return y
+            if x.is_cpu and dt in ops._FLOAT_IO and x.dim() >= 1 and shape[-1] == self.in_features:
+                return ops.int8_linear_cpu(x, self.weight_int8, self.weight_scale, self.bias, self._packed)
+        return torch.ops.pyaccel.int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self._packed)
 
     def extra_repr(self) -> str:
         dev = self.weight_int8.device.type

@@ -1,0 +1,87 @@
+"""python -m pyaccel.bench [--quick] [--markdown FILE] [--peak-gops G] [--threads T]"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+
+import torch
+
+import pyaccel
+from pyaccel.bench import int8
+
+ANCHOR_VNNI_PEAK_GOPS = 936.0  # ../shared/ANCHORS.md: vpdpbusd, 2 threads, this project's machine
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pyaccel.bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small shapes, short budget (a smoke run)")
+    ap.add_argument("--threads", type=int, default=None, help="torch/pyaccel threads (default: torch's)")
+    ap.add_argument("--peak-gops", type=float, default=ANCHOR_VNNI_PEAK_GOPS,
+                    help="int8 peak for the %%-of-peak column (measure with shared/tools/peaks)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds of timing per row")
+    ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
+    ap.add_argument("--markdown", default=None, help="also write the results as a markdown table here")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = pyaccel.backend_info()
+    head = [f"date: {datetime.datetime.now().isoformat(timespec='minutes')}",
+            f"cpu: {_cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}",
+            f"pyaccel ISA: {info.cpu_isa} (kernel {info.int8_kernel}); peak used for %: {args.peak_gops:.0f} GOP/s"]
+    print("\n".join(head))
+    if args.quick:
+        shapes, ms, budget = ((1024, 1024),), (1, 32), args.budget or 0.3
+    else:
+        shapes, ms, budget = ((4096, 4096), (1024, 4096)), (1, 8, 32, 128, 512), args.budget or 2.0
+    print("\n== int8 linear (y = x Wᵀ + b; activation quantization and epilogue included) ==")
+    print(int8.HEADER)
+    rows = int8.run(shapes, ms, budget_s=budget, with_ort=not args.no_ort, streamed=True)
+    ov = int8.eager_overhead(budget_s=0.5 if args.quick else 1.5)
+    print(f"\neager overhead, Int8Linear(256, 256), M=1: module {ov['module_us']:.2f} µs, bare kernel "
+          f"{ov['bare_us']:.2f} µs, overhead {ov['overhead_us']:.2f} µs")
+    it = int8.thread_interference(budget_s=0.6 if args.quick else 2.0)
+    print(f"threads: torch fp32 alone {it['torch_alone_us']:.0f} µs, alternating {it['torch_alternating_us']:.0f} µs; "
+          f"pyaccel alone {it['pyaccel_alone_us']:.0f} µs, alternating {it['pyaccel_alternating_us']:.0f} µs")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join("    " + h for h in head) + "\n\n")
+            f.write(to_markdown(rows, args.peak_gops) + "\n\n")
+            f.write(f"Eager overhead (Int8Linear 256×256, M=1): module {ov['module_us']:.2f} µs vs bare "
+                    f"kernel {ov['bare_us']:.2f} µs → **{ov['overhead_us']:.2f} µs**.\n\n")
+            f.write(f"Thread pool sharing (1024×4096, M=8): torch fp32 {it['torch_alone_us']:.0f} µs alone / "
+                    f"{it['torch_alternating_us']:.0f} µs alternating with pyaccel; pyaccel "
+                    f"{it['pyaccel_alone_us']:.0f} / {it['pyaccel_alternating_us']:.0f} µs.\n")
+        print(f"\nwrote {args.markdown}")
+    return 0
+
+
+def to_markdown(rows, peak: float) -> str:
+    out = ["| W (N×K) | M | weights | candidate | median µs | IQR | GOP/s | % peak | SQNR dB | W GB/s | × fp32 | × torch.ao | × ORT |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+    for r in rows:
+        bold = "**" if r.name == "pyaccel int8" else ""
+        out.append(f"| {r.shape} | {r.m} | {r.mode} | {bold}{r.name}{bold} | {r.timing.median_s * 1e6:.1f} | "
+                   f"±{r.timing.spread * 100:.0f}% | {r.gops:.1f} | {100 * r.gops / peak:.0f} | {f(r.sqnr_db, '.1f')} | "
+                   f"{f(r.weight_gbs, '.1f')} | {f(r.vs_fp32, '.2f')} | {f(r.vs_ao, '.2f')} | {f(r.vs_ort, '.2f')} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Baselines a user would run instead of pyaccel: torch fp32/bf16, torch.ao
+dynamic int8, ONNX Runtime dynamic int8. Each builder returns a callable
+x -> y (or None with the reason when the baseline is not installed)."""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import nn
+
+
+def torch_ao_dynamic(linear: nn.Linear) -> nn.Module:
+    """torch.ao.quantization.quantize_dynamic with the x86 (fbgemm) engine."""
+    engines = torch.backends.quantized.supported_engines
+    torch.backends.quantized.engine = "x86" if "x86" in engines else "fbgemm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)
+
+
+def onnxruntime_dynamic(linear: nn.Linear, threads: int) -> Tuple[Optional[Callable], str]:
+    """ONNX Runtime, model quantized with onnxruntime.quantization.quantize_dynamic
+    (QInt8 weights, per-tensor). The graph is built with onnx.helper (MatMul + Add)
+    so no exporter is needed. Sessions never spin (allow_spinning = 0)."""
+    try:
+        import numpy as np
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except Exception as exc:  # not installed
+        return None, f"onnxruntime/onnx not available ({type(exc).__name__})"
+    n, k = linear.weight.shape
+    w_t = linear.weight.detach().t().contiguous().numpy().astype(np.float32)
+    inits = [numpy_helper.from_array(w_t, "W")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw" if linear.bias is not None else "y"])]
+    if linear.bias is not None:
+        inits.append(numpy_helper.from_array(linear.bias.detach().numpy().astype(np.float32), "B"))
+        nodes.append(helper.make_node("Add", ["xw", "B"], ["y"]))
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)
+    with tempfile.TemporaryDirectory() as d:
+        fp, qp = os.path.join(d, "f.onnx"), os.path.join(d, "q.onnx")
+        onnx.save(model, fp)
+        quantize_dynamic(fp, qp, weight_type=QuantType.QInt8)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        sess = ort.InferenceSession(qp, so, providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
+
+    return run, "ok"

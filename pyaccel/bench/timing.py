@@ -1,0 +1,46 @@
+"""Interleaved timing: candidates take turns, one call each per round, so
+machine noise (other tenants, clock changes) hits all of them alike."""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable, Dict, List
+
+
+@dataclasses.dataclass
+class Timing:
+    median_s: float
+    q1_s: float
+    q3_s: float
+    n: int
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median."""
+        return (self.q3_s - self.q1_s) / self.median_s if self.median_s else 0.0
+
+
+def _summary(samples: List[float]) -> Timing:
+    s = sorted(samples)
+    q = statistics.quantiles(s, n=4) if len(s) >= 4 else [s[0], statistics.median(s), s[-1]]
+    return Timing(statistics.median(s), q[0], q[2], len(s))
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], min_rounds: int = 7, max_rounds: int = 200,
+                budget_s: float = 2.0, warmup: int = 2) -> Dict[str, Timing]:
+    """Time each callable once per round, round-robin, until `budget_s` seconds
+    or `max_rounds` rounds (at least `min_rounds`). Returns per-name medians."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            samples[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {k: _summary(v) for k, v in samples.items()}
