@@ -17,6 +17,11 @@ from pyaccel import _native  # noqa: E402
 
 ISAS = _native.ISA_LADDER
 
+if os.environ.get("PYACCEL_REQUIRE_INSTALLED") == "1":
+    # CI tests the installed wheel, never the source tree
+    assert "site-packages" in pyaccel.__file__, f"testing {pyaccel.__file__}, not the installed wheel"
+    assert _native.available(), f"native library missing from the wheel: {_native.load_error()}"
+
 
 @pytest.fixture(params=ISAS)
 def isa(request):
