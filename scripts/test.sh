@@ -7,4 +7,5 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
 export PYACCEL_REQUIRE_INSTALLED=1
-python -m pytest -q -p no:cacheprovider tests "$@"
+# the pytest script, not `python -m pytest`: -m would put the source tree first on sys.path
+pytest -q -p no:cacheprovider tests "$@"

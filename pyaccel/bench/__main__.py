@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     head = [f"date: {datetime.datetime.now().isoformat(timespec='minutes')}",
             f"cpu: {_cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}",
             f"pyaccel ISA: {info.cpu_isa} (kernel {info.int8_kernel}); peak used for %: {args.peak_gops:.0f} GOP/s"]
+    mem = int8.memory_read_gbs()
+    head.append(f"DRAM read bandwidth (torch sum over 256 MB, this run): {mem:.1f} GB/s")
     print("\n".join(head))
     if args.quick:
         shapes, ms, budget = ((1024, 1024),), (1, 32), args.budget or 0.3

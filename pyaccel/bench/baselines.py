@@ -3,6 +3,7 @@ dynamic int8, ONNX Runtime dynamic int8. Each builder returns a callable
 x -> y (or None with the reason when the baseline is not installed)."""
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -47,7 +48,11 @@ def onnxruntime_dynamic(linear: nn.Linear, threads: int) -> Tuple[Optional[Calla
     with tempfile.TemporaryDirectory() as d:
         fp, qp = os.path.join(d, "f.onnx"), os.path.join(d, "q.onnx")
         onnx.save(model, fp)
-        quantize_dynamic(fp, qp, weight_type=QuantType.QInt8)
+        logging.disable(logging.WARNING)  # its "consider pre-processing" advice, once per model
+        try:
+            quantize_dynamic(fp, qp, weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(logging.NOTSET)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

@@ -100,7 +100,8 @@ def run(shapes=((4096, 4096), (1024, 4096)), ms=(1, 8, 32, 128, 512), threads: O
                     cands = _candidates(lin, x, threads, copies, with_ort)
                     errs = {name: sqnr_db(ref, fns[0]().float()) for name, fns in cands.items()}
                     t = interleaved({name: _rotating(fns) for name, fns in cands.items()},
-                                    budget_s=budget_s, max_rounds=400 if m <= 8 else 60)
+                                    budget_s=budget_s, max_rounds=400 if m <= 8 else 60,
+                                    inner=1 if mode == "streamed" else 4)
                 base = {name: t[name].median_s for name in t}
                 for name, tm in t.items():
                     r = Row(shape, m, mode, name, tm, 2 * m * n * k / tm.median_s / 1e9,
@@ -115,6 +116,13 @@ def run(shapes=((4096, 4096), (1024, 4096)), ms=(1, 8, 32, 128, 512), threads: O
                     log(format_row(r))
                 del cands
     return rows
+
+
+def memory_read_gbs(nbytes: int = 256 << 20, reps: int = 7) -> float:
+    """DRAM read bandwidth seen by torch (a sum over a buffer 8x the L3), GB/s."""
+    buf = torch.ones(nbytes // 4)
+    t = interleaved({"sum": lambda: buf.sum()}, min_rounds=reps, max_rounds=reps, budget_s=0)["sum"]
+    return nbytes / t.median_s / 1e9
 
 
 def eager_overhead(n: int = 256, k: int = 256, budget_s: float = 1.0) -> Dict[str, float]:

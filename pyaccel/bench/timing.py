@@ -28,9 +28,14 @@ def _summary(samples: List[float]) -> Timing:
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], min_rounds: int = 7, max_rounds: int = 200,
-                budget_s: float = 2.0, warmup: int = 2) -> Dict[str, Timing]:
-    """Time each callable once per round, round-robin, until `budget_s` seconds
-    or `max_rounds` rounds (at least `min_rounds`). Returns per-name medians."""
+                budget_s: float = 2.0, warmup: int = 2, inner: int = 1) -> Dict[str, Timing]:
+    """Time the callables round-robin until `budget_s` seconds or `max_rounds`
+    rounds (at least `min_rounds`). Returns per-name medians.
+
+    inner = 1: one timed call of each per round. inner > 1: each candidate runs
+    `inner` calls in a row per round and only the last inner - 1 are timed, so
+    its data is warm in cache (the "hot" case) while the rounds still alternate.
+    """
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -39,8 +44,11 @@ def interleaved(fns: Dict[str, Callable[[], object]], min_rounds: int = 7, max_r
     rounds = 0
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
         for name, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            samples[name].append(time.perf_counter() - t0)
+            if inner > 1:
+                f()
+            for _ in range(max(1, inner - 1)):
+                t0 = time.perf_counter()
+                f()
+                samples[name].append(time.perf_counter() - t0)
         rounds += 1
     return {k: _summary(v) for k, v in samples.items()}
