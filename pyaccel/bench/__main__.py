@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             f.write(to_markdown(rows, args.peak_gops) + "\n\n")
             f.write(f"Eager overhead (Int8Linear 256×256, M=1): module {ov['module_us']:.2f} µs vs bare "
                     f"kernel {ov['bare_us']:.2f} µs → **{ov['overhead_us']:.2f} µs**.\n\n")
-            f.write(f"Thread pool sharing (1024×4096, M=8): torch fp32 {it['torch_alone_us']:.0f} µs alone / "
+            f.write(f"Thread pool sharing (512×512, M=256, alternating call by call): torch fp32 {it['torch_alone_us']:.0f} µs alone / "
                     f"{it['torch_alternating_us']:.0f} µs alternating with pyaccel; pyaccel "
                     f"{it['pyaccel_alone_us']:.0f} / {it['pyaccel_alternating_us']:.0f} µs.\n")
         print(f"\nwrote {args.markdown}")
