@@ -169,3 +169,20 @@ def test_errors_name_the_argument(gen):
         # a tensor on another device than the module: named, not a crash
         with pytest.raises(ValueError, match=r"w_int8: expected a tensor on x's device meta"):
             m(torch.randn(2, 16, device="meta"))
+
+
+def test_hooks_still_run(gen):
+    m = Int8Linear.from_float(nn.Linear(8, 4))
+    seen = []
+    h1 = m.register_forward_pre_hook(lambda mod, args: seen.append("pre"))
+    h2 = m.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    m(torch.randn(2, 8, generator=gen))
+    assert seen == ["pre", torch.Size([2, 4])]
+    h1.remove()
+    h2.remove()
+    g = nn.modules.module.register_module_forward_hook(lambda mod, args, out: seen.append("global"))
+    try:
+        m(torch.randn(2, 8, generator=gen))
+    finally:
+        g.remove()
+    assert seen[-1] == "global"
