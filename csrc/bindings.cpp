@@ -13,6 +13,7 @@
 #include "common/cpu_features.h"
 #include "common/parallel.h"
 #include "int8_gemm/int8_gemm.h"
+#include "sparse24/sparse24.h"
 
 namespace py = pybind11;
 using namespace pyaccel;
@@ -86,6 +87,34 @@ PYBIND11_MODULE(_C, m) {
       .def("__call__", &Int8LinearPlan::run, py::arg("x"), py::arg("ldx"), py::arg("bf16"),
            py::arg("m"), py::arg("y"), py::arg("nthreads"),
            "y[m, n] (row stride n, x's dtype) = int8 linear of x[m, k] (row stride ldx)");
+  m.def("s24_kernel_name", [] { return std::string(sparse24::select_kernel().name); });
+  m.def("s24_packed_nbytes", &sparse24::packed_nbytes, py::arg("n"), py::arg("k"));
+  m.def(
+      "s24_pack",
+      [](uintptr_t values, int64_t ldv, uintptr_t pos, int64_t ldp, int64_t n, int64_t k, uintptr_t out,
+         int64_t out_nbytes) {
+        if (out_nbytes != sparse24::packed_nbytes(n, k))
+          throw py::value_error("out: wrong size for the packed 2:4 weight");
+        py::gil_scoped_release nogil;
+        sparse24::pack(ptr<const float>(values), ldv, ptr<const uint8_t>(pos), ldp, n, k, ptr<uint8_t>(out));
+      },
+      py::arg("values"), py::arg("ldv"), py::arg("pos"), py::arg("ldp"), py::arg("n"), py::arg("k"),
+      py::arg("out"), py::arg("out_nbytes"));
+  m.def(
+      "s24_linear",
+      [](uintptr_t x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, uintptr_t packed,
+         int64_t packed_nbytes, int64_t n, uintptr_t bias, uintptr_t y, int64_t ldy, bool y_bf16,
+         int nthreads) {
+        if (const char* e = sparse24::check_packed(ptr<const uint8_t>(packed), packed_nbytes, n, k))
+          throw py::value_error(std::string("packed_weight: ") + e);
+        py::gil_scoped_release nogil;
+        sparse24::linear(ptr<const void>(x), ldx, x_bf16, m, k, ptr<const uint8_t>(packed),
+                         bias ? ptr<const float>(bias) : nullptr, ptr<void>(y), ldy, y_bf16, nthreads);
+      },
+      "y[m, n] = x @ W_2:4.T + bias (packed fp32 values), all pointers",
+      py::arg("x"), py::arg("ldx"), py::arg("x_bf16"), py::arg("m"), py::arg("k"), py::arg("packed"),
+      py::arg("packed_nbytes"), py::arg("n"), py::arg("bias"), py::arg("y"), py::arg("ldy"),
+      py::arg("y_bf16"), py::arg("nthreads"));
   m.def("int8_packed_nbytes", &int8_gemm::packed_nbytes, py::arg("n"), py::arg("k"));
   m.def(
       "int8_pack",

@@ -1,0 +1,94 @@
+// 2:4 dispatch ladder and threaded driver.
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "common/parallel.h"
+#include "int8_gemm/int8_gemm.h"  // bf16_to_fp32
+#include "sparse24/sparse24.h"
+
+namespace pyaccel {
+namespace sparse24 {
+namespace {
+
+const Kernel kLadder[] = {
+    {Isa::kAvx512, "s24_gemm_6x32_avx512", 6, s24_gemm_6x32_avx512},
+    {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2},
+    {Isa::kPortable, "s24_gemm_1x16_scalar", 1, s24_gemm_1x16_scalar},
+};
+
+std::atomic<const Kernel*> g_kernel{nullptr};
+std::atomic<int> g_generation{-1};
+std::mutex g_mutex;
+thread_local std::vector<float> t_x;
+
+constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
+
+}  // namespace
+
+const Kernel& select_kernel() {
+  const int gen = isa_generation();
+  const Kernel* k = g_kernel.load(std::memory_order_acquire);
+  if (k && g_generation.load(std::memory_order_acquire) == gen) return *k;
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const Isa isa = selected_isa();
+  const Kernel* chosen = &kLadder[sizeof(kLadder) / sizeof(kLadder[0]) - 1];
+  for (const Kernel& c : kLadder)
+    if (static_cast<int>(c.isa) <= static_cast<int>(isa)) { chosen = &c; break; }
+  g_kernel.store(chosen, std::memory_order_release);
+  g_generation.store(gen, std::memory_order_release);
+  return *chosen;
+}
+
+void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const uint8_t* packed,
+            const float* bias, void* y, int64_t ldy, bool y_bf16, int nthreads) {
+  if (m <= 0) return;
+  const Kernel& kern = select_kernel();
+  PackedHeader h;
+  std::memcpy(&h, packed, sizeof(h));
+  const int64_t kp = h.groups_pad * 4;
+  if (m * h.n_pad * kp / 2 < kMinParallelMacs) nthreads = 1;
+  // The kernels read x in whole groups of 4 up to kp: use x in place when it is
+  // fp32 and k == kp; otherwise copy (bf16 -> fp32, zero tail) into scratch.
+  const float* xf = static_cast<const float*>(x);
+  int64_t lx = ldx;
+  if (x_bf16 || k != kp) {
+    if (t_x.size() < static_cast<size_t>(m * kp)) t_x.resize(m * kp);
+    float* s = t_x.data();
+    parallel_for(m, std::max<int64_t>(1, 16384 / kp), nthreads, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* d = s + r * kp;
+        if (x_bf16) {
+          const uint16_t* xs = static_cast<const uint16_t*>(x) + r * ldx;
+          for (int64_t i = 0; i < k; ++i) d[i] = int8_gemm::bf16_to_fp32(xs[i]);
+        } else {
+          std::memcpy(d, static_cast<const float*>(x) + r * ldx, k * sizeof(float));
+        }
+        std::memset(d + k, 0, (kp - k) * sizeof(float));
+      }
+    });
+    xf = s;
+    lx = kp;
+  }
+  GemmArgs g{xf, lx, packed + h.data_offset, bias, y, ldy, y_bf16, m, h.n, h.groups_pad};
+  // work units: pairs of panels (the AVX-512 tile is 32 channels) x row chunks
+  const int64_t units = (h.n_pad / kPanel + 1) / 2;
+  int64_t chunks = 1;
+  if (nthreads > 1 && units < 4 * nthreads)
+    chunks = std::min<int64_t>((m + kern.mr - 1) / kern.mr, (4 * nthreads + units - 1) / units);
+  const int64_t row_tiles = (m + kern.mr - 1) / kern.mr;
+  const int64_t panels = h.n_pad / kPanel;
+  parallel_for(units * chunks, 1, nthreads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t u = t / chunks, c = t % chunks;
+      const int64_t r0 = std::min<int64_t>(m, row_tiles * c / chunks * kern.mr);
+      const int64_t r1 = c + 1 == chunks ? m : std::min<int64_t>(m, row_tiles * (c + 1) / chunks * kern.mr);
+      if (r0 < r1) kern.gemm(g, r0, r1, 2 * u, std::min<int64_t>(panels, 2 * u + 2));
+    }
+  });
+}
+
+}  // namespace sparse24
+}  // namespace pyaccel

@@ -1,0 +1,42 @@
+// Portable 2:4 GEMM over the packed layout: one row x one 16-channel panel.
+#include "int8_gemm/int8_gemm.h"  // fp32_to_bf16
+#include "sparse24/sparse24.h"
+
+namespace pyaccel {
+namespace sparse24 {
+
+void s24_gemm_1x16_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const int64_t blocks = g.groups_pad / kBlockGroups;
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* x = g.x + m * g.ldx;
+      float acc[kPanel] = {0};
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* blk = g.w + (p * blocks + b) * kBlockBytes;
+        const float* v0 = reinterpret_cast<const float*>(blk);
+        const float* v1 = v0 + kBlockGroups * kPanel;
+        const uint8_t* ps = blk + 2 * kBlockGroups * kPanel * 4;
+        for (int j = 0; j < kBlockGroups; ++j) {
+          const float* xg = x + (b * kBlockGroups + j) * 4;
+          for (int c = 0; c < kPanel; ++c) {
+            const uint8_t s = ps[j * kPanel + c];
+            acc[c] += xg[s & 3] * v0[j * kPanel + c];
+            acc[c] += xg[s >> 2] * v1[j * kPanel + c];
+          }
+        }
+      }
+      for (int c = 0; c < kPanel; ++c) {
+        const int64_t n = p * kPanel + c;
+        if (n >= g.n) break;
+        const float v = acc[c] + (g.bias ? g.bias[n] : 0.f);
+        if (g.y_bf16)
+          static_cast<uint16_t*>(g.y)[m * g.ldy + n] = int8_gemm::fp32_to_bf16(v);
+        else
+          static_cast<float*>(g.y)[m * g.ldy + n] = v;
+      }
+    }
+  }
+}
+
+}  // namespace sparse24
+}  // namespace pyaccel

@@ -1,0 +1,79 @@
+// 2:4 sparse GEMM, AVX2: 4 rows x 8 channels (half a 16-channel panel).
+// vpermps on ymm uses the low 3 bits of the position byte; with the 4 x
+// values repeated in both 128-bit halves that picks x[4g + i0] (byte & 3),
+// and byte >> 2 picks x[4g + i1].
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "int8_gemm/int8_gemm.h"  // fp32_to_bf16
+#include "sparse24/sparse24.h"
+
+namespace pyaccel {
+namespace sparse24 {
+namespace {
+
+inline void store8(const GemmArgs& g, __m256 v, int64_t m, int64_t n0) {
+  const int64_t left = g.n - n0;
+  if (left <= 0) return;
+  const int cnt = left >= 8 ? 8 : static_cast<int>(left);
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  for (int i = 0; i < cnt; ++i) {
+    const float o = t[i] + (g.bias ? g.bias[n0 + i] : 0.f);
+    if (g.y_bf16)
+      static_cast<uint16_t*>(g.y)[m * g.ldy + n0 + i] = int8_gemm::fp32_to_bf16(o);
+    else
+      static_cast<float*>(g.y)[m * g.ldy + n0 + i] = o;
+  }
+}
+
+template <int MR>
+inline void tile(const GemmArgs& g, int64_t m, int64_t p, int half) {
+  const int64_t blocks = g.groups_pad / kBlockGroups;
+  __m256 c[MR];
+  for (int r = 0; r < MR; ++r) c[r] = _mm256_setzero_ps();
+  const uint8_t* blk = g.w + p * blocks * kBlockBytes;
+  for (int64_t b = 0; b < blocks; ++b, blk += kBlockBytes) {
+    const float* w = reinterpret_cast<const float*>(blk);
+    const uint8_t* ps = blk + 2 * kBlockGroups * kPanel * 4;
+#pragma GCC unroll 4
+    for (int j = 0; j < kBlockGroups; ++j) {
+      const int64_t gi = b * kBlockGroups + j;
+      const __m256 v0 = _mm256_loadu_ps(w + j * kPanel + 8 * half);
+      const __m256 v1 = _mm256_loadu_ps(w + (kBlockGroups + j) * kPanel + 8 * half);
+      int64_t pos8;
+      std::memcpy(&pos8, ps + j * kPanel + 8 * half, 8);
+      const __m256i i0 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(pos8));
+      const __m256i i1 = _mm256_srli_epi32(i0, 2);
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r) {
+        const __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(g.x + (m + r) * g.ldx + 4 * gi));
+        c[r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(xb, i0), v0, c[r]);
+        c[r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(xb, i1), v1, c[r]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) store8(g, c[r], m + r, p * kPanel + 8 * half);
+}
+
+}  // namespace
+
+void s24_gemm_4x8_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int half = 0; half < 2; ++half) {
+      if (p * kPanel + 8 * half >= g.n) break;
+      int64_t m = m0;
+      for (; m + 4 <= m1; m += 4) tile<4>(g, m, p, half);
+      switch (m1 - m) {
+        case 3: tile<3>(g, m, p, half); break;
+        case 2: tile<2>(g, m, p, half); break;
+        case 1: tile<1>(g, m, p, half); break;
+        default: break;
+      }
+    }
+  }
+}
+
+}  // namespace sparse24
+}  // namespace pyaccel

@@ -1,0 +1,108 @@
+// 2:4 sparse GEMM, AVX-512: 6 rows x 32 channels (two 16-channel panels).
+//
+// Per group of 4 inputs and row: the 4 x values are broadcast to every
+// 128-bit lane (vbroadcastf32x4), so vpermps with the position byte as index
+// (only its low 4 bits count, and the pattern repeats every 4 lanes) picks
+// x[4g + i0] for each of the 16 channels; the byte >> 2 picks x[4g + i1].
+// Two FMAs then add x[i0]*v0 + x[i1]*v1: 2 FMAs + 2 permutes replace the 4
+// FMAs of a dense 4 x 16 step. 12 accumulators + 4 values + 4 indices + x.
+#include <immintrin.h>
+
+#include "sparse24/sparse24.h"
+
+namespace pyaccel {
+namespace sparse24 {
+namespace {
+
+inline __m256i cvt_fp32_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+inline void store16(const GemmArgs& g, __m512 v, int64_t m, int64_t n0) {
+  const int64_t left = g.n - n0;
+  if (left <= 0) return;
+  const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+  if (g.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, g.bias + n0));
+  if (g.y_bf16)
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(g.y) + m * g.ldy + n0, mask, cvt_fp32_bf16(v));
+  else
+    _mm512_mask_storeu_ps(static_cast<float*>(g.y) + m * g.ldy + n0, mask, v);
+}
+
+#define S24_ROW(r)                                                            \
+  if constexpr (MR > r) {                                                     \
+    const __m512 xb = _mm512_broadcast_f32x4(_mm_loadu_ps(x##r + 4 * gi));    \
+    c##r##0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i00, xb), v00, c##r##0);  \
+    c##r##1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i01, xb), v01, c##r##1);  \
+    c##r##0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i10, xb), v10, c##r##0);  \
+    c##r##1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i11, xb), v11, c##r##1);  \
+  }
+#define S24_STORE(r)                                                          \
+  if constexpr (MR > r) {                                                     \
+    store16(g, c##r##0, m + r, n0);                                           \
+    if (two) store16(g, c##r##1, m + r, n0 + kPanel);                         \
+  }
+
+// rows [m, m + MR) x panels p and p + 1 (p + 1 only when `two`)
+template <int MR>
+inline void tile(const GemmArgs& g, int64_t m, int64_t p, bool two) {
+  const int64_t blocks = g.groups_pad / kBlockGroups;
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const float* x0 = g.x + m * g.ldx;
+  const float* x1 = MR > 1 ? x0 + g.ldx : x0;
+  const float* x2 = MR > 2 ? x0 + 2 * g.ldx : x0;
+  const float* x3 = MR > 3 ? x0 + 3 * g.ldx : x0;
+  const float* x4 = MR > 4 ? x0 + 4 * g.ldx : x0;
+  const float* x5 = MR > 5 ? x0 + 5 * g.ldx : x0;
+  const uint8_t* b0 = g.w + p * blocks * kBlockBytes;
+  // a missing second panel re-reads the first (results discarded)
+  const uint8_t* b1 = two ? b0 + blocks * kBlockBytes : b0;
+  for (int64_t b = 0; b < blocks; ++b, b0 += kBlockBytes, b1 += kBlockBytes) {
+#pragma GCC unroll 4
+    for (int j = 0; j < kBlockGroups; ++j) {
+      const int64_t gi = b * kBlockGroups + j;
+      const float* w0 = reinterpret_cast<const float*>(b0);
+      const float* w1 = reinterpret_cast<const float*>(b1);
+      const __m512 v00 = _mm512_loadu_ps(w0 + j * kPanel);
+      const __m512 v10 = _mm512_loadu_ps(w0 + (kBlockGroups + j) * kPanel);
+      const __m512 v01 = _mm512_loadu_ps(w1 + j * kPanel);
+      const __m512 v11 = _mm512_loadu_ps(w1 + (kBlockGroups + j) * kPanel);
+      const __m512i i00 = _mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + 2 * kBlockGroups * kPanel * 4 + j * kPanel)));
+      const __m512i i01 = _mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + 2 * kBlockGroups * kPanel * 4 + j * kPanel)));
+      const __m512i i10 = _mm512_srli_epi32(i00, 2);
+      const __m512i i11 = _mm512_srli_epi32(i01, 2);
+      S24_ROW(0) S24_ROW(1) S24_ROW(2) S24_ROW(3) S24_ROW(4) S24_ROW(5)
+    }
+  }
+  const int64_t n0 = p * kPanel;
+  S24_STORE(0) S24_STORE(1) S24_STORE(2) S24_STORE(3) S24_STORE(4) S24_STORE(5)
+}
+
+}  // namespace
+
+void s24_gemm_6x32_avx512(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; p += 2) {
+    const bool two = p + 1 < p1;
+    int64_t m = m0;
+    for (; m + 6 <= m1; m += 6) tile<6>(g, m, p, two);
+    switch (m1 - m) {
+      case 5: tile<5>(g, m, p, two); break;
+      case 4: tile<4>(g, m, p, two); break;
+      case 3: tile<3>(g, m, p, two); break;
+      case 2: tile<2>(g, m, p, two); break;
+      case 1: tile<1>(g, m, p, two); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace sparse24
+}  // namespace pyaccel
