@@ -183,3 +183,85 @@ def _int8_linear_cuda_op(x, w_int8, w_scale, bias, packed):
 def _int8_linear_fake(x, w_int8, w_scale, bias, packed):
     check_int8_linear_args(x, w_int8, w_scale, bias, packed)
     return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
+
+
+# ---- pyaccel::sparse24_linear -----------------------------------------------------
+def check_sparse24_args(x, values, meta, k, bias, packed=None) -> None:
+    """Raise TypeError/ValueError naming the bad argument of sparse24_linear."""
+    for name, t in (("x", x), ("values", values), ("meta", meta)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in _FLOAT_IO:
+        raise TypeError(f"x: expected float32 or bfloat16, got {_desc(x)}")
+    groups = (k + 3) // 4
+    if values.dim() != 2 or values.dtype != torch.float32 or values.shape[1] != 2 * groups:
+        raise ValueError(f"values: expected float32 [N, {2 * groups}] for k={k}, got {_desc(values)}")
+    n = values.shape[0]
+    if meta.dtype != torch.uint8 or tuple(meta.shape) != (n, (groups + 1) // 2):
+        raise ValueError(f"meta: expected uint8 of shape ({n}, {(groups + 1) // 2}), got {_desc(meta)}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x: expected last dimension K={k}, got {_desc(x)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != torch.float32
+                             or tuple(bias.shape) != (n,)):
+        raise ValueError(f"bias: expected float32 of shape ({n},), got {_desc(bias)}")
+    for name, t in (("values", values), ("meta", meta), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {_desc(t)}")
+    if packed is not None and (packed.dtype != torch.uint8 or packed.dim() != 1):
+        raise TypeError(f"packed: expected a 1-D uint8 tensor from pack_sparse24, got {_desc(packed)}")
+
+
+def sparse24_linear_cpu(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Optional[Tensor],
+                        packed: Optional[Tensor]) -> Tensor:
+    """The native CPU 2:4 linear (arguments already checked)."""
+    from pyaccel.formats.sparse24 import Sparse24Weight, pack_sparse24
+
+    C = _native.lib()
+    if C is None:
+        return reference.sparse24_linear(x, values, meta, k, bias)
+    if packed is None:
+        packed = pack_sparse24(Sparse24Weight(values, meta, k))
+    n = values.shape[0]
+    x2 = _as_rows(x, k)
+    m = x2.shape[0]
+    bf16 = x.dtype == torch.bfloat16
+    y = torch.empty((m, n), dtype=x.dtype)
+    if m:
+        bias_ptr = bias.contiguous().data_ptr() if bias is not None else 0
+        C.s24_linear(x2.data_ptr(), x2.stride(0), bf16, m, k, packed.data_ptr(), packed.numel(), n,
+                     bias_ptr, y.data_ptr(), n, bf16, torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("pyaccel::sparse24_linear", mutates_args=())
+def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Optional[Tensor],
+                    packed: Optional[Tensor]) -> Tensor:
+    """y = x @ W.T + bias, W 2:4-sparse in canonical form (values fp32 [N, 2G],
+    meta uint8 [N, ceil(G/2)], G = ceil(k/4)); output in x's dtype."""
+    check_sparse24_args(x, values, meta, k, bias, packed)
+    return reference.sparse24_linear(x, values, meta, k, bias)
+
+
+@sparse24_linear.register_kernel("cpu")
+def _sparse24_linear_cpu_op(x, values, meta, k, bias, packed):
+    check_sparse24_args(x, values, meta, k, bias, packed)
+    return sparse24_linear_cpu(x, values, meta, k, bias, packed)
+
+
+@sparse24_linear.register_kernel("cuda")
+def _sparse24_linear_cuda_op(x, values, meta, k, bias, packed):
+    check_sparse24_args(x, values, meta, k, bias, packed)
+    try:
+        from pyaccel.kernels import sparse24 as tk
+    except ImportError as exc:
+        raise ValueError(f"x: a CUDA tensor needs pyaccel's Triton kernels, which cannot load here ({exc})") from exc
+    x2 = _as_rows(x, k)
+    y = tk.sparse24_linear(x2, values.contiguous(), meta.contiguous(), k,
+                           None if bias is None else bias.contiguous())
+    return y.view(*x.shape[:-1], values.shape[0])
+
+
+@sparse24_linear.register_fake
+def _sparse24_linear_fake(x, values, meta, k, bias, packed):
+    check_sparse24_args(x, values, meta, k, bias, packed)
+    return x.new_empty((*x.shape[:-1], values.shape[0]))

@@ -17,10 +17,13 @@ import torch
 from torch import nn
 
 from pyaccel import _native
+from pyaccel.formats import sparse24 as s24
 from pyaccel.nn.int8_linear import Int8Linear, _AoDynamicLinear
+from pyaccel.nn.sparse24_linear import Sparse24Linear, effective_weight
 
 FilterFn = Callable[[nn.Module, str], bool]
 QUANTIZE_MODES = (None, "int8")
+MIN_SPARSE24_K = 8  # narrower layers are left dense: nothing to gain
 
 
 @dataclasses.dataclass
@@ -103,13 +106,26 @@ def _torch_ao_dynamic_linear(mod, ctx):
 
 
 @handler
+def _sparse24_linear(mod, ctx):
+    """nn.Linear whose weight (or torch prune-masked weight) is already 2:4: lossless."""
+    if type(mod) is not nn.Linear or ctx.quantize is not None:
+        return None  # with quantize="int8", 2:4 layers are quantized densely for now
+    w = effective_weight(mod)
+    if w.device.type == "meta" or not w.is_floating_point() or w.shape[1] < MIN_SPARSE24_K:
+        return None
+    if not s24.is_24(w):
+        return None
+    return Sparse24Linear.from_float(mod)
+
+
+@handler
 def _float_linear(mod, ctx):
     if type(mod) is not nn.Linear:
         if isinstance(mod, nn.Linear):
             return f"subclass {type(mod).__name__} of nn.Linear may change forward(); not swapped"
         return None
     if ctx.quantize != "int8":
-        return "float Linear: pass quantize='int8' to quantize it (lossy)"
+        return "dense float Linear (weights not 2:4 sparse): pass quantize='int8' to quantize it (lossy)"
     if mod.weight.device.type == "meta":
         return "weights on the meta device"
     if not mod.weight.is_floating_point():
@@ -119,6 +135,20 @@ def _float_linear(mod, ctx):
 
 def _matches(path: str, patterns: Optional[Sequence[str]]) -> bool:
     return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def _patterns(p: Optional[Union[str, Sequence[str]]]) -> Optional[Sequence[str]]:
+    return [p] if isinstance(p, str) else p
+
+
+def selection_reason(mod: nn.Module, path: str, include, exclude, filter_fn) -> Optional[str]:
+    """Why the user's filters leave `mod` out, or None when it is selected."""
+    inc, exc = _patterns(include), _patterns(exclude)
+    if (inc is not None and not _matches(path, inc)) or (exc is not None and _matches(path, exc)):
+        return "excluded by include/exclude patterns"
+    if filter_fn is not None and not filter_fn(mod, path):
+        return "filtered out by filter_fn"
+    return None
 
 
 def patch(
@@ -150,8 +180,6 @@ def patch(
         raise ValueError(f"quantize: expected one of {QUANTIZE_MODES}, got {quantize!r}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: expected a callable (module, path) -> bool, got {type(filter_fn).__name__}")
-    inc = [include] if isinstance(include, str) else include
-    exc = [exclude] if isinstance(exclude, str) else exclude
     if not inplace:
         model = copy.deepcopy(model)
     ctx = _Context(quantize=quantize)
@@ -161,7 +189,7 @@ def patch(
     for path, mod in model.named_modules():
         if any(path.startswith(p) for p in skip_prefixes):
             continue
-        if isinstance(mod, (Int8Linear,)):
+        if isinstance(mod, (Int8Linear, Sparse24Linear)):
             continue
         result = None
         for h in _HANDLERS:
@@ -172,11 +200,9 @@ def patch(
             continue
         entry = PatchEntry(path=path, old_type=mod._get_name())
         report.entries.append(entry)
-        if (inc is not None and not _matches(path, inc)) or (exc is not None and _matches(path, exc)):
-            entry.reason = "excluded by include/exclude patterns"
-            continue
-        if filter_fn is not None and not filter_fn(mod, path):
-            entry.reason = "filtered out by filter_fn"
+        why = selection_reason(mod, path, include, exclude, filter_fn)
+        if why is not None:
+            entry.reason = why
             continue
         if isinstance(result, str):
             entry.reason = result
@@ -187,7 +213,7 @@ def patch(
         new = result.to(device) if device.type != "meta" else result
         new.train(mod.training)
         entry.new_type = type(new).__name__
-        entry.backend = _cpu_backend(device)
+        entry.backend = new.backend() if hasattr(new, "backend") else _cpu_backend(device)
         entry.lossy = isinstance(mod, nn.Linear) and quantize is not None
         notes = getattr(new, "notes", None)
         if notes:

@@ -53,3 +53,14 @@ def int8_linear(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], w_int8.shape[0])
+
+
+def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: int,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ W.T + bias for a 2:4 weight in canonical form (pyaccel.formats.sparse24),
+    computed densely in fp32; output in x's dtype."""
+    from pyaccel.formats.sparse24 import Sparse24Weight, decompress
+
+    w = decompress(Sparse24Weight(values, meta, k)).float()
+    y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)

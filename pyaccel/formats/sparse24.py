@@ -114,3 +114,25 @@ def decompress(sw: Sparse24Weight) -> torch.Tensor:
     dense = torch.zeros(n, groups, GROUP, dtype=sw.values.dtype, device=sw.values.device)
     dense.scatter_(-1, positions(sw), sw.values.reshape(n, groups, KEEP))
     return dense.reshape(n, -1)[:, :sw.k]
+
+
+def position_bytes(sw: Sparse24Weight) -> torch.Tensor:
+    """One byte per group, i0 | i1 << 2: the form the native kernels pack."""
+    pos = positions(sw)
+    return (pos[..., 0] | (pos[..., 1] << 2)).to(torch.uint8).contiguous()
+
+
+def pack_sparse24(sw: Sparse24Weight):
+    """Pack for the native CPU kernels (fp32 values); None without the native library."""
+    from pyaccel import _native
+
+    C = _native.lib()
+    if C is None:
+        return None
+    n, k = sw.shape
+    vals = sw.values.detach().to("cpu", torch.float32).contiguous()
+    pb = position_bytes(Sparse24Weight(vals, sw.meta.detach().cpu(), k))
+    nbytes = C.s24_packed_nbytes(n, k)
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    C.s24_pack(vals.data_ptr(), vals.stride(0), pb.data_ptr(), pb.stride(0), n, k, out.data_ptr(), nbytes)
+    return out

@@ -1,4 +1,5 @@
 """Inference modules backed by pyaccel kernels."""
 from pyaccel.nn.int8_linear import Int8Linear  # noqa: F401
+from pyaccel.nn.sparse24_linear import Sparse24Linear  # noqa: F401
 
-__all__ = ["Int8Linear"]
+__all__ = ["Int8Linear", "Sparse24Linear"]

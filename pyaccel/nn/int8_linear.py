@@ -7,9 +7,9 @@ from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as _module_mod
 
 from pyaccel import _native, ops
+from pyaccel.nn._packed import PackedModule
 from pyaccel.formats.int8 import (
     Int8Weight,
     dequantize_weight,
@@ -19,14 +19,8 @@ from pyaccel.formats.int8 import (
 )
 from pyaccel.reference import QMAX
 
-_WEIGHT_NAMES = frozenset({"weight_int8", "weight_scale", "bias"})
 _is_compiling = torch.compiler.is_compiling
 _get_default_dtype = torch.get_default_dtype
-
-# The hook registries nn.Module._call_impl consults (dicts mutated in place).
-_GLOBAL_HOOKS = tuple(getattr(_module_mod, name) for name in (
-    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-    "_global_backward_pre_hooks", "_global_forward_hooks_always_called") if hasattr(_module_mod, name))
 
 try:  # torch.ao's dynamic Linear; absent in some builds
     from torch.ao.nn.quantized.dynamic import Linear as _AoDynamicLinear
@@ -34,7 +28,7 @@ except Exception:  # pragma: no cover
     _AoDynamicLinear = None
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(PackedModule):
     """Linear layer with int8 weights and dynamically quantized int8 activations.
 
     Buffers (what state_dict holds, machine independent):
@@ -47,6 +41,8 @@ class Int8Linear(nn.Module):
 
     Inputs: [..., in_features] float32 or bfloat16; the output has x's dtype.
     """
+
+    WEIGHT_NAMES = frozenset({"weight_int8", "weight_scale", "bias"})
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  device=None) -> None:
@@ -128,43 +124,10 @@ class Int8Linear(nn.Module):
                                        self.in_features, ws.data_ptr(), 0 if b is None else b.data_ptr())
                 self._plan = run
 
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._repack()
-        return out
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._repack()
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_plan"] = None  # native handles do not pickle; __setstate__ rebuilds them
-        state["_packed"] = None
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._repack()
-
     def dequantized_weight(self) -> Tensor:
         return dequantize_weight(Int8Weight(self.weight_int8, self.weight_scale))
 
     # ---- forward ------------------------------------------------------------------
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if name in _WEIGHT_NAMES and "_plan" in self.__dict__:
-            self._repack()  # a replaced weight, scale or bias invalidates the packing and plan
-
-    def __call__(self, *args, **kwargs):
-        # nn.Module.__call__ costs ~1.4 µs here even with no hooks, as much as
-        # a small int8 GEMV. Go straight to forward() when no hook of any kind
-        # is registered; otherwise take the full path (hooks run as usual).
-        if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
-                or self._backward_pre_hooks or any(_GLOBAL_HOOKS)):
-            return super().__call__(*args, **kwargs)
-        return self.forward(*args, **kwargs)
-
     def forward(self, x: Tensor) -> Tensor:
         plan = self._plan
         if plan is not None and type(x) is Tensor and not _is_compiling():
@@ -185,13 +148,10 @@ class Int8Linear(nn.Module):
                 return ops.int8_linear_cpu(x, self.weight_int8, self.weight_scale, self.bias, self._packed)
         return torch.ops.pyaccel.int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self._packed)
 
+    def backend(self) -> str:
+        """Where forward runs: cpu/<isa> (<kernel>), cpu/reference, cuda/triton, ..."""
+        return self._backend_name(self.weight_int8.device, "int8_kernel_name")
+
     def extra_repr(self) -> str:
-        dev = self.weight_int8.device.type
-        if dev == "cpu":
-            backend = f"cpu/{_native.selected_isa()}" if self._packed is not None else "cpu/reference"
-        elif dev == "cuda":
-            backend = "cuda/triton"
-        else:
-            backend = f"{dev}/reference"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, backend={backend}")
+                f"bias={self.bias is not None}, backend={self.backend()}")

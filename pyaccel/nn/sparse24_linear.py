@@ -1,0 +1,113 @@
+"""Sparse24Linear: y = x Wᵀ + b with a 2:4 semi-structured sparse W (fp32
+values + 2-bit positions), computed without the zeros."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from pyaccel import _native, ops
+from pyaccel.formats import sparse24 as s24
+from pyaccel.nn._packed import PackedModule
+
+_is_compiling = torch.compiler.is_compiling
+
+
+def effective_weight(linear: nn.Linear) -> Tensor:
+    """The weight a Linear computes with: weight_orig * weight_mask under a
+    torch.nn.utils.prune reparametrization (the mask applied now, whatever the
+    forward pre-hook last wrote into .weight), else .weight."""
+    orig, mask = getattr(linear, "weight_orig", None), getattr(linear, "weight_mask", None)
+    if isinstance(orig, Tensor) and isinstance(mask, Tensor):
+        return (orig * mask).detach()
+    return linear.weight.detach()
+
+
+class Sparse24Linear(PackedModule):
+    """Linear layer whose weight is 2:4 sparse along in_features.
+
+    Buffers (state_dict): values float32 [out, 2G], meta uint8 [out, ceil(G/2)]
+    (see pyaccel.formats.sparse24), bias float32 [out] if any; G = ceil(in/4).
+    Inputs [..., in_features] float32 or bfloat16; output in x's dtype.
+    """
+
+    WEIGHT_NAMES = frozenset({"values", "meta", "bias"})
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features/out_features: expected >= 1, got {in_features}, {out_features}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        groups = (in_features + 3) // 4
+        self.register_buffer("values", torch.zeros(out_features, 2 * groups, device=device))
+        self.register_buffer("meta", torch.full((out_features, (groups + 1) // 2), 0x44, dtype=torch.uint8,
+                                                device=device))  # positions (0, 1) in every group
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, device=device))
+        else:
+            self.bias = None
+        self._packed: Optional[Tensor] = None
+        self._plan = None
+        self._repack()
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Optional[Tensor] = None) -> "Sparse24Linear":
+        """From a dense [N, K] weight that already follows 2:4 (ValueError if not)."""
+        sw = s24.compress(weight)  # names the first offending group
+        n, k = weight.shape
+        if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (n,)):
+            raise ValueError(f"bias: expected a tensor of shape ({n},) or None, got {ops._desc(bias)}")
+        mod = cls(k, n, bias=bias is not None, device=weight.device)
+        with torch.no_grad():
+            mod.values.copy_(sw.values.float())
+            mod.meta.copy_(sw.meta)
+            if bias is not None:
+                mod.bias.copy_(bias.detach().float())
+        mod._repack()
+        return mod
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "Sparse24Linear":
+        """From an nn.Linear whose weight (or prune-masked weight) is 2:4."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected torch.nn.Linear, got {type(linear).__name__}")
+        b = linear.bias.detach() if linear.bias is not None else None
+        return cls.from_dense(effective_weight(linear), b)
+
+    def dense_weight(self) -> Tensor:
+        return s24.decompress(s24.Sparse24Weight(self.values, self.meta, self.in_features))
+
+    def _repack(self) -> None:
+        self._packed, self._plan = None, None
+        if self.values.device.type == "cpu" and _native.available():
+            self._packed = s24.pack_sparse24(s24.Sparse24Weight(self.values, self.meta, self.in_features))
+            b = self.bias
+            if b is None or (b.is_contiguous() and b.dtype == torch.float32):
+                self._plan = (self._packed.data_ptr(), self._packed.numel(), 0 if b is None else b.data_ptr())
+
+    def forward(self, x: Tensor) -> Tensor:
+        plan = self._plan
+        if plan is not None and type(x) is Tensor and not _is_compiling():
+            shape, dt = x.shape, x.dtype
+            if (len(shape) == 2 and shape[1] == self.in_features and x.is_cpu and x.stride(1) == 1
+                    and (dt is torch.float32 or dt is torch.bfloat16)):
+                n, m = self.out_features, shape[0]
+                y = torch.empty(m, n, dtype=dt)
+                bf16 = dt is torch.bfloat16
+                _native.lib().s24_linear(x.data_ptr(), x.stride(0), bf16, m, self.in_features, plan[0], plan[1],
+                                         n, plan[2], y.data_ptr(), n, bf16, torch.get_num_threads())
+                return y
+            if x.is_cpu and dt in ops._FLOAT_IO and x.dim() >= 1 and shape[-1] == self.in_features:
+                return ops.sparse24_linear_cpu(x, self.values, self.meta, self.in_features, self.bias,
+                                               self._packed)
+        return torch.ops.pyaccel.sparse24_linear(x, self.values, self.meta, self.in_features, self.bias,
+                                                 self._packed)
+
+    def backend(self) -> str:
+        """Where forward runs: cpu/<isa> (<kernel>), cpu/reference, cuda/triton, ..."""
+        return self._backend_name(self.values.device, "s24_kernel_name")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, sparsity=2:4, backend={self.backend()}")

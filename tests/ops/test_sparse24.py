@@ -1,0 +1,135 @@
+"""2:4 format (lossless round trips, pruning rule) and pyaccel::sparse24_linear
+(native kernels, every ISA) against the dense reference.
+
+Tile facts (csrc/sparse24): 16-channel panels, groups of 4 inputs in blocks
+of 4 groups (16 inputs); AVX-512 tile 6 rows x 32 channels, AVX2 4 x 8,
+portable 1 x 16. fp32 sums run in a different order than the dense
+reference, so the tolerance is derived from K: |err| <= c * eps * sum_k |x w|.
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyaccel import _native, reference
+from pyaccel.formats import sparse24 as s24
+
+M_GRID = [1, 2, 5, 6, 7, 13, 40]
+NK_GRID = [(1, 1), (3, 4), (16, 16), (17, 7), (31, 33), (32, 64), (33, 65), (70, 130), (64, 1000)]
+
+
+def _sparse_weight(n, k, gen, zero_groups=True):
+    w = torch.randn(n, k, generator=gen)
+    w = w * s24.mask_24(w)
+    if zero_groups and k >= 8:
+        w[:, 0:4] = 0          # a group with no non-zero
+        w[:, 4:8] *= torch.tensor([0.0, 1.0, 0.0, 0.0])  # a group with one
+    return w
+
+
+def assert_close_k(y, x, w, bias=None):
+    """Tolerance from K: a few ulps of sum |x||w| per output."""
+    scale = x.float().abs() @ w.float().abs().t()
+    if bias is not None:
+        scale = scale + bias.abs()
+    eps = torch.finfo(y.dtype).eps
+    ref = reference.sparse24_linear(x, *_canon(w), w.shape[1], bias)
+    tol = 4 * eps * scale + 1e-30
+    bad = (y.float() - ref.float()).abs() > tol
+    assert not bad.any(), f"{int(bad.sum())} outputs off, first at {bad.nonzero()[0].tolist()}"
+
+
+def _canon(w):
+    sw = s24.compress(w)
+    return sw.values.float(), sw.meta
+
+
+# ---- format -------------------------------------------------------------------------
+@pytest.mark.parametrize("n,k", NK_GRID)
+def test_round_trip_lossless(gen, n, k):
+    w = _sparse_weight(n, k, gen)
+    sw = s24.compress(w)
+    assert sw.values.shape == (n, 2 * ((k + 3) // 4))
+    assert sw.meta.dtype == torch.uint8 and sw.meta.shape == (n, ((k + 3) // 4 + 1) // 2)
+    assert torch.equal(s24.decompress(sw), w)
+    assert torch.equal(s24.decompress(s24.compress(w.to(torch.bfloat16))), w.to(torch.bfloat16))
+
+
+def test_mask_keeps_two_largest_with_lower_index_on_ties():
+    w = torch.tensor([[1.0, -1.0, 1.0, 1.0, 0.1, -5.0, 3.0, 0.2, 2.0, 2.0, 0.0, 0.0, 7.0]])
+    m = s24.mask_24(w)
+    assert m.int().tolist() == [[1, 1, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 1]]
+    assert s24.is_24(w * m) and not s24.is_24(w)
+
+
+def test_compress_rejects_dense_naming_the_group():
+    w = torch.zeros(3, 12)
+    w[2, 4:7] = 1.0
+    with pytest.raises(ValueError, match=r"weight: not 2:4 sparse: row 2, columns 4..7 hold 3 non-zeros"):
+        s24.compress(w)
+    with pytest.raises(ValueError, match=r"weight: expected a 2-D floating-point"):
+        s24.compress(torch.zeros(3, 4, dtype=torch.int32))
+
+
+# ---- kernels ------------------------------------------------------------------------
+@pytest.mark.parametrize("m", M_GRID)
+@pytest.mark.parametrize("n,k", NK_GRID)
+def test_kernel_matches_reference(isa, gen, m, n, k):
+    w = _sparse_weight(n, k, gen)
+    vals, meta = _canon(w)
+    b = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen)
+    packed = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k))
+    y = torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, b, packed)
+    assert y.shape == (m, n)
+    assert_close_k(y, x, w, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bf16_strided_batched_and_empty(isa, gen, dtype):
+    n, k = 40, 70
+    w = _sparse_weight(n, k, gen)
+    vals, meta = _canon(w)
+    p = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k))
+    big = torch.randn(3, 9, 100, generator=gen)
+    for x in [torch.randn(2, 5, k, generator=gen), big[:, :, 10:80], torch.randn(k, 6, generator=gen).t(),
+              torch.randn(0, k), torch.randn(k, generator=gen)]:
+        x = x.to(dtype)
+        y = torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, None, p)
+        assert y.dtype == dtype and y.shape == (*x.shape[:-1], n)
+        ref = reference.sparse24_linear(x, vals, meta, k, None)
+        # bf16 output: one bf16 rounding of the fp32 result
+        tol = (torch.finfo(dtype).eps * ref.float().abs() + 1e-4) if dtype == torch.bfloat16 else 1e-4
+        assert ((y.float() - ref.float()).abs() <= tol).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(0, 15), n=st.integers(1, 80), k=st.integers(1, 300),
+       isa_name=st.sampled_from(_native.ISA_LADDER), seed=st.integers(0, 2**31 - 1))
+def test_property_random_shapes(m, n, k, isa_name, seed):
+    if not _native.isa_supported(isa_name):
+        isa_name = "portable"
+    g = torch.Generator().manual_seed(seed)
+    w = _sparse_weight(n, k, g, zero_groups=bool(seed % 2))
+    vals, meta = _canon(w)
+    x = torch.randn(m, k, generator=g)
+    with _native.isa_cap(isa_name):
+        y = torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, None, None)
+    assert_close_k(y, x, w)
+
+
+def test_opcheck_and_errors(gen):
+    w = _sparse_weight(24, 40, gen)
+    vals, meta = _canon(w)
+    p = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, 40))
+    x = torch.randn(3, 40, generator=gen)
+    torch.library.opcheck(torch.ops.pyaccel.sparse24_linear.default, (x, vals, meta, 40, None, p))
+    op = torch.ops.pyaccel.sparse24_linear
+    with pytest.raises(ValueError, match=r"x: expected last dimension K=40"):
+        op(torch.randn(3, 41), vals, meta, 40, None, p)
+    with pytest.raises(ValueError, match=r"values: expected float32 \[N, 20\]"):
+        op(x, vals[:, :10], meta, 40, None, p)
+    with pytest.raises(ValueError, match=r"meta: expected uint8 of shape \(24, 5\)"):
+        op(x, vals, meta[:, :2], 40, None, p)
+    with pytest.raises(ValueError, match=r"packed_weight: .*magic"):
+        op(x, vals, meta, 40, None, torch.zeros_like(p))

@@ -1,0 +1,118 @@
+"""Sparse24Linear, 2:4 pruning (pyaccel.prune) and patch detection."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+import pyaccel
+import pyaccel.prune
+from pyaccel.formats import sparse24 as s24
+from pyaccel.nn import Sparse24Linear
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 33), nn.Linear(33, 5, bias=False))
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_prune_then_patch_matches_masked_model(gen):
+    net = _net()
+    paths = pyaccel.prune.prune_24(net)
+    assert paths == ["0", "2", "3"]
+    x = torch.randn(7, 64, generator=gen)
+    with torch.no_grad():
+        ref = net(x)
+        report = pyaccel.patch(net)
+        assert [type(net[i]) for i in (0, 2, 3)] == [Sparse24Linear] * 3, str(report)
+        assert all(not e.lossy for e in report.swapped)
+        assert _rel(net(x), ref) <= 1e-5
+
+
+def test_plain_zeros_are_detected_and_dense_layers_reported(gen):
+    net = _net()
+    with torch.no_grad():
+        net[0].weight.mul_(s24.mask_24(net[0].weight))
+    report = pyaccel.patch(net)
+    assert type(net[0]) is Sparse24Linear
+    reasons = {e.path: e.reason for e in report.skipped}
+    assert "not 2:4" in reasons["2"]
+
+
+def test_masks_stay_fixed_during_fine_tuning(gen):
+    net = _net()
+    pyaccel.prune.prune_24(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = net(torch.randn(8, 64, generator=gen)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for i in (0, 2, 3):
+        assert s24.is_24(net[i].weight)
+    pyaccel.prune.make_permanent(net)
+    assert not hasattr(net[0], "weight_mask") and s24.is_24(net[0].weight)
+    pyaccel.patch(net)
+    assert type(net[0]) is Sparse24Linear
+
+
+def test_torch_prune_mask_combined_with_existing_mask(gen):
+    lin = nn.Linear(16, 8)
+    torch_prune.l1_unstructured(lin, "weight", amount=0.3)
+    before = lin.weight_mask.clone()
+    pyaccel.prune.prune_24(nn.Sequential(lin))
+    assert s24.is_24(lin.weight)
+    assert bool(((lin.weight_mask <= before)).all())
+
+
+def test_state_dict_save_load_deepcopy(gen):
+    net = _net()
+    pyaccel.prune.prune_24(net)
+    pyaccel.patch(net)
+    sd = net.state_dict()
+    assert set(sd) >= {"0.values", "0.meta", "0.bias", "3.values", "3.meta"}
+    x = torch.randn(4, 64, generator=gen)
+    y = net(x)
+    other = _net()
+    with torch.no_grad():
+        for m in (other[0], other[2], other[3]):
+            m.weight.mul_(s24.mask_24(m.weight))
+    pyaccel.patch(other)
+    other.load_state_dict(sd)
+    assert torch.equal(other(x), y)
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), y)
+    assert torch.equal(copy.deepcopy(net)(x), y)
+
+
+def test_bf16_3d_and_compile(gen):
+    net = _net()
+    pyaccel.prune.prune_24(net)
+    pyaccel.patch(net)
+    x = torch.randn(2, 3, 64, generator=gen)
+    y = net(x)
+    assert y.shape == (2, 3, 5)
+    yb = net(x.to(torch.bfloat16))
+    assert yb.dtype == torch.bfloat16
+    assert torch.allclose(yb.float(), y, atol=0.05, rtol=0.05)
+    compiled = torch.compile(net)
+    assert torch.allclose(compiled(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_errors(gen):
+    with pytest.raises(ValueError, match="weight: not 2:4 sparse"):
+        Sparse24Linear.from_float(nn.Linear(16, 4))
+    with pytest.raises(TypeError, match="linear: expected torch.nn.Linear"):
+        Sparse24Linear.from_float(nn.Conv2d(2, 2, 1))
+    m = Sparse24Linear(16, 4)
+    with pytest.raises(ValueError, match="x: expected last dimension K=16"):
+        m(torch.randn(2, 15))
+    assert "sparsity=2:4" in repr(m)
