@@ -9,7 +9,7 @@ import sys
 import torch
 
 import pyaccel
-from pyaccel.bench import int8
+from pyaccel.bench import common, int8, sparse24
 
 ANCHOR_VNNI_PEAK_GOPS = 936.0  # ../shared/ANCHORS.md: vpdpbusd, 2 threads, this project's machine
 
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="seconds of timing per row")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
     ap.add_argument("--markdown", default=None, help="also write the results as a markdown table here")
+    ap.add_argument("--suite", default="int8,sparse24", help="comma-separated: int8, sparse24")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -45,13 +46,19 @@ def main(argv=None) -> int:
     mem = int8.memory_read_gbs()
     head.append(f"DRAM read bandwidth (torch sum over 256 MB, this run): {mem:.1f} GB/s")
     print("\n".join(head))
-    if args.quick:
-        shapes, ms, budget = ((1024, 1024),), (1, 32), args.budget or 0.3
-    else:
-        shapes, ms, budget = ((4096, 4096), (1024, 4096)), (1, 8, 32, 128, 512), args.budget or 2.0
-    print("\n== int8 linear (y = x Wᵀ + b; activation quantization and epilogue included) ==")
-    print(int8.HEADER)
-    rows = int8.run(shapes, ms, budget_s=budget, with_ort=not args.no_ort, streamed=True)
+    suites = set(args.suite.split(","))
+    budget = args.budget or (0.3 if args.quick else 2.0)
+    rows = []
+    if "int8" in suites:
+        shapes, ms = (((1024, 1024),), (1, 32)) if args.quick else (((4096, 4096), (1024, 4096)), (1, 8, 32, 128, 512))
+        print("\n== int8 linear (y = x Wᵀ + b; activation quantization and epilogue included) ==")
+        print(common.HEADER)
+        rows += int8.run(shapes, ms, budget_s=budget, with_ort=not args.no_ort, streamed=True)
+    if "sparse24" in suites:
+        shapes, ms = (((1024, 1024),), (1, 32)) if args.quick else (sparse24.SHAPES, (1, 8, 32, 128))
+        print("\n== 2:4 sparse linear, fp32 values (GOP/s counts the dense-equivalent 2·M·N·K) ==")
+        print(common.HEADER)
+        rows += sparse24.run(shapes, ms, budget_s=budget, streamed=True)
     ov = int8.eager_overhead(budget_s=0.5 if args.quick else 1.5)
     print(f"\neager overhead, Int8Linear(256, 256), M=1: module {ov['module_us']:.2f} µs, bare kernel "
           f"{ov['bare_us']:.2f} µs, overhead {ov['overhead_us']:.2f} µs")
@@ -61,7 +68,10 @@ def main(argv=None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n".join("    " + h for h in head) + "\n\n")
-            f.write(to_markdown(rows, args.peak_gops) + "\n\n")
+            for suite, peak in (("int8", args.peak_gops), ("2:4", None)):
+                sub = [r for r in rows if r.suite == suite]
+                if sub:
+                    f.write(f"### {suite}\n\n" + common.to_markdown(sub, peak) + "\n\n")
             f.write(f"Eager overhead (Int8Linear 256×256, M=1): module {ov['module_us']:.2f} µs vs bare "
                     f"kernel {ov['bare_us']:.2f} µs → **{ov['overhead_us']:.2f} µs**.\n\n")
             f.write(f"Thread pool sharing (512×512, M=256, alternating call by call): torch fp32 {it['torch_alone_us']:.0f} µs alone / "
@@ -69,20 +79,6 @@ def main(argv=None) -> int:
                     f"{it['pyaccel_alone_us']:.0f} / {it['pyaccel_alternating_us']:.0f} µs.\n")
         print(f"\nwrote {args.markdown}")
     return 0
-
-
-def to_markdown(rows, peak: float) -> str:
-    out = ["| W (N×K) | M | weights | candidate | median µs | IQR | GOP/s | % peak | SQNR dB | W GB/s | × fp32 | × torch.ao | × ORT |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def f(v, fmt):
-        return "" if v is None else format(v, fmt)
-    for r in rows:
-        bold = "**" if r.name == "pyaccel int8" else ""
-        out.append(f"| {r.shape} | {r.m} | {r.mode} | {bold}{r.name}{bold} | {r.timing.median_s * 1e6:.1f} | "
-                   f"±{r.timing.spread * 100:.0f}% | {r.gops:.1f} | {100 * r.gops / peak:.0f} | {f(r.sqnr_db, '.1f')} | "
-                   f"{f(r.weight_gbs, '.1f')} | {f(r.vs_fp32, '.2f')} | {f(r.vs_ao, '.2f')} | {f(r.vs_ort, '.2f')} |")
-    return "\n".join(out)
 
 
 if __name__ == "__main__":

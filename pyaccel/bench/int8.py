@@ -7,7 +7,6 @@ enough weight copies that none stays in the last-level cache).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from typing import Dict, List, Optional
 
@@ -17,42 +16,9 @@ from torch import nn
 
 from pyaccel import _native
 from pyaccel.bench import baselines
-from pyaccel.bench.timing import Timing, interleaved
+from pyaccel.bench.common import STREAM_BYTES, Row, measure
+from pyaccel.bench.timing import interleaved
 from pyaccel.nn import Int8Linear
-
-STREAM_BYTES = 96e6  # > 2x a 32 MB L3: rotated weights come from DRAM
-
-
-@dataclasses.dataclass
-class Row:
-    shape: str
-    m: int
-    mode: str  # "hot" or "streamed"
-    name: str
-    timing: Timing
-    gops: float
-    sqnr_db: Optional[float]
-    weight_gbs: Optional[float] = None
-    vs_fp32: Optional[float] = None
-    vs_ao: Optional[float] = None
-    vs_ort: Optional[float] = None
-
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.double(), out.double()
-    err = (ref - out).norm()
-    return float("inf") if err == 0 else float(20 * torch.log10(ref.norm() / err))
-
-
-def _rotating(fns):
-    state = {"i": 0}
-
-    def call():
-        f = fns[state["i"] % len(fns)]
-        state["i"] += 1
-        return f()
-    return call
-
 
 def _candidates(lin: nn.Linear, x: torch.Tensor, threads: int, copies: int, with_ort: bool):
     """name -> (list of callables over weight copies, output for error, weight bytes)."""
@@ -87,33 +53,18 @@ def run(shapes=((4096, 4096), (1024, 4096)), ms=(1, 8, 32, 128, 512), threads: O
     threads = torch.get_num_threads()
     torch.manual_seed(0)
     rows: List[Row] = []
+    ratio_to = {"×fp32": "torch fp32", "×torch.ao": "torch.ao int8", "×ORT": "onnxruntime int8"}
     for n, k in shapes:
         lin = nn.Linear(k, n).eval()
-        shape = f"{n}x{k}"
         for m in ms:
-            modes = ["hot"] + (["streamed"] if streamed and m == 1 else [])
-            for mode in modes:
+            for mode in ["hot"] + (["streamed"] if streamed and m == 1 else []):
                 copies = max(2, math.ceil(STREAM_BYTES / (n * k))) if mode == "streamed" else 1
                 x = torch.randn(m, k)
                 with torch.inference_mode():
                     ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
                     cands = _candidates(lin, x, threads, copies, with_ort)
-                    errs = {name: sqnr_db(ref, fns[0]().float()) for name, fns in cands.items()}
-                    t = interleaved({name: _rotating(fns) for name, fns in cands.items()},
-                                    budget_s=budget_s, max_rounds=400 if m <= 8 else 60,
-                                    inner=1 if mode == "streamed" else 4)
-                base = {name: t[name].median_s for name in t}
-                for name, tm in t.items():
-                    r = Row(shape, m, mode, name, tm, 2 * m * n * k / tm.median_s / 1e9,
-                            errs[name] if name != "torch fp32" else None)
-                    if name == "pyaccel int8":
-                        r.weight_gbs = n * k / tm.median_s / 1e9
-                        r.vs_fp32 = base["torch fp32"] / tm.median_s
-                        r.vs_ao = base["torch.ao int8"] / tm.median_s
-                        if "onnxruntime int8" in base:
-                            r.vs_ort = base["onnxruntime int8"] / tm.median_s
-                    rows.append(r)
-                    log(format_row(r))
+                    rows += measure("int8", f"{n}x{k}", m, n, k, mode, cands, ref, "pyaccel int8",
+                                    {"pyaccel int8": n * k}, ratio_to, budget_s, log)
                 del cands
     return rows
 
@@ -160,15 +111,3 @@ def thread_interference(n: int = 512, k: int = 512, m: int = 256, budget_s: floa
         both = interleaved({"t": f_torch, "p": f_pa}, budget_s=budget_s / 3, max_rounds=1000)
     return {"torch_alone_us": alone_t * 1e6, "torch_alternating_us": both["t"].median_s * 1e6,
             "pyaccel_alone_us": alone_p * 1e6, "pyaccel_alternating_us": both["p"].median_s * 1e6}
-
-
-def format_row(r: Row) -> str:
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
-    return (f"{r.shape:>10} {r.m:>4} {r.mode:>8} {r.name:>17} {r.timing.median_s * 1e6:>10.1f} "
-            f"±{r.timing.spread * 100:>4.0f}% {r.gops:>8.1f} {f(r.sqnr_db, '6.1f'):>6} "
-            f"{f(r.weight_gbs, '6.1f'):>6} {f(r.vs_fp32, '6.2f'):>6} {f(r.vs_ao, '5.2f'):>5} {f(r.vs_ort, '5.2f'):>5}")
-
-
-HEADER = (f"{'W (NxK)':>10} {'M':>4} {'weights':>8} {'candidate':>17} {'median µs':>10} {'IQR':>6} "
-          f"{'GOP/s':>8} {'dB':>6} {'W GB/s':>6} {'×fp32':>6} {'×ao':>5} {'×ort':>5}")

@@ -1,0 +1,94 @@
+"""Shared pieces of the benchmark suites: result rows, error, rotation over
+weight copies, measuring one (shape, M, mode) case, and table formatting."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from pyaccel.bench.timing import Timing, interleaved
+
+STREAM_BYTES = 96e6  # > 2x a 32 MB L3: rotated weights come from DRAM
+
+
+@dataclasses.dataclass
+class Row:
+    suite: str
+    shape: str
+    m: int
+    mode: str  # "hot" or "streamed"
+    name: str
+    timing: Timing
+    gops: float  # dense-equivalent: 2*M*N*K / time
+    sqnr_db: Optional[float]
+    weight_gbs: Optional[float] = None  # the candidate's own weight bytes / time
+    ratios: Dict[str, float] = dataclasses.field(default_factory=dict)  # baseline time / this time
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    err = (ref - out).norm()
+    return float("inf") if err == 0 else float(20 * torch.log10(ref.norm() / err))
+
+
+def rotating(fns: Sequence[Callable]) -> Callable:
+    """A callable that calls fns[0], fns[1], ... in turn (one per weight copy)."""
+    state = {"i": 0}
+
+    def call():
+        f = fns[state["i"] % len(fns)]
+        state["i"] += 1
+        return f()
+    return call
+
+
+def measure(suite: str, shape: str, m: int, n: int, k: int, mode: str, cands: Dict[str, List[Callable]],
+            ref: Optional[torch.Tensor], ours: str, weight_bytes: Dict[str, int],
+            ratio_to: Dict[str, str], budget_s: float, log=print) -> List[Row]:
+    """Time `cands` (name -> callables over weight copies) interleaved; rows for each.
+
+    ratio_to: label -> baseline name; ours gets baseline_time / our_time under each label.
+    """
+    errs = {name: (sqnr_db(ref, fns[0]().float()) if ref is not None else None) for name, fns in cands.items()}
+    t = interleaved({name: rotating(fns) for name, fns in cands.items()}, budget_s=budget_s,
+                    max_rounds=400 if m <= 8 else 60, inner=1 if mode == "streamed" else 4)
+    rows = []
+    for name, tm in t.items():
+        r = Row(suite, shape, m, mode, name, tm, 2 * m * n * k / tm.median_s / 1e9, errs[name])
+        if name in weight_bytes:
+            r.weight_gbs = weight_bytes[name] / tm.median_s / 1e9
+        if name == ours:
+            r.ratios = {label: t[b].median_s / tm.median_s for label, b in ratio_to.items() if b in t}
+        rows.append(r)
+        log(format_row(r))
+    return rows
+
+
+def format_row(r: Row) -> str:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+    ratios = "  ".join(f"{k} {v:.2f}" for k, v in r.ratios.items())
+    return (f"{r.shape:>10} {r.m:>4} {r.mode:>8} {r.name:>26} {r.timing.median_s * 1e6:>10.1f} "
+            f"±{r.timing.spread * 100:>4.0f}% {r.gops:>8.1f} {f(r.sqnr_db, '6.1f'):>6} "
+            f"{f(r.weight_gbs, '6.1f'):>6}  {ratios}")
+
+
+HEADER = (f"{'W (NxK)':>10} {'M':>4} {'weights':>8} {'candidate':>26} {'median µs':>10} {'IQR':>6} "
+          f"{'GOP/s':>8} {'dB':>6} {'W GB/s':>6}  speed-ups of pyaccel")
+
+
+def to_markdown(rows: List[Row], peak: Optional[float]) -> str:
+    out = ["| W (N×K) | M | weights | candidate | median µs | IQR | GOP/s | % peak | SQNR dB | W GB/s | speed-ups |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+    for r in rows:
+        bold = "**" if r.ratios else ""
+        pk = f"{100 * r.gops / peak:.0f}" if peak else ""
+        ratios = ", ".join(f"{k} {v:.2f}" for k, v in r.ratios.items())
+        out.append(f"| {r.shape} | {r.m} | {r.mode} | {bold}{r.name}{bold} | {r.timing.median_s * 1e6:.1f} | "
+                   f"±{r.timing.spread * 100:.0f}% | {r.gops:.1f} | {pk} | {f(r.sqnr_db, '.1f')} | "
+                   f"{f(r.weight_gbs, '.1f')} | {ratios} |")
+    return "\n".join(out)

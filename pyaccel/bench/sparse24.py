@@ -1,0 +1,50 @@
+"""2:4 sparse linear: pyaccel Sparse24Linear vs dense torch F.linear on the same
+masked weights (fp32 and bf16), hot and (M = 1) streamed from memory."""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyaccel.bench.common import STREAM_BYTES, Row, measure
+from pyaccel.formats import sparse24 as s24
+from pyaccel.nn import Sparse24Linear
+
+SHAPES = ((4096, 4096), (1024, 4096), (1536, 384), (384, 1536))  # the last two: MiniLM's FFN
+
+
+def _candidates(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, copies: int):
+    mods = [Sparse24Linear.from_dense(w, b) for _ in range(copies)]
+    dense = [w.clone() for _ in range(copies)]
+    xb, bb = x.to(torch.bfloat16), b.to(torch.bfloat16)
+    dense_bf = [d.to(torch.bfloat16) for d in dense]
+    return {
+        "pyaccel 2:4 fp32": [lambda m=m: m(x) for m in mods],
+        "torch fp32 dense (masked)": [lambda d=d: F.linear(x, d, b) for d in dense],
+        "torch bf16 dense (masked)": [lambda d=d: F.linear(xb, d, bb) for d in dense_bf],
+    }, mods[0]._packed.numel()
+
+
+def run(shapes=SHAPES, ms=(1, 8, 32, 128), budget_s: float = 2.0, streamed: bool = True, log=print) -> List[Row]:
+    torch.manual_seed(0)
+    rows: List[Row] = []
+    ratio_to = {"×fp32 dense": "torch fp32 dense (masked)", "×bf16 dense": "torch bf16 dense (masked)"}
+    for n, k in shapes:
+        lin = nn.Linear(k, n)
+        w = (lin.weight * s24.mask_24(lin.weight)).detach()
+        b = lin.bias.detach()
+        for m in ms:
+            for mode in ["hot"] + (["streamed"] if streamed and m == 1 else []):
+                copies = max(2, math.ceil(STREAM_BYTES / (4 * n * k))) if mode == "streamed" else 1
+                x = torch.randn(m, k)
+                with torch.inference_mode():
+                    ref = F.linear(x.double(), w.double(), b.double())
+                    cands, nbytes = _candidates(w, b, x, copies)
+                    rows += measure("2:4", f"{n}x{k}", m, n, k, mode, cands, ref, "pyaccel 2:4 fp32",
+                                    {"pyaccel 2:4 fp32": nbytes, "torch fp32 dense (masked)": 4 * n * k},
+                                    ratio_to, budget_s, log)
+                del cands
+    return rows
