@@ -14,6 +14,7 @@
 #include "common/parallel.h"
 #include "int8_gemm/int8_gemm.h"
 #include "sparse24/sparse24.h"
+#include "sparse24/sparse24_int8.h"
 
 namespace py = pybind11;
 using namespace pyaccel;
@@ -115,6 +116,35 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("ldx"), py::arg("x_bf16"), py::arg("m"), py::arg("k"), py::arg("packed"),
       py::arg("packed_nbytes"), py::arg("n"), py::arg("bias"), py::arg("y"), py::arg("ldy"),
       py::arg("y_bf16"), py::arg("nthreads"));
+  m.def("s24i8_kernel_name", [] { return std::string(sparse24_int8::select_kernel().name); });
+  m.def("s24i8_packed_nbytes", &sparse24_int8::packed_nbytes, py::arg("n"), py::arg("k"));
+  m.def(
+      "s24i8_pack",
+      [](uintptr_t values, int64_t ldv, uintptr_t pos, int64_t ldp, int64_t n, int64_t k, uintptr_t out,
+         int64_t out_nbytes) {
+        if (out_nbytes != sparse24_int8::packed_nbytes(n, k))
+          throw py::value_error("out: wrong size for the packed 2:4 int8 weight");
+        py::gil_scoped_release nogil;
+        sparse24_int8::pack(ptr<const int8_t>(values), ldv, ptr<const uint8_t>(pos), ldp, n, k, ptr<uint8_t>(out));
+      },
+      py::arg("values"), py::arg("ldv"), py::arg("pos"), py::arg("ldp"), py::arg("n"), py::arg("k"),
+      py::arg("out"), py::arg("out_nbytes"));
+  m.def(
+      "s24i8_linear",
+      [](uintptr_t x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, uintptr_t packed,
+         int64_t packed_nbytes, int64_t n, uintptr_t w_scale, uintptr_t bias, uintptr_t y, int64_t ldy,
+         bool y_bf16, int nthreads) {
+        if (const char* e = sparse24_int8::check_packed(ptr<const uint8_t>(packed), packed_nbytes, n, k))
+          throw py::value_error(std::string("packed_weight: ") + e);
+        py::gil_scoped_release nogil;
+        sparse24_int8::linear(ptr<const void>(x), ldx, x_bf16, m, k, ptr<const uint8_t>(packed),
+                              ptr<const float>(w_scale), bias ? ptr<const float>(bias) : nullptr, ptr<void>(y),
+                              ldy, y_bf16, nthreads);
+      },
+      "y = dequant(quant_per_row(x) @ W_2:4,int8.T) + bias, all pointers",
+      py::arg("x"), py::arg("ldx"), py::arg("x_bf16"), py::arg("m"), py::arg("k"), py::arg("packed"),
+      py::arg("packed_nbytes"), py::arg("n"), py::arg("w_scale"), py::arg("bias"), py::arg("y"),
+      py::arg("ldy"), py::arg("y_bf16"), py::arg("nthreads"));
   m.def("int8_packed_nbytes", &int8_gemm::packed_nbytes, py::arg("n"), py::arg("k"));
   m.def(
       "int8_pack",

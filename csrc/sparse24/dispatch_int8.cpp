@@ -1,0 +1,92 @@
+// 2:4 int8 dispatch ladder and driver: quantize activations per row (the
+// int8_gemm quantizers), then run tiles over (pair of panels, row chunk).
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "common/parallel.h"
+#include "int8_gemm/int8_gemm.h"
+#include "sparse24/sparse24_int8.h"
+
+namespace pyaccel {
+namespace sparse24_int8 {
+namespace {
+
+struct Entry {
+  Kernel kernel;
+  int8_gemm::QuantizeRowsFn quantize;
+};
+
+const Entry kLadder[] = {
+    {{Isa::kAvx512Vnni, "qs8_s24_gemm_6x32_avx512vnni", 6, 0x80, qs8_s24_gemm_6x32_avx512vnni},
+     int8_gemm::quantize_rows_avx512},
+    {{Isa::kAvx2, "qs8_s24_gemm_4x16_avx2", 4, 0x00, qs8_s24_gemm_4x16_avx2}, int8_gemm::quantize_rows_avx2},
+    {{Isa::kPortable, "qs8_s24_gemm_1x16_scalar", 1, 0x00, qs8_s24_gemm_1x16_scalar},
+     int8_gemm::quantize_rows_scalar},
+};
+
+std::atomic<const Entry*> g_entry{nullptr};
+std::atomic<int> g_generation{-1};
+std::mutex g_mutex;
+thread_local std::vector<int8_t> t_q;
+thread_local std::vector<float> t_s;
+
+constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
+
+const Entry& select_entry() {
+  const int gen = isa_generation();
+  const Entry* e = g_entry.load(std::memory_order_acquire);
+  if (e && g_generation.load(std::memory_order_acquire) == gen) return *e;
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const Isa isa = selected_isa();
+  const Entry* chosen = &kLadder[sizeof(kLadder) / sizeof(kLadder[0]) - 1];
+  for (const Entry& c : kLadder)
+    if (static_cast<int>(c.kernel.isa) <= static_cast<int>(isa)) { chosen = &c; break; }
+  g_entry.store(chosen, std::memory_order_release);
+  g_generation.store(gen, std::memory_order_release);
+  return *chosen;
+}
+
+}  // namespace
+
+const Kernel& select_kernel() { return select_entry().kernel; }
+
+void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const uint8_t* packed,
+            const float* w_scale, const float* bias, void* y, int64_t ldy, bool y_bf16, int nthreads) {
+  if (m <= 0) return;
+  const Entry& e = select_entry();
+  const Kernel& kern = e.kernel;
+  PackedHeader h;
+  std::memcpy(&h, packed, sizeof(h));
+  const int64_t k_pad = 8 * h.pairs;
+  if (m * h.n_pad * k_pad / 2 < kMinParallelMacs) nthreads = 1;
+  const int64_t lda = k_pad % 1024 == 0 ? k_pad + 64 : k_pad;  // as int8_gemm: avoid L1 set conflicts
+  if (t_q.size() < static_cast<size_t>(m * lda)) t_q.resize(m * lda);
+  if (t_s.size() < static_cast<size_t>(m)) t_s.resize(m);
+  int8_t* q = t_q.data();
+  float* qs = t_s.data();
+  parallel_for(m, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), nthreads, [&](int64_t m0, int64_t m1) {
+    e.quantize(x, ldx, x_bf16, m0, m1, k, k_pad, lda, kern.a_xor, q, qs);
+  });
+  GemmArgs g{reinterpret_cast<const uint8_t*>(q), lda, qs, packed + h.data_offset,
+             reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias, y, ldy, y_bf16,
+             m, h.n, h.pairs};
+  const int64_t panels = h.n_pad / kPanel, units = (panels + 1) / 2;
+  int64_t chunks = 1;
+  if (nthreads > 1 && units < 4 * nthreads)
+    chunks = std::min<int64_t>((m + kern.mr - 1) / kern.mr, (4 * nthreads + units - 1) / units);
+  const int64_t row_tiles = (m + kern.mr - 1) / kern.mr;
+  parallel_for(units * chunks, 1, nthreads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t u = t / chunks, c = t % chunks;
+      const int64_t r0 = std::min<int64_t>(m, row_tiles * c / chunks * kern.mr);
+      const int64_t r1 = c + 1 == chunks ? m : std::min<int64_t>(m, row_tiles * (c + 1) / chunks * kern.mr);
+      if (r0 < r1) kern.gemm(g, r0, r1, 2 * u, std::min<int64_t>(panels, 2 * u + 2));
+    }
+  });
+}
+
+}  // namespace sparse24_int8
+}  // namespace pyaccel

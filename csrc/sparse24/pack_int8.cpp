@@ -1,0 +1,62 @@
+#include <cstring>
+
+#include "sparse24/sparse24_int8.h"
+
+namespace pyaccel {
+namespace sparse24_int8 {
+namespace {
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+}  // namespace
+
+int64_t packed_nbytes(int64_t n, int64_t k) {
+  const int64_t n_pad = round_up(n, kPanel), pairs = ((k + 3) / 4 + 1) / 2;
+  return static_cast<int64_t>(sizeof(PackedHeader)) + n_pad * 4 + (n_pad / kPanel) * pairs * kPairBytes;
+}
+
+void pack(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int64_t n, int64_t k,
+          uint8_t* out) {
+  PackedHeader h{};
+  h.magic = kMagic;
+  h.layout = kLayoutP16G2;
+  h.n = n;
+  h.k = k;
+  h.n_pad = round_up(n, kPanel);
+  const int64_t groups = (k + 3) / 4;
+  h.pairs = (groups + 1) / 2;
+  h.comp_offset = sizeof(PackedHeader);
+  h.data_offset = h.comp_offset + h.n_pad * 4;
+  std::memcpy(out, &h, sizeof(h));
+  int32_t* comp = reinterpret_cast<int32_t*>(out + h.comp_offset);
+  uint8_t* data = out + h.data_offset;
+  std::memset(comp, 0, h.n_pad * 4);
+  std::memset(data, 0, static_cast<size_t>((h.n_pad / kPanel) * h.pairs * kPairBytes));
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t p = c / kPanel, lane = c % kPanel;
+    int64_t sum = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      uint8_t* blk = data + (p * h.pairs + g / 2) * kPairBytes;
+      const int half = static_cast<int>(g % 2);
+      const int8_t v0 = values[c * ldv + 2 * g], v1 = values[c * ldv + 2 * g + 1];
+      blk[lane * 4 + 2 * half] = static_cast<uint8_t>(v0);
+      blk[lane * 4 + 2 * half + 1] = static_cast<uint8_t>(v1);
+      blk[kPanel * 4 + lane] |= static_cast<uint8_t>((pos[c * ldp + g] & 0xF) << (4 * half));
+      sum += v0 + v1;
+    }
+    comp[c] = static_cast<int32_t>(static_cast<uint32_t>(128 * sum));
+  }
+}
+
+const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k) {
+  if (buf == nullptr || nbytes < static_cast<int64_t>(sizeof(PackedHeader)))
+    return "packed weight is empty or shorter than its header";
+  PackedHeader h;
+  std::memcpy(&h, buf, sizeof(h));
+  if (h.magic != kMagic) return "packed weight has no pyaccel 2:4 int8 header (bad magic)";
+  if (h.layout != kLayoutP16G2) return "packed weight has a layout this build does not know";
+  if (h.n != n || h.k != k) return "packed weight shape does not match the weight";
+  if (nbytes != packed_nbytes(n, k)) return "packed weight has the wrong size";
+  return nullptr;
+}
+
+}  // namespace sparse24_int8
+}  // namespace pyaccel

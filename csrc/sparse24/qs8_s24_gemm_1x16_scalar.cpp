@@ -1,0 +1,38 @@
+// Portable 2:4 int8 GEMM over the packed layout (signed activations).
+#include "int8_gemm/int8_gemm.h"  // fp32_to_bf16
+#include "sparse24/sparse24_int8.h"
+
+namespace pyaccel {
+namespace sparse24_int8 {
+
+void qs8_s24_gemm_1x16_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const int8_t* a = reinterpret_cast<const int8_t*>(g.a + m * g.lda);
+      int32_t acc[kPanel] = {0};
+      for (int64_t pb = 0; pb < g.pairs; ++pb) {
+        const uint8_t* blk = g.w + (p * g.pairs + pb) * kPairBytes;
+        const int8_t* v = reinterpret_cast<const int8_t*>(blk);
+        const int8_t* ap = a + 8 * pb;
+        for (int c = 0; c < kPanel; ++c) {
+          const uint8_t s = blk[kPanel * 4 + c];
+          acc[c] += ap[s & 3] * v[4 * c] + ap[(s >> 2) & 3] * v[4 * c + 1] +
+                    ap[4 + ((s >> 4) & 3)] * v[4 * c + 2] + ap[4 + (s >> 6)] * v[4 * c + 3];
+        }
+      }
+      for (int c = 0; c < kPanel; ++c) {
+        const int64_t n = p * kPanel + c;
+        if (n >= g.n) break;
+        float o = static_cast<float>(acc[c]) * (g.a_scale[m] * g.w_scale[n]);
+        if (g.bias) o += g.bias[n];
+        if (g.y_bf16)
+          static_cast<uint16_t*>(g.y)[m * g.ldy + n] = int8_gemm::fp32_to_bf16(o);
+        else
+          static_cast<float*>(g.y)[m * g.ldy + n] = o;
+      }
+    }
+  }
+}
+
+}  // namespace sparse24_int8
+}  // namespace pyaccel

@@ -1,0 +1,84 @@
+// 2:4 int8 GEMM, AVX2: 4 rows x 16 channels (one panel as two halves of 8).
+// Gather as in the VNNI kernel (vpshufb with per-channel control dwords),
+// multiply with int8_gemm's AVX2 sign trick: |a| x (v with a's sign), so the
+// int16 pair sums of vpmaddubsw never saturate.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "int8_gemm/int8_gemm.h"  // fp32_to_bf16
+#include "sparse24/sparse24_int8.h"
+
+namespace pyaccel {
+namespace sparse24_int8 {
+namespace {
+
+inline __m256i control8(const uint8_t* pos) {
+  int64_t p8;
+  std::memcpy(&p8, pos, 8);
+  const __m256i t = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(p8));
+  __m256i c = _mm256_and_si256(t, _mm256_set1_epi32(3));
+  c = _mm256_or_si256(c, _mm256_and_si256(_mm256_slli_epi32(t, 6), _mm256_set1_epi32(0x300)));
+  c = _mm256_or_si256(c, _mm256_and_si256(_mm256_slli_epi32(t, 12), _mm256_set1_epi32(0x30000)));
+  c = _mm256_or_si256(c, _mm256_and_si256(_mm256_slli_epi32(t, 18), _mm256_set1_epi32(0x3000000)));
+  return _mm256_or_si256(c, _mm256_set1_epi32(0x04040000));
+}
+
+inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t n0) {
+  alignas(32) int32_t t[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), acc);
+  for (int i = 0; i < 8 && n0 + i < g.n; ++i) {
+    float o = static_cast<float>(t[i]) * (sa * g.w_scale[n0 + i]);
+    if (g.bias) o += g.bias[n0 + i];
+    if (g.y_bf16)
+      static_cast<uint16_t*>(g.y)[m * g.ldy + n0 + i] = int8_gemm::fp32_to_bf16(o);
+    else
+      static_cast<float*>(g.y)[m * g.ldy + n0 + i] = o;
+  }
+}
+
+template <int MR>
+inline void tile(const GemmArgs& g, int64_t m, int64_t p) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i c[MR][2];
+  for (int r = 0; r < MR; ++r) c[r][0] = c[r][1] = _mm256_setzero_si256();
+  const uint8_t* b = g.w + p * g.pairs * kPairBytes;
+  for (int64_t pb = 0; pb < g.pairs; ++pb, b += kPairBytes) {
+    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32));
+    const __m256i k0 = control8(b + kPanel * 4), k1 = control8(b + kPanel * 4 + 8);
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      int64_t a8;
+      std::memcpy(&a8, g.a + (m + r) * g.lda + 8 * pb, 8);
+      const __m256i ab = _mm256_set1_epi64x(a8);
+      const __m256i x0 = _mm256_shuffle_epi8(ab, k0), x1 = _mm256_shuffle_epi8(ab, k1);
+      const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(x0), _mm256_sign_epi8(v0, x0));
+      const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(x1), _mm256_sign_epi8(v1, x1));
+      c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(p0, ones));
+      c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(p1, ones));
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    store8(g, c[r][0], g.a_scale[m + r], m + r, p * kPanel);
+    store8(g, c[r][1], g.a_scale[m + r], m + r, p * kPanel + 8);
+  }
+}
+
+}  // namespace
+
+void qs8_s24_gemm_4x16_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, int h) {
+      switch (h) {
+        case 4: tile<4>(g, m, p); break;
+        case 3: tile<3>(g, m, p); break;
+        case 2: tile<2>(g, m, p); break;
+        default: tile<1>(g, m, p); break;
+      }
+    });
+  }
+}
+
+}  // namespace sparse24_int8
+}  // namespace pyaccel

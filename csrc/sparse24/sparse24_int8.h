@@ -1,0 +1,76 @@
+// 2:4 sparse + int8: int8 values (symmetric per output channel) and 2-bit
+// positions, activations quantized per row at run time (as in int8_gemm):
+//
+//   y[m, n] = float(sum_g q[m, 4g+i0] * v0[n, g] + q[m, 4g+i1] * v1[n, g]) * sx[m] * sw[n] + bias[n]
+//
+// Weight bytes per group of 4 inputs: 2 values + half a position byte (2.5 vs
+// 4 for dense int8).
+#pragma once
+#include <cstdint>
+
+#include "common/cpu_features.h"
+
+namespace pyaccel {
+namespace sparse24_int8 {
+
+// ---- packed layout "S24I8_P16G2" ------------------------------------------
+// Panels of 16 channels; inside a panel, pairs of groups (8 inputs):
+//   vals[16 ch][4] int8 (v0 g, v1 g, v0 g+1, v1 g+1) | pos[16 ch] uint8
+//   (nibble g | nibble g+1 << 4, nibble = i0 | i1 << 2)   = 80 bytes.
+// Preceded by comp int32[n_pad] = 128 * sum of the row's values (for the
+// uint8 activations of vpdpbusd). n pads to 16, groups to even (zeros).
+constexpr int kPanel = 16;
+constexpr int64_t kPairBytes = kPanel * 4 + kPanel;
+constexpr uint32_t kMagic = 0x38493253u;  // "S2I8"
+constexpr int32_t kLayoutP16G2 = 1;
+
+struct PackedHeader {
+  uint32_t magic;
+  int32_t layout;
+  int64_t n, k;
+  int64_t n_pad, pairs;  // pairs = ceil(ceil(k/4) / 2)
+  int64_t comp_offset, data_offset;
+  int64_t reserved;
+};
+static_assert(sizeof(PackedHeader) == 64, "header must stay 64 bytes");
+
+int64_t packed_nbytes(int64_t n, int64_t k);
+// values: int8 [n, 2*ceil(k/4)] (row stride ldv), in [-127, 127]; pos: one byte per group
+// (i0 | i1 << 2), [n, ceil(k/4)] (row stride ldp).
+void pack(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int64_t n, int64_t k,
+          uint8_t* out);
+const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k);
+
+struct GemmArgs {
+  const uint8_t* a;  // quantized activations (q ^ a_xor), [m, 8 * pairs], row stride lda
+  int64_t lda;
+  const float* a_scale;
+  const uint8_t* w;  // pair blocks
+  const int32_t* comp;
+  const float* w_scale;
+  const float* bias;
+  void* y;
+  int64_t ldy;
+  bool y_bf16;
+  int64_t m, n, pairs;
+};
+using GemmFn = void (*)(const GemmArgs&, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+
+struct Kernel {
+  Isa isa;
+  const char* name;
+  int mr;
+  uint8_t a_xor;
+  GemmFn gemm;
+};
+const Kernel& select_kernel();
+
+void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const uint8_t* packed,
+            const float* w_scale, const float* bias, void* y, int64_t ldy, bool y_bf16, int nthreads);
+
+void qs8_s24_gemm_1x16_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void qs8_s24_gemm_4x16_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void qs8_s24_gemm_6x32_avx512vnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+
+}  // namespace sparse24_int8
+}  // namespace pyaccel
