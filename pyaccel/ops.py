@@ -265,3 +265,68 @@ def _sparse24_linear_cuda_op(x, values, meta, k, bias, packed):
 def _sparse24_linear_fake(x, values, meta, k, bias, packed):
     check_sparse24_args(x, values, meta, k, bias, packed)
     return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+# ---- pyaccel::sparse24_int8_linear --------------------------------------------------
+def check_sparse24_int8_args(x, values, meta, k, w_scale, bias, packed=None) -> None:
+    if not isinstance(values, torch.Tensor) or values.dtype != torch.int8:
+        raise TypeError(f"values: expected an int8 tensor, got {_desc(values)}")
+    check_sparse24_args(x, values.new_empty(values.shape, dtype=torch.float32), meta, k, bias, packed)
+    n = values.shape[0]
+    if not isinstance(w_scale, torch.Tensor) or w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (n,):
+        raise ValueError(f"w_scale: expected float32 of shape ({n},), got {_desc(w_scale)}")
+    if w_scale.device != x.device:
+        raise ValueError(f"w_scale: expected a tensor on x's device {x.device}, got {_desc(w_scale)}")
+
+
+def sparse24_int8_linear_cpu(x, values, meta, k, w_scale, bias, packed):
+    from pyaccel.formats.sparse24 import pack_sparse24_int8
+
+    C = _native.lib()
+    if C is None:
+        return reference.sparse24_int8_linear(x, values, meta, k, w_scale, bias)
+    if packed is None:
+        packed = pack_sparse24_int8(values, meta, k)
+    n = values.shape[0]
+    x2 = _as_rows(x, k)
+    m = x2.shape[0]
+    bf16 = x.dtype == torch.bfloat16
+    y = torch.empty((m, n), dtype=x.dtype)
+    if m:
+        w_scale = w_scale.contiguous()
+        bias_ptr = bias.contiguous().data_ptr() if bias is not None else 0
+        C.s24i8_linear(x2.data_ptr(), x2.stride(0), bf16, m, k, packed.data_ptr(), packed.numel(), n,
+                       w_scale.data_ptr(), bias_ptr, y.data_ptr(), n, bf16, torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("pyaccel::sparse24_int8_linear", mutates_args=())
+def sparse24_int8_linear(x: Tensor, values: Tensor, meta: Tensor, k: int, w_scale: Tensor,
+                         bias: Optional[Tensor], packed: Optional[Tensor]) -> Tensor:
+    """int8 linear (per-row dynamic activations) with a 2:4 int8 weight:
+    values int8 [N, 2G], meta uint8 [N, ceil(G/2)], w_scale fp32 [N]."""
+    check_sparse24_int8_args(x, values, meta, k, w_scale, bias, packed)
+    return reference.sparse24_int8_linear(x, values, meta, k, w_scale, bias)
+
+
+@sparse24_int8_linear.register_kernel("cpu")
+def _sparse24_int8_linear_cpu_op(x, values, meta, k, w_scale, bias, packed):
+    check_sparse24_int8_args(x, values, meta, k, w_scale, bias, packed)
+    return sparse24_int8_linear_cpu(x, values, meta, k, w_scale, bias, packed)
+
+
+@sparse24_int8_linear.register_kernel("cuda")
+def _sparse24_int8_linear_cuda_op(x, values, meta, k, w_scale, bias, packed):
+    # No sparse int8 Triton kernel yet: expand to dense int8 on the GPU and run
+    # the dense int8 Triton GEMM (correct; without the bandwidth saving).
+    check_sparse24_int8_args(x, values, meta, k, w_scale, bias, packed)
+    from pyaccel.formats.sparse24 import Sparse24Weight, decompress
+
+    w = decompress(Sparse24Weight(values, meta, k)).contiguous()
+    return _int8_linear_cuda(x, w, w_scale, bias)
+
+
+@sparse24_int8_linear.register_fake
+def _sparse24_int8_linear_fake(x, values, meta, k, w_scale, bias, packed):
+    check_sparse24_int8_args(x, values, meta, k, w_scale, bias, packed)
+    return x.new_empty((*x.shape[:-1], values.shape[0]))

@@ -19,7 +19,7 @@ from torch import nn
 from pyaccel import _native
 from pyaccel.formats import sparse24 as s24
 from pyaccel.nn.int8_linear import Int8Linear, _AoDynamicLinear
-from pyaccel.nn.sparse24_linear import Sparse24Linear, effective_weight
+from pyaccel.nn.sparse24_linear import Sparse24Int8Linear, Sparse24Linear, effective_weight
 
 FilterFn = Callable[[nn.Module, str], bool]
 QUANTIZE_MODES = (None, "int8")
@@ -107,15 +107,16 @@ def _torch_ao_dynamic_linear(mod, ctx):
 
 @handler
 def _sparse24_linear(mod, ctx):
-    """nn.Linear whose weight (or torch prune-masked weight) is already 2:4: lossless."""
-    if type(mod) is not nn.Linear or ctx.quantize is not None:
-        return None  # with quantize="int8", 2:4 layers are quantized densely for now
+    """nn.Linear whose weight (or torch prune-masked weight) is already 2:4:
+    Sparse24Linear (lossless), or Sparse24Int8Linear with quantize="int8"."""
+    if type(mod) is not nn.Linear:
+        return None
     w = effective_weight(mod)
     if w.device.type == "meta" or not w.is_floating_point() or w.shape[1] < MIN_SPARSE24_K:
         return None
     if not s24.is_24(w):
         return None
-    return Sparse24Linear.from_float(mod)
+    return Sparse24Int8Linear.from_float(mod) if ctx.quantize == "int8" else Sparse24Linear.from_float(mod)
 
 
 @handler
@@ -189,7 +190,7 @@ def patch(
     for path, mod in model.named_modules():
         if any(path.startswith(p) for p in skip_prefixes):
             continue
-        if isinstance(mod, (Int8Linear, Sparse24Linear)):
+        if isinstance(mod, (Int8Linear, Sparse24Linear, Sparse24Int8Linear)):
             continue
         result = None
         for h in _HANDLERS:

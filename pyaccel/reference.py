@@ -64,3 +64,12 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k
     w = decompress(Sparse24Weight(values, meta, k)).float()
     y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
     return y.to(x.dtype)
+
+
+def sparse24_int8_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: int,
+                         w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int8_linear with a 2:4 int8 weight in canonical form (values int8 [N, 2G])."""
+    from pyaccel.formats.sparse24 import Sparse24Weight, decompress
+
+    w = decompress(Sparse24Weight(values, meta, k))
+    return int8_linear(x, w, w_scale, bias)

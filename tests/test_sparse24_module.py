@@ -116,3 +116,29 @@ def test_errors(gen):
     with pytest.raises(ValueError, match="x: expected last dimension K=16"):
         m(torch.randn(2, 15))
     assert "sparsity=2:4" in repr(m)
+
+
+def test_quantize_int8_on_2_4_model_uses_sparse_int8(gen):
+    from pyaccel.nn import Sparse24Int8Linear
+    from pyaccel.nn.sparse24_linear import SPARSE_INT8_MAX_ROWS
+
+    from _helpers import sqnr_db
+
+    net = _net()
+    pyaccel.prune.prune_24(net)
+    x_small = torch.randn(3, 64, generator=gen)
+    x_big = torch.randn(SPARSE_INT8_MAX_ROWS + 5, 64, generator=gen)
+    with torch.no_grad():
+        ref_s, ref_b = net(x_small), net(x_big)
+        report = pyaccel.patch(net, quantize="int8")
+        assert [type(net[i]) for i in (0, 2, 3)] == [Sparse24Int8Linear] * 3, str(report)
+        assert all(e.lossy for e in report.swapped)
+        ys, yb = net(x_small), net(x_big)  # sparse kernel / dense int8 kernel
+    assert sqnr_db(ref_s, ys) > 25 and sqnr_db(ref_b, yb) > 25
+    # both paths compute the same integers
+    ys2 = net(torch.cat([x_small, x_big]))[:3]
+    assert torch.allclose(ys2, ys, rtol=1e-6, atol=1e-6)
+    sd = net.state_dict()
+    assert {"0.values", "0.meta", "0.weight_scale"} <= set(sd) and sd["0.values"].dtype == torch.int8
+    c = copy.deepcopy(net)
+    assert torch.equal(c(x_small), ys) and torch.equal(c(x_big), yb)

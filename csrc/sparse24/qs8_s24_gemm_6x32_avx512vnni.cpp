@@ -20,14 +20,18 @@ static inline void dpbusd(__m512i& c, __m512i a_u8, __m512i b_s8) {
   __asm__("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(a_u8), "v"(b_s8));  // see int8_gemm's VNNI kernel
 }
 
-// 16 position bytes -> 16 vpshufb control dwords [i0, i1, 4 + j0, 4 + j1]
-static inline __m512i control(const uint8_t* pos) {
+// 16 position bytes -> 16 vpshufb control dwords [i0, i1, 4 + j0, 4 + j1]:
+// two 16-entry lookups (vpermd) on the low and high nibble.
+static inline __m512i control(const uint8_t* pos, __m512i lut_lo, __m512i lut_hi) {
   const __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pos)));
-  __m512i c = _mm512_and_si512(t, _mm512_set1_epi32(3));
-  c = _mm512_ternarylogic_epi32(c, _mm512_slli_epi32(t, 6), _mm512_set1_epi32(0x300), 0xF8);   // c | (b & m)
-  c = _mm512_ternarylogic_epi32(c, _mm512_slli_epi32(t, 12), _mm512_set1_epi32(0x30000), 0xF8);
-  c = _mm512_ternarylogic_epi32(c, _mm512_slli_epi32(t, 18), _mm512_set1_epi32(0x3000000), 0xF8);
-  return _mm512_or_si512(c, _mm512_set1_epi32(0x04040000));
+  return _mm512_or_si512(_mm512_permutexvar_epi32(t, lut_lo),  // vpermd uses the low 4 bits
+                         _mm512_permutexvar_epi32(_mm512_srli_epi32(t, 4), lut_hi));
+}
+
+static inline __m512i make_lut(int base) {
+  alignas(64) int32_t v[16];
+  for (int nib = 0; nib < 16; ++nib) v[nib] = ((base + (nib & 3)) | ((base + (nib >> 2)) << 8)) << (base ? 16 : 0);
+  return _mm512_load_si512(v);
 }
 
 inline void store(const GemmArgs& ga, __m512i acc, const int32_t* comp, float sa, int64_t m, int64_t n0) {
@@ -66,11 +70,12 @@ inline void tile(const GemmArgs& g, int64_t m, int64_t p, bool two) {
   const uint8_t* a3 = MR > 3 ? a0 + 3 * g.lda : a0;
   const uint8_t* a4 = MR > 4 ? a0 + 4 * g.lda : a0;
   const uint8_t* a5 = MR > 5 ? a0 + 5 * g.lda : a0;
+  const __m512i lut_lo = make_lut(0), lut_hi = make_lut(4);
   const uint8_t* b0 = g.w + p * g.pairs * kPairBytes;
   const uint8_t* b1 = two ? b0 + g.pairs * kPairBytes : b0;
   for (int64_t pb = 0; pb < g.pairs; ++pb, b0 += kPairBytes, b1 += kPairBytes) {
     const __m512i v0 = _mm512_loadu_si512(b0), v1 = _mm512_loadu_si512(b1);
-    const __m512i k0 = control(b0 + kPanel * 4), k1 = control(b1 + kPanel * 4);
+    const __m512i k0 = control(b0 + kPanel * 4, lut_lo, lut_hi), k1 = control(b1 + kPanel * 4, lut_lo, lut_hi);
     S24I8_ROW(0) S24I8_ROW(1) S24I8_ROW(2) S24I8_ROW(3) S24I8_ROW(4) S24I8_ROW(5)
   }
   const int64_t n0 = p * kPanel;

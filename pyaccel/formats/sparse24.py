@@ -136,3 +136,19 @@ def pack_sparse24(sw: Sparse24Weight):
     out = torch.empty(nbytes, dtype=torch.uint8)
     C.s24_pack(vals.data_ptr(), vals.stride(0), pb.data_ptr(), pb.stride(0), n, k, out.data_ptr(), nbytes)
     return out
+
+
+def pack_sparse24_int8(values: torch.Tensor, meta: torch.Tensor, k: int):
+    """Pack int8 2:4 values for the native kernels; None without the native library."""
+    from pyaccel import _native
+
+    C = _native.lib()
+    if C is None:
+        return None
+    vals = values.detach().to("cpu", torch.int8).contiguous()
+    n = vals.shape[0]
+    pb = position_bytes(Sparse24Weight(vals, meta.detach().cpu(), k))
+    nbytes = C.s24i8_packed_nbytes(n, k)
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    C.s24i8_pack(vals.data_ptr(), vals.stride(0), pb.data_ptr(), pb.stride(0), n, k, out.data_ptr(), nbytes)
+    return out

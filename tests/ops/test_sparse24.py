@@ -133,3 +133,40 @@ def test_opcheck_and_errors(gen):
         op(x, vals, meta[:, :2], 40, None, p)
     with pytest.raises(ValueError, match=r"packed_weight: .*magic"):
         op(x, vals, meta, 40, None, torch.zeros_like(p))
+
+
+# ---- 2:4 + int8 ---------------------------------------------------------------------
+def _int8_24(n, k, gen):
+    from pyaccel.formats.int8 import quantize_weight_per_channel
+
+    q = quantize_weight_per_channel(_sparse_weight(n, k, gen))
+    sw = s24.compress(q.values.float())
+    return q.values, sw.values.to(torch.int8), sw.meta, q.scale
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 13, 40])
+@pytest.mark.parametrize("n,k", NK_GRID)
+def test_int8_kernel_exact(isa, gen, m, n, k):
+    """Integer accumulators exact: outputs equal the dense int8 reference to an ulp."""
+    dense, vals, meta, scale = _int8_24(n, k, gen)
+    b = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen)
+    y = torch.ops.pyaccel.sparse24_int8_linear(x, vals, meta, k, scale, b, s24.pack_sparse24_int8(vals, meta, k))
+    ref = reference.int8_linear(x, dense, scale, b)
+    tol = torch.finfo(torch.float32).eps * ref.abs()
+    assert ((y - ref).abs() <= tol).all()
+
+
+def test_int8_bf16_batched_opcheck_errors(isa, gen):
+    dense, vals, meta, scale = _int8_24(24, 40, gen)
+    p = s24.pack_sparse24_int8(vals, meta, 40)
+    x = torch.randn(2, 3, 40, generator=gen).to(torch.bfloat16)
+    y = torch.ops.pyaccel.sparse24_int8_linear(x, vals, meta, 40, scale, None, p)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 24)
+    assert torch.equal(y, reference.int8_linear(x, dense, scale, None))
+    torch.library.opcheck(torch.ops.pyaccel.sparse24_int8_linear.default,
+                          (x.float(), vals, meta, 40, scale, None, p))
+    with pytest.raises(TypeError, match="values: expected an int8 tensor"):
+        torch.ops.pyaccel.sparse24_int8_linear(x, vals.float(), meta, 40, scale, None, p)
+    with pytest.raises(ValueError, match=r"w_scale: expected float32 of shape \(24,\)"):
+        torch.ops.pyaccel.sparse24_int8_linear(x, vals, meta, 40, scale[:3], None, p)
