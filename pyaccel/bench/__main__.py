@@ -59,6 +59,9 @@ def main(argv=None) -> int:
         print("\n== 2:4 sparse linear, fp32 values (GOP/s counts the dense-equivalent 2·M·N·K) ==")
         print(common.HEADER)
         rows += sparse24.run(shapes, ms, budget_s=budget, streamed=True)
+        print("\n== 2:4 sparse + int8 vs pyaccel's dense int8 (same pruned layer) ==")
+        print(common.HEADER)
+        rows += sparse24.run_int8(shapes, ms, budget_s=budget, streamed=True)
     e2e = None
     if "minilm" in suites:
         print("\n== end to end: MiniLM-L6 sentence encoder ==")
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n".join("    " + h for h in head) + "\n\n")
-            for suite, peak in (("int8", args.peak_gops), ("2:4", None)):
+            for suite, peak in (("int8", args.peak_gops), ("2:4", None), ("2:4 int8", None)):
                 sub = [r for r in rows if r.suite == suite]
                 if sub:
                     f.write(f"### {suite}\n\n" + common.to_markdown(sub, peak) + "\n\n")

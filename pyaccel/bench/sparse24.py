@@ -11,7 +11,7 @@ from torch import nn
 
 from pyaccel.bench.common import STREAM_BYTES, Row, measure
 from pyaccel.formats import sparse24 as s24
-from pyaccel.nn import Sparse24Linear
+from pyaccel.nn import Int8Linear, Sparse24Int8Linear, Sparse24Linear
 
 SHAPES = ((4096, 4096), (1024, 4096), (1536, 384), (384, 1536))  # the last two: MiniLM's FFN
 
@@ -26,6 +26,36 @@ def _candidates(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, copies: int):
         "torch fp32 dense (masked)": [lambda d=d: F.linear(x, d, b) for d in dense],
         "torch bf16 dense (masked)": [lambda d=d: F.linear(xb, d, bb) for d in dense_bf],
     }, mods[0]._packed.numel()
+
+
+def _int8_candidates(lin: nn.Linear, x: torch.Tensor, copies: int):
+    sparse = [Sparse24Int8Linear.from_float(lin) for _ in range(copies)]
+    dense = [Int8Linear.from_float(lin) for _ in range(copies)]
+    return {"pyaccel 2:4 int8": [lambda m=m: m(x) for m in sparse],
+            "pyaccel int8 (dense)": [lambda m=m: m(x) for m in dense]}, sparse[0]._packed.numel()
+
+
+def run_int8(shapes=SHAPES, ms=(1, 8, 32, 128), budget_s: float = 2.0, streamed: bool = True,
+             log=print) -> List[Row]:
+    """2:4 + int8 against pyaccel's own dense int8 on the same (pruned) layer."""
+    torch.manual_seed(0)
+    rows: List[Row] = []
+    for n, k in shapes:
+        lin = nn.Linear(k, n)
+        with torch.no_grad():
+            lin.weight.mul_(s24.mask_24(lin.weight))
+        for m in ms:
+            for mode in ["hot"] + (["streamed"] if streamed and m == 1 else []):
+                copies = max(2, math.ceil(STREAM_BYTES / (n * k))) if mode == "streamed" else 1
+                x = torch.randn(m, k)
+                with torch.inference_mode():
+                    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+                    cands, nbytes = _int8_candidates(lin, x, copies)
+                    rows += measure("2:4 int8", f"{n}x{k}", m, n, k, mode, cands, ref, "pyaccel 2:4 int8",
+                                    {"pyaccel 2:4 int8": nbytes, "pyaccel int8 (dense)": n * k},
+                                    {"×int8 dense": "pyaccel int8 (dense)"}, budget_s, log)
+                del cands
+    return rows
 
 
 def run(shapes=SHAPES, ms=(1, 8, 32, 128), budget_s: float = 2.0, streamed: bool = True, log=print) -> List[Row]:
