@@ -64,6 +64,27 @@ def main(argv=None) -> int:
             cos = float(nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0))
             snr = "-" if m is model else f"{_sqnr(ref, y):.1f}"
             print(f"{name:<38} {t[name].median_s * 1e3:>10.3f} {base / t[name].median_s:>8.2f}x {snr:>8} {cos:>8.5f}")
+
+        # 2:4 sparsity: prune (here without fine-tuning), then patch; accuracy is
+        # judged against the pruned model, whose outputs the kernels must reproduce
+        import pyaccel.prune
+
+        pruned = copy.deepcopy(model)
+        pyaccel.prune.prune_24(pruned)
+        pyaccel.prune.make_permanent(pruned)
+        ref24 = pruned(x)
+        sparse = pyaccel.patch(copy.deepcopy(pruned)).model
+        sparse_q = pyaccel.patch(copy.deepcopy(pruned), quantize="int8").model
+        c24 = {"2:4 pruned, dense torch fp32": pruned, "2:4 pyaccel (Sparse24Linear)": sparse,
+               "2:4 + int8 pyaccel (Sparse24Int8Linear)": sparse_q}
+        t = interleaved({k: (lambda m=m: m(x)) for k, m in c24.items()}, budget_s=args.budget)
+        base = t["2:4 pruned, dense torch fp32"].median_s
+        print(f"\n{'2:4-pruned model':<38} {'median ms':>10} {'speed-up':>9} {'SQNR dB':>8} {'cosine':>8}")
+        for name, m in c24.items():
+            y = m(x)
+            cos = float(nn.functional.cosine_similarity(y.flatten(), ref24.flatten(), dim=0))
+            snr = "-" if m is pruned else f"{_sqnr(ref24, y):.1f}"
+            print(f"{name:<38} {t[name].median_s * 1e3:>10.3f} {base / t[name].median_s:>8.2f}x {snr:>8} {cos:>8.5f}")
     return 0
 
 

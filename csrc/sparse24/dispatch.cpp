@@ -49,7 +49,7 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
   PackedHeader h;
   std::memcpy(&h, packed, sizeof(h));
   const int64_t kp = h.groups_pad * 4;
-  if (m * h.n_pad * kp / 2 < kMinParallelMacs) nthreads = 1;
+  if (m * h.n_pad * kp < kMinParallelMacs) nthreads = 1;  // dense-equivalent work, as int8_gemm
   // The kernels read x in whole groups of 4 up to kp: use x in place when it is
   // fp32 and k == kp; otherwise copy (bf16 -> fp32, zero tail) into scratch.
   const float* xf = static_cast<const float*>(x);

@@ -61,7 +61,7 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
   PackedHeader h;
   std::memcpy(&h, packed, sizeof(h));
   const int64_t k_pad = 8 * h.pairs;
-  if (m * h.n_pad * k_pad / 2 < kMinParallelMacs) nthreads = 1;
+  if (m * h.n_pad * k_pad < kMinParallelMacs) nthreads = 1;  // dense-equivalent work, as int8_gemm
   const int64_t lda = k_pad % 1024 == 0 ? k_pad + 64 : k_pad;  // as int8_gemm: avoid L1 set conflicts
   if (t_q.size() < static_cast<size_t>(m * lda)) t_q.resize(m * lda);
   if (t_s.size() < static_cast<size_t>(m)) t_s.resize(m);

@@ -1,5 +1,5 @@
-"""pytest-benchmark microbenchmarks for the int8 linear (run with
-`python -m pytest bench/ --benchmark-only`). The full interleaved comparison
+"""pytest-benchmark microbenchmarks for the int8 and 2:4 linears (run with
+`pytest bench/ --benchmark-only`). The full interleaved comparison
 is `python -m pyaccel.bench`; these give per-candidate statistics."""
 import warnings
 
@@ -48,3 +48,16 @@ def test_torch_fp32(benchmark, n, k, m):
     lin, x = _setup(n, k, m)
     with torch.inference_mode():
         benchmark(lin, x)
+
+
+@pytest.mark.parametrize("n,k,m", SHAPES)
+def test_pyaccel_sparse24_fp32(benchmark, n, k, m):
+    from pyaccel.formats.sparse24 import mask_24
+    from pyaccel.nn import Sparse24Linear
+
+    lin, x = _setup(n, k, m)
+    w = lin.weight.detach() * mask_24(lin.weight)
+    mod = Sparse24Linear.from_dense(w, lin.bias.detach())
+    benchmark.extra_info["isa"] = pyaccel.backend_info().cpu_isa
+    with torch.inference_mode():
+        benchmark(mod, x)
