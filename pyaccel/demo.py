@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import pyaccel
+import pyaccel.prune
 from pyaccel.bench.timing import interleaved
 
 
@@ -67,8 +68,6 @@ def main(argv=None) -> int:
 
         # 2:4 sparsity: prune (here without fine-tuning), then patch; accuracy is
         # judged against the pruned model, whose outputs the kernels must reproduce
-        import pyaccel.prune
-
         pruned = copy.deepcopy(model)
         pyaccel.prune.prune_24(pruned)
         pyaccel.prune.make_permanent(pruned)

@@ -1,0 +1,18 @@
+"""The README's main job (the demo) and the benchmark CLI run end to end (smoke
+runs with tiny budgets: they check that everything works, not the speed)."""
+from pyaccel import demo
+from pyaccel.bench import __main__ as bench_main
+
+
+def test_demo_runs(capsys):
+    assert demo.main(["--budget", "0.05", "--tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "pyaccel int8" in out and "2:4 pyaccel (Sparse24Linear)" in out
+
+
+def test_bench_quick_runs(tmp_path, capsys):
+    md = tmp_path / "r.md"
+    assert bench_main.main(["--quick", "--no-ort", "--budget", "0.02", "--suite", "int8,sparse24",
+                            "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert "### int8" in text and "### 2:4" in text and "pyaccel int8" in text
