@@ -1,12 +1,11 @@
 // The int8 GEMM dispatch ladder (chosen once per ISA-cap generation) and the
 // threaded driver: quantize activations, then run micro-tiles over a grid of
 // (panel, row-chunk) tiles split in contiguous ranges over the threads.
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
+#include "common/ladder.h"
 #include "common/parallel.h"
 #include "int8_gemm/int8_gemm.h"
 
@@ -26,9 +25,7 @@ const Kernel kLadder[] = {
      qs8_gemm_1x64c4_scalar},
 };
 
-std::atomic<const Kernel*> g_kernel{nullptr};
-std::atomic<int> g_kernel_generation{-1};
-std::mutex g_select_mutex;
+LadderChoice<Kernel> g_choice;
 
 // Per-thread scratch for quantized activations, grown on demand and reused so
 // that large calls do not page-fault a fresh buffer every time.
@@ -71,18 +68,7 @@ int64_t a_stride(int64_t k_pad) { return k_pad % 1024 == 0 ? k_pad + 64 : k_pad;
 }  // namespace
 
 const Kernel& select_kernel() {
-  const int gen = isa_generation();
-  const Kernel* k = g_kernel.load(std::memory_order_acquire);
-  if (k && g_kernel_generation.load(std::memory_order_acquire) == gen) return *k;
-  std::lock_guard<std::mutex> lock(g_select_mutex);
-  const Isa isa = selected_isa();
-  const Kernel* chosen = &kLadder[sizeof(kLadder) / sizeof(kLadder[0]) - 1];
-  for (const Kernel& cand : kLadder) {
-    if (static_cast<int>(cand.isa) <= static_cast<int>(isa)) { chosen = &cand; break; }
-  }
-  g_kernel.store(chosen, std::memory_order_release);
-  g_kernel_generation.store(gen, std::memory_order_release);
-  return *chosen;
+  return g_choice.get(kLadder, [](const Kernel& k) { return k.isa; });
 }
 
 void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,

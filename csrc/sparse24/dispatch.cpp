@@ -1,10 +1,9 @@
 // 2:4 dispatch ladder and threaded driver.
 #include <algorithm>
-#include <atomic>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
+#include "common/ladder.h"
 #include "common/parallel.h"
 #include "int8_gemm/int8_gemm.h"  // bf16_to_fp32
 #include "sparse24/sparse24.h"
@@ -19,9 +18,7 @@ const Kernel kLadder[] = {
     {Isa::kPortable, "s24_gemm_1x16_scalar", 1, s24_gemm_1x16_scalar},
 };
 
-std::atomic<const Kernel*> g_kernel{nullptr};
-std::atomic<int> g_generation{-1};
-std::mutex g_mutex;
+LadderChoice<Kernel> g_choice;
 thread_local std::vector<float> t_x;
 
 constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
@@ -29,17 +26,7 @@ constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
 }  // namespace
 
 const Kernel& select_kernel() {
-  const int gen = isa_generation();
-  const Kernel* k = g_kernel.load(std::memory_order_acquire);
-  if (k && g_generation.load(std::memory_order_acquire) == gen) return *k;
-  std::lock_guard<std::mutex> lock(g_mutex);
-  const Isa isa = selected_isa();
-  const Kernel* chosen = &kLadder[sizeof(kLadder) / sizeof(kLadder[0]) - 1];
-  for (const Kernel& c : kLadder)
-    if (static_cast<int>(c.isa) <= static_cast<int>(isa)) { chosen = &c; break; }
-  g_kernel.store(chosen, std::memory_order_release);
-  g_generation.store(gen, std::memory_order_release);
-  return *chosen;
+  return g_choice.get(kLadder, [](const Kernel& k) { return k.isa; });
 }
 
 void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const uint8_t* packed,

@@ -1,11 +1,10 @@
 // 2:4 int8 dispatch ladder and driver: quantize activations per row (the
 // int8_gemm quantizers), then run tiles over (pair of panels, row chunk).
 #include <algorithm>
-#include <atomic>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
+#include "common/ladder.h"
 #include "common/parallel.h"
 #include "int8_gemm/int8_gemm.h"
 #include "sparse24/sparse24_int8.h"
@@ -27,26 +26,14 @@ const Entry kLadder[] = {
      int8_gemm::quantize_rows_scalar},
 };
 
-std::atomic<const Entry*> g_entry{nullptr};
-std::atomic<int> g_generation{-1};
-std::mutex g_mutex;
+LadderChoice<Entry> g_choice;
 thread_local std::vector<int8_t> t_q;
 thread_local std::vector<float> t_s;
 
 constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
 
 const Entry& select_entry() {
-  const int gen = isa_generation();
-  const Entry* e = g_entry.load(std::memory_order_acquire);
-  if (e && g_generation.load(std::memory_order_acquire) == gen) return *e;
-  std::lock_guard<std::mutex> lock(g_mutex);
-  const Isa isa = selected_isa();
-  const Entry* chosen = &kLadder[sizeof(kLadder) / sizeof(kLadder[0]) - 1];
-  for (const Entry& c : kLadder)
-    if (static_cast<int>(c.kernel.isa) <= static_cast<int>(isa)) { chosen = &c; break; }
-  g_entry.store(chosen, std::memory_order_release);
-  g_generation.store(gen, std::memory_order_release);
-  return *chosen;
+  return g_choice.get(kLadder, [](const Entry& e) { return e.kernel.isa; });
 }
 
 }  // namespace

@@ -8,20 +8,12 @@
 // FMAs of a dense 4 x 16 step. 12 accumulators + 4 values + 4 indices + x.
 #include <immintrin.h>
 
+#include "int8_gemm/epilogue_avx512.h"  // cvt_fp32_bf16
 #include "sparse24/sparse24.h"
 
 namespace pyaccel {
 namespace sparse24 {
 namespace {
-
-inline __m256i cvt_fp32_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-}
 
 inline void store16(const GemmArgs& g, __m512 v, int64_t m, int64_t n0) {
   const int64_t left = g.n - n0;
@@ -29,7 +21,7 @@ inline void store16(const GemmArgs& g, __m512 v, int64_t m, int64_t n0) {
   const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
   if (g.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, g.bias + n0));
   if (g.y_bf16)
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(g.y) + m * g.ldy + n0, mask, cvt_fp32_bf16(v));
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(g.y) + m * g.ldy + n0, mask, int8_gemm::avx512::cvt_fp32_bf16(v));
   else
     _mm512_mask_storeu_ps(static_cast<float*>(g.y) + m * g.ldy + n0, mask, v);
 }

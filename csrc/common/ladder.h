@@ -1,0 +1,39 @@
+// The one dispatch pattern every op uses: walk a ladder of kernels from best
+// to worst ISA and take the first the selected ISA allows; remember the choice
+// until the ISA cap changes (PYACCEL_CPU_ISA / set_isa_cap).
+#pragma once
+#include <atomic>
+#include <cstddef>
+#include <mutex>
+
+#include "common/cpu_features.h"
+
+namespace pyaccel {
+
+template <typename Entry>
+class LadderChoice {
+ public:
+  // isa_of(entry) -> Isa the entry needs. The last entry must be portable.
+  template <size_t N, typename IsaOf>
+  const Entry& get(const Entry (&ladder)[N], IsaOf isa_of) {
+    const int gen = isa_generation();
+    const Entry* e = entry_.load(std::memory_order_acquire);
+    if (e && generation_.load(std::memory_order_acquire) == gen) return *e;
+    std::lock_guard<std::mutex> lock(mutex_);
+    const Isa isa = selected_isa();
+    const Entry* chosen = &ladder[N - 1];
+    for (const Entry& c : ladder) {
+      if (static_cast<int>(isa_of(c)) <= static_cast<int>(isa)) { chosen = &c; break; }
+    }
+    entry_.store(chosen, std::memory_order_release);
+    generation_.store(gen, std::memory_order_release);
+    return *chosen;
+  }
+
+ private:
+  std::atomic<const Entry*> entry_{nullptr};
+  std::atomic<int> generation_{-1};
+  std::mutex mutex_;
+};
+
+}  // namespace pyaccel
