@@ -186,16 +186,19 @@ def _int8_linear_fake(x, w_int8, w_scale, bias, packed):
 
 
 # ---- pyaccel::sparse24_linear -----------------------------------------------------
-def check_sparse24_args(x, values, meta, k, bias, packed=None) -> None:
-    """Raise TypeError/ValueError naming the bad argument of sparse24_linear."""
+def check_sparse24_args(x, values, meta, k, bias, packed=None, values_dtype=torch.float32) -> None:
+    """Raise TypeError/ValueError naming the bad argument of sparse24_linear
+    (and, with values_dtype=torch.int8, of sparse24_int8_linear)."""
     for name, t in (("x", x), ("values", values), ("meta", meta)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if x.dtype not in _FLOAT_IO:
         raise TypeError(f"x: expected float32 or bfloat16, got {_desc(x)}")
     groups = (k + 3) // 4
-    if values.dim() != 2 or values.dtype != torch.float32 or values.shape[1] != 2 * groups:
-        raise ValueError(f"values: expected float32 [N, {2 * groups}] for k={k}, got {_desc(values)}")
+    if values.dtype != values_dtype:
+        raise TypeError(f"values: expected a {values_dtype} tensor, got {_desc(values)}")
+    if values.dim() != 2 or values.shape[1] != 2 * groups:
+        raise ValueError(f"values: expected {values_dtype} [N, {2 * groups}] for k={k}, got {_desc(values)}")
     n = values.shape[0]
     if meta.dtype != torch.uint8 or tuple(meta.shape) != (n, (groups + 1) // 2):
         raise ValueError(f"meta: expected uint8 of shape ({n}, {(groups + 1) // 2}), got {_desc(meta)}")
@@ -269,9 +272,7 @@ def _sparse24_linear_fake(x, values, meta, k, bias, packed):
 
 # ---- pyaccel::sparse24_int8_linear --------------------------------------------------
 def check_sparse24_int8_args(x, values, meta, k, w_scale, bias, packed=None) -> None:
-    if not isinstance(values, torch.Tensor) or values.dtype != torch.int8:
-        raise TypeError(f"values: expected an int8 tensor, got {_desc(values)}")
-    check_sparse24_args(x, values.new_empty(values.shape, dtype=torch.float32), meta, k, bias, packed)
+    check_sparse24_args(x, values, meta, k, bias, packed, values_dtype=torch.int8)
     n = values.shape[0]
     if not isinstance(w_scale, torch.Tensor) or w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (n,):
         raise ValueError(f"w_scale: expected float32 of shape ({n},), got {_desc(w_scale)}")

@@ -127,7 +127,7 @@ def test_opcheck_and_errors(gen):
     op = torch.ops.pyaccel.sparse24_linear
     with pytest.raises(ValueError, match=r"x: expected last dimension K=40"):
         op(torch.randn(3, 41), vals, meta, 40, None, p)
-    with pytest.raises(ValueError, match=r"values: expected float32 \[N, 20\]"):
+    with pytest.raises(ValueError, match=r"values: expected torch.float32 \[N, 20\]"):
         op(x, vals[:, :10], meta, 40, None, p)
     with pytest.raises(ValueError, match=r"meta: expected uint8 of shape \(24, 5\)"):
         op(x, vals, meta[:, :2], 40, None, p)
@@ -166,7 +166,7 @@ def test_int8_bf16_batched_opcheck_errors(isa, gen):
     assert torch.equal(y, reference.int8_linear(x, dense, scale, None))
     torch.library.opcheck(torch.ops.pyaccel.sparse24_int8_linear.default,
                           (x.float(), vals, meta, 40, scale, None, p))
-    with pytest.raises(TypeError, match="values: expected an int8 tensor"):
+    with pytest.raises(TypeError, match="values: expected a torch.int8 tensor"):
         torch.ops.pyaccel.sparse24_int8_linear(x, vals.float(), meta, 40, scale, None, p)
     with pytest.raises(ValueError, match=r"w_scale: expected float32 of shape \(24,\)"):
         torch.ops.pyaccel.sparse24_int8_linear(x, vals, meta, 40, scale[:3], None, p)
