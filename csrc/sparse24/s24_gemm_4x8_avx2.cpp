@@ -1,7 +1,7 @@
 // 2:4 sparse GEMM, AVX2: 4 rows x 8 channels (half a 16-channel panel).
-// vpermps on ymm uses the low 3 bits of the position byte; with the 4 x
-// values repeated in both 128-bit halves that picks x[4g + i0] (byte & 3),
-// and byte >> 2 picks x[4g + i1].
+// The 4 x values are repeated in both 128-bit halves; the in-lane vpermilps
+// uses the low 2 bits of the position byte, picking x[4g + i0], and byte >> 2
+// picks x[4g + i1].
 #include <immintrin.h>
 
 #include <cstring>
@@ -49,8 +49,8 @@ inline void tile(const GemmArgs& g, int64_t m, int64_t p, int half) {
 #pragma GCC unroll 4
       for (int r = 0; r < MR; ++r) {
         const __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(g.x + (m + r) * g.ldx + 4 * gi));
-        c[r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(xb, i0), v0, c[r]);
-        c[r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(xb, i1), v1, c[r]);
+        c[r] = _mm256_fmadd_ps(_mm256_permutevar_ps(xb, i0), v0, c[r]);
+        c[r] = _mm256_fmadd_ps(_mm256_permutevar_ps(xb, i1), v1, c[r]);
       }
     }
   }

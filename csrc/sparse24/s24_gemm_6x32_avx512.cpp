@@ -1,9 +1,9 @@
 // 2:4 sparse GEMM, AVX-512: 6 rows x 32 channels (two 16-channel panels).
 //
 // Per group of 4 inputs and row: the 4 x values are broadcast to every
-// 128-bit lane (vbroadcastf32x4), so vpermps with the position byte as index
-// (only its low 4 bits count, and the pattern repeats every 4 lanes) picks
-// x[4g + i0] for each of the 16 channels; the byte >> 2 picks x[4g + i1].
+// 128-bit lane (vbroadcastf32x4), so the in-lane vpermilps with the position
+// byte as control (only its low 2 bits count) picks x[4g + i0] for each of the
+// 16 channels; the byte >> 2 picks x[4g + i1].
 // Two FMAs then add x[i0]*v0 + x[i1]*v1: 2 FMAs + 2 permutes replace the 4
 // FMAs of a dense 4 x 16 step. 12 accumulators + 4 values + 4 indices + x.
 #include <immintrin.h>
@@ -32,14 +32,14 @@ inline void store16(const GemmArgs& g, __m512 v, int64_t m, int64_t n0) {
 #define S24_ROW(r)                                                            \
   if constexpr (MR > r) {                                                     \
     const __m512 xb = _mm512_broadcast_f32x4(_mm_loadu_ps(x##r + 4 * gi));    \
-    c##r##0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i00, xb), v00, c##r##0);  \
-    c##r##1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i01, xb), v01, c##r##1);  \
+    c##r##0 = _mm512_fmadd_ps(_mm512_permutevar_ps(xb, i00), v00, c##r##0);  \
+    c##r##1 = _mm512_fmadd_ps(_mm512_permutevar_ps(xb, i01), v01, c##r##1);  \
     if constexpr (MR < 3) {                                                   \
-      d##r##0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i10, xb), v10, d##r##0);\
-      d##r##1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i11, xb), v11, d##r##1);\
+      d##r##0 = _mm512_fmadd_ps(_mm512_permutevar_ps(xb, i10), v10, d##r##0);\
+      d##r##1 = _mm512_fmadd_ps(_mm512_permutevar_ps(xb, i11), v11, d##r##1);\
     } else {                                                                  \
-      c##r##0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i10, xb), v10, c##r##0);\
-      c##r##1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i11, xb), v11, c##r##1);\
+      c##r##0 = _mm512_fmadd_ps(_mm512_permutevar_ps(xb, i10), v10, c##r##0);\
+      c##r##1 = _mm512_fmadd_ps(_mm512_permutevar_ps(xb, i11), v11, c##r##1);\
     }                                                                         \
   }
 #define S24_STORE(r)                                                          \
