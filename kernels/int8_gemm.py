@@ -31,20 +31,23 @@ def _quantize_rows_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_K,), dtype=tl.float32)  # sum of x * 0: NaN iff an inf or NaN
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
+        bad += v * 0.0
     a = tl.max(amax, axis=0)
-    inv = tl.where(a > 0, tl.math.div_rn(127.0, tl.maximum(a, 1e-38)), 0.0)
-    tl.store(s_ptr + row, tl.math.div_rn(a, 127.0))
+    finite = tl.sum(bad, axis=0) == 0.0
+    inv = tl.where(finite & (a > 0), tl.math.div_rn(127.0, tl.maximum(a, 1e-38)), 0.0)
+    tl.store(s_ptr + row, tl.where(finite, tl.math.div_rn(a, 127.0), float("nan")))
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         mask = offs < K
         v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         p = v * inv
         r = (p + 12582912.0) - 12582912.0
-        r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+        r = tl.where(finite, tl.minimum(tl.maximum(r, -127.0), 127.0), 0.0)
         tl.store(q_ptr + row * stride_qm + offs, r.to(tl.int8), mask=mask)
 
 

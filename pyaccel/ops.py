@@ -42,6 +42,9 @@ def check_int8_linear_args(x, w_int8, w_scale, bias, packed=None) -> None:
     n, k = w_int8.shape
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x: expected last dimension K={k} (w_int8 is [{n}, {k}]), got {_desc(x)}")
+    if k > reference.INT8_MAX_K:
+        raise ValueError(f"w_int8: K={k} exceeds {reference.INT8_MAX_K}, past which int32 accumulators "
+                         "could overflow")
     if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (n,):
         raise ValueError(f"w_scale: expected float32 of shape ({n},), got {_desc(w_scale)}")
     if bias is not None:
@@ -273,6 +276,8 @@ def _sparse24_linear_fake(x, values, meta, k, bias, packed):
 # ---- pyaccel::sparse24_int8_linear --------------------------------------------------
 def check_sparse24_int8_args(x, values, meta, k, w_scale, bias, packed=None) -> None:
     check_sparse24_args(x, values, meta, k, bias, packed, values_dtype=torch.int8)
+    if k > reference.INT8_MAX_K:
+        raise ValueError(f"k: {k} exceeds {reference.INT8_MAX_K}, past which int32 accumulators could overflow")
     n = values.shape[0]
     if not isinstance(w_scale, torch.Tensor) or w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (n,):
         raise ValueError(f"w_scale: expected float32 of shape ({n},), got {_desc(w_scale)}")

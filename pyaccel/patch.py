@@ -194,7 +194,10 @@ def patch(
             continue
         result = None
         for h in _HANDLERS:
-            result = h(mod, ctx)
+            try:
+                result = h(mod, ctx)
+            except (ValueError, TypeError) as exc:  # a layer the kernels cannot take: leave it
+                result = f"not convertible: {exc}"
             if result is not None:
                 break
         if result is None:

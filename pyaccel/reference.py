@@ -12,6 +12,9 @@ from typing import Optional, Tuple
 import torch
 
 QMAX = 127
+INT8_MAX_K = 131072
+"""Largest K for int8 paths: 127 * 127 * K stays below 2**31, so the int32
+accumulators cannot overflow whatever the values."""
 """Symmetric int8 range is [-127, 127]: -128 is never produced, so negating a
 value (the sign trick of the AVX2 kernels) cannot overflow."""
 
@@ -20,14 +23,19 @@ def quantize_per_row(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Symmetric dynamic int8 quantization of each row (last dim) of `x`.
 
     scale = max|x| / 127; q = clamp(round_half_even(x * (127 / max|x|)), -127, 127).
-    A row of zeros gets scale 0 and q 0. Computed in fp32 whatever x's dtype.
+    A row of zeros gets scale 0 and q 0; a row holding an inf or NaN gets q 0
+    and scale NaN (so int8_linear returns NaN there, as the float layer would).
+    Computed in fp32 whatever x's dtype.
     Returns (q int8 [..., K], scale fp32 [...]).
     """
     xf = x.float()
+    finite = torch.isfinite(xf).all(dim=-1, keepdim=True)
+    xf = torch.where(finite, xf, torch.zeros_like(xf))
     amax = xf.abs().amax(dim=-1, keepdim=True) if xf.shape[-1] > 0 else xf.new_zeros(*xf.shape[:-1], 1)
     inv = torch.where(amax > 0, torch.full_like(amax, float(QMAX)) / amax, torch.zeros_like(amax))
     q = torch.round(xf * inv).clamp_(-QMAX, QMAX).to(torch.int8)
-    return q, (amax / QMAX).squeeze(-1)
+    scale = torch.where(finite, amax / QMAX, torch.full_like(amax, float("nan")))
+    return q, scale.squeeze(-1)
 
 
 def int8_matmul_exact(q: torch.Tensor, w_int8: torch.Tensor) -> torch.Tensor:

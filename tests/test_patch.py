@@ -112,3 +112,14 @@ def test_model_that_cannot_be_accelerated_is_left_as_is():
     report = pyaccel.patch(net, quantize="int8")
     assert not report.entries and "0 swapped, 0 skipped" in str(report)
     assert all(torch.equal(sd[k], v) for k, v in net.state_dict().items())
+
+
+def test_layer_the_kernels_cannot_take_is_left_with_reason():
+    from pyaccel.reference import INT8_MAX_K
+
+    wide = nn.Linear(INT8_MAX_K + 8, 2, bias=False)
+    net = nn.Sequential(wide, nn.Linear(2, 2))
+    report = pyaccel.patch(net, quantize="int8")
+    assert net[0] is wide
+    assert "exceeds" in report.skipped[0].reason
+    assert type(net[1]) is Int8Linear

@@ -3,6 +3,7 @@
 //
 //   y[m, n] = float(sum_k q[m, k] * w[n, k]) * (sx[m] * sw[n]) + bias[n]
 //   q[m, :] = clamp(rne(x[m, :] * (127 / max|x[m, :]|)), -127, 127), sx[m] = max|x[m, :]| / 127
+//   (a row with an inf or NaN: q = 0, sx = NaN, so its outputs are NaN)
 //
 // Weights (int8, symmetric per output channel) are packed once into the
 // "NR64K4" layout (see pack.cpp); activations are quantized per call.
@@ -118,6 +119,13 @@ inline void for_each_row_tile(int64_t m0, int64_t m1, const Fn& fn) {
     fn(m, static_cast<int>(h));
     m += h;
   }
+}
+
+// A row holding an inf or NaN quantizes to q = 0 with scale NaN, so its
+// outputs are NaN (as the float layer's would be), never finite garbage.
+inline void mark_nonfinite_row(int8_t* q_row, int64_t k_pad, uint8_t xor_mask, float* scale) {
+  for (int64_t i = 0; i < k_pad; ++i) q_row[i] = static_cast<int8_t>(xor_mask);
+  *scale = __builtin_nanf("");
 }
 
 // fp32 -> bf16, round to nearest even (what torch's .to(bfloat16) does).

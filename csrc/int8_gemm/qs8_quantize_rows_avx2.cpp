@@ -31,13 +31,29 @@ void quantize_rows_avx2(const void* x, int64_t ldx, bool x_bf16, int64_t m0, int
   for (int64_t m = m0; m < m1; ++m) {
     const void* row = static_cast<const char*>(x) + m * ldx * esize;
     __m256 vmax = _mm256_setzero_ps();
+    __m256 vbad = _mm256_setzero_ps();  // sum of x * 0: NaN iff the row has an inf or NaN
     int64_t i = 0;
-    for (; i + 8 <= k; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(load8(row, x_bf16, i), absmask));
+    for (; i + 8 <= k; i += 8) {
+      const __m256 v = load8(row, x_bf16, i);
+      vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, absmask));
+      vbad = _mm256_add_ps(vbad, _mm256_mul_ps(v, _mm256_setzero_ps()));
+    }
     alignas(32) float t[8];
     _mm256_store_ps(t, vmax);
     float amax = 0.f;
     for (int j = 0; j < 8; ++j) amax = std::fmax(amax, t[j]);
-    for (; i < k; ++i) amax = std::fmax(amax, std::fabs(load1(row, x_bf16, i)));
+    _mm256_store_ps(t, vbad);
+    bool bad = false;
+    for (int j = 0; j < 8; ++j) bad |= std::isnan(t[j]);
+    for (; i < k; ++i) {
+      const float v = load1(row, x_bf16, i);
+      amax = std::fmax(amax, std::fabs(v));
+      bad |= !std::isfinite(v);
+    }
+    if (bad) {
+      mark_nonfinite_row(q + m * ldq, k_pad, xor_mask, scale + m);
+      continue;
+    }
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     scale[m] = amax / 127.f;
     const __m256 vinv = _mm256_set1_ps(inv);

@@ -29,11 +29,23 @@ void quantize_rows_avx512(const void* x, int64_t ldx, bool x_bf16, int64_t m0, i
   for (int64_t m = m0; m < m1; ++m) {
     const void* row = static_cast<const char*>(x) + m * ldx * esize;
     __m512 vmax = _mm512_setzero_ps();
+    __m512 vbad = _mm512_setzero_ps();  // sum of x * 0: NaN iff the row has an inf or NaN
+    const __m512 zero = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i + 16 <= k; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(row, x_bf16, i, 0xffff)));
+    for (; i + 16 <= k; i += 16) {
+      const __m512 v = load16(row, x_bf16, i, 0xffff);
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+      vbad = _mm512_add_ps(vbad, _mm512_mul_ps(v, zero));
+    }
     if (i < k) {
       const __mmask16 mk = static_cast<__mmask16>((1u << (k - i)) - 1);
-      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(row, x_bf16, i, mk)));
+      const __m512 v = load16(row, x_bf16, i, mk);
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+      vbad = _mm512_add_ps(vbad, _mm512_mul_ps(v, zero));
+    }
+    if (_mm512_cmp_ps_mask(vbad, vbad, _CMP_UNORD_Q)) {
+      mark_nonfinite_row(q + m * ldq, k_pad, xor_mask, scale + m);
+      continue;
     }
     const float amax = _mm512_reduce_max_ps(vmax);
     const float inv = amax > 0.f ? 127.f / amax : 0.f;

@@ -16,7 +16,15 @@ void quantize_rows_scalar(const void* x, int64_t ldx, bool x_bf16, int64_t m0, i
     const uint16_t* xh = x_bf16 ? static_cast<const uint16_t*>(x) + m * ldx : nullptr;
     auto at = [&](int64_t i) { return xf ? xf[i] : bf16_to_fp32(xh[i]); };
     float amax = 0.f;
-    for (int64_t i = 0; i < k; ++i) amax = std::fmax(amax, std::fabs(at(i)));
+    bool bad = false;
+    for (int64_t i = 0; i < k; ++i) {
+      amax = std::fmax(amax, std::fabs(at(i)));
+      bad |= !std::isfinite(at(i));
+    }
+    if (bad) {
+      mark_nonfinite_row(q + m * ldq, k_pad, xor_mask, scale + m);
+      continue;
+    }
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     scale[m] = amax / 127.f;
     int8_t* qr = q + m * ldq;

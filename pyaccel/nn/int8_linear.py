@@ -17,7 +17,7 @@ from pyaccel.formats.int8 import (
     pack_int8_weight,
     quantize_weight_per_channel,
 )
-from pyaccel.reference import QMAX
+from pyaccel.reference import INT8_MAX_K, QMAX
 
 _is_compiling = torch.compiler.is_compiling
 _get_default_dtype = torch.get_default_dtype
@@ -49,6 +49,9 @@ class Int8Linear(PackedModule):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features/out_features: expected >= 1, got {in_features}, {out_features}")
+        if in_features > INT8_MAX_K:
+            raise ValueError(f"in_features: {in_features} exceeds {INT8_MAX_K}, past which int32 "
+                             "accumulators could overflow")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from pyaccel import _native, ops
 from pyaccel.formats import sparse24 as s24
 from pyaccel.nn._packed import PackedModule
+from pyaccel.reference import INT8_MAX_K
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -136,6 +137,9 @@ class Sparse24Int8Linear(PackedModule):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features/out_features: expected >= 1, got {in_features}, {out_features}")
+        if in_features > INT8_MAX_K:
+            raise ValueError(f"in_features: {in_features} exceeds {INT8_MAX_K}, past which int32 "
+                             "accumulators could overflow")
         self.in_features, self.out_features = int(in_features), int(out_features)
         groups = (in_features + 3) // 4
         self.register_buffer("values", torch.zeros(out_features, 2 * groups, dtype=torch.int8, device=device))

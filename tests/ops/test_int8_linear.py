@@ -162,3 +162,16 @@ def test_bad_input_names_the_argument(gen):
         op(x, w.values, w.scale, None, torch.zeros_like(pack_int8_weight(w.values)))
     with pytest.raises(TypeError, match=r"packed: expected a 1-D uint8"):
         op(x, w.values, w.scale, None, torch.zeros(3, 3))
+
+
+def test_k_past_int32_safe_limit_is_refused():
+    from pyaccel.reference import INT8_MAX_K
+
+    k = INT8_MAX_K + 4
+    w = torch.ones(1, k, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"w_int8: K=131076 exceeds 131072"):
+        torch.ops.pyaccel.int8_linear(torch.ones(1, k), w, torch.ones(1), None, None)
+    from pyaccel.nn import Int8Linear
+
+    with pytest.raises(ValueError, match="in_features: 131076 exceeds"):
+        Int8Linear(k, 1)

@@ -65,3 +65,24 @@ def test_bad_input():
         torch.ops.pyaccel.quantize_per_row(torch.zeros(3, 4, dtype=torch.int32))
     with pytest.raises(TypeError, match="x: expected"):
         torch.ops.pyaccel.quantize_per_row(torch.zeros((), dtype=torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_rows_give_nan_not_garbage(isa, gen, dtype):
+    from pyaccel.formats.int8 import pack_int8_weight, quantize_weight_per_channel
+
+    x = torch.randn(5, 37, generator=gen)
+    x[1, 3] = float("inf")
+    x[3, 36] = float("nan")
+    x[4, 0] = float("-inf")
+    x = x.to(dtype)
+    q, s = _check(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))  # finite rows: plain path
+    q, s = torch.ops.pyaccel.quantize_per_row(x)
+    qr, sr = reference.quantize_per_row(x)
+    assert torch.equal(q, qr)
+    assert torch.equal(torch.isnan(s), torch.tensor([False, True, False, True, True]))
+    assert torch.equal(s[~torch.isnan(s)], sr[~torch.isnan(sr)])
+    w = quantize_weight_per_channel(torch.randn(9, 37, generator=gen))
+    y = torch.ops.pyaccel.int8_linear(x, w.values, w.scale, torch.zeros(9), pack_int8_weight(w.values))
+    assert torch.isnan(y[[1, 3, 4]]).all() and torch.isfinite(y[[0, 2]]).all()
+    assert torch.equal(y[[0, 2]], reference.int8_linear(x, w.values, w.scale, torch.zeros(9))[[0, 2]])

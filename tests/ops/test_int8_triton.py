@@ -100,3 +100,13 @@ def test_kernels_compile_for_gpu(cc, tmp_path):
                        env=env, timeout=600, cwd=tmp_path)  # cwd: not the source tree
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"compiled {cc}" in r.stdout
+
+
+def test_triton_nonfinite_rows():
+    x = torch.randn(4, 40)
+    x[2, 5] = float("nan")
+    x[0, 0] = float("inf")
+    q, s = tk.quantize_per_row(x.to(DEVICE))
+    qr, sr = reference.quantize_per_row(x)
+    assert torch.equal(q.cpu(), qr)
+    assert torch.equal(torch.isnan(s.cpu()), torch.isnan(sr))
