@@ -72,6 +72,17 @@ def _as_rows(x: Tensor, k: int) -> Tensor:
     return x2
 
 
+def _on_rows(x: Tensor, k: int, n: int, kernel) -> Tensor:
+    """Run kernel(x2, m, bf16, y) over x as [M, K] rows into a fresh [M, N]
+    output of x's dtype (skipped for M = 0); return it as [..., N]."""
+    x2 = _as_rows(x, k)
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype)
+    if m:
+        kernel(x2, m, x.dtype == torch.bfloat16, y)
+    return y.view(*x.shape[:-1], n)
+
+
 def int8_linear_cpu(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor],
                     packed: Optional[Tensor]) -> Tensor:
     """The native CPU int8 linear (arguments already checked). Falls back to the
@@ -82,16 +93,11 @@ def int8_linear_cpu(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[T
     if packed is None:
         packed = pack_int8_weight(w_int8)
     n, k = w_int8.shape
-    x2 = _as_rows(x, k)
-    m = x2.shape[0]
-    bf16 = x.dtype == torch.bfloat16
-    y = torch.empty((m, n), dtype=x.dtype)
-    if m:
-        w_scale = w_scale.contiguous()
-        bias_ptr = bias.contiguous().data_ptr() if bias is not None else 0
-        C.int8_linear(x2.data_ptr(), x2.stride(0), bf16, m, k, packed.data_ptr(), packed.numel(), n,
-                      w_scale.data_ptr(), bias_ptr, y.data_ptr(), n, bf16, torch.get_num_threads())
-    return y.view(*x.shape[:-1], n)
+    w_scale = w_scale.contiguous()
+    bias_ptr = bias.contiguous().data_ptr() if bias is not None else 0
+    return _on_rows(x, k, n, lambda x2, m, bf16, y: C.int8_linear(
+        x2.data_ptr(), x2.stride(0), bf16, m, k, packed.data_ptr(), packed.numel(), n, w_scale.data_ptr(),
+        bias_ptr, y.data_ptr(), n, bf16, torch.get_num_threads()))
 
 
 def _int8_linear_cuda(x, w_int8, w_scale, bias):
@@ -228,15 +234,10 @@ def sparse24_linear_cpu(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: O
     if packed is None:
         packed = pack_sparse24(Sparse24Weight(values, meta, k))
     n = values.shape[0]
-    x2 = _as_rows(x, k)
-    m = x2.shape[0]
-    bf16 = x.dtype == torch.bfloat16
-    y = torch.empty((m, n), dtype=x.dtype)
-    if m:
-        bias_ptr = bias.contiguous().data_ptr() if bias is not None else 0
-        C.s24_linear(x2.data_ptr(), x2.stride(0), bf16, m, k, packed.data_ptr(), packed.numel(), n,
-                     bias_ptr, y.data_ptr(), n, bf16, torch.get_num_threads())
-    return y.view(*x.shape[:-1], n)
+    bias_ptr = bias.contiguous().data_ptr() if bias is not None else 0
+    return _on_rows(x, k, n, lambda x2, m, bf16, y: C.s24_linear(
+        x2.data_ptr(), x2.stride(0), bf16, m, k, packed.data_ptr(), packed.numel(), n, bias_ptr,
+        y.data_ptr(), n, bf16, torch.get_num_threads()))
 
 
 @torch.library.custom_op("pyaccel::sparse24_linear", mutates_args=())
@@ -294,16 +295,11 @@ def sparse24_int8_linear_cpu(x, values, meta, k, w_scale, bias, packed):
     if packed is None:
         packed = pack_sparse24_int8(values, meta, k)
     n = values.shape[0]
-    x2 = _as_rows(x, k)
-    m = x2.shape[0]
-    bf16 = x.dtype == torch.bfloat16
-    y = torch.empty((m, n), dtype=x.dtype)
-    if m:
-        w_scale = w_scale.contiguous()
-        bias_ptr = bias.contiguous().data_ptr() if bias is not None else 0
-        C.s24i8_linear(x2.data_ptr(), x2.stride(0), bf16, m, k, packed.data_ptr(), packed.numel(), n,
-                       w_scale.data_ptr(), bias_ptr, y.data_ptr(), n, bf16, torch.get_num_threads())
-    return y.view(*x.shape[:-1], n)
+    w_scale = w_scale.contiguous()
+    bias_ptr = bias.contiguous().data_ptr() if bias is not None else 0
+    return _on_rows(x, k, n, lambda x2, m, bf16, y: C.s24i8_linear(
+        x2.data_ptr(), x2.stride(0), bf16, m, k, packed.data_ptr(), packed.numel(), n, w_scale.data_ptr(),
+        bias_ptr, y.data_ptr(), n, bf16, torch.get_num_threads()))
 
 
 @torch.library.custom_op("pyaccel::sparse24_int8_linear", mutates_args=())

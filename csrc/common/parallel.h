@@ -14,9 +14,20 @@ void parallel_for(int64_t n, int64_t grain, int nthreads, const Fn& fn);
 
 int max_threads();
 
+// The GEMM work split every op uses: a grid of (unit of output channels) x
+// (chunk of rows), unit-major, cut into contiguous ranges over the threads.
+// Rows are chunked only when there are too few units to keep every thread
+// busy; otherwise a thread runs whole units over all rows (its weights stay
+// in L2 while the rows stream past). Consecutive chunks of one unit merge into
+// one call fn(unit, row0, row1); row chunks are multiples of `mr`.
+template <typename Fn>
+void parallel_units_rows(int64_t units, int64_t m, int64_t mr, int nthreads, const Fn& fn);
+
 }  // namespace pyaccel
 
 #include <omp.h>
+
+#include <algorithm>
 
 namespace pyaccel {
 
@@ -35,6 +46,25 @@ void parallel_for(int64_t n, int64_t grain, int nthreads, const Fn& fn) {
     const int64_t b = u0 * grain, e = u1 * grain < n ? u1 * grain : n;
     if (b < e) fn(b, e);
   }
+}
+
+template <typename Fn>
+void parallel_units_rows(int64_t units, int64_t m, int64_t mr, int nthreads, const Fn& fn) {
+  if (units <= 0 || m <= 0) return;
+  int64_t chunks = 1;
+  if (nthreads > 1 && units < 4 * nthreads)
+    chunks = std::min<int64_t>((m + mr - 1) / mr, (4 * nthreads + units - 1) / units);
+  const int64_t row_tiles = (m + mr - 1) / mr;
+  parallel_for(units * chunks, 1, nthreads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1;) {
+      const int64_t u = t / chunks, c0 = t % chunks;
+      const int64_t c1 = std::min<int64_t>(chunks, c0 + (t1 - t));
+      const int64_t r0 = std::min<int64_t>(m, row_tiles * c0 / chunks * mr);
+      const int64_t r1 = c1 == chunks ? m : std::min<int64_t>(m, row_tiles * c1 / chunks * mr);
+      if (r0 < r1) fn(u, r0, r1);
+      t += c1 - c0;
+    }
+  });
 }
 
 }  // namespace pyaccel

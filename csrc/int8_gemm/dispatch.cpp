@@ -36,26 +36,8 @@ struct Scratch {
 thread_local Scratch t_scratch;
 
 void run_gemm(const Kernel& kern, const GemmArgs& g, int64_t n_pad, int nthreads) {
-  const int64_t panels = n_pad / kPanel;
-  // Row chunks only when there are too few panels to keep every thread busy;
-  // otherwise each thread runs whole panels over all rows (its weight panel
-  // stays in L2 while the rows stream past it).
-  int64_t chunks = 1;
-  if (nthreads > 1 && panels < 4 * nthreads)
-    chunks = std::min<int64_t>((g.m + kern.mr - 1) / kern.mr, (4 * nthreads + panels - 1) / panels);
-  const int64_t row_tiles = (g.m + kern.mr - 1) / kern.mr;
-  const int64_t tiles = panels * chunks;  // panel-major
-  parallel_for(tiles, 1, nthreads, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1;) {
-      const int64_t p = t / chunks, c0 = t % chunks;
-      // merge consecutive row chunks of one panel into a single call
-      const int64_t c1 = std::min<int64_t>(chunks, c0 + (t1 - t));
-      const int64_t m0 = std::min<int64_t>(g.m, row_tiles * c0 / chunks * kern.mr);
-      const int64_t m1 = c1 == chunks ? g.m : std::min<int64_t>(g.m, row_tiles * c1 / chunks * kern.mr);
-      kern.gemm(g, m0, m1, p, p + 1);
-      t += c1 - c0;
-    }
-  });
+  parallel_units_rows(n_pad / kPanel, g.m, kern.mr, nthreads,
+                      [&](int64_t p, int64_t m0, int64_t m1) { kern.gemm(g, m0, m1, p, p + 1); });
 }
 
 // Row stride of the quantized activations: k_pad plus one cache line when

@@ -9,6 +9,7 @@
 // 8 channels for the AVX2 kernel. Padding (n -> n_pad, k -> k_pad) is zero.
 #include <cstring>
 
+#include "common/packed_header.h"
 #include "int8_gemm/int8_gemm.h"
 
 namespace pyaccel {
@@ -56,15 +57,7 @@ void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* o
 }
 
 const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k) {
-  if (buf == nullptr || nbytes < static_cast<int64_t>(sizeof(PackedHeader)))
-    return "packed weight is empty or shorter than its header";
-  PackedHeader h;
-  std::memcpy(&h, buf, sizeof(h));
-  if (h.magic != kMagic) return "packed weight has no pyaccel int8 header (bad magic)";
-  if (h.layout != kLayoutNR64K4) return "packed weight has a layout this build does not know";
-  if (h.n != n || h.k != k) return "packed weight shape does not match the weight";
-  if (nbytes != packed_nbytes(n, k)) return "packed weight has the wrong size";
-  return nullptr;
+  return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, kLayoutNR64K4, packed_nbytes(n, k));
 }
 
 }  // namespace int8_gemm

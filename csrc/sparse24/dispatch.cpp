@@ -60,20 +60,10 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
     lx = kp;
   }
   GemmArgs g{xf, lx, packed + h.data_offset, bias, y, ldy, y_bf16, m, h.n, h.groups_pad};
-  // work units: pairs of panels (the AVX-512 tile is 32 channels) x row chunks
-  const int64_t units = (h.n_pad / kPanel + 1) / 2;
-  int64_t chunks = 1;
-  if (nthreads > 1 && units < 4 * nthreads)
-    chunks = std::min<int64_t>((m + kern.mr - 1) / kern.mr, (4 * nthreads + units - 1) / units);
-  const int64_t row_tiles = (m + kern.mr - 1) / kern.mr;
+  // units: pairs of 16-channel panels (the AVX-512 tiles are 32 channels wide)
   const int64_t panels = h.n_pad / kPanel;
-  parallel_for(units * chunks, 1, nthreads, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t u = t / chunks, c = t % chunks;
-      const int64_t r0 = std::min<int64_t>(m, row_tiles * c / chunks * kern.mr);
-      const int64_t r1 = c + 1 == chunks ? m : std::min<int64_t>(m, row_tiles * (c + 1) / chunks * kern.mr);
-      if (r0 < r1) kern.gemm(g, r0, r1, 2 * u, std::min<int64_t>(panels, 2 * u + 2));
-    }
+  parallel_units_rows((panels + 1) / 2, m, kern.mr, nthreads, [&](int64_t u, int64_t r0, int64_t r1) {
+    kern.gemm(g, r0, r1, 2 * u, std::min<int64_t>(panels, 2 * u + 2));
   });
 }
 

@@ -1,5 +1,6 @@
 #include <cstring>
 
+#include "common/packed_header.h"
 #include "sparse24/sparse24.h"
 
 namespace pyaccel {
@@ -44,15 +45,7 @@ void pack(const float* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int
 }
 
 const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k) {
-  if (buf == nullptr || nbytes < static_cast<int64_t>(sizeof(PackedHeader)))
-    return "packed weight is empty or shorter than its header";
-  PackedHeader h;
-  std::memcpy(&h, buf, sizeof(h));
-  if (h.magic != kMagic) return "packed weight has no pyaccel 2:4 header (bad magic)";
-  if (h.layout != kLayoutF32P16B4) return "packed weight has a layout this build does not know";
-  if (h.n != n || h.k != k) return "packed weight shape does not match the weight";
-  if (nbytes != packed_nbytes(n, k)) return "packed weight has the wrong size";
-  return nullptr;
+  return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, kLayoutF32P16B4, packed_nbytes(n, k));
 }
 
 }  // namespace sparse24

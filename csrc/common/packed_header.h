@@ -1,0 +1,26 @@
+// The check every packed-weight format runs before a kernel touches it: the
+// 64-byte header's magic, layout tag and logical shape must match what the
+// caller says, and the buffer must have the size the format implies.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace pyaccel {
+
+// Header: any struct starting with {uint32 magic; int32 layout; int64 n, k; ...}.
+// Returns nullptr when valid, else a message (static storage).
+template <typename Header>
+const char* check_packed_header(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k, uint32_t magic,
+                                int32_t layout, int64_t expected_nbytes) {
+  if (buf == nullptr || nbytes < static_cast<int64_t>(sizeof(Header)))
+    return "packed weight is empty or shorter than its header";
+  Header h;
+  std::memcpy(&h, buf, sizeof(h));
+  if (h.magic != magic) return "packed weight was not packed for this op (bad magic)";
+  if (h.layout != layout) return "packed weight has a layout this build does not know";
+  if (h.n != n || h.k != k) return "packed weight shape does not match the weight";
+  if (nbytes != expected_nbytes) return "packed weight has the wrong size";
+  return nullptr;
+}
+
+}  // namespace pyaccel
