@@ -62,6 +62,12 @@ def check_int8_linear_args(x, w_int8, w_scale, bias, packed=None) -> None:
         raise TypeError(f"packed: expected a 1-D uint8 tensor from pack_int8_weight, got {_desc(packed)}")
 
 
+def require_tensor(x, name: str = "x") -> None:
+    """TypeError naming the argument (the dispatcher's own message is a RuntimeError)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+
+
 def _as_rows(x: Tensor, k: int) -> Tensor:
     """x as a [M, K] view with unit stride along K (copies only when it must)."""
     x2 = x.reshape(math.prod(x.shape[:-1]), k)

@@ -186,3 +186,9 @@ def test_hooks_still_run(gen):
     finally:
         g.remove()
     assert seen[-1] == "global"
+
+
+def test_non_tensor_input_is_a_type_error():
+    m = Int8Linear.from_float(nn.Linear(4, 2))
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor, got list"):
+        m([1.0] * 4)

@@ -142,3 +142,9 @@ def test_quantize_int8_on_2_4_model_uses_sparse_int8(gen):
     assert {"0.values", "0.meta", "0.weight_scale"} <= set(sd) and sd["0.values"].dtype == torch.int8
     c = copy.deepcopy(net)
     assert torch.equal(c(x_small), ys) and torch.equal(c(x_big), yb)
+
+
+def test_non_tensor_input_is_a_type_error():
+    m = Sparse24Linear(16, 4)
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+        m([1.0] * 16)

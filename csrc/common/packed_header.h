@@ -7,6 +7,8 @@
 
 namespace pyaccel {
 
+inline int64_t round_up(int64_t v, int64_t multiple) { return (v + multiple - 1) / multiple * multiple; }
+
 // Header: any struct starting with {uint32 magic; int32 layout; int64 n, k; ...}.
 // Returns nullptr when valid, else a message (static storage).
 template <typename Header>

@@ -15,10 +15,6 @@
 namespace pyaccel {
 namespace int8_gemm {
 
-namespace {
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-}  // namespace
-
 int64_t packed_nbytes(int64_t n, int64_t k) {
   const int64_t n_pad = round_up(n, kPanel), k_pad = round_up(k, kKGroup);
   return static_cast<int64_t>(sizeof(PackedHeader)) + n_pad * 4 + n_pad * k_pad;

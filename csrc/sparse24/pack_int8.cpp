@@ -5,10 +5,6 @@
 
 namespace pyaccel {
 namespace sparse24_int8 {
-namespace {
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-}  // namespace
-
 int64_t packed_nbytes(int64_t n, int64_t k) {
   const int64_t n_pad = round_up(n, kPanel), pairs = ((k + 3) / 4 + 1) / 2;
   return static_cast<int64_t>(sizeof(PackedHeader)) + n_pad * 4 + (n_pad / kPanel) * pairs * kPairBytes;

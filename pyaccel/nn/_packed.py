@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import FrozenSet
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.nn.modules import module as _module_mod
 
 # The hook registries nn.Module._call_impl consults (dicts mutated in place).
@@ -35,6 +36,18 @@ class PackedModule(nn.Module):
                 return "cpu/reference"
             return f"cpu/{_native.selected_isa()} ({getattr(C, kernel_fn)()})"
         return "cuda/triton" if device.type == "cuda" else f"{device.type}/reference"
+
+    def _eager_output(self, x):
+        """For the native eager fast path: (y, bf16) with y a fresh [M, out]
+        output when x is a plain 2-D CPU fp32/bf16 tensor of rows with unit
+        stride along in_features; None when x needs the general path."""
+        if type(x) is not Tensor or torch.compiler.is_compiling():
+            return None
+        shape, dt = x.shape, x.dtype
+        if (len(shape) == 2 and shape[1] == self.in_features and x.is_cpu and x.stride(1) == 1
+                and (dt is torch.float32 or dt is torch.bfloat16)):
+            return torch.empty(shape[0], self.out_features, dtype=dt), dt is torch.bfloat16
+        return None
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)

@@ -149,6 +149,7 @@ class Int8Linear(PackedModule):
                 return y
             if x.is_cpu and dt in ops._FLOAT_IO and x.dim() >= 1 and shape[-1] == self.in_features:
                 return ops.int8_linear_cpu(x, self.weight_int8, self.weight_scale, self.bias, self._packed)
+        ops.require_tensor(x)
         return torch.ops.pyaccel.int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self._packed)
 
     def backend(self) -> str:

@@ -89,19 +89,17 @@ class Sparse24Linear(PackedModule):
 
     def forward(self, x: Tensor) -> Tensor:
         plan = self._plan
-        if plan is not None and type(x) is Tensor and not _is_compiling():
-            shape, dt = x.shape, x.dtype
-            if (len(shape) == 2 and shape[1] == self.in_features and x.is_cpu and x.stride(1) == 1
-                    and (dt is torch.float32 or dt is torch.bfloat16)):
-                n, m = self.out_features, shape[0]
-                y = torch.empty(m, n, dtype=dt)
-                bf16 = dt is torch.bfloat16
-                _native.lib().s24_linear(x.data_ptr(), x.stride(0), bf16, m, self.in_features, plan[0], plan[1],
-                                         n, plan[2], y.data_ptr(), n, bf16, torch.get_num_threads())
-                return y
-            if x.is_cpu and dt in ops._FLOAT_IO and x.dim() >= 1 and shape[-1] == self.in_features:
-                return ops.sparse24_linear_cpu(x, self.values, self.meta, self.in_features, self.bias,
-                                               self._packed)
+        fast = self._eager_output(x) if plan is not None else None
+        if fast is not None:  # eager fast path: straight to the native kernel
+            y, bf16 = fast
+            n, m = self.out_features, x.shape[0]
+            _native.lib().s24_linear(x.data_ptr(), x.stride(0), bf16, m, self.in_features, plan[0], plan[1],
+                                     n, plan[2], y.data_ptr(), n, bf16, torch.get_num_threads())
+            return y
+        if (isinstance(x, Tensor) and x.is_cpu and not _is_compiling() and x.dtype in ops._FLOAT_IO and x.dim() >= 1
+                and x.shape[-1] == self.in_features):
+            return ops.sparse24_linear_cpu(x, self.values, self.meta, self.in_features, self.bias, self._packed)
+        ops.require_tensor(x)
         return torch.ops.pyaccel.sparse24_linear(x, self.values, self.meta, self.in_features, self.bias,
                                                  self._packed)
 
@@ -204,23 +202,21 @@ class Sparse24Int8Linear(PackedModule):
 
     def forward(self, x: Tensor) -> Tensor:
         plan = self._plan
-        if plan is not None and type(x) is Tensor and not _is_compiling():
-            shape, dt = x.shape, x.dtype
-            if (len(shape) == 2 and shape[1] == self.in_features and x.is_cpu and x.stride(1) == 1
-                    and (dt is torch.float32 or dt is torch.bfloat16)):
-                n, m = self.out_features, shape[0]
-                y = torch.empty(m, n, dtype=dt)
-                bf16 = dt is torch.bfloat16
-                if m < SPARSE_INT8_MAX_ROWS:
-                    _native.lib().s24i8_linear(x.data_ptr(), x.stride(0), bf16, m, self.in_features, plan[0],
-                                               plan[1], n, plan[2], plan[3], y.data_ptr(), n, bf16,
-                                               torch.get_num_threads())
-                else:
-                    self._dense_plan()(x.data_ptr(), x.stride(0), bf16, m, y.data_ptr(), torch.get_num_threads())
-                return y
-            if x.is_cpu and dt in ops._FLOAT_IO and x.dim() >= 1 and shape[-1] == self.in_features:
-                return ops.sparse24_int8_linear_cpu(x, self.values, self.meta, self.in_features,
-                                                    self.weight_scale, self.bias, self._packed)
+        fast = self._eager_output(x) if plan is not None else None
+        if fast is not None:  # eager fast path: sparse kernel for few rows, dense int8 beyond
+            y, bf16 = fast
+            n, m = self.out_features, x.shape[0]
+            if m < SPARSE_INT8_MAX_ROWS:
+                _native.lib().s24i8_linear(x.data_ptr(), x.stride(0), bf16, m, self.in_features, plan[0], plan[1],
+                                           n, plan[2], plan[3], y.data_ptr(), n, bf16, torch.get_num_threads())
+            else:
+                self._dense_plan()(x.data_ptr(), x.stride(0), bf16, m, y.data_ptr(), torch.get_num_threads())
+            return y
+        if (isinstance(x, Tensor) and x.is_cpu and not _is_compiling() and x.dtype in ops._FLOAT_IO and x.dim() >= 1
+                and x.shape[-1] == self.in_features):
+            return ops.sparse24_int8_linear_cpu(x, self.values, self.meta, self.in_features, self.weight_scale,
+                                                self.bias, self._packed)
+        ops.require_tensor(x)
         return torch.ops.pyaccel.sparse24_int8_linear(x, self.values, self.meta, self.in_features,
                                                       self.weight_scale, self.bias, self._packed)
 
