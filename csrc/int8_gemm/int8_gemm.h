@@ -10,6 +10,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/cpu_features.h"
 
@@ -104,9 +105,25 @@ void qs8_gemm_4x16c4_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_4x64c4_avx512bw(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_6x64c4_avx512vnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 
+inline uint16_t fp32_to_bf16(float f);
+
+namespace detail {
+template <int H, typename Fn>
+inline void call_with_height(int h, int64_t m, const Fn& fn) {
+  if constexpr (H >= 1) {
+    if (h == H) {
+      fn(m, std::integral_constant<int, H>{});
+      return;
+    }
+    call_with_height<H - 1>(h, m, fn);
+  }
+}
+}  // namespace detail
+
 // Splits rows [m0, m1) into ceil(rows / MR) tiles of nearly equal height (so
 // 32 rows with MR = 6 run as 6,6,5,5,5,5, not 6,6,6,6,6,2) and calls
-// fn(m, height) for each.
+// fn(m, height) for each, the height as a std::integral_constant so that the
+// callee can instantiate its tile template: [&](int64_t m, auto h) { tile<h()>(...); }.
 template <int MR, typename Fn>
 inline void for_each_row_tile(int64_t m0, int64_t m1, const Fn& fn) {
   const int64_t rows = m1 - m0;
@@ -116,9 +133,19 @@ inline void for_each_row_tile(int64_t m0, int64_t m1, const Fn& fn) {
   int64_t m = m0;
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t h = base + (t < extra ? 1 : 0);
-    fn(m, static_cast<int>(h));
+    detail::call_with_height<MR>(static_cast<int>(h), m, fn);
     m += h;
   }
+}
+
+// Scalar output store shared by the portable kernels and the scalar tails:
+// y[m, n] = v (+ bias[n]) as fp32 or bf16.
+inline void store_output(void* y, int64_t ldy, bool y_bf16, const float* bias, int64_t m, int64_t n, float v) {
+  if (bias) v += bias[n];
+  if (y_bf16)
+    static_cast<uint16_t*>(y)[m * ldy + n] = fp32_to_bf16(v);
+  else
+    static_cast<float*>(y)[m * ldy + n] = v;
 }
 
 // A row holding an inf or NaN quantizes to q = 0 with scale NaN, so its

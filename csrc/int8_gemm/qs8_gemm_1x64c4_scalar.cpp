@@ -24,12 +24,7 @@ void qs8_gemm_1x64c4_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p
       for (int c = 0; c < kPanel; ++c) {
         const int64_t n = p * kPanel + c;
         if (n >= g.n) break;
-        float v = static_cast<float>(acc[c]) * (sa * g.w_scale[n]);
-        if (g.bias) v += g.bias[n];
-        if (g.c_bf16)
-          static_cast<uint16_t*>(g.c)[m * g.ldc + n] = fp32_to_bf16(v);
-        else
-          static_cast<float*>(g.c)[m * g.ldc + n] = v;
+        store_output(g.c, g.ldc, g.c_bf16, g.bias, m, n, static_cast<float>(acc[c]) * (sa * g.w_scale[n]));
       }
     }
   }

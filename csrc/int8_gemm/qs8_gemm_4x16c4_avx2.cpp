@@ -97,14 +97,7 @@ void qs8_gemm_4x16c4_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0,
       const int64_t n0 = p * kPanel + 16 * s;
       if (n0 >= g.n) break;
       const int8_t* sub = panel + 16 * s * kKGroup;
-      for_each_row_tile<4>(m0, m1, [&](int64_t m, int h) {
-        switch (h) {
-          case 4: tile<4>(g, m, sub, n0); break;
-          case 3: tile<3>(g, m, sub, n0); break;
-          case 2: tile<2>(g, m, sub, n0); break;
-          default: tile<1>(g, m, sub, n0); break;
-        }
-      });
+      for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<h()>(g, m, sub, n0); });
     }
   }
 }

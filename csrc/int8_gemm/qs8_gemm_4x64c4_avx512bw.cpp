@@ -56,14 +56,7 @@ void qs8_gemm_4x64c4_avx512bw(const GemmArgs& g, int64_t m0, int64_t m1, int64_t
   const int64_t groups = g.k_pad / kKGroup;
   for (int64_t p = p0; p < p1; ++p) {
     const int8_t* panel = g.w + p * groups * kPanel * kKGroup;
-    for_each_row_tile<4>(m0, m1, [&](int64_t m, int h) {
-      switch (h) {
-        case 4: tile<4>(g, m, panel, p); break;
-        case 3: tile<3>(g, m, panel, p); break;
-        case 2: tile<2>(g, m, panel, p); break;
-        default: tile<1>(g, m, panel, p); break;
-      }
-    });
+    for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<h()>(g, m, panel, p); });
   }
 }
 

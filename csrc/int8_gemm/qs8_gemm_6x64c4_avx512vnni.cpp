@@ -127,16 +127,8 @@ void qs8_gemm_6x64c4_avx512vnni(const GemmArgs& g, int64_t m0, int64_t m1, int64
     for (int64_t k0 = 0; k0 < groups; k0 += kKcGroups) {
       const int64_t k1 = blocked ? std::min<int64_t>(groups, k0 + kKcGroups) : groups;
       const bool first = k0 == 0, last = k1 == groups;
-      for_each_row_tile<6>(m0, m1, [&](int64_t m, int h) {
-        int32_t* pt = part + (m - m0) * kPanel;
-        switch (h) {
-          case 6: tile<6>(g, m, panel, p, k0, k1, pt, first, last); break;
-          case 5: tile<5>(g, m, panel, p, k0, k1, pt, first, last); break;
-          case 4: tile<4>(g, m, panel, p, k0, k1, pt, first, last); break;
-          case 3: tile<3>(g, m, panel, p, k0, k1, pt, first, last); break;
-          case 2: tile<2>(g, m, panel, p, k0, k1, pt, first, last); break;
-          default: tile<1>(g, m, panel, p, k0, k1, pt, first, last); break;
-        }
+      for_each_row_tile<6>(m0, m1, [&](int64_t m, auto h) {
+        tile<h()>(g, m, panel, p, k0, k1, part + (m - m0) * kPanel, first, last);
       });
       if (!blocked) break;
     }

@@ -23,12 +23,8 @@ void qs8_s24_gemm_1x16_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t
       for (int c = 0; c < kPanel; ++c) {
         const int64_t n = p * kPanel + c;
         if (n >= g.n) break;
-        float o = static_cast<float>(acc[c]) * (g.a_scale[m] * g.w_scale[n]);
-        if (g.bias) o += g.bias[n];
-        if (g.y_bf16)
-          static_cast<uint16_t*>(g.y)[m * g.ldy + n] = int8_gemm::fp32_to_bf16(o);
-        else
-          static_cast<float*>(g.y)[m * g.ldy + n] = o;
+        int8_gemm::store_output(g.y, g.ldy, g.y_bf16, g.bias, m, n,
+                                static_cast<float>(acc[c]) * (g.a_scale[m] * g.w_scale[n]));
       }
     }
   }

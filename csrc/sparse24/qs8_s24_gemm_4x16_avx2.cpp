@@ -27,14 +27,9 @@ inline __m256i control8(const uint8_t* pos) {
 inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t n0) {
   alignas(32) int32_t t[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(t), acc);
-  for (int i = 0; i < 8 && n0 + i < g.n; ++i) {
-    float o = static_cast<float>(t[i]) * (sa * g.w_scale[n0 + i]);
-    if (g.bias) o += g.bias[n0 + i];
-    if (g.y_bf16)
-      static_cast<uint16_t*>(g.y)[m * g.ldy + n0 + i] = int8_gemm::fp32_to_bf16(o);
-    else
-      static_cast<float*>(g.y)[m * g.ldy + n0 + i] = o;
-  }
+  for (int i = 0; i < 8 && n0 + i < g.n; ++i)
+    int8_gemm::store_output(g.y, g.ldy, g.y_bf16, g.bias, m, n0 + i,
+                            static_cast<float>(t[i]) * (sa * g.w_scale[n0 + i]));
 }
 
 template <int MR>
@@ -69,14 +64,7 @@ inline void tile(const GemmArgs& g, int64_t m, int64_t p) {
 
 void qs8_s24_gemm_4x16_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
-    int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, int h) {
-      switch (h) {
-        case 4: tile<4>(g, m, p); break;
-        case 3: tile<3>(g, m, p); break;
-        case 2: tile<2>(g, m, p); break;
-        default: tile<1>(g, m, p); break;
-      }
-    });
+    int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<h()>(g, m, p); });
   }
 }
 

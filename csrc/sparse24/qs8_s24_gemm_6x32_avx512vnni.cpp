@@ -87,16 +87,7 @@ inline void tile(const GemmArgs& g, int64_t m, int64_t p, bool two) {
 void qs8_s24_gemm_6x32_avx512vnni(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; p += 2) {
     const bool two = p + 1 < p1;
-    int8_gemm::for_each_row_tile<6>(m0, m1, [&](int64_t m, int h) {
-      switch (h) {
-        case 6: tile<6>(g, m, p, two); break;
-        case 5: tile<5>(g, m, p, two); break;
-        case 4: tile<4>(g, m, p, two); break;
-        case 3: tile<3>(g, m, p, two); break;
-        case 2: tile<2>(g, m, p, two); break;
-        default: tile<1>(g, m, p, two); break;
-      }
-    });
+    int8_gemm::for_each_row_tile<6>(m0, m1, [&](int64_t m, auto h) { tile<h()>(g, m, p, two); });
   }
 }
 

@@ -28,11 +28,7 @@ void s24_gemm_1x16_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0,
       for (int c = 0; c < kPanel; ++c) {
         const int64_t n = p * kPanel + c;
         if (n >= g.n) break;
-        const float v = acc[c] + (g.bias ? g.bias[n] : 0.f);
-        if (g.y_bf16)
-          static_cast<uint16_t*>(g.y)[m * g.ldy + n] = int8_gemm::fp32_to_bf16(v);
-        else
-          static_cast<float*>(g.y)[m * g.ldy + n] = v;
+        int8_gemm::store_output(g.y, g.ldy, g.y_bf16, g.bias, m, n, acc[c]);
       }
     }
   }

@@ -19,13 +19,7 @@ inline void store8(const GemmArgs& g, __m256 v, int64_t m, int64_t n0) {
   const int cnt = left >= 8 ? 8 : static_cast<int>(left);
   alignas(32) float t[8];
   _mm256_store_ps(t, v);
-  for (int i = 0; i < cnt; ++i) {
-    const float o = t[i] + (g.bias ? g.bias[n0 + i] : 0.f);
-    if (g.y_bf16)
-      static_cast<uint16_t*>(g.y)[m * g.ldy + n0 + i] = int8_gemm::fp32_to_bf16(o);
-    else
-      static_cast<float*>(g.y)[m * g.ldy + n0 + i] = o;
-  }
+  for (int i = 0; i < cnt; ++i) int8_gemm::store_output(g.y, g.ldy, g.y_bf16, g.bias, m, n0 + i, t[i]);
 }
 
 template <int MR>
@@ -63,14 +57,7 @@ void s24_gemm_4x8_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, in
   for (int64_t p = p0; p < p1; ++p) {
     for (int half = 0; half < 2; ++half) {
       if (p * kPanel + 8 * half >= g.n) break;
-      int64_t m = m0;
-      for (; m + 4 <= m1; m += 4) tile<4>(g, m, p, half);
-      switch (m1 - m) {
-        case 3: tile<3>(g, m, p, half); break;
-        case 2: tile<2>(g, m, p, half); break;
-        case 1: tile<1>(g, m, p, half); break;
-        default: break;
-      }
+      int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<h()>(g, m, p, half); });
     }
   }
 }

@@ -8,7 +8,7 @@
 // FMAs of a dense 4 x 16 step. 12 accumulators + 4 values + 4 indices + x.
 #include <immintrin.h>
 
-#include "int8_gemm/epilogue_avx512.h"  // cvt_fp32_bf16
+#include "int8_gemm/epilogue_avx512.h"  // cvt_fp32_bf16; with int8_gemm.h: for_each_row_tile
 #include "sparse24/sparse24.h"
 
 namespace pyaccel {
@@ -97,16 +97,7 @@ inline void tile(const GemmArgs& g, int64_t m, int64_t p, bool two) {
 void s24_gemm_6x32_avx512(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; p += 2) {
     const bool two = p + 1 < p1;
-    int64_t m = m0;
-    for (; m + 6 <= m1; m += 6) tile<6>(g, m, p, two);
-    switch (m1 - m) {
-      case 5: tile<5>(g, m, p, two); break;
-      case 4: tile<4>(g, m, p, two); break;
-      case 3: tile<3>(g, m, p, two); break;
-      case 2: tile<2>(g, m, p, two); break;
-      case 1: tile<1>(g, m, p, two); break;
-      default: break;
-    }
+    int8_gemm::for_each_row_tile<6>(m0, m1, [&](int64_t m, auto h) { tile<h()>(g, m, p, two); });
   }
 }
 
