@@ -6,12 +6,13 @@ bit-exact with the reference (IEEE division, round-half-even, no FMA fusion).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from pyaccel.kernels._common import interpreting
 
 _RNE_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to nearest even
 
@@ -87,10 +88,6 @@ def _int8_gemm_kernel(
              y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def gemm_config(m: int, n: int, k: int) -> dict:
     """Tile sizes for the GEMM, keyed on the problem size (sm80/sm90).
 
@@ -98,7 +95,7 @@ def gemm_config(m: int, n: int, k: int) -> dict:
     stream the weight; large M uses square 128-wide tiles for tensor-core reuse.
     The interpreter (tests) always gets small tiles.
     """
-    if _interpreting():
+    if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4)
     if m <= 16:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
@@ -119,8 +116,8 @@ def quantize_per_row(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return q, s
     if k == 0:
         return q, s.zero_()
-    block_k = 256 if _interpreting() else min(4096, triton.next_power_of_2(k))
-    kwargs = {} if _interpreting() else dict(enable_fp_fusion=False)
+    block_k = 256 if interpreting() else min(4096, triton.next_power_of_2(k))
+    kwargs = {} if interpreting() else dict(enable_fp_fusion=False)
     _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block_k, **kwargs)
     return q, s
 

@@ -11,12 +11,13 @@ fp32 accumulation.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from pyaccel.kernels._common import interpreting
 
 
 @triton.jit
@@ -70,14 +71,10 @@ def _sparse24_kernel(
              mask=(rm[:, None] < M) & n_ok)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def gemm_config(m: int, n: int, k: int) -> dict:
     """Tiles keyed on M (sm80/sm90): short tiles for decode-sized M, where the
     kernel is bound by weight bytes; the interpreter gets small tiles."""
-    if _interpreting():
+    if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4)
     if m <= 16:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
@@ -99,5 +96,5 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k
     _sparse24_kernel[grid](x, values, meta, bias if bias is not None else values, y, m, n, k,
                            x.stride(0), values.stride(0), meta.stride(0), y.stride(0),
                            HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16,
-                           BF16_DOT=x.dtype == torch.bfloat16 and not _interpreting(), **cfg)
+                           BF16_DOT=x.dtype == torch.bfloat16 and not interpreting(), **cfg)
     return y

@@ -1,7 +1,35 @@
 """Test helpers (importable: pyproject puts tests/ on sys.path)."""
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.detach().double(), out.detach().double()
     return float(20 * torch.log10(ref.norm() / (ref - out).norm().clamp_min(1e-300)))
+
+
+def triton_device() -> str:
+    """Device for Triton kernel tests: "cuda" on a GPU, else "cpu" under
+    TRITON_INTERPRET=1; skips the calling module otherwise or without Triton."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+    return "cpu"
+
+
+def run_compile_script(code: str, cc: int, cwd) -> None:
+    """Run a kernel-compiling script for compute capability `cc` in a fresh
+    process without TRITON_INTERPRET (cwd: not the source tree); it must print
+    "compiled <cc>"."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, "-c", code, str(cc)], capture_output=True, text=True, env=env,
+                       timeout=600, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"compiled {cc}" in r.stdout

@@ -1,22 +1,16 @@
 """Triton int8 kernels: run under TRITON_INTERPRET=1 on CPU tensors (or on a
 real GPU when there is one) against the reference; compile for sm_80 and
 sm_90 without a GPU."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from _helpers import run_compile_script, triton_device
 
-triton = pytest.importorskip("triton", reason="Triton is not installed")
+DEVICE = triton_device()
 
 from pyaccel import reference  # noqa: E402
 from pyaccel.formats.int8 import quantize_weight_per_channel  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 from pyaccel.kernels import int8_gemm as tk  # noqa: E402
 
@@ -94,12 +88,7 @@ _COMPILE = textwrap.dedent("""
 
 @pytest.mark.parametrize("cc", [80, 90])
 def test_kernels_compile_for_gpu(cc, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-c", _COMPILE, str(cc)], capture_output=True, text=True,
-                       env=env, timeout=600, cwd=tmp_path)  # cwd: not the source tree
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"compiled {cc}" in r.stdout
+    run_compile_script(_COMPILE, cc, tmp_path)
 
 
 def test_triton_nonfinite_rows():

@@ -1,20 +1,14 @@
 """Triton 2:4 kernel: interpreter (or GPU) against the dense reference; compiles for sm_80/sm_90."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from _helpers import run_compile_script, triton_device
 
-triton = pytest.importorskip("triton", reason="Triton is not installed")
+DEVICE = triton_device()
 
 from pyaccel import reference  # noqa: E402
 from pyaccel.formats import sparse24 as s24  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 from pyaccel.kernels import sparse24 as tk  # noqa: E402
 
@@ -66,9 +60,4 @@ _COMPILE = textwrap.dedent("""
 
 @pytest.mark.parametrize("cc", [80, 90])
 def test_sparse24_compiles_for_gpu(cc, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-c", _COMPILE, str(cc)], capture_output=True, text=True, env=env,
-                       timeout=600, cwd=tmp_path)  # cwd: not the source tree
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"compiled {cc}" in r.stdout
+    run_compile_script(_COMPILE, cc, tmp_path)
