@@ -3,6 +3,7 @@ weight copies, measuring one (shape, M, mode) case, and table formatting."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -62,6 +63,32 @@ def measure(suite: str, shape: str, m: int, n: int, k: int, mode: str, cands: Di
             r.ratios = {label: t[b].median_s / tm.median_s for label, b in ratio_to.items() if b in t}
         rows.append(r)
         log(format_row(r))
+    return rows
+
+
+def cases(ms: Sequence[int], streamed: bool, weight_bytes: int):
+    """(m, mode, copies) per M: "hot" with one weight copy and, at M = 1,
+    "streamed" with enough copies (of weight_bytes each) to overflow the caches."""
+    for m in ms:
+        yield m, "hot", 1
+        if streamed and m == 1:
+            yield m, "streamed", max(2, math.ceil(STREAM_BYTES / weight_bytes))
+
+
+def measure_layer(suite: str, w: torch.Tensor, b: torch.Tensor, ms: Sequence[int], streamed: bool,
+                  weight_bytes: int, make_cands: Callable, ours: str, ratio_to: Dict[str, str],
+                  budget_s: float, log=print) -> List[Row]:
+    """Every case of one layer (weight w [N, K], bias b): fresh x, fp64 reference,
+    candidates from make_cands(x, copies) -> (name -> callables, name -> weight bytes)."""
+    n, k = w.shape
+    rows: List[Row] = []
+    for m, mode, copies in cases(ms, streamed, weight_bytes):
+        x = torch.randn(m, k)
+        with torch.inference_mode():
+            ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
+            cands, nbytes = make_cands(x, copies)
+            rows += measure(suite, f"{n}x{k}", m, n, k, mode, cands, ref, ours, nbytes, ratio_to, budget_s, log)
+        del cands
     return rows
 
 

@@ -7,7 +7,6 @@ enough weight copies that none stays in the last-level cache).
 from __future__ import annotations
 
 import copy
-import math
 from typing import Dict, List, Optional
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 
 from pyaccel import _native
 from pyaccel.bench import baselines
-from pyaccel.bench.common import STREAM_BYTES, Row, measure
+from pyaccel.bench.common import Row, measure_layer
 from pyaccel.bench.timing import interleaved
 from pyaccel.nn import Int8Linear
 
@@ -56,16 +55,10 @@ def run(shapes=((4096, 4096), (1024, 4096)), ms=(1, 8, 32, 128, 512), threads: O
     ratio_to = {"×fp32": "torch fp32", "×torch.ao": "torch.ao int8", "×ORT": "onnxruntime int8"}
     for n, k in shapes:
         lin = nn.Linear(k, n).eval()
-        for m in ms:
-            for mode in ["hot"] + (["streamed"] if streamed and m == 1 else []):
-                copies = max(2, math.ceil(STREAM_BYTES / (n * k))) if mode == "streamed" else 1
-                x = torch.randn(m, k)
-                with torch.inference_mode():
-                    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
-                    cands = _candidates(lin, x, threads, copies, with_ort)
-                    rows += measure("int8", f"{n}x{k}", m, n, k, mode, cands, ref, "pyaccel int8",
-                                    {"pyaccel int8": n * k}, ratio_to, budget_s, log)
-                del cands
+        rows += measure_layer(
+            "int8", lin.weight.detach(), lin.bias.detach(), ms, streamed, n * k,
+            lambda x, copies, lin=lin, nk=n * k: (_candidates(lin, x, threads, copies, with_ort), {"pyaccel int8": nk}),
+            "pyaccel int8", ratio_to, budget_s, log)
     return rows
 
 

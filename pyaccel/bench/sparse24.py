@@ -2,14 +2,13 @@
 masked weights (fp32 and bf16), hot and (M = 1) streamed from memory."""
 from __future__ import annotations
 
-import math
 from typing import List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyaccel.bench.common import STREAM_BYTES, Row, measure
+from pyaccel.bench.common import Row, measure_layer
 from pyaccel.formats import sparse24 as s24
 from pyaccel.nn import Int8Linear, Sparse24Int8Linear, Sparse24Linear
 
@@ -44,17 +43,12 @@ def run_int8(shapes=SHAPES, ms=(1, 8, 32, 128), budget_s: float = 2.0, streamed:
         lin = nn.Linear(k, n)
         with torch.no_grad():
             lin.weight.mul_(s24.mask_24(lin.weight))
-        for m in ms:
-            for mode in ["hot"] + (["streamed"] if streamed and m == 1 else []):
-                copies = max(2, math.ceil(STREAM_BYTES / (n * k))) if mode == "streamed" else 1
-                x = torch.randn(m, k)
-                with torch.inference_mode():
-                    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
-                    cands, nbytes = _int8_candidates(lin, x, copies)
-                    rows += measure("2:4 int8", f"{n}x{k}", m, n, k, mode, cands, ref, "pyaccel 2:4 int8",
-                                    {"pyaccel 2:4 int8": nbytes, "pyaccel int8 (dense)": n * k},
-                                    {"×int8 dense": "pyaccel int8 (dense)"}, budget_s, log)
-                del cands
+
+        def make(x, copies, lin=lin, n=n, k=k):
+            cands, nbytes = _int8_candidates(lin, x, copies)
+            return cands, {"pyaccel 2:4 int8": nbytes, "pyaccel int8 (dense)": n * k}
+        rows += measure_layer("2:4 int8", lin.weight.detach(), lin.bias.detach(), ms, streamed, n * k, make,
+                              "pyaccel 2:4 int8", {"×int8 dense": "pyaccel int8 (dense)"}, budget_s, log)
     return rows
 
 
@@ -66,15 +60,10 @@ def run(shapes=SHAPES, ms=(1, 8, 32, 128), budget_s: float = 2.0, streamed: bool
         lin = nn.Linear(k, n)
         w = (lin.weight * s24.mask_24(lin.weight)).detach()
         b = lin.bias.detach()
-        for m in ms:
-            for mode in ["hot"] + (["streamed"] if streamed and m == 1 else []):
-                copies = max(2, math.ceil(STREAM_BYTES / (4 * n * k))) if mode == "streamed" else 1
-                x = torch.randn(m, k)
-                with torch.inference_mode():
-                    ref = F.linear(x.double(), w.double(), b.double())
-                    cands, nbytes = _candidates(w, b, x, copies)
-                    rows += measure("2:4", f"{n}x{k}", m, n, k, mode, cands, ref, "pyaccel 2:4 fp32",
-                                    {"pyaccel 2:4 fp32": nbytes, "torch fp32 dense (masked)": 4 * n * k},
-                                    ratio_to, budget_s, log)
-                del cands
+
+        def make(x, copies, w=w, b=b, n=n, k=k):
+            cands, nbytes = _candidates(w, b, x, copies)
+            return cands, {"pyaccel 2:4 fp32": nbytes, "torch fp32 dense (masked)": 4 * n * k}
+        rows += measure_layer("2:4", w, b, ms, streamed, 4 * n * k, make, "pyaccel 2:4 fp32", ratio_to,
+                              budget_s, log)
     return rows
