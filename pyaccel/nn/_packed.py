@@ -8,7 +8,7 @@ deepcopy, unpickling, or assigning one of ``WEIGHT_NAMES`` — and never saved.
 """
 from __future__ import annotations
 
-from typing import FrozenSet
+from typing import FrozenSet, Optional
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,22 @@ class PackedModule(nn.Module):
                 return "cpu/reference"
             return f"cpu/{_native.selected_isa()} ({getattr(C, kernel_fn)()})"
         return "cuda/triton" if device.type == "cuda" else f"{device.type}/reference"
+
+    def _init_features(self, in_features: int, out_features: int, max_in: Optional[int] = None) -> None:
+        """Validate and set in/out_features (max_in: the int8 accumulator limit)."""
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features/out_features: expected >= 1, got {in_features}, {out_features}")
+        if max_in is not None and in_features > max_in:
+            raise ValueError(f"in_features: {in_features} exceeds {max_in}, past which int32 "
+                             "accumulators could overflow")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+
+    def _init_bias(self, bias: bool, device) -> None:
+        """A float32 bias buffer, or bias = None."""
+        if bias:
+            self.register_buffer("bias", torch.zeros(self.out_features, dtype=torch.float32, device=device))
+        else:
+            self.bias = None
 
     def _eager_output(self, x):
         """For the native eager fast path: (y, bf16) with y a fresh [M, out]

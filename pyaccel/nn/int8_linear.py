@@ -47,19 +47,10 @@ class Int8Linear(PackedModule):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  device=None) -> None:
         super().__init__()
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features/out_features: expected >= 1, got {in_features}, {out_features}")
-        if in_features > INT8_MAX_K:
-            raise ValueError(f"in_features: {in_features} exceeds {INT8_MAX_K}, past which int32 "
-                             "accumulators could overflow")
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self._init_features(in_features, out_features, max_in=INT8_MAX_K)
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device))
-        else:
-            self.bias = None
+        self._init_bias(bias, device)
         self.notes: List[str] = []
         self._packed: Optional[Tensor] = None
         self._plan = None

@@ -15,6 +15,14 @@ from pyaccel.reference import INT8_MAX_K
 _is_compiling = torch.compiler.is_compiling
 
 
+def _init_24_buffers(mod: nn.Module, values_dtype: torch.dtype, device) -> None:
+    """values [out, 2G] and meta [out, ceil(G/2)] buffers (positions (0, 1) in every group)."""
+    groups = (mod.in_features + 3) // 4
+    mod.register_buffer("values", torch.zeros(mod.out_features, 2 * groups, dtype=values_dtype, device=device))
+    mod.register_buffer("meta", torch.full((mod.out_features, (groups + 1) // 2), 0x44, dtype=torch.uint8,
+                                           device=device))
+
+
 def effective_weight(linear: nn.Linear) -> Tensor:
     """The weight a Linear computes with: weight_orig * weight_mask under a
     torch.nn.utils.prune reparametrization (the mask applied now, whatever the
@@ -37,17 +45,9 @@ class Sparse24Linear(PackedModule):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
         super().__init__()
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features/out_features: expected >= 1, got {in_features}, {out_features}")
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        groups = (in_features + 3) // 4
-        self.register_buffer("values", torch.zeros(out_features, 2 * groups, device=device))
-        self.register_buffer("meta", torch.full((out_features, (groups + 1) // 2), 0x44, dtype=torch.uint8,
-                                                device=device))  # positions (0, 1) in every group
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_features, device=device))
-        else:
-            self.bias = None
+        self._init_features(in_features, out_features)
+        _init_24_buffers(self, torch.float32, device)
+        self._init_bias(bias, device)
         self._packed: Optional[Tensor] = None
         self._plan = None
         self._repack()
@@ -133,21 +133,10 @@ class Sparse24Int8Linear(PackedModule):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
         super().__init__()
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features/out_features: expected >= 1, got {in_features}, {out_features}")
-        if in_features > INT8_MAX_K:
-            raise ValueError(f"in_features: {in_features} exceeds {INT8_MAX_K}, past which int32 "
-                             "accumulators could overflow")
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        groups = (in_features + 3) // 4
-        self.register_buffer("values", torch.zeros(out_features, 2 * groups, dtype=torch.int8, device=device))
-        self.register_buffer("meta", torch.full((out_features, (groups + 1) // 2), 0x44, dtype=torch.uint8,
-                                                device=device))
+        self._init_features(in_features, out_features, max_in=INT8_MAX_K)
+        _init_24_buffers(self, torch.int8, device)
         self.register_buffer("weight_scale", torch.ones(out_features, device=device))
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_features, device=device))
-        else:
-            self.bias = None
+        self._init_bias(bias, device)
         self._packed: Optional[Tensor] = None
         self._plan = None
         self._dense = None
