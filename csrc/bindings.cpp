@@ -35,6 +35,7 @@ py::dict cpu_info() {
   d["avx512vl"] = f.avx512vl;
   d["avx512_vnni"] = f.avx512vnni;
   d["avx512_vpopcntdq"] = f.avx512vpopcntdq;
+  d["avx512_vbmi"] = f.avx512vbmi;
   d["avx512_bf16"] = f.avx512bf16;
   d["detected_isa"] = isa_name(detected_isa());
   d["isa_cap"] = isa_name(isa_cap());
@@ -48,25 +49,56 @@ void check_packed_or_throw(uintptr_t packed, int64_t nbytes, int64_t n, int64_t 
     throw py::value_error(std::string("packed_weight: ") + err);
 }
 
-// A validated int8 linear layer: packed weight, scales and bias pointers
-// checked once, so that the per-call path converts only six arguments.
-// The Python owner keeps the tensors alive for as long as the plan.
-class Int8LinearPlan {
+// A validated linear layer over one packed weight (int8, 2:4 fp32 or 2:4
+// int8): packed buffer, scales and bias checked once, so that the per-call
+// path converts only six arguments. The Python owner keeps the tensors alive
+// for as long as the plan.
+class LinearPlan {
  public:
-  Int8LinearPlan(uintptr_t packed, int64_t packed_nbytes, int64_t n, int64_t k, uintptr_t w_scale,
-                 uintptr_t bias)
+  enum class Kind { kInt8, kSparse24, kSparse24Int8 };
+
+  LinearPlan(const std::string& kind, uintptr_t packed, int64_t packed_nbytes, int64_t n, int64_t k,
+             uintptr_t w_scale, uintptr_t bias)
       : packed_(packed), n_(n), k_(k), w_scale_(w_scale), bias_(bias) {
-    check_packed_or_throw(packed, packed_nbytes, n, k);
-    if (!w_scale) throw py::value_error("w_scale: null pointer");
+    if (!packed) throw py::value_error("packed: null pointer");
+    const char* err = nullptr;
+    if (kind == "int8") {
+      kind_ = Kind::kInt8;
+      err = int8_gemm::check_packed(ptr<const uint8_t>(packed), packed_nbytes, n, k);
+    } else if (kind == "sparse24") {
+      kind_ = Kind::kSparse24;
+      err = sparse24::check_packed(ptr<const uint8_t>(packed), packed_nbytes, n, k);
+    } else if (kind == "sparse24_int8") {
+      kind_ = Kind::kSparse24Int8;
+      err = sparse24_int8::check_packed(ptr<const uint8_t>(packed), packed_nbytes, n, k);
+    } else {
+      throw py::value_error("kind: expected 'int8', 'sparse24' or 'sparse24_int8', got '" + kind + "'");
+    }
+    if (err) throw py::value_error(std::string("packed: ") + err);
+    if (kind_ != Kind::kSparse24 && !w_scale) throw py::value_error("w_scale: null pointer");
   }
+
   void run(uintptr_t x, int64_t ldx, bool bf16, int64_t m, uintptr_t y, int nthreads) const {
     py::gil_scoped_release nogil;
-    int8_gemm::linear(ptr<const void>(x), ldx, bf16, m, k_, ptr<const uint8_t>(packed_),
-                      ptr<const float>(w_scale_), bias_ ? ptr<const float>(bias_) : nullptr,
-                      ptr<void>(y), n_, bf16, nthreads);
+    const float* bias = bias_ ? ptr<const float>(bias_) : nullptr;
+    switch (kind_) {
+      case Kind::kInt8:
+        int8_gemm::linear(ptr<const void>(x), ldx, bf16, m, k_, ptr<const uint8_t>(packed_),
+                          ptr<const float>(w_scale_), bias, ptr<void>(y), n_, bf16, nthreads);
+        break;
+      case Kind::kSparse24:
+        sparse24::linear(ptr<const void>(x), ldx, bf16, m, k_, ptr<const uint8_t>(packed_), bias, ptr<void>(y),
+                         n_, bf16, nthreads);
+        break;
+      case Kind::kSparse24Int8:
+        sparse24_int8::linear(ptr<const void>(x), ldx, bf16, m, k_, ptr<const uint8_t>(packed_),
+                              ptr<const float>(w_scale_), bias, ptr<void>(y), n_, bf16, nthreads);
+        break;
+    }
   }
 
  private:
+  Kind kind_ = Kind::kInt8;
   uintptr_t packed_;
   int64_t n_, k_;
   uintptr_t w_scale_, bias_;
@@ -78,16 +110,17 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pyaccel native CPU kernels (no libtorch; pointers in, pointers out)";
   m.def("cpu_info", &cpu_info, "CPU features, detected/capped/selected ISA");
   m.def("set_isa_cap", &set_isa_cap, py::arg("name"),
-        "Cap the ISA (avx512_vnni|avx512|avx2|portable, '' = none); returns False for an unknown name");
+        "Cap the ISA (avx512_icl|avx512_vnni|avx512|avx2|portable, '' = none); returns False for an unknown name");
   m.def("selected_isa", [] { return std::string(isa_name(selected_isa())); });
   m.def("int8_kernel_name", [] { return std::string(int8_gemm::select_kernel().name); });
 
-  py::class_<Int8LinearPlan>(m, "Int8LinearPlan")
-      .def(py::init<uintptr_t, int64_t, int64_t, int64_t, uintptr_t, uintptr_t>(), py::arg("packed"),
-           py::arg("packed_nbytes"), py::arg("n"), py::arg("k"), py::arg("w_scale"), py::arg("bias"))
-      .def("__call__", &Int8LinearPlan::run, py::arg("x"), py::arg("ldx"), py::arg("bf16"),
-           py::arg("m"), py::arg("y"), py::arg("nthreads"),
-           "y[m, n] (row stride n, x's dtype) = int8 linear of x[m, k] (row stride ldx)");
+  py::class_<LinearPlan>(m, "LinearPlan")
+      .def(py::init<const std::string&, uintptr_t, int64_t, int64_t, int64_t, uintptr_t, uintptr_t>(),
+           py::arg("kind"), py::arg("packed"), py::arg("packed_nbytes"), py::arg("n"), py::arg("k"),
+           py::arg("w_scale"), py::arg("bias"))
+      .def("__call__", &LinearPlan::run, py::arg("x"), py::arg("ldx"), py::arg("bf16"), py::arg("m"),
+           py::arg("y"), py::arg("nthreads"),
+           "y[m, n] (row stride n, x's dtype) = the layer applied to x[m, k] (row stride ldx)");
   m.def("s24_kernel_name", [] { return std::string(sparse24::select_kernel().name); });
   m.def("s24_packed_nbytes", &sparse24::packed_nbytes, py::arg("n"), py::arg("k"));
   m.def(
@@ -117,6 +150,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("packed_nbytes"), py::arg("n"), py::arg("bias"), py::arg("y"), py::arg("ldy"),
       py::arg("y_bf16"), py::arg("nthreads"));
   m.def("s24i8_kernel_name", [] { return std::string(sparse24_int8::select_kernel().name); });
+  m.def("s24i8_dense_from_rows", [] { return sparse24_int8::select_kernel().dense_from_rows; },
+        "rows from which the dense int8 kernel beats the selected 2:4 int8 kernel (0: never)");
   m.def("s24i8_packed_nbytes", &sparse24_int8::packed_nbytes, py::arg("n"), py::arg("k"));
   m.def(
       "s24i8_pack",

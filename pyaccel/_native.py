@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import torch  # noqa: F401  (load torch's libgomp first: the extension then shares it)
 
-ISA_LADDER = ("avx512_vnni", "avx512", "avx2", "portable")
+ISA_LADDER = ("avx512_icl", "avx512_vnni", "avx512", "avx2", "portable")
 """CPU ISAs from best to worst. ``PYACCEL_CPU_ISA`` may only lower the choice."""
 
 _C = None

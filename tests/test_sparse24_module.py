@@ -9,6 +9,7 @@ from torch.nn.utils import prune as torch_prune
 
 import pyaccel
 import pyaccel.prune
+from pyaccel import _native
 from pyaccel.formats import sparse24 as s24
 from pyaccel.nn import Sparse24Linear
 
@@ -120,20 +121,19 @@ def test_errors(gen):
 
 def test_quantize_int8_on_2_4_model_uses_sparse_int8(gen):
     from pyaccel.nn import Sparse24Int8Linear
-    from pyaccel.nn.sparse24_linear import SPARSE_INT8_MAX_ROWS
 
     from _helpers import sqnr_db
 
     net = _net()
     pyaccel.prune.prune_24(net)
     x_small = torch.randn(3, 64, generator=gen)
-    x_big = torch.randn(SPARSE_INT8_MAX_ROWS + 5, 64, generator=gen)
+    x_big = torch.randn(13, 64, generator=gen)
     with torch.no_grad():
         ref_s, ref_b = net(x_small), net(x_big)
         report = pyaccel.patch(net, quantize="int8")
         assert [type(net[i]) for i in (0, 2, 3)] == [Sparse24Int8Linear] * 3, str(report)
         assert all(e.lossy for e in report.swapped)
-        ys, yb = net(x_small), net(x_big)  # sparse kernel / dense int8 kernel
+        ys, yb = net(x_small), net(x_big)
     assert sqnr_db(ref_s, ys) > 25 and sqnr_db(ref_b, yb) > 25
     # both paths compute the same integers
     ys2 = net(torch.cat([x_small, x_big]))[:3]
@@ -148,3 +148,24 @@ def test_non_tensor_input_is_a_type_error():
     m = Sparse24Linear(16, 4)
     with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
         m([1.0] * 16)
+
+
+@pytest.mark.skipif(not _native.available(), reason="native library not loaded")
+def test_sparse_int8_switches_to_dense_where_the_kernel_says(isa, gen):
+    """Where the selected 2:4 int8 kernel loses to dense int8 at many rows (the
+    AVX-512 VNNI one without VBMI), the module switches kernels from that row
+    count: both compute the same integers."""
+    from pyaccel.nn import Sparse24Int8Linear
+
+    lin = torch.nn.Linear(72, 40)
+    with torch.no_grad():
+        lin.weight.mul_(s24.mask_24(lin.weight))
+    mod = Sparse24Int8Linear.from_float(lin)
+    rows = _native.lib().s24i8_dense_from_rows()
+    assert rows == (8 if isa == "avx512_vnni" else 0)
+    x = torch.randn(3 * max(rows, 8) + 1, 72, generator=gen)
+    y_all = mod(x)
+    assert (mod._dense is not None) == (rows > 0)
+    y_rows = torch.cat([mod(x[i:i + 1]) for i in range(x.shape[0])])  # 1 row: always the sparse kernel
+    assert torch.equal(y_all, y_rows)
+    assert torch.equal(mod(x.view(1, -1, 72)).view(-1, 40), y_all)  # 3-D input, same fast path

@@ -34,6 +34,7 @@ CpuFeatures detect() {
   f.avx512bw = f.os_avx512 && ((b >> 30) & 1);
   f.avx512vl = f.os_avx512 && ((b >> 31) & 1);
   f.avx512vnni = f.os_avx512 && ((c >> 11) & 1);
+  f.avx512vbmi = f.os_avx512 && ((c >> 1) & 1);
   f.avx512vpopcntdq = f.os_avx512 && ((c >> 14) & 1);
   __cpuid_count(7, 1, a, b, c, d);
   f.avx512bf16 = f.os_avx512 && ((a >> 5) & 1);
@@ -46,7 +47,7 @@ std::once_flag g_env_once;
 
 void init_cap_from_env() {
   std::call_once(g_env_once, [] {
-    Isa cap = Isa::kAvx512Vnni;
+    Isa cap = Isa::kAvx512Icl;
     if (const char* env = std::getenv("PYACCEL_CPU_ISA")) {
       Isa parsed;
       if (parse_isa(env, &parsed)) cap = parsed;  // unknown names: ignored (Python warns)
@@ -66,6 +67,7 @@ const CpuFeatures& cpu_features() {
 Isa detected_isa() {
   const CpuFeatures& f = cpu_features();
   const bool avx512 = f.avx512f && f.avx512bw && f.avx512dq && f.avx512vl && f.avx2 && f.fma;
+  if (avx512 && f.avx512vnni && f.avx512vbmi && f.avx512vpopcntdq) return Isa::kAvx512Icl;
   if (avx512 && f.avx512vnni) return Isa::kAvx512Vnni;
   if (avx512) return Isa::kAvx512;
   if (f.avx2 && f.fma) return Isa::kAvx2;
@@ -84,7 +86,7 @@ Isa selected_isa() {
 
 bool set_isa_cap(const std::string& name) {
   init_cap_from_env();
-  Isa cap = Isa::kAvx512Vnni;
+  Isa cap = Isa::kAvx512Icl;
   if (!name.empty() && !parse_isa(name, &cap)) return false;
   g_cap.store(static_cast<int>(cap));
   g_generation.fetch_add(1);
@@ -95,6 +97,7 @@ int isa_generation() { return g_generation.load(); }
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Icl: return "avx512_icl";
     case Isa::kAvx512Vnni: return "avx512_vnni";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
@@ -104,6 +107,7 @@ const char* isa_name(Isa isa) {
 }
 
 bool parse_isa(const std::string& name, Isa* out) {
+  if (name == "avx512_icl") { *out = Isa::kAvx512Icl; return true; }
   if (name == "avx512_vnni") { *out = Isa::kAvx512Vnni; return true; }
   if (name == "avx512") { *out = Isa::kAvx512; return true; }
   if (name == "avx2") { *out = Isa::kAvx2; return true; }

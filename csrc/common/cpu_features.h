@@ -12,13 +12,14 @@ enum class Isa : int {
   kPortable = 0,   // plain C++, any x86-64
   kAvx2 = 1,       // AVX2 + FMA
   kAvx512 = 2,     // AVX-512 F/BW/DQ/VL
-  kAvx512Vnni = 3, // AVX-512 + VNNI (vpdpbusd)
+  kAvx512Vnni = 3, // AVX-512 + VNNI (vpdpbusd): Cascade Lake
+  kAvx512Icl = 4,  // AVX-512 + VNNI + VBMI (vpmultishiftqb, vpermb) + VPOPCNTDQ: Ice Lake, Zen 4 and later
 };
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, avx512f = false, avx512bw = false,
        avx512dq = false, avx512vl = false, avx512vnni = false,
-       avx512vpopcntdq = false, avx512bf16 = false, os_avx = false,
+       avx512vpopcntdq = false, avx512vbmi = false, avx512bf16 = false, os_avx = false,
        os_avx512 = false;
 };
 
@@ -33,7 +34,7 @@ Isa detected_isa();
 // by set_isa_cap(); it can never raise the choice above what the CPU has.
 Isa selected_isa();
 Isa isa_cap();
-// name: "avx512_vnni" | "avx512" | "avx2" | "portable" | "" (no cap).
+// name: "avx512_icl" | "avx512_vnni" | "avx512" | "avx2" | "portable" | "" (no cap).
 // Returns false (and changes nothing) for an unknown name.
 bool set_isa_cap(const std::string& name);
 // Bumped whenever the cap changes, so dispatch tables know to re-select.

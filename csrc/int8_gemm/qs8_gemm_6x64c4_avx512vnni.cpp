@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/tile_rows.h"
 #include "int8_gemm/epilogue_avx512.h"
 #include "int8_gemm/int8_gemm.h"
 
@@ -78,13 +79,7 @@ inline void tile(const GemmArgs& g, int64_t m, const int8_t* panel, int64_t p, i
   PYACCEL_ROW_INIT(3)
   PYACCEL_ROW_INIT(4)
   PYACCEL_ROW_INIT(5)
-  // rows past MR alias row 0; their code is compiled out by `if constexpr`
-  const int8_t* a0 = g.a + m * g.lda;
-  const int8_t* a1 = MR > 1 ? a0 + g.lda : a0;
-  const int8_t* a2 = MR > 2 ? a0 + 2 * g.lda : a0;
-  const int8_t* a3 = MR > 3 ? a0 + 3 * g.lda : a0;
-  const int8_t* a4 = MR > 4 ? a0 + 4 * g.lda : a0;
-  const int8_t* a5 = MR > 5 ? a0 + 5 * g.lda : a0;
+  PYACCEL_TILE_ROWS6(const int8_t, a, g.a + m * g.lda, g.lda);
   const int8_t* b = panel + g0 * kPanel * kKGroup;
 #pragma GCC unroll 4
   for (int64_t grp = g0; grp < g1; ++grp, b += kPanel * kKGroup) {

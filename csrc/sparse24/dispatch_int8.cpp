@@ -19,10 +19,12 @@ struct Entry {
 };
 
 const Entry kLadder[] = {
-    {{Isa::kAvx512Vnni, "qs8_s24_gemm_6x32_avx512vnni", 6, 0x80, qs8_s24_gemm_6x32_avx512vnni},
+    {{Isa::kAvx512Icl, "qs8_s24_gemm_6x32_avx512icl", 6, 0x80, qs8_s24_gemm_6x32_avx512icl, 0},
      int8_gemm::quantize_rows_avx512},
-    {{Isa::kAvx2, "qs8_s24_gemm_4x16_avx2", 4, 0x00, qs8_s24_gemm_4x16_avx2}, int8_gemm::quantize_rows_avx2},
-    {{Isa::kPortable, "qs8_s24_gemm_1x16_scalar", 1, 0x00, qs8_s24_gemm_1x16_scalar},
+    {{Isa::kAvx512Vnni, "qs8_s24_gemm_6x32_avx512vnni", 6, 0x80, qs8_s24_gemm_6x32_avx512vnni, 8},
+     int8_gemm::quantize_rows_avx512},
+    {{Isa::kAvx2, "qs8_s24_gemm_4x16_avx2", 4, 0x00, qs8_s24_gemm_4x16_avx2, 0}, int8_gemm::quantize_rows_avx2},
+    {{Isa::kPortable, "qs8_s24_gemm_1x16_scalar", 1, 0x00, qs8_s24_gemm_1x16_scalar, 0},
      int8_gemm::quantize_rows_scalar},
 };
 
@@ -47,7 +49,7 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
   const Kernel& kern = e.kernel;
   PackedHeader h;
   std::memcpy(&h, packed, sizeof(h));
-  const int64_t k_pad = 8 * h.pairs;
+  const int64_t k_pad = kQuadInputs * h.quads;
   if (m * h.n_pad * k_pad < kMinParallelMacs) nthreads = 1;  // dense-equivalent work, as int8_gemm
   const int64_t lda = k_pad % 1024 == 0 ? k_pad + 64 : k_pad;  // as int8_gemm: avoid L1 set conflicts
   if (t_q.size() < static_cast<size_t>(m * lda)) t_q.resize(m * lda);
@@ -59,7 +61,7 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
   });
   GemmArgs g{reinterpret_cast<const uint8_t*>(q), lda, qs, packed + h.data_offset,
              reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias, y, ldy, y_bf16,
-             m, h.n, h.pairs};
+             m, h.n, h.quads};
   // units: pairs of 16-channel panels (the AVX-512 tiles are 32 channels wide)
   const int64_t panels = h.n_pad / kPanel;
   parallel_units_rows((panels + 1) / 2, m, kern.mr, nthreads, [&](int64_t u, int64_t r0, int64_t r1) {

@@ -10,14 +10,16 @@ void qs8_s24_gemm_1x16_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t
     for (int64_t m = m0; m < m1; ++m) {
       const int8_t* a = reinterpret_cast<const int8_t*>(g.a + m * g.lda);
       int32_t acc[kPanel] = {0};
-      for (int64_t pb = 0; pb < g.pairs; ++pb) {
-        const uint8_t* blk = g.w + (p * g.pairs + pb) * kPairBytes;
-        const int8_t* v = reinterpret_cast<const int8_t*>(blk);
-        const int8_t* ap = a + 8 * pb;
-        for (int c = 0; c < kPanel; ++c) {
-          const uint8_t s = blk[kPanel * 4 + c];
-          acc[c] += ap[s & 3] * v[4 * c] + ap[(s >> 2) & 3] * v[4 * c + 1] +
-                    ap[4 + ((s >> 4) & 3)] * v[4 * c + 2] + ap[4 + (s >> 6)] * v[4 * c + 3];
+      for (int64_t qb = 0; qb < g.quads; ++qb) {
+        const uint8_t* blk = g.w + (p * g.quads + qb) * kQuadBytes;
+        for (int j = 0; j < kQuadPairs; ++j) {
+          const int8_t* v = reinterpret_cast<const int8_t*>(blk) + j * kPanel * 4;
+          const int8_t* ap = a + kQuadInputs * qb + 8 * j;
+          for (int c = 0; c < kPanel; ++c) {
+            const uint8_t s = blk[kQuadPosOffset + 4 * c + j];
+            acc[c] += ap[s & 3] * v[4 * c] + ap[(s >> 2) & 3] * v[4 * c + 1] +
+                      ap[4 + ((s >> 4) & 3)] * v[4 * c + 2] + ap[4 + (s >> 6)] * v[4 * c + 3];
+          }
         }
       }
       for (int c = 0; c < kPanel; ++c) {

@@ -13,10 +13,9 @@ namespace pyaccel {
 namespace sparse24_int8 {
 namespace {
 
-inline __m256i control8(const uint8_t* pos) {
-  int64_t p8;
-  std::memcpy(&p8, pos, 8);
-  const __m256i t = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(p8));
+// 8 channels' position dwords (pos_dw >> 8 j holds pair j's byte in bits 0-7)
+// -> 8 vpshufb control dwords [i0, i1, 4 + j0, 4 + j1].
+inline __m256i control8(__m256i t) {
   __m256i c = _mm256_and_si256(t, _mm256_set1_epi32(3));
   c = _mm256_or_si256(c, _mm256_and_si256(_mm256_slli_epi32(t, 6), _mm256_set1_epi32(0x300)));
   c = _mm256_or_si256(c, _mm256_and_si256(_mm256_slli_epi32(t, 12), _mm256_set1_epi32(0x30000)));
@@ -37,21 +36,28 @@ inline void tile(const GemmArgs& g, int64_t m, int64_t p) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i c[MR][2];
   for (int r = 0; r < MR; ++r) c[r][0] = c[r][1] = _mm256_setzero_si256();
-  const uint8_t* b = g.w + p * g.pairs * kPairBytes;
-  for (int64_t pb = 0; pb < g.pairs; ++pb, b += kPairBytes) {
-    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
-    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32));
-    const __m256i k0 = control8(b + kPanel * 4), k1 = control8(b + kPanel * 4 + 8);
+  const uint8_t* b = g.w + p * g.quads * kQuadBytes;
+  for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes) {
+    const __m256i pos0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQuadPosOffset));
+    const __m256i pos1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQuadPosOffset + 32));
 #pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) {
-      int64_t a8;
-      std::memcpy(&a8, g.a + (m + r) * g.lda + 8 * pb, 8);
-      const __m256i ab = _mm256_set1_epi64x(a8);
-      const __m256i x0 = _mm256_shuffle_epi8(ab, k0), x1 = _mm256_shuffle_epi8(ab, k1);
-      const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(x0), _mm256_sign_epi8(v0, x0));
-      const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(x1), _mm256_sign_epi8(v1, x1));
-      c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(p0, ones));
-      c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(p1, ones));
+    for (int j = 0; j < kQuadPairs; ++j) {
+      const uint8_t* bj = b + j * kPanel * 4;
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj + 32));
+      const __m128i sh = _mm_cvtsi32_si128(8 * j);
+      const __m256i k0 = control8(_mm256_srl_epi32(pos0, sh)), k1 = control8(_mm256_srl_epi32(pos1, sh));
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r) {
+        int64_t a8;
+        std::memcpy(&a8, g.a + (m + r) * g.lda + kQuadInputs * qb + 8 * j, 8);
+        const __m256i ab = _mm256_set1_epi64x(a8);
+        const __m256i x0 = _mm256_shuffle_epi8(ab, k0), x1 = _mm256_shuffle_epi8(ab, k1);
+        const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(x0), _mm256_sign_epi8(v0, x0));
+        const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(x1), _mm256_sign_epi8(v1, x1));
+        c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(p0, ones));
+        c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(p1, ones));
+      }
     }
   }
   for (int r = 0; r < MR; ++r) {

@@ -8,6 +8,7 @@
 // FMAs of a dense 4 x 16 step. 12 accumulators + 4 values + 4 indices + x.
 #include <immintrin.h>
 
+#include "common/tile_rows.h"
 #include "int8_gemm/epilogue_avx512.h"  // cvt_fp32_bf16; with int8_gemm.h: for_each_row_tile
 #include "sparse24/sparse24.h"
 
@@ -60,12 +61,7 @@ inline void tile(const GemmArgs& g, int64_t m, int64_t p, bool two) {
          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   __m512 d00 = c00, d01 = c00, d10 = c00, d11 = c00, d20 = c00, d21 = c00, d30 = c00, d31 = c00,
          d40 = c00, d41 = c00, d50 = c00, d51 = c00;  // used only when MR < 3
-  const float* x0 = g.x + m * g.ldx;
-  const float* x1 = MR > 1 ? x0 + g.ldx : x0;
-  const float* x2 = MR > 2 ? x0 + 2 * g.ldx : x0;
-  const float* x3 = MR > 3 ? x0 + 3 * g.ldx : x0;
-  const float* x4 = MR > 4 ? x0 + 4 * g.ldx : x0;
-  const float* x5 = MR > 5 ? x0 + 5 * g.ldx : x0;
+  PYACCEL_TILE_ROWS6(const float, x, g.x + m * g.ldx, g.ldx);
   const uint8_t* b0 = g.w + p * blocks * kBlockBytes;
   // a missing second panel re-reads the first (results discarded)
   const uint8_t* b1 = two ? b0 + blocks * kBlockBytes : b0;

@@ -13,22 +13,29 @@
 namespace pyaccel {
 namespace sparse24_int8 {
 
-// ---- packed layout "S24I8_P16G2" ------------------------------------------
-// Panels of 16 channels; inside a panel, pairs of groups (8 inputs):
-//   vals[16 ch][4] int8 (v0 g, v1 g, v0 g+1, v1 g+1) | pos[16 ch] uint8
-//   (nibble g | nibble g+1 << 4, nibble = i0 | i1 << 2)   = 80 bytes.
+// ---- packed layout "S24I8_P16Q4" ------------------------------------------
+// Panels of 16 channels; inside a panel, quads of group pairs (32 inputs):
+//   vals[4 pairs][16 ch][4] int8     (per pair j and channel: v0 g, v1 g, v0 g+1, v1 g+1
+//                                     with g = 8 * quad + 2 * j)
+//   pos[16 ch] uint32                (byte j = pair j's positions: nibble g | nibble g+1 << 4,
+//                                     nibble = i0 | i1 << 2)                    = 320 bytes.
+// One position dword per channel and quad lets the kernels pull pair j's
+// byte out with a shift (or one vpmultishiftqb) instead of a widening load.
 // Preceded by comp int32[n_pad] = 128 * sum of the row's values (for the
-// uint8 activations of vpdpbusd). n pads to 16, groups to even (zeros).
+// uint8 activations of vpdpbusd). n pads to 16, groups to a multiple of 8 (zeros).
 constexpr int kPanel = 16;
-constexpr int64_t kPairBytes = kPanel * 4 + kPanel;
+constexpr int kQuadPairs = 4;
+constexpr int64_t kQuadInputs = 8 * kQuadPairs;
+constexpr int64_t kQuadBytes = kQuadPairs * kPanel * 4 + kPanel * 4;
+constexpr int64_t kQuadPosOffset = kQuadPairs * kPanel * 4;
 constexpr uint32_t kMagic = 0x38493253u;  // "S2I8"
-constexpr int32_t kLayoutP16G2 = 1;
+constexpr int32_t kLayoutP16Q4 = 2;
 
 struct PackedHeader {
   uint32_t magic;
   int32_t layout;
   int64_t n, k;
-  int64_t n_pad, pairs;  // pairs = ceil(ceil(k/4) / 2)
+  int64_t n_pad, quads;  // quads = ceil(k / 32)
   int64_t comp_offset, data_offset;
   int64_t reserved;
 };
@@ -42,18 +49,19 @@ void pack(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, in
 const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k);
 
 struct GemmArgs {
-  const uint8_t* a;  // quantized activations (q ^ a_xor), [m, 8 * pairs], row stride lda
+  const uint8_t* a;  // quantized activations (q ^ a_xor), [m, 32 * quads], row stride lda
   int64_t lda;
   const float* a_scale;
-  const uint8_t* w;  // pair blocks
+  const uint8_t* w;  // quad blocks
   const int32_t* comp;
   const float* w_scale;
   const float* bias;
   void* y;
   int64_t ldy;
   bool y_bf16;
-  int64_t m, n, pairs;
+  int64_t m, n, quads;
 };
+// Rows [m0, m1) x panels [p0, p1).
 using GemmFn = void (*)(const GemmArgs&, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 
 struct Kernel {
@@ -62,6 +70,9 @@ struct Kernel {
   int mr;
   uint8_t a_xor;
   GemmFn gemm;
+  // From this many rows on the dense int8 kernel is faster than this one
+  // (0: never); measured, see README.md. The modules switch there.
+  int dense_from_rows;
 };
 const Kernel& select_kernel();
 
@@ -71,6 +82,7 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
 void qs8_s24_gemm_1x16_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_s24_gemm_4x16_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_s24_gemm_6x32_avx512vnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void qs8_s24_gemm_6x32_avx512icl(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 
 }  // namespace sparse24_int8
 }  // namespace pyaccel

@@ -20,7 +20,6 @@ from pyaccel.formats.int8 import (
 from pyaccel.reference import INT8_MAX_K, QMAX
 
 _is_compiling = torch.compiler.is_compiling
-_get_default_dtype = torch.get_default_dtype
 
 try:  # torch.ao's dynamic Linear; absent in some builds
     from torch.ao.nn.quantized.dynamic import Linear as _AoDynamicLinear
@@ -114,9 +113,9 @@ class Int8Linear(PackedModule):
             ws, b = self.weight_scale, self.bias
             if ws.is_contiguous() and ws.dtype == torch.float32 and (
                     b is None or (b.is_contiguous() and b.dtype == torch.float32)):
-                run = C.Int8LinearPlan(self._packed.data_ptr(), self._packed.numel(), self.out_features,
-                                       self.in_features, ws.data_ptr(), 0 if b is None else b.data_ptr())
-                self._plan = run
+                self._plan = C.LinearPlan("int8", self._packed.data_ptr(), self._packed.numel(),
+                                          self.out_features, self.in_features, ws.data_ptr(),
+                                          0 if b is None else b.data_ptr())
 
     def dequantized_weight(self) -> Tensor:
         return dequantize_weight(Int8Weight(self.weight_int8, self.weight_scale))
@@ -124,21 +123,12 @@ class Int8Linear(PackedModule):
     # ---- forward ------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         plan = self._plan
-        if plan is not None and type(x) is Tensor and not _is_compiling():
-            shape = x.shape
-            dt = x.dtype
-            if (len(shape) == 2 and shape[1] == self.in_features and x.is_cpu and x.stride(1) == 1
-                    and (dt is torch.float32 or dt is torch.bfloat16)):
-                # eager fast path: straight into the validated native plan. (In-place
-                # edits of weight_scale/bias are seen; of weight_int8 need _repack().)
-                if dt is _get_default_dtype():
-                    y = torch.empty(shape[0], self.out_features)  # the dtype keyword alone costs ~0.4 µs
-                else:
-                    y = torch.empty(shape[0], self.out_features, dtype=dt)
-                plan(x.data_ptr(), x.stride(0), dt is torch.bfloat16, shape[0], y.data_ptr(),
-                     torch.get_num_threads())
+        if plan is not None:  # eager fast path; in-place edits of weight_scale/bias are seen, of
+            y = self._run_plan(plan, x)  # weight_int8 need _repack()
+            if y is not None:
                 return y
-            if x.is_cpu and dt in ops._FLOAT_IO and x.dim() >= 1 and shape[-1] == self.in_features:
+            if (type(x) is Tensor and x.is_cpu and not _is_compiling() and x.dtype in ops._FLOAT_IO
+                    and x.dim() >= 1 and x.shape[-1] == self.in_features):
                 return ops.int8_linear_cpu(x, self.weight_int8, self.weight_scale, self.bias, self._packed)
         ops.require_tensor(x)
         return torch.ops.pyaccel.int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self._packed)

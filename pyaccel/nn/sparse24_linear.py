@@ -85,17 +85,16 @@ class Sparse24Linear(PackedModule):
             self._packed = s24.pack_sparse24(s24.Sparse24Weight(self.values, self.meta, self.in_features))
             b = self.bias
             if b is None or (b.is_contiguous() and b.dtype == torch.float32):
-                self._plan = (self._packed.data_ptr(), self._packed.numel(), 0 if b is None else b.data_ptr())
+                self._plan = _native.lib().LinearPlan("sparse24", self._packed.data_ptr(), self._packed.numel(),
+                                                      self.out_features, self.in_features, 0,
+                                                      0 if b is None else b.data_ptr())
 
     def forward(self, x: Tensor) -> Tensor:
         plan = self._plan
-        fast = self._eager_output(x) if plan is not None else None
-        if fast is not None:  # eager fast path: straight to the native kernel
-            y, bf16 = fast
-            n, m = self.out_features, x.shape[0]
-            _native.lib().s24_linear(x.data_ptr(), x.stride(0), bf16, m, self.in_features, plan[0], plan[1],
-                                     n, plan[2], y.data_ptr(), n, bf16, torch.get_num_threads())
-            return y
+        if plan is not None:  # eager fast path: straight to the native kernel
+            y = self._run_plan(plan, x)
+            if y is not None:
+                return y
         if (isinstance(x, Tensor) and x.is_cpu and not _is_compiling() and x.dtype in ops._FLOAT_IO and x.dim() >= 1
                 and x.shape[-1] == self.in_features):
             return ops.sparse24_linear_cpu(x, self.values, self.meta, self.in_features, self.bias, self._packed)
@@ -110,14 +109,6 @@ class Sparse24Linear(PackedModule):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, sparsity=2:4, backend={self.backend()}")
-
-
-# Below this many rows the 2:4 int8 kernel (half the weight bytes, gathered
-# activations) wins; from here on the work is compute-bound and VNNI's dense
-# 4-wide dot products are as fast as the gather + dot of the sparse kernel
-# (measured 0.90-0.96x), so the module switches to the dense int8 kernel on a
-# dense packing built on first use (about 1.6x the sparse weight memory).
-SPARSE_INT8_MAX_ROWS = 8
 
 
 class Sparse24Int8Linear(PackedModule):
@@ -172,35 +163,35 @@ class Sparse24Int8Linear(PackedModule):
         if self.values.device.type == "cpu" and _native.available():
             self._packed = s24.pack_sparse24_int8(self.values, self.meta, self.in_features)
             ws, b = self.weight_scale, self.bias
+            # the selected kernel says from how many rows the dense int8 kernel beats it
+            # (the AVX-512 VNNI one without VBMI: 8); then the module switches to it, on a
+            # dense packing built on first use (about 1.6x the sparse weight memory)
+            rows = _native.lib().s24i8_dense_from_rows()
+            self._switch_rows = rows if rows > 0 else PackedModule._switch_rows
             if ws.is_contiguous() and (b is None or b.is_contiguous()):
-                self._plan = (self._packed.data_ptr(), self._packed.numel(), ws.data_ptr(),
-                              0 if b is None else b.data_ptr())
+                self._plan = _native.lib().LinearPlan("sparse24_int8", self._packed.data_ptr(),
+                                                      self._packed.numel(), self.out_features, self.in_features,
+                                                      ws.data_ptr(), 0 if b is None else b.data_ptr())
 
-    def _dense_plan(self):
+    def _switch_plan(self):
         """Native plan of the dense int8 kernel over a dense packing (built once)."""
         if self._dense is None:
             from pyaccel.formats.int8 import pack_int8_weight
 
             packed = pack_int8_weight(self.dense_int8_weight())
             b = self.bias
-            plan = _native.lib().Int8LinearPlan(packed.data_ptr(), packed.numel(), self.out_features,
-                                                self.in_features, self.weight_scale.data_ptr(),
-                                                0 if b is None else b.data_ptr())
+            plan = _native.lib().LinearPlan("int8", packed.data_ptr(), packed.numel(), self.out_features,
+                                            self.in_features, self.weight_scale.data_ptr(),
+                                            0 if b is None else b.data_ptr())
             self._dense = (plan, packed)
         return self._dense[0]
 
     def forward(self, x: Tensor) -> Tensor:
         plan = self._plan
-        fast = self._eager_output(x) if plan is not None else None
-        if fast is not None:  # eager fast path: sparse kernel for few rows, dense int8 beyond
-            y, bf16 = fast
-            n, m = self.out_features, x.shape[0]
-            if m < SPARSE_INT8_MAX_ROWS:
-                _native.lib().s24i8_linear(x.data_ptr(), x.stride(0), bf16, m, self.in_features, plan[0], plan[1],
-                                           n, plan[2], plan[3], y.data_ptr(), n, bf16, torch.get_num_threads())
-            else:
-                self._dense_plan()(x.data_ptr(), x.stride(0), bf16, m, y.data_ptr(), torch.get_num_threads())
-            return y
+        if plan is not None:  # eager fast path: the sparse kernel, or the dense one from _switch_rows rows
+            y = self._run_plan(plan, x)
+            if y is not None:
+                return y
         if (isinstance(x, Tensor) and x.is_cpu and not _is_compiling() and x.dtype in ops._FLOAT_IO and x.dim() >= 1
                 and x.shape[-1] == self.in_features):
             return ops.sparse24_int8_linear_cpu(x, self.values, self.meta, self.in_features, self.weight_scale,
