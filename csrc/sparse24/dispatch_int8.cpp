@@ -24,7 +24,7 @@ const Entry kLadder[] = {
     {{Isa::kAvx512Vnni, "qs8_s24_gemm_6x32_avx512vnni", 6, 0x80, qs8_s24_gemm_6x32_avx512vnni, 8},
      int8_gemm::quantize_rows_avx512},
     {{Isa::kAvx2, "qs8_s24_gemm_4x16_avx2", 4, 0x00, qs8_s24_gemm_4x16_avx2, 0}, int8_gemm::quantize_rows_avx2},
-    {{Isa::kPortable, "qs8_s24_gemm_1x16_scalar", 1, 0x00, qs8_s24_gemm_1x16_scalar, 0},
+    {{Isa::kPortable, "qs8_s24_gemm_1x32_scalar", 1, 0x00, qs8_s24_gemm_1x32_scalar, 0},
      int8_gemm::quantize_rows_scalar},
 };
 
@@ -62,11 +62,9 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
   GemmArgs g{reinterpret_cast<const uint8_t*>(q), lda, qs, packed + h.data_offset,
              reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias, y, ldy, y_bf16,
              m, h.n, h.quads};
-  // units: pairs of 16-channel panels (the AVX-512 tiles are 32 channels wide)
-  const int64_t panels = h.n_pad / kPanel;
-  parallel_units_rows((panels + 1) / 2, m, kern.mr, nthreads, [&](int64_t u, int64_t r0, int64_t r1) {
-    kern.gemm(g, r0, r1, 2 * u, std::min<int64_t>(panels, 2 * u + 2));
-  });
+  // units: 32-channel panels (one sequential stream of weight bytes each)
+  parallel_units_rows(h.n_pad / kPanel, m, kern.mr, nthreads,
+                      [&](int64_t u, int64_t r0, int64_t r1) { kern.gemm(g, r0, r1, u, u + 1); });
 }
 
 }  // namespace sparse24_int8

@@ -14,7 +14,7 @@ void pack(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, in
           uint8_t* out) {
   PackedHeader h{};
   h.magic = kMagic;
-  h.layout = kLayoutP16Q4;
+  h.layout = kLayoutP32Q4;
   h.n = n;
   h.k = k;
   h.n_pad = round_up(n, kPanel);
@@ -35,8 +35,8 @@ void pack(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, in
       const int64_t quad = pair / kQuadPairs, j = pair % kQuadPairs;
       uint8_t* blk = data + (p * h.quads + quad) * kQuadBytes;
       const int8_t v0 = values[c * ldv + 2 * g], v1 = values[c * ldv + 2 * g + 1];
-      blk[(j * kPanel + lane) * 4 + 2 * half] = static_cast<uint8_t>(v0);
-      blk[(j * kPanel + lane) * 4 + 2 * half + 1] = static_cast<uint8_t>(v1);
+      blk[j * kPairBytes + lane * 4 + 2 * half] = static_cast<uint8_t>(v0);
+      blk[j * kPairBytes + lane * 4 + 2 * half + 1] = static_cast<uint8_t>(v1);
       blk[kQuadPosOffset + lane * 4 + j] |= static_cast<uint8_t>((pos[c * ldp + g] & 0xF) << (4 * half));
       sum += v0 + v1;
     }
@@ -45,7 +45,7 @@ void pack(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, in
 }
 
 const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k) {
-  return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, kLayoutP16Q4, packed_nbytes(n, k));
+  return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, kLayoutP32Q4, packed_nbytes(n, k));
 }
 
 }  // namespace sparse24_int8

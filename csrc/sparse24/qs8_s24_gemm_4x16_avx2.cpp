@@ -1,4 +1,4 @@
-// 2:4 int8 GEMM, AVX2: 4 rows x 16 channels (one panel as two halves of 8).
+// 2:4 int8 GEMM, AVX2: 4 rows x 16 channels (half a panel, as two halves of 8).
 // Gather as in the VNNI kernel (vpshufb with per-channel control dwords),
 // multiply with int8_gemm's AVX2 sign trick: |a| x (v with a's sign), so the
 // int16 pair sums of vpmaddubsw never saturate.
@@ -32,17 +32,17 @@ inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t 
 }
 
 template <int MR>
-inline void tile(const GemmArgs& g, int64_t m, int64_t p) {
+inline void tile(const GemmArgs& g, int64_t m, int64_t p, int half) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i c[MR][2];
   for (int r = 0; r < MR; ++r) c[r][0] = c[r][1] = _mm256_setzero_si256();
-  const uint8_t* b = g.w + p * g.quads * kQuadBytes;
+  const uint8_t* b = g.w + p * g.quads * kQuadBytes + 64 * half;  // channels 16 * half ..
   for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes) {
     const __m256i pos0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQuadPosOffset));
     const __m256i pos1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQuadPosOffset + 32));
 #pragma GCC unroll 4
     for (int j = 0; j < kQuadPairs; ++j) {
-      const uint8_t* bj = b + j * kPanel * 4;
+      const uint8_t* bj = b + j * kPairBytes;
       const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj));
       const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj + 32));
       const __m128i sh = _mm_cvtsi32_si128(8 * j);
@@ -61,8 +61,8 @@ inline void tile(const GemmArgs& g, int64_t m, int64_t p) {
     }
   }
   for (int r = 0; r < MR; ++r) {
-    store8(g, c[r][0], g.a_scale[m + r], m + r, p * kPanel);
-    store8(g, c[r][1], g.a_scale[m + r], m + r, p * kPanel + 8);
+    store8(g, c[r][0], g.a_scale[m + r], m + r, p * kPanel + 16 * half);
+    store8(g, c[r][1], g.a_scale[m + r], m + r, p * kPanel + 16 * half + 8);
   }
 }
 
@@ -70,7 +70,8 @@ inline void tile(const GemmArgs& g, int64_t m, int64_t p) {
 
 void qs8_s24_gemm_4x16_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
-    int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<h()>(g, m, p); });
+    for (int half = 0; half < 2 && p * kPanel + 16 * half < g.n; ++half)
+      int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<h()>(g, m, p, half); });
   }
 }
 

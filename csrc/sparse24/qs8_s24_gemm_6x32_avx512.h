@@ -1,5 +1,5 @@
 // 2:4 int8 GEMM body shared by the AVX-512 VNNI and AVX-512 ICL kernels:
-// 6 rows x 32 channels (two panels), one quad (4 pairs of groups, 32 inputs)
+// 6 rows x 32 channels (one panel), one quad (4 pairs of groups, 32 inputs)
 // per loop trip. Include only from files compiled with AVX-512 VNNI flags;
 // everything here has internal linkage, so the two files' copies (built with
 // different flags) never merge.
@@ -23,11 +23,6 @@
 namespace pyaccel {
 namespace sparse24_int8 {
 namespace {
-
-// Rows at or below this count are bound by weight bytes: prefetch the weight
-// stream this far ahead (the panels of a tile are one contiguous region).
-constexpr int kPrefetchMaxRows = 2;
-constexpr int64_t kPrefetchBytes = 4 * kQuadBytes;
 
 static inline void dpbusd(__m512i& c, __m512i a_u8, __m512i b_s8) {
   __asm__("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(a_u8), "v"(b_s8));  // see int8_gemm's VNNI kernel
@@ -55,33 +50,26 @@ static inline void store(const GemmArgs& ga, __m512i acc, const int32_t* comp, f
   }
 #define S24I8_PAIR(J)                                                         \
   {                                                                           \
-    const __m512i v0 = _mm512_loadu_si512(b0 + J * kPanel * 4);               \
-    const __m512i v1 = _mm512_loadu_si512(b1 + J * kPanel * 4);               \
+    const __m512i v0 = _mm512_loadu_si512(b + J * kPairBytes);                \
+    const __m512i v1 = _mm512_loadu_si512(b + J * kPairBytes + 64);           \
     const __m512i k0 = ctl.template pair<J>(pos0), k1 = ctl.template pair<J>(pos1); \
     S24I8_ROW(0, J) S24I8_ROW(1, J) S24I8_ROW(2, J) S24I8_ROW(3, J) S24I8_ROW(4, J) S24I8_ROW(5, J) \
   }
 #define S24I8_STORE(r)                                                        \
   if constexpr (MR > r) {                                                     \
     store(g, c##r##0, g.comp + n0, g.a_scale[m + r], m + r, n0);              \
-    if (two) store(g, c##r##1, g.comp + n0 + kPanel, g.a_scale[m + r], m + r, n0 + kPanel); \
+    store(g, c##r##1, g.comp + n0 + 16, g.a_scale[m + r], m + r, n0 + 16);    \
   }
 
 template <class Control, int MR>
-static inline void tile(const GemmArgs& g, int64_t m, int64_t p, bool two) {
+static inline void tile(const GemmArgs& g, int64_t m, int64_t p) {
   __m512i c00 = _mm512_setzero_si512(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
           c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   PYACCEL_TILE_ROWS6(const uint8_t, a, g.a + m * g.lda, g.lda);
   const Control ctl;
-  const uint8_t* b0 = g.w + p * g.quads * kQuadBytes;
-  const uint8_t* b1 = two ? b0 + g.quads * kQuadBytes : b0;
-  for (int64_t qb = 0; qb < g.quads; ++qb, b0 += kQuadBytes, b1 += kQuadBytes) {
-    if constexpr (MR <= kPrefetchMaxRows) {
-      for (int64_t line = 0; line < kQuadBytes; line += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(b0 + kPrefetchBytes + line), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b1 + kPrefetchBytes + line), _MM_HINT_T0);
-      }
-    }
-    const __m512i pos0 = _mm512_loadu_si512(b0 + kQuadPosOffset), pos1 = _mm512_loadu_si512(b1 + kQuadPosOffset);
+  const uint8_t* b = g.w + p * g.quads * kQuadBytes;
+  for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes) {
+    const __m512i pos0 = _mm512_loadu_si512(b + kQuadPosOffset), pos1 = _mm512_loadu_si512(b + kQuadPosOffset + 64);
     S24I8_PAIR(0) S24I8_PAIR(1) S24I8_PAIR(2) S24I8_PAIR(3)
   }
   const int64_t n0 = p * kPanel;
@@ -94,10 +82,8 @@ static inline void tile(const GemmArgs& g, int64_t m, int64_t p, bool two) {
 
 template <class Control>
 static inline void gemm_6x32(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  for (int64_t p = p0; p < p1; p += 2) {
-    const bool two = p + 1 < p1;
-    int8_gemm::for_each_row_tile<6>(m0, m1, [&](int64_t m, auto h) { tile<Control, h()>(g, m, p, two); });
-  }
+  for (int64_t p = p0; p < p1; ++p)
+    int8_gemm::for_each_row_tile<6>(m0, m1, [&](int64_t m, auto h) { tile<Control, h()>(g, m, p); });
 }
 
 }  // namespace

@@ -13,23 +13,26 @@
 namespace pyaccel {
 namespace sparse24_int8 {
 
-// ---- packed layout "S24I8_P16Q4" ------------------------------------------
-// Panels of 16 channels; inside a panel, quads of group pairs (32 inputs):
-//   vals[4 pairs][16 ch][4] int8     (per pair j and channel: v0 g, v1 g, v0 g+1, v1 g+1
+// ---- packed layout "S24I8_P32Q4" ------------------------------------------
+// Panels of 32 channels; inside a panel, quads of group pairs (32 inputs):
+//   vals[4 pairs][32 ch][4] int8     (per pair j and channel: v0 g, v1 g, v0 g+1, v1 g+1
 //                                     with g = 8 * quad + 2 * j)
-//   pos[16 ch] uint32                (byte j = pair j's positions: nibble g | nibble g+1 << 4,
-//                                     nibble = i0 | i1 << 2)                    = 320 bytes.
-// One position dword per channel and quad lets the kernels pull pair j's
-// byte out with a shift (or one vpmultishiftqb) instead of a widening load.
+//   pos[32 ch] uint32                (byte j = pair j's positions: nibble g | nibble g+1 << 4,
+//                                     nibble = i0 | i1 << 2)                    = 640 bytes.
+// A panel is one sequential stream (what the hardware prefetchers follow at
+// M = 1, where the kernels are bound by these bytes). One position dword per
+// channel and quad lets the kernels pull pair j's byte out with a shift (or
+// one vpmultishiftqb) instead of a widening load.
 // Preceded by comp int32[n_pad] = 128 * sum of the row's values (for the
-// uint8 activations of vpdpbusd). n pads to 16, groups to a multiple of 8 (zeros).
-constexpr int kPanel = 16;
+// uint8 activations of vpdpbusd). n pads to 32, groups to a multiple of 8 (zeros).
+constexpr int kPanel = 32;
 constexpr int kQuadPairs = 4;
 constexpr int64_t kQuadInputs = 8 * kQuadPairs;
-constexpr int64_t kQuadBytes = kQuadPairs * kPanel * 4 + kPanel * 4;
-constexpr int64_t kQuadPosOffset = kQuadPairs * kPanel * 4;
+constexpr int64_t kPairBytes = kPanel * 4;                  // one pair's values
+constexpr int64_t kQuadPosOffset = kQuadPairs * kPairBytes;  // 512
+constexpr int64_t kQuadBytes = kQuadPosOffset + kPanel * 4;  // 640
 constexpr uint32_t kMagic = 0x38493253u;  // "S2I8"
-constexpr int32_t kLayoutP16Q4 = 2;
+constexpr int32_t kLayoutP32Q4 = 3;
 
 struct PackedHeader {
   uint32_t magic;
@@ -79,7 +82,7 @@ const Kernel& select_kernel();
 void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const uint8_t* packed,
             const float* w_scale, const float* bias, void* y, int64_t ldy, bool y_bf16, int nthreads);
 
-void qs8_s24_gemm_1x16_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void qs8_s24_gemm_1x32_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_s24_gemm_4x16_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_s24_gemm_6x32_avx512vnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_s24_gemm_6x32_avx512icl(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);

@@ -5,7 +5,7 @@
 namespace pyaccel {
 namespace sparse24_int8 {
 
-void qs8_s24_gemm_1x16_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+void qs8_s24_gemm_1x32_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t m = m0; m < m1; ++m) {
       const int8_t* a = reinterpret_cast<const int8_t*>(g.a + m * g.lda);
@@ -13,7 +13,7 @@ void qs8_s24_gemm_1x16_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t
       for (int64_t qb = 0; qb < g.quads; ++qb) {
         const uint8_t* blk = g.w + (p * g.quads + qb) * kQuadBytes;
         for (int j = 0; j < kQuadPairs; ++j) {
-          const int8_t* v = reinterpret_cast<const int8_t*>(blk) + j * kPanel * 4;
+          const int8_t* v = reinterpret_cast<const int8_t*>(blk) + j * kPairBytes;
           const int8_t* ap = a + kQuadInputs * qb + 8 * j;
           for (int c = 0; c < kPanel; ++c) {
             const uint8_t s = blk[kQuadPosOffset + 4 * c + j];
