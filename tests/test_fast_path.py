@@ -1,0 +1,66 @@
+"""The eager fast path of every packed module (PackedModule.__call__ ->
+native plan) against the general torch.ops path: same kernel, so the same
+bits, for every input layout the fast path takes or declines."""
+import pytest
+import torch
+from torch import nn
+
+from pyaccel import _native
+from pyaccel.formats import sparse24 as s24
+from pyaccel.nn import Int8Linear, Sparse24Int8Linear, Sparse24Linear
+
+pytestmark = pytest.mark.skipif(not _native.available(), reason="native library not loaded")
+
+K, N = 72, 40
+
+
+def _modules():
+    torch.manual_seed(7)
+    lin = nn.Linear(K, N)
+    with torch.no_grad():
+        lin.weight.mul_(s24.mask_24(lin.weight))
+    return {
+        "int8": (Int8Linear.from_float(lin),
+                 lambda m, x: torch.ops.pyaccel.int8_linear(x, m.weight_int8, m.weight_scale, m.bias, m._packed)),
+        "sparse24": (Sparse24Linear.from_float(lin),
+                     lambda m, x: torch.ops.pyaccel.sparse24_linear(x, m.values, m.meta, K, m.bias, m._packed)),
+        "sparse24_int8": (Sparse24Int8Linear.from_float(lin),
+                          lambda m, x: torch.ops.pyaccel.sparse24_int8_linear(
+                              x, m.values, m.meta, K, m.weight_scale, m.bias, m._packed)),
+    }
+
+
+def _inputs(gen, dtype):
+    base = torch.randn(6, 2 * K, generator=gen).to(dtype)
+    yield "2-D", base[:, :K].contiguous()
+    yield "2-D row stride", base[:, :K]
+    yield "2-D stride 0 rows", base[:1, :K].expand(5, K)
+    yield "M = 1", base[:1, :K]
+    yield "3-D", torch.randn(2, 3, K, generator=gen).to(dtype)
+    yield "4-D", torch.randn(2, 1, 3, K, generator=gen).to(dtype)
+    yield "3-D transposed", torch.randn(3, 2, K, generator=gen).to(dtype).transpose(0, 1)
+    yield "2-D column stride", base[:, ::2]
+    yield "zero rows 2-D", torch.randn(0, K).to(dtype)
+    yield "zero rows 3-D", torch.randn(2, 0, K).to(dtype)
+
+
+@pytest.mark.parametrize("kind", ["int8", "sparse24", "sparse24_int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_path_matches_op_path(isa, gen, kind, dtype):
+    mod, op = _modules()[kind]
+    for what, x in _inputs(gen, dtype):
+        y = mod(x)
+        ref = op(mod, x)
+        assert y.shape == x.shape[:-1] + (N,) and y.dtype == dtype, what
+        assert torch.equal(y, ref), what
+        assert torch.equal(mod(x=x), ref), what  # keyword call: forward()
+
+
+@pytest.mark.parametrize("kind", ["int8", "sparse24", "sparse24_int8"])
+def test_fast_path_output_is_fresh(gen, kind):
+    mod, _ = _modules()[kind]
+    x = torch.randn(3, K, generator=gen)
+    y1 = mod(x)
+    keep = y1.clone()
+    y2 = mod(torch.randn(3, K, generator=gen))
+    assert y1.data_ptr() != y2.data_ptr() and torch.equal(y1, keep)
