@@ -6,6 +6,7 @@ Variants, timed interleaved on a fixed sentence batch:
   fp32                     the original encoder
   2:4 masked dense (torch) every encoder Linear 2:4-pruned, run by torch
   2:4 pyaccel              the same pruned model after pyaccel.patch (Sparse24Linear)
+  2:4 int8 pyaccel         the pruned model after pyaccel.patch(quantize="int8") (Sparse24Int8Linear)
   int8 pyaccel             the original after pyaccel.patch(quantize="int8")
 Embeddings: mean pooling over tokens, L2-normalised (as sentence-transformers).
 """
@@ -61,8 +62,10 @@ def variants(model) -> Dict[str, torch.nn.Module]:
     pyaccel.prune.prune_24(pruned, include="encoder.*")
     pyaccel.prune.make_permanent(pruned)
     sparse = pyaccel.patch(copy.deepcopy(pruned), include="encoder.*").model
+    sparse_int8 = pyaccel.patch(copy.deepcopy(pruned), quantize="int8", include="encoder.*").model
     int8 = pyaccel.patch(copy.deepcopy(model), quantize="int8", include="encoder.*").model
-    return {"fp32": model, "2:4 masked dense (torch)": pruned, "2:4 pyaccel": sparse, "int8 pyaccel": int8}
+    return {"fp32": model, "2:4 masked dense (torch)": pruned, "2:4 pyaccel": sparse,
+            "2:4 int8 pyaccel": sparse_int8, "int8 pyaccel": int8}
 
 
 def run(budget_s: float = 4.0, log=print) -> Dict[str, dict]:
@@ -75,12 +78,13 @@ def run(budget_s: float = 4.0, log=print) -> Dict[str, dict]:
         embs = {k: embed(m, batch) for k, m in vs.items()}
         t = interleaved({k: (lambda m=m: embed(m, batch)) for k, m in vs.items()}, budget_s=budget_s)
     n_sparse = sum(isinstance(m, pyaccel.nn.Sparse24Linear) for m in vs["2:4 pyaccel"].modules())
+    n_sparse_int8 = sum(isinstance(m, pyaccel.nn.Sparse24Int8Linear) for m in vs["2:4 int8 pyaccel"].modules())
     n_int8 = sum(isinstance(m, pyaccel.nn.Int8Linear) for m in vs["int8 pyaccel"].modules())
     log(f"MiniLM-L6, {len(SENTENCES)} sentences ({tokens} token slots), {torch.get_num_threads()} threads; "
-        f"{n_sparse} Sparse24Linear, {n_int8} Int8Linear swapped in")
+        f"{n_sparse} Sparse24Linear, {n_sparse_int8} Sparse24Int8Linear, {n_int8} Int8Linear swapped in")
     log(f"{'variant':<26} {'median ms':>10} {'IQR':>6} {'speed-up':>9}  cosine vs")
     for k in vs:
-        ref = "2:4 masked dense (torch)" if k == "2:4 pyaccel" else "fp32"
+        ref = "2:4 masked dense (torch)" if k in ("2:4 pyaccel", "2:4 int8 pyaccel") else "fp32"
         cos = torch.nn.functional.cosine_similarity(embs[k], embs[ref], dim=-1)
         res[k] = dict(ms=t[k].median_s * 1e3, spread=t[k].spread, speedup=t["fp32"].median_s / t[k].median_s,
                       speedup_vs_masked=t["2:4 masked dense (torch)"].median_s / t[k].median_s,
