@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyaccel.kernels._common import interpreting
+from pyaccel.kernels._common import dequant_store, interpreting, load_rows, tile_ranges
 
 _RNE_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to nearest even
 
@@ -65,27 +65,15 @@ def _int8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[m, n] = float(sum_k q[m, k] w[n, k]) * (sx[m] * sw[n]) + bias[n]."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    rm, rn, rk = tile_ranges(BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        a = tl.load(q_ptr + rm[:, None].to(tl.int64) * stride_qm + kk[None, :],
-                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
+        a = load_rows(q_ptr, rm, kk, M, K, stride_qm)
         b = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + kk[:, None],
                     mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
         acc += tl.dot(a, b, out_dtype=tl.int32)
-    sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
-    sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
-    y = acc.to(tl.float32) * (sx[:, None] * sw[None, :])
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0)[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :],
-             y.to(y_ptr.dtype.element_ty), mask=mask)
+    dequant_store(acc, sx_ptr, sw_ptr, bias_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS)
 
 
 def gemm_config(m: int, n: int, k: int) -> dict:

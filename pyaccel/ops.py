@@ -264,14 +264,18 @@ def _sparse24_linear_cpu_op(x, values, meta, k, bias, packed):
 @sparse24_linear.register_kernel("cuda")
 def _sparse24_linear_cuda_op(x, values, meta, k, bias, packed):
     check_sparse24_args(x, values, meta, k, bias, packed)
+    x2 = _as_rows(x, k)
+    y = _triton_sparse24().sparse24_linear(x2, values.contiguous(), meta.contiguous(), k,
+                                           None if bias is None else bias.contiguous())
+    return y.view(*x.shape[:-1], values.shape[0])
+
+
+def _triton_sparse24():
     try:
         from pyaccel.kernels import sparse24 as tk
     except ImportError as exc:
         raise ValueError(f"x: a CUDA tensor needs pyaccel's Triton kernels, which cannot load here ({exc})") from exc
-    x2 = _as_rows(x, k)
-    y = tk.sparse24_linear(x2, values.contiguous(), meta.contiguous(), k,
-                           None if bias is None else bias.contiguous())
-    return y.view(*x.shape[:-1], values.shape[0])
+    return tk
 
 
 @sparse24_linear.register_fake
@@ -325,13 +329,11 @@ def _sparse24_int8_linear_cpu_op(x, values, meta, k, w_scale, bias, packed):
 
 @sparse24_int8_linear.register_kernel("cuda")
 def _sparse24_int8_linear_cuda_op(x, values, meta, k, w_scale, bias, packed):
-    # No sparse int8 Triton kernel yet: expand to dense int8 on the GPU and run
-    # the dense int8 Triton GEMM (correct; without the bandwidth saving).
     check_sparse24_int8_args(x, values, meta, k, w_scale, bias, packed)
-    from pyaccel.formats.sparse24 import Sparse24Weight, decompress
-
-    w = decompress(Sparse24Weight(values, meta, k)).contiguous()
-    return _int8_linear_cuda(x, w, w_scale, bias)
+    x2 = _as_rows(x, k)
+    y = _triton_sparse24().sparse24_int8_linear(x2, values.contiguous(), meta.contiguous(), k,
+                                                w_scale.contiguous(), None if bias is None else bias.contiguous())
+    return y.view(*x.shape[:-1], values.shape[0])
 
 
 @sparse24_int8_linear.register_fake
