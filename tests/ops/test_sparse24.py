@@ -170,3 +170,24 @@ def test_int8_bf16_batched_opcheck_errors(isa, gen):
         torch.ops.pyaccel.sparse24_int8_linear(x, vals.float(), meta, 40, scale, None, p)
     with pytest.raises(ValueError, match=r"w_scale: expected float32 of shape \(24,\)"):
         torch.ops.pyaccel.sparse24_int8_linear(x, vals, meta, 40, scale[:3], None, p)
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(0, 20), n=st.integers(1, 100), k=st.integers(1, 300), pad=st.integers(0, 9),
+       bf16=st.booleans(), isa_name=st.sampled_from(_native.ISA_LADDER), seed=st.integers(0, 2**31 - 1))
+def test_int8_property_random_shapes_strides_dtypes(m, n, k, pad, bf16, isa_name, seed):
+    """2:4 int8 kernels on random shapes (panel/quad edges included), row strides
+    and activation dtypes, on a random ISA path: equal to the dense int8 reference."""
+    if not _native.isa_supported(isa_name):
+        isa_name = "portable"
+    g = torch.Generator().manual_seed(seed)
+    dense, vals, meta, scale = _int8_24(n, k, g)
+    x = torch.randn(m, k + pad, generator=g)[:, :k]  # row stride k + pad
+    if bf16:
+        x = x.to(torch.bfloat16)
+    with _native.isa_cap(isa_name):
+        y = torch.ops.pyaccel.sparse24_int8_linear(x, vals, meta, k, scale, None, s24.pack_sparse24_int8(vals, meta, k))
+    ref = reference.int8_linear(x, dense, scale, None)
+    assert y.dtype == x.dtype and y.shape == (m, n)
+    tol = torch.finfo(y.dtype).eps * ref.float().abs()
+    assert ((y.float() - ref.float()).abs() <= tol).all()
