@@ -51,15 +51,16 @@ void check_packed_or_throw(uintptr_t packed, int64_t nbytes, int64_t n, int64_t 
 
 // A validated linear layer over one packed weight (int8, 2:4 fp32 or 2:4
 // int8): packed buffer, scales and bias checked once, so that the per-call
-// path converts only six arguments. The Python owner keeps the tensors alive
-// for as long as the plan.
+// path converts only six arguments. `keep` holds what owns that memory (the
+// modules pass the tensors' storages): the plan never outlives it, even when a
+// tensor's .data is swapped for another.
 class LinearPlan {
  public:
   enum class Kind { kInt8, kSparse24, kSparse24Int8 };
 
   LinearPlan(const std::string& kind, uintptr_t packed, int64_t packed_nbytes, int64_t n, int64_t k,
-             uintptr_t w_scale, uintptr_t bias)
-      : packed_(packed), n_(n), k_(k), w_scale_(w_scale), bias_(bias) {
+             uintptr_t w_scale, uintptr_t bias, py::object keep)
+      : packed_(packed), n_(n), k_(k), w_scale_(w_scale), bias_(bias), keep_(std::move(keep)) {
     if (!packed) throw py::value_error("packed: null pointer");
     const char* err = nullptr;
     if (kind == "int8") {
@@ -102,6 +103,7 @@ class LinearPlan {
   uintptr_t packed_;
   int64_t n_, k_;
   uintptr_t w_scale_, bias_;
+  py::object keep_;
 };
 
 }  // namespace
@@ -115,9 +117,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_kernel_name", [] { return std::string(int8_gemm::select_kernel().name); });
 
   py::class_<LinearPlan>(m, "LinearPlan")
-      .def(py::init<const std::string&, uintptr_t, int64_t, int64_t, int64_t, uintptr_t, uintptr_t>(),
+      .def(py::init<const std::string&, uintptr_t, int64_t, int64_t, int64_t, uintptr_t, uintptr_t, py::object>(),
            py::arg("kind"), py::arg("packed"), py::arg("packed_nbytes"), py::arg("n"), py::arg("k"),
-           py::arg("w_scale"), py::arg("bias"))
+           py::arg("w_scale"), py::arg("bias"), py::arg("keep"))
       .def("__call__", &LinearPlan::run, py::arg("x"), py::arg("ldx"), py::arg("bf16"), py::arg("m"),
            py::arg("y"), py::arg("nthreads"),
            "y[m, n] (row stride n, x's dtype) = the layer applied to x[m, k] (row stride ldx)");

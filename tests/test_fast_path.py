@@ -64,3 +64,47 @@ def test_fast_path_output_is_fresh(gen, kind):
     keep = y1.clone()
     y2 = mod(torch.randn(3, K, generator=gen))
     assert y1.data_ptr() != y2.data_ptr() and torch.equal(y1, keep)
+
+
+@pytest.mark.parametrize("kind", ["int8", "sparse24", "sparse24_int8"])
+def test_dtype_casts_keep_the_stored_format(gen, kind):
+    """.double() / .half() / .to(bf16) move nothing and round nothing: the stored
+    format is fixed and the compute dtype follows the input."""
+    x = torch.randn(3, K, generator=gen)
+    y = _modules()[kind][0](x)
+    for cast in (lambda m: m.double(), lambda m: m.half(), lambda m: m.to(torch.bfloat16),
+                 lambda m: m.to("cpu", torch.float16)):
+        mod = cast(_modules()[kind][0])
+        assert all(not b.is_floating_point() or b.dtype == torch.float32 for b in mod.buffers())
+        assert torch.equal(mod(x), y)
+
+
+@pytest.mark.parametrize("kind", ["int8", "sparse24", "sparse24_int8"])
+def test_edited_buffers_are_checked_not_misread(gen, kind):
+    mod, _ = _modules()[kind]
+    x = torch.randn(3, K, generator=gen)
+    y = mod(x)
+    mod.bias = mod.bias.double()  # assignment: repack; no plan over a float64 buffer
+    assert mod._plan is None
+    with pytest.raises(ValueError, match="bias: expected"):
+        mod(x)
+    mod.bias = mod.bias.float() + 1
+    assert torch.allclose(mod(x), y + 1, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_keeps_its_memory_alive(gen):
+    """A native plan owns references to the storages it reads: a swapped .data
+    or a dropped module never leaves it reading freed memory."""
+    mod, _ = _modules()["sparse24_int8"]
+    x = torch.randn(3, K, generator=gen)
+    y = mod(x)
+    plan = mod._plan
+    mod.bias.data = torch.zeros(N)  # storage swap behind the module's back
+    del mod
+    import gc
+
+    gc.collect()
+    torch.randn(1 << 20)  # reuse freed memory, if any had been freed
+    out = torch.empty(3, N)
+    plan(x.data_ptr(), K, False, 3, out.data_ptr(), 1)
+    assert torch.equal(out, y)

@@ -18,6 +18,7 @@ _is_compiling = torch.compiler.is_compiling
 _get_default_dtype = torch.get_default_dtype
 _get_num_threads = torch.get_num_threads
 _F32, _BF16 = torch.float32, torch.bfloat16
+_FLOAT_IO = (_F32, _BF16)
 
 # The hook registries nn.Module._call_impl consults (dicts mutated in place).
 _GLOBAL_HOOKS = tuple(getattr(_module_mod, name) for name in (
@@ -58,6 +59,22 @@ class PackedModule(nn.Module):
         else:
             self.bias = None
 
+    def _make_plan(self, kind: str, packed: Tensor, w_scale: Optional[Tensor] = None):
+        """A native LinearPlan over `packed` with this module's bias (and
+        w_scale); None when one of them is not a contiguous float32 CPU tensor
+        (forward then takes the checked general path). The plan holds the
+        storages it reads, so it never reads freed memory."""
+        from pyaccel import _native
+
+        b = self.bias
+        ts = [t for t in (w_scale, b) if t is not None]
+        if any(t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cpu for t in ts):
+            return None
+        keep = (packed.untyped_storage(),) + tuple(t.untyped_storage() for t in ts)
+        return _native.lib().LinearPlan(kind, packed.data_ptr(), packed.numel(), self.out_features,
+                                        self.in_features, 0 if w_scale is None else w_scale.data_ptr(),
+                                        0 if b is None else b.data_ptr(), keep)
+
     # From this many rows on, _run_plan calls _switch_plan() instead (a subclass
     # whose kernel loses to another at many rows sets both).
     _switch_rows = 1 << 62
@@ -95,6 +112,29 @@ class PackedModule(nn.Module):
         plan(x.data_ptr(), ldx, dt is _BF16, m, y.data_ptr(), _get_num_threads())
         return y
 
+    # ---- forward: the same three paths for every packed module ------------------
+    def _native_rows(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The native CPU op on any float CPU x (arguments known good)."""
+        raise NotImplementedError
+
+    def _checked_op(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The torch.ops.pyaccel op: argument checks, then CPU / CUDA / fake kernels."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        plan = self._plan
+        if plan is not None:  # a plan exists only over canonical (checked) buffers
+            y = self._run_plan(plan, x)  # 2-D and contiguous N-D rows
+            if y is not None:
+                return y
+            if (type(x) is Tensor and x.is_cpu and not _is_compiling() and x.dtype in _FLOAT_IO
+                    and x.dim() >= 1 and x.shape[-1] == self.in_features):
+                return self._native_rows(x)  # other strides
+        from pyaccel import ops
+
+        ops.require_tensor(x)
+        return self._checked_op(x)  # compile, CUDA, other dtypes, edited buffers, no native library
+
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
         if name in self.WEIGHT_NAMES and "_plan" in self.__dict__:
@@ -116,7 +156,14 @@ class PackedModule(nn.Module):
         return self.forward(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
+        # The stored format is fixed: .double() / .half() / .to(dtype) move the
+        # buffers but never change their dtypes (no rounding of scales or
+        # values); the compute dtype follows the input (fp32 or bf16).
+        def same_dtype(t):
+            r = fn(t)
+            return t.to(device=r.device) if isinstance(r, Tensor) and r.dtype != t.dtype else r
+
+        out = super()._apply(same_dtype, *args, **kwargs)
         self._repack()
         return out
 

@@ -19,7 +19,6 @@ from pyaccel.formats.int8 import (
 )
 from pyaccel.reference import INT8_MAX_K, QMAX
 
-_is_compiling = torch.compiler.is_compiling
 
 try:  # torch.ao's dynamic Linear; absent in some builds
     from torch.ao.nn.quantized.dynamic import Linear as _AoDynamicLinear
@@ -110,27 +109,16 @@ class Int8Linear(PackedModule):
         C = _native.lib()
         if self.weight_int8.device.type == "cpu" and C is not None:
             self._packed = pack_int8_weight(self.weight_int8)
-            ws, b = self.weight_scale, self.bias
-            if ws.is_contiguous() and ws.dtype == torch.float32 and (
-                    b is None or (b.is_contiguous() and b.dtype == torch.float32)):
-                self._plan = C.LinearPlan("int8", self._packed.data_ptr(), self._packed.numel(),
-                                          self.out_features, self.in_features, ws.data_ptr(),
-                                          0 if b is None else b.data_ptr())
+            self._plan = self._make_plan("int8", self._packed, self.weight_scale)
 
     def dequantized_weight(self) -> Tensor:
         return dequantize_weight(Int8Weight(self.weight_int8, self.weight_scale))
 
-    # ---- forward ------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
-        plan = self._plan
-        if plan is not None:  # eager fast path; in-place edits of weight_scale/bias are seen, of
-            y = self._run_plan(plan, x)  # weight_int8 need _repack()
-            if y is not None:
-                return y
-            if (type(x) is Tensor and x.is_cpu and not _is_compiling() and x.dtype in ops._FLOAT_IO
-                    and x.dim() >= 1 and x.shape[-1] == self.in_features):
-                return ops.int8_linear_cpu(x, self.weight_int8, self.weight_scale, self.bias, self._packed)
-        ops.require_tensor(x)
+    # ---- forward (PackedModule.forward) ---------------------------------------------
+    def _native_rows(self, x: Tensor) -> Tensor:
+        return ops.int8_linear_cpu(x, self.weight_int8, self.weight_scale, self.bias, self._packed)
+
+    def _checked_op(self, x: Tensor) -> Tensor:
         return torch.ops.pyaccel.int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self._packed)
 
     def backend(self) -> str:

@@ -12,7 +12,6 @@ from pyaccel.formats import sparse24 as s24
 from pyaccel.nn._packed import PackedModule
 from pyaccel.reference import INT8_MAX_K
 
-_is_compiling = torch.compiler.is_compiling
 
 
 def _init_24_buffers(mod: nn.Module, values_dtype: torch.dtype, device) -> None:
@@ -83,22 +82,12 @@ class Sparse24Linear(PackedModule):
         self._packed, self._plan = None, None
         if self.values.device.type == "cpu" and _native.available():
             self._packed = s24.pack_sparse24(s24.Sparse24Weight(self.values, self.meta, self.in_features))
-            b = self.bias
-            if b is None or (b.is_contiguous() and b.dtype == torch.float32):
-                self._plan = _native.lib().LinearPlan("sparse24", self._packed.data_ptr(), self._packed.numel(),
-                                                      self.out_features, self.in_features, 0,
-                                                      0 if b is None else b.data_ptr())
+            self._plan = self._make_plan("sparse24", self._packed)
 
-    def forward(self, x: Tensor) -> Tensor:
-        plan = self._plan
-        if plan is not None:  # eager fast path: straight to the native kernel
-            y = self._run_plan(plan, x)
-            if y is not None:
-                return y
-        if (isinstance(x, Tensor) and x.is_cpu and not _is_compiling() and x.dtype in ops._FLOAT_IO and x.dim() >= 1
-                and x.shape[-1] == self.in_features):
-            return ops.sparse24_linear_cpu(x, self.values, self.meta, self.in_features, self.bias, self._packed)
-        ops.require_tensor(x)
+    def _native_rows(self, x: Tensor) -> Tensor:
+        return ops.sparse24_linear_cpu(x, self.values, self.meta, self.in_features, self.bias, self._packed)
+
+    def _checked_op(self, x: Tensor) -> Tensor:
         return torch.ops.pyaccel.sparse24_linear(x, self.values, self.meta, self.in_features, self.bias,
                                                  self._packed)
 
@@ -162,16 +151,12 @@ class Sparse24Int8Linear(PackedModule):
         self._packed, self._plan, self._dense = None, None, None
         if self.values.device.type == "cpu" and _native.available():
             self._packed = s24.pack_sparse24_int8(self.values, self.meta, self.in_features)
-            ws, b = self.weight_scale, self.bias
             # the selected kernel says from how many rows the dense int8 kernel beats it
             # (the AVX-512 VNNI one without VBMI: 8); then the module switches to it, on a
             # dense packing built on first use (about 1.6x the sparse weight memory)
             rows = _native.lib().s24i8_dense_from_rows()
             self._switch_rows = rows if rows > 0 else PackedModule._switch_rows
-            if ws.is_contiguous() and (b is None or b.is_contiguous()):
-                self._plan = _native.lib().LinearPlan("sparse24_int8", self._packed.data_ptr(),
-                                                      self._packed.numel(), self.out_features, self.in_features,
-                                                      ws.data_ptr(), 0 if b is None else b.data_ptr())
+            self._plan = self._make_plan("sparse24_int8", self._packed, self.weight_scale)
 
     def _switch_plan(self):
         """Native plan of the dense int8 kernel over a dense packing (built once)."""
@@ -179,24 +164,14 @@ class Sparse24Int8Linear(PackedModule):
             from pyaccel.formats.int8 import pack_int8_weight
 
             packed = pack_int8_weight(self.dense_int8_weight())
-            b = self.bias
-            plan = _native.lib().LinearPlan("int8", packed.data_ptr(), packed.numel(), self.out_features,
-                                            self.in_features, self.weight_scale.data_ptr(),
-                                            0 if b is None else b.data_ptr())
-            self._dense = (plan, packed)
+            self._dense = (self._make_plan("int8", packed, self.weight_scale), packed)
         return self._dense[0]
 
-    def forward(self, x: Tensor) -> Tensor:
-        plan = self._plan
-        if plan is not None:  # eager fast path: the sparse kernel, or the dense one from _switch_rows rows
-            y = self._run_plan(plan, x)
-            if y is not None:
-                return y
-        if (isinstance(x, Tensor) and x.is_cpu and not _is_compiling() and x.dtype in ops._FLOAT_IO and x.dim() >= 1
-                and x.shape[-1] == self.in_features):
-            return ops.sparse24_int8_linear_cpu(x, self.values, self.meta, self.in_features, self.weight_scale,
-                                                self.bias, self._packed)
-        ops.require_tensor(x)
+    def _native_rows(self, x: Tensor) -> Tensor:
+        return ops.sparse24_int8_linear_cpu(x, self.values, self.meta, self.in_features, self.weight_scale,
+                                            self.bias, self._packed)
+
+    def _checked_op(self, x: Tensor) -> Tensor:
         return torch.ops.pyaccel.sparse24_int8_linear(x, self.values, self.meta, self.in_features,
                                                       self.weight_scale, self.bias, self._packed)
 
