@@ -169,3 +169,13 @@ def test_sparse_int8_switches_to_dense_where_the_kernel_says(isa, gen):
     y_rows = torch.cat([mod(x[i:i + 1]) for i in range(x.shape[0])])  # 1 row: always the sparse kernel
     assert torch.equal(y_all, y_rows)
     assert torch.equal(mod(x.view(1, -1, 72)).view(-1, 40), y_all)  # 3-D input, same fast path
+
+
+def test_int8_compile_matches_eager(gen):
+    net = _net()
+    pyaccel.prune.prune_24(net)
+    pyaccel.patch(net, quantize="int8")
+    x = torch.randn(2, 3, 64, generator=gen)
+    y = net(x)
+    compiled = torch.compile(net)
+    assert torch.allclose(compiled(x), y, rtol=1e-5, atol=1e-5)
