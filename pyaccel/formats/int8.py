@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import torch
 
+from pyaccel.formats._buffer import packed_buffer
 from pyaccel import _native
 from pyaccel.reference import QMAX
 
@@ -88,6 +89,6 @@ def pack_int8_weight(values: torch.Tensor) -> Optional[torch.Tensor]:
         v = v.contiguous()
     n, k = v.shape
     nbytes = C.int8_packed_nbytes(n, k)
-    out = torch.empty(nbytes, dtype=torch.uint8)
+    out = packed_buffer(nbytes)
     C.int8_pack(v.data_ptr(), v.stride(0), n, k, out.data_ptr(), nbytes)
     return out

@@ -20,6 +20,8 @@ import dataclasses
 
 import torch
 
+from pyaccel.formats._buffer import packed_buffer
+
 GROUP = 4
 KEEP = 2
 
@@ -133,7 +135,7 @@ def pack_sparse24(sw: Sparse24Weight):
     vals = sw.values.detach().to("cpu", torch.float32).contiguous()
     pb = position_bytes(Sparse24Weight(vals, sw.meta.detach().cpu(), k))
     nbytes = C.s24_packed_nbytes(n, k)
-    out = torch.empty(nbytes, dtype=torch.uint8)
+    out = packed_buffer(nbytes)
     C.s24_pack(vals.data_ptr(), vals.stride(0), pb.data_ptr(), pb.stride(0), n, k, out.data_ptr(), nbytes)
     return out
 
@@ -149,6 +151,6 @@ def pack_sparse24_int8(values: torch.Tensor, meta: torch.Tensor, k: int):
     n = vals.shape[0]
     pb = position_bytes(Sparse24Weight(vals, meta.detach().cpu(), k))
     nbytes = C.s24i8_packed_nbytes(n, k)
-    out = torch.empty(nbytes, dtype=torch.uint8)
+    out = packed_buffer(nbytes)
     C.s24i8_pack(vals.data_ptr(), vals.stride(0), pb.data_ptr(), pb.stride(0), n, k, out.data_ptr(), nbytes)
     return out
