@@ -75,7 +75,7 @@ class LinearPlan {
     } else {
       throw py::value_error("kind: expected 'int8', 'sparse24' or 'sparse24_int8', got '" + kind + "'");
     }
-    if (err) throw py::value_error(std::string("packed: ") + err);
+    if (err) throw py::value_error(std::string("packed_weight: ") + err);
     if (kind_ != Kind::kSparse24 && !w_scale) throw py::value_error("w_scale: null pointer");
   }
 
@@ -106,6 +106,23 @@ class LinearPlan {
   py::object keep_;
 };
 
+// The two 2:4 packers (fp32 or int8 values + one position byte per group).
+template <typename V>
+void def_pack24(py::module_& m, const char* name, int64_t (*nbytes)(int64_t, int64_t),
+                void (*pack)(const V*, int64_t, const uint8_t*, int64_t, int64_t, int64_t, uint8_t*),
+                const char* size_error) {
+  m.def(
+      name,
+      [=](uintptr_t values, int64_t ldv, uintptr_t pos, int64_t ldp, int64_t n, int64_t k, uintptr_t out,
+          int64_t out_nbytes) {
+        if (out_nbytes != nbytes(n, k)) throw py::value_error(size_error);
+        py::gil_scoped_release nogil;
+        pack(ptr<const V>(values), ldv, ptr<const uint8_t>(pos), ldp, n, k, ptr<uint8_t>(out));
+      },
+      py::arg("values"), py::arg("ldv"), py::arg("pos"), py::arg("ldp"), py::arg("n"), py::arg("k"),
+      py::arg("out"), py::arg("out_nbytes"));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -123,65 +140,25 @@ PYBIND11_MODULE(_C, m) {
       .def("__call__", &LinearPlan::run, py::arg("x"), py::arg("ldx"), py::arg("bf16"), py::arg("m"),
            py::arg("y"), py::arg("nthreads"),
            "y[m, n] (row stride n, x's dtype) = the layer applied to x[m, k] (row stride ldx)");
+  m.def(
+      "linear",
+      [](const std::string& kind, uintptr_t x, int64_t ldx, bool bf16, int64_t m, int64_t k, uintptr_t packed,
+         int64_t packed_nbytes, int64_t n, uintptr_t w_scale, uintptr_t bias, uintptr_t y, int nthreads) {
+        LinearPlan(kind, packed, packed_nbytes, n, k, w_scale, bias, py::none()).run(x, ldx, bf16, m, y, nthreads);
+      },
+      "one call of a LinearPlan (validated per call): y[m, n] (row stride n, x's dtype) from x[m, k]",
+      py::arg("kind"), py::arg("x"), py::arg("ldx"), py::arg("bf16"), py::arg("m"), py::arg("k"),
+      py::arg("packed"), py::arg("packed_nbytes"), py::arg("n"), py::arg("w_scale"), py::arg("bias"),
+      py::arg("y"), py::arg("nthreads"));
   m.def("s24_kernel_name", [] { return std::string(sparse24::select_kernel().name); });
   m.def("s24_packed_nbytes", &sparse24::packed_nbytes, py::arg("n"), py::arg("k"));
-  m.def(
-      "s24_pack",
-      [](uintptr_t values, int64_t ldv, uintptr_t pos, int64_t ldp, int64_t n, int64_t k, uintptr_t out,
-         int64_t out_nbytes) {
-        if (out_nbytes != sparse24::packed_nbytes(n, k))
-          throw py::value_error("out: wrong size for the packed 2:4 weight");
-        py::gil_scoped_release nogil;
-        sparse24::pack(ptr<const float>(values), ldv, ptr<const uint8_t>(pos), ldp, n, k, ptr<uint8_t>(out));
-      },
-      py::arg("values"), py::arg("ldv"), py::arg("pos"), py::arg("ldp"), py::arg("n"), py::arg("k"),
-      py::arg("out"), py::arg("out_nbytes"));
-  m.def(
-      "s24_linear",
-      [](uintptr_t x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, uintptr_t packed,
-         int64_t packed_nbytes, int64_t n, uintptr_t bias, uintptr_t y, int64_t ldy, bool y_bf16,
-         int nthreads) {
-        if (const char* e = sparse24::check_packed(ptr<const uint8_t>(packed), packed_nbytes, n, k))
-          throw py::value_error(std::string("packed_weight: ") + e);
-        py::gil_scoped_release nogil;
-        sparse24::linear(ptr<const void>(x), ldx, x_bf16, m, k, ptr<const uint8_t>(packed),
-                         bias ? ptr<const float>(bias) : nullptr, ptr<void>(y), ldy, y_bf16, nthreads);
-      },
-      "y[m, n] = x @ W_2:4.T + bias (packed fp32 values), all pointers",
-      py::arg("x"), py::arg("ldx"), py::arg("x_bf16"), py::arg("m"), py::arg("k"), py::arg("packed"),
-      py::arg("packed_nbytes"), py::arg("n"), py::arg("bias"), py::arg("y"), py::arg("ldy"),
-      py::arg("y_bf16"), py::arg("nthreads"));
+  def_pack24(m, "s24_pack", &sparse24::packed_nbytes, &sparse24::pack, "out: wrong size for the packed 2:4 weight");
   m.def("s24i8_kernel_name", [] { return std::string(sparse24_int8::select_kernel().name); });
   m.def("s24i8_dense_from_rows", [] { return sparse24_int8::select_kernel().dense_from_rows; },
         "rows from which the dense int8 kernel beats the selected 2:4 int8 kernel (0: never)");
   m.def("s24i8_packed_nbytes", &sparse24_int8::packed_nbytes, py::arg("n"), py::arg("k"));
-  m.def(
-      "s24i8_pack",
-      [](uintptr_t values, int64_t ldv, uintptr_t pos, int64_t ldp, int64_t n, int64_t k, uintptr_t out,
-         int64_t out_nbytes) {
-        if (out_nbytes != sparse24_int8::packed_nbytes(n, k))
-          throw py::value_error("out: wrong size for the packed 2:4 int8 weight");
-        py::gil_scoped_release nogil;
-        sparse24_int8::pack(ptr<const int8_t>(values), ldv, ptr<const uint8_t>(pos), ldp, n, k, ptr<uint8_t>(out));
-      },
-      py::arg("values"), py::arg("ldv"), py::arg("pos"), py::arg("ldp"), py::arg("n"), py::arg("k"),
-      py::arg("out"), py::arg("out_nbytes"));
-  m.def(
-      "s24i8_linear",
-      [](uintptr_t x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, uintptr_t packed,
-         int64_t packed_nbytes, int64_t n, uintptr_t w_scale, uintptr_t bias, uintptr_t y, int64_t ldy,
-         bool y_bf16, int nthreads) {
-        if (const char* e = sparse24_int8::check_packed(ptr<const uint8_t>(packed), packed_nbytes, n, k))
-          throw py::value_error(std::string("packed_weight: ") + e);
-        py::gil_scoped_release nogil;
-        sparse24_int8::linear(ptr<const void>(x), ldx, x_bf16, m, k, ptr<const uint8_t>(packed),
-                              ptr<const float>(w_scale), bias ? ptr<const float>(bias) : nullptr, ptr<void>(y),
-                              ldy, y_bf16, nthreads);
-      },
-      "y = dequant(quant_per_row(x) @ W_2:4,int8.T) + bias, all pointers",
-      py::arg("x"), py::arg("ldx"), py::arg("x_bf16"), py::arg("m"), py::arg("k"), py::arg("packed"),
-      py::arg("packed_nbytes"), py::arg("n"), py::arg("w_scale"), py::arg("bias"), py::arg("y"),
-      py::arg("ldy"), py::arg("y_bf16"), py::arg("nthreads"));
+  def_pack24(m, "s24i8_pack", &sparse24_int8::packed_nbytes, &sparse24_int8::pack,
+             "out: wrong size for the packed 2:4 int8 weight");
   m.def("int8_packed_nbytes", &int8_gemm::packed_nbytes, py::arg("n"), py::arg("k"));
   m.def(
       "int8_pack",
@@ -201,21 +178,6 @@ PYBIND11_MODULE(_C, m) {
         return py::none();
       },
       py::arg("packed"), py::arg("nbytes"), py::arg("n"), py::arg("k"));
-  m.def(
-      "int8_linear",
-      [](uintptr_t x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, uintptr_t packed,
-         int64_t packed_nbytes, int64_t n, uintptr_t w_scale, uintptr_t bias, uintptr_t y,
-         int64_t ldy, bool y_bf16, int nthreads) {
-        check_packed_or_throw(packed, packed_nbytes, n, k);
-        py::gil_scoped_release nogil;
-        int8_gemm::linear(ptr<const void>(x), ldx, x_bf16, m, k, ptr<const uint8_t>(packed),
-                          ptr<const float>(w_scale), bias ? ptr<const float>(bias) : nullptr,
-                          ptr<void>(y), ldy, y_bf16, nthreads);
-      },
-      "y[m, n] = dequant(quant_per_row(x) @ w.T) + bias, all pointers",
-      py::arg("x"), py::arg("ldx"), py::arg("x_bf16"), py::arg("m"), py::arg("k"),
-      py::arg("packed"), py::arg("packed_nbytes"), py::arg("n"), py::arg("w_scale"),
-      py::arg("bias"), py::arg("y"), py::arg("ldy"), py::arg("y_bf16"), py::arg("nthreads"));
   m.def(
       "int8_gemm_prequantized",
       [](uintptr_t q, int64_t ldq, uintptr_t q_scale, int64_t m, int64_t k, uintptr_t packed,

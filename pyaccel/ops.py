@@ -89,6 +89,18 @@ def _on_rows(x: Tensor, k: int, n: int, kernel) -> Tensor:
     return y.view(*x.shape[:-1], n)
 
 
+def _native_linear(kind: str, x: Tensor, k: int, n: int, packed: Tensor, w_scale: Optional[Tensor],
+                   bias: Optional[Tensor]) -> Tensor:
+    """The native kernel of `kind` over x's rows (one validated LinearPlan call).
+    The contiguous copies of w_scale / bias stay referenced until the call ends."""
+    C = _native.lib()
+    ws = w_scale.contiguous() if w_scale is not None else None
+    b = bias.contiguous() if bias is not None else None
+    return _on_rows(x, k, n, lambda x2, m, bf16, y: C.linear(
+        kind, x2.data_ptr(), x2.stride(0), bf16, m, k, packed.data_ptr(), packed.numel(), n,
+        0 if ws is None else ws.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(), torch.get_num_threads()))
+
+
 def int8_linear_cpu(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor],
                     packed: Optional[Tensor]) -> Tensor:
     """The native CPU int8 linear (arguments already checked). Falls back to the
@@ -99,11 +111,7 @@ def int8_linear_cpu(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[T
     if packed is None:
         packed = pack_int8_weight(w_int8)
     n, k = w_int8.shape
-    w_scale = w_scale.contiguous()
-    bias_ptr = bias.contiguous().data_ptr() if bias is not None else 0
-    return _on_rows(x, k, n, lambda x2, m, bf16, y: C.int8_linear(
-        x2.data_ptr(), x2.stride(0), bf16, m, k, packed.data_ptr(), packed.numel(), n, w_scale.data_ptr(),
-        bias_ptr, y.data_ptr(), n, bf16, torch.get_num_threads()))
+    return _native_linear("int8", x, k, n, packed, w_scale, bias)
 
 
 def _int8_linear_cuda(x, w_int8, w_scale, bias):
@@ -239,11 +247,7 @@ def sparse24_linear_cpu(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: O
         return reference.sparse24_linear(x, values, meta, k, bias)
     if packed is None:
         packed = pack_sparse24(Sparse24Weight(values, meta, k))
-    n = values.shape[0]
-    bias_ptr = bias.contiguous().data_ptr() if bias is not None else 0
-    return _on_rows(x, k, n, lambda x2, m, bf16, y: C.s24_linear(
-        x2.data_ptr(), x2.stride(0), bf16, m, k, packed.data_ptr(), packed.numel(), n, bias_ptr,
-        y.data_ptr(), n, bf16, torch.get_num_threads()))
+    return _native_linear("sparse24", x, k, values.shape[0], packed, None, bias)
 
 
 @torch.library.custom_op("pyaccel::sparse24_linear", mutates_args=())
@@ -304,12 +308,7 @@ def sparse24_int8_linear_cpu(x, values, meta, k, w_scale, bias, packed):
         return reference.sparse24_int8_linear(x, values, meta, k, w_scale, bias)
     if packed is None:
         packed = pack_sparse24_int8(values, meta, k)
-    n = values.shape[0]
-    w_scale = w_scale.contiguous()
-    bias_ptr = bias.contiguous().data_ptr() if bias is not None else 0
-    return _on_rows(x, k, n, lambda x2, m, bf16, y: C.s24i8_linear(
-        x2.data_ptr(), x2.stride(0), bf16, m, k, packed.data_ptr(), packed.numel(), n, w_scale.data_ptr(),
-        bias_ptr, y.data_ptr(), n, bf16, torch.get_num_threads()))
+    return _native_linear("sparse24_int8", x, k, values.shape[0], packed, w_scale, bias)
 
 
 @torch.library.custom_op("pyaccel::sparse24_int8_linear", mutates_args=())

@@ -21,12 +21,7 @@ int64_t packed_nbytes(int64_t n, int64_t k) {
 }
 
 void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* out) {
-  PackedHeader h{};
-  h.magic = kMagic;
-  h.layout = kLayoutNR64K4;
-  h.n = n;
-  h.k = k;
-  h.n_pad = round_up(n, kPanel);
+  PackedHeader h = new_packed_header<PackedHeader>(kMagic, kLayoutNR64K4, n, k, kPanel);
   h.k_pad = round_up(k, kKGroup);
   h.comp_offset = sizeof(PackedHeader);
   h.data_offset = h.comp_offset + h.n_pad * 4;

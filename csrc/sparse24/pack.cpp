@@ -12,12 +12,7 @@ int64_t packed_nbytes(int64_t n, int64_t k) {
 
 void pack(const float* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int64_t n, int64_t k,
           uint8_t* out) {
-  PackedHeader h{};
-  h.magic = kMagic;
-  h.layout = kLayoutF32P16B4;
-  h.n = n;
-  h.k = k;
-  h.n_pad = round_up(n, kPanel);
+  PackedHeader h = new_packed_header<PackedHeader>(kMagic, kLayoutF32P16B4, n, k, kPanel);
   const int64_t groups = (k + 3) / 4;
   h.groups_pad = round_up(groups, kBlockGroups);
   h.data_offset = sizeof(PackedHeader);

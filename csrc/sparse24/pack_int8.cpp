@@ -12,12 +12,7 @@ int64_t packed_nbytes(int64_t n, int64_t k) {
 
 void pack(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int64_t n, int64_t k,
           uint8_t* out) {
-  PackedHeader h{};
-  h.magic = kMagic;
-  h.layout = kLayoutP32Q4;
-  h.n = n;
-  h.k = k;
-  h.n_pad = round_up(n, kPanel);
+  PackedHeader h = new_packed_header<PackedHeader>(kMagic, kLayoutP32Q4, n, k, kPanel);
   const int64_t groups = (k + 3) / 4;
   h.quads = (k + kQuadInputs - 1) / kQuadInputs;
   h.comp_offset = sizeof(PackedHeader);

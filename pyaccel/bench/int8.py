@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyaccel import _native
 from pyaccel.bench import baselines
 from pyaccel.bench.common import Row, measure_layer
 from pyaccel.bench.timing import interleaved
@@ -70,16 +69,13 @@ def memory_read_gbs(nbytes: int = 256 << 20, reps: int = 7) -> float:
 
 
 def eager_overhead(n: int = 256, k: int = 256, budget_s: float = 1.0) -> Dict[str, float]:
-    """Module forward vs the bare native call (preallocated output), M = 1."""
-    C = _native.lib()
+    """Module call vs its bare native plan call (preallocated output), M = 1."""
     mod = Int8Linear.from_float(nn.Linear(k, n))
     x = torch.randn(1, k)
     y = torch.empty(1, n)
-    p, ws, b = mod._packed, mod.weight_scale, mod.bias
-    args = (x.data_ptr(), k, False, 1, k, p.data_ptr(), p.numel(), n, ws.data_ptr(), b.data_ptr(),
-            y.data_ptr(), n, False, torch.get_num_threads())
+    plan, xp, yp, threads = mod._plan, x.data_ptr(), y.data_ptr(), torch.get_num_threads()
     with torch.inference_mode():
-        t = interleaved({"module": lambda: mod(x), "bare kernel": lambda: C.int8_linear(*args)},
+        t = interleaved({"module": lambda: mod(x), "bare kernel": lambda: plan(xp, k, False, 1, yp, threads)},
                         budget_s=budget_s, min_rounds=2000, max_rounds=20000)
     return {"module_us": t["module"].median_s * 1e6, "bare_us": t["bare kernel"].median_s * 1e6,
             "overhead_us": (t["module"].median_s - t["bare kernel"].median_s) * 1e6}

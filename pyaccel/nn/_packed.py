@@ -123,13 +123,17 @@ class PackedModule(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         plan = self._plan
-        if plan is not None:  # a plan exists only over canonical (checked) buffers
+        if plan is not None:
             y = self._run_plan(plan, x)  # 2-D and contiguous N-D rows
             if y is not None:
                 return y
-            if (type(x) is Tensor and x.is_cpu and not _is_compiling() and x.dtype in _FLOAT_IO
-                    and x.dim() >= 1 and x.shape[-1] == self.in_features):
-                return self._native_rows(x)  # other strides
+        return self._general(x)
+
+    def _general(self, x) -> Tensor:
+        """What the plan does not take (after _run_plan declined x)."""
+        if (self._plan is not None and type(x) is Tensor and x.is_cpu and not _is_compiling()
+                and x.dtype in _FLOAT_IO and x.dim() >= 1 and x.shape[-1] == self.in_features):
+            return self._native_rows(x)  # other strides; a plan exists only over canonical (checked) buffers
         from pyaccel import ops
 
         ops.require_tensor(x)
@@ -148,11 +152,13 @@ class PackedModule(nn.Module):
         if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
                 or self._backward_pre_hooks or any(_GLOBAL_HOOKS)):
             return super().__call__(*args, **kwargs)
-        plan = self._plan
-        if plan is not None and len(args) == 1 and not kwargs:
-            y = self._run_plan(plan, args[0])
-            if y is not None:
-                return y
+        if len(args) == 1 and not kwargs:
+            plan = self._plan
+            if plan is not None:
+                y = self._run_plan(plan, args[0])
+                if y is not None:
+                    return y
+            return self._general(args[0])
         return self.forward(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
