@@ -29,6 +29,8 @@ CpuFeatures detect() {
   if (__get_cpuid_max(0, nullptr) < 7) return f;
   __cpuid_count(7, 0, a, b, c, d);
   f.avx2 = f.os_avx && ((b >> 5) & 1);
+  f.bmi1 = (b >> 3) & 1;
+  f.bmi2 = (b >> 8) & 1;
   f.avx512f = f.os_avx512 && ((b >> 16) & 1);
   f.avx512dq = f.os_avx512 && ((b >> 17) & 1);
   f.avx512bw = f.os_avx512 && ((b >> 30) & 1);
@@ -66,7 +68,8 @@ const CpuFeatures& cpu_features() {
 
 Isa detected_isa() {
   const CpuFeatures& f = cpu_features();
-  const bool avx512 = f.avx512f && f.avx512bw && f.avx512dq && f.avx512vl && f.avx2 && f.fma;
+  // (every AVX-512 CPU has BMI1/BMI2; the AVX-512 sources are built with them)
+  const bool avx512 = f.avx512f && f.avx512bw && f.avx512dq && f.avx512vl && f.avx2 && f.fma && f.bmi1 && f.bmi2;
   if (avx512 && f.avx512vnni && f.avx512vbmi && f.avx512vpopcntdq) return Isa::kAvx512Icl;
   if (avx512 && f.avx512vnni) return Isa::kAvx512Vnni;
   if (avx512) return Isa::kAvx512;

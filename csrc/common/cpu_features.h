@@ -20,7 +20,7 @@ struct CpuFeatures {
   bool avx2 = false, fma = false, avx512f = false, avx512bw = false,
        avx512dq = false, avx512vl = false, avx512vnni = false,
        avx512vpopcntdq = false, avx512vbmi = false, avx512bf16 = false, os_avx = false,
-       os_avx512 = false;
+       os_avx512 = false, bmi1 = false, bmi2 = false;
 };
 
 // What CPUID (and XGETBV: the OS must save the registers) reports. Cached.

@@ -14,6 +14,13 @@ void parallel_for(int64_t n, int64_t grain, int nthreads, const Fn& fn);
 
 int max_threads();
 
+// One team of threads runs two phases: fn1(begin, end) over [0, n1) split as
+// parallel_for does (grain 1), then, after a barrier, fn2(begin, end) over
+// [0, n2). One fork/join instead of two, for a phase that prepares data
+// every thread of the second phase reads.
+template <typename Fn1, typename Fn2>
+void parallel_two_phase(int64_t n1, int64_t n2, int nthreads, const Fn1& fn1, const Fn2& fn2);
+
 // The GEMM work split every op uses: a grid of (unit of output channels) x
 // (chunk of rows), unit-major, cut into contiguous ranges over the threads.
 // Rows are chunked only when there are too few units to keep every thread
@@ -45,6 +52,26 @@ void parallel_for(int64_t n, int64_t grain, int nthreads, const Fn& fn) {
     const int64_t u0 = units * t / nt, u1 = units * (t + 1) / nt;
     const int64_t b = u0 * grain, e = u1 * grain < n ? u1 * grain : n;
     if (b < e) fn(b, e);
+  }
+}
+
+template <typename Fn1, typename Fn2>
+void parallel_two_phase(int64_t n1, int64_t n2, int nthreads, const Fn1& fn1, const Fn2& fn2) {
+  int64_t nt = nthreads < 1 ? 1 : nthreads;
+  if (nt > n2) nt = n2;
+  if (nt <= 1) {
+    if (n1 > 0) fn1(int64_t(0), n1);
+    if (n2 > 0) fn2(int64_t(0), n2);
+    return;
+  }
+#pragma omp parallel num_threads(static_cast<int>(nt))
+  {
+    const int64_t t = omp_get_thread_num();
+    const int64_t a0 = n1 * t / nt, a1 = n1 * (t + 1) / nt;
+    if (a0 < a1) fn1(a0, a1);
+#pragma omp barrier
+    const int64_t b0 = n2 * t / nt, b1 = n2 * (t + 1) / nt;
+    if (b0 < b1) fn2(b0, b1);
   }
 }
 

@@ -1,9 +1,11 @@
 // 2:4 dispatch ladder and threaded driver.
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "common/ladder.h"
+#include "common/packed_header.h"  // round_up
 #include "common/parallel.h"
 #include "int8_gemm/int8_gemm.h"  // bf16_to_fp32
 #include "sparse24/sparse24.h"
@@ -13,13 +15,55 @@ namespace sparse24 {
 namespace {
 
 const Kernel kLadder[] = {
-    {Isa::kAvx512, "s24_gemm_6x32_avx512", 6, s24_gemm_6x32_avx512},
-    {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2},
-    {Isa::kPortable, "s24_gemm_1x16_scalar", 1, s24_gemm_1x16_scalar},
+    {Isa::kAvx512, "s24_gemm_6x32_avx512", 6, s24_gemm_6x32_avx512, s24_gemm_cols_avx512, s24_pack_xt_avx512, 16},
+    {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2, nullptr, nullptr, 0},
+    {Isa::kPortable, "s24_gemm_1x16_scalar", 1, s24_gemm_1x16_scalar, nullptr, nullptr, 0},
 };
 
 LadderChoice<Kernel> g_choice;
 thread_local std::vector<float> t_x;
+
+// 64-byte aligned scratch that grows (never shrinks) per thread
+float* aligned_scratch(std::vector<float>& v, int64_t floats) {
+  if (v.size() < static_cast<size_t>(floats + 16)) v.resize(floats + 16);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
+}
+thread_local std::vector<float> t_xt, t_part;
+
+// Groups per k-block of the column kernel: all of K up to 512 groups (the row
+// tile's slab lines, <= 3 x 2048 x 64 B, stay in L2 next to the weights);
+// beyond, blocks of about 128 groups (measured best at K = 4096, 128 - 512 rows).
+int64_t cols_kc_groups(int64_t groups_pad) {
+  if (groups_pad <= 512) return groups_pad;
+  const int64_t blocks = (groups_pad + 127) / 128;
+  return round_up((groups_pad + blocks - 1) / blocks, kBlockGroups);
+}
+
+// The column kernel pads rows to slabs of 16: worth it from 16 rows when at
+// least 70 % of the slab rows are real (17 - 22 rows: the row-tile kernel).
+bool use_cols(const Kernel& kern, int64_t m) {
+  if (!kern.cols || kern.cols_from_rows <= 0 || m < kern.cols_from_rows) return false;
+  return m * 10 >= 7 * 16 * ((m + 15) / 16);
+}
+
+// Many rows: one team transposes x into 16-row slabs, then splits the channel
+// tiles.
+void linear_cols(const Kernel& kern, const PackedHeader& h, const uint8_t* w, const void* x, int64_t ldx,
+                 bool x_bf16, int64_t m, int64_t k, const float* bias, void* y, int64_t ldy, bool y_bf16,
+                 int nthreads) {
+  const int64_t kp = h.groups_pad * 4, slabs = (m + 15) / 16;
+  float* xt = aligned_scratch(t_xt, slabs * slab_floats(kp));
+  const int64_t kc = cols_kc_groups(h.groups_pad);
+  const ColsArgs a{xt, kp, w, bias, y, ldy, y_bf16, m, h.n, h.groups_pad, kc};
+  const int64_t tiles = (h.n + 7) / 8;
+  parallel_two_phase(
+      slabs, tiles, nthreads,
+      [&](int64_t s0, int64_t s1) { kern.pack_xt(x, ldx, x_bf16, m, k, kp, xt, s0, s1); },
+      [&](int64_t t0, int64_t t1) {
+        float* part = kc < h.groups_pad ? aligned_scratch(t_part, cols_part_floats(m, t1 - t0)) : nullptr;
+        kern.cols(a, t0, t1, part);
+      });
+}
 
 constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
 
@@ -37,6 +81,10 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
   std::memcpy(&h, packed, sizeof(h));
   const int64_t kp = h.groups_pad * 4;
   if (m * h.n_pad * kp < kMinParallelMacs) nthreads = 1;  // dense-equivalent work, as int8_gemm
+  if (use_cols(kern, m)) {
+    linear_cols(kern, h, packed + h.data_offset, x, ldx, x_bf16, m, k, bias, y, ldy, y_bf16, nthreads);
+    return;
+  }
   // The kernels read x in whole groups of 4 up to kp: use x in place when it is
   // fp32 and k == kp; otherwise copy (bf16 -> fp32, zero tail) into scratch.
   const float* xf = static_cast<const float*>(x);

@@ -5,6 +5,16 @@
 
 namespace pyaccel {
 namespace sparse24 {
+namespace {
+// i0 | i1 << 2 (what the vpermilps kernels use: the low 2 bits, then byte >> 2)
+// | i1 << 4 | i0 << 6 (the column kernel's line offsets: byte & 0xC0 = 64 * i0,
+// byte & 0x30 = 16 * i1)
+uint8_t encode_pos(uint8_t p) {
+  const unsigned i0 = p & 3u, i1 = (p >> 2) & 3u;
+  return static_cast<uint8_t>(i0 | i1 << 2 | i1 << 4 | i0 << 6);
+}
+}  // namespace
+
 int64_t packed_nbytes(int64_t n, int64_t k) {
   const int64_t n_pad = round_up(n, kPanel), gp = round_up((k + 3) / 4, kBlockGroups);
   return static_cast<int64_t>(sizeof(PackedHeader)) + (n_pad / kPanel) * (gp / kBlockGroups) * kBlockBytes;
@@ -30,7 +40,7 @@ void pack(const float* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int
       uint8_t* ps = blk + 2 * kBlockGroups * kPanel * 4 + j * kPanel + lane;
       *v0 = values[c * ldv + 2 * g];
       *v1 = values[c * ldv + 2 * g + 1];
-      *ps = pos[c * ldp + g] & 0xF;
+      *ps = encode_pos(pos[c * ldp + g]);
     }
   }
 }

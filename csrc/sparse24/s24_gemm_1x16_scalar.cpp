@@ -21,7 +21,7 @@ void s24_gemm_1x16_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0,
           for (int c = 0; c < kPanel; ++c) {
             const uint8_t s = ps[j * kPanel + c];
             acc[c] += xg[s & 3] * v0[j * kPanel + c];
-            acc[c] += xg[s >> 2] * v1[j * kPanel + c];
+            acc[c] += xg[(s >> 2) & 3] * v1[j * kPanel + c];
           }
         }
       }

@@ -15,15 +15,17 @@ namespace sparse24 {
 
 // ---- packed layout "S24F32_P16B4" -----------------------------------------
 // Panels of 16 output channels; inside a panel, groups in blocks of 4:
-//   v0[4 groups][16 ch] fp32 | v1[4][16] fp32 | pos[4][16] uint8 (i0 | i1 << 2)
-// = 576 bytes (9 cache lines) per block. The position byte serves the kernels
-// directly: vpermps picks x[4g + (byte & 3)] from 4 x values repeated across
-// the register, and byte >> 2 gives i1. n pads to 16, groups to 4 (zeros).
+//   v0[4 groups][16 ch] fp32 | v1[4][16] fp32 | pos[4][16] uint8
+// = 576 bytes (9 cache lines) per block. Position byte = i0 | i1 << 2 | i1 << 4
+// | i0 << 6, serving the kernels directly: vpermilps picks x[4g + i0] by the
+// low 2 bits from 4 x values repeated in each lane, and again by byte >> 2 for
+// i1; the column kernel takes the offsets 64 * i0 = byte & 0xC0 and 64 * i1 =
+// 4 * (byte & 0x30). n pads to 16, groups to 4 (zeros).
 constexpr int kPanel = 16;
 constexpr int kBlockGroups = 4;
 constexpr int64_t kBlockBytes = kBlockGroups * kPanel * (4 + 4 + 1);
 constexpr uint32_t kMagic = 0x34325350u;  // "PS24"
-constexpr int32_t kLayoutF32P16B4 = 1;
+constexpr int32_t kLayoutF32P16B4 = 2;  // 1: position byte i0 | i1 << 2 only
 
 struct PackedHeader {
   uint32_t magic;
@@ -56,11 +58,39 @@ struct GemmArgs {
 // rows [m0, m1) x panels [p0, p1)
 using GemmFn = void (*)(const GemmArgs&, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 
+// Many rows: x transposed into slabs of 16 rows, xt[slab][kp][16] fp32 (zero
+// past m and k, 64-byte aligned); tiles of 8 channels x up to 48 rows.
+// Slabs start slab_floats(kp) apart: kp * 16 plus 1 KB, so that the lines one
+// nonzero reads from consecutive slabs are not 4 KB apart (Zen 4 ran such
+// loads 5 - 25 % slower in a synthetic test).
+inline int64_t slab_floats(int64_t kp) { return kp * 16 + 256; }
+struct ColsArgs {
+  const float* xt;
+  int64_t kp;  // 4 * groups_pad
+  const uint8_t* w;  // packed blocks (after the header)
+  const float* bias;
+  void* y;
+  int64_t ldy;
+  bool y_bf16;
+  int64_t m, n, groups_pad;
+  int64_t kc_groups;  // groups per k-block (a multiple of kBlockGroups)
+};
+// channel tiles [t0, t1) (8 channels each) x all rows; `part`: scratch of
+// cols_part_floats(m, t1 - t0) floats (64-byte aligned) when kc_groups < groups_pad
+using ColsFn = void (*)(const ColsArgs&, int64_t t0, int64_t t1, float* part);
+// slabs [s0, s1) of xt from x ([m, k] fp32 or bf16, row stride ldx)
+using PackXtFn = void (*)(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t kp,
+                          float* xt, int64_t s0, int64_t s1);  // slab s at xt + s * slab_floats(kp)
+inline int64_t cols_part_floats(int64_t m, int64_t tiles) { return ((m + 15) / 16 + 2) / 3 * tiles * 8 * 3 * 16; }
+
 struct Kernel {
   Isa isa;
   const char* name;
   int mr;
   GemmFn gemm;
+  ColsFn cols;  // nullptr: the row-tile kernel serves every m
+  PackXtFn pack_xt;
+  int cols_from_rows;
 };
 const Kernel& select_kernel();
 
@@ -70,6 +100,8 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
 void s24_gemm_1x16_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void s24_gemm_4x8_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void s24_gemm_6x32_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void s24_gemm_cols_avx512(const ColsArgs&, int64_t, int64_t, float*);
+void s24_pack_xt_avx512(const void*, int64_t, bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
 
 }  // namespace sparse24
 }  // namespace pyaccel

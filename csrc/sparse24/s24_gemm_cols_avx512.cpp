@@ -1,0 +1,248 @@
+// 2:4 sparse GEMM for many rows, AVX-512: the rows are the vector lanes.
+//
+// The row-tile kernel (s24_gemm_6x32_avx512) vectorizes over output channels
+// and needs one permute per FMA to pick each channel's x lane; on Zen 4 the
+// permutes share a pipe with the FMAs, so it tops out at half the FMA rate.
+// Here x is transposed into slabs of 16 rows, xt[slab][k][16], and a tile is
+// 8 channels x (16 * MV) rows: for each kept weight (value v, input 4g + i)
+// one broadcast of v and MV FMAs whose memory operand is the 64-byte line
+// xt[slab][4g + i][0..16). No permutes: the position only moves an address,
+// computed by scalar ops on the integer pipes. Per FMA one 512-bit load (plus
+// a broadcast per MV FMAs), which Zen 4's two 256-bit load ports sustain at
+// one per cycle.
+//
+// Blocking: groups in blocks of kColsKcGroups (a k-block of x: 3 slabs x 128
+// inputs x 64 B = 24 KB, L1-resident while the thread's channel tiles stream
+// their weights past it). Partial sums between k-blocks go to a per-thread
+// scratch in accumulator order; the last k-block transposes the accumulators
+// (8x8 in registers) and stores rows with the bias added.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "int8_gemm/epilogue_avx512.h"  // cvt_fp32_bf16
+#include "sparse24/sparse24.h"
+
+namespace pyaccel {
+namespace sparse24 {
+namespace {
+
+// acc += w * (64 bytes at p), always as vfmadd231ps with a memory operand:
+// with intrinsics GCC picks the 132 form into the dying broadcast register and
+// then needs a register move per FMA to keep the accumulators in place.
+inline void fma231(__m512& acc, __m512 w, const char* p) {
+  asm("vfmadd231ps %[m], %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [m] "m"(*reinterpret_cast<const __m512*>(p)));
+}
+
+inline void transpose8x8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// acc[c] holds channel n0 + c for 16 rows starting at row m: store those rows
+// (only rows < a.m, channels < a.n) with the bias added.
+inline void store_rows16(const ColsArgs& a, const __m512 acc[8], int64_t m, int64_t n0) {
+  const int64_t left = a.n - n0;
+  const __mmask8 mask = left >= 8 ? __mmask8(0xff) : __mmask8((1u << left) - 1);
+  const __m256 bias = a.bias ? _mm256_maskz_loadu_ps(mask, a.bias + n0) : _mm256_setzero_ps();
+  const int64_t rows = a.m - m < 16 ? a.m - m : 16;
+  for (int h = 0; h < 2; ++h) {
+    if (h * 8 >= rows) break;
+    __m256 r[8];
+    for (int c = 0; c < 8; ++c)
+      r[c] = h ? _mm512_extractf32x8_ps(acc[c], 1) : _mm512_castps512_ps256(acc[c]);
+    transpose8x8(r);
+    for (int i = 0; i < 8 && h * 8 + i < rows; ++i) {
+      const int64_t row = m + h * 8 + i;
+      const __m256 v = _mm256_add_ps(r[i], bias);
+      if (a.y_bf16) {
+        const __m256i b = int8_gemm::avx512::cvt_fp32_bf16(_mm512_castps256_ps512(v));
+        _mm_mask_storeu_epi16(static_cast<uint16_t*>(a.y) + row * a.ldy + n0, mask, _mm256_castsi256_si128(b));
+      } else {
+        _mm256_mask_storeu_ps(static_cast<float*>(a.y) + row * a.ldy + n0, mask, v);
+      }
+    }
+  }
+}
+
+// Accumulators a<c><v>: channel c of the tile, rows 16v .. 16v+16 of the row
+// tile. Named variables, not an array: GCC keeps arrays of vectors captured
+// by lambdas in memory (a store after every FMA).
+#define S24C_FOR_V(c, OP) OP(c, 0) if constexpr (MV > 1) { OP(c, 1) } if constexpr (MV > 2) { OP(c, 2) }
+#define S24C_ALL(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7)
+#define S24C_DECL_V(c, v) \
+  __m512 a##c##v = first || MV <= v ? _mm512_setzero_ps() : _mm512_load_ps(part + (c * MV + v) * 16);
+// all 24 declared (the names must exist in discarded branches); unused ones fold away
+#define S24C_DECL(c) S24C_DECL_V(c, 0) S24C_DECL_V(c, 1) S24C_DECL_V(c, 2)
+#define S24C_SAVE_V(c, v) _mm512_store_ps(part + (c * MV + v) * 16, a##c##v);
+#define S24C_SAVE(c) S24C_FOR_V(c, S24C_SAVE_V)
+#define S24C_FMA0_V(c, v) a##c##v = _mm512_fmadd_ps(w0, _mm512_load_ps(reinterpret_cast<const float*>(x##v + o0)), a##c##v);
+#define S24C_FMA1_V(c, v) a##c##v = _mm512_fmadd_ps(w1, _mm512_load_ps(reinterpret_cast<const float*>(x##v + o1)), a##c##v);
+// channel c, group j of the block: x[4g + i0] * v0 + x[4g + i1] * v1. The
+// position byte holds i0 in bits 6-7 and i1 in bits 4-5, so the line offsets
+// i0 * 64 and i1 * 64 are one AND each (the second scaled by 4 in the address).
+#define S24C_FMA0_V(c, v) fma231(a##c##v, w0, x##v + j * 256 + o0);
+#define S24C_FMA1_V(c, v) fma231(a##c##v, w1, x##v + j * 256 + 4 * o1);
+#define S24C_CHANNEL(c)                                                        \
+  {                                                                            \
+    const uint64_t t = c ? __rorq(pw, 8 * c) : pw; /* rorx: no copy */         \
+    const uint64_t o0 = _andn_u64(~uint64_t(0xC0), t); /* andn: no copy */     \
+    const uint64_t o1 = _andn_u64(~uint64_t(0x30), t);                          \
+    const __m512 w0 = _mm512_permute_ps(c < 4 ? t0a : t0b, (c & 3) * 0x55);   \
+    const __m512 w1 = _mm512_permute_ps(c < 4 ? t1a : t1b, (c & 3) * 0x55);   \
+    S24C_FOR_V(c, S24C_FMA0_V)                                                 \
+    S24C_FOR_V(c, S24C_FMA1_V)                                                 \
+  }
+
+// Channel tile t (channels 8t .. 8t+8, half of panel t/2) x slabs [s0, s0+MV),
+// groups [gb, ge) (multiples of kBlockGroups). `part` holds this tile's partial
+// sums between k-blocks (8 * MV * 16 floats).
+template <int MV>
+inline void tile(const ColsArgs& a, int64_t t, int64_t s0, int64_t gb, int64_t ge, bool first, bool last,
+                 float* part) {
+  S24C_ALL(S24C_DECL)
+  const int64_t blocks = a.groups_pad / kBlockGroups;
+  // blk: this half panel's values in the block; its position bytes sit at
+  // 2 * kBlockGroups * kPanel * 4 (512) + half - 4 * half from there
+  const int64_t half = (t & 1) * 8;
+  const uint8_t* blk = a.w + ((t >> 1) * blocks + gb / kBlockGroups) * kBlockBytes + 4 * half;
+  const uint8_t* const blk_end = blk + (ge - gb) / kBlockGroups * kBlockBytes;
+  const int64_t pos_off = 2 * kBlockGroups * kPanel * 4 - 3 * half;
+  const int64_t slab = slab_floats(a.kp);
+  const char* x0 = reinterpret_cast<const char*>(a.xt + s0 * slab + gb * 4 * 16);
+  const char* x1 = MV > 1 ? x0 + slab * 4 : x0;
+  const char* x2 = MV > 2 ? x0 + 2 * slab * 4 : x0;
+  for (; blk < blk_end; blk += kBlockBytes) {
+    const float* vals = reinterpret_cast<const float*>(blk);
+#pragma GCC unroll 4
+    for (int j = 0; j < kBlockGroups; ++j) {
+      uint64_t pw;
+      std::memcpy(&pw, blk + pos_off + j * kPanel, 8);
+      // values of channels 0-3 and 4-7, each repeated in every 128-bit lane:
+      // one in-lane vpermilps per weight then spreads it (cheaper on Zen 4 than
+      // a broadcast load per weight, which competes with the x loads)
+      __m512 t0a = _mm512_broadcast_f32x4(_mm_loadu_ps(vals + j * kPanel));
+      __m512 t0b = _mm512_broadcast_f32x4(_mm_loadu_ps(vals + j * kPanel + 4));
+      __m512 t1a = _mm512_broadcast_f32x4(_mm_loadu_ps(vals + (kBlockGroups + j) * kPanel));
+      __m512 t1b = _mm512_broadcast_f32x4(_mm_loadu_ps(vals + (kBlockGroups + j) * kPanel + 4));
+      asm("" : "+v"(t0a), "+v"(t0b), "+v"(t1a), "+v"(t1b));  // keep GCC from folding back to broadcast loads
+      S24C_ALL(S24C_CHANNEL)
+    }
+    x0 += kBlockGroups * 4 * 64;
+    x1 += kBlockGroups * 4 * 64;
+    x2 += kBlockGroups * 4 * 64;
+  }
+  if (last) {
+    __m512 col[8];
+#define S24C_COL0(c) col[c] = a##c##0;
+    S24C_ALL(S24C_COL0)
+    store_rows16(a, col, s0 * 16, t * 8);
+    if constexpr (MV > 1) {
+#define S24C_COL1(c) col[c] = a##c##1;
+      S24C_ALL(S24C_COL1)
+      if ((s0 + 1) * 16 < a.m) store_rows16(a, col, (s0 + 1) * 16, t * 8);
+    }
+    if constexpr (MV > 2) {
+#define S24C_COL2(c) col[c] = a##c##2;
+      S24C_ALL(S24C_COL2)
+      if ((s0 + 2) * 16 < a.m) store_rows16(a, col, (s0 + 2) * 16, t * 8);
+    }
+  } else {
+    S24C_ALL(S24C_SAVE)
+  }
+}
+
+}  // namespace
+
+void s24_pack_xt_avx512(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t kp, float* xt,
+                        int64_t s0, int64_t s1) {
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t rows = m - s * 16 < 16 ? m - s * 16 : 16;
+    float* out = xt + s * slab_floats(kp);
+    for (int64_t k0 = 0; k0 < kp; k0 += 16) {
+      const int64_t cols = k - k0 <= 0 ? 0 : (k - k0 < 16 ? k - k0 : 16);
+      const __mmask16 mask = cols >= 16 ? __mmask16(0xffff) : __mmask16((1u << cols) - 1);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        r[i] = _mm512_setzero_ps();
+        if (i < rows && cols > 0) {
+          if (x_bf16) {
+            const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(x) + (s * 16 + i) * ldx + k0);
+            r[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+          } else {
+            r[i] = _mm512_maskz_loadu_ps(mask, static_cast<const float*>(x) + (s * 16 + i) * ldx + k0);
+          }
+        }
+      }
+      // 16 x 16 transpose: pairs of rows interleaved (32-bit, then 64-bit) give
+      // in every 128-bit lane L four rows of column 4L + q; two rounds of
+      // 128-bit lane shuffles gather the 16 rows of each column.
+      __m512 t[16], u[16];
+      for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 16; i += 4) {
+        const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+        const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+        u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+      }
+      for (int q = 0; q < 4; ++q) {
+        const __m512 ab02 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x88), ab13 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0xDD);
+        const __m512 cd02 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0x88),
+                     cd13 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0xDD);
+        _mm512_store_ps(out + (k0 + q) * 16, _mm512_shuffle_f32x4(ab02, cd02, 0x88));
+        _mm512_store_ps(out + (k0 + q + 4) * 16, _mm512_shuffle_f32x4(ab13, cd13, 0x88));
+        _mm512_store_ps(out + (k0 + q + 8) * 16, _mm512_shuffle_f32x4(ab02, cd02, 0xDD));
+        _mm512_store_ps(out + (k0 + q + 12) * 16, _mm512_shuffle_f32x4(ab13, cd13, 0xDD));
+      }
+    }
+  }
+}
+
+void s24_gemm_cols_avx512(const ColsArgs& a, int64_t t0, int64_t t1, float* part) {
+  const int64_t slabs = (a.m + 15) / 16;
+  const int64_t tiles_n = (a.n + 7) / 8;
+  if (t1 > tiles_n) t1 = tiles_n;
+  const int64_t kcg = a.kc_groups;
+  // row tiles of up to 3 slabs, heights balanced (8 slabs -> 3, 3, 2)
+  const int64_t row_tiles = (slabs + 2) / 3;
+  for (int64_t gb = 0; gb < a.groups_pad; gb += kcg) {
+    const int64_t ge = gb + kcg < a.groups_pad ? gb + kcg : a.groups_pad;
+    const bool first = gb == 0, last = ge == a.groups_pad;
+    int64_t s = 0;
+    float* p = part;
+    for (int64_t rt = 0; rt < row_tiles; ++rt) {
+      const int64_t h = slabs / row_tiles + (rt < slabs % row_tiles ? 1 : 0);
+      for (int64_t t = t0; t < t1; ++t, p += 8 * 3 * 16) {
+        if (h == 3)
+          tile<3>(a, t, s, gb, ge, first, last, p);
+        else if (h == 2)
+          tile<2>(a, t, s, gb, ge, first, last, p);
+        else
+          tile<1>(a, t, s, gb, ge, first, last, p);
+      }
+      s += h;
+    }
+  }
+}
+
+}  // namespace sparse24
+}  // namespace pyaccel
