@@ -1,5 +1,6 @@
-"""Packed-weight memory: huge-page-backed mappings for large buffers, plain
-torch.empty otherwise; modules over such buffers behave like any other."""
+"""Packed-weight memory: huge-page-backed mappings (own ones for large buffers,
+shared 2 MiB arena chunks for small ones), plain torch.empty when opted out;
+modules over such buffers behave like any other."""
 import copy
 import gc
 import io
@@ -21,8 +22,25 @@ def test_small_and_large_buffers(monkeypatch):
     big.fill_(7)
     gc.collect()
     assert int(big[-1]) == 7 and int(big.sum()) == 7 * big.numel()  # the mapping lives as long as the tensor
+    assert big.data_ptr() % HUGE_PAGE == 0  # starts on a huge-page boundary
     monkeypatch.setenv("PYACCEL_HUGEPAGES", "0")
     assert packed_buffer(HUGE_PAGE + 1).shape == (HUGE_PAGE + 1,)
+    assert packed_buffer(0).shape == (0,)
+
+
+def test_small_buffers_share_arena_chunks_without_overlap():
+    bufs = [packed_buffer(n) for n in (1000, 1, 70000, 333333, 64, 999999, 5)]
+    for i, b in enumerate(bufs):
+        assert b.data_ptr() % 64 == 0 and b.is_contiguous()
+        b.fill_(i + 1)
+    spans = sorted((b.data_ptr(), b.data_ptr() + b.numel()) for b in bufs)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))  # disjoint
+    assert any(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+               for a, b in zip(bufs, bufs[1:]))  # carved from one chunk
+    keep = bufs[3]
+    del bufs
+    gc.collect()
+    assert int(keep.sum()) == 4 * keep.numel()  # its chunk outlives the other tensors
 
 
 @pytest.mark.skipif(not _native.available(), reason="native library not loaded")
