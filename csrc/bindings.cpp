@@ -150,7 +150,12 @@ PYBIND11_MODULE(_C, m) {
       py::arg("kind"), py::arg("x"), py::arg("ldx"), py::arg("bf16"), py::arg("m"), py::arg("k"),
       py::arg("packed"), py::arg("packed_nbytes"), py::arg("n"), py::arg("w_scale"), py::arg("bias"),
       py::arg("y"), py::arg("nthreads"));
-  m.def("s24_kernel_name", [] { return std::string(sparse24::select_kernel().name); });
+  m.def("s24_kernel_name", [] {
+    const sparse24::Kernel& k = sparse24::select_kernel();
+    std::string s = k.name;
+    if (k.cols) s += " / " + std::string(k.cols_name) + " from " + std::to_string(k.cols_from_rows) + " rows";
+    return s;
+  });
   m.def("s24_packed_nbytes", &sparse24::packed_nbytes, py::arg("n"), py::arg("k"));
   def_pack24(m, "s24_pack", &sparse24::packed_nbytes, &sparse24::pack, "out: wrong size for the packed 2:4 weight");
   m.def("s24i8_kernel_name", [] { return std::string(sparse24_int8::select_kernel().name); });

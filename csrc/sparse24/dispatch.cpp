@@ -15,9 +15,10 @@ namespace sparse24 {
 namespace {
 
 const Kernel kLadder[] = {
-    {Isa::kAvx512, "s24_gemm_6x32_avx512", 6, s24_gemm_6x32_avx512, s24_gemm_cols_avx512, s24_pack_xt_avx512, 16},
-    {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2, nullptr, nullptr, 0},
-    {Isa::kPortable, "s24_gemm_1x16_scalar", 1, s24_gemm_1x16_scalar, nullptr, nullptr, 0},
+    {Isa::kAvx512, "s24_gemm_6x32_avx512", 6, s24_gemm_6x32_avx512, s24_gemm_cols_avx512, s24_pack_xt_avx512, 16,
+     "s24_gemm_cols_avx512"},
+    {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2, nullptr, nullptr, 0, nullptr},
+    {Isa::kPortable, "s24_gemm_1x16_scalar", 1, s24_gemm_1x16_scalar, nullptr, nullptr, 0, nullptr},
 };
 
 LadderChoice<Kernel> g_choice;

@@ -38,8 +38,9 @@ namespace sparse24 {
 namespace {
 
 // acc += w * (64 bytes at p), always as vfmadd231ps with a memory operand:
-// with intrinsics GCC picks the 132 form into the dying broadcast register and
-// then needs a register move per FMA to keep the accumulators in place.
+// with intrinsics GCC picks the 132 form into the dying weight register and
+// then moves accumulators between registers (same speed measured, less noise
+// in the loop).
 inline void fma231(__m512& acc, __m512 w, const char* p) {
   asm("vfmadd231ps %[m], %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [m] "m"(*reinterpret_cast<const __m512*>(p)));
 }

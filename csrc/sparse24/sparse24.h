@@ -91,6 +91,7 @@ struct Kernel {
   ColsFn cols;  // nullptr: the row-tile kernel serves every m
   PackXtFn pack_xt;
   int cols_from_rows;
+  const char* cols_name;
 };
 const Kernel& select_kernel();
 
