@@ -47,23 +47,37 @@ bool use_cols(const Kernel& kern, int64_t m) {
   return m * 10 >= 7 * 16 * ((m + 15) / 16);
 }
 
-// Many rows: one team transposes x into 16-row slabs, then splits the channel
-// tiles.
+// Rows per pass of the column kernel: its transposed x (and partial sums) for
+// ~8 MiB of x at most, in whole 48-row tiles, so scratch stays bounded for any
+// batch; the weights are re-read once per pass (< 2 % at 480 rows).
+int64_t cols_chunk_rows(int64_t kp) {
+  const int64_t rows = (int64_t(8) << 20) / (kp * 4) / 48 * 48;
+  return std::min<int64_t>(std::max<int64_t>(rows, 48), 960);
+}
+
+// Many rows: per pass, one team transposes x into 16-row slabs, then splits
+// the channel tiles.
 void linear_cols(const Kernel& kern, const PackedHeader& h, const uint8_t* w, const void* x, int64_t ldx,
                  bool x_bf16, int64_t m, int64_t k, const float* bias, void* y, int64_t ldy, bool y_bf16,
                  int nthreads) {
-  const int64_t kp = h.groups_pad * 4, slabs = (m + 15) / 16;
-  float* xt = aligned_scratch(t_xt, slabs * slab_floats(kp));
-  const int64_t kc = cols_kc_groups(h.groups_pad);
-  const ColsArgs a{xt, kp, w, bias, y, ldy, y_bf16, m, h.n, h.groups_pad, kc};
-  const int64_t tiles = (h.n + 7) / 8;
-  parallel_two_phase(
-      slabs, tiles, nthreads,
-      [&](int64_t s0, int64_t s1) { kern.pack_xt(x, ldx, x_bf16, m, k, kp, xt, s0, s1); },
-      [&](int64_t t0, int64_t t1) {
-        float* part = kc < h.groups_pad ? aligned_scratch(t_part, cols_part_floats(m, t1 - t0)) : nullptr;
-        kern.cols(a, t0, t1, part);
-      });
+  const int64_t kp = h.groups_pad * 4, kc = cols_kc_groups(h.groups_pad), tiles = (h.n + 7) / 8;
+  const int64_t passes = (m + cols_chunk_rows(kp) - 1) / cols_chunk_rows(kp);
+  const int64_t chunk = round_up((m + passes - 1) / passes, 16);  // balanced passes
+  const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
+  for (int64_t r0 = 0; r0 < m; r0 += chunk) {
+    const int64_t rows = std::min(chunk, m - r0), slabs = (rows + 15) / 16;
+    const void* xc = static_cast<const char*>(x) + r0 * ldx * xsize;
+    float* xt = aligned_scratch(t_xt, slabs * slab_floats(kp));
+    const ColsArgs a{xt, kp, w, bias, static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n,
+                     h.groups_pad, kc};
+    parallel_two_phase(
+        slabs, tiles, nthreads,
+        [&](int64_t s0, int64_t s1) { kern.pack_xt(xc, ldx, x_bf16, rows, k, kp, xt, s0, s1); },
+        [&](int64_t t0, int64_t t1) {
+          float* part = kc < h.groups_pad ? aligned_scratch(t_part, cols_part_floats(rows, t1 - t0)) : nullptr;
+          kern.cols(a, t0, t1, part);
+        });
+  }
 }
 
 constexpr int64_t kMinParallelMacs = int64_t(1) << 19;

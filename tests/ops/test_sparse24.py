@@ -128,6 +128,18 @@ def test_many_rows_column_kernel(isa, gen, m, n, k):
     assert ((yb.float() - ref).abs() <= tol).all()
 
 
+def test_column_kernel_in_several_passes(isa, gen):
+    """Batches past ~8 MiB of x run the column kernel in balanced passes of rows
+    (here K = 4100: passes of <= 480 rows -> 336 + 336 + 328)."""
+    n, k, m = 20, 4100, 1000
+    w = _sparse_weight(n, k, gen)
+    vals, meta = _canon(w)
+    b = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen)
+    y = torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, b, s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k)))
+    assert_close_k(y, x, w, b)
+
+
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(0, 70), n=st.integers(1, 80), k=st.integers(1, 300),
        isa_name=st.sampled_from(_native.ISA_LADDER), seed=st.integers(0, 2**31 - 1))
