@@ -67,13 +67,14 @@ def test_bad_input():
         torch.ops.pyaccel.quantize_per_row(torch.zeros((), dtype=torch.float32))
 
 
+@pytest.mark.parametrize("k", [37, 200])  # tails only; the 64-wide AVX-512 steps too
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nonfinite_rows_give_nan_not_garbage(isa, gen, dtype):
+def test_nonfinite_rows_give_nan_not_garbage(isa, gen, dtype, k):
     from pyaccel.formats.int8 import pack_int8_weight, quantize_weight_per_channel
 
-    x = torch.randn(5, 37, generator=gen)
+    x = torch.randn(5, k, generator=gen)
     x[1, 3] = float("inf")
-    x[3, 36] = float("nan")
+    x[3, k - 1] = float("nan")
     x[4, 0] = float("-inf")
     x = x.to(dtype)
     q, s = _check(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))  # finite rows: plain path
@@ -82,7 +83,23 @@ def test_nonfinite_rows_give_nan_not_garbage(isa, gen, dtype):
     assert torch.equal(q, qr)
     assert torch.equal(torch.isnan(s), torch.tensor([False, True, False, True, True]))
     assert torch.equal(s[~torch.isnan(s)], sr[~torch.isnan(sr)])
-    w = quantize_weight_per_channel(torch.randn(9, 37, generator=gen))
+    w = quantize_weight_per_channel(torch.randn(9, k, generator=gen))
     y = torch.ops.pyaccel.int8_linear(x, w.values, w.scale, torch.zeros(9), pack_int8_weight(w.values))
     assert torch.isnan(y[[1, 3, 4]]).all() and torch.isfinite(y[[0, 2]]).all()
     assert torch.equal(y[[0, 2]], reference.int8_linear(x, w.values, w.scale, torch.zeros(9))[[0, 2]])
+
+
+@pytest.mark.parametrize("where", [0, 15, 16, 63, 64, 100, 130, 199])
+def test_a_lone_nan_is_caught_anywhere(isa, where):
+    """A NaN escapes the running maxima; it must still mark its row -- also in
+    a row of zeros (amax 0) and next to the row maximum."""
+    x = torch.zeros(3, 200)
+    x[0, where] = float("nan")
+    x[1] = torch.linspace(-2, 3, 200)
+    x[1, where] = float("nan")
+    x[2, where] = float("nan")
+    x[2, (where + 1) % 200] = 1e30
+    q, s = torch.ops.pyaccel.quantize_per_row(x)
+    qr, sr = reference.quantize_per_row(x)
+    assert torch.isnan(s).all() and torch.isnan(sr).all()
+    assert torch.equal(q, qr)
