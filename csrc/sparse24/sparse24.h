@@ -75,13 +75,16 @@ struct ColsArgs {
   int64_t m, n, groups_pad;
   int64_t kc_groups;  // groups per k-block (a multiple of kBlockGroups)
 };
-// channel tiles [t0, t1) (8 channels each) x all rows; `part`: scratch of
-// cols_part_floats(m, t1 - t0) floats (64-byte aligned) when kc_groups < groups_pad
+// channel tiles [t0, t1) (cols_nr channels each) x all rows; `part`: scratch
+// of cols_part(m, t1 - t0) floats (64-byte aligned) when kc_groups < groups_pad
 using ColsFn = void (*)(const ColsArgs&, int64_t t0, int64_t t1, float* part);
+using ColsPartFn = int64_t (*)(int64_t m, int64_t tiles);
 // slabs [s0, s1) of xt from x ([m, k] fp32 or bf16, row stride ldx)
 using PackXtFn = void (*)(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t kp,
                           float* xt, int64_t s0, int64_t s1);  // slab s at xt + s * slab_floats(kp)
-inline int64_t cols_part_floats(int64_t m, int64_t tiles) { return ((m + 15) / 16 + 2) / 3 * tiles * 8 * 3 * 16; }
+// AVX-512: row tiles of up to 3 slabs x 8 channels; AVX2: 1 slab x 4 channels
+inline int64_t cols_part_avx512(int64_t m, int64_t tiles) { return ((m + 15) / 16 + 2) / 3 * tiles * 8 * 3 * 16; }
+inline int64_t cols_part_avx2(int64_t m, int64_t tiles) { return (m + 15) / 16 * tiles * 4 * 16; }
 
 struct Kernel {
   Isa isa;
@@ -90,6 +93,8 @@ struct Kernel {
   GemmFn gemm;
   ColsFn cols;  // nullptr: the row-tile kernel serves every m
   PackXtFn pack_xt;
+  ColsPartFn cols_part;
+  int cols_nr;  // channels per column-kernel tile
   int cols_from_rows;
   const char* cols_name;
 };
@@ -103,6 +108,8 @@ void s24_gemm_4x8_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void s24_gemm_6x32_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void s24_gemm_cols_avx512(const ColsArgs&, int64_t, int64_t, float*);
 void s24_pack_xt_avx512(const void*, int64_t, bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
+void s24_gemm_cols_avx2(const ColsArgs&, int64_t, int64_t, float*);
+void s24_pack_xt_avx2(const void*, int64_t, bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
 
 }  // namespace sparse24
 }  // namespace pyaccel
