@@ -15,6 +15,7 @@
 
 #include "int8_gemm/int8_gemm.h"  // fp32_to_bf16
 #include "sparse24/sparse24.h"
+#include "sparse24/xt_slabs.h"
 
 namespace pyaccel {
 namespace sparse24 {
@@ -114,59 +115,34 @@ inline void tile(const ColsArgs& a, int64_t t, int64_t s, int64_t gb, int64_t ge
 
 void s24_pack_xt_avx2(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t kp, float* xt,
                       int64_t s0, int64_t s1) {
-  for (int64_t s = s0; s < s1; ++s) {
-    const int64_t rows = m - s * 16 < 16 ? m - s * 16 : 16;
-    float* out = xt + s * slab_floats(kp);
-    for (int64_t k0 = 0; k0 < kp; k0 += 8) {
-      const int64_t cols = k - k0 <= 0 ? 0 : (k - k0 < 8 ? k - k0 : 8);
-      alignas(32) float buf[8];
-      for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h+8 -> out[k][8h .. 8h+8]
-        __m256 r[8];
-        for (int i = 0; i < 8; ++i) {
-          const int64_t row = 8 * h + i;
-          if (row >= rows || cols == 0) {
-            r[i] = _mm256_setzero_ps();
-            continue;
-          }
-          if (cols == 8 && !x_bf16) {
-            r[i] = _mm256_loadu_ps(static_cast<const float*>(x) + (s * 16 + row) * ldx + k0);
-          } else {
-            for (int c = 0; c < 8; ++c) {
-              float v = 0.f;
-              if (c < cols) {
-                if (x_bf16) {
-                  const uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t*>(x)[(s * 16 + row) * ldx + k0 + c]) << 16;
-                  std::memcpy(&v, &u, 4);
-                } else {
-                  v = static_cast<const float*>(x)[(s * 16 + row) * ldx + k0 + c];
-                }
-              }
-              buf[c] = v;
+  for_each_xt_block<8>(m, k, kp, xt, s0, s1, [&](int64_t row0, int64_t rows, int64_t cols, int64_t k0, float* out) {
+    alignas(32) float buf[8];
+    for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h+8 -> lines [k0 .. k0+8)[8h .. 8h+8)
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t row = 8 * h + i;
+        if (row >= rows || cols == 0) {
+          r[i] = _mm256_setzero_ps();
+        } else if (cols == 8 && !x_bf16) {
+          r[i] = _mm256_loadu_ps(static_cast<const float*>(x) + (row0 + row) * ldx + k0);
+        } else {
+          for (int c = 0; c < 8; ++c) {
+            float v = 0.f;
+            if (c < cols && x_bf16) {
+              const uint32_t u = uint32_t(static_cast<const uint16_t*>(x)[(row0 + row) * ldx + k0 + c]) << 16;
+              std::memcpy(&v, &u, 4);
+            } else if (c < cols) {
+              v = static_cast<const float*>(x)[(row0 + row) * ldx + k0 + c];
             }
-            r[i] = _mm256_load_ps(buf);
+            buf[c] = v;
           }
+          r[i] = _mm256_load_ps(buf);
         }
-        // 8 x 8 transpose
-        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-        const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-        const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-        const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-        const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-        const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-        const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-        const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-        float* o = out + k0 * 16 + 8 * h;
-        _mm256_store_ps(o + 0 * 16, _mm256_permute2f128_ps(u0, u4, 0x20));
-        _mm256_store_ps(o + 1 * 16, _mm256_permute2f128_ps(u1, u5, 0x20));
-        _mm256_store_ps(o + 2 * 16, _mm256_permute2f128_ps(u2, u6, 0x20));
-        _mm256_store_ps(o + 3 * 16, _mm256_permute2f128_ps(u3, u7, 0x20));
-        _mm256_store_ps(o + 4 * 16, _mm256_permute2f128_ps(u0, u4, 0x31));
-        _mm256_store_ps(o + 5 * 16, _mm256_permute2f128_ps(u1, u5, 0x31));
-        _mm256_store_ps(o + 6 * 16, _mm256_permute2f128_ps(u2, u6, 0x31));
-        _mm256_store_ps(o + 7 * 16, _mm256_permute2f128_ps(u3, u7, 0x31));
       }
+      transpose8x8(r);
+      for (int c = 0; c < 8; ++c) _mm256_store_ps(out + c * 16 + 8 * h, r[c]);
     }
-  }
+  });
 }
 
 // Channel tiles here are 4 channels: [t0, t1) counts quarter panels.

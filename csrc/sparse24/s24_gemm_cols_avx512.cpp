@@ -32,6 +32,7 @@
 
 #include "int8_gemm/epilogue_avx512.h"  // cvt_fp32_bf16
 #include "sparse24/sparse24.h"
+#include "sparse24/xt_slabs.h"
 
 namespace pyaccel {
 namespace sparse24 {
@@ -43,25 +44,6 @@ namespace {
 // in the loop).
 inline void fma231(__m512& acc, __m512 w, const char* p) {
   asm("vfmadd231ps %[m], %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [m] "m"(*reinterpret_cast<const __m512*>(p)));
-}
-
-inline void transpose8x8(__m256 r[8]) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
-  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
-  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
-  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
-  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
 // acc[c] holds channel n0 + c for 16 rows starting at row m: store those rows
@@ -181,51 +163,46 @@ inline void tile(const ColsArgs& a, int64_t t, int64_t s0, int64_t gb, int64_t g
 
 void s24_pack_xt_avx512(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t kp, float* xt,
                         int64_t s0, int64_t s1) {
-  for (int64_t s = s0; s < s1; ++s) {
-    const int64_t rows = m - s * 16 < 16 ? m - s * 16 : 16;
-    float* out = xt + s * slab_floats(kp);
-    for (int64_t k0 = 0; k0 < kp; k0 += 16) {
-      const int64_t cols = k - k0 <= 0 ? 0 : (k - k0 < 16 ? k - k0 : 16);
-      const __mmask16 mask = cols >= 16 ? __mmask16(0xffff) : __mmask16((1u << cols) - 1);
-      __m512 r[16];
-      for (int i = 0; i < 16; ++i) {
-        r[i] = _mm512_setzero_ps();
-        if (i < rows && cols > 0) {
-          if (x_bf16) {
-            const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(x) + (s * 16 + i) * ldx + k0);
-            r[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-          } else {
-            r[i] = _mm512_maskz_loadu_ps(mask, static_cast<const float*>(x) + (s * 16 + i) * ldx + k0);
-          }
+  for_each_xt_block<16>(m, k, kp, xt, s0, s1, [&](int64_t row0, int64_t rows, int64_t cols, int64_t k0, float* out) {
+    const __mmask16 mask = cols >= 16 ? __mmask16(0xffff) : __mmask16((1u << cols) - 1);
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) {
+      r[i] = _mm512_setzero_ps();
+      if (i < rows && cols > 0) {
+        if (x_bf16) {
+          const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(x) + (row0 + i) * ldx + k0);
+          r[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        } else {
+          r[i] = _mm512_maskz_loadu_ps(mask, static_cast<const float*>(x) + (row0 + i) * ldx + k0);
         }
       }
-      // 16 x 16 transpose: pairs of rows interleaved (32-bit, then 64-bit) give
-      // in every 128-bit lane L four rows of column 4L + q; two rounds of
-      // 128-bit lane shuffles gather the 16 rows of each column.
-      __m512 t[16], u[16];
-      for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-      }
-      for (int i = 0; i < 16; i += 4) {
-        const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
-        const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
-        u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-        u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-        u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-        u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-      }
-      for (int q = 0; q < 4; ++q) {
-        const __m512 ab02 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x88), ab13 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0xDD);
-        const __m512 cd02 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0x88),
-                     cd13 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0xDD);
-        _mm512_store_ps(out + (k0 + q) * 16, _mm512_shuffle_f32x4(ab02, cd02, 0x88));
-        _mm512_store_ps(out + (k0 + q + 4) * 16, _mm512_shuffle_f32x4(ab13, cd13, 0x88));
-        _mm512_store_ps(out + (k0 + q + 8) * 16, _mm512_shuffle_f32x4(ab02, cd02, 0xDD));
-        _mm512_store_ps(out + (k0 + q + 12) * 16, _mm512_shuffle_f32x4(ab13, cd13, 0xDD));
-      }
     }
-  }
+    // 16 x 16 transpose: pairs of rows interleaved (32-bit, then 64-bit) give
+    // in every 128-bit lane L four rows of column 4L + q; two rounds of
+    // 128-bit lane shuffles gather the 16 rows of each column.
+    __m512 t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+      const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+      const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+      u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+      u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+      u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+      u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int q = 0; q < 4; ++q) {
+      const __m512 ab02 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x88), ab13 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0xDD);
+      const __m512 cd02 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0x88),
+                   cd13 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0xDD);
+      _mm512_store_ps(out + q * 16, _mm512_shuffle_f32x4(ab02, cd02, 0x88));
+      _mm512_store_ps(out + (q + 4) * 16, _mm512_shuffle_f32x4(ab13, cd13, 0x88));
+      _mm512_store_ps(out + (q + 8) * 16, _mm512_shuffle_f32x4(ab02, cd02, 0xDD));
+      _mm512_store_ps(out + (q + 12) * 16, _mm512_shuffle_f32x4(ab13, cd13, 0xDD));
+    }
+  });
 }
 
 void s24_gemm_cols_avx512(const ColsArgs& a, int64_t t0, int64_t t1, float* part) {
