@@ -21,10 +21,6 @@ namespace pyaccel {
 namespace sparse24 {
 namespace {
 
-inline void fma231(__m256& acc, __m256 w, const char* p) {
-  asm("vfmadd231ps %[m], %[w], %[acc]" : [acc] "+x"(acc) : [w] "x"(w), [m] "m"(*reinterpret_cast<const __m256*>(p)));
-}
-
 // acc[c] holds channel n0 + c for 8 rows starting at row m
 inline void store_rows8(const ColsArgs& a, const __m256 acc[4], int64_t m, int64_t n0) {
   const int64_t left = a.n - n0;

@@ -38,14 +38,6 @@ namespace pyaccel {
 namespace sparse24 {
 namespace {
 
-// acc += w * (64 bytes at p), always as vfmadd231ps with a memory operand:
-// with intrinsics GCC picks the 132 form into the dying weight register and
-// then moves accumulators between registers (same speed measured, less noise
-// in the loop).
-inline void fma231(__m512& acc, __m512 w, const char* p) {
-  asm("vfmadd231ps %[m], %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [m] "m"(*reinterpret_cast<const __m512*>(p)));
-}
-
 // acc[c] holds channel n0 + c for 16 rows starting at row m: store those rows
 // (only rows < a.m, channels < a.n) with the bias added.
 inline void store_rows16(const ColsArgs& a, const __m512 acc[8], int64_t m, int64_t n0) {
