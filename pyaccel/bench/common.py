@@ -24,7 +24,7 @@ class Row:
     mode: str  # "hot" or "streamed"
     name: str
     timing: Timing
-    gops: float  # dense-equivalent: 2*M*N*K / time
+    gops: Optional[float]  # dense-equivalent: 2*M*N*K / time (None for a memory floor)
     sqnr_db: Optional[float]
     weight_gbs: Optional[float] = None  # the candidate's own weight bytes / time
     ratios: Dict[str, float] = dataclasses.field(default_factory=dict)  # baseline time / this time
@@ -34,6 +34,20 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.double(), out.double()
     err = (ref - out).norm()
     return float("inf") if err == 0 else float(20 * torch.log10(ref.norm() / err))
+
+
+FLOOR = "memory floor: torch.sum"
+
+
+def is_floor(name: str) -> bool:
+    """A reference row that reads the same bytes as the candidate and computes
+    nothing else (no GOP/s, no error)."""
+    return name.startswith("memory floor")
+
+
+def floor_copies(nbytes: int, copies: int) -> List[torch.Tensor]:
+    """`copies` fp32 tensors of nbytes each, for torch.sum to stream like weights."""
+    return [torch.randn(max(1, nbytes // 4)) for _ in range(copies)]
 
 
 def rotating(fns: Sequence[Callable]) -> Callable:
@@ -54,12 +68,14 @@ def measure(suite: str, shape: str, m: int, n: int, k: int, mode: str, cands: Di
 
     ratio_to: label -> baseline name; ours gets baseline_time / our_time under each label.
     """
-    errs = {name: (sqnr_db(ref, fns[0]().float()) if ref is not None else None) for name, fns in cands.items()}
+    errs = {name: (sqnr_db(ref, fns[0]().float()) if ref is not None and not is_floor(name) else None)
+            for name, fns in cands.items()}
     t = interleaved({name: rotating(fns) for name, fns in cands.items()}, budget_s=budget_s,
                     max_rounds=400 if m <= 8 else 60, inner=1 if mode == "streamed" else 4)
     rows = []
     for name, tm in t.items():
-        r = Row(suite, shape, m, mode, name, tm, 2 * m * n * k / tm.median_s / 1e9, errs[name])
+        r = Row(suite, shape, m, mode, name, tm, None if is_floor(name) else 2 * m * n * k / tm.median_s / 1e9,
+                errs[name])
         if name in weight_bytes:
             r.weight_gbs = weight_bytes[name] / tm.median_s / 1e9
         if name == ours:
@@ -100,7 +116,7 @@ def format_row(r: Row) -> str:
         return "-" if v is None else format(v, fmt)
     ratios = "  ".join(f"{k} {v:.2f}" for k, v in r.ratios.items())
     return (f"{r.shape:>10} {r.m:>4} {r.mode:>8} {r.name:>26} {r.timing.median_s * 1e6:>10.1f} "
-            f"±{r.timing.spread * 100:>4.0f}% {r.gops:>8.1f} {f(r.sqnr_db, '6.1f'):>6} "
+            f"±{r.timing.spread * 100:>4.0f}% {f(r.gops, '8.1f'):>8} {f(r.sqnr_db, '6.1f'):>6} "
             f"{f(r.weight_gbs, '6.1f'):>6}  {ratios}")
 
 
@@ -116,9 +132,9 @@ def to_markdown(rows: List[Row], peak: Optional[float]) -> str:
         return "" if v is None else format(v, fmt)
     for r in rows:
         bold = "**" if r.ratios else ""
-        pk = f"{100 * r.gops / peak:.0f}" if peak else ""
+        pk = f"{100 * r.gops / peak:.0f}" if peak and r.gops is not None else ""
         ratios = ", ".join(f"{k} {v:.2f}" for k, v in r.ratios.items())
         out.append(f"| {r.shape} | {r.m} | {r.mode} | {bold}{r.name}{bold} | {r.timing.median_s * 1e6:.1f} | "
-                   f"±{r.timing.spread * 100:.0f}% | {r.gops:.1f} | {pk} | {f(r.sqnr_db, '.1f')} | "
+                   f"±{r.timing.spread * 100:.0f}% | {f(r.gops, '.1f')} | {pk} | {f(r.sqnr_db, '.1f')} | "
                    f"{f(r.weight_gbs, '.1f')} | {ratios} |")
     return "\n".join(out)

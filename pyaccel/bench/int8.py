@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyaccel.bench import baselines
-from pyaccel.bench.common import Row, measure_layer
+from pyaccel.bench.common import FLOOR, Row, floor_copies, measure_layer
 from pyaccel.bench.timing import interleaved
 from pyaccel.nn import Int8Linear
 
@@ -32,6 +32,9 @@ def _candidates(lin: nn.Linear, x: torch.Tensor, threads: int, copies: int, with
     out["torch bf16"] = [lambda w=w: F.linear(xb, w, bb) for w in wb]
     aos = [baselines.torch_ao_dynamic(copy.deepcopy(lin)) for _ in range(copies)]
     out["torch.ao int8"] = [lambda a=a: a(x) for a in aos]
+    if copies > 1:  # streamed: torch.sum over the same bytes, interleaved, is the memory floor
+        sums = floor_copies(lin.in_features * lin.out_features, copies)
+        out[FLOOR] = [lambda t=t: t.sum() for t in sums]
     if with_ort:
         runs = []
         for _ in range(copies):
@@ -51,12 +54,14 @@ def run(shapes=((4096, 4096), (1024, 4096)), ms=(1, 8, 32, 128, 512), threads: O
     threads = torch.get_num_threads()
     torch.manual_seed(0)
     rows: List[Row] = []
-    ratio_to = {"×fp32": "torch fp32", "×torch.ao": "torch.ao int8", "×ORT": "onnxruntime int8"}
+    ratio_to = {"×fp32": "torch fp32", "×torch.ao": "torch.ao int8", "×ORT": "onnxruntime int8",
+                "×floor": FLOOR}  # floor time / ours: the share of the floor's read rate we reach
     for n, k in shapes:
         lin = nn.Linear(k, n).eval()
         rows += measure_layer(
             "int8", lin.weight.detach(), lin.bias.detach(), ms, streamed, n * k,
-            lambda x, copies, lin=lin, nk=n * k: (_candidates(lin, x, threads, copies, with_ort), {"pyaccel int8": nk}),
+            lambda x, copies, lin=lin, nk=n * k: (_candidates(lin, x, threads, copies, with_ort),
+                                                  {"pyaccel int8": nk, FLOOR: nk}),
             "pyaccel int8", ratio_to, budget_s, log)
     return rows
 
