@@ -75,8 +75,6 @@ inline void store_rows16(const ColsArgs& a, const __m512 acc[8], int64_t m, int6
 #define S24C_DECL(c) S24C_DECL_V(c, 0) S24C_DECL_V(c, 1) S24C_DECL_V(c, 2)
 #define S24C_SAVE_V(c, v) _mm512_store_ps(part + (c * MV + v) * 16, a##c##v);
 #define S24C_SAVE(c) S24C_FOR_V(c, S24C_SAVE_V)
-#define S24C_FMA0_V(c, v) a##c##v = _mm512_fmadd_ps(w0, _mm512_load_ps(reinterpret_cast<const float*>(x##v + o0)), a##c##v);
-#define S24C_FMA1_V(c, v) a##c##v = _mm512_fmadd_ps(w1, _mm512_load_ps(reinterpret_cast<const float*>(x##v + o1)), a##c##v);
 // channel c, group j of the block: x[4g + i0] * v0 + x[4g + i1] * v1. The
 // position byte holds i0 in bits 6-7 and i1 in bits 4-5, so the line offsets
 // i0 * 64 and i1 * 64 are one AND each (the second scaled by 4 in the address).
@@ -84,9 +82,8 @@ inline void store_rows16(const ColsArgs& a, const __m512 acc[8], int64_t m, int6
 #define S24C_FMA1_V(c, v) fma231(a##c##v, w1, x##v + j * 256 + 4 * o1);
 #define S24C_CHANNEL(c)                                                        \
   {                                                                            \
-    const uint64_t t = c ? __rorq(pw, 8 * c) : pw; /* rorx: no copy */         \
-    const uint64_t o0 = _andn_u64(~uint64_t(0xC0), t); /* andn: no copy */     \
-    const uint64_t o1 = _andn_u64(~uint64_t(0x30), t);                          \
+    const uint64_t t = c ? __rorq(pw, 8 * c) : pw; /* rorx (BMI2): no copy */  \
+    const uint64_t o0 = t & 0xC0, o1 = t & 0x30;                               \
     const __m512 w0 = _mm512_permute_ps(c < 4 ? t0a : t0b, (c & 3) * 0x55);   \
     const __m512 w1 = _mm512_permute_ps(c < 4 ? t1a : t1b, (c & 3) * 0x55);   \
     S24C_FOR_V(c, S24C_FMA0_V)                                                 \
