@@ -18,8 +18,10 @@ int max_threads();
 // parallel_for does (grain 1), then, after a barrier, fn2(begin, end) over
 // [0, n2). One fork/join instead of two, for a phase that prepares data
 // every thread of the second phase reads.
+// items2 > 0: phase 2 is instead cut into `items2` contiguous items handed out
+// dynamically, in order (a slow thread takes fewer of them).
 template <typename Fn1, typename Fn2>
-void parallel_two_phase(int64_t n1, int64_t n2, int nthreads, const Fn1& fn1, const Fn2& fn2);
+void parallel_two_phase(int64_t n1, int64_t n2, int nthreads, const Fn1& fn1, const Fn2& fn2, int64_t items2 = 0);
 
 // The GEMM work split every op uses: a grid of (unit of output channels) x
 // (chunk of rows), unit-major. Rows are chunked only when there are too few
@@ -57,7 +59,7 @@ void parallel_for(int64_t n, int64_t grain, int nthreads, const Fn& fn) {
 }
 
 template <typename Fn1, typename Fn2>
-void parallel_two_phase(int64_t n1, int64_t n2, int nthreads, const Fn1& fn1, const Fn2& fn2) {
+void parallel_two_phase(int64_t n1, int64_t n2, int nthreads, const Fn1& fn1, const Fn2& fn2, int64_t items2) {
   int64_t nt = nthreads < 1 ? 1 : nthreads;
   if (nt > n2) nt = n2;
   if (nt <= 1) {
@@ -71,8 +73,16 @@ void parallel_two_phase(int64_t n1, int64_t n2, int nthreads, const Fn1& fn1, co
     const int64_t a0 = n1 * t / nt, a1 = n1 * (t + 1) / nt;
     if (a0 < a1) fn1(a0, a1);
 #pragma omp barrier
-    const int64_t b0 = n2 * t / nt, b1 = n2 * (t + 1) / nt;
-    if (b0 < b1) fn2(b0, b1);
+    if (items2 > 0) {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < items2; ++i) {
+        const int64_t b0 = n2 * i / items2, b1 = n2 * (i + 1) / items2;
+        if (b0 < b1) fn2(b0, b1);
+      }
+    } else {
+      const int64_t b0 = n2 * t / nt, b1 = n2 * (t + 1) / nt;
+      if (b0 < b1) fn2(b0, b1);
+    }
   }
 }
 
