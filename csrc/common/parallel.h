@@ -51,8 +51,10 @@ void parallel_for(int64_t n, int64_t grain, int nthreads, const Fn& fn) {
   if (nt <= 1) { fn(int64_t(0), n); return; }
 #pragma omp parallel num_threads(static_cast<int>(nt))
   {
-    const int64_t t = omp_get_thread_num();
-    const int64_t u0 = units * t / nt, u1 = units * (t + 1) / nt;
+    // split by the team OpenMP actually gave (fewer threads when nested or
+    // capped), never by the request: a missing thread's share must not vanish
+    const int64_t t = omp_get_thread_num(), team = omp_get_num_threads();
+    const int64_t u0 = units * t / team, u1 = units * (t + 1) / team;
     const int64_t b = u0 * grain, e = u1 * grain < n ? u1 * grain : n;
     if (b < e) fn(b, e);
   }
@@ -69,8 +71,8 @@ void parallel_two_phase(int64_t n1, int64_t n2, int nthreads, const Fn1& fn1, co
   }
 #pragma omp parallel num_threads(static_cast<int>(nt))
   {
-    const int64_t t = omp_get_thread_num();
-    const int64_t a0 = n1 * t / nt, a1 = n1 * (t + 1) / nt;
+    const int64_t t = omp_get_thread_num(), team = omp_get_num_threads();  // see parallel_for
+    const int64_t a0 = n1 * t / team, a1 = n1 * (t + 1) / team;
     if (a0 < a1) fn1(a0, a1);
 #pragma omp barrier
     if (items2 > 0) {
@@ -80,7 +82,7 @@ void parallel_two_phase(int64_t n1, int64_t n2, int nthreads, const Fn1& fn1, co
         if (b0 < b1) fn2(b0, b1);
       }
     } else {
-      const int64_t b0 = n2 * t / nt, b1 = n2 * (t + 1) / nt;
+      const int64_t b0 = n2 * t / team, b1 = n2 * (t + 1) / team;
       if (b0 < b1) fn2(b0, b1);
     }
   }
