@@ -7,6 +7,7 @@
 
 #include "common/ladder.h"
 #include "common/parallel.h"
+#include "common/row_passes.h"
 #include "int8_gemm/int8_gemm.h"
 
 namespace pyaccel {
@@ -64,19 +65,25 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
   if (m * h.n_pad * h.k_pad < kMinParallelMacs) nthreads = 1;
   Scratch& s = t_scratch;
   const int64_t lda = a_stride(h.k_pad);
-  if (s.q.size() < static_cast<size_t>(m * lda)) s.q.resize(m * lda);
-  if (s.scale.size() < static_cast<size_t>(m)) s.scale.resize(m);
-  int8_t* q = s.q.data();
-  float* qs = s.scale.data();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
-  parallel_for(m, grain, nthreads, [&](int64_t m0, int64_t m1) {
-    kern.quantize(x, ldx, x_bf16, m0, m1, k, h.k_pad, lda, kern.a_xor, q, qs);
+  const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
+  // quantized rows in passes of <= ~8 MiB (scratch bounded for any batch)
+  for_each_row_pass(m, lda, int64_t(8) << 20, 6 * kern.mr, [&](int64_t r0, int64_t r1) {
+    const int64_t rows = r1 - r0;
+    if (s.q.size() < static_cast<size_t>(rows * lda)) s.q.resize(rows * lda);
+    if (s.scale.size() < static_cast<size_t>(rows)) s.scale.resize(rows);
+    int8_t* q = s.q.data();
+    float* qs = s.scale.data();
+    const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
+    parallel_for(rows, grain, nthreads, [&](int64_t m0, int64_t m1) {
+      kern.quantize(xr, ldx, x_bf16, m0, m1, k, h.k_pad, lda, kern.a_xor, q, qs);
+    });
+    GemmArgs g{q, lda, qs,
+               reinterpret_cast<const int8_t*>(packed + h.data_offset),
+               reinterpret_cast<const int32_t*>(packed + h.comp_offset),
+               w_scale, bias, static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.k_pad};
+    run_gemm(kern, g, h.n_pad, nthreads);
   });
-  GemmArgs g{q, lda, qs,
-             reinterpret_cast<const int8_t*>(packed + h.data_offset),
-             reinterpret_cast<const int32_t*>(packed + h.comp_offset),
-             w_scale, bias, y, ldy, y_bf16, m, h.n, h.k_pad};
-  run_gemm(kern, g, h.n_pad, nthreads);
 }
 
 void gemm_prequantized(const int8_t* q, int64_t lda, const float* q_scale, int64_t m,

@@ -175,3 +175,23 @@ def test_k_past_int32_safe_limit_is_refused():
 
     with pytest.raises(ValueError, match="in_features: 131076 exceeds"):
         Int8Linear(k, 1)
+
+
+def test_large_batches_run_in_row_passes(isa, gen):
+    """Quantized activations are kept per thread for <= ~8 MiB of rows at a
+    time: larger batches run in passes (K = 4096: <= 2016 rows each), with
+    results identical to calling the layer on slices (integer arithmetic and a
+    per-row epilogue)."""
+    from torch import nn
+
+    from pyaccel.formats import sparse24 as s24
+    from pyaccel.nn import Int8Linear, Sparse24Int8Linear
+
+    lin = nn.Linear(4096, 40)
+    with torch.no_grad():
+        lin.weight.mul_(s24.mask_24(lin.weight))
+    for mod in (Int8Linear.from_float(lin), Sparse24Int8Linear.from_float(lin)):
+        for m in (2100, 4500):
+            x = torch.randn(m, 4096, generator=gen)
+            y = mod(x)
+            assert torch.equal(y, torch.cat([mod(x[i:i + 700]) for i in range(0, m, 700)]))
