@@ -7,6 +7,7 @@
 #include "common/ladder.h"
 #include "common/packed_header.h"  // round_up
 #include "common/parallel.h"
+#include "common/row_passes.h"
 #include "int8_gemm/int8_gemm.h"  // bf16_to_fp32
 #include "sparse24/sparse24.h"
 
@@ -107,32 +108,40 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
     return;
   }
   // The kernels read x in whole groups of 4 up to kp: use x in place when it is
-  // fp32 and k == kp; otherwise copy (bf16 -> fp32, zero tail) into scratch.
-  const float* xf = static_cast<const float*>(x);
-  int64_t lx = ldx;
-  if (x_bf16 || k != kp) {
-    if (t_x.size() < static_cast<size_t>(m * kp)) t_x.resize(m * kp);
-    float* s = t_x.data();
-    parallel_for(m, std::max<int64_t>(1, 16384 / kp), nthreads, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        float* d = s + r * kp;
-        if (x_bf16) {
-          const uint16_t* xs = static_cast<const uint16_t*>(x) + r * ldx;
-          for (int64_t i = 0; i < k; ++i) d[i] = int8_gemm::bf16_to_fp32(xs[i]);
-        } else {
-          std::memcpy(d, static_cast<const float*>(x) + r * ldx, k * sizeof(float));
-        }
-        std::memset(d + k, 0, (kp - k) * sizeof(float));
-      }
-    });
-    xf = s;
-    lx = kp;
-  }
-  GemmArgs g{xf, lx, packed + h.data_offset, bias, y, ldy, y_bf16, m, h.n, h.groups_pad};
-  // units: pairs of 16-channel panels (the AVX-512 tiles are 32 channels wide)
+  // fp32 and k == kp; otherwise copy (bf16 -> fp32, zero tail) into scratch, in
+  // passes of <= ~8 MiB of rows (scratch bounded for any batch).
+  const bool copy = x_bf16 || k != kp;
+  const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
   const int64_t panels = h.n_pad / kPanel;
-  parallel_units_rows((panels + 1) / 2, m, kern.mr, nthreads, [&](int64_t u, int64_t r0, int64_t r1) {
-    kern.gemm(g, r0, r1, 2 * u, std::min<int64_t>(panels, 2 * u + 2));
+  for_each_row_pass(m, kp * 4, copy ? int64_t(8) << 20 : INT64_MAX / 2, kern.mr, [&](int64_t p0, int64_t p1) {
+    const int64_t rows = p1 - p0;
+    const void* xp = static_cast<const char*>(x) + p0 * ldx * xsize;
+    const float* xf = static_cast<const float*>(xp);
+    int64_t lx = ldx;
+    if (copy) {
+      if (t_x.size() < static_cast<size_t>(rows * kp)) t_x.resize(rows * kp);
+      float* s = t_x.data();
+      parallel_for(rows, std::max<int64_t>(1, 16384 / kp), nthreads, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          float* d = s + r * kp;
+          if (x_bf16) {
+            const uint16_t* xs = static_cast<const uint16_t*>(xp) + r * ldx;
+            for (int64_t i = 0; i < k; ++i) d[i] = int8_gemm::bf16_to_fp32(xs[i]);
+          } else {
+            std::memcpy(d, static_cast<const float*>(xp) + r * ldx, k * sizeof(float));
+          }
+          std::memset(d + k, 0, (kp - k) * sizeof(float));
+        }
+      });
+      xf = s;
+      lx = kp;
+    }
+    GemmArgs g{xf, lx, packed + h.data_offset, bias, static_cast<char*>(y) + p0 * ldy * ysize, ldy, y_bf16,
+               rows, h.n, h.groups_pad};
+    // units: pairs of 16-channel panels (the AVX-512 tiles are 32 channels wide)
+    parallel_units_rows((panels + 1) / 2, rows, kern.mr, nthreads, [&](int64_t u, int64_t r0, int64_t r1) {
+      kern.gemm(g, r0, r1, 2 * u, std::min<int64_t>(panels, 2 * u + 2));
+    });
   });
 }
 

@@ -228,3 +228,20 @@ def test_int8_property_random_shapes_strides_dtypes(m, n, k, pad, bf16, isa_name
     assert y.dtype == x.dtype and y.shape == (m, n)
     tol = torch.finfo(y.dtype).eps * ref.float().abs()
     assert ((y.float() - ref.float()).abs() <= tol).all()
+
+
+def test_row_path_copies_x_in_passes(gen):
+    """The row-tile path copies bf16 / odd-K x into fp32 scratch <= ~8 MiB at a
+    time; a batch past that (portable ISA: the row path at any M) runs in
+    passes with results identical to sliced calls."""
+    n, k, m = 24, 1001, 2300  # kp 1008: <= 2080 rows per pass
+    w = _sparse_weight(n, k, gen)
+    vals, meta = _canon(w)
+    p = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k))
+    x = torch.randn(m, k, generator=gen)
+    with _native.isa_cap("portable"):
+        for xx in (x, x.to(torch.bfloat16)):
+            y = torch.ops.pyaccel.sparse24_linear(xx, vals, meta, k, None, p)
+            parts = [torch.ops.pyaccel.sparse24_linear(xx[i:i + 500], vals, meta, k, None, p) for i in range(0, m, 500)]
+            assert torch.equal(y, torch.cat(parts))
+        assert_close_k(torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, None, p), x, w)
