@@ -7,7 +7,6 @@
 
 #include "common/ladder.h"
 #include "common/parallel.h"
-#include "common/row_passes.h"
 #include "int8_gemm/int8_gemm.h"
 
 namespace pyaccel {
@@ -28,8 +27,6 @@ const Kernel kLadder[] = {
 
 LadderChoice<Kernel> g_choice;
 
-// Per-thread scratch for quantized activations, grown on demand and reused so
-// that large calls do not page-fault a fresh buffer every time.
 struct Scratch {
   std::vector<int8_t> q;
   std::vector<float> scale;
@@ -41,12 +38,7 @@ void run_gemm(const Kernel& kern, const GemmArgs& g, int64_t n_pad, int nthreads
                       [&](int64_t p, int64_t m0, int64_t m1) { kern.gemm(g, m0, m1, p, p + 1); });
 }
 
-// Row stride of the quantized activations: k_pad plus one cache line when
-// k_pad is a multiple of 1 KiB, so the MR rows a micro-tile broadcasts from do
-// not all fall in the same L1 set.
 constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
-
-int64_t a_stride(int64_t k_pad) { return k_pad % 1024 == 0 ? k_pad + 64 : k_pad; }
 
 }  // namespace
 
@@ -63,27 +55,23 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
   std::memcpy(&h, packed, sizeof(h));
   // Below ~0.5M multiply-adds a fork/join (2-3 us) costs more than it saves.
   if (m * h.n_pad * h.k_pad < kMinParallelMacs) nthreads = 1;
+  const size_t ysize = y_bf16 ? 2 : 4;
+  quantized_passes(kern.quantize, kern.a_xor, kern.mr, x, ldx, x_bf16, m, k, h.k_pad, nthreads,
+                   [&](const int8_t* q, const float* qs, int64_t lda, int64_t r0, int64_t rows) {
+                     GemmArgs g{q, lda, qs,
+                                reinterpret_cast<const int8_t*>(packed + h.data_offset),
+                                reinterpret_cast<const int32_t*>(packed + h.comp_offset),
+                                w_scale, bias, static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n,
+                                h.k_pad};
+                     run_gemm(kern, g, h.n_pad, nthreads);
+                   });
+}
+
+QuantScratch quant_scratch(int64_t rows, int64_t lda) {
   Scratch& s = t_scratch;
-  const int64_t lda = a_stride(h.k_pad);
-  const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
-  // quantized rows in passes of <= ~8 MiB (scratch bounded for any batch)
-  for_each_row_pass(m, lda, int64_t(8) << 20, 6 * kern.mr, [&](int64_t r0, int64_t r1) {
-    const int64_t rows = r1 - r0;
-    if (s.q.size() < static_cast<size_t>(rows * lda)) s.q.resize(rows * lda);
-    if (s.scale.size() < static_cast<size_t>(rows)) s.scale.resize(rows);
-    int8_t* q = s.q.data();
-    float* qs = s.scale.data();
-    const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
-    parallel_for(rows, grain, nthreads, [&](int64_t m0, int64_t m1) {
-      kern.quantize(xr, ldx, x_bf16, m0, m1, k, h.k_pad, lda, kern.a_xor, q, qs);
-    });
-    GemmArgs g{q, lda, qs,
-               reinterpret_cast<const int8_t*>(packed + h.data_offset),
-               reinterpret_cast<const int32_t*>(packed + h.comp_offset),
-               w_scale, bias, static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.k_pad};
-    run_gemm(kern, g, h.n_pad, nthreads);
-  });
+  if (s.q.size() < static_cast<size_t>(rows * lda)) s.q.resize(rows * lda);
+  if (s.scale.size() < static_cast<size_t>(rows)) s.scale.resize(rows);
+  return {s.q.data(), s.scale.data()};
 }
 
 void gemm_prequantized(const int8_t* q, int64_t lda, const float* q_scale, int64_t m,
@@ -93,21 +81,24 @@ void gemm_prequantized(const int8_t* q, int64_t lda, const float* q_scale, int64
   const Kernel& kern = select_kernel();
   PackedHeader h;
   std::memcpy(&h, packed, sizeof(h));
-  // Re-encode into k_pad rows with the kernel's activation encoding.
-  Scratch& s = t_scratch;
+  // Re-encode into k_pad rows with the kernel's activation encoding, in row
+  // passes (bounded scratch, as linear)
   const int64_t lda_a = a_stride(h.k_pad);
-  if (s.q.size() < static_cast<size_t>(m * lda_a)) s.q.resize(m * lda_a);
-  int8_t* a = s.q.data();
-  for (int64_t r = 0; r < m; ++r) {
-    for (int64_t i = 0; i < k; ++i)
-      a[r * lda_a + i] = static_cast<int8_t>(static_cast<uint8_t>(q[r * lda + i]) ^ kern.a_xor);
-    for (int64_t i = k; i < h.k_pad; ++i) a[r * lda_a + i] = static_cast<int8_t>(kern.a_xor);
-  }
-  GemmArgs g{a, lda_a, q_scale,
-             reinterpret_cast<const int8_t*>(packed + h.data_offset),
-             reinterpret_cast<const int32_t*>(packed + h.comp_offset),
-             w_scale, bias, y, ldy, y_bf16, m, h.n, h.k_pad};
-  run_gemm(kern, g, h.n_pad, nthreads);
+  const size_t ysize = y_bf16 ? 2 : 4;
+  for_each_row_pass(m, lda_a, int64_t(8) << 20, 6 * kern.mr, [&](int64_t r0, int64_t r1) {
+    int8_t* a = quant_scratch(r1 - r0, lda_a).q;
+    for (int64_t r = 0; r < r1 - r0; ++r) {
+      const int8_t* qr = q + (r0 + r) * lda;
+      for (int64_t i = 0; i < k; ++i)
+        a[r * lda_a + i] = static_cast<int8_t>(static_cast<uint8_t>(qr[i]) ^ kern.a_xor);
+      for (int64_t i = k; i < h.k_pad; ++i) a[r * lda_a + i] = static_cast<int8_t>(kern.a_xor);
+    }
+    GemmArgs g{a, lda_a, q_scale + r0,
+               reinterpret_cast<const int8_t*>(packed + h.data_offset),
+               reinterpret_cast<const int32_t*>(packed + h.comp_offset),
+               w_scale, bias, static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, r1 - r0, h.n, h.k_pad};
+    run_gemm(kern, g, h.n_pad, nthreads);
+  });
 }
 
 void quantize_rows(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int8_t* q,

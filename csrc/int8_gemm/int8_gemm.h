@@ -13,6 +13,8 @@
 #include <type_traits>
 
 #include "common/cpu_features.h"
+#include "common/parallel.h"
+#include "common/row_passes.h"
 
 namespace pyaccel {
 namespace int8_gemm {
@@ -78,6 +80,40 @@ struct Kernel {
 
 // The kernel for selected_isa(); chosen once per ISA-cap generation.
 const Kernel& select_kernel();
+
+// Row stride of quantized activations: k_pad plus one cache line when k_pad is
+// a multiple of 1 KiB, so the MR rows a micro-tile broadcasts from do not all
+// fall in the same L1 set.
+inline int64_t a_stride(int64_t k_pad) { return k_pad % 1024 == 0 ? k_pad + 64 : k_pad; }
+
+// This thread's scratch for rows x lda quantized activations and their scales
+// (grown on demand, reused: large calls do not page-fault a fresh buffer).
+struct QuantScratch {
+  int8_t* q;
+  float* scale;
+};
+QuantScratch quant_scratch(int64_t rows, int64_t lda);
+
+// The int8 GEMMs' activation side (int8_gemm and sparse24_int8): x [m, k]
+// quantized per row into scratch of row stride a_stride(k_pad), in row passes
+// of <= ~8 MiB so that the scratch stays bounded for any batch (the weights
+// are re-read once per pass); gemm(q, q_scale, lda, r0, rows) then runs the
+// pass's rows [r0, r0 + rows).
+template <typename Gemm>
+void quantized_passes(QuantizeRowsFn quantize, uint8_t a_xor, int64_t mr, const void* x, int64_t ldx, bool x_bf16,
+                      int64_t m, int64_t k, int64_t k_pad, int nthreads, const Gemm& gemm) {
+  const int64_t lda = a_stride(k_pad);
+  const size_t xsize = x_bf16 ? 2 : 4;
+  const int64_t grain = 16384 / (k > 1 ? k : 1) > 1 ? 16384 / (k > 1 ? k : 1) : 1;
+  for_each_row_pass(m, lda, int64_t(8) << 20, 6 * mr, [&](int64_t r0, int64_t r1) {
+    const QuantScratch s = quant_scratch(r1 - r0, lda);
+    const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;
+    parallel_for(r1 - r0, grain, nthreads, [&](int64_t m0, int64_t m1) {
+      quantize(xr, ldx, x_bf16, m0, m1, k, k_pad, lda, a_xor, s.q, s.scale);
+    });
+    gemm(s.q, s.scale, lda, r0, r1 - r0);
+  });
+}
 
 // Whole linear: quantize x [m, k] and multiply. nthreads: OpenMP threads.
 void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,

@@ -50,25 +50,16 @@ bool use_cols(const Kernel& kern, int64_t m) {
   return m * 10 >= 7 * 16 * ((m + 15) / 16);
 }
 
-// Rows per pass of the column kernel: its transposed x (and partial sums) for
-// ~8 MiB of x at most, in whole 48-row tiles, so scratch stays bounded for any
-// batch; the weights are re-read once per pass (< 2 % at 480 rows).
-int64_t cols_chunk_rows(int64_t kp) {
-  const int64_t rows = (int64_t(8) << 20) / (kp * 4) / 48 * 48;
-  return std::min<int64_t>(std::max<int64_t>(rows, 48), 960);
-}
-
 // Many rows: per pass, one team transposes x into 16-row slabs, then takes
 // the channel tiles in dynamically handed-out contiguous items.
 void linear_cols(const Kernel& kern, const PackedHeader& h, const uint8_t* w, const void* x, int64_t ldx,
                  bool x_bf16, int64_t m, int64_t k, const float* bias, void* y, int64_t ldy, bool y_bf16,
                  int nthreads) {
   const int64_t kp = h.groups_pad * 4, kc = cols_kc_groups(h.groups_pad), tiles = (h.n + kern.cols_nr - 1) / kern.cols_nr;
-  const int64_t passes = (m + cols_chunk_rows(kp) - 1) / cols_chunk_rows(kp);
-  const int64_t chunk = round_up((m + passes - 1) / passes, 16);  // balanced passes
   const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
-  for (int64_t r0 = 0; r0 < m; r0 += chunk) {
-    const int64_t rows = std::min(chunk, m - r0), slabs = (rows + 15) / 16;
+  // passes of <= ~8 MiB of transposed x (scratch bounded for any batch)
+  for_each_row_pass(m, kp * 4, int64_t(8) << 20, 16, [&](int64_t r0, int64_t r1) {
+    const int64_t rows = r1 - r0, slabs = (rows + 15) / 16;
     const void* xc = static_cast<const char*>(x) + r0 * ldx * xsize;
     float* xt = aligned_scratch(t_xt, slabs * slab_floats(kp));
     const ColsArgs a{xt, kp, w, bias, static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n,
@@ -84,7 +75,7 @@ void linear_cols(const Kernel& kern, const PackedHeader& h, const uint8_t* w, co
         // 1.0 - 1.4x the static halves, and 1.00 - 1.05x on a quiet machine
         // (each item re-reads the row tiles' transposed x)
         std::min<int64_t>(tiles, 4 * static_cast<int64_t>(nthreads)));
-  }
+  });
 }
 
 constexpr int64_t kMinParallelMacs = int64_t(1) << 19;

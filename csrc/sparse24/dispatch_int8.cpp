@@ -6,7 +6,6 @@
 
 #include "common/ladder.h"
 #include "common/parallel.h"
-#include "common/row_passes.h"
 #include "int8_gemm/int8_gemm.h"
 #include "sparse24/sparse24_int8.h"
 
@@ -30,8 +29,6 @@ const Entry kLadder[] = {
 };
 
 LadderChoice<Entry> g_choice;
-thread_local std::vector<int8_t> t_q;
-thread_local std::vector<float> t_s;
 
 constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
 
@@ -52,26 +49,17 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
   std::memcpy(&h, packed, sizeof(h));
   const int64_t k_pad = kQuadInputs * h.quads;
   if (m * h.n_pad * k_pad < kMinParallelMacs) nthreads = 1;  // dense-equivalent work, as int8_gemm
-  const int64_t lda = k_pad % 1024 == 0 ? k_pad + 64 : k_pad;  // as int8_gemm: avoid L1 set conflicts
-  const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
-  // quantized rows in passes of <= ~8 MiB (scratch bounded for any batch)
-  for_each_row_pass(m, lda, int64_t(8) << 20, 6 * kern.mr, [&](int64_t p0, int64_t p1) {
-    const int64_t rows = p1 - p0;
-    if (t_q.size() < static_cast<size_t>(rows * lda)) t_q.resize(rows * lda);
-    if (t_s.size() < static_cast<size_t>(rows)) t_s.resize(rows);
-    int8_t* q = t_q.data();
-    float* qs = t_s.data();
-    const void* xr = static_cast<const char*>(x) + p0 * ldx * xsize;
-    parallel_for(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), nthreads, [&](int64_t m0, int64_t m1) {
-      e.quantize(xr, ldx, x_bf16, m0, m1, k, k_pad, lda, kern.a_xor, q, qs);
-    });
-    GemmArgs g{reinterpret_cast<const uint8_t*>(q), lda, qs, packed + h.data_offset,
-               reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
-               static_cast<char*>(y) + p0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.quads};
-    // units: 32-channel panels (one sequential stream of weight bytes each)
-    parallel_units_rows(h.n_pad / kPanel, rows, kern.mr, nthreads,
-                        [&](int64_t u, int64_t r0, int64_t r1) { kern.gemm(g, r0, r1, u, u + 1); });
-  });
+  const size_t ysize = y_bf16 ? 2 : 4;
+  int8_gemm::quantized_passes(
+      e.quantize, kern.a_xor, kern.mr, x, ldx, x_bf16, m, k, k_pad, nthreads,
+      [&](const int8_t* q, const float* qs, int64_t lda, int64_t r0, int64_t rows) {
+        GemmArgs g{reinterpret_cast<const uint8_t*>(q), lda, qs, packed + h.data_offset,
+                   reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
+                   static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.quads};
+        // units: 32-channel panels (one sequential stream of weight bytes each)
+        parallel_units_rows(h.n_pad / kPanel, rows, kern.mr, nthreads,
+                            [&](int64_t u, int64_t m0, int64_t m1) { kern.gemm(g, m0, m1, u, u + 1); });
+      });
 }
 
 }  // namespace sparse24_int8

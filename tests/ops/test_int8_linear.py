@@ -195,3 +195,11 @@ def test_large_batches_run_in_row_passes(isa, gen):
             x = torch.randn(m, 4096, generator=gen)
             y = mod(x)
             assert torch.equal(y, torch.cat([mod(x[i:i + 700]) for i in range(0, m, 700)]))
+
+
+def test_prequantized_gemm_in_row_passes_is_exact(isa, gen):
+    """The prequantized entry point re-encodes rows in passes too (K = 4096:
+    <= 2016 rows each): its int32 accumulators stay exact across passes."""
+    q = _rand_int8((2100, 4096), gen)
+    w = _rand_int8((24, 4096), gen)
+    assert torch.equal(native_acc(q, w), (q.double() @ w.double().t()).float())

@@ -130,7 +130,7 @@ def test_many_rows_column_kernel(isa, gen, m, n, k):
 
 def test_column_kernel_in_several_passes(isa, gen):
     """Batches past ~8 MiB of x run the column kernel in balanced passes of rows
-    (here K = 4100: passes of <= 480 rows -> 336 + 336 + 328)."""
+    (here K = 4100: passes of <= 496 rows -> 336 + 336 + 328)."""
     n, k, m = 20, 4100, 1000
     w = _sparse_weight(n, k, gen)
     vals, meta = _canon(w)
