@@ -1,9 +1,8 @@
 """Memory for packed weights.
 
 The kernels stream packed weights; on 4 KiB pages that costs a TLB miss every
-4 KiB, and the hardware prefetchers stop at every 4 KiB boundary, so a
-streamed small layer pays a DRAM latency per page. Packed buffers therefore
-live on private anonymous mappings marked MADV_HUGEPAGE before first touch,
+4 KiB (and the hardware prefetchers restart at every page). Packed buffers
+therefore live on private anonymous mappings marked MADV_HUGEPAGE before first touch,
 aligned to 2 MiB, so that transparent huge pages back them where the kernel
 allows it (the common "madvise" THP mode included):
 
@@ -14,7 +13,8 @@ allows it (the common "madvise" THP mode included):
 
 Measured on the project machine (A/B, same modules built both ways): M = 1
 int8 GEMV over rotated 4096² weights +1 – 4 % (own mappings); MiniLM-sized
-layers (0.2 – 0.6 MB) streamed: see bench/RESULTS.md. PYACCEL_HUGEPAGES=0,
+layers (0.2 – 0.6 MB) streamed at M = 1: dense int8 −4 – 5 % time, 2:4 int8
+0 – 3 % (arena chunks). PYACCEL_HUGEPAGES=0,
 no MADV_HUGEPAGE or a failing mmap give plain torch.empty.
 """
 from __future__ import annotations
