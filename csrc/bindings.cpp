@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <climits>
 #include <stdexcept>
 #include <string>
 
@@ -49,6 +50,48 @@ void check_packed_or_throw(uintptr_t packed, int64_t nbytes, int64_t n, int64_t 
     throw py::value_error(std::string("packed_weight: ") + err);
 }
 
+// What the eager fast path (LinearPlan::forward) needs from torch, handed
+// over once by pyaccel.nn._packed: the extension never imports torch itself.
+// Leaked on purpose (no destructor runs after the interpreter is gone).
+struct TorchRefs {
+  PyTypeObject* tensor = nullptr;
+  PyObject *empty, *f32, *bf16, *get_default_dtype, *get_num_threads;
+  PyObject *s_dtype, *s_is_cpu, *s_shape, *s_stride, *s_is_contiguous, *s_data_ptr, *kw_dtype;
+};
+TorchRefs* g_torch = nullptr;
+
+void set_torch_refs(py::handle tensor, py::handle empty, py::handle f32, py::handle bf16,
+                    py::handle get_default_dtype, py::handle get_num_threads) {
+  if (!PyType_Check(tensor.ptr())) throw py::type_error("tensor: expected torch.Tensor (a type)");
+  auto* r = new TorchRefs;
+  r->tensor = reinterpret_cast<PyTypeObject*>(tensor.inc_ref().ptr());
+  r->empty = empty.inc_ref().ptr();
+  r->f32 = f32.inc_ref().ptr();
+  r->bf16 = bf16.inc_ref().ptr();
+  r->get_default_dtype = get_default_dtype.inc_ref().ptr();
+  r->get_num_threads = get_num_threads.inc_ref().ptr();
+  r->s_dtype = PyUnicode_InternFromString("dtype");
+  r->s_is_cpu = PyUnicode_InternFromString("is_cpu");
+  r->s_shape = PyUnicode_InternFromString("shape");
+  r->s_stride = PyUnicode_InternFromString("stride");
+  r->s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
+  r->s_data_ptr = PyUnicode_InternFromString("data_ptr");
+  r->kw_dtype = PyTuple_Pack(1, r->s_dtype);
+  g_torch = r;
+}
+
+// Owned reference to a Python object; throws the pending Python error on null.
+py::object own(PyObject* o) {
+  if (!o) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(o);
+}
+
+int64_t as_i64(PyObject* o) {
+  const long long v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return v;
+}
+
 // A validated linear layer over one packed weight (int8, 2:4 fp32 or 2:4
 // int8): packed buffer, scales and bias checked once, so that the per-call
 // path converts only six arguments. `keep` holds what owns that memory (the
@@ -78,6 +121,66 @@ class LinearPlan {
     if (err) throw py::value_error(std::string("packed_weight: ") + err);
     if (kind_ != Kind::kSparse24 && !w_scale) throw py::value_error("w_scale: null pointer");
   }
+
+  // The eager fast path, what PackedModule._run_plan does in Python, at
+  // about half its cost: y = layer(x) into a fresh tensor for a plain CPU
+  // fp32/bf16 torch.Tensor of rows -- 2-D with unit stride along k, or
+  // contiguous N-D with N > 2 -- of fewer than max_rows rows; None for
+  // anything else (the caller then takes its general path).
+  py::object forward(py::handle xh) const {
+    const TorchRefs* T = g_torch;
+    PyObject* x = xh.ptr();
+    if (!T || Py_TYPE(x) != T->tensor) return py::none();
+    py::object dt = own(PyObject_GetAttr(x, T->s_dtype));
+    const bool bf16 = dt.ptr() == T->bf16;
+    if (!bf16 && dt.ptr() != T->f32) return py::none();
+    if (own(PyObject_GetAttr(x, T->s_is_cpu)).ptr() != Py_True) return py::none();
+    py::object shape = own(PyObject_GetAttr(x, T->s_shape));
+    if (!PyTuple_Check(shape.ptr())) return py::none();
+    const Py_ssize_t nd = PyTuple_GET_SIZE(shape.ptr());
+    if (nd < 2 || as_i64(PyTuple_GET_ITEM(shape.ptr(), nd - 1)) != k_) return py::none();
+    int64_t m, ldx;
+    if (nd == 2) {
+      py::object st = own(PyObject_CallMethodNoArgs(x, T->s_stride));
+      if (!PyTuple_Check(st.ptr()) || PyTuple_GET_SIZE(st.ptr()) != 2 || as_i64(PyTuple_GET_ITEM(st.ptr(), 1)) != 1)
+        return py::none();
+      m = as_i64(PyTuple_GET_ITEM(shape.ptr(), 0));
+      ldx = as_i64(PyTuple_GET_ITEM(st.ptr(), 0));
+    } else {
+      if (own(PyObject_CallMethodNoArgs(x, T->s_is_contiguous)).ptr() != Py_True) return py::none();
+      m = 1;
+      for (Py_ssize_t i = 0; i + 1 < nd; ++i) m *= as_i64(PyTuple_GET_ITEM(shape.ptr(), i));
+      ldx = k_;
+    }
+    if (m >= max_rows) return py::none();
+    // y = torch.empty(*shape[:-1], n[, dtype=x.dtype]): the keyword only when
+    // x's dtype is not the default (it costs ~0.4 µs)
+    py::object dims = own(PyTuple_New(nd));
+    for (Py_ssize_t i = 0; i + 1 < nd; ++i) {
+      PyObject* d = PyTuple_GET_ITEM(shape.ptr(), i);
+      Py_INCREF(d);
+      PyTuple_SET_ITEM(dims.ptr(), i, d);
+    }
+    PyTuple_SET_ITEM(dims.ptr(), nd - 1, own(PyLong_FromLongLong(n_)).release().ptr());
+    py::object y;
+    if (own(PyObject_CallNoArgs(T->get_default_dtype)).ptr() == dt.ptr()) {
+      y = own(PyObject_Call(T->empty, dims.ptr(), nullptr));
+    } else {
+      py::dict kw;
+      kw[py::handle(T->s_dtype)] = dt;
+      y = own(PyObject_Call(T->empty, dims.ptr(), kw.ptr()));
+    }
+    const uintptr_t xp = PyLong_AsUnsignedLongLong(own(PyObject_CallMethodNoArgs(x, T->s_data_ptr)).ptr());
+    const uintptr_t yp = PyLong_AsUnsignedLongLong(own(PyObject_CallMethodNoArgs(y.ptr(), T->s_data_ptr)).ptr());
+    const int64_t nthreads = as_i64(own(PyObject_CallNoArgs(T->get_num_threads)).ptr());
+    if (PyErr_Occurred()) throw py::error_already_set();
+    run(xp, ldx, bf16, m, yp, static_cast<int>(nthreads));
+    return y;
+  }
+
+  // forward() declines calls of this many rows or more (a module whose
+  // kernel loses to another there switches in Python)
+  int64_t max_rows = INT64_MAX;
 
   void run(uintptr_t x, int64_t ldx, bool bf16, int64_t m, uintptr_t y, int nthreads) const {
     py::gil_scoped_release nogil;
@@ -131,12 +234,19 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_isa_cap", &set_isa_cap, py::arg("name"),
         "Cap the ISA (avx512_icl|avx512_vnni|avx512|avx2|portable, '' = none); returns False for an unknown name");
   m.def("selected_isa", [] { return std::string(isa_name(selected_isa())); });
+  m.def("set_torch_refs", &set_torch_refs, py::arg("tensor"), py::arg("empty"), py::arg("float32"),
+        py::arg("bfloat16"), py::arg("get_default_dtype"), py::arg("get_num_threads"),
+        "hand over the torch objects LinearPlan.forward uses (pyaccel does this on import)");
   m.def("int8_kernel_name", [] { return std::string(int8_gemm::select_kernel().name); });
 
   py::class_<LinearPlan>(m, "LinearPlan")
       .def(py::init<const std::string&, uintptr_t, int64_t, int64_t, int64_t, uintptr_t, uintptr_t, py::object>(),
            py::arg("kind"), py::arg("packed"), py::arg("packed_nbytes"), py::arg("n"), py::arg("k"),
            py::arg("w_scale"), py::arg("bias"), py::arg("keep"))
+      .def("forward", &LinearPlan::forward, py::arg("x"),
+           "y = the layer applied to a plain CPU fp32/bf16 tensor of rows (2-D with unit stride along k, "
+           "or contiguous N-D) of fewer than max_rows rows, into a fresh tensor of x's dtype; None otherwise")
+      .def_readwrite("max_rows", &LinearPlan::max_rows)
       .def("__call__", &LinearPlan::run, py::arg("x"), py::arg("ldx"), py::arg("bf16"), py::arg("m"),
            py::arg("y"), py::arg("nthreads"),
            "y[m, n] (row stride n, x's dtype) = the layer applied to x[m, k] (row stride ldx)");

@@ -108,3 +108,61 @@ def test_plan_keeps_its_memory_alive(gen):
     out = torch.empty(3, N)
     plan(x.data_ptr(), K, False, 3, out.data_ptr(), 1)
     assert torch.equal(out, y)
+
+
+@pytest.mark.parametrize("kind", ["int8", "sparse24", "sparse24_int8"])
+def test_native_forward_takes_or_declines(gen, kind):
+    """LinearPlan.forward (the native eager path) returns the module's output
+    for the layouts it takes and None, touching nothing, for the rest."""
+    mod, op = _modules()[kind]
+    plan = mod._plan
+    for dtype in (torch.float32, torch.bfloat16):
+        for what, x in _inputs(gen, dtype):
+            y = plan.forward(x)
+            takes = (x.dim() == 2 and x.stride(1) == 1) or (x.dim() > 2 and x.is_contiguous())
+            if not takes:
+                assert y is None, what
+                continue
+            assert y is not None and y.dtype == dtype and y.shape == x.shape[:-1] + (N,), what
+            assert torch.equal(y, op(mod, x)), what
+    x = torch.randn(4, K, generator=gen)
+    declined = {
+        "float64": x.double(), "float16": x.half(), "1-D": x[0], "wrong K": torch.randn(4, K + 1),
+        "Parameter": nn.Parameter(x, requires_grad=False), "not a tensor": x.numpy(), "None": None,
+    }
+    for what, bad in declined.items():
+        assert plan.forward(bad) is None, what
+    plan.max_rows = 4  # from 4 rows on the module switches kernels in Python
+    assert plan.forward(x) is None and plan.forward(x[:3]) is not None
+
+
+def test_native_forward_follows_the_default_dtype(gen):
+    """y takes x's dtype whatever torch's default dtype is."""
+    mod, op = _modules()["int8"]
+    x = torch.randn(3, K, generator=gen)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        y = mod(x)
+        yb = mod(x.bfloat16())
+    finally:
+        torch.set_default_dtype(prev)
+    assert y.dtype == torch.float32 and torch.equal(y, op(mod, x))
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb, op(mod, x.bfloat16()))
+
+
+def test_native_forward_leaks_no_references(gen):
+    """The native path holds no reference past the call (x, dtypes, the shape)."""
+    import sys
+
+    mod, _ = _modules()["sparse24_int8"]
+    xs = [torch.randn(3, K, generator=gen), torch.randn(2, 3, K, generator=gen).bfloat16()]
+    for x in xs:
+        mod(x)
+    before = [sys.getrefcount(o) for o in xs + [torch.float32, torch.bfloat16]]
+    for _ in range(200):
+        for x in xs:
+            mod(x)
+            mod._plan.forward(x.double())  # a decline
+    after = [sys.getrefcount(o) for o in xs + [torch.float32, torch.bfloat16]]
+    assert after == before
