@@ -29,8 +29,15 @@ namespace {
 // Accumulators are named variables, not an array, and the multiply-add is
 // inline asm: with the intrinsic, GCC 12 copies every accumulator around each
 // vpdpbusd (and spills), which halves the kernel's speed.
+// Mem: let the compiler fold the weight load into the instruction (one
+// instruction less per weight vector: 1 - 3 % at M = 1). Only for one-row
+// tiles: with more rows GCC folds the load into every row's use.
+template <bool Mem = false>
 static inline void dpbusd(__m512i& c, __m512i a_u8, __m512i b_s8) {
-  __asm__("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(a_u8), "v"(b_s8));
+  if constexpr (Mem)
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(a_u8), "vm"(b_s8));
+  else
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(a_u8), "v"(b_s8));
 }
 constexpr int64_t kKcGroups = 2048;
 
@@ -54,10 +61,10 @@ constexpr int64_t kKcGroups = 2048;
 #define PYACCEL_ROW_STEP(r)                                                   \
   if constexpr (MR > r) {                                                     \
     const __m512i av = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(a##r + off)); \
-    dpbusd(c##r##0, av, b0);                           \
-    dpbusd(c##r##1, av, b1);                           \
-    dpbusd(c##r##2, av, b2);                           \
-    dpbusd(c##r##3, av, b3);                           \
+    dpbusd<MR == 1>(c##r##0, av, b0);                  \
+    dpbusd<MR == 1>(c##r##1, av, b1);                  \
+    dpbusd<MR == 1>(c##r##2, av, b2);                  \
+    dpbusd<MR == 1>(c##r##3, av, b3);                  \
   }
 #define PYACCEL_ROW_STORE(r)                                                  \
   if constexpr (MR > r) {                                                     \

@@ -24,8 +24,15 @@ namespace pyaccel {
 namespace sparse24_int8 {
 namespace {
 
+// See int8_gemm's VNNI kernel (inline asm; Mem only for one-row tiles: 2 - 6 %
+// at M = 1, but 10 - 15 % slower at 2 - 3 rows, where GCC folds the load into
+// every row's use).
+template <bool Mem = false>
 static inline void dpbusd(__m512i& c, __m512i a_u8, __m512i b_s8) {
-  __asm__("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(a_u8), "v"(b_s8));  // see int8_gemm's VNNI kernel
+  if constexpr (Mem)
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(a_u8), "vm"(b_s8));
+  else
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(a_u8), "v"(b_s8));
 }
 
 static inline void store(const GemmArgs& ga, __m512i acc, const int32_t* comp, float sa, int64_t m, int64_t n0) {
@@ -45,8 +52,8 @@ static inline void store(const GemmArgs& ga, __m512i acc, const int32_t* comp, f
     int64_t a8;                                                               \
     std::memcpy(&a8, a##r + kQuadInputs * qb + 8 * J, 8);                     \
     const __m512i ab = _mm512_set1_epi64(a8);                                 \
-    dpbusd(c##r##0, _mm512_shuffle_epi8(ab, k0), v0);                         \
-    dpbusd(c##r##1, _mm512_shuffle_epi8(ab, k1), v1);                         \
+    dpbusd<MR == 1>(c##r##0, _mm512_shuffle_epi8(ab, k0), v0);                         \
+    dpbusd<MR == 1>(c##r##1, _mm512_shuffle_epi8(ab, k1), v1);                         \
   }
 #define S24I8_PAIR(J)                                                         \
   {                                                                           \
