@@ -30,8 +30,8 @@ void pack(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, in
       const int64_t quad = pair / kQuadPairs, j = pair % kQuadPairs;
       uint8_t* blk = data + (p * h.quads + quad) * kQuadBytes;
       const int8_t v0 = values[c * ldv + 2 * g], v1 = values[c * ldv + 2 * g + 1];
-      blk[j * kPairBytes + lane * 4 + 2 * half] = static_cast<uint8_t>(v0);
-      blk[j * kPairBytes + lane * 4 + 2 * half + 1] = static_cast<uint8_t>(v1);
+      blk[kQuadValOffset + j * kPairBytes + lane * 4 + 2 * half] = static_cast<uint8_t>(v0);
+      blk[kQuadValOffset + j * kPairBytes + lane * 4 + 2 * half + 1] = static_cast<uint8_t>(v1);
       blk[kQuadPosOffset + lane * 4 + j] |= static_cast<uint8_t>((pos[c * ldp + g] & 0xF) << (4 * half));
       sum += v0 + v1;
     }

@@ -13,7 +13,7 @@ void qs8_s24_gemm_1x32_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t
       for (int64_t qb = 0; qb < g.quads; ++qb) {
         const uint8_t* blk = g.w + (p * g.quads + qb) * kQuadBytes;
         for (int j = 0; j < kQuadPairs; ++j) {
-          const int8_t* v = reinterpret_cast<const int8_t*>(blk) + j * kPairBytes;
+          const int8_t* v = reinterpret_cast<const int8_t*>(blk) + kQuadValOffset + j * kPairBytes;
           const int8_t* ap = a + kQuadInputs * qb + 8 * j;
           for (int c = 0; c < kPanel; ++c) {
             const uint8_t s = blk[kQuadPosOffset + 4 * c + j];

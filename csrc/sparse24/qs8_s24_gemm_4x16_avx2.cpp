@@ -42,7 +42,7 @@ inline void tile(const GemmArgs& g, int64_t m, int64_t p, int half) {
     const __m256i pos1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQuadPosOffset + 32));
 #pragma GCC unroll 4
     for (int j = 0; j < kQuadPairs; ++j) {
-      const uint8_t* bj = b + j * kPairBytes;
+      const uint8_t* bj = b + kQuadValOffset + j * kPairBytes;
       const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj));
       const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj + 32));
       const __m128i sh = _mm_cvtsi32_si128(8 * j);

@@ -57,8 +57,8 @@ static inline void store(const GemmArgs& ga, __m512i acc, const int32_t* comp, f
   }
 #define S24I8_PAIR(J)                                                         \
   {                                                                           \
-    const __m512i v0 = _mm512_loadu_si512(b + J * kPairBytes);                \
-    const __m512i v1 = _mm512_loadu_si512(b + J * kPairBytes + 64);           \
+    const __m512i v0 = _mm512_loadu_si512(b + kQuadValOffset + J * kPairBytes);                \
+    const __m512i v1 = _mm512_loadu_si512(b + kQuadValOffset + J * kPairBytes + 64);           \
     const __m512i k0 = ctl.template pair<J>(pos0), k1 = ctl.template pair<J>(pos1); \
     S24I8_ROW(0, J) S24I8_ROW(1, J) S24I8_ROW(2, J) S24I8_ROW(3, J) S24I8_ROW(4, J) S24I8_ROW(5, J) \
   }
