@@ -35,9 +35,9 @@ void pack(const float* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int
     for (int64_t g = 0; g < groups; ++g) {
       uint8_t* blk = data + (p * blocks + g / kBlockGroups) * kBlockBytes;
       const int64_t j = g % kBlockGroups;
-      float* v0 = reinterpret_cast<float*>(blk) + j * kPanel + lane;
-      float* v1 = reinterpret_cast<float*>(blk) + (kBlockGroups + j) * kPanel + lane;
-      uint8_t* ps = blk + 2 * kBlockGroups * kPanel * 4 + j * kPanel + lane;
+      float* v0 = reinterpret_cast<float*>(blk + v0_at(j)) + lane;
+      float* v1 = reinterpret_cast<float*>(blk + v1_at(j)) + lane;
+      uint8_t* ps = blk + pos_at(j) + lane;
       *v0 = values[c * ldv + 2 * g];
       *v1 = values[c * ldv + 2 * g + 1];
       *ps = encode_pos(pos[c * ldp + g]);

@@ -13,15 +13,14 @@ void s24_gemm_1x16_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0,
       float acc[kPanel] = {0};
       for (int64_t b = 0; b < blocks; ++b) {
         const uint8_t* blk = g.w + (p * blocks + b) * kBlockBytes;
-        const float* v0 = reinterpret_cast<const float*>(blk);
-        const float* v1 = v0 + kBlockGroups * kPanel;
-        const uint8_t* ps = blk + 2 * kBlockGroups * kPanel * 4;
         for (int j = 0; j < kBlockGroups; ++j) {
           const float* xg = x + (b * kBlockGroups + j) * 4;
+          const float* v0 = reinterpret_cast<const float*>(blk + v0_at(j));
+          const float* v1 = reinterpret_cast<const float*>(blk + v1_at(j));
           for (int c = 0; c < kPanel; ++c) {
-            const uint8_t s = ps[j * kPanel + c];
-            acc[c] += xg[s & 3] * v0[j * kPanel + c];
-            acc[c] += xg[(s >> 2) & 3] * v1[j * kPanel + c];
+            const uint8_t s = blk[pos_at(j) + c];
+            acc[c] += xg[s & 3] * v0[c];
+            acc[c] += xg[(s >> 2) & 3] * v1[c];
           }
         }
       }

@@ -29,15 +29,13 @@ inline void tile(const GemmArgs& g, int64_t m, int64_t p, int half) {
   for (int r = 0; r < MR; ++r) c[r] = _mm256_setzero_ps();
   const uint8_t* blk = g.w + p * blocks * kBlockBytes;
   for (int64_t b = 0; b < blocks; ++b, blk += kBlockBytes) {
-    const float* w = reinterpret_cast<const float*>(blk);
-    const uint8_t* ps = blk + 2 * kBlockGroups * kPanel * 4;
 #pragma GCC unroll 4
     for (int j = 0; j < kBlockGroups; ++j) {
       const int64_t gi = b * kBlockGroups + j;
-      const __m256 v0 = _mm256_loadu_ps(w + j * kPanel + 8 * half);
-      const __m256 v1 = _mm256_loadu_ps(w + (kBlockGroups + j) * kPanel + 8 * half);
       int64_t pos8;
-      std::memcpy(&pos8, ps + j * kPanel + 8 * half, 8);
+      std::memcpy(&pos8, blk + pos_at(j) + 8 * half, 8);
+      const __m256 v0 = _mm256_loadu_ps(reinterpret_cast<const float*>(blk + v0_at(j)) + 8 * half);
+      const __m256 v1 = _mm256_loadu_ps(reinterpret_cast<const float*>(blk + v1_at(j)) + 8 * half);
       const __m256i i0 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(pos8));
       const __m256i i1 = _mm256_srli_epi32(i0, 2);
 #pragma GCC unroll 4

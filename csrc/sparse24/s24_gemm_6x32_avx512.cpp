@@ -69,16 +69,12 @@ inline void tile(const GemmArgs& g, int64_t m, int64_t p, bool two) {
 #pragma GCC unroll 4
     for (int j = 0; j < kBlockGroups; ++j) {
       const int64_t gi = b * kBlockGroups + j;
-      const float* w0 = reinterpret_cast<const float*>(b0);
-      const float* w1 = reinterpret_cast<const float*>(b1);
-      const __m512 v00 = _mm512_loadu_ps(w0 + j * kPanel);
-      const __m512 v10 = _mm512_loadu_ps(w0 + (kBlockGroups + j) * kPanel);
-      const __m512 v01 = _mm512_loadu_ps(w1 + j * kPanel);
-      const __m512 v11 = _mm512_loadu_ps(w1 + (kBlockGroups + j) * kPanel);
-      const __m512i i00 = _mm512_cvtepu8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + 2 * kBlockGroups * kPanel * 4 + j * kPanel)));
-      const __m512i i01 = _mm512_cvtepu8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + 2 * kBlockGroups * kPanel * 4 + j * kPanel)));
+      const __m512i i00 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + pos_at(j))));
+      const __m512i i01 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + pos_at(j))));
+      const __m512 v00 = _mm512_loadu_ps(b0 + v0_at(j));
+      const __m512 v10 = _mm512_loadu_ps(b0 + v1_at(j));
+      const __m512 v01 = _mm512_loadu_ps(b1 + v0_at(j));
+      const __m512 v11 = _mm512_loadu_ps(b1 + v1_at(j));
       const __m512i i10 = _mm512_srli_epi32(i00, 2);
       const __m512i i11 = _mm512_srli_epi32(i01, 2);
       S24_ROW(0) S24_ROW(1) S24_ROW(2) S24_ROW(3) S24_ROW(4) S24_ROW(5)

@@ -82,18 +82,16 @@ inline void tile(const ColsArgs& a, int64_t t, int64_t s, int64_t gb, int64_t ge
   S24C2_ALL(S24C2_DECL)
   const int64_t blocks = a.groups_pad / kBlockGroups;
   const int64_t quarter = (t & 3) * 4;
-  const uint8_t* blk = a.w + ((t >> 2) * blocks + gb / kBlockGroups) * kBlockBytes + 4 * quarter;
+  const uint8_t* blk = a.w + ((t >> 2) * blocks + gb / kBlockGroups) * kBlockBytes;
   const uint8_t* const blk_end = blk + (ge - gb) / kBlockGroups * kBlockBytes;
-  const int64_t pos_off = 2 * kBlockGroups * kPanel * 4 - 3 * quarter;  // values + 4q -> positions + q
   const char* x = reinterpret_cast<const char*>(a.xt + s * slab_floats(a.kp) + gb * 4 * 16);
   for (; blk < blk_end; blk += kBlockBytes, x += kBlockGroups * 4 * 64) {
-    const float* vals = reinterpret_cast<const float*>(blk);
 #pragma GCC unroll 4
     for (int j = 0; j < kBlockGroups; ++j) {
       uint32_t pw;
-      std::memcpy(&pw, blk + pos_off + j * kPanel, 4);
-      __m256 t0 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(vals + j * kPanel));
-      __m256 t1 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(vals + (kBlockGroups + j) * kPanel));
+      std::memcpy(&pw, blk + pos_at(j) + quarter, 4);
+      __m256 t0 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(blk + v0_at(j)) + quarter / 4);
+      __m256 t1 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(blk + v1_at(j)) + quarter / 4);
       asm("" : "+x"(t0), "+x"(t1));  // keep them tables, not broadcast loads per weight
       S24C2_ALL(S24C2_CHANNEL)
     }

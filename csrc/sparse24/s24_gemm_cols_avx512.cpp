@@ -98,29 +98,28 @@ inline void tile(const ColsArgs& a, int64_t t, int64_t s0, int64_t gb, int64_t g
                  float* part) {
   S24C_ALL(S24C_DECL)
   const int64_t blocks = a.groups_pad / kBlockGroups;
-  // blk: this half panel's values in the block; its position bytes sit at
-  // 2 * kBlockGroups * kPanel * 4 (512) + half - 4 * half from there
+  // this half panel's channels: lanes half .. half + 8 of the block
   const int64_t half = (t & 1) * 8;
-  const uint8_t* blk = a.w + ((t >> 1) * blocks + gb / kBlockGroups) * kBlockBytes + 4 * half;
+  const uint8_t* blk = a.w + ((t >> 1) * blocks + gb / kBlockGroups) * kBlockBytes;
   const uint8_t* const blk_end = blk + (ge - gb) / kBlockGroups * kBlockBytes;
-  const int64_t pos_off = 2 * kBlockGroups * kPanel * 4 - 3 * half;
   const int64_t slab = slab_floats(a.kp);
   const char* x0 = reinterpret_cast<const char*>(a.xt + s0 * slab + gb * 4 * 16);
   const char* x1 = MV > 1 ? x0 + slab * 4 : x0;
   const char* x2 = MV > 2 ? x0 + 2 * slab * 4 : x0;
   for (; blk < blk_end; blk += kBlockBytes) {
-    const float* vals = reinterpret_cast<const float*>(blk);
 #pragma GCC unroll 4
     for (int j = 0; j < kBlockGroups; ++j) {
       uint64_t pw;
-      std::memcpy(&pw, blk + pos_off + j * kPanel, 8);
+      std::memcpy(&pw, blk + pos_at(j) + half, 8);
+      const float* v0 = reinterpret_cast<const float*>(blk + v0_at(j)) + half;
+      const float* v1 = reinterpret_cast<const float*>(blk + v1_at(j)) + half;
       // values of channels 0-3 and 4-7, each repeated in every 128-bit lane:
       // one in-lane vpermilps per weight then spreads it (cheaper on Zen 4 than
       // a broadcast load per weight, which competes with the x loads)
-      __m512 t0a = _mm512_broadcast_f32x4(_mm_loadu_ps(vals + j * kPanel));
-      __m512 t0b = _mm512_broadcast_f32x4(_mm_loadu_ps(vals + j * kPanel + 4));
-      __m512 t1a = _mm512_broadcast_f32x4(_mm_loadu_ps(vals + (kBlockGroups + j) * kPanel));
-      __m512 t1b = _mm512_broadcast_f32x4(_mm_loadu_ps(vals + (kBlockGroups + j) * kPanel + 4));
+      __m512 t0a = _mm512_broadcast_f32x4(_mm_loadu_ps(v0));
+      __m512 t0b = _mm512_broadcast_f32x4(_mm_loadu_ps(v0 + 4));
+      __m512 t1a = _mm512_broadcast_f32x4(_mm_loadu_ps(v1));
+      __m512 t1b = _mm512_broadcast_f32x4(_mm_loadu_ps(v1 + 4));
       asm("" : "+v"(t0a), "+v"(t0b), "+v"(t1a), "+v"(t1b));  // keep GCC from folding back to broadcast loads
       S24C_ALL(S24C_CHANNEL)
     }
