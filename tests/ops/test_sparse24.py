@@ -172,6 +172,50 @@ def test_opcheck_and_errors(gen):
         op(x, vals, meta, 40, None, torch.zeros_like(p))
 
 
+def test_packed_buffers_of_older_layouts_are_rejected(gen):
+    """A packed buffer of a previous layout (fp32: 2, values before positions;
+    int8: 3, positions after the values) is refused by name, never misread."""
+    w = _sparse_weight(24, 40, gen)
+    vals, meta = _canon(w)
+    x = torch.randn(3, 40, generator=gen)
+    p = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, 40))
+    p[4:8] = torch.tensor([2], dtype=torch.int32).view(torch.uint8)  # header: magic u32, layout i32
+    with pytest.raises(ValueError, match=r"packed_weight: .*layout this build does not know"):
+        torch.ops.pyaccel.sparse24_linear(x, vals, meta, 40, None, p)
+    _, v8, m8, scale = _int8_24(24, 40, gen)
+    p8 = s24.pack_sparse24_int8(v8, m8, 40)
+    p8[4:8] = torch.tensor([3], dtype=torch.int32).view(torch.uint8)
+    with pytest.raises(ValueError, match=r"packed_weight: .*layout this build does not know"):
+        torch.ops.pyaccel.sparse24_int8_linear(x, v8, m8, 40, scale, None, p8)
+
+
+def test_packed_layouts_are_the_documented_ones(gen):
+    """The byte order the kernels and sparse24.h / sparse24_int8.h document:
+    fp32 blocks = pos[4][16] then v0[16], v1[16] per group; int8 quads =
+    pos[32] u32 then vals[4 pairs][32][4]."""
+    w = _sparse_weight(16, 16, gen, zero_groups=False)
+    vals, meta = _canon(w)
+    pb = s24.position_bytes(s24.Sparse24Weight(vals, meta, 16))
+    p = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, 16))
+    blk = p[int(p[40:48].view(torch.int64)):][:576]  # header: data_offset at byte 40
+    for j in range(4):
+        i0, i1 = pb[:, j] & 3, pb[:, j] >> 2
+        assert torch.equal(blk[16 * j:16 * j + 16], i0 | i1 << 2 | i1 << 4 | i0 << 6)
+        v = blk[64 + 128 * j:64 + 128 * (j + 1)].view(torch.float32)
+        assert torch.equal(v[:16], vals[:, 2 * j]) and torch.equal(v[16:], vals[:, 2 * j + 1])
+
+    _, v8, m8, _ = _int8_24(32, 32, gen)
+    pb8 = s24.position_bytes(s24.Sparse24Weight(v8, m8, 32))
+    p8 = s24.pack_sparse24_int8(v8, m8, 32)
+    quad = p8[int(p8[48:56].view(torch.int64)):][:640]  # header: data_offset at byte 48
+    pos = quad[:128].view(32, 4)
+    for j in range(4):
+        g = 2 * j
+        assert torch.equal(pos[:, j], pb8[:, g] | pb8[:, g + 1] << 4)
+        v = quad[128 + 128 * j:128 + 128 * (j + 1)].view(torch.int8).view(32, 4)
+        assert torch.equal(v, v8[:, 2 * g:2 * g + 4])
+
+
 # ---- 2:4 + int8 ---------------------------------------------------------------------
 def _int8_24(n, k, gen):
     from pyaccel.formats.int8 import quantize_weight_per_channel
