@@ -7,7 +7,6 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
-#include <climits>
 #include <stdexcept>
 #include <string>
 
@@ -56,7 +55,7 @@ void check_packed_or_throw(uintptr_t packed, int64_t nbytes, int64_t n, int64_t 
 struct TorchRefs {
   PyTypeObject* tensor = nullptr;
   PyObject *empty, *f32, *bf16, *get_default_dtype, *get_num_threads;
-  PyObject *s_dtype, *s_is_cpu, *s_shape, *s_stride, *s_is_contiguous, *s_data_ptr, *kw_dtype;
+  PyObject *s_dtype, *s_is_cpu, *s_shape, *s_stride, *s_is_contiguous, *s_data_ptr;
 };
 TorchRefs* g_torch = nullptr;
 
@@ -76,7 +75,6 @@ void set_torch_refs(py::handle tensor, py::handle empty, py::handle f32, py::han
   r->s_stride = PyUnicode_InternFromString("stride");
   r->s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
   r->s_data_ptr = PyUnicode_InternFromString("data_ptr");
-  r->kw_dtype = PyTuple_Pack(1, r->s_dtype);
   g_torch = r;
 }
 
@@ -122,8 +120,8 @@ class LinearPlan {
     if (kind_ != Kind::kSparse24 && !w_scale) throw py::value_error("w_scale: null pointer");
   }
 
-  // The eager fast path, what PackedModule._run_plan does in Python, at
-  // about half its cost: y = layer(x) into a fresh tensor for a plain CPU
+  // The eager fast path, what PackedModule._run_plan does in Python, ~0.8 µs
+  // cheaper per call (1.9 vs 2.7 µs with a 32x32 layer's kernel): y = layer(x) into a fresh tensor for a plain CPU
   // fp32/bf16 torch.Tensor of rows -- 2-D with unit stride along k, or
   // contiguous N-D with N > 2 -- of fewer than max_rows rows; None for
   // anything else (the caller then takes its general path).
