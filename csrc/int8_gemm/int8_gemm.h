@@ -8,6 +8,7 @@
 // Weights (int8, symmetric per output channel) are packed once into the
 // "NR64K4" layout (see pack.cpp); activations are quantized per call.
 #pragma once
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -104,7 +105,7 @@ void quantized_passes(QuantizeRowsFn quantize, uint8_t a_xor, int64_t mr, const 
                       int64_t m, int64_t k, int64_t k_pad, int nthreads, const Gemm& gemm) {
   const int64_t lda = a_stride(k_pad);
   const size_t xsize = x_bf16 ? 2 : 4;
-  const int64_t grain = 16384 / (k > 1 ? k : 1) > 1 ? 16384 / (k > 1 ? k : 1) : 1;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));  // >= ~16K values per thread
   for_each_row_pass(m, lda, int64_t(8) << 20, 6 * mr, [&](int64_t r0, int64_t r1) {
     const QuantScratch s = quant_scratch(r1 - r0, lda);
     const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;

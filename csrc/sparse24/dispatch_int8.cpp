@@ -57,7 +57,15 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
                    reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
                    static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.quads};
         // units: 32-channel panels (one sequential stream of weight bytes each)
-        parallel_units_rows(h.n_pad / kPanel, rows, kern.mr, nthreads,
+        const int64_t panels = h.n_pad / kPanel;
+        if (rows <= kern.mr) {
+          // one row tile: the split parallel_units_rows would make (contiguous
+          // panel ranges), but one kernel call per thread, so per-call set-up
+          // (the AVX2 one-row path's activation lanes) runs once, not per panel
+          parallel_for(panels, 1, nthreads, [&](int64_t p0, int64_t p1) { kern.gemm(g, 0, rows, p0, p1); });
+          return;
+        }
+        parallel_units_rows(panels, rows, kern.mr, nthreads,
                             [&](int64_t u, int64_t m0, int64_t m1) { kern.gemm(g, m0, m1, u, u + 1); });
       });
 }
