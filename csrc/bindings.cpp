@@ -54,13 +54,13 @@ void check_packed_or_throw(uintptr_t packed, int64_t nbytes, int64_t n, int64_t 
 // Leaked on purpose (no destructor runs after the interpreter is gone).
 struct TorchRefs {
   PyTypeObject* tensor = nullptr;
-  PyObject *empty, *f32, *bf16, *get_default_dtype, *get_num_threads;
-  PyObject *s_dtype, *s_is_cpu, *s_shape, *s_stride, *s_is_contiguous, *s_data_ptr;
+  PyObject *empty, *f32, *bf16, *get_default_dtype, *get_num_threads, *get_tracing_state;
+  PyObject *s_dtype, *s_is_cpu, *s_shape, *s_stride, *s_is_contiguous, *s_data_ptr, *s_requires_grad, *s_version;
 };
 TorchRefs* g_torch = nullptr;
 
 void set_torch_refs(py::handle tensor, py::handle empty, py::handle f32, py::handle bf16,
-                    py::handle get_default_dtype, py::handle get_num_threads) {
+                    py::handle get_default_dtype, py::handle get_num_threads, py::handle get_tracing_state) {
   if (!PyType_Check(tensor.ptr())) throw py::type_error("tensor: expected torch.Tensor (a type)");
   auto* r = new TorchRefs;
   r->tensor = reinterpret_cast<PyTypeObject*>(tensor.inc_ref().ptr());
@@ -69,13 +69,48 @@ void set_torch_refs(py::handle tensor, py::handle empty, py::handle f32, py::han
   r->bf16 = bf16.inc_ref().ptr();
   r->get_default_dtype = get_default_dtype.inc_ref().ptr();
   r->get_num_threads = get_num_threads.inc_ref().ptr();
+  r->get_tracing_state = get_tracing_state.inc_ref().ptr();
   r->s_dtype = PyUnicode_InternFromString("dtype");
   r->s_is_cpu = PyUnicode_InternFromString("is_cpu");
   r->s_shape = PyUnicode_InternFromString("shape");
   r->s_stride = PyUnicode_InternFromString("stride");
   r->s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
   r->s_data_ptr = PyUnicode_InternFromString("data_ptr");
+  r->s_requires_grad = PyUnicode_InternFromString("requires_grad");
+  r->s_version = PyUnicode_InternFromString("_version");
   g_torch = r;
+}
+
+// One kernel's tile: rows per micro-tile, output channels per packed panel,
+// inputs per packed K step (K is padded to it), rows served by its row path.
+py::dict tile_params(const char* name, int mr, int nr, int64_t kr, int row_path_rows) {
+  py::dict e;
+  e["name"] = name;
+  e["mr"] = mr;
+  e["nr"] = nr;
+  e["kr"] = kr;
+  e["row_path_rows"] = row_path_rows;  // 0: no row path
+  e["pass_bytes"] = kRowPassBytes;     // activation scratch per row pass
+  return e;
+}
+
+// The selected kernels' tiles and thresholds, so tests can cross every boundary.
+py::dict kernel_params() {
+  py::dict d;
+  const int8_gemm::Kernel& ki = int8_gemm::select_kernel();
+  d["int8"] = tile_params(ki.name, ki.mr, int8_gemm::kPanel, int8_gemm::kKGroup, ki.row_path_rows);
+  const sparse24::Kernel& ks = sparse24::select_kernel();
+  py::dict e = tile_params(ks.name, ks.mr, sparse24::kPanel, 4 * sparse24::kBlockGroups, ks.row_path_rows);
+  e["cols_from_rows"] = ks.cols ? ks.cols_from_rows : 0;  // the column kernel from this many rows (0: none)
+  e["cols_nr"] = ks.cols_nr;
+  e["cols_whole_k_groups"] = sparse24::kColsWholeKGroups;
+  e["cols_k_block_groups"] = sparse24::kColsKBlockGroups;
+  d["sparse24"] = e;
+  const sparse24_int8::Kernel& kq = sparse24_int8::select_kernel();
+  e = tile_params(kq.name, kq.mr, sparse24_int8::kPanel, sparse24_int8::kQuadInputs, kq.row_path_rows);
+  e["dense_from_rows"] = kq.dense_from_rows;  // the modules switch to dense int8 from here (0: never)
+  d["sparse24_int8"] = e;
+  return d;
 }
 
 // Owned reference to a Python object; throws the pending Python error on null.
@@ -90,19 +125,47 @@ int64_t as_i64(PyObject* o) {
   return v;
 }
 
+uintptr_t data_ptr_of(PyObject* t, const TorchRefs* T) {
+  const uintptr_t p = PyLong_AsUnsignedLongLong(own(PyObject_CallMethodNoArgs(t, T->s_data_ptr)).ptr());
+  if (PyErr_Occurred()) throw py::error_already_set();
+  return p;
+}
+
+// A tensor's in-place version counter; -1 for tensors without one (inference
+// tensors), whose in-place edits cannot be seen.
+int64_t version_of(PyObject* t, const TorchRefs* T) {
+  PyObject* v = PyObject_GetAttr(t, T->s_version);
+  if (!v) {
+    PyErr_Clear();
+    return -1;
+  }
+  return as_i64(own(v).ptr());
+}
+
 // A validated linear layer over one packed weight (int8, 2:4 fp32 or 2:4
 // int8): packed buffer, scales and bias checked once, so that the per-call
 // path converts only six arguments. `keep` holds what owns that memory (the
 // modules pass the tensors' storages): the plan never outlives it, even when a
-// tensor's .data is swapped for another.
+// tensor's .data is swapped for another. `watch` holds the module's canonical
+// tensors (weights, scales, bias): the plan is stale() once one of them has
+// other data (.data swapped) or was edited in place (its version counter
+// moved), and forward() then declines, so that the module repacks.
 class LinearPlan {
  public:
   enum class Kind { kInt8, kSparse24, kSparse24Int8 };
 
   LinearPlan(const std::string& kind, uintptr_t packed, int64_t packed_nbytes, int64_t n, int64_t k,
-             uintptr_t w_scale, uintptr_t bias, py::object keep)
+             uintptr_t w_scale, uintptr_t bias, py::object keep, py::tuple watch = py::tuple())
       : packed_(packed), n_(n), k_(k), w_scale_(w_scale), bias_(bias), keep_(std::move(keep)) {
     if (!packed) throw py::value_error("packed: null pointer");
+    if (watch.size() > kMaxWatch) throw py::value_error("watch: at most 4 tensors");
+    if (watch.size() && !g_torch) throw py::value_error("watch: set_torch_refs first");
+    for (py::handle t : watch) {
+      Watched& w = watched_[n_watched_++];
+      w.obj = py::reinterpret_borrow<py::object>(t);
+      w.data = data_ptr_of(t.ptr(), g_torch);
+      w.version = version_of(t.ptr(), g_torch);
+    }
     const char* err = nullptr;
     if (kind == "int8") {
       kind_ = Kind::kInt8;
@@ -125,10 +188,16 @@ class LinearPlan {
   // fp32/bf16 torch.Tensor of rows -- 2-D with unit stride along k, or
   // contiguous N-D with N > 2 -- of fewer than max_rows rows; None for
   // anything else (the caller then takes its general path).
+  // Declines (None) too when x requires grad (the module's autograd op runs
+  // instead), under torch.jit.trace (which records only torch ops), and when
+  // the plan is stale.
   py::object forward(py::handle xh) const {
     const TorchRefs* T = g_torch;
     PyObject* x = xh.ptr();
     if (!T || Py_TYPE(x) != T->tensor) return py::none();
+    if (own(PyObject_GetAttr(x, T->s_requires_grad)).ptr() != Py_False) return py::none();
+    if (own(PyObject_CallNoArgs(T->get_tracing_state)).ptr() != Py_None) return py::none();
+    if (stale()) return py::none();
     py::object dt = own(PyObject_GetAttr(x, T->s_dtype));
     const bool bf16 = dt.ptr() == T->bf16;
     if (!bf16 && dt.ptr() != T->f32) return py::none();
@@ -176,6 +245,16 @@ class LinearPlan {
     return y;
   }
 
+  // True when a watched tensor's data pointer or version counter moved since
+  // the plan was made.
+  bool stale() const {
+    for (int i = 0; i < n_watched_; ++i) {
+      const Watched& w = watched_[i];
+      if (data_ptr_of(w.obj.ptr(), g_torch) != w.data || version_of(w.obj.ptr(), g_torch) != w.version) return true;
+    }
+    return false;
+  }
+
   // forward() declines calls of this many rows or more (a module whose
   // kernel loses to another there switches in Python)
   int64_t max_rows = INT64_MAX;
@@ -205,6 +284,14 @@ class LinearPlan {
   int64_t n_, k_;
   uintptr_t w_scale_, bias_;
   py::object keep_;
+  struct Watched {
+    py::object obj;
+    uintptr_t data = 0;
+    int64_t version = 0;
+  };
+  static constexpr size_t kMaxWatch = 4;
+  Watched watched_[kMaxWatch];
+  int n_watched_ = 0;
 };
 
 // The two 2:4 packers (fp32 or int8 values + one position byte per group).
@@ -233,17 +320,23 @@ PYBIND11_MODULE(_C, m) {
         "Cap the ISA (avx512_icl|avx512_vnni|avx512|avx2|portable, '' = none); returns False for an unknown name");
   m.def("selected_isa", [] { return std::string(isa_name(selected_isa())); });
   m.def("set_torch_refs", &set_torch_refs, py::arg("tensor"), py::arg("empty"), py::arg("float32"),
-        py::arg("bfloat16"), py::arg("get_default_dtype"), py::arg("get_num_threads"),
+        py::arg("bfloat16"), py::arg("get_default_dtype"), py::arg("get_num_threads"), py::arg("get_tracing_state"),
         "hand over the torch objects LinearPlan.forward uses (pyaccel does this on import)");
   m.def("int8_kernel_name", [] { return std::string(int8_gemm::select_kernel().name); });
+  m.def("kernel_params", &kernel_params,
+        "tile sizes and thresholds of the kernels selected now, per op (tests derive their grids from them)");
 
   py::class_<LinearPlan>(m, "LinearPlan")
-      .def(py::init<const std::string&, uintptr_t, int64_t, int64_t, int64_t, uintptr_t, uintptr_t, py::object>(),
+      .def(py::init<const std::string&, uintptr_t, int64_t, int64_t, int64_t, uintptr_t, uintptr_t, py::object,
+                    py::tuple>(),
            py::arg("kind"), py::arg("packed"), py::arg("packed_nbytes"), py::arg("n"), py::arg("k"),
-           py::arg("w_scale"), py::arg("bias"), py::arg("keep"))
+           py::arg("w_scale"), py::arg("bias"), py::arg("keep"), py::arg("watch") = py::tuple())
+      .def("stale", &LinearPlan::stale,
+           "True when a watched tensor has other data or was edited in place since the plan was made")
       .def("forward", &LinearPlan::forward, py::arg("x"),
            "y = the layer applied to a plain CPU fp32/bf16 tensor of rows (2-D with unit stride along k, "
-           "or contiguous N-D) of fewer than max_rows rows, into a fresh tensor of x's dtype; None otherwise")
+           "or contiguous N-D) of fewer than max_rows rows, into a fresh tensor of x's dtype; None otherwise "
+           "(and when x requires grad, under torch.jit.trace, or when the plan is stale)")
       .def_readwrite("max_rows", &LinearPlan::max_rows)
       .def("__call__", &LinearPlan::run, py::arg("x"), py::arg("ldx"), py::arg("bf16"), py::arg("m"),
            py::arg("y"), py::arg("nthreads"),

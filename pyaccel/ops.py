@@ -339,3 +339,47 @@ def _sparse24_int8_linear_cuda_op(x, values, meta, k, w_scale, bias, packed):
 def _sparse24_int8_linear_fake(x, values, meta, k, w_scale, bias, packed):
     check_sparse24_int8_args(x, values, meta, k, w_scale, bias, packed)
     return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+# ---- autograd: gradients to x through the effective dense weight ---------------------
+# The weights are frozen (canonical buffers); the quantization of activations is
+# treated as the identity (straight-through), so every linear op's backward is
+# grad_x = grad_y @ W_eff, W_eff the dense weight the op computes with.
+def _grad_x(grad_y: Tensor, w_eff: Tensor, x_dtype: torch.dtype) -> Tensor:
+    return (grad_y.to(w_eff.dtype) @ w_eff).to(x_dtype)
+
+
+def _setup_linear_ctx(ctx, inputs, output) -> None:
+    ctx.x_dtype = inputs[0].dtype
+    ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs[1:]])
+    ctx.k = next((v for v in inputs[1:] if isinstance(v, int)), None)
+
+
+def _int8_linear_backward(ctx, grad_y):
+    w_int8, w_scale = ctx.saved_tensors[0], ctx.saved_tensors[1]
+    w = w_int8.float() * w_scale.float()[:, None]
+    return _grad_x(grad_y, w, ctx.x_dtype), None, None, None, None
+
+
+def _sparse24_dense(values, meta, k) -> Tensor:
+    from pyaccel.formats.sparse24 import Sparse24Weight, decompress
+
+    return decompress(Sparse24Weight(values, meta, k)).float()
+
+
+def _sparse24_linear_backward(ctx, grad_y):
+    values, meta = ctx.saved_tensors[0], ctx.saved_tensors[1]
+    return _grad_x(grad_y, _sparse24_dense(values, meta, ctx.k), ctx.x_dtype), None, None, None, None, None
+
+
+def _sparse24_int8_linear_backward(ctx, grad_y):
+    values, meta, _, w_scale = ctx.saved_tensors[:4]
+    w = _sparse24_dense(values, meta, ctx.k) * w_scale.float()[:, None]
+    return _grad_x(grad_y, w, ctx.x_dtype), None, None, None, None, None, None
+
+
+torch.library.register_autograd("pyaccel::int8_linear", _int8_linear_backward, setup_context=_setup_linear_ctx)
+torch.library.register_autograd("pyaccel::sparse24_linear", _sparse24_linear_backward,
+                                setup_context=_setup_linear_ctx)
+torch.library.register_autograd("pyaccel::sparse24_int8_linear", _sparse24_int8_linear_backward,
+                                setup_context=_setup_linear_ctx)

@@ -23,10 +23,10 @@ def _modules():
         "int8": (Int8Linear.from_float(lin),
                  lambda m, x: torch.ops.pyaccel.int8_linear(x, m.weight_int8, m.weight_scale, m.bias, m._packed)),
         "sparse24": (Sparse24Linear.from_float(lin),
-                     lambda m, x: torch.ops.pyaccel.sparse24_linear(x, m.values, m.meta, K, m.bias, m._packed)),
+                     lambda m, x: torch.ops.pyaccel.sparse24_linear(x, m.values, m.metadata, K, m.bias, m._packed)),
         "sparse24_int8": (Sparse24Int8Linear.from_float(lin),
                           lambda m, x: torch.ops.pyaccel.sparse24_int8_linear(
-                              x, m.values, m.meta, K, m.weight_scale, m.bias, m._packed)),
+                              x, m.values, m.metadata, K, m.weight_scale, m.bias, m._packed)),
     }
 
 
@@ -84,10 +84,10 @@ def test_edited_buffers_are_checked_not_misread(gen, kind):
     mod, _ = _modules()[kind]
     x = torch.randn(3, K, generator=gen)
     y = mod(x)
-    mod.bias = mod.bias.double()  # assignment: repack; no plan over a float64 buffer
-    assert mod._plan is None
-    with pytest.raises(ValueError, match="bias: expected"):
-        mod(x)
+    plan = mod._plan
+    with pytest.raises(ValueError, match="bias: expected float32"):
+        mod.bias = mod.bias.double()  # refused at assignment; the module keeps its bias and plan
+    assert mod._plan is plan and torch.equal(mod(x), y)
     mod.bias = mod.bias.float() + 1
     assert torch.allclose(mod(x), y + 1, rtol=1e-5, atol=1e-5)
 

@@ -77,7 +77,7 @@ def test_state_dict_save_load_deepcopy(gen):
     pyaccel.prune.prune_24(net)
     pyaccel.patch(net)
     sd = net.state_dict()
-    assert set(sd) >= {"0.values", "0.meta", "0.bias", "3.values", "3.meta"}
+    assert set(sd) >= {"0.values", "0.metadata", "0.bias", "3.values", "3.metadata"}
     x = torch.randn(4, 64, generator=gen)
     y = net(x)
     other = _net()
@@ -139,7 +139,7 @@ def test_quantize_int8_on_2_4_model_uses_sparse_int8(gen):
     ys2 = net(torch.cat([x_small, x_big]))[:3]
     assert torch.allclose(ys2, ys, rtol=1e-6, atol=1e-6)
     sd = net.state_dict()
-    assert {"0.values", "0.meta", "0.weight_scale"} <= set(sd) and sd["0.values"].dtype == torch.int8
+    assert {"0.values", "0.metadata", "0.weight_scale"} <= set(sd) and sd["0.values"].dtype == torch.int8
     c = copy.deepcopy(net)
     assert torch.equal(c(x_small), ys) and torch.equal(c(x_big), yb)
 

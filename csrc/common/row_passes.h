@@ -6,6 +6,9 @@
 
 namespace pyaccel {
 
+// Scratch per row pass (quantized activations, bf16/odd-K copies, transposed x).
+constexpr int64_t kRowPassBytes = int64_t(8) << 20;
+
 // Calls fn(r0, r1) over [0, m) in balanced passes of at most ~budget_bytes of
 // scratch (row_bytes per row), each a multiple of `multiple` rows except the
 // last, and at least `multiple` rows.

@@ -20,7 +20,7 @@ const Kernel kLadder[] = {
      qs8_gemm_6x64c4_avx512vnni},
     {Isa::kAvx512, "qs8_gemm_4x64c4_avx512bw", 4, 0x00, quantize_rows_avx512,
      qs8_gemm_4x64c4_avx512bw},
-    {Isa::kAvx2, "qs8_gemm_4x16c4_avx2", 4, 0x00, quantize_rows_avx2, qs8_gemm_4x16c4_avx2},
+    {Isa::kAvx2, "qs8_gemm_4x16c4_avx2", 4, 0x00, quantize_rows_avx2, qs8_gemm_4x16c4_avx2, kAvx2RowPathRows},
     {Isa::kPortable, "qs8_gemm_1x64c4_scalar", 1, 0x00, quantize_rows_scalar,
      qs8_gemm_1x64c4_scalar},
 };
@@ -85,7 +85,7 @@ void gemm_prequantized(const int8_t* q, int64_t lda, const float* q_scale, int64
   // passes (bounded scratch, as linear)
   const int64_t lda_a = a_stride(h.k_pad);
   const size_t ysize = y_bf16 ? 2 : 4;
-  for_each_row_pass(m, lda_a, int64_t(8) << 20, 6 * kern.mr, [&](int64_t r0, int64_t r1) {
+  for_each_row_pass(m, lda_a, kRowPassBytes, 6 * kern.mr, [&](int64_t r0, int64_t r1) {
     int8_t* a = quant_scratch(r1 - r0, lda_a).q;
     for (int64_t r = 0; r < r1 - r0; ++r) {
       const int8_t* qr = q + (r0 + r) * lda;

@@ -77,7 +77,12 @@ struct Kernel {
   uint8_t a_xor;        // 0x80 when the kernel wants uint8 activations
   QuantizeRowsFn quantize;
   GemmFn gemm;
+  int row_path_rows = 0;  // calls of up to this many rows take the kernel's one-row path (0: none)
 };
+
+// The AVX2 kernel's row path (whole panel per row, in address order) serves
+// calls of up to this many rows; more rows take the 4-row tile.
+constexpr int64_t kAvx2RowPathRows = 16;
 
 // The kernel for selected_isa(); chosen once per ISA-cap generation.
 const Kernel& select_kernel();
@@ -106,7 +111,7 @@ void quantized_passes(QuantizeRowsFn quantize, uint8_t a_xor, int64_t mr, const 
   const int64_t lda = a_stride(k_pad);
   const size_t xsize = x_bf16 ? 2 : 4;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));  // >= ~16K values per thread
-  for_each_row_pass(m, lda, int64_t(8) << 20, 6 * mr, [&](int64_t r0, int64_t r1) {
+  for_each_row_pass(m, lda, kRowPassBytes, 6 * mr, [&](int64_t r0, int64_t r1) {
     const QuantScratch s = quant_scratch(r1 - r0, lda);
     const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;
     parallel_for(r1 - r0, grain, nthreads, [&](int64_t m0, int64_t m1) {

@@ -114,10 +114,10 @@ inline void tile_row(const GemmArgs& g, int64_t m, const int8_t* panel, int64_t 
   for (int v = 0; v < 8; ++v) store8(g, acc[v], sa, m, n0 + 8 * v);
 }
 
-// Up to this many rows the row path beats the 4-row tile (measured, Zen 4
+// Up to kAvx2RowPathRows rows the row path beats the 4-row tile (measured, Zen 4
 // capped at AVX2, interleaved: 1.0 - 3.6x at 1 - 16 rows on the four issue
 // shapes; 0.87 - 1.17x at 32 - 128 rows).
-constexpr int64_t kRowPathRows = 16;
+constexpr int64_t kRowPathRows = kAvx2RowPathRows;
 
 }  // namespace
 

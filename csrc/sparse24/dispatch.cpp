@@ -20,7 +20,7 @@ const Kernel kLadder[] = {
      cols_part_avx512, 8, 16, "s24_gemm_cols_avx512"},
     // AVX2 from 32 rows: at 16 rows it measured 0.86 - 1.04x the row kernel (Zen 4, ymm)
     {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2, s24_gemm_cols_avx2, s24_pack_xt_avx2, cols_part_avx2, 4,
-     32, "s24_gemm_cols_avx2"},
+     32, "s24_gemm_cols_avx2", kAvx2RowPathRows},
     {Isa::kPortable, "s24_gemm_1x16_scalar", 1, s24_gemm_1x16_scalar, nullptr, nullptr, nullptr, 0, 0, nullptr},
 };
 
@@ -34,12 +34,12 @@ float* aligned_scratch(std::vector<float>& v, int64_t floats) {
 }
 thread_local std::vector<float> t_xt, t_part;
 
-// Groups per k-block of the column kernel: all of K up to 512 groups (the row
+// Groups per k-block of the column kernel: all of K up to kColsWholeKGroups (the row
 // tile's slab lines, <= 3 x 2048 x 64 B, stay in L2 next to the weights);
-// beyond, blocks of about 128 groups (measured best at K = 4096, 128 - 512 rows).
+// beyond, blocks of about kColsKBlockGroups (measured best at K = 4096, 128 - 512 rows).
 int64_t cols_kc_groups(int64_t groups_pad) {
-  if (groups_pad <= 512) return groups_pad;
-  const int64_t blocks = (groups_pad + 127) / 128;
+  if (groups_pad <= kColsWholeKGroups) return groups_pad;
+  const int64_t blocks = (groups_pad + kColsKBlockGroups - 1) / kColsKBlockGroups;
   return round_up((groups_pad + blocks - 1) / blocks, kBlockGroups);
 }
 
@@ -58,7 +58,7 @@ void linear_cols(const Kernel& kern, const PackedHeader& h, const uint8_t* w, co
   const int64_t kp = h.groups_pad * 4, kc = cols_kc_groups(h.groups_pad), tiles = (h.n + kern.cols_nr - 1) / kern.cols_nr;
   const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
   // passes of <= ~8 MiB of transposed x (scratch bounded for any batch)
-  for_each_row_pass(m, kp * 4, int64_t(8) << 20, 16, [&](int64_t r0, int64_t r1) {
+  for_each_row_pass(m, kp * 4, kRowPassBytes, 16, [&](int64_t r0, int64_t r1) {
     const int64_t rows = r1 - r0, slabs = (rows + 15) / 16;
     const void* xc = static_cast<const char*>(x) + r0 * ldx * xsize;
     float* xt = aligned_scratch(t_xt, slabs * slab_floats(kp));
@@ -104,7 +104,7 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
   const bool copy = x_bf16 || k != kp;
   const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
   const int64_t panels = h.n_pad / kPanel;
-  for_each_row_pass(m, kp * 4, copy ? int64_t(8) << 20 : INT64_MAX / 2, kern.mr, [&](int64_t p0, int64_t p1) {
+  for_each_row_pass(m, kp * 4, copy ? kRowPassBytes : INT64_MAX / 2, kern.mr, [&](int64_t p0, int64_t p1) {
     const int64_t rows = p1 - p0;
     const void* xp = static_cast<const char*>(x) + p0 * ldx * xsize;
     const float* xf = static_cast<const float*>(xp);

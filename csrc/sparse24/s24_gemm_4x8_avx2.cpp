@@ -52,7 +52,7 @@ inline void tile(const GemmArgs& g, int64_t m, int64_t p, int half) {
 // Up to this many rows the row path wins (measured, Zen 4 capped at AVX2,
 // interleaved with the 4-row tile: 1.14 - 2.0x at 1 row, 1.14 - 1.23x at 2;
 // 0.82 - 1.12x at 4 - 16 rows, where the tile's reuse of x across rows wins).
-constexpr int64_t kRowPathRows = 2;
+constexpr int64_t kRowPathRows = kAvx2RowPathRows;
 
 // One row x the whole 16-channel panel: the block's bytes in address order
 // (the tile above reads half of every line per pass, two passes per panel),

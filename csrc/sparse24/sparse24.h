@@ -106,7 +106,16 @@ struct Kernel {
   int cols_nr;  // channels per column-kernel tile
   int cols_from_rows;
   const char* cols_name;
+  int row_path_rows = 0;  // calls of up to this many rows take the kernel's row path (0: none)
 };
+
+// The AVX2 row kernel's row path (whole 16-channel panel per row) serves
+// calls of up to this many rows.
+constexpr int64_t kAvx2RowPathRows = 2;
+// The column kernel takes all of K in one block up to this many 4-input
+// groups, and blocks of about kColsKBlockGroups beyond.
+constexpr int64_t kColsWholeKGroups = 512;
+constexpr int64_t kColsKBlockGroups = 128;
 const Kernel& select_kernel();
 
 void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const uint8_t* packed,

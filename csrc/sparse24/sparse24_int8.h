@@ -81,6 +81,7 @@ struct Kernel {
   // From this many rows on the dense int8 kernel is faster than this one
   // (0: never); measured, see README.md. The modules switch there.
   int dense_from_rows;
+  int row_path_rows = 0;  // calls of up to this many rows take the kernel's one-row path (0: none)
 };
 const Kernel& select_kernel();
 

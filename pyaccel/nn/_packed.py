@@ -1,14 +1,24 @@
-"""Base class of pyaccel's inference modules that keep a packed copy of their
-weights for the native CPU kernels.
+"""Base classes of pyaccel's inference modules that keep a packed copy of
+their weights for the native CPU kernels.
 
 The packed copy (and any native call plan) is derived state: rebuilt by
-``_repack()`` whenever the canonical weights change place or value through
-the module API — construction, ``load_state_dict``, ``.to()``/``.cpu()``,
-deepcopy, unpickling, or assigning one of ``WEIGHT_NAMES`` — and never saved.
+``_repack()`` whenever the canonical weights change place or value --
+construction, ``load_state_dict``, ``.to()``/``.cpu()``, deepcopy,
+unpickling, assigning one of ``WEIGHT_NAMES``, and (detected at the next call)
+an in-place edit of one of them or a ``.data`` swap -- and never saved.
+Canonical values are validated wherever they enter: a bad assignment or
+state_dict is refused with a ValueError / load error naming the buffer, and a
+bad in-place edit makes the next call raise one.
+
+The module contract every pyaccel module honours (tests/test_module_contract.py):
+eager fast path == torch.ops path; strided, N-D and empty inputs;
+torch.compile, torch.export, torch.jit.trace, torch.fx.symbolic_trace (a leaf
+``call_module`` node); backward to the input; deepcopy, pickle, state_dict,
+meta + ``load_state_dict(assign=True)``; one checkpoint, one answer on every ISA.
 """
 from __future__ import annotations
 
-from typing import FrozenSet, Optional
+from typing import Dict, FrozenSet, Optional
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +27,8 @@ from torch.nn.modules import module as _module_mod
 _is_compiling = torch.compiler.is_compiling
 _get_default_dtype = torch.get_default_dtype
 _get_num_threads = torch.get_num_threads
+_grad_enabled = torch.is_grad_enabled
+_tracing_state = torch._C._get_tracing_state
 _F32, _BF16 = torch.float32, torch.bfloat16
 _FLOAT_IO = (_F32, _BF16)
 
@@ -40,16 +52,57 @@ def _hand_torch_to(C) -> None:
     """Give the native library the torch objects its eager fast path
     (LinearPlan.forward) uses; once per process."""
     if not _handed:
-        C.set_torch_refs(Tensor, torch.empty, _F32, _BF16, _get_default_dtype, _get_num_threads)
+        C.set_torch_refs(Tensor, torch.empty, _F32, _BF16, _get_default_dtype, _get_num_threads, _tracing_state)
         _handed.append(C)
 
 
+def _fx_proxy(x) -> bool:
+    fx = torch.fx
+    return isinstance(x, fx.Proxy)
+
+
 class PackedModule(nn.Module):
+    """Lifecycle of a module with packed weights: validation, repacking, the
+    eager fast path and the checked torch.ops path (see the module docstring).
+
+    Subclasses set WEIGHT_NAMES (the canonical buffers) and define _canonical_error,
+    _pack, _native_rows and _op.
+    """
+
     WEIGHT_NAMES: FrozenSet[str] = frozenset()
     _DERIVED = ("_packed", "_plan")
+    _packed: Optional[Tensor] = None
+    _plan = None
+    _invalid: Optional[str] = None  # why the canonical buffers cannot be used, if they cannot
+    _loading = False
 
-    def _repack(self) -> None:  # pragma: no cover - abstract
+    # ---- canonical buffers: validation and packing ----------------------------
+    def _canonical_error(self, t: Dict[str, Optional[Tensor]]) -> Optional[str]:  # pragma: no cover - abstract
+        """Why the canonical tensors `t` (name -> tensor) are not a valid
+        state of this module, naming the buffer; None when they are."""
         raise NotImplementedError
+
+    def _pack(self) -> None:  # pragma: no cover - abstract
+        """Build self._packed and self._plan from valid canonical buffers."""
+        raise NotImplementedError
+
+    def _canonical(self) -> Dict[str, Optional[Tensor]]:
+        return {name: getattr(self, name) for name in self.WEIGHT_NAMES}
+
+    def _repack(self) -> None:
+        """Rebuild the packed weight and the native call plan (after any change
+        of weights, device or state; done automatically)."""
+        for name in self._DERIVED:
+            setattr(self, name, None)
+        self._invalid = self._canonical_error(self._canonical())
+        if self._invalid is None:
+            self._pack()
+
+    def _repack_or_raise(self) -> None:
+        """_repack, raising ValueError when the canonical buffers are invalid (constructors)."""
+        self._repack()
+        if self._invalid is not None:
+            raise ValueError(self._invalid)
 
     def _backend_name(self, device, kernel_fn: str) -> str:
         if device.type == "cpu":
@@ -61,27 +114,13 @@ class PackedModule(nn.Module):
             return f"cpu/{_native.selected_isa()} ({getattr(C, kernel_fn)()})"
         return "cuda/triton" if device.type == "cuda" else f"{device.type}/reference"
 
-    def _init_features(self, in_features: int, out_features: int, max_in: Optional[int] = None) -> None:
-        """Validate and set in/out_features (max_in: the int8 accumulator limit)."""
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features/out_features: expected >= 1, got {in_features}, {out_features}")
-        if max_in is not None and in_features > max_in:
-            raise ValueError(f"in_features: {in_features} exceeds {max_in}, past which int32 "
-                             "accumulators could overflow")
-        self.in_features, self.out_features = int(in_features), int(out_features)
-
-    def _init_bias(self, bias: bool, device) -> None:
-        """A float32 bias buffer, or bias = None."""
-        if bias:
-            self.register_buffer("bias", torch.zeros(self.out_features, dtype=torch.float32, device=device))
-        else:
-            self.bias = None
-
     def _make_plan(self, kind: str, packed: Tensor, w_scale: Optional[Tensor] = None):
         """A native LinearPlan over `packed` with this module's bias (and
         w_scale); None when one of them is not a contiguous float32 CPU tensor
         (forward then takes the checked general path). The plan holds the
-        storages it reads, so it never reads freed memory."""
+        storages it reads, so it never reads freed memory, and watches the
+        canonical buffers: once one is edited in place or gets other .data,
+        plan.stale() is True and the next call repacks."""
         from pyaccel import _native
 
         b = self.bias
@@ -91,8 +130,10 @@ class PackedModule(nn.Module):
         keep = (packed.untyped_storage(),) + tuple(t.untyped_storage() for t in ts)
         C = _native.lib()
         _hand_torch_to(C)
+        watch = tuple(t for t in self._canonical().values() if t is not None)
         plan = C.LinearPlan(kind, packed.data_ptr(), packed.numel(), self.out_features, self.in_features,
-                            0 if w_scale is None else w_scale.data_ptr(), 0 if b is None else b.data_ptr(), keep)
+                            0 if w_scale is None else w_scale.data_ptr(), 0 if b is None else b.data_ptr(), keep,
+                            watch)
         plan.max_rows = self._switch_rows  # from there on _run_plan switches plans
         return plan
 
@@ -109,9 +150,9 @@ class PackedModule(nn.Module):
         N-D -- into a fresh y of x's dtype; None when x needs the general path.
         The native LinearPlan.forward does the same at ~1.9 instead of ~2.7 µs
         (a 32x32 layer) and runs first; this one serves the rows it declines
-        for the plan switch (_switch_rows)."""
-        if type(x) is not Tensor or _is_compiling():
-            return None
+        for the plan switch (_switch_rows). Callers have checked that x is a
+        plain tensor that needs no autograd or tracing and that the plan is
+        not stale."""
         shape = x.shape
         dt = x.dtype
         k = self.in_features
@@ -135,58 +176,86 @@ class PackedModule(nn.Module):
         plan(x.data_ptr(), ldx, dt is _BF16, m, y.data_ptr(), _get_num_threads())
         return y
 
-    # ---- forward: the same three paths for every packed module ------------------
+    # ---- forward: the same paths for every packed module ----------------------
     def _native_rows(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         """The native CPU op on any float CPU x (arguments known good)."""
         raise NotImplementedError
 
-    def _checked_op(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """The torch.ops.pyaccel op: argument checks, then CPU / CUDA / fake kernels."""
+    def _op(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:  # pragma: no cover - abstract
+        """The torch.ops.pyaccel op with this module's weights and `bias`:
+        argument checks, then CPU / CUDA / fake kernels, autograd to x."""
         raise NotImplementedError
+
+    def _checked_op(self, x: Tensor) -> Tensor:
+        return self._op(x, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         plan = self._plan
         if plan is not None and not _is_compiling():
             y = plan.forward(x)  # native: 2-D and contiguous N-D rows, below _switch_rows
-            if y is None:
-                y = self._run_plan(plan, x)  # the same in Python, and the plan switch
             if y is not None:
                 return y
         return self._general(x)
 
     def _general(self, x) -> Tensor:
-        """What the plan does not take (after _run_plan declined x)."""
-        if (self._plan is not None and type(x) is Tensor and x.is_cpu and not _is_compiling()
-                and x.dtype in _FLOAT_IO and x.dim() >= 1 and x.shape[-1] == self.in_features):
-            return self._native_rows(x)  # other strides; a plan exists only over canonical (checked) buffers
-        from pyaccel import ops
+        """Every call the native plan declined: other strides and row counts,
+        autograd, tracing, compile, CUDA, other dtypes, a stale plan, bad input."""
+        if type(x) is not Tensor:
+            if _fx_proxy(x):  # torch.fx: a leaf call_module node
+                tracer = x.tracer
+                return tracer.create_proxy("call_module", tracer.path_of_module(self), (x,), {})
+            if not isinstance(x, Tensor):
+                from pyaccel import ops
 
-        ops.require_tensor(x)
-        return self._checked_op(x)  # compile, CUDA, other dtypes, edited buffers, no native library
+                ops.require_tensor(x)
+            return self._checked_op(x)  # tensor subclasses (FakeTensor, ...)
+        plan = self._plan
+        compiling = _is_compiling()
+        if plan is not None and not compiling and plan.stale():
+            self._repack()  # an in-place edit or a .data swap since the plan was made
+            plan = self._plan
+        if self._invalid is not None:
+            raise ValueError(f"{type(self).__name__}: {self._invalid}")
+        if (plan is not None and not compiling and x.dim() >= 1 and not (x.requires_grad and _grad_enabled())
+                and _tracing_state() is None):
+            y = self._run_plan(plan, x)  # the plan switch, and anything plan.forward declined for a stale plan
+            if y is not None:
+                return y
+            if x.is_cpu and x.dtype in _FLOAT_IO and x.shape[-1] == self.in_features:
+                return self._native_rows(x)  # other strides; a plan exists only over valid buffers
+        return self._checked_op(x)
 
     def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if name in self.WEIGHT_NAMES and "_plan" in self.__dict__:
+        if name in self.WEIGHT_NAMES and "_plan" in self.__dict__ and not self._loading:
+            old = getattr(self, name)
+            super().__setattr__(name, value)
+            err = self._canonical_error(self._canonical())
+            if err is not None:  # refuse: put the old tensor back
+                super().__setattr__(name, old)
+                raise ValueError(f"{type(self).__name__}.{name}: {err}")
             self._repack()  # a replaced weight invalidates the packing and plan
+            return
+        super().__setattr__(name, value)
 
     def __call__(self, *args, **kwargs):
         # nn.Module.__call__ costs ~1.4 µs here even with no hooks, as much as
         # a small layer's kernel. With no hook of any kind registered, go
-        # straight to the native plan (or to forward() for what it cannot take);
-        # otherwise take the full path (hooks run as usual).
+        # straight to the native plan (or to _general() for what it declines);
+        # otherwise, and for torch.fx proxies, take the full path.
         if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
                 or self._backward_pre_hooks or _any_global_hook()):
             return super().__call__(*args, **kwargs)
         if len(args) == 1 and not kwargs:
+            x = args[0]
             plan = self._plan
             if plan is not None and not _is_compiling():
-                y = plan.forward(args[0])
-                if y is None:
-                    y = self._run_plan(plan, args[0])
+                y = plan.forward(x)
                 if y is not None:
                     return y
-            return self._general(args[0])
-        return self.forward(*args, **kwargs)
+            if type(x) is not Tensor and _fx_proxy(x):
+                return super().__call__(x)  # torch.fx patches nn.Module.__call__ to record the module
+            return self._general(x)
+        return super().__call__(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
         # The stored format is fixed: .double() / .half() / .to(dtype) move the
@@ -200,8 +269,24 @@ class PackedModule(nn.Module):
         self._repack()
         return out
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        incoming = self._canonical()
+        for name in incoming:
+            if prefix + name in state_dict:
+                incoming[name] = state_dict[prefix + name]
+        err = None
+        if all(isinstance(t, Tensor) or t is None for t in incoming.values()):
+            err = self._canonical_error(incoming)
+        if err is not None:  # refuse before anything is copied
+            error_msgs.append(f"{type(self).__name__} ({prefix or 'root'}): {err}")
+            return
+        self._loading = True  # assign=True sets buffers one by one: repack once, at the end
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        finally:
+            self._loading = False
         self._repack()
 
     def __getstate__(self):
@@ -213,3 +298,79 @@ class PackedModule(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._repack()
+
+
+class PackedLinear(PackedModule):
+    """A Linear-kind pyaccel module: ``y = x Wᵀ + b`` with W stored compressed.
+
+    Exposes what code reads from the nn.Linear it replaced: ``in_features``,
+    ``out_features``, ``bias`` (float32 [out_features] buffer or None) and
+    ``weight``, a read-only :class:`~pyaccel.nn._weight.DenseWeightView` of
+    the effective dense weight (float32 [out_features, in_features], on the
+    module's device; computed only when used, never kept resident). Compiled
+    code that reads ``weight`` gets the same view, across a graph break.
+
+    Autograd: gradients flow to the input (the gradient of the effective dense
+    weight, ``grad_x = grad_y @ W``; the weights are frozen buffers).
+    """
+
+    def _init_features(self, in_features: int, out_features: int, max_in: Optional[int] = None) -> None:
+        """Validate and set in/out_features (max_in: the int8 accumulator limit)."""
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features/out_features: expected >= 1, got {in_features}, {out_features}")
+        if max_in is not None and in_features > max_in:
+            raise ValueError(f"in_features: {in_features} exceeds {max_in}, past which int32 "
+                             "accumulators could overflow")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+
+    def _init_bias(self, bias: bool, device) -> None:
+        """A float32 bias buffer, or bias = None."""
+        if bias:
+            self.register_buffer("bias", torch.zeros(self.out_features, dtype=torch.float32, device=device))
+        else:
+            self.bias = None
+
+    def _bias_error(self, b) -> Optional[str]:
+        n = self.out_features
+        if b is not None and (not isinstance(b, Tensor) or b.dtype != torch.float32 or tuple(b.shape) != (n,)):
+            return f"bias: expected float32 of shape ({n},) or None, got {_desc(b)}"
+        return None
+
+    def _dense_weight(self) -> Tensor:  # pragma: no cover - abstract
+        """The effective dense weight, float32 [out_features, in_features]."""
+        raise NotImplementedError
+
+    def _device(self) -> torch.device:
+        return next(iter(self.buffers())).device
+
+    @property
+    @torch.compiler.disable  # a graph break: compiled code that reads .weight sees the view too
+    def weight(self) -> Tensor:
+        """Read-only view of the effective dense weight (see the class docstring)."""
+        from pyaccel.nn._weight import DenseWeightView
+
+        return DenseWeightView(self, self._device())
+
+    def __setattr__(self, name, value):
+        if name == "weight":
+            raise AttributeError(
+                f"{type(self).__name__}.weight is read-only (a view of the compressed weight); assign "
+                f"{' / '.join(sorted(self.WEIGHT_NAMES - {'bias'}))}, or build a new module with from_float")
+        super().__setattr__(name, value)
+
+    def _linear(self, x: Tensor, bias) -> Tensor:
+        """F.linear(x, self.weight, bias) with this module's kernel."""
+        if bias is self.bias:
+            return self(x)
+        if bias is not None and isinstance(bias, Tensor) and bias.dtype != torch.float32:
+            bias = bias.float()
+        return self._op(x, bias)
+
+
+def _desc(t) -> str:
+    if not isinstance(t, Tensor):
+        return type(t).__name__
+    return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from pyaccel import _native, ops
-from pyaccel.nn._packed import PackedModule
+from pyaccel.formats import _checks
+from pyaccel.nn._packed import PackedLinear
 from pyaccel.formats.int8 import (
     Int8Weight,
     dequantize_weight,
@@ -26,7 +27,7 @@ except Exception:  # pragma: no cover
     _AoDynamicLinear = None
 
 
-class Int8Linear(PackedModule):
+class Int8Linear(PackedLinear):
     """Linear layer with int8 weights and dynamically quantized int8 activations.
 
     Buffers (what state_dict holds, machine independent):
@@ -37,7 +38,13 @@ class Int8Linear(PackedModule):
     The native CPU kernels read a packed copy of weight_int8, built once when the
     module is created, loaded or moved to the CPU; it is never saved.
 
+    ``weight`` is a read-only view of the dequantized weight
+    (``weight_int8 * weight_scale[:, None]``, float32 [out, in]; see PackedLinear).
+
     Inputs: [..., in_features] float32 or bfloat16; the output has x's dtype.
+    Raises ValueError naming the buffer when canonical values are invalid
+    (-128 in weight_int8, a non-finite scale, a wrong shape or dtype): on
+    assignment, in load_state_dict, or at the call after an in-place edit.
     """
 
     WEIGHT_NAMES = frozenset({"weight_int8", "weight_scale", "bias"})
@@ -50,8 +57,6 @@ class Int8Linear(PackedModule):
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self._init_bias(bias, device)
         self.notes: List[str] = []
-        self._packed: Optional[Tensor] = None
-        self._plan = None
         self._repack()
 
     # ---- construction ---------------------------------------------------------
@@ -75,7 +80,7 @@ class Int8Linear(PackedModule):
             if bias is not None:
                 mod.bias.copy_(bias.detach().float())
         mod.notes = list(weight.notes)
-        mod._repack()
+        mod._repack_or_raise()
         return mod
 
     @classmethod
@@ -101,25 +106,32 @@ class Int8Linear(PackedModule):
         _, bias = module._packed_params._weight_bias()
         return cls.from_weights(w, bias.detach() if bias is not None else None)
 
-    # ---- packing ----------------------------------------------------------------
-    def _repack(self) -> None:
-        """Build the packed weight and the native call plan (after any change
-        of weights, device or state; done automatically on load and .to())."""
-        self._packed, self._plan = None, None
-        C = _native.lib()
-        if self.weight_int8.device.type == "cpu" and C is not None:
+    # ---- validation and packing ----------------------------------------------------
+    def _canonical_error(self, t):
+        n, k = self.out_features, self.in_features
+        return (_checks.tensor_error("weight_int8", t["weight_int8"], torch.int8, (n, k))
+                or _checks.tensor_error("weight_scale", t["weight_scale"], torch.float32, (n,))
+                or self._bias_error(t["bias"]) or _checks.same_device_error(t)
+                or _checks.int8_values_error("weight_int8", t["weight_int8"])
+                or _checks.scale_error("weight_scale", t["weight_scale"]))
+
+    def _pack(self) -> None:
+        if self.weight_int8.device.type == "cpu" and _native.available():
             self._packed = pack_int8_weight(self.weight_int8)
             self._plan = self._make_plan("int8", self._packed, self.weight_scale)
 
     def dequantized_weight(self) -> Tensor:
+        """weight_int8 * weight_scale[:, None], float32 [out_features, in_features]."""
         return dequantize_weight(Int8Weight(self.weight_int8, self.weight_scale))
+
+    _dense_weight = dequantized_weight
 
     # ---- forward (PackedModule.forward) ---------------------------------------------
     def _native_rows(self, x: Tensor) -> Tensor:
         return ops.int8_linear_cpu(x, self.weight_int8, self.weight_scale, self.bias, self._packed)
 
-    def _checked_op(self, x: Tensor) -> Tensor:
-        return torch.ops.pyaccel.int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self._packed)
+    def _op(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return torch.ops.pyaccel.int8_linear(x, self.weight_int8, self.weight_scale, bias, self._packed)
 
     def backend(self) -> str:
         """Where forward runs: cpu/<isa> (<kernel>), cpu/reference, cuda/triton, ..."""

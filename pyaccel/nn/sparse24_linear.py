@@ -9,16 +9,17 @@ from torch import Tensor, nn
 
 from pyaccel import _native, ops
 from pyaccel.formats import sparse24 as s24
-from pyaccel.nn._packed import PackedModule
+from pyaccel.formats import _checks
+from pyaccel.nn._packed import PackedLinear
 from pyaccel.reference import INT8_MAX_K
 
 
 
 def _init_24_buffers(mod: nn.Module, values_dtype: torch.dtype, device) -> None:
-    """values [out, 2G] and meta [out, ceil(G/2)] buffers (positions (0, 1) in every group)."""
+    """values [out, 2G] and metadata [out, ceil(G/2)] buffers (positions (0, 1) in every group)."""
     groups = (mod.in_features + 3) // 4
     mod.register_buffer("values", torch.zeros(mod.out_features, 2 * groups, dtype=values_dtype, device=device))
-    mod.register_buffer("meta", torch.full((mod.out_features, (groups + 1) // 2), 0x44, dtype=torch.uint8,
+    mod.register_buffer("metadata", torch.full((mod.out_features, (groups + 1) // 2), 0x44, dtype=torch.uint8,
                                            device=device))
 
 
@@ -32,23 +33,46 @@ def effective_weight(linear: nn.Linear) -> Tensor:
     return linear.weight.detach()
 
 
-class Sparse24Linear(PackedModule):
+class _Sparse24Buffers:
+    """State-dict versions of the 2:4 modules: version 1 named the position
+    buffer "meta" (a name torch.export's unlifted GraphModule reserves); loading
+    such a checkpoint renames the key."""
+
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if (local_metadata or {}).get("version", 1) < 2 and prefix + "meta" in state_dict:
+            state_dict[prefix + "metadata"] = state_dict.pop(prefix + "meta")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def _sparse24_error(mod, t, values_dtype):
+    """Shapes, dtypes and positions of the 2:4 buffers (values, metadata, bias)."""
+    n, groups = mod.out_features, (mod.in_features + 3) // 4
+    return (_checks.tensor_error("values", t["values"], values_dtype, (n, 2 * groups))
+            or _checks.tensor_error("metadata", t["metadata"], torch.uint8, (n, (groups + 1) // 2))
+            or mod._bias_error(t["bias"]) or _checks.same_device_error(t)
+            or _checks.sparse24_meta_error("metadata", t["metadata"], groups))
+
+
+class Sparse24Linear(_Sparse24Buffers, PackedLinear):
     """Linear layer whose weight is 2:4 sparse along in_features.
 
-    Buffers (state_dict): values float32 [out, 2G], meta uint8 [out, ceil(G/2)]
+    Buffers (state_dict): values float32 [out, 2G], metadata uint8 [out, ceil(G/2)]
     (see pyaccel.formats.sparse24), bias float32 [out] if any; G = ceil(in/4).
+    ``weight``: read-only view of the dense weight (float32 [out, in]; see PackedLinear).
     Inputs [..., in_features] float32 or bfloat16; output in x's dtype.
+    Raises ValueError naming the buffer for invalid canonical values (a group
+    whose two positions are not distinct, wrong shapes or dtypes).
     """
 
-    WEIGHT_NAMES = frozenset({"values", "meta", "bias"})
+    WEIGHT_NAMES = frozenset({"values", "metadata", "bias"})
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
         super().__init__()
         self._init_features(in_features, out_features)
         _init_24_buffers(self, torch.float32, device)
         self._init_bias(bias, device)
-        self._packed: Optional[Tensor] = None
-        self._plan = None
         self._repack()
 
     @classmethod
@@ -61,10 +85,10 @@ class Sparse24Linear(PackedModule):
         mod = cls(k, n, bias=bias is not None, device=weight.device)
         with torch.no_grad():
             mod.values.copy_(sw.values.float())
-            mod.meta.copy_(sw.meta)
+            mod.metadata.copy_(sw.meta)
             if bias is not None:
                 mod.bias.copy_(bias.detach().float())
-        mod._repack()
+        mod._repack_or_raise()
         return mod
 
     @classmethod
@@ -76,20 +100,24 @@ class Sparse24Linear(PackedModule):
         return cls.from_dense(effective_weight(linear), b)
 
     def dense_weight(self) -> Tensor:
-        return s24.decompress(s24.Sparse24Weight(self.values, self.meta, self.in_features))
+        """The dense weight, float32 [out_features, in_features] (exact)."""
+        return s24.decompress(s24.Sparse24Weight(self.values, self.metadata, self.in_features))
 
-    def _repack(self) -> None:
-        self._packed, self._plan = None, None
+    _dense_weight = dense_weight
+
+    def _canonical_error(self, t):
+        return _sparse24_error(self, t, torch.float32)
+
+    def _pack(self) -> None:
         if self.values.device.type == "cpu" and _native.available():
-            self._packed = s24.pack_sparse24(s24.Sparse24Weight(self.values, self.meta, self.in_features))
+            self._packed = s24.pack_sparse24(s24.Sparse24Weight(self.values, self.metadata, self.in_features))
             self._plan = self._make_plan("sparse24", self._packed)
 
     def _native_rows(self, x: Tensor) -> Tensor:
-        return ops.sparse24_linear_cpu(x, self.values, self.meta, self.in_features, self.bias, self._packed)
+        return ops.sparse24_linear_cpu(x, self.values, self.metadata, self.in_features, self.bias, self._packed)
 
-    def _checked_op(self, x: Tensor) -> Tensor:
-        return torch.ops.pyaccel.sparse24_linear(x, self.values, self.meta, self.in_features, self.bias,
-                                                 self._packed)
+    def _op(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return torch.ops.pyaccel.sparse24_linear(x, self.values, self.metadata, self.in_features, bias, self._packed)
 
     def backend(self) -> str:
         """Where forward runs: cpu/<isa> (<kernel>), cpu/reference, cuda/triton, ..."""
@@ -100,25 +128,26 @@ class Sparse24Linear(PackedModule):
                 f"bias={self.bias is not None}, sparsity=2:4, backend={self.backend()}")
 
 
-class Sparse24Int8Linear(PackedModule):
+class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
     """2:4 sparse weights quantized to int8 (symmetric per output channel),
     activations quantized per row at run time.
 
-    Buffers (state_dict): values int8 [out, 2G], meta uint8 [out, ceil(G/2)],
-    weight_scale float32 [out], bias float32 [out] if any.
+    Buffers (state_dict): values int8 [out, 2G] in [-127, 127], metadata uint8
+    [out, ceil(G/2)], weight_scale float32 [out], bias float32 [out] if any.
+    ``weight``: read-only view of the dequantized dense weight (float32 [out, in]).
+    Raises ValueError naming the buffer for invalid canonical values (-128,
+    non-finite scales, positions that are not distinct, shapes, dtypes).
     """
 
-    WEIGHT_NAMES = frozenset({"values", "meta", "weight_scale", "bias"})
+    WEIGHT_NAMES = frozenset({"values", "metadata", "weight_scale", "bias"})
     _DERIVED = ("_packed", "_plan", "_dense")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
         super().__init__()
         self._init_features(in_features, out_features, max_in=INT8_MAX_K)
         _init_24_buffers(self, torch.int8, device)
-        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self._init_bias(bias, device)
-        self._packed: Optional[Tensor] = None
-        self._plan = None
         self._dense = None
         self._repack()
 
@@ -137,25 +166,34 @@ class Sparse24Int8Linear(PackedModule):
         mod = cls(k, n, bias=linear.bias is not None, device=w.device)
         with torch.no_grad():
             mod.values.copy_(sw.values.to(torch.int8))
-            mod.meta.copy_(sw.meta)
+            mod.metadata.copy_(sw.meta)
             mod.weight_scale.copy_(q.scale)
             if linear.bias is not None:
                 mod.bias.copy_(linear.bias.detach().float())
-        mod._repack()
+        mod._repack_or_raise()
         return mod
 
     def dense_int8_weight(self) -> Tensor:
-        return s24.decompress(s24.Sparse24Weight(self.values, self.meta, self.in_features))
+        """The dense int8 weight [out_features, in_features] (zeros included)."""
+        return s24.decompress(s24.Sparse24Weight(self.values, self.metadata, self.in_features))
 
-    def _repack(self) -> None:
-        self._packed, self._plan, self._dense = None, None, None
+    def _dense_weight(self) -> Tensor:
+        return self.dense_int8_weight().float() * self.weight_scale[:, None]
+
+    def _canonical_error(self, t):
+        return (_sparse24_error(self, t, torch.int8)
+                or _checks.tensor_error("weight_scale", t["weight_scale"], torch.float32, (self.out_features,))
+                or _checks.int8_values_error("values", t["values"])
+                or _checks.scale_error("weight_scale", t["weight_scale"]))
+
+    def _pack(self) -> None:
         if self.values.device.type == "cpu" and _native.available():
-            self._packed = s24.pack_sparse24_int8(self.values, self.meta, self.in_features)
+            self._packed = s24.pack_sparse24_int8(self.values, self.metadata, self.in_features)
             # the selected kernel says from how many rows the dense int8 kernel beats it
             # (the AVX-512 VNNI one without VBMI: 8); then the module switches to it, on a
             # dense packing built on first use (about 1.6x the sparse weight memory)
             rows = _native.lib().s24i8_dense_from_rows()
-            self._switch_rows = rows if rows > 0 else PackedModule._switch_rows
+            self._switch_rows = rows if rows > 0 else PackedLinear._switch_rows
             self._plan = self._make_plan("sparse24_int8", self._packed, self.weight_scale)
 
     def _switch_plan(self):
@@ -168,12 +206,12 @@ class Sparse24Int8Linear(PackedModule):
         return self._dense[0]
 
     def _native_rows(self, x: Tensor) -> Tensor:
-        return ops.sparse24_int8_linear_cpu(x, self.values, self.meta, self.in_features, self.weight_scale,
+        return ops.sparse24_int8_linear_cpu(x, self.values, self.metadata, self.in_features, self.weight_scale,
                                             self.bias, self._packed)
 
-    def _checked_op(self, x: Tensor) -> Tensor:
-        return torch.ops.pyaccel.sparse24_int8_linear(x, self.values, self.meta, self.in_features,
-                                                      self.weight_scale, self.bias, self._packed)
+    def _op(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return torch.ops.pyaccel.sparse24_int8_linear(x, self.values, self.metadata, self.in_features,
+                                                      self.weight_scale, bias, self._packed)
 
     def backend(self) -> str:
         return self._backend_name(self.values.device, "s24i8_kernel_name")

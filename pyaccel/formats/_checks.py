@@ -1,0 +1,71 @@
+"""Checks of canonical compressed weights (what a state_dict holds), shared by
+the modules, so that every kernel path sees only values it computes exactly:
+the same checkpoint gives the same answer on every ISA.
+
+Each function returns None for a valid tensor, else a message naming the
+buffer and what was expected. Value checks are skipped on the meta device.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from pyaccel.reference import QMAX
+
+# 2:4 position nibbles i0 | i1 << 2 with i0 < i1
+VALID_24_NIBBLES = (0 | 1 << 2, 0 | 2 << 2, 0 | 3 << 2, 1 | 2 << 2, 1 | 3 << 2, 2 | 3 << 2)
+
+
+def _desc(t) -> str:
+    if not isinstance(t, Tensor):
+        return type(t).__name__
+    return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+
+
+def tensor_error(name: str, t, dtype: torch.dtype, shape: Sequence[int]) -> Optional[str]:
+    if not isinstance(t, Tensor) or t.dtype != dtype or tuple(t.shape) != tuple(shape):
+        return f"{name}: expected {dtype} of shape {tuple(shape)}, got {_desc(t)}"
+    return None
+
+
+def int8_values_error(name: str, t: Tensor) -> Optional[str]:
+    """int8 weights must lie in [-127, 127]: the AVX2 kernels negate them (sign trick)."""
+    if t.device.type != "meta" and t.numel() and int(t.min()) < -QMAX:
+        where = (t == -128).nonzero()[0].tolist()
+        return (f"{name}: expected int8 values in [-{QMAX}, {QMAX}], found -128 at index {tuple(where)} "
+                "(quantize symmetrically, or clamp to -127)")
+    return None
+
+
+def scale_error(name: str, t: Tensor) -> Optional[str]:
+    if t.device.type != "meta" and t.numel() and not bool(torch.isfinite(t).all()):
+        i = int((~torch.isfinite(t)).nonzero()[0])
+        return f"{name}: expected finite scales, found {float(t[i])} at index {i}"
+    return None
+
+
+def sparse24_meta_error(name: str, meta: Tensor, groups: int) -> Optional[str]:
+    """Every group's nibble must hold two distinct positions i0 < i1."""
+    if meta.device.type == "meta" or not meta.numel():
+        return None
+    m = meta.to(torch.int64)
+    nib = torch.stack([m & 0xF, m >> 4], dim=-1).reshape(meta.shape[0], -1)[:, :groups]
+    ok = torch.zeros_like(nib, dtype=torch.bool)
+    for v in VALID_24_NIBBLES:
+        ok |= nib == v
+    if not bool(ok.all()):
+        row, grp = (~ok).nonzero()[0].tolist()
+        v = int(nib[row, grp])
+        return (f"{name}: group {grp} of row {row} has positions ({v & 3}, {v >> 2}); expected two "
+                "distinct positions i0 < i1 in 0..3")
+    return None
+
+
+def same_device_error(tensors: dict) -> Optional[str]:
+    ts = {k: t for k, t in tensors.items() if isinstance(t, Tensor)}
+    devs = {t.device for t in ts.values()}
+    if len(devs) > 1:
+        return "buffers on different devices: " + ", ".join(f"{k} on {t.device}" for k, t in ts.items())
+    return None

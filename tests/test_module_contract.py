@@ -1,0 +1,526 @@
+"""The module contract: every pyaccel module behaves like the module it
+replaces wherever PyTorch takes it.
+
+Every pyaccel module class is registered in CASES below; a new op family adds
+its ContractCase (a few lines: how to build a random instance, its pure-PyTorch
+reference, its native kernel's name in ``_C.kernel_params()`` and what invalid
+canonical values look like) and then passes every test in this file, on every
+ISA the CPU allows. Kernel-level grids live in tests/ops; the grids here cross
+the module-level switches (tiles, row paths, column kernel, plan switch) read
+from the native library itself.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import pickle
+import threading
+from typing import Callable, Dict, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import pyaccel
+from pyaccel import _native, reference
+from pyaccel.formats import sparse24 as s24
+from pyaccel.nn import Int8Linear, Sparse24Int8Linear, Sparse24Linear
+
+needs_native = pytest.mark.skipif(not _native.available(), reason="native library not loaded")
+
+
+# ---- the registry -------------------------------------------------------------------
+@dataclasses.dataclass
+class ContractCase:
+    name: str
+    cls: type
+    kernel: str  # key of this module's kernel in pyaccel._C.kernel_params()
+    build: Callable[[int, int, bool, torch.Generator], nn.Module]  # (in, out, bias, gen) -> random module
+    reference: Callable[[nn.Module, Tensor], Tensor]  # what forward computes, in pure PyTorch
+    bad_values: Callable[[nn.Module], Dict[str, Tensor]]  # canonical buffers holding invalid values
+    ctor_args: Callable[[nn.Module], tuple] = lambda m: (m.in_features, m.out_features)
+
+
+def _float_linear(k, n, bias, gen, sparse24=False) -> nn.Linear:
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen) / k ** 0.5)
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=gen))
+        if sparse24:
+            lin.weight.mul_(s24.mask_24(lin.weight))
+    return lin
+
+
+def _minus_128(t: Tensor) -> Tensor:
+    bad = t.clone()
+    bad.view(-1)[bad.numel() // 2] = -128
+    return bad
+
+
+def _repeated_position(meta: Tensor) -> Tensor:
+    bad = meta.clone()
+    bad[0, 0] = (bad[0, 0] & 0xF0) | (1 | 1 << 2)  # group 0 of row 0: positions (1, 1)
+    return bad
+
+
+def _nan_scale(s: Tensor) -> Tensor:
+    bad = s.clone()
+    bad[-1] = float("nan")
+    return bad
+
+
+CASES = [
+    ContractCase(
+        "Int8Linear", Int8Linear, "int8",
+        build=lambda k, n, bias, gen: Int8Linear.from_float(_float_linear(k, n, bias, gen)),
+        reference=lambda m, x: reference.int8_linear(x, m.weight_int8, m.weight_scale, m.bias),
+        bad_values=lambda m: {"weight_int8": _minus_128(m.weight_int8), "weight_scale": _nan_scale(m.weight_scale)},
+    ),
+    ContractCase(
+        "Sparse24Linear", Sparse24Linear, "sparse24",
+        build=lambda k, n, bias, gen: Sparse24Linear.from_float(_float_linear(k, n, bias, gen, sparse24=True)),
+        reference=lambda m, x: reference.sparse24_linear(x, m.values, m.metadata, m.in_features, m.bias),
+        bad_values=lambda m: {"metadata": _repeated_position(m.metadata)},
+    ),
+    ContractCase(
+        "Sparse24Int8Linear", Sparse24Int8Linear, "sparse24_int8",
+        build=lambda k, n, bias, gen: Sparse24Int8Linear.from_float(
+            _float_linear(k, n, bias, gen, sparse24=True)),
+        reference=lambda m, x: reference.sparse24_int8_linear(x, m.values, m.metadata, m.in_features, m.weight_scale,
+                                                              m.bias),
+        bad_values=lambda m: {"values": _minus_128(m.values), "metadata": _repeated_position(m.metadata),
+                              "weight_scale": _nan_scale(m.weight_scale)},
+    ),
+]
+
+
+@pytest.fixture(params=CASES, ids=lambda c: c.name)
+def case(request) -> ContractCase:
+    return request.param
+
+
+def test_every_pyaccel_module_is_registered():
+    registered = {c.cls for c in CASES}
+    public = [getattr(pyaccel.nn, n) for n in pyaccel.nn.__all__]
+    modules = {c for c in public if isinstance(c, type) and issubclass(c, nn.Module)}
+    assert modules <= registered, f"not in the contract suite: {sorted(c.__name__ for c in modules - registered)}"
+
+
+# ---- helpers --------------------------------------------------------------------------
+def _op_path(mod, x):
+    """The module's checked torch.ops path (the same kernels, no fast path)."""
+    return mod._checked_op(x)
+
+
+def assert_matches_reference(y: Tensor, ref: Tensor, x: Tensor, mod: nn.Module, what=""):
+    """|y - ref| <= 4 eps (|x| @ |W|ᵀ + |b|) + eps |ref|: the error bound of a K-term fp32 dot
+    product (the int8 references quantize x exactly as the kernels do)."""
+    assert y.shape == ref.shape and y.dtype == ref.dtype, what
+    w = mod.weight.materialize().abs()
+    scale = x.detach().float().abs().reshape(-1, x.shape[-1]) @ w.t()
+    if mod.bias is not None:
+        scale = scale + mod.bias.abs()
+    eps = torch.finfo(y.dtype).eps
+    tol = 4 * torch.finfo(torch.float32).eps * scale.reshape(ref.shape) + eps * ref.float().abs() + 1e-30
+    bad = (y.float() - ref.float()).abs() > tol
+    assert not bad.any(), (f"{what}: {int(bad.sum())} outputs off, first at {bad.nonzero()[0].tolist()}: "
+                           f"{y[tuple(bad.nonzero()[0])]} vs {ref[tuple(bad.nonzero()[0])]}")
+
+
+def _grid(params) -> tuple:
+    """Rows, (out, in) pairs crossing the selected kernel's tiles and switches."""
+    mr, nr, kr = params["mr"], params["nr"], params["kr"]
+    ms = {0, 1, 2, mr - 1, mr, mr + 1, 2 * mr + 1, 37}
+    for key in ("row_path_rows", "cols_from_rows", "dense_from_rows"):
+        t = params.get(key, 0)
+        if t > 0:
+            ms |= {t - 1, t, t + 1}
+    ms = sorted(m for m in ms if m >= 0)
+    shapes = [(1, kr + 1), (nr - 1, kr - 1 if kr > 1 else 3), (nr + 1, 3 * kr + 5), (2 * nr + 3, 53)]
+    return ms, shapes
+
+
+# ---- numerics on every ISA --------------------------------------------------------------
+@needs_native
+def test_tile_grid_matches_reference(isa, gen, case):
+    params = _native.lib().kernel_params()[case.kernel]
+    ms, shapes = _grid(params)
+    for n, k in shapes:
+        mod = case.build(k, n, True, gen)
+        for m in ms:
+            x = torch.randn(m, k, generator=gen)
+            y = mod(x)
+            assert_matches_reference(y, case.reference(mod, x), x, mod, f"{params['name']} m={m} n={n} k={k}")
+            assert torch.equal(y, _op_path(mod, x)), f"fast path != op path at m={m} n={n} k={k}"
+
+
+@needs_native
+def test_column_kernel_k_blocks(isa, gen, case):
+    """The 2:4 column kernel blocks K past cols_whole_k_groups groups: cross it."""
+    params = _native.lib().kernel_params()[case.kernel]
+    if not params.get("cols_from_rows"):
+        pytest.skip(f"{params['name']} has no column kernel")
+    k = 4 * params["cols_whole_k_groups"] + 4 * params["cols_k_block_groups"] + 7
+    mod = case.build(k, params["cols_nr"] + 3, True, gen)
+    x = torch.randn(params["cols_from_rows"] + 1, k, generator=gen)
+    assert_matches_reference(mod(x), case.reference(mod, x), x, mod)
+
+
+def _layouts(k, gen, dtype):
+    base = torch.randn(6, 2 * k, generator=gen).to(dtype)
+    yield "2-D", base[:, :k].contiguous()
+    yield "2-D row stride", base[:, :k]
+    yield "2-D column stride", base[:, ::2]
+    yield "stride-0 rows", base[:1, :k].expand(5, k)
+    yield "M = 1", base[:1, :k]
+    yield "3-D", torch.randn(2, 3, k, generator=gen).to(dtype)
+    yield "3-D transposed", torch.randn(3, 2, k, generator=gen).to(dtype).transpose(0, 1)
+    yield "4-D", torch.randn(2, 1, 3, k, generator=gen).to(dtype)
+    yield "empty 2-D", torch.randn(0, k).to(dtype)
+    yield "empty 3-D", torch.randn(2, 0, k).to(dtype)
+    yield "1-D", torch.randn(k, generator=gen).to(dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_layouts(isa, gen, case, dtype):
+    mod = case.build(44, 24, True, gen)
+    for what, x in _layouts(44, gen, dtype):
+        y = mod(x)
+        assert y.shape == x.shape[:-1] + (24,) and y.dtype == dtype, what
+        assert torch.equal(y, _op_path(mod, x)), what
+        if dtype == torch.float32:
+            assert_matches_reference(y, case.reference(mod, x), x, mod, what)
+
+
+@given(m=st.integers(0, 40), k=st.integers(1, 150), n=st.integers(1, 90), pad=st.integers(0, 9),
+       bias=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+@settings(max_examples=30, deadline=None)
+def test_property_random_shapes_and_row_strides(m, k, n, pad, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for case in CASES:
+        mod = case.build(k, n, bias, gen)
+        x = torch.randn(m, k + pad, generator=gen)[:, :k]
+        assert_matches_reference(mod(x), case.reference(mod, x), x, mod, f"{case.name} m={m} k={k} n={n}")
+
+
+@needs_native
+def test_one_checkpoint_same_answer_on_every_isa(gen, case):
+    """A state_dict with extreme values (±127, the largest scales' rows) gives one answer everywhere."""
+    src = case.build(67, 33, True, gen)
+    with torch.no_grad():
+        for name in ("weight_int8", "values"):
+            t = getattr(src, name, None)
+            if t is not None and t.dtype == torch.int8:
+                t[0].copy_(torch.where(t[0] != 0, torch.full_like(t[0], -127), t[0]))
+                t[1].copy_(torch.where(t[1] != 0, torch.full_like(t[1], 127), t[1]))
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    x = torch.randn(9, 67, generator=gen) * 40
+    outs = {}
+    for isa in _native.ISA_LADDER:
+        if not _native.isa_supported(isa):
+            continue
+        with _native.isa_cap(isa):
+            buf.seek(0)
+            mod = case.cls(*case.ctor_args(src))
+            mod.load_state_dict(torch.load(buf, weights_only=True))
+            outs[isa] = mod(x)
+    ref = case.reference(src, x)
+    for isa, y in outs.items():
+        assert_matches_reference(y, ref, x, src, isa)
+
+
+# ---- the nn.Linear surface ---------------------------------------------------------------
+def test_linear_surface(gen, case):
+    mod = case.build(40, 24, True, gen)
+    assert (mod.in_features, mod.out_features) == (40, 24)
+    assert mod.bias.shape == (24,) and mod.bias.dtype == torch.float32
+    w = mod.weight
+    assert isinstance(w, Tensor) and w.shape == (24, 40) and w.dtype == torch.float32
+    assert w.device == mod.bias.device and not w.requires_grad and w.dim() == 2
+    assert "weight" not in mod.state_dict()
+    x = torch.randn(5, 40, generator=gen)
+    assert torch.equal(F.linear(x, mod.weight, mod.bias), mod(x))  # the kernel, not a dense matmul
+    other = torch.randn(24, generator=gen)
+    assert torch.allclose(F.linear(x, mod.weight, other), mod(x) - mod.bias + other, atol=1e-5)
+    dense = w.materialize()
+    assert type(dense) is Tensor and dense.shape == (24, 40)
+    with pytest.warns(UserWarning, match="materialized"):
+        y = x @ mod.weight.t()
+    assert torch.allclose(y, x @ dense.t())
+    with pytest.raises(AttributeError, match="read-only"):
+        mod.weight = nn.Parameter(torch.zeros(24, 40))
+    nobias = case.build(40, 24, False, gen)
+    assert nobias.bias is None and torch.equal(F.linear(x, nobias.weight), nobias(x))
+
+
+class _CountCalls:
+    """Counts calls of `cls` instances (at class level: no hooks on instances)."""
+
+    def __init__(self, monkeypatch, cls):
+        self.n = 0
+        orig = cls.__call__
+
+        def counted(mod, *a, **k):
+            self.n += 1
+            return orig(mod, *a, **k)
+
+        monkeypatch.setattr(cls, "__call__", counted)
+
+
+def test_transformer_encoder_layer_runs_the_kernels(gen, case, monkeypatch):
+    """TransformerEncoderLayer's eval fast path reads linear1.weight and would
+    compute with it; the view turns it off, so the layer calls the modules."""
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2).eval()
+    for layer in enc.layers:
+        layer.linear1 = case.build(64, 128, True, gen)
+        layer.linear2 = case.build(128, 64, True, gen)
+    src = torch.randn(2, 7, 64, generator=gen)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        expected = enc(src).detach()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    calls = _CountCalls(monkeypatch, case.cls)
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd",
+                        lambda *a, **k: pytest.fail("the fused layer bypassed the pyaccel modules"))
+    with torch.no_grad():
+        out = enc(src)
+    assert calls.n == 4
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    out = enc(src)  # grad mode on
+    assert calls.n == 8 and torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # compiled: reading .weight breaks the graph, the fused path stays off
+        out = torch.compile(enc.layers[0])(src)
+    assert torch.allclose(out, enc.layers[0](src), rtol=1e-5, atol=1e-5)
+
+
+# ---- tracing, compiling, exporting --------------------------------------------------------
+def test_jit_trace_records_the_op(gen, case):
+    mod = nn.Sequential(case.build(48, 32, True, gen), nn.ReLU())
+    traced = torch.jit.trace(mod, torch.randn(4, 48, generator=gen))
+    assert "pyaccel" in str(traced.graph)
+    for shape in [(4, 48), (7, 48), (2, 3, 48)]:
+        x = torch.randn(*shape, generator=gen)
+        assert torch.equal(traced(x), mod(x)), shape
+
+
+def test_fx_symbolic_trace_leaf(gen, case):
+    mod = nn.Sequential(case.build(48, 32, True, gen), nn.ReLU())
+    gm = torch.fx.symbolic_trace(mod)
+    nodes = [(n.op, n.target) for n in gm.graph.nodes]
+    assert ("call_module", "0") in nodes, nodes
+    x = torch.randn(5, 48, generator=gen)
+    assert torch.equal(gm(x), mod(x))
+
+
+def test_torch_compile(gen, case):
+    mod = case.build(48, 32, True, gen)
+    compiled = torch.compile(mod, fullgraph=True)
+    for m in (3, 5):
+        x = torch.randn(m, 48, generator=gen)
+        assert torch.allclose(compiled(x), mod(x), rtol=1e-6, atol=1e-6)
+
+
+def test_torch_export_dynamic_batch(gen, case):
+    mod = case.build(48, 32, True, gen)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    ep = torch.export.export(mod, (torch.randn(4, 48, generator=gen),), dynamic_shapes=({0: batch},))
+    for m in (1, 9):
+        x = torch.randn(m, 48, generator=gen)
+        assert torch.allclose(ep.module()(x), mod(x), rtol=1e-6, atol=1e-6)
+
+
+# ---- autograd ------------------------------------------------------------------------------
+def test_backward_reaches_the_input(gen, case):
+    mod = case.build(48, 32, True, gen)
+    x = torch.randn(6, 48, generator=gen, requires_grad=True)
+    y = mod(x)
+    assert y.requires_grad and y.grad_fn is not None
+    with torch.no_grad():
+        assert torch.equal(y.detach(), mod(x))  # the same kernel with and without autograd
+    g = torch.randn(6, 32, generator=gen)
+    y.backward(g)
+    assert torch.allclose(x.grad, g @ mod.weight.materialize(), rtol=1e-5, atol=1e-5)
+    # a frozen pyaccel layer between trainable ones
+    net = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), mod, nn.ReLU(), nn.Linear(32, 8))
+    net(torch.randn(3, 16, generator=gen)).sum().backward()
+    assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0
+    # bf16 and N-D inputs
+    xb = torch.randn(2, 3, 48, generator=gen).to(torch.bfloat16).requires_grad_()
+    mod(xb).float().sum().backward()
+    assert xb.grad.dtype == torch.bfloat16 and xb.grad.shape == xb.shape
+
+
+def test_train_mode_behaves_like_eval(gen, case):
+    mod = case.build(48, 32, True, gen)
+    x = torch.randn(4, 48, generator=gen)
+    y = mod.eval()(x)
+    assert torch.equal(mod.train()(x), y) and mod.training
+
+
+# ---- saving, loading, copying --------------------------------------------------------------
+def test_copies_and_state_dict_round_trips(gen, case):
+    mod = case.build(48, 32, True, gen)
+    x = torch.randn(5, 48, generator=gen)
+    y = mod(x)
+    assert torch.equal(copy.deepcopy(mod)(x), y)
+    assert torch.equal(pickle.loads(pickle.dumps(mod))(x), y)
+    buf = io.BytesIO()
+    torch.save(mod, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), y)
+    buf = io.BytesIO()
+    torch.save(mod.state_dict(), buf)
+    buf.seek(0)
+    fresh = case.cls(*case.ctor_args(mod))
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(fresh(x), y)
+
+
+def test_meta_skeleton_load_with_assign(gen, case):
+    src = case.build(64, 48, True, gen)
+    with torch.device("meta"):
+        m = case.cls(*case.ctor_args(src))
+    assert all(b.is_meta for b in m.buffers())
+    m.load_state_dict(src.state_dict(), assign=True)
+    x = torch.randn(3, 64, generator=gen)
+    assert torch.equal(m(x), src(x))
+    # to_empty + load (non-assign) works too
+    with torch.device("meta"):
+        m2 = case.cls(*case.ctor_args(src))
+    m2 = m2.to_empty(device="cpu")
+    m2.load_state_dict(src.state_dict())
+    assert torch.equal(m2(x), src(x))
+
+
+def test_to_and_dtype_casts_keep_the_stored_format(gen, case):
+    mod = case.build(48, 32, True, gen)
+    x = torch.randn(3, 48, generator=gen)
+    y = mod(x)
+    for cast in (lambda m: m.double(), lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.cpu()):
+        m2 = cast(copy.deepcopy(mod))
+        assert all(not b.is_floating_point() or b.dtype == torch.float32 for b in m2.buffers())
+        assert torch.equal(m2(x), y)
+
+
+# ---- state changed behind the module -------------------------------------------------------
+@needs_native
+def test_data_swap_is_seen_by_every_path(isa, gen, case):
+    mod = case.build(40, 24, True, gen)
+    x = torch.randn(5, 80, generator=gen)
+    mod(x[:, :40].contiguous())  # the plan exists and has run
+    mod.bias.data = torch.randn(24, generator=gen)
+    for what, xi in (("plan", x[:, :40].contiguous()), ("row stride", x[:, :40]), ("column stride", x[:, ::2])):
+        assert_matches_reference(mod(xi), case.reference(mod, xi), xi, mod, what)
+        assert torch.equal(mod(xi), _op_path(mod, xi)), what
+
+
+@needs_native
+def test_valid_in_place_weight_edit_is_seen(gen, case):
+    mod = case.build(40, 24, True, gen)
+    x = torch.randn(5, 40, generator=gen)
+    before = mod(x)
+    name = sorted(mod.WEIGHT_NAMES - {"bias", "metadata"})[0]
+    with torch.no_grad():
+        t = getattr(mod, name)
+        t[0].copy_(torch.flip(t[0], (0,)) if t.dtype == torch.int8 else t[0] * 3)
+    after = mod(x)
+    assert not torch.equal(after[:, 0], before[:, 0])
+    assert_matches_reference(after, case.reference(mod, x), x, mod)
+
+
+def test_invalid_canonical_values_are_refused(gen, case):
+    mod = case.build(40, 24, True, gen)
+    x = torch.randn(5, 40, generator=gen)
+    y = mod(x)
+    for name, bad in case.bad_values(mod).items():
+        sd = dict(mod.state_dict())
+        sd[name] = bad
+        with pytest.raises(RuntimeError, match=name):
+            mod.load_state_dict(sd)
+        assert torch.equal(mod(x), y), f"{name}: a refused state_dict changed the module"
+        with pytest.raises(ValueError, match=name):
+            setattr(mod, name, bad)
+        assert torch.equal(mod(x), y), f"{name}: a refused assignment changed the module"
+        edited = copy.deepcopy(mod)
+        with torch.no_grad():
+            getattr(edited, name).copy_(bad)
+        with pytest.raises(ValueError, match=name):
+            edited(x)
+        swapped = copy.deepcopy(mod)
+        getattr(swapped, name).data = bad
+        with pytest.raises(ValueError, match=name):
+            swapped(x[:, :40])
+    wrong = copy.deepcopy(mod)
+    wrong.bias.data = torch.randn(7)  # wrong shape through .data: refused at the call, never read out of bounds
+    with pytest.raises(ValueError, match="bias"):
+        wrong(x)
+
+
+# ---- calls ---------------------------------------------------------------------------------
+def test_bad_input_names_the_argument(gen, case):
+    mod = case.build(40, 24, True, gen)
+    with pytest.raises(TypeError, match="x"):
+        mod([1.0] * 40)
+    with pytest.raises(ValueError, match="x"):
+        mod(torch.randn(3, 41))
+    with pytest.raises(TypeError, match="x"):
+        mod(torch.randint(0, 5, (3, 40)))
+    with pytest.raises(TypeError, match="x"):
+        mod(torch.randn(3, 40, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x"):
+        mod(torch.randn(()))
+    with pytest.raises((TypeError, ValueError), match="in_features"):
+        case.cls(0, 24)
+
+
+def test_hooks_run(gen, case):
+    mod = case.build(40, 24, True, gen)
+    x = torch.randn(3, 40, generator=gen)
+    y = mod(x)
+    seen = []
+    h1 = mod.register_forward_pre_hook(lambda m, a: (a[0] * 2,))
+    h2 = mod.register_forward_hook(lambda m, a, out: seen.append(out.shape) or out + 1)
+    assert torch.allclose(mod(x), mod.__class__.forward(mod, x * 2) + 1)
+    assert seen == [torch.Size([3, 24])]
+    h1.remove(), h2.remove()
+    assert torch.equal(mod(x), y)
+
+
+def test_shared_at_two_paths(gen, case):
+    mod = case.build(24, 24, True, gen)
+    net = nn.Sequential(mod, nn.Tanh(), mod)
+    x = torch.randn(4, 24, generator=gen)
+    assert torch.equal(net(x), mod(torch.tanh(mod(x))))
+
+
+def test_threads(gen, case):
+    mods = [case.build(64, 40, True, gen) for _ in range(2)]
+    xs = [torch.randn(m, 64, generator=gen) for m in (1, 7, 33)]
+    want = [[mod(x) for x in xs] for mod in mods]
+    errors = []
+
+    def work():
+        try:
+            for _ in range(20):
+                for i, mod in enumerate(mods):
+                    for j, x in enumerate(xs):
+                        if not torch.equal(mod(x), want[i][j]):
+                            errors.append((i, j))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
