@@ -180,6 +180,15 @@ def _read_tensor(mod: nn.Module, name: str, hooks: Dict[str, Any], via: List[str
     return _plain(t, name)
 
 
+def read_tensor(mod: nn.Module, name: str) -> Optional[Tensor]:
+    """The value tensor attribute `name` of `mod` will have in its next forward
+    (prune mask applied, parametrization or weight_norm hook evaluated now),
+    detached, a plain tensor; None if the attribute is None. Hooks other than
+    those are not run. Never writes to `mod`. SourceSkip if it is not a tensor."""
+    hooks, _ = module_hooks(mod)
+    return _read_tensor(mod, name, hooks, [])
+
+
 def read_linear(mod: nn.Module, *, allow_foreign_hooks: bool = False) -> LinearSource:
     """The effective weight [out, in] and bias [out] of an nn.Linear or a
     transformers Conv1D (see the module docstring for what "effective" covers).
