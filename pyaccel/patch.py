@@ -143,7 +143,7 @@ def _torch_ao_dynamic_linear(mod, ctx):
     if type(mod) is not _AoDynamicLinear:
         return f"subclass {type(mod).__name__} of torch.ao's dynamic Linear may change forward(); not swapped"
     if getattr(mod._packed_params, "dtype", None) == torch.float16:
-        return "torch.ao dynamic Linear with float16 weights: pyaccel has no fp16 kernel; left as is"
+        return "torch.ao dynamic Linear with float16 weights: no pyaccel fp16 kernel; left as is"
     lost = _lost_hooks(mod)
     if lost:
         return lost
