@@ -157,6 +157,20 @@ def _plain(t: Tensor, what: str) -> Tensor:
     return d
 
 
+def _eval_parametrization(plist: nn.Module) -> Tensor:
+    """A ParametrizationList evaluated now (never the parametrize.cached()
+    value), with its modules in eval mode for the call so that none updates
+    its state (spectral_norm's power iteration writes its u, v buffers in
+    training mode); their training flags are restored after."""
+    flags = [(m, m.training) for m in plist.modules()]
+    try:
+        plist.eval()
+        return plist()
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
 def _read_tensor(mod: nn.Module, name: str, hooks: Dict[str, Any], via: List[str]) -> Optional[Tensor]:
     """The value `name` has inside the module's next forward, without running
     any hook (so without writing to the module)."""
@@ -170,7 +184,7 @@ def _read_tensor(mod: nn.Module, name: str, hooks: Dict[str, Any], via: List[str
             t = hook.compute_weight(mod)
         elif _parametrize.is_parametrized(mod, name):
             via.append(f"parametrization on {name}")
-            t = mod.parametrizations[name]()  # evaluated now: never the parametrize.cached() value
+            t = _eval_parametrization(mod.parametrizations[name])
         else:
             t = getattr(mod, name)
     if t is None:

@@ -556,3 +556,19 @@ def test_prune_24_refuses_what_torch_prune_cannot_take(gen):
     assert not hasattr(a, "weight_mask")  # nothing pruned
     mha = nn.MultiheadAttention(16, 2)
     assert pyaccel.prune.prune_24(nn.Sequential(mha)) == []
+
+
+def test_parametrization_read_does_not_update_its_state(gen):
+    lin = _linear(gen, 32, 16).train()
+    nn.utils.parametrizations.spectral_norm(lin)
+    lin(_randn(gen, 2, 32))  # a training forward: one power iteration
+    state = {k: v.clone() for k, v in lin.state_dict().items()}
+    x = _randn(gen, 4, 32)
+    with torch.no_grad():
+        ref = lin.eval()(x)
+    lin.train()
+    report = pyaccel.patch(nn.Sequential(lin), quantize="int8")
+    assert isinstance(report.model[0], Int8Linear)
+    assert all(torch.equal(state[k], v) for k, v in lin.state_dict().items())  # _u, _v not iterated
+    assert lin.training and all(m.training for m in lin.parametrizations.modules())
+    assert sqnr_db(ref, report.model[0](x)) > 35
