@@ -1,10 +1,14 @@
 """``pyaccel.patch(model)``: swap pyaccel modules into a model and report.
 
-patch walks the model's modules; for each one a small handler (registered with
-:func:`handler`) either builds the replacement from the original module or
-says why it leaves the module alone. By default patch is lossless: it only
-takes modules that are already compressed (torch.ao int8, ...). Lossy steps,
-such as quantizing float layers (``quantize="int8"``), happen only on request.
+patch walks the model's modules (every path, shared modules included); for
+each one a small handler (registered with :func:`handler`) either offers a
+replacement built from the original module or says why it leaves the module
+alone; modules no handler takes but that hold a weight matrix are reported
+too. Handlers read weights through :mod:`pyaccel._linear_source` (the weight
+a layer really computes with). By default patch is lossless: it only takes
+modules that are already compressed (torch.ao int8, 2:4 zeros or prune
+masks). Lossy steps, such as quantizing float layers (``quantize="int8"``),
+happen only on request.
 """
 from __future__ import annotations
 
