@@ -1,25 +1,49 @@
 """``pyaccel.patch(model)``: swap pyaccel modules into a model and report.
 
-patch walks the model's modules; for each one a small handler (registered with
-:func:`handler`) either builds the replacement from the original module or
-says why it leaves the module alone. By default patch is lossless: it only
-takes modules that are already compressed (torch.ao int8, ...). Lossy steps,
-such as quantizing float layers (``quantize="int8"``), happen only on request.
+patch walks the model's modules (every path, shared modules included); for
+each one a small handler (registered with :func:`handler`) either offers a
+replacement built from the original module or says why it leaves the module
+alone; modules no handler takes but that hold a weight matrix are reported
+too. Handlers read weights through :mod:`pyaccel._linear_source` (the weight
+a layer really computes with). By default patch is lossless: it only takes
+modules that are already compressed (torch.ao int8, 2:4 zeros or prune
+masks). Lossy steps, such as quantizing float layers (``quantize="int8"``),
+happen only on request.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import fnmatch
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils.parametrize import is_parametrized
 
 from pyaccel import _native
+from pyaccel._linear_source import (
+    SourceSkip,
+    deepcopy_model,
+    linear_kind,
+    linear_subclass_of,
+    module_hooks,
+    own_weight_names,
+    read_linear,
+)
 from pyaccel.formats import sparse24 as s24
-from pyaccel.nn.int8_linear import Int8Linear, _AoDynamicLinear
-from pyaccel.nn.sparse24_linear import Sparse24Int8Linear, Sparse24Linear, effective_weight
+from pyaccel.formats.int8 import from_torch_ao_dynamic_linear, quantize_weight_per_channel
+from pyaccel.nn.int8_linear import Int8Linear
+from pyaccel.nn.sparse24_linear import Sparse24Int8Linear, Sparse24Linear
+
+try:  # torch.ao's dynamic Linear; absent in some builds
+    from torch.ao.nn.quantized.dynamic import Linear as _AoDynamicLinear
+except Exception:  # pragma: no cover
+    _AoDynamicLinear = None
+try:  # nn.MultiheadAttention's out_proj class
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear as _NonDynQLinear
+except Exception:  # pragma: no cover
+    _NonDynQLinear = None
 
 FilterFn = Callable[[nn.Module, str], bool]
 QUANTIZE_MODES = (None, "int8")
@@ -36,6 +60,7 @@ class PatchEntry:
     backend: Optional[str] = None
     reason: Optional[str] = None
     lossy: bool = False
+    shared_with: Optional[str] = None  # first path of the same module object, if not this one
 
     @property
     def swapped(self) -> bool:
@@ -59,9 +84,11 @@ class PatchReport:
 
     def __str__(self) -> str:
         head = ("path", "old type", "new type", "backend / reason")
-        rows = [(e.path or "<root>", e.old_type, e.new_type or "-",
-                 (e.backend + (" (lossy)" if e.lossy else "")) if e.swapped else f"skipped: {e.reason}")
-                for e in self.entries]
+        def last(e: PatchEntry) -> str:
+            text = (e.backend + (" (lossy)" if e.lossy else "")) if e.swapped else f"skipped: {e.reason}"
+            return text + (f" [same module as {e.shared_with or '<root>'}]" if e.shared_with is not None else "")
+
+        rows = [(e.path or "<root>", e.old_type, e.new_type or "-", last(e)) for e in self.entries]
         widths = [max(len(r[i]) for r in rows + [head]) for i in range(3)]
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3]  # noqa: E731
         lines = [fmt(head), "  ".join("-" * w for w in widths) + "  " + "-" * 16]
@@ -77,9 +104,20 @@ class _Context:
     quantize: Optional[str]
 
 
-# A handler takes (module, context) and returns a new module, or a string
-# saying why it skips the module, or None if the module is not its kind.
-_Handler = Callable[[nn.Module, _Context], Union[nn.Module, str, None]]
+@dataclasses.dataclass
+class Build:
+    """A replacement a handler offers: ``make()`` builds it (called only for
+    modules the filters select, once per module object); lossy: whether the
+    replacement computes something other than the original (quantization)."""
+
+    make: Callable[[], nn.Module]
+    lossy: bool = False
+
+
+# A handler takes (module, context) and returns a Build (or a ready new
+# module), a string saying why it leaves the module alone, or None if the
+# module is not its kind.
+_Handler = Callable[[nn.Module, _Context], Union[Build, nn.Module, str, None]]
 _HANDLERS: List[_Handler] = []
 
 
@@ -95,43 +133,88 @@ def _cpu_backend(device: torch.device) -> str:
     return "cuda/triton" if device.type == "cuda" else f"{device.type}/reference"
 
 
+def _lost_hooks(mod: nn.Module) -> Optional[str]:
+    """The reason to leave `mod` when it has hooks a swap would drop."""
+    _, foreign = module_hooks(mod)
+    return f"{', '.join(foreign)} on the module would be lost by a swap" if foreign else None
+
+
 @handler
 def _torch_ao_dynamic_linear(mod, ctx):
+    """torch.ao dynamic qint8 Linear: Int8Linear over the same int8 weights."""
     if _AoDynamicLinear is None or not isinstance(mod, _AoDynamicLinear):
         return None
+    if type(mod) is not _AoDynamicLinear:
+        return f"subclass {type(mod).__name__} of torch.ao's dynamic Linear may change forward(); not swapped"
+    if getattr(mod._packed_params, "dtype", None) == torch.float16:
+        return "torch.ao dynamic Linear with float16 weights: no pyaccel fp16 kernel; left as is"
+    lost = _lost_hooks(mod)
+    if lost:
+        return lost
     try:
-        return Int8Linear.from_module(mod)
+        w = from_torch_ao_dynamic_linear(mod)
     except ValueError as exc:
         return f"torch.ao weights not representable: {exc}"
+    _, bias = mod._packed_params._weight_bias()
+    bias = bias.detach() if bias is not None else None
+    return Build(lambda: Int8Linear.from_weights(w, bias), lossy=bool(w.notes))
+
+
+def _sparse24_int8(w: Tensor, b: Optional[Tensor]) -> nn.Module:
+    """Sparse24Int8Linear of an effective 2:4 weight [N, K] and bias [N]."""
+    carrier = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+    carrier.weight = nn.Parameter(w, requires_grad=False)  # shares w's storage; read only
+    if b is not None:
+        carrier.bias = nn.Parameter(b, requires_grad=False)
+    return Sparse24Int8Linear.from_float(carrier)
 
 
 @handler
-def _sparse24_linear(mod, ctx):
-    """nn.Linear whose weight (or torch prune-masked weight) is already 2:4:
-    Sparse24Linear (lossless), or Sparse24Int8Linear with quantize="int8"."""
-    if type(mod) is not nn.Linear:
-        return None
-    w = effective_weight(mod)
-    if w.device.type == "meta" or not w.is_floating_point() or w.shape[1] < MIN_SPARSE24_K:
-        return None
-    if not s24.is_24(w):
-        return None
-    return Sparse24Int8Linear.from_float(mod) if ctx.quantize == "int8" else Sparse24Linear.from_float(mod)
-
-
-@handler
-def _float_linear(mod, ctx):
-    if type(mod) is not nn.Linear:
-        if isinstance(mod, nn.Linear):
-            return f"subclass {type(mod).__name__} of nn.Linear may change forward(); not swapped"
-        return None
+def _linear_like(mod, ctx):
+    """nn.Linear / transformers Conv1D (pruned, parametrized, weight-normed or
+    plain), from the weight it computes with (pyaccel._linear_source):
+    already 2:4 along in_features: Sparse24Linear (lossless), or
+    Sparse24Int8Linear with quantize="int8"; dense: Int8Linear with
+    quantize="int8", else left as is."""
+    kind = linear_kind(mod)
+    if kind is None:
+        sub = linear_subclass_of(mod)
+        if sub is None:
+            return None
+        if isinstance(mod, LazyModuleMixin):
+            return f"{type(mod).__name__} not initialized yet: run a forward first"
+        if _NonDynQLinear is not None and type(mod) is _NonDynQLinear:
+            return ("MultiheadAttention's out_proj: MultiheadAttention reads its weight and bias directly "
+                    "(never its forward()), so a swap would not take effect; not swapped")
+        return f"subclass {type(mod).__name__} of {sub} may change forward(); not swapped"
+    try:
+        src = read_linear(mod)
+    except SourceSkip as exc:
+        return str(exc)
+    w, b = src.weight, src.bias
+    if w.dtype not in (torch.float32, torch.bfloat16):
+        return (f"{w.dtype} weights: pyaccel modules take float32/bfloat16 inputs, and this layer "
+                f"gets {w.dtype} ones; left as is")
+    k = src.in_features
+    if k >= MIN_SPARSE24_K and s24.is_24(w):
+        if ctx.quantize == "int8":
+            return Build(lambda: _sparse24_int8(w, b), lossy=True)
+        return Build(lambda: Sparse24Linear.from_dense(w, b))
     if ctx.quantize != "int8":
-        return "dense float Linear (weights not 2:4 sparse): pass quantize='int8' to quantize it (lossy)"
-    if mod.weight.device.type == "meta":
-        return "weights on the meta device"
-    if not mod.weight.is_floating_point():
-        return f"weight dtype {mod.weight.dtype} is not floating point"
-    return Int8Linear.from_float(mod)
+        why = ("weights not 2:4 sparse" if k >= MIN_SPARSE24_K
+               else f"in_features {k} < {MIN_SPARSE24_K}, too narrow for the 2:4 kernels")
+        return f"dense float {kind} ({why}): pass quantize='int8' to quantize it (lossy)"
+    return Build(lambda: Int8Linear.from_weights(quantize_weight_per_channel(w), b), lossy=True)
+
+
+def _unhandled(mod: nn.Module) -> Optional[str]:
+    """The reason for a module no handler takes that holds a weight matrix
+    itself (Embedding, MultiheadAttention, custom modules, ...); else None."""
+    names = own_weight_names(mod)
+    if not names:
+        return None
+    held = f" (holds {', '.join(names)})" if names != ["weight"] else ""
+    return f"no pyaccel kernel for {type(mod).__name__}{held}"
 
 
 def _matches(path: str, patterns: Optional[Sequence[str]]) -> bool:
@@ -152,6 +235,54 @@ def selection_reason(mod: nn.Module, path: str, include, exclude, filter_fn) -> 
     return None
 
 
+def _is_pyaccel_module(mod: nn.Module) -> bool:
+    return type(mod).__module__.split(".")[0] == "pyaccel"
+
+
+def _inside(path: str, roots: set) -> bool:
+    """Whether `path` lies strictly inside a module at one of the `roots` paths."""
+    if "" in roots:
+        return path != ""
+    i = path.rfind(".")
+    while i > 0:
+        if path[:i] in roots:
+            return True
+        i = path.rfind(".", 0, i)
+    return False
+
+
+@dataclasses.dataclass
+class _Seen:
+    """What patch decided for one module object (at its first path)."""
+
+    path: str
+    plan: Union[Build, str]
+    new: Optional[nn.Module] = None  # built replacement (once, shared by every path)
+    error: Optional[str] = None  # why building it failed
+
+
+def _plan(mod: nn.Module, ctx: _Context) -> Union[Build, str, None]:
+    for h in _HANDLERS:
+        try:
+            result = h(mod, ctx)
+        except Exception as exc:  # a bad layer never stops the others
+            return f"could not read the module ({type(exc).__name__}): {exc}"
+        if isinstance(result, nn.Module):
+            return Build(lambda r=result: r, lossy=ctx.quantize is not None)
+        if result is not None:
+            return result
+    return _unhandled(mod)
+
+
+def _build(seen: _Seen, mod: nn.Module) -> None:
+    try:
+        new = seen.plan.make()
+        new.train(mod.training)
+        seen.new = new
+    except Exception as exc:  # e.g. in_features past the int8 kernels' limit
+        seen.error = f"not convertible ({type(exc).__name__}): {exc}"
+
+
 def patch(
     model: nn.Module,
     *,
@@ -166,14 +297,20 @@ def patch(
     Args:
         model: any nn.Module.
         quantize: None (lossless swaps only) or "int8" (also quantize float
-            nn.Linear layers: per-channel weights, per-token activations).
+            nn.Linear / Conv1D layers: per-channel weights, per-token activations).
         filter_fn: ``filter_fn(module, path) -> bool``; modules for which it is
             False are left alone (reported as filtered out).
         include / exclude: fnmatch patterns on module paths ("encoder.*.dense").
         inplace: False deep-copies the model first; ``report.model`` is the copy.
 
-    A module patch replaces keeps its original's device; if the model itself is
-    a single replaceable module, ``report.model`` is the replacement.
+    The report has one entry per path of every module a handler looks at and
+    of every other module holding a weight matrix (with the reason it stays).
+    A module object found at several paths is converted once: every selected
+    path gets the same replacement (entries after the first say
+    ``shared_with``). A replacement sits on its original's device; if the
+    model itself is a single replaceable module, ``report.model`` is the
+    replacement. pyaccel modules, and modules inside a replaced one, are not
+    looked at.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -182,53 +319,53 @@ def patch(
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: expected a callable (module, path) -> bool, got {type(filter_fn).__name__}")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = deepcopy_model(model)
     ctx = _Context(quantize=quantize)
     report = PatchReport(model=model)
-    replacements = []
-    skip_prefixes: List[str] = []
-    for path, mod in model.named_modules():
-        if any(path.startswith(p) for p in skip_prefixes):
+    seen: Dict[int, _Seen] = {}
+    skip_inside: set = set()  # paths whose descendants are not looked at
+    replacements: List[Tuple[str, nn.Module]] = []
+    for path, mod in list(model.named_modules(remove_duplicate=False)):
+        if _inside(path, skip_inside):
             continue
-        if isinstance(mod, (Int8Linear, Sparse24Linear, Sparse24Int8Linear)):
+        if _is_pyaccel_module(mod):
+            skip_inside.add(path)
             continue
-        result = None
-        for h in _HANDLERS:
-            try:
-                result = h(mod, ctx)
-            except (ValueError, TypeError) as exc:  # a layer the kernels cannot take: leave it
-                result = f"not convertible: {exc}"
-            if result is not None:
-                break
-        if result is None:
-            continue
-        entry = PatchEntry(path=path, old_type=mod._get_name())
+        if is_parametrized(mod):
+            # a parametrized module's ParametrizationLists hold its own tensors
+            skip_inside.add(f"{path}.parametrizations" if path else "parametrizations")
+        first = seen.get(id(mod))
+        if first is None:
+            plan = _plan(mod, ctx)
+            if plan is None:
+                continue
+            first = seen[id(mod)] = _Seen(path, plan)
+        entry = PatchEntry(path=path, old_type=mod._get_name(),
+                           shared_with=first.path if first.path != path else None)
         report.entries.append(entry)
         why = selection_reason(mod, path, include, exclude, filter_fn)
-        if why is not None:
-            entry.reason = why
+        if why is not None or isinstance(first.plan, str):
+            entry.reason = why if why is not None else first.plan
             continue
-        if isinstance(result, str):
-            entry.reason = result
+        if first.new is None and first.error is None:
+            _build(first, mod)
+        if first.error is not None:
+            entry.reason = first.error
             continue
-        device = next(iter(mod.buffers()), None)
-        device = device.device if device is not None else next(
-            (p.device for p in mod.parameters()), torch.device("cpu"))
-        new = result.to(device) if device.type != "meta" else result
-        new.train(mod.training)
+        new = first.new
         entry.new_type = type(new).__name__
-        entry.backend = new.backend() if hasattr(new, "backend") else _cpu_backend(device)
-        entry.lossy = isinstance(mod, nn.Linear) and quantize is not None
+        entry.backend = new.backend() if hasattr(new, "backend") else _cpu_backend(
+            next((t.device for t in new.state_dict().values()), torch.device("cpu")))
         notes = getattr(new, "notes", None)
+        entry.lossy = first.plan.lossy or bool(notes)
         if notes:
             entry.backend += "; " + "; ".join(notes)
         replacements.append((path, new))
-        skip_prefixes.append(path + "." if path else "")
+        skip_inside.add(path)
     for path, new in replacements:
         if path == "":
             report.model = new
             continue
         parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, name, new)
+        setattr(model.get_submodule(parent_path) if parent_path else model, name, new)
     return report

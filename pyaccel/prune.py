@@ -1,7 +1,7 @@
 """Pruning: make models whose weights follow patterns pyaccel accelerates.
 
     import pyaccel.prune
-    pruned = pyaccel.prune.prune_24(model)          # 2:4 masks on every nn.Linear
+    pruned = pyaccel.prune.prune_24(model)          # 2:4 masks on every Linear / Conv1D
     ... fine-tune: the masks stay fixed ...
     report = pyaccel.patch(model)                    # swaps in Sparse24Linear
 
@@ -12,40 +12,90 @@ torch's own prune utilities understand (prune.remove makes it permanent).
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
+from torch.nn.utils import parametrize as _parametrize
 from torch.nn.utils import prune as _torch_prune
 
+from pyaccel._linear_source import hf_conv1d_type, module_hooks, read_tensor
 from pyaccel.formats.sparse24 import mask_24
 from pyaccel.patch import selection_reason
 
 MIN_IN_FEATURES = 8
 
+try:  # nn.MultiheadAttention's out_proj class: MHA reads its weight directly
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear as _NonDynQLinear
+except Exception:  # pragma: no cover
+    _NonDynQLinear = None
+
+
+def _layer_kind(mod: nn.Module) -> Optional[str]:
+    """"Linear" for nn.Linear and its subclasses (except MultiheadAttention's
+    out_proj: its forward, hence a prune hook, never runs), "Conv1D" for
+    transformers' Conv1D (weight [in, out]) and its subclasses, else None."""
+    if isinstance(mod, nn.Linear):
+        return None if _NonDynQLinear is not None and type(mod) is _NonDynQLinear else "Linear"
+    conv1d = hf_conv1d_type()
+    return "Conv1D" if conv1d is not None and isinstance(mod, conv1d) else None
+
+
+def _check_prunable(mod: nn.Module, path: str) -> None:
+    """ValueError unless torch.nn.utils.prune can (re)prune mod.weight."""
+    hook = module_hooks(mod)[0].get("weight")
+    if isinstance(hook, _torch_prune.BasePruningMethod):
+        return
+    if hook is not None:
+        what = f"recomputed by a {type(hook).__name__} hook"
+    elif _parametrize.is_parametrized(mod, "weight"):
+        what = "parametrized (torch.nn.utils.parametrize)"
+    elif not isinstance(mod._parameters.get("weight"), nn.Parameter):
+        what = "not a registered parameter"
+    else:
+        return
+    raise ValueError(f"prune_24: {path or '<root>'} ({type(mod).__name__}): its weight is {what}, which "
+                     "torch.nn.utils.prune cannot prune; exclude the layer or remove that first")
+
 
 def prune_24(model: nn.Module, *, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
              include: Optional[Union[str, Sequence[str]]] = None,
              exclude: Optional[Union[str, Sequence[str]]] = None) -> List[str]:
-    """2:4 magnitude pruning of the chosen nn.Linear layers, in place.
+    """2:4 magnitude pruning of the chosen nn.Linear / transformers Conv1D
+    layers, in place (2:4 along in_features: Conv1D's weight [in, out] is
+    masked along its first dim).
 
-    In every group of 4 consecutive input weights of a row the 2 largest |w|
-    are kept (ties: the lower position wins; K not divisible by 4: the last
-    group is padded with zeros). Layers narrower than 8 inputs are skipped.
-    Layers already pruned with torch.nn.utils.prune get the 2:4 mask combined
-    with their existing one. Returns the paths of the pruned layers.
+    In every group of 4 consecutive input weights of an output the 2 largest |w|
+    are kept (ties: the lower position wins; in_features not divisible by 4: the
+    last group is padded with zeros). Layers narrower than 8 inputs are skipped.
+    Magnitudes are those of the weight the layer computes with now (an
+    existing torch.nn.utils.prune mask applied; the new mask is combined with
+    it). A module found at several paths is pruned once. Returns the paths of
+    the pruned layers (first path of each). ValueError, before anything is
+    pruned, if a chosen layer's weight cannot be pruned (parametrized, ...).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    done = []
+    chosen: List[Tuple[str, nn.Module, str]] = []
+    seen = set()
     for path, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or mod.in_features < MIN_IN_FEATURES:
+        kind = _layer_kind(mod)
+        if kind is None or id(mod) in seen:
             continue
-        if selection_reason(mod, path, include, exclude, filter_fn) is not None:
+        n_in = mod.weight_orig.shape[0 if kind == "Conv1D" else 1] if hasattr(mod, "weight_orig") else (
+            mod.weight.shape[0 if kind == "Conv1D" else 1])
+        if n_in < MIN_IN_FEATURES or selection_reason(mod, path, include, exclude, filter_fn) is not None:
             continue
-        w = mod.weight_orig * mod.weight_mask if hasattr(mod, "weight_mask") else mod.weight
-        _torch_prune.custom_from_mask(mod, "weight", mask_24(w.detach()))
-        done.append(path)
-    return done
+        _check_prunable(mod, path)
+        seen.add(id(mod))
+        chosen.append((path, mod, kind))
+    for path, mod, kind in chosen:
+        w = read_tensor(mod, "weight")
+        if kind == "Conv1D":
+            mask = mask_24(w.t()).t().contiguous()
+        else:
+            mask = mask_24(w)
+        _torch_prune.custom_from_mask(mod, "weight", mask)
+    return [path for path, _, _ in chosen]
 
 
 def make_permanent(model: nn.Module) -> List[str]:

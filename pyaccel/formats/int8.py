@@ -50,10 +50,17 @@ def from_torch_ao_dynamic_linear(module: torch.nn.Module) -> Int8Weight:
     Accepts per-tensor and per-channel (axis 0) symmetric qint8 weights (zero
     point 0). Values of -128 (torch.ao's range includes it) are clamped to -127
     so that every kernel path stays exact; the count is recorded in `notes`.
-    Raises ValueError for what the int8 kernels cannot represent.
+    Raises ValueError for what the int8 kernels cannot represent (float16
+    dynamic Linears included: their weights are not int8 at all).
     """
+    packed_dtype = getattr(getattr(module, "_packed_params", None), "dtype", None)
+    if packed_dtype is None:
+        raise ValueError(f"module: expected a torch.ao dynamic quantized Linear, got {type(module).__name__}")
+    if packed_dtype != torch.qint8:
+        raise ValueError(f"module: a torch.ao dynamic Linear with {packed_dtype} weights, not qint8 "
+                         "(pyaccel reuses qint8 weights only)")
     wq, _ = module._packed_params._weight_bias()
-    if wq.dtype != torch.qint8:
+    if wq.dtype != torch.qint8:  # pragma: no cover - packed dtype says qint8
         raise ValueError(f"module: expected qint8 weights, got {wq.dtype}")
     scheme = wq.qscheme()
     vals = wq.int_repr()
