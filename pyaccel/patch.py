@@ -160,15 +160,6 @@ def _torch_ao_dynamic_linear(mod, ctx):
     return Build(lambda: Int8Linear.from_weights(w, bias), lossy=bool(w.notes))
 
 
-def _sparse24_int8(w: Tensor, b: Optional[Tensor]) -> nn.Module:
-    """Sparse24Int8Linear of an effective 2:4 weight [N, K] and bias [N]."""
-    carrier = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
-    carrier.weight = nn.Parameter(w, requires_grad=False)  # shares w's storage; read only
-    if b is not None:
-        carrier.bias = nn.Parameter(b, requires_grad=False)
-    return Sparse24Int8Linear.from_float(carrier)
-
-
 @handler
 def _linear_like(mod, ctx):
     """nn.Linear / transformers Conv1D (pruned, parametrized, weight-normed or
@@ -198,7 +189,7 @@ def _linear_like(mod, ctx):
     k = src.in_features
     if k >= MIN_SPARSE24_K and s24.is_24(w):
         if ctx.quantize == "int8":
-            return Build(lambda: _sparse24_int8(w, b), lossy=True)
+            return Build(lambda: Sparse24Int8Linear.from_dense(w, b), lossy=True)
         return Build(lambda: Sparse24Linear.from_dense(w, b))
     if ctx.quantize != "int8":
         why = ("weights not 2:4 sparse" if k >= MIN_SPARSE24_K

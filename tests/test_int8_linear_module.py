@@ -156,7 +156,7 @@ def test_errors_name_the_argument(gen):
         m(torch.randn(2, 16).double())
     with pytest.raises(TypeError, match=r"x: expected float32 or bfloat16"):
         m(torch.ones(2, 16, dtype=torch.int64))
-    with pytest.raises(TypeError, match=r"linear: expected torch.nn.Linear, got Conv2d"):
+    with pytest.raises(TypeError, match=r"linear: expected torch.nn.Linear or a transformers Conv1D, got Conv2d"):
         Int8Linear.from_float(nn.Conv2d(3, 3, 1))
     with pytest.raises(TypeError, match=r"module: expected torch.ao.nn.quantized.dynamic.Linear"):
         Int8Linear.from_module(nn.Linear(3, 3))

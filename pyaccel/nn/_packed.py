@@ -370,6 +370,21 @@ class PackedLinear(PackedModule):
         return self._op(x, bias)
 
 
+def linear_weights(linear: nn.Module):
+    """(weight [out, in], bias [out] or None) that `linear` computes with: an
+    nn.Linear (prune masks, parametrizations, weight_norm applied) or a
+    transformers Conv1D (weight transposed); detached. TypeError for other
+    modules, ValueError when the weights cannot be read (meta device, ...)."""
+    from pyaccel._linear_source import linear_kind, read_linear
+
+    if linear_kind(linear) is not None:
+        src = read_linear(linear, allow_foreign_hooks=True)
+        return src.weight, src.bias
+    if isinstance(linear, nn.Linear):  # a subclass, converted on the caller's say-so
+        return linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+    raise TypeError(f"linear: expected torch.nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
+
+
 def _desc(t) -> str:
     if not isinstance(t, Tensor):
         return type(t).__name__

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from pyaccel import _native, ops
 from pyaccel.formats import _checks
-from pyaccel.nn._packed import PackedLinear
+from pyaccel.nn._packed import PackedLinear, linear_weights
 from pyaccel.formats.int8 import (
     Int8Weight,
     dequantize_weight,
@@ -85,13 +85,11 @@ class Int8Linear(PackedLinear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "Int8Linear":
-        """Quantize an nn.Linear: weights symmetric per output channel (lossy)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear: expected torch.nn.Linear, got {type(linear).__name__}")
-        if linear.weight.device.type == "meta":
-            raise ValueError("linear: weights are on the meta device; materialize them first")
-        b = linear.bias.detach() if linear.bias is not None else None
-        return cls.from_weights(quantize_weight_per_channel(linear.weight), b)
+        """Quantize an nn.Linear (or a transformers Conv1D): weights symmetric
+        per output channel (lossy), read in their effective form (prune masks,
+        parametrizations applied)."""
+        w, b = linear_weights(linear)
+        return cls.from_weights(quantize_weight_per_channel(w), b)
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "Int8Linear":

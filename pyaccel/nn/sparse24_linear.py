@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from pyaccel import _native, ops
 from pyaccel.formats import sparse24 as s24
 from pyaccel.formats import _checks
-from pyaccel.nn._packed import PackedLinear
+from pyaccel.nn._packed import PackedLinear, linear_weights
 from pyaccel.reference import INT8_MAX_K
 
 
@@ -21,16 +21,6 @@ def _init_24_buffers(mod: nn.Module, values_dtype: torch.dtype, device) -> None:
     mod.register_buffer("values", torch.zeros(mod.out_features, 2 * groups, dtype=values_dtype, device=device))
     mod.register_buffer("metadata", torch.full((mod.out_features, (groups + 1) // 2), 0x44, dtype=torch.uint8,
                                            device=device))
-
-
-def effective_weight(linear: nn.Linear) -> Tensor:
-    """The weight a Linear computes with: weight_orig * weight_mask under a
-    torch.nn.utils.prune reparametrization (the mask applied now, whatever the
-    forward pre-hook last wrote into .weight), else .weight."""
-    orig, mask = getattr(linear, "weight_orig", None), getattr(linear, "weight_mask", None)
-    if isinstance(orig, Tensor) and isinstance(mask, Tensor):
-        return (orig * mask).detach()
-    return linear.weight.detach()
 
 
 class _Sparse24Buffers:
@@ -93,11 +83,9 @@ class Sparse24Linear(_Sparse24Buffers, PackedLinear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "Sparse24Linear":
-        """From an nn.Linear whose weight (or prune-masked weight) is 2:4."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear: expected torch.nn.Linear, got {type(linear).__name__}")
-        b = linear.bias.detach() if linear.bias is not None else None
-        return cls.from_dense(effective_weight(linear), b)
+        """From an nn.Linear (or transformers Conv1D) whose effective weight
+        (prune masks, parametrizations applied) is 2:4 along in_features."""
+        return cls.from_dense(*linear_weights(linear))
 
     def dense_weight(self) -> Tensor:
         """The dense weight, float32 [out_features, in_features] (exact)."""
@@ -152,26 +140,32 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
         self._repack()
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> "Sparse24Int8Linear":
-        """Quantize a 2:4 nn.Linear (zeros or prune mask): int8 per output channel (lossy)."""
+    def from_dense(cls, weight: Tensor, bias: Optional[Tensor] = None) -> "Sparse24Int8Linear":
+        """Quantize a dense [N, K] weight that follows 2:4 (ValueError naming the
+        first offending group if not): int8 symmetric per output channel (lossy)."""
         from pyaccel.formats.int8 import quantize_weight_per_channel
 
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear: expected torch.nn.Linear, got {type(linear).__name__}")
-        w = effective_weight(linear)
-        s24.compress(w)  # raises, naming the group, if the weight is not 2:4
-        q = quantize_weight_per_channel(w)  # zeros stay zeros
+        s24.compress(weight)  # raises, naming the group, if the weight is not 2:4
+        n, k = weight.shape
+        if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (n,)):
+            raise ValueError(f"bias: expected a tensor of shape ({n},) or None, got {ops._desc(bias)}")
+        q = quantize_weight_per_channel(weight)  # zeros stay zeros
         sw = s24.compress(q.values.float())
-        n, k = w.shape
-        mod = cls(k, n, bias=linear.bias is not None, device=w.device)
+        mod = cls(k, n, bias=bias is not None, device=weight.device)
         with torch.no_grad():
             mod.values.copy_(sw.values.to(torch.int8))
             mod.metadata.copy_(sw.meta)
             mod.weight_scale.copy_(q.scale)
-            if linear.bias is not None:
-                mod.bias.copy_(linear.bias.detach().float())
+            if bias is not None:
+                mod.bias.copy_(bias.detach().float())
         mod._repack_or_raise()
         return mod
+
+    @classmethod
+    def from_float(cls, linear: nn.Module) -> "Sparse24Int8Linear":
+        """Quantize a 2:4 nn.Linear (or transformers Conv1D; zeros, prune mask
+        or parametrization): int8 per output channel (lossy)."""
+        return cls.from_dense(*linear_weights(linear))
 
     def dense_int8_weight(self) -> Tensor:
         """The dense int8 weight [out_features, in_features] (zeros included)."""
