@@ -119,8 +119,9 @@ class PackedModule(nn.Module):
         w_scale); None when one of them is not a contiguous float32 CPU tensor
         (forward then takes the checked general path). The plan holds the
         storages it reads, so it never reads freed memory, and watches the
-        canonical buffers: once one is edited in place or gets other .data,
-        plan.stale() is True and the next call repacks."""
+        canonical buffers: once one gets other .data, or one the packing was
+        built from is edited in place, plan.stale() is True and the next call
+        repacks (in-place edits of w_scale and bias are read where they are)."""
         from pyaccel import _native
 
         b = self.bias
@@ -130,10 +131,10 @@ class PackedModule(nn.Module):
         keep = (packed.untyped_storage(),) + tuple(t.untyped_storage() for t in ts)
         C = _native.lib()
         _hand_torch_to(C)
-        watch = tuple(t for t in self._canonical().values() if t is not None)
+        packed_from = tuple(t for t in self._canonical().values() if t is not None and all(t is not r for r in ts))
         plan = C.LinearPlan(kind, packed.data_ptr(), packed.numel(), self.out_features, self.in_features,
                             0 if w_scale is None else w_scale.data_ptr(), 0 if b is None else b.data_ptr(), keep,
-                            watch)
+                            packed_from, tuple(ts))
         plan.max_rows = self._switch_rows  # from there on _run_plan switches plans
         return plan
 
