@@ -81,3 +81,27 @@ def sparse24_int8_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
 
     w = decompress(Sparse24Weight(values, meta, k))
     return int8_linear(x, w, w_scale, bias)
+
+
+def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
+                        col_indices: torch.Tensor, n: int, k: int,
+                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ W.T + bias for a block-sparse W in canonical BSR form
+    (pyaccel.formats.block_sparse: values [nnzb, bh, bw] fp32, int32 indices),
+    computed densely in fp32; output in x's dtype."""
+    from pyaccel.formats.block_sparse import BlockSparseWeight, decompress
+
+    w = decompress(BlockSparseWeight(values, crow_indices, col_indices, (n, k))).float()
+    y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def block_sparse_int8_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
+                             col_indices: torch.Tensor, n: int, k: int, w_scale: torch.Tensor,
+                             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int8_linear with a block-sparse int8 weight in canonical BSR form
+    (values int8 [nnzb, bh, bw] in [-127, 127], w_scale fp32 [n])."""
+    from pyaccel.formats.block_sparse import BlockSparseWeight, decompress
+
+    w = decompress(BlockSparseWeight(values, crow_indices, col_indices, (n, k)))
+    return int8_linear(x, w, w_scale, bias)
