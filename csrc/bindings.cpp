@@ -12,6 +12,7 @@
 
 #include "common/cpu_features.h"
 #include "common/parallel.h"
+#include "block_sparse/block_sparse.h"
 #include "int8_gemm/int8_gemm.h"
 #include "sparse24/sparse24.h"
 #include "sparse24/sparse24_int8.h"
@@ -136,6 +137,9 @@ py::dict kernel_params() {
   e = tile_params(kq.name, kq.mr, sparse24_int8::kPanel, sparse24_int8::kQuadInputs, kq.row_path_rows);
   e["dense_from_rows"] = kq.dense_from_rows;  // the modules switch to dense int8 from here (0: never)
   d["sparse24_int8"] = e;
+  const block_sparse::Kernel& kb = block_sparse::select_kernel();
+  e = tile_params(kb.name, kb.mr, block_sparse::kChannelPad, 1, 0);  // nr: block rows are padded to it
+  d["block_sparse"] = e;
   return d;
 }
 
@@ -179,7 +183,7 @@ int64_t version_of(PyObject* t, const TorchRefs* T) {
 // seen) has other data; forward() then declines, so that the module repacks.
 class LinearPlan {
  public:
-  enum class Kind { kInt8, kSparse24, kSparse24Int8 };
+  enum class Kind { kInt8, kSparse24, kSparse24Int8, kBlockSparse };
 
   LinearPlan(const std::string& kind, uintptr_t packed, int64_t packed_nbytes, int64_t n, int64_t k,
              uintptr_t w_scale, uintptr_t bias, py::object keep, py::tuple watch = py::tuple(),
@@ -206,11 +210,16 @@ class LinearPlan {
     } else if (kind == "sparse24_int8") {
       kind_ = Kind::kSparse24Int8;
       err = sparse24_int8::check_packed(ptr<const uint8_t>(packed), packed_nbytes, n, k);
+    } else if (kind == "block_sparse") {
+      kind_ = Kind::kBlockSparse;
+      err = block_sparse::check_packed(ptr<const uint8_t>(packed), packed_nbytes, n, k);
     } else {
-      throw py::value_error("kind: expected 'int8', 'sparse24' or 'sparse24_int8', got '" + kind + "'");
+      throw py::value_error("kind: expected 'int8', 'sparse24', 'sparse24_int8' or 'block_sparse', got '" + kind +
+                            "'");
     }
     if (err) throw py::value_error(std::string("packed_weight: ") + err);
-    if (kind_ != Kind::kSparse24 && !w_scale) throw py::value_error("w_scale: null pointer");
+    if (kind_ != Kind::kSparse24 && kind_ != Kind::kBlockSparse && !w_scale)
+      throw py::value_error("w_scale: null pointer");
   }
 
   // The eager fast path, what PackedModule._run_plan does in Python, ~0.8 µs
@@ -306,6 +315,10 @@ class LinearPlan {
         sparse24_int8::linear(ptr<const void>(x), ldx, bf16, m, k_, ptr<const uint8_t>(packed_),
                               ptr<const float>(w_scale_), bias, ptr<void>(y), n_, bf16, nthreads);
         break;
+      case Kind::kBlockSparse:
+        block_sparse::linear(ptr<const void>(x), ldx, bf16, m, k_, ptr<const uint8_t>(packed_), bias, ptr<void>(y),
+                             n_, bf16, nthreads);
+        break;
     }
   }
 
@@ -399,6 +412,23 @@ PYBIND11_MODULE(_C, m) {
   def_pack24(m, "s24i8_pack", &sparse24_int8::packed_nbytes, &sparse24_int8::pack,
              "out: wrong size for the packed 2:4 int8 weight");
   m.def("int8_packed_nbytes", &int8_gemm::packed_nbytes, py::arg("n"), py::arg("k"));
+  m.def("bsr_kernel_name", [] { return std::string(block_sparse::select_kernel().name); });
+  m.def("bsr_packed_nbytes", &block_sparse::packed_nbytes, py::arg("n"), py::arg("k"), py::arg("bh"), py::arg("bw"),
+        py::arg("nnzb"));
+  m.def(
+      "bsr_pack",
+      [](uintptr_t values, uintptr_t crow, uintptr_t col, int64_t n, int64_t k, int bh, int bw, int64_t nnzb,
+         uintptr_t out, int64_t out_nbytes) {
+        if (bh < 1 || bw < 1 || n < 1 || k < 1 || nnzb < 0) throw py::value_error("bsr_pack: bad shape");
+        if (out_nbytes != block_sparse::packed_nbytes(n, k, bh, bw, nnzb))
+          throw py::value_error("out: wrong size for the packed BSR weight");
+        py::gil_scoped_release nogil;
+        block_sparse::pack(ptr<const float>(values), ptr<const int32_t>(crow), ptr<const int32_t>(col), n, k, bh, bw,
+                           nnzb, ptr<uint8_t>(out));
+      },
+      "pack validated canonical BSR fp32 blocks (values [nnzb, bh, bw], int32 crow/col) for the native kernels",
+      py::arg("values"), py::arg("crow"), py::arg("col"), py::arg("n"), py::arg("k"), py::arg("bh"), py::arg("bw"),
+      py::arg("nnzb"), py::arg("out"), py::arg("out_nbytes"));
   m.def(
       "int8_pack",
       [](uintptr_t w, int64_t ldw, int64_t n, int64_t k, uintptr_t out, int64_t out_nbytes) {

@@ -209,3 +209,23 @@ def _desc(t) -> str:
     if not isinstance(t, Tensor):
         return type(t).__name__
     return f"{t.dtype} {t.layout} tensor of shape {tuple(t.shape)} on {t.device}"
+
+
+def pack_block_sparse(bsw: BlockSparseWeight):
+    """Pack fp32 blocks for the native CPU kernels ("BSR_F32_T16", see
+    csrc/block_sparse/pack.cpp); None without the native library. `bsw` must
+    be valid (canonical_error)."""
+    from pyaccel import _native
+    from pyaccel.formats._buffer import packed_buffer
+
+    C = _native.lib()
+    if C is None:
+        return None
+    vals = bsw.values.detach().to("cpu", torch.float32).contiguous()
+    crow = bsw.crow_indices.detach().cpu().contiguous()
+    col = bsw.col_indices.detach().cpu().contiguous()
+    (n, k), (bh, bw) = bsw.shape, bsw.block
+    nbytes = C.bsr_packed_nbytes(n, k, bh, bw, bsw.nnzb)
+    out = packed_buffer(nbytes)
+    C.bsr_pack(vals.data_ptr(), crow.data_ptr(), col.data_ptr(), n, k, bh, bw, bsw.nnzb, out.data_ptr(), nbytes)
+    return out

@@ -1,0 +1,85 @@
+// Block-sparse (BSR) linear layer, fp32 values:
+//
+//   y[m, n] = sum over the kept blocks (r, c) of block row r = n / bh:
+//             sum_{j < bw} x[m, c * bw + j] * B[n - r * bh][j]   + bias[n]
+//
+// Weights come in torch's BSR form (values [nnzb, bh, bw], int32 row pointers
+// and block columns; pyaccel/formats/block_sparse.py) and are packed once into
+// the "BSR_F32_T16" layout (see pack.cpp): each block transposed to
+// [bw][bh_pad] with bh_pad = bh rounded up to 16, so that for every input j
+// the block's output channels are one run of vectors. A kernel computes a
+// tile of rows x (a chunk of) one block row's channels, looping over that
+// row's blocks; x is read at each block's columns, in place.
+#pragma once
+#include <cstdint>
+
+#include "common/cpu_features.h"
+#include "common/packed_header.h"
+
+namespace pyaccel {
+namespace block_sparse {
+
+constexpr uint32_t kMagic = 0x46525342u;  // "BSRF"
+constexpr int32_t kLayoutF32T16 = 1;
+constexpr int kChannelPad = 16;  // bh is padded to this many channels in the packing
+
+// 64-byte header; then int32 rowptr[nbr + 1] and int32 colk[nnzb] (each
+// block's first input, c * bw), then the blocks (64-byte aligned).
+struct PackedHeader {
+  uint32_t magic;
+  int32_t layout;
+  int64_t n, k;
+  int64_t n_pad;        // n rounded up to bh
+  int32_t bh, bw;       // block shape
+  int32_t bh_pad;       // bh rounded up to kChannelPad
+  int32_t nbr;          // block rows, n_pad / bh
+  int64_t nnzb;         // kept blocks
+  int64_t data_offset;  // fp32 blocks [nnzb][bw][bh_pad]
+};
+static_assert(sizeof(PackedHeader) == 64, "header must stay 64 bytes");
+
+int64_t packed_nbytes(int64_t n, int64_t k, int bh, int bw, int64_t nnzb);
+// values: fp32 [nnzb, bh, bw] (contiguous); crow: int32 [nbr + 1]; col: int32
+// [nnzb]; already validated (pyaccel.formats.block_sparse.canonical_error).
+void pack(const float* values, const int32_t* crow, const int32_t* col, int64_t n, int64_t k, int bh, int bw,
+          int64_t nnzb, uint8_t* out);
+// nullptr if buf is a valid packing of an [n, k] weight, else what is wrong.
+const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k);
+
+struct GemmArgs {
+  const float* x;  // [m, >= k] fp32, row stride ldx
+  int64_t ldx;
+  const int32_t* rowptr;
+  const int32_t* colk;
+  const float* blocks;
+  int64_t k, n;
+  int bh, bw, bh_pad;
+  const float* bias;  // [n] or null
+  void* y;            // [m, n] fp32 or bf16, row stride ldy
+  int64_t ldy;
+  bool y_bf16;
+};
+
+// Rows [m0, m1) x block rows [r0, r1).
+using GemmFn = void (*)(const GemmArgs& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1);
+
+struct Kernel {
+  Isa isa;
+  const char* name;
+  int mr;  // rows per micro-tile for 32-channel chunks
+  GemmFn gemm;
+};
+const Kernel& select_kernel();
+
+void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const uint8_t* packed,
+            const float* bias, void* y, int64_t ldy, bool y_bf16, int nthreads);
+
+void bsr_gemm_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void bsr_gemm_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void bsr_gemm_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+
+// y[m, n] for channel n of a tile: bias added, stored as fp32 or bf16.
+void store_scalar(const GemmArgs& g, int64_t m, int64_t n, float v);
+
+}  // namespace block_sparse
+}  // namespace pyaccel

@@ -1,0 +1,97 @@
+// Kernel choice and the driver of the BSR fp32 linear: x in place when it is
+// fp32 (any row stride), else converted to fp32 in row passes; threads split
+// the block rows into ranges of about equal numbers of kept blocks.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "block_sparse/block_sparse.h"
+#include "common/bf16.h"
+#include "common/ladder.h"
+#include "common/parallel.h"
+#include "common/row_passes.h"
+
+namespace pyaccel {
+namespace block_sparse {
+namespace {
+
+const Kernel kLadder[] = {
+    {Isa::kAvx512, "bsr_gemm_8x32_avx512", 8, bsr_gemm_avx512},
+    {Isa::kAvx2, "bsr_gemm_6x16_avx2", 6, bsr_gemm_avx2},
+    {Isa::kPortable, "bsr_gemm_1x16_scalar", 1, bsr_gemm_scalar},
+};
+
+LadderChoice<Kernel> g_choice;
+thread_local std::vector<float> t_x;
+
+// Below this many multiply-adds (kept blocks only) one thread is faster.
+constexpr int64_t kMinParallelMacs = int64_t(1) << 18;
+
+// Block row where the running count of kept blocks reaches `target`.
+int64_t row_at(const int32_t* rowptr, int64_t nbr, int64_t target) {
+  return std::lower_bound(rowptr, rowptr + nbr + 1, target) - rowptr;
+}
+
+}  // namespace
+
+const Kernel& select_kernel() {
+  return g_choice.get(kLadder, [](const Kernel& k) { return k.isa; });
+}
+
+void store_scalar(const GemmArgs& g, int64_t m, int64_t n, float v) {
+  if (g.bias) v += g.bias[n];
+  if (g.y_bf16)
+    static_cast<uint16_t*>(g.y)[m * g.ldy + n] = fp32_to_bf16_rne(v);
+  else
+    static_cast<float*>(g.y)[m * g.ldy + n] = v;
+}
+
+void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const uint8_t* packed,
+            const float* bias, void* y, int64_t ldy, bool y_bf16, int nthreads) {
+  if (m <= 0) return;
+  const Kernel& kern = select_kernel();
+  PackedHeader h;
+  std::memcpy(&h, packed, sizeof(h));
+  const int32_t* rowptr = reinterpret_cast<const int32_t*>(packed + sizeof(h));
+  const int32_t* colk = rowptr + h.nbr + 1;
+  const float* blocks = reinterpret_cast<const float*>(packed + h.data_offset);
+  if (m * h.nnzb * h.bh * h.bw < kMinParallelMacs) nthreads = 1;
+  const size_t ysize = y_bf16 ? 2 : 4;
+  const int64_t nbr = h.nbr;
+  for_each_row_pass(m, k * 4, x_bf16 ? kRowPassBytes : INT64_MAX / 2, 16, [&](int64_t p0, int64_t p1) {
+    const int64_t rows = p1 - p0;
+    const float* xf;
+    int64_t lx = ldx;
+    if (x_bf16) {
+      if (t_x.size() < static_cast<size_t>(rows * k)) t_x.resize(rows * k);
+      float* s = t_x.data();
+      const uint16_t* xs = static_cast<const uint16_t*>(x) + p0 * ldx;
+      parallel_for(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), nthreads,
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r)
+                       for (int64_t i = 0; i < k; ++i) s[r * k + i] = bf16_as_fp32(xs[r * ldx + i]);
+                   });
+      xf = s;
+      lx = k;
+    } else {
+      xf = static_cast<const float*>(x) + p0 * ldx;
+    }
+    const GemmArgs g{xf, lx, rowptr, colk, blocks, k, h.n, h.bh, h.bw, h.bh_pad, bias,
+                     static_cast<char*>(y) + p0 * ldy * ysize, ldy, y_bf16};
+    // Threads take block-row ranges of about equal kept blocks; with fewer
+    // block rows than 2 per thread, they split the rows of x instead.
+    const int64_t nt = std::max<int64_t>(1, nthreads);
+    if (nt > 1 && nbr < 2 * nt && rows >= 2 * kern.mr) {
+      parallel_for(rows, kern.mr, nthreads, [&](int64_t m0, int64_t m1) { kern.gemm(g, m0, m1, 0, nbr); });
+    } else {
+      parallel_for(nt, 1, nthreads, [&](int64_t t0, int64_t t1) {
+        const int64_t r0 = t0 == 0 ? 0 : row_at(rowptr, nbr, h.nnzb * t0 / nt);
+        const int64_t r1 = t1 == nt ? nbr : row_at(rowptr, nbr, h.nnzb * t1 / nt);
+        if (r0 < r1) kern.gemm(g, 0, rows, r0, r1);
+      });
+    }
+  });
+}
+
+}  // namespace block_sparse
+}  // namespace pyaccel

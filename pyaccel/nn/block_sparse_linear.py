@@ -1,0 +1,162 @@
+"""BlockSparseLinear: y = x Wᵀ + b with a block-sparse W in torch's BSR layout,
+computed over the kept blocks only."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from pyaccel import _native, ops  # noqa: F401  (ops: registers torch.ops.pyaccel.*)
+from pyaccel import ops_block_sparse as bops
+from pyaccel.formats import _checks
+from pyaccel.formats import block_sparse as bsf
+from pyaccel.nn._packed import PackedLinear, linear_weights
+
+DEFAULT_BLOCK = (32, 32)
+
+
+class BlockSparseLinear(PackedLinear):
+    """Linear layer whose weight is block-sparse (torch BSR layout, fp32 blocks).
+
+    Buffers (state_dict; pyaccel.formats.block_sparse): values float32
+    [nnzb, bh, bw], crow_indices int32 [ceil(out/bh) + 1], col_indices int32
+    [nnzb], bias float32 [out] if any. Shapes that are not multiples of the
+    block are padded, never rejected. The number of kept blocks and the block
+    shape come from the weights: ``load_state_dict`` adopts those of the
+    checkpoint (so a module built with any block loads any BSR checkpoint).
+    ``weight``: read-only view of the dense weight (float32 [out, in]).
+
+    Inputs [..., in_features] float32 or bfloat16; output in x's dtype.
+    Raises ValueError naming the buffer for invalid indices (out of range,
+    unsorted or duplicate block columns, bad row pointers) or shapes.
+    """
+
+    WEIGHT_NAMES = frozenset({"values", "crow_indices", "col_indices", "bias"})
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 block: Tuple[int, int] = DEFAULT_BLOCK, device=None) -> None:
+        super().__init__()
+        self._init_features(in_features, out_features)
+        bh, bw = bsf.check_block(block)
+        self.register_buffer("values", torch.zeros(0, bh, bw, dtype=torch.float32, device=device))
+        self.register_buffer("crow_indices", torch.zeros(-(-out_features // bh) + 1, dtype=torch.int32,
+                                                         device=device))
+        self.register_buffer("col_indices", torch.zeros(0, dtype=torch.int32, device=device))
+        self._init_bias(bias, device)
+        self._repack()
+
+    # ---- construction ---------------------------------------------------------
+    @classmethod
+    def from_weight(cls, bsw: bsf.BlockSparseWeight, bias: Optional[Tensor] = None) -> "BlockSparseLinear":
+        """From a canonical BSR weight (ValueError naming what is wrong)."""
+        err = bsf.canonical_error(bsw)
+        if err:
+            raise ValueError(err)
+        n, k = bsw.shape
+        if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (n,)):
+            raise ValueError(f"bias: expected a tensor of shape ({n},) or None, got {ops._desc(bias)}")
+        mod = cls(k, n, bias=bias is not None, block=bsw.block, device=bsw.values.device)
+        mod._set_blocks(bsw.values.detach().float(), bsw.crow_indices, bsw.col_indices)
+        if bias is not None:
+            with torch.no_grad():
+                mod.bias.copy_(bias.detach().float())
+        mod._repack_or_raise()
+        return mod
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Optional[Tensor] = None,
+                   block: Tuple[int, int] = DEFAULT_BLOCK) -> "BlockSparseLinear":
+        """From a dense [out, in] weight: every block holding a non-zero is kept
+        (lossless)."""
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError(f"weight: expected a 2-D floating-point tensor [out, in], got {ops._desc(weight)}")
+        return cls.from_weight(bsf.compress(weight.detach().float(), block), bias)
+
+    @classmethod
+    def from_float(cls, linear: nn.Module, block: Tuple[int, int] = DEFAULT_BLOCK) -> "BlockSparseLinear":
+        """From an nn.Linear (or transformers Conv1D) whose effective weight
+        (prune masks, parametrizations applied) has zero blocks (lossless)."""
+        w, b = linear_weights(linear)
+        return cls.from_dense(w, b, block)
+
+    @classmethod
+    def from_bsr(cls, weight: Tensor, bias: Optional[Tensor] = None,
+                 shape: Optional[Tuple[int, int]] = None) -> "BlockSparseLinear":
+        """From a ``torch.sparse_bsr`` weight [out_pad, in_pad] (`shape`: the
+        logical (out, in) when padded)."""
+        return cls.from_weight(bsf.from_torch_bsr(weight, shape), bias)
+
+    def to_bsr(self) -> Tensor:
+        """The weight as a ``torch.sparse_bsr`` tensor (padded shape)."""
+        return bsf.to_torch_bsr(self._bsw())
+
+    # ---- canonical buffers ------------------------------------------------------
+    @property
+    def block(self) -> Tuple[int, int]:
+        return int(self.values.shape[1]), int(self.values.shape[2])
+
+    @property
+    def density(self) -> float:
+        """Fraction of the (padded) weight's blocks that are kept."""
+        return self._bsw().density
+
+    def _bsw(self, t=None) -> bsf.BlockSparseWeight:
+        t = t if t is not None else self._canonical()
+        return bsf.BlockSparseWeight(t["values"], t["crow_indices"], t["col_indices"],
+                                     (self.out_features, self.in_features))
+
+    def _set_blocks(self, values: Tensor, crow: Tensor, col: Tensor) -> None:
+        """Replace the three BSR buffers at once (their shapes depend on the data)."""
+        self._loading = True
+        try:
+            self.values, self.crow_indices, self.col_indices = values, crow, col
+        finally:
+            self._loading = False
+
+    def _canonical_error(self, t):
+        v = t["values"]
+        if not isinstance(v, Tensor) or v.dtype != torch.float32:
+            return f"values: expected float32 [nnzb, bh, bw], got {ops._desc(v)}"
+        return (bsf.canonical_error(self._bsw(t)) or self._bias_error(t["bias"])
+                or _checks.same_device_error(t))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # adopt the checkpoint's number of kept blocks and block shape
+        incoming = [state_dict.get(prefix + name) for name in ("values", "crow_indices", "col_indices")]
+        if all(isinstance(t, Tensor) for t in incoming) and any(
+                t.shape != getattr(self, name).shape
+                for t, name in zip(incoming, ("values", "crow_indices", "col_indices"))):
+            dev = self.values.device
+            self._set_blocks(*(torch.empty(t.shape, dtype=getattr(self, name).dtype, device=dev)
+                               for t, name in zip(incoming, ("values", "crow_indices", "col_indices"))))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _pack(self) -> None:
+        if self.values.device.type == "cpu" and _native.available():
+            self._packed = bsf.pack_block_sparse(self._bsw())
+            self._plan = self._make_plan("block_sparse", self._packed)
+
+    def dense_weight(self) -> Tensor:
+        """The dense weight, float32 [out_features, in_features] (exact)."""
+        return bsf.decompress(self._bsw()).float()
+
+    _dense_weight = dense_weight
+
+    # ---- forward (PackedModule.forward) ---------------------------------------------
+    def _native_rows(self, x: Tensor) -> Tensor:
+        return bops.block_sparse_linear_cpu(x, self.values, self.crow_indices, self.col_indices, self.out_features,
+                                            self.in_features, self.bias, self._packed)
+
+    def _op(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return torch.ops.pyaccel.block_sparse_linear(x, self.values, self.crow_indices, self.col_indices,
+                                                     self.out_features, self.in_features, bias, self._packed)
+
+    def backend(self) -> str:
+        """Where forward runs: cpu/<isa> (<kernel>), cpu/reference, cuda/triton, ..."""
+        return self._backend_name(self.values.device, "bsr_kernel_name")
+
+    def extra_repr(self) -> str:
+        bh, bw = self.block
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"block={bh}x{bw}, density={self.density:.3f}, backend={self.backend()}")

@@ -1,0 +1,126 @@
+"""Block-sparse (BSR) ops, registered with ``torch.library`` (the block-sparse
+family's half of :mod:`pyaccel.ops`): schema, argument checks naming the
+argument, CPU kernels (pyaccel._C), CUDA kernels (Triton, kernels/block_sparse.py),
+fake implementations and autograd to x.
+
+Weights are in the canonical BSR form of :mod:`pyaccel.formats.block_sparse`:
+values [nnzb, bh, bw], int32 crow_indices [ceil(n/bh) + 1] and col_indices [nnzb].
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from pyaccel import _native, reference
+from pyaccel.ops import _as_rows, _desc, _FLOAT_IO, _grad_x, _native_linear
+
+
+def check_block_sparse_args(x, values, crow_indices, col_indices, n, k, bias, packed=None,
+                            values_dtype=torch.float32, w_scale=None) -> None:
+    """Raise TypeError/ValueError naming the bad argument of block_sparse_linear
+    (and, with values_dtype=torch.int8, of block_sparse_int8_linear). Index
+    ranges and order are checked when a module is built or loaded, not per call."""
+    for name, t in (("x", x), ("values", values), ("crow_indices", crow_indices), ("col_indices", col_indices)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in _FLOAT_IO:
+        raise TypeError(f"x: expected float32 or bfloat16, got {_desc(x)}")
+    if values.dtype != values_dtype or values.dim() != 3:
+        raise TypeError(f"values: expected a 3-D {values_dtype} tensor [nnzb, bh, bw], got {_desc(values)}")
+    if n < 1 or k < 1:
+        raise ValueError(f"n, k: expected >= 1, got {n}, {k}")
+    bh = values.shape[1]
+    nbr = -(-n // bh)
+    if crow_indices.dtype != torch.int32 or tuple(crow_indices.shape) != (nbr + 1,):
+        raise ValueError(f"crow_indices: expected int32 of shape ({nbr + 1},), got {_desc(crow_indices)}")
+    if col_indices.dtype != torch.int32 or tuple(col_indices.shape) != (values.shape[0],):
+        raise ValueError(f"col_indices: expected int32 of shape ({values.shape[0]},), got {_desc(col_indices)}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x: expected last dimension K={k}, got {_desc(x)}")
+    if values_dtype == torch.int8:
+        if k > reference.INT8_MAX_K:
+            raise ValueError(f"k: {k} exceeds {reference.INT8_MAX_K}, past which int32 accumulators could overflow")
+        if not isinstance(w_scale, Tensor) or w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (n,):
+            raise ValueError(f"w_scale: expected float32 of shape ({n},), got {_desc(w_scale)}")
+    if bias is not None and (not isinstance(bias, Tensor) or bias.dtype != torch.float32
+                             or tuple(bias.shape) != (n,)):
+        raise ValueError(f"bias: expected float32 of shape ({n},), got {_desc(bias)}")
+    for name, t in (("values", values), ("crow_indices", crow_indices), ("col_indices", col_indices),
+                    ("w_scale", w_scale), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {_desc(t)}")
+    if packed is not None and (packed.dtype != torch.uint8 or packed.dim() != 1):
+        raise TypeError(f"packed: expected a 1-D uint8 tensor from pack_block_sparse, got {_desc(packed)}")
+
+
+def block_sparse_linear_cpu(x, values, crow_indices, col_indices, n, k, bias, packed):
+    """The native CPU BSR linear (arguments already checked)."""
+    from pyaccel.formats.block_sparse import BlockSparseWeight, pack_block_sparse
+
+    if _native.lib() is None:
+        return reference.block_sparse_linear(x, values, crow_indices, col_indices, n, k, bias)
+    if packed is None:
+        packed = pack_block_sparse(BlockSparseWeight(values, crow_indices, col_indices, (n, k)))
+    return _native_linear("block_sparse", x, k, n, packed, None, bias)
+
+
+def _triton():
+    try:
+        from pyaccel.kernels import block_sparse as tk
+    except ImportError as exc:
+        raise ValueError(f"x: a CUDA tensor needs pyaccel's Triton kernels, which cannot load here ({exc})") from exc
+    return tk
+
+
+@torch.library.custom_op("pyaccel::block_sparse_linear", mutates_args=())
+def block_sparse_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, n: int, k: int,
+                        bias: Optional[Tensor], packed: Optional[Tensor]) -> Tensor:
+    """y = x @ W.T + bias, W [n, k] block-sparse in canonical BSR form (values
+    fp32 [nnzb, bh, bw]); x [..., k] fp32/bf16, output in x's dtype."""
+    check_block_sparse_args(x, values, crow_indices, col_indices, n, k, bias, packed)
+    return reference.block_sparse_linear(x, values, crow_indices, col_indices, n, k, bias)
+
+
+@block_sparse_linear.register_kernel("cpu")
+def _block_sparse_linear_cpu_op(x, values, crow_indices, col_indices, n, k, bias, packed):
+    check_block_sparse_args(x, values, crow_indices, col_indices, n, k, bias, packed)
+    return block_sparse_linear_cpu(x, values, crow_indices, col_indices, n, k, bias, packed)
+
+
+@block_sparse_linear.register_kernel("cuda")
+def _block_sparse_linear_cuda_op(x, values, crow_indices, col_indices, n, k, bias, packed):
+    check_block_sparse_args(x, values, crow_indices, col_indices, n, k, bias, packed)
+    y = _triton().block_sparse_linear(_as_rows(x, k), values.contiguous(), crow_indices.contiguous(),
+                                      col_indices.contiguous(), n, k, None if bias is None else bias.contiguous())
+    return y.view(*x.shape[:-1], n)
+
+
+@block_sparse_linear.register_fake
+def _block_sparse_linear_fake(x, values, crow_indices, col_indices, n, k, bias, packed):
+    check_block_sparse_args(x, values, crow_indices, col_indices, n, k, bias, packed)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _dense(values, crow_indices, col_indices, n, k) -> Tensor:
+    from pyaccel.formats.block_sparse import BlockSparseWeight, decompress
+
+    return decompress(BlockSparseWeight(values, crow_indices, col_indices, (n, k))).float()
+
+
+def _setup_ctx(ctx, inputs, output) -> None:
+    x, values, crow, col, n, k = inputs[:6]
+    ctx.x_dtype, ctx.n, ctx.k = x.dtype, n, k
+    ctx.save_for_backward(values, crow, col, inputs[6] if len(inputs) == 9 else None)
+
+
+def _backward(ctx, grad_y):
+    values, crow, col, w_scale = ctx.saved_tensors
+    w = _dense(values, crow, col, ctx.n, ctx.k)
+    if w_scale is not None:
+        w = w * w_scale.float()[:, None]
+    return (_grad_x(grad_y, w, ctx.x_dtype),) + (None,) * (7 if w_scale is None else 8)
+
+
+torch.library.register_autograd("pyaccel::block_sparse_linear", _backward, setup_context=_setup_ctx)
