@@ -2,8 +2,9 @@
 
     import pyaccel.prune
     pruned = pyaccel.prune.prune_24(model)          # 2:4 masks on every Linear / Conv1D
+    pruned = pyaccel.prune.prune_blocks(model, 0.9, block=(32, 32))  # or: zero 90 % of 32x32 blocks
     ... fine-tune: the masks stay fixed ...
-    report = pyaccel.patch(model)                    # swaps in Sparse24Linear
+    report = pyaccel.patch(model)                    # swaps in Sparse24Linear / BlockSparseLinear
 
 The masks are torch.nn.utils.prune reparametrizations (weight = weight_orig *
 weight_mask, recomputed before every forward), so a training loop keeps the
@@ -40,7 +41,7 @@ def _layer_kind(mod: nn.Module) -> Optional[str]:
     return "Conv1D" if conv1d is not None and isinstance(mod, conv1d) else None
 
 
-def _check_prunable(mod: nn.Module, path: str) -> None:
+def _check_prunable(mod: nn.Module, path: str, what_call: str = "prune_24") -> None:
     """ValueError unless torch.nn.utils.prune can (re)prune mod.weight."""
     hook = module_hooks(mod)[0].get("weight")
     if isinstance(hook, _torch_prune.BasePruningMethod):
@@ -53,8 +54,42 @@ def _check_prunable(mod: nn.Module, path: str) -> None:
         what = "not a registered parameter"
     else:
         return
-    raise ValueError(f"prune_24: {path or '<root>'} ({type(mod).__name__}): its weight is {what}, which "
+    raise ValueError(f"{what_call}: {path or '<root>'} ({type(mod).__name__}): its weight is {what}, which "
                      "torch.nn.utils.prune cannot prune; exclude the layer or remove that first")
+
+
+def _choose(model, filter_fn, include, exclude, min_in: int, what: str) -> List[Tuple[str, nn.Module, str]]:
+    """The layers a pruning call takes (first path of each; ValueError, before
+    anything is pruned, for a chosen layer torch's prune cannot take)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    chosen: List[Tuple[str, nn.Module, str]] = []
+    seen = set()
+    for path, mod in model.named_modules():
+        kind = _layer_kind(mod)
+        if kind is None or id(mod) in seen:
+            continue
+        n_in = mod.weight_orig.shape[0 if kind == "Conv1D" else 1] if hasattr(mod, "weight_orig") else (
+            mod.weight.shape[0 if kind == "Conv1D" else 1])
+        if n_in < min_in or selection_reason(mod, path, include, exclude, filter_fn) is not None:
+            continue
+        _check_prunable(mod, path, what)
+        seen.add(id(mod))
+        chosen.append((path, mod, kind))
+    return chosen
+
+
+def _apply_masks(chosen, mask_of: Callable) -> List[str]:
+    """mask_of(effective weight [out, in]) -> bool mask [out, in], applied as a
+    torch prune mask (Conv1D: transposed to its [in, out] weight)."""
+    for path, mod, kind in chosen:
+        w = read_tensor(mod, "weight")
+        if kind == "Conv1D":
+            mask = mask_of(w.t()).t().contiguous()
+        else:
+            mask = mask_of(w)
+        _torch_prune.custom_from_mask(mod, "weight", mask)
+    return [path for path, _, _ in chosen]
 
 
 def prune_24(model: nn.Module, *, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
@@ -73,29 +108,36 @@ def prune_24(model: nn.Module, *, filter_fn: Optional[Callable[[nn.Module, str],
     the pruned layers (first path of each). ValueError, before anything is
     pruned, if a chosen layer's weight cannot be pruned (parametrized, ...).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    chosen: List[Tuple[str, nn.Module, str]] = []
-    seen = set()
-    for path, mod in model.named_modules():
-        kind = _layer_kind(mod)
-        if kind is None or id(mod) in seen:
-            continue
-        n_in = mod.weight_orig.shape[0 if kind == "Conv1D" else 1] if hasattr(mod, "weight_orig") else (
-            mod.weight.shape[0 if kind == "Conv1D" else 1])
-        if n_in < MIN_IN_FEATURES or selection_reason(mod, path, include, exclude, filter_fn) is not None:
-            continue
-        _check_prunable(mod, path)
-        seen.add(id(mod))
-        chosen.append((path, mod, kind))
-    for path, mod, kind in chosen:
-        w = read_tensor(mod, "weight")
-        if kind == "Conv1D":
-            mask = mask_24(w.t()).t().contiguous()
-        else:
-            mask = mask_24(w)
-        _torch_prune.custom_from_mask(mod, "weight", mask)
-    return [path for path, _, _ in chosen]
+    return _apply_masks(_choose(model, filter_fn, include, exclude, MIN_IN_FEATURES, "prune_24"), mask_24)
+
+
+def prune_blocks(model: nn.Module, sparsity: float, *, block: Tuple[int, int] = (32, 32),
+                 filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+                 include: Optional[Union[str, Sequence[str]]] = None,
+                 exclude: Optional[Union[str, Sequence[str]]] = None) -> List[str]:
+    """Block magnitude pruning of the chosen nn.Linear / transformers Conv1D
+    layers, in place: the weight [out, in] is cut into blocks of
+    ``block = (rows, cols)`` (edge blocks padded) and the round(sparsity x
+    blocks) blocks of lowest L2 (Frobenius) norm are zeroed, per layer (ties:
+    the first block in row-major order goes first). Norms are those of the
+    weight the layer computes with now; the mask is a torch.nn.utils.prune
+    mask combined with any existing one, so fine-tuning keeps the pattern and
+    :func:`make_permanent` folds it. ``pyaccel.patch`` then swaps the layers
+    where the block-sparse kernel beats dense for BlockSparseLinear.
+
+    Args:
+        sparsity: fraction of blocks to zero, in [0, 1].
+        block: block shape (output rows, input columns), e.g. (32, 32), (16, 16), (1, 4).
+    Returns the paths of the pruned layers. ValueError for a bad sparsity or
+    block, or (before anything is pruned) a chosen layer torch's prune cannot take.
+    """
+    from pyaccel.formats.block_sparse import block_mask, check_block
+
+    block = check_block(block)
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity: expected a fraction in [0, 1], got {sparsity!r}")
+    chosen = _choose(model, filter_fn, include, exclude, 1, "prune_blocks")
+    return _apply_masks(chosen, lambda w: block_mask(w, block, sparsity))
 
 
 def make_permanent(model: nn.Module) -> List[str]:
