@@ -3,7 +3,8 @@
 //
 //   y[m, n] = float(sum_k q[m, k] * w[n, k]) * (sx[m] * sw[n]) + bias[n]
 //   q[m, :] = clamp(rne(x[m, :] * (127 / max|x[m, :]|)), -127, 127), sx[m] = max|x[m, :]| / 127
-//   (a row with an inf or NaN: q = 0, sx = NaN, so its outputs are NaN)
+//   (a row with an inf or NaN: q = 0, sx = NaN, so its outputs are NaN; a row
+//   with 0 < max|x| < 2^-64 is lifted by 2^64 first, see kTinyAmax)
 //
 // Weights (int8, symmetric per output channel) are packed once into the
 // "NR64K4" layout (see pack.cpp); activations are quantized per call.
@@ -53,6 +54,24 @@ const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t 
 using QuantizeRowsFn = void (*)(const void* x, int64_t ldx, bool x_bf16, int64_t m0,
                                 int64_t m1, int64_t k, int64_t k_pad, int64_t ldq, uint8_t xor_mask,
                                 int8_t* q, float* scale);
+
+// Rows with 0 < amax < kTinyAmax are quantized as rne((x * kTinyLift) *
+// (127 / (amax * kTinyLift))): 127 / amax overflows fp32 below amax ~ 3.7e-37,
+// and both multiplications by 2^64 are exact (the results are normal). For
+// every amax where 127 / amax is finite this gives the same q as x * (127 /
+// amax) (the same real product, rounded once), so only tiny rows take this
+// path. The scale stays fp32(amax / 127). pyaccel.reference.quantize_rows_fp32
+// states the same rule.
+constexpr float kTinyAmax = 0x1p-64f;
+constexpr float kTinyLift = 0x1p64f;
+
+// One row x [k] (fp32, or bf16 if x_bf16) with 0 < amax < kTinyAmax, amax =
+// max|x|, quantized by the rule above into q_row (columns [k, k_pad) zero,
+// XOR-ed with xor_mask). Portable code in qs8_quantize_rows_scalar.cpp, called
+// by every ISA's quantizer for such rows. Returns false if the row holds an
+// inf or NaN (q_row is then unspecified and the caller marks the row).
+bool quantize_tiny_row(const void* row, bool x_bf16, int64_t k, int64_t k_pad, float amax,
+                       uint8_t xor_mask, int8_t* q_row);
 
 struct GemmArgs {
   const int8_t* a;      // quantized activations [m, k_pad]
