@@ -72,7 +72,7 @@ def _int8_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[m, n] = float(sum_k q[m, k] w[n, k]) * (sx[m] * sw[n]) + bias[n]."""
+    """y[m, n] = float(sum_k q[m, k] w[n, k]) * sx[m] * sw[n] + bias[n] (order: _common.dequant_store)."""
     rm, rn, rk = tile_ranges(BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):

@@ -78,15 +78,23 @@ def int8_linear(
     w_scale: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """y = float(q(x) @ w_int8.T) * (sx * w_scale) + bias, in x's dtype.
+    """y = float(q(x) @ w_int8.T) * sx * w_scale + bias, in x's dtype.
 
     x: [..., K] float; w_int8: [N, K] int8; w_scale: [N] fp32; bias: [N] or None.
+    The scale product is formed as (float(acc) * lo) * (hi * w_scale), (lo, hi) =
+    (sx, 1) where sx < 1, else (1, sx): float(acc) * sx cannot overflow when sx < 1
+    (|acc| < 2**31) and keeps a tiny or subnormal sx's precision, and sx * w_scale
+    cannot underflow when sx >= 1. y is then accurate unless it is itself subnormal
+    (below 1.2e-38) or beyond fp32.
     """
     k = w_int8.shape[1]
     x2 = x.reshape(math.prod(x.shape[:-1]), k)
     q, sx = quantize_per_row(x2)
     acc = int8_matmul_exact(q, w_int8)
-    y = acc.float() * (sx[:, None] * w_scale.float()[None, :])
+    small = sx < 1
+    lo = torch.where(small, sx, torch.ones_like(sx))[:, None]
+    hi = torch.where(small, torch.ones_like(sx), sx)[:, None]
+    y = (acc.float() * lo) * (hi * w_scale.float()[None, :])
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], w_int8.shape[0])

@@ -1,7 +1,7 @@
 // int8 GEMM with dynamic per-row activation quantization and a fused
 // dequantization epilogue:
 //
-//   y[m, n] = float(sum_k q[m, k] * w[n, k]) * (sx[m] * sw[n]) + bias[n]
+//   y[m, n] = float(sum_k q[m, k] * w[n, k]) * sx[m] * sw[n] + bias[n]   (order: see split_scale)
 //   q[m, :] = clamp(rne(x[m, :] * (127 / max|x[m, :]|)), -127, 127), sx[m] = max|x[m, :]| / 127
 //   (a row with an inf or NaN: q = 0, sx = NaN, so its outputs are NaN; a row
 //   with 0 < max|x| < 2^-64 is lifted by 2^64 first, see kTinyAmax)
@@ -193,6 +193,21 @@ inline void for_each_row_tile(int64_t m0, int64_t m1, const Fn& fn) {
     m += h;
   }
 }
+
+// The epilogue forms float(acc) * sx * sw as (float(acc) * lo) * (hi * sw),
+// (lo, hi) = (sx, 1) when sx < 1, else (1, sx):
+// - sx < 1: |acc * sx| < 2^31 cannot overflow and is >= sx (acc != 0), so a
+//   tiny or subnormal sx costs only its own precision; sx * sw first would
+//   underflow (sx = 7.9e-43, sw = 2e-4 gives 1.6e-46 -> 0).
+// - sx >= 1 (or NaN): float(acc) * (sx * sw); |sx * sw| >= |sw| loses nothing
+//   to underflow beyond sw's own, and huge activations do not overflow an
+//   intermediate acc * sx.
+// So y is accurate unless y itself is subnormal or beyond fp32. The reference
+// (pyaccel.reference.int8_linear) and the Triton epilogue use the same split.
+struct ScaleSplit {
+  float lo, hi;
+};
+inline ScaleSplit split_scale(float sx) { return sx < 1.f ? ScaleSplit{sx, 1.f} : ScaleSplit{1.f, sx}; }
 
 // Scalar output store shared by the portable kernels and the scalar tails:
 // y[m, n] = v (+ bias[n]) as fp32 or bf16.

@@ -220,3 +220,19 @@ def test_tiny_activation_rows_match_reference(isa, gen, k, dtype):
         y = torch.ops.pyaccel.int8_linear(x, w.values, w.scale, bias, pack_int8_weight(w.values))
         yr = reference.int8_linear(x, w.values, w.scale, bias)
         assert torch.equal(y, yr)
+
+
+@pytest.mark.parametrize("amax", [1e-30, 2e-37, 1e-38, 1e-40, 1.0, 1e30, 1e36])
+def test_tiny_and_huge_activations_are_accurate(isa, gen, amax):
+    """The epilogue's scale product keeps a tiny (subnormal) sx's precision and
+    does not overflow for huge activations: y within ~1e-2 of the float64 product."""
+    k, n = 257, 40
+    w_f = torch.randn(n, k, generator=gen) * 0.05
+    w = quantize_weight_per_channel(w_f)
+    x = torch.randn(6, k, generator=gen, dtype=torch.float64)
+    x = (x / x.abs().amax(dim=1, keepdim=True) * amax).float()
+    y = torch.ops.pyaccel.int8_linear(x, w.values, w.scale, None, pack_int8_weight(w.values))
+    assert torch.equal(y, reference.int8_linear(x, w.values, w.scale, None))
+    y64 = x.double() @ w_f.double().t()
+    err = (y.double() - y64).norm(dim=1) / y64.norm(dim=1)
+    assert (err < 2e-2).all(), err.tolist()

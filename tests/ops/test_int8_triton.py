@@ -121,3 +121,20 @@ def test_triton_quantize_tiny_rows():
         qd = (x.double() / x.double().abs().amax(dim=1, keepdim=True) * 127).round()
         q, _ = tk.quantize_per_row(x.to(DEVICE))
         assert ((q.cpu().double() - qd).abs() <= 1).all()  # not a sign pattern
+
+
+def test_triton_int8_linear_tiny_and_huge_rows():
+    """Tiny (subnormal-scale) and huge activation rows through the Triton
+    int8_linear: same epilogue order as the reference, accurate vs float64."""
+    g = torch.Generator().manual_seed(11)
+    k, n = 100, 40
+    w_f = torch.randn(n, k, generator=g) * 0.05
+    w = quantize_weight_per_channel(w_f)
+    amaxes = [2e-37, 1e-38, 1e-40, 1.0, 1e30, 1e36]
+    x = torch.randn(len(amaxes), k, generator=g, dtype=torch.float64)
+    x = (x / x.abs().amax(dim=1, keepdim=True) * torch.tensor(amaxes, dtype=torch.float64)[:, None]).float()
+    y = tk.int8_linear(x.to(DEVICE), w.values.to(DEVICE), w.scale.to(DEVICE), None, out_dtype=torch.float32).cpu()
+    yr = reference.int8_linear(x, w.values, w.scale, None)
+    assert ((y - yr).abs() <= 2 * torch.finfo(torch.float32).eps * yr.abs()).all()
+    y64 = x.double() @ w_f.double().t()
+    assert ((y.double() - y64).norm(dim=1) / y64.norm(dim=1) < 2e-2).all()
