@@ -28,10 +28,15 @@ def load_rows(ptr, rm, kk, M, K, stride_m):
 
 @triton.jit
 def dequant_store(acc, sx_ptr, sw_ptr, bias_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS: tl.constexpr):
-    """The int8 epilogue: y[m, n] = float(acc) * (sx[m] * sw[n]) + bias[n], stored in y's dtype."""
+    """The int8 epilogue: y[m, n] = float(acc) * sx[m] * sw[n] + bias[n], stored in y's dtype,
+    formed as (float(acc) * lo) * (hi * sw) with (lo, hi) = (sx, 1) for sx < 1, else (1, sx)
+    (pyaccel.reference.int8_linear, csrc/int8_gemm/int8_gemm.h split_scale)."""
     sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
     sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
-    y = acc.to(tl.float32) * (sx[:, None] * sw[None, :])
+    small = sx < 1.0
+    lo = tl.where(small, sx, 1.0)
+    hi = tl.where(small, 1.0, sx)
+    y = (acc.to(tl.float32) * lo[:, None]) * (hi[:, None] * sw[None, :])
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0)[None, :]
     tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),

@@ -28,7 +28,13 @@ def _quantize_rows_kernel(
     # meta-parameters
     BLOCK_K: tl.constexpr,
 ):
-    """One program per row: amax pass, then scale-round-clamp pass."""
+    """One program per row: amax pass, then scale-round-clamp pass.
+
+    Rows with 0 < amax < 2**-64 are lifted by 2**64 (x and amax, both exact) so
+    that 127 / amax stays finite: pyaccel.reference.quantize_rows_fp32's rule.
+    The scale is div_rn(amax, 127) of the original amax. Subnormal x, amax and
+    scales are kept: the PTX has div.rn.f32 and mul.rn.f32, no .ftz (checked
+    by tests/ops/test_int8_triton.py)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -40,13 +46,15 @@ def _quantize_rows_kernel(
         bad += v * 0.0
     a = tl.max(amax, axis=0)
     finite = tl.sum(bad, axis=0) == 0.0
-    inv = tl.where(finite & (a > 0), tl.math.div_rn(127.0, tl.maximum(a, 1e-38)), 0.0)
+    lift = tl.where(a < 5.421010862427522e-20, 18446744073709551616.0, 1.0)  # 2**-64, 2**64
+    use = finite & (a > 0)
+    inv = tl.where(use, tl.math.div_rn(127.0, tl.where(use, a * lift, 1.0)), 0.0)
     tl.store(s_ptr + row, tl.where(finite, tl.math.div_rn(a, 127.0), float("nan")))
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         mask = offs < K
         v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        p = v * inv
+        p = (v * lift) * inv
         r = (p + 12582912.0) - 12582912.0
         r = tl.where(finite, tl.minimum(tl.maximum(r, -127.0), 127.0), 0.0)
         tl.store(q_ptr + row * stride_qm + offs, r.to(tl.int8), mask=mask)
@@ -64,7 +72,7 @@ def _int8_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[m, n] = float(sum_k q[m, k] w[n, k]) * (sx[m] * sw[n]) + bias[n]."""
+    """y[m, n] = float(sum_k q[m, k] w[n, k]) * sx[m] * sw[n] + bias[n] (order: _common.dequant_store)."""
     rm, rn, rk = tile_ranges(BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):

@@ -19,10 +19,40 @@ accumulators cannot overflow whatever the values."""
 value (the sign trick of the AVX2 kernels) cannot overflow."""
 
 
+TINY_AMAX = 2.0 ** -64
+"""Rows with 0 < max|x| < TINY_AMAX are quantized after multiplying x and max|x|
+by TINY_LIFT = 2**64 (exact in fp32: the results are normal): 127 / max|x|
+itself overflows fp32 for max|x| below ~3.7e-37. Where 127 / max|x| is finite
+the lift does not change q: fp32(127 / (max|x| * 2**64)) = inv * 2**-64 with
+inv = fp32(127 / max|x|), and x * 2**64 * inv * 2**-64 is the same real number
+as x * inv, so both round to the same fp32 value. Only rows that used to
+overflow get a different q."""
+TINY_LIFT = 2.0 ** 64
+
+
+def quantize_rows_fp32(xf: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """The int8 rounding rule shared by activations and weights.
+
+    xf: fp32 [..., K] (finite); amax: fp32 [..., 1], max|xf| over the last dim.
+    Returns q int8 [..., K]: with lift = 2**64 if 0 < amax < 2**-64 else 1,
+    q = clamp(round_half_even(fp32(fp32(xf * lift) * fp32(127 / (amax * lift)))), -127, 127);
+    q = 0 where amax is 0. Every multiplication by lift is exact, so q is finite
+    and correct for every finite fp32 amax, subnormal included.
+    """
+    lift = torch.where(amax < TINY_AMAX, torch.full_like(amax, TINY_LIFT), torch.ones_like(amax))
+    inv = torch.where(amax > 0, torch.full_like(amax, float(QMAX)) / (amax * lift), torch.zeros_like(amax))
+    return torch.round((xf * lift) * inv).clamp_(-QMAX, QMAX).to(torch.int8)
+
+
 def quantize_per_row(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Symmetric dynamic int8 quantization of each row (last dim) of `x`.
 
-    scale = max|x| / 127; q = clamp(round_half_even(x * (127 / max|x|)), -127, 127).
+    scale = fp32(max|x| / 127); q = clamp(round_half_even(x * (127 / max|x|)), -127, 127),
+    with x and max|x| first multiplied by 2**64 when 0 < max|x| < 2**-64 (see
+    quantize_rows_fp32), so q is right for every finite row, subnormals included.
+    The scale is subnormal below max|x| ≈ 1.5e-36 (127 * 2**-126); its
+    relative spacing there grows to 2**-149 / scale (about 2e-3 at max|x| = 1e-40),
+    and below max|x| ≈ 8.9e-44 (127 * 2**-150) the scale rounds to 0.
     A row of zeros gets scale 0 and q 0; a row holding an inf or NaN gets q 0
     and scale NaN (so int8_linear returns NaN there, as the float layer would).
     Computed in fp32 whatever x's dtype.
@@ -32,8 +62,7 @@ def quantize_per_row(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     finite = torch.isfinite(xf).all(dim=-1, keepdim=True)
     xf = torch.where(finite, xf, torch.zeros_like(xf))
     amax = xf.abs().amax(dim=-1, keepdim=True) if xf.shape[-1] > 0 else xf.new_zeros(*xf.shape[:-1], 1)
-    inv = torch.where(amax > 0, torch.full_like(amax, float(QMAX)) / amax, torch.zeros_like(amax))
-    q = torch.round(xf * inv).clamp_(-QMAX, QMAX).to(torch.int8)
+    q = quantize_rows_fp32(xf, amax)
     scale = torch.where(finite, amax / QMAX, torch.full_like(amax, float("nan")))
     return q, scale.squeeze(-1)
 
@@ -49,15 +78,23 @@ def int8_linear(
     w_scale: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """y = float(q(x) @ w_int8.T) * (sx * w_scale) + bias, in x's dtype.
+    """y = float(q(x) @ w_int8.T) * sx * w_scale + bias, in x's dtype.
 
     x: [..., K] float; w_int8: [N, K] int8; w_scale: [N] fp32; bias: [N] or None.
+    The scale product is formed as (float(acc) * lo) * (hi * w_scale), (lo, hi) =
+    (sx, 1) where sx < 1, else (1, sx): float(acc) * sx cannot overflow when sx < 1
+    (|acc| < 2**31) and keeps a tiny or subnormal sx's precision, and sx * w_scale
+    cannot underflow when sx >= 1. y is then accurate unless it is itself subnormal
+    (below 1.2e-38) or beyond fp32.
     """
     k = w_int8.shape[1]
     x2 = x.reshape(math.prod(x.shape[:-1]), k)
     q, sx = quantize_per_row(x2)
     acc = int8_matmul_exact(q, w_int8)
-    y = acc.float() * (sx[:, None] * w_scale.float()[None, :])
+    small = sx < 1
+    lo = torch.where(small, sx, torch.ones_like(sx))[:, None]
+    hi = torch.where(small, torch.ones_like(sx), sx)[:, None]
+    y = (acc.float() * lo) * (hi * w_scale.float()[None, :])
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], w_int8.shape[0])

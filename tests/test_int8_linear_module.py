@@ -192,3 +192,25 @@ def test_non_tensor_input_is_a_type_error():
     m = Int8Linear.from_float(nn.Linear(4, 2))
     with pytest.raises(TypeError, match="x: expected a torch.Tensor, got list"):
         m([1.0] * 4)
+
+
+def test_from_float_tiny_weight_rows(isa, gen):
+    """Issue 9, fault 4: a weight row with max|w| = 2e-37 (a normal fp32 number)
+    used to quantize to a sign pattern (127 / amax overflowed; row error 1.69)."""
+    k, n = 96, 7
+    lin = nn.Linear(k, n, bias=False)
+    amaxes = torch.tensor([1.0, 2e-37, 3.7e-37, 1e-38, 1e-30, 0.05, 1e-40], dtype=torch.float64)
+    with torch.no_grad():
+        w = torch.randn(n, k, generator=gen, dtype=torch.float64)
+        lin.weight.copy_((w / w.abs().amax(dim=1, keepdim=True) * amaxes[:, None]).float())
+    m = Int8Linear.from_float(lin)
+    w64 = lin.weight.double()
+    err = (m.dequantized_weight().double() - w64).norm(dim=1) / w64.norm(dim=1)
+    assert (err[:6] < 1e-2).all() and err[6] < 2e-2, err.tolist()  # 1e-40: subnormal scale
+    x = torch.randn(5, k, generator=gen)
+    with torch.no_grad():
+        y = m(x)
+    assert torch.equal(y, reference.int8_linear(x, m.weight_int8, m.weight_scale, None))
+    y64 = x.double() @ w64.t()
+    col_err = (y.double() - y64).norm(dim=0) / y64.norm(dim=0)
+    assert (col_err < 3e-2).all(), col_err.tolist()

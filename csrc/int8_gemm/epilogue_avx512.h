@@ -19,13 +19,15 @@ static inline __m256i cvt_fp32_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
-// y[n0 .. n0+16) = float(acc) * (sa * w_scale) + bias, masked to n < N.
+// y[n0 .. n0+16) = float(acc) * sa * w_scale + bias (order: split_scale), masked to n < N.
 static inline void store16(const GemmArgs& g, __m512i acc, float sa, int64_t m, int64_t n0) {
   const int64_t left = g.n - n0;
   if (left <= 0) return;
   const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
   const __m512 ws = _mm512_maskz_loadu_ps(mask, g.w_scale + n0);
-  __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(_mm512_set1_ps(sa), ws));
+  // split_scale's order, without its multiplications by 1 (same results)
+  const __m512 a = _mm512_cvtepi32_ps(acc), vs = _mm512_set1_ps(sa);
+  __m512 v = sa < 1.f ? _mm512_mul_ps(_mm512_mul_ps(a, vs), ws) : _mm512_mul_ps(a, _mm512_mul_ps(vs, ws));
   if (g.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, g.bias + n0));
   if (g.c_bf16) {
     uint16_t* c = static_cast<uint16_t*>(g.c) + m * g.ldc + n0;

@@ -1,9 +1,10 @@
 // int8 GEMM with dynamic per-row activation quantization and a fused
 // dequantization epilogue:
 //
-//   y[m, n] = float(sum_k q[m, k] * w[n, k]) * (sx[m] * sw[n]) + bias[n]
+//   y[m, n] = float(sum_k q[m, k] * w[n, k]) * sx[m] * sw[n] + bias[n]   (order: see split_scale)
 //   q[m, :] = clamp(rne(x[m, :] * (127 / max|x[m, :]|)), -127, 127), sx[m] = max|x[m, :]| / 127
-//   (a row with an inf or NaN: q = 0, sx = NaN, so its outputs are NaN)
+//   (a row with an inf or NaN: q = 0, sx = NaN, so its outputs are NaN; a row
+//   with 0 < max|x| < 2^-64 is lifted by 2^64 first, see kTinyAmax)
 //
 // Weights (int8, symmetric per output channel) are packed once into the
 // "NR64K4" layout (see pack.cpp); activations are quantized per call.
@@ -53,6 +54,24 @@ const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t 
 using QuantizeRowsFn = void (*)(const void* x, int64_t ldx, bool x_bf16, int64_t m0,
                                 int64_t m1, int64_t k, int64_t k_pad, int64_t ldq, uint8_t xor_mask,
                                 int8_t* q, float* scale);
+
+// Rows with 0 < amax < kTinyAmax are quantized as rne((x * kTinyLift) *
+// (127 / (amax * kTinyLift))): 127 / amax overflows fp32 below amax ~ 3.7e-37,
+// and both multiplications by 2^64 are exact (the results are normal). For
+// every amax where 127 / amax is finite this gives the same q as x * (127 /
+// amax) (the same real product, rounded once), so only tiny rows take this
+// path. The scale stays fp32(amax / 127). pyaccel.reference.quantize_rows_fp32
+// states the same rule.
+constexpr float kTinyAmax = 0x1p-64f;
+constexpr float kTinyLift = 0x1p64f;
+
+// One row x [k] (fp32, or bf16 if x_bf16) with 0 < amax < kTinyAmax, amax =
+// max|x|, quantized by the rule above into q_row (columns [k, k_pad) zero,
+// XOR-ed with xor_mask). Portable code in qs8_quantize_rows_scalar.cpp, called
+// by every ISA's quantizer for such rows. Returns false if the row holds an
+// inf or NaN (q_row is then unspecified and the caller marks the row).
+bool quantize_tiny_row(const void* row, bool x_bf16, int64_t k, int64_t k_pad, float amax,
+                       uint8_t xor_mask, int8_t* q_row);
 
 struct GemmArgs {
   const int8_t* a;      // quantized activations [m, k_pad]
@@ -179,6 +198,21 @@ inline void for_each_row_tile(int64_t m0, int64_t m1, const Fn& fn) {
     m += h;
   }
 }
+
+// The epilogue forms float(acc) * sx * sw as (float(acc) * lo) * (hi * sw),
+// (lo, hi) = (sx, 1) when sx < 1, else (1, sx):
+// - sx < 1: |acc * sx| < 2^31 cannot overflow and is >= sx (acc != 0), so a
+//   tiny or subnormal sx costs only its own precision; sx * sw first would
+//   underflow (sx = 7.9e-43, sw = 2e-4 gives 1.6e-46 -> 0).
+// - sx >= 1 (or NaN): float(acc) * (sx * sw); |sx * sw| >= |sw| loses nothing
+//   to underflow beyond sw's own, and huge activations do not overflow an
+//   intermediate acc * sx.
+// So y is accurate unless y itself is subnormal or beyond fp32. The reference
+// (pyaccel.reference.int8_linear) and the Triton epilogue use the same split.
+struct ScaleSplit {
+  float lo, hi;
+};
+inline ScaleSplit split_scale(float sx) { return sx < 1.f ? ScaleSplit{sx, 1.f} : ScaleSplit{1.f, sx}; }
 
 // Scalar output store shared by the portable kernels and the scalar tails:
 // y[m, n] = v (+ bias[n]) as fp32 or bf16.

@@ -20,11 +20,12 @@ void qs8_gemm_1x64c4_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p
           for (int j = 0; j < kKGroup; ++j)
             acc[c] += static_cast<int32_t>(a[grp * kKGroup + j]) * b[c * kKGroup + j];
       }
-      const float sa = g.a_scale[m];
+      const ScaleSplit sa = split_scale(g.a_scale[m]);
       for (int c = 0; c < kPanel; ++c) {
         const int64_t n = p * kPanel + c;
         if (n >= g.n) break;
-        store_output(g.c, g.ldc, g.c_bf16, g.bias, m, n, static_cast<float>(acc[c]) * (sa * g.w_scale[n]));
+        store_output(g.c, g.ldc, g.c_bf16, g.bias, m, n,
+                     (static_cast<float>(acc[c]) * sa.lo) * (sa.hi * g.w_scale[n]));
       }
     }
   }

@@ -33,8 +33,9 @@ inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t 
   const int cnt = left >= 8 ? 8 : static_cast<int>(left);
   std::memcpy(ws, g.w_scale + n0, cnt * 4);
   if (g.bias) std::memcpy(bs, g.bias + n0, cnt * 4);
-  __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc),
-                           _mm256_mul_ps(_mm256_set1_ps(sa), _mm256_load_ps(ws)));
+  // split_scale's order, without its multiplications by 1 (same results)
+  const __m256 a = _mm256_cvtepi32_ps(acc), vs = _mm256_set1_ps(sa), vw = _mm256_load_ps(ws);
+  __m256 v = sa < 1.f ? _mm256_mul_ps(_mm256_mul_ps(a, vs), vw) : _mm256_mul_ps(a, _mm256_mul_ps(vs, vw));
   if (g.bias) v = _mm256_add_ps(v, _mm256_load_ps(bs));
   if (g.c_bf16) {
     uint16_t* c = static_cast<uint16_t*>(g.c) + m * g.ldc + n0;

@@ -1,5 +1,6 @@
 // Dynamic per-row int8 quantization, AVX2: 8 values per step, scalar tails.
-// Bit-exact with the reference (fp32 127/amax, round to nearest even).
+// Bit-exact with the reference (fp32 127/amax, round to nearest even); rows
+// with 0 < amax < kTinyAmax go to the portable quantize_tiny_row.
 #include <immintrin.h>
 
 #include <cmath>
@@ -54,10 +55,14 @@ void quantize_rows_avx2(const void* x, int64_t ldx, bool x_bf16, int64_t m0, int
       mark_nonfinite_row(q + m * ldq, k_pad, xor_mask, scale + m);
       continue;
     }
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
     scale[m] = amax / 127.f;
-    const __m256 vinv = _mm256_set1_ps(inv);
     int8_t* qr = q + m * ldq;
+    if (amax < kTinyAmax && amax > 0.f) {
+      quantize_tiny_row(row, x_bf16, k, k_pad, amax, xor_mask, qr);
+      continue;
+    }
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m256 vinv = _mm256_set1_ps(inv);
     for (i = 0; i + 8 <= k; i += 8) {
       __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(load8(row, x_bf16, i), vinv));
       v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);

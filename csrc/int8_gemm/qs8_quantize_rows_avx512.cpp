@@ -1,7 +1,8 @@
 // Dynamic per-row int8 quantization, AVX-512: two passes over each row
 // (max |x|, then scale-round-narrow), 64 values per step, masked tails.
 // Bit-exact with the reference: inv = 127 / amax in fp32, vcvtps2dq rounds to
-// nearest even like torch.round.
+// nearest even like torch.round. Rows with 0 < amax < kTinyAmax (127 / amax
+// could overflow) go to the portable quantize_tiny_row instead of pass 2.
 #include <immintrin.h>
 
 #include "int8_gemm/int8_gemm.h"
@@ -55,8 +56,13 @@ void quantize_rows_avx512(const void* x, int64_t ldx, bool x_bf16, int64_t m0, i
       mark_nonfinite_row(qr, k_pad, xor_mask, scale + m);
       continue;
     }
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
     scale[m] = amax / 127.f;
+    if (amax < kTinyAmax && amax > 0.f) {
+      if (!quantize_tiny_row(row, x_bf16, k, k_pad, amax, xor_mask, qr))  // a NaN that escaped the maxima
+        mark_nonfinite_row(qr, k_pad, xor_mask, scale + m);
+      continue;
+    }
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
     const __m512 vinv = _mm512_set1_ps(inv);
     __mmask64 bad = 0;
     for (i = 0; i + 64 <= k_pad; i += 64) {

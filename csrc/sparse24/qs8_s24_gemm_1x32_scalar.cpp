@@ -22,11 +22,12 @@ void qs8_s24_gemm_1x32_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t
           }
         }
       }
+      const int8_gemm::ScaleSplit sa = int8_gemm::split_scale(g.a_scale[m]);
       for (int c = 0; c < kPanel; ++c) {
         const int64_t n = p * kPanel + c;
         if (n >= g.n) break;
         int8_gemm::store_output(g.y, g.ldy, g.y_bf16, g.bias, m, n,
-                                static_cast<float>(acc[c]) * (g.a_scale[m] * g.w_scale[n]));
+                                (static_cast<float>(acc[c]) * sa.lo) * (sa.hi * g.w_scale[n]));
       }
     }
   }

@@ -27,9 +27,10 @@ inline __m256i control8(__m256i t) {
 inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t n0) {
   alignas(32) int32_t t[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(t), acc);
+  const int8_gemm::ScaleSplit s = int8_gemm::split_scale(sa);
   for (int i = 0; i < 8 && n0 + i < g.n; ++i)
     int8_gemm::store_output(g.y, g.ldy, g.y_bf16, g.bias, m, n0 + i,
-                            static_cast<float>(t[i]) * (sa * g.w_scale[n0 + i]));
+                            (static_cast<float>(t[i]) * s.lo) * (s.hi * g.w_scale[n0 + i]));
 }
 
 template <int MR>

@@ -14,7 +14,7 @@ import torch
 
 from pyaccel.formats._buffer import packed_buffer
 from pyaccel import _native
-from pyaccel.reference import QMAX
+from pyaccel.reference import QMAX, quantize_rows_fp32
 
 
 @dataclasses.dataclass
@@ -27,7 +27,15 @@ class Int8Weight:
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> Int8Weight:
-    """Symmetric per-output-channel int8 quantization of a float [N, K] weight."""
+    """Symmetric per-output-channel int8 quantization of a float [N, K] weight.
+
+    Returns values int8 [N, K] in [-127, 127] and scale fp32 [N] = fp32(max|w[n]| / 127),
+    rounded by the activations' rule (pyaccel.reference.quantize_rows_fp32), so
+    every finite row quantizes correctly, subnormal ones included. A row with
+    max|w| below ≈ 1.5e-36 gets a subnormal scale, whose relative spacing is
+    2**-149 / scale (about 1e-6 at max|w| = 2e-37, 2e-3 at 1e-40); below max|w|
+    ≈ 8.9e-44 the scale rounds to 0.
+    """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(
             f"weight: expected a 2-D floating-point tensor [N, K], got "
@@ -35,8 +43,7 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> Int8Weight:
         )
     w = weight.detach().float()
     amax = w.abs().amax(dim=1, keepdim=True) if w.shape[1] > 0 else w.new_zeros(w.shape[0], 1)
-    inv = torch.where(amax > 0, torch.full_like(amax, float(QMAX)) / amax, torch.zeros_like(amax))
-    q = torch.round(w * inv).clamp_(-QMAX, QMAX).to(torch.int8)
+    q = quantize_rows_fp32(w, amax)
     return Int8Weight(q.contiguous(), (amax / QMAX).squeeze(1).contiguous())
 
 

@@ -203,3 +203,36 @@ def test_prequantized_gemm_in_row_passes_is_exact(isa, gen):
     q = _rand_int8((2100, 4096), gen)
     w = _rand_int8((24, 4096), gen)
     assert torch.equal(native_acc(q, w), (q.double() @ w.double().t()).float())
+
+
+@pytest.mark.parametrize("k", [17, 64, 257])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_activation_rows_match_reference(isa, gen, k, dtype):
+    """Rows whose 127 / max|x| overflows fp32 (and subnormal rows) next to normal
+    rows, through the whole native int8_linear: equal to the reference."""
+    amaxes = [1.0, 2e-37, 3.7e-37, 1e-38, 1e-40, 1e-30, 2.0 ** -64, 5.0]
+    x = torch.randn(len(amaxes), k, generator=gen, dtype=torch.float64)
+    x = (x / x.abs().amax(dim=1, keepdim=True) * torch.tensor(amaxes, dtype=torch.float64)[:, None]).float()
+    x = x.to(dtype)
+    w = quantize_weight_per_channel(torch.randn(65, k, generator=gen))
+    b = torch.randn(65, generator=gen) * 1e-38
+    for bias in (None, b):
+        y = torch.ops.pyaccel.int8_linear(x, w.values, w.scale, bias, pack_int8_weight(w.values))
+        yr = reference.int8_linear(x, w.values, w.scale, bias)
+        assert torch.equal(y, yr)
+
+
+@pytest.mark.parametrize("amax", [1e-30, 2e-37, 1e-38, 1e-40, 1.0, 1e30, 1e36])
+def test_tiny_and_huge_activations_are_accurate(isa, gen, amax):
+    """The epilogue's scale product keeps a tiny (subnormal) sx's precision and
+    does not overflow for huge activations: y within ~1e-2 of the float64 product."""
+    k, n = 257, 40
+    w_f = torch.randn(n, k, generator=gen) * 0.05
+    w = quantize_weight_per_channel(w_f)
+    x = torch.randn(6, k, generator=gen, dtype=torch.float64)
+    x = (x / x.abs().amax(dim=1, keepdim=True) * amax).float()
+    y = torch.ops.pyaccel.int8_linear(x, w.values, w.scale, None, pack_int8_weight(w.values))
+    assert torch.equal(y, reference.int8_linear(x, w.values, w.scale, None))
+    y64 = x.double() @ w_f.double().t()
+    err = (y.double() - y64).norm(dim=1) / y64.norm(dim=1)
+    assert (err < 2e-2).all(), err.tolist()

@@ -103,3 +103,83 @@ def test_a_lone_nan_is_caught_anywhere(isa, where):
     qr, sr = reference.quantize_per_row(x)
     assert torch.isnan(s).all() and torch.isnan(sr).all()
     assert torch.equal(q, qr)
+
+
+# ---- tiny rows: 127 / amax would overflow fp32 (issue 9, fault 4) ---------------------
+# Row maxima around the lift threshold 2**-64 and down into the subnormals.
+TINY_AMAX = [2.0 ** -64, 2.0 ** -64 * (1 - 2.0 ** -24), 1e-25, 4e-37, 3.7e-37, 2e-37, 1.2e-38, 1e-38,
+             1e-40, 1e-44]
+TINY_K = [1, 15, 16, 17, 63, 64, 65, 127, 128, 129, 200]
+
+
+def _rows_with_amax(amaxes, k, gen):
+    """One random row per entry, scaled (in float64, then rounded to fp32) to max|x| ~ amax."""
+    x = torch.randn(len(amaxes), k, generator=gen, dtype=torch.float64)
+    x = x / x.abs().amax(dim=1, keepdim=True) * torch.tensor(amaxes, dtype=torch.float64)[:, None]
+    return x.float()
+
+
+def _ideal_q(x):
+    """round(x / amax * 127) in float64: the exact quantization, up to ties."""
+    xd = x.double()
+    return (xd / xd.abs().amax(dim=-1, keepdim=True) * 127).round()
+
+
+@pytest.mark.parametrize("k", TINY_K)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_rows_exact_and_right(isa, gen, k, dtype):
+    """Tiny and normal rows mixed in one batch: every ISA equals the reference,
+    q is within one step of the float64 quantization (not a sign pattern), and
+    the scale is fp32(amax / 127)."""
+    amaxes = TINY_AMAX + [1.0, 3e5, 1e-3]
+    if dtype == torch.bfloat16:
+        amaxes = [a for a in amaxes if a > 1e-40]  # bf16's subnormals stop at 9.2e-41
+    perm = torch.randperm(len(amaxes), generator=gen).tolist()
+    x = _rows_with_amax([amaxes[i] for i in perm], k, gen).to(dtype)
+    q, s = _check(x)
+    assert ((q.double() - _ideal_q(x.float())).abs() <= 1).all()
+    amax = x.float().abs().amax(dim=1).double()
+    assert torch.equal(s, (amax / 127).float())  # fp64 quotient rounded once: correctly rounded
+    assert (s[amax < 1.5e-36] < torch.finfo(torch.float32).tiny).all()  # documented: subnormal scales
+
+
+@pytest.mark.parametrize("k", [16, 64, 65, 200])
+def test_subnormal_inputs(isa, gen, k):
+    """Rows of subnormals (full range; a few bits only; one subnormal among tiny normal values)."""
+    def subnormals(n, top):
+        bits = torch.randint(1, top, (n,), generator=gen, dtype=torch.int32)
+        sign = 1.0 - 2.0 * torch.randint(0, 2, (n,), generator=gen).float()
+        return bits.view(torch.float32) * sign
+
+    x = torch.stack([subnormals(k, 2 ** 23), subnormals(k, 2 ** 6), torch.randn(k, generator=gen) * 1e-30])
+    x[2, k // 3] = subnormals(1, 2 ** 23)[0]
+    assert (x[:2].abs() < torch.finfo(torch.float32).tiny).all()
+    q, _ = _check(x)
+    assert ((q.double() - _ideal_q(x)).abs() <= 1).all()
+
+
+def test_tiny_rule_keeps_old_results_where_127_over_amax_is_finite(gen):
+    """For amax in [~3.7e-37, 2**-64), where the former rule rne(x * fp32(127 / amax))
+    did not overflow, the lifted rule gives the same q (the same real product)."""
+    amaxes = [5.4e-20, 1e-20, 1e-25, 1e-30, 1e-35, 1e-36, 4e-37, 3.8e-37]
+    x = _rows_with_amax(amaxes * 8, 300, gen)
+    amax = x.abs().amax(dim=1, keepdim=True)
+    inv = torch.full_like(amax, 127.0) / amax
+    assert torch.isfinite(inv).all()
+    old = torch.round(x * inv).clamp(-127, 127).to(torch.int8)
+    q, _ = reference.quantize_per_row(x)
+    assert torch.equal(q, old)
+
+
+@pytest.mark.parametrize("k", [37, 200])
+def test_tiny_rows_with_a_nan_or_inf_are_marked(isa, gen, k):
+    """A NaN next to tiny values (it escapes the AVX-512 maxima) still gives q 0, scale NaN."""
+    x = _rows_with_amax([1e-40, 2e-37, 1e-30, 2e-37], k, gen)
+    x[0, k // 2] = float("nan")
+    x[1, k - 1] = float("nan")
+    x[2, 0] = float("inf")
+    q, s = torch.ops.pyaccel.quantize_per_row(x)
+    qr, sr = reference.quantize_per_row(x)
+    assert torch.isnan(s[:3]).all() and torch.isnan(sr[:3]).all()
+    assert torch.equal(q, qr) and (q[:3] == 0).all()
+    assert torch.equal(s[3], sr[3])

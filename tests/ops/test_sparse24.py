@@ -238,6 +238,18 @@ def test_int8_kernel_exact(isa, gen, m, n, k):
     assert ((y - ref).abs() <= tol).all()
 
 
+def test_int8_tiny_activation_rows(isa, gen):
+    """Rows whose 127 / max|x| overflows fp32 (and subnormal rows): the 2:4 int8
+    path quantizes them like the reference."""
+    n, k = 70, 128
+    dense, vals, meta, scale = _int8_24(n, k, gen)
+    amaxes = [1.0, 2e-37, 1e-38, 1e-40, 1e-30, 3.0]
+    x = torch.randn(len(amaxes), k, generator=gen, dtype=torch.float64)
+    x = (x / x.abs().amax(dim=1, keepdim=True) * torch.tensor(amaxes, dtype=torch.float64)[:, None]).float()
+    y = torch.ops.pyaccel.sparse24_int8_linear(x, vals, meta, k, scale, None, s24.pack_sparse24_int8(vals, meta, k))
+    assert torch.equal(y, reference.int8_linear(x, dense, scale, None))
+
+
 def test_int8_bf16_batched_opcheck_errors(isa, gen):
     dense, vals, meta, scale = _int8_24(24, 40, gen)
     p = s24.pack_sparse24_int8(vals, meta, 40)
