@@ -56,7 +56,7 @@ def candidate_block(w: Tensor, blocks: Sequence[Tuple[int, int]] = CANDIDATE_BLO
     return None  # pragma: no cover - the best one always qualifies
 
 
-def _time_per_call(fn: Callable[[], Tensor], budget_s: float = 2e-3) -> float:
+def _time_per_call(fn: Callable[[], Tensor], budget_s: float = 1e-3) -> float:
     fn()
     t = time.perf_counter()
     fn()
@@ -69,7 +69,7 @@ def _time_per_call(fn: Callable[[], Tensor], budget_s: float = 2e-3) -> float:
 
 
 def measured_speedups(w: Tensor, b: Optional[Tensor], candidates: Dict[str, nn.Module],
-                      rows: Sequence[int] = PROBE_ROWS, rounds: int = 5) -> Dict[str, Dict[int, float]]:
+                      rows: Sequence[int] = PROBE_ROWS, rounds: int = 3) -> Dict[str, Dict[int, float]]:
     """Speed-up of each candidate module over dense ``F.linear(x, w, b)`` at each
     row count: medians of `rounds` interleaved timings on random inputs."""
     out: Dict[str, Dict[int, float]] = {name: {} for name in candidates}

@@ -1,0 +1,198 @@
+"""Block-sparse (BSR) format and pyaccel::block_sparse_linear: native CPU
+kernels on every ISA against the reference.
+
+Tile facts the grid is built from (csrc/block_sparse/README.md, and
+_C.kernel_params()["block_sparse"]): block rows are padded to 16 channels and
+computed in chunks of 64/48/32/16 channels (AVX-512 tiles of 6/8/8/12 rows;
+AVX2 6 x 16; portable 1 x 16); the last block column may be cut by k; rows
+of x go in L2-sized chunks (12+ rows at K = 4096); threads split block rows
+by kept blocks, or the rows of x when there are fewer than 2 block rows a
+thread. fp32 sums differ from the reference only in order: the tolerance is
+4 eps sum_k |x w|.
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyaccel import _native, reference
+from pyaccel.formats import block_sparse as bsf
+
+needs_native = pytest.mark.skipif(not _native.available(), reason="native library not loaded")
+
+
+def _weight(n, k, block, sparsity, gen):
+    w = torch.randn(n, k, generator=gen)
+    return w * bsf.block_mask(w, block, sparsity)
+
+
+def _run(x, bsw, bias=None):
+    return torch.ops.pyaccel.block_sparse_linear(x, bsw.values, bsw.crow_indices, bsw.col_indices, bsw.shape[0],
+                                                 bsw.shape[1], bias, bsf.pack_block_sparse(bsw))
+
+
+def assert_close(y, x, w, bias=None, what=""):
+    ref = x.float() @ w.float().t() + (0 if bias is None else bias)
+    scale = x.float().abs() @ w.float().abs().t() + (0 if bias is None else bias.abs())
+    tol = 4 * torch.finfo(torch.float32).eps * scale + torch.finfo(y.dtype).eps * ref.abs() + 1e-30
+    bad = (y.float() - ref).abs() > tol
+    assert not bad.any(), f"{what}: {int(bad.sum())} off, first at {bad.nonzero()[0].tolist()}"
+
+
+# ---- format ------------------------------------------------------------------------------
+@pytest.mark.parametrize("block", [(1, 4), (16, 16), (32, 8), (5, 7)])
+def test_round_trips(gen, block):
+    w = _weight(45, 70, block, 0.6, gen)
+    bsw = bsf.compress(w, block)
+    assert bsf.canonical_error(bsw) is None
+    assert torch.equal(bsf.decompress(bsw), w)
+    t = bsf.to_torch_bsr(bsw)
+    assert t.layout == torch.sparse_bsr and tuple(t.shape) == bsw.padded_shape
+    assert torch.equal(bsf.decompress(bsf.from_torch_bsr(t, (45, 70))), w)
+    assert torch.equal(t.to_dense()[:45, :70], w)
+
+
+def test_torch_bsr_made_by_torch(gen):
+    w = _weight(64, 96, (32, 32), 0.5, gen)
+    bsw = bsf.from_torch_bsr(w.to_sparse_bsr((32, 32)))
+    assert bsw.block == (32, 32) and torch.equal(bsf.decompress(bsw), w)
+
+
+def test_block_mask_counts_and_ties(gen):
+    w = torch.randn(64, 64, generator=gen)
+    m = bsf.block_mask(w, (16, 16), 0.75)
+    assert bsf.zero_block_fraction(w * m, (16, 16)) == 0.75
+    assert bsf.block_mask(w, (16, 16), 0.0).all() and not bsf.block_mask(w, (16, 16), 1.0).any()
+    eq = torch.ones(32, 32)  # equal norms: the first blocks in row-major order go first
+    assert bsf.block_mask(eq, (16, 16), 0.5).int()[::16, ::16].tolist() == [[0, 0], [1, 1]]
+    with pytest.raises(ValueError, match="sparsity"):
+        bsf.block_mask(w, (16, 16), 1.5)
+    with pytest.raises(ValueError, match="block"):
+        bsf.block_mask(w, (0, 16), 0.5)
+
+
+def test_canonical_errors_name_the_index(gen):
+    bsw = bsf.compress(_weight(64, 64, (16, 16), 0.5, gen), (16, 16))
+
+    def with_(**kw):
+        d = dict(values=bsw.values, crow_indices=bsw.crow_indices, col_indices=bsw.col_indices, shape=bsw.shape)
+        d.update(kw)
+        return bsf.canonical_error(bsf.BlockSparseWeight(**d))
+
+    col = bsw.col_indices.clone()
+    col[0] = 4
+    assert "out of range" in with_(col_indices=col)
+    row0 = int(bsw.crow_indices[1])
+    assert row0 >= 2
+    col = bsw.col_indices.clone()
+    col[1] = col[0]
+    assert "duplicate" in with_(col_indices=col)
+    col = bsw.col_indices.clone()
+    col[0], col[1] = bsw.col_indices[1], bsw.col_indices[0]
+    assert "unsorted" in with_(col_indices=col)
+    crow = bsw.crow_indices.clone()
+    crow[0] = 1
+    assert "start at 0" in with_(crow_indices=crow)
+    crow = bsw.crow_indices.clone()
+    crow[2] = crow[1] - 1
+    assert "decrease" in with_(crow_indices=crow)
+    assert "int32" in with_(col_indices=bsw.col_indices.long())
+    assert "3-D" in with_(values=bsw.values[0])
+
+
+# ---- kernels -----------------------------------------------------------------------------
+BLOCKS = [(1, 4), (4, 1), (16, 16), (17, 3), (32, 32), (48, 16), (64, 64), (80, 8)]
+
+
+@needs_native
+@pytest.mark.parametrize("block", BLOCKS)
+def test_kernels_match_reference(isa, gen, block):
+    bh, bw = block
+    mr = _native.lib().kernel_params()["block_sparse"]["mr"]
+    for n, k in [(bh * 3 + 1, bw * 5 + 2), (2 * bh, 4 * bw), (33, 50)]:
+        w = _weight(n, k, block, 0.6, gen)
+        w[:, : bw] = 0  # an empty block column
+        bsw = bsf.compress(w, block)
+        bias = torch.randn(n, generator=gen)
+        for m in sorted({1, 2, mr - 1, mr, mr + 1, 13, 40}):
+            x = torch.randn(m, k, generator=gen)
+            assert_close(_run(x, bsw, bias), x, w, bias, f"{block} n={n} k={k} m={m}")
+
+
+@needs_native
+def test_all_zero_dense_and_empty_rows(isa, gen):
+    n, k = 70, 90
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(9, k, generator=gen)
+    zero = bsf.compress(torch.zeros(n, k), (16, 16))
+    assert zero.nnzb == 0
+    assert torch.equal(_run(x, zero, bias), bias.expand(9, n))
+    dense = torch.randn(n, k, generator=gen)
+    assert_close(_run(x, bsf.compress(dense, (16, 16)), bias), x, dense, bias, "dense")
+    w = _weight(n, k, (16, 16), 0.3, gen)
+    w[16:48] = 0
+    assert_close(_run(x, bsf.compress(w, (16, 16)), bias), x, w, bias, "empty block rows")
+    assert_close(_run(x[:0], bsf.compress(w, (16, 16)), bias), x[:0], w, bias, "no rows")
+
+
+@needs_native
+def test_strided_bf16_and_nd_inputs(isa, gen):
+    w = _weight(40, 64, (16, 16), 0.5, gen)
+    bsw = bsf.compress(w, (16, 16))
+    base = torch.randn(7, 130, generator=gen)
+    for what, x in [("row stride", base[:, :64]), ("column stride", base[:, ::2][:, :64]),
+                    ("3-D", torch.randn(2, 3, 64, generator=gen))]:
+        assert_close(_run(x, bsw).reshape(-1, 40), x.reshape(-1, 64), w, None, what)
+    xb = base[:, :64].to(torch.bfloat16)
+    y = _run(xb, bsw)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, xb, w, None, "bf16")
+
+
+@needs_native
+def test_row_chunks_and_thread_splits(isa, gen):
+    """K = 4096 makes the L2 row chunk 12 rows; n = 16 gives one block row, where
+    the threads split the rows of x instead."""
+    for n, k, m in [(64, 4096, 30), (16, 256, 50), (300, 128, 3)]:
+        w = _weight(n, k, (16, 16), 0.7, gen)
+        bsw = bsf.compress(w, (16, 16))
+        x = torch.randn(m, k, generator=gen)
+        y2 = _run(x, bsw)
+        torch.set_num_threads(1)
+        try:
+            y1 = _run(x, bsw)
+        finally:
+            torch.set_num_threads(2)
+        assert torch.equal(y1, y2)
+        assert_close(y2, x, w, None, f"n={n} k={k} m={m}")
+
+
+@given(m=st.integers(0, 30), n=st.integers(1, 90), k=st.integers(1, 90), bh=st.sampled_from([1, 2, 8, 16, 32]),
+       bw=st.sampled_from([1, 4, 5, 16]), sparsity=st.floats(0, 1), seed=st.integers(0, 2 ** 31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_property_random_blocks(m, n, k, bh, bw, sparsity, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = _weight(n, k, (bh, bw), sparsity, gen)
+    bsw = bsf.compress(w, (bh, bw))
+    x = torch.randn(m, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    y = _run(x, bsw, bias)
+    assert_close(y, x, w, bias, "property")
+    r = reference.block_sparse_linear(x, bsw.values, bsw.crow_indices, bsw.col_indices, n, k, bias)
+    assert_close(r, x, w, bias, "reference")
+
+
+def test_op_checks_name_the_argument(gen):
+    bsw = bsf.compress(_weight(32, 32, (16, 16), 0.5, gen), (16, 16))
+    x = torch.randn(2, 32)
+    op = torch.ops.pyaccel.block_sparse_linear
+    with pytest.raises(ValueError, match="x: expected last dimension"):
+        op(torch.randn(2, 31), bsw.values, bsw.crow_indices, bsw.col_indices, 32, 32, None, None)
+    with pytest.raises(ValueError, match="crow_indices"):
+        op(x, bsw.values, bsw.crow_indices[:-1], bsw.col_indices, 32, 32, None, None)
+    with pytest.raises(ValueError, match="col_indices"):
+        op(x, bsw.values, bsw.crow_indices, bsw.col_indices.long(), 32, 32, None, None)
+    with pytest.raises(TypeError, match="values"):
+        op(x, bsw.values.double(), bsw.crow_indices, bsw.col_indices, 32, 32, None, None)
+    with pytest.raises(ValueError, match="bias"):
+        op(x, bsw.values, bsw.crow_indices, bsw.col_indices, 32, 32, torch.zeros(3), None)

@@ -1,0 +1,148 @@
+"""BlockSparseLinear, block pruning and patch's choice (the module contract
+itself is in test_module_contract.py)."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import pyaccel
+import pyaccel.prune
+from pyaccel import _sparse_choice
+from pyaccel.formats import block_sparse as bsf
+from pyaccel.nn import BlockSparseLinear, Sparse24Linear
+
+
+def _mlp(gen):
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    return nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 64))
+
+
+def test_prune_blocks_masks_follow_training(gen):
+    m = _mlp(gen)
+    assert pyaccel.prune.prune_blocks(m, 0.75, block=(32, 32), include=["0", "2"]) == ["0", "2"]
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for _ in range(2):
+        m(torch.randn(8, 256, generator=gen)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    for i in (0, 2):
+        assert bsf.zero_block_fraction(m[i].weight, (32, 32)) == 0.75
+    assert bsf.zero_block_fraction(m[4].weight, (32, 32)) == 0.0
+    pyaccel.prune.make_permanent(m)
+    assert bsf.zero_block_fraction(m[0].weight, (32, 32)) == 0.75
+    with pytest.raises(ValueError, match="sparsity"):
+        pyaccel.prune.prune_blocks(m, -0.1)
+    with pytest.raises(ValueError, match="block"):
+        pyaccel.prune.prune_blocks(m, 0.5, block=(32,))
+
+
+def test_patch_swaps_only_where_measured_faster(gen, monkeypatch):
+    m = _mlp(gen)
+    pyaccel.prune.prune_blocks(m, 0.9, block=(32, 32), include=["0"])
+    pyaccel.prune.prune_blocks(m, 0.5, block=(32, 32), include=["2"])
+    x = torch.randn(5, 256, generator=gen)
+    ref = m(x)
+    # measurements are machine-dependent: fix them, check the rule
+    fake = {0.9: 3.0, 0.5: 0.8}
+
+    def speedups(w, b, cands, rows=(1, 64), rounds=3):
+        z = round(bsf.zero_block_fraction(w, (32, 32)), 1)
+        return {name: {r: fake[z] for r in rows} for name in cands}
+
+    monkeypatch.setattr(_sparse_choice, "measured_speedups", speedups)
+    report = pyaccel.patch(m)
+    kinds = {e.path: (e.new_type, e.reason or e.backend) for e in report.entries}
+    assert kinds["0"][0] == "BlockSparseLinear" and "90% zero 32x32 blocks" in kinds["0"][1]
+    assert kinds["2"][0] is None and "50% zero 32x32 blocks" in kinds["2"][1] and "kept" in kinds["2"][1]
+    assert kinds["4"][0] is None
+    assert isinstance(m[0], BlockSparseLinear) and m[0].block == (32, 32)
+    assert torch.allclose(m(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_two_four_and_block_sparse_goes_to_the_faster(gen, monkeypatch):
+    lin = nn.Linear(128, 128)
+    with torch.no_grad():
+        lin.weight.mul_(bsf.block_mask(lin.weight, (32, 32), 0.75))
+        from pyaccel.formats.sparse24 import mask_24
+
+        lin.weight.mul_(mask_24(lin.weight))
+    for bsr_speed, expect in [(4.0, "BlockSparseLinear"), (1.2, "Sparse24Linear")]:
+        monkeypatch.setattr(_sparse_choice, "measured_speedups",
+                            lambda w, b, c, rows=(1, 64), rounds=3, s=bsr_speed: {
+                                "block-sparse": {1: s, 64: s}, "2:4": {1: 2.0, 64: 2.0}})
+        report = pyaccel.patch(nn.Sequential(lin), inplace=False)
+        assert report.entries[0].new_type == expect
+
+
+def test_real_measurement_runs(gen):
+    """The unpatched measurement path, on a small layer (the decision itself is machine-dependent)."""
+    w = torch.randn(64, 64, generator=gen)
+    w *= bsf.block_mask(w, (16, 16), 0.9)
+    speed = _sparse_choice.measured_speedups(w, None, {"bsr": BlockSparseLinear.from_dense(w, None, (16, 16))},
+                                             rows=(1, 4), rounds=1)
+    assert set(speed["bsr"]) == {1, 4} and all(s > 0 for s in speed["bsr"].values())
+    assert _sparse_choice.candidate_block(w).block == (16, 16)
+    assert _sparse_choice.candidate_block(torch.randn(64, 64, generator=gen)) is None
+
+
+def test_bsr_tensor_in_and_out(gen):
+    w = torch.randn(96, 64, generator=gen)
+    w *= bsf.block_mask(w, (32, 16), 0.5)
+    b = torch.randn(96, generator=gen)
+    m = BlockSparseLinear.from_bsr(w.to_sparse_bsr((32, 16)), b)
+    x = torch.randn(3, 64, generator=gen)
+    assert torch.allclose(m(x), x @ w.t() + b, rtol=1e-5, atol=1e-5)
+    t = m.to_bsr()
+    assert t.layout == torch.sparse_bsr and torch.equal(t.to_dense(), w)
+    padded = BlockSparseLinear.from_bsr(torch.nn.functional.pad(w[:90, :60], (0, 4, 0, 6)).to_sparse_bsr((32, 16)),
+                                        shape=(90, 60))
+    assert (padded.out_features, padded.in_features) == (90, 60)
+    assert torch.allclose(padded(x[:, :60]), x[:, :60] @ w[:90, :60].t(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sparse_bsr"):
+        BlockSparseLinear.from_bsr(w)
+
+
+def test_state_dict_is_compressed_and_loads_anywhere(gen):
+    w = torch.randn(100, 70, generator=gen)
+    w *= bsf.block_mask(w, (16, 16), 0.8)
+    src = BlockSparseLinear.from_dense(w, None, (16, 16))
+    sd = src.state_dict()
+    assert set(sd) == {"values", "crow_indices", "col_indices"}
+    assert sd["crow_indices"].dtype == torch.int32 and sd["values"].shape[0] == src.values.shape[0]
+    assert sd["values"].numel() < 0.35 * w.numel()
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    dst = BlockSparseLinear(70, 100, bias=False, block=(32, 32))  # another block and nnzb: adopted
+    dst.load_state_dict(torch.load(buf, weights_only=True))
+    x = torch.randn(4, 70, generator=gen)
+    assert dst.block == (16, 16) and torch.equal(dst(x), src(x))
+
+
+def test_edge_cases_and_errors(gen):
+    x = torch.randn(3, 40, generator=gen)
+    zero = BlockSparseLinear.from_dense(torch.zeros(24, 40), torch.ones(24), (16, 16))
+    assert zero.values.shape[0] == 0 and torch.equal(zero(x), torch.ones(3, 24))
+    full = torch.randn(24, 40, generator=gen)
+    assert torch.allclose(BlockSparseLinear.from_dense(full, None, (16, 16))(x), x @ full.t(), atol=1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        BlockSparseLinear.from_dense(torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match="block"):
+        BlockSparseLinear(8, 8, block=(0, 4))
+    with pytest.raises(ValueError, match="bias"):
+        BlockSparseLinear.from_dense(full, torch.zeros(3), (16, 16))
+    bad = BlockSparseLinear.from_dense(full, None, (8, 8)).state_dict()
+    bad["col_indices"] = bad["col_indices"].flip(0)
+    with pytest.raises(RuntimeError, match="col_indices"):
+        BlockSparseLinear(40, 24, bias=False, block=(8, 8)).load_state_dict(bad)
+    assert "block=16x16" in repr(zero) and "density=0.000" in repr(zero)
+
+
+def test_2_4_module_unaffected_by_block_rule(gen):
+    """A 2:4 layer with no zero blocks never pays for a measurement."""
+    lin = nn.Linear(64, 64)
+    pyaccel.prune.prune_24(nn.Sequential(lin))
+    assert _sparse_choice.candidate_block(lin.weight.detach()) is None
+    report = pyaccel.patch(nn.Sequential(lin))
+    assert report.entries[0].new_type == Sparse24Linear.__name__
