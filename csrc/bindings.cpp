@@ -140,6 +140,9 @@ py::dict kernel_params() {
   const block_sparse::Kernel& kb = block_sparse::select_kernel();
   e = tile_params(kb.name, kb.mr, block_sparse::kChannelPad, 1, 0);  // nr: block rows are padded to it
   d["block_sparse"] = e;
+  const block_sparse::KernelI8& kbi = block_sparse::select_kernel_int8();
+  e = tile_params(kbi.name, kbi.mr, block_sparse::kChannelPad, 4, 0);
+  d["block_sparse_int8"] = e;
   return d;
 }
 
@@ -183,14 +186,14 @@ int64_t version_of(PyObject* t, const TorchRefs* T) {
 // seen) has other data; forward() then declines, so that the module repacks.
 class LinearPlan {
  public:
-  enum class Kind { kInt8, kSparse24, kSparse24Int8, kBlockSparse };
+  enum class Kind { kInt8, kSparse24, kSparse24Int8, kBlockSparse, kBlockSparseInt8 };
 
   LinearPlan(const std::string& kind, uintptr_t packed, int64_t packed_nbytes, int64_t n, int64_t k,
              uintptr_t w_scale, uintptr_t bias, py::object keep, py::tuple watch = py::tuple(),
              py::tuple watch_data = py::tuple())
       : packed_(packed), n_(n), k_(k), w_scale_(w_scale), bias_(bias), keep_(std::move(keep)) {
     if (!packed) throw py::value_error("packed: null pointer");
-    if (watch.size() + watch_data.size() > kMaxWatch) throw py::value_error("watch: at most 4 tensors in all");
+    if (watch.size() + watch_data.size() > kMaxWatch) throw py::value_error("watch: at most 8 tensors in all");
     if ((watch.size() || watch_data.size()) && !g_torch) throw py::value_error("watch: set_torch_refs first");
     for (py::tuple ts : {watch, watch_data}) {
       for (py::handle t : ts) {
@@ -213,8 +216,11 @@ class LinearPlan {
     } else if (kind == "block_sparse") {
       kind_ = Kind::kBlockSparse;
       err = block_sparse::check_packed(ptr<const uint8_t>(packed), packed_nbytes, n, k);
+    } else if (kind == "block_sparse_int8") {
+      kind_ = Kind::kBlockSparseInt8;
+      err = block_sparse::check_packed_int8(ptr<const uint8_t>(packed), packed_nbytes, n, k);
     } else {
-      throw py::value_error("kind: expected 'int8', 'sparse24', 'sparse24_int8' or 'block_sparse', got '" + kind +
+      throw py::value_error("kind: expected 'int8', 'sparse24', 'sparse24_int8', 'block_sparse' or 'block_sparse_int8', got '" + kind +
                             "'");
     }
     if (err) throw py::value_error(std::string("packed_weight: ") + err);
@@ -319,6 +325,10 @@ class LinearPlan {
         block_sparse::linear(ptr<const void>(x), ldx, bf16, m, k_, ptr<const uint8_t>(packed_), bias, ptr<void>(y),
                              n_, bf16, nthreads);
         break;
+      case Kind::kBlockSparseInt8:
+        block_sparse::linear_int8(ptr<const void>(x), ldx, bf16, m, k_, ptr<const uint8_t>(packed_),
+                                  ptr<const float>(w_scale_), bias, ptr<void>(y), n_, bf16, nthreads);
+        break;
     }
   }
 
@@ -333,7 +343,7 @@ class LinearPlan {
     uintptr_t data = 0;
     int64_t version = 0;
   };
-  static constexpr size_t kMaxWatch = 4;
+  static constexpr size_t kMaxWatch = 8;
   static constexpr int64_t kNoVersionCheck = INT64_MIN;
   Watched watched_[kMaxWatch];
   int n_watched_ = 0;
@@ -413,6 +423,23 @@ PYBIND11_MODULE(_C, m) {
              "out: wrong size for the packed 2:4 int8 weight");
   m.def("int8_packed_nbytes", &int8_gemm::packed_nbytes, py::arg("n"), py::arg("k"));
   m.def("bsr_kernel_name", [] { return std::string(block_sparse::select_kernel().name); });
+  m.def("bsr_int8_kernel_name", [] { return std::string(block_sparse::select_kernel_int8().name); });
+  m.def("bsr_int8_packed_nbytes", &block_sparse::packed_nbytes_int8, py::arg("n"), py::arg("k"), py::arg("bh"),
+        py::arg("bw"), py::arg("nnzb"));
+  m.def(
+      "bsr_int8_pack",
+      [](uintptr_t values, uintptr_t crow, uintptr_t col, int64_t n, int64_t k, int bh, int bw, int64_t nnzb,
+         uintptr_t out, int64_t out_nbytes) {
+        if (bh < 1 || bw < 1 || n < 1 || k < 1 || nnzb < 0) throw py::value_error("bsr_int8_pack: bad shape");
+        if (out_nbytes != block_sparse::packed_nbytes_int8(n, k, bh, bw, nnzb))
+          throw py::value_error("out: wrong size for the packed BSR int8 weight");
+        py::gil_scoped_release nogil;
+        block_sparse::pack_int8(ptr<const int8_t>(values), ptr<const int32_t>(crow), ptr<const int32_t>(col), n, k,
+                                bh, bw, nnzb, ptr<uint8_t>(out));
+      },
+      "pack validated canonical BSR int8 blocks (values [nnzb, bh, bw] in [-127, 127], int32 crow/col)",
+      py::arg("values"), py::arg("crow"), py::arg("col"), py::arg("n"), py::arg("k"), py::arg("bh"), py::arg("bw"),
+      py::arg("nnzb"), py::arg("out"), py::arg("out_nbytes"));
   m.def("bsr_packed_nbytes", &block_sparse::packed_nbytes, py::arg("n"), py::arg("k"), py::arg("bh"), py::arg("bw"),
         py::arg("nnzb"));
   m.def(

@@ -13,7 +13,9 @@ Rule (documented in the README):
    the layer is swapped only if the slower of the two speed-ups is at least
    MIN_SPEEDUP, so a swapped layer is not slower than dense at either size.
    When the weight is also 2:4, Sparse24Linear is timed the same way and the
-   faster of the two is taken.
+   faster of the two is taken. With quantize="int8" the modules are the int8
+   ones (BlockSparseInt8Linear, Sparse24Int8Linear) and the baseline is the
+   dense Int8Linear.
 
 A measurement takes a few ms per layer for 4096 x 4096 weights.
 """
@@ -69,22 +71,25 @@ def _time_per_call(fn: Callable[[], Tensor], budget_s: float = 1e-3) -> float:
 
 
 def measured_speedups(w: Tensor, b: Optional[Tensor], candidates: Dict[str, nn.Module],
-                      rows: Sequence[int] = PROBE_ROWS, rounds: int = 3) -> Dict[str, Dict[int, float]]:
-    """Speed-up of each candidate module over dense ``F.linear(x, w, b)`` at each
+                      rows: Sequence[int] = PROBE_ROWS, rounds: int = 3,
+                      baseline: Optional[nn.Module] = None) -> Dict[str, Dict[int, float]]:
+    """Speed-up of each candidate module over the dense baseline -- ``F.linear(x,
+    w, b)``, or `baseline` (e.g. the dense Int8Linear when quantizing) -- at each
     row count: medians of `rounds` interleaved timings on random inputs."""
     out: Dict[str, Dict[int, float]] = {name: {} for name in candidates}
     wf, bf = w.float(), None if b is None else b.float()
+    dense = baseline if baseline is not None else (lambda x: F.linear(x, wf, bf))
     with torch.no_grad():
         for m in rows:
             x = torch.randn(m, w.shape[1], device=w.device)
             times: Dict[str, list] = {name: [] for name in ["dense", *candidates]}
             for _ in range(rounds):
-                times["dense"].append(_time_per_call(lambda: F.linear(x, wf, bf)))
+                times["dense"].append(_time_per_call(lambda: dense(x)))
                 for name, mod in candidates.items():
                     times[name].append(_time_per_call(lambda mod=mod: mod(x)))
-            dense = statistics.median(times["dense"])
+            t_dense = statistics.median(times["dense"])
             for name in candidates:
-                out[name][m] = dense / statistics.median(times[name])
+                out[name][m] = t_dense / statistics.median(times[name])
     return out
 
 

@@ -124,3 +124,54 @@ def _backward(ctx, grad_y):
 
 
 torch.library.register_autograd("pyaccel::block_sparse_linear", _backward, setup_context=_setup_ctx)
+
+
+# ---- pyaccel::block_sparse_int8_linear --------------------------------------------------
+def check_block_sparse_int8_args(x, values, crow_indices, col_indices, n, k, w_scale, bias, packed=None) -> None:
+    check_block_sparse_args(x, values, crow_indices, col_indices, n, k, bias, packed, values_dtype=torch.int8,
+                            w_scale=w_scale)
+
+
+def block_sparse_int8_linear_cpu(x, values, crow_indices, col_indices, n, k, w_scale, bias, packed):
+    """The native CPU BSR int8 linear (arguments already checked)."""
+    from pyaccel.formats.block_sparse import BlockSparseWeight, pack_block_sparse_int8
+
+    if _native.lib() is None:
+        return reference.block_sparse_int8_linear(x, values, crow_indices, col_indices, n, k, w_scale, bias)
+    if packed is None:
+        packed = pack_block_sparse_int8(BlockSparseWeight(values, crow_indices, col_indices, (n, k)))
+    return _native_linear("block_sparse_int8", x, k, n, packed, w_scale, bias)
+
+
+@torch.library.custom_op("pyaccel::block_sparse_int8_linear", mutates_args=())
+def block_sparse_int8_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, n: int, k: int,
+                             w_scale: Tensor, bias: Optional[Tensor], packed: Optional[Tensor]) -> Tensor:
+    """int8 linear (activations quantized per row at run time) with a
+    block-sparse int8 weight: values int8 [nnzb, bh, bw] in [-127, 127],
+    w_scale fp32 [n]; x [..., k] fp32/bf16, output in x's dtype."""
+    check_block_sparse_int8_args(x, values, crow_indices, col_indices, n, k, w_scale, bias, packed)
+    return reference.block_sparse_int8_linear(x, values, crow_indices, col_indices, n, k, w_scale, bias)
+
+
+@block_sparse_int8_linear.register_kernel("cpu")
+def _block_sparse_int8_linear_cpu_op(x, values, crow_indices, col_indices, n, k, w_scale, bias, packed):
+    check_block_sparse_int8_args(x, values, crow_indices, col_indices, n, k, w_scale, bias, packed)
+    return block_sparse_int8_linear_cpu(x, values, crow_indices, col_indices, n, k, w_scale, bias, packed)
+
+
+@block_sparse_int8_linear.register_kernel("cuda")
+def _block_sparse_int8_linear_cuda_op(x, values, crow_indices, col_indices, n, k, w_scale, bias, packed):
+    check_block_sparse_int8_args(x, values, crow_indices, col_indices, n, k, w_scale, bias, packed)
+    y = _triton().block_sparse_int8_linear(_as_rows(x, k), values.contiguous(), crow_indices.contiguous(),
+                                           col_indices.contiguous(), n, k, w_scale.contiguous(),
+                                           None if bias is None else bias.contiguous())
+    return y.view(*x.shape[:-1], n)
+
+
+@block_sparse_int8_linear.register_fake
+def _block_sparse_int8_linear_fake(x, values, crow_indices, col_indices, n, k, w_scale, bias, packed):
+    check_block_sparse_int8_args(x, values, crow_indices, col_indices, n, k, w_scale, bias, packed)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+torch.library.register_autograd("pyaccel::block_sparse_int8_linear", _backward, setup_context=_setup_ctx)

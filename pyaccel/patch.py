@@ -34,7 +34,7 @@ from pyaccel._linear_source import (
 from pyaccel.formats import sparse24 as s24
 from pyaccel.formats.int8 import from_torch_ao_dynamic_linear, quantize_weight_per_channel
 from pyaccel import _sparse_choice
-from pyaccel.nn.block_sparse_linear import BlockSparseLinear
+from pyaccel.nn.block_sparse_linear import BlockSparseInt8Linear, BlockSparseLinear
 from pyaccel.nn.int8_linear import Int8Linear
 from pyaccel.nn.sparse24_linear import Sparse24Int8Linear, Sparse24Linear
 
@@ -190,7 +190,7 @@ def _linear_like(mod, ctx):
                 f"gets {w.dtype} ones; left as is")
     k = src.in_features
     is24 = k >= MIN_SPARSE24_K and s24.is_24(w)
-    blocks = None if ctx.quantize == "int8" else _block_sparse_plan(w, b, is24)
+    blocks = _block_sparse_plan(w, b, is24, ctx.quantize == "int8")
     if isinstance(blocks, Build):
         return blocks
     if is24:
@@ -204,10 +204,11 @@ def _linear_like(mod, ctx):
     return Build(lambda: Int8Linear.from_weights(quantize_weight_per_channel(w), b), lossy=True)
 
 
-def _block_sparse_plan(w: Tensor, b: Optional[Tensor], is24: bool) -> Union[Build, str, None]:
-    """BlockSparseLinear for a weight with enough zero blocks where it measures
-    faster than dense (and than Sparse24Linear for a 2:4 weight) on the real
-    shape (pyaccel._sparse_choice); else why not (None: too few zero blocks)."""
+def _block_sparse_plan(w: Tensor, b: Optional[Tensor], is24: bool, int8: bool) -> Union[Build, str, None]:
+    """BlockSparseLinear (BlockSparseInt8Linear when quantizing) for a weight
+    with enough zero blocks where it measures faster than the dense module
+    (and than the 2:4 one for a 2:4 weight) on the real shape
+    (pyaccel._sparse_choice); else why not (None: too few zero blocks)."""
     if w.device.type != "cpu":
         return None
     choice = _sparse_choice.candidate_block(w)
@@ -215,16 +216,25 @@ def _block_sparse_plan(w: Tensor, b: Optional[Tensor], is24: bool) -> Union[Buil
         return None
     bh, bw = choice.block
     found = f"{choice.zero_fraction:.0%} zero {bh}x{bw} blocks"
-    cands = {"block-sparse": BlockSparseLinear.from_dense(w.float(), b, choice.block)}
-    if is24:
-        cands["2:4"] = Sparse24Linear.from_dense(w, b)
-    speed = _sparse_choice.measured_speedups(w, b, cands)
+    wf = w.float()
+    if int8:
+        cands = {"block-sparse": BlockSparseInt8Linear.from_dense(wf, b, choice.block)}
+        if is24:
+            cands["2:4"] = Sparse24Int8Linear.from_dense(w, b)
+        baseline, what = Int8Linear.from_weights(quantize_weight_per_channel(wf), b), "dense int8"
+    else:
+        cands = {"block-sparse": BlockSparseLinear.from_dense(wf, b, choice.block)}
+        if is24:
+            cands["2:4"] = Sparse24Linear.from_dense(w, b)
+        baseline, what = None, "dense"
+    speed = _sparse_choice.measured_speedups(w, b, cands, baseline=baseline)
     worst = {name: min(s.values()) for name, s in speed.items()}
+    measured = f"measured {_sparse_choice.describe(speed['block-sparse'])} over {what}"
     if worst["block-sparse"] < _sparse_choice.MIN_SPEEDUP or (is24 and worst["2:4"] >= worst["block-sparse"]):
-        return f"{found}, block-sparse measured {_sparse_choice.describe(speed['block-sparse'])} over dense: kept"
+        return f"{found}, block-sparse {measured}: not swapped to it"
     mod = cands["block-sparse"]
-    mod.notes = [f"{found}, measured {_sparse_choice.describe(speed['block-sparse'])} over dense"]
-    return Build(lambda: mod)
+    mod.notes = [f"{found}, {measured}"]
+    return Build(lambda: mod, lossy=int8)
 
 
 def _unhandled(mod: nn.Module) -> Optional[str]:

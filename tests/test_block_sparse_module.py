@@ -46,7 +46,7 @@ def test_patch_swaps_only_where_measured_faster(gen, monkeypatch):
     # measurements are machine-dependent: fix them, check the rule
     fake = {0.9: 3.0, 0.5: 0.8}
 
-    def speedups(w, b, cands, rows=(1, 64), rounds=3):
+    def speedups(w, b, cands, rows=(1, 64), rounds=3, baseline=None):
         z = round(bsf.zero_block_fraction(w, (32, 32)), 1)
         return {name: {r: fake[z] for r in rows} for name in cands}
 
@@ -54,7 +54,7 @@ def test_patch_swaps_only_where_measured_faster(gen, monkeypatch):
     report = pyaccel.patch(m)
     kinds = {e.path: (e.new_type, e.reason or e.backend) for e in report.entries}
     assert kinds["0"][0] == "BlockSparseLinear" and "90% zero 32x32 blocks" in kinds["0"][1]
-    assert kinds["2"][0] is None and "50% zero 32x32 blocks" in kinds["2"][1] and "kept" in kinds["2"][1]
+    assert kinds["2"][0] is None and "50% zero 32x32 blocks" in kinds["2"][1] and "not swapped" in kinds["2"][1]
     assert kinds["4"][0] is None
     assert isinstance(m[0], BlockSparseLinear) and m[0].block == (32, 32)
     assert torch.allclose(m(x), ref, rtol=1e-5, atol=1e-5)
@@ -69,7 +69,7 @@ def test_two_four_and_block_sparse_goes_to_the_faster(gen, monkeypatch):
         lin.weight.mul_(mask_24(lin.weight))
     for bsr_speed, expect in [(4.0, "BlockSparseLinear"), (1.2, "Sparse24Linear")]:
         monkeypatch.setattr(_sparse_choice, "measured_speedups",
-                            lambda w, b, c, rows=(1, 64), rounds=3, s=bsr_speed: {
+                            lambda w, b, c, rows=(1, 64), rounds=3, baseline=None, s=bsr_speed: {
                                 "block-sparse": {1: s, 64: s}, "2:4": {1: 2.0, 64: 2.0}})
         report = pyaccel.patch(nn.Sequential(lin), inplace=False)
         assert report.entries[0].new_type == expect
@@ -146,3 +146,24 @@ def test_2_4_module_unaffected_by_block_rule(gen):
     assert _sparse_choice.candidate_block(lin.weight.detach()) is None
     report = pyaccel.patch(nn.Sequential(lin))
     assert report.entries[0].new_type == Sparse24Linear.__name__
+
+
+def test_quantize_int8_takes_block_sparse_int8(gen, monkeypatch):
+    m = _mlp(gen)
+    pyaccel.prune.prune_blocks(m, 0.9, block=(16, 16), include=["2"])
+    x = torch.randn(5, 256, generator=gen)
+    ref = m(x)
+    seen = {}
+
+    def speedups(w, b, cands, rows=(1, 64), rounds=3, baseline=None):
+        seen["baseline"] = type(baseline).__name__
+        return {name: {r: 3.0 for r in rows} for name in cands}
+
+    monkeypatch.setattr(_sparse_choice, "measured_speedups", speedups)
+    report = pyaccel.patch(m, quantize="int8")
+    types = {e.path: e.new_type for e in report.entries}
+    assert types == {"0": "Int8Linear", "2": "BlockSparseInt8Linear", "4": "Int8Linear"}
+    assert seen["baseline"] == "Int8Linear" and report.entries[1].lossy
+    from _helpers import sqnr_db
+
+    assert sqnr_db(ref, m(x)) > 30

@@ -29,7 +29,7 @@ import pyaccel
 from pyaccel import _native, reference
 from pyaccel.formats import block_sparse as bsf
 from pyaccel.formats import sparse24 as s24
-from pyaccel.nn import BlockSparseLinear, Int8Linear, Sparse24Int8Linear, Sparse24Linear
+from pyaccel.nn import BlockSparseInt8Linear, BlockSparseLinear, Int8Linear, Sparse24Int8Linear, Sparse24Linear
 
 needs_native = pytest.mark.skipif(not _native.available(), reason="native library not loaded")
 
@@ -57,7 +57,7 @@ def _float_linear(k, n, bias, gen, sparse24=False) -> nn.Linear:
     return lin
 
 
-def _block_sparse(k, n, bias, gen, block) -> BlockSparseLinear:
+def _block_sparse(k, n, bias, gen, block, cls=BlockSparseLinear) -> BlockSparseLinear:
     w = torch.randn(n, k, generator=gen) / k ** 0.5
     w *= bsf.block_mask(w, block, 0.6)
     w[:, :block[1]] = 0  # an empty block column
@@ -68,7 +68,7 @@ def _block_sparse(k, n, bias, gen, block) -> BlockSparseLinear:
         rows = torch.arange(n) // block[0]
         keep = (rows % 2 == 0) & (rows != 1)
         w[keep, last:] = torch.randn(int(keep.sum()), k - last, generator=gen) / k ** 0.5
-    return BlockSparseLinear.from_dense(w, torch.randn(n, generator=gen) if bias else None, block)
+    return cls.from_dense(w, torch.randn(n, generator=gen) if bias else None, block)
 
 
 def _col_out_of_range(col: Tensor) -> Tensor:
@@ -133,6 +133,16 @@ CASES = [
                               "crow_indices": _crow_decreasing(m.crow_indices)},
     )
     for bh, bw in [(16, 16), (32, 8), (1, 4)]
+] + [
+    ContractCase(
+        f"BlockSparseInt8Linear-{bh}x{bw}", BlockSparseInt8Linear, "block_sparse_int8",
+        build=lambda k, n, bias, gen, block=(bh, bw): _block_sparse(k, n, bias, gen, block, BlockSparseInt8Linear),
+        reference=lambda m, x: reference.block_sparse_int8_linear(
+            x, m.values, m.crow_indices, m.col_indices, m.out_features, m.in_features, m.weight_scale, m.bias),
+        bad_values=lambda m: {"values": _minus_128(m.values), "col_indices": _col_out_of_range(m.col_indices),
+                              "weight_scale": _nan_scale(m.weight_scale)},
+    )
+    for bh, bw in [(16, 16), (4, 6)]
 ]
 
 

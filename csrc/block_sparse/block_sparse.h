@@ -74,6 +74,59 @@ const Kernel& select_kernel();
 void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const uint8_t* packed,
             const float* bias, void* y, int64_t ldy, bool y_bf16, int nthreads);
 
+// ---- int8 values ("BSR_I8_K4") ---------------------------------------------------
+// Blocks int8 in [-127, 127] with fp32 scales per output channel; activations
+// quantized per row as for int8_gemm (same quantizers, same rule), int32
+// accumulation, the same dequantization epilogue. Each block is packed as
+// [bw4 / 4][bh_pad][4] (bw4 = bw rounded up to 4: one 32-bit lane per
+// channel and 4 inputs, vpdpbusd's layout), entries past k or n zeroed; after
+// the indices, comp int32 [nbr][bh_pad] = 128 * (sum of the row's kept weights)
+// for kernels that take uint8 activations. The quantized activations of a row
+// are read at colk + 4 g for g < bw4 / 4: their scratch has kpad_a columns.
+constexpr uint32_t kMagicI8 = 0x38525342u;  // "BSR8"
+constexpr int32_t kLayoutI8K4 = 1;
+
+int64_t packed_nbytes_int8(int64_t n, int64_t k, int bh, int bw, int64_t nnzb);
+void pack_int8(const int8_t* values, const int32_t* crow, const int32_t* col, int64_t n, int64_t k, int bh, int bw,
+               int64_t nnzb, uint8_t* out);
+const char* check_packed_int8(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k);
+// Columns of the quantized-activation scratch the int8 kernels read.
+inline int64_t kpad_a(int64_t k, int bw) { return round_up((k + bw - 1) / bw * bw, 4) + 4; }
+
+struct GemmArgsI8 {
+  const int8_t* a;  // quantized activations [m, kpad_a], row stride lda
+  int64_t lda;
+  const float* a_scale;  // [m]
+  const int32_t* rowptr;
+  const int32_t* colk;
+  const int32_t* comp;  // [nbr][bh_pad]
+  const int8_t* blocks;
+  int64_t n;
+  int bh, bw4, bh_pad;
+  const float* w_scale;  // [n]
+  const float* bias;     // [n] or null
+  void* y;
+  int64_t ldy;
+  bool y_bf16;
+};
+using GemmI8Fn = void (*)(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1);
+
+struct KernelI8 {
+  Isa isa;
+  const char* name;
+  int mr;
+  uint8_t a_xor;  // 0x80: the kernel takes uint8 activations (comp subtracted)
+  GemmI8Fn gemm;
+};
+const KernelI8& select_kernel_int8();
+
+void linear_int8(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const uint8_t* packed,
+                 const float* w_scale, const float* bias, void* y, int64_t ldy, bool y_bf16, int nthreads);
+
+void qs8_bsr_gemm_scalar(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
+void qs8_bsr_gemm_avx2(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
+void qs8_bsr_gemm_avx512vnni(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
+
 void bsr_gemm_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_gemm_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_gemm_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);

@@ -229,3 +229,40 @@ def pack_block_sparse(bsw: BlockSparseWeight):
     out = packed_buffer(nbytes)
     C.bsr_pack(vals.data_ptr(), crow.data_ptr(), col.data_ptr(), n, k, bh, bw, bsw.nnzb, out.data_ptr(), nbytes)
     return out
+
+
+def pack_block_sparse_int8(bsw: BlockSparseWeight):
+    """Pack int8 blocks (values in [-127, 127]) for the native CPU kernels
+    ("BSR_I8_K4", see csrc/block_sparse/block_sparse.h); None without the
+    native library. `bsw` must be valid (canonical_error)."""
+    from pyaccel import _native
+    from pyaccel.formats._buffer import packed_buffer
+
+    C = _native.lib()
+    if C is None:
+        return None
+    vals = bsw.values.detach().to("cpu", torch.int8).contiguous()
+    crow = bsw.crow_indices.detach().cpu().contiguous()
+    col = bsw.col_indices.detach().cpu().contiguous()
+    (n, k), (bh, bw) = bsw.shape, bsw.block
+    nbytes = C.bsr_int8_packed_nbytes(n, k, bh, bw, bsw.nnzb)
+    out = packed_buffer(nbytes)
+    C.bsr_int8_pack(vals.data_ptr(), crow.data_ptr(), col.data_ptr(), n, k, bh, bw, bsw.nnzb, out.data_ptr(), nbytes)
+    return out
+
+
+def quantize_blocks(bsw: BlockSparseWeight):
+    """fp BSR weight -> (int8 BSR weight, fp32 scale [n]): symmetric per output
+    channel over the kept blocks (pyaccel.formats.int8.quantize_weight_per_channel
+    on the dense weight, whose zeros stay zeros), same block structure."""
+    from pyaccel.formats.int8 import quantize_weight_per_channel
+
+    n, k = bsw.shape
+    q = quantize_weight_per_channel(decompress(bsw).float())
+    (bh, bw), (n_pad, k_pad) = bsw.block, bsw.padded_shape
+    dense = torch.nn.functional.pad(q.values, (0, k_pad - k, 0, n_pad - n))
+    blocks = dense.reshape(n_pad // bh, bh, k_pad // bw, bw).transpose(1, 2)
+    crow = bsw.crow_indices.long()
+    rows = torch.repeat_interleave(torch.arange(n_pad // bh, device=crow.device), crow[1:] - crow[:-1])
+    values = blocks[rows, bsw.col_indices.long()].contiguous()
+    return BlockSparseWeight(values, bsw.crow_indices, bsw.col_indices, bsw.shape), q.scale

@@ -12,6 +12,7 @@ from pyaccel import ops_block_sparse as bops
 from pyaccel.formats import _checks
 from pyaccel.formats import block_sparse as bsf
 from pyaccel.nn._packed import PackedLinear, linear_weights
+from pyaccel.reference import INT8_MAX_K
 
 DEFAULT_BLOCK = (32, 32)
 
@@ -114,10 +115,12 @@ class BlockSparseLinear(PackedLinear):
         finally:
             self._loading = False
 
+    _VALUES_DTYPE = torch.float32
+
     def _canonical_error(self, t):
         v = t["values"]
-        if not isinstance(v, Tensor) or v.dtype != torch.float32:
-            return f"values: expected float32 [nnzb, bh, bw], got {ops._desc(v)}"
+        if not isinstance(v, Tensor) or v.dtype != self._VALUES_DTYPE:
+            return f"values: expected {self._VALUES_DTYPE} [nnzb, bh, bw], got {ops._desc(v)}"
         return (bsf.canonical_error(self._bsw(t)) or self._bias_error(t["bias"])
                 or _checks.same_device_error(t))
 
@@ -160,3 +163,98 @@ class BlockSparseLinear(PackedLinear):
         bh, bw = self.block
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"block={bh}x{bw}, density={self.density:.3f}, backend={self.backend()}")
+
+
+class BlockSparseInt8Linear(BlockSparseLinear):
+    """Block-sparse weights quantized to int8 (symmetric per output channel),
+    activations quantized per row at run time (as Int8Linear), int32
+    accumulation over the kept blocks only.
+
+    Buffers (state_dict): values int8 [nnzb, bh, bw] in [-127, 127],
+    crow_indices / col_indices int32 (BSR), weight_scale float32 [out], bias
+    float32 [out] if any. ``weight``: read-only view of the dequantized dense
+    weight. ``from_dense`` / ``from_float`` / ``from_bsr`` quantize (lossy).
+    Raises ValueError naming the buffer for -128, non-finite scales or bad indices.
+    """
+
+    WEIGHT_NAMES = frozenset({"values", "crow_indices", "col_indices", "weight_scale", "bias"})
+    _VALUES_DTYPE = torch.int8
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 block: Tuple[int, int] = DEFAULT_BLOCK, device=None) -> None:
+        nn.Module.__init__(self)
+        self._init_features(in_features, out_features, max_in=INT8_MAX_K)
+        bh, bw = bsf.check_block(block)
+        self.register_buffer("values", torch.zeros(0, bh, bw, dtype=torch.int8, device=device))
+        self.register_buffer("crow_indices", torch.zeros(-(-out_features // bh) + 1, dtype=torch.int32,
+                                                         device=device))
+        self.register_buffer("col_indices", torch.zeros(0, dtype=torch.int32, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self._init_bias(bias, device)
+        self._repack()
+
+    @classmethod
+    def from_weight(cls, bsw: bsf.BlockSparseWeight, bias: Optional[Tensor] = None,
+                    weight_scale: Optional[Tensor] = None) -> "BlockSparseInt8Linear":
+        """From a canonical BSR weight: float values are quantized per output
+        channel (lossy); int8 values are taken as they are, with `weight_scale`."""
+        err = bsf.canonical_error(bsw)
+        if err:
+            raise ValueError(err)
+        if bsw.values.dtype != torch.int8:
+            bsw, weight_scale = bsf.quantize_blocks(bsw)
+        elif weight_scale is None:
+            raise ValueError("weight_scale: int8 values need their per-channel scales")
+        n, k = bsw.shape
+        if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (n,)):
+            raise ValueError(f"bias: expected a tensor of shape ({n},) or None, got {ops._desc(bias)}")
+        mod = cls(k, n, bias=bias is not None, block=bsw.block, device=bsw.values.device)
+        mod._set_blocks(bsw.values, bsw.crow_indices, bsw.col_indices)
+        with torch.no_grad():
+            mod.weight_scale.copy_(weight_scale.float())
+            if bias is not None:
+                mod.bias.copy_(bias.detach().float())
+        mod._repack_or_raise()
+        return mod
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Optional[Tensor] = None,
+                   block: Tuple[int, int] = DEFAULT_BLOCK) -> "BlockSparseInt8Linear":
+        """Quantize a dense [out, in] weight with zero blocks (lossy): the blocks
+        holding a non-zero are kept, int8 per output channel."""
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError(f"weight: expected a 2-D floating-point tensor [out, in], got {ops._desc(weight)}")
+        return cls.from_weight(bsf.compress(weight.detach().float(), block), bias)
+
+    def _canonical_error(self, t):
+        return (super()._canonical_error(t)
+                or _checks.tensor_error("weight_scale", t["weight_scale"], torch.float32, (self.out_features,))
+                or _checks.int8_values_error("values", t["values"])
+                or _checks.scale_error("weight_scale", t["weight_scale"]))
+
+    def _pack(self) -> None:
+        if self.values.device.type == "cpu" and _native.available():
+            self._packed = bsf.pack_block_sparse_int8(self._bsw())
+            self._plan = self._make_plan("block_sparse_int8", self._packed, self.weight_scale)
+
+    def dense_weight(self) -> Tensor:
+        """The dequantized dense weight, float32 [out_features, in_features]."""
+        return bsf.decompress(self._bsw()).float() * self.weight_scale[:, None]
+
+    _dense_weight = dense_weight
+
+    def _native_rows(self, x: Tensor) -> Tensor:
+        return bops.block_sparse_int8_linear_cpu(x, self.values, self.crow_indices, self.col_indices,
+                                                 self.out_features, self.in_features, self.weight_scale, self.bias,
+                                                 self._packed)
+
+    def _op(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return torch.ops.pyaccel.block_sparse_int8_linear(x, self.values, self.crow_indices, self.col_indices,
+                                                          self.out_features, self.in_features, self.weight_scale,
+                                                          bias, self._packed)
+
+    def backend(self) -> str:
+        return self._backend_name(self.values.device, "bsr_int8_kernel_name")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr().replace(", backend=", ", dtype=int8, backend=")

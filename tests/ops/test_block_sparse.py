@@ -196,3 +196,68 @@ def test_op_checks_name_the_argument(gen):
         op(x, bsw.values.double(), bsw.crow_indices, bsw.col_indices, 32, 32, None, None)
     with pytest.raises(ValueError, match="bias"):
         op(x, bsw.values, bsw.crow_indices, bsw.col_indices, 32, 32, torch.zeros(3), None)
+
+
+# ---- int8 values -------------------------------------------------------------------------
+def _run_int8(x, bsw, scale, bias=None):
+    return torch.ops.pyaccel.block_sparse_int8_linear(x, bsw.values, bsw.crow_indices, bsw.col_indices,
+                                                      bsw.shape[0], bsw.shape[1], scale, bias,
+                                                      bsf.pack_block_sparse_int8(bsw))
+
+
+def assert_epilogue_close(y, ref, what=""):
+    """Integer sums are exact; the fp32 epilogue is the same expression: one rounding."""
+    tol = 2 * torch.finfo(y.dtype).eps * ref.abs().float() + 1e-30
+    bad = (y.float() - ref.float()).abs() > tol
+    assert not bad.any(), f"{what}: {int(bad.sum())} off, first at {bad.nonzero()[0].tolist()}"
+
+
+@needs_native
+@pytest.mark.parametrize("block", [(1, 4), (4, 6), (16, 16), (17, 3), (32, 32), (64, 8)])
+def test_int8_kernels_match_reference(isa, gen, block):
+    bh, bw = block
+    mr = _native.lib().kernel_params()["block_sparse_int8"]["mr"]
+    for n, k in [(bh * 3 + 1, bw * 5 + 2), (2 * bh, 4 * bw), (33, 50)]:
+        w = _weight(n, k, block, 0.6, gen)
+        bsw, scale = bsf.quantize_blocks(bsf.compress(w, block))
+        if bsw.nnzb:
+            bsw.values[0].fill_(127)  # extremes: every lane's largest product
+            bsw.values[-1].fill_(-127)
+        bias = torch.randn(n, generator=gen)
+        for m in sorted({1, 2, mr - 1, mr, mr + 1, 13, 40}):
+            x = torch.randn(m, k, generator=gen) * 10
+            ref = reference.block_sparse_int8_linear(x, bsw.values, bsw.crow_indices, bsw.col_indices, n, k,
+                                                     scale, bias)
+            assert_epilogue_close(_run_int8(x, bsw, scale, bias), ref, f"{block} n={n} k={k} m={m}")
+
+
+@needs_native
+def test_int8_padding_entries_never_count(isa, gen):
+    """Canonical padding past k and n may hold anything (a foreign checkpoint): never read."""
+    n, k = 30, 37
+    w = _weight(n, k, (16, 16), 0.4, gen)
+    bsw, scale = bsf.quantize_blocks(bsf.compress(w, (16, 16)))
+    clean = bsw.values.clone()
+    dirty = bsw.values.clone()
+    for b in range(bsw.nnzb):
+        dirty[b][:, (k % 16):] = 99 if int(bsw.col_indices[b]) == k // 16 else dirty[b][:, (k % 16):]
+        if b >= int(bsw.crow_indices[-2]):
+            dirty[b][n % 16:] = -99
+    x = torch.randn(5, k, generator=gen)
+    y_clean = _run_int8(x, bsf.BlockSparseWeight(clean, bsw.crow_indices, bsw.col_indices, (n, k)), scale)
+    y_dirty = _run_int8(x, bsf.BlockSparseWeight(dirty, bsw.crow_indices, bsw.col_indices, (n, k)), scale)
+    assert torch.equal(y_clean, y_dirty)
+
+
+@needs_native
+def test_int8_bf16_nan_rows_and_empty(isa, gen):
+    w = _weight(40, 64, (16, 16), 0.5, gen)
+    bsw, scale = bsf.quantize_blocks(bsf.compress(w, (16, 16)))
+    x = torch.randn(6, 64, generator=gen)
+    x[2, 5] = float("nan")
+    y = _run_int8(x, bsw, scale)
+    assert y[2].isnan().all() and not y[[0, 1, 3, 4, 5]].isnan().any()
+    xb = torch.randn(4, 64, generator=gen).to(torch.bfloat16)
+    ref = reference.block_sparse_int8_linear(xb, bsw.values, bsw.crow_indices, bsw.col_indices, 40, 64, scale)
+    assert_epilogue_close(_run_int8(xb, bsw, scale), ref, "bf16")
+    assert _run_int8(x[:0], bsw, scale).shape == (0, 40)

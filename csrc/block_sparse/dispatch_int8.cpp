@@ -1,0 +1,79 @@
+// Kernel choice and driver of the BSR int8 linear: activations quantized per
+// row by int8_gemm's quantizers in row passes (bounded scratch), then the
+// block rows split over threads by kept blocks, as in the fp32 driver.
+#include <algorithm>
+#include <cstring>
+
+#include "block_sparse/block_sparse.h"
+#include "common/ladder.h"
+#include "common/parallel.h"
+#include "int8_gemm/int8_gemm.h"
+
+namespace pyaccel {
+namespace block_sparse {
+namespace {
+
+struct EntryI8 {
+  KernelI8 kernel;
+  int8_gemm::QuantizeRowsFn quantize;
+};
+
+const EntryI8 kLadderI8[] = {
+    {{Isa::kAvx512Vnni, "qs8_bsr_gemm_6x64c4_avx512vnni", 6, 0x80, qs8_bsr_gemm_avx512vnni},
+     int8_gemm::quantize_rows_avx512},
+    {{Isa::kAvx2, "qs8_bsr_gemm_4x16c4_avx2", 4, 0x00, qs8_bsr_gemm_avx2}, int8_gemm::quantize_rows_avx2},
+    {{Isa::kPortable, "qs8_bsr_gemm_1x16c4_scalar", 1, 0x00, qs8_bsr_gemm_scalar}, int8_gemm::quantize_rows_scalar},
+};
+
+LadderChoice<EntryI8> g_choice_i8;
+
+constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
+
+const EntryI8& select_entry() {
+  return g_choice_i8.get(kLadderI8, [](const EntryI8& e) { return e.kernel.isa; });
+}
+
+int64_t row_at(const int32_t* rowptr, int64_t nbr, int64_t target) {
+  return std::lower_bound(rowptr, rowptr + nbr + 1, target) - rowptr;
+}
+
+}  // namespace
+
+const KernelI8& select_kernel_int8() { return select_entry().kernel; }
+
+void linear_int8(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const uint8_t* packed,
+                 const float* w_scale, const float* bias, void* y, int64_t ldy, bool y_bf16, int nthreads) {
+  if (m <= 0) return;
+  const EntryI8& e = select_entry();
+  const KernelI8& kern = e.kernel;
+  PackedHeader h;
+  std::memcpy(&h, packed, sizeof(h));
+  const int32_t* rowptr = reinterpret_cast<const int32_t*>(packed + sizeof(h));
+  const int32_t* colk = rowptr + h.nbr + 1;
+  const int64_t comp_offset = round_up(static_cast<int64_t>(sizeof(h)) + 4 * (h.nbr + 1 + h.nnzb), 64);
+  const int32_t* comp = reinterpret_cast<const int32_t*>(packed + comp_offset);
+  const int8_t* blocks = reinterpret_cast<const int8_t*>(packed + h.data_offset);
+  if (m * h.nnzb * h.bh * h.bw < kMinParallelMacs) nthreads = 1;
+  const size_t ysize = y_bf16 ? 2 : 4;
+  const int64_t nbr = h.nbr;
+  const int bw4 = static_cast<int>(round_up(h.bw, 4));
+  int8_gemm::quantized_passes(
+      e.quantize, kern.a_xor, kern.mr, x, ldx, x_bf16, m, k, kpad_a(k, h.bw), nthreads,
+      [&](const int8_t* q, const float* qs, int64_t lda, int64_t r0, int64_t rows) {
+        const GemmArgsI8 g{q, lda, qs, rowptr, colk, comp, blocks, h.n, h.bh, bw4, h.bh_pad, w_scale, bias,
+                           static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16};
+        const int64_t nt = std::max<int64_t>(1, nthreads);
+        if (nt > 1 && nbr < 2 * nt && rows >= 2 * kern.mr) {
+          parallel_for(rows, kern.mr, nthreads, [&](int64_t m0, int64_t m1) { kern.gemm(g, m0, m1, 0, nbr); });
+        } else {
+          parallel_for(nt, 1, nthreads, [&](int64_t t0, int64_t t1) {
+            const int64_t b0 = t0 == 0 ? 0 : row_at(rowptr, nbr, h.nnzb * t0 / nt);
+            const int64_t b1 = t1 == nt ? nbr : row_at(rowptr, nbr, h.nnzb * t1 / nt);
+            if (b0 < b1) kern.gemm(g, 0, rows, b0, b1);
+          });
+        }
+      });
+}
+
+}  // namespace block_sparse
+}  // namespace pyaccel

@@ -1,0 +1,83 @@
+// Packing of BSR int8 weights ("BSR_I8_K4", see block_sparse.h):
+//
+//   header (64 B) | int32 rowptr[nbr + 1] | int32 colk[nnzb] | pad to 64 B |
+//   int32 comp[nbr][bh_pad] | blocks: [nnzb][bw4 / 4][bh_pad][4] int8
+#include <cstring>
+
+#include "block_sparse/block_sparse.h"
+
+namespace pyaccel {
+namespace block_sparse {
+namespace {
+
+struct Layout {
+  int64_t nbr, bh_pad, bw4, idx_bytes, comp_offset, data_offset, total;
+};
+
+Layout layout(int64_t n, int bh, int bw, int64_t nnzb) {
+  Layout l;
+  l.nbr = (n + bh - 1) / bh;
+  l.bh_pad = round_up(bh, kChannelPad);
+  l.bw4 = round_up(bw, 4);
+  l.idx_bytes = 4 * (l.nbr + 1 + nnzb);
+  l.comp_offset = round_up(static_cast<int64_t>(sizeof(PackedHeader)) + l.idx_bytes, 64);
+  l.data_offset = round_up(l.comp_offset + 4 * l.nbr * l.bh_pad, 64);
+  l.total = l.data_offset + nnzb * l.bw4 * l.bh_pad;
+  return l;
+}
+
+}  // namespace
+
+int64_t packed_nbytes_int8(int64_t n, int64_t /*k*/, int bh, int bw, int64_t nnzb) {
+  return layout(n, bh, bw, nnzb).total;
+}
+
+void pack_int8(const int8_t* values, const int32_t* crow, const int32_t* col, int64_t n, int64_t k, int bh, int bw,
+               int64_t nnzb, uint8_t* out) {
+  const Layout l = layout(n, bh, bw, nnzb);
+  std::memset(out, 0, l.total);
+  PackedHeader h{};
+  h.magic = kMagicI8;
+  h.layout = kLayoutI8K4;
+  h.n = n;
+  h.k = k;
+  h.n_pad = l.nbr * bh;
+  h.bh = bh;
+  h.bw = bw;
+  h.bh_pad = static_cast<int32_t>(l.bh_pad);
+  h.nbr = static_cast<int32_t>(l.nbr);
+  h.nnzb = nnzb;
+  h.data_offset = l.data_offset;
+  std::memcpy(out, &h, sizeof(h));
+  int32_t* rowptr = reinterpret_cast<int32_t*>(out + sizeof(h));
+  int32_t* colk = rowptr + l.nbr + 1;
+  std::memcpy(rowptr, crow, 4 * (l.nbr + 1));
+  for (int64_t b = 0; b < nnzb; ++b) colk[b] = col[b] * bw;
+  int32_t* comp = reinterpret_cast<int32_t*>(out + l.comp_offset);
+  int8_t* d = reinterpret_cast<int8_t*>(out + l.data_offset);
+  for (int64_t r = 0; r < l.nbr; ++r) {
+    for (int64_t b = crow[r]; b < crow[r + 1]; ++b) {
+      const int8_t* v = values + b * bh * bw;
+      int8_t* o = d + b * l.bw4 * l.bh_pad;
+      for (int i = 0; i < bh && r * bh + i < n; ++i) {
+        for (int j = 0; j < bw && colk[b] + j < k; ++j) {  // entries past n or k stay zero
+          o[(j / 4 * l.bh_pad + i) * 4 + j % 4] = v[i * bw + j];
+          comp[r * l.bh_pad + i] += 128 * v[i * bw + j];
+        }
+      }
+    }
+  }
+}
+
+const char* check_packed_int8(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k) {
+  if (buf == nullptr || nbytes < static_cast<int64_t>(sizeof(PackedHeader)))
+    return "packed weight is empty or shorter than its header";
+  PackedHeader h;
+  std::memcpy(&h, buf, sizeof(h));
+  if (h.bh < 1 || h.bw < 1 || h.nnzb < 0) return "packed weight header is corrupt";
+  return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagicI8, kLayoutI8K4,
+                                           packed_nbytes_int8(h.n, h.k, h.bh, h.bw, h.nnzb));
+}
+
+}  // namespace block_sparse
+}  // namespace pyaccel
