@@ -20,8 +20,17 @@ namespace pyaccel {
 namespace block_sparse {
 
 constexpr uint32_t kMagic = 0x46525342u;  // "BSRF"
-constexpr int32_t kLayoutF32T16 = 1;
-constexpr int kChannelPad = 16;  // bh is padded to this many channels in the packing
+constexpr int32_t kLayoutF32T16 = 1;      // bh > kSmallBlockRows: blocks transposed, channels padded to 16
+constexpr int32_t kLayoutF32RowMajor = 2; // bh <= kSmallBlockRows: blocks as they are, [bh][bw]
+constexpr int kChannelPad = 16;  // bh is padded to this many channels in layout 1
+// Blocks of at most this many rows (1 x 4, 4 x 4, 8 x 8, ...) would waste most of
+// a 16-channel tile: they keep their row-major layout and get their own kernels,
+// a row kernel (dot products along the block's inputs) below kSlabRowsFrom rows
+// of x, and from there a slab kernel that vectorizes over 16 rows of x
+// (x transposed into 16-row slabs) and broadcasts each weight.
+constexpr int kSmallBlockRows = 8;
+constexpr int64_t kSlabRowsFrom = 2;
+inline int32_t layout_for(int bh) { return bh <= kSmallBlockRows ? kLayoutF32RowMajor : kLayoutF32T16; }
 
 // 64-byte header; then int32 rowptr[nbr + 1] and int32 colk[nnzb] (each
 // block's first input, c * bw), then the blocks (64-byte aligned).
@@ -62,12 +71,19 @@ struct GemmArgs {
 
 // Rows [m0, m1) x block rows [r0, r1).
 using GemmFn = void (*)(const GemmArgs& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1);
+// Small blocks, many rows: slabs [s0, s1) of xt ([k][nslabs][16] fp32: x
+// transposed, input-major so that one input's slab lines are contiguous; rows
+// past m zero) x block rows [r0, r1); rows of y past m unwritten.
+using SlabFn = void (*)(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
+                        int64_t r0, int64_t r1);
 
 struct Kernel {
   Isa isa;
   const char* name;
   int mr;  // rows per micro-tile for 32-channel chunks
   GemmFn gemm;
+  GemmFn small_rows;   // layout 2, fewer than kSlabRowsFrom rows
+  SlabFn small_slabs;  // layout 2, from kSlabRowsFrom rows
 };
 const Kernel& select_kernel();
 
@@ -130,6 +146,10 @@ void qs8_bsr_gemm_avx512vnni(const GemmArgsI8&, int64_t, int64_t, int64_t, int64
 void bsr_gemm_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_gemm_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_gemm_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void bsr_small_rows_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void bsr_small_slabs_scalar(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+void bsr_small_rows_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void bsr_small_slabs_avx512(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 
 // y[m, n] for channel n of a tile: bias added, stored as fp32 or bf16.
 void store_scalar(const GemmArgs& g, int64_t m, int64_t n, float v);

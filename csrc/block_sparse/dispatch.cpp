@@ -16,10 +16,11 @@ namespace block_sparse {
 namespace {
 
 const Kernel kLadder[] = {
-    {Isa::kAvx512, "bsr_gemm_8x32_avx512", 8, bsr_gemm_avx512},
-    {Isa::kAvx2, "bsr_gemm_6x16_avx2", 6, bsr_gemm_avx2},
-    {Isa::kPortable, "bsr_gemm_1x16_scalar", 1, bsr_gemm_scalar},
+    {Isa::kAvx512, "bsr_gemm_8x32_avx512", 8, bsr_gemm_avx512, bsr_small_rows_avx512, bsr_small_slabs_avx512},
+    {Isa::kAvx2, "bsr_gemm_6x16_avx2", 6, bsr_gemm_avx2, bsr_small_rows_scalar, bsr_small_slabs_scalar},
+    {Isa::kPortable, "bsr_gemm_1x16_scalar", 1, bsr_gemm_scalar, bsr_small_rows_scalar, bsr_small_slabs_scalar},
 };
+thread_local std::vector<float> t_xt;
 
 LadderChoice<Kernel> g_choice;
 thread_local std::vector<float> t_x;
@@ -58,6 +59,49 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
   if (m * h.nnzb * h.bh * h.bw < kMinParallelMacs) nthreads = 1;
   const size_t ysize = y_bf16 ? 2 : 4;
   const int64_t nbr = h.nbr;
+  const int64_t nt = std::max<int64_t>(1, nthreads);
+  // Threads take block-row ranges of about equal kept blocks.
+  auto by_blocks = [&](const auto& fn) {
+    parallel_for(nt, 1, nthreads, [&](int64_t t0, int64_t t1) {
+      const int64_t r0 = t0 == 0 ? 0 : row_at(rowptr, nbr, h.nnzb * t0 / nt);
+      const int64_t r1 = t1 == nt ? nbr : row_at(rowptr, nbr, h.nnzb * t1 / nt);
+      if (r0 < r1) fn(r0, r1);
+    });
+  };
+  if (h.layout == kLayoutF32RowMajor && m >= kSlabRowsFrom) {
+    // small blocks, many rows: x transposed into 16-row slabs, in row passes
+    for_each_row_pass(m, k * 4, kRowPassBytes, 16, [&](int64_t p0, int64_t p1) {
+      const int64_t rows = p1 - p0, slabs = (rows + 15) / 16;
+      if (t_xt.size() < static_cast<size_t>(slabs * k * 16 + 16)) t_xt.resize(slabs * k * 16 + 16);
+      float* xt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(t_xt.data()) + 63) & ~uintptr_t(63));
+      const size_t xsize = x_bf16 ? 2 : 4;
+      const char* xp = static_cast<const char*>(x) + p0 * ldx * xsize;
+      parallel_for(slabs, 1, nthreads, [&](int64_t s0, int64_t s1) {
+        for (int64_t s = s0; s < s1; ++s)
+          for (int l = 0; l < 16; ++l) {
+            const int64_t row = s * 16 + l;
+            float* d = xt + s * 16 + l;  // input i at d[i * slabs * 16]
+            if (row >= rows) {
+              for (int64_t i = 0; i < k; ++i) d[i * slabs * 16] = 0.f;
+            } else if (x_bf16) {
+              const uint16_t* xr = reinterpret_cast<const uint16_t*>(xp) + row * ldx;
+              for (int64_t i = 0; i < k; ++i) d[i * slabs * 16] = bf16_as_fp32(xr[i]);
+            } else {
+              const float* xr = reinterpret_cast<const float*>(xp) + row * ldx;
+              for (int64_t i = 0; i < k; ++i) d[i * slabs * 16] = xr[i];
+            }
+          }
+      });
+      const GemmArgs g{nullptr, 0, rowptr, colk, blocks, k, h.n, h.bh, h.bw, h.bh_pad, bias,
+                       static_cast<char*>(y) + p0 * ldy * ysize, ldy, y_bf16};
+      if (nt > 1 && nbr < 2 * nt && slabs >= 2)
+        parallel_for(slabs, 1, nthreads, [&](int64_t s0, int64_t s1) { kern.small_slabs(g, xt, slabs, rows, s0, s1, 0, nbr); });
+      else
+        by_blocks([&](int64_t r0, int64_t r1) { kern.small_slabs(g, xt, slabs, rows, 0, slabs, r0, r1); });
+    });
+    return;
+  }
+  const GemmFn gemm = h.layout == kLayoutF32RowMajor ? kern.small_rows : kern.gemm;
   for_each_row_pass(m, k * 4, x_bf16 ? kRowPassBytes : INT64_MAX / 2, 16, [&](int64_t p0, int64_t p1) {
     const int64_t rows = p1 - p0;
     const float* xf;
@@ -78,18 +122,11 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
     }
     const GemmArgs g{xf, lx, rowptr, colk, blocks, k, h.n, h.bh, h.bw, h.bh_pad, bias,
                      static_cast<char*>(y) + p0 * ldy * ysize, ldy, y_bf16};
-    // Threads take block-row ranges of about equal kept blocks; with fewer
-    // block rows than 2 per thread, they split the rows of x instead.
-    const int64_t nt = std::max<int64_t>(1, nthreads);
-    if (nt > 1 && nbr < 2 * nt && rows >= 2 * kern.mr) {
-      parallel_for(rows, kern.mr, nthreads, [&](int64_t m0, int64_t m1) { kern.gemm(g, m0, m1, 0, nbr); });
-    } else {
-      parallel_for(nt, 1, nthreads, [&](int64_t t0, int64_t t1) {
-        const int64_t r0 = t0 == 0 ? 0 : row_at(rowptr, nbr, h.nnzb * t0 / nt);
-        const int64_t r1 = t1 == nt ? nbr : row_at(rowptr, nbr, h.nnzb * t1 / nt);
-        if (r0 < r1) kern.gemm(g, 0, rows, r0, r1);
-      });
-    }
+    // with fewer block rows than 2 per thread, threads split the rows of x instead
+    if (nt > 1 && nbr < 2 * nt && rows >= 2 * kern.mr)
+      parallel_for(rows, kern.mr, nthreads, [&](int64_t m0, int64_t m1) { gemm(g, m0, m1, 0, nbr); });
+    else
+      by_blocks([&](int64_t r0, int64_t r1) { gemm(g, 0, rows, r0, r1); });
   });
 }
 

@@ -1,8 +1,10 @@
-// Packing of BSR fp32 weights ("BSR_F32_T16"):
+// Packing of BSR fp32 weights:
 //
 //   header (64 B) | int32 rowptr[nbr + 1] | int32 colk[nnzb] | pad to 64 B |
-//   blocks: for each kept block in BSR order, [bw][bh_pad] fp32 -- the block
-//   transposed, channels padded with zeros to bh_pad (a multiple of 16)
+//   blocks, for each kept block in BSR order:
+//     layout 1 ("BSR_F32_T16", bh > kSmallBlockRows): [bw][bh_pad] fp32, the
+//       block transposed, channels padded with zeros to bh_pad (a multiple of 16)
+//     layout 2 ("BSR_F32_RM", bh <= kSmallBlockRows): [bh][bw] fp32 as given
 //
 // colk holds each block's first input (block column * bw), so a kernel adds it
 // to a row pointer of x without a multiply.
@@ -21,7 +23,7 @@ struct Layout {
 Layout layout(int64_t n, int bh, int bw, int64_t nnzb) {
   Layout l;
   l.nbr = (n + bh - 1) / bh;
-  l.bh_pad = round_up(bh, kChannelPad);
+  l.bh_pad = layout_for(bh) == kLayoutF32T16 ? round_up(bh, kChannelPad) : bh;
   l.idx_bytes = 4 * (l.nbr + 1 + nnzb);
   l.data_offset = round_up(static_cast<int64_t>(sizeof(PackedHeader)) + l.idx_bytes, 64);
   l.total = l.data_offset + nnzb * bw * l.bh_pad * 4;
@@ -39,7 +41,7 @@ void pack(const float* values, const int32_t* crow, const int32_t* col, int64_t 
   const Layout l = layout(n, bh, bw, nnzb);
   PackedHeader h{};
   h.magic = kMagic;
-  h.layout = kLayoutF32T16;
+  h.layout = layout_for(bh);
   h.n = n;
   h.k = k;
   h.n_pad = l.nbr * bh;
@@ -56,12 +58,18 @@ void pack(const float* values, const int32_t* crow, const int32_t* col, int64_t 
   for (int64_t b = 0; b < nnzb; ++b) colk[b] = col[b] * bw;
   std::memset(out + sizeof(h) + l.idx_bytes, 0, l.data_offset - sizeof(h) - l.idx_bytes);
   float* d = reinterpret_cast<float*>(out + l.data_offset);
-  for (int64_t b = 0; b < nnzb; ++b) {
-    const float* v = values + b * bh * bw;
-    float* o = d + b * bw * l.bh_pad;
-    for (int j = 0; j < bw; ++j) {
-      for (int i = 0; i < bh; ++i) o[j * l.bh_pad + i] = v[i * bw + j];
-      for (int64_t i = bh; i < l.bh_pad; ++i) o[j * l.bh_pad + i] = 0.f;
+  const bool row_major = h.layout == kLayoutF32RowMajor;
+  for (int64_t r = 0; r < l.nbr; ++r) {
+    for (int64_t b = crow[r]; b < crow[r + 1]; ++b) {
+      const float* v = values + b * bh * bw;
+      float* o = d + b * bw * l.bh_pad;
+      for (int j = 0; j < bw; ++j) {
+        for (int64_t i = 0; i < l.bh_pad; ++i) {
+          // entries past n or k (edge blocks' padding) and channel padding are zero
+          const float w = (i < bh && r * bh + i < n && colk[b] + j < k) ? v[i * bw + j] : 0.f;
+          o[row_major ? i * bw + j : j * l.bh_pad + i] = w;
+        }
+      }
     }
   }
 }
@@ -72,7 +80,7 @@ const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t 
   PackedHeader h;
   std::memcpy(&h, buf, sizeof(h));
   if (h.bh < 1 || h.bw < 1 || h.nnzb < 0) return "packed weight header is corrupt";
-  return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, kLayoutF32T16,
+  return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, layout_for(h.bh),
                                            packed_nbytes(h.n, h.k, h.bh, h.bw, h.nnzb));
 }
 

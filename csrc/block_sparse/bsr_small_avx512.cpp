@@ -1,0 +1,255 @@
+// BSR fp32 with small blocks (layout 2: row-major [bh][bw], bh <= 8), AVX-512.
+//
+// Row kernel (few rows of x): per output channel a dot product over its
+// blocks' inputs; 1 x 4 ... 8 x 4 blocks four to an FMA (x gathered from the
+// four block columns with 128-bit inserts), other widths 16 inputs per masked
+// FMA; two accumulators; rows of x inside the channel loop (its weights stay
+// in L1).
+//
+// Slab kernel (many rows): x transposed into 16-row slabs, so one zmm holds
+// input j of 16 rows. Per input j of a block: S slab lines loaded once, then
+// for each of the block's BH channels one broadcast weight and S FMAs
+// (BH x S accumulators: 1 x 8, 2 x 4, 4 x 4, 8 x 2). Outputs go back to y's rows through
+// a 16-value transpose buffer.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "block_sparse/block_sparse.h"
+
+namespace pyaccel {
+namespace block_sparse {
+namespace {
+
+inline __mmask16 first(int n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+
+template <int BH, int S>
+__attribute__((always_inline)) inline void fma_block(const GemmArgs& g, const float* xs, int64_t line, int64_t b, __m512 (&acc)[BH][S]) {
+  const int64_t c = g.colk[b];
+  const int jn = static_cast<int>(std::min<int64_t>(g.bw, g.k - c));
+  const float* w = g.blocks + b * BH * g.bw;
+  for (int j = 0; j < jn; ++j) {
+    __m512 xv[S];
+    for (int t = 0; t < S; ++t) xv[t] = _mm512_load_ps(xs + (c + j) * line + t * 16);
+    for (int i = 0; i < BH; ++i) {
+      const __m512 wv = _mm512_set1_ps(w[i * g.bw + j]);
+      for (int t = 0; t < S; ++t) acc[i][t] = _mm512_fmadd_ps(wv, xv[t], acc[i][t]);
+    }
+  }
+}
+
+// U consecutive blocks, all inside k, into U accumulator sets (one set per
+// block: the sets' FMA chains are independent, so latency is hidden even with
+// one slab and one channel). BW: the block width when known at compile time
+// (4), else 0 (g.bw at run time). One pointer per block at a time keeps the
+// general registers free.
+template <int BH, int S, int U, int BW>
+__attribute__((always_inline)) inline void fma_group(const GemmArgs& g, const float* xs, int64_t line, int64_t b,
+                                                     __m512 (&acc)[U][BH][S]) {
+  const int bw = BW > 0 ? BW : g.bw;
+  const float* w0 = g.blocks + b * BH * bw;
+  if constexpr (BW > 0) {
+    // input j outermost, blocks inside: consecutive FMAs go to different sets
+    const float* xp[U];
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) xp[u] = xs + g.colk[b + u] * line;
+#pragma GCC unroll 8
+    for (int j = 0; j < BW; ++j) {
+#pragma GCC unroll 16
+      for (int u = 0; u < U; ++u) {
+        __m512 xv[S];
+#pragma GCC unroll 16
+        for (int t = 0; t < S; ++t) xv[t] = _mm512_load_ps(xp[u] + j * line + t * 16);
+#pragma GCC unroll 16
+        for (int i = 0; i < BH; ++i) {
+          const __m512 wv = _mm512_set1_ps(w0[(u * BH + i) * BW + j]);
+#pragma GCC unroll 16
+          for (int t = 0; t < S; ++t) acc[u][i][t] = _mm512_fmadd_ps(wv, xv[t], acc[u][i][t]);
+        }
+      }
+    }
+  } else {
+    for (int u = 0; u < U; ++u) {
+      const float* xp = xs + g.colk[b + u] * line;
+      const float* wp = w0 + u * BH * bw;
+      for (int j = 0; j < bw; ++j) {
+        __m512 xv[S];
+        for (int t = 0; t < S; ++t) xv[t] = _mm512_load_ps(xp + j * line + t * 16);
+        for (int i = 0; i < BH; ++i) {
+          const __m512 wv = _mm512_set1_ps(wp[i * bw + j]);
+          for (int t = 0; t < S; ++t) acc[u][i][t] = _mm512_fmadd_ps(wv, xv[t], acc[u][i][t]);
+        }
+      }
+    }
+  }
+}
+
+// Rows [16 s, 16 (s + S)) x the BH channels of block row r, over the blocks
+// [b0, b1) of that row. With few accumulators (BH x S < 8) the blocks go
+// round-robin to U = 8 / (BH x S) accumulator sets, so that FMA latency is
+// hidden. Partial sums wait in `part` between K chunks; `last` adds the bias
+// and stores y.
+template <int BH, int S>
+inline void slab_tile(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s, int64_t r,
+                      int64_t b0, int64_t b1, float* part, bool first_chunk, bool last) {
+  constexpr int U = BH * S >= 8 ? 1 : 8 / (BH * S);
+  __m512 acc[U][BH][S];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < BH; ++i)
+      for (int t = 0; t < S; ++t)
+        acc[u][i][t] = (first_chunk || u > 0) ? _mm512_setzero_ps() : _mm512_load_ps(part + (i * S + t) * 16);
+  const int64_t line = nslabs * 16;  // one input's slab lines, contiguous
+  const float* xs = xt + s * 16;
+  int64_t b = b0;
+  if (g.bw == 4) {
+    for (; b + U <= b1 && g.colk[b + U - 1] + 4 <= g.k; b += U) fma_group<BH, S, U, 4>(g, xs, line, b, acc);
+  } else {
+    for (; b + U <= b1 && g.colk[b + U - 1] + g.bw <= g.k; b += U) fma_group<BH, S, U, 0>(g, xs, line, b, acc);
+  }
+  for (; b < b1; ++b) fma_block<BH, S>(g, xs, line, b, acc[0]);
+  for (int u = 1; u < U; ++u)
+    for (int i = 0; i < BH; ++i)
+      for (int t = 0; t < S; ++t) acc[0][i][t] = _mm512_add_ps(acc[0][i][t], acc[u][i][t]);
+  if (!last) {
+    for (int i = 0; i < BH; ++i)
+      for (int t = 0; t < S; ++t) _mm512_store_ps(part + (i * S + t) * 16, acc[0][i][t]);
+    return;
+  }
+  const int64_t end = std::min<int64_t>(r * BH + BH, g.n);
+  alignas(64) float buf[16];
+  for (int t = 0; t < S; ++t) {
+    const int64_t row0 = (s + t) * 16;
+    if (row0 >= m) break;
+    const int rows = static_cast<int>(std::min<int64_t>(16, m - row0));
+    for (int i = 0; i < BH && r * BH + i < end; ++i) {
+      _mm512_store_ps(buf, acc[0][i][t]);
+      for (int l = 0; l < rows; ++l) store_scalar(g, row0 + l, r * BH + i, buf[l]);
+    }
+  }
+}
+
+thread_local std::vector<float> t_part;
+thread_local std::vector<int64_t> t_cursor;
+
+// K in chunks whose S slab lines (S x 64 B per input) stay in L2 (~256 KiB),
+// each block row's blocks of the chunk found by a cursor (columns are
+// sorted); partial sums of the rows' tiles wait in `part` between chunks.
+template <int BH, int S>
+void slab_group(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s, int64_t r0, int64_t r1) {
+  const int64_t kc = std::max<int64_t>(g.bw, ((int64_t(256) << 10) / (S * 64)) / g.bw * g.bw);
+  const int64_t rows = r1 - r0;
+  if (g.k <= kc) {
+    for (int64_t r = r0; r < r1; ++r)
+      slab_tile<BH, S>(g, xt, nslabs, m, s, r, g.rowptr[r], g.rowptr[r + 1], nullptr, true, true);
+    return;
+  }
+  if (t_part.size() < static_cast<size_t>(rows * BH * S * 16 + 16)) t_part.resize(rows * BH * S * 16 + 16);
+  if (t_cursor.size() < static_cast<size_t>(rows)) t_cursor.resize(rows);
+  float* part = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(t_part.data()) + 63) & ~uintptr_t(63));
+  for (int64_t r = r0; r < r1; ++r) t_cursor[r - r0] = g.rowptr[r];
+  for (int64_t k0 = 0; k0 < g.k; k0 += kc) {
+    const bool first_chunk = k0 == 0, last = k0 + kc >= g.k;
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t& cur = t_cursor[r - r0];
+      const int64_t b0 = cur, bend = g.rowptr[r + 1];
+      int64_t b1 = b0;
+      while (b1 < bend && g.colk[b1] < k0 + kc) ++b1;
+      cur = b1;
+      slab_tile<BH, S>(g, xt, nslabs, m, s, r, b0, b1, part + (r - r0) * BH * S * 16, first_chunk, last);
+    }
+  }
+}
+
+template <int BH>
+void slabs_bh(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1, int64_t r0,
+              int64_t r1) {
+  constexpr int S = BH == 1 ? 8 : BH <= 4 ? 4 : 2;
+  int64_t s = s0;
+  for (; s + S <= s1; s += S) slab_group<BH, S>(g, xt, nslabs, m, s, r0, r1);
+  if constexpr (S > 4) {
+    if (s + 4 <= s1) { slab_group<BH, 4>(g, xt, nslabs, m, s, r0, r1); s += 4; }
+  }
+  if constexpr (S > 2) {
+    if (s + 2 <= s1) { slab_group<BH, 2>(g, xt, nslabs, m, s, r0, r1); s += 2; }
+  }
+  for (; s < s1; ++s) slab_group<BH, 1>(g, xt, nslabs, m, s, r0, r1);
+}
+
+}  // namespace
+
+void bsr_small_rows_avx512(const GemmArgs& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+  const int bh = g.bh, bw = g.bw;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t end = std::min<int64_t>(r * bh + bh, g.n);
+    const int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
+    // only a row's last block can reach past k (columns are sorted): it takes the masked path
+    const int64_t bfull = (b1 > b0 && g.colk[b1 - 1] + bw > g.k) ? b1 - 1 : b1;
+    for (int i = 0; r * bh + i < end; ++i) {
+      const float* wi = g.blocks + i * bw;  // channel i of block b at wi + b * bh * bw
+      for (int64_t m = m0; m < m1; ++m) {  // the channel's weights stay in L1 across rows
+        const float* xr = g.x + m * g.ldx;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        int64_t b = b0;
+        if (bw == 4) {  // four 1 x 4 blocks per FMA
+          for (; b + 4 <= bfull; b += 4) {
+            const int32_t* c = g.colk + b;
+            __m512 xv = _mm512_castps128_ps512(_mm_loadu_ps(xr + c[0]));
+            xv = _mm512_insertf32x4(xv, _mm_loadu_ps(xr + c[1]), 1);
+            xv = _mm512_insertf32x4(xv, _mm_loadu_ps(xr + c[2]), 2);
+            xv = _mm512_insertf32x4(xv, _mm_loadu_ps(xr + c[3]), 3);
+            __m512 wv;
+            if (bh == 1) {
+              wv = _mm512_loadu_ps(wi + b * 4);
+            } else {
+              const float* w = wi + b * bh * 4;
+              wv = _mm512_castps128_ps512(_mm_loadu_ps(w));
+              wv = _mm512_insertf32x4(wv, _mm_loadu_ps(w + bh * 4), 1);
+              wv = _mm512_insertf32x4(wv, _mm_loadu_ps(w + 2 * bh * 4), 2);
+              wv = _mm512_insertf32x4(wv, _mm_loadu_ps(w + 3 * bh * 4), 3);
+            }
+            if ((b & 4) == 0)
+              a0 = _mm512_fmadd_ps(wv, xv, a0);
+            else
+              a1 = _mm512_fmadd_ps(wv, xv, a1);
+          }
+        }
+        const __mmask16 mbw = first(bw);
+        for (; b < b1; ++b) {  // any bw: 16 inputs per masked FMA
+          const int64_t c = g.colk[b];
+          const int jn = static_cast<int>(std::min<int64_t>(bw, g.k - c));
+          const float* w = wi + b * bh * bw;
+          for (int j = 0; j < jn; j += 16) {
+            const __mmask16 mk = (j + 16 <= bw && jn == bw) ? __mmask16(0xffff) : (jn == bw && bw < 16 ? mbw : first(jn - j));
+            const __m512 t = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + j), _mm512_maskz_loadu_ps(mk, xr + c + j),
+                                             (b & 1) ? a1 : a0);
+            if (b & 1)
+              a1 = t;
+            else
+              a0 = t;
+          }
+        }
+        store_scalar(g, m, r * bh + i, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+      }
+    }
+  }
+}
+
+void bsr_small_slabs_avx512(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
+                            int64_t r0, int64_t r1) {
+  switch (g.bh) {
+    case 1: slabs_bh<1>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 2: slabs_bh<2>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 3: slabs_bh<3>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 4: slabs_bh<4>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 5: slabs_bh<5>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 6: slabs_bh<6>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 7: slabs_bh<7>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    default: slabs_bh<8>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+  }
+}
+
+}  // namespace block_sparse
+}  // namespace pyaccel
