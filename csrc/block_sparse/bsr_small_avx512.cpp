@@ -131,6 +131,12 @@ inline void slab_tile(const GemmArgs& g, const float* xt, int64_t nslabs, int64_
   }
 }
 
+// Slab lines of one K chunk: ~256 KiB, kept in L2. Chunks sized for L1 (8 -
+// 16 KiB) measured 3 - 8x slower on Zen 4 (the per-chunk cost of each block
+// row -- finding its blocks, loading and storing partial sums -- outweighs the
+// few blocks a row has in such a chunk); no chunking at all was 0 - 15 % slower.
+constexpr int64_t kChunkBytes = int64_t(256) << 10;
+
 thread_local std::vector<float> t_part;
 thread_local std::vector<int64_t> t_cursor;
 
@@ -139,7 +145,7 @@ thread_local std::vector<int64_t> t_cursor;
 // sorted); partial sums of the rows' tiles wait in `part` between chunks.
 template <int BH, int S>
 void slab_group(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s, int64_t r0, int64_t r1) {
-  const int64_t kc = std::max<int64_t>(g.bw, ((int64_t(256) << 10) / (S * 64)) / g.bw * g.bw);
+  const int64_t kc = std::max<int64_t>(g.bw, (kChunkBytes / (S * 64)) / g.bw * g.bw);
   const int64_t rows = r1 - r0;
   if (g.k <= kc) {
     for (int64_t r = r0; r < r1; ++r)

@@ -9,7 +9,7 @@ import sys
 import torch
 
 import pyaccel
-from pyaccel.bench import common, int8, minilm, sparse24
+from pyaccel.bench import block_sparse, common, int8, minilm, sparse24
 
 ANCHOR_VNNI_PEAK_GOPS = 936.0  # ../shared/ANCHORS.md: vpdpbusd, 2 threads, this project's machine
 
@@ -34,7 +34,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="seconds of timing per row")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
     ap.add_argument("--markdown", default=None, help="also write the results as a markdown table here")
-    ap.add_argument("--suite", default="int8,sparse24,minilm", help="comma-separated: int8, sparse24, minilm")
+    ap.add_argument("--suite", default="int8,sparse24,block_sparse,minilm",
+                    help="comma-separated: int8, sparse24, block_sparse, minilm")
+    ap.add_argument("--fp32-peak", type=float, default=None,
+                    help="fp32 FMA peak (GFLOP/s, this machine's: shared/tools/peaks) for the block-sparse %% column")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -62,6 +65,22 @@ def main(argv=None) -> int:
         print("\n== 2:4 sparse + int8 vs pyaccel's dense int8 (same pruned layer) ==")
         print(common.HEADER)
         rows += sparse24.run_int8(shapes, ms, budget_s=budget, streamed=True)
+    decisions = []
+    if "block_sparse" in suites:
+        if args.quick:
+            kw = dict(shapes=((1024, 1024),), blocks=((32, 32), (1, 4)), sparsities=(0.9,), ms=(1, 32))
+        else:
+            kw = {}
+        print("\n== block-sparse linear, fp32 (GOP/s counts the kept blocks' 2·M·nnz) ==")
+        print(common.HEADER)
+        rows += block_sparse.run(budget_s=min(budget, 1.0), **kw)
+        print("\n== block-sparse + int8 vs pyaccel's dense int8 (same pruned layer) ==")
+        print(common.HEADER)
+        kw8 = dict(shapes=((1024, 1024),), blocks=((32, 32),), ms=(1, 32)) if args.quick else {}
+        rows += block_sparse.run_int8(budget_s=min(budget, 1.0), **kw8)
+        print("\n== patch's choice on moderately sparse layers ==")
+        decisions = block_sparse.patch_decisions(shape=(1024, 1024) if args.quick else (4096, 4096),
+                                                 budget_s=min(budget, 1.0))
     e2e = None
     if "minilm" in suites:
         print("\n== end to end: MiniLM-L6 sentence encoder ==")
@@ -78,10 +97,15 @@ def main(argv=None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n".join("    " + h for h in head) + "\n\n")
-            for suite, peak in (("int8", args.peak_gops), ("2:4", None), ("2:4 int8", None)):
+            suites_seen = list(dict.fromkeys(r.suite for r in rows))
+            for suite in suites_seen:
+                peak = args.peak_gops if suite == "int8" else args.fp32_peak if suite.startswith("bsr ") else None
                 sub = [r for r in rows if r.suite == suite]
-                if sub:
-                    f.write(f"### {suite}\n\n" + common.to_markdown(sub, peak) + "\n\n")
+                f.write(f"### {suite}\n\n" + common.to_markdown(sub, peak) + "\n\n")
+            for d in decisions:
+                f.write(f"- patch, {d['sparsity']:.0%} zero blocks: "
+                        + (f"swapped ({d['what']}); x{d['speedup_at_m']:.2f} over dense at M = 128\n" if d["swapped"]
+                           else f"kept dense ({d['what']})\n"))
             f.write(f"Eager overhead (Int8Linear 256×256, M=1): module {ov['module_us']:.2f} µs vs bare "
                     f"kernel {ov['bare_us']:.2f} µs → **{ov['overhead_us']:.2f} µs**.\n\n")
             f.write(f"Thread pool sharing (512×512, M=256, alternating call by call): torch fp32 {it['torch_alone_us']:.0f} µs alone / "
