@@ -179,3 +179,23 @@ def test_int8_compile_matches_eager(gen):
     y = net(x)
     compiled = torch.compile(net)
     assert torch.allclose(compiled(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_version_1_meta_key_still_loads(gen):
+    """Checkpoints from before the buffer was renamed (meta -> metadata: torch.export's
+    unlifted GraphModule reserves 'meta') load through the state_dict version."""
+    lin = nn.Linear(40, 24)
+    with torch.no_grad():
+        lin.weight.mul_(s24.mask_24(lin.weight))
+    from pyaccel.nn import Sparse24Int8Linear, Sparse24Linear
+
+    for cls in (Sparse24Linear, Sparse24Int8Linear):
+        src = cls.from_float(lin)
+        old = {("meta" if k == "metadata" else k): v for k, v in src.state_dict().items()}
+        old = type(src.state_dict())(old)
+        old._metadata = {"": {"version": 1}}
+        dst = cls(40, 24)
+        dst.load_state_dict(old)
+        x = torch.randn(3, 40, generator=gen)
+        assert torch.equal(dst(x), src(x))
+        assert src.state_dict()._metadata[""]["version"] == 2
