@@ -190,30 +190,33 @@ def _linear_like(mod, ctx):
                 f"gets {w.dtype} ones; left as is")
     k = src.in_features
     is24 = k >= MIN_SPARSE24_K and s24.is_24(w)
-    blocks = _block_sparse_plan(w, b, is24, ctx.quantize == "int8")
-    if isinstance(blocks, Build):
-        return blocks
+    int8 = ctx.quantize == "int8"
     if is24:
-        if ctx.quantize == "int8":
-            return Build(lambda: Sparse24Int8Linear.from_dense(w, b), lossy=True)
-        return Build(lambda: Sparse24Linear.from_dense(w, b))
-    if ctx.quantize != "int8":
+        plan: Union[Build, str] = Build((lambda: Sparse24Int8Linear.from_dense(w, b)) if int8
+                                        else (lambda: Sparse24Linear.from_dense(w, b)), lossy=int8)
+    elif int8:
+        plan = Build(lambda: Int8Linear.from_weights(quantize_weight_per_channel(w), b), lossy=True)
+    else:
         why = ("weights not 2:4 sparse" if k >= MIN_SPARSE24_K
                else f"in_features {k} < {MIN_SPARSE24_K}, too narrow for the 2:4 kernels")
-        return f"dense float {kind} ({why}{'; ' + blocks if blocks else ''}): pass quantize='int8' to quantize it (lossy)"
-    return Build(lambda: Int8Linear.from_weights(quantize_weight_per_channel(w), b), lossy=True)
-
-
-def _block_sparse_plan(w: Tensor, b: Optional[Tensor], is24: bool, int8: bool) -> Union[Build, str, None]:
-    """BlockSparseLinear (BlockSparseInt8Linear when quantizing) for a weight
-    with enough zero blocks where it measures faster than the dense module
-    (and than the 2:4 one for a 2:4 weight) on the real shape
-    (pyaccel._sparse_choice); else why not (None: too few zero blocks)."""
-    if w.device.type != "cpu":
-        return None
-    choice = _sparse_choice.candidate_block(w)
+        plan = f"dense float {kind} ({why}): pass quantize='int8' to quantize it (lossy)"
+    choice = _sparse_choice.candidate_block(w) if w.device.type == "cpu" else None
     if choice is None:
-        return None
+        return plan
+    # enough zero blocks: measured at build time (only for the layers the filters select)
+    return Build(lambda: _block_sparse_or(plan, w, b, choice, is24, int8), lossy=int8)
+
+
+class Declined(Exception):
+    """A Build's make() found the swap not worth making; str(exc) is the reason."""
+
+
+def _block_sparse_or(fallback: Union[Build, str], w: Tensor, b: Optional[Tensor], choice, is24: bool,
+                     int8: bool) -> nn.Module:
+    """BlockSparseLinear (BlockSparseInt8Linear when quantizing) where it
+    measures faster than the dense module (and than the 2:4 one for a 2:4
+    weight) on the real shape (pyaccel._sparse_choice); else the fallback's
+    module, or Declined with the fallback's reason and the measurement."""
     bh, bw = choice.block
     found = f"{choice.zero_fraction:.0%} zero {bh}x{bw} blocks"
     wf = w.float()
@@ -230,11 +233,16 @@ def _block_sparse_plan(w: Tensor, b: Optional[Tensor], is24: bool, int8: bool) -
     speed = _sparse_choice.measured_speedups(w, b, cands, baseline=baseline)
     worst = {name: min(s.values()) for name, s in speed.items()}
     measured = f"measured {_sparse_choice.describe(speed['block-sparse'])} over {what}"
-    if worst["block-sparse"] < _sparse_choice.MIN_SPEEDUP or (is24 and worst["2:4"] >= worst["block-sparse"]):
-        return f"{found}, block-sparse {measured}: not swapped to it"
-    mod = cands["block-sparse"]
-    mod.notes = [f"{found}, {measured}"]
-    return Build(lambda: mod, lossy=int8)
+    if worst["block-sparse"] >= _sparse_choice.MIN_SPEEDUP and not (is24 and worst["2:4"] >= worst["block-sparse"]):
+        mod = cands["block-sparse"]
+        mod.notes = [f"{found}, {measured}"]
+        return mod
+    why = f"{found}, block-sparse {measured}: not taken"
+    if isinstance(fallback, str):
+        raise Declined(f"{fallback}; {why}")
+    mod = cands["2:4"] if is24 else fallback.make()
+    mod.notes = list(getattr(mod, "notes", [])) + [why]
+    return mod
 
 
 def _unhandled(mod: nn.Module) -> Optional[str]:
@@ -309,6 +317,8 @@ def _build(seen: _Seen, mod: nn.Module) -> None:
         new = seen.plan.make()
         new.train(mod.training)
         seen.new = new
+    except Declined as exc:
+        seen.error = str(exc)
     except Exception as exc:  # e.g. in_features past the int8 kernels' limit
         seen.error = f"not convertible ({type(exc).__name__}): {exc}"
 

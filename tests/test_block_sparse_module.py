@@ -54,7 +54,7 @@ def test_patch_swaps_only_where_measured_faster(gen, monkeypatch):
     report = pyaccel.patch(m)
     kinds = {e.path: (e.new_type, e.reason or e.backend) for e in report.entries}
     assert kinds["0"][0] == "BlockSparseLinear" and "90% zero 32x32 blocks" in kinds["0"][1]
-    assert kinds["2"][0] is None and "50% zero 32x32 blocks" in kinds["2"][1] and "not swapped" in kinds["2"][1]
+    assert kinds["2"][0] is None and "50% zero 32x32 blocks" in kinds["2"][1] and "not taken" in kinds["2"][1]
     assert kinds["4"][0] is None
     assert isinstance(m[0], BlockSparseLinear) and m[0].block == (32, 32)
     assert torch.allclose(m(x), ref, rtol=1e-5, atol=1e-5)
@@ -167,3 +167,15 @@ def test_quantize_int8_takes_block_sparse_int8(gen, monkeypatch):
     from _helpers import sqnr_db
 
     assert sqnr_db(ref, m(x)) > 30
+
+
+def test_filtered_layers_are_not_measured(gen, monkeypatch):
+    m = _mlp(gen)
+    pyaccel.prune.prune_blocks(m, 0.9, block=(32, 32))
+    calls = []
+    monkeypatch.setattr(_sparse_choice, "measured_speedups",
+                        lambda w, b, c, rows=(1, 64), rounds=3, baseline=None: calls.append(1) or {
+                            n: {r: 3.0 for r in rows} for n in c})
+    report = pyaccel.patch(m, include=["2"])
+    assert len(calls) == 1 and [e.new_type for e in report.entries] == [None, "BlockSparseLinear", None]
+    assert all("excluded" in e.reason for e in report.entries if e.path != "2")
