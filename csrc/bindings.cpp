@@ -108,6 +108,27 @@ void set_torch_refs(py::handle tensor, py::handle empty, py::handle f32, py::han
   g_torch = r;
 }
 
+// BSR indices checked before any packing reads through them (the public ops
+// take indices from anywhere): a message naming the bad index, or "".
+std::string bsr_index_error(const int32_t* crow, const int32_t* col, int64_t n, int64_t k, int bh, int bw,
+                            int64_t nnzb) {
+  const int64_t nbr = (n + bh - 1) / bh, kb = (k + bw - 1) / bw;
+  if (crow[0] != 0 || crow[nbr] != nnzb)
+    return "crow_indices: expected to start at 0 and end at nnzb = " + std::to_string(nnzb);
+  for (int64_t r = 0; r < nbr; ++r) {
+    if (crow[r + 1] < crow[r]) return "crow_indices: must not decrease (at " + std::to_string(r + 1) + ")";
+    for (int64_t b = crow[r]; b < crow[r + 1]; ++b) {
+      if (col[b] < 0 || col[b] >= kb)
+        return "col_indices: index " + std::to_string(col[b]) + " at position " + std::to_string(b) +
+               " is out of range [0, " + std::to_string(kb) + ")";
+      if (b > crow[r] && col[b] <= col[b - 1])
+        return "col_indices: block row " + std::to_string(r) + " is not strictly increasing at position " +
+               std::to_string(b) + " (unsorted or duplicate)";
+    }
+  }
+  return "";
+}
+
 // One kernel's tile: rows per micro-tile, output channels per packed panel,
 // inputs per packed K step (K is padded to it), rows served by its row path.
 py::dict tile_params(const char* name, int mr, int nr, int64_t kr, int row_path_rows) {
@@ -179,29 +200,37 @@ int64_t version_of(PyObject* t, const TorchRefs* T) {
 // int8): packed buffer, scales and bias checked once, so that the per-call
 // path converts only six arguments. `keep` holds what owns that memory (the
 // modules pass the tensors' storages): the plan never outlives it, even when a
-// tensor's .data is swapped for another. The plan is stale() once a tensor in
-// `watch` (the canonical weights the packing was built from) has other data
-// (.data swapped) or was edited in place (its version counter moved), or a
-// tensor in `watch_data` (scales, bias: read in place, so in-place edits are
-// seen) has other data; forward() then declines, so that the module repacks.
+// tensor's .data is swapped for another. `watch` holds (name, tensor or None,
+// check_version) for each canonical buffer of the module, `buffers` the
+// module's _buffers dict: the plan is stale() once a buffer is another object
+// than it was (assigned in any way, _buffers[...] included), has other data
+// (.data swapped), or -- with check_version, for the weights the packing was
+// built from -- was edited in place (its version counter moved; scales and
+// bias are read in place, so their edits are seen anyway). forward() then
+// declines, so that the module repacks.
 class LinearPlan {
  public:
   enum class Kind { kInt8, kSparse24, kSparse24Int8, kBlockSparse, kBlockSparseInt8 };
 
   LinearPlan(const std::string& kind, uintptr_t packed, int64_t packed_nbytes, int64_t n, int64_t k,
              uintptr_t w_scale, uintptr_t bias, py::object keep, py::tuple watch = py::tuple(),
-             py::tuple watch_data = py::tuple())
+             py::object buffers = py::none())
       : packed_(packed), n_(n), k_(k), w_scale_(w_scale), bias_(bias), keep_(std::move(keep)) {
     if (!packed) throw py::value_error("packed: null pointer");
-    if (watch.size() + watch_data.size() > kMaxWatch) throw py::value_error("watch: at most 8 tensors in all");
-    if ((watch.size() || watch_data.size()) && !g_torch) throw py::value_error("watch: set_torch_refs first");
-    for (py::tuple ts : {watch, watch_data}) {
-      for (py::handle t : ts) {
-        Watched& w = watched_[n_watched_++];
-        w.obj = py::reinterpret_borrow<py::object>(t);
-        w.data = data_ptr_of(t.ptr(), g_torch);
-        w.version = ts.ptr() == watch.ptr() ? version_of(t.ptr(), g_torch) : kNoVersionCheck;
-      }
+    if (watch.size() > kMaxWatch) throw py::value_error("watch: at most 8 buffers");
+    if (watch.size() && !g_torch) throw py::value_error("watch: set_torch_refs first");
+    if (!buffers.is_none() && !PyDict_Check(buffers.ptr())) throw py::type_error("buffers: expected a dict");
+    buffers_ = buffers;
+    for (py::handle e : watch) {
+      const py::tuple entry = py::reinterpret_borrow<py::tuple>(e);
+      if (entry.size() != 3) throw py::value_error("watch: expected (name, tensor or None, check_version) entries");
+      Watched& w = watched_[n_watched_++];
+      w.name = py::reinterpret_borrow<py::str>(entry[0]);
+      w.obj = py::reinterpret_borrow<py::object>(entry[1]);
+      if (w.obj.is_none()) continue;
+      w.data = data_ptr_of(w.obj.ptr(), g_torch);
+      w.version = entry[2].cast<bool>() ? version_of(w.obj.ptr(), g_torch) : kNoVersionCheck;
+      if (w.version == -1) w.version = kNoVersionCheck;  // an inference tensor: no counter to read
     }
     const char* err = nullptr;
     if (kind == "int8") {
@@ -282,6 +311,7 @@ class LinearPlan {
       kw[py::handle(T->s_dtype)] = dt;
       y = own(PyObject_Call(T->empty, dims.ptr(), kw.ptr()));
     }
+    if (own(get_attr(T->d_is_cpu, y.ptr())).ptr() != Py_True) return py::none();  // a default-device context
     const uintptr_t xp = PyLong_AsUnsignedLongLong(own(call_method(T->d_data_ptr, x)).ptr());
     const uintptr_t yp = PyLong_AsUnsignedLongLong(own(call_method(T->d_data_ptr, y.ptr())).ptr());
     const int64_t nthreads = as_i64(own(PyObject_CallNoArgs(T->get_num_threads)).ptr());
@@ -295,6 +325,12 @@ class LinearPlan {
   bool stale() const {
     for (int i = 0; i < n_watched_; ++i) {
       const Watched& w = watched_[i];
+      if (!buffers_.is_none()) {
+        PyObject* cur = PyDict_GetItemWithError(buffers_.ptr(), w.name.ptr());
+        if (!cur && PyErr_Occurred()) throw py::error_already_set();
+        if ((cur ? cur : Py_None) != w.obj.ptr()) return true;
+      }
+      if (w.obj.is_none()) continue;
       if (data_ptr_of(w.obj.ptr(), g_torch) != w.data) return true;
       if (w.version != kNoVersionCheck && version_of(w.obj.ptr(), g_torch) != w.version) return true;
     }
@@ -338,7 +374,9 @@ class LinearPlan {
   int64_t n_, k_;
   uintptr_t w_scale_, bias_;
   py::object keep_;
+  py::object buffers_;
   struct Watched {
+    py::str name;
     py::object obj;
     uintptr_t data = 0;
     int64_t version = 0;
@@ -383,10 +421,10 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<LinearPlan>(m, "LinearPlan")
       .def(py::init<const std::string&, uintptr_t, int64_t, int64_t, int64_t, uintptr_t, uintptr_t, py::object,
-                    py::tuple, py::tuple>(),
+                    py::tuple, py::object>(),
            py::arg("kind"), py::arg("packed"), py::arg("packed_nbytes"), py::arg("n"), py::arg("k"),
            py::arg("w_scale"), py::arg("bias"), py::arg("keep"), py::arg("watch") = py::tuple(),
-           py::arg("watch_data") = py::tuple())
+           py::arg("buffers") = py::none())
       .def("stale", &LinearPlan::stale,
            "True when a watched tensor has other data or was edited in place since the plan was made")
       .def("forward", &LinearPlan::forward, py::arg("x"),
@@ -433,6 +471,8 @@ PYBIND11_MODULE(_C, m) {
         if (bh < 1 || bw < 1 || n < 1 || k < 1 || nnzb < 0) throw py::value_error("bsr_int8_pack: bad shape");
         if (out_nbytes != block_sparse::packed_nbytes_int8(n, k, bh, bw, nnzb))
           throw py::value_error("out: wrong size for the packed BSR int8 weight");
+        const std::string err = bsr_index_error(ptr<const int32_t>(crow), ptr<const int32_t>(col), n, k, bh, bw, nnzb);
+        if (!err.empty()) throw py::value_error(err);
         py::gil_scoped_release nogil;
         block_sparse::pack_int8(ptr<const int8_t>(values), ptr<const int32_t>(crow), ptr<const int32_t>(col), n, k,
                                 bh, bw, nnzb, ptr<uint8_t>(out));
@@ -449,6 +489,8 @@ PYBIND11_MODULE(_C, m) {
         if (bh < 1 || bw < 1 || n < 1 || k < 1 || nnzb < 0) throw py::value_error("bsr_pack: bad shape");
         if (out_nbytes != block_sparse::packed_nbytes(n, k, bh, bw, nnzb))
           throw py::value_error("out: wrong size for the packed BSR weight");
+        const std::string err = bsr_index_error(ptr<const int32_t>(crow), ptr<const int32_t>(col), n, k, bh, bw, nnzb);
+        if (!err.empty()) throw py::value_error(err);
         py::gil_scoped_release nogil;
         block_sparse::pack(ptr<const float>(values), ptr<const int32_t>(crow), ptr<const int32_t>(col), n, k, bh, bw,
                            nnzb, ptr<uint8_t>(out));

@@ -120,7 +120,8 @@ def _bsr_int8_kernel(
     HAS_BIAS: tl.constexpr, PARTS: tl.constexpr, CHUNK_K: tl.constexpr, CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[m, n] = float(sum q[m, k] w[n, k] over the kept blocks) * (sx[m] * sw[n]) + bias[n]."""
+    """y[m, n] = float(sum q[m, k] w[n, k] over the kept blocks) * sx[m] * sw[n] + bias[n], the product in
+    int8_gemm's split_scale order (_common.dequant_store)."""
     r, start, end, rm, rn, bi, n_lim = _bsr_row_setup(crow_ptr, N, BH, BLOCK_M, BLOCK_N, PARTS)
     n_ok = rn < n_lim
     n_units = (end - start) * CHUNKS

@@ -6,7 +6,7 @@ Rule (documented in the README):
 1. For each candidate block shape (CANDIDATE_BLOCKS, largest first) compute
    the fraction of all-zero blocks of the effective weight. A layer below
    MIN_ZERO_BLOCKS for every shape stays dense without a measurement.
-2. The largest block whose zero fraction is within 2 % of the best one is the
+2. The largest block whose zero fraction is within 2 percentage points of the best one is the
    candidate (larger blocks run closer to dense-GEMM efficiency).
 3. The candidate module and dense ``F.linear`` on the same weight are timed on
    the real shape, interleaved, at PROBE_ROWS rows (a GEMV and a GEMM);
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from pyaccel.formats.block_sparse import zero_block_fraction
 
-CANDIDATE_BLOCKS: Tuple[Tuple[int, int], ...] = ((64, 64), (32, 32), (16, 16), (1, 4))
+CANDIDATE_BLOCKS: Tuple[Tuple[int, int], ...] = ((64, 64), (32, 32), (16, 16), (8, 8), (4, 4), (1, 8), (1, 4))
 MIN_ZERO_BLOCKS = 0.3
 MIN_SPEEDUP = 1.15
 PROBE_ROWS: Tuple[int, ...] = (1, 64)
@@ -71,7 +71,7 @@ def _time_per_call(fn: Callable[[], Tensor], budget_s: float = 1e-3) -> float:
 
 
 def measured_speedups(w: Tensor, b: Optional[Tensor], candidates: Dict[str, nn.Module],
-                      rows: Sequence[int] = PROBE_ROWS, rounds: int = 3,
+                      rows: Sequence[int] = PROBE_ROWS, rounds: int = 5,
                       baseline: Optional[nn.Module] = None) -> Dict[str, Dict[int, float]]:
     """Speed-up of each candidate module over the dense baseline -- ``F.linear(x,
     w, b)``, or `baseline` (e.g. the dense Int8Linear when quantizing) -- at each

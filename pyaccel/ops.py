@@ -83,7 +83,7 @@ def _on_rows(x: Tensor, k: int, n: int, kernel) -> Tensor:
     output of x's dtype (skipped for M = 0); return it as [..., N]."""
     x2 = _as_rows(x, k)
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m:
         kernel(x2, m, x.dtype == torch.bfloat16, y)
     return y.view(*x.shape[:-1], n)

@@ -31,6 +31,8 @@ def check_block_sparse_args(x, values, crow_indices, col_indices, n, k, bias, pa
         raise TypeError(f"values: expected a 3-D {values_dtype} tensor [nnzb, bh, bw], got {_desc(values)}")
     if n < 1 or k < 1:
         raise ValueError(f"n, k: expected >= 1, got {n}, {k}")
+    if values.shape[1] < 1 or values.shape[2] < 1:
+        raise ValueError(f"values: blocks must be at least 1 x 1, got {_desc(values)}")
     bh = values.shape[1]
     nbr = -(-n // bh)
     if crow_indices.dtype != torch.int32 or tuple(crow_indices.shape) != (nbr + 1,):

@@ -104,6 +104,10 @@ class PatchReport:
 @dataclasses.dataclass
 class _Context:
     quantize: Optional[str]
+    block_sparse: str = "measure"
+
+
+BLOCK_SPARSE_MODES = ("measure", "always", "never")
 
 
 @dataclasses.dataclass
@@ -200,11 +204,22 @@ def _linear_like(mod, ctx):
         why = ("weights not 2:4 sparse" if k >= MIN_SPARSE24_K
                else f"in_features {k} < {MIN_SPARSE24_K}, too narrow for the 2:4 kernels")
         plan = f"dense float {kind} ({why}): pass quantize='int8' to quantize it (lossy)"
-    choice = _sparse_choice.candidate_block(w) if w.device.type == "cpu" else None
+    choice = (_sparse_choice.candidate_block(w) if w.device.type == "cpu" and ctx.block_sparse != "never"
+              else None)
     if choice is None:
         return plan
+    if ctx.block_sparse == "always":
+        cls = BlockSparseInt8Linear if int8 else BlockSparseLinear
+        return Build(lambda: _noted(cls.from_dense(w.float(), b, choice.block),
+                                    f"{choice.zero_fraction:.0%} zero {choice.block[0]}x{choice.block[1]} blocks "
+                                    "(block_sparse='always': not measured)"), lossy=int8)
     # enough zero blocks: measured at build time (only for the layers the filters select)
     return Build(lambda: _block_sparse_or(plan, w, b, choice, is24, int8), lossy=int8)
+
+
+def _noted(mod: nn.Module, note: str) -> nn.Module:
+    mod.notes = list(getattr(mod, "notes", [])) + [note]
+    return mod
 
 
 class Declined(Exception):
@@ -312,6 +327,30 @@ def _plan(mod: nn.Module, ctx: _Context) -> Union[Build, str, None]:
     return _unhandled(mod)
 
 
+def _param_owners(model: nn.Module) -> Dict[int, List[Tuple[str, int]]]:
+    """id(parameter) -> [(path, id(module)), ...] of the modules holding it directly."""
+    owners: Dict[int, List[Tuple[str, int]]] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        for p in mod._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append((path, id(mod)))
+    return owners
+
+
+def _tied_reason(mod: nn.Module, path: str, owners) -> Optional[str]:
+    """Why a layer whose weight Parameter another module also holds (tied
+    embeddings and output layers) stays: a swap would untie them."""
+    w = mod._parameters.get("weight") if hasattr(mod, "_parameters") else None
+    if w is None and hasattr(mod, "parametrizations") and "weight" in getattr(mod, "parametrizations", {}):
+        w = mod.parametrizations.weight.original
+    inside = f"{path}." if path else ""
+    others = [p for p, i in owners.get(id(w), []) if i != id(mod) and not p.startswith(inside)] if w is not None else []
+    if others:
+        return (f"weight is tied to {others[0] or '<root>'}'s (the same Parameter): a swap would untie them; "
+                "left as is")
+    return None
+
+
 def _build(seen: _Seen, mod: nn.Module) -> None:
     try:
         new = seen.plan.make()
@@ -331,6 +370,7 @@ def patch(
     include: Optional[Union[str, Sequence[str]]] = None,
     exclude: Optional[Union[str, Sequence[str]]] = None,
     inplace: bool = True,
+    block_sparse: str = "measure",
 ) -> PatchReport:
     """Swap pyaccel kernels into `model`; return a :class:`PatchReport`.
 
@@ -342,6 +382,11 @@ def patch(
             False are left alone (reported as filtered out).
         include / exclude: fnmatch patterns on module paths ("encoder.*.dense").
         inplace: False deep-copies the model first; ``report.model`` is the copy.
+        block_sparse: for Linear layers with >= 30 % zero blocks: "measure"
+            (default: swap to BlockSparseLinear only where it measures faster
+            on the real shape, pyaccel._sparse_choice; timing-dependent on a
+            busy machine), "always" (swap without measuring: reproducible
+            module structure, e.g. to load a saved state_dict), or "never".
 
     The report has one entry per path of every module a handler looks at and
     of every other module holding a weight matrix (with the reason it stays).
@@ -356,15 +401,18 @@ def patch(
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize: expected one of {QUANTIZE_MODES}, got {quantize!r}")
+    if block_sparse not in BLOCK_SPARSE_MODES:
+        raise ValueError(f"block_sparse: expected one of {BLOCK_SPARSE_MODES}, got {block_sparse!r}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: expected a callable (module, path) -> bool, got {type(filter_fn).__name__}")
     if not inplace:
         model = deepcopy_model(model)
-    ctx = _Context(quantize=quantize)
+    ctx = _Context(quantize=quantize, block_sparse=block_sparse)
     report = PatchReport(model=model)
     seen: Dict[int, _Seen] = {}
     skip_inside: set = set()  # paths whose descendants are not looked at
     replacements: List[Tuple[str, nn.Module]] = []
+    owners = _param_owners(model)
     for path, mod in list(model.named_modules(remove_duplicate=False)):
         if _inside(path, skip_inside):
             continue
@@ -383,9 +431,17 @@ def patch(
         entry = PatchEntry(path=path, old_type=mod._get_name(),
                            shared_with=first.path if first.path != path else None)
         report.entries.append(entry)
-        why = selection_reason(mod, path, include, exclude, filter_fn)
-        if why is not None or isinstance(first.plan, str):
-            entry.reason = why if why is not None else first.plan
+        if isinstance(first.plan, str):
+            entry.reason = first.plan
+            continue
+        try:
+            why = selection_reason(mod, path, include, exclude, filter_fn)
+        except Exception as exc:  # a filter written for nn.Linear meeting another kind of layer
+            why = f"filter_fn raised {type(exc).__name__}: {exc}; left as is"
+        if why is None:
+            why = _tied_reason(mod, path, owners)
+        if why is not None:
+            entry.reason = why
             continue
         if first.new is None and first.error is None:
             _build(first, mod)

@@ -134,8 +134,13 @@ def prune_blocks(model: nn.Module, sparsity: float, *, block: Tuple[int, int] = 
     from pyaccel.formats.block_sparse import block_mask, check_block
 
     block = check_block(block)
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
+    try:
+        frac = float(sparsity)
+    except (TypeError, ValueError):
+        frac = float("nan")
+    if isinstance(sparsity, bool) or not 0.0 <= frac <= 1.0:
         raise ValueError(f"sparsity: expected a fraction in [0, 1], got {sparsity!r}")
+    sparsity = frac
     chosen = _choose(model, filter_fn, include, exclude, 1, "prune_blocks")
     return _apply_masks(chosen, lambda w: block_mask(w, block, sparsity))
 

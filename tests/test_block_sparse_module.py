@@ -179,3 +179,78 @@ def test_filtered_layers_are_not_measured(gen, monkeypatch):
     report = pyaccel.patch(m, include=["2"])
     assert len(calls) == 1 and [e.new_type for e in report.entries] == [None, "BlockSparseLinear", None]
     assert all("excluded" in e.reason for e in report.entries if e.path != "2")
+
+
+def test_block_sparse_modes_and_tied_weights(gen, monkeypatch):
+    m = _mlp(gen)
+    pyaccel.prune.prune_blocks(m, 0.5, block=(32, 32), include=["0"])
+    monkeypatch.setattr(_sparse_choice, "measured_speedups",
+                        lambda *a, **k: pytest.fail("'always' and 'never' do not measure"))
+    r = pyaccel.patch(m, inplace=False, block_sparse="always")
+    assert r.entries[0].new_type == "BlockSparseLinear" and "not measured" in r.entries[0].backend
+    r = pyaccel.patch(m, inplace=False, block_sparse="never")
+    assert r.entries[0].new_type is None
+    with pytest.raises(ValueError, match="block_sparse"):
+        pyaccel.patch(m, block_sparse="sometimes")
+    # tied weights (an output layer sharing the embedding's Parameter) stay tied
+    emb, head = nn.Embedding(64, 32), nn.Linear(32, 64, bias=False)
+    head.weight = emb.weight
+    r = pyaccel.patch(nn.Sequential(emb, head), quantize="int8")
+    assert r.entries[-1].new_type is None and "tied" in r.entries[-1].reason
+
+
+def test_filter_fn_errors_do_not_abort(gen):
+    model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 64))
+    r = pyaccel.patch(model, quantize="int8", filter_fn=lambda m, p: m.out_features >= 64)
+    assert [e.new_type for e in r.entries] == [None, "Int8Linear"]
+
+
+def test_wrong_shape_checkpoints_are_refused(gen):
+    src = BlockSparseLinear.from_dense(torch.randn(128, 96, generator=gen), None, (32, 32))
+    with pytest.raises(RuntimeError, match="past out_features"):
+        BlockSparseLinear(90, 100, bias=False).load_state_dict(src.state_dict())
+    from pyaccel.formats import sparse24 as s24
+
+    w = torch.randn(16, 72, generator=gen)
+    w *= s24.mask_24(w)
+    with pytest.raises(RuntimeError, match="past in_features"):
+        Sparse24Linear(70, 16, bias=False).load_state_dict(Sparse24Linear.from_dense(w).state_dict())
+
+
+def test_inference_mode_modules_keep_the_fast_path(gen):
+    w = torch.randn(64, 64, generator=gen)
+    w *= bsf.block_mask(w, (16, 16), 0.5)
+    with torch.inference_mode():
+        m = BlockSparseLinear.from_dense(w, None, (16, 16))
+    x = torch.randn(2, 64, generator=gen)
+    assert m._plan is not None and not m._plan.stale()
+    assert m._plan.forward(x) is not None and torch.allclose(m(x), x @ w.t(), atol=1e-5)
+
+
+def test_review_fixes(gen):
+    x = torch.randn(4, 64, generator=gen)
+    op = torch.ops.pyaccel.block_sparse_linear
+    v = torch.randn(2, 32, 32, generator=gen)
+    with pytest.raises(ValueError, match="col_indices"):
+        op(x, v, torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, -3000000], dtype=torch.int32), 64, 64,
+           None, None)
+    with pytest.raises(ValueError, match="crow_indices"):
+        op(x, v, torch.tensor([0, 1, 2_000_000], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), 64, 64,
+           None, None)
+    with pytest.raises(ValueError, match="values"):
+        op(x, torch.randn(0, 0, 4), torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), 64, 64,
+           None, None)
+    # a refused checkpoint of another block shape leaves the module as it was
+    m = BlockSparseLinear.from_dense(torch.randn(64, 64, generator=gen), None, (16, 16))
+    y = m(x)
+    sd = BlockSparseLinear.from_dense(torch.randn(64, 64, generator=gen), None, (32, 32)).state_dict()
+    sd["col_indices"][0] = 99
+    with pytest.raises(RuntimeError, match="col_indices"):
+        m.load_state_dict(sd)
+    assert m.block == (16, 16) and torch.equal(m(x), y)
+    # from_bsr copies: the caller's tensor stays the caller's
+    w = torch.randn(64, 64, generator=gen)
+    t = w.to_sparse_bsr((32, 32))
+    m = BlockSparseLinear.from_bsr(t)
+    t.values().mul_(0)
+    assert torch.allclose(m(x), x @ w.t(), atol=1e-4)

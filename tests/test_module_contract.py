@@ -372,6 +372,7 @@ def test_fx_symbolic_trace_leaf(gen, case):
 
 
 def test_torch_compile(gen, case):
+    torch._dynamo.reset()  # every module shares PackedModule.__call__: compiled alone, at most 8 instances a process
     mod = case.build(48, 32, True, gen)
     compiled = torch.compile(mod, fullgraph=True)
     for m in (3, 5):
@@ -380,6 +381,7 @@ def test_torch_compile(gen, case):
 
 
 def test_torch_export_dynamic_batch(gen, case):
+    torch._dynamo.reset()
     mod = case.build(48, 32, True, gen)
     batch = torch.export.Dim("batch", min=1, max=4096)
     ep = torch.export.export(mod, (torch.randn(4, 48, generator=gen),), dynamic_shapes=({0: batch},))
@@ -579,3 +581,72 @@ def test_threads(gen, case):
     for t in threads:
         t.join()
     assert not errors, errors[:3]
+
+
+# ---- state changed behind the module, every way (review findings) ------------------------
+def _edit_name(mod):
+    return "weight_int8" if hasattr(mod, "weight_int8") else "values"
+
+
+def _scaled(t):
+    return t * 2 if t.is_floating_point() else torch.where(t.abs() <= 60, t * 2, t)
+
+
+def test_edits_are_seen_off_the_plan_path(gen, case):
+    """Tensor-subclass inputs, F.linear with another bias, and a module without a
+    native plan all see an in-place edit of the weights."""
+    mod = case.build(40, 24, True, gen)
+    x = torch.randn(5, 40, generator=gen)
+    mod(x)
+    name = _edit_name(mod)
+    with torch.no_grad():
+        getattr(mod, name).copy_(_scaled(getattr(mod, name)))
+    want = case.reference(mod, x)
+    assert_matches_reference(mod(nn.Parameter(x, requires_grad=False)), want, x, mod, "Parameter input")
+    other = torch.randn(24, generator=gen)
+    assert torch.allclose(F.linear(x, mod.weight, other), want - mod.bias + other, rtol=1e-5, atol=1e-4)
+    mod.bias = torch.randn(48, generator=gen)[::2]  # a non-contiguous bias: no native plan
+    assert mod._plan is None
+    with torch.no_grad():
+        getattr(mod, name).copy_(_scaled(getattr(mod, name)))
+    assert_matches_reference(mod(x), case.reference(mod, x), x, mod, "no plan")
+
+
+def test_buffer_assignment_in_any_way_is_seen(gen, case):
+    mod = case.build(40, 24, True, gen)
+    x = torch.randn(5, 40, generator=gen)
+    mod(x)
+    mod.register_buffer("bias", torch.ones(24))
+    assert torch.allclose(mod(x), case.reference(mod, x), rtol=1e-5, atol=1e-5)
+    name = _edit_name(mod)
+    mod._buffers[name] = _scaled(getattr(mod, name))  # as accelerate's set_module_tensor_to_device does
+    assert_matches_reference(mod(x), case.reference(mod, x), x, mod, "_buffers assignment")
+    nobias = case.build(40, 24, False, gen)
+    nobias.bias = torch.ones(24)
+    assert "bias" in nobias.state_dict() and torch.allclose(nobias(x), case.reference(nobias, x), atol=1e-5)
+
+
+def test_repaired_in_place_edit_works_again(gen, case):
+    mod = case.build(40, 24, True, gen)
+    x = torch.randn(5, 40, generator=gen)
+    y = mod(x)
+    name, bad = next(iter(case.bad_values(mod).items()))
+    good = getattr(mod, name).clone()
+    with torch.no_grad():
+        getattr(mod, name).copy_(bad)
+    with pytest.raises(ValueError, match=name):
+        mod(x)
+    with torch.no_grad():
+        getattr(mod, name).copy_(good)
+    assert torch.equal(mod(x), y)
+
+
+def test_default_device_context_and_bias_gradient(gen, case):
+    mod = case.build(40, 24, True, gen)
+    x = torch.randn(5, 40, generator=gen)
+    y = mod(x)
+    with torch.device("meta"):
+        assert torch.equal(mod(x), y)  # the output stays on x's device
+    b = nn.Parameter(torch.zeros(24))
+    F.linear(x, mod.weight, b).sum().backward()
+    assert b.grad is not None and torch.equal(b.grad, torch.full((24,), 5.0))

@@ -13,8 +13,11 @@
 #pragma once
 #include <cstdint>
 
+#include <algorithm>
+
 #include "common/cpu_features.h"
 #include "common/packed_header.h"
+#include "common/parallel.h"
 
 namespace pyaccel {
 namespace block_sparse {
@@ -150,6 +153,19 @@ void bsr_small_rows_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_small_slabs_scalar(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 void bsr_small_rows_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_small_slabs_avx512(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+
+// The thread split both drivers use: fn(r0, r1) on the threads, over block-row
+// ranges of about equal numbers of kept blocks (rowptr [nbr + 1]).
+template <typename Fn>
+void split_by_blocks(const int32_t* rowptr, int64_t nbr, int64_t nnzb, int nthreads, const Fn& fn) {
+  const int64_t nt = nthreads < 1 ? 1 : nthreads;
+  auto row_at = [&](int64_t target) { return std::lower_bound(rowptr, rowptr + nbr + 1, target) - rowptr; };
+  parallel_for(nt, 1, nthreads, [&](int64_t t0, int64_t t1) {
+    const int64_t r0 = t0 == 0 ? 0 : row_at(nnzb * t0 / nt);
+    const int64_t r1 = t1 == nt ? nbr : row_at(nnzb * t1 / nt);
+    if (r0 < r1) fn(r0, r1);
+  });
+}
 
 // y[m, n] for channel n of a tile: bias added, stored as fp32 or bf16.
 void store_scalar(const GemmArgs& g, int64_t m, int64_t n, float v);

@@ -1,6 +1,6 @@
 // BSR fp32 with small blocks (layout 2: row-major [bh][bw], bh <= 8), AVX-512.
 //
-// Row kernel (few rows of x): per output channel a dot product over its
+// Row kernel (one row of x): per output channel a dot product over its
 // blocks' inputs; 1 x 4 ... 8 x 4 blocks four to an FMA (x gathered from the
 // four block columns with 128-bit inserts), other widths 16 inputs per masked
 // FMA; two accumulators; rows of x inside the channel loop (its weights stay
@@ -222,13 +222,12 @@ void bsr_small_rows_avx512(const GemmArgs& g, int64_t m0, int64_t m1, int64_t r0
               a1 = _mm512_fmadd_ps(wv, xv, a1);
           }
         }
-        const __mmask16 mbw = first(bw);
         for (; b < b1; ++b) {  // any bw: 16 inputs per masked FMA
           const int64_t c = g.colk[b];
           const int jn = static_cast<int>(std::min<int64_t>(bw, g.k - c));
           const float* w = wi + b * bh * bw;
           for (int j = 0; j < jn; j += 16) {
-            const __mmask16 mk = (j + 16 <= bw && jn == bw) ? __mmask16(0xffff) : (jn == bw && bw < 16 ? mbw : first(jn - j));
+            const __mmask16 mk = first(jn - j);
             const __m512 t = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + j), _mm512_maskz_loadu_ps(mk, xr + c + j),
                                              (b & 1) ? a1 : a0);
             if (b & 1)

@@ -16,7 +16,7 @@ namespace block_sparse {
 namespace {
 
 const Kernel kLadder[] = {
-    {Isa::kAvx512, "bsr_gemm_8x32_avx512", 8, bsr_gemm_avx512, bsr_small_rows_avx512, bsr_small_slabs_avx512},
+    {Isa::kAvx512, "bsr_gemm_6x64_avx512", 8, bsr_gemm_avx512, bsr_small_rows_avx512, bsr_small_slabs_avx512},
     {Isa::kAvx2, "bsr_gemm_6x16_avx2", 6, bsr_gemm_avx2, bsr_small_rows_scalar, bsr_small_slabs_scalar},
     {Isa::kPortable, "bsr_gemm_1x16_scalar", 1, bsr_gemm_scalar, bsr_small_rows_scalar, bsr_small_slabs_scalar},
 };
@@ -28,10 +28,6 @@ thread_local std::vector<float> t_x;
 // Below this many multiply-adds (kept blocks only) one thread is faster.
 constexpr int64_t kMinParallelMacs = int64_t(1) << 18;
 
-// Block row where the running count of kept blocks reaches `target`.
-int64_t row_at(const int32_t* rowptr, int64_t nbr, int64_t target) {
-  return std::lower_bound(rowptr, rowptr + nbr + 1, target) - rowptr;
-}
 
 }  // namespace
 
@@ -61,13 +57,7 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
   const int64_t nbr = h.nbr;
   const int64_t nt = std::max<int64_t>(1, nthreads);
   // Threads take block-row ranges of about equal kept blocks.
-  auto by_blocks = [&](const auto& fn) {
-    parallel_for(nt, 1, nthreads, [&](int64_t t0, int64_t t1) {
-      const int64_t r0 = t0 == 0 ? 0 : row_at(rowptr, nbr, h.nnzb * t0 / nt);
-      const int64_t r1 = t1 == nt ? nbr : row_at(rowptr, nbr, h.nnzb * t1 / nt);
-      if (r0 < r1) fn(r0, r1);
-    });
-  };
+  auto by_blocks = [&](const auto& fn) { split_by_blocks(rowptr, nbr, h.nnzb, nthreads, fn); };
   if (h.layout == kLayoutF32RowMajor && m >= kSlabRowsFrom) {
     // small blocks, many rows: x transposed into 16-row slabs, in row passes
     for_each_row_pass(m, k * 4, kRowPassBytes, 16, [&](int64_t p0, int64_t p1) {

@@ -33,9 +33,6 @@ const EntryI8& select_entry() {
   return g_choice_i8.get(kLadderI8, [](const EntryI8& e) { return e.kernel.isa; });
 }
 
-int64_t row_at(const int32_t* rowptr, int64_t nbr, int64_t target) {
-  return std::lower_bound(rowptr, rowptr + nbr + 1, target) - rowptr;
-}
 
 }  // namespace
 
@@ -66,11 +63,7 @@ void linear_int8(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, 
         if (nt > 1 && nbr < 2 * nt && rows >= 2 * kern.mr) {
           parallel_for(rows, kern.mr, nthreads, [&](int64_t m0, int64_t m1) { kern.gemm(g, m0, m1, 0, nbr); });
         } else {
-          parallel_for(nt, 1, nthreads, [&](int64_t t0, int64_t t1) {
-            const int64_t b0 = t0 == 0 ? 0 : row_at(rowptr, nbr, h.nnzb * t0 / nt);
-            const int64_t b1 = t1 == nt ? nbr : row_at(rowptr, nbr, h.nnzb * t1 / nt);
-            if (b0 < b1) kern.gemm(g, 0, rows, b0, b1);
-          });
+          split_by_blocks(rowptr, nbr, h.nnzb, nthreads, [&](int64_t b0, int64_t b1) { kern.gemm(g, 0, rows, b0, b1); });
         }
       });
 }

@@ -63,6 +63,22 @@ def sparse24_meta_error(name: str, meta: Tensor, groups: int) -> Optional[str]:
     return None
 
 
+def sparse24_padding_error(name: str, values: Tensor, meta: Tensor, k: int) -> Optional[str]:
+    """The last group's kept values at positions >= k (padding) must be zero:
+    otherwise the weights belong to a wider layer."""
+    if k % 4 == 0 or values.device.type == "meta" or not values.numel():
+        return None
+    g = (k + 3) // 4 - 1
+    byte = meta[:, g // 2].to(torch.int64)
+    nib = (byte >> 4) if g % 2 else (byte & 0xF)
+    pos = torch.stack([nib & 3, nib >> 2], dim=-1)  # [N, 2]
+    bad = (pos >= k % 4) & (values[:, 2 * g: 2 * g + 2] != 0)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        return f"{name}: row {row} holds a non-zero weight past in_features = {k} (a weight of another shape?)"
+    return None
+
+
 def same_device_error(tensors: dict) -> Optional[str]:
     ts = {k: t for k, t in tensors.items() if isinstance(t, Tensor)}
     devs = {t.device for t in ts.values()}

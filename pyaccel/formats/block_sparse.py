@@ -11,7 +11,8 @@ Canonical form (what a state_dict stores; machine independent):
                                   increasing within a block row
     shape (n, k), block (bh, bw)  the logical weight [out, in]; n_pad and k_pad
                                   round n and k up to the block; entries of edge
-                                  blocks past n or k are never read
+                                  blocks past n or k must be zero (checked: a
+                                  checkpoint of a larger layer is refused)
 
 This is the layout of a ``torch.sparse_bsr`` tensor of shape (n_pad, k_pad)
 (https://pytorch.org/docs/stable/sparse.html#sparse-bsr-tensor), so
@@ -202,6 +203,18 @@ def canonical_error(bsw: BlockSparseWeight, values_name: str = "values") -> Opti
             i = int(bad.nonzero()[0])
             return (f"col_indices: block row {int(rows[i])} has columns {int(cl[i])}, {int(cl[i + 1])} "
                     "(expected strictly increasing: unsorted or duplicate)")
+        if v.device.type != "meta" and (n % bh or k % bw):
+            vals = v.detach().cpu()
+            if n % bh:
+                last = (rows == nb - 1).nonzero().flatten()
+                if last.numel() and bool((vals[last][:, n % bh:, :] != 0).any()):
+                    return (f"{values_name}: block row {nb - 1} holds non-zero weights past out_features = {n} "
+                            "(a weight of another shape?)")
+            if k % bw:
+                last = (cl == kb - 1).nonzero().flatten()
+                if last.numel() and bool((vals[last][:, :, k % bw:] != 0).any()):
+                    return (f"{values_name}: block column {kb - 1} holds non-zero weights past in_features = {k} "
+                            "(a weight of another shape?)")
     return None
 
 

@@ -74,6 +74,7 @@ class PackedModule(nn.Module):
     _packed: Optional[Tensor] = None
     _plan = None
     _invalid: Optional[str] = None  # why the canonical buffers cannot be used, if they cannot
+    _sig: tuple = ()  # _signature() when last packed
     _loading = False
 
     # ---- canonical buffers: validation and packing ----------------------------
@@ -94,9 +95,36 @@ class PackedModule(nn.Module):
         of weights, device or state; done automatically)."""
         for name in self._DERIVED:
             setattr(self, name, None)
+        self._sig = self._signature()
         self._invalid = self._canonical_error(self._canonical())
         if self._invalid is None:
             self._pack()
+
+    def _signature(self) -> tuple:
+        """Identity, data pointer and version counter of every canonical buffer:
+        differs from the one recorded at packing time after any assignment,
+        .data swap or in-place edit (inference tensors have no counter)."""
+        sig = []
+        for name in sorted(self.WEIGHT_NAMES):
+            t = self._buffers.get(name)
+            if t is None:
+                sig.append(None)
+                continue
+            try:
+                v = t._version
+            except RuntimeError:
+                v = -1
+            sig.append((id(t), t.data_ptr(), v))
+        return tuple(sig)
+
+    def _refresh(self) -> None:
+        """Repack if the canonical buffers changed since packing (every path
+        but the native plan's, which checks the same in C); raise if they are
+        invalid."""
+        if not _is_compiling() and self._signature() != self._sig:
+            self._repack()
+        if self._invalid is not None:
+            raise ValueError(f"{type(self).__name__}: {self._invalid}")
 
     def _repack_or_raise(self) -> None:
         """_repack, raising ValueError when the canonical buffers are invalid (constructors)."""
@@ -131,10 +159,11 @@ class PackedModule(nn.Module):
         keep = (packed.untyped_storage(),) + tuple(t.untyped_storage() for t in ts)
         C = _native.lib()
         _hand_torch_to(C)
-        packed_from = tuple(t for t in self._canonical().values() if t is not None and all(t is not r for r in ts))
+        watch = tuple((name, t, t is not None and all(t is not r for r in ts))
+                      for name, t in sorted(self._canonical().items()))
         plan = C.LinearPlan(kind, packed.data_ptr(), packed.numel(), self.out_features, self.in_features,
                             0 if w_scale is None else w_scale.data_ptr(), 0 if b is None else b.data_ptr(), keep,
-                            packed_from, tuple(ts))
+                            watch, self._buffers)
         plan.max_rows = self._switch_rows  # from there on _run_plan switches plans
         return plan
 
@@ -171,6 +200,8 @@ class PackedModule(nn.Module):
             m, ldx = x.numel() // k, k
             y = torch.empty(*shape[:-1], self.out_features, dtype=dt)
         else:
+            return None
+        if not y.is_cpu:  # a default-device context (torch.device("meta"), ...)
             return None
         if m >= self._switch_rows:
             plan = self._switch_plan()
@@ -209,14 +240,11 @@ class PackedModule(nn.Module):
                 from pyaccel import ops
 
                 ops.require_tensor(x)
-            return self._checked_op(x)  # tensor subclasses (FakeTensor, ...)
+            self._refresh()
+            return self._checked_op(x)  # tensor subclasses (FakeTensor, Parameter, ...)
+        self._refresh()  # an assignment, in-place edit or .data swap since packing
         plan = self._plan
         compiling = _is_compiling()
-        if plan is not None and not compiling and plan.stale():
-            self._repack()  # an in-place edit or a .data swap since the plan was made
-            plan = self._plan
-        if self._invalid is not None:
-            raise ValueError(f"{type(self).__name__}: {self._invalid}")
         if (plan is not None and not compiling and x.dim() >= 1 and not (x.requires_grad and _grad_enabled())
                 and _tracing_state() is None):
             y = self._run_plan(plan, x)  # the plan switch, and anything plan.forward declined for a stale plan
@@ -328,11 +356,9 @@ class PackedLinear(PackedModule):
         self.in_features, self.out_features = int(in_features), int(out_features)
 
     def _init_bias(self, bias: bool, device) -> None:
-        """A float32 bias buffer, or bias = None."""
-        if bias:
-            self.register_buffer("bias", torch.zeros(self.out_features, dtype=torch.float32, device=device))
-        else:
-            self.bias = None
+        """A float32 bias buffer, or a None buffer (a bias assigned later is a buffer too)."""
+        self.register_buffer("bias", torch.zeros(self.out_features, dtype=torch.float32, device=device)
+                             if bias else None)
 
     def _bias_error(self, b) -> Optional[str]:
         n = self.out_features
@@ -363,11 +389,13 @@ class PackedLinear(PackedModule):
         super().__setattr__(name, value)
 
     def _linear(self, x: Tensor, bias) -> Tensor:
-        """F.linear(x, self.weight, bias) with this module's kernel."""
+        """F.linear(x, self.weight, bias) with this module's kernel (a bias that
+        needs a gradient is added outside the kernel, so it gets one)."""
         if bias is self.bias:
             return self(x)
-        if bias is not None and isinstance(bias, Tensor) and bias.dtype != torch.float32:
-            bias = bias.float()
+        self._refresh()
+        if isinstance(bias, Tensor) and (bias.requires_grad and torch.is_grad_enabled() or bias.dtype != torch.float32):
+            return self._op(x, None) + bias
         return self._op(x, bias)
 
 

@@ -58,7 +58,7 @@ class BlockSparseLinear(PackedLinear):
         if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (n,)):
             raise ValueError(f"bias: expected a tensor of shape ({n},) or None, got {ops._desc(bias)}")
         mod = cls(k, n, bias=bias is not None, block=bsw.block, device=bsw.values.device)
-        mod._set_blocks(bsw.values.detach().float(), bsw.crow_indices, bsw.col_indices)
+        mod._set_blocks(bsw.values.detach().float().clone(), bsw.crow_indices.clone(), bsw.col_indices.clone())
         if bias is not None:
             with torch.no_grad():
                 mod.bias.copy_(bias.detach().float())
@@ -124,8 +124,19 @@ class BlockSparseLinear(PackedLinear):
         return (bsf.canonical_error(self._bsw(t)) or self._bias_error(t["bias"])
                 or _checks.same_device_error(t))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # adopt the checkpoint's number of kept blocks and block shape
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # adopt the checkpoint's number of kept blocks and block shape -- after
+        # validating it, so a refused checkpoint leaves the module as it was
+        full = self._canonical()
+        for name in full:
+            if prefix + name in state_dict:
+                full[name] = state_dict[prefix + name]
+        if all(isinstance(t, Tensor) or t is None for t in full.values()):
+            err = self._canonical_error(full)
+            if err is not None:
+                error_msgs.append(f"{type(self).__name__} ({prefix or 'root'}): {err}")
+                return
         incoming = [state_dict.get(prefix + name) for name in ("values", "crow_indices", "col_indices")]
         if all(isinstance(t, Tensor) for t in incoming) and any(
                 t.shape != getattr(self, name).shape
@@ -133,7 +144,8 @@ class BlockSparseLinear(PackedLinear):
             dev = self.values.device
             self._set_blocks(*(torch.empty(t.shape, dtype=getattr(self, name).dtype, device=dev)
                                for t, name in zip(incoming, ("values", "crow_indices", "col_indices"))))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _pack(self) -> None:
         if self.values.device.type == "cpu" and _native.available():
@@ -209,7 +221,7 @@ class BlockSparseInt8Linear(BlockSparseLinear):
         if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (n,)):
             raise ValueError(f"bias: expected a tensor of shape ({n},) or None, got {ops._desc(bias)}")
         mod = cls(k, n, bias=bias is not None, block=bsw.block, device=bsw.values.device)
-        mod._set_blocks(bsw.values, bsw.crow_indices, bsw.col_indices)
+        mod._set_blocks(bsw.values.detach().clone(), bsw.crow_indices.clone(), bsw.col_indices.clone())
         with torch.no_grad():
             mod.weight_scale.copy_(weight_scale.float())
             if bias is not None:

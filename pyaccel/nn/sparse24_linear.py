@@ -42,7 +42,8 @@ def _sparse24_error(mod, t, values_dtype):
     return (_checks.tensor_error("values", t["values"], values_dtype, (n, 2 * groups))
             or _checks.tensor_error("metadata", t["metadata"], torch.uint8, (n, (groups + 1) // 2))
             or mod._bias_error(t["bias"]) or _checks.same_device_error(t)
-            or _checks.sparse24_meta_error("metadata", t["metadata"], groups))
+            or _checks.sparse24_meta_error("metadata", t["metadata"], groups)
+            or _checks.sparse24_padding_error("values", t["values"], t["metadata"], mod.in_features))
 
 
 class Sparse24Linear(_Sparse24Buffers, PackedLinear):
