@@ -151,6 +151,8 @@ void bsr_gemm_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_gemm_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_small_rows_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_small_slabs_scalar(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+void bsr_small_rows_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void bsr_small_slabs_avx2(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 void bsr_small_rows_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_small_slabs_avx512(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 

@@ -17,7 +17,7 @@ namespace {
 
 const Kernel kLadder[] = {
     {Isa::kAvx512, "bsr_gemm_6x64_avx512", 8, bsr_gemm_avx512, bsr_small_rows_avx512, bsr_small_slabs_avx512},
-    {Isa::kAvx2, "bsr_gemm_6x16_avx2", 6, bsr_gemm_avx2, bsr_small_rows_scalar, bsr_small_slabs_scalar},
+    {Isa::kAvx2, "bsr_gemm_6x16_avx2", 6, bsr_gemm_avx2, bsr_small_rows_avx2, bsr_small_slabs_avx2},
     {Isa::kPortable, "bsr_gemm_1x16_scalar", 1, bsr_gemm_scalar, bsr_small_rows_scalar, bsr_small_slabs_scalar},
 };
 thread_local std::vector<float> t_xt;

@@ -1,0 +1,18 @@
+// BSR fp32 with small blocks, AVX2 + FMA: the loops of bsr_small_generic.h
+// compiled with AVX2 flags (the slab kernel's 16-lane loops become two ymm FMAs).
+#include "block_sparse/bsr_small_generic.h"
+
+namespace pyaccel {
+namespace block_sparse {
+
+void bsr_small_rows_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+  small_rows_generic(g, m0, m1, r0, r1);
+}
+
+void bsr_small_slabs_avx2(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
+                          int64_t r0, int64_t r1) {
+  small_slabs_generic(g, xt, nslabs, m, s0, s1, r0, r1);
+}
+
+}  // namespace block_sparse
+}  // namespace pyaccel
