@@ -51,6 +51,11 @@ struct PackedHeader {
 static_assert(sizeof(PackedHeader) == 64, "header must stay 64 bytes");
 
 int64_t packed_nbytes(int64_t n, int64_t k, int bh, int bw, int64_t nnzb);
+// Both packings start alike: the header, then rowptr (= crow) and colk
+// (= col * bw) right after it. Writes them into out; returns colk.
+int32_t* write_header_and_indices(uint8_t* out, uint32_t magic, int32_t layout, int64_t n, int64_t k, int bh, int bw,
+                                  int64_t bh_pad, int64_t nbr, int64_t nnzb, int64_t data_offset,
+                                  const int32_t* crow, const int32_t* col);
 // values: fp32 [nnzb, bh, bw] (contiguous); crow: int32 [nbr + 1]; col: int32
 // [nnzb]; already validated (pyaccel.formats.block_sparse.canonical_error).
 void pack(const float* values, const int32_t* crow, const int32_t* col, int64_t n, int64_t k, int bh, int bw,

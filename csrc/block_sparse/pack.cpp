@@ -36,29 +36,38 @@ int64_t packed_nbytes(int64_t n, int64_t /*k*/, int bh, int bw, int64_t nnzb) {
   return layout(n, bh, bw, nnzb).total;
 }
 
+int32_t* write_header_and_indices(uint8_t* out, uint32_t magic, int32_t layout, int64_t n, int64_t k, int bh, int bw,
+                                  int64_t bh_pad, int64_t nbr, int64_t nnzb, int64_t data_offset,
+                                  const int32_t* crow, const int32_t* col) {
+  PackedHeader h{};
+  h.magic = magic;
+  h.layout = layout;
+  h.n = n;
+  h.k = k;
+  h.n_pad = nbr * bh;
+  h.bh = bh;
+  h.bw = bw;
+  h.bh_pad = static_cast<int32_t>(bh_pad);
+  h.nbr = static_cast<int32_t>(nbr);
+  h.nnzb = nnzb;
+  h.data_offset = data_offset;
+  std::memcpy(out, &h, sizeof(h));
+  int32_t* rowptr = reinterpret_cast<int32_t*>(out + sizeof(h));
+  int32_t* colk = rowptr + nbr + 1;
+  std::memcpy(rowptr, crow, 4 * (nbr + 1));
+  for (int64_t b = 0; b < nnzb; ++b) colk[b] = col[b] * bw;
+  return colk;
+}
+
 void pack(const float* values, const int32_t* crow, const int32_t* col, int64_t n, int64_t k, int bh, int bw,
           int64_t nnzb, uint8_t* out) {
   const Layout l = layout(n, bh, bw, nnzb);
-  PackedHeader h{};
-  h.magic = kMagic;
-  h.layout = layout_for(bh);
-  h.n = n;
-  h.k = k;
-  h.n_pad = l.nbr * bh;
-  h.bh = bh;
-  h.bw = bw;
-  h.bh_pad = static_cast<int32_t>(l.bh_pad);
-  h.nbr = static_cast<int32_t>(l.nbr);
-  h.nnzb = nnzb;
-  h.data_offset = l.data_offset;
-  std::memcpy(out, &h, sizeof(h));
-  int32_t* rowptr = reinterpret_cast<int32_t*>(out + sizeof(h));
-  int32_t* colk = rowptr + l.nbr + 1;
-  std::memcpy(rowptr, crow, 4 * (l.nbr + 1));
-  for (int64_t b = 0; b < nnzb; ++b) colk[b] = col[b] * bw;
-  std::memset(out + sizeof(h) + l.idx_bytes, 0, l.data_offset - sizeof(h) - l.idx_bytes);
+  const int32_t lay = layout_for(bh);
+  const int32_t* colk = write_header_and_indices(out, kMagic, lay, n, k, bh, bw, l.bh_pad, l.nbr, nnzb, l.data_offset,
+                                                 crow, col);
+  std::memset(out + sizeof(PackedHeader) + l.idx_bytes, 0, l.data_offset - sizeof(PackedHeader) - l.idx_bytes);
   float* d = reinterpret_cast<float*>(out + l.data_offset);
-  const bool row_major = h.layout == kLayoutF32RowMajor;
+  const bool row_major = lay == kLayoutF32RowMajor;
   for (int64_t r = 0; r < l.nbr; ++r) {
     for (int64_t b = crow[r]; b < crow[r + 1]; ++b) {
       const float* v = values + b * bh * bw;

@@ -36,23 +36,8 @@ void pack_int8(const int8_t* values, const int32_t* crow, const int32_t* col, in
                int64_t nnzb, uint8_t* out) {
   const Layout l = layout(n, bh, bw, nnzb);
   std::memset(out, 0, l.total);
-  PackedHeader h{};
-  h.magic = kMagicI8;
-  h.layout = kLayoutI8K4;
-  h.n = n;
-  h.k = k;
-  h.n_pad = l.nbr * bh;
-  h.bh = bh;
-  h.bw = bw;
-  h.bh_pad = static_cast<int32_t>(l.bh_pad);
-  h.nbr = static_cast<int32_t>(l.nbr);
-  h.nnzb = nnzb;
-  h.data_offset = l.data_offset;
-  std::memcpy(out, &h, sizeof(h));
-  int32_t* rowptr = reinterpret_cast<int32_t*>(out + sizeof(h));
-  int32_t* colk = rowptr + l.nbr + 1;
-  std::memcpy(rowptr, crow, 4 * (l.nbr + 1));
-  for (int64_t b = 0; b < nnzb; ++b) colk[b] = col[b] * bw;
+  const int32_t* colk = write_header_and_indices(out, kMagicI8, kLayoutI8K4, n, k, bh, bw, l.bh_pad, l.nbr, nnzb,
+                                                 l.data_offset, crow, col);
   int32_t* comp = reinterpret_cast<int32_t*>(out + l.comp_offset);
   int8_t* d = reinterpret_cast<int8_t*>(out + l.data_offset);
   for (int64_t r = 0; r < l.nbr; ++r) {

@@ -17,6 +17,7 @@
 #include "common/cpu_features.h"
 #include "common/parallel.h"
 #include "common/row_passes.h"
+#include "common/row_tiles.h"
 
 namespace pyaccel {
 namespace int8_gemm {
@@ -168,36 +169,8 @@ void qs8_gemm_6x64c4_avx512vnni(const GemmArgs&, int64_t, int64_t, int64_t, int6
 
 inline uint16_t fp32_to_bf16(float f);
 
-namespace detail {
-template <int H, typename Fn>
-inline void call_with_height(int h, int64_t m, const Fn& fn) {
-  if constexpr (H >= 1) {
-    if (h == H) {
-      fn(m, std::integral_constant<int, H>{});
-      return;
-    }
-    call_with_height<H - 1>(h, m, fn);
-  }
-}
-}  // namespace detail
-
-// Splits rows [m0, m1) into ceil(rows / MR) tiles of nearly equal height (so
-// 32 rows with MR = 6 run as 6,6,5,5,5,5, not 6,6,6,6,6,2) and calls
-// fn(m, height) for each, the height as a std::integral_constant so that the
-// callee can instantiate its tile template: [&](int64_t m, auto h) { tile<h()>(...); }.
-template <int MR, typename Fn>
-inline void for_each_row_tile(int64_t m0, int64_t m1, const Fn& fn) {
-  const int64_t rows = m1 - m0;
-  if (rows <= 0) return;
-  const int64_t tiles = (rows + MR - 1) / MR;
-  const int64_t base = rows / tiles, extra = rows % tiles;
-  int64_t m = m0;
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t h = base + (t < extra ? 1 : 0);
-    detail::call_with_height<MR>(static_cast<int>(h), m, fn);
-    m += h;
-  }
-}
+// for_each_row_tile: csrc/common/row_tiles.h (shared by every op's kernels)
+using pyaccel::for_each_row_tile;
 
 // The epilogue forms float(acc) * sx * sw as (float(acc) * lo) * (hi * sw),
 // (lo, hi) = (sx, 1) when sx < 1, else (1, sx):

@@ -224,44 +224,36 @@ def _desc(t) -> str:
     return f"{t.dtype} {t.layout} tensor of shape {tuple(t.shape)} on {t.device}"
 
 
-def pack_block_sparse(bsw: BlockSparseWeight):
-    """Pack fp32 blocks for the native CPU kernels ("BSR_F32_T16", see
-    csrc/block_sparse/pack.cpp); None without the native library. `bsw` must
-    be valid (canonical_error)."""
+def _pack(bsw: BlockSparseWeight, dtype: torch.dtype, nbytes_fn: str, pack_fn: str):
     from pyaccel import _native
     from pyaccel.formats._buffer import packed_buffer
 
     C = _native.lib()
     if C is None:
         return None
-    vals = bsw.values.detach().to("cpu", torch.float32).contiguous()
+    vals = bsw.values.detach().to("cpu", dtype).contiguous()
     crow = bsw.crow_indices.detach().cpu().contiguous()
     col = bsw.col_indices.detach().cpu().contiguous()
     (n, k), (bh, bw) = bsw.shape, bsw.block
-    nbytes = C.bsr_packed_nbytes(n, k, bh, bw, bsw.nnzb)
+    nbytes = getattr(C, nbytes_fn)(n, k, bh, bw, bsw.nnzb)
     out = packed_buffer(nbytes)
-    C.bsr_pack(vals.data_ptr(), crow.data_ptr(), col.data_ptr(), n, k, bh, bw, bsw.nnzb, out.data_ptr(), nbytes)
+    getattr(C, pack_fn)(vals.data_ptr(), crow.data_ptr(), col.data_ptr(), n, k, bh, bw, bsw.nnzb, out.data_ptr(),
+                        nbytes)
     return out
+
+
+def pack_block_sparse(bsw: BlockSparseWeight):
+    """Pack fp32 blocks for the native CPU kernels (layouts 1 and 2, see
+    csrc/block_sparse/pack.cpp); None without the native library. The
+    packer refuses bad indices (ValueError naming them)."""
+    return _pack(bsw, torch.float32, "bsr_packed_nbytes", "bsr_pack")
 
 
 def pack_block_sparse_int8(bsw: BlockSparseWeight):
     """Pack int8 blocks (values in [-127, 127]) for the native CPU kernels
     ("BSR_I8_K4", see csrc/block_sparse/block_sparse.h); None without the
-    native library. `bsw` must be valid (canonical_error)."""
-    from pyaccel import _native
-    from pyaccel.formats._buffer import packed_buffer
-
-    C = _native.lib()
-    if C is None:
-        return None
-    vals = bsw.values.detach().to("cpu", torch.int8).contiguous()
-    crow = bsw.crow_indices.detach().cpu().contiguous()
-    col = bsw.col_indices.detach().cpu().contiguous()
-    (n, k), (bh, bw) = bsw.shape, bsw.block
-    nbytes = C.bsr_int8_packed_nbytes(n, k, bh, bw, bsw.nnzb)
-    out = packed_buffer(nbytes)
-    C.bsr_int8_pack(vals.data_ptr(), crow.data_ptr(), col.data_ptr(), n, k, bh, bw, bsw.nnzb, out.data_ptr(), nbytes)
-    return out
+    native library. The packer refuses bad indices."""
+    return _pack(bsw, torch.int8, "bsr_int8_packed_nbytes", "bsr_int8_pack")
 
 
 def quantize_blocks(bsw: BlockSparseWeight):
