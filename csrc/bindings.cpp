@@ -115,8 +115,9 @@ std::string bsr_index_error(const int32_t* crow, const int32_t* col, int64_t n, 
   const int64_t nbr = (n + bh - 1) / bh, kb = (k + bw - 1) / bw;
   if (crow[0] != 0 || crow[nbr] != nnzb)
     return "crow_indices: expected to start at 0 and end at nnzb = " + std::to_string(nnzb);
-  for (int64_t r = 0; r < nbr; ++r) {
+  for (int64_t r = 0; r < nbr; ++r)  // all row pointers first: col is read only within [0, nnzb)
     if (crow[r + 1] < crow[r]) return "crow_indices: must not decrease (at " + std::to_string(r + 1) + ")";
+  for (int64_t r = 0; r < nbr; ++r) {
     for (int64_t b = crow[r]; b < crow[r + 1]; ++b) {
       if (col[b] < 0 || col[b] >= kb)
         return "col_indices: index " + std::to_string(col[b]) + " at position " + std::to_string(b) +

@@ -200,9 +200,10 @@ def test_block_sparse_modes_and_tied_weights(gen, monkeypatch):
 
 
 def test_filter_fn_errors_do_not_abort(gen):
-    model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 64))
-    r = pyaccel.patch(model, quantize="int8", filter_fn=lambda m, p: m.out_features >= 64)
-    assert [e.new_type for e in r.entries] == [None, "Int8Linear"]
+    model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(32, 96))
+    r = pyaccel.patch(model, quantize="int8", filter_fn=lambda m, p: 1 / (m.out_features - 64) > 0)
+    assert [e.new_type for e in r.entries] == [None, None, None, "Int8Linear"]
+    assert "filter_fn raised ZeroDivisionError" in r.entries[1].reason and "filtered out" in r.entries[2].reason
 
 
 def test_wrong_shape_checkpoints_are_refused(gen):
@@ -254,3 +255,32 @@ def test_review_fixes(gen):
     m = BlockSparseLinear.from_bsr(t)
     t.values().mul_(0)
     assert torch.allclose(m(x), x @ w.t(), atol=1e-4)
+
+
+def test_second_review_fixes(gen):
+    from pyaccel.nn import Int8Linear
+
+    x = torch.randn(3, 64, generator=gen)
+    w = torch.randn(64, 64, generator=gen)
+    w *= bsf.block_mask(w, (16, 16), 0.5)
+    m = BlockSparseLinear.from_dense(w, torch.randn(64, generator=gen), (16, 16))
+    m.values = nn.Parameter(m.values.clone(), requires_grad=False)  # stays a watched buffer
+    assert "values" in m._buffers and not m._plan.stale()
+    with torch.no_grad():
+        m.values.mul_(0)
+    assert torch.allclose(m(x), m.bias.expand(3, 64))
+    # an in-place non-finite scale: the same non-finite outputs on every path, no error
+    q = Int8Linear.from_float(nn.Linear(64, 32))
+    with torch.no_grad():
+        q.weight_scale[0] = float("nan")
+    a, b2, c = q(x), q(nn.Parameter(x, requires_grad=False)), q(x)
+    assert a[:, 0].isnan().all() and torch.equal(a.isnan(), b2.isnan()) and torch.equal(a.isnan(), c.isnan())
+    # a checkpoint whose copy fails after its shapes were adopted leaves the module as it was
+    m = BlockSparseLinear.from_dense(w, None, (16, 16))
+    y = m(x)
+    w2 = torch.zeros(64, 64)
+    w2[:16, :16] = 1
+    sd = {k: v.to("meta") for k, v in BlockSparseLinear.from_dense(w2, None, (16, 16)).state_dict().items()}
+    with pytest.raises(RuntimeError):
+        m.load_state_dict(sd)
+    assert torch.equal(m(x), y) and m.crow_indices[0] == 0

@@ -75,6 +75,7 @@ class PackedModule(nn.Module):
     _plan = None
     _invalid: Optional[str] = None  # why the canonical buffers cannot be used, if they cannot
     _sig: tuple = ()  # _signature() when last packed
+    _READ_IN_PLACE = frozenset({"weight_scale", "bias"})  # what the kernels read where it is, not from the packing
     _loading = False
 
     # ---- canonical buffers: validation and packing ----------------------------
@@ -110,10 +111,12 @@ class PackedModule(nn.Module):
             if t is None:
                 sig.append(None)
                 continue
-            try:
-                v = t._version
-            except RuntimeError:
-                v = -1
+            v = None  # scales and bias are read in place by every path: their in-place edits need no repack
+            if name not in self._READ_IN_PLACE:
+                try:
+                    v = t._version
+                except RuntimeError:
+                    v = -1
             sig.append((id(t), t.data_ptr(), v))
         return tuple(sig)
 
@@ -255,6 +258,8 @@ class PackedModule(nn.Module):
         return self._checked_op(x)
 
     def __setattr__(self, name, value):
+        if name in self.WEIGHT_NAMES and isinstance(value, nn.Parameter):
+            value = value.detach()  # the canonical tensors are frozen buffers, whatever is assigned
         if name in self.WEIGHT_NAMES and "_plan" in self.__dict__ and not self._loading:
             old = getattr(self, name)
             super().__setattr__(name, value)
@@ -395,7 +400,8 @@ class PackedLinear(PackedModule):
             return self(x)
         self._refresh()
         if isinstance(bias, Tensor) and (bias.requires_grad and torch.is_grad_enabled() or bias.dtype != torch.float32):
-            return self._op(x, None) + bias
+            y = self._op(x, None)
+            return y + bias.to(y.dtype)  # outside the kernel: a bias that needs a gradient gets one
         return self._op(x, bias)
 
 

@@ -138,14 +138,25 @@ class BlockSparseLinear(PackedLinear):
                 error_msgs.append(f"{type(self).__name__} ({prefix or 'root'}): {err}")
                 return
         incoming = [state_dict.get(prefix + name) for name in ("values", "crow_indices", "col_indices")]
+        before = (self.values, self.crow_indices, self.col_indices)
+        n_errors = len(error_msgs)
         if all(isinstance(t, Tensor) for t in incoming) and any(
                 t.shape != getattr(self, name).shape
                 for t, name in zip(incoming, ("values", "crow_indices", "col_indices"))):
             dev = self.values.device
             self._set_blocks(*(torch.empty(t.shape, dtype=getattr(self, name).dtype, device=dev)
                                for t, name in zip(incoming, ("values", "crow_indices", "col_indices"))))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            failed = len(error_msgs) > n_errors
+        except Exception:
+            failed = True
+            raise
+        finally:
+            if failed:  # a copy that failed after the shapes were adopted: put the old blocks back
+                self._set_blocks(*before)
+                self._repack()
 
     def _pack(self) -> None:
         if self.values.device.type == "cpu" and _native.available():
