@@ -8,7 +8,7 @@
 #include <algorithm>
 
 #include "block_sparse/block_sparse.h"
-#include "common/bf16.h"
+#include "common/bf16_avx512.h"
 
 namespace pyaccel {
 namespace block_sparse {
@@ -18,13 +18,7 @@ inline void store16(const GemmArgs& g, __m512 v, int64_t m, int64_t n0, int vali
   const __mmask16 mask = valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1);
   if (g.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, g.bias + n0));
   if (g.y_bf16) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(g.y) + m * g.ldy + n0, mask,
-                             _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(g.y) + m * g.ldy + n0, mask, cvt_fp32_bf16_avx512(v));
   } else {
     _mm512_mask_storeu_ps(static_cast<float*>(g.y) + m * g.ldy + n0, mask, v);
   }

@@ -3,21 +3,15 @@
 #pragma once
 #include <immintrin.h>
 
+#include "common/bf16_avx512.h"
 #include "int8_gemm/int8_gemm.h"
 
 namespace pyaccel {
 namespace int8_gemm {
 namespace avx512 {
 
-// fp32 -> bf16 with round-to-nearest-even, NaN kept quiet (matches torch).
-static inline __m256i cvt_fp32_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-}
+// fp32 -> bf16 (common/bf16_avx512.h)
+static inline __m256i cvt_fp32_bf16(__m512 v) { return cvt_fp32_bf16_avx512(v); }
 
 // y[n0 .. n0+16) = float(acc) * sa * w_scale + bias (order: split_scale), masked to n < N.
 static inline void store16(const GemmArgs& g, __m512i acc, float sa, int64_t m, int64_t n0) {
