@@ -7,6 +7,7 @@
 
 #include <cstring>
 
+#include "common/tile_rows.h"
 #include "int8_gemm/int8_gemm.h"
 
 namespace pyaccel {
@@ -58,35 +59,59 @@ inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t 
   }
 }
 
+// One multiply-add step of the tile: c += w * a for 8 channels x 4 k, with
+// |w| (precomputed once per k group, shared by the rows) as vpmaddubsw's
+// unsigned operand and a carrying w's sign (vpsignb: a, -a or 0) as its signed
+// one. |w| <= 127 and |a| <= 127 (the quantizer never emits -128), so each
+// int16 pair sum is at most 2 * 127 * 127 and never saturates. Inline asm: with
+// intrinsics GCC keeps copying the accumulators and spills two of them.
+static inline void step(__m256i& c, __m256i w_abs, __m256i a, const int8_t* w, __m256i ones) {
+  __m256i t;
+  __asm__(
+      "vpsignb %[w], %[a], %[t]\n\t"
+      "vpmaddubsw %[t], %[u], %[t]\n\t"
+      "vpmaddwd %[ones], %[t], %[t]\n\t"
+      "vpaddd %[t], %[c], %[c]"
+      : [c] "+x"(c), [t] "=&x"(t)
+      : [w] "m"(*reinterpret_cast<const __m256i*>(w)), [a] "x"(a), [u] "x"(w_abs), [ones] "x"(ones));
+}
+
+#define PYACCEL_AVX2_ROW_STEP(r)                                              \
+  if constexpr (MR > r) {                                                     \
+    const __m256i av = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(a##r + off)); \
+    step(c##r##0, u0, av, b, ones);                                           \
+    step(c##r##1, u1, av, b + 32, ones);                                      \
+  }
+#define PYACCEL_AVX2_ROW_STORE(r)                                             \
+  if constexpr (MR > r) {                                                     \
+    const float sa = g.a_scale[m + r];                                        \
+    store8(g, c##r##0, sa, m + r, n0);                                        \
+    store8(g, c##r##1, sa, m + r, n0 + 8);                                    \
+  }
+
+// Rows [m, m + MR) x 16 channels (a quarter of a packed panel: 64 of every 256
+// bytes per k group).
 template <int MR>
 inline void tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0) {
   const int64_t groups = g.k_pad / kKGroup;
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  const int8_t* a = g.a + m * g.lda;
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+          c30 = c00, c31 = c00;
+  PYACCEL_TILE_ROWS6(const int8_t, a, g.a + m * g.lda, g.lda);
+  (void)a4;
+  (void)a5;
   const int8_t* b = sub;
+#pragma GCC unroll 2
   for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup) {
-    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
-    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32));
-#pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) {
-      int32_t a4;
-      std::memcpy(&a4, a + r * g.lda + grp * kKGroup, 4);
-      const __m256i av = _mm256_set1_epi32(a4);
-      const __m256i aabs = _mm256_abs_epi8(av);
-      const __m256i p0 = _mm256_maddubs_epi16(aabs, _mm256_sign_epi8(b0, av));
-      const __m256i p1 = _mm256_maddubs_epi16(aabs, _mm256_sign_epi8(b1, av));
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(p0, ones));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(p1, ones));
-    }
+    const int64_t off = grp * kKGroup;
+    const __m256i u0 = _mm256_abs_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+    const __m256i u1 = _mm256_abs_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32)));
+    PYACCEL_AVX2_ROW_STEP(0) PYACCEL_AVX2_ROW_STEP(1) PYACCEL_AVX2_ROW_STEP(2) PYACCEL_AVX2_ROW_STEP(3)
   }
-  for (int r = 0; r < MR; ++r) {
-    const float sa = g.a_scale[m + r];
-    store8(g, acc[r][0], sa, m + r, n0);
-    store8(g, acc[r][1], sa, m + r, n0 + 8);
-  }
+  PYACCEL_AVX2_ROW_STORE(0) PYACCEL_AVX2_ROW_STORE(1) PYACCEL_AVX2_ROW_STORE(2) PYACCEL_AVX2_ROW_STORE(3)
 }
+#undef PYACCEL_AVX2_ROW_STEP
+#undef PYACCEL_AVX2_ROW_STORE
 
 // One row x one whole panel (64 channels, 8 accumulators): the panel's bytes
 // in address order. The 4-row tile above takes a 16-channel quarter per pass,
