@@ -11,6 +11,7 @@
 #include <string>
 
 #include "common/cpu_features.h"
+#include "common/peak.h"
 #include "common/parallel.h"
 #include "block_sparse/block_sparse.h"
 #include "int8_gemm/int8_gemm.h"
@@ -409,6 +410,19 @@ void def_pack24(py::module_& m, const char* name, int64_t (*nbytes)(int64_t, int
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyaccel native CPU kernels (no libtorch; pointers in, pointers out)";
+  m.def(
+      "measure_peak",
+      [](const std::string& kind, int nthreads, double seconds, int repeats) {
+        peak::Result r;
+        {
+          py::gil_scoped_release release;
+          r = peak::measure(kind.c_str(), nthreads, seconds, repeats);
+        }
+        return py::make_tuple(r.gops, std::string(r.mix));
+      },
+      py::arg("kind"), py::arg("nthreads"), py::arg("seconds") = 0.05, py::arg("repeats") = 5,
+      "(G ops/s, instruction mix) of the selected ISA level's int8 or fp32 multiply-add mix on "
+      "nthreads threads, median of `repeats` runs; (0.0, '') where the level has no SIMD mix");
   m.def("cpu_info", &cpu_info, "CPU features, detected/capped/selected ISA");
   m.def("set_isa_cap", &set_isa_cap, py::arg("name"),
         "Cap the ISA (avx512_icl|avx512_vnni|avx512|avx2|portable, '' = none); returns False for an unknown name");

@@ -11,7 +11,18 @@ import torch
 import pyaccel
 from pyaccel.bench import block_sparse, common, int8, minilm, sparse24
 
-ANCHOR_VNNI_PEAK_GOPS = 936.0  # ../shared/ANCHORS.md: vpdpbusd, 2 threads, this project's machine
+
+
+def measured_peaks(threads: int):
+    """(int8 GOP/s, its mix, fp32 GFLOP/s, its mix) of the ISA level pyaccel runs
+    at now (PYACCEL_CPU_ISA included), on `threads` threads: the instruction
+    mixes the kernels are built on, timed in register-only loops (native
+    `measure_peak`). 0.0 where the level has no SIMD mix (portable)."""
+    from pyaccel import _native
+    lib = _native.lib()
+    g8, mix8 = lib.measure_peak("int8", threads)
+    g32, mix32 = lib.measure_peak("fp32", threads)
+    return g8, mix8, g32, mix32
 
 
 def _cpu_model() -> str:
@@ -29,23 +40,32 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pyaccel.bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small shapes, short budget (a smoke run)")
     ap.add_argument("--threads", type=int, default=None, help="torch/pyaccel threads (default: torch's)")
-    ap.add_argument("--peak-gops", type=float, default=ANCHOR_VNNI_PEAK_GOPS,
-                    help="int8 peak for the %%-of-peak column (measure with shared/tools/peaks)")
+    ap.add_argument("--peak-gops", type=float, default=None,
+                    help="int8 peak (GOP/s) for the %%-of-peak column; default: measured at start "
+                         "on this machine, at the ISA level pyaccel runs at")
     ap.add_argument("--budget", type=float, default=None, help="seconds of timing per row")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
     ap.add_argument("--markdown", default=None, help="also write the results as a markdown table here")
     ap.add_argument("--suite", default="int8,sparse24,block_sparse,minilm",
                     help="comma-separated: int8, sparse24, block_sparse, minilm")
     ap.add_argument("--fp32-peak", type=float, default=None,
-                    help="fp32 FMA peak (GFLOP/s, this machine's: shared/tools/peaks) for the block-sparse %% column")
+                    help="fp32 FMA peak (GFLOP/s) for the block-sparse %% column; default: measured at start")
     args = ap.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     info = pyaccel.backend_info()
+    g8, mix8, g32, mix32 = measured_peaks(torch.get_num_threads())
+    src8 = "given" if args.peak_gops else f"measured now: {mix8}"
+    src32 = "given" if args.fp32_peak else f"measured now: {mix32}"
+    args.peak_gops = args.peak_gops or g8 or None
+    args.fp32_peak = args.fp32_peak or g32 or None
+    fmt = lambda v: f"{v:.0f}" if v else "n/a (portable level)"
     head = [f"date: {datetime.datetime.now().isoformat(timespec='minutes')}",
             f"cpu: {_cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}",
-            f"pyaccel ISA: {info.cpu_isa} (kernel {info.int8_kernel}); peak used for %: {args.peak_gops:.0f} GOP/s"]
+            f"pyaccel ISA: {info.cpu_isa} (kernel {info.int8_kernel}); torch and ONNX Runtime use the whole CPU",
+            f"peaks for %, at pyaccel's ISA: int8 {fmt(args.peak_gops)} GOP/s ({src8}); "
+            f"fp32 {fmt(args.fp32_peak)} GFLOP/s ({src32})"]
     mem = int8.memory_read_gbs()
     head.append(f"DRAM read bandwidth (torch sum over 256 MB, this run): {mem:.1f} GB/s")
     print("\n".join(head))
