@@ -51,12 +51,16 @@ void forward(const float* x, int64_t batch, int64_t h, int64_t w, int64_t c, con
   const Offsets o = offsets(c, hd.n, hd.kh, hd.kw, hd.layout);
   const int64_t pixels = oh * ow, ldt = hd.c_pad, n = hd.n;
   const int64_t panels = hd.n_pad / hd.layout;
-  // band: a multiple of MR pixels, at most kBandBytes of t
-  int64_t band = std::max<int64_t>(kern.mr, kBandBytes / (4 * ldt) / kern.mr * kern.mr);
-  band = std::min<int64_t>(band, (pixels + kern.mr - 1) / kern.mr * kern.mr);
-  const int64_t bands = (pixels + band - 1) / band;
   if (batch * pixels * c * n < kMinParallelMacs) nthreads = 1;
   const int64_t nt = std::max(1, nthreads);
+  // bands of about equal size, each at most kBandBytes of t; with few of
+  // them, as many as make the items a multiple of the threads
+  const int64_t max_band = std::max<int64_t>(kern.mr, kBandBytes / (4 * ldt));
+  int64_t bands = (pixels + max_band - 1) / max_band;
+  if (batch * bands < 16 * nt)
+    while ((batch * bands) % nt != 0 && bands < (pixels + kern.mr - 1) / kern.mr) ++bands;
+  const int64_t band = (pixels + bands - 1) / bands;
+  bands = (pixels + band - 1) / band;
   int64_t splits = 1;  // panel ranges per band
   if (nt > 1 && batch * bands < 2 * nt) splits = std::min<int64_t>(panels, (2 * nt + batch * bands - 1) / (batch * bands));
   const int64_t items = batch * bands * splits;

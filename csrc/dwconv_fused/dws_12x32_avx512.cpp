@@ -1,4 +1,4 @@
-// Fused depthwise-separable conv, AVX-512: depthwise 64 channels per chunk,
+// Fused depthwise-separable conv, AVX-512: depthwise 4 pixels x 64 channels per block,
 // pointwise 12 x 32 micro-kernel (24 zmm accumulators; a 12 x 16 one for a
 // last panel of <= 16 channels). Compiled with the AVX-512 flags only.
 #include <immintrin.h>
@@ -18,9 +18,9 @@ struct V512 {
   static constexpr int W = 16;
   static R set1(float v) { return _mm512_set1_ps(v); }
   static R loadu(const float* p) { return _mm512_loadu_ps(p); }
-  static R loadn(const float* p, int n) {
-    return n >= W ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
-  }
+  using M = __mmask16;
+  static M mask(int n) { return static_cast<__mmask16>((1u << n) - 1); }
+  static R loadm(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
   static void storeu(float* p, R r) { _mm512_storeu_ps(p, r); }
   static void storen(float* p, R r, int n) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), r); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
@@ -50,7 +50,7 @@ struct V512 {
 }  // namespace
 
 void dw_avx512(const Problem& pr, int64_t p0, int64_t p1, float* t, int64_t ldt) {
-  generic::dw<V512, 4>(pr, p0, p1, t, ldt);
+  generic::dw<V512, 4, 4>(pr, p0, p1, t, ldt);
 }
 
 void pw_avx512(const Problem& pr, const float* t, int64_t ldt, int64_t p0, int64_t p1, int64_t q0, int64_t q1) {

@@ -13,7 +13,9 @@ struct V1 {
   static constexpr int W = 1;
   static R set1(float v) { return v; }
   static R loadu(const float* p) { return *p; }
-  static R loadn(const float* p, int n) { return n >= 1 ? *p : 0.f; }
+  using M = bool;
+  static M mask(int n) { return n >= 1; }
+  static R loadm(const float* p, M m) { return m ? *p : 0.f; }
   static void storeu(float* p, R r) { *p = r; }
   static void storen(float* p, R r, int n) { if (n >= 1) *p = r; }
   static R fma(R a, R b, R c) { return a * b + c; }  // no libm fma call: two roundings
@@ -28,7 +30,7 @@ struct V1 {
 }  // namespace
 
 void dw_scalar(const Problem& pr, int64_t p0, int64_t p1, float* t, int64_t ldt) {
-  generic::dw<V1, 16>(pr, p0, p1, t, ldt);
+  generic::dw<V1, 8, 1>(pr, p0, p1, t, ldt);
 }
 
 void pw_scalar(const Problem& pr, const float* t, int64_t ldt, int64_t p0, int64_t p1, int64_t q0, int64_t q1) {

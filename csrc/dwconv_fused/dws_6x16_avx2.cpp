@@ -1,4 +1,4 @@
-// Fused depthwise-separable conv, AVX2 + FMA: depthwise 32 channels per
+// Fused depthwise-separable conv, AVX2 + FMA: depthwise 4 pixels x 16 channels per
 // chunk, pointwise 6 x 16 micro-kernel (12 ymm accumulators; 6 x 8 for a
 // last panel of <= 8 channels). Compiled with the AVX2 flags only.
 #include <immintrin.h>
@@ -17,7 +17,9 @@ struct V256 {
   }
   static R set1(float v) { return _mm256_set1_ps(v); }
   static R loadu(const float* p) { return _mm256_loadu_ps(p); }
-  static R loadn(const float* p, int n) { return n >= W ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first(n)); }
+  using M = __m256i;
+  static M mask(int n) { return first(n); }
+  static R loadm(const float* p, M m) { return _mm256_maskload_ps(p, m); }
   static void storeu(float* p, R r) { _mm256_storeu_ps(p, r); }
   static void storen(float* p, R r, int n) { _mm256_maskstore_ps(p, first(n), r); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
@@ -48,7 +50,7 @@ struct V256 {
 }  // namespace
 
 void dw_avx2(const Problem& pr, int64_t p0, int64_t p1, float* t, int64_t ldt) {
-  generic::dw<V256, 4>(pr, p0, p1, t, ldt);
+  generic::dw<V256, 2, 4>(pr, p0, p1, t, ldt);
 }
 
 void pw_avx2(const Problem& pr, const float* t, int64_t ldt, int64_t p0, int64_t p1, int64_t q0, int64_t q1) {

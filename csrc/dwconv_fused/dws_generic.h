@@ -2,9 +2,9 @@
 // (dws_12x32_avx512.cpp, dws_6x16_avx2.cpp and dws_1x16_scalar.cpp each
 // include it with their own V and compile it with their own ISA flags).
 //
-// V provides: R (register), W (lanes), set1, loadu, loadn(p, n) (n in
-// [0, W], zeros past n), storeu, storen(p, r, n), fma(a, b, c) = a * b + c,
-// add, mul, div, max, min, exp.
+// V provides: R (register), W (lanes), M (a lane mask), mask(n) (the first n
+// lanes, n in [0, W]), set1, loadu, loadm(p, m) (zeros outside m), storeu,
+// storen(p, r, n), fma(a, b, c) = a * b + c, add, mul, div, max, min, exp.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -34,55 +34,82 @@ inline typename V::R act(typename V::R v, int32_t kind, float lo, float hi) {
   }
 }
 
-// Depthwise output of one pixel for NV vectors of channels from c0.
-template <class V, int NV>
-inline void dw_chunk(const Problem& pr, int64_t oy, int64_t ox, int64_t c0, float* tr) {
+// Depthwise output of P adjacent pixels of one output row (ox .. ox + P - 1)
+// for NV vectors of channels from c0: each weight vector loaded once per tap
+// serves the P pixels. tr: the first pixel's row of t, ldt apart.
+// FULL: all NV vectors hold C channels (plain loads; else masked ones);
+// INSIDE: every tap of the P pixels lies inside the row (no column checks).
+template <class V, int NV, int P, bool FULL, bool INSIDE>
+inline void dw_block(const Problem& pr, int64_t oy, int64_t ox, int64_t c0, float* tr, int64_t ldt) {
   using R = typename V::R;
   const PackedHeader& h = *pr.hd;
-  R acc[NV];
-  int nval[NV];
+  R acc[P][NV];
+  typename V::M mk[NV];
 #pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) {
-    acc[v] = V::loadu(pr.bd + c0 + v * V::W);
-    nval[v] = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(V::W, pr.c - c0 - v * V::W)));
+    const R b = V::loadu(pr.bd + c0 + v * V::W);
+#pragma GCC unroll 8
+    for (int q = 0; q < P; ++q) acc[q][v] = b;
+    mk[v] = V::mask(static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(V::W, pr.c - c0 - v * V::W))));
   }
   const int64_t iy0 = oy * h.sh - pr.pad_t, ix0 = ox * h.sw - pr.pad_l;
   for (int i = 0; i < h.kh; ++i) {
     const int64_t iy = iy0 + int64_t(i) * h.dh;
     if (iy < 0 || iy >= pr.h) continue;
+    const float* xrow = pr.x + iy * pr.w * pr.c + c0;
+    const float* wrow = pr.wd + int64_t(i * h.kw) * h.c_pad + c0;
     for (int j = 0; j < h.kw; ++j) {
-      const int64_t ix = ix0 + int64_t(j) * h.dw;
-      if (ix < 0 || ix >= pr.w) continue;
-      const float* xr = pr.x + (iy * pr.w + ix) * pr.c + c0;
-      const float* wr = pr.wd + int64_t(i * h.kw + j) * h.c_pad + c0;
+      R wv[NV];
 #pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) acc[v] = V::fma(V::loadn(xr + v * V::W, nval[v]), V::loadu(wr + v * V::W), acc[v]);
+      for (int v = 0; v < NV; ++v) wv[v] = V::loadu(wrow + int64_t(j) * h.c_pad + v * V::W);
+      const int64_t ixj = ix0 + int64_t(j) * h.dw;
+#pragma GCC unroll 8
+      for (int q = 0; q < P; ++q) {
+        const int64_t ix = ixj + q * int64_t(h.sw);
+        if (!INSIDE && (ix < 0 || ix >= pr.w)) continue;
+        const float* xr = xrow + ix * pr.c;
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v)
+          acc[q][v] = V::fma(FULL ? V::loadu(xr + v * V::W) : V::loadm(xr + v * V::W, mk[v]), wv[v], acc[q][v]);
+      }
     }
   }
+#pragma GCC unroll 8
+  for (int q = 0; q < P; ++q)
 #pragma GCC unroll 16
-  for (int v = 0; v < NV; ++v) V::storeu(tr + c0 + v * V::W, act<V>(acc[v], h.act1, h.lo1, h.hi1));
+    for (int v = 0; v < NV; ++v) V::storeu(tr + q * ldt + c0 + v * V::W, act<V>(acc[q][v], h.act1, h.lo1, h.hi1));
 }
 
-template <class V, int NVMAX>
+template <class V, int NV, int P, bool INSIDE>
+inline void dw_pixels(const Problem& pr, int64_t oy, int64_t ox, float* tr, int64_t ldt) {
+  int64_t c0 = 0;
+  for (; c0 + NV * V::W <= pr.c; c0 += NV * V::W) dw_block<V, NV, P, true, INSIDE>(pr, oy, ox, c0, tr, ldt);
+  for (; c0 + V::W <= pr.c; c0 += V::W) dw_block<V, 1, P, true, INSIDE>(pr, oy, ox, c0, tr, ldt);
+  if (c0 < pr.c) dw_block<V, 1, P, false, INSIDE>(pr, oy, ox, c0, tr, ldt);
+}
+
+// t rows for output pixels [p0, p1), PMAX adjacent pixels of a row at a time.
+template <class V, int NV, int PMAX>
 void dw(const Problem& pr, int64_t p0, int64_t p1, float* t, int64_t ldt) {
-  const int64_t vecs = (pr.c + V::W - 1) / V::W;
-  for (int64_t p = p0; p < p1; ++p) {
+  const PackedHeader& h = *pr.hd;
+  const int64_t reach = int64_t(h.kw - 1) * h.dw;  // input columns a pixel's window spans, less one
+  for (int64_t p = p0; p < p1;) {
     const int64_t oy = p / pr.ow, ox = p % pr.ow;
+    const int64_t run = std::min<int64_t>({PMAX, p1 - p, pr.ow - ox});
     float* tr = t + (p - p0) * ldt;
-    int64_t v0 = 0;
-    for (; v0 + NVMAX <= vecs; v0 += NVMAX) dw_chunk<V, NVMAX>(pr, oy, ox, v0 * V::W, tr);
-    int64_t left = vecs - v0;
-    for (; left >= 4 && NVMAX > 4; left -= 4, v0 += 4) dw_chunk<V, (NVMAX > 4 ? 4 : 1)>(pr, oy, ox, v0 * V::W, tr);
-    switch (left) {
-      case 3: dw_chunk<V, 3>(pr, oy, ox, v0 * V::W, tr); break;
-      case 2: dw_chunk<V, 2>(pr, oy, ox, v0 * V::W, tr); break;
-      case 1: dw_chunk<V, 1>(pr, oy, ox, v0 * V::W, tr); break;
-      default: break;
-    }
+    const int64_t first = ox * h.sw - pr.pad_l, last = (ox + run - 1) * h.sw - pr.pad_l + reach;
+    const bool inside = first >= 0 && last < pr.w;
+    if (run == PMAX && inside)
+      dw_pixels<V, NV, PMAX, true>(pr, oy, ox, tr, ldt);
+    else if (run == PMAX)
+      dw_pixels<V, NV, PMAX, false>(pr, oy, ox, tr, ldt);
+    else
+      for (int64_t q = 0; q < run; ++q) dw_pixels<V, NV, 1, false>(pr, oy, ox + q, tr + q * ldt, ldt);
+    p += run;
   }
 }
 
-// y rows [row0, row0 + MR) x one panel's first NV vectors.
+// y rows [0, MR) x one panel's first NV vectors (cols valid columns).
 template <class V, int MR, int NV, int NR>
 inline void pw_tile(const float* t, int64_t ldt, int64_t k, const float* w, const float* bias, float* y, int64_t ldy,
                     int cols, const PackedHeader& h) {
@@ -119,14 +146,25 @@ inline void pw_tile(const float* t, int64_t ldt, int64_t k, const float* w, cons
     }
 }
 
+// One tile of `rows` (1 .. MR) rows: the pw_tile instance for that height.
+template <class V, int MR, int NV, int NR>
+inline void pw_tile_n(int64_t rows, const float* t, int64_t ldt, int64_t k, const float* w, const float* bias, float* y,
+                      int64_t ldy, int cols, const PackedHeader& h) {
+  if (rows >= MR)
+    pw_tile<V, MR, NV, NR>(t, ldt, k, w, bias, y, ldy, cols, h);
+  else if constexpr (MR > 1)
+    pw_tile_n<V, MR - 1, NV, NR>(rows, t, ldt, k, w, bias, y, ldy, cols, h);
+}
+
+// rows in ceil(rows / MR) tiles of nearly equal height (25 rows: 9 + 8 + 8, not 12 + 12 + 1).
 template <class V, int MR, int NV, int NR>
 inline void pw_rows(const float* t, int64_t ldt, int64_t rows, int64_t k, const float* w, const float* bias, float* y,
                     int64_t ldy, int cols, const PackedHeader& h) {
-  int64_t r = 0;
-  for (; r + MR <= rows; r += MR) pw_tile<V, MR, NV, NR>(t + r * ldt, ldt, k, w, bias, y + r * ldy, ldy, cols, h);
-  if (r < rows) {
-    if constexpr (MR > 1) pw_rows<V, (MR > 1 ? MR - 1 : 1), NV, NR>(t + r * ldt, ldt, rows - r, k, w, bias, y + r * ldy,
-                                                                    ldy, cols, h);
+  const int64_t tiles = (rows + MR - 1) / MR;
+  for (int64_t i = 0, r0 = 0; i < tiles; ++i) {
+    const int64_t r1 = rows * (i + 1) / tiles;
+    pw_tile_n<V, MR, NV, NR>(r1 - r0, t + r0 * ldt, ldt, k, w, bias, y + r0 * ldy, ldy, cols, h);
+    r0 = r1;
   }
 }
 
