@@ -27,7 +27,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -44,11 +43,15 @@ class ConvSkip(Exception):
     """A convolution pyaccel cannot take as it is; str(exc) is the reason for the report."""
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)  # SymInt: traced weight shapes
+
+
 def _pair(v, name: str) -> Tuple[int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
+    if _is_int(v):
         return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        return (int(v[0]), int(v[1]))
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_int(i) for i in v):
+        return (v[0], v[1])
     raise TypeError(f"{name}: expected an int or a pair of ints, got {v!r}")
 
 
@@ -83,10 +86,9 @@ class ConvGeometry:
                 p = (p, p, p, p)
             elif isinstance(p, (tuple, list)) and len(p) == 2:
                 p = (p[0], p[0], p[1], p[1])
-            if not (isinstance(p, (tuple, list)) and len(p) == 4
-                    and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in p)):
+            if not (isinstance(p, (tuple, list)) and len(p) == 4 and all(_is_int(i) and i >= 0 for i in p)):
                 raise ValueError(f"padding: expected 4 ints >= 0 (top, bottom, left, right), got {self.padding!r}")
-            object.__setattr__(self, "padding", tuple(int(i) for i in p))
+            object.__setattr__(self, "padding", tuple(p))
 
     def pads(self, h: int, w: int) -> Pad4:
         """(top, bottom, left, right) zero padding for an h x w input."""
@@ -95,7 +97,7 @@ class ConvGeometry:
         out = []
         for size, k, s, d in ((h, self.kernel[0], self.stride[0], self.dilation[0]),
                               (w, self.kernel[1], self.stride[1], self.dilation[1])):
-            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)  # ceil(size / s)
             out += [total // 2, total - total // 2]
         return tuple(out)  # type: ignore[return-value]
 

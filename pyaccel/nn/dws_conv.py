@@ -170,8 +170,9 @@ class FusedDWSeparableConv2d(PackedConv2d):
 
         if not isinstance(x, Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-        if x.is_cpu and self._packed is not None and self._packed_isa != _native.selected_isa():
-            self._repack()
+        if (not torch.compiler.is_compiling() and x.is_cpu and self._packed is not None
+                and self._packed_isa != _native.selected_isa()):
+            self._repack()  # the ISA cap changed since packing
         g = self.geometry
         a1, p1 = _act_params(self.act1)
         a2, p2 = _act_params(self.act2)
