@@ -333,9 +333,12 @@ def sequential_runs(model: nn.Module) -> List[List[Elem]]:
     for path, mod in model.named_modules():
         if id(mod) in inner or not _flattenable(mod):
             continue
-        for sub in mod.modules():
-            if sub is not mod and _flattenable(sub):
+        stack = [c for c in mod._modules.values() if c is not None]
+        while stack:  # Sequentials merged into this run (not those inside a custom module: their own runs)
+            sub = stack.pop()
+            if _flattenable(sub):
                 inner.add(id(sub))
+                stack += [c for c in sub._modules.values() if c is not None]
         run = _leaves(mod, path)
         if run:
             runs.append(run)
