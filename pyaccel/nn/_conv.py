@@ -217,8 +217,9 @@ class PackedConv2d(PackedModule):
     Subclasses set ``in_channels``, ``out_channels``, ``geometry``
     (:class:`ConvGeometry` of the window the input sees) and define
 
-    * ``_native_nhwc(x_nhwc) -> y_nhwc``: the native kernel on a contiguous
-      float32 [N, H, W, C] CPU tensor (called only with a valid packing);
+    * ``_native_nhwc_into(x_nhwc, y_nhwc, pad_t, pad_l)``: the native kernel on
+      a contiguous float32 [N, H, W, C] CPU tensor into y (called only with a
+      valid packing; the input is checked once per shape and strides);
     * ``_op(x, bias)``: the checked ``torch.ops.pyaccel`` op on [N, C, H, W]
       (argument checks, CPU/CUDA/fake kernels, autograd to x);
     * the PackedModule hooks (``WEIGHT_NAMES``, ``_canonical_error``, ``_pack``).
@@ -231,7 +232,10 @@ class PackedConv2d(PackedModule):
     out_channels: int
     geometry: ConvGeometry
 
-    def _native_nhwc(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def _native_nhwc_into(self, xn: Tensor, y: Tensor, pad_t: int, pad_l: int) -> None:  # pragma: no cover
+        """Run the native kernel: xn contiguous float32 [N, H, W, C] -> y float32
+        [N, OH, OW, Cout] (allocated by the caller), with pad_t/pad_l zero rows/columns
+        before the input (the geometry's padding for this input size)."""
         raise NotImplementedError
 
     def _check_input(self, x) -> None:
@@ -248,15 +252,40 @@ class PackedConv2d(PackedModule):
         oh, ow = self.geometry.out_size(x_shape[2], x_shape[3])
         return (x_shape[0], self.out_channels, oh, ow)
 
+    _MAX_SHAPE_SPECS = 16
+
     def _native_nchw(self, x: Tensor) -> Tensor:
-        """The native kernel on a checked CPU float x [N, C, H, W]: NHWC in, the
+        """The native kernel on a CPU float x [N, C, H, W] (checked here, once
+        per shape and strides): NHWC in (no copy for channels_last), the
         output in x's memory format and dtype."""
-        if x.numel() == 0:
-            return torch.empty(self.out_shape(x.shape), dtype=x.dtype, device=x.device)
-        xf = x if x.dtype == torch.float32 else x.float()
-        xn, cl = to_nhwc(xf)
-        y = from_nhwc(self._native_nhwc(xn), cl)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        key = (x.shape, x.stride(), x.dtype)
+        specs = self.__dict__.setdefault("_shape_specs", {})
+        spec = specs.get(key)
+        if spec is None:
+            self._check_input(x)
+            n, _, h, w = x.shape
+            oh, ow = self.geometry.out_size(h, w)
+            t, _, l, _ = self.geometry.pads(h, w)
+            if len(specs) >= self._MAX_SHAPE_SPECS:
+                specs.clear()
+            spec = specs[key] = (is_channels_last(x), (n, oh, ow, self.out_channels), t, l, x.numel() == 0)
+        cl, yshape, pad_t, pad_l, empty = spec
+        f32 = x.dtype is torch.float32
+        if empty:
+            y = torch.empty(yshape, dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
+            return y if cl else y.contiguous()
+        xn = (x if f32 else x.float()).permute(0, 2, 3, 1)
+        if not cl:
+            xn = xn.contiguous()
+        y = torch.empty(yshape) if torch.get_default_dtype() is torch.float32 else torch.empty(
+            yshape, dtype=torch.float32)
+        if not y.is_cpu:  # a default-device context (torch.device("meta"), ...)
+            y = torch.empty(yshape, dtype=torch.float32, device="cpu")
+        self._native_nhwc_into(xn, y, pad_t, pad_l)
+        y = y.permute(0, 3, 1, 2)
+        if not cl:
+            y = y.contiguous()
+        return y if f32 else y.to(x.dtype)
 
     def _native_ok(self) -> bool:  # pragma: no cover - overridden
         return self._packed is not None
@@ -272,7 +301,6 @@ class PackedConv2d(PackedModule):
         self._refresh()
         if (x.is_cpu and not _is_compiling() and not (x.requires_grad and _grad_enabled())
                 and _tracing_state() is None and self._native_ok()):
-            self._check_input(x)
             return self._native_nchw(x)
         return self._checked_op(x)
 

@@ -160,10 +160,12 @@ class FusedDWSeparableConv2d(PackedConv2d):
             self._repack()  # the ISA cap changed: the panel layout may differ
         return self._packed is not None
 
-    def _native_nhwc(self, xn: Tensor) -> Tensor:
-        from pyaccel.ops_conv import dws_native_nhwc
-
-        return dws_native_nhwc(xn, self._packed, self.geometry, self.in_channels, self.out_channels)
+    def _native_nhwc_into(self, xn: Tensor, y: Tensor, pad_t: int, pad_l: int) -> None:
+        n, h, w, c = xn.shape
+        kh, kw = self.geometry.kernel
+        p = self._packed
+        _native.lib().dws_forward(xn.data_ptr(), n, h, w, c, p.data_ptr(), p.numel(), self.out_channels, kh, kw,
+                                  y.data_ptr(), y.shape[1], y.shape[2], pad_t, pad_l, torch.get_num_threads())
 
     def _op(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
         from pyaccel import ops_conv  # noqa: F401  (registers torch.ops.pyaccel.dws_conv2d)
