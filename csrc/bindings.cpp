@@ -14,6 +14,7 @@
 #include "common/peak.h"
 #include "common/parallel.h"
 #include "block_sparse/block_sparse.h"
+#include "dwconv_fused/dwconv_fused.h"
 #include "int8_gemm/int8_gemm.h"
 #include "sparse24/sparse24.h"
 #include "sparse24/sparse24_int8.h"
@@ -166,6 +167,8 @@ py::dict kernel_params() {
   const block_sparse::KernelI8& kbi = block_sparse::select_kernel_int8();
   e = tile_params(kbi.name, kbi.mr, block_sparse::kChannelPad, 4, 0);
   d["block_sparse_int8"] = e;
+  const dws::Kernel& kd = dws::select_kernel();
+  d["dws"] = tile_params(kd.name, kd.mr, kd.nr, 1, 0);
   return d;
 }
 
@@ -408,6 +411,12 @@ void def_pack24(py::module_& m, const char* name, int64_t (*nbytes)(int64_t, int
 
 }  // namespace
 
+namespace pyaccel {
+namespace dws {
+void register_dws(py::module_& m);  // csrc/dwconv_fused/bindings_dws.cpp
+}  // namespace dws
+}  // namespace pyaccel
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyaccel native CPU kernels (no libtorch; pointers in, pointers out)";
   m.def(
@@ -423,6 +432,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("kind"), py::arg("nthreads"), py::arg("seconds") = 0.05, py::arg("repeats") = 5,
       "(G ops/s, instruction mix) of the selected ISA level's int8 or fp32 multiply-add mix on "
       "nthreads threads, median of `repeats` runs; (0.0, '') where the level has no SIMD mix");
+  dws::register_dws(m);
   m.def("cpu_info", &cpu_info, "CPU features, detected/capped/selected ISA");
   m.def("set_isa_cap", &set_isa_cap, py::arg("name"),
         "Cap the ISA (avx512_icl|avx512_vnni|avx512|avx2|portable, '' = none); returns False for an unknown name");

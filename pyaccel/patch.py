@@ -34,6 +34,7 @@ from pyaccel._linear_source import (
 from pyaccel.formats import sparse24 as s24
 from pyaccel.formats.int8 import from_torch_ao_dynamic_linear, quantize_weight_per_channel
 from pyaccel import _sparse_choice
+from pyaccel import _dws_pattern  # noqa: F401  (registers the depthwise -> pointwise chain)
 from pyaccel.nn.block_sparse_linear import BlockSparseInt8Linear, BlockSparseLinear
 from pyaccel.nn.int8_linear import Int8Linear
 from pyaccel.nn.sparse24_linear import Sparse24Int8Linear, Sparse24Linear
@@ -63,6 +64,7 @@ class PatchEntry:
     reason: Optional[str] = None
     lossy: bool = False
     shared_with: Optional[str] = None  # first path of the same module object, if not this one
+    span: Optional[List[str]] = None  # a fused chain (pyaccel._pattern): every path it replaced, head first
 
     @property
     def swapped(self) -> bool:
@@ -90,7 +92,10 @@ class PatchReport:
             text = (e.backend + (" (lossy)" if e.lossy else "")) if e.swapped else f"skipped: {e.reason}"
             return text + (f" [same module as {e.shared_with or '<root>'}]" if e.shared_with is not None else "")
 
-        rows = [(e.path or "<root>", e.old_type, e.new_type or "-", last(e)) for e in self.entries]
+        def where(e: PatchEntry) -> str:
+            return f"{e.path} .. {e.span[-1]}" if e.span and len(e.span) > 1 else (e.path or "<root>")
+
+        rows = [(where(e), e.old_type, e.new_type or "-", last(e)) for e in self.entries]
         widths = [max(len(r[i]) for r in rows + [head]) for i in range(3)]
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3]  # noqa: E731
         lines = [fmt(head), "  ".join("-" * w for w in widths) + "  " + "-" * 16]
@@ -396,6 +401,15 @@ def patch(
     model itself is a single replaceable module, ``report.model`` is the
     replacement. pyaccel modules, and modules inside a replaced one, are not
     looked at.
+
+    Multi-module chains (pyaccel._pattern; e.g. depthwise conv -> BatchNorm2d
+    -> activation -> 1x1 conv -> BatchNorm2d -> activation) are matched first:
+    inside nn.Sequential containers (nested ones included) the head's path gets
+    the fused module and the rest of the span nn.Identity, with one report entry
+    for the span (``entry.span``); a chain in a custom forward is matched
+    through torch.fx, and then ``report.model`` is a new torch.fx.GraphModule
+    (that patch is *not* in place: use ``report.model``). A chain that cannot
+    be fused stays as it is, with the reason on its head's entry.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -409,6 +423,8 @@ def patch(
         model = deepcopy_model(model)
     ctx = _Context(quantize=quantize, block_sparse=block_sparse)
     report = PatchReport(model=model)
+    chain_reasons = _pattern_pass(report, ctx, include, exclude, filter_fn)
+    model = report.model
     seen: Dict[int, _Seen] = {}
     skip_inside: set = set()  # paths whose descendants are not looked at
     replacements: List[Tuple[str, nn.Module]] = []
@@ -423,6 +439,8 @@ def patch(
             # a parametrized module's ParametrizationLists hold its own tensors
             skip_inside.add(f"{path}.parametrizations" if path else "parametrizations")
         first = seen.get(id(mod))
+        if first is None and path in chain_reasons:
+            first = seen[id(mod)] = _Seen(path, chain_reasons[path])
         if first is None:
             plan = _plan(mod, ctx)
             if plan is None:
@@ -465,3 +483,97 @@ def patch(
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, name, new)
     return report
+
+
+# ---- multi-module chains (pyaccel._pattern) --------------------------------------------------
+def _chain_plan(match, ctx, counts, include, exclude, filter_fn):
+    """(module, lossy) replacing a matched chain, or the reason it stays."""
+    head = match.head
+    try:
+        why = selection_reason(head.module, head.path, include, exclude, filter_fn)
+    except Exception as exc:
+        why = f"filter_fn raised {type(exc).__name__}: {exc}; left as is"
+    if why is not None:
+        return why
+    for e in match.elems:
+        if e.module is None:
+            continue
+        if counts.get(id(e.module), 1) > 1:
+            return f"{e.path} ({type(e.module).__name__}) is shared with another path: not fused"
+        lost = _lost_hooks(e.module)
+        if lost:
+            return f"{e.path}: {lost}"
+    try:
+        return match.pattern.build(match.by_slot, ctx)
+    except Exception as exc:  # a bad layer never stops the others
+        return f"not convertible ({type(exc).__name__}): {exc}"
+
+
+def _chain_entry(match, new, lossy) -> PatchEntry:
+    paths = [e.path for e in match.elems if e.module is not None]  # functional steps (fx) have no path
+    entry = PatchEntry(path=match.head.path, old_type="+".join(e.describe() for e in match.elems),
+                       new_type=type(new).__name__, lossy=lossy, span=paths)
+    entry.backend = new.backend() if hasattr(new, "backend") else _cpu_backend(torch.device("cpu"))
+    notes = getattr(new, "notes", None)
+    if notes:
+        entry.backend += "; " + "; ".join(notes)
+    return entry
+
+
+def _fuse_matches(report, matches, sel, reasons, apply, note="") -> List[str]:
+    """Build and apply each match's replacement (apply(k, match, new)); add a
+    report entry per fused chain, the reason for the others; return the fused heads' paths."""
+    ctx, counts, include, exclude, filter_fn = sel
+    fused = []
+    for k, m in enumerate(matches):
+        plan = _chain_plan(m, ctx, counts, include, exclude, filter_fn)
+        if isinstance(plan, str):
+            reasons[m.head.path] = plan
+            continue
+        new, lossy = plan
+        new.train(m.head.module.training)
+        apply(k, m, new)
+        entry = _chain_entry(m, new, lossy)
+        entry.backend += note
+        report.entries.append(entry)
+        fused.append(m.head.path)
+    return fused
+
+
+def _pattern_pass(report: PatchReport, ctx: _Context, include, exclude, filter_fn) -> Dict[str, str]:
+    """Fuse registered chains in report.model: Sequential runs in place, then
+    torch.fx for heads left (report.model becomes the GraphModule if fx fused
+    any). Returns {head path: reason} for heads that stay."""
+    from pyaccel import _pattern
+
+    if not _pattern.patterns():
+        return {}
+    model = report.model
+    counts = _pattern.module_paths_used_elsewhere(model)
+    matches, reasons = _pattern.find_sequential_matches(model)
+    sel = (ctx, counts, include, exclude, filter_fn)
+    done = set(_fuse_matches(report, matches, sel, reasons,
+                             lambda k, m, new: _pattern.apply_sequential_match(model, m, new)))
+    # heads not inside a Sequential chain: try torch.fx on the whole model
+    heads = [(p, mod) for p, mod in model.named_modules() if p not in done and p not in reasons and any(
+        pat.fx_ok and pat.slots[0].accepts(_pattern.Elem(module=mod, path=p)) is True for pat in _pattern.patterns())]
+    if not heads:
+        return reasons
+    try:
+        gm = _pattern.fx_trace(model)
+    except Exception as exc:
+        for p, _ in heads:
+            reasons[p] = f"not in an nn.Sequential chain, and torch.fx cannot trace the model ({type(exc).__name__}: {exc})"
+        return reasons
+    fx_matches, fx_reasons = _pattern.find_fx_matches(gm)
+    fx_matches = [m for m in fx_matches if m.head.path not in done]
+    fused = _fuse_matches(report, fx_matches, sel, reasons,
+                          lambda k, m, new: _pattern.apply_fx_match(
+                              gm, m, new, f"pyaccel_fused_{k}_" + m.head.path.replace(".", "_")),
+                          note="; via torch.fx (report.model is a new GraphModule)")
+    for p, _ in heads:
+        if p not in done and not any(m.head.path == p for m in fx_matches):
+            reasons.setdefault(p, fx_reasons.get(p, "not followed by a matching chain"))
+    if fused:
+        report.model = _pattern.fx_finish(gm)
+    return reasons

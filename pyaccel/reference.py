@@ -142,3 +142,29 @@ def block_sparse_int8_linear(x: torch.Tensor, values: torch.Tensor, crow_indices
 
     w = decompress(BlockSparseWeight(values, crow_indices, col_indices, (n, k)))
     return int8_linear(x, w, w_scale, bias)
+
+
+def dws_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor], pw_weight: torch.Tensor,
+               pw_bias: Optional[torch.Tensor], stride, dilation, pads, act1, act2) -> torch.Tensor:
+    """Fused depthwise-separable convolution, what the native and Triton kernels compute:
+
+        t = act1(conv2d(pad(x), dw_weight, dw_bias, stride, dilation, groups=C))
+        y = act2(conv2d(t, pw_weight, pw_bias))
+
+    x [N, C, H, W] (fp32/bf16, computed in fp32, returned in x's dtype and
+    memory format); dw_weight [C, 1, kh, kw]; pw_weight [Cout, C, 1, 1];
+    pads (top, bottom, left, right) zero padding; act1/act2: callables
+    (pyaccel._pattern.Activation)."""
+    import torch.nn.functional as F
+
+    xf = x.float()
+    t, b, l, r = pads
+    if t or b or l or r:
+        xf = F.pad(xf, (l, r, t, b))
+    y = F.conv2d(xf, dw_weight.float(), None if dw_bias is None else dw_bias.float(), tuple(stride), 0,
+                 tuple(dilation), groups=dw_weight.shape[0])
+    y = act1(y)
+    y = act2(F.conv2d(y, pw_weight.float(), None if pw_bias is None else pw_bias.float()))
+    fmt = torch.channels_last if (x.dim() == 4 and not x.is_contiguous()
+                                  and x.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
+    return y.to(x.dtype).contiguous(memory_format=fmt)
