@@ -398,6 +398,24 @@ def fx_trace(model: nn.Module) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+def fx_lost_hooks(model: nn.Module) -> Optional[str]:
+    """What a GraphModule of `model` would lose: hooks on the modules torch.fx
+    traces through (the root and every non-leaf module; leaf modules stay
+    module calls and keep theirs), or global module hooks; None when nothing."""
+    gl = torch.nn.modules.module
+    if any(getattr(gl, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                  "_global_backward_hooks", "_global_backward_pre_hooks")):
+        return "global module hooks (torch.nn.modules.module.register_module_forward_hook & co.)"
+    tracer = _LeafTracer()
+    for path, m in model.named_modules():
+        if path and tracer.is_leaf_module(m, path):
+            continue
+        if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None)):
+            return f"the hooks on {path or 'the model'} ({type(m).__name__})"
+    return None
+
+
 def _node_elem(gm: torch.fx.GraphModule, node) -> Optional[Elem]:
     if node.op == "call_module":
         return Elem(module=gm.get_submodule(node.target), path=str(node.target), node=node)
@@ -422,6 +440,8 @@ def _chain_from(gm, node, limit: int) -> List[Elem]:
         nxt = users[0]
         if not nxt.args or nxt.args[0] is not cur or any(a is cur for a in list(nxt.args[1:]) + list(nxt.kwargs.values())):
             break
+        if nxt.op == "call_module" and (len(nxt.args) != 1 or nxt.kwargs):
+            break  # a module called with more than its input: a fused module would drop the rest
         cur = nxt
     return out
 
@@ -439,6 +459,10 @@ def find_fx_matches(gm: torch.fx.GraphModule, pats: Optional[List[ChainPattern]]
         for pat in pats:
             if pat.slots[0].accepts(e) is False:
                 continue
+            if len(node.args) != 1 or node.kwargs:
+                reasons.setdefault(e.path, "called with keyword or extra arguments; fusion through torch.fx "
+                                           "needs the input as the only positional argument")
+                break
             chain = _chain_from(gm, node, len(pat.slots))
             r = match_at(pat, chain, 0)
             if isinstance(r, Match):

@@ -86,10 +86,23 @@ def _reference(x, dw_weight, dw_bias, pw_weight, pw_bias, geo, a1, a2):
                                 geo.pads(x.shape[-2], x.shape[-1]), a1, a2)
 
 
-def _packed_usable(packed: Optional[Tensor], c: int, cout: int, kernel) -> bool:
+def _packed_usable(packed: Optional[Tensor], c: int, cout: int, geo, a1: Activation, a2: Activation) -> bool:
+    """True when `packed` was packed for this shape, window and these
+    activations (the kernel takes stride, dilation and activations from the
+    packing's header, csrc/dwconv_fused/dwconv_fused.h PackedHeader)."""
     C = _native.lib()
-    return (packed is not None and C is not None
-            and C.dws_check_packed(packed.data_ptr(), packed.numel(), c, cout, kernel[0], kernel[1]) is None)
+    if packed is None or C is None or C.dws_check_packed(packed.data_ptr(), packed.numel(), c, cout,
+                                                         geo.kernel[0], geo.kernel[1]) is not None:
+        return False
+    i32 = packed[:96].view(torch.int32)
+    f32 = packed[:96].view(torch.float32)
+    sh, sw, dh, dw, k1, k2 = (int(v) for v in i32[11:17])
+    lo1, hi1, lo2, hi2 = (float(v) for v in f32[17:21])
+
+    def same(kind, lo, hi, a):
+        return kind == int(a.kind) and (a.kind != ActKind.HARDTANH or (lo, hi) == (a.lo, a.hi))
+    return ((sh, sw) == tuple(geo.stride) and (dh, dw) == tuple(geo.dilation)
+            and same(k1, lo1, hi1, a1) and same(k2, lo2, hi2, a2))
 
 
 @torch.library.custom_op("pyaccel::dws_conv2d", mutates_args=())
@@ -114,7 +127,7 @@ def _run(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, dilation, padding, t
 
 def _cpu_kernel(x, dw_weight, dw_bias, pw_weight, pw_bias, geo, a1, a2, packed):
     c, cout = dw_weight.shape[0], pw_weight.shape[0]
-    if not _packed_usable(packed, c, cout, geo.kernel):
+    if not _packed_usable(packed, c, cout, geo, a1, a2):
         return None
     if x.numel() == 0:
         return reference.dws_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias, geo.stride, geo.dilation,

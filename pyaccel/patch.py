@@ -488,13 +488,18 @@ def patch(
 # ---- multi-module chains (pyaccel._pattern) --------------------------------------------------
 def _chain_plan(match, ctx, counts, include, exclude, filter_fn):
     """(module, lossy) replacing a matched chain, or the reason it stays."""
-    head = match.head
-    try:
-        why = selection_reason(head.module, head.path, include, exclude, filter_fn)
-    except Exception as exc:
-        why = f"filter_fn raised {type(exc).__name__}: {exc}; left as is"
-    if why is not None:
-        return why
+    for e in match.elems:  # the fused module replaces every module of the span: each must be selected
+        if e.module is None:
+            continue
+        try:
+            why = selection_reason(e.module, e.path, include, exclude, filter_fn)
+        except Exception as exc:
+            why = f"filter_fn raised {type(exc).__name__}: {exc}; left as is"
+        if why is not None:
+            return why if e is match.head else f"{e.path} ({type(e.module).__name__}) in the chain: {why}"
+        if e.module.training:
+            return (f"{e.path} ({type(e.module).__name__}) is in training mode: the fused module has no "
+                    "trainable parameters; call model.eval() before patching")
     for e in match.elems:
         if e.module is None:
             continue
@@ -558,6 +563,11 @@ def _pattern_pass(report: PatchReport, ctx: _Context, include, exclude, filter_f
     heads = [(p, mod) for p, mod in model.named_modules() if p not in done and p not in reasons and any(
         pat.fx_ok and pat.slots[0].accepts(_pattern.Elem(module=mod, path=p)) is True for pat in _pattern.patterns())]
     if not heads:
+        return reasons
+    lost = _pattern.fx_lost_hooks(model)
+    if lost:
+        for p, _ in heads:
+            reasons[p] = f"not in an nn.Sequential chain, and fusing through torch.fx would drop {lost}"
         return reasons
     try:
         gm = _pattern.fx_trace(model)

@@ -147,6 +147,7 @@ def test_tf_same_padding_subclasses(gen):
             return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, 0, 1, self.groups)
 
     StaticSame.__name__ = "Conv2dStaticSamePadding"
+    StaticSame.__module__ = "efficientnet_lite_pytorch.utils"  # pyaccel knows the ports by module and name
 
     class DynamicSame(nn.Conv2d):
         def __init__(self, c, co, k, s, groups=1):
@@ -160,6 +161,7 @@ def test_tf_same_padding_subclasses(gen):
             return F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
 
     DynamicSame.__name__ = "Conv2dDynamicSamePadding"
+    DynamicSame.__module__ = "efficientnet_lite_pytorch.utils"
 
     class OwnPad(nn.Conv2d):  # pads on its own in a way pyaccel cannot read
         def forward(self, x):
@@ -173,12 +175,19 @@ def test_tf_same_padding_subclasses(gen):
         report = pyaccel.patch(model)
         assert len(report.swapped) == 1, str(report)
         assert _close(model(x), want), cls.__name__
-    model = nn.Sequential(OwnPad(12, 12, 3, groups=12), nn.ReLU(), nn.Conv2d(12, 20, 1)).eval()
-    x = torch.randn(1, 12, 9, 9, generator=gen)
-    want = model(x)
-    report = pyaccel.patch(model)
-    assert not report.swapped and "overrides forward" in report.skipped[0].reason
-    assert torch.equal(model(x), want)
+    class UserSame(nn.Conv2d):  # a user's class of the ports' name that pads symmetrically
+        def forward(self, x):
+            return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride, 0, 1, self.groups)
+
+    UserSame.__name__ = "Conv2dStaticSamePadding"
+    UserSame.static_padding = nn.ZeroPad2d(1)
+    for cls in (OwnPad, UserSame):
+        model = nn.Sequential(cls(12, 12, 3, 2, groups=12), nn.ReLU(), nn.Conv2d(12, 20, 1)).eval()
+        x = torch.randn(1, 12, 10, 10, generator=gen)
+        want = model(x)
+        report = pyaccel.patch(model)
+        assert not report.swapped and "overrides forward" in report.skipped[0].reason, cls.__name__
+        assert torch.equal(model(x), want)
 
 
 def test_what_stays_and_why(gen):
@@ -260,3 +269,52 @@ def test_efficientnet_lite0_real_weights():
             assert ((g5 - w5).abs() <= 1e-4 * w5.abs().clamp_min(1.0)).all(), (g5 - w5).abs().max()
             got_cl = report.model(x.contiguous(memory_format=torch.channels_last))
             assert torch.equal(got_cl.argmax(1), want.argmax(1))
+
+
+class _DwPw(nn.Module):
+    """dw -> relu -> pw in a custom forward (only torch.fx can fuse it)."""
+
+    def __init__(self, c=8, kwarg=False):
+        super().__init__()
+        self.dw, self.pw, self.kwarg = nn.Conv2d(c, c, 3, 1, 1, groups=c), nn.Conv2d(c, 12, 1), kwarg
+
+    def forward(self, x):
+        return self.pw(F.relu(self.dw(input=x) if self.kwarg else self.dw(x)))
+
+
+def test_fx_route_keeps_hooks_and_arguments(gen):
+    """A GraphModule would drop hooks on the modules fx traces through, and a
+    module called with keywords has no positional input to hand the fused one:
+    such heads are reported, the model left as it was."""
+    x = torch.randn(1, 8, 6, 6, generator=gen)
+    m = _DwPw(kwarg=True).eval()
+    r = pyaccel.patch(m)
+    assert not r.swapped and "keyword" in r.skipped[0].reason and r.model is m
+    for where in ("root", "inner"):
+        m = nn.Sequential(_DwPw()).eval() if where == "inner" else _DwPw().eval()
+        target = m if where == "root" else m[0]
+        target.register_forward_hook(lambda mod, i, o: o * 2)
+        want = m(x)
+        r = pyaccel.patch(m)
+        assert not r.swapped and "would drop the hooks" in r.skipped[0].reason, where
+        assert r.model is m and torch.equal(m(x), want)
+    m = _DwPw().eval()  # no hooks: fused through fx
+    want = m(x)
+    r = pyaccel.patch(m)
+    assert len(r.swapped) == 1 and _close(r.model(x), want)
+
+
+def test_every_module_of_a_chain_is_selected_and_in_eval_mode(gen):
+    def chain():
+        return nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, groups=8), nn.ReLU(), nn.Conv2d(8, 12, 1)).eval()
+
+    m = chain()
+    r = pyaccel.patch(m, exclude=["2"])
+    assert not r.swapped and "2 (Conv2d) in the chain" in r.skipped[0].reason and isinstance(m[2], nn.Conv2d)
+    asked = []
+    r = pyaccel.patch(chain(), filter_fn=lambda mod, path: asked.append(path) or True)
+    assert asked == ["0", "1", "2"] and len(r.swapped) == 1
+    m = chain().train()  # no BatchNorm, but its parameters would stop training
+    r = pyaccel.patch(m)
+    assert not r.swapped and "training mode" in r.skipped[0].reason
+    assert sum(p.numel() for p in m.parameters()) == 8 * 9 + 8 + 8 * 12 + 12

@@ -18,12 +18,14 @@ namespace generic {
 template <class V>
 inline typename V::R act(typename V::R v, int32_t kind, float lo, float hi) {
   using R = typename V::R;
+  // The bound goes first: max/min return their second operand when one is NaN
+  // (x86 maxps/minps, and the scalar a > b ? a : b), so a NaN stays NaN as in torch.
   switch (kind) {
-    case kRelu: return V::max(v, V::set1(0.f));
-    case kRelu6: return V::min(V::max(v, V::set1(0.f)), V::set1(6.f));
-    case kHardtanh: return V::min(V::max(v, V::set1(lo)), V::set1(hi));
+    case kRelu: return V::max(V::set1(0.f), v);
+    case kRelu6: return V::min(V::set1(6.f), V::max(V::set1(0.f), v));
+    case kHardtanh: return V::min(V::set1(hi), V::max(V::set1(lo), v));
     case kHardswish: {  // x * relu6(x + 3) / 6, as torch computes it
-      R r = V::min(V::max(V::add(v, V::set1(3.f)), V::set1(0.f)), V::set1(6.f));
+      R r = V::min(V::set1(6.f), V::max(V::set1(0.f), V::add(v, V::set1(3.f))));
       return V::div(V::mul(v, r), V::set1(6.f));
     }
     case kSilu: {  // x / (1 + exp(-x))

@@ -57,8 +57,8 @@ const char* check_packed(const uint8_t* packed, int64_t nbytes, int64_t c, int64
 
 float act_scalar(float v, int32_t kind, float lo, float hi) {
   switch (kind) {
-    case kRelu: return v > 0.f ? v : 0.f;
-    case kRelu6: return v > 0.f ? (v < 6.f ? v : 6.f) : 0.f;
+    case kRelu: return v < 0.f ? 0.f : v;  // NaN stays NaN, as in torch
+    case kRelu6: return v < 0.f ? 0.f : (v > 6.f ? 6.f : v);
     case kHardtanh: return v < lo ? lo : (v > hi ? hi : v);
     case kHardswish: {
       float r = v + 3.f;

@@ -37,6 +37,9 @@ from pyaccel.nn._packed import PackedModule, _fx_proxy, _is_compiling, _tracing_
 
 Pad4 = Tuple[int, int, int, int]
 TF_SAME = "tf_same"
+# modules whose Conv2dStaticSamePadding / Conv2dDynamicSamePadding are the
+# TensorFlow-"same" EfficientNet ports conv_geometry reads
+_SAME_PADDING_MODULES = frozenset({"efficientnet_lite_pytorch.utils", "efficientnet_pytorch.utils"})
 
 
 class ConvSkip(Exception):
@@ -138,12 +141,15 @@ def conv_geometry(conv: nn.Module) -> ConvGeometry:
         raise ConvSkip(f"{name} pads with padding_mode={conv.padding_mode!r}; only zero padding is fused")
     if type(conv) is not nn.Conv2d and (_overrides(conv, nn.Conv2d, "forward")
                                         or _overrides(conv, nn.Conv2d, "_conv_forward")):
-        if name == "Conv2dDynamicSamePadding" or (name.endswith("SamePadding") and not hasattr(conv, "static_padding")):
+        # the EfficientNet ports' classes, known by module and name (a user's class of the same
+        # name may pad otherwise: it is reported, never assumed)
+        known = type(conv).__module__ in _SAME_PADDING_MODULES
+        if known and name == "Conv2dDynamicSamePadding":
             if tuple(conv.padding) != (0, 0):
                 raise ConvSkip(f"{name} with padding={tuple(conv.padding)} besides its own 'same' padding")
             return ConvGeometry(kernel, stride, dilation, TF_SAME)
         sp = getattr(conv, "static_padding", None)
-        if sp is not None and name.endswith("SamePadding"):
+        if known and sp is not None and name == "Conv2dStaticSamePadding":
             base = tuple(conv.padding)
             if isinstance(sp, nn.Identity) or (type(sp).__name__ == "Identity" and not list(sp.parameters())
                                                and not list(sp.buffers()) and not list(sp.children())):

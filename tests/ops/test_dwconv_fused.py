@@ -170,6 +170,31 @@ def test_activations(isa, gen, act1, act2):
 
 
 @needs_native
+@pytest.mark.parametrize("act", ACTS)
+def test_nan_propagates_through_every_activation(isa, gen, act):
+    """NaN in, NaN out, as torch's clamp-style activations (x86 max/min would
+    otherwise return the bound for a NaN operand)."""
+    m = _random_module(16, 24, act1=act, act2=act, gen=gen)
+    x = torch.randn(1, 16, 7, 7, generator=gen)
+    x[0, 3, 3, 3] = float("nan")
+    y, ref = m(x), _ref64(m, x)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(ref).any(), f"{isa} {act}"
+
+
+@needs_native
+def test_op_refuses_a_packing_of_other_geometry_or_activations(gen):
+    """The kernel takes stride, dilation and activations from the packing's header:
+    a packing made for another window or activation must not be used (the op
+    then computes from its weight arguments)."""
+    a = _random_module(16, 24, stride=1, act1="relu", gen=gen)
+    b = _random_module(16, 24, stride=2, act1="silu", gen=gen)
+    x = torch.randn(1, 16, 9, 9, generator=gen)
+    b._packed = a._packed  # what b._op hands the op is a's packing
+    y = b._op(x, b.bias)
+    assert_close(y, b, x, "packing of another module")
+
+
+@needs_native
 def test_bands_threads_and_rows(isa, gen):
     """Many bands (c_pad * 4 bytes a pixel, 192 KB a band), one band split over panels, rows around mr."""
     mr = _params()["mr"]
