@@ -143,4 +143,5 @@ POINTWISE_PATTERN = _pattern.register(ChainPattern(
     name="pointwise conv + BN + activation",
     slots=[Slot("pw", _is_plain_pointwise), Slot("bn2", _is_bn, optional=True), Slot("act2", _is_act, optional=True)],
     build=_build_pointwise,
+    standalone=False,  # through torch.fx only along with a depthwise-separable chain
 ))

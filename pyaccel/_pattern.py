@@ -244,12 +244,17 @@ class ChainPattern:
     build(matched) gets {slot name: Elem} (optional slots absent) and returns
     a ``(module, lossy)`` pair, or a string saying why it is not replaced.
     fx_ok: whether the pattern may also be matched through torch.fx.
+    standalone: whether a match of this pattern alone justifies rewriting a
+    model with torch.fx (a new GraphModule); False for patterns worth taking
+    only along with others (a lone 1x1 conv + BN: matched through fx only when
+    the same rewrite fuses a standalone pattern too).
     """
 
     name: str
     slots: List[Slot]
     build: Callable[[Dict[str, Elem], Any], Union[Tuple[nn.Module, bool], str]]
     fx_ok: bool = True
+    standalone: bool = True
 
 
 _PATTERNS: List[ChainPattern] = []

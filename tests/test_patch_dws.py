@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyaccel
+from pyaccel.demo import mobilenet_v1  # MobileNetV1 in plain torch (the demo's)
 from pyaccel.nn import FusedDWSeparableConv2d
 
 
@@ -55,22 +56,9 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res else self.conv(x)
 
 
-def mobilenet_v1(width=0.25, classes=10):
-    """MobileNetV1 (Howard et al. 2017) in plain torch: stem + 13 dw-separable blocks."""
-    cfg = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]
-    c = int(32 * width)
-    layers = [nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
-    for co, s in cfg:
-        co = int(co * width)
-        layers += [nn.Sequential(nn.Conv2d(c, c, 3, s, 1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                                 nn.Conv2d(c, co, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU(inplace=True))]
-        c = co
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes))
-
-
 def test_mobilenet_v1_sequential(gen):
     torch.manual_seed(0)
-    model = _randomize_bn(mobilenet_v1(), gen).eval()
+    model = _randomize_bn(mobilenet_v1(width=0.25, classes=10), gen).eval()
     x = torch.randn(2, 3, 64, 64, generator=gen)
     want = model(x)
     report = pyaccel.patch(model)
@@ -268,3 +256,18 @@ def test_efficientnet_lite0_real_weights():
             assert ((g5 - w5).abs() <= 1e-4 * w5.abs().clamp_min(1.0)).all(), (g5 - w5).abs().max()
             got_cl = report.model(x.contiguous(memory_format=torch.channels_last))
             assert torch.equal(got_cl.argmax(1), want.argmax(1))
+
+
+def test_lone_pointwise_in_custom_forward_stays_in_place(gen):
+    """A 1x1 conv + BN alone never makes patch rewrite a model through torch.fx."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return x + F.relu(self.bn(self.conv(x)))
+
+    model = Net().eval()
+    report = pyaccel.patch(model)
+    assert report.model is model and not report.swapped and isinstance(model.conv, nn.Conv2d)
