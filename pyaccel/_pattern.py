@@ -425,7 +425,8 @@ def _chain_from(gm, node, limit: int) -> List[Elem]:
         if len(users) != 1:
             break
         nxt = users[0]
-        if not nxt.args or nxt.args[0] is not cur or any(a is cur for a in list(nxt.args[1:]) + list(nxt.kwargs.values())):
+        others = list(nxt.args[1:]) + list(nxt.kwargs.values())
+        if not nxt.args or nxt.args[0] is not cur or any(a is cur for a in others):
             break
         cur = nxt
     return out

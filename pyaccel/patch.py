@@ -564,7 +564,8 @@ def _pattern_pass(report: PatchReport, ctx: _Context, include, exclude, filter_f
         gm = _pattern.fx_trace(model)
     except Exception as exc:
         for p, _ in heads:
-            reasons[p] = f"not in an nn.Sequential chain, and torch.fx cannot trace the model ({type(exc).__name__}: {exc})"
+            reasons[p] = (f"not in an nn.Sequential chain, and torch.fx cannot trace the model "
+                          f"({type(exc).__name__}: {exc})")
         return reasons
     fx_matches, fx_reasons = _pattern.find_fx_matches(gm)
     fx_matches = [m for m in fx_matches if m.head.path not in done]

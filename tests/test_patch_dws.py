@@ -28,7 +28,8 @@ def _randomize_bn(model, gen):
 
 def _dws(report):
     """The depthwise -> pointwise entries (not the lone 1x1 conv + BN + act ones)."""
-    return [e for e in report.swapped if e.new_type == "FusedDWSeparableConv2d" and "identity depthwise" not in e.backend]
+    return [e for e in report.swapped
+            if e.new_type == "FusedDWSeparableConv2d" and "identity depthwise" not in e.backend]
 
 
 def _close(a, b, rel=1e-5):
