@@ -3,7 +3,10 @@
     Conv2d(groups = in = out channels) -> [BatchNorm2d] -> [activation]
       -> Conv2d 1x1 -> [BatchNorm2d] -> [activation]
 
-replaced by :class:`pyaccel.nn.FusedDWSeparableConv2d` (BatchNorm folded).
+replaced by :class:`pyaccel.nn.FusedDWSeparableConv2d` (BatchNorm folded);
+and, tried after it, a lone 1x1 conv -> [BatchNorm2d] -> [activation] (the
+expand and head convs of MobileNetV2/EfficientNet blocks), the same module
+with an identity depthwise stage.
 Activations: ReLU, ReLU6, Hardswish, SiLU, Hardtanh (modules or, through
 torch.fx, F.relu / F.relu6 / F.hardswish / F.silu / F.hardtanh / torch.relu).
 A depthwise conv whose output feeds a squeeze-excitation branch (two users)
@@ -70,8 +73,14 @@ def _is_pointwise(e: Elem):
     return True
 
 
+_TRAINING = ("in training mode: the fused module is for inference (frozen, folded weights); call model.eval() "
+             "before patching")
+
+
 def _build(found, ctx):
     dw, pw = found["dw"].module, found["pw"].module
+    if dw.training or pw.training:
+        return f"{type(dw).__name__} {_TRAINING}"
     if pw.in_channels != dw.out_channels:
         return f"1x1 conv takes {pw.in_channels} channels, the depthwise conv gives {dw.out_channels}"
     a1 = activation_of(found["act1"]) if "act1" in found else None
@@ -98,4 +107,41 @@ DWS_PATTERN = _pattern.register(ChainPattern(
         Slot("act2", _is_act, optional=True),
     ],
     build=_build,
+))
+
+
+def _is_plain_pointwise(e: Elem):
+    m = e.module
+    if not isinstance(m, nn.Conv2d) or m.kernel_size != (1, 1) or m.groups != 1 or m.weight.dtype != torch.float32:
+        return False
+    try:
+        g = conv_geometry(m)
+    except ConvSkip:
+        return False  # left alone quietly: not a chain head pyaccel promises to take
+    return g.stride == (1, 1) and g.pads(1, 1) == (0, 0, 0, 0)
+
+
+def _build_pointwise(found, ctx):
+    """A lone 1x1 conv (+ BN + act): the fused kernel with an identity depthwise
+    stage (1x1 window, weight 1, bias 0: exact), so the BN and activation ride in
+    the GEMM's epilogue instead of two more passes over memory."""
+    pw = found["pw"].module
+    if pw.training:
+        return f"{type(pw).__name__} {_TRAINING}"
+    c = pw.in_channels
+    ident = nn.Conv2d(c, c, 1, groups=c, bias=False).to(pw.weight.device)
+    with torch.no_grad():
+        ident.weight.fill_(1.0)
+    a2 = activation_of(found["act2"]) if "act2" in found else None
+    bn2 = found["bn2"].module if "bn2" in found else None
+    mod = FusedDWSeparableConv2d.from_modules(ident, None, None, pw, bn2, a2)
+    mod.notes.append("1x1 conv + BN + activation (identity depthwise stage)")
+    return mod, False
+
+
+POINTWISE_PATTERN = _pattern.register(ChainPattern(
+    name="pointwise conv + BN + activation",
+    slots=[Slot("pw", _is_plain_pointwise), Slot("bn2", _is_bn, optional=True), Slot("act2", _is_act, optional=True)],
+    build=_build_pointwise,
+    standalone=False,  # through torch.fx only along with a depthwise-separable chain
 ))

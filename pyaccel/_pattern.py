@@ -244,12 +244,17 @@ class ChainPattern:
     build(matched) gets {slot name: Elem} (optional slots absent) and returns
     a ``(module, lossy)`` pair, or a string saying why it is not replaced.
     fx_ok: whether the pattern may also be matched through torch.fx.
+    standalone: whether a match of this pattern alone justifies rewriting a
+    model with torch.fx (a new GraphModule); False for patterns worth taking
+    only along with others (a lone 1x1 conv + BN: matched through fx only when
+    the same rewrite fuses a standalone pattern too).
     """
 
     name: str
     slots: List[Slot]
     build: Callable[[Dict[str, Elem], Any], Union[Tuple[nn.Module, bool], str]]
     fx_ok: bool = True
+    standalone: bool = True
 
 
 _PATTERNS: List[ChainPattern] = []
@@ -438,7 +443,8 @@ def _chain_from(gm, node, limit: int) -> List[Elem]:
         if len(users) != 1:
             break
         nxt = users[0]
-        if not nxt.args or nxt.args[0] is not cur or any(a is cur for a in list(nxt.args[1:]) + list(nxt.kwargs.values())):
+        others = list(nxt.args[1:]) + list(nxt.kwargs.values())
+        if not nxt.args or nxt.args[0] is not cur or any(a is cur for a in others):
             break
         if nxt.op == "call_module" and (len(nxt.args) != 1 or nxt.kwargs):
             break  # a module called with more than its input: a fused module would drop the rest

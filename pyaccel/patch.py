@@ -561,7 +561,8 @@ def _pattern_pass(report: PatchReport, ctx: _Context, include, exclude, filter_f
                              lambda k, m, new: _pattern.apply_sequential_match(model, m, new)))
     # heads not inside a Sequential chain: try torch.fx on the whole model
     heads = [(p, mod) for p, mod in model.named_modules() if p not in done and p not in reasons and any(
-        pat.fx_ok and pat.slots[0].accepts(_pattern.Elem(module=mod, path=p)) is True for pat in _pattern.patterns())]
+        pat.fx_ok and pat.standalone and pat.slots[0].accepts(_pattern.Elem(module=mod, path=p)) is True
+        for pat in _pattern.patterns())]
     if not heads:
         return reasons
     lost = _pattern.fx_lost_hooks(model)
@@ -573,10 +574,13 @@ def _pattern_pass(report: PatchReport, ctx: _Context, include, exclude, filter_f
         gm = _pattern.fx_trace(model)
     except Exception as exc:
         for p, _ in heads:
-            reasons[p] = f"not in an nn.Sequential chain, and torch.fx cannot trace the model ({type(exc).__name__}: {exc})"
+            reasons[p] = (f"not in an nn.Sequential chain, and torch.fx cannot trace the model "
+                          f"({type(exc).__name__}: {exc})")
         return reasons
     fx_matches, fx_reasons = _pattern.find_fx_matches(gm)
     fx_matches = [m for m in fx_matches if m.head.path not in done]
+    if not any(m.pattern.standalone for m in fx_matches):
+        fx_matches = []  # nothing that alone justifies a new GraphModule
     fused = _fuse_matches(report, fx_matches, sel, reasons,
                           lambda k, m, new: _pattern.apply_fx_match(
                               gm, m, new, f"pyaccel_fused_{k}_" + m.head.path.replace(".", "_")),

