@@ -394,8 +394,8 @@ def patch(
         act_bits: 8 (default) or 7, the activation mode of every dense
             Int8Linear the patch builds (quantized float layers and torch.ao
             ones; 2:4 and block-sparse int8 layers keep 8-bit activations).
-            7 is the opt-in faster mode on AVX2-only CPUs (~1.5x at 32+ rows
-            there) at ~6 dB lower SQNR (Int8Linear's docstring, README).
+            7 is the opt-in faster mode on AVX2-only CPUs (1.4 - 1.6x at 32+
+            rows there) at ~5.5 dB lower SQNR (Int8Linear's docstring, README).
 
     The report has one entry per path of every module a handler looks at and
     of every other module holding a weight matrix (with the reason it stays).

@@ -34,6 +34,7 @@ class Int8Linear(PackedLinear):
         weight_int8: int8 [out_features, in_features], values in [-127, 127]
         weight_scale: float32 [out_features]
         bias: float32 [out_features] (only when the layer has a bias)
+    and, only in the 7-bit mode, the entry ``act_bits`` (int64 scalar, 7).
 
     The native CPU kernels read a packed copy of weight_int8, built once when the
     module is created, loaded or moved to the CPU; it is never saved.
@@ -43,15 +44,18 @@ class Int8Linear(PackedLinear):
 
     Activation modes (``act_bits``, saved in state_dict; a checkpoint without
     it loads as 8-bit):
-        8 (default): x quantized per row to [-127, 127] (SQNR 40 - 41 dB on the
-            int8 bench suite, as the 2 of ``python -m pyaccel.bench --suite int8``).
-        7 (opt-in): x quantized per row to [-63, 63], half the resolution
-            (about 6 dB less: 34 - 35 dB on the same suite, torch.ao's
-            reduce_range figure is 33 - 36 dB). Faster on AVX2-only CPUs, where
+        8 (default): x quantized per row to [-127, 127]. SQNR against fp64 on
+            the int8 bench suite (4096x4096 and 1024x4096, M = 1 - 512):
+            39.6 - 41.2 dB.
+        7 (opt-in): x quantized per row to [-63, 63] (scale max|x| / 63, the
+            same rounding rule), half the resolution: 33.9 - 35.7 dB on the
+            same suite (torch.ao quantize_dynamic, which also uses 7-bit
+            activations: 32.5 - 35.6 dB). Faster on AVX2-only CPUs, where
             7-bit activations let the kernel use vpmaddubsw without the sign
-            trick (3 instructions per 32 products instead of 4; ~1.5x at 32+
-            rows); the same speed as 8-bit elsewhere. Every ISA gives the
-            same result for a checkpoint in either mode.
+            trick (3 instructions per 32 products instead of 4): 1.4 - 1.6x
+            the 8-bit kernel at M >= 32 (Zen 4 capped at AVX2); the same
+            speed as 8-bit on AVX-512. Every ISA gives the same result for a
+            checkpoint in either mode.
 
     Inputs: [..., in_features] float32 or bfloat16; the output has x's dtype.
     Raises ValueError naming the buffer when canonical values are invalid
