@@ -108,6 +108,12 @@ CASES = [
         reference=lambda m, x: reference.int8_linear(x, m.weight_int8, m.weight_scale, m.bias),
         bad_values=lambda m: {"weight_int8": _minus_128(m.weight_int8), "weight_scale": _nan_scale(m.weight_scale)},
     ),
+    ContractCase(  # the opt-in 7-bit activation mode: its own ladder (kernel_params()["int8_a7"])
+        "Int8Linear-act7", Int8Linear, "int8_a7",
+        build=lambda k, n, bias, gen: Int8Linear.from_float(_float_linear(k, n, bias, gen), act_bits=7),
+        reference=lambda m, x: reference.int8_linear(x, m.weight_int8, m.weight_scale, m.bias, qmax=63),
+        bad_values=lambda m: {"weight_int8": _minus_128(m.weight_int8), "weight_scale": _nan_scale(m.weight_scale)},
+    ),
     ContractCase(
         "Sparse24Linear", Sparse24Linear, "sparse24",
         build=lambda k, n, bias, gen: Sparse24Linear.from_float(_float_linear(k, n, bias, gen, sparse24=True)),
