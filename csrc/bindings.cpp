@@ -20,6 +20,13 @@
 namespace py = pybind11;
 using namespace pyaccel;
 
+namespace pyaccel {
+namespace binary {
+py::dict kernel_params_binary();  // csrc/binary/bindings_binary.cpp
+void register_binary(py::module_& m);
+}  // namespace binary
+}  // namespace pyaccel
+
 namespace {
 
 template <typename T>
@@ -165,6 +172,7 @@ py::dict kernel_params() {
   const block_sparse::KernelI8& kbi = block_sparse::select_kernel_int8();
   e = tile_params(kbi.name, kbi.mr, block_sparse::kChannelPad, 4, 0);
   d["block_sparse_int8"] = e;
+  d["binary"] = binary::kernel_params_binary();
   return d;
 }
 
@@ -408,6 +416,7 @@ void def_pack24(py::module_& m, const char* name, int64_t (*nbytes)(int64_t, int
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  binary::register_binary(m);
   m.doc() = "pyaccel native CPU kernels (no libtorch; pointers in, pointers out)";
   m.def("cpu_info", &cpu_info, "CPU features, detected/capped/selected ISA");
   m.def("set_isa_cap", &set_isa_cap, py::arg("name"),
