@@ -57,6 +57,8 @@ class BinaryConv2d(nn.Conv2d):
     Shapes as nn.Conv2d: x [N, C, H, W] or [C, H, W] -> [N, OC, OH, OW].
     """
 
+    _pyaccel_trainable = True  # patch looks at it (a training module, not a swapped-in one)
+
     def __init__(self, *args, binary_padding: str = "zeros", **kwargs):
         super().__init__(*args, **kwargs)
         if binary_padding not in PADDING_MODES:
@@ -88,10 +90,9 @@ class BinaryConv2d(nn.Conv2d):
                          self.groups)
         else:
             y = self._conv_forward(sx, sw, None)
-        shape = (-1, 1, 1) if y.dim() == 3 else (1, -1, 1, 1)
-        y = y * self.alpha().reshape(shape)
+        y = y * self.alpha().reshape(-1, 1, 1)  # broadcasts over [OC, H, W] and [N, OC, H, W]
         if self.bias is not None:
-            y = y + self.bias.reshape(shape)
+            y = y + self.bias.reshape(-1, 1, 1)
         return y
 
     def extra_repr(self) -> str:
@@ -103,6 +104,8 @@ class BinaryLinear(nn.Linear):
     """nn.Linear with binary (±1) activations and weights, scaled per output channel:
     ``y = (sign(x) @ sign(w)ᵀ) * alpha + bias``. Same constructor as nn.Linear;
     x [..., in_features] -> [..., out_features]."""
+
+    _pyaccel_trainable = True  # patch looks at it (a training module, not a swapped-in one)
 
     @classmethod
     def from_float(cls, lin: nn.Linear) -> "BinaryLinear":
