@@ -13,7 +13,9 @@ namespace pyaccel {
 namespace binary {
 namespace {
 
-template <int MR>
+// CW1: one word per pixel and tap (<= 64 channels per group): the word loop
+// compiled out.
+template <int MR, bool CW1>
 void tile(const TileArgs& a, const uint64_t* const* x, const uint64_t* w, const int32_t* const* corr,
           float* const* y, int nvalid, int64_t oc0) {
   __m512i acc[MR][4];
@@ -21,7 +23,7 @@ void tile(const TileArgs& a, const uint64_t* const* x, const uint64_t* w, const 
   for (int p = 0; p < MR; ++p)
 #pragma GCC unroll 4
     for (int v = 0; v < 4; ++v) acc[p][v] = _mm512_setzero_si512();
-  const int64_t cw = a.cw;
+  const int64_t cw = CW1 ? 1 : a.cw;
   for (int t = 0; t < a.ntaps; ++t) {
     const int64_t off = a.tap_off[t];
     const uint64_t* xp[MR];
@@ -79,13 +81,16 @@ void tile(const TileArgs& a, const uint64_t* const* x, const uint64_t* w, const 
 
 void tile_avx512icl(const TileArgs& a, int mr, const uint64_t* const* x, const uint64_t* w,
                     const int32_t* const* corr, float* const* y, int nvalid, int64_t oc0) {
+  if (mr == 6) {
+    (a.cw == 1 ? tile<6, true> : tile<6, false>)(a, x, w, corr, y, nvalid, oc0);
+    return;
+  }
   switch (mr) {
-    case 6: tile<6>(a, x, w, corr, y, nvalid, oc0); break;
-    case 5: tile<5>(a, x, w, corr, y, nvalid, oc0); break;
-    case 4: tile<4>(a, x, w, corr, y, nvalid, oc0); break;
-    case 3: tile<3>(a, x, w, corr, y, nvalid, oc0); break;
-    case 2: tile<2>(a, x, w, corr, y, nvalid, oc0); break;
-    default: tile<1>(a, x, w, corr, y, nvalid, oc0); break;
+    case 5: tile<5, false>(a, x, w, corr, y, nvalid, oc0); break;
+    case 4: tile<4, false>(a, x, w, corr, y, nvalid, oc0); break;
+    case 3: tile<3, false>(a, x, w, corr, y, nvalid, oc0); break;
+    case 2: tile<2, false>(a, x, w, corr, y, nvalid, oc0); break;
+    default: tile<1, false>(a, x, w, corr, y, nvalid, oc0); break;
   }
 }
 

@@ -117,20 +117,27 @@ void conv(const ConvArgs& a, int nthreads) {
     const uint64_t* xs[kMaxMR];
     const int32_t* cs[kMaxMR];
     float* ys[kMaxMR];
+    // output coordinates of pixel p0, then stepped (no divisions per pixel)
+    int64_t img = p0 / (a.oh * a.ow), oy = p0 % (a.oh * a.ow) / a.ow, ox = p0 % a.ow;
     for (int64_t p = p0; p < p1; p += mr) {
       const int m = static_cast<int>(std::min<int64_t>(mr, p1 - p));
       bool any = false;
       for (int i = 0; i < m; ++i) {
-        const int64_t q = p + i, img = q / (a.oh * a.ow), rem = q % (a.oh * a.ow);
-        const int64_t oy = rem / a.ow, ox = rem % a.ow;
         xs[i] = xb + ((img * hp + oy * a.sh) * wp + ox * a.sw) * wpix + g * cw;
-        ys[i] = a.y + q * a.oc + oc0;
+        ys[i] = a.y + (p + i) * a.oc + oc0;
         cs[i] = nullptr;
         if (correct) {
           const int64_t cl = rcls[oy] * ncls + ccls[ox];
           if (cl) {
             cs[i] = corr.data() + cl * a.oc + oc0;
             any = true;
+          }
+        }
+        if (++ox == a.ow) {
+          ox = 0;
+          if (++oy == a.oh) {
+            oy = 0;
+            ++img;
           }
         }
       }
