@@ -9,7 +9,7 @@ import sys
 import torch
 
 import pyaccel
-from pyaccel.bench import block_sparse, common, int8, minilm, sparse24
+from pyaccel.bench import binary, block_sparse, common, int8, minilm, sparse24
 
 ANCHOR_VNNI_PEAK_GOPS = 936.0  # ../shared/ANCHORS.md: vpdpbusd, 2 threads, this project's machine
 
@@ -35,7 +35,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
     ap.add_argument("--markdown", default=None, help="also write the results as a markdown table here")
     ap.add_argument("--suite", default="int8,sparse24,block_sparse,minilm",
-                    help="comma-separated: int8, sparse24, block_sparse, minilm")
+                    help="comma-separated: int8, sparse24, block_sparse, minilm, binary")
+    ap.add_argument("--popcount-peak", type=float, default=None,
+                    help="xor+popcount peak (G binary-MAC/s, this machine's, ISA-matched: shared/tools/peaks) "
+                         "for the binary suite's %% column")
     ap.add_argument("--fp32-peak", type=float, default=None,
                     help="fp32 FMA peak (GFLOP/s, this machine's: shared/tools/peaks) for the block-sparse %% column")
     args = ap.parse_args(argv)
@@ -81,6 +84,17 @@ def main(argv=None) -> int:
         print("\n== patch's choice on moderately sparse layers ==")
         decisions = block_sparse.patch_decisions(shape=(1024, 1024) if args.quick else (4096, 4096),
                                                  budget_s=min(budget, 1.0))
+    binary_md = None
+    if "binary" in suites:
+        print("\n== binary (XNOR) conv and linear (activation sign + bit-packing included) ==")
+        bconv, blin, bname = binary.run(quick=args.quick, peak=args.popcount_peak)
+        binary_md = f"binary kernel: {bname}\n\n" + binary.to_markdown(bconv, blin, args.popcount_peak)
+        if suites == {"binary"}:
+            if args.markdown:
+                with open(args.markdown, "w") as f:
+                    f.write("\n".join("    " + h for h in head) + "\n\n" + binary_md + "\n")
+                print(f"\nwrote {args.markdown}")
+            return 0
     e2e = None
     if "minilm" in suites:
         print("\n== end to end: MiniLM-L6 sentence encoder ==")
@@ -111,6 +125,8 @@ def main(argv=None) -> int:
             f.write(f"Thread pool sharing (512×512, M=256, alternating call by call): torch fp32 {it['torch_alone_us']:.0f} µs alone / "
                     f"{it['torch_alternating_us']:.0f} µs alternating with pyaccel; pyaccel "
                     f"{it['pyaccel_alone_us']:.0f} / {it['pyaccel_alternating_us']:.0f} µs.\n")
+            if binary_md:
+                f.write("\n### binary\n\n" + binary_md + "\n")
             if e2e:
                 f.write("\n### MiniLM-L6 end to end (16 sentences)\n\n| variant | median ms | IQR | × fp32 | × 2:4 masked dense | cosine (min / mean) |\n|---|---|---|---|---|---|\n")
                 for k, v in e2e.items():

@@ -32,6 +32,8 @@ from pyaccel.formats import binary as bf
 from pyaccel.reference_binary import ACTIVATIONS, pair
 
 _is_compiling = torch.compiler.is_compiling
+_tracing_state = torch._C._get_tracing_state
+_get_num_threads = torch.get_num_threads
 
 
 def _wsum_from_bits(bits: Tensor, oc: int, cg: int, kh: int, kw: int) -> Tensor:
@@ -119,17 +121,55 @@ class _XnorBase(nn.Module):
             return f"cpu/{_native.lib().binary_kernel_name()}"
         return f"{dev.type}/reference"
 
-    def _call(self, x4: Tensor) -> Tensor:
-        """x4: fp32 [N, C, H, W] -> [N, OC, OH, OW] channels_last memory."""
+    def _args(self, x4: Tensor) -> tuple:
         kh, kw = self._ksize()
-        args = (x4, self.weight_bits, self.wsum, self.scale, self.shift, self.slope, self._oc(), [kh, kw],
+        b = self._buffers
+        return (x4, b["weight_bits"], b["wsum"], b["scale"], b["shift"], b["slope"], self._oc(), [kh, kw],
                 list(self._stride()), list(self._padding()), list(self._dilation()), self._groups(),
                 self._pad_mode(), self.act, self.act_lo, self.act_hi)
-        if (x4.device.type == "cpu" and _native.available() and not _is_compiling()
-                and not torch.jit.is_tracing() and self.wsum.device.type == "cpu"):
+
+    def _call(self, x4: Tensor) -> Tensor:
+        """x4: fp32 [N, C, H, W] -> [N, OC, OH, OW] channels_last memory."""
+        if (type(x4) is Tensor and x4.is_cpu and _native.available() and not _is_compiling()
+                and _tracing_state() is None):
+            return self._eager(x4)
+        return torch.ops.pyaccel.binary_conv2d(*self._args(x4))
+
+    def _eager(self, x: Tensor) -> Tensor:
+        """The native kernel straight from the module (~ a few µs over the
+        kernel): the buffers are checked once per change of their data, x per call."""
+        b = self._buffers
+        bufs = (b["weight_bits"], b["wsum"], b["scale"], b["shift"], b["slope"])
+        sig = tuple((t.data_ptr(), t._version, t.is_cpu) if t is not None else None for t in bufs)
+        if sig != self.__dict__.get("_checked_sig"):
+            args = self._args(x)
             ob.check_conv_args(*args[:14])
-            return ob.native_conv(*args)
-        return torch.ops.pyaccel.binary_conv2d(*args)
+            if any(t is not None and not t.is_contiguous() for t in bufs):
+                raise ValueError("weight_bits / scale / shift / slope: expected contiguous buffers")
+            self.__dict__["_checked_sig"] = sig
+            self.__dict__["_geom"] = (self._oc(), *self._ksize(), *self._stride(), *self._padding(),
+                                      *self._dilation(), self._groups(), ob.PAD_CODES[self._pad_mode()],
+                                      ob.ACT_CODES[self.act], self.act_lo, self.act_hi)
+        oc, kh, kw, sh, sw, ph, pw, dh, dw, groups, pad, act, lo, hi = self.__dict__["_geom"]
+        if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] % groups or x.shape[1] // groups != self._cg():
+            ob.check_conv_args(*self._args(x)[:14])  # raises the error naming x
+        n, c, h, w = x.shape
+        oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if oh < 1 or ow < 1:
+            ob.check_conv_args(*self._args(x)[:14])
+        y = torch.empty((n, oh, ow, oc))
+        if y.numel() == 0:
+            return y.permute(0, 3, 1, 2)
+        if x.stride(1) != 1 and x.stride(3) != 1:
+            x = x.contiguous()
+        bits, wsum, scale, shift, slope = bufs
+        sxn, sxc, sxh, sxw = x.stride()
+        _native.lib().binary_conv(
+            x.data_ptr(), n, c, h, w, sxn, sxc, sxh, sxw, groups, bits.data_ptr(), oc, kh, kw, sh, sw, ph, pw, dh,
+            dw, pad, wsum.data_ptr(), scale.data_ptr() if scale is not None else 0,
+            shift.data_ptr() if shift is not None else 0, act, lo, hi, slope.data_ptr() if slope is not None else 0,
+            y.data_ptr(), oh, ow, _get_num_threads())
+        return y.permute(0, 3, 1, 2)
 
     # geometry, per subclass
     def _stride(self):
