@@ -119,6 +119,13 @@ def binary_conv2d(x: Tensor, weight_bits: Tensor, wsum: Tensor, scale: Optional[
     if x.device.type == "cpu" and _native.available():
         return native_conv(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding,
                            dilation, groups, padding_mode, act, act_lo, act_hi).clone()
+    if x.device.type == "cuda":
+        try:
+            from pyaccel.kernels import binary as tk
+        except ImportError as exc:
+            raise ValueError(f"x: a CUDA tensor needs pyaccel's Triton kernels, which cannot load here ({exc})") from exc
+        return tk.conv2d(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding,
+                         dilation, groups, padding_mode, act, act_lo, act_hi).clone()
     return reference_conv(x, weight_bits, scale, shift, slope, out_channels, kernel_size, stride, padding, dilation,
                           groups, padding_mode, act, act_lo, act_hi)
 
