@@ -2,7 +2,8 @@
 // output channels per pass, four passes over a 32-channel block. Popcount by
 // nibble lookup (vpshufb) into byte counters, which are summed into 64-bit
 // lane counters (vpsadbw) every 31 words, before a byte can overflow
-// (31 * 8 = 248). Epilogue: the shared scalar one per stored value.
+// (31 * 8 = 248). Epilogue in registers, 8 channels at a time (multiply,
+// then add: the reference's rounding).
 #include <immintrin.h>
 
 #include "binary/binary.h"
@@ -14,7 +15,7 @@ namespace {
 constexpr int kFlushWords = 31;
 
 template <int MR>
-void pass(const TileArgs& a, const uint64_t* const* x, const uint64_t* w, int64_t (*out)[8]) {
+void pass(const TileArgs& a, const uint64_t* const* x, const uint64_t* w, __m256i (*out)[2]) {
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1,
                                        2, 2, 3, 2, 3, 3, 4);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
@@ -56,26 +57,56 @@ void pass(const TileArgs& a, const uint64_t* const* x, const uint64_t* w, int64_
   }
 #pragma GCC unroll 4
   for (int p = 0; p < MR; ++p) {
-    s64[p][0] = _mm256_add_epi64(s64[p][0], _mm256_sad_epu8(b8[p][0], _mm256_setzero_si256()));
-    s64[p][1] = _mm256_add_epi64(s64[p][1], _mm256_sad_epu8(b8[p][1], _mm256_setzero_si256()));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[p]), s64[p][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[p] + 4), s64[p][1]);
+    out[p][0] = _mm256_add_epi64(s64[p][0], _mm256_sad_epu8(b8[p][0], _mm256_setzero_si256()));
+    out[p][1] = _mm256_add_epi64(s64[p][1], _mm256_sad_epu8(b8[p][1], _mm256_setzero_si256()));
   }
+}
+
+// 8 lanes of 64-bit counts (< 2**31) -> 8 int32, in order.
+inline __m256i narrow(__m256i lo, __m256i hi) {
+  const __m256 s = _mm256_shuffle_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), _MM_SHUFFLE(2, 0, 2, 0));
+  return _mm256_permute4x64_epi64(_mm256_castps_si256(s), _MM_SHUFFLE(3, 1, 2, 0));
 }
 
 template <int MR>
 void tile(const TileArgs& a, const uint64_t* const* x, const uint64_t* w, const int32_t* const* corr,
           float* const* y, int nvalid, int64_t oc0) {
-  int64_t pop[MR][8];
+  __m256i pop[MR][2];
+  const __m256i ktot = _mm256_set1_epi32(a.ktot);
+  const __m256 zero = _mm256_setzero_ps(), lo = _mm256_set1_ps(a.lo), hi = _mm256_set1_ps(a.hi);
   for (int s = 0; s * 8 < nvalid; ++s) {
     pass<MR>(a, x, w + 8 * s, pop);
     const int n = nvalid - 8 * s < 8 ? nvalid - 8 * s : 8;
-    for (int p = 0; p < MR; ++p)
-      for (int j = 0; j < n; ++j) {
-        int32_t dot = a.ktot - 2 * static_cast<int32_t>(pop[p][j]);
-        if (corr && corr[p]) dot -= corr[p][8 * s + j];
-        y[p][8 * s + j] = epilogue_one(a, static_cast<float>(dot), oc0 + 8 * s + j);
+    const int64_t c = oc0 + 8 * s;
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    // vmaskmov is slow on AMD (microcoded stores): full groups of 8 use plain loads and stores
+    const bool full = n == 8;
+    auto load = [&](const float* p) { return full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask); };
+    const __m256 sc = a.scale ? load(a.scale + c) : _mm256_set1_ps(1.f);
+    const __m256 sh = a.shift ? load(a.shift + c) : zero;
+    const __m256 sl = a.act == kActPrelu ? load(a.slope + c) : zero;
+    for (int p = 0; p < MR; ++p) {
+      const __m256i cnt = narrow(pop[p][0], pop[p][1]);
+      __m256i dot = _mm256_sub_epi32(ktot, _mm256_add_epi32(cnt, cnt));
+      if (corr && corr[p]) {
+        const int* cp = reinterpret_cast<const int*>(corr[p] + 8 * s);
+        dot = _mm256_sub_epi32(dot, full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cp))
+                                         : _mm256_maskload_epi32(cp, mask));
       }
+      __m256 v = _mm256_cvtepi32_ps(dot);
+      if (a.scale) v = _mm256_mul_ps(v, sc);
+      if (a.shift) v = _mm256_add_ps(v, sh);
+      switch (a.act) {
+        case kActRelu: v = _mm256_max_ps(v, zero); break;
+        case kActHardtanh: v = _mm256_min_ps(_mm256_max_ps(v, lo), hi); break;
+        case kActPrelu: v = _mm256_blendv_ps(v, _mm256_mul_ps(v, sl), _mm256_cmp_ps(v, zero, _CMP_LT_OQ)); break;
+        default: break;
+      }
+      if (full)
+        _mm256_storeu_ps(y[p] + 8 * s, v);
+      else
+        _mm256_maskstore_ps(y[p] + 8 * s, mask, v);
+    }
   }
 }
 
