@@ -28,12 +28,14 @@ from torch import Tensor, nn
 
 from pyaccel import _native
 from pyaccel import ops_binary as ob
+from pyaccel.nn._packed import _any_global_hook
 from pyaccel.formats import binary as bf
 from pyaccel.reference_binary import ACTIVATIONS, pair
 
 _is_compiling = torch.compiler.is_compiling
 _tracing_state = torch._C._get_tracing_state
 _get_num_threads = torch.get_num_threads
+_CL = torch.channels_last
 
 
 def _wsum_from_bits(bits: Tensor, oc: int, cg: int, kh: int, kw: int) -> Tensor:
@@ -157,9 +159,9 @@ class _XnorBase(nn.Module):
         oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         if oh < 1 or ow < 1:
             ob.check_conv_args(*self._args(x)[:14])
-        y = torch.empty((n, oh, ow, oc))
+        y = torch.empty((n, oc, oh, ow), memory_format=_CL)  # NHWC memory, as the kernel writes it
         if y.numel() == 0:
-            return y.permute(0, 3, 1, 2)
+            return y
         if x.stride(1) != 1 and x.stride(3) != 1:
             x = x.contiguous()
         bits, wsum, scale, shift, slope = bufs
@@ -169,7 +171,16 @@ class _XnorBase(nn.Module):
             dw, pad, wsum.data_ptr(), scale.data_ptr() if scale is not None else 0,
             shift.data_ptr() if shift is not None else 0, act, lo, hi, slope.data_ptr() if slope is not None else 0,
             y.data_ptr(), oh, ow, _get_num_threads())
-        return y.permute(0, 3, 1, 2)
+        return y
+
+    def __call__(self, *args, **kwargs):
+        # nn.Module.__call__ costs ~1.5 µs; without hooks of any kind, call forward directly
+        if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
+                or _any_global_hook()):
+            return super().__call__(*args, **kwargs)
+        if not args or type(args[0]) is not Tensor or _tracing_state() is not None or _is_compiling():
+            return super().__call__(*args, **kwargs)  # torch.fx proxies, jit.trace, compile: the full path
+        return self.forward(*args, **kwargs)
 
     # geometry, per subclass
     def _stride(self):
