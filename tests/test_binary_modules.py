@@ -241,3 +241,12 @@ def test_patch_reflect_padding_stays_with_reason():
     report = pyaccel.patch(m)
     e = next(e for e in report.entries if e.path == "1")
     assert not e.swapped and "reflect" in e.reason
+
+
+def test_bench_suite_smoke():
+    from pyaccel.bench import binary
+
+    conv, lin, name = binary.run(quick=True, log=lambda *a: None)
+    assert conv and lin and all(r.times_us["pyaccel binary"] > 0 for r in conv)
+    md = binary.to_markdown(conv, lin, 2000.0)
+    assert "× fp32" in md and "kernel only" in md

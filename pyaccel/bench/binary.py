@@ -37,6 +37,7 @@ class BinRow:
     spread: Dict[str, float]
     bmacs: float  # binary multiply-adds per call
     ratios: Dict[str, float]
+    kernel_gbmac: Optional[float] = None  # the bare native call's rate (preallocated output)
 
     @property
     def gbmac(self) -> float:
@@ -63,6 +64,22 @@ def _ao_int8_conv(conv: nn.Conv2d, x: torch.Tensor):
         return None, f"{type(exc).__name__}: {exc}"
 
 
+def _bare_kernel(xm: XnorConv2d, x: torch.Tensor):
+    """The native call alone into a preallocated output (packing included; no
+    allocation, no module): the inner loop's share of the time."""
+    if not _native.available():
+        return lambda: xm(x)
+    n, c, h, w = x.shape
+    y = xm(x)
+    oc, oh, ow = y.shape[1:]
+    b = xm._buffers
+    args = (x.data_ptr(), n, c, h, w, *x.stride(), xm.groups, b["weight_bits"].data_ptr(), oc, *xm.kernel_size,
+            *xm.stride, *xm.padding, *xm.dilation, 0, b["wsum"].data_ptr(), b["scale"].data_ptr(), 0, 0, 0.0, 0.0,
+            0, y.data_ptr(), oh, ow, torch.get_num_threads())
+    lib = _native.lib()
+    return lambda y=y: (lib.binary_conv(*args), y)  # the closure keeps y alive
+
+
 def conv_rows(shapes=CONV_SHAPES, ns=(1, 8), budget_s: float = 1.5, log=print) -> List[BinRow]:
     torch.manual_seed(0)
     rows = []
@@ -80,7 +97,9 @@ def conv_rows(shapes=CONV_SHAPES, ns=(1, 8), budget_s: float = 1.5, log=print) -
                 got = xm(xcl)
             exact = torch.equal(got, want)
             q, qx = _ao_int8_conv(nn.Conv2d(c, c, 3, padding=1, bias=False), x)
+            kernel = _bare_kernel(xm, xcl)
             cands = {"pyaccel binary": lambda: xm(xcl),
+                     "pyaccel kernel only": kernel,
                      "torch fp32 NCHW": lambda: conv(x),
                      "torch fp32 channels_last": lambda: conv_cl(xcl)}
             if q is not None:
@@ -93,6 +112,7 @@ def conv_rows(shapes=CONV_SHAPES, ns=(1, 8), budget_s: float = 1.5, log=print) -
             if "torch.ao int8 static" in us:
                 ratios["×int8"] = us["torch.ao int8 static"] / us["pyaccel binary"]
             row = BinRow(f"{c}@{hw}", n, us, {k: v.spread for k, v in t.items()}, n * hw * hw * c * c * 9, ratios)
+            row.kernel_gbmac = row.bmacs / us["pyaccel kernel only"] / 1e3
             rows.append(row)
             log(f"{row.what:>7} N={n}  " + "  ".join(f"{k} {v:8.1f} µs" for k, v in us.items())
                 + f"  | {row.gbmac:7.0f} G bMAC/s  " + "  ".join(f"{k} {v:.1f}" for k, v in ratios.items())
@@ -123,13 +143,16 @@ def linear_rows(n_k=(4096, 4096), ms=(1, 8, 32, 128), budget_s: float = 1.5, log
 
 def to_markdown(conv: List[BinRow], lin: List[BinRow], peak: Optional[float]) -> str:
     out = ["| conv 3×3 s1 p1 | N | pyaccel binary µs | torch fp32 NCHW µs | torch fp32 CL µs | torch.ao int8 µs | "
-           "G bMAC/s | % xor+popcnt peak | × fp32 (best) | × int8 |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "G bMAC/s | % xor+popcnt peak | kernel only µs (G bMAC/s, % peak) | × fp32 (best) | × int8 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in conv:
         t = r.times_us
         pk = f"{100 * r.gbmac / peak:.0f}" if peak else ""
+        kpk = f", {100 * r.kernel_gbmac / peak:.0f} %" if peak else ""
+        kern = f"{t['pyaccel kernel only']:.1f} ({r.kernel_gbmac:.0f}{kpk})"
         out.append(f"| {r.what} | {r.n} | {t['pyaccel binary']:.1f} (±{100 * r.spread['pyaccel binary']:.0f}%) | "
                    f"{t['torch fp32 NCHW']:.1f} | {t['torch fp32 channels_last']:.1f} | "
-                   f"{t.get('torch.ao int8 static', float('nan')):.1f} | {r.gbmac:.0f} | {pk} | "
+                   f"{t.get('torch.ao int8 static', float('nan')):.1f} | {r.gbmac:.0f} | {pk} | {kern} | "
                    f"**{r.ratios['×fp32']:.1f}** | {r.ratios.get('×int8', float('nan')):.1f} |")
     out += ["", "| linear | M | pyaccel binary µs | torch fp32 F.linear µs | G bMAC/s | × fp32 |",
             "|---|---|---|---|---|---|"]
