@@ -22,6 +22,13 @@
 namespace py = pybind11;
 using namespace pyaccel;
 
+namespace pyaccel {
+namespace binary {
+py::dict kernel_params_binary();  // csrc/binary/bindings_binary.cpp
+void register_binary(py::module_& m);
+}  // namespace binary
+}  // namespace pyaccel
+
 namespace {
 
 template <typename T>
@@ -171,6 +178,7 @@ py::dict kernel_params() {
   d["block_sparse_int8"] = e;
   const dws::Kernel& kd = dws::select_kernel();
   d["dws"] = tile_params(kd.name, kd.mr, kd.nr, 1, 0);
+  d["binary"] = binary::kernel_params_binary();
   return d;
 }
 
@@ -423,6 +431,7 @@ void register_dws(py::module_& m);  // csrc/dwconv_fused/bindings_dws.cpp
 }  // namespace pyaccel
 
 PYBIND11_MODULE(_C, m) {
+  binary::register_binary(m);
   m.doc() = "pyaccel native CPU kernels (no libtorch; pointers in, pointers out)";
   m.def(
       "measure_peak",

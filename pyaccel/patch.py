@@ -152,6 +152,16 @@ def _lost_hooks(mod: nn.Module) -> Optional[str]:
 
 
 @handler
+def _binary_layer(mod, ctx):
+    """pyaccel.nn.BinaryConv2d / BinaryLinear in eval mode -> XnorConv2d /
+    XnorLinear (lossless; pyaccel._binary_patch). Chains with a BatchNorm /
+    activation after them are folded before the walk (fold_sequences)."""
+    from pyaccel import _binary_patch
+
+    return _binary_patch.handle(mod)
+
+
+@handler
 def _torch_ao_dynamic_linear(mod, ctx):
     """torch.ao dynamic qint8 Linear: Int8Linear over the same int8 weights."""
     if _AoDynamicLinear is None or not isinstance(mod, _AoDynamicLinear):
@@ -297,7 +307,8 @@ def selection_reason(mod: nn.Module, path: str, include, exclude, filter_fn) -> 
 
 
 def _is_pyaccel_module(mod: nn.Module) -> bool:
-    return type(mod).__module__.split(".")[0] == "pyaccel"
+    """A module pyaccel swapped in (not a pyaccel training module such as BinaryConv2d)."""
+    return type(mod).__module__.split(".")[0] == "pyaccel" and not getattr(mod, "_pyaccel_trainable", False)
 
 
 def _inside(path: str, roots: set) -> bool:
@@ -370,6 +381,26 @@ def _build(seen: _Seen, mod: nn.Module) -> None:
         seen.error = f"not convertible ({type(exc).__name__}): {exc}"
 
 
+def _fold_binary_chains(model, report, include, exclude, filter_fn) -> None:
+    """Binary layer -> BatchNorm -> activation chains in nn.Sequential: one
+    XnorConv2d / XnorLinear with the BN and activation in its epilogue."""
+    from pyaccel import _binary_patch
+
+    def selected(mod, path):
+        try:
+            return selection_reason(mod, path, include, exclude, filter_fn)
+        except Exception as exc:
+            return f"filter_fn raised {type(exc).__name__}: {exc}"
+
+    for path, old, new, folded in _binary_patch.fold_sequences(model, selected, _lost_hooks):
+        what = ", ".join(f"{p} ({t})" for p, t in folded)
+        report.entries.append(PatchEntry(path=path, old_type=old, new_type=type(new).__name__,
+                                         backend=f"{new.backend()}; folded {what}"))
+        for p, t in folded:
+            report.entries.append(PatchEntry(path=p, old_type=t, new_type="Identity",
+                                             backend=f"folded into {path}'s epilogue"))
+
+
 def patch(
     model: nn.Module,
     *,
@@ -434,6 +465,8 @@ def patch(
         raise ValueError(f"act_bits: expected 8 or 7, got {act_bits!r}")
     ctx = _Context(quantize=quantize, block_sparse=block_sparse, act_bits=act_bits)
     report = PatchReport(model=model)
+    # binary layers first: BinaryConv2d is an nn.Conv2d subclass the conv chain patterns must not see
+    _fold_binary_chains(model, report, include, exclude, filter_fn)
     chain_reasons = _pattern_pass(report, ctx, include, exclude, filter_fn)
     model = report.model
     seen: Dict[int, _Seen] = {}

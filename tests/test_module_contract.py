@@ -152,6 +152,22 @@ CASES = [
 ]
 
 
+# Public pyaccel.nn classes outside this Linear-shaped suite, each with the
+# reason and the file that tests its own contract instead. Keep the list short
+# and honest: a class here is not yet held to every test above.
+NOT_IN_LINEAR_SUITE = {
+    pyaccel.nn.BinaryConv2d: "training module: a plain nn.Conv2d subclass with float Parameters "
+                             "(tests/test_binary_modules.py: compile, export, fx, trace, state_dict, backward)",
+    pyaccel.nn.BinaryLinear: "training module: a plain nn.Linear subclass with float Parameters "
+                             "(tests/test_binary_modules.py)",
+    pyaccel.nn.XnorConv2d: "Conv-shaped: waits for the Conv-shaped contract of the depthwise-separable "
+                           "family (issue 13); tests/test_binary_modules.py covers compile, export, fx, trace, "
+                           "save/load, meta + assign, every ISA",
+    pyaccel.nn.XnorLinear: "binary Linear not yet on PackedLinear (no dense-weight view, no native plan); "
+                           "tests/test_binary_modules.py covers the rest of the contract",
+}
+
+
 @pytest.fixture(params=CASES, ids=lambda c: c.name)
 def case(request) -> ContractCase:
     return request.param
@@ -161,7 +177,9 @@ def test_every_pyaccel_module_is_registered():
     registered = {c.cls for c in CASES} | {c.cls for c in CONV_CASES}  # Conv-shaped ones: CONV_CASES, below
     public = [getattr(pyaccel.nn, n) for n in pyaccel.nn.__all__]
     modules = {c for c in public if isinstance(c, type) and issubclass(c, nn.Module)}
-    assert modules <= registered, f"not in the contract suite: {sorted(c.__name__ for c in modules - registered)}"
+    missing = modules - registered - set(NOT_IN_LINEAR_SUITE)
+    assert not missing, f"not in the contract suite: {sorted(c.__name__ for c in missing)}"
+    assert not registered & set(NOT_IN_LINEAR_SUITE), "a registered class is also listed as exempt"
 
 
 # ---- helpers --------------------------------------------------------------------------

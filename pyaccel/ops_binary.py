@@ -1,0 +1,141 @@
+"""Binary (XNOR) ops, registered with ``torch.library``: schema, argument
+checks naming the argument, the CPU kernels (pyaccel._C, csrc/binary/), the
+pure-PyTorch reference elsewhere (:mod:`pyaccel.reference_binary`), fake
+implementations. No autograd: train with :class:`pyaccel.nn.BinaryConv2d`,
+whose STE gradients these inference ops do not define.
+
+``torch.ops.pyaccel.binary_conv2d(x, weight_bits, wsum, scale, shift, slope,
+out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
+act, act_lo, act_hi)`` -> fp32 [N, OC, OH, OW] in channels_last memory format.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from pyaccel import _native
+from pyaccel import reference_binary as rb
+from pyaccel.formats import binary as bf
+
+ACT_CODES = {"none": 0, "relu": 1, "hardtanh": 2, "prelu": 3}
+PAD_CODES = {"zeros": 0, "ones": 1}
+
+
+def _desc(t) -> str:
+    if not isinstance(t, Tensor):
+        return type(t).__name__
+    return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+
+
+def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def check_conv_args(x, weight_bits, wsum, scale, shift, slope, oc, kernel_size, stride, padding, dilation, groups,
+                    padding_mode, act) -> None:
+    """Raise TypeError/ValueError naming the bad argument of binary_conv2d."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"x: expected float32, got {_desc(x)}")
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D tensor [N, C, H, W], got {_desc(x)}")
+    kh, kw = kernel_size
+    if min(kh, kw, *stride, *dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"kernel_size/stride/dilation must be >= 1 and padding >= 0, got {kernel_size}, {stride}, "
+                         f"{dilation}, {padding}")
+    c = x.shape[1]
+    if groups < 1 or c % groups or oc % groups:
+        raise ValueError(f"groups: {groups} must divide the input channels {c} and the output channels {oc}")
+    cg, ocg = c // groups, oc // groups
+    shape = (groups, -(-ocg // bf.NR), kh * kw, bf.words(cg), bf.NR)
+    if not isinstance(weight_bits, Tensor) or weight_bits.dtype != torch.int64 or tuple(weight_bits.shape) != shape:
+        raise ValueError(f"weight_bits: expected int64 of shape {shape} for x {_desc(x)}, got {_desc(weight_bits)}")
+    if not isinstance(wsum, Tensor) or wsum.dtype != torch.int32 or tuple(wsum.shape) != (oc, kh * kw):
+        raise ValueError(f"wsum: expected int32 of shape ({oc}, {kh * kw}), got {_desc(wsum)}")
+    for name, t in (("scale", scale), ("shift", shift), ("slope", slope)):
+        if t is not None and (not isinstance(t, Tensor) or t.dtype != torch.float32 or tuple(t.shape) != (oc,)):
+            raise ValueError(f"{name}: expected float32 of shape ({oc},), got {_desc(t)}")
+    for name, t in (("weight_bits", weight_bits), ("wsum", wsum), ("scale", scale), ("shift", shift),
+                    ("slope", slope)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {_desc(t)}")
+    if padding_mode not in PAD_CODES:
+        raise ValueError(f"padding_mode: expected one of {tuple(PAD_CODES)}, got {padding_mode!r}")
+    if act not in ACT_CODES:
+        raise ValueError(f"act: expected one of {tuple(ACT_CODES)}, got {act!r}")
+    if act == "prelu" and slope is None:
+        raise ValueError("slope: act='prelu' needs a float32 slope per output channel")
+    if padding_mode == "zeros" and max(padding) > 0 and max(kh, kw) > 64:
+        raise ValueError(f"kernel_size: exact zero padding takes kernels up to 64 x 64, got {kernel_size}")
+    oh, ow = (out_size(x.shape[2], kh, stride[0], padding[0], dilation[0]),
+              out_size(x.shape[3], kw, stride[1], padding[1], dilation[1]))
+    if oh < 1 or ow < 1:
+        raise ValueError(f"x: input {tuple(x.shape[2:])} is smaller than the (dilated) kernel {kernel_size} "
+                         f"with padding {padding}")
+
+
+def reference_conv(x, weight_bits, scale, shift, slope, oc, kernel_size, stride, padding, dilation, groups,
+                   padding_mode, act, act_lo, act_hi) -> Tensor:
+    c = x.shape[1]
+    w = bf.unpack_conv_weight(weight_bits, oc, c // groups, *kernel_size).to(x.device)
+    y = rb.binary_conv2d(x, w, scale, shift, stride, padding, dilation, groups, padding_mode, act,
+                         (act_lo, act_hi), slope)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+def native_conv(x: Tensor, weight_bits: Tensor, wsum: Tensor, scale, shift, slope, oc: int, kernel_size, stride,
+                padding, dilation, groups: int, padding_mode: str, act: str, act_lo: float, act_hi: float) -> Tensor:
+    """The CPU kernel (arguments checked); y NHWC as [N, OC, OH, OW] channels_last."""
+    n, c, h, w = x.shape
+    kh, kw = kernel_size
+    oh = out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = out_size(w, kw, stride[1], padding[1], dilation[1])
+    y = torch.empty((n, oh, ow, oc), dtype=torch.float32)
+    if y.numel() == 0:
+        return y.permute(0, 3, 1, 2)
+    if x.numel() and x.stride(1) != 1 and x.stride(3) != 1:
+        x = x.contiguous()
+    sn, sc, sh, sw = x.stride()
+    ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
+    _native.lib().binary_conv(
+        x.data_ptr(), n, c, h, w, sn, sc, sh, sw, groups, weight_bits.data_ptr(), oc, kh, kw, stride[0], stride[1],
+        padding[0], padding[1], dilation[0], dilation[1], PAD_CODES[padding_mode], wsum.data_ptr(), ptr(scale),
+        ptr(shift), ACT_CODES[act], float(act_lo), float(act_hi), ptr(slope), y.data_ptr(), oh, ow,
+        torch.get_num_threads())
+    return y.permute(0, 3, 1, 2)
+
+
+@torch.library.custom_op("pyaccel::binary_conv2d", mutates_args=())
+def binary_conv2d(x: Tensor, weight_bits: Tensor, wsum: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                  slope: Optional[Tensor], out_channels: int, kernel_size: List[int], stride: List[int],
+                  padding: List[int], dilation: List[int], groups: int, padding_mode: str, act: str,
+                  act_lo: float, act_hi: float) -> Tensor:
+    """Binary conv: act(conv(sign x, ±1 weights) * scale + shift), fp32 NCHW-shaped, channels_last memory."""
+    check_conv_args(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding, dilation,
+                    groups, padding_mode, act)
+    if x.device.type == "cpu" and _native.available():
+        return native_conv(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding,
+                           dilation, groups, padding_mode, act, act_lo, act_hi).clone()
+    if x.device.type == "cuda":
+        try:
+            from pyaccel.kernels import binary as tk
+        except ImportError as exc:
+            raise ValueError(f"x: a CUDA tensor needs pyaccel's Triton kernels, which cannot load here ({exc})") from exc
+        return tk.conv2d(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding,
+                         dilation, groups, padding_mode, act, act_lo, act_hi).clone()
+    return reference_conv(x, weight_bits, scale, shift, slope, out_channels, kernel_size, stride, padding, dilation,
+                          groups, padding_mode, act, act_lo, act_hi)
+
+
+@binary_conv2d.register_fake
+def _(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding, dilation, groups,
+      padding_mode, act, act_lo, act_hi):
+    check_conv_args(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding, dilation,
+                    groups, padding_mode, act)
+    n, _, h, w = x.shape
+    oh = out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
+    ow = out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
+    return x.new_empty((n, oh, ow, out_channels)).permute(0, 3, 1, 2)

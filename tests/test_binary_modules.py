@@ -1,0 +1,252 @@
+"""Binary layers: training modules (BinaryConv2d / BinaryLinear, binarize),
+inference modules (XnorConv2d / XnorLinear: the parts of the module contract
+that apply to them, see NOT_IN_LINEAR_SUITE in test_module_contract.py) and
+patch's binary rules (BN + activation folded into the epilogue)."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyaccel
+from pyaccel import _native
+from pyaccel import reference_binary as rb
+from pyaccel.formats import binary as bf
+from pyaccel.nn import BinaryConv2d, BinaryLinear, XnorConv2d, XnorLinear
+
+needs_native = pytest.mark.skipif(not _native.available(), reason="native library not loaded")
+
+
+# ---- training modules ------------------------------------------------------------------------
+def test_binary_conv_forward_is_xnor_net(gen):
+    m = BinaryConv2d(6, 8, 3, padding=1, bias=True)
+    x = torch.randn(2, 6, 5, 5, generator=gen)
+    x[0, 0, 0, 0] = 0.0
+    alpha = m.weight.abs().mean((1, 2, 3))
+    want = F.conv2d(bf.sign(x), bf.sign(m.weight), padding=1) * alpha[:, None, None] + m.bias[:, None, None]
+    assert torch.equal(m(x), want)
+    assert isinstance(m, nn.Conv2d) and torch.equal(m(x[0]), want[0])
+
+
+def test_ste_gradients(gen):
+    m = BinaryLinear(5, 3, bias=False)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([[0.5, -2.0, 0.1, 0.0, 1.0]] * 3))
+    x = torch.tensor([[0.3, -1.5, 0.0, 2.0, -1.0]], requires_grad=True)
+    m(x).sum().backward()
+    assert torch.equal(x.grad != 0, torch.tensor([[True, False, True, False, True]]))  # |x| <= 1 passes
+    # weight gradient: STE where |w| <= 1, plus the alpha term everywhere
+    assert m.weight.grad[0, 1] != 0 and torch.isfinite(m.weight.grad).all()
+
+
+def test_one_padding_training_forward(gen):
+    m = BinaryConv2d(4, 4, 3, padding=1, bias=False, binary_padding="ones")
+    x = torch.randn(1, 4, 6, 6, generator=gen)
+    alpha = m.weight.abs().mean((1, 2, 3))
+    want = rb.binary_conv2d(x, m.weight, alpha, None, 1, 1, 1, 1, "ones")
+    assert torch.equal(m(x), want)
+    with pytest.raises(ValueError, match="binary_padding"):
+        BinaryConv2d(4, 4, 3, binary_padding="reflect")
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.Hardtanh(),
+                         nn.Sequential(nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.PReLU(32)),
+                         nn.Conv2d(32, 32, 1), nn.Flatten(), nn.LazyLinear(10) if False else nn.Linear(32 * 16, 10))
+
+
+def test_binarize_keeps_first_and_last(gen):
+    model = _cnn()
+    params = {id(p) for p in model.parameters()}
+    out = pyaccel.binarize(model)
+    assert out is model and {id(p) for p in model.parameters()} == params  # an optimizer keeps training them
+    kinds = [type(m).__name__ for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert kinds == ["Conv2d", "BinaryConv2d", "BinaryConv2d", "BinaryConv2d", "Linear"]
+    model2 = pyaccel.binarize(_cnn(), filter_fn=lambda m, p: p != "3", keep_first_last=False)
+    kinds = [type(m).__name__ for m in model2.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert kinds == ["BinaryConv2d", "Conv2d", "BinaryConv2d", "BinaryConv2d", "BinaryLinear"]
+    with pytest.raises(TypeError, match="filter_fn"):
+        pyaccel.binarize(_cnn(), filter_fn=3)
+
+
+def test_training_module_tracing(gen):
+    m = nn.Sequential(BinaryConv2d(4, 8, 3, padding=1), nn.Flatten(), BinaryLinear(8 * 16, 5))
+    x = torch.randn(2, 4, 4, 4, generator=gen)
+    want = m(x)
+    assert torch.equal(torch.fx.symbolic_trace(m)(x), want)
+    assert torch.allclose(torch.compile(m, fullgraph=True)(x), want, atol=1e-5)
+    ep = torch.export.export(m, (x,))
+    assert torch.allclose(ep.module()(x), want, atol=1e-5)
+    sd = m.state_dict()
+    assert set(sd) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+# ---- inference modules -------------------------------------------------------------------------
+def _xconv(gen, c=20, oc=24, k=3, s=1, p=1, groups=1, padding="zeros"):
+    b = BinaryConv2d(c, oc, k, stride=s, padding=p, groups=groups, binary_padding=padding).eval()
+    with torch.no_grad():
+        b.bias.copy_(torch.randn(oc, generator=gen))
+    return b, XnorConv2d.from_binary(b)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "ones"])
+def test_xnor_conv_equals_training_module_bit_for_bit(isa, gen, padding):
+    for c, oc, k, s, p, groups in ((20, 24, 3, 1, 1, 1), (130, 66, 3, 2, 1, 2), (3, 5, 5, 1, 2, 1), (64, 64, 1, 1, 0, 1)):
+        b, x_mod = _xconv(gen, c, oc, k, s, p, groups, padding)
+        x = torch.randn(2, c, 9, 7, generator=gen)
+        with torch.no_grad():
+            want = b(x)
+        y = x_mod(x)
+        assert torch.equal(y, want) and y.is_contiguous()
+        ycl = x_mod(x.contiguous(memory_format=torch.channels_last))
+        assert torch.equal(ycl, want) and ycl.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x_mod(x[0]), want[0])
+
+
+def test_xnor_linear_equals_training_module(isa, gen):
+    b = BinaryLinear(130, 70).eval()
+    m = XnorLinear.from_binary(b)
+    for shape in ((1, 130), (9, 130), (2, 3, 130), (130,), (0, 130)):
+        x = torch.randn(*shape, generator=gen)
+        with torch.no_grad():
+            assert torch.equal(m(x), b(x)), shape
+    xs = torch.randn(9, 260, generator=gen)[:, ::2]
+    with torch.no_grad():
+        assert torch.equal(m(xs), b(xs))
+
+
+def test_xnor_save_load_copy_meta(gen):
+    b, m = _xconv(gen, groups=2, oc=24, c=20)
+    x = torch.randn(2, 20, 6, 6, generator=gen)
+    want = m(x)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    assert set(sd) == {"weight_bits", "scale", "shift"}
+    fresh = XnorConv2d(20, 24, 3, padding=1, groups=2, has_shift=True)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(x), want)
+    assert torch.equal(copy.deepcopy(m)(x), want)
+    assert torch.equal(pickle.loads(pickle.dumps(m))(x), want)
+    with torch.device("meta"):
+        sk = XnorConv2d(20, 24, 3, padding=1, groups=2, has_shift=True)
+    sk.load_state_dict(sd, assign=True)
+    assert torch.equal(sk(x), want)
+    with pytest.raises(ValueError, match="weight_bits"):
+        fresh.load_state_dict({**sd, "weight_bits": sd["weight_bits"][:, :, :1]})
+
+
+def test_xnor_tracing_and_compile(gen):
+    _, m = _xconv(gen)
+    x = torch.randn(2, 20, 6, 6, generator=gen)
+    want = m(x)
+    assert torch.equal(torch.compile(m, fullgraph=True)(x), want)
+    ep = torch.export.export(m, (x,))
+    assert torch.equal(ep.module()(x), want)
+    tr = torch.jit.trace(m, (x,))
+    assert torch.equal(tr(x), want)
+    gm = torch.fx.symbolic_trace(nn.Sequential(m))
+    assert torch.equal(gm(x), want)
+    lin = XnorLinear.from_binary(BinaryLinear(40, 8).eval())
+    xl = torch.randn(3, 40, generator=gen)
+    assert torch.equal(torch.compile(lin, fullgraph=True)(xl), lin(xl))
+
+
+def test_xnor_threads_and_isas_agree(gen):
+    _, m = _xconv(gen, c=130, oc=70)
+    x = torch.randn(4, 130, 10, 10, generator=gen)
+    outs = []
+    for isa in _native.ISA_LADDER:
+        if _native.isa_supported(isa):
+            with _native.isa_cap(isa):
+                for t in (1, 2):
+                    prev = torch.get_num_threads()
+                    torch.set_num_threads(t)
+                    try:
+                        outs.append(m(x))
+                    finally:
+                        torch.set_num_threads(prev)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_xnor_bad_inputs(gen):
+    _, m = _xconv(gen)
+    with pytest.raises(ValueError, match="x:"):
+        m(torch.randn(2, 19, 6, 6))
+    with pytest.raises(TypeError, match="x:"):
+        m(torch.ones(2, 20, 6, 6, dtype=torch.int32))
+    with pytest.raises(ValueError, match="x:"):
+        m(torch.randn(2, 20, 1, 1)[..., :0, :0])
+    with pytest.raises(TypeError, match="conv"):
+        XnorConv2d.from_binary(nn.Conv2d(3, 3, 3))
+
+
+# ---- patch ----------------------------------------------------------------------------------------
+def _bnn():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.Hardtanh(),
+        BinaryConv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.PReLU(64),
+        nn.Sequential(BinaryConv2d(64, 64, 3, padding=1, stride=2), nn.BatchNorm2d(64), nn.ReLU()),
+        BinaryConv2d(64, 64, 3, padding=1, binary_padding="ones"),
+        nn.Flatten(), BinaryLinear(64 * 16, 32), nn.BatchNorm1d(32), nn.Hardtanh(),
+        BinaryLinear(32, 16), nn.Linear(16, 10))
+    for m in model.modules():  # non-trivial BN statistics, negative gammas
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    return model.eval()
+
+
+def test_patch_folds_bn_and_activation(gen):
+    model = _bnn()
+    x = torch.randn(4, 3, 8, 8, generator=gen)
+    with torch.no_grad():
+        want = model(x)
+    report = pyaccel.patch(model)
+    text = str(report)
+    kinds = {e.path: e.new_type for e in report.entries}
+    assert kinds["3"] == "XnorConv2d" and kinds["4"] == "Identity" and kinds["5"] == "Identity"
+    assert kinds["6.0"] == "XnorConv2d" and kinds["7"] == "XnorConv2d"
+    assert kinds["9"] == "XnorLinear" and kinds["10"] == "Identity" and kinds["12"] == "XnorLinear"
+    assert "folded" in text
+    assert isinstance(model[0], nn.Conv2d) and isinstance(model[13], nn.Linear)
+    with torch.no_grad():
+        y = model(x)
+    assert torch.allclose(y, want, rtol=1e-4, atol=1e-3), (y - want).abs().max()
+
+
+def test_patch_leaves_training_mode_and_filters(gen):
+    model = _bnn().train()
+    report = pyaccel.patch(model)
+    assert not any(e.new_type in ("XnorConv2d", "XnorLinear") for e in report.entries)
+    assert any("training mode" in (e.reason or "") for e in report.entries)
+    model = _bnn()
+    report = pyaccel.patch(model, exclude="3")
+    kinds = {e.path: e.new_type for e in report.entries}
+    assert kinds.get("3") is None and isinstance(model[3], BinaryConv2d) and isinstance(model[4], nn.BatchNorm2d)
+
+
+def test_patch_reflect_padding_stays_with_reason():
+    m = nn.Sequential(nn.Conv2d(3, 3, 1), BinaryConv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+                      nn.Linear(2, 2)).eval()
+    report = pyaccel.patch(m)
+    e = next(e for e in report.entries if e.path == "1")
+    assert not e.swapped and "reflect" in e.reason
+
+
+def test_bench_suite_smoke():
+    from pyaccel.bench import binary
+
+    conv, lin, name = binary.run(quick=True, log=lambda *a: None)
+    assert conv and lin and all(r.times_us["pyaccel binary"] > 0 for r in conv)
+    md = binary.to_markdown(conv, lin, 2000.0)
+    assert "× fp32" in md and "kernel only" in md
