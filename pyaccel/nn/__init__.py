@@ -1,8 +1,9 @@
 """Inference modules backed by pyaccel kernels."""
 from pyaccel.nn.block_sparse_linear import BlockSparseInt8Linear, BlockSparseLinear  # noqa: F401
 from pyaccel.nn.dws_conv import FusedDWSeparableConv2d  # noqa: F401
+from pyaccel.nn.dws_conv_int8 import FusedDWSeparableInt8Conv2d  # noqa: F401
 from pyaccel.nn.int8_linear import Int8Linear  # noqa: F401
 from pyaccel.nn.sparse24_linear import Sparse24Int8Linear, Sparse24Linear  # noqa: F401
 
 __all__ = ["Int8Linear", "Sparse24Linear", "Sparse24Int8Linear", "BlockSparseLinear", "BlockSparseInt8Linear",
-           "FusedDWSeparableConv2d"]
+           "FusedDWSeparableConv2d", "FusedDWSeparableInt8Conv2d"]
