@@ -22,6 +22,7 @@ from pyaccel import _pattern
 from pyaccel._pattern import ActKind, ChainPattern, Elem, Slot, activation_of, bn_usable
 from pyaccel.nn._conv import ConvSkip, conv_geometry
 from pyaccel.nn.dws_conv import FusedDWSeparableConv2d
+from pyaccel.nn.dws_conv_int8 import FusedDWSeparableInt8Conv2d
 
 MAX_KERNEL = 11  # larger depthwise windows are left to torch
 
@@ -91,8 +92,13 @@ def _build(found, ctx):
         mod = FusedDWSeparableConv2d.from_modules(dw, bn1, a1, pw, bn2, a2)
     except ConvSkip as exc:
         return str(exc)
+    return _maybe_int8(mod, ctx)
+
+
+def _maybe_int8(mod, ctx):
+    """(module, lossy): the int8 pointwise variant when patch was asked to quantize."""
     if getattr(ctx, "quantize", None) == "int8":
-        mod.notes.append("int8 pointwise not implemented yet: fused in fp32 (lossless)")
+        return FusedDWSeparableInt8Conv2d.from_float(mod), True
     return mod, False
 
 
@@ -136,7 +142,7 @@ def _build_pointwise(found, ctx):
     bn2 = found["bn2"].module if "bn2" in found else None
     mod = FusedDWSeparableConv2d.from_modules(ident, None, None, pw, bn2, a2)
     mod.notes.append("1x1 conv + BN + activation (identity depthwise stage)")
-    return mod, False
+    return _maybe_int8(mod, ctx)
 
 
 POINTWISE_PATTERN = _pattern.register(ChainPattern(

@@ -163,11 +163,15 @@ def _dws_cuda(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, dilation, paddi
 def _dws_fake(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, dilation, padding, tf_same, act1, act1_params, act2,
               act2_params, packed):
     check_dws_args(x, dw_weight, dw_bias, pw_weight, pw_bias, packed)
-    geo = geometry_of(stride, dilation, padding, tf_same, dw_weight.shape[2:])
+    return _fake_out(x, pw_weight.shape[0], geometry_of(stride, dilation, padding, tf_same, dw_weight.shape[2:]))
+
+
+def _fake_out(x: Tensor, cout: int, geo: ConvGeometry) -> Tensor:
+    """An empty [N, cout, OH, OW] in x's memory format (the fake kernels' result)."""
     oh, ow = geo.out_size(x.shape[2], x.shape[3])
     cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     fmt = torch.channels_last if cl else torch.contiguous_format
-    return x.new_empty((x.shape[0], pw_weight.shape[0], oh, ow)).contiguous(memory_format=fmt)
+    return x.new_empty((x.shape[0], cout, oh, ow)).contiguous(memory_format=fmt)
 
 
 def _setup(ctx, inputs, output) -> None:
@@ -176,15 +180,104 @@ def _setup(ctx, inputs, output) -> None:
     ctx.args = (stride, dilation, padding, tf_same, act1, p1, act2, p2)
 
 
-def _backward(ctx, grad_y):
-    x, dw_weight, dw_bias, pw_weight, pw_bias = ctx.saved_tensors
+def _grad_x(ctx, grad_y, x, dw_weight, dw_bias, pw_weight, pw_bias) -> Tensor:
+    """d(fp32 reference block)/dx applied to grad_y (ctx.args: the geometry and activations)."""
     stride, dilation, padding, tf_same, act1, p1, act2, p2 = ctx.args
     geo = geometry_of(stride, dilation, padding, tf_same, dw_weight.shape[2:])
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
         y = _reference(xr, dw_weight, dw_bias, pw_weight, pw_bias, geo, act_from(act1, p1), act_from(act2, p2))
         (gx,) = torch.autograd.grad(y, xr, grad_y.to(y.dtype))
-    return (gx,) + (None,) * 13
+    return gx
+
+
+def _backward(ctx, grad_y):
+    return (_grad_x(ctx, grad_y, *ctx.saved_tensors),) + (None,) * 13
 
 
 dws_conv2d.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- int8 pointwise stage -------------------------------------------------------------------
+def check_dws_int8_args(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias) -> None:
+    """TypeError/ValueError naming the bad argument of dws_conv2d_int8."""
+    if not isinstance(pw_int8, Tensor) or pw_int8.dtype != torch.int8 or pw_int8.dim() != 2:
+        raise TypeError(f"pw_int8: expected an int8 tensor [Cout, C], got {_desc(pw_int8)}")
+    c = dw_weight.shape[0] if isinstance(dw_weight, Tensor) else None
+    check_dws_args(x, dw_weight, dw_bias, pw_int8.new_empty((pw_int8.shape[0], pw_int8.shape[1], 1, 1),
+                                                             dtype=torch.float32), pw_bias)
+    if pw_int8.shape[1] != c:
+        raise ValueError(f"pw_int8: expected [Cout, {c}], got {_desc(pw_int8)}")
+    if not isinstance(pw_scale, Tensor) or pw_scale.dtype != torch.float32 or tuple(pw_scale.shape) != (
+            pw_int8.shape[0],):
+        raise ValueError(f"pw_scale: expected float32 of shape ({pw_int8.shape[0]},), got {_desc(pw_scale)}")
+
+
+def _reference_int8(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, geo, a1, a2):
+    return reference.dws_conv2d_int8(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, geo.stride, geo.dilation,
+                                     geo.pads(x.shape[-2], x.shape[-1]), a1, a2)
+
+
+def dws_int8_native_nhwc_into(xn: Tensor, y: Tensor, packed_dw: Tensor, packed_pw: Tensor, pw_scale: Tensor,
+                              bias: Optional[Tensor], kernel, pad_t: int, pad_l: int) -> None:
+    n, h, w, c = xn.shape
+    _native.lib().dws_forward_int8(xn.data_ptr(), n, h, w, c, packed_dw.data_ptr(), packed_dw.numel(), kernel[0],
+                                   kernel[1], packed_pw.data_ptr(), packed_pw.numel(), y.shape[-1],
+                                   pw_scale.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                                   y.shape[1], y.shape[2], pad_t, pad_l, torch.get_num_threads())
+
+
+@torch.library.custom_op("pyaccel::dws_conv2d_int8", mutates_args=())
+def dws_conv2d_int8(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], pw_int8: Tensor, pw_scale: Tensor,
+                    pw_bias: Optional[Tensor], stride: List[int], dilation: List[int], padding: List[int],
+                    tf_same: bool, act1: int, act1_params: List[float], act2: int, act2_params: List[float],
+                    packed_dw: Optional[Tensor], packed_pw: Optional[Tensor]) -> Tensor:
+    """Fused depthwise-separable conv, int8 pointwise stage (reference.dws_conv2d_int8)."""
+    raise NotImplementedError("no kernel for this device")  # pragma: no cover
+
+
+def _dws_int8_any(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, stride, dilation, padding, tf_same, act1,
+                  act1_params, act2, act2_params, packed_dw, packed_pw):
+    check_dws_int8_args(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias)
+    geo = geometry_of(stride, dilation, padding, tf_same, dw_weight.shape[2:])
+    oh, ow = geo.out_size(x.shape[2], x.shape[3])
+    a1, a2 = act_from(act1, act1_params), act_from(act2, act2_params)
+    c, cout = dw_weight.shape[0], pw_int8.shape[0]
+    C = _native.lib()
+    if (x.is_cpu and C is not None and packed_dw is not None and packed_pw is not None and x.numel() > 0
+            and (pw_bias is None or pw_bias.is_contiguous()) and pw_scale.is_contiguous()
+            and C.dws_check_packed(packed_dw.data_ptr(), packed_dw.numel(), c, 0, geo.kernel[0], geo.kernel[1]) is None
+            and C.int8_check_packed(packed_pw.data_ptr(), packed_pw.numel(), cout, c) is None):
+        xn, cl = to_nhwc(x.float())
+        y = torch.empty(x.shape[0], oh, ow, cout)
+        t, _, l, _ = geo.pads(x.shape[2], x.shape[3])
+        dws_int8_native_nhwc_into(xn, y, packed_dw, packed_pw, pw_scale, pw_bias, geo.kernel, t, l)
+        return from_nhwc(y, cl).to(x.dtype)
+    return _reference_int8(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, geo, a1, a2)
+
+
+dws_conv2d_int8.register_kernel("cpu")(_dws_int8_any)
+dws_conv2d_int8.register_kernel("cuda")(_dws_int8_any)  # the reference on CUDA (no Triton int8 variant yet)
+
+
+@dws_conv2d_int8.register_fake
+def _dws_int8_fake(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, stride, dilation, padding, tf_same, act1,
+                   act1_params, act2, act2_params, packed_dw, packed_pw):
+    check_dws_int8_args(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias)
+    return _fake_out(x, pw_int8.shape[0], geometry_of(stride, dilation, padding, tf_same, dw_weight.shape[2:]))
+
+
+def _setup_int8(ctx, inputs, output) -> None:
+    x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, stride, dilation, padding, tf_same, a1, p1, a2, p2 = inputs[:14]
+    ctx.save_for_backward(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias)
+    ctx.args = (stride, dilation, padding, tf_same, a1, p1, a2, p2)
+
+
+def _backward_int8(ctx, grad_y):
+    """Gradient to x through the dequantized weights (activation quantization as identity)."""
+    x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias = ctx.saved_tensors
+    wp = (pw_int8.float() * pw_scale[:, None]).reshape(pw_int8.shape[0], pw_int8.shape[1], 1, 1)
+    return (_grad_x(ctx, grad_y, x, dw_weight, dw_bias, wp, pw_bias),) + (None,) * 15
+
+
+dws_conv2d_int8.register_autograd(_backward_int8, setup_context=_setup_int8)

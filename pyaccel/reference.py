@@ -152,6 +152,26 @@ def block_sparse_int8_linear(x: torch.Tensor, values: torch.Tensor, crow_indices
     return int8_linear(x, w, w_scale, bias)
 
 
+def _dws_depthwise(x, dw_weight, dw_bias, stride, dilation, pads, act1):
+    """act1(depthwise conv of zero-padded x), fp32 NCHW."""
+    import torch.nn.functional as F
+
+    xf = x.float()
+    t, b, l, r = pads
+    if t or b or l or r:
+        xf = F.pad(xf, (l, r, t, b))
+    d = F.conv2d(xf, dw_weight.float(), None if dw_bias is None else dw_bias.float(), tuple(stride), 0,
+                 tuple(dilation), groups=dw_weight.shape[0])
+    return act1(d)
+
+
+def _in_format_of(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y in x's dtype and memory format (channels_last or contiguous)."""
+    fmt = torch.channels_last if (x.dim() == 4 and not x.is_contiguous()
+                                  and x.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
+    return y.to(x.dtype).contiguous(memory_format=fmt)
+
+
 def dws_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor], pw_weight: torch.Tensor,
                pw_bias: Optional[torch.Tensor], stride, dilation, pads, act1, act2) -> torch.Tensor:
     """Fused depthwise-separable convolution, what the native and Triton kernels compute:
@@ -165,14 +185,18 @@ def dws_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch
     (pyaccel._pattern.Activation)."""
     import torch.nn.functional as F
 
-    xf = x.float()
-    t, b, l, r = pads
-    if t or b or l or r:
-        xf = F.pad(xf, (l, r, t, b))
-    y = F.conv2d(xf, dw_weight.float(), None if dw_bias is None else dw_bias.float(), tuple(stride), 0,
-                 tuple(dilation), groups=dw_weight.shape[0])
-    y = act1(y)
-    y = act2(F.conv2d(y, pw_weight.float(), None if pw_bias is None else pw_bias.float()))
-    fmt = torch.channels_last if (x.dim() == 4 and not x.is_contiguous()
-                                  and x.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
-    return y.to(x.dtype).contiguous(memory_format=fmt)
+    t = _dws_depthwise(x, dw_weight, dw_bias, stride, dilation, pads, act1)
+    y = act2(F.conv2d(t, pw_weight.float(), None if pw_bias is None else pw_bias.float()))
+    return _in_format_of(y, x)
+
+
+def dws_conv2d_int8(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor],
+                    pw_int8: torch.Tensor, pw_scale: torch.Tensor, pw_bias: Optional[torch.Tensor], stride, dilation,
+                    pads, act1, act2) -> torch.Tensor:
+    """Fused depthwise-separable conv with an int8 pointwise stage: the depthwise
+    part as in dws_conv2d (fp32), then per output pixel the channels quantized
+    per row (int8_linear's rule) against int8 per-output-channel weights pw_int8
+    [Cout, C] with scales pw_scale [Cout], + bias, act2. x's dtype and memory format."""
+    rows = _dws_depthwise(x, dw_weight, dw_bias, stride, dilation, pads, act1).permute(0, 2, 3, 1)  # NHWC rows
+    y = act2(int8_linear(rows.contiguous(), pw_int8, pw_scale, pw_bias)).permute(0, 3, 1, 2)
+    return _in_format_of(y, x)

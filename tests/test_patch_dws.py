@@ -283,6 +283,47 @@ def test_lone_pointwise_in_custom_forward_stays_in_place(gen):
     assert report.model is model and not report.swapped and isinstance(model.conv, nn.Conv2d)
 
 
+def test_pattern_api_for_other_chains(gen):
+    """pyaccel._pattern is general: a conv -> BN -> Hardtanh chain (what a binary
+    conv family matches) found in Sequentials and through fx without registering."""
+    from pyaccel import _pattern
+    from pyaccel._pattern import ActKind, ChainPattern, Slot, activation_of, bn_scale_shift
+
+    def is_conv(e):
+        return isinstance(e.module, nn.Conv2d) and e.module.groups == 1 and e.module.kernel_size == (3, 3)
+
+    def is_bn(e):
+        return isinstance(e.module, nn.BatchNorm2d)
+
+    def is_htanh(e):
+        a = activation_of(e)
+        return a is not None and a.kind == ActKind.HARDTANH
+
+    pat = ChainPattern("conv-bn-hardtanh", [Slot("conv", is_conv), Slot("bn", is_bn, optional=True),
+                                            Slot("act", is_htanh)], build=lambda found, ctx: "unused")
+    seq = nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), nn.Hardtanh(), nn.Conv2d(8, 8, 3), nn.ReLU()).eval()
+    matches, reasons = _pattern.find_sequential_matches(seq, [pat])
+    assert [[e.path for e in m.elems] for m in matches] == [["0", "1", "2"]]
+    assert "expected act after Conv2d, found ReLU" in reasons["3"]
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return F.hardtanh(self.bn(self.conv(x)), -0.5, 0.5)
+
+    gm = _pattern.fx_trace(Custom().eval())
+    matches, _ = _pattern.find_fx_matches(gm, [pat])
+    assert len(matches) == 1 and activation_of(matches[0].by_slot["act"]).hi == 0.5
+    bn = _randomize_bn(nn.Sequential(nn.BatchNorm2d(8)), gen)[0].eval()
+    with torch.no_grad():
+        bn.weight[0] = -1.0
+    scale, shift = bn_scale_shift(bn)
+    assert scale[0] < 0 and scale.shape == shift.shape == (8,)
+
+
 class _DwPw(nn.Module):
     """dw -> relu -> pw in a custom forward (only torch.fx can fuse it)."""
 

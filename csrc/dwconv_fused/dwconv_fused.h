@@ -109,5 +109,16 @@ const char* check_packed(const uint8_t* packed, int64_t nbytes, int64_t c, int64
 void forward(const float* x, int64_t batch, int64_t h, int64_t w, int64_t c, const uint8_t* packed, float* y,
              int64_t oh, int64_t ow, int64_t pad_t, int64_t pad_l, int nthreads);
 
+// int8 pointwise stage: the depthwise part packed as "DWS1" with n = 0
+// (pack(..., n = 0, ...): no pointwise panels; act2 is still read from it),
+// the pointwise weights as int8_gemm's NR64K4 packing (int8 per output
+// channel, scales w_scale). Per band: depthwise output t (fp32), quantized per
+// pixel (int8_gemm's row quantizer: symmetric, max|t| / 127), int8 GEMM with
+// int8_gemm's micro-kernel and dequantization epilogue (+ bias), then act2 on
+// the band's outputs while they are in cache.
+void forward_int8(const float* x, int64_t batch, int64_t h, int64_t w, int64_t c, const uint8_t* packed_dw,
+                  const uint8_t* packed_i8, int64_t n, const float* w_scale, const float* bias, float* y, int64_t oh,
+                  int64_t ow, int64_t pad_t, int64_t pad_l, int nthreads);
+
 }  // namespace dws
 }  // namespace pyaccel

@@ -58,6 +58,15 @@ class FusedDWSeparableConv2d(PackedConv2d):
                  dilation: Union[int, Tuple[int, int]] = 1, act1: Union[str, Activation, None] = None,
                  act2: Union[str, Activation, None] = None, bias: bool = True, device=None):
         super().__init__()
+        self._init_common(in_channels, out_channels, kernel_size, stride, padding, dilation, act1, act2, device)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.register_buffer("pw_weight", torch.zeros(out_channels, in_channels, 1, 1, **f32))
+        self.register_buffer("bias", torch.zeros(out_channels, **f32) if bias else None)
+        self._repack_or_raise()
+
+    def _init_common(self, in_channels, out_channels, kernel_size, stride, padding, dilation, act1, act2,
+                     device) -> None:
+        """Validate and set channels, geometry, activations and the depthwise buffers."""
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
@@ -77,10 +86,7 @@ class FusedDWSeparableConv2d(PackedConv2d):
         f32 = dict(dtype=torch.float32, device=device)
         self.register_buffer("dw_weight", torch.zeros(in_channels, 1, kh, kw, **f32))
         self.register_buffer("dw_bias", torch.zeros(in_channels, **f32))
-        self.register_buffer("pw_weight", torch.zeros(out_channels, in_channels, 1, 1, **f32))
-        self.register_buffer("bias", torch.zeros(out_channels, **f32) if bias else None)
         self.notes = []
-        self._repack_or_raise()
 
     # ---- construction from the original modules --------------------------------------
     @classmethod
@@ -116,21 +122,35 @@ class FusedDWSeparableConv2d(PackedConv2d):
         return mod
 
     # ---- canonical buffers -----------------------------------------------------------
-    def _canonical_error(self, t) -> Optional[str]:
+    def _buffer_specs(self):
+        """name -> (dtype, shape) of the canonical buffers."""
         c, n = self.in_channels, self.out_channels
+        return dict(self._dw_specs(), pw_weight=(torch.float32, (n, c, 1, 1)), bias=(torch.float32, (n,)))
+
+    def _dw_specs(self):
+        c = self.in_channels
         kh, kw = self.geometry.kernel
-        shapes = {"dw_weight": (c, 1, kh, kw), "dw_bias": (c,), "pw_weight": (n, c, 1, 1), "bias": (n,)}
-        for name, shape in shapes.items():
+        return {"dw_weight": (torch.float32, (c, 1, kh, kw)), "dw_bias": (torch.float32, (c,))}
+
+    def _value_error(self, name: str, v: Tensor) -> Optional[str]:
+        if name in ("dw_weight", "pw_weight") and not bool(torch.isfinite(v).all()):
+            return f"{name}: holds non-finite values (inf/nan)"
+        return None
+
+    def _canonical_error(self, t) -> Optional[str]:
+        for name, (dtype, shape) in self._buffer_specs().items():
             v = t.get(name)
             if v is None:
                 if name == "bias":
                     continue
                 return f"{name}: missing"
-            if not isinstance(v, Tensor) or v.dtype != torch.float32 or tuple(v.shape) != shape:
+            if not isinstance(v, Tensor) or v.dtype != dtype or tuple(v.shape) != shape:
                 got = f"{v.dtype} tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
-                return f"{name}: expected float32 of shape {shape}, got {got}"
-            if name in ("dw_weight", "pw_weight") and not v.is_meta and not bool(torch.isfinite(v).all()):
-                return f"{name}: holds non-finite values (inf/nan)"
+                return f"{name}: expected {dtype} of shape {shape}, got {got}"
+            if not v.is_meta:
+                err = self._value_error(name, v)
+                if err:
+                    return err
         devs = {v.device for v in t.values() if isinstance(v, Tensor)}
         if len(devs) > 1:
             return f"dw_weight/dw_bias/pw_weight/bias: on different devices {sorted(map(str, devs))}"
@@ -141,19 +161,23 @@ class FusedDWSeparableConv2d(PackedConv2d):
         C = _native.lib()
         if C is None or not self.dw_weight.is_cpu:
             return
-        c, n = self.in_channels, self.out_channels
+        bp = None if self.bias is None else self.bias.contiguous()
+        self._packed = self._pack_dws(C, self.pw_weight.contiguous(), bp, self.out_channels)
+        self._packed_isa = _native.selected_isa()
+
+    def _pack_dws(self, C, wp: Optional[Tensor], bp: Optional[Tensor], n: int) -> Tensor:
+        """The DWS1 packing of the depthwise part and (n > 0) the pointwise weights wp [n, c, 1, 1]."""
+        c = self.in_channels
         kh, kw = self.geometry.kernel
         (sh, sw), (dh, dw) = self.geometry.stride, self.geometry.dilation
-        wd, bd, wp = self.dw_weight.contiguous(), self.dw_bias.contiguous(), self.pw_weight.contiguous()
-        bp = None if self.bias is None else self.bias.contiguous()
+        wd, bd = self.dw_weight.contiguous(), self.dw_bias.contiguous()
         nbytes = C.dws_packed_nbytes(c, n, kh, kw)
         packed = torch.empty(nbytes, dtype=torch.uint8)
         a1, p1 = _act_params(self.act1)
         a2, p2 = _act_params(self.act2)
-        C.dws_pack(wd.data_ptr(), bd.data_ptr(), wp.data_ptr(), 0 if bp is None else bp.data_ptr(), c, n, kh, kw,
-                   sh, sw, dh, dw, a1, p1[0], p1[1], a2, p2[0], p2[1], packed.data_ptr(), nbytes)
-        self._packed = packed
-        self._packed_isa = _native.selected_isa()
+        C.dws_pack(wd.data_ptr(), bd.data_ptr(), 0 if wp is None else wp.data_ptr(), 0 if bp is None else bp.data_ptr(),
+                   c, n, kh, kw, sh, sw, dh, dw, a1, p1[0], p1[1], a2, p2[0], p2[1], packed.data_ptr(), nbytes)
+        return packed
 
     def _native_ok(self) -> bool:
         if self._packed is not None and self._packed_isa != _native.selected_isa():
@@ -175,14 +199,17 @@ class FusedDWSeparableConv2d(PackedConv2d):
         if (not torch.compiler.is_compiling() and x.is_cpu and self._packed is not None
                 and self._packed_isa != _native.selected_isa()):
             self._repack()  # the ISA cap changed since packing
+        packed = self._packed if x.is_cpu else None
+        return torch.ops.pyaccel.dws_conv2d(x, self.dw_weight, self.dw_bias, self.pw_weight, bias,
+                                            *self._op_geometry(), packed)
+
+    def _op_geometry(self) -> list:
+        """stride, dilation, padding, tf_same, act1, act1_params, act2, act2_params for the ops."""
         g = self.geometry
         a1, p1 = _act_params(self.act1)
         a2, p2 = _act_params(self.act2)
         tf = g.padding == TF_SAME
-        pad = [0, 0, 0, 0] if tf else list(g.padding)
-        packed = self._packed if x.is_cpu else None
-        return torch.ops.pyaccel.dws_conv2d(x, self.dw_weight, self.dw_bias, self.pw_weight, bias, list(g.stride),
-                                            list(g.dilation), pad, tf, a1, p1, a2, p2, packed)
+        return [list(g.stride), list(g.dilation), [0, 0, 0, 0] if tf else list(g.padding), tf, a1, p1, a2, p2]
 
     # ---- reporting ---------------------------------------------------------------------
     def backend(self) -> str:

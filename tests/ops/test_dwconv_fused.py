@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import pyaccel
 from pyaccel import _native, reference
 from pyaccel._pattern import ActKind, Activation, activation_of, bn_scale_shift, fold_bn
 from pyaccel.nn import FusedDWSeparableConv2d
@@ -296,3 +297,45 @@ def test_opcheck(gen):
     torch.library.opcheck(torch.ops.pyaccel.dws_conv2d.default, args)
     xg = x.clone().requires_grad_()
     torch.library.opcheck(torch.ops.pyaccel.dws_conv2d.default, (xg,) + args[1:])
+
+
+# ---- int8 pointwise stage ------------------------------------------------------------------
+@needs_native
+def test_int8_pointwise_matches_reference_and_sqnr(isa, gen):
+    """Against the int8 reference (the same quantization; a depthwise sum rounded the other way
+    may move one activation by one step) and, by SQNR, against the fp32 block."""
+    from pyaccel.nn import FusedDWSeparableInt8Conv2d
+
+    for c, co, k, s, hw, n in [(32, 64, 3, 1, (13, 14), 2), (17, 33, 3, 2, (11, 11), 1), (100, 70, 5, 1, (9, 9), 1),
+                               (64, 200, 3, 1, (14, 14), 1), (1, 1, 3, 1, (3, 3), 1), (512, 64, 3, 1, (14, 14), 1)]:
+        f = _random_module(c, co, k, s, act1="relu6", act2="hardswish", gen=gen)
+        q = FusedDWSeparableInt8Conv2d.from_float(f)
+        x = torch.randn(n, c, *hw, generator=gen)
+        y = q(x)
+        g = q.geometry
+        ref = reference.dws_conv2d_int8(x, q.dw_weight, q.dw_bias, q.pw_weight_int8, q.pw_scale, q.bias, g.stride,
+                                        g.dilation, g.pads(*hw), q.act1, q.act2)
+        assert (y - ref).abs().max() <= 2e-2 * ref.abs().max(), f"{isa} c={c} co={co}"
+        close = torch.isclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()).float().mean()
+        assert close > 0.8, f"{isa} c={c} co={co}: only {close:.0%} equal to the reference to rounding"
+        yf = f(x)
+        sqnr = 20 * torch.log10(yf.norm() / (y - yf).norm())
+        assert c == 1 or sqnr > 35, f"{isa} c={c} co={co}: SQNR {sqnr:.1f} dB"
+        assert torch.equal(y, q._checked_op(x))
+        ycl = q(x.contiguous(memory_format=torch.channels_last))
+        assert ycl.is_contiguous(memory_format=torch.channels_last) and torch.equal(ycl, y)
+
+
+def test_patch_quantize_int8_mobilenet(gen):
+    from pyaccel.demo import mobilenet_v1
+    from pyaccel.nn import FusedDWSeparableInt8Conv2d
+
+    model = mobilenet_v1(width=0.25, classes=10)
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    want = model(x)
+    report = pyaccel.patch(model, quantize="int8")
+    fused = [e for e in report.swapped if e.new_type == "FusedDWSeparableInt8Conv2d"]
+    assert len(fused) == 13 and all(e.lossy for e in fused)
+    assert isinstance(model[3][0], FusedDWSeparableInt8Conv2d)
+    got = model(x)
+    assert 20 * torch.log10(want.norm() / (got - want).norm()) > 25
