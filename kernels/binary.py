@@ -79,9 +79,9 @@ def _epilogue(dot, rm, rn, nmask, M, y_ptr, stride_ym, scale_ptr, shift_ptr, slo
     if HAS_SHIFT:
         v = v + tl.load(shift_ptr + rn, mask=nmask, other=0.0)[None, :]
     if ACT_KIND == 1:
-        v = tl.maximum(v, 0.0)
+        v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT_KIND == 2:
-        v = tl.minimum(tl.maximum(v, lo), hi)
+        v = tl.minimum(tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
     elif ACT_KIND == 3:
         s = tl.load(slope_ptr + rn, mask=nmask, other=0.0)
         v = tl.where(v >= 0, v, v * s[None, :])

@@ -27,15 +27,15 @@ _NONE, _RELU, _RELU6, _HARDSWISH, _SILU, _HARDTANH = 0, 1, 2, 3, 4, 5
 @triton.jit
 def _act(v, ACT: tl.constexpr, lo, hi):
     if ACT == 1:
-        v = tl.maximum(v, 0.0)
+        v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:
-        v = tl.minimum(tl.maximum(v, 0.0), 6.0)
+        v = tl.minimum(tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 3:
         v = v * tl.minimum(tl.maximum(v + 3.0, 0.0), 6.0) / 6.0
     elif ACT == 4:
         v = v / (1.0 + tl.exp(-v))
     elif ACT == 5:
-        v = tl.minimum(tl.maximum(v, lo), hi)
+        v = tl.minimum(tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
     return v
 
 

@@ -62,6 +62,10 @@ def check_conv_args(x, weight_bits, wsum, scale, shift, slope, oc, kernel_size, 
                     ("slope", slope)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {_desc(t)}")
+    for name, t in (("weight_bits", weight_bits), ("wsum", wsum), ("scale", scale), ("shift", shift),
+                    ("slope", slope)):
+        if t is not None and not t.is_contiguous():  # the kernels read them as dense arrays
+            raise ValueError(f"{name}: expected a contiguous tensor, got strides {tuple(t.stride())}")
     if padding_mode not in PAD_CODES:
         raise ValueError(f"padding_mode: expected one of {tuple(PAD_CODES)}, got {padding_mode!r}")
     if act not in ACT_CODES:
@@ -139,3 +143,15 @@ def _(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stri
     oh = out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
     ow = out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
     return x.new_empty((n, oh, ow, out_channels)).permute(0, 3, 1, 2)
+
+
+def _no_backward(ctx, grad_y):
+    """No gradient flows back through the inference op (sign has none almost
+    everywhere; training uses the straight-through estimator of
+    pyaccel.nn.BinaryConv2d / BinaryLinear), as in eager mode, where the
+    module's output does not require grad."""
+    return (None,) * 16
+
+
+# inputs that require grad are accepted (torch.compile traces a backward graph in grad mode)
+binary_conv2d.register_autograd(_no_backward)

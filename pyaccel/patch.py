@@ -158,7 +158,12 @@ def _binary_layer(mod, ctx):
     activation after them are folded before the walk (fold_sequences)."""
     from pyaccel import _binary_patch
 
-    return _binary_patch.handle(mod)
+    out = _binary_patch.handle(mod)
+    if isinstance(out, nn.Module):
+        lost = _lost_hooks(mod)
+        if lost:
+            return lost
+    return out
 
 
 @handler
@@ -392,7 +397,17 @@ def _fold_binary_chains(model, report, include, exclude, filter_fn) -> None:
         except Exception as exc:
             return f"filter_fn raised {type(exc).__name__}: {exc}"
 
-    for path, old, new, folded in _binary_patch.fold_sequences(model, selected, _lost_hooks):
+    from pyaccel import _pattern
+
+    counts, owners = _pattern.module_paths_used_elsewhere(model), _param_owners(model)
+
+    def blocked(mod):  # what the per-module walk would refuse, found before folding
+        if counts.get(id(mod), 1) > 1:
+            return "shared with another path"
+        path = next((p for p, m in model.named_modules() if m is mod), "")
+        return _lost_hooks(mod) or _tied_reason(mod, path, owners)
+
+    for path, old, new, folded in _binary_patch.fold_sequences(model, selected, blocked):
         what = ", ".join(f"{p} ({t})" for p, t in folded)
         report.entries.append(PatchEntry(path=path, old_type=old, new_type=type(new).__name__,
                                          backend=f"{new.backend()}; folded {what}"))

@@ -250,3 +250,82 @@ def test_bench_suite_smoke():
     assert conv and lin and all(r.times_us["pyaccel binary"] > 0 for r in conv)
     md = binary.to_markdown(conv, lin, 2000.0)
     assert "× fp32" in md and "kernel only" in md
+
+
+# ---- review findings: each a test ----------------------------------------------------------------
+@needs_native
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.Hardtanh(-0.5, 0.5), nn.ReLU6()])
+def test_nan_propagates_through_the_folded_activation(isa, gen, act):
+    conv = BinaryConv2d(8, 8, 3, padding=1)
+    bn = nn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.running_mean[0] = float("nan")
+    model = nn.Sequential(conv, bn, act).eval()
+    x = torch.randn(1, 8, 5, 5, generator=gen)
+    want = model(x)
+    pyaccel.patch(model)
+    y = model(x)
+    assert torch.equal(torch.isnan(y), torch.isnan(want)) and torch.isnan(want).any()
+
+
+def test_op_refuses_non_contiguous_buffers(gen):
+    m = XnorConv2d.from_binary(BinaryConv2d(8, 16, 3, padding=1).eval())
+    x = torch.randn(1, 8, 6, 6, generator=gen)
+    args = list(m._args(x))
+    args[3] = torch.ones(32)[::2]  # scale: right shape and dtype, strided
+    with pytest.raises(ValueError, match="scale: expected a contiguous tensor"):
+        torch.ops.pyaccel.binary_conv2d(*args)
+
+
+def test_patch_keeps_hooked_binary_layers(gen):
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), BinaryConv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    calls = []
+    m[1].register_forward_hook(lambda mod, i, o: calls.append(1))
+    report = pyaccel.patch(m)
+    assert isinstance(m[1], BinaryConv2d) and any("hook" in (e.reason or "") for e in report.entries if e.path == "1")
+    m(torch.randn(1, 3, 4, 4, generator=gen))
+    assert calls == [1]
+
+
+@needs_native
+def test_border_correction_follows_weight_edits(gen):
+    """wsum (the exact zero padding's correction) is derived from weight_bits:
+    an in-place edit or a reassignment is seen at the next call, in eager and
+    op paths alike; so are geometry attribute edits."""
+    a = XnorConv2d.from_binary(BinaryConv2d(8, 16, 3, padding=1, bias=False).eval())
+    b = XnorConv2d.from_binary(BinaryConv2d(8, 16, 3, padding=1, bias=False).eval())
+    x = torch.randn(2, 8, 6, 6, generator=gen)
+    a(x)
+    with torch.no_grad():
+        a.weight_bits.copy_(b.weight_bits)
+        a.scale.copy_(b.scale)
+    assert torch.equal(a(x), b(x))
+    c = XnorConv2d.from_binary(BinaryConv2d(8, 16, 3, padding=1, bias=False).eval())
+    c(x)
+    c.weight_bits = b.weight_bits.clone()
+    c.scale = b.scale.clone()
+    assert torch.equal(c(x), b(x))
+    c.padding = (0, 0)
+    assert c(x).shape == (2, 16, 4, 4)
+
+
+def test_compile_in_grad_mode_and_dtypes(gen):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BinaryConv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+                          nn.ReLU()).eval()
+    x = torch.randn(1, 3, 6, 6, generator=gen)
+    want = model(x)
+    pyaccel.patch(model)
+    y = torch.compile(model)(x)  # grad mode: the first conv's parameters require grad
+    assert torch.allclose(y, want, rtol=1e-5, atol=1e-5)
+    bf = copy.deepcopy(model).bfloat16()
+    yb = bf(x.bfloat16())
+    assert yb.dtype == torch.bfloat16 and bf[1].scale.dtype == torch.float32
+
+
+def test_folded_batchnorm1d_needs_2d_input(gen):
+    model = nn.Sequential(BinaryLinear(8, 8), nn.BatchNorm1d(8)).eval()
+    pyaccel.patch(model)
+    x = torch.randn(4, 8, generator=gen)
+    assert model(x).shape == (4, 8)
+    with pytest.raises(ValueError, match="2-D input"):
+        model(torch.randn(2, 8, 8, generator=gen))

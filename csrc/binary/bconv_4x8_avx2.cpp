@@ -97,8 +97,8 @@ void tile(const TileArgs& a, const uint64_t* const* x, const uint64_t* w, const 
       if (a.scale) v = _mm256_mul_ps(v, sc);
       if (a.shift) v = _mm256_add_ps(v, sh);
       switch (a.act) {
-        case kActRelu: v = _mm256_max_ps(v, zero); break;
-        case kActHardtanh: v = _mm256_min_ps(_mm256_max_ps(v, lo), hi); break;
+        case kActRelu: v = _mm256_max_ps(zero, v); break;  // bound first: a NaN v stays NaN
+        case kActHardtanh: v = _mm256_min_ps(hi, _mm256_max_ps(lo, v)); break;
         case kActPrelu: v = _mm256_blendv_ps(v, _mm256_mul_ps(v, sl), _mm256_cmp_ps(v, zero, _CMP_LT_OQ)); break;
         default: break;
       }

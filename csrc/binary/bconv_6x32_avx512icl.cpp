@@ -67,8 +67,8 @@ void tile(const TileArgs& a, const uint64_t* const* x, const uint64_t* w, const 
       if (a.scale) v = _mm512_mul_ps(v, sc);
       if (a.shift) v = _mm512_add_ps(v, sh);
       switch (a.act) {
-        case kActRelu: v = _mm512_max_ps(v, zero); break;
-        case kActHardtanh: v = _mm512_min_ps(_mm512_max_ps(v, lo), hi); break;
+        case kActRelu: v = _mm512_max_ps(zero, v); break;  // bound first: a NaN v stays NaN
+        case kActHardtanh: v = _mm512_min_ps(hi, _mm512_max_ps(lo, v)); break;
         case kActPrelu: v = _mm512_mask_mul_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, sl); break;
         default: break;
       }

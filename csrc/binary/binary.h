@@ -88,7 +88,7 @@ inline float epilogue_one(const TileArgs& a, float v, int64_t oc) {
   if (a.scale) v = v * a.scale[oc];
   if (a.shift) v = v + a.shift[oc];
   switch (a.act) {
-    case kActRelu: v = v > 0.f ? v : 0.f; break;
+    case kActRelu: v = v < 0.f ? 0.f : v; break;  // NaN stays NaN, as in torch
     case kActHardtanh: v = v < a.lo ? a.lo : (v > a.hi ? a.hi : v); break;
     case kActPrelu: v = v >= 0.f ? v : v * a.slope[oc]; break;
     default: break;

@@ -83,6 +83,11 @@ def _rebuild(mod, incompatible_keys) -> None:
     mod.wsum = mod._wsum()
 
 
+def _version(t: Tensor) -> int:
+    """t's in-place edit counter (inference-mode tensors have none: they cannot be edited outside it)."""
+    return -1 if t.is_inference() else t._version
+
+
 def _fx_leaf(mod: nn.Module, x):
     """torch.fx: record a leaf call_module node instead of tracing into forward."""
     tracer = x.tracer
@@ -132,27 +137,51 @@ class _XnorBase(nn.Module):
 
     def _call(self, x4: Tensor) -> Tensor:
         """x4: fp32 [N, C, H, W] -> [N, OC, OH, OW] channels_last memory."""
+        if not _is_compiling() and _tracing_state() is None:
+            self._refresh_wsum()
         if (type(x4) is Tensor and x4.is_cpu and _native.available() and not _is_compiling()
                 and _tracing_state() is None):
             return self._eager(x4)
         return torch.ops.pyaccel.binary_conv2d(*self._args(x4))
+
+    def _refresh_wsum(self) -> None:
+        """wsum (border correction) follows weight_bits: rebuilt after any edit or reassignment."""
+        bits = self._buffers["weight_bits"]
+        sig = (id(bits), bits.data_ptr() if bits.device.type != "meta" else 0, _version(bits))
+        if sig != self.__dict__.get("_wsum_sig"):
+            self.wsum = self._wsum()
+            self.__dict__["_wsum_sig"] = sig
+
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(dtype) must not cast the fp32 epilogue buffers the kernels read
+        super()._apply(fn, recurse)
+        for name in ("scale", "shift", "slope"):
+            t = self._buffers.get(name)
+            if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                self._buffers[name] = t.float()
+        return self
 
     def _eager(self, x: Tensor) -> Tensor:
         """The native kernel straight from the module (~ a few µs over the
         kernel): the buffers are checked once per change of their data, x per call."""
         b = self._buffers
         bufs = (b["weight_bits"], b["wsum"], b["scale"], b["shift"], b["slope"])
-        sig = tuple((t.data_ptr(), t._version, t.is_cpu) if t is not None else None for t in bufs)
-        if sig != self.__dict__.get("_checked_sig"):
+        sig = tuple((t.data_ptr(), _version(t), t.is_cpu) if t is not None else None for t in bufs) + (
+            self._stride(), self._padding(), self._dilation(), self._groups(), self._pad_mode(), self.act,
+            self.act_lo, self.act_hi)
+        if sig != self.__dict__.get("_checked", (None,))[0]:
             args = self._args(x)
             ob.check_conv_args(*args[:14])
             if any(t is not None and not t.is_contiguous() for t in bufs):
                 raise ValueError("weight_bits / scale / shift / slope: expected contiguous buffers")
-            self.__dict__["_checked_sig"] = sig
-            self.__dict__["_geom"] = (self._oc(), *self._ksize(), *self._stride(), *self._padding(),
-                                      *self._dilation(), self._groups(), ob.PAD_CODES[self._pad_mode()],
-                                      ob.ACT_CODES[self.act], self.act_lo, self.act_hi)
-        oc, kh, kw, sh, sw, ph, pw, dh, dw, groups, pad, act, lo, hi = self.__dict__["_geom"]
+            # one tuple, assigned once: another thread never sees a signature without its geometry
+            self.__dict__["_checked"] = (sig, (self._oc(), *self._ksize(), *self._stride(), *self._padding(),
+                                               *self._dilation(), self._groups(), ob.PAD_CODES[self._pad_mode()],
+                                               ob.ACT_CODES[self.act], self.act_lo, self.act_hi))
+        checked = self.__dict__["_checked"]
+        if checked[0] != sig:
+            return torch.ops.pyaccel.binary_conv2d(*self._args(x))  # another thread changed them meanwhile
+        oc, kh, kw, sh, sw, ph, pw, dh, dw, groups, pad, act, lo, hi = checked[1]
         if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] % groups or x.shape[1] // groups != self._cg():
             ob.check_conv_args(*self._args(x)[:14])  # raises the error naming x
         n, c, h, w = x.shape
@@ -290,6 +319,7 @@ class XnorConv2d(_XnorBase):
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x)
+        dtype = x.dtype if isinstance(x, Tensor) else None
         x = _input(x, "XnorConv2d")
         squeeze = x.dim() == 3
         if squeeze:
@@ -301,6 +331,8 @@ class XnorConv2d(_XnorBase):
         y = self._call(x)
         if not channels_last:
             y = y.contiguous()
+        if dtype != torch.float32:  # computed in fp32, returned in x's dtype
+            y = y.to(dtype)
         return y.squeeze(0) if squeeze else y
 
     def extra_repr(self) -> str:
@@ -361,19 +393,26 @@ class XnorLinear(_XnorBase):
         scale, shift = fold_epilogue(lin.alpha(), lin.bias, bn)
         a, lo, hi, slope = activation_of(act, lin.out_features)
         bits, _ = bf.pack_conv_weight(lin.weight.detach(), 1)
-        return cls(lin.in_features, lin.out_features, a, lo, hi, weight_bits=bits, scale=scale, shift=shift,
-                   slope=slope)
+        new = cls(lin.in_features, lin.out_features, a, lo, hi, weight_bits=bits, scale=scale, shift=shift,
+                  slope=slope)
+        # BatchNorm1d and PReLU normalize / scale dim 1: the fold is right for [N, F] inputs only
+        new.__dict__["_dim1_epilogue"] = bn is not None or (isinstance(act, nn.PReLU) and act.weight.numel() > 1)
+        return new
 
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x)
+        dtype = x.dtype if isinstance(x, Tensor) else None
         x = _input(x, "XnorLinear")
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got {ob._desc(x)}")
+        if self.__dict__.get("_dim1_epilogue") and x.dim() != 2:
+            raise ValueError(f"x: this layer folds a BatchNorm1d / per-channel PReLU, which act on dim 1: "
+                             f"expected a 2-D input [N, {self.in_features}], got {ob._desc(x)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = self._call(x2[:, :, None, None])
-        return y.reshape(*lead, self.out_features)
+        y = self._call(x2[:, :, None, None]).reshape(*lead, self.out_features)
+        return y if dtype == torch.float32 else y.to(dtype)
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}"
