@@ -250,3 +250,15 @@ def test_bench_suite_smoke():
     assert conv and lin and all(r.times_us["pyaccel binary"] > 0 for r in conv)
     md = binary.to_markdown(conv, lin, 2000.0)
     assert "× fp32" in md and "kernel only" in md
+
+
+def test_built_and_run_under_inference_mode(gen):
+    model = _bnn()
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    with torch.inference_mode():
+        want = model(x)
+        pyaccel.patch(model)
+        y = model(x)
+    assert torch.allclose(y, want, rtol=1e-4, atol=1e-3)
+    with torch.no_grad():
+        assert torch.equal(model(x), y)

@@ -142,7 +142,9 @@ class _XnorBase(nn.Module):
         kernel): the buffers are checked once per change of their data, x per call."""
         b = self._buffers
         bufs = (b["weight_bits"], b["wsum"], b["scale"], b["shift"], b["slope"])
-        sig = tuple((t.data_ptr(), t._version, t.is_cpu) if t is not None else None for t in bufs)
+        # inference tensors (a module built under inference_mode) have no version counter
+        sig = tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.is_cpu) if t is not None else None
+                    for t in bufs)
         if sig != self.__dict__.get("_checked_sig"):
             args = self._args(x)
             ob.check_conv_args(*args[:14])
