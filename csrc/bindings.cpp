@@ -11,8 +11,10 @@
 #include <string>
 
 #include "common/cpu_features.h"
+#include "common/peak.h"
 #include "common/parallel.h"
 #include "block_sparse/block_sparse.h"
+#include "dwconv_fused/dwconv_fused.h"
 #include "int8_gemm/int8_gemm.h"
 #include "sparse24/sparse24.h"
 #include "sparse24/sparse24_int8.h"
@@ -155,6 +157,8 @@ py::dict kernel_params() {
   py::dict d;
   const int8_gemm::Kernel& ki = int8_gemm::select_kernel();
   d["int8"] = tile_params(ki.name, ki.mr, int8_gemm::kPanel, int8_gemm::kKGroup, ki.row_path_rows);
+  const int8_gemm::Kernel& k7 = int8_gemm::select_kernel(7);  // the opt-in 7-bit activation mode
+  d["int8_a7"] = tile_params(k7.name, k7.mr, int8_gemm::kPanel, int8_gemm::kKGroup, k7.row_path_rows);
   const sparse24::Kernel& ks = sparse24::select_kernel();
   py::dict e = tile_params(ks.name, ks.mr, sparse24::kPanel, 4 * sparse24::kBlockGroups, ks.row_path_rows);
   e["cols_from_rows"] = ks.cols ? ks.cols_from_rows : 0;  // the column kernel from this many rows (0: none)
@@ -172,6 +176,8 @@ py::dict kernel_params() {
   const block_sparse::KernelI8& kbi = block_sparse::select_kernel_int8();
   e = tile_params(kbi.name, kbi.mr, block_sparse::kChannelPad, 4, 0);
   d["block_sparse_int8"] = e;
+  const dws::Kernel& kd = dws::select_kernel();
+  d["dws"] = tile_params(kd.name, kd.mr, kd.nr, 1, 0);
   d["binary"] = binary::kernel_params_binary();
   return d;
 }
@@ -219,7 +225,7 @@ int64_t version_of(PyObject* t, const TorchRefs* T) {
 // declines, so that the module repacks.
 class LinearPlan {
  public:
-  enum class Kind { kInt8, kSparse24, kSparse24Int8, kBlockSparse, kBlockSparseInt8 };
+  enum class Kind { kInt8, kInt8A7, kSparse24, kSparse24Int8, kBlockSparse, kBlockSparseInt8 };
 
   LinearPlan(const std::string& kind, uintptr_t packed, int64_t packed_nbytes, int64_t n, int64_t k,
              uintptr_t w_scale, uintptr_t bias, py::object keep, py::tuple watch = py::tuple(),
@@ -242,8 +248,8 @@ class LinearPlan {
       if (w.version == -1) w.version = kNoVersionCheck;  // an inference tensor: no counter to read
     }
     const char* err = nullptr;
-    if (kind == "int8") {
-      kind_ = Kind::kInt8;
+    if (kind == "int8" || kind == "int8_a7") {  // int8_a7: 7-bit activations (int8_gemm::select_kernel)
+      kind_ = kind == "int8" ? Kind::kInt8 : Kind::kInt8A7;
       err = int8_gemm::check_packed(ptr<const uint8_t>(packed), packed_nbytes, n, k);
     } else if (kind == "sparse24") {
       kind_ = Kind::kSparse24;
@@ -258,7 +264,8 @@ class LinearPlan {
       kind_ = Kind::kBlockSparseInt8;
       err = block_sparse::check_packed_int8(ptr<const uint8_t>(packed), packed_nbytes, n, k);
     } else {
-      throw py::value_error("kind: expected 'int8', 'sparse24', 'sparse24_int8', 'block_sparse' or 'block_sparse_int8', got '" + kind +
+      throw py::value_error("kind: expected 'int8', 'int8_a7', 'sparse24', 'sparse24_int8', 'block_sparse' or "
+                            "'block_sparse_int8', got '" + kind +
                             "'");
     }
     if (err) throw py::value_error(std::string("packed_weight: ") + err);
@@ -355,8 +362,10 @@ class LinearPlan {
     const float* bias = bias_ ? ptr<const float>(bias_) : nullptr;
     switch (kind_) {
       case Kind::kInt8:
+      case Kind::kInt8A7:
         int8_gemm::linear(ptr<const void>(x), ldx, bf16, m, k_, ptr<const uint8_t>(packed_),
-                          ptr<const float>(w_scale_), bias, ptr<void>(y), n_, bf16, nthreads);
+                          ptr<const float>(w_scale_), bias, ptr<void>(y), n_, bf16, nthreads,
+                          kind_ == Kind::kInt8A7 ? 7 : 8);
         break;
       case Kind::kSparse24:
         sparse24::linear(ptr<const void>(x), ldx, bf16, m, k_, ptr<const uint8_t>(packed_), bias, ptr<void>(y),
@@ -415,9 +424,29 @@ void def_pack24(py::module_& m, const char* name, int64_t (*nbytes)(int64_t, int
 
 }  // namespace
 
+namespace pyaccel {
+namespace dws {
+void register_dws(py::module_& m);  // csrc/dwconv_fused/bindings_dws.cpp
+}  // namespace dws
+}  // namespace pyaccel
+
 PYBIND11_MODULE(_C, m) {
   binary::register_binary(m);
   m.doc() = "pyaccel native CPU kernels (no libtorch; pointers in, pointers out)";
+  m.def(
+      "measure_peak",
+      [](const std::string& kind, int nthreads, double seconds, int repeats) {
+        peak::Result r;
+        {
+          py::gil_scoped_release release;
+          r = peak::measure(kind.c_str(), nthreads, seconds, repeats);
+        }
+        return py::make_tuple(r.gops, std::string(r.mix));
+      },
+      py::arg("kind"), py::arg("nthreads"), py::arg("seconds") = 0.05, py::arg("repeats") = 5,
+      "(G ops/s, instruction mix) of the selected ISA level's int8 or fp32 multiply-add mix on "
+      "nthreads threads, median of `repeats` runs; (0.0, '') where the level has no SIMD mix");
+  dws::register_dws(m);
   m.def("cpu_info", &cpu_info, "CPU features, detected/capped/selected ISA");
   m.def("set_isa_cap", &set_isa_cap, py::arg("name"),
         "Cap the ISA (avx512_icl|avx512_vnni|avx512|avx2|portable, '' = none); returns False for an unknown name");
@@ -425,7 +454,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_torch_refs", &set_torch_refs, py::arg("tensor"), py::arg("empty"), py::arg("float32"),
         py::arg("bfloat16"), py::arg("get_default_dtype"), py::arg("get_num_threads"), py::arg("get_tracing_state"),
         "hand over the torch objects LinearPlan.forward uses (pyaccel does this on import)");
-  m.def("int8_kernel_name", [] { return std::string(int8_gemm::select_kernel().name); });
+  m.def(
+      "int8_kernel_name",
+      [](int act_bits) {
+        if (act_bits != 8 && act_bits != 7) throw py::value_error("act_bits: expected 8 or 7");
+        return std::string(int8_gemm::select_kernel(act_bits).name);
+      },
+      py::arg("act_bits") = 8);
   m.def("kernel_params", &kernel_params,
         "tile sizes and thresholds of the kernels selected now, per op (tests derive their grids from them)");
 
@@ -544,11 +579,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "quantize_rows",
       [](uintptr_t x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, uintptr_t q, int64_t ldq,
-         uintptr_t scale, int nthreads) {
+         uintptr_t scale, int nthreads, int qmax) {
+        if (qmax != int8_gemm::kQmax8 && qmax != int8_gemm::kQmax7)
+          throw py::value_error("qmax: expected 127 or 63, got " + std::to_string(qmax));
         py::gil_scoped_release nogil;
         int8_gemm::quantize_rows(ptr<const void>(x), ldx, x_bf16, m, k, ptr<int8_t>(q), ldq,
-                                 ptr<float>(scale), nthreads);
+                                 ptr<float>(scale), nthreads, qmax);
       },
       py::arg("x"), py::arg("ldx"), py::arg("x_bf16"), py::arg("m"), py::arg("k"), py::arg("q"),
-      py::arg("ldq"), py::arg("scale"), py::arg("nthreads"));
+      py::arg("ldq"), py::arg("scale"), py::arg("nthreads"), py::arg("qmax") = 127);
 }

@@ -27,12 +27,14 @@ def _quantize_rows_kernel(
     stride_xm, stride_qm,
     # meta-parameters
     BLOCK_K: tl.constexpr,
+    QMAX: tl.constexpr,
 ):
-    """One program per row: amax pass, then scale-round-clamp pass.
+    """One program per row: amax pass, then scale-round-clamp pass; q in
+    [-QMAX, QMAX] (127, or 63 for the opt-in 7-bit activations).
 
     Rows with 0 < amax < 2**-64 are lifted by 2**64 (x and amax, both exact) so
-    that 127 / amax stays finite: pyaccel.reference.quantize_rows_fp32's rule.
-    The scale is div_rn(amax, 127) of the original amax. Subnormal x, amax and
+    that QMAX / amax stays finite: pyaccel.reference.quantize_rows_fp32's rule.
+    The scale is div_rn(amax, QMAX) of the original amax. Subnormal x, amax and
     scales are kept: the PTX has div.rn.f32 and mul.rn.f32, no .ftz (checked
     by tests/ops/test_int8_triton.py)."""
     row = tl.program_id(0).to(tl.int64)
@@ -48,15 +50,16 @@ def _quantize_rows_kernel(
     finite = tl.sum(bad, axis=0) == 0.0
     lift = tl.where(a < 5.421010862427522e-20, 18446744073709551616.0, 1.0)  # 2**-64, 2**64
     use = finite & (a > 0)
-    inv = tl.where(use, tl.math.div_rn(127.0, tl.where(use, a * lift, 1.0)), 0.0)
-    tl.store(s_ptr + row, tl.where(finite, tl.math.div_rn(a, 127.0), float("nan")))
+    qmax = QMAX * 1.0
+    inv = tl.where(use, tl.math.div_rn(qmax, tl.where(use, a * lift, 1.0)), 0.0)
+    tl.store(s_ptr + row, tl.where(finite, tl.math.div_rn(a, qmax), float("nan")))
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         mask = offs < K
         v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         p = (v * lift) * inv
         r = (p + 12582912.0) - 12582912.0
-        r = tl.where(finite, tl.minimum(tl.maximum(r, -127.0), 127.0), 0.0)
+        r = tl.where(finite, tl.minimum(tl.maximum(r, -qmax), qmax), 0.0)
         tl.store(q_ptr + row * stride_qm + offs, r.to(tl.int8), mask=mask)
 
 
@@ -100,8 +103,11 @@ def gemm_config(m: int, n: int, k: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
-def quantize_per_row(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, K] float (unit stride along K) -> (q int8 [M, K], scale fp32 [M])."""
+def quantize_per_row(x: torch.Tensor, qmax: int = 127) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] float (unit stride along K) -> (q int8 [M, K] in [-qmax, qmax], scale fp32 [M]);
+    qmax 127, or 63 (7-bit activations)."""
+    if qmax not in (127, 63):
+        raise ValueError(f"qmax: expected 127 or 63, got {qmax!r}")
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x: expected a 2-D tensor with unit stride along K, got shape "
                          f"{tuple(x.shape)} strides {x.stride()}")
@@ -114,19 +120,20 @@ def quantize_per_row(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return q, s.zero_()
     block_k = 256 if interpreting() else min(4096, triton.next_power_of_2(k))
     kwargs = {} if interpreting() else dict(enable_fp_fusion=False)
-    _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block_k, **kwargs)
+    _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=block_k, QMAX=qmax, **kwargs)
     return q, s
 
 
 def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
-                bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    """x: [M, K] float; w_int8: [N, K] int8; w_scale [N] fp32; bias [N] fp32 or None."""
+                bias: Optional[torch.Tensor], out_dtype: torch.dtype, qmax: int = 127) -> torch.Tensor:
+    """x: [M, K] float; w_int8: [N, K] int8; w_scale [N] fp32; bias [N] fp32 or None;
+    qmax: activation range, 127 or 63 (the opt-in 7-bit mode)."""
     m, k = x.shape
     n = w_int8.shape[0]
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0:
         return y
-    q, sx = quantize_per_row(x)
+    q, sx = quantize_per_row(x, qmax)
     cfg = gemm_config(m, n, k)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _int8_gemm_kernel[grid](

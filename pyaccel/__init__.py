@@ -8,6 +8,7 @@
 from pyaccel import _native  # noqa: F401  (loads torch, then the native library)
 from pyaccel import ops  # noqa: F401  (registers torch.ops.pyaccel.*)
 from pyaccel import ops_block_sparse  # noqa: F401
+from pyaccel import ops_conv  # noqa: F401
 from pyaccel import ops_binary  # noqa: F401
 from pyaccel import nn  # noqa: F401
 from pyaccel.backend import BackendInfo, backend_info

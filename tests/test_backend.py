@@ -58,3 +58,26 @@ def test_reference_backend_override(tmp_path):
 def test_set_isa_cap_rejects_unknown():
     with pytest.raises(ValueError, match="isa: expected one of"):
         _native.set_isa_cap("sse2")
+
+
+_PEAK_MIX = {"avx512_icl": "vpdpbusd zmm", "avx512_vnni": "vpdpbusd zmm",
+             "avx512": "vpmaddubsw+vpmaddwd+vpaddd zmm", "avx2": "vpmaddubsw+vpmaddwd+vpaddd ymm"}
+
+
+def test_measure_peak_follows_the_selected_isa(isa):
+    """The bench's %-of-peak figures come from the running machine at the ISA
+    pyaccel runs at: the probe picks that level's instruction mix."""
+    lib = _native.lib()
+    g8, mix8 = lib.measure_peak("int8", 1, 0.005, 1)
+    g32, mix32 = lib.measure_peak("fp32", 1, 0.005, 1)
+    if isa == "portable":
+        assert (g8, mix8, g32, mix32) == (0.0, "", 0.0, "")
+        return
+    assert mix8 == _PEAK_MIX[isa] and mix32 == ("vfmadd231ps ymm" if isa == "avx2" else "vfmadd231ps zmm")
+    # GOP/s of a real SIMD loop (a loaded machine may slice it, hence the loose bound)
+    assert g8 > 1 and g32 > 1
+
+
+def test_measure_peak_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind must be 'int8' or 'fp32'"):
+        _native.lib().measure_peak("int4", 1)

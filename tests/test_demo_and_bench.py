@@ -5,9 +5,10 @@ from pyaccel.bench import __main__ as bench_main
 
 
 def test_demo_runs(capsys):
-    assert demo.main(["--budget", "0.05", "--tokens", "2"]) == 0
+    assert demo.main(["--budget", "0.05", "--tokens", "2", "--image", "64", "--mobilenet-width", "0.25"]) == 0
     out = capsys.readouterr().out
     assert "pyaccel int8" in out and "2:4 pyaccel (Sparse24Linear)" in out
+    assert "13 depthwise-separable blocks fused" in out
     assert "identical predictions: True" in out or "binary network demo skipped" in out
 
 
@@ -17,3 +18,11 @@ def test_bench_quick_runs(tmp_path, capsys):
                             "--markdown", str(md)]) == 0
     text = md.read_text()
     assert "### int8" in text and "### 2:4" in text and "pyaccel int8" in text
+
+
+def test_bench_dwconv_quick_runs(tmp_path):
+    from pyaccel.bench import dwconv
+
+    rows = dwconv.run(ns=(1,), budget_s=0.02, with_ort=False, quick=True, log=lambda *a: None)
+    assert rows and all(r.sqnr_db > 100 for r in rows)
+    assert dwconv.to_markdown(rows, 224.0).startswith("| block |")

@@ -108,6 +108,12 @@ CASES = [
         reference=lambda m, x: reference.int8_linear(x, m.weight_int8, m.weight_scale, m.bias),
         bad_values=lambda m: {"weight_int8": _minus_128(m.weight_int8), "weight_scale": _nan_scale(m.weight_scale)},
     ),
+    ContractCase(  # the opt-in 7-bit activation mode: its own ladder (kernel_params()["int8_a7"])
+        "Int8Linear-act7", Int8Linear, "int8_a7",
+        build=lambda k, n, bias, gen: Int8Linear.from_float(_float_linear(k, n, bias, gen), act_bits=7),
+        reference=lambda m, x: reference.int8_linear(x, m.weight_int8, m.weight_scale, m.bias, qmax=63),
+        bad_values=lambda m: {"weight_int8": _minus_128(m.weight_int8), "weight_scale": _nan_scale(m.weight_scale)},
+    ),
     ContractCase(
         "Sparse24Linear", Sparse24Linear, "sparse24",
         build=lambda k, n, bias, gen: Sparse24Linear.from_float(_float_linear(k, n, bias, gen, sparse24=True)),
@@ -168,7 +174,7 @@ def case(request) -> ContractCase:
 
 
 def test_every_pyaccel_module_is_registered():
-    registered = {c.cls for c in CASES}
+    registered = {c.cls for c in CASES} | {c.cls for c in CONV_CASES}  # Conv-shaped ones: CONV_CASES, below
     public = [getattr(pyaccel.nn, n) for n in pyaccel.nn.__all__]
     modules = {c for c in public if isinstance(c, type) and issubclass(c, nn.Module)}
     missing = modules - registered - set(NOT_IN_LINEAR_SUITE)
@@ -668,3 +674,313 @@ def test_default_device_context_and_bias_gradient(gen, case):
     b = nn.Parameter(torch.zeros(24))
     F.linear(x, mod.weight, b).sum().backward()
     assert b.grad is not None and torch.equal(b.grad, torch.full((24,), 5.0))
+
+
+# ==== Conv-shaped modules (pyaccel.nn._conv.PackedConv2d) ===================================
+# The same contract for modules that take [N, C, H, W] (NCHW or channels_last)
+# and return [N, Cout, OH, OW] in the input's memory format. A new conv family
+# adds its ConvContractCase to CONV_CASES.
+from pyaccel.nn import FusedDWSeparableConv2d, FusedDWSeparableInt8Conv2d  # noqa: E402
+
+
+@dataclasses.dataclass
+class ConvContractCase:
+    name: str
+    cls: type
+    kernel: str  # key in pyaccel._C.kernel_params()
+    build: Callable[[int, int, torch.Generator], nn.Module]  # (in_channels, out_channels, gen) -> random module
+    reference: Callable[[nn.Module, Tensor], Tensor]  # float64-capable pure-PyTorch forward
+    bad_values: Callable[[nn.Module], Dict[str, Tensor]]  # canonical buffers holding invalid values
+    ctor_args: Callable[[nn.Module], tuple]
+    edit_name: str  # a canonical buffer the packing is built from (for in-place edit tests)
+    grad_reference: Optional[Callable[[nn.Module, Tensor], Tensor]] = None  # what backward differentiates
+    rel: float = 1e-5  # |y - reference| <= rel * max|reference| (int8: the kernel's depthwise sums may round a
+    #                    quantized activation the other way than the reference's: one step of 1/127)
+
+
+def _dws_build(c, co, gen, k=3, stride=1, padding=None, act1="relu6", act2="hardswish"):
+    m = FusedDWSeparableConv2d(c, co, k, stride, padding, 1, act1, act2)
+    with torch.no_grad():
+        m.dw_weight.copy_(torch.randn(m.dw_weight.shape, generator=gen))
+        m.dw_bias.copy_(torch.randn(c, generator=gen))
+        m.pw_weight.copy_(torch.randn(m.pw_weight.shape, generator=gen) / c ** 0.5)
+        m.bias.copy_(torch.randn(co, generator=gen))
+    m._repack()
+    return m
+
+
+def _dws_reference(m, x):
+    g = m.geometry
+    return reference.dws_conv2d(x, m.dw_weight.to(x.dtype) if x.dtype == torch.float64 else m.dw_weight, m.dw_bias,
+                                m.pw_weight, m.bias, g.stride, g.dilation, g.pads(x.shape[-2], x.shape[-1]), m.act1,
+                                m.act2)
+
+
+def _dws_int8_reference(m, x):
+    g = m.geometry
+    return reference.dws_conv2d_int8(x.float(), m.dw_weight, m.dw_bias, m.pw_weight_int8, m.pw_scale, m.bias,
+                                     g.stride, g.dilation, g.pads(x.shape[-2], x.shape[-1]), m.act1, m.act2).to(x.dtype)
+
+
+def _nan_weight(t: Tensor) -> Tensor:
+    bad = t.clone()
+    bad.view(-1)[0] = float("nan")
+    return bad
+
+
+CONV_CASES = [
+    ConvContractCase(
+        "FusedDWSeparableConv2d", FusedDWSeparableConv2d, "dws",
+        build=lambda c, co, gen: _dws_build(c, co, gen),
+        reference=_dws_reference,
+        bad_values=lambda m: {"dw_weight": _nan_weight(m.dw_weight), "pw_weight": _nan_weight(m.pw_weight)},
+        ctor_args=lambda m: (m.in_channels, m.out_channels, m.geometry.kernel, m.geometry.stride,
+                             m.geometry.padding, m.geometry.dilation, m.act1, m.act2),
+        edit_name="pw_weight",
+    ),
+    ConvContractCase(
+        "FusedDWSeparableConv2d-k5s2-tf_same", FusedDWSeparableConv2d, "dws",
+        build=lambda c, co, gen: _dws_build(c, co, gen, 5, 2, "tf_same", "silu", "none"),
+        reference=_dws_reference,
+        bad_values=lambda m: {"dw_weight": _nan_weight(m.dw_weight)},
+        ctor_args=lambda m: (m.in_channels, m.out_channels, m.geometry.kernel, m.geometry.stride,
+                             m.geometry.padding, m.geometry.dilation, m.act1, m.act2),
+        edit_name="dw_weight",
+    ),
+    ConvContractCase(
+        "FusedDWSeparableInt8Conv2d", FusedDWSeparableInt8Conv2d, "dws",
+        build=lambda c, co, gen: FusedDWSeparableInt8Conv2d.from_float(_dws_build(c, co, gen)),
+        reference=_dws_int8_reference,
+        bad_values=lambda m: {"pw_weight_int8": _minus_128(m.pw_weight_int8), "pw_scale": _nan_scale(m.pw_scale)},
+        ctor_args=lambda m: (m.in_channels, m.out_channels, m.geometry.kernel, m.geometry.stride,
+                             m.geometry.padding, m.geometry.dilation, m.act1, m.act2),
+        edit_name="dw_weight", rel=2e-2,
+        grad_reference=lambda m, x: reference.dws_conv2d(  # activation quantization passes gradients straight
+            x, m.dw_weight, m.dw_bias, (m.pw_weight_int8.float() * m.pw_scale[:, None])[..., None, None], m.bias,
+            m.geometry.stride, m.geometry.dilation, m.geometry.pads(x.shape[-2], x.shape[-1]), m.act1, m.act2),
+    ),
+]
+
+
+@pytest.fixture(params=CONV_CASES, ids=lambda c: c.name)
+def ccase(request) -> ConvContractCase:
+    return request.param
+
+
+def assert_conv_close(y, ref, what="", rel=1e-5):
+    assert y.shape == ref.shape and y.dtype == ref.dtype, what
+    if y.numel() == 0:
+        return
+    scale = ref.double().abs().max().item() + 1e-30
+    err = (y.double() - ref.double()).abs().max().item()
+    assert err <= rel * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+def _cx(gen, c, n=2, h=9, w=7):
+    return torch.randn(n, c, h, w, generator=gen)
+
+
+@needs_native
+def test_conv_tile_grid_matches_reference(isa, gen, ccase):
+    p = _native.lib().kernel_params()[ccase.kernel]
+    for c, co in [(1, 1), (15, p["nr"] - 1), (16, p["nr"]), (17, p["nr"] + 1), (40, 2 * p["nr"] + 3)]:
+        mod = ccase.build(c, co, gen)
+        for n, h, w in [(1, 1, 1), (1, p["mr"], 3), (2, 9, 7), (3, 14, 15)]:
+            x = _cx(gen, c, n, h, w)
+            y = mod(x)
+            assert_conv_close(y, ccase.reference(mod, x.double()).float(), f"{isa} c={c} co={co} {n}x{h}x{w}",
+                              rel=ccase.rel)
+            assert torch.equal(y, mod._checked_op(x)), f"fast path != op path at c={c} co={co}"
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_input_layouts(isa, gen, ccase, dtype):
+    mod = ccase.build(24, 20, gen)
+    base = _cx(gen, 48, 3, 11, 10).to(dtype)
+    for what, x in [("NCHW", base[:, :24].contiguous()), ("channels_last", base[:, :24].contiguous(
+            memory_format=torch.channels_last)), ("channel stride", base[:, ::2]), ("N = 1", base[:1, :24]),
+            ("empty batch", base[:0, :24]), ("odd H W", _cx(gen, 24, 1, 5, 3).to(dtype))]:
+        y = mod(x)
+        want_cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        assert y.dtype == dtype and (not want_cl or y.is_contiguous(memory_format=torch.channels_last)), what
+        assert want_cl or y.is_contiguous(), what
+        assert torch.equal(y, mod._checked_op(x)), what
+        if dtype == torch.float32:
+            assert_conv_close(y, ccase.reference(mod, x.double()).float(), what, rel=ccase.rel)
+
+
+@needs_native
+def test_conv_one_checkpoint_same_answer_on_every_isa(gen, ccase):
+    src = ccase.build(33, 29, gen)
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    x = _cx(gen, 33, 2, 12, 11)
+    ref = ccase.reference(src, x.double()).float()
+    for isa in _native.ISA_LADDER:
+        if not _native.isa_supported(isa):
+            continue
+        with _native.isa_cap(isa):
+            buf.seek(0)
+            mod = ccase.cls(*ccase.ctor_args(src))
+            mod.load_state_dict(torch.load(buf, weights_only=True))
+            assert_conv_close(mod(x), ref, isa, rel=ccase.rel)
+
+
+def test_conv_jit_trace_fx_compile_export(gen, ccase):
+    mod = ccase.build(16, 24, gen)
+    net = nn.Sequential(mod, nn.ReLU())
+    x = _cx(gen, 16, 2, 10, 10)
+    traced = torch.jit.trace(net, x)
+    assert "pyaccel" in str(traced.graph)
+    for shape in [(2, 16, 10, 10), (3, 16, 10, 10)]:
+        xi = torch.randn(*shape, generator=gen)
+        assert torch.equal(traced(xi), net(xi)), shape
+    gm = torch.fx.symbolic_trace(net)
+    assert ("call_module", "0") in [(n.op, n.target) for n in gm.graph.nodes]
+    assert torch.equal(gm(x), net(x))
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, fullgraph=True)
+    for n in (2, 3):
+        xi = _cx(gen, 16, n, 10, 10)
+        assert torch.allclose(compiled(xi), mod(xi), rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(mod, (x,), dynamic_shapes=({0: batch},))
+    for n in (1, 5):
+        xi = _cx(gen, 16, n, 10, 10)
+        assert torch.allclose(ep.module()(xi), mod(xi), rtol=1e-6, atol=1e-6)
+
+
+def test_conv_backward_reaches_the_input(gen, ccase):
+    mod = ccase.build(12, 10, gen)
+    x = _cx(gen, 12, 2, 8, 9).requires_grad_()
+    y = mod(x)
+    assert y.requires_grad
+    with torch.no_grad():
+        assert torch.equal(y.detach(), mod(x))
+    g = torch.randn(y.shape, generator=gen)
+    y.backward(g)
+    xr = x.detach().double().requires_grad_()
+    (ccase.grad_reference or ccase.reference)(mod, xr).backward(g.double())
+    assert torch.allclose(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-5)
+    net = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), mod, nn.ReLU())
+    net(torch.randn(2, 3, 8, 8, generator=gen)).sum().backward()
+    assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0
+    assert torch.equal(mod.train()(x.detach()), mod.eval()(x.detach()))
+
+
+def test_conv_copies_state_dict_meta_and_casts(gen, ccase):
+    mod = ccase.build(16, 12, gen)
+    x = _cx(gen, 16)
+    y = mod(x)
+    assert torch.equal(copy.deepcopy(mod)(x), y)
+    assert torch.equal(pickle.loads(pickle.dumps(mod))(x), y)
+    buf = io.BytesIO()
+    torch.save(mod, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), y)
+    fresh = ccase.cls(*ccase.ctor_args(mod))
+    fresh.load_state_dict(mod.state_dict())
+    assert torch.equal(fresh(x), y)
+    with torch.device("meta"):
+        m = ccase.cls(*ccase.ctor_args(mod))
+    assert all(b.is_meta for b in m.buffers())
+    m.load_state_dict(mod.state_dict(), assign=True)
+    assert torch.equal(m(x), y)
+    with torch.device("meta"):
+        m2 = ccase.cls(*ccase.ctor_args(mod))
+    m2 = m2.to_empty(device="cpu")
+    m2.load_state_dict(mod.state_dict())
+    assert torch.equal(m2(x), y)
+    for cast in (lambda m: m.double(), lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.cpu()):
+        m3 = cast(copy.deepcopy(mod))
+        assert all(b.dtype == mod.get_buffer(name).dtype for name, b in m3.named_buffers())
+        assert torch.equal(m3(x), y)
+
+
+@needs_native
+def test_conv_state_changed_behind_the_module(isa, gen, ccase):
+    mod = ccase.build(16, 12, gen)
+    x = _cx(gen, 16)
+    before = mod(x)
+    with torch.no_grad():
+        getattr(mod, ccase.edit_name).mul_(2)
+    after = mod(x)
+    assert not torch.equal(after, before)
+    assert_conv_close(after, ccase.reference(mod, x.double()).float(), "in-place edit", rel=ccase.rel)
+    mod.bias.data = torch.randn(12, generator=gen)
+    assert_conv_close(mod(x), ccase.reference(mod, x.double()).float(), ".data swap", rel=ccase.rel)
+    mod.register_buffer("bias", torch.ones(12))
+    assert_conv_close(mod(x), ccase.reference(mod, x.double()).float(), "register_buffer", rel=ccase.rel)
+
+
+def test_conv_invalid_canonical_values_are_refused(gen, ccase):
+    mod = ccase.build(16, 12, gen)
+    x = _cx(gen, 16)
+    y = mod(x)
+    for name, bad in ccase.bad_values(mod).items():
+        sd = dict(mod.state_dict())
+        sd[name] = bad
+        with pytest.raises(RuntimeError, match=name):
+            mod.load_state_dict(sd)
+        assert torch.equal(mod(x), y)
+        with pytest.raises(ValueError, match=name):
+            setattr(mod, name, bad)
+        assert torch.equal(mod(x), y)
+        edited = copy.deepcopy(mod)
+        with torch.no_grad():
+            getattr(edited, name).copy_(bad)
+        with pytest.raises(ValueError, match=name):
+            edited(x)
+        swapped = copy.deepcopy(mod)
+        getattr(swapped, name).data = bad
+        with pytest.raises(ValueError, match=name):
+            swapped(x)
+    wrong = copy.deepcopy(mod)
+    wrong.bias.data = torch.randn(7)
+    with pytest.raises(ValueError, match="bias"):
+        wrong(x)
+
+
+def test_conv_bad_input_hooks_shared_threads(gen, ccase):
+    mod = ccase.build(16, 16, gen)
+    with pytest.raises(TypeError, match="x"):
+        mod([1.0] * 16)
+    with pytest.raises(ValueError, match="x"):
+        mod(torch.randn(1, 15, 8, 8))
+    with pytest.raises(TypeError, match="x"):
+        mod(torch.randint(0, 5, (1, 16, 8, 8)))
+    with pytest.raises(TypeError, match="x"):
+        mod(torch.randn(1, 16, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x"):
+        mod(torch.randn(16, 8, 8))
+    with pytest.raises((TypeError, ValueError), match="in_channels"):
+        ccase.cls(0, 16)
+    x = _cx(gen, 16, 2, 8, 8)
+    y = mod(x)
+    seen = []
+    h1 = mod.register_forward_pre_hook(lambda m, a: (a[0] * 2,))
+    h2 = mod.register_forward_hook(lambda m, a, out: seen.append(out.shape) or out + 1)
+    assert torch.allclose(mod(x), mod.__class__.forward(mod, x * 2) + 1)
+    assert len(seen) == 1
+    h1.remove(), h2.remove()
+    assert torch.equal(mod(x), y)
+    net = nn.Sequential(mod, nn.Tanh(), mod)
+    assert torch.equal(net(x), mod(torch.tanh(mod(x))))
+    errors = []
+
+    def work():
+        try:
+            for _ in range(10):
+                if not torch.equal(mod(x), y):
+                    errors.append("mismatch")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]

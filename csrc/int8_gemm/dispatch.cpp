@@ -25,7 +25,23 @@ const Kernel kLadder[] = {
      qs8_gemm_1x64c4_scalar},
 };
 
-LadderChoice<Kernel> g_choice;
+// The opt-in 7-bit ladder: activations in [-63, 63]. The VNNI, AVX-512 BW and
+// scalar kernels multiply any int8 values exactly, so they run unchanged on
+// 7-bit q (bit-identical results on every level for one checkpoint); the AVX2
+// level takes q + 64 in [1, 127] as vpmaddubsw's unsigned operand, whose int16
+// pair sums (<= 2 * 127 * 127) then never saturate: 3 instructions per 32
+// products instead of the sign trick's 4.
+const Kernel kLadder7[] = {
+    {Isa::kAvx512Vnni, "qs8_gemm_6x64c4_avx512vnni", 6, 0x80, quantize_rows_avx512,
+     qs8_gemm_6x64c4_avx512vnni, 0, kQmax7},
+    {Isa::kAvx512, "qs8_gemm_4x64c4_avx512bw", 4, 0x00, quantize_rows_avx512, qs8_gemm_4x64c4_avx512bw, 0,
+     kQmax7},
+    {Isa::kAvx2, "qs8_gemm_4x16c4u7_avx2", 4, 0x40, quantize_rows_avx2, qs8_gemm_4x16c4u7_avx2, kAvx2U7RowPathRows,
+     kQmax7},
+    {Isa::kPortable, "qs8_gemm_1x64c4_scalar", 1, 0x00, quantize_rows_scalar, qs8_gemm_1x64c4_scalar, 0, kQmax7},
+};
+
+LadderChoice<Kernel> g_choice, g_choice7;
 
 struct Scratch {
   std::vector<int8_t> q;
@@ -42,21 +58,22 @@ constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
 
 }  // namespace
 
-const Kernel& select_kernel() {
-  return g_choice.get(kLadder, [](const Kernel& k) { return k.isa; });
+const Kernel& select_kernel(int act_bits) {
+  const auto isa_of = [](const Kernel& k) { return k.isa; };
+  return act_bits == 7 ? g_choice7.get(kLadder7, isa_of) : g_choice.get(kLadder, isa_of);
 }
 
 void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
             const uint8_t* packed, const float* w_scale, const float* bias, void* y,
-            int64_t ldy, bool y_bf16, int nthreads) {
+            int64_t ldy, bool y_bf16, int nthreads, int act_bits) {
   if (m <= 0) return;
-  const Kernel& kern = select_kernel();
+  const Kernel& kern = select_kernel(act_bits);
   PackedHeader h;
   std::memcpy(&h, packed, sizeof(h));
   // Below ~0.5M multiply-adds a fork/join (2-3 us) costs more than it saves.
   if (m * h.n_pad * h.k_pad < kMinParallelMacs) nthreads = 1;
   const size_t ysize = y_bf16 ? 2 : 4;
-  quantized_passes(kern.quantize, kern.a_xor, kern.mr, x, ldx, x_bf16, m, k, h.k_pad, nthreads,
+  quantized_passes(kern.quantize, kern.a_zero, kern.qmax, kern.mr, x, ldx, x_bf16, m, k, h.k_pad, nthreads,
                    [&](const int8_t* q, const float* qs, int64_t lda, int64_t r0, int64_t rows) {
                      GemmArgs g{q, lda, qs,
                                 reinterpret_cast<const int8_t*>(packed + h.data_offset),
@@ -82,7 +99,7 @@ void gemm_prequantized(const int8_t* q, int64_t lda, const float* q_scale, int64
   PackedHeader h;
   std::memcpy(&h, packed, sizeof(h));
   // Re-encode into k_pad rows with the kernel's activation encoding, in row
-  // passes (bounded scratch, as linear)
+  // passes (bounded scratch, as linear); 8-bit ladder: any q in [-127, 127]
   const int64_t lda_a = a_stride(h.k_pad);
   const size_t ysize = y_bf16 ? 2 : 4;
   for_each_row_pass(m, lda_a, kRowPassBytes, 6 * kern.mr, [&](int64_t r0, int64_t r1) {
@@ -90,8 +107,8 @@ void gemm_prequantized(const int8_t* q, int64_t lda, const float* q_scale, int64
     for (int64_t r = 0; r < r1 - r0; ++r) {
       const int8_t* qr = q + (r0 + r) * lda;
       for (int64_t i = 0; i < k; ++i)
-        a[r * lda_a + i] = static_cast<int8_t>(static_cast<uint8_t>(qr[i]) ^ kern.a_xor);
-      for (int64_t i = k; i < h.k_pad; ++i) a[r * lda_a + i] = static_cast<int8_t>(kern.a_xor);
+        a[r * lda_a + i] = encode_q(qr[i], kern.a_zero);
+      for (int64_t i = k; i < h.k_pad; ++i) a[r * lda_a + i] = static_cast<int8_t>(kern.a_zero);
     }
     GemmArgs g{a, lda_a, q_scale + r0,
                reinterpret_cast<const int8_t*>(packed + h.data_offset),
@@ -102,7 +119,7 @@ void gemm_prequantized(const int8_t* q, int64_t lda, const float* q_scale, int64
 }
 
 void quantize_rows(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int8_t* q,
-                   int64_t ldq, float* scale, int nthreads) {
+                   int64_t ldq, float* scale, int nthreads, int qmax) {
   if (m <= 0) return;
   const Kernel& kern = select_kernel();
   const int64_t k_pad = (k + kKGroup - 1) / kKGroup * kKGroup;
@@ -110,7 +127,7 @@ void quantize_rows(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k
   std::vector<int8_t> tmp(static_cast<size_t>(m * k_pad));
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
   parallel_for(m, grain, nthreads, [&](int64_t m0, int64_t m1) {
-    kern.quantize(x, ldx, x_bf16, m0, m1, k, k_pad, k_pad, 0, tmp.data(), scale);
+    kern.quantize(x, ldx, x_bf16, m0, m1, k, k_pad, k_pad, 0, qmax, tmp.data(), scale);
   });
   for (int64_t r = 0; r < m; ++r) std::memcpy(q + r * ldq, tmp.data() + r * k_pad, k);
 }

@@ -3,6 +3,7 @@
 //
 //   y[m, n] = float(sum_k q[m, k] * w[n, k]) * sx[m] * sw[n] + bias[n]   (order: see split_scale)
 //   q[m, :] = clamp(rne(x[m, :] * (127 / max|x[m, :]|)), -127, 127), sx[m] = max|x[m, :]| / 127
+//   (opt-in 7-bit activations: 63 in place of 127, see select_kernel)
 //   (a row with an inf or NaN: q = 0, sx = NaN, so its outputs are NaN; a row
 //   with 0 < max|x| < 2^-64 is lifted by 2^64 first, see kTinyAmax)
 //
@@ -49,15 +50,26 @@ void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* o
 const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k);
 
 // ---- kernels ----------------------------------------------------------------
-// Quantize rows [m0, m1) of x (fp32, or bf16 if x_bf16) into q (row stride
-// ldq, columns [k, k_pad) zero-filled) XOR-ed with xor_mask (0x80 turns int8 into the
-// uint8 that vpdpbusd wants), and write the per-row scale.
+// Quantize rows [m0, m1) of x (fp32, or bf16 if x_bf16) to q in [-qmax, qmax]
+// (qmax 127, or 63 for 7-bit activations) and write the per-row scale amax /
+// qmax. Each byte stored is q + zero_point modulo 256 into q (row stride ldq,
+// columns [k, k_pad) hold q = 0): zero_point 0x80 gives the uint8 q + 128 that
+// vpdpbusd wants, 0x40 the uint8 q + 64 in [1, 127] of the 7-bit AVX2 kernel.
+// For 0 and 0x80 the addition equals an XOR.
 using QuantizeRowsFn = void (*)(const void* x, int64_t ldx, bool x_bf16, int64_t m0,
-                                int64_t m1, int64_t k, int64_t k_pad, int64_t ldq, uint8_t xor_mask,
-                                int8_t* q, float* scale);
+                                int64_t m1, int64_t k, int64_t k_pad, int64_t ldq, uint8_t zero_point,
+                                int qmax, int8_t* q, float* scale);
+
+// Largest activation magnitude per mode: 8-bit (default) and 7-bit activations.
+constexpr int kQmax8 = 127;
+constexpr int kQmax7 = 63;
+// The stored byte for a quantized value q (see QuantizeRowsFn).
+inline int8_t encode_q(int q, uint8_t zero_point) {
+  return static_cast<int8_t>(static_cast<uint8_t>(q + zero_point));
+}
 
 // Rows with 0 < amax < kTinyAmax are quantized as rne((x * kTinyLift) *
-// (127 / (amax * kTinyLift))): 127 / amax overflows fp32 below amax ~ 3.7e-37,
+// (qmax / (amax * kTinyLift))): 127 / amax overflows fp32 below amax ~ 3.7e-37,
 // and both multiplications by 2^64 are exact (the results are normal). For
 // every amax where 127 / amax is finite this gives the same q as x * (127 /
 // amax) (the same real product, rounded once), so only tiny rows take this
@@ -68,11 +80,11 @@ constexpr float kTinyLift = 0x1p64f;
 
 // One row x [k] (fp32, or bf16 if x_bf16) with 0 < amax < kTinyAmax, amax =
 // max|x|, quantized by the rule above into q_row (columns [k, k_pad) zero,
-// XOR-ed with xor_mask). Portable code in qs8_quantize_rows_scalar.cpp, called
+// encoded with zero_point). Portable code in qs8_quantize_rows_scalar.cpp, called
 // by every ISA's quantizer for such rows. Returns false if the row holds an
 // inf or NaN (q_row is then unspecified and the caller marks the row).
 bool quantize_tiny_row(const void* row, bool x_bf16, int64_t k, int64_t k_pad, float amax,
-                       uint8_t xor_mask, int8_t* q_row);
+                       uint8_t zero_point, int qmax, int8_t* q_row);
 
 struct GemmArgs {
   const int8_t* a;      // quantized activations [m, k_pad]
@@ -94,18 +106,26 @@ struct Kernel {
   Isa isa;
   const char* name;     // e.g. "qs8_gemm_6x64c4_avx512vnni"
   int mr;               // rows per micro-tile
-  uint8_t a_xor;        // 0x80 when the kernel wants uint8 activations
+  uint8_t a_zero;       // activation encoding: byte = q + a_zero (0x80, 0x40: uint8 activations)
   QuantizeRowsFn quantize;
   GemmFn gemm;
   int row_path_rows = 0;  // calls of up to this many rows take the kernel's one-row path (0: none)
+  int qmax = kQmax8;      // activations in [-qmax, qmax]: 127, or 63 in the 7-bit ladder
 };
 
 // The AVX2 kernel's row path (whole panel per row, in address order) serves
 // calls of up to this many rows; more rows take the 4-row tile.
 constexpr int64_t kAvx2RowPathRows = 16;
+// The same for the 7-bit AVX2 kernel, whose 4-row tile runs 1.2 - 1.5x its row
+// path from 8 rows on (measured, Zen 4 capped at AVX2, interleaved: 4096^2 and
+// 1024x4096 at 8, 12 and 16 rows; 1.05x the other way at 4 rows).
+constexpr int64_t kAvx2U7RowPathRows = 4;
 
 // The kernel for selected_isa(); chosen once per ISA-cap generation.
-const Kernel& select_kernel();
+// act_bits 8: activations in [-127, 127]; 7: in [-63, 63] (the opt-in mode
+// whose AVX2 kernel takes q + 64 as vpmaddubsw's unsigned operand: 3
+// instructions per 32 products). Other values are the caller's error.
+const Kernel& select_kernel(int act_bits = 8);
 
 // Row stride of quantized activations: k_pad plus one cache line when k_pad is
 // a multiple of 1 KiB, so the MR rows a micro-tile broadcasts from do not all
@@ -126,8 +146,8 @@ QuantScratch quant_scratch(int64_t rows, int64_t lda);
 // are re-read once per pass); gemm(q, q_scale, lda, r0, rows) then runs the
 // pass's rows [r0, r0 + rows).
 template <typename Gemm>
-void quantized_passes(QuantizeRowsFn quantize, uint8_t a_xor, int64_t mr, const void* x, int64_t ldx, bool x_bf16,
-                      int64_t m, int64_t k, int64_t k_pad, int nthreads, const Gemm& gemm) {
+void quantized_passes(QuantizeRowsFn quantize, uint8_t a_zero, int qmax, int64_t mr, const void* x, int64_t ldx,
+                      bool x_bf16, int64_t m, int64_t k, int64_t k_pad, int nthreads, const Gemm& gemm) {
   const int64_t lda = a_stride(k_pad);
   const size_t xsize = x_bf16 ? 2 : 4;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));  // >= ~16K values per thread
@@ -135,35 +155,45 @@ void quantized_passes(QuantizeRowsFn quantize, uint8_t a_xor, int64_t mr, const 
     const QuantScratch s = quant_scratch(r1 - r0, lda);
     const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;
     parallel_for(r1 - r0, grain, nthreads, [&](int64_t m0, int64_t m1) {
-      quantize(xr, ldx, x_bf16, m0, m1, k, k_pad, lda, a_xor, s.q, s.scale);
+      quantize(xr, ldx, x_bf16, m0, m1, k, k_pad, lda, a_zero, qmax, s.q, s.scale);
     });
     gemm(s.q, s.scale, lda, r0, r1 - r0);
   });
 }
 
-// Whole linear: quantize x [m, k] and multiply. nthreads: OpenMP threads.
+// 8-bit activations (the other int8 families' drivers call this one).
+template <typename Gemm>
+void quantized_passes(QuantizeRowsFn quantize, uint8_t a_zero, int64_t mr, const void* x, int64_t ldx, bool x_bf16,
+                      int64_t m, int64_t k, int64_t k_pad, int nthreads, const Gemm& gemm) {
+  quantized_passes(quantize, a_zero, kQmax8, mr, x, ldx, x_bf16, m, k, k_pad, nthreads, gemm);
+}
+
+// Whole linear: quantize x [m, k] with act_bits-bit activations (8 or 7, see
+// select_kernel) and multiply. nthreads: OpenMP threads.
 void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
             const uint8_t* packed, const float* w_scale, const float* bias, void* y,
-            int64_t ldy, bool y_bf16, int nthreads);
+            int64_t ldy, bool y_bf16, int nthreads, int act_bits = 8);
 
 // Multiply already-quantized int8 activations (row stride lda, k valid columns).
 void gemm_prequantized(const int8_t* q, int64_t lda, const float* q_scale, int64_t m,
                        int64_t k, const uint8_t* packed, const float* w_scale,
                        const float* bias, void* y, int64_t ldy, bool y_bf16, int nthreads);
 
-// Just the quantization (for tests and the standalone op): q is [m, k] int8.
+// Just the quantization (for tests and the standalone op): q is [m, k] int8
+// in [-qmax, qmax] (qmax 127 or 63), by the selected ISA's quantizer.
 void quantize_rows(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
-                   int8_t* q, int64_t ldq, float* scale, int nthreads);
+                   int8_t* q, int64_t ldq, float* scale, int nthreads, int qmax = kQmax8);
 
 // ---- per-ISA entry points (one file each) ---------------------------------
 void quantize_rows_scalar(const void*, int64_t, bool, int64_t, int64_t, int64_t, int64_t,
-                          int64_t, uint8_t, int8_t*, float*);
+                          int64_t, uint8_t, int, int8_t*, float*);
 void quantize_rows_avx2(const void*, int64_t, bool, int64_t, int64_t, int64_t, int64_t,
-                        int64_t, uint8_t, int8_t*, float*);
+                        int64_t, uint8_t, int, int8_t*, float*);
 void quantize_rows_avx512(const void*, int64_t, bool, int64_t, int64_t, int64_t, int64_t,
-                          int64_t, uint8_t, int8_t*, float*);
+                          int64_t, uint8_t, int, int8_t*, float*);
 void qs8_gemm_1x64c4_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_4x16c4_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void qs8_gemm_4x16c4u7_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_4x64c4_avx512bw(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_6x64c4_avx512vnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 
@@ -199,8 +229,8 @@ inline void store_output(void* y, int64_t ldy, bool y_bf16, const float* bias, i
 
 // A row holding an inf or NaN quantizes to q = 0 with scale NaN, so its
 // outputs are NaN (as the float layer's would be), never finite garbage.
-inline void mark_nonfinite_row(int8_t* q_row, int64_t k_pad, uint8_t xor_mask, float* scale) {
-  for (int64_t i = 0; i < k_pad; ++i) q_row[i] = static_cast<int8_t>(xor_mask);
+inline void mark_nonfinite_row(int8_t* q_row, int64_t k_pad, uint8_t zero_point, float* scale) {
+  for (int64_t i = 0; i < k_pad; ++i) q_row[i] = static_cast<int8_t>(zero_point);
   *scale = __builtin_nanf("");
 }
 

@@ -1,142 +1,55 @@
-// int8 GEMM micro-kernel, AVX2: 4 rows x 16 channels (a quarter of a packed
-// panel), 4 k per step. Same sign trick as the AVX-512 BW kernel: |a| in the
-// unsigned operand of vpmaddubsw, a's sign applied to the weight with
-// vpsignb, so int16 pair sums never saturate (<= 2*127*127). 8 ymm
-// accumulators + 2 weights + temporaries fit the 16 ymm registers.
-#include <immintrin.h>
-
-#include <cstring>
-
-#include "int8_gemm/int8_gemm.h"
+// int8 GEMM micro-kernel, AVX2, 8-bit activations: 4 rows x 16 channels (a
+// quarter of a packed panel), 4 k per step; a one-row path over whole panels
+// for small calls (tiles: qs8_gemm_avx2_tile.h). Same sign trick as the
+// AVX-512 BW kernel with the roles swapped: |w| in the unsigned operand of
+// vpmaddubsw, w's sign applied to the activations with vpsignb, so int16 pair
+// sums never saturate (<= 2*127*127).
+#include "int8_gemm/qs8_gemm_avx2_tile.h"
 
 namespace pyaccel {
 namespace int8_gemm {
 namespace {
 
-inline __m128i cvt_fp32_bf16(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
-  r = _mm256_srli_epi32(r, 16);
-  // pack 8 x u32 (< 65536) into 8 x u16
-  const __m128i lo = _mm256_castsi256_si128(r), hi = _mm256_extracti128_si256(r, 1);
-  return _mm_packus_epi32(lo, hi);
-}
-
-inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t n0) {
-  const int64_t left = g.n - n0;
-  if (left <= 0) return;
-  alignas(32) float tmp[8];
-  alignas(32) float ws[8] = {0}, bs[8] = {0};
-  const int cnt = left >= 8 ? 8 : static_cast<int>(left);
-  std::memcpy(ws, g.w_scale + n0, cnt * 4);
-  if (g.bias) std::memcpy(bs, g.bias + n0, cnt * 4);
-  // split_scale's order, without its multiplications by 1 (same results)
-  const __m256 a = _mm256_cvtepi32_ps(acc), vs = _mm256_set1_ps(sa), vw = _mm256_load_ps(ws);
-  __m256 v = sa < 1.f ? _mm256_mul_ps(_mm256_mul_ps(a, vs), vw) : _mm256_mul_ps(a, _mm256_mul_ps(vs, vw));
-  if (g.bias) v = _mm256_add_ps(v, _mm256_load_ps(bs));
-  if (g.c_bf16) {
-    uint16_t* c = static_cast<uint16_t*>(g.c) + m * g.ldc + n0;
-    const __m128i h = cvt_fp32_bf16(v);
-    if (cnt == 8) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(c), h);
-    } else {
-      alignas(16) uint16_t th[8];
-      _mm_store_si128(reinterpret_cast<__m128i*>(th), h);
-      std::memcpy(c, th, cnt * 2);
-    }
-  } else {
-    float* c = static_cast<float*>(g.c) + m * g.ldc + n0;
-    if (cnt == 8) {
-      _mm256_storeu_ps(c, v);
-    } else {
-      _mm256_store_ps(tmp, v);
-      std::memcpy(c, tmp, cnt * 4);
-    }
+struct SignStep {
+  // The row path beats the 4-row tile up to here (measured, Zen 4 capped at
+  // AVX2, interleaved: 1.0 - 3.6x at 1 - 16 rows on the four issue shapes,
+  // 0.87 - 1.17x at 32 - 128 rows).
+  static constexpr int64_t kRowPathRows = kAvx2RowPathRows;
+  static __m256i weights(const int8_t* b) {
+    return _mm256_abs_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
   }
-}
-
-template <int MR>
-inline void tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0) {
-  const int64_t groups = g.k_pad / kKGroup;
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  const int8_t* a = g.a + m * g.lda;
-  const int8_t* b = sub;
-  for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup) {
-    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
-    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32));
-#pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) {
-      int32_t a4;
-      std::memcpy(&a4, a + r * g.lda + grp * kKGroup, 4);
-      const __m256i av = _mm256_set1_epi32(a4);
-      const __m256i aabs = _mm256_abs_epi8(av);
-      const __m256i p0 = _mm256_maddubs_epi16(aabs, _mm256_sign_epi8(b0, av));
-      const __m256i p1 = _mm256_maddubs_epi16(aabs, _mm256_sign_epi8(b1, av));
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(p0, ones));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(p1, ones));
-    }
+  // One multiply-add step of the tile: c += w * a for 8 channels x 4 k, with
+  // |w| (precomputed once per k group, shared by the rows) as vpmaddubsw's
+  // unsigned operand and a carrying w's sign (vpsignb: a, -a or 0) as its
+  // signed one. |w| <= 127 and |a| <= 127 (the quantizer never emits -128), so
+  // each int16 pair sum is at most 2 * 127 * 127 and never saturates. Inline
+  // asm: with intrinsics GCC keeps copying the accumulators and spills two of them.
+  static void step(__m256i& c, __m256i w_abs, __m256i a, const int8_t* w, __m256i ones) {
+    __m256i t;
+    __asm__(
+        "vpsignb %[w], %[a], %[t]\n\t"
+        "vpmaddubsw %[t], %[u], %[t]\n\t"
+        "vpmaddwd %[ones], %[t], %[t]\n\t"
+        "vpaddd %[t], %[c], %[c]"
+        : [c] "+x"(c), [t] "=&x"(t)
+        : [w] "m"(*reinterpret_cast<const __m256i*>(w)), [a] "x"(a), [u] "x"(w_abs), [ones] "x"(ones));
   }
-  for (int r = 0; r < MR; ++r) {
-    const float sa = g.a_scale[m + r];
-    store8(g, acc[r][0], sa, m + r, n0);
-    store8(g, acc[r][1], sa, m + r, n0 + 8);
+  // Row path: |a| as the unsigned operand, w with a's sign as the signed one.
+  struct RowA {
+    __m256i abs, sgn;
+  };
+  static RowA row_a(__m256i a) { return {_mm256_abs_epi8(a), a}; }
+  static void row_step(__m256i& c, const RowA& ra, const int8_t* b, __m256i ones) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+    c = _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(ra.abs, _mm256_sign_epi8(w, ra.sgn)), ones));
   }
-}
-
-// One row x one whole panel (64 channels, 8 accumulators): the panel's bytes
-// in address order. The 4-row tile above takes a 16-channel quarter per pass,
-// i.e. 64 of every 256 bytes, four passes per panel; at M = 1, where the
-// kernel is bound by streaming the weights, that strided pattern measured
-// 13 GB/s on 4096x4096 (Zen 4 capped at AVX2) -- see int8_gemm/README.md.
-inline void tile_row(const GemmArgs& g, int64_t m, const int8_t* panel, int64_t n0) {
-  const int64_t groups = g.k_pad / kKGroup;
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[8];
-  for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_si256();
-  const int8_t* a = g.a + m * g.lda;
-  const int8_t* b = panel;
-  for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup) {
-    int32_t a4;
-    std::memcpy(&a4, a + grp * kKGroup, 4);
-    const __m256i av = _mm256_set1_epi32(a4);
-    const __m256i aabs = _mm256_abs_epi8(av);
-#pragma GCC unroll 8
-    for (int v = 0; v < 8; ++v) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * v));
-      acc[v] = _mm256_add_epi32(acc[v], _mm256_madd_epi16(_mm256_maddubs_epi16(aabs, _mm256_sign_epi8(w, av)), ones));
-    }
-  }
-  const float sa = g.a_scale[m];
-  for (int v = 0; v < 8; ++v) store8(g, acc[v], sa, m, n0 + 8 * v);
-}
-
-// Up to kAvx2RowPathRows rows the row path beats the 4-row tile (measured, Zen 4
-// capped at AVX2, interleaved: 1.0 - 3.6x at 1 - 16 rows on the four issue
-// shapes; 0.87 - 1.17x at 32 - 128 rows).
-constexpr int64_t kRowPathRows = kAvx2RowPathRows;
+  static __m256i finish(const GemmArgs&, __m256i acc, int64_t) { return acc; }
+};
 
 }  // namespace
 
 void qs8_gemm_4x16c4_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  const int64_t groups = g.k_pad / kKGroup;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int8_t* panel = g.w + p * groups * kPanel * kKGroup;
-    if (m1 - m0 <= kRowPathRows) {
-      for (int64_t m = m0; m < m1; ++m) tile_row(g, m, panel, p * kPanel);
-      continue;
-    }
-    for (int s = 0; s < kPanel / 16; ++s) {
-      const int64_t n0 = p * kPanel + 16 * s;
-      if (n0 >= g.n) break;
-      const int8_t* sub = panel + 16 * s * kKGroup;
-      for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<h()>(g, m, sub, n0); });
-    }
-  }
+  avx2_tile::gemm<SignStep>(g, m0, m1, p0, p1);
 }
 
 }  // namespace int8_gemm

@@ -1,7 +1,7 @@
 // int8 GEMM micro-kernel, AVX-512 VNNI: 6 rows x 64 channels, 4 k per step.
 //
 // vpdpbusd multiplies uint8 by int8, so activations arrive as q ^ 0x80
-// (= q + 128, see a_xor in dispatch.cpp) and the epilogue subtracts
+// (= q + 128, see a_zero in dispatch.cpp) and the epilogue subtracts
 // comp[n] = 128 * sum_k w[n, k]. 24 zmm accumulators + 4 weight registers +
 // 1 broadcast: 29 of 32 registers. No saturation: each vpdpbusd lane adds 4
 // products of at most 255*127; int32 overflows only past k ~ 66 000.

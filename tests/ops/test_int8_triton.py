@@ -45,6 +45,29 @@ def test_triton_int8_linear(m, n, k, dtype, bias):
     assert ((y.float() - yr.float()).abs() <= tol).all()
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 64, 32), (33, 65, 100)])
+def test_triton_7bit_activations(m, n, k):
+    """qmax=63 (Int8Linear act_bits=7): the quantizer matches the reference exactly,
+    extremes (±max rows, ±127 weights) included, and the GEMM's integer part is exact."""
+    g = torch.Generator().manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g) * 3
+    x[0, :] = torch.where(torch.arange(k) % 2 == 0, 5.0, -5.0)  # q = ±63 everywhere
+    x = x.to(DEVICE)
+    q, s = tk.quantize_per_row(x, 63)
+    qr, sr = reference.quantize_per_row(x, 63)
+    assert torch.equal(q.cpu(), qr.cpu()) and torch.equal(s.cpu(), sr.cpu())
+    assert int(q.abs().max()) == 63
+    w = quantize_weight_per_channel(torch.randn(n, k, generator=g))
+    wv = w.values.clone()
+    wv[0] = torch.where(torch.arange(k) % 2 == 0, 127, -127).to(torch.int8)
+    wv, ws = wv.to(DEVICE), w.scale.to(DEVICE)
+    y = tk.int8_linear(x, wv, ws, None, out_dtype=torch.float32, qmax=63)
+    yr = reference.int8_linear(x, wv, ws, None, qmax=63)
+    assert ((y - yr).abs() <= 2 * torch.finfo(torch.float32).eps * yr.abs() + 1e-6).all()
+    with pytest.raises(ValueError, match="qmax"):
+        tk.quantize_per_row(x, 100)
+
+
 def test_triton_zero_batch_and_strided_rows():
     g = torch.Generator().manual_seed(3)
     w = quantize_weight_per_channel(torch.randn(40, 50, generator=g))
@@ -78,11 +101,13 @@ _COMPILE = textwrap.dedent("""
         ptx = k.asm["ptx"]
         assert ".s8.s8.s32" in ptx or "wgmma" in ptx, "no int8 tensor-core instruction in the PTX"
     qsig = {"x_ptr": "*fp32", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
-            "stride_qm": "i32", "BLOCK_K": "constexpr"}
-    k = triton.compile(ASTSource(fn=tk._quantize_rows_kernel, signature=qsig, constexprs={"BLOCK_K": 1024}),
-                       target=target, options={"enable_fp_fusion": False})
-    assert "div.rn.f32" in k.asm["ptx"]
-    assert ".ftz" not in k.asm["ptx"], "subnormal x and scales must not be flushed"
+            "stride_qm": "i32", "BLOCK_K": "constexpr", "QMAX": "constexpr"}
+    for qmax in (127, 63):
+        k = triton.compile(ASTSource(fn=tk._quantize_rows_kernel, signature=qsig,
+                                     constexprs={"BLOCK_K": 1024, "QMAX": qmax}),
+                           target=target, options={"enable_fp_fusion": False})
+        assert "div.rn.f32" in k.asm["ptx"]
+        assert ".ftz" not in k.asm["ptx"], "subnormal x and scales must not be flushed"
     print("compiled", cc)
 """)
 

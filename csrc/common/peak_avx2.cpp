@@ -1,0 +1,58 @@
+// AVX2 throughput probes (see peak.h). Inline asm keeps every instruction: the
+// compiler may neither fold the chains nor hoist loop-invariant products.
+#include <immintrin.h>
+
+#include "common/peak.h"
+
+namespace pyaccel {
+namespace peak {
+
+// 12 chains of u8*s8 pairs -> s16 (vpmaddubsw), pairs -> s32 (vpmaddwd by 1),
+// accumulate (vpaddd): 32 products per chain step; 12 accumulators + 2
+// temporaries + 2 inputs use the 16 ymm registers.
+int64_t int8_avx2(int64_t iters) {
+  __m256i a = _mm256_set1_epi8(3), w = _mm256_set1_epi8(-5), ones = _mm256_set1_epi16(1);
+  __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
+  for (int64_t i = 0; i < iters; ++i) {
+#define PYACCEL_PEAK_STEP(ACC)                                                   \
+  {                                                                            \
+    __m256i t;                                                                 \
+    __asm__ volatile(                                                          \
+        "vpmaddubsw %[w], %[a], %[t]\n\t"                                      \
+        "vpmaddwd %[o], %[t], %[t]\n\t"                                        \
+        "vpaddd %[t], %[c], %[c]"                                              \
+        : [c] "+x"(ACC), [t] "=&x"(t)                                            \
+        : [a] "x"(a), [w] "x"(w), [o] "x"(ones));                              \
+  }
+    PYACCEL_PEAK_STEP(c0) PYACCEL_PEAK_STEP(c1) PYACCEL_PEAK_STEP(c2)
+    PYACCEL_PEAK_STEP(c3) PYACCEL_PEAK_STEP(c4) PYACCEL_PEAK_STEP(c5)
+    PYACCEL_PEAK_STEP(c0) PYACCEL_PEAK_STEP(c1) PYACCEL_PEAK_STEP(c2)
+    PYACCEL_PEAK_STEP(c3) PYACCEL_PEAK_STEP(c4) PYACCEL_PEAK_STEP(c5)
+#undef PYACCEL_PEAK_STEP
+  }
+  __asm__ volatile("" ::"x"(c0), "x"(c1), "x"(c2), "x"(c3), "x"(c4), "x"(c5));
+  return iters * 12 * 32 * 2;
+}
+
+// 12 independent FMA chains (latency 4-5, 2 per cycle) of 8 lanes.
+int64_t fp32_avx2(int64_t iters) {
+  __m256 x = _mm256_set1_ps(0.999f), y = _mm256_set1_ps(1e-3f);
+  __m256 c0 = _mm256_set1_ps(1.f), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0,
+         c8 = c0, c9 = c0, c10 = c0, c11 = c0;
+  for (int64_t i = 0; i < iters; ++i) {
+    __asm__ volatile(
+        "vfmadd231ps %[x], %[y], %[c0]\n\tvfmadd231ps %[x], %[y], %[c1]\n\t"
+        "vfmadd231ps %[x], %[y], %[c2]\n\tvfmadd231ps %[x], %[y], %[c3]\n\t"
+        "vfmadd231ps %[x], %[y], %[c4]\n\tvfmadd231ps %[x], %[y], %[c5]\n\t"
+        "vfmadd231ps %[x], %[y], %[c6]\n\tvfmadd231ps %[x], %[y], %[c7]\n\t"
+        "vfmadd231ps %[x], %[y], %[c8]\n\tvfmadd231ps %[x], %[y], %[c9]\n\t"
+        "vfmadd231ps %[x], %[y], %[c10]\n\tvfmadd231ps %[x], %[y], %[c11]"
+        : [c0] "+x"(c0), [c1] "+x"(c1), [c2] "+x"(c2), [c3] "+x"(c3), [c4] "+x"(c4), [c5] "+x"(c5),
+          [c6] "+x"(c6), [c7] "+x"(c7), [c8] "+x"(c8), [c9] "+x"(c9), [c10] "+x"(c10), [c11] "+x"(c11)
+        : [x] "x"(x), [y] "x"(y));
+  }
+  return iters * 12 * 8 * 2;
+}
+
+}  // namespace peak
+}  // namespace pyaccel

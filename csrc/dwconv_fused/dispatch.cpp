@@ -1,0 +1,156 @@
+// Kernel choice and the driver of the fused depthwise-separable convolution.
+//
+// Work items are (image, band of output pixels, range of output panels). A
+// band holds up to kBandBytes of depthwise output (t, fp32 [band][c_pad]),
+// so t stays in L2 while every pointwise panel streams past it; the item
+// computes t into a thread-local buffer and runs the GEMM on it at once.
+// With fewer bands than 2 per thread (small images, N = 1 late layers), the
+// output panels are split too: each item recomputes its band's depthwise
+// output (1 - 7 % of the MACs) instead of sharing it through memory.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/ladder.h"
+#include "common/parallel.h"
+#include "dwconv_fused/dwconv_fused.h"
+#include "int8_gemm/int8_gemm.h"
+
+namespace pyaccel {
+namespace dws {
+namespace {
+
+const Kernel kLadder[] = {
+    {Isa::kAvx512, "dws_12x32_avx512", 12, 32, dw_avx512, pw_avx512},
+    {Isa::kAvx2, "dws_6x16_avx2", 6, 16, dw_avx2, pw_avx2},
+    {Isa::kPortable, "dws_1x16_scalar", 1, 16, dw_scalar, pw_scalar},
+};
+LadderChoice<Kernel> g_choice;
+
+constexpr int64_t kBandBytes = 192 * 1024;  // depthwise output per band (L2: 1 MB on Zen 4)
+constexpr int64_t kMinParallelMacs = int64_t(1) << 17;
+
+thread_local std::vector<float> t_buf;
+thread_local std::vector<int8_t> t_q;
+thread_local std::vector<float> t_qscale;
+
+float* band_buffer(int64_t floats) {
+  if (t_buf.size() < static_cast<size_t>(floats + 16)) t_buf.resize(floats + 16);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(t_buf.data()) + 63) & ~uintptr_t(63));
+}
+
+struct BandPlan {
+  int64_t band, bands, splits;
+  int nthreads;
+};
+
+// Bands of about equal size, each at most kBandBytes of t (ldt floats a
+// pixel); with few of them, as many as make the items a multiple of the
+// threads; with fewer bands than 2 a thread, the panels are split too.
+BandPlan plan_bands(int64_t batch, int64_t pixels, int64_t ldt, int64_t macs_per_pixel, int64_t panels, int mr,
+                    int nthreads) {
+  if (batch * pixels * macs_per_pixel < kMinParallelMacs) nthreads = 1;
+  const int64_t nt = std::max(1, nthreads);
+  const int64_t max_band = std::max<int64_t>(mr, kBandBytes / (4 * ldt));
+  int64_t bands = (pixels + max_band - 1) / max_band;
+  if (batch * bands < 16 * nt)
+    while ((batch * bands) % nt != 0 && bands < (pixels + mr - 1) / mr) ++bands;
+  const int64_t band = (pixels + bands - 1) / bands;
+  bands = (pixels + band - 1) / band;
+  int64_t splits = 1;
+  if (nt > 1 && batch * bands < 2 * nt) splits = std::min<int64_t>(panels, (2 * nt + batch * bands - 1) / (batch * bands));
+  return BandPlan{band, bands, std::max<int64_t>(1, splits), static_cast<int>(nt)};
+}
+
+}  // namespace
+
+const Kernel& select_kernel() {
+  return g_choice.get(kLadder, [](const Kernel& k) { return k.isa; });
+}
+
+void forward(const float* x, int64_t batch, int64_t h, int64_t w, int64_t c, const uint8_t* packed, float* y,
+             int64_t oh, int64_t ow, int64_t pad_t, int64_t pad_l, int nthreads) {
+  if (batch <= 0 || oh <= 0 || ow <= 0) return;
+  const Kernel& kern = select_kernel();
+  PackedHeader hd;
+  std::memcpy(&hd, packed, sizeof(hd));
+  const Offsets o = offsets(c, hd.n, hd.kh, hd.kw, hd.layout);
+  const int64_t pixels = oh * ow, ldt = hd.c_pad, n = hd.n;
+  const int64_t panels = hd.n_pad / hd.layout;
+  const BandPlan bp = plan_bands(batch, pixels, ldt, c * n, panels, kern.mr, nthreads);
+  const int64_t band = bp.band, bands = bp.bands, splits = bp.splits, nt = bp.nthreads;
+  const int64_t items = batch * bands * splits;
+  Problem base{};
+  base.h = h; base.w = w; base.c = c; base.oh = oh; base.ow = ow; base.pad_t = pad_t; base.pad_l = pad_l;
+  base.hd = reinterpret_cast<const PackedHeader*>(packed);
+  base.wd = reinterpret_cast<const float*>(packed + o.wd);
+  base.bd = reinterpret_cast<const float*>(packed + o.bd);
+  base.wp = reinterpret_cast<const float*>(packed + o.wp);
+  base.bp = reinterpret_cast<const float*>(packed + o.bp);
+  parallel_for(items, 1, nt, [&](int64_t i0, int64_t i1) {
+    float* t = band_buffer(band * ldt);
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t img = it / (bands * splits), rest = it % (bands * splits);
+      const int64_t b = rest / splits, s = rest % splits;
+      Problem pr = base;
+      pr.x = x + img * h * w * c;
+      pr.y = y + img * pixels * n;
+      const int64_t p0 = b * band, p1 = std::min(pixels, p0 + band);
+      kern.dw(pr, p0, p1, t, ldt);
+      const int64_t q0 = panels * s / splits, q1 = panels * (s + 1) / splits;
+      if (q0 < q1) kern.pw(pr, t, ldt, p0, p1, q0, q1);
+    }
+  });
+}
+
+void forward_int8(const float* x, int64_t batch, int64_t h, int64_t w, int64_t c, const uint8_t* packed_dw,
+                  const uint8_t* packed_i8, int64_t n, const float* w_scale, const float* bias, float* y, int64_t oh,
+                  int64_t ow, int64_t pad_t, int64_t pad_l, int nthreads) {
+  if (batch <= 0 || oh <= 0 || ow <= 0) return;
+  const Kernel& kern = select_kernel();
+  const int8_gemm::Kernel& k8 = int8_gemm::select_kernel();
+  PackedHeader hd;
+  std::memcpy(&hd, packed_dw, sizeof(hd));
+  int8_gemm::PackedHeader h8;
+  std::memcpy(&h8, packed_i8, sizeof(h8));
+  const Offsets o = offsets(c, 0, hd.kh, hd.kw, hd.layout);
+  const int64_t pixels = oh * ow, ldt = hd.c_pad, lda = int8_gemm::a_stride(h8.k_pad);
+  const int64_t panels = h8.n_pad / int8_gemm::kPanel;
+  const BandPlan bp = plan_bands(batch, pixels, ldt, c * n, panels, std::max(kern.mr, k8.mr), nthreads);
+  const int64_t items = batch * bp.bands * bp.splits;
+  Problem base{};
+  base.h = h; base.w = w; base.c = c; base.oh = oh; base.ow = ow; base.pad_t = pad_t; base.pad_l = pad_l;
+  base.hd = reinterpret_cast<const PackedHeader*>(packed_dw);
+  base.wd = reinterpret_cast<const float*>(packed_dw + o.wd);
+  base.bd = reinterpret_cast<const float*>(packed_dw + o.bd);
+  const int8_t* wq = reinterpret_cast<const int8_t*>(packed_i8 + h8.data_offset);
+  const int32_t* comp = reinterpret_cast<const int32_t*>(packed_i8 + h8.comp_offset);
+  parallel_for(items, 1, bp.nthreads, [&](int64_t i0, int64_t i1) {
+    float* t = band_buffer(bp.band * ldt);
+    if (t_q.size() < static_cast<size_t>(bp.band * lda + 64)) t_q.resize(bp.band * lda + 64);
+    if (t_qscale.size() < static_cast<size_t>(bp.band)) t_qscale.resize(bp.band);
+    int8_t* q = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(t_q.data()) + 63) & ~uintptr_t(63));
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t img = it / (bp.bands * bp.splits), rest = it % (bp.bands * bp.splits);
+      const int64_t b = rest / bp.splits, s = rest % bp.splits;
+      Problem pr = base;
+      pr.x = x + img * h * w * c;
+      const int64_t p0 = b * bp.band, p1 = std::min(pixels, p0 + bp.band), rows = p1 - p0;
+      kern.dw(pr, p0, p1, t, ldt);
+      k8.quantize(t, ldt, false, 0, rows, c, h8.k_pad, lda, k8.a_zero, int8_gemm::kQmax8, q, t_qscale.data());
+      float* yb = y + (img * pixels + p0) * n;
+      const int8_gemm::GemmArgs g{q, lda, t_qscale.data(), wq, comp, w_scale, bias, yb, n, false, rows, n, h8.k_pad};
+      const int64_t q0 = panels * s / bp.splits, q1 = panels * (s + 1) / bp.splits;
+      if (q0 >= q1) continue;
+      k8.gemm(g, 0, rows, q0, q1);
+      if (hd.act2 != kNone) {
+        const int64_t c0 = q0 * int8_gemm::kPanel, c1 = std::min<int64_t>(n, q1 * int8_gemm::kPanel);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = c0; j < c1; ++j) yb[r * n + j] = act_scalar(yb[r * n + j], hd.act2, hd.lo2, hd.hi2);
+      }
+    }
+  });
+}
+
+}  // namespace dws
+}  // namespace pyaccel

@@ -1,0 +1,191 @@
+// The fused depthwise-separable kernel, written once over a vector type V
+// (dws_12x32_avx512.cpp, dws_6x16_avx2.cpp and dws_1x16_scalar.cpp each
+// include it with their own V and compile it with their own ISA flags).
+//
+// V provides: R (register), W (lanes), M (a lane mask), mask(n) (the first n
+// lanes, n in [0, W]), set1, loadu, loadm(p, m) (zeros outside m), storeu,
+// storen(p, r, n), fma(a, b, c) = a * b + c, add, mul, div, max, min, exp.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "dwconv_fused/dwconv_fused.h"
+
+namespace pyaccel {
+namespace dws {
+namespace generic {
+
+template <class V>
+inline typename V::R act(typename V::R v, int32_t kind, float lo, float hi) {
+  using R = typename V::R;
+  // The bound goes first: max/min return their second operand when one is NaN
+  // (x86 maxps/minps, and the scalar a > b ? a : b), so a NaN stays NaN as in torch.
+  switch (kind) {
+    case kRelu: return V::max(V::set1(0.f), v);
+    case kRelu6: return V::min(V::set1(6.f), V::max(V::set1(0.f), v));
+    case kHardtanh: return V::min(V::set1(hi), V::max(V::set1(lo), v));
+    case kHardswish: {  // x * relu6(x + 3) / 6, as torch computes it
+      R r = V::min(V::set1(6.f), V::max(V::set1(0.f), V::add(v, V::set1(3.f))));
+      return V::div(V::mul(v, r), V::set1(6.f));
+    }
+    case kSilu: {  // x / (1 + exp(-x))
+      R e = V::exp(V::mul(v, V::set1(-1.f)));
+      return V::div(v, V::add(V::set1(1.f), e));
+    }
+    default: return v;
+  }
+}
+
+// Depthwise output of P adjacent pixels of one output row (ox .. ox + P - 1)
+// for NV vectors of channels from c0: each weight vector loaded once per tap
+// serves the P pixels. tr: the first pixel's row of t, ldt apart.
+// FULL: all NV vectors hold C channels (plain loads; else masked ones);
+// INSIDE: every tap of the P pixels lies inside the row (no column checks).
+template <class V, int NV, int P, bool FULL, bool INSIDE>
+inline void dw_block(const Problem& pr, int64_t oy, int64_t ox, int64_t c0, float* tr, int64_t ldt) {
+  using R = typename V::R;
+  const PackedHeader& h = *pr.hd;
+  R acc[P][NV];
+  typename V::M mk[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const R b = V::loadu(pr.bd + c0 + v * V::W);
+#pragma GCC unroll 8
+    for (int q = 0; q < P; ++q) acc[q][v] = b;
+    mk[v] = V::mask(static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(V::W, pr.c - c0 - v * V::W))));
+  }
+  const int64_t iy0 = oy * h.sh - pr.pad_t, ix0 = ox * h.sw - pr.pad_l;
+  for (int i = 0; i < h.kh; ++i) {
+    const int64_t iy = iy0 + int64_t(i) * h.dh;
+    if (iy < 0 || iy >= pr.h) continue;
+    const float* xrow = pr.x + iy * pr.w * pr.c + c0;
+    const float* wrow = pr.wd + int64_t(i * h.kw) * h.c_pad + c0;
+    for (int j = 0; j < h.kw; ++j) {
+      R wv[NV];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) wv[v] = V::loadu(wrow + int64_t(j) * h.c_pad + v * V::W);
+      const int64_t ixj = ix0 + int64_t(j) * h.dw;
+#pragma GCC unroll 8
+      for (int q = 0; q < P; ++q) {
+        const int64_t ix = ixj + q * int64_t(h.sw);
+        if (!INSIDE && (ix < 0 || ix >= pr.w)) continue;
+        const float* xr = xrow + ix * pr.c;
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v)
+          acc[q][v] = V::fma(FULL ? V::loadu(xr + v * V::W) : V::loadm(xr + v * V::W, mk[v]), wv[v], acc[q][v]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < P; ++q)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) V::storeu(tr + q * ldt + c0 + v * V::W, act<V>(acc[q][v], h.act1, h.lo1, h.hi1));
+}
+
+template <class V, int NV, int P, bool INSIDE>
+inline void dw_pixels(const Problem& pr, int64_t oy, int64_t ox, float* tr, int64_t ldt) {
+  int64_t c0 = 0;
+  for (; c0 + NV * V::W <= pr.c; c0 += NV * V::W) dw_block<V, NV, P, true, INSIDE>(pr, oy, ox, c0, tr, ldt);
+  for (; c0 + V::W <= pr.c; c0 += V::W) dw_block<V, 1, P, true, INSIDE>(pr, oy, ox, c0, tr, ldt);
+  if (c0 < pr.c) dw_block<V, 1, P, false, INSIDE>(pr, oy, ox, c0, tr, ldt);
+}
+
+// t rows for output pixels [p0, p1), PMAX adjacent pixels of a row at a time.
+template <class V, int NV, int PMAX>
+void dw(const Problem& pr, int64_t p0, int64_t p1, float* t, int64_t ldt) {
+  const PackedHeader& h = *pr.hd;
+  const int64_t reach = int64_t(h.kw - 1) * h.dw;  // input columns a pixel's window spans, less one
+  for (int64_t p = p0; p < p1;) {
+    const int64_t oy = p / pr.ow, ox = p % pr.ow;
+    const int64_t run = std::min<int64_t>({PMAX, p1 - p, pr.ow - ox});
+    float* tr = t + (p - p0) * ldt;
+    const int64_t first = ox * h.sw - pr.pad_l, last = (ox + run - 1) * h.sw - pr.pad_l + reach;
+    const bool inside = first >= 0 && last < pr.w;
+    if (run == PMAX && inside)
+      dw_pixels<V, NV, PMAX, true>(pr, oy, ox, tr, ldt);
+    else if (run == PMAX)
+      dw_pixels<V, NV, PMAX, false>(pr, oy, ox, tr, ldt);
+    else
+      for (int64_t q = 0; q < run; ++q) dw_pixels<V, NV, 1, false>(pr, oy, ox + q, tr + q * ldt, ldt);
+    p += run;
+  }
+}
+
+// y rows [0, MR) x one panel's first NV vectors (cols valid columns).
+template <class V, int MR, int NV, int NR>
+inline void pw_tile(const float* t, int64_t ldt, int64_t k, const float* w, const float* bias, float* y, int64_t ldy,
+                    int cols, const PackedHeader& h) {
+  using R = typename V::R;
+  R acc[MR][NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const R b = V::loadu(bias + v * V::W);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) acc[r][v] = b;
+  }
+  for (int64_t kk = 0; kk < k; ++kk) {
+    R wv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) wv[v] = V::loadu(w + kk * NR + v * V::W);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const R a = V::set1(t[r * ldt + kk]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(a, wv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const int n = cols - v * V::W;
+      if (n <= 0) continue;
+      const R o = act<V>(acc[r][v], h.act2, h.lo2, h.hi2);
+      if (n >= V::W)
+        V::storeu(y + r * ldy + v * V::W, o);
+      else
+        V::storen(y + r * ldy + v * V::W, o, n);
+    }
+}
+
+// One tile of `rows` (1 .. MR) rows: the pw_tile instance for that height.
+template <class V, int MR, int NV, int NR>
+inline void pw_tile_n(int64_t rows, const float* t, int64_t ldt, int64_t k, const float* w, const float* bias, float* y,
+                      int64_t ldy, int cols, const PackedHeader& h) {
+  if (rows >= MR)
+    pw_tile<V, MR, NV, NR>(t, ldt, k, w, bias, y, ldy, cols, h);
+  else if constexpr (MR > 1)
+    pw_tile_n<V, MR - 1, NV, NR>(rows, t, ldt, k, w, bias, y, ldy, cols, h);
+}
+
+// rows in ceil(rows / MR) tiles of nearly equal height (25 rows: 9 + 8 + 8, not 12 + 12 + 1).
+template <class V, int MR, int NV, int NR>
+inline void pw_rows(const float* t, int64_t ldt, int64_t rows, int64_t k, const float* w, const float* bias, float* y,
+                    int64_t ldy, int cols, const PackedHeader& h) {
+  const int64_t tiles = (rows + MR - 1) / MR;
+  for (int64_t i = 0, r0 = 0; i < tiles; ++i) {
+    const int64_t r1 = rows * (i + 1) / tiles;
+    pw_tile_n<V, MR, NV, NR>(r1 - r0, t + r0 * ldt, ldt, k, w, bias, y + r0 * ldy, ldy, cols, h);
+    r0 = r1;
+  }
+}
+
+template <class V, int MR, int NR>
+void pw(const Problem& pr, const float* t, int64_t ldt, int64_t p0, int64_t p1, int64_t q0, int64_t q1) {
+  constexpr int NV = NR / V::W;
+  const PackedHeader& h = *pr.hd;
+  const int64_t n = h.n, k = pr.c;
+  for (int64_t q = q0; q < q1; ++q) {
+    const float* w = pr.wp + q * k * NR;
+    const int cols = static_cast<int>(std::min<int64_t>(NR, n - q * NR));
+    float* y = pr.y + p0 * n + q * NR;
+    if (NV > 1 && cols <= (NV / 2) * V::W)
+      pw_rows<V, MR, (NV > 1 ? NV / 2 : 1), NR>(t, ldt, p1 - p0, k, w, pr.bp + q * NR, y, n, cols, h);
+    else
+      pw_rows<V, MR, NV, NR>(t, ldt, p1 - p0, k, w, pr.bp + q * NR, y, n, cols, h);
+  }
+}
+
+}  // namespace generic
+}  // namespace dws
+}  // namespace pyaccel

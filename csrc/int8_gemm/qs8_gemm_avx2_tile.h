@@ -1,0 +1,153 @@
+// The AVX2 int8 GEMM tiles, shared by the two AVX2 kernels (include only from
+// sources compiled with the AVX2 flags). A kernel supplies its multiply-add
+// step as a policy S:
+//   S::weights(b)                  weight register of the 4-row tile (8 channels x 4 k)
+//   S::step(c, wr, a, b, ones)     c += w * a for 8 channels x 4 k (a: broadcast activations)
+//   S::row_a(a)                    per-k-group form of a row's activations (row path)
+//   S::row_step(c, ra, b, ones)    row path: c += w(at b) * a
+//   S::finish(g, acc, n0)          int32 correction before the epilogue (encoding offset)
+//   S::kRowPathRows                calls of up to this many rows take the row path
+// qs8_gemm_4x16c4_avx2.cpp: 8-bit activations, sign trick, 4 instructions per step.
+// qs8_gemm_4x16c4u7_avx2.cpp: 7-bit activations as q + 64, 3 instructions per step.
+#pragma once
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "common/row_tiles.h"
+#include "common/tile_rows.h"
+#include "int8_gemm/int8_gemm.h"
+
+namespace pyaccel {
+namespace int8_gemm {
+namespace avx2_tile {
+
+inline __m128i cvt_fp32_bf16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+  r = _mm256_srli_epi32(r, 16);
+  // pack 8 x u32 (< 65536) into 8 x u16
+  const __m128i lo = _mm256_castsi256_si128(r), hi = _mm256_extracti128_si256(r, 1);
+  return _mm_packus_epi32(lo, hi);
+}
+
+inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t n0) {
+  const int64_t left = g.n - n0;
+  if (left <= 0) return;
+  alignas(32) float tmp[8];
+  alignas(32) float ws[8] = {0}, bs[8] = {0};
+  const int cnt = left >= 8 ? 8 : static_cast<int>(left);
+  std::memcpy(ws, g.w_scale + n0, cnt * 4);
+  if (g.bias) std::memcpy(bs, g.bias + n0, cnt * 4);
+  // split_scale's order, without its multiplications by 1 (same results)
+  const __m256 a = _mm256_cvtepi32_ps(acc), vs = _mm256_set1_ps(sa), vw = _mm256_load_ps(ws);
+  __m256 v = sa < 1.f ? _mm256_mul_ps(_mm256_mul_ps(a, vs), vw) : _mm256_mul_ps(a, _mm256_mul_ps(vs, vw));
+  if (g.bias) v = _mm256_add_ps(v, _mm256_load_ps(bs));
+  if (g.c_bf16) {
+    uint16_t* c = static_cast<uint16_t*>(g.c) + m * g.ldc + n0;
+    const __m128i h = cvt_fp32_bf16(v);
+    if (cnt == 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(c), h);
+    } else {
+      alignas(16) uint16_t th[8];
+      _mm_store_si128(reinterpret_cast<__m128i*>(th), h);
+      std::memcpy(c, th, cnt * 2);
+    }
+  } else {
+    float* c = static_cast<float*>(g.c) + m * g.ldc + n0;
+    if (cnt == 8) {
+      _mm256_storeu_ps(c, v);
+    } else {
+      _mm256_store_ps(tmp, v);
+      std::memcpy(c, tmp, cnt * 4);
+    }
+  }
+}
+
+#define PYACCEL_AVX2_ROW_STEP(r)                                                          \
+  if constexpr (MR > r) {                                                                 \
+    const __m256i av = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(a##r + off)); \
+    S::step(c##r##0, u0, av, b, ones);                                                    \
+    S::step(c##r##1, u1, av, b + 32, ones);                                               \
+  }
+#define PYACCEL_AVX2_ROW_STORE(r)                                \
+  if constexpr (MR > r) {                                        \
+    const float sa = g.a_scale[m + r];                           \
+    store8(g, S::finish(g, c##r##0, n0), sa, m + r, n0);         \
+    store8(g, S::finish(g, c##r##1, n0 + 8), sa, m + r, n0 + 8); \
+  }
+
+// Rows [m, m + MR) x 16 channels (a quarter of a packed panel: 64 of every 256
+// bytes per k group). 8 ymm accumulators + 2 weights + temporaries fit the 16
+// ymm registers.
+template <class S, int MR>
+inline void tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0) {
+  const int64_t groups = g.k_pad / kKGroup;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+          c30 = c00, c31 = c00;
+  PYACCEL_TILE_ROWS6(const int8_t, a, g.a + m * g.lda, g.lda);
+  (void)a4;
+  (void)a5;
+  const int8_t* b = sub;
+#pragma GCC unroll 2
+  for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup) {
+    const int64_t off = grp * kKGroup;
+    const __m256i u0 = S::weights(b), u1 = S::weights(b + 32);
+    PYACCEL_AVX2_ROW_STEP(0) PYACCEL_AVX2_ROW_STEP(1) PYACCEL_AVX2_ROW_STEP(2) PYACCEL_AVX2_ROW_STEP(3)
+  }
+  PYACCEL_AVX2_ROW_STORE(0) PYACCEL_AVX2_ROW_STORE(1) PYACCEL_AVX2_ROW_STORE(2) PYACCEL_AVX2_ROW_STORE(3)
+}
+#undef PYACCEL_AVX2_ROW_STEP
+#undef PYACCEL_AVX2_ROW_STORE
+
+// One row x one whole panel (64 channels, 8 accumulators): the panel's bytes
+// in address order. The 4-row tile above takes a 16-channel quarter per pass,
+// i.e. 64 of every 256 bytes, four passes per panel; at M = 1, where the
+// kernel is bound by streaming the weights, that strided pattern measured
+// 13 GB/s on 4096x4096 (Zen 4 capped at AVX2) -- see int8_gemm/README.md.
+template <class S>
+inline void tile_row(const GemmArgs& g, int64_t m, const int8_t* panel, int64_t n0) {
+  const int64_t groups = g.k_pad / kKGroup;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[8];
+  for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_si256();
+  const int8_t* a = g.a + m * g.lda;
+  const int8_t* b = panel;
+  for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup) {
+    int32_t a4;
+    std::memcpy(&a4, a + grp * kKGroup, 4);
+    const auto ra = S::row_a(_mm256_set1_epi32(a4));
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) S::row_step(acc[v], ra, b + 32 * v, ones);
+  }
+  const float sa = g.a_scale[m];
+  for (int v = 0; v < 8; ++v) store8(g, S::finish(g, acc[v], n0 + 8 * v), sa, m, n0 + 8 * v);
+}
+
+// Rows [m0, m1) x panels [p0, p1): up to S::kRowPathRows rows the row path,
+// the 4-row tile beyond.
+template <class S>
+inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const int64_t groups = g.k_pad / kKGroup;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int8_t* panel = g.w + p * groups * kPanel * kKGroup;
+    if (m1 - m0 <= S::kRowPathRows) {
+      for (int64_t m = m0; m < m1; ++m) tile_row<S>(g, m, panel, p * kPanel);
+      continue;
+    }
+    for (int s = 0; s < kPanel / 16; ++s) {
+      const int64_t n0 = p * kPanel + 16 * s;
+      if (n0 >= g.n) break;
+      const int8_t* sub = panel + 16 * s * kKGroup;
+      for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<S, h()>(g, m, sub, n0); });
+    }
+  }
+}
+
+}  // namespace avx2_tile
+}  // namespace int8_gemm
+}  // namespace pyaccel

@@ -1,0 +1,283 @@
+"""Convolution ops (``torch.ops.pyaccel.dws_conv2d``): schema, argument
+checks, fake kernel, CPU kernel (pyaccel._C, NHWC), CUDA kernel (Triton,
+kernels/dwconv_fused.py), reference everywhere else, autograd to x.
+
+Fused depthwise-separable convolution::
+
+    y = act2(conv1x1(act1(depthwise_conv(x, dw_weight, dw_bias)), pw_weight, pw_bias))
+
+Arguments: x [N, C, H, W] float32/bfloat16 (NCHW or channels_last; the
+output has x's memory format and dtype); dw_weight float32 [C, 1, kh, kw];
+dw_bias float32 [C] or None; pw_weight float32 [Cout, C, 1, 1]; pw_bias
+float32 [Cout] or None; stride, dilation [2]; padding [4] (top, bottom,
+left, right) or tf_same=True (TensorFlow "SAME", from the input size);
+act codes (pyaccel._pattern.ActKind) with [lo, hi] params (Hardtanh);
+packed: the native packing (uint8) or None.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from pyaccel import _native, reference
+from pyaccel._pattern import ActKind, Activation
+from pyaccel.nn._conv import ConvGeometry, TF_SAME, from_nhwc, to_nhwc
+
+
+def _desc(t) -> str:
+    if not isinstance(t, Tensor):
+        return type(t).__name__
+    return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+
+
+def geometry_of(stride: List[int], dilation: List[int], padding: List[int], tf_same: bool, kernel) -> ConvGeometry:
+    return ConvGeometry(tuple(kernel), tuple(stride), tuple(dilation), TF_SAME if tf_same else tuple(padding))
+
+
+def act_from(code: int, params: List[float]) -> Activation:
+    kind = ActKind(int(code))
+    if kind == ActKind.PRELU:
+        raise ValueError("act: PReLU is not supported by dws_conv2d")
+    lo, hi = (params + [-1.0, 1.0])[:2] if params else (-1.0, 1.0)
+    return Activation(kind, float(lo), float(hi))
+
+
+def check_dws_args(x, dw_weight, dw_bias, pw_weight, pw_bias, packed=None) -> None:
+    """TypeError/ValueError naming the bad argument of dws_conv2d."""
+    for name, t in (("x", x), ("dw_weight", dw_weight), ("pw_weight", pw_weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"x: expected float32 or bfloat16, got {_desc(x)}")
+    if dw_weight.dtype != torch.float32 or dw_weight.dim() != 4 or dw_weight.shape[1] != 1:
+        raise ValueError(f"dw_weight: expected float32 [C, 1, kh, kw], got {_desc(dw_weight)}")
+    c = dw_weight.shape[0]
+    if pw_weight.dtype != torch.float32 or pw_weight.dim() != 4 or tuple(pw_weight.shape[1:]) != (c, 1, 1):
+        raise ValueError(f"pw_weight: expected float32 [Cout, {c}, 1, 1], got {_desc(pw_weight)}")
+    if x.dim() != 4 or x.shape[1] != c:
+        raise ValueError(f"x: expected [N, {c}, H, W], got {_desc(x)}")
+    for name, t, n in (("dw_bias", dw_bias, c), ("pw_bias", pw_bias, pw_weight.shape[0])):
+        if t is not None and (not isinstance(t, Tensor) or t.dtype != torch.float32 or tuple(t.shape) != (n,)):
+            raise ValueError(f"{name}: expected float32 of shape ({n},) or None, got {_desc(t)}")
+    for name, t in (("dw_weight", dw_weight), ("dw_bias", dw_bias), ("pw_weight", pw_weight), ("pw_bias", pw_bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {_desc(t)} "
+                             f"(move the module with .to({str(x.device)!r}))")
+    if packed is not None and (packed.dtype != torch.uint8 or packed.dim() != 1):
+        raise TypeError(f"packed: expected a 1-D uint8 tensor from the dws packing, got {_desc(packed)}")
+
+
+def dws_native_nhwc(xn: Tensor, packed: Tensor, geo: ConvGeometry, c: int, cout: int) -> Tensor:
+    """The native kernel: contiguous fp32 NHWC x -> NHWC y (packing valid for the selected kernel)."""
+    n, h, w, _ = xn.shape
+    oh, ow = geo.out_size(h, w)
+    t, _, l, _ = geo.pads(h, w)
+    y = torch.empty(n, oh, ow, cout, dtype=torch.float32, device=xn.device)
+    if y.numel():
+        _native.lib().dws_forward(xn.data_ptr(), n, h, w, c, packed.data_ptr(), packed.numel(), cout,
+                                  geo.kernel[0], geo.kernel[1], y.data_ptr(), oh, ow, t, l, torch.get_num_threads())
+    return y
+
+
+def _reference(x, dw_weight, dw_bias, pw_weight, pw_bias, geo, a1, a2):
+    return reference.dws_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias, geo.stride, geo.dilation,
+                                geo.pads(x.shape[-2], x.shape[-1]), a1, a2)
+
+
+def _packed_usable(packed: Optional[Tensor], c: int, cout: int, geo, a1: Activation, a2: Activation) -> bool:
+    """True when `packed` was packed for this shape, window and these
+    activations (the kernel takes stride, dilation and activations from the
+    packing's header, csrc/dwconv_fused/dwconv_fused.h PackedHeader)."""
+    C = _native.lib()
+    if packed is None or C is None or C.dws_check_packed(packed.data_ptr(), packed.numel(), c, cout,
+                                                         geo.kernel[0], geo.kernel[1]) is not None:
+        return False
+    i32 = packed[:96].view(torch.int32)
+    f32 = packed[:96].view(torch.float32)
+    sh, sw, dh, dw, k1, k2 = (int(v) for v in i32[11:17])
+    lo1, hi1, lo2, hi2 = (float(v) for v in f32[17:21])
+
+    def same(kind, lo, hi, a):
+        return kind == int(a.kind) and (a.kind != ActKind.HARDTANH or (lo, hi) == (a.lo, a.hi))
+    return ((sh, sw) == tuple(geo.stride) and (dh, dw) == tuple(geo.dilation)
+            and same(k1, lo1, hi1, a1) and same(k2, lo2, hi2, a2))
+
+
+@torch.library.custom_op("pyaccel::dws_conv2d", mutates_args=())
+def dws_conv2d(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], pw_weight: Tensor, pw_bias: Optional[Tensor],
+               stride: List[int], dilation: List[int], padding: List[int], tf_same: bool, act1: int,
+               act1_params: List[float], act2: int, act2_params: List[float], packed: Optional[Tensor]) -> Tensor:
+    """Fused depthwise-separable conv (see the module docstring)."""
+    raise NotImplementedError("no kernel for this device")  # pragma: no cover - per-device kernels below
+
+
+def _run(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, dilation, padding, tf_same, act1, act1_params, act2,
+         act2_params, packed, device_kernel):
+    check_dws_args(x, dw_weight, dw_bias, pw_weight, pw_bias, packed)
+    geo = geometry_of(stride, dilation, padding, tf_same, dw_weight.shape[2:])
+    geo.out_size(x.shape[2], x.shape[3])
+    a1, a2 = act_from(act1, act1_params), act_from(act2, act2_params)
+    out = device_kernel(x, dw_weight, dw_bias, pw_weight, pw_bias, geo, a1, a2, packed)
+    if out is not None:
+        return out
+    return _reference(x, dw_weight, dw_bias, pw_weight, pw_bias, geo, a1, a2)
+
+
+def _cpu_kernel(x, dw_weight, dw_bias, pw_weight, pw_bias, geo, a1, a2, packed):
+    c, cout = dw_weight.shape[0], pw_weight.shape[0]
+    if not _packed_usable(packed, c, cout, geo, a1, a2):
+        return None
+    if x.numel() == 0:
+        return reference.dws_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias, geo.stride, geo.dilation,
+                                    geo.pads(x.shape[2], x.shape[3]), a1, a2)
+    xn, cl = to_nhwc(x.float())
+    y = from_nhwc(dws_native_nhwc(xn, packed, geo, c, cout), cl)
+    return y.to(x.dtype)
+
+
+def _cuda_kernel(x, dw_weight, dw_bias, pw_weight, pw_bias, geo, a1, a2, packed):
+    try:
+        from pyaccel.kernels import dwconv_fused as tk
+    except Exception:  # pragma: no cover - no Triton: the reference
+        return None
+    return tk.dws_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias, geo, a1, a2)
+
+
+@dws_conv2d.register_kernel("cpu")
+def _dws_cpu(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, dilation, padding, tf_same, act1, act1_params, act2,
+             act2_params, packed):
+    return _run(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, dilation, padding, tf_same, act1, act1_params,
+                act2, act2_params, packed, _cpu_kernel)
+
+
+@dws_conv2d.register_kernel("cuda")
+def _dws_cuda(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, dilation, padding, tf_same, act1, act1_params, act2,
+              act2_params, packed):
+    return _run(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, dilation, padding, tf_same, act1, act1_params,
+                act2, act2_params, packed, _cuda_kernel)
+
+
+@dws_conv2d.register_fake
+def _dws_fake(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, dilation, padding, tf_same, act1, act1_params, act2,
+              act2_params, packed):
+    check_dws_args(x, dw_weight, dw_bias, pw_weight, pw_bias, packed)
+    return _fake_out(x, pw_weight.shape[0], geometry_of(stride, dilation, padding, tf_same, dw_weight.shape[2:]))
+
+
+def _fake_out(x: Tensor, cout: int, geo: ConvGeometry) -> Tensor:
+    """An empty [N, cout, OH, OW] in x's memory format (the fake kernels' result)."""
+    oh, ow = geo.out_size(x.shape[2], x.shape[3])
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    return x.new_empty((x.shape[0], cout, oh, ow)).contiguous(memory_format=fmt)
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, dw_weight, dw_bias, pw_weight, pw_bias, stride, dilation, padding, tf_same, act1, p1, act2, p2, _ = inputs
+    ctx.save_for_backward(x, dw_weight, dw_bias, pw_weight, pw_bias)
+    ctx.args = (stride, dilation, padding, tf_same, act1, p1, act2, p2)
+
+
+def _grad_x(ctx, grad_y, x, dw_weight, dw_bias, pw_weight, pw_bias) -> Tensor:
+    """d(fp32 reference block)/dx applied to grad_y (ctx.args: the geometry and activations)."""
+    stride, dilation, padding, tf_same, act1, p1, act2, p2 = ctx.args
+    geo = geometry_of(stride, dilation, padding, tf_same, dw_weight.shape[2:])
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        y = _reference(xr, dw_weight, dw_bias, pw_weight, pw_bias, geo, act_from(act1, p1), act_from(act2, p2))
+        (gx,) = torch.autograd.grad(y, xr, grad_y.to(y.dtype))
+    return gx
+
+
+def _backward(ctx, grad_y):
+    return (_grad_x(ctx, grad_y, *ctx.saved_tensors),) + (None,) * 13
+
+
+dws_conv2d.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- int8 pointwise stage -------------------------------------------------------------------
+def check_dws_int8_args(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias) -> None:
+    """TypeError/ValueError naming the bad argument of dws_conv2d_int8."""
+    if not isinstance(pw_int8, Tensor) or pw_int8.dtype != torch.int8 or pw_int8.dim() != 2:
+        raise TypeError(f"pw_int8: expected an int8 tensor [Cout, C], got {_desc(pw_int8)}")
+    c = dw_weight.shape[0] if isinstance(dw_weight, Tensor) else None
+    check_dws_args(x, dw_weight, dw_bias, pw_int8.new_empty((pw_int8.shape[0], pw_int8.shape[1], 1, 1),
+                                                             dtype=torch.float32), pw_bias)
+    if pw_int8.shape[1] != c:
+        raise ValueError(f"pw_int8: expected [Cout, {c}], got {_desc(pw_int8)}")
+    if not isinstance(pw_scale, Tensor) or pw_scale.dtype != torch.float32 or tuple(pw_scale.shape) != (
+            pw_int8.shape[0],):
+        raise ValueError(f"pw_scale: expected float32 of shape ({pw_int8.shape[0]},), got {_desc(pw_scale)}")
+
+
+def _reference_int8(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, geo, a1, a2):
+    return reference.dws_conv2d_int8(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, geo.stride, geo.dilation,
+                                     geo.pads(x.shape[-2], x.shape[-1]), a1, a2)
+
+
+def dws_int8_native_nhwc_into(xn: Tensor, y: Tensor, packed_dw: Tensor, packed_pw: Tensor, pw_scale: Tensor,
+                              bias: Optional[Tensor], kernel, pad_t: int, pad_l: int) -> None:
+    n, h, w, c = xn.shape
+    _native.lib().dws_forward_int8(xn.data_ptr(), n, h, w, c, packed_dw.data_ptr(), packed_dw.numel(), kernel[0],
+                                   kernel[1], packed_pw.data_ptr(), packed_pw.numel(), y.shape[-1],
+                                   pw_scale.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                                   y.shape[1], y.shape[2], pad_t, pad_l, torch.get_num_threads())
+
+
+@torch.library.custom_op("pyaccel::dws_conv2d_int8", mutates_args=())
+def dws_conv2d_int8(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], pw_int8: Tensor, pw_scale: Tensor,
+                    pw_bias: Optional[Tensor], stride: List[int], dilation: List[int], padding: List[int],
+                    tf_same: bool, act1: int, act1_params: List[float], act2: int, act2_params: List[float],
+                    packed_dw: Optional[Tensor], packed_pw: Optional[Tensor]) -> Tensor:
+    """Fused depthwise-separable conv, int8 pointwise stage (reference.dws_conv2d_int8)."""
+    raise NotImplementedError("no kernel for this device")  # pragma: no cover
+
+
+def _dws_int8_any(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, stride, dilation, padding, tf_same, act1,
+                  act1_params, act2, act2_params, packed_dw, packed_pw):
+    check_dws_int8_args(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias)
+    geo = geometry_of(stride, dilation, padding, tf_same, dw_weight.shape[2:])
+    oh, ow = geo.out_size(x.shape[2], x.shape[3])
+    a1, a2 = act_from(act1, act1_params), act_from(act2, act2_params)
+    c, cout = dw_weight.shape[0], pw_int8.shape[0]
+    C = _native.lib()
+    if (x.is_cpu and C is not None and packed_dw is not None and packed_pw is not None and x.numel() > 0
+            and (pw_bias is None or pw_bias.is_contiguous()) and pw_scale.is_contiguous()
+            and C.dws_check_packed(packed_dw.data_ptr(), packed_dw.numel(), c, 0, geo.kernel[0], geo.kernel[1]) is None
+            and C.int8_check_packed(packed_pw.data_ptr(), packed_pw.numel(), cout, c) is None):
+        xn, cl = to_nhwc(x.float())
+        y = torch.empty(x.shape[0], oh, ow, cout)
+        t, _, l, _ = geo.pads(x.shape[2], x.shape[3])
+        dws_int8_native_nhwc_into(xn, y, packed_dw, packed_pw, pw_scale, pw_bias, geo.kernel, t, l)
+        return from_nhwc(y, cl).to(x.dtype)
+    return _reference_int8(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, geo, a1, a2)
+
+
+dws_conv2d_int8.register_kernel("cpu")(_dws_int8_any)
+dws_conv2d_int8.register_kernel("cuda")(_dws_int8_any)  # the reference on CUDA (no Triton int8 variant yet)
+
+
+@dws_conv2d_int8.register_fake
+def _dws_int8_fake(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, stride, dilation, padding, tf_same, act1,
+                   act1_params, act2, act2_params, packed_dw, packed_pw):
+    check_dws_int8_args(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias)
+    return _fake_out(x, pw_int8.shape[0], geometry_of(stride, dilation, padding, tf_same, dw_weight.shape[2:]))
+
+
+def _setup_int8(ctx, inputs, output) -> None:
+    x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, stride, dilation, padding, tf_same, a1, p1, a2, p2 = inputs[:14]
+    ctx.save_for_backward(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias)
+    ctx.args = (stride, dilation, padding, tf_same, a1, p1, a2, p2)
+
+
+def _backward_int8(ctx, grad_y):
+    """Gradient to x through the dequantized weights (activation quantization as identity)."""
+    x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias = ctx.saved_tensors
+    wp = (pw_int8.float() * pw_scale[:, None]).reshape(pw_int8.shape[0], pw_int8.shape[1], 1, 1)
+    return (_grad_x(ctx, grad_y, x, dw_weight, dw_bias, wp, pw_bias),) + (None,) * 15
+
+
+dws_conv2d_int8.register_autograd(_backward_int8, setup_context=_setup_int8)

@@ -1,0 +1,341 @@
+"""Fused depthwise-separable conv (pyaccel::dws_conv2d, FusedDWSeparableConv2d):
+native CPU kernels on every ISA against the float64 reference.
+
+Tile facts the grid is built from (csrc/dwconv_fused/README.md and
+_C.kernel_params()["dws"]): channels padded to 16; depthwise in blocks of 4
+adjacent output pixels of a row x 4 (AVX-512) / 2 (AVX2) / 8 (portable)
+channel vectors, full vectors unmasked, the last one masked; interior blocks
+skip the column checks; pointwise tiles mr x nr (12 x 32, 6 x 16, 1 x 16),
+the last panel of <= nr/2 channels with a half-width tile; bands of <= 192 KB
+of depthwise output (c_pad * 4 bytes a pixel) split the pixels, and with
+fewer bands than 2 per thread the panels are split too. fp32 sums differ from
+the reference only in order: |y - ref| <= 1e-5 * (the same block on |x| and
+|weights| without activations) -- the issue's relative error of 1e-5.
+"""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import pyaccel
+from pyaccel import _native, reference
+from pyaccel._pattern import ActKind, Activation, activation_of, bn_scale_shift, fold_bn
+from pyaccel.nn import FusedDWSeparableConv2d
+from pyaccel.nn._conv import ConvGeometry, ConvSkip, conv_geometry
+
+needs_native = pytest.mark.skipif(not _native.available(), reason="native library not loaded")
+ACTS = ["none", "relu", "relu6", "hardswish", "silu", Activation(ActKind.HARDTANH, -0.5, 0.75)]
+
+
+def _random_module(c, co, k=3, stride=1, padding=None, dilation=1, act1="relu6", act2="none", gen=None):
+    m = FusedDWSeparableConv2d(c, co, k, stride, padding, dilation, act1, act2)
+    with torch.no_grad():
+        m.dw_weight.copy_(torch.randn(m.dw_weight.shape, generator=gen))
+        m.dw_bias.copy_(torch.randn(c, generator=gen))
+        m.pw_weight.copy_(torch.randn(m.pw_weight.shape, generator=gen) / c ** 0.5)
+        m.bias.copy_(torch.randn(co, generator=gen))
+    return m
+
+
+def _ref64(m, x):
+    g = m.geometry
+    pads = g.pads(x.shape[2], x.shape[3])
+    return reference.dws_conv2d(x.double(), m.dw_weight.double(), m.dw_bias.double(), m.pw_weight.double(),
+                                m.bias.double(), g.stride, g.dilation, pads, m.act1, m.act2)
+
+
+def _scale(m, x):
+    g = m.geometry
+    pads = g.pads(x.shape[2], x.shape[3])
+    ident = Activation()
+    return reference.dws_conv2d(x.double().abs(), m.dw_weight.double().abs(), m.dw_bias.double().abs(),
+                                m.pw_weight.double().abs(), m.bias.double().abs(), g.stride, g.dilation, pads,
+                                ident, ident)
+
+
+def assert_close(y, m, x, what="", rel=1e-5):
+    ref = _ref64(m, x)
+    assert y.shape == ref.shape, f"{what}: shape {tuple(y.shape)} vs {tuple(ref.shape)}"
+    tol = rel * _scale(m, x) + (torch.finfo(y.dtype).eps * ref.abs() if y.dtype != torch.float32 else 0) + 1e-30
+    bad = (y.double() - ref).abs() > tol
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} off, first at {bad.nonzero()[0].tolist()}: "
+                           f"{y[tuple(bad.nonzero()[0])]} vs {ref[tuple(bad.nonzero()[0])]}")
+
+
+def _params():
+    return _native.lib().kernel_params()["dws"]
+
+
+# ---- geometry --------------------------------------------------------------------------------
+def test_geometry_out_size_matches_conv2d():
+    for k, s, d, p, h in itertools.product((1, 3, 5), (1, 2), (1, 2), (0, 1, 2), (5, 8, 11)):
+        g = ConvGeometry(k, s, d, p)
+        if (k - 1) * d + 1 > h + 2 * p:
+            with pytest.raises(ValueError, match="x"):
+                g.out_size(h, h)
+            continue
+        want = F.conv2d(torch.zeros(1, 1, h, h), torch.zeros(1, 1, k, k), stride=s, padding=p, dilation=d).shape
+        assert g.out_size(h, h) == tuple(want[2:])
+
+
+def test_tf_same_padding():
+    g = ConvGeometry(3, 2, 1, "tf_same")
+    assert g.pads(8, 8) == (0, 1, 0, 1)  # stride 2 on an even input: (0, 1), not (1, 1)
+    assert g.pads(7, 7) == (1, 1, 1, 1)
+    assert g.out_size(8, 8) == (4, 4) and g.out_size(7, 7) == (4, 4)
+    assert ConvGeometry(5, 1, 1, "tf_same").pads(9, 10) == (2, 2, 2, 2)
+
+
+def test_conv_geometry_reads_subclasses():
+    class OwnPad(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(F.pad(x, (0, 1, 0, 1)))
+
+    with pytest.raises(ConvSkip, match="overrides forward"):
+        conv_geometry(OwnPad(4, 4, 3, groups=4))
+    with pytest.raises(ConvSkip, match="padding_mode"):
+        conv_geometry(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    assert conv_geometry(nn.Conv2d(4, 4, (3, 5), padding="same")).padding == (1, 1, 2, 2)
+    assert conv_geometry(nn.Conv2d(4, 4, 3, 2, (1, 0))).padding == (1, 1, 0, 0)
+
+
+# ---- BN folding, activations -----------------------------------------------------------------
+def test_fold_bn_and_scale_shift(gen):
+    conv = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+    bn = nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(generator=gen)
+        bn.running_var.uniform_(0.2, 3.0, generator=gen)
+        bn.weight.normal_(generator=gen)  # some negative gammas
+        bn.weight[0] = -2.0
+        bn.bias.normal_(generator=gen)
+    x = torch.randn(2, 6, 7, 7, generator=gen)
+    want = bn(conv(x))
+    w, b = fold_bn(conv.weight, conv.bias, bn)
+    assert torch.allclose(F.conv2d(x, w, b, padding=1, groups=6), want, rtol=1e-5, atol=1e-5)
+    scale, shift = bn_scale_shift(bn)
+    assert scale[0] < 0
+    assert torch.allclose(conv(x) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), want, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_descriptor():
+    x = torch.linspace(-8, 8, 101)
+    for mod, fn in [(nn.ReLU(), F.relu), (nn.ReLU6(), F.relu6), (nn.Hardswish(), F.hardswish), (nn.SiLU(), F.silu),
+                    (nn.Hardtanh(-0.5, 2.0), lambda t: F.hardtanh(t, -0.5, 2.0))]:
+        a = activation_of(mod)
+        assert a is not None and torch.equal(a(x), fn(x)), type(mod).__name__
+    p = nn.PReLU(3)
+    assert activation_of(p) is None and activation_of(p, prelu=True).kind == ActKind.PRELU
+    assert activation_of(nn.Sigmoid()) is None
+
+
+# ---- the kernel on every ISA -----------------------------------------------------------------
+@needs_native
+def test_channel_and_panel_grid(isa, gen):
+    """C across channel vectors (1, 15, 16, 17, 71), Cout across panels (1, nr/2, nr - 1, nr, nr + 1, 2nr + 3)."""
+    nr = _params()["nr"]
+    for c, co in itertools.product((1, 15, 16, 17, 71), (1, nr // 2, nr - 1, nr, nr + 1, 2 * nr + 3)):
+        m = _random_module(c, co, gen=gen)
+        x = torch.randn(2, c, 9, 7, generator=gen)
+        assert_close(m(x), m, x, f"{isa} c={c} co={co}")
+
+
+@needs_native
+@pytest.mark.parametrize("k,stride,dilation,padding", [
+    (3, 1, 1, None), (3, 2, 1, None), (5, 1, 1, None), (5, 2, 1, None), (3, 1, 2, None), (3, 2, 1, 0),
+    (3, 2, 1, (0, 1, 0, 1)), (5, 2, 1, (1, 2, 2, 1)), (3, 2, 1, "tf_same"), (5, 2, 1, "tf_same"), ((3, 5), 1, 1, None),
+    (1, 1, 1, 0), (7, 1, 1, 3),
+])
+def test_geometry_grid(isa, gen, k, stride, dilation, padding):
+    for h, w in ((1, 1), (2, 3), (5, 5), (8, 8), (13, 6), (17, 23)):
+        m = _random_module(19, 21, k, stride, padding, dilation, gen=gen)
+        kk = (k, k) if isinstance(k, int) else k
+        try:
+            m.geometry.out_size(h, w)
+        except ValueError:
+            continue
+        x = torch.randn(2, 19, h, w, generator=gen)
+        assert_close(m(x), m, x, f"{isa} k={k} s={stride} d={dilation} p={padding} hw={h}x{w} {kk}")
+
+
+@needs_native
+@pytest.mark.parametrize("act1,act2", [(a, b) for a in ACTS for b in ("none", "relu")] + [("none", a) for a in ACTS])
+def test_activations(isa, gen, act1, act2):
+    m = _random_module(33, 40, act1=act1, act2=act2, gen=gen)
+    x = torch.randn(1, 33, 11, 11, generator=gen) * 3
+    assert_close(m(x), m, x, f"{isa} {act1} {act2}")
+
+
+@needs_native
+@pytest.mark.parametrize("act", ACTS)
+def test_nan_propagates_through_every_activation(isa, gen, act):
+    """NaN in, NaN out, as torch's clamp-style activations (x86 max/min would
+    otherwise return the bound for a NaN operand)."""
+    m = _random_module(16, 24, act1=act, act2=act, gen=gen)
+    x = torch.randn(1, 16, 7, 7, generator=gen)
+    x[0, 3, 3, 3] = float("nan")
+    y, ref = m(x), _ref64(m, x)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(ref).any(), f"{isa} {act}"
+
+
+@needs_native
+def test_op_refuses_a_packing_of_other_geometry_or_activations(gen):
+    """The kernel takes stride, dilation and activations from the packing's header:
+    a packing made for another window or activation must not be used (the op
+    then computes from its weight arguments)."""
+    a = _random_module(16, 24, stride=1, act1="relu", gen=gen)
+    b = _random_module(16, 24, stride=2, act1="silu", gen=gen)
+    x = torch.randn(1, 16, 9, 9, generator=gen)
+    b._packed = a._packed  # what b._op hands the op is a's packing
+    y = b._op(x, b.bias)
+    assert_close(y, b, x, "packing of another module")
+
+
+@needs_native
+def test_bands_threads_and_rows(isa, gen):
+    """Many bands (c_pad * 4 bytes a pixel, 192 KB a band), one band split over panels, rows around mr."""
+    mr = _params()["mr"]
+    cases = [(512, 64, 3, 14, 1), (1024, 96, 1, 7, 1), (32, 48, 3, 40, 3), (64, 33, 1, mr + 1, 1),
+             (16, 16, 1, max(1, mr - 1), 2)]
+    for c, co, n, hw, batch in cases:
+        m = _random_module(c, co, gen=gen)
+        x = torch.randn(batch, c, hw, hw if n == 1 else hw + 1, generator=gen)
+        for threads in (1, 2, 3):
+            prev = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                assert_close(m(x), m, x, f"{isa} c={c} co={co} hw={hw} threads={threads}")
+            finally:
+                torch.set_num_threads(prev)
+
+
+@needs_native
+def test_memory_formats_dtypes_and_strides(isa, gen):
+    m = _random_module(24, 20, 3, 2, gen=gen)
+    x = torch.randn(3, 24, 10, 9, generator=gen)
+    y = m(x)
+    assert y.is_contiguous()
+    assert_close(y, m, x, "NCHW")
+    ycl = m(x.contiguous(memory_format=torch.channels_last))
+    assert ycl.is_contiguous(memory_format=torch.channels_last) and torch.equal(ycl, y)
+    xs = torch.randn(3, 48, 10, 9, generator=gen)[:, ::2]  # strided channels
+    assert_close(m(xs), m, xs, "strided")
+    xb = x.to(torch.bfloat16)
+    yb = m(xb)
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb, m(xb.float()).to(torch.bfloat16))
+    e = m(torch.randn(0, 24, 10, 9))
+    assert e.shape == (0, 20, 5, 5)
+    assert torch.equal(m._checked_op(x), y)  # the torch.ops path: same kernel
+
+
+@needs_native
+def test_one_checkpoint_every_isa(gen):
+    src = _random_module(37, 45, 5, 2, "tf_same", act1="hardswish", act2="silu", gen=gen)
+    x = torch.randn(2, 37, 12, 13, generator=gen)
+    outs = {}
+    for isa in _native.ISA_LADDER:
+        if not _native.isa_supported(isa):
+            continue
+        with _native.isa_cap(isa):
+            m = FusedDWSeparableConv2d(37, 45, 5, 2, "tf_same", 1, "hardswish", "silu")
+            m.load_state_dict(src.state_dict())
+            outs[isa] = m(x)
+            assert_close(outs[isa], m, x, isa)
+    # a module packed under one cap, used under another, repacks
+    m = _random_module(20, 20, gen=gen)
+    for isa in _native.ISA_LADDER:
+        if _native.isa_supported(isa):
+            with _native.isa_cap(isa):
+                assert_close(m(x[:, :20]), m, x[:, :20], f"cap changed to {isa}")
+
+
+@given(c=st.integers(1, 80), co=st.integers(1, 80), hw=st.tuples(st.integers(1, 19), st.integers(1, 19)),
+       k=st.sampled_from([1, 3, 5]), stride=st.sampled_from([1, 2]), batch=st.integers(1, 3),
+       tf=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_property_random_blocks(c, co, hw, k, stride, batch, tf, seed):
+    gen = torch.Generator().manual_seed(seed)
+    m = _random_module(c, co, k, stride, "tf_same" if tf else None, gen=gen)
+    try:
+        m.geometry.out_size(*hw)
+    except ValueError:
+        return
+    x = torch.randn(batch, c, *hw, generator=gen)
+    assert_close(m(x), m, x, f"c={c} co={co} hw={hw} k={k} s={stride} tf={tf}")
+
+
+def test_bad_arguments_name_themselves(gen):
+    m = _random_module(8, 8, gen=gen)
+    with pytest.raises(TypeError, match="x"):
+        m(torch.randn(1, 8, 5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x"):
+        m(torch.randn(1, 9, 5, 5))
+    with pytest.raises(ValueError, match="x"):
+        m(torch.randn(8, 5, 5))
+    with pytest.raises(ValueError, match="x"):
+        FusedDWSeparableConv2d(8, 8, 5, padding=0)(torch.randn(1, 8, 3, 3))
+    with pytest.raises(ValueError, match="padding"):
+        FusedDWSeparableConv2d(8, 8, 3, padding="same-ish")
+    with pytest.raises(TypeError, match="in_channels"):
+        FusedDWSeparableConv2d(8.0, 8)
+    with pytest.raises(ValueError, match="act"):
+        FusedDWSeparableConv2d(8, 8, act1="gelu")
+    with pytest.raises(ValueError, match="dw_weight"):
+        torch.ops.pyaccel.dws_conv2d(torch.randn(1, 8, 5, 5), torch.randn(8, 2, 3, 3), None, m.pw_weight, None,
+                                     [1, 1], [1, 1], [1, 1, 1, 1], False, 0, [], 0, [], None)
+
+
+def test_opcheck(gen):
+    m = _random_module(8, 12, gen=gen)
+    x = torch.randn(2, 8, 6, 7, generator=gen)
+    args = (x, m.dw_weight, m.dw_bias, m.pw_weight, m.bias, [1, 1], [1, 1], [1, 1, 1, 1], False, 2, [-1.0, 1.0], 0,
+            [-1.0, 1.0], m._packed)
+    torch.library.opcheck(torch.ops.pyaccel.dws_conv2d.default, args)
+    xg = x.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.pyaccel.dws_conv2d.default, (xg,) + args[1:])
+
+
+# ---- int8 pointwise stage ------------------------------------------------------------------
+@needs_native
+def test_int8_pointwise_matches_reference_and_sqnr(isa, gen):
+    """Against the int8 reference (the same quantization; a depthwise sum rounded the other way
+    may move one activation by one step) and, by SQNR, against the fp32 block."""
+    from pyaccel.nn import FusedDWSeparableInt8Conv2d
+
+    for c, co, k, s, hw, n in [(32, 64, 3, 1, (13, 14), 2), (17, 33, 3, 2, (11, 11), 1), (100, 70, 5, 1, (9, 9), 1),
+                               (64, 200, 3, 1, (14, 14), 1), (1, 1, 3, 1, (3, 3), 1), (512, 64, 3, 1, (14, 14), 1)]:
+        f = _random_module(c, co, k, s, act1="relu6", act2="hardswish", gen=gen)
+        q = FusedDWSeparableInt8Conv2d.from_float(f)
+        x = torch.randn(n, c, *hw, generator=gen)
+        y = q(x)
+        g = q.geometry
+        ref = reference.dws_conv2d_int8(x, q.dw_weight, q.dw_bias, q.pw_weight_int8, q.pw_scale, q.bias, g.stride,
+                                        g.dilation, g.pads(*hw), q.act1, q.act2)
+        assert (y - ref).abs().max() <= 2e-2 * ref.abs().max(), f"{isa} c={c} co={co}"
+        close = torch.isclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()).float().mean()
+        assert close > 0.8, f"{isa} c={c} co={co}: only {close:.0%} equal to the reference to rounding"
+        yf = f(x)
+        sqnr = 20 * torch.log10(yf.norm() / (y - yf).norm())
+        assert c == 1 or sqnr > 35, f"{isa} c={c} co={co}: SQNR {sqnr:.1f} dB"
+        assert torch.equal(y, q._checked_op(x))
+        ycl = q(x.contiguous(memory_format=torch.channels_last))
+        assert ycl.is_contiguous(memory_format=torch.channels_last) and torch.equal(ycl, y)
+
+
+def test_patch_quantize_int8_mobilenet(gen):
+    from pyaccel.demo import mobilenet_v1
+    from pyaccel.nn import FusedDWSeparableInt8Conv2d
+
+    model = mobilenet_v1(width=0.25, classes=10)
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    want = model(x)
+    report = pyaccel.patch(model, quantize="int8")
+    fused = [e for e in report.swapped if e.new_type == "FusedDWSeparableInt8Conv2d"]
+    assert len(fused) == 13 and all(e.lossy for e in fused)
+    assert isinstance(model[3][0], FusedDWSeparableInt8Conv2d)
+    got = model(x)
+    assert 20 * torch.log10(want.norm() / (got - want).norm()) > 25
