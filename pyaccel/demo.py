@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=3.0, help="seconds of timing")
     ap.add_argument("--image", type=int, default=224, help="MobileNetV1 input size")
     ap.add_argument("--mobilenet-width", type=float, default=1.0, help="MobileNetV1 width multiplier")
+    ap.add_argument("--no-binary", action="store_true", help="skip the binary network (digits BNN) part")
     args = ap.parse_args(argv)
 
     print(pyaccel.backend_info(), "\n")
@@ -119,7 +120,33 @@ def main(argv=None) -> int:
         _compare(f"MobileNetV1 x{args.mobilenet_width}, 1x3x{args.image}x{args.image}",
                  {"torch fp32 eager (NCHW)": mnet, "torch fp32 eager (channels_last)": mnet_cl,
                   "pyaccel FusedDWSeparableConv2d": mreport.model}, xi, mnet(xi), args.budget)
+    if not args.no_binary:
+        _binary_section(args.budget)
     return 0
+
+
+def _binary_section(budget: float) -> None:
+    """A small BNN on scikit-learn's digits: train (~10 s), patch, compare."""
+    print()
+    try:
+        from pyaccel.binary_digits import train
+        model, info = train()
+    except ImportError as exc:
+        print(f"binary network demo skipped: {exc} (pip install scikit-learn)")
+        return
+    xte, yte = info["x_test"], info["y_test"]
+    with torch.inference_mode():
+        float_out = model(xte)
+        patched = copy.deepcopy(model)
+        report = pyaccel.patch(patched)
+        print(f"binary CNN on digits (float first/last layers), trained in {info['train_seconds']:.1f} s; "
+              "pyaccel.patch(model):")
+        print(report, "\n")
+        _compare("binary CNN (360 digits)", {"BinaryConv2d/BinaryLinear (torch)": model,
+                                             "pyaccel XnorConv2d/XnorLinear": patched}, xte, float_out, budget)
+        pred, pred_p = float_out.argmax(1), patched(xte).argmax(1)
+    print(f"test accuracy {(pred == yte).float().mean():.3f} unpatched, {(pred_p == yte).float().mean():.3f} "
+          f"patched; identical predictions: {bool(torch.equal(pred, pred_p))}")
 
 
 if __name__ == "__main__":

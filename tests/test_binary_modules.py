@@ -252,6 +252,18 @@ def test_bench_suite_smoke():
     assert "× fp32" in md and "kernel only" in md
 
 
+def test_built_and_run_under_inference_mode(gen):
+    model = _bnn()
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    with torch.inference_mode():
+        want = model(x)
+        pyaccel.patch(model)
+        y = model(x)
+    assert torch.allclose(y, want, rtol=1e-4, atol=1e-3)
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+
+
 # ---- review findings: each a test ----------------------------------------------------------------
 @needs_native
 @pytest.mark.parametrize("act", [nn.ReLU(), nn.Hardtanh(-0.5, 0.5), nn.ReLU6()])
