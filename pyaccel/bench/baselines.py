@@ -29,7 +29,7 @@ def onnxruntime_dynamic(linear: nn.Linear, threads: int) -> Tuple[Optional[Calla
     try:
         import numpy as np
         import onnx
-        import onnxruntime as ort
+        import onnxruntime as ort  # noqa: F401  (is it installed?)
         from onnx import TensorProto, helper, numpy_helper
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except Exception as exc:  # not installed
@@ -53,14 +53,24 @@ def onnxruntime_dynamic(linear: nn.Linear, threads: int) -> Tuple[Optional[Calla
             quantize_dynamic(fp, qp, weight_type=QuantType.QInt8)
         finally:
             logging.disable(logging.NOTSET)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        sess = ort.InferenceSession(qp, so, providers=["CPUExecutionProvider"])
+        sess = ort_session(qp, threads)
+    return ort_runner(sess), "ok"
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
 
-    return run, "ok"
+def ort_session(model, threads: int):
+    """An ONNX Runtime CPU session of `model` (a path or serialized bytes) on
+    `threads` intra-op threads whose threads never spin after a call
+    (allow_spinning = 0: spinning threads slow torch in the same process)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(sess) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x (CPU float tensor, input "x") -> the session's first output as a tensor."""
+    return lambda x: torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])

@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from pyaccel.bench.baselines import ort_runner, ort_session
 from pyaccel.bench.common import sqnr_db
 from pyaccel.bench.timing import interleaved
 
@@ -76,7 +77,7 @@ def onnxruntime_block(fused, threads: int) -> Tuple[Optional[Callable], str]:
     try:
         import numpy as np
         import onnx
-        import onnxruntime as ort
+        import onnxruntime as ort  # noqa: F401  (is it installed?)
         from onnx import TensorProto, helper, numpy_helper
     except Exception as exc:
         return None, f"onnxruntime/onnx not available ({type(exc).__name__})"
@@ -119,17 +120,8 @@ def onnxruntime_block(fused, threads: int) -> Tuple[Optional[Callable], str]:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "dws.onnx")
         onnx.save(model, path)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
-
-    return run, "ok"
+        sess = ort_session(path, threads)
+    return ort_runner(sess), "ok"
 
 
 @dataclasses.dataclass
@@ -257,7 +249,7 @@ def to_markdown(rows: List[DwsRow], peak: Optional[float]) -> str:
 def _ort_model(model: nn.Module, x: torch.Tensor, threads: int) -> Tuple[Optional[Callable], str]:
     """ONNX Runtime session of a whole model (torch.onnx.export, TorchScript exporter), allow_spinning = 0."""
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # noqa: F401  (is it installed?)
     except Exception as exc:
         return None, f"onnxruntime not available ({type(exc).__name__})"
     import io
@@ -271,13 +263,7 @@ def _ort_model(model: nn.Module, x: torch.Tensor, threads: int) -> Tuple[Optiona
                               dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
     except Exception as exc:  # exporter missing or failing
         return None, f"torch.onnx.export failed ({type(exc).__name__}: {str(exc)[:120]})"
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
-    return (lambda t: torch.from_numpy(sess.run(None, {"x": t.numpy()})[0])), "ok"
+    return ort_runner(ort_session(buf.getvalue(), threads)), "ok"
 
 
 def run_lite0_e2e(ns=(1, 8), budget_s: float = 3.0, with_ort: bool = True, log=print) -> List[dict]:
