@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Tuple
 from torch import nn
 
 from pyaccel.nn.binary import BinaryConv2d, BinaryLinear
-from pyaccel.nn.xnor import XnorConv2d, XnorLinear
+from pyaccel.nn.xnor import XnorConv2d, XnorLinear, numeric_padding
 
 _ACTS = (nn.ReLU, nn.Hardtanh, nn.PReLU)  # nn.ReLU6 is a Hardtanh
 
@@ -31,9 +31,11 @@ def unsupported_reason(mod: nn.Module) -> Optional[str]:
     if isinstance(mod, BinaryConv2d):
         if mod.padding_mode != "zeros":
             return f"padding_mode {mod.padding_mode!r}: no binary kernel (zeros, or binary_padding='ones')"
-        if isinstance(mod.padding, str):
-            return f"padding={mod.padding!r}: give the padding as numbers"
-        if mod.binary_padding == "zeros" and max(mod.padding) > 0 and max(mod.kernel_size) > 64:
+        try:
+            pad = numeric_padding(mod)
+        except ValueError as exc:
+            return str(exc)
+        if mod.binary_padding == "zeros" and max(pad) > 0 and max(mod.kernel_size) > 64:
             return "exact zero padding takes kernels up to 64 x 64"
     if mod.weight.device.type == "meta":
         return "weights on the meta device"

@@ -341,3 +341,20 @@ def test_folded_batchnorm1d_needs_2d_input(gen):
     assert model(x).shape == (4, 8)
     with pytest.raises(ValueError, match="2-D input"):
         model(torch.randn(2, 8, 8, generator=gen))
+
+
+@pytest.mark.parametrize("padding,k,dilation", [("same", 3, 1), ("same", 5, 2), ("valid", 3, 1)])
+def test_patch_takes_string_padding_it_can_express(gen, padding, k, dilation):
+    model = nn.Sequential(BinaryConv2d(8, 8, k, padding=padding, dilation=dilation), nn.BatchNorm2d(8)).eval()
+    x = torch.randn(2, 8, 11, 9, generator=gen)
+    want = model(x)
+    report = pyaccel.patch(model)
+    assert isinstance(model[0], XnorConv2d), str(report)
+    assert torch.allclose(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_reports_uneven_same_padding():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), BinaryConv2d(8, 8, 4, padding="same"), nn.Linear(2, 2)).eval()
+    report = pyaccel.patch(model)
+    e = next(e for e in report.entries if e.path == "1")
+    assert not e.swapped and "pads unevenly" in e.reason

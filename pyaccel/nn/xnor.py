@@ -83,6 +83,23 @@ def _rebuild(mod, incompatible_keys) -> None:
     mod.wsum = mod._wsum()
 
 
+def numeric_padding(conv: nn.Conv2d) -> Tuple[int, int]:
+    """conv.padding as (ph, pw): 'valid' is (0, 0); 'same' (stride 1 in torch) is
+    d * (k - 1) / 2 per side where that is a whole number (odd dilated kernel
+    extents), else ValueError: torch then pads one more pixel at the
+    bottom / right, which the symmetric binary kernels do not express."""
+    p = conv.padding
+    if not isinstance(p, str):
+        return tuple(p)
+    if p == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
+    if any(t % 2 for t in total):
+        raise ValueError(f"padding='same' with kernel {tuple(conv.kernel_size)} and dilation "
+                         f"{tuple(conv.dilation)} pads unevenly; no binary kernel for that")
+    return (total[0] // 2, total[1] // 2)
+
+
 def _version(t: Tensor) -> int:
     """t's in-place edit counter (inference-mode tensors have none: they cannot be edited outside it)."""
     return -1 if t.is_inference() else t._version
@@ -307,12 +324,11 @@ class XnorConv2d(_XnorBase):
             raise TypeError(f"conv: expected a pyaccel.nn.BinaryConv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode {conv.padding_mode!r} has no binary kernel (zeros / binary_padding only)")
-        if isinstance(conv.padding, str):
-            raise ValueError(f"padding={conv.padding!r}: give the padding as numbers")
+        padding = numeric_padding(conv)
         scale, shift = fold_epilogue(conv.alpha(), conv.bias, bn)
         a, lo, hi, slope = activation_of(act, conv.out_channels)
         bits, _ = bf.pack_conv_weight(conv.weight.detach(), conv.groups)
-        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
                    conv.groups, conv.binary_padding, a, lo, hi, weight_bits=bits, scale=scale, shift=shift,
                    slope=slope)
 
