@@ -358,3 +358,24 @@ def test_patch_reports_uneven_same_padding():
     report = pyaccel.patch(model)
     e = next(e for e in report.entries if e.path == "1")
     assert not e.swapped and "pads unevenly" in e.reason
+
+
+def test_binarize_first_and_last_follow_the_forward():
+    """The layers kept float are the first and last the forward calls (torch.fx
+    order), not the first and last registered; a Linear subclass it cannot
+    convert (MultiheadAttention's out_proj) is not taken for the classifier."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 10)  # registered first, called last
+            self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+            self.body = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.Hardtanh())
+            self.proj = nn.modules.linear.NonDynamicallyQuantizableLinear(32, 32)
+
+        def forward(self, x):
+            return self.fc(self.proj(self.body(self.conv1(x)).mean((2, 3))))
+
+    m = pyaccel.binarize(Net())
+    kinds = {n: type(c).__name__ for n, c in m.named_modules() if isinstance(c, (nn.Conv2d, nn.Linear))}
+    assert kinds == {"fc": "Linear", "conv1": "Conv2d", "body.0": "BinaryConv2d",
+                     "proj": "NonDynamicallyQuantizableLinear"}

@@ -130,6 +130,16 @@ def default_binarize_filter(module: nn.Module, path: str) -> bool:
     return True
 
 
+def _call_order(model: nn.Module) -> list:
+    """Paths of the modules `model`'s forward calls, in call order, when
+    torch.fx can trace it (nn layers are leaves); [] otherwise."""
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:
+        return []
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+
+
 def binarize(model: nn.Module, filter_fn=None, *, keep_first_last: bool = True,
              binary_padding: str = "zeros") -> nn.Module:
     """Turn float nn.Conv2d / nn.Linear layers of `model` into BinaryConv2d /
@@ -138,9 +148,11 @@ def binarize(model: nn.Module, filter_fn=None, *, keep_first_last: bool = True,
 
     Args:
         filter_fn: ``filter_fn(module, path) -> bool`` choosing layers (default: all).
-        keep_first_last: leave the first and the last Conv2d/Linear (in
-            ``named_modules`` order) float, as the BNN literature does
-            (binarizing the input layer and the classifier costs most accuracy).
+        keep_first_last: leave the first and the last convertible Conv2d/Linear
+            float, as the BNN literature does (binarizing the input layer and the
+            classifier costs most accuracy): first and last in the order forward
+            calls them when torch.fx can trace the model, else in
+            ``named_modules`` (registration) order.
         binary_padding: 'zeros' (exact) or 'ones' for the new BinaryConv2d layers.
 
     Only exact nn.Conv2d / nn.Linear instances are converted (not subclasses,
@@ -152,7 +164,14 @@ def binarize(model: nn.Module, filter_fn=None, *, keep_first_last: bool = True,
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: expected a callable (module, path) -> bool, got {type(filter_fn).__name__}")
     layers = [(p, m) for p, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    skip = {layers[0][0], layers[-1][0]} if keep_first_last and layers else set()
+    convertible = [p for p, m in layers if type(m) in (nn.Conv2d, nn.Linear)]
+    skip = set()
+    if keep_first_last and convertible:
+        called = _call_order(model)
+        order = [p for p in called if p in set(convertible)] if called else []
+        if not order:  # not traceable (or no layer called through fx): registration order
+            order = convertible
+        skip = {order[0], order[-1]}
     chosen = []
     for path, mod in layers:
         if type(mod) not in (nn.Conv2d, nn.Linear) or path in skip:
