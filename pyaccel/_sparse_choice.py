@@ -22,7 +22,6 @@ A measurement takes a few ms per layer for 4096 x 4096 weights.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -75,7 +74,9 @@ def measured_speedups(w: Tensor, b: Optional[Tensor], candidates: Dict[str, nn.M
                       baseline: Optional[nn.Module] = None) -> Dict[str, Dict[int, float]]:
     """Speed-up of each candidate module over the dense baseline -- ``F.linear(x,
     w, b)``, or `baseline` (e.g. the dense Int8Linear when quantizing) -- at each
-    row count: medians of `rounds` interleaved timings on random inputs."""
+    row count: the fastest of `rounds` interleaved timings on random inputs (the
+    minimum: interference from other work on the machine only adds time, and a
+    descheduled thread can add a whole scheduler time slice to one timing)."""
     out: Dict[str, Dict[int, float]] = {name: {} for name in candidates}
     wf, bf = w.float(), None if b is None else b.float()
     dense = baseline if baseline is not None else (lambda x: F.linear(x, wf, bf))
@@ -88,9 +89,9 @@ def measured_speedups(w: Tensor, b: Optional[Tensor], candidates: Dict[str, nn.M
                 times["dense"].append(_time_per_call(lambda: dense(x)))
                 for name, mod in candidates.items():
                     times[name].append(_time_per_call(lambda mod=mod: mod(x)))
-            t_dense = statistics.median(times["dense"])
+            t_dense = min(times["dense"])
             for name in candidates:
-                out[name][m] = t_dense / statistics.median(times[name])
+                out[name][m] = t_dense / min(times[name])
     return out
 
 
