@@ -14,6 +14,19 @@ void parallel_for(int64_t n, int64_t grain, int nthreads, const Fn& fn);
 
 int max_threads();
 
+// Oversubscription guard. When another busy process shares the cores, a team
+// thread may be descheduled: the join then waits for a scheduler time slice
+// (milliseconds for a call of microseconds). Every team measures how late its
+// threads start; one that starts later than kLateStartSeconds makes the
+// helpers below run on the calling thread alone for kSerialSeconds, after
+// which teams are tried again. On a machine with free cores a thread starts
+// within tens of microseconds and nothing changes.
+constexpr double kLateStartSeconds = 1e-3;
+constexpr double kSerialSeconds = 0.2;
+bool serial_for_now();                 // true inside such a window
+void note_thread_start(double t0);     // called by each team thread with the team's start time
+int effective_threads(int nthreads);   // nthreads, or 1 inside a window
+
 // One team of threads runs two phases: fn1(begin, end) over [0, n1) split as
 // parallel_for does (grain 1), then, after a barrier, fn2(begin, end) over
 // [0, n2). One fork/join instead of two, for a phase that prepares data
@@ -46,11 +59,13 @@ void parallel_for(int64_t n, int64_t grain, int nthreads, const Fn& fn) {
   if (n <= 0) return;
   if (grain < 1) grain = 1;
   const int64_t units = (n + grain - 1) / grain;
-  int64_t nt = nthreads < 1 ? 1 : nthreads;
+  int64_t nt = effective_threads(nthreads);
   if (nt > units) nt = units;
   if (nt <= 1) { fn(int64_t(0), n); return; }
+  const double t0 = omp_get_wtime();
 #pragma omp parallel num_threads(static_cast<int>(nt))
   {
+    note_thread_start(t0);
     // split by the team OpenMP actually gave (fewer threads when nested or
     // capped), never by the request: a missing thread's share must not vanish
     const int64_t t = omp_get_thread_num(), team = omp_get_num_threads();
@@ -62,15 +77,17 @@ void parallel_for(int64_t n, int64_t grain, int nthreads, const Fn& fn) {
 
 template <typename Fn1, typename Fn2>
 void parallel_two_phase(int64_t n1, int64_t n2, int nthreads, const Fn1& fn1, const Fn2& fn2, int64_t items2) {
-  int64_t nt = nthreads < 1 ? 1 : nthreads;
+  int64_t nt = effective_threads(nthreads);
   if (nt > n2) nt = n2;
   if (nt <= 1) {
     if (n1 > 0) fn1(int64_t(0), n1);
     if (n2 > 0) fn2(int64_t(0), n2);
     return;
   }
+  const double t0 = omp_get_wtime();
 #pragma omp parallel num_threads(static_cast<int>(nt))
   {
+    note_thread_start(t0);
     const int64_t t = omp_get_thread_num(), team = omp_get_num_threads();  // see parallel_for
     const int64_t a0 = n1 * t / team, a1 = n1 * (t + 1) / team;
     if (a0 < a1) fn1(a0, a1);
@@ -91,6 +108,7 @@ void parallel_two_phase(int64_t n1, int64_t n2, int nthreads, const Fn1& fn1, co
 template <typename Fn>
 void parallel_units_rows(int64_t units, int64_t m, int64_t mr, int nthreads, const Fn& fn) {
   if (units <= 0 || m <= 0) return;
+  nthreads = effective_threads(nthreads);
   int64_t chunks = 1;
   if (nthreads > 1 && units < 4 * nthreads)
     chunks = std::min<int64_t>((m + mr - 1) / mr, (4 * nthreads + units - 1) / units);
@@ -103,12 +121,17 @@ void parallel_units_rows(int64_t units, int64_t m, int64_t mr, int nthreads, con
   // per-thread sequential weight streams the prefetchers follow.
   if (nthreads > 1 && row_tiles >= 8 && units * chunks >= 2 * nthreads) {
     const int64_t items = units * chunks;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t t = 0; t < items; ++t) {
-      const int64_t u = t / chunks, c0 = t % chunks;
-      const int64_t r0 = std::min<int64_t>(m, row_tiles * c0 / chunks * mr);
-      const int64_t r1 = c0 + 1 == chunks ? m : std::min<int64_t>(m, row_tiles * (c0 + 1) / chunks * mr);
-      if (r0 < r1) fn(u, r0, r1);
+    const double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(nthreads)
+    {
+      note_thread_start(t0);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < items; ++t) {
+        const int64_t u = t / chunks, c0 = t % chunks;
+        const int64_t r0 = std::min<int64_t>(m, row_tiles * c0 / chunks * mr);
+        const int64_t r1 = c0 + 1 == chunks ? m : std::min<int64_t>(m, row_tiles * (c0 + 1) / chunks * mr);
+        if (r0 < r1) fn(u, r0, r1);
+      }
     }
     return;
   }
