@@ -183,6 +183,16 @@ def test_every_pyaccel_module_is_registered():
 
 
 # ---- helpers --------------------------------------------------------------------------
+def _run_in_threads(work, errors, n=4):
+    """Run work() on n threads at once; fail with the first errors it collected."""
+    threads = [threading.Thread(target=work) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
 def _op_path(mod, x):
     """The module's checked torch.ops path (the same kernels, no fast path)."""
     return mod._checked_op(x)
@@ -599,12 +609,7 @@ def test_threads(gen, case):
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[:3]
+    _run_in_threads(work, errors)
 
 
 # ---- state changed behind the module, every way (review findings) ------------------------
@@ -978,9 +983,4 @@ def test_conv_bad_input_hooks_shared_threads(gen, ccase):
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[:3]
+    _run_in_threads(work, errors)
