@@ -1,12 +1,14 @@
 """Binary (XNOR) ops, registered with ``torch.library``: schema, argument
 checks naming the argument, the CPU kernels (pyaccel._C, csrc/binary/), the
 pure-PyTorch reference elsewhere (:mod:`pyaccel.reference_binary`), fake
-implementations. No autograd: train with :class:`pyaccel.nn.BinaryConv2d`,
-whose STE gradients these inference ops do not define.
+implementations. Autograd: the straight-through estimator's gradient to x
+(that of :class:`pyaccel.nn.BinaryConv2d`), none to the buffers.
 
 ``torch.ops.pyaccel.binary_conv2d(x, weight_bits, wsum, scale, shift, slope,
 out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
-act, act_lo, act_hi)`` -> fp32 [N, OC, OH, OW] in channels_last memory format.
+act, act_lo, act_hi)`` -> fp32 [N, OC, OH, OW] in channels_last memory format;
+``torch.ops.pyaccel.binary_linear(x, weight_bits, wsum, scale, shift, slope,
+out_features, act, act_lo, act_hi)``: its 1 x 1 case on x [..., K] -> [..., N].
 """
 from __future__ import annotations
 
@@ -145,13 +147,73 @@ def _(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stri
     return x.new_empty((n, oh, ow, out_channels)).permute(0, 3, 1, 2)
 
 
-def _no_backward(ctx, grad_y):
-    """No gradient flows back through the inference op (sign has none almost
-    everywhere; training uses the straight-through estimator of
-    pyaccel.nn.BinaryConv2d / BinaryLinear), as in eager mode, where the
-    module's output does not require grad."""
-    return (None,) * 16
+def _setup(ctx, inputs, output):
+    x, weight_bits, _, scale, shift, slope = inputs[:6]
+    ctx.save_for_backward(x, weight_bits, scale, shift, slope)
+    ctx.args = inputs[6:]
 
 
-# inputs that require grad are accepted (torch.compile traces a backward graph in grad mode)
-binary_conv2d.register_autograd(_no_backward)
+def _ste_grad_x(x, weight_bits, scale, shift, slope, grad_y, oc, kernel_size, stride, padding, dilation, groups,
+                padding_mode, act, act_lo, act_hi):
+    """The straight-through estimator's gradient to x [N, C, H, W] (that of the
+    training modules pyaccel.nn.BinaryConv2d / BinaryLinear: passed where
+    |x| <= 1), through the float epilogue (scale, bias, activation)."""
+    w = bf.unpack_conv_weight(weight_bits, oc, x.shape[1] // groups, *kernel_size).to(x.device)
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        y = rb.binary_conv2d(xr, w, scale, shift, stride, padding, dilation, groups, padding_mode, act,
+                             (act_lo, act_hi), slope, ste=True)
+        (gx,) = torch.autograd.grad(y, xr, grad_y.to(y.dtype))
+    return gx
+
+
+def _backward(ctx, grad_y):
+    """Gradient to x only: the buffers get none."""
+    x, weight_bits, scale, shift, slope = ctx.saved_tensors
+    gx = _ste_grad_x(x, weight_bits, scale, shift, slope, grad_y, *ctx.args) if ctx.needs_input_grad[0] else None
+    return (gx,) + (None,) * 15
+
+
+binary_conv2d.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("pyaccel::binary_linear", mutates_args=())
+def binary_linear(x: Tensor, weight_bits: Tensor, wsum: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                  slope: Optional[Tensor], out_features: int, act: str, act_lo: float, act_hi: float) -> Tensor:
+    """Binary linear: act((sign x) @ W±1ᵀ * scale + shift); x fp32 [..., K] -> fp32 [..., out_features]
+    (the 1 x 1 case of binary_conv2d, any leading dimensions)."""
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise ValueError(f"x: expected a tensor [..., in_features], got {_desc(x)}")
+    x2 = x.reshape(-1, x.shape[-1])[:, :, None, None]
+    y = binary_conv2d(x2, weight_bits, wsum, scale, shift, slope, out_features, [1, 1], [1, 1], [0, 0], [1, 1], 1,
+                      "zeros", act, act_lo, act_hi)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@binary_linear.register_fake
+def _(x, weight_bits, wsum, scale, shift, slope, out_features, act, act_lo, act_hi):
+    x2 = x.reshape(-1, x.shape[-1])[:, :, None, None]
+    check_conv_args(x2, weight_bits, wsum, scale, shift, slope, out_features, [1, 1], [1, 1], [0, 0], [1, 1], 1,
+                    "zeros", act)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _setup_linear(ctx, inputs, output):
+    x, weight_bits, _, scale, shift, slope = inputs[:6]
+    ctx.save_for_backward(x, weight_bits, scale, shift, slope)
+    ctx.args = inputs[6:]
+
+
+def _backward_linear(ctx, grad_y):
+    x, weight_bits, scale, shift, slope = ctx.saved_tensors
+    gx = None
+    if ctx.needs_input_grad[0]:
+        n, act, act_lo, act_hi = ctx.args
+        x4 = x.reshape(-1, x.shape[-1])[:, :, None, None]
+        g4 = grad_y.reshape(-1, n)[:, :, None, None]
+        gx = _ste_grad_x(x4, weight_bits, scale, shift, slope, g4, n, [1, 1], [1, 1], [0, 0], [1, 1], 1, "zeros",
+                         act, act_lo, act_hi).reshape(x.shape)
+    return (gx,) + (None,) * 9
+
+
+binary_linear.register_autograd(_backward_linear, setup_context=_setup_linear)

@@ -60,11 +60,19 @@ def epilogue(dot: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], act:
 
 
 def binary_conv2d_dot(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, groups: int = 1,
-                      padding_mode: str = "zeros") -> Tensor:
-    """The integer dot products of a binary conv as fp32: conv(sign(x), sign(w))."""
+                      padding_mode: str = "zeros", ste: bool = False) -> Tensor:
+    """The integer dot products of a binary conv as fp32: conv(sign(x), sign(w)).
+    ste=True: sign(x) in x's float dtype with the straight-through gradient
+    (passed where |x| <= 1), the gradient the inference modules define."""
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode: expected one of {PADDING_MODES}, got {padding_mode!r}")
-    sx, sw = bf.sign(x.float()), bf.sign(weight.float())
+    if ste:
+        from pyaccel.nn.binary import sign_ste
+
+        sx = sign_ste(x)
+        sw = bf.sign(weight.to(x.dtype))
+    else:
+        sx, sw = bf.sign(x.float()), bf.sign(weight.float())
     ph, pw = pair(padding)
     if padding_mode == "ones":
         sx = F.pad(sx, (pw, pw, ph, ph), value=1.0)
@@ -74,15 +82,18 @@ def binary_conv2d_dot(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1
 
 def binary_conv2d(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], stride=1,
                   padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros", act: str = "none",
-                  act_params: Sequence[float] = (), slope: Optional[Tensor] = None) -> Tensor:
-    """Binary convolution, NCHW in and out (fp32):
+                  act_params: Sequence[float] = (), slope: Optional[Tensor] = None, ste: bool = False) -> Tensor:
+    """Binary convolution, NCHW in and out (fp32; ste=True: x's dtype, with the
+    straight-through gradient of :func:`binary_conv2d_dot`):
     ``act(conv(sign(x), sign(w)) * scale + shift)``.
 
     x: [N, C, H, W]; weight: [OC, C / groups, kh, kw] (only its signs count);
     scale, shift: [OC] or None. Method: XNOR-Net (Rastegari et al., 2016)
     with scale = alpha = mean|w| per output channel (BatchNorm folded in by patch).
     """
-    dot = binary_conv2d_dot(x, weight, stride, padding, dilation, groups, padding_mode)
+    dot = binary_conv2d_dot(x, weight, stride, padding, dilation, groups, padding_mode, ste)
+    if ste:
+        scale, shift, slope = (None if t is None else t.to(dot.dtype) for t in (scale, shift, slope))
     return epilogue(dot, scale, shift, act, act_params, slope, dim=1)
 
 

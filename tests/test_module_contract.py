@@ -27,9 +27,12 @@ from torch import Tensor, nn
 
 import pyaccel
 from pyaccel import _native, reference
+from pyaccel import reference_binary as rb
+from pyaccel.formats import binary as bf
 from pyaccel.formats import block_sparse as bsf
 from pyaccel.formats import sparse24 as s24
-from pyaccel.nn import BlockSparseInt8Linear, BlockSparseLinear, Int8Linear, Sparse24Int8Linear, Sparse24Linear
+from pyaccel.nn import (BinaryConv2d, BinaryLinear, BlockSparseInt8Linear, BlockSparseLinear, Int8Linear,
+                        Sparse24Int8Linear, Sparse24Linear, XnorConv2d, XnorLinear)
 
 needs_native = pytest.mark.skipif(not _native.available(), reason="native library not loaded")
 
@@ -44,6 +47,10 @@ class ContractCase:
     reference: Callable[[nn.Module, Tensor], Tensor]  # what forward computes, in pure PyTorch
     bad_values: Callable[[nn.Module], Dict[str, Tensor]]  # canonical buffers holding invalid values
     ctor_args: Callable[[nn.Module], tuple] = lambda m: (m.in_features, m.out_features)
+    # False for a Linear-shaped module that is not a linear map (binary: y = act(sign(x) @ W±1ᵀ * s + b)):
+    # no dense-weight view, so the nn.Linear surface tests (F.linear on .weight, the transformer) do not apply
+    linear_map: bool = True
+    grad_reference: Optional[Callable[[nn.Module, Tensor], Tensor]] = None  # what backward differentiates
 
 
 def _float_linear(k, n, bias, gen, sparse24=False) -> nn.Linear:
@@ -101,6 +108,35 @@ def _nan_scale(s: Tensor) -> Tensor:
     return bad
 
 
+def _padding_bit(bits: Tensor) -> Tensor:
+    """Packed binary weights with bit 63 of the last word set: past the channel
+    count unless it is a multiple of 64 (the shapes used here are not)."""
+    bad = bits.clone()
+    bad[..., -1, 0] |= torch.iinfo(torch.int64).min
+    return bad
+
+
+def _xnor_linear(k, n, bias, gen, act=None) -> XnorLinear:
+    b = BinaryLinear(k, n, bias=bias)
+    with torch.no_grad():
+        b.weight.copy_(torch.randn(n, k, generator=gen))
+        if bias:
+            b.bias.copy_(torch.randn(n, generator=gen))
+    return XnorLinear.from_binary(b.eval(), act=act)
+
+
+def _xnor_linear_reference(m, x, ste=False):
+    w = bf.unpack_conv_weight(m.weight_bits, m.out_features, m.in_features, 1, 1).reshape(m.out_features, -1)
+    lead = x.shape[:-1]
+    y = rb.binary_conv2d(x.reshape(-1, m.in_features)[:, :, None, None], w[:, :, None, None], m.scale, m.bias,
+                         act=m.act, act_params=(m.act_lo, m.act_hi), slope=m.slope, ste=ste)
+    return y.reshape(*lead, m.out_features)
+
+
+_XNOR_LINEAR_CTOR = lambda m: (m.in_features, m.out_features, m.bias is not None, m.act, m.act_lo,  # noqa: E731
+                               m.act_hi)
+
+
 CASES = [
     ContractCase(
         "Int8Linear", Int8Linear, "int8",
@@ -149,6 +185,16 @@ CASES = [
                               "weight_scale": _nan_scale(m.weight_scale)},
     )
     for bh, bw in [(16, 16), (4, 6)]
+] + [
+    ContractCase(
+        name, XnorLinear, "binary",
+        build=lambda k, n, bias, gen, act=act: _xnor_linear(k, n, bias, gen, act),
+        reference=_xnor_linear_reference,
+        bad_values=lambda m: {"weight_bits": _padding_bit(m.weight_bits), "scale": _nan_scale(m.scale)},
+        ctor_args=_XNOR_LINEAR_CTOR, linear_map=False,
+        grad_reference=lambda m, x: _xnor_linear_reference(m, x, ste=True),
+    )
+    for name, act in [("XnorLinear", None), ("XnorLinear-prelu", nn.PReLU(init=-0.3))]
 ]
 
 
@@ -160,11 +206,6 @@ NOT_IN_LINEAR_SUITE = {
                              "(tests/test_binary_modules.py: compile, export, fx, trace, state_dict, backward)",
     pyaccel.nn.BinaryLinear: "training module: a plain nn.Linear subclass with float Parameters "
                              "(tests/test_binary_modules.py)",
-    pyaccel.nn.XnorConv2d: "Conv-shaped: waits for the Conv-shaped contract of the depthwise-separable "
-                           "family (issue 13); tests/test_binary_modules.py covers compile, export, fx, trace, "
-                           "save/load, meta + assign, every ISA",
-    pyaccel.nn.XnorLinear: "binary Linear not yet on PackedLinear (no dense-weight view, no native plan); "
-                           "tests/test_binary_modules.py covers the rest of the contract",
 }
 
 
@@ -202,8 +243,11 @@ def assert_matches_reference(y: Tensor, ref: Tensor, x: Tensor, mod: nn.Module, 
     """|y - ref| <= 4 eps (|x| @ |W|ᵀ + |b|) + eps |ref|: the error bound of a K-term fp32 dot
     product (the int8 references quantize x exactly as the kernels do)."""
     assert y.shape == ref.shape and y.dtype == ref.dtype, what
-    w = mod.weight.materialize().abs()
-    scale = x.detach().float().abs().reshape(-1, x.shape[-1]) @ w.t()
+    if isinstance(mod, XnorLinear):  # the ±1 dot is exact: |dot| <= K, only the fp32 epilogue rounds
+        scale = (mod.scale.abs() * mod.in_features).expand(x.numel() // x.shape[-1], -1)
+    else:
+        w = mod.weight.materialize().abs()
+        scale = x.detach().float().abs().reshape(-1, x.shape[-1]) @ w.t()
     if mod.bias is not None:
         scale = scale + mod.bias.abs()
     eps = torch.finfo(y.dtype).eps
@@ -318,7 +362,13 @@ def test_one_checkpoint_same_answer_on_every_isa(gen, case):
 
 
 # ---- the nn.Linear surface ---------------------------------------------------------------
+def _needs_linear_map(case):
+    if not case.linear_map:
+        pytest.skip(f"{case.name} is not a linear map: no dense-weight view, F.linear does not apply")
+
+
 def test_linear_surface(gen, case):
+    _needs_linear_map(case)
     mod = case.build(40, 24, True, gen)
     assert (mod.in_features, mod.out_features) == (40, 24)
     assert mod.bias.shape == (24,) and mod.bias.dtype == torch.float32
@@ -361,6 +411,7 @@ class _CountCalls:
 def test_transformer_encoder_layer_runs_the_kernels(gen, case, monkeypatch):
     """TransformerEncoderLayer's eval fast path reads linear1.weight and would
     compute with it; the view turns it off, so the layer calls the modules."""
+    _needs_linear_map(case)
     torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
     enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2).eval()
     for layer in enc.layers:
@@ -434,7 +485,12 @@ def test_backward_reaches_the_input(gen, case):
         assert torch.equal(y.detach(), mod(x))  # the same kernel with and without autograd
     g = torch.randn(6, 32, generator=gen)
     y.backward(g)
-    assert torch.allclose(x.grad, g @ mod.weight.materialize(), rtol=1e-5, atol=1e-5)
+    if case.grad_reference is None:
+        assert torch.allclose(x.grad, g @ mod.weight.materialize(), rtol=1e-5, atol=1e-5)
+    else:
+        xr = x.detach().double().requires_grad_()
+        case.grad_reference(mod, xr).backward(g.double())
+        assert torch.allclose(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-5) and x.grad.abs().sum() > 0
     # a frozen pyaccel layer between trainable ones
     net = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), mod, nn.ReLU(), nn.Linear(32, 8))
     net(torch.randn(3, 16, generator=gen)).sum().backward()
@@ -514,10 +570,13 @@ def test_valid_in_place_weight_edit_is_seen(gen, case):
     mod = case.build(40, 24, True, gen)
     x = torch.randn(5, 40, generator=gen)
     before = mod(x)
-    name = "weight_int8" if hasattr(mod, "weight_int8") else "values"
+    name = _edit_name(mod)
     with torch.no_grad():
         t = getattr(mod, name)
-        t[0].copy_(torch.flip(t[0], (0,)) if t.dtype == torch.int8 else t[0] * 3)
+        if t.dtype == torch.int64:  # packed binary weights: negate every weight
+            t.copy_(_scaled(t, mod))
+        else:
+            t[0].copy_(torch.flip(t[0], (0,)) if t.dtype == torch.int8 else t[0] * 3)
     after = mod(x)
     assert not torch.equal(after, before)
     assert_matches_reference(after, case.reference(mod, x), x, mod)
@@ -539,7 +598,7 @@ def test_invalid_canonical_values_are_refused(gen, case):
         edited = copy.deepcopy(mod)
         with torch.no_grad():
             getattr(edited, name).copy_(bad)
-        if name in ("weight_scale", "bias"):  # read in place by every path: the same non-finite rows everywhere
+        if name in mod._READ_IN_PLACE:  # read in place by every path: the same non-finite rows everywhere
             y_plan, y_rows, y_op = edited(x), edited(torch.cat([x, x], 1)[:, :40]), _op_path(edited, x)
             assert torch.equal(y_plan.isnan(), y_op.isnan()) and torch.equal(y_rows.isnan(), y_op.isnan())
             assert y_op.isnan().any()
@@ -614,10 +673,16 @@ def test_threads(gen, case):
 
 # ---- state changed behind the module, every way (review findings) ------------------------
 def _edit_name(mod):
-    return "weight_int8" if hasattr(mod, "weight_int8") else "values"
+    for name in ("weight_int8", "weight_bits"):
+        if hasattr(mod, name):
+            return name
+    return "values"
 
 
-def _scaled(t):
+def _scaled(t, mod=None):
+    """A valid edit of a canonical buffer: float x2, int8 x2 where it fits, packed binary weights negated."""
+    if t.dtype == torch.int64:
+        return t ^ bf.valid_bits_mask(t.shape, mod._oc(), mod._cg())
     return t * 2 if t.is_floating_point() else torch.where(t.abs() <= 60, t * 2, t)
 
 
@@ -629,15 +694,16 @@ def test_edits_are_seen_off_the_plan_path(gen, case):
     mod(x)
     name = _edit_name(mod)
     with torch.no_grad():
-        getattr(mod, name).copy_(_scaled(getattr(mod, name)))
+        getattr(mod, name).copy_(_scaled(getattr(mod, name), mod))
     want = case.reference(mod, x)
     assert_matches_reference(mod(nn.Parameter(x, requires_grad=False)), want, x, mod, "Parameter input")
-    other = torch.randn(24, generator=gen)
-    assert torch.allclose(F.linear(x, mod.weight, other), want - mod.bias + other, rtol=1e-5, atol=1e-4)
+    if case.linear_map:
+        other = torch.randn(24, generator=gen)
+        assert torch.allclose(F.linear(x, mod.weight, other), want - mod.bias + other, rtol=1e-5, atol=1e-4)
     mod.bias = torch.randn(48, generator=gen)[::2]  # a non-contiguous bias: no native plan
     assert mod._plan is None
     with torch.no_grad():
-        getattr(mod, name).copy_(_scaled(getattr(mod, name)))
+        getattr(mod, name).copy_(_scaled(getattr(mod, name), mod))
     assert_matches_reference(mod(x), case.reference(mod, x), x, mod, "no plan")
 
 
@@ -648,7 +714,7 @@ def test_buffer_assignment_in_any_way_is_seen(gen, case):
     mod.register_buffer("bias", torch.ones(24))
     assert torch.allclose(mod(x), case.reference(mod, x), rtol=1e-5, atol=1e-5)
     name = _edit_name(mod)
-    mod._buffers[name] = _scaled(getattr(mod, name))  # as accelerate's set_module_tensor_to_device does
+    mod._buffers[name] = _scaled(getattr(mod, name), mod)  # as accelerate's set_module_tensor_to_device does
     assert_matches_reference(mod(x), case.reference(mod, x), x, mod, "_buffers assignment")
     nobias = case.build(40, 24, False, gen)
     nobias.bias = torch.ones(24)
@@ -676,6 +742,8 @@ def test_default_device_context_and_bias_gradient(gen, case):
     y = mod(x)
     with torch.device("meta"):
         assert torch.equal(mod(x), y)  # the output stays on x's device
+    if not case.linear_map:
+        return
     b = nn.Parameter(torch.zeros(24))
     F.linear(x, mod.weight, b).sum().backward()
     assert b.grad is not None and torch.equal(b.grad, torch.full((24,), 5.0))
@@ -701,6 +769,7 @@ class ConvContractCase:
     grad_reference: Optional[Callable[[nn.Module, Tensor], Tensor]] = None  # what backward differentiates
     rel: float = 1e-5  # |y - reference| <= rel * max|reference| (int8: the kernel's depthwise sums may round a
     #                    quantized activation the other way than the reference's: one step of 1/127)
+    unbatched: bool = False  # takes [C, H, W] as nn.Conv2d does (else refuses it, naming x)
 
 
 def _dws_build(c, co, gen, k=3, stride=1, padding=None, act1="relu6", act2="hardswish"):
@@ -733,6 +802,28 @@ def _nan_weight(t: Tensor) -> Tensor:
     return bad
 
 
+def _xnor_conv(c, co, gen, k=3, stride=1, padding=1, mode="zeros", act=None):
+    b = BinaryConv2d(c, co, k, stride=stride, padding=padding, binary_padding=mode)
+    bn = nn.BatchNorm2d(co)
+    with torch.no_grad():
+        b.weight.copy_(torch.randn(b.weight.shape, generator=gen))
+        b.bias.copy_(torch.randn(co, generator=gen))
+        bn.running_mean.copy_(torch.randn(co, generator=gen))
+        bn.running_var.copy_(torch.rand(co, generator=gen) + 0.5)
+        bn.weight.copy_(torch.randn(co, generator=gen))  # negative gammas too
+        bn.bias.copy_(torch.randn(co, generator=gen))
+    return XnorConv2d.from_binary(b.eval(), bn.eval(), act)
+
+
+def _xnor_conv_reference(m, x, ste=False):
+    w = bf.unpack_conv_weight(m.weight_bits, m.out_channels, m.in_channels // m.groups, *m.kernel_size)
+    return rb.binary_conv2d(x, w, m.scale, m.bias, m.stride, m.padding, m.dilation, m.groups, m.padding_mode,
+                            m.act, (m.act_lo, m.act_hi), m.slope, ste=ste)
+
+
+_XNOR_CONV_CTOR = lambda m: (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,  # noqa: E731
+                             m.dilation, m.groups, m.bias is not None, m.padding_mode, m.act, m.act_lo, m.act_hi)
+
 CONV_CASES = [
     ConvContractCase(
         "FusedDWSeparableConv2d", FusedDWSeparableConv2d, "dws",
@@ -763,6 +854,22 @@ CONV_CASES = [
         grad_reference=lambda m, x: reference.dws_conv2d(  # activation quantization passes gradients straight
             x, m.dw_weight, m.dw_bias, (m.pw_weight_int8.float() * m.pw_scale[:, None])[..., None, None], m.bias,
             m.geometry.stride, m.geometry.dilation, m.geometry.pads(x.shape[-2], x.shape[-1]), m.act1, m.act2),
+    ),
+    ConvContractCase(
+        "XnorConv2d", XnorConv2d, "binary",
+        build=lambda c, co, gen: _xnor_conv(c, co, gen, act=nn.PReLU(co, init=-0.2)),
+        reference=_xnor_conv_reference,
+        bad_values=lambda m: {"weight_bits": _padding_bit(m.weight_bits), "scale": _nan_scale(m.scale)},
+        ctor_args=_XNOR_CONV_CTOR, edit_name="weight_bits", unbatched=True,
+        grad_reference=lambda m, x: _xnor_conv_reference(m, x, ste=True),
+    ),
+    ConvContractCase(  # 5 x 5, stride 2, one padding, Hardtanh
+        "XnorConv2d-k5s2-ones", XnorConv2d, "binary",
+        build=lambda c, co, gen: _xnor_conv(c, co, gen, 5, 2, 2, "ones", nn.Hardtanh(-0.5, 2.0)),
+        reference=_xnor_conv_reference,
+        bad_values=lambda m: {"weight_bits": _padding_bit(m.weight_bits)},
+        ctor_args=_XNOR_CONV_CTOR, edit_name="weight_bits", unbatched=True,
+        grad_reference=lambda m, x: _xnor_conv_reference(m, x, ste=True),
     ),
 ]
 
@@ -910,7 +1017,8 @@ def test_conv_state_changed_behind_the_module(isa, gen, ccase):
     x = _cx(gen, 16)
     before = mod(x)
     with torch.no_grad():
-        getattr(mod, ccase.edit_name).mul_(2)
+        t = getattr(mod, ccase.edit_name)
+        t.copy_(_scaled(t, mod))
     after = mod(x)
     assert not torch.equal(after, before)
     assert_conv_close(after, ccase.reference(mod, x.double()).float(), "in-place edit", rel=ccase.rel)
@@ -936,8 +1044,12 @@ def test_conv_invalid_canonical_values_are_refused(gen, ccase):
         edited = copy.deepcopy(mod)
         with torch.no_grad():
             getattr(edited, name).copy_(bad)
-        with pytest.raises(ValueError, match=name):
-            edited(x)
+        if name in mod._READ_IN_PLACE:  # read in place by every path: the same non-finite channels everywhere
+            y_fast, y_op = edited(x), edited._checked_op(x)
+            assert torch.equal(y_fast.isnan(), y_op.isnan()) and y_op.isnan().any()
+        else:  # the packing was built from it: the next call repacks, validates and refuses
+            with pytest.raises(ValueError, match=name):
+                edited(x)
         swapped = copy.deepcopy(mod)
         getattr(swapped, name).data = bad
         with pytest.raises(ValueError, match=name):
@@ -958,10 +1070,14 @@ def test_conv_bad_input_hooks_shared_threads(gen, ccase):
         mod(torch.randint(0, 5, (1, 16, 8, 8)))
     with pytest.raises(TypeError, match="x"):
         mod(torch.randn(1, 16, 8, 8, dtype=torch.float64))
-    with pytest.raises(ValueError, match="x"):
-        mod(torch.randn(16, 8, 8))
+    x3 = torch.randn(16, 8, 8, generator=gen)
+    if ccase.unbatched:
+        assert torch.equal(mod(x3), mod(x3[None])[0])
+    else:
+        with pytest.raises(ValueError, match="x"):
+            mod(x3)
     with pytest.raises((TypeError, ValueError), match="in_channels"):
-        ccase.cls(0, 16)
+        ccase.cls(0, *ccase.ctor_args(mod)[1:])
     x = _cx(gen, 16, 2, 8, 8)
     y = mod(x)
     seen = []

@@ -74,7 +74,7 @@ def _bare_kernel(xm: XnorConv2d, x: torch.Tensor):
     oc, oh, ow = y.shape[1:]
     b = xm._buffers
     args = (x.data_ptr(), n, c, h, w, *x.stride(), xm.groups, b["weight_bits"].data_ptr(), oc, *xm.kernel_size,
-            *xm.stride, *xm.padding, *xm.dilation, 0, b["wsum"].data_ptr(), b["scale"].data_ptr(), 0, 0, 0.0, 0.0,
+            *xm.stride, *xm.padding, *xm.dilation, 0, xm.wsum.data_ptr(), b["scale"].data_ptr(), 0, 0, 0.0, 0.0,
             0, y.data_ptr(), oh, ow, torch.get_num_threads())
     lib = _native.lib()
     return lambda y=y: (lib.binary_conv(*args), y)  # the closure keeps y alive

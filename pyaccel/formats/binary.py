@@ -99,6 +99,22 @@ def pack_conv_weight(weight: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
     return packed, wsum
 
 
+def valid_bits_mask(shape, oc: int, cg: int, device=None) -> Tensor:
+    """int64 mask of :func:`pack_conv_weight`'s output shape [G, NB, T, W, NR]
+    with every bit set that holds a weight: channel bits below ``cg`` in each
+    group's words and lanes below ``oc / G`` in each group's panels. The
+    canonical packing has 0 everywhere else (the kernels count those bits)."""
+    groups, nb, taps, nw, nr = shape
+    ocg = oc // groups
+    word = torch.full((nw,), -1, dtype=torch.int64, device=device)
+    rem = cg - WORD_BITS * (nw - 1)
+    if 0 < rem < WORD_BITS:
+        word[-1] = (1 << rem) - 1
+    lane = (torch.arange(nb * nr, device=device) < ocg).reshape(nb, nr)
+    mask = torch.where(lane[:, None, None, :], word[None, None, :, None], torch.zeros((), dtype=torch.int64))
+    return mask.expand(groups, nb, taps, nw, nr)
+
+
 def unpack_conv_weight(packed: Tensor, oc: int, cg: int, kh: int, kw: int) -> Tensor:
     """The ±1 float32 weight [OC, Cg, kh, kw] of :func:`pack_conv_weight`'s output."""
     groups, nb = packed.shape[0], packed.shape[1]

@@ -2,22 +2,22 @@
 
 :class:`XnorConv2d` and :class:`XnorLinear` compute
 
-    y = act( dot(sign(x), w±1) * scale + shift )
+    y = act( dot(sign(x), w±1) * scale + bias )
 
 with the XNOR-popcount kernels of csrc/binary (AVX-512 VPOPCNTDQ / AVX2 /
 portable; the reference in :mod:`pyaccel.reference_binary` elsewhere). Built by
 ``pyaccel.patch`` from eval-mode :class:`~pyaccel.nn.BinaryConv2d` /
 :class:`~pyaccel.nn.BinaryLinear` layers (``from_binary``), with a BatchNorm
-and an activation that follow folded into scale / shift / act: scale =
-alpha * gamma / sqrt(var + eps), shift = (bias - mean) * gamma / sqrt(var + eps)
+and an activation that follow folded into scale / bias / act: scale =
+alpha * gamma / sqrt(var + eps), bias = (b - mean) * gamma / sqrt(var + eps)
 + beta; a negative gamma is just a negative scale in this float epilogue.
 
 Canonical state (state_dict): ``weight_bits`` (int64, the machine-independent
 packing of :func:`pyaccel.formats.binary.pack_conv_weight`), ``scale``,
-``shift`` (optional), ``slope`` (PReLU, optional). ``wsum`` (border
-correction) is derived and rebuilt on load. Inputs: float32 (bf16 / fp16 are
-converted); NCHW or channels_last, output in the input's memory format. No
-gradients (inference only; train the Binary* modules).
+``bias`` (optional), ``slope`` (PReLU only). ``wsum`` (border correction) is
+derived (the family's packing in PackedModule's lifecycle: rebuilt after any
+load, assignment or in-place edit of weight_bits). Both modules honour the
+module contract (tests/test_module_contract.py).
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from pyaccel import _native
 from pyaccel import ops_binary as ob
-from pyaccel.nn._packed import _any_global_hook
+from pyaccel.nn._conv import is_channels_last
+from pyaccel.nn._packed import PackedModule, _any_global_hook, _fx_proxy, _grad_enabled
 from pyaccel.formats import binary as bf
 from pyaccel.reference_binary import ACTIVATIONS, pair
 
@@ -73,16 +74,6 @@ def activation_of(act: Optional[nn.Module], oc: int) -> Tuple[str, float, float,
     raise ValueError(f"no epilogue for {type(act).__name__}")
 
 
-def _check_checkpoint(mod, state_dict, prefix, *args) -> None:
-    bits = state_dict.get(prefix + "weight_bits")
-    if bits is not None and (bits.dtype != torch.int64 or bits.shape != mod.weight_bits.shape):
-        raise ValueError(f"weight_bits: expected int64 of shape {tuple(mod.weight_bits.shape)}, got {ob._desc(bits)}")
-
-
-def _rebuild(mod, incompatible_keys) -> None:
-    mod.wsum = mod._wsum()
-
-
 def numeric_padding(conv: nn.Conv2d) -> Tuple[int, int]:
     """conv.padding as (ph, pw): 'valid' is (0, 0); 'same' (stride 1 in torch) is
     d * (k - 1) / 2 per side where that is a whole number (odd dilated kernel
@@ -100,9 +91,7 @@ def numeric_padding(conv: nn.Conv2d) -> Tuple[int, int]:
     return (total[0] // 2, total[1] // 2)
 
 
-def _version(t: Tensor) -> int:
-    """t's in-place edit counter (inference-mode tensors have none: they cannot be edited outside it)."""
-    return -1 if t.is_inference() else t._version
+_FLOAT_IN = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _fx_leaf(mod: nn.Module, x):
@@ -111,122 +100,162 @@ def _fx_leaf(mod: nn.Module, x):
     return tracer.create_proxy("call_module", tracer.path_of_module(mod), (x,), {})
 
 
-class _XnorBase(nn.Module):
-    """State and checks shared by XnorConv2d and XnorLinear."""
+class _XnorBase(PackedModule):
+    """State, validation and calls shared by XnorConv2d and XnorLinear.
 
-    def _setup(self, bits: Tensor, scale: Tensor, shift: Optional[Tensor], act: str, lo: float, hi: float,
-               slope: Optional[Tensor]) -> None:
+    Canonical buffers (state_dict): ``weight_bits``, ``scale``, ``bias``,
+    ``slope``. The derived ``wsum`` (border correction) is this family's
+    packing (``_packed``): rebuilt whenever weight_bits changes (PackedModule's
+    lifecycle); scale / bias / slope are read in place by every path.
+    """
+
+    WEIGHT_NAMES = frozenset({"weight_bits", "scale", "bias", "slope"})
+    _READ_IN_PLACE = frozenset({"scale", "bias", "slope"})
+
+    def _init_state(self, bias: bool, act: str, act_lo: float, act_hi: float, device) -> None:
         if act not in ACTIVATIONS:
             raise ValueError(f"act: expected one of {ACTIVATIONS}, got {act!r}")
-        if act == "prelu" and slope is None:
-            raise ValueError("slope: act='prelu' needs a slope per output channel")
-        self.act, self.act_lo, self.act_hi = act, float(lo), float(hi)
+        self.act, self.act_lo, self.act_hi = act, float(act_lo), float(act_hi)
         oc = self._oc()
-        for name, t in (("scale", scale), ("shift", shift), ("slope", slope)):
-            if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (oc,)):
-                raise ValueError(f"{name}: expected float32 of shape ({oc},), got {ob._desc(t)}")
-        self.register_buffer("weight_bits", bits)
-        self.register_buffer("scale", scale)
-        self.register_buffer("shift", shift)
-        self.register_buffer("slope", slope)
-        self.register_buffer("wsum", self._wsum(), persistent=False)
-        self._register_load_state_dict_pre_hook(_check_checkpoint, with_module=True)
-        self.register_load_state_dict_post_hook(_rebuild)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.register_buffer("weight_bits", torch.zeros(self._bits_shape(), dtype=torch.int64, device=device))
+        self.register_buffer("scale", torch.ones(oc, **f32))
+        self.register_buffer("bias", torch.zeros(oc, **f32) if bias else None)
+        self.register_buffer("slope", torch.full((oc,), 0.25, **f32) if act == "prelu" else None)
+        self._repack_or_raise()
 
-    def _wsum(self) -> Tensor:
+    def _set_state(self, bits: Tensor, scale: Tensor, bias: Optional[Tensor], slope: Optional[Tensor]) -> None:
+        """Replace the canonical buffers at once (validated; ValueError naming the bad one)."""
+        t = {"weight_bits": bits, "scale": scale, "bias": bias, "slope": slope}
+        err = self._canonical_error(t)
+        if err is not None:
+            raise ValueError(err)
+        for name, v in t.items():
+            self._buffers[name] = v
+        self._repack()
+
+    def _bits_shape(self) -> tuple:
         kh, kw = self._ksize()
-        if self.weight_bits.device.type == "meta":
-            return torch.empty((self._oc(), kh * kw), dtype=torch.int32, device="meta")
-        return _wsum_from_bits(self.weight_bits, self._oc(), self._cg(), kh, kw)
+        g = self._groups()
+        return (g, -(-(self._oc() // g) // bf.NR), kh * kw, bf.words(self._cg()), bf.NR)
+
+    def _canonical_error(self, t) -> Optional[str]:
+        oc, shape = self._oc(), self._bits_shape()
+        bits = t.get("weight_bits")
+        if not isinstance(bits, Tensor) or bits.dtype != torch.int64 or tuple(bits.shape) != shape:
+            return f"weight_bits: expected int64 of shape {shape}, got {ob._desc(bits)}"
+        if not bits.is_meta and bool((bits & ~bf.valid_bits_mask(shape, oc, self._cg(), bits.device)).any()):
+            return (f"weight_bits: bits set past the {self._cg()} input channels per group or the "
+                    f"{oc // self._groups()} output channels per group (the canonical packing, "
+                    "pyaccel.formats.binary.pack_conv_weight, has 0 there)")
+        for name in ("scale", "bias", "slope"):
+            v = t.get(name)
+            if v is None:
+                if name == "scale":
+                    return "scale: missing"
+                if name == "slope" and self.act == "prelu":
+                    return "slope: act='prelu' needs a float32 slope per output channel"
+                continue
+            if not isinstance(v, Tensor) or v.dtype != torch.float32 or tuple(v.shape) != (oc,):
+                return f"{name}: expected float32 of shape ({oc},), got {ob._desc(v)}"
+            if name == "scale" and not v.is_meta and not bool(torch.isfinite(v).all()):
+                return "scale: holds non-finite values (inf/nan)"
+        devs = {v.device for v in t.values() if isinstance(v, Tensor)}
+        if len(devs) > 1:
+            return f"weight_bits/scale/bias/slope: on different devices {sorted(map(str, devs))}"
+        return None
+
+    def _pack(self) -> None:
+        kh, kw = self._ksize()
+        bits = self.weight_bits
+        if bits.is_meta:
+            self._packed = torch.empty((self._oc(), kh * kw), dtype=torch.int32, device="meta")
+        else:
+            self._packed = _wsum_from_bits(bits, self._oc(), self._cg(), kh, kw).contiguous()
+
+    @property
+    def wsum(self) -> Tensor:
+        """int32 [out, kh * kw]: per tap, the sum of the ±1 weights (the exact zero padding's border
+        correction), derived from weight_bits."""
+        self._refresh()
+        return self._packed
 
     def backend(self) -> str:
         dev = self.weight_bits.device
         if dev.type == "cpu" and _native.available():
-            return f"cpu/{_native.lib().binary_kernel_name()}"
-        return f"{dev.type}/reference"
+            return f"cpu/{_native.selected_isa()} ({_native.lib().binary_kernel_name()})"
+        return "cuda/triton" if dev.type == "cuda" else f"{dev.type}/reference"
 
     def _args(self, x4: Tensor) -> tuple:
         kh, kw = self._ksize()
         b = self._buffers
-        return (x4, b["weight_bits"], b["wsum"], b["scale"], b["shift"], b["slope"], self._oc(), [kh, kw],
-                list(self._stride()), list(self._padding()), list(self._dilation()), self._groups(),
+        c = lambda t: t if t is None or t.is_contiguous() else t.contiguous()  # noqa: E731
+        return (x4, c(b["weight_bits"]), self._packed, c(b["scale"]), c(b["bias"]), c(b["slope"]), self._oc(),
+                [kh, kw], list(self._stride()), list(self._padding()), list(self._dilation()), self._groups(),
                 self._pad_mode(), self.act, self.act_lo, self.act_hi)
 
-    def _call(self, x4: Tensor) -> Tensor:
-        """x4: fp32 [N, C, H, W] -> [N, OC, OH, OW] channels_last memory."""
-        if not _is_compiling() and _tracing_state() is None:
-            self._refresh_wsum()
-        if (type(x4) is Tensor and x4.is_cpu and _native.available() and not _is_compiling()
-                and _tracing_state() is None):
-            return self._eager(x4)
+    def _run4(self, x4: Tensor, fast: bool) -> Tensor:
+        """x4: fp32 [N, C, H, W] -> fp32 [N, OC, OH, OW] in channels_last memory; fast: the native kernel
+        straight from the module (checked here), else the checked torch.ops op."""
+        if fast:
+            y = self._eager(x4)
+            if y is not None:
+                return y
         return torch.ops.pyaccel.binary_conv2d(*self._args(x4))
 
-    def _refresh_wsum(self) -> None:
-        """wsum (border correction) follows weight_bits: rebuilt after any edit or reassignment."""
-        bits = self._buffers["weight_bits"]
-        sig = (id(bits), bits.data_ptr() if bits.device.type != "meta" else 0, _version(bits))
-        if sig != self.__dict__.get("_wsum_sig"):
-            self.wsum = self._wsum()
-            self.__dict__["_wsum_sig"] = sig
+    def _fast_ok(self, x: Tensor) -> bool:
+        return (type(x) is Tensor and x.is_cpu and _native.available() and not _is_compiling()
+                and _tracing_state() is None and not (x.requires_grad and _grad_enabled())
+                and self._packed is not None and self._packed.is_cpu)
 
-    def _apply(self, fn, recurse=True):
-        # .half() / .to(dtype) must not cast the fp32 epilogue buffers the kernels read
-        super()._apply(fn, recurse)
-        for name in ("scale", "shift", "slope"):
-            t = self._buffers.get(name)
-            if t is not None and t.is_floating_point() and t.dtype != torch.float32:
-                self._buffers[name] = t.float()
-        return self
-
-    def _eager(self, x: Tensor) -> Tensor:
-        """The native kernel straight from the module (~ a few µs over the
-        kernel): the buffers are checked once per change of their data, x per call."""
+    def _eager(self, x: Tensor) -> Optional[Tensor]:
+        """The native kernel on a float32 CPU x [N, C, H, W] (any strides); None for what it does not take."""
         b = self._buffers
-        bufs = (b["weight_bits"], b["wsum"], b["scale"], b["shift"], b["slope"])
-        sig = tuple((t.data_ptr(), _version(t), t.is_cpu) if t is not None else None for t in bufs) + (
-            self._stride(), self._padding(), self._dilation(), self._groups(), self._pad_mode(), self.act,
-            self.act_lo, self.act_hi)
-        if sig != self.__dict__.get("_checked", (None,))[0]:
-            args = self._args(x)
-            ob.check_conv_args(*args[:14])
-            if any(t is not None and not t.is_contiguous() for t in bufs):
-                raise ValueError("weight_bits / scale / shift / slope: expected contiguous buffers")
-            # one tuple, assigned once: another thread never sees a signature without its geometry
-            self.__dict__["_checked"] = (sig, (self._oc(), *self._ksize(), *self._stride(), *self._padding(),
-                                               *self._dilation(), self._groups(), ob.PAD_CODES[self._pad_mode()],
-                                               ob.ACT_CODES[self.act], self.act_lo, self.act_hi))
-        checked = self.__dict__["_checked"]
-        if checked[0] != sig:
-            return torch.ops.pyaccel.binary_conv2d(*self._args(x))  # another thread changed them meanwhile
-        oc, kh, kw, sh, sw, ph, pw, dh, dw, groups, pad, act, lo, hi = checked[1]
-        if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] % groups or x.shape[1] // groups != self._cg():
-            ob.check_conv_args(*self._args(x)[:14])  # raises the error naming x
+        bits, wsum = b["weight_bits"], self._packed
+        scale, shift, slope = b["scale"], b["bias"], b["slope"]
+        if any(t is not None and not t.is_contiguous() for t in (bits, scale, shift, slope)):
+            return None
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self._ksize(), self._stride(), self._padding(), self._dilation()
+        groups, oc = self._groups(), self._oc()
+        if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] != self._cg() * groups:
+            return None
         n, c, h, w = x.shape
         oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        if oh < 1 or ow < 1:
-            ob.check_conv_args(*self._args(x)[:14])
-        y = torch.empty((n, oc, oh, ow), memory_format=_CL)  # NHWC memory, as the kernel writes it
+        if oh < 1 or ow < 1 or min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0 or max(kh, kw) > 64:
+            return None  # the op names what is wrong
+        y = torch.empty((n, oc, oh, ow), dtype=torch.float32, device="cpu", memory_format=_CL)
         if y.numel() == 0:
             return y
         if x.stride(1) != 1 and x.stride(3) != 1:
             x = x.contiguous()
-        bits, wsum, scale, shift, slope = bufs
         sxn, sxc, sxh, sxw = x.stride()
+        ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
         _native.lib().binary_conv(
             x.data_ptr(), n, c, h, w, sxn, sxc, sxh, sxw, groups, bits.data_ptr(), oc, kh, kw, sh, sw, ph, pw, dh,
-            dw, pad, wsum.data_ptr(), scale.data_ptr() if scale is not None else 0,
-            shift.data_ptr() if shift is not None else 0, act, lo, hi, slope.data_ptr() if slope is not None else 0,
-            y.data_ptr(), oh, ow, _get_num_threads())
+            dw, ob.PAD_CODES[self._pad_mode()], wsum.data_ptr(), scale.data_ptr(), ptr(shift),
+            ob.ACT_CODES[self.act], self.act_lo, self.act_hi, ptr(slope), y.data_ptr(), oh, ow, _get_num_threads())
         return y
+
+    def _checked_op(self, x: Tensor) -> Tensor:
+        """The module's checked torch.ops path (the same kernels, no fast path)."""
+        return self._forward(x, fast=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if type(x) is not Tensor and _fx_proxy(x):
+            return _fx_leaf(self, x)
+        return self._forward(x, fast=True)
+
+    def _general(self, x) -> Tensor:
+        return self.forward(x)
 
     def __call__(self, *args, **kwargs):
         # nn.Module.__call__ costs ~1.5 µs; without hooks of any kind, call forward directly
         if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
                 or _any_global_hook()):
-            return super().__call__(*args, **kwargs)
-        if not args or type(args[0]) is not Tensor or _tracing_state() is not None or _is_compiling():
-            return super().__call__(*args, **kwargs)  # torch.fx proxies, jit.trace, compile: the full path
-        return self.forward(*args, **kwargs)
+            return nn.Module.__call__(self, *args, **kwargs)
+        if len(args) != 1 or kwargs or type(args[0]) is not Tensor:
+            return nn.Module.__call__(self, *args, **kwargs)  # torch.fx proxies record the module there
+        return self.forward(args[0])
 
     # geometry, per subclass
     def _stride(self):
@@ -245,49 +274,65 @@ class _XnorBase(nn.Module):
         return "zeros"
 
 
-def _input(x: Tensor, what: str) -> Tensor:
+def _input(x, what: str) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x: expected a float tensor for {what}, got {ob._desc(x)}")
+    if x.dtype not in _FLOAT_IN:
+        raise TypeError(f"x: expected float32, bfloat16 or float16 for {what}, got {ob._desc(x)}")
     return x if x.dtype == torch.float32 else x.float()
 
 
-class XnorConv2d(_XnorBase):
-    """Binary conv for inference: ``act(conv(sign(x), w±1) * scale + shift)``.
+def _check_int(name: str, v, low: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if v < low:
+        raise ValueError(f"{name}: expected >= {low}, got {v}")
+    return int(v)
 
-    x: float [N, C, H, W] or [C, H, W] (NCHW or channels_last) -> fp32
-    [N, OC, OH, OW] in x's memory format. padding_mode 'zeros' is exact
-    (border correction), 'ones' pads sign(x) with +1. Raises TypeError /
-    ValueError naming the argument for bad inputs. Method: XNOR-Net
-    (Rastegari et al., 2016), bit-packed popcount implicit GEMM.
+
+class XnorConv2d(_XnorBase):
+    """Binary conv for inference: ``act(conv(sign(x), w±1) * scale + bias)``.
+
+    Args as nn.Conv2d (in_channels, out_channels, kernel_size, stride,
+    padding, dilation, groups, bias, padding_mode) with padding_mode 'zeros'
+    (exact: the border correction makes padded taps count 0) or 'ones'
+    (sign(x) padded with +1, as BinaryConv2d(binary_padding='ones') trains);
+    act 'none' / 'relu' / 'hardtanh' (act_lo, act_hi) / 'prelu' (slope).
+
+    Buffers (the canonical state in state_dict): weight_bits int64
+    [groups, ceil(OCg / 32), kh * kw, ceil(Cg / 64), 32] (the packing of
+    :func:`pyaccel.formats.binary.pack_conv_weight`; bits past the channel
+    counts must be 0), scale float32 [OC] (finite), bias float32 [OC] or
+    None, slope float32 [OC] (act='prelu' only). Invalid values are refused
+    (ValueError naming the buffer; load errors for a state_dict).
+
+    x: float32 / bfloat16 / float16 [N, C, H, W] (NCHW or channels_last,
+    any strides) or [C, H, W] -> [N, OC, OH, OW] in x's dtype and memory
+    format, computed in fp32. TypeError / ValueError naming x otherwise.
+    Autograd reaches x with the straight-through estimator of the training
+    module (gradient passed where |x| <= 1, Courbariaux et al., 2016); the
+    buffers are frozen. Method: XNOR-Net (Rastegari et al., 2016),
+    bit-packed popcount implicit GEMM.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, padding_mode: str = "zeros", act: str = "none", act_lo: float = 0.0,
-                 act_hi: float = 0.0, has_shift: bool = False, has_slope: bool = False,
-                 weight_bits: Optional[Tensor] = None, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
-                 slope: Optional[Tensor] = None, device=None):
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", act: str = "none",
+                 act_lo: float = 0.0, act_hi: float = 0.0, device=None):
         super().__init__()
-        if groups < 1 or in_channels % groups or out_channels % groups:
+        in_channels, out_channels = _check_int("in_channels", in_channels), _check_int("out_channels", out_channels)
+        groups = _check_int("groups", groups)
+        if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups: {groups} must divide in_channels {in_channels} and out_channels {out_channels}")
         if padding_mode not in ob.PAD_CODES:
             raise ValueError(f"padding_mode: expected one of {tuple(ob.PAD_CODES)}, got {padding_mode!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.padding, self.dilation = (pair(kernel_size), pair(stride), pair(padding),
                                                                       pair(dilation))
+        if min(*self.kernel_size, *self.stride, *self.dilation) < 1 or min(self.padding) < 0:
+            raise ValueError(f"kernel_size/stride/dilation: expected >= 1 and padding >= 0, got {self.kernel_size}, "
+                             f"{self.stride}, {self.dilation}, {self.padding}")
         self.padding_mode = padding_mode
-        kh, kw = self.kernel_size
-        shape = (groups, -(-(out_channels // groups) // bf.NR), kh * kw, bf.words(in_channels // groups), bf.NR)
-        dev = torch.device(device) if device is not None else None
-        if weight_bits is None:
-            weight_bits = torch.zeros(shape, dtype=torch.int64, device=dev)
-        elif tuple(weight_bits.shape) != shape or weight_bits.dtype != torch.int64:
-            raise ValueError(f"weight_bits: expected int64 of shape {shape}, got {ob._desc(weight_bits)}")
-        ones = lambda: torch.ones(out_channels, device=weight_bits.device)  # noqa: E731
-        self._setup(weight_bits, ones() if scale is None else scale,
-                    shift if shift is not None else (ones() * 0 if has_shift else None), act, act_lo, act_hi,
-                    slope if slope is not None else (ones() if has_slope else None))
+        self._init_state(bias, act, act_lo, act_hi, device)
 
     def _oc(self):
         return self.out_channels
@@ -328,23 +373,23 @@ class XnorConv2d(_XnorBase):
         scale, shift = fold_epilogue(conv.alpha(), conv.bias, bn)
         a, lo, hi, slope = activation_of(act, conv.out_channels)
         bits, _ = bf.pack_conv_weight(conv.weight.detach(), conv.groups)
-        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
-                   conv.groups, conv.binary_padding, a, lo, hi, weight_bits=bits, scale=scale, shift=shift,
-                   slope=slope)
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
+                  conv.groups, shift is not None, conv.binary_padding, a, lo, hi, device="meta")
+        new._set_state(bits, scale, shift, slope)
+        return new
 
-    def forward(self, x: Tensor) -> Tensor:
-        if isinstance(x, torch.fx.Proxy):
-            return _fx_leaf(self, x)
+    def _forward(self, x, fast: bool) -> Tensor:
         dtype = x.dtype if isinstance(x, Tensor) else None
         x = _input(x, "XnorConv2d")
+        self._refresh()
         squeeze = x.dim() == 3
         if squeeze:
             x = x.unsqueeze(0)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected [N, {self.in_channels}, H, W] or [{self.in_channels}, H, W], "
                              f"got {ob._desc(x)}")
-        channels_last = x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
-        y = self._call(x)
+        channels_last = is_channels_last(x)
+        y = self._run4(x, fast and self._fast_ok(x))
         if not channels_last:
             y = y.contiguous()
         if dtype != torch.float32:  # computed in fp32, returned in x's dtype
@@ -362,31 +407,30 @@ class XnorConv2d(_XnorBase):
             s += f", padding_mode={self.padding_mode!r}"
         if self.act != "none":
             s += f", act={self.act}"
-        return s + f", backend={self.backend()}"
+        return s + f", bias={self.bias is not None}, backend={self.backend()}"
 
 
 class XnorLinear(_XnorBase):
-    """Binary linear for inference: ``act((sign(x) @ w±1ᵀ) * scale + shift)``.
+    """Binary linear for inference: ``act((sign(x) @ w±1ᵀ) * scale + bias)``.
 
-    x: float [..., in_features] -> fp32 [..., out_features]. Built with
+    Args: in_features, out_features, bias, act / act_lo / act_hi (as
+    XnorConv2d), device. Buffers as XnorConv2d's with kh = kw = 1 and one
+    group: weight_bits int64 [1, ceil(N / 32), 1, ceil(K / 64), 32].
+
+    x: float32 / bfloat16 / float16 [..., in_features] (any strides) ->
+    [..., out_features] in x's dtype, computed in fp32 (2-D only when a
+    BatchNorm1d or a per-channel PReLU was folded in: they act on dim 1).
+    Autograd as XnorConv2d. Not a linear map, so no ``weight`` view: the
+    ±1 weight is ``pyaccel.formats.binary.unpack_conv_weight``. Built with
     ``from_binary(BinaryLinear, bn=BatchNorm1d, act=...)``.
     """
 
-    def __init__(self, in_features: int, out_features: int, act: str = "none", act_lo: float = 0.0,
-                 act_hi: float = 0.0, has_shift: bool = False, has_slope: bool = False,
-                 weight_bits: Optional[Tensor] = None, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
-                 slope: Optional[Tensor] = None, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, act: str = "none",
+                 act_lo: float = 0.0, act_hi: float = 0.0, device=None):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        shape = (1, -(-out_features // bf.NR), 1, bf.words(in_features), bf.NR)
-        if weight_bits is None:
-            weight_bits = torch.zeros(shape, dtype=torch.int64, device=device)
-        elif tuple(weight_bits.shape) != shape or weight_bits.dtype != torch.int64:
-            raise ValueError(f"weight_bits: expected int64 of shape {shape}, got {ob._desc(weight_bits)}")
-        ones = lambda: torch.ones(out_features, device=weight_bits.device)  # noqa: E731
-        self._setup(weight_bits, ones() if scale is None else scale,
-                    shift if shift is not None else (ones() * 0 if has_shift else None), act, act_lo, act_hi,
-                    slope if slope is not None else (ones() if has_slope else None))
+        self.in_features = _check_int("in_features", in_features)
+        self.out_features = _check_int("out_features", out_features)
+        self._init_state(bias, act, act_lo, act_hi, device)
 
     def _oc(self):
         return self.out_features
@@ -409,29 +453,35 @@ class XnorLinear(_XnorBase):
         scale, shift = fold_epilogue(lin.alpha(), lin.bias, bn)
         a, lo, hi, slope = activation_of(act, lin.out_features)
         bits, _ = bf.pack_conv_weight(lin.weight.detach(), 1)
-        new = cls(lin.in_features, lin.out_features, a, lo, hi, weight_bits=bits, scale=scale, shift=shift,
-                  slope=slope)
+        new = cls(lin.in_features, lin.out_features, shift is not None, a, lo, hi, device="meta")
+        new._set_state(bits, scale, shift, slope)
         # BatchNorm1d and PReLU normalize / scale dim 1: the fold is right for [N, F] inputs only
-        new.__dict__["_dim1_epilogue"] = bn is not None or (isinstance(act, nn.PReLU) and act.weight.numel() > 1)
+        new.dim1_epilogue = bn is not None or (isinstance(act, nn.PReLU) and act.weight.numel() > 1)
         return new
 
-    def forward(self, x: Tensor) -> Tensor:
-        if isinstance(x, torch.fx.Proxy):
-            return _fx_leaf(self, x)
+    dim1_epilogue = False
+
+    def _forward(self, x, fast: bool) -> Tensor:
         dtype = x.dtype if isinstance(x, Tensor) else None
         x = _input(x, "XnorLinear")
+        self._refresh()
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got {ob._desc(x)}")
-        if self.__dict__.get("_dim1_epilogue") and x.dim() != 2:
+        if self.dim1_epilogue and x.dim() != 2:
             raise ValueError(f"x: this layer folds a BatchNorm1d / per-channel PReLU, which act on dim 1: "
                              f"expected a 2-D input [N, {self.in_features}], got {ob._desc(x)}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        y = self._call(x2[:, :, None, None]).reshape(*lead, self.out_features)
+        if fast and self._fast_ok(x):
+            x2 = x.reshape(-1, self.in_features)
+            y = self._eager(x2[:, :, None, None])
+            if y is not None:
+                y = y.reshape(*x.shape[:-1], self.out_features)
+                return y if dtype == torch.float32 else y.to(dtype)
+        a = self._args(x)
+        y = torch.ops.pyaccel.binary_linear(*a[:7], self.act, self.act_lo, self.act_hi)
         return y if dtype == torch.float32 else y.to(dtype)
 
     def extra_repr(self) -> str:
-        s = f"in_features={self.in_features}, out_features={self.out_features}"
+        s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
         if self.act != "none":
             s += f", act={self.act}"
         return s + f", backend={self.backend()}"
