@@ -26,3 +26,13 @@ def test_bench_dwconv_quick_runs(tmp_path):
     rows = dwconv.run(ns=(1,), budget_s=0.02, with_ort=False, quick=True, log=lambda *a: None)
     assert rows and all(r.sqnr_db > 100 for r in rows)
     assert dwconv.to_markdown(rows, 224.0).startswith("| block |")
+
+
+def test_bench_caps_baselines_at_pyaccels_isa():
+    caps = bench_main.baseline_isa_caps("avx2", "avx512_icl", {})
+    assert caps == {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                    "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    assert bench_main.baseline_isa_caps("avx2", "avx2", {}) == {}  # a real AVX2 CPU: nothing to cap
+    assert bench_main.baseline_isa_caps("avx512_icl", "avx512_icl", {}) == {}
+    assert bench_main.baseline_isa_caps("portable", "avx512_icl", {}) == {}  # no cap for that level
+    assert bench_main.baseline_isa_caps("avx2", "avx512_icl", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}) == {}

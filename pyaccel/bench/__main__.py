@@ -1,8 +1,9 @@
-"""python -m pyaccel.bench [--quick] [--markdown FILE] [--peak-gops G] [--threads T]"""
+"""python -m pyaccel.bench [--quick] [--markdown FILE] [--peak-gops G] [--threads T] [--baselines-native-isa]"""
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import sys
 
@@ -11,6 +12,21 @@ import torch
 import pyaccel
 from pyaccel.bench import binary, block_sparse, common, dwconv, int8, minilm, sparse24
 
+# Environment caps of torch's bundled libraries, each read once, at its first use:
+# FBGEMM (torch.ao quantized linear / conv), oneDNN (fp32 conv), MKL (sgemm),
+# ATen's own vectorized kernels. ONNX Runtime's MLAS has no such cap.
+CAP_VARS = ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+BASELINE_ISA_CAPS = {"avx2": dict(zip(CAP_VARS, ("AVX2", "AVX2", "AVX2", "avx2")))}
+
+
+def baseline_isa_caps(isa: str, detected: str, environ) -> dict:
+    """Variables that cap torch's baselines at pyaccel's ISA `isa` when pyaccel
+    runs below the CPU's (`detected`, e.g. PYACCEL_CPU_ISA=avx2 on AVX-512): {}
+    at the native level, at levels without a cap, and when `environ` already
+    sets any of them (the user's caps win)."""
+    if isa == detected or any(k in environ for k in CAP_VARS):
+        return {}
+    return dict(BASELINE_ISA_CAPS.get(isa, {}))
 
 
 def measured_peaks(threads: int):
@@ -53,11 +69,26 @@ def main(argv=None) -> int:
                          "for the binary suite's %% column")
     ap.add_argument("--fp32-peak", type=float, default=None,
                     help="fp32 FMA peak (GFLOP/s) for the block-sparse %% column; default: measured at start")
+    ap.add_argument("--baselines-native-isa", action="store_true",
+                    help="when pyaccel is capped below the CPU's ISA (PYACCEL_CPU_ISA=avx2), leave torch's "
+                         "baselines at the CPU's full ISA; by default they are capped at AVX2 too "
+                         "(FBGEMM_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, "
+                         "ATEN_CPU_CAPABILITY; unless already set). ONNX Runtime is never capped")
     args = ap.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     info = pyaccel.backend_info()
+    # before torch's first quantized op / conv / matmul: each library reads its cap once
+    caps = {} if args.baselines_native_isa else baseline_isa_caps(info.cpu_isa, info.cpu_isa_detected, os.environ)
+    os.environ.update(caps)
+    user_caps = {k: os.environ[k] for k in CAP_VARS if k in os.environ and k not in caps}
+    if caps:
+        base = f"torch capped at {info.cpu_isa} ({', '.join(f'{k}={v}' for k, v in caps.items())})"
+    elif user_caps:
+        base = f"torch as your environment sets it ({', '.join(f'{k}={v}' for k, v in user_caps.items())})"
+    else:
+        base = f"torch at the CPU's full ISA ({info.cpu_isa_detected})"
     g8, mix8, g32, mix32 = measured_peaks(torch.get_num_threads())
     src8 = "given" if args.peak_gops else f"measured now: {mix8}"
     src32 = "given" if args.fp32_peak else f"measured now: {mix32}"
@@ -66,7 +97,8 @@ def main(argv=None) -> int:
     fmt = lambda v: f"{v:.0f}" if v else "n/a (portable level)"
     head = [f"date: {datetime.datetime.now().isoformat(timespec='minutes')}",
             f"cpu: {_cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}",
-            f"pyaccel ISA: {info.cpu_isa} (kernel {info.int8_kernel}); torch and ONNX Runtime use the whole CPU",
+            f"pyaccel ISA: {info.cpu_isa} (kernel {info.int8_kernel}); baselines: {base}; "
+            f"ONNX Runtime uncapped (full ISA: {info.cpu_isa_detected})",
             f"peaks for %, at pyaccel's ISA: int8 {fmt(args.peak_gops)} GOP/s ({src8}); "
             f"fp32 {fmt(args.fp32_peak)} GFLOP/s ({src32})"]
     mem = int8.memory_read_gbs()
