@@ -379,3 +379,31 @@ def test_binarize_first_and_last_follow_the_forward():
     kinds = {n: type(c).__name__ for n, c in m.named_modules() if isinstance(c, (nn.Conv2d, nn.Linear))}
     assert kinds == {"fc": "Linear", "conv1": "Conv2d", "body.0": "BinaryConv2d",
                      "proj": "NonDynamicallyQuantizableLinear"}
+
+
+@needs_native
+def test_cached_native_calls_follow_shapes_layouts_and_state(isa, gen):
+    """The eager path keeps one prepared native call per input shape and strides:
+    calls repeated in any order, after buffer edits and geometry changes give
+    what the checked op path gives."""
+    _, m = _xconv(gen, c=20, oc=24)
+    base = torch.randn(3, 40, 9, 7, generator=gen)
+    xs = [base[:, :20].contiguous(), base[:, :20].contiguous(memory_format=torch.channels_last), base[:1, :20],
+          base[:, ::2], torch.randn(5, 20, 4, 6, generator=gen)]
+    for _ in range(3):
+        for x in xs:
+            y = m(x)
+            assert torch.equal(y, m._checked_op(x)) and y.is_contiguous(memory_format=torch.channels_last) == (
+                x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+    with torch.no_grad():
+        m.weight_bits.copy_(m.weight_bits ^ bf.valid_bits_mask(m.weight_bits.shape, 24, 20))
+        m.scale.mul_(-1)
+    assert torch.equal(m(xs[1]), m._checked_op(xs[1]))
+    m.padding = (0, 0)
+    assert m(xs[0]).shape == (3, 24, 7, 5) and torch.equal(m(xs[0]), m._checked_op(xs[0]))
+    lin = XnorLinear.from_binary(BinaryLinear(70, 40).eval())
+    for _ in range(3):
+        for x in (torch.randn(5, 70, generator=gen), torch.randn(2, 3, 70, generator=gen), torch.randn(70, generator=gen),
+                  torch.randn(4, 140, generator=gen)[:, ::2], torch.randn(4, 80, generator=gen)[:, :70]):
+            y = lin(x)
+            assert y.shape == x.shape[:-1] + (40,) and torch.equal(y, lin._checked_op(x))

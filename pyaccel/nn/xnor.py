@@ -92,6 +92,8 @@ def numeric_padding(conv: nn.Conv2d) -> Tuple[int, int]:
 
 
 _FLOAT_IN = (torch.float32, torch.bfloat16, torch.float16)
+_F32 = torch.float32
+_NO_SPECS: dict = {}
 
 
 def _fx_leaf(mod: nn.Module, x):
@@ -241,9 +243,69 @@ class _XnorBase(PackedModule):
         return self._forward(x, fast=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if type(x) is not Tensor and _fx_proxy(x):
+        if type(x) is Tensor:
+            if x.dtype is _F32 and x.is_cpu and not (x.requires_grad and _grad_enabled()) and not _is_compiling():
+                spec = self.__dict__.get("_specs", _NO_SPECS).get((x.shape, x.stride()))
+                if spec is not None and spec[0] == self._token() and _tracing_state() is None:
+                    return self._run_spec(spec, x)
+        elif _fx_proxy(x):
             return _fx_leaf(self, x)
         return self._forward(x, fast=True)
+
+    # ---- the eager fast path: one prepared native call per input shape and strides -----------
+    # A spec is (token, native args, output shape, output layout): built by the
+    # checked path (_spec_for) once per input geometry, used while the token --
+    # identity, data pointer and (weight_bits) version of every canonical
+    # buffer -- is unchanged; geometry attribute assignments drop every spec.
+    def _token(self) -> tuple:
+        b = self._buffers
+        bits, scale, bias, slope = b["weight_bits"], b["scale"], b["bias"], b["slope"]
+        # ids, not the tensors (tuple == would compare tensors); the spec keeps the tensors alive, so an id
+        # is never reused while a spec holds it
+        return (id(bits), bits.data_ptr(), -1 if bits.is_inference() else bits._version, id(scale),
+                scale.data_ptr(), id(bias), None if bias is None else bias.data_ptr(), id(slope),
+                None if slope is None else slope.data_ptr())
+
+    _GEOMETRY_ATTRS = frozenset({"stride", "padding", "dilation", "groups", "padding_mode", "kernel_size", "act",
+                                 "act_lo", "act_hi", "in_channels", "out_channels", "in_features", "out_features"})
+
+    def __setattr__(self, name, value):
+        if name in self._GEOMETRY_ATTRS:
+            self.__dict__.pop("_specs", None)
+        super().__setattr__(name, value)
+
+    def _remember_spec(self, x: Tensor, n: int, c: int, h: int, w: int, oh: int, ow: int, layout) -> None:
+        """Store the native call for x's shape and strides (the buffers are valid and contiguous: checked by
+        the caller, which has just run the same call)."""
+        b = self._buffers
+        bits, scale, shift, slope = b["weight_bits"], b["scale"], b["bias"], b["slope"]
+        sxn, sxc, sxh, sxw = x.stride() if x.dim() == 4 else (x.stride(0), x.stride(1), 1, 1)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self._ksize(), self._stride(), self._padding(), self._dilation()
+        args = (n, c, h, w, sxn, sxc, sxh, sxw, self._groups(), bits.data_ptr(), self._oc(), kh, kw, sh, sw, ph, pw,
+                dh, dw, ob.PAD_CODES[self._pad_mode()], self._packed.data_ptr(), scale.data_ptr(),
+                0 if shift is None else shift.data_ptr(), ob.ACT_CODES[self.act], self.act_lo, self.act_hi,
+                0 if slope is None else slope.data_ptr())
+        specs = self.__dict__.setdefault("_specs", {})
+        if len(specs) >= 16:
+            specs.clear()
+        # the wsum tensor rides along: the pointer in args stays valid while the spec lives
+        yshape = (n, self._oc()) if layout is None or isinstance(layout, tuple) else (n, oh, ow, self._oc())
+        specs[(x.shape, x.stride())] = (self._token(), args, yshape, oh, ow, layout,
+                                        (self._packed, bits, scale, shift, slope))
+
+    def _run_spec(self, spec, x: Tensor) -> Tensor:
+        _, args, yshape, oh, ow, layout, _ = spec
+        y = torch.empty(yshape, dtype=_F32)  # NHWC ([M, N] for XnorLinear)
+        if not y.is_cpu:  # a default-device context (torch.device("meta"), ...)
+            return self._forward(x, fast=True)
+        _native.lib().binary_conv(x.data_ptr(), *args, y.data_ptr(), oh, ow, _get_num_threads())
+        if layout is None:  # XnorLinear: [M, N] rows
+            return y
+        if layout is True:  # XnorConv2d, channels_last input: the same memory as NCHW-shaped channels_last
+            return y.permute(0, 3, 1, 2)
+        if layout is False:  # XnorConv2d, NCHW input
+            return y.permute(0, 3, 1, 2).contiguous()
+        return y.view(layout)  # XnorLinear: the input's leading dimensions
 
     def _general(self, x) -> Tensor:
         return self.forward(x)
@@ -389,7 +451,14 @@ class XnorConv2d(_XnorBase):
             raise ValueError(f"x: expected [N, {self.in_channels}, H, W] or [{self.in_channels}, H, W], "
                              f"got {ob._desc(x)}")
         channels_last = is_channels_last(x)
-        y = self._run4(x, fast and self._fast_ok(x))
+        y = None
+        if fast and self._fast_ok(x):
+            y = self._eager(x)
+            if y is not None and not squeeze and dtype is _F32 and y.numel() and (x.stride(1) == 1 or x.stride(3) == 1):
+                n, c, h, w = x.shape
+                self._remember_spec(x, n, c, h, w, y.shape[2], y.shape[3], channels_last)
+        if y is None:
+            y = torch.ops.pyaccel.binary_conv2d(*self._args(x))
         if not channels_last:
             y = y.contiguous()
         if dtype != torch.float32:  # computed in fp32, returned in x's dtype
@@ -474,6 +543,11 @@ class XnorLinear(_XnorBase):
             x2 = x.reshape(-1, self.in_features)
             y = self._eager(x2[:, :, None, None])
             if y is not None:
+                if dtype is _F32 and y.numel() and x2.stride(1) == 1 and (x.dim() == 2 or x.is_contiguous()):
+                    self._remember_spec(x2, x2.shape[0], self.in_features, 1, 1, 1, 1,
+                                        None if x.dim() == 2 else (*x.shape[:-1], self.out_features))
+                    specs = self.__dict__["_specs"]
+                    specs[(x.shape, x.stride())] = specs.pop((x2.shape, x2.stride()))
                 y = y.reshape(*x.shape[:-1], self.out_features)
                 return y if dtype == torch.float32 else y.to(dtype)
         a = self._args(x)
