@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from pyaccel import _native
 from pyaccel import ops_binary as ob
 from pyaccel.nn._conv import is_channels_last
-from pyaccel.nn._packed import PackedModule, _any_global_hook, _fx_proxy, _grad_enabled
+from pyaccel.nn._packed import PackedModule, _fx_proxy, _grad_enabled, _hand_torch_to
 from pyaccel.formats import binary as bf
 from pyaccel.reference_binary import ACTIVATIONS, pair
 
@@ -93,7 +93,6 @@ def numeric_padding(conv: nn.Conv2d) -> Tuple[int, int]:
 
 _FLOAT_IN = (torch.float32, torch.bfloat16, torch.float16)
 _F32 = torch.float32
-_NO_SPECS: dict = {}
 
 
 def _fx_leaf(mod: nn.Module, x):
@@ -242,82 +241,61 @@ class _XnorBase(PackedModule):
         """The module's checked torch.ops path (the same kernels, no fast path)."""
         return self._forward(x, fast=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if type(x) is Tensor:
-            if x.dtype is _F32 and x.is_cpu and not (x.requires_grad and _grad_enabled()) and not _is_compiling():
-                spec = self.__dict__.get("_specs", _NO_SPECS).get((x.shape, x.stride()))
-                if spec is not None and spec[0] == self._token() and _tracing_state() is None:
-                    return self._run_spec(spec, x)
-        elif _fx_proxy(x):
-            return _fx_leaf(self, x)
-        return self._forward(x, fast=True)
-
-    # ---- the eager fast path: one prepared native call per input shape and strides -----------
-    # A spec is (token, native args, output shape, output layout): built by the
-    # checked path (_spec_for) once per input geometry, used while the token --
-    # identity, data pointer and (weight_bits) version of every canonical
-    # buffer -- is unchanged; geometry attribute assignments drop every spec.
-    def _token(self) -> tuple:
-        b = self._buffers
-        bits, scale, bias, slope = b["weight_bits"], b["scale"], b["bias"], b["slope"]
-        # ids, not the tensors (tuple == would compare tensors); the spec keeps the tensors alive, so an id
-        # is never reused while a spec holds it
-        return (id(bits), bits.data_ptr(), -1 if bits.is_inference() else bits._version, id(scale),
-                scale.data_ptr(), id(bias), None if bias is None else bias.data_ptr(), id(slope),
-                None if slope is None else slope.data_ptr())
-
+    # ---- the eager fast path: one native BinaryConvPlan per input shape and strides ------------
+    # The checked path (_forward) makes a plan after each native call it runs
+    # (_remember_plan); PackedModule.__call__ / forward try the most recent one
+    # (self._plan), _general the others by (shape, strides). A plan declines
+    # once a canonical buffer is reassigned, swapped or (weight_bits) edited
+    # in place; a repack or a geometry attribute assignment drops them all.
+    _DERIVED = ("_packed", "_plan", "_plans")
+    _plans = None
     _GEOMETRY_ATTRS = frozenset({"stride", "padding", "dilation", "groups", "padding_mode", "kernel_size", "act",
                                  "act_lo", "act_hi", "in_channels", "out_channels", "in_features", "out_features"})
 
     def __setattr__(self, name, value):
         if name in self._GEOMETRY_ATTRS:
-            self.__dict__.pop("_specs", None)
+            self.__dict__["_plan"] = self.__dict__["_plans"] = None
         super().__setattr__(name, value)
 
-    def _remember_spec(self, x: Tensor, n: int, c: int, h: int, w: int, oh: int, ow: int, layout) -> None:
-        """Store the native call for x's shape and strides (the buffers are valid and contiguous: checked by
-        the caller, which has just run the same call)."""
+    def _general(self, x) -> Tensor:
+        if type(x) is Tensor:
+            plans = self._plans
+            if plans and not _is_compiling():
+                plan = plans.get((x.shape, x.stride()))
+                if plan is not None:
+                    y = plan.forward(x)
+                    if y is not None:
+                        self.__dict__["_plan"] = plan
+                        return y
+        elif _fx_proxy(x):
+            return _fx_leaf(self, x)
+        return self._forward(x, fast=True)
+
+    def _remember_plan(self, x: Tensor, x2: Tensor, oh: int, ow: int, layout: int, out_shape=()) -> None:
+        """A plan for x's shape and strides; x2: what the kernel reads ([N, C, H, W] or [M, K] rows, the same
+        memory). Called right after the same native call succeeded on valid, contiguous buffers."""
+        C = _native.lib()
+        _hand_torch_to(C)
         b = self._buffers
         bits, scale, shift, slope = b["weight_bits"], b["scale"], b["bias"], b["slope"]
-        sxn, sxc, sxh, sxw = x.stride() if x.dim() == 4 else (x.stride(0), x.stride(1), 1, 1)
+        n, c = x2.shape[0], x2.shape[1]
+        h, w = (x2.shape[2], x2.shape[3]) if x2.dim() == 4 else (1, 1)
+        sxn, sxc, sxh, sxw = x2.stride() if x2.dim() == 4 else (x2.stride(0), x2.stride(1), 1, 1)
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self._ksize(), self._stride(), self._padding(), self._dilation()
-        args = (n, c, h, w, sxn, sxc, sxh, sxw, self._groups(), bits.data_ptr(), self._oc(), kh, kw, sh, sw, ph, pw,
-                dh, dw, ob.PAD_CODES[self._pad_mode()], self._packed.data_ptr(), scale.data_ptr(),
-                0 if shift is None else shift.data_ptr(), ob.ACT_CODES[self.act], self.act_lo, self.act_hi,
-                0 if slope is None else slope.data_ptr())
-        specs = self.__dict__.setdefault("_specs", {})
-        if len(specs) >= 16:
-            specs.clear()
-        # the wsum tensor rides along: the pointer in args stays valid while the spec lives
-        yshape = (n, self._oc()) if layout is None or isinstance(layout, tuple) else (n, oh, ow, self._oc())
-        specs[(x.shape, x.stride())] = (self._token(), args, yshape, oh, ow, layout,
-                                        (self._packed, bits, scale, shift, slope))
-
-    def _run_spec(self, spec, x: Tensor) -> Tensor:
-        _, args, yshape, oh, ow, layout, _ = spec
-        y = torch.empty(yshape, dtype=_F32)  # NHWC ([M, N] for XnorLinear)
-        if not y.is_cpu:  # a default-device context (torch.device("meta"), ...)
-            return self._forward(x, fast=True)
-        _native.lib().binary_conv(x.data_ptr(), *args, y.data_ptr(), oh, ow, _get_num_threads())
-        if layout is None:  # XnorLinear: [M, N] rows
-            return y
-        if layout is True:  # XnorConv2d, channels_last input: the same memory as NCHW-shaped channels_last
-            return y.permute(0, 3, 1, 2)
-        if layout is False:  # XnorConv2d, NCHW input
-            return y.permute(0, 3, 1, 2).contiguous()
-        return y.view(layout)  # XnorLinear: the input's leading dimensions
-
-    def _general(self, x) -> Tensor:
-        return self.forward(x)
-
-    def __call__(self, *args, **kwargs):
-        # nn.Module.__call__ costs ~1.5 µs; without hooks of any kind, call forward directly
-        if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
-                or _any_global_hook()):
-            return nn.Module.__call__(self, *args, **kwargs)
-        if len(args) != 1 or kwargs or type(args[0]) is not Tensor:
-            return nn.Module.__call__(self, *args, **kwargs)  # torch.fx proxies record the module there
-        return self.forward(args[0])
+        oc = self._oc()
+        yshape = (n, oc) if layout >= 2 else (n, oh, ow, oc)
+        watch = (("weight_bits", bits, True), ("scale", scale, False), ("bias", shift, False), ("slope", slope, False))
+        plan = C.BinaryConvPlan(
+            tuple(x.shape), tuple(x.stride()), yshape, layout, tuple(out_shape), n, c, h, w, sxn, sxc, sxh, sxw,
+            self._groups(), bits.data_ptr(), oc, kh, kw, sh, sw, ph, pw, dh, dw, ob.PAD_CODES[self._pad_mode()],
+            self._packed.data_ptr(), scale.data_ptr(), 0 if shift is None else shift.data_ptr(),
+            ob.ACT_CODES[self.act], self.act_lo, self.act_hi, 0 if slope is None else slope.data_ptr(), oh, ow,
+            (self._packed, bits, scale, shift, slope), watch, self._buffers)
+        plans = self._plans
+        if plans is None or len(plans) >= 16:
+            plans = self.__dict__["_plans"] = {}
+        plans[(x.shape, x.stride())] = plan
+        self.__dict__["_plan"] = plan
 
     # geometry, per subclass
     def _stride(self):
@@ -455,8 +433,7 @@ class XnorConv2d(_XnorBase):
         if fast and self._fast_ok(x):
             y = self._eager(x)
             if y is not None and not squeeze and dtype is _F32 and y.numel() and (x.stride(1) == 1 or x.stride(3) == 1):
-                n, c, h, w = x.shape
-                self._remember_spec(x, n, c, h, w, y.shape[2], y.shape[3], channels_last)
+                self._remember_plan(x, x, y.shape[2], y.shape[3], 1 if channels_last else 0)
         if y is None:
             y = torch.ops.pyaccel.binary_conv2d(*self._args(x))
         if not channels_last:
@@ -544,10 +521,7 @@ class XnorLinear(_XnorBase):
             y = self._eager(x2[:, :, None, None])
             if y is not None:
                 if dtype is _F32 and y.numel() and x2.stride(1) == 1 and (x.dim() == 2 or x.is_contiguous()):
-                    self._remember_spec(x2, x2.shape[0], self.in_features, 1, 1, 1, 1,
-                                        None if x.dim() == 2 else (*x.shape[:-1], self.out_features))
-                    specs = self.__dict__["_specs"]
-                    specs[(x.shape, x.stride())] = specs.pop((x2.shape, x2.stride()))
+                    self._remember_plan(x, x2, 1, 1, 2 if x.dim() == 2 else 3, (*x.shape[:-1], self.out_features))
                 y = y.reshape(*x.shape[:-1], self.out_features)
                 return y if dtype == torch.float32 else y.to(dtype)
         a = self._args(x)
