@@ -114,7 +114,9 @@ struct ConvArgs {
   int64_t oh, ow;
 };
 
-void conv(const ConvArgs& a, int nthreads);
+// phase_seconds (optional, 3 entries): wall time of the activation packing,
+// the border-correction table and the tiles (the inner loop), in seconds.
+void conv(const ConvArgs& a, int nthreads, double* phase_seconds = nullptr);
 
 }  // namespace binary
 }  // namespace pyaccel

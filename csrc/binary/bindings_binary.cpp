@@ -31,7 +31,7 @@ void register_binary(py::module_& m) {
          int64_t sxw, int64_t groups, uintptr_t wpacked, int64_t oc, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
          int64_t ph, int64_t pw, int64_t dh, int64_t dw, int pad_mode, uintptr_t wsum, uintptr_t scale,
          uintptr_t shift, int act, float lo, float hi, uintptr_t slope, uintptr_t y, int64_t oh, int64_t ow,
-         int nthreads) {
+         int nthreads, bool timed) -> py::object {
         if (groups < 1 || c % groups || oc % groups) throw py::value_error("groups must divide c and oc");
         if (pad_mode == kPadZeros && (ph || pw) && (kh > 64 || kw > 64))
           throw py::value_error("exact zero padding takes kernels of at most 64 x 64");
@@ -40,14 +40,21 @@ void register_binary(py::module_& m) {
                    reinterpret_cast<const int32_t*>(wsum), reinterpret_cast<const float*>(scale),
                    reinterpret_cast<const float*>(shift), act, lo, hi, reinterpret_cast<const float*>(slope),
                    reinterpret_cast<float*>(y), oh, ow};
-        py::gil_scoped_release nogil;
-        conv(a, nthreads);
+        double phases[3] = {0.0, 0.0, 0.0};
+        {
+          py::gil_scoped_release nogil;
+          conv(a, nthreads, timed ? phases : nullptr);
+        }
+        if (!timed) return py::none();
+        return py::make_tuple(phases[0], phases[1], phases[2]);
       },
       py::arg("x"), py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("sxn"), py::arg("sxc"),
       py::arg("sxh"), py::arg("sxw"), py::arg("groups"), py::arg("wpacked"), py::arg("oc"), py::arg("kh"),
       py::arg("kw"), py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("dh"), py::arg("dw"),
       py::arg("pad_mode"), py::arg("wsum"), py::arg("scale"), py::arg("shift"), py::arg("act"), py::arg("lo"),
-      py::arg("hi"), py::arg("slope"), py::arg("y"), py::arg("oh"), py::arg("ow"), py::arg("nthreads"));
+      py::arg("hi"), py::arg("slope"), py::arg("y"), py::arg("oh"), py::arg("ow"), py::arg("nthreads"),
+      py::arg("timed") = false,
+      "the binary conv into y (NHWC); timed: returns (packing, correction table, tiles) wall seconds");
 }
 
 }  // namespace binary

@@ -6,6 +6,8 @@
 #include <cstring>
 #include <vector>
 
+#include <omp.h>
+
 #include "binary/binary.h"
 #include "common/ladder.h"
 #include "common/parallel.h"
@@ -32,7 +34,7 @@ const Kernel& select_kernel() {
   return g_choice.get(kLadder, [](const Kernel& k) { return k.isa; });
 }
 
-void conv(const ConvArgs& a, int nthreads) {
+void conv(const ConvArgs& a, int nthreads, double* phase_seconds) {
   const Kernel& kern = select_kernel();
   const int64_t npix = a.n * a.oh * a.ow;
   if (npix <= 0 || a.oc <= 0) return;
@@ -43,6 +45,7 @@ void conv(const ConvArgs& a, int nthreads) {
   const int64_t nb = (ocg + kNR - 1) / kNR;
   if (npix * a.oc * ntaps * cg < kMinParallelMacs) nthreads = 1;
 
+  const double t_start = phase_seconds ? omp_get_wtime() : 0.0;
   // 1. activations -> padded channels-last bits
   const size_t need = static_cast<size_t>(a.n * hp * wp * wpix) + 8;
   if (t_packed.size() < need) t_packed.resize(need);
@@ -62,6 +65,7 @@ void conv(const ConvArgs& a, int nthreads) {
     }
   });
 
+  const double t_packed = phase_seconds ? omp_get_wtime() : 0.0;
   // 2. tap offsets (words from a pixel's top-left tap) and border classes
   std::vector<int64_t> tap_off(ntaps);
   for (int64_t i = 0; i < a.kh; ++i)
@@ -104,6 +108,7 @@ void conv(const ConvArgs& a, int nthreads) {
   }
   const int64_t ncls = cmask.size();
 
+  const double t_table = phase_seconds ? omp_get_wtime() : 0.0;
   // 3. tiles
   const int mr = kern.mr;
   const int64_t words_per_block = ntaps * cw * kNR;
@@ -144,6 +149,11 @@ void conv(const ConvArgs& a, int nthreads) {
       kern.tile(t, m, xs, wblk, any ? cs : nullptr, ys, nvalid, oc0);
     }
   });
+  if (phase_seconds) {
+    phase_seconds[0] = t_packed - t_start;
+    phase_seconds[1] = t_table - t_packed;
+    phase_seconds[2] = omp_get_wtime() - t_table;
+  }
 }
 
 }  // namespace binary

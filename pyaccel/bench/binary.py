@@ -38,6 +38,8 @@ class BinRow:
     bmacs: float  # binary multiply-adds per call
     ratios: Dict[str, float]
     kernel_gbmac: Optional[float] = None  # the bare native call's rate (preallocated output)
+    inner_gbmac: Optional[float] = None  # the tiles phase alone (the inner loop), warm, median
+    inner_share: Optional[float] = None  # the tiles phase's share of the native call's time
 
     @property
     def gbmac(self) -> float:
@@ -65,8 +67,9 @@ def _ao_int8_conv(conv: nn.Conv2d, x: torch.Tensor):
 
 
 def _bare_kernel(xm: XnorConv2d, x: torch.Tensor):
-    """The native call alone into a preallocated output (packing included; no
-    allocation, no module): the inner loop's share of the time."""
+    """The native call alone into a preallocated output (activation packing
+    included; no allocation, no module). Called with timed=True it returns the
+    phase times (packing, correction table, tiles)."""
     if not _native.available():
         return lambda: xm(x)
     n, c, h, w = x.shape
@@ -77,7 +80,16 @@ def _bare_kernel(xm: XnorConv2d, x: torch.Tensor):
             *xm.stride, *xm.padding, *xm.dilation, 0, xm.wsum.data_ptr(), b["scale"].data_ptr(), 0, 0, 0.0, 0.0,
             0, y.data_ptr(), oh, ow, torch.get_num_threads())
     lib = _native.lib()
-    return lambda y=y: (lib.binary_conv(*args), y)  # the closure keeps y alive
+    return lambda y=y, timed=False: (lib.binary_conv(*args, timed=timed), y)[0]  # the closure keeps y alive
+
+
+def _inner_loop(kernel, calls: int = 15):
+    """(tiles seconds, tiles share of the call): medians over `calls` warm native calls timed phase by phase
+    inside the kernel (packing, correction table, tiles)."""
+    kernel()
+    phases = sorted((kernel(timed=True) for _ in range(calls)), key=lambda p: p[2])
+    tiles = phases[len(phases) // 2]
+    return tiles[2], tiles[2] / sum(tiles)
 
 
 def conv_rows(shapes=CONV_SHAPES, ns=(1, 8), budget_s: float = 1.5, log=print) -> List[BinRow]:
@@ -113,6 +125,9 @@ def conv_rows(shapes=CONV_SHAPES, ns=(1, 8), budget_s: float = 1.5, log=print) -
                 ratios["×int8"] = us["torch.ao int8 static"] / us["pyaccel binary"]
             row = BinRow(f"{c}@{hw}", n, us, {k: v.spread for k, v in t.items()}, n * hw * hw * c * c * 9, ratios)
             row.kernel_gbmac = row.bmacs / us["pyaccel kernel only"] / 1e3
+            if _native.available():
+                tiles_s, row.inner_share = _inner_loop(kernel)
+                row.inner_gbmac = row.bmacs / tiles_s / 1e9
             rows.append(row)
             log(f"{row.what:>7} N={n}  " + "  ".join(f"{k} {v:8.1f} µs" for k, v in us.items())
                 + f"  | {row.gbmac:7.0f} G bMAC/s  " + "  ".join(f"{k} {v:.1f}" for k, v in ratios.items())
@@ -143,16 +158,20 @@ def linear_rows(n_k=(4096, 4096), ms=(1, 8, 32, 128), budget_s: float = 1.5, log
 
 def to_markdown(conv: List[BinRow], lin: List[BinRow], peak: Optional[float]) -> str:
     out = ["| conv 3×3 s1 p1 | N | pyaccel binary µs | torch fp32 NCHW µs | torch fp32 CL µs | torch.ao int8 µs | "
-           "G bMAC/s | % xor+popcnt peak | kernel only µs (G bMAC/s, % peak) | × fp32 (best) | × int8 |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "G bMAC/s | % xor+popcnt peak | kernel only µs (G bMAC/s, % peak) | inner loop G bMAC/s (% peak, "
+           "share of the kernel) | × fp32 (best) | × int8 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in conv:
         t = r.times_us
         pk = f"{100 * r.gbmac / peak:.0f}" if peak else ""
         kpk = f", {100 * r.kernel_gbmac / peak:.0f} %" if peak else ""
         kern = f"{t['pyaccel kernel only']:.1f} ({r.kernel_gbmac:.0f}{kpk})"
+        inner = "" if r.inner_gbmac is None else (
+            f"{r.inner_gbmac:.0f} ({f'{100 * r.inner_gbmac / peak:.0f} %, ' if peak else ''}"
+            f"{100 * r.inner_share:.0f} %)")
         out.append(f"| {r.what} | {r.n} | {t['pyaccel binary']:.1f} (±{100 * r.spread['pyaccel binary']:.0f}%) | "
                    f"{t['torch fp32 NCHW']:.1f} | {t['torch fp32 channels_last']:.1f} | "
-                   f"{t.get('torch.ao int8 static', float('nan')):.1f} | {r.gbmac:.0f} | {pk} | {kern} | "
+                   f"{t.get('torch.ao int8 static', float('nan')):.1f} | {r.gbmac:.0f} | {pk} | {kern} | {inner} | "
                    f"**{r.ratios['×fp32']:.1f}** | {r.ratios.get('×int8', float('nan')):.1f} |")
     out += ["", "| linear | M | pyaccel binary µs | torch fp32 F.linear µs | G bMAC/s | × fp32 |",
             "|---|---|---|---|---|---|"]
