@@ -10,9 +10,11 @@ bit order (little endian: channels 0-31 in the low word).
 
 Popcount is bit arithmetic (SWAR), which the interpreter runs (it has no
 libdevice) and which compiles to a handful of integer ops on the GPU.
-Choice per shape (:func:`linear`): M <= POPCOUNT_MAX_M rows read the packed
+Choice per shape (:func:`linear`, and :func:`conv2d` for a plain 1 x 1
+conv, a GEMM over its pixels): M <= POPCOUNT_MAX_M rows read the packed
 weights (32x less traffic than int8) with popcount on CUDA cores; more rows
-unpack to int8 and use tensor cores. ``last_path`` says which ran.
+unpack to int8 and use tensor cores. The threshold is a guess not yet measured
+on a GPU. ``last_path`` says which ran.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pyaccel.kernels._common import interpreting
 
 POPCOUNT_MAX_M = 16
 ACT = {"none": 0, "relu": 1, "hardtanh": 2, "prelu": 3}
-last_path = {"linear": None}
+last_path = {"linear": None, "conv": None}
 
 
 @triton.jit
@@ -199,7 +201,24 @@ def conv2d(x: torch.Tensor, weight_bits: torch.Tensor, wsum: torch.Tensor, scale
            kernel_size: Sequence[int], stride, padding, dilation, groups: int, padding_mode: str = "zeros",
            act: str = "none", act_lo: float = 0.0, act_hi: float = 0.0) -> torch.Tensor:
     """Binary conv (pyaccel.ops_binary.binary_conv2d's arguments, checked
-    there): x fp32 [N, C, H, W] -> [N, OC, OH, OW] (channels_last memory)."""
+    there): x fp32 [N, C, H, W] -> [N, OC, OH, OW] (channels_last memory).
+    A plain 1 x 1 conv (stride 1, no padding, one group) is a GEMM over the
+    pixels: :func:`linear` picks its path by pixel count; any other runs the
+    popcount implicit GEMM. ``last_path["conv"]`` says which ran."""
+    n, c, h, w = x.shape
+    if (tuple(kernel_size) == (1, 1) and _pair(stride) == (1, 1) and _pair(padding) == (0, 0)
+            and _pair(dilation) == (1, 1) and groups == 1):
+        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+        y = linear(rows, weight_bits, scale, shift, slope, out_channels, act, act_lo, act_hi)
+        last_path["conv"] = last_path["linear"]
+        return y.reshape(n, h, w, out_channels).permute(0, 3, 1, 2)
+    last_path["conv"] = "popcount"
+    return _conv2d_popcount(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding,
+                            dilation, groups, padding_mode, act, act_lo, act_hi)
+
+
+def _conv2d_popcount(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding, dilation,
+                     groups, padding_mode, act, act_lo, act_hi) -> torch.Tensor:
     n, c, h, w = x.shape
     kh, kw = kernel_size
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
@@ -234,8 +253,8 @@ def linear(x: torch.Tensor, weight_bits: torch.Tensor, scale, shift, slope, out_
     last_path["linear"] = path
     if path == "popcount":
         wsum = torch.zeros((out_features, 1), dtype=torch.int32, device=x.device)
-        y = conv2d(x[:, :, None, None], weight_bits, wsum, scale, shift, slope, out_features, (1, 1), 1, 0, 1, 1,
-                   "ones", act, act_lo, act_hi)
+        y = _conv2d_popcount(x[:, :, None, None], weight_bits, wsum, scale, shift, slope, out_features, (1, 1), 1,
+                             0, 1, 1, "ones", act, act_lo, act_hi)
         return y.reshape(m, out_features)
     y = torch.empty((m, out_features), dtype=torch.float32, device=x.device)
     if m == 0:

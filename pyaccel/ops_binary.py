@@ -185,6 +185,13 @@ def binary_linear(x: Tensor, weight_bits: Tensor, wsum: Tensor, scale: Optional[
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError(f"x: expected a tensor [..., in_features], got {_desc(x)}")
     x2 = x.reshape(-1, x.shape[-1])[:, :, None, None]
+    if x.device.type == "cuda":  # the Triton linear picks popcount or int8 tl.dot by rows (last_path says which)
+        check_conv_args(x2, weight_bits, wsum, scale, shift, slope, out_features, [1, 1], [1, 1], [0, 0], [1, 1], 1,
+                        "zeros", act)
+        from pyaccel.kernels import binary as tk
+
+        y = tk.linear(x2[:, :, 0, 0], weight_bits, scale, shift, slope, out_features, act, act_lo, act_hi)
+        return y.reshape(*x.shape[:-1], out_features)
     y = binary_conv2d(x2, weight_bits, wsum, scale, shift, slope, out_features, [1, 1], [1, 1], [0, 0], [1, 1], 1,
                       "zeros", act, act_lo, act_hi)
     return y.reshape(*x.shape[:-1], out_features)

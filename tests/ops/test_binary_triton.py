@@ -70,6 +70,22 @@ def test_linear_picks_by_rows(gen):
     assert tk.last_path["linear"] == "dot"
 
 
+@pytest.mark.parametrize("pixels", [2, 40])
+def test_pointwise_conv_takes_the_linear_paths(gen, pixels):
+    """A plain 1 x 1 conv runs as the Triton linear over its pixels (popcount
+    up to POPCOUNT_MAX_M pixels, tl.dot beyond); other convs run popcount."""
+    x, w = _x(gen, 1, 70, 1, pixels), _x(gen, 33, 70, 1, 1)
+    bits, wsum = bf.pack_conv_weight(w, 1)
+    sc = torch.rand(33, generator=gen)
+    y = tk.conv2d(x.to(DEVICE), bits.to(DEVICE), wsum.to(DEVICE), sc.to(DEVICE), None, None, 33, (1, 1), 1, 0, 1, 1)
+    assert tk.last_path["conv"] == ("popcount" if pixels <= tk.POPCOUNT_MAX_M else "dot")
+    assert torch.equal(y.cpu(), rb.binary_conv2d(x, w, sc, None))
+    w3 = _x(gen, 33, 70, 3, 3)
+    bits3, wsum3 = bf.pack_conv_weight(w3, 1)
+    tk.conv2d(x.to(DEVICE), bits3.to(DEVICE), wsum3.to(DEVICE), None, None, None, 33, (3, 3), 1, 1, 1, 1)
+    assert tk.last_path["conv"] == "popcount"
+
+
 _COMPILE = textwrap.dedent("""
     import os, sys
     os.environ.pop("TRITON_INTERPRET", None)
