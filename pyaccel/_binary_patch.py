@@ -120,3 +120,46 @@ def fold_sequences(model: nn.Module, selected: Callable[[nn.Module, str], Option
             done.append((path, layer._get_name(), new, folded))
             i = j
     return done
+
+
+def _hooked(mod: nn.Module) -> bool:
+    return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks)
+
+
+def link_handoffs(model: nn.Module, used_elsewhere: dict) -> List[Tuple[str, str]]:
+    """Let adjacent XnorConv2d layers of an nn.Sequential (only nn.Identity
+    between them: the BatchNorm / activation folded away) hand packed signs
+    to each other (XnorConv2d.emit_bits / takes_bits): the next layer reads
+    only sign(y), so nothing changes but the float output that is no longer
+    written and re-read. Taken where the consumer has one group, the producer's
+    channels per group are a multiple of 32 (or one group), both are on the
+    CPU, and no module involved has hooks or sits at another path
+    (`used_elsewhere`: id -> number of paths). Returns [(producer path,
+    consumer path)]."""
+    from pyaccel.nn.xnor import XnorConv2d
+
+    links = []
+    for spath, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules.keys())
+        for i, name in enumerate(names):
+            a = seq._modules[name]
+            if type(a) is not XnorConv2d:
+                continue
+            j = i + 1
+            while j < len(names) and type(seq._modules[names[j]]) is nn.Identity:
+                j += 1
+            if j == len(names) or type(seq._modules[names[j]]) is not XnorConv2d:
+                continue
+            b = seq._modules[names[j]]
+            between = [seq._modules[names[k]] for k in range(i + 1, j)]
+            if (a.out_channels != b.in_channels or b.groups != 1
+                    or (a.groups > 1 and (a.out_channels // a.groups) % 32)
+                    or not (a.weight_bits.is_cpu and b.weight_bits.is_cpu)
+                    or any(_hooked(m) or used_elsewhere.get(id(m), 1) > 1 for m in [a, b] + between)):
+                continue
+            a.emit_bits = True
+            b.takes_bits = True
+            links.append((f"{spath}.{name}" if spath else name, f"{spath}.{names[j]}" if spath else names[j]))
+    return links

@@ -426,6 +426,7 @@ def patch(
     inplace: bool = True,
     block_sparse: str = "measure",
     act_bits: int = 8,
+    binary_handoff: bool = True,
 ) -> PatchReport:
     """Swap pyaccel kernels into `model`; return a :class:`PatchReport`.
 
@@ -447,6 +448,12 @@ def patch(
             ones; 2:4 and block-sparse int8 layers keep 8-bit activations).
             7 is the opt-in faster mode on AVX2-only CPUs (1.4 - 1.6x at 32+
             rows there) at ~5.5 dB lower SQNR (Int8Linear's docstring, README).
+        binary_handoff: True (default): adjacent XnorConv2d layers in an
+            nn.Sequential (a BatchNorm / activation between them folded) hand
+            packed signs to each other instead of float activations (the same
+            results; the first one's output is then int64 packed signs, so code
+            that runs it alone or slices the Sequential sees those). False
+            keeps float activations between them.
 
     The report has one entry per path of every module a handler looks at and
     of every other module holding a weight matrix (with the reason it stays).
@@ -541,6 +548,15 @@ def patch(
             continue
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, name, new)
+    if binary_handoff:
+        from pyaccel import _binary_patch, _pattern
+
+        root = report.model
+        by_path = {e.path: e for e in report.entries}
+        for src, dst in _binary_patch.link_handoffs(root, _pattern.module_paths_used_elsewhere(root)):
+            for p, text in ((src, f"hands packed signs to {dst}"), (dst, f"takes packed signs from {src}")):
+                if p in by_path and by_path[p].swapped:
+                    by_path[p].backend += "; " + text
     return report
 
 

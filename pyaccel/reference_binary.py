@@ -92,8 +92,14 @@ def binary_conv2d(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Opt
     with scale = alpha = mean|w| per output channel (BatchNorm folded in by patch).
     """
     dot = binary_conv2d_dot(x, weight, stride, padding, dilation, groups, padding_mode, ste)
-    if ste:
+    if ste:  # the training modules' gradients: nn.Hardtanh / ReLU6 pass none at their bounds, nn.PReLU its slope at 0
         scale, shift, slope = (None if t is None else t.to(dot.dtype) for t in (scale, shift, slope))
+        y = epilogue(dot, scale, shift)
+        if act == "hardtanh":
+            return F.hardtanh(y, act_params[0], act_params[1])
+        if act == "prelu":
+            return F.prelu(y, slope.reshape(-1))
+        return epilogue(y, None, None, act, act_params, slope, dim=1)
     return epilogue(dot, scale, shift, act, act_params, slope, dim=1)
 
 

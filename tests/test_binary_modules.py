@@ -196,7 +196,12 @@ def _bnn():
         BinaryConv2d(64, 64, 3, padding=1, binary_padding="ones"),
         nn.Flatten(), BinaryLinear(64 * 16, 32), nn.BatchNorm1d(32), nn.Hardtanh(),
         BinaryLinear(32, 16), nn.Linear(16, 10))
-    for m in model.modules():  # non-trivial BN statistics, negative gammas
+    return _random_bn_statistics(model)
+
+
+def _random_bn_statistics(model):
+    """Non-trivial BN statistics, negative gammas; the model in eval mode."""
+    for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             with torch.no_grad():
                 m.running_mean.normal_()
@@ -407,3 +412,112 @@ def test_cached_native_calls_follow_shapes_layouts_and_state(isa, gen):
                   torch.randn(4, 140, generator=gen)[:, ::2], torch.randn(4, 80, generator=gen)[:, :70]):
             y = lin(x)
             assert y.shape == x.shape[:-1] + (40,) and torch.equal(y, lin._checked_op(x))
+
+
+# ---- bit-packed hand-off between binary layers -----------------------------------------------------
+def _binary_chain(groups=1, mode="zeros"):
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.Hardtanh(),
+        BinaryConv2d(64, 64, 3, padding=1, groups=groups), nn.BatchNorm2d(64), nn.PReLU(64),
+        BinaryConv2d(64, 96, 3, padding=1, stride=2, binary_padding=mode), nn.BatchNorm2d(96),
+        BinaryConv2d(96, 130, 3, padding=1), nn.BatchNorm2d(130), nn.ReLU(),
+        BinaryConv2d(130, 70, 1), nn.Hardtanh(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(70, 10))
+    return _random_bn_statistics(model)
+
+
+@needs_native
+@pytest.mark.parametrize("groups,mode", [(1, "zeros"), (2, "ones")])
+def test_handoff_chain_computes_the_float_chain(isa, gen, groups, mode):
+    ref = _binary_chain(groups, mode)
+    pyaccel.patch(ref, binary_handoff=False)
+    model = _binary_chain(groups, mode)
+    report = pyaccel.patch(model)
+    kinds = [(type(m).__name__, m.emit_bits, m.takes_bits) for m in model if isinstance(m, XnorConv2d)]
+    assert kinds == [("XnorConv2d", True, False), ("XnorConv2d", True, True), ("XnorConv2d", True, True),
+                     ("XnorConv2d", False, True)], kinds
+    assert "hands packed signs to 6" in str(report)
+    for x in (torch.randn(2, 3, 12, 10, generator=gen), torch.randn(1, 3, 7, 9, generator=gen),
+              torch.randn(2, 3, 12, 10, generator=gen).contiguous(memory_format=torch.channels_last),
+              torch.randn(0, 3, 8, 8)):
+        with torch.no_grad():
+            want, got = ref(x), model(x)
+            want_last, got_last = ref[:13](x), model[:13](x)
+        assert torch.equal(got_last, want_last) and got_last.is_contiguous()  # the last binary layer's output
+        if x.is_contiguous():
+            assert torch.equal(got, want), (got - want).abs().max()
+        else:  # the float chain kept channels_last to the end: the pooling sums in another order
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+        y1 = model[3](model[2](model[1](model[0](x))))
+        assert y1.dtype == torch.int64 and y1.shape[-1] == 1  # 64 channels: one word per pixel
+        assert torch.equal(model[3]._checked_op(model[2](model[1](model[0](x)))), y1)
+        assert torch.equal(model[6]._checked_op(y1), model[6](y1))
+
+
+def test_handoff_chain_traces_compiles_and_reloads(gen):
+    model = _binary_chain()
+    pyaccel.patch(model)
+    x = torch.randn(2, 3, 12, 10, generator=gen)
+    with torch.no_grad():
+        want = model(x)
+        assert torch.equal(torch.jit.trace(model, x)(x), want)
+        assert torch.allclose(torch.compile(model)(x), want, rtol=1e-5, atol=1e-5)
+    fresh = _binary_chain()
+    pyaccel.patch(fresh)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), want)
+    with pytest.raises(ValueError, match="x: this layer takes the packed signs"):
+        model[6](torch.randn(2, 64, 6, 5))
+
+
+def test_handoff_not_taken_where_it_cannot_be(gen):
+    model = _binary_chain()
+    calls = []
+    model[5].register_forward_pre_hook(lambda m, a: calls.append(a[0].dtype))  # the PReLU stays: not adjacent
+    pyaccel.patch(model)
+    assert isinstance(model[5], nn.PReLU) and not model[3].emit_bits and not model[6].takes_bits
+    assert model[6].emit_bits and model[8].takes_bits
+    model(torch.randn(1, 3, 8, 8, generator=gen))
+    assert calls == [torch.float32]
+    off = _binary_chain()
+    pyaccel.patch(off, binary_handoff=False)
+    assert not any(m.emit_bits or m.takes_bits for m in off if isinstance(m, XnorConv2d))
+    grouped = nn.Sequential(nn.Conv2d(3, 64, 1), BinaryConv2d(64, 64, 3, padding=1),
+                            BinaryConv2d(64, 64, 3, padding=1, groups=2), nn.Linear(2, 2)).eval()
+    pyaccel.patch(grouped)
+    assert not grouped[1].emit_bits and not grouped[2].takes_bits
+
+
+# ---- review findings (2nd round) ----------------------------------------------------------------
+@pytest.mark.parametrize("attr,val", [("groups", 2), ("kernel_size", (5, 5)), ("out_channels", 200), ("act", "prelu")])
+def test_geometry_assignment_is_checked_against_the_buffers(attr, val):
+    m = XnorConv2d.from_binary(BinaryConv2d(20, 24, 3, padding=1).eval())
+    x = torch.randn(1, 20, 8, 8)
+    m(x)
+    setattr(m, attr, val)
+    with pytest.raises(ValueError, match="weight_bits|slope"):
+        m._checked_op(x)
+    with pytest.raises(ValueError, match="weight_bits|slope"):
+        m(x)  # the eager path refuses too (it read past the buffers / a null slope before)
+
+
+def test_mutating_a_padding_list_is_impossible():
+    m = XnorConv2d.from_binary(BinaryConv2d(20, 24, 3, padding=1).eval())
+    m.padding = [1, 1]
+    assert m.padding == (1, 1) and isinstance(m.padding, tuple)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6(), nn.PReLU(), nn.Hardtanh(-0.5, 0.5)])
+def test_ste_gradient_matches_the_training_module_at_activation_kinks(act):
+    torch.manual_seed(0)
+    bc = BinaryConv2d(20, 24, 3, padding=1, bias=False).eval()
+    m = XnorConv2d.from_binary(bc, None, act)
+    x1 = torch.randn(2, 20, 7, 7).requires_grad_()
+    x2 = x1.detach().clone().requires_grad_()
+    y_ref, y = act(bc(x1)), m(x2)
+    assert torch.allclose(y, y_ref) and ((y_ref == act(torch.zeros(()))).any() or isinstance(act, nn.PReLU))
+    y_ref.sum().backward()
+    y.sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad)

@@ -110,8 +110,17 @@ struct ConvArgs {
   int act;
   float lo, hi;
   const float* slope;
-  float* y;                    // [N][OH][OW][OC]
+  float* y;                    // [N][OH][OW][OC] (unused with ybits)
   int64_t oh, ow;
+  // Bit-packed hand-off between binary layers (both optional):
+  // xbits: the input as signs already packed, [N][H][W][ceil(C / 64)] uint64
+  //   (bits past C zero), read instead of x; needs groups == 1.
+  // ybits: write sign(y) packed the same way, [N][OH][OW][ceil(OC / 64)],
+  //   instead of y (bit = y < 0; NaN counts +1, as sign does); the caller
+  //   zeroes it (channel blocks store 32-bit halves: OC / groups must be a
+  //   multiple of 32 when groups > 1).
+  const uint64_t* xbits = nullptr;
+  uint64_t* ybits = nullptr;
 };
 
 // phase_seconds (optional, 3 entries): wall time of the activation packing,

@@ -61,7 +61,10 @@ void conv(const ConvArgs& a, int nthreads, double* phase_seconds) {
       }
       std::memset(row, 0, sizeof(uint64_t) * a.pw * wpix);
       std::memset(row + (a.pw + a.w) * wpix, 0, sizeof(uint64_t) * a.pw * wpix);
-      kern.pack_row(a.x + img * a.sxn + yy * a.sxh, a.c, a.w, a.sxc, a.sxw, G, cg, cw, row + a.pw * wpix);
+      if (a.xbits)  // signs already packed by the previous layer (groups == 1: the same words)
+        std::memcpy(row + a.pw * wpix, a.xbits + (img * a.h + yy) * a.w * wpix, sizeof(uint64_t) * a.w * wpix);
+      else
+        kern.pack_row(a.x + img * a.sxn + yy * a.sxh, a.c, a.w, a.sxc, a.sxw, G, cg, cw, row + a.pw * wpix);
     }
   });
 
@@ -122,6 +125,8 @@ void conv(const ConvArgs& a, int nthreads, double* phase_seconds) {
     const uint64_t* xs[kMaxMR];
     const int32_t* cs[kMaxMR];
     float* ys[kMaxMR];
+    alignas(64) float scratch[kMaxMR][kNR];  // ybits: the tile's floats, turned into sign bits below
+    const int64_t owords32 = 2 * ((a.oc + 63) / 64);
     // output coordinates of pixel p0, then stepped (no divisions per pixel)
     int64_t img = p0 / (a.oh * a.ow), oy = p0 % (a.oh * a.ow) / a.ow, ox = p0 % a.ow;
     for (int64_t p = p0; p < p1; p += mr) {
@@ -129,7 +134,7 @@ void conv(const ConvArgs& a, int nthreads, double* phase_seconds) {
       bool any = false;
       for (int i = 0; i < m; ++i) {
         xs[i] = xb + ((img * hp + oy * a.sh) * wp + ox * a.sw) * wpix + g * cw;
-        ys[i] = a.y + (p + i) * a.oc + oc0;
+        ys[i] = a.ybits ? scratch[i] : a.y + (p + i) * a.oc + oc0;
         cs[i] = nullptr;
         if (correct) {
           const int64_t cl = rcls[oy] * ncls + ccls[ox];
@@ -147,6 +152,13 @@ void conv(const ConvArgs& a, int nthreads, double* phase_seconds) {
         }
       }
       kern.tile(t, m, xs, wblk, any ? cs : nullptr, ys, nvalid, oc0);
+      if (a.ybits) {  // oc0 is a multiple of 32: this block's signs are one 32-bit half of a word
+        for (int i = 0; i < m; ++i) {
+          uint32_t bits = 0;
+          for (int j = 0; j < nvalid; ++j) bits |= uint32_t(scratch[i][j] < 0.f) << j;
+          std::memcpy(reinterpret_cast<uint32_t*>(a.ybits) + (p + i) * owords32 + oc0 / 32, &bits, 4);
+        }
+      }
     }
   });
   if (phase_seconds) {

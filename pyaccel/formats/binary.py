@@ -56,7 +56,7 @@ def unpack_bits_last(packed: Tensor, channels: int) -> Tensor:
     """int64 words [..., W] -> bool [..., channels] (True = -1)."""
     shifts = torch.arange(WORD_BITS, device=packed.device, dtype=torch.int64)
     bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(*packed.shape[:-1], -1)[..., :channels].bool()
+    return bits.reshape(*packed.shape[:-1], packed.shape[-1] * WORD_BITS)[..., :channels].bool()
 
 
 def popcount64(v: Tensor) -> Tensor:

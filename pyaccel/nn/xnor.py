@@ -250,12 +250,17 @@ class _XnorBase(PackedModule):
     _DERIVED = ("_packed", "_plan", "_plans")
     _plans = None
     _GEOMETRY_ATTRS = frozenset({"stride", "padding", "dilation", "groups", "padding_mode", "kernel_size", "act",
-                                 "act_lo", "act_hi", "in_channels", "out_channels", "in_features", "out_features"})
+                                 "act_lo", "act_hi", "in_channels", "out_channels", "in_features", "out_features",
+                                 "emit_bits", "takes_bits"})
 
     def __setattr__(self, name, value):
         if name in self._GEOMETRY_ATTRS:
+            if name in ("stride", "padding", "dilation", "kernel_size"):
+                value = pair(value)  # a tuple: nothing to mutate behind the plans' back
             self.__dict__["_plan"] = self.__dict__["_plans"] = None
         super().__setattr__(name, value)
+        if name in self._GEOMETRY_ATTRS and "weight_bits" in self._buffers:
+            self._repack()  # the buffers are checked against the new geometry (the next call raises if invalid)
 
     def _general(self, x) -> Tensor:
         if type(x) is Tensor:
@@ -285,12 +290,14 @@ class _XnorBase(PackedModule):
         oc = self._oc()
         yshape = (n, oc) if layout >= 2 else (n, oh, ow, oc)
         watch = (("weight_bits", bits, True), ("scale", scale, False), ("bias", shift, False), ("slope", slope, False))
+        # the storages, not the tensors: a .data swap elsewhere never frees memory a running plan reads
+        keep = tuple(t.untyped_storage() for t in (self._packed, bits, scale, shift, slope) if t is not None)
         plan = C.BinaryConvPlan(
             tuple(x.shape), tuple(x.stride()), yshape, layout, tuple(out_shape), n, c, h, w, sxn, sxc, sxh, sxw,
             self._groups(), bits.data_ptr(), oc, kh, kw, sh, sw, ph, pw, dh, dw, ob.PAD_CODES[self._pad_mode()],
             self._packed.data_ptr(), scale.data_ptr(), 0 if shift is None else shift.data_ptr(),
             ob.ACT_CODES[self.act], self.act_lo, self.act_hi, 0 if slope is None else slope.data_ptr(), oh, ow,
-            (self._packed, bits, scale, shift, slope), watch, self._buffers)
+            keep, watch, self._buffers)
         plans = self._plans
         if plans is None or len(plans) >= 16:
             plans = self.__dict__["_plans"] = {}
@@ -418,7 +425,20 @@ class XnorConv2d(_XnorBase):
         new._set_state(bits, scale, shift, slope)
         return new
 
+    # Bit-packed hand-off (set by pyaccel.patch on chains of binary convs in an
+    # nn.Sequential, pyaccel._binary_patch.link_handoffs): emit_bits returns
+    # sign(y) packed as int64 [N, OH, OW, ceil(OC / 64)] (bit 1 = negative;
+    # NaN counts +1, as sign does) instead of y; takes_bits takes that form as
+    # its input (and returns a float output contiguous, in NCHW order: packed
+    # signs carry no memory format). The next binary layer reads only signs,
+    # so the chain computes what the float chain computes without writing and
+    # re-reading floats.
+    emit_bits = False
+    takes_bits = False
+
     def _forward(self, x, fast: bool) -> Tensor:
+        if self.emit_bits or self.takes_bits:
+            return self._forward_bits(x, fast)
         dtype = x.dtype if isinstance(x, Tensor) else None
         x = _input(x, "XnorConv2d")
         self._refresh()
@@ -432,7 +452,8 @@ class XnorConv2d(_XnorBase):
         y = None
         if fast and self._fast_ok(x):
             y = self._eager(x)
-            if y is not None and not squeeze and dtype is _F32 and y.numel() and (x.stride(1) == 1 or x.stride(3) == 1):
+            if (y is not None and not squeeze and dtype is _F32 and y.numel() and not x.requires_grad
+                    and (x.stride(1) == 1 or x.stride(3) == 1)):
                 self._remember_plan(x, x, y.shape[2], y.shape[3], 1 if channels_last else 0)
         if y is None:
             y = torch.ops.pyaccel.binary_conv2d(*self._args(x))
@@ -441,6 +462,54 @@ class XnorConv2d(_XnorBase):
         if dtype != torch.float32:  # computed in fp32, returned in x's dtype
             y = y.to(dtype)
         return y.squeeze(0) if squeeze else y
+
+    def _forward_bits(self, x, fast: bool) -> Tensor:
+        """The hand-off modes: packed signs in (takes_bits) and / or out (emit_bits). No gradient flows
+        through packed signs."""
+        c = self.in_channels
+        if self.takes_bits:
+            words = bf.words(c)
+            if not isinstance(x, Tensor) or x.dtype != torch.int64 or x.dim() != 4 or x.shape[3] != words:
+                raise ValueError(f"x: this layer takes the packed signs the previous binary layer hands over, "
+                                 f"int64 [N, H, W, {words}]; got {ob._desc(x)} (pyaccel.patch(..., "
+                                 f"binary_handoff=False) keeps float activations between binary layers)")
+            n, h, w = x.shape[:3]
+        else:
+            x = _input(x, "XnorConv2d")
+            if x.dim() != 4 or x.shape[1] != c:
+                raise ValueError(f"x: expected [N, {c}, H, W], got {ob._desc(x)}")
+            n, _, h, w = x.shape
+        self._refresh()
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        oc = self.out_channels
+        native = (fast and type(x) is Tensor and x.is_cpu and _native.available() and not _is_compiling()
+                  and _tracing_state() is None and self._packed is not None and self._packed.is_cpu
+                  and all(t is None or t.is_contiguous() for t in self._canonical().values()))
+        if native and oh >= 1 and ow >= 1 and n * oh * ow > 0 and (self.takes_bits or not (
+                x.requires_grad and _grad_enabled())):
+            xb = x.contiguous() if self.takes_bits else None
+            xf = None
+            if not self.takes_bits:
+                xf = x if (x.stride(1) == 1 or x.stride(3) == 1) else x.contiguous()
+            yb = torch.zeros((n, oh, ow, bf.words(oc)), dtype=torch.int64, device="cpu") if self.emit_bits else None
+            y = None if self.emit_bits else torch.empty((n, oc, oh, ow), dtype=torch.float32, device="cpu",
+                                                        memory_format=_CL)
+            b = self._buffers
+            ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+            strides = (0, 0, 0, 0) if xf is None else xf.stride()
+            _native.lib().binary_conv(
+                ptr(xf), n, c, h, w, *strides, self.groups, b["weight_bits"].data_ptr(), oc, kh, kw, sh, sw, ph, pw,
+                dh, dw, ob.PAD_CODES[self.padding_mode], self._packed.data_ptr(), b["scale"].data_ptr(), ptr(b["bias"]),
+                ob.ACT_CODES[self.act], self.act_lo, self.act_hi, ptr(b["slope"]), ptr(y), oh, ow, _get_num_threads(),
+                xbits=ptr(xb), ybits=ptr(yb))
+            return yb if self.emit_bits else y.contiguous()
+        # the same with torch ops (tracing, compiling, other devices, empty batches): unpack, the checked op, pack
+        xf = (1.0 - 2.0 * bf.unpack_bits_last(x, c).float()).permute(0, 3, 1, 2) if self.takes_bits else x
+        y = torch.ops.pyaccel.binary_conv2d(*self._args(xf))
+        if self.emit_bits:
+            return bf.pack_bits_last(y.permute(0, 2, 3, 1) < 0)
+        return y.contiguous()  # a packed input has no memory format to follow: the default one
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -453,6 +522,8 @@ class XnorConv2d(_XnorBase):
             s += f", padding_mode={self.padding_mode!r}"
         if self.act != "none":
             s += f", act={self.act}"
+        if self.takes_bits or self.emit_bits:
+            s += ", packed signs " + " and ".join(w for w, f in (("in", self.takes_bits), ("out", self.emit_bits)) if f)
         return s + f", bias={self.bias is not None}, backend={self.backend()}"
 
 
@@ -520,7 +591,8 @@ class XnorLinear(_XnorBase):
             x2 = x.reshape(-1, self.in_features)
             y = self._eager(x2[:, :, None, None])
             if y is not None:
-                if dtype is _F32 and y.numel() and x2.stride(1) == 1 and (x.dim() == 2 or x.is_contiguous()):
+                if (dtype is _F32 and y.numel() and not x.requires_grad and x2.stride(1) == 1
+                        and (x.dim() == 2 or x.is_contiguous())):
                     self._remember_plan(x, x2, 1, 1, 2 if x.dim() == 2 else 3, (*x.shape[:-1], self.out_features))
                 y = y.reshape(*x.shape[:-1], self.out_features)
                 return y if dtype == torch.float32 else y.to(dtype)
