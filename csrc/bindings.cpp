@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -66,6 +67,7 @@ void check_packed_or_throw(uintptr_t packed, int64_t nbytes, int64_t n, int64_t 
 struct TorchRefs {
   PyTypeObject* tensor = nullptr;
   PyObject *empty, *f32, *bf16, *get_default_dtype, *get_num_threads, *get_tracing_state;
+  PyObject* i64 = nullptr;  // torch.int64 (the binary plans' packed signs)
   PyObject *s_dtype;
   // torch.Tensor's own descriptors, looked up once: reading an attribute
   // through them skips the per-call lookup and bound-method creation
@@ -89,7 +91,8 @@ PyObject* call_method(PyObject* descr, PyObject* obj) {
 TorchRefs* g_torch = nullptr;
 
 void set_torch_refs(py::handle tensor, py::handle empty, py::handle f32, py::handle bf16,
-                    py::handle get_default_dtype, py::handle get_num_threads, py::handle get_tracing_state) {
+                    py::handle get_default_dtype, py::handle get_num_threads, py::handle get_tracing_state,
+                    py::handle i64) {
   if (!PyType_Check(tensor.ptr())) throw py::type_error("tensor: expected torch.Tensor (a type)");
   auto* r = new TorchRefs;
   r->tensor = reinterpret_cast<PyTypeObject*>(tensor.inc_ref().ptr());
@@ -99,6 +102,7 @@ void set_torch_refs(py::handle tensor, py::handle empty, py::handle f32, py::han
   r->get_default_dtype = get_default_dtype.inc_ref().ptr();
   r->get_num_threads = get_num_threads.inc_ref().ptr();
   r->get_tracing_state = get_tracing_state.inc_ref().ptr();
+  r->i64 = i64.inc_ref().ptr();
   r->s_dtype = PyUnicode_InternFromString("dtype");
   auto lookup = [&](const char* name, bool method) {
     PyObject* d = PyObject_GetAttrString(tensor.ptr(), name);  // on the type: the descriptor itself
@@ -440,6 +444,7 @@ class LinearPlan {
 };
 
 // One XnorConv2d / XnorLinear call prepared for one input shape and strides
+// (in_bits / out_bits: the packed-sign hand-off, x / y int64 [N, H, W, words])
 // (pyaccel.nn.xnor): the binary conv's arguments checked once in Python,
 // `keep` owning the memory they point to, `watch` the module's canonical
 // buffers. forward(x) runs it on a plain CPU fp32 tensor of exactly that
@@ -452,14 +457,20 @@ class LinearPlan {
 class BinaryConvPlan {
  public:
   BinaryConvPlan(py::tuple x_shape, py::tuple x_strides, py::tuple y_shape, int layout, py::tuple out_shape,
+                 bool in_bits, bool out_bits,
                  int64_t n, int64_t c, int64_t h, int64_t w, int64_t sxn, int64_t sxc, int64_t sxh, int64_t sxw,
                  int64_t groups, uintptr_t wpacked, int64_t oc, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                  int64_t ph, int64_t pw, int64_t dh, int64_t dw, int pad_mode, uintptr_t wsum, uintptr_t scale,
                  uintptr_t shift, int act, float lo, float hi, uintptr_t slope, int64_t oh, int64_t ow,
                  py::object keep, py::tuple watch, py::object buffers)
       : x_shape_(std::move(x_shape)), x_strides_(std::move(x_strides)), y_shape_(std::move(y_shape)),
-        out_shape_(std::move(out_shape)), layout_(layout), keep_(std::move(keep)), watch_(watch, buffers) {
+        out_shape_(std::move(out_shape)), layout_(layout), in_bits_(in_bits), out_bits_(out_bits),
+        keep_(std::move(keep)), watch_(watch, buffers) {
     if (!g_torch) throw py::value_error("set_torch_refs first");
+    if ((in_bits || out_bits) && (!g_torch->i64 || g_torch->i64 == Py_None))
+      throw py::value_error("in_bits / out_bits: set_torch_refs without int64");
+    if (in_bits && groups != 1) throw py::value_error("in_bits: packed input needs groups == 1");
+    if (out_bits && groups > 1 && (oc / groups) % binary::kNR) throw py::value_error("out_bits: OC / groups % 32");
     if (layout < 0 || layout > 3) throw py::value_error("layout: expected 0 - 3");
     if (groups < 1 || c % groups || oc % groups) throw py::value_error("groups must divide c and oc");
     if (!wpacked || !wsum || !scale || (act == binary::kActPrelu && !slope))
@@ -481,18 +492,34 @@ class BinaryConvPlan {
     if (Py_TYPE(x) != T->tensor) return py::none();
     if (own(get_attr(T->d_requires_grad, x)).ptr() != Py_False) return py::none();
     if (own(PyObject_CallNoArgs(T->get_tracing_state)).ptr() != Py_None) return py::none();
-    if (own(get_attr(T->d_dtype, x)).ptr() != T->f32) return py::none();
+    if (own(get_attr(T->d_dtype, x)).ptr() != (in_bits_ ? T->i64 : T->f32)) return py::none();
     if (own(get_attr(T->d_is_cpu, x)).ptr() != Py_True) return py::none();
     py::object shape = own(get_attr(T->d_shape, x));
     if (!equal(shape.ptr(), x_shape_.ptr())) return py::none();
     py::object st = own(call_method(T->d_stride, x));
     if (!equal(st.ptr(), x_strides_.ptr())) return py::none();
     if (watch_.stale()) return py::none();
-    py::object y = empty_f32(T, y_shape_.ptr());
-    if (y.is_none()) return y;
+    py::object y;
+    if (out_bits_) {
+      py::dict kw;
+      kw[py::handle(T->s_dtype)] = py::handle(T->i64);
+      y = own(PyObject_Call(T->empty, y_shape_.ptr(), kw.ptr()));
+      if (own(get_attr(T->d_is_cpu, y.ptr())).ptr() != Py_True) return py::none();
+    } else {
+      y = empty_f32(T, y_shape_.ptr());
+      if (y.is_none()) return y;
+    }
     binary::ConvArgs a = a_;
-    a.x = ptr<const float>(data_ptr_of(x, T));
-    a.y = ptr<float>(data_ptr_of(y.ptr(), T));
+    const uintptr_t xp = data_ptr_of(x, T), yp = data_ptr_of(y.ptr(), T);
+    if (in_bits_) a.xbits = ptr<const uint64_t>(xp); else a.x = ptr<const float>(xp);
+    if (out_bits_) {
+      a.ybits = ptr<uint64_t>(yp);
+      int64_t words = 1;
+      for (py::handle d : y_shape_) words *= d.cast<int64_t>();
+      std::memset(ptr<void>(yp), 0, sizeof(uint64_t) * words);  // channels past OC stay 0
+    } else {
+      a.y = ptr<float>(yp);
+    }
     const int64_t nthreads = as_i64(own(PyObject_CallNoArgs(T->get_num_threads)).ptr());
     {
       py::gil_scoped_release nogil;
@@ -519,6 +546,7 @@ class BinaryConvPlan {
   }
   py::tuple x_shape_, x_strides_, y_shape_, out_shape_;
   int layout_;
+  bool in_bits_, out_bits_;
   binary::ConvArgs a_{};
   py::object keep_;
   BufferWatch watch_;
@@ -573,6 +601,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("selected_isa", [] { return std::string(isa_name(selected_isa())); });
   m.def("set_torch_refs", &set_torch_refs, py::arg("tensor"), py::arg("empty"), py::arg("float32"),
         py::arg("bfloat16"), py::arg("get_default_dtype"), py::arg("get_num_threads"), py::arg("get_tracing_state"),
+        py::arg("int64") = py::none(),
         "hand over the torch objects LinearPlan.forward uses (pyaccel does this on import)");
   m.def(
       "int8_kernel_name",
@@ -601,11 +630,12 @@ PYBIND11_MODULE(_C, m) {
            py::arg("y"), py::arg("nthreads"),
            "y[m, n] (row stride n, x's dtype) = the layer applied to x[m, k] (row stride ldx)");
   py::class_<BinaryConvPlan>(m, "BinaryConvPlan")
-      .def(py::init<py::tuple, py::tuple, py::tuple, int, py::tuple, int64_t, int64_t, int64_t, int64_t, int64_t,
+      .def(py::init<py::tuple, py::tuple, py::tuple, int, py::tuple, bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t,
                     int64_t, int64_t, int64_t, int64_t, uintptr_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                     int64_t, int64_t, int64_t, int64_t, int, uintptr_t, uintptr_t, uintptr_t, int, float, float,
                     uintptr_t, int64_t, int64_t, py::object, py::tuple, py::object>(),
            py::arg("x_shape"), py::arg("x_strides"), py::arg("y_shape"), py::arg("layout"), py::arg("out_shape"),
+           py::arg("in_bits"), py::arg("out_bits"),
            py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("sxn"), py::arg("sxc"), py::arg("sxh"),
            py::arg("sxw"), py::arg("groups"), py::arg("wpacked"), py::arg("oc"), py::arg("kh"), py::arg("kw"),
            py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("dh"), py::arg("dw"),

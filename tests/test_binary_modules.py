@@ -433,7 +433,7 @@ def test_handoff_chain_computes_the_float_chain(isa, gen, groups, mode):
     ref = _binary_chain(groups, mode)
     pyaccel.patch(ref, binary_handoff=False)
     model = _binary_chain(groups, mode)
-    report = pyaccel.patch(model)
+    report = pyaccel.patch(model, binary_handoff=True)
     kinds = [(type(m).__name__, m.emit_bits, m.takes_bits) for m in model if isinstance(m, XnorConv2d)]
     assert kinds == [("XnorConv2d", True, False), ("XnorConv2d", True, True), ("XnorConv2d", True, True),
                      ("XnorConv2d", False, True)], kinds
@@ -444,10 +444,11 @@ def test_handoff_chain_computes_the_float_chain(isa, gen, groups, mode):
         with torch.no_grad():
             want, got = ref(x), model(x)
             want_last, got_last = ref[:13](x), model[:13](x)
-        assert torch.equal(got_last, want_last) and got_last.is_contiguous()  # the last binary layer's output
-        if x.is_contiguous():
+        assert torch.equal(got_last, want_last)  # the last binary layer's output, in channels_last memory
+        assert got_last.is_contiguous(memory_format=torch.channels_last)
+        if not x.is_contiguous():
             assert torch.equal(got, want), (got - want).abs().max()
-        else:  # the float chain kept channels_last to the end: the pooling sums in another order
+        else:  # the float chain kept NCHW to the end: the pooling sums in another order
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
         y1 = model[3](model[2](model[1](model[0](x))))
         assert y1.dtype == torch.int64 and y1.shape[-1] == 1  # 64 channels: one word per pixel
@@ -457,14 +458,14 @@ def test_handoff_chain_computes_the_float_chain(isa, gen, groups, mode):
 
 def test_handoff_chain_traces_compiles_and_reloads(gen):
     model = _binary_chain()
-    pyaccel.patch(model)
+    pyaccel.patch(model, binary_handoff=True)
     x = torch.randn(2, 3, 12, 10, generator=gen)
     with torch.no_grad():
         want = model(x)
         assert torch.equal(torch.jit.trace(model, x)(x), want)
         assert torch.allclose(torch.compile(model)(x), want, rtol=1e-5, atol=1e-5)
     fresh = _binary_chain()
-    pyaccel.patch(fresh)
+    pyaccel.patch(fresh, binary_handoff=True)
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(x), want)
@@ -476,17 +477,17 @@ def test_handoff_not_taken_where_it_cannot_be(gen):
     model = _binary_chain()
     calls = []
     model[5].register_forward_pre_hook(lambda m, a: calls.append(a[0].dtype))  # the PReLU stays: not adjacent
-    pyaccel.patch(model)
+    pyaccel.patch(model, binary_handoff=True)
     assert isinstance(model[5], nn.PReLU) and not model[3].emit_bits and not model[6].takes_bits
     assert model[6].emit_bits and model[8].takes_bits
     model(torch.randn(1, 3, 8, 8, generator=gen))
     assert calls == [torch.float32]
     off = _binary_chain()
-    pyaccel.patch(off, binary_handoff=False)
+    pyaccel.patch(off)  # the default keeps float activations
     assert not any(m.emit_bits or m.takes_bits for m in off if isinstance(m, XnorConv2d))
     grouped = nn.Sequential(nn.Conv2d(3, 64, 1), BinaryConv2d(64, 64, 3, padding=1),
                             BinaryConv2d(64, 64, 3, padding=1, groups=2), nn.Linear(2, 2)).eval()
-    pyaccel.patch(grouped)
+    pyaccel.patch(grouped, binary_handoff=True)
     assert not grouped[1].emit_bits and not grouped[2].takes_bits
 
 

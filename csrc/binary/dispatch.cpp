@@ -6,6 +6,7 @@
 #include <cstring>
 #include <vector>
 
+#include <emmintrin.h>  // SSE2: baseline x86-64
 #include <omp.h>
 
 #include "binary/binary.h"
@@ -153,9 +154,13 @@ void conv(const ConvArgs& a, int nthreads, double* phase_seconds) {
       }
       kern.tile(t, m, xs, wblk, any ? cs : nullptr, ys, nvalid, oc0);
       if (a.ybits) {  // oc0 is a multiple of 32: this block's signs are one 32-bit half of a word
+        const uint32_t keep = nvalid >= 32 ? ~0u : (1u << nvalid) - 1;  // channels past nvalid stay 0
+        const __m128 zero = _mm_setzero_ps();
         for (int i = 0; i < m; ++i) {
           uint32_t bits = 0;
-          for (int j = 0; j < nvalid; ++j) bits |= uint32_t(scratch[i][j] < 0.f) << j;
+          for (int j = 0; j < kNR; j += 4)  // y < 0 (false for NaN: sign(NaN) = +1)
+            bits |= uint32_t(_mm_movemask_ps(_mm_cmplt_ps(_mm_load_ps(scratch[i] + j), zero))) << j;
+          bits &= keep;
           std::memcpy(reinterpret_cast<uint32_t*>(a.ybits) + (p + i) * owords32 + oc0 / 32, &bits, 4);
         }
       }

@@ -52,7 +52,8 @@ def _hand_torch_to(C) -> None:
     """Give the native library the torch objects its eager fast path
     (LinearPlan.forward) uses; once per process."""
     if not _handed:
-        C.set_torch_refs(Tensor, torch.empty, _F32, _BF16, _get_default_dtype, _get_num_threads, _tracing_state)
+        C.set_torch_refs(Tensor, torch.empty, _F32, _BF16, _get_default_dtype, _get_num_threads, _tracing_state,
+                         torch.int64)
         _handed.append(C)
 
 

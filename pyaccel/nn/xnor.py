@@ -276,24 +276,26 @@ class _XnorBase(PackedModule):
             return _fx_leaf(self, x)
         return self._forward(x, fast=True)
 
-    def _remember_plan(self, x: Tensor, x2: Tensor, oh: int, ow: int, layout: int, out_shape=()) -> None:
-        """A plan for x's shape and strides; x2: what the kernel reads ([N, C, H, W] or [M, K] rows, the same
-        memory). Called right after the same native call succeeded on valid, contiguous buffers."""
+    def _remember_plan(self, x: Tensor, dims, strides, oh: int, ow: int, layout: int, out_shape=(),
+                       in_bits: bool = False, out_bits: bool = False) -> None:
+        """A plan for x's shape and strides; dims, strides: (N, C, H, W) and the element strides the kernel
+        reads x with (packed signs: the strides are unused). Called right after the same native call
+        succeeded on valid, contiguous buffers."""
         C = _native.lib()
         _hand_torch_to(C)
         b = self._buffers
         bits, scale, shift, slope = b["weight_bits"], b["scale"], b["bias"], b["slope"]
-        n, c = x2.shape[0], x2.shape[1]
-        h, w = (x2.shape[2], x2.shape[3]) if x2.dim() == 4 else (1, 1)
-        sxn, sxc, sxh, sxw = x2.stride() if x2.dim() == 4 else (x2.stride(0), x2.stride(1), 1, 1)
+        n, c, h, w = dims
+        sxn, sxc, sxh, sxw = strides
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self._ksize(), self._stride(), self._padding(), self._dilation()
         oc = self._oc()
-        yshape = (n, oc) if layout >= 2 else (n, oh, ow, oc)
+        yshape = (n, oh, ow, bf.words(oc)) if out_bits else (n, oc) if layout >= 2 else (n, oh, ow, oc)
         watch = (("weight_bits", bits, True), ("scale", scale, False), ("bias", shift, False), ("slope", slope, False))
         # the storages, not the tensors: a .data swap elsewhere never frees memory a running plan reads
         keep = tuple(t.untyped_storage() for t in (self._packed, bits, scale, shift, slope) if t is not None)
         plan = C.BinaryConvPlan(
-            tuple(x.shape), tuple(x.stride()), yshape, layout, tuple(out_shape), n, c, h, w, sxn, sxc, sxh, sxw,
+            tuple(x.shape), tuple(x.stride()), yshape, layout, tuple(out_shape), in_bits, out_bits, n, c, h, w, sxn,
+            sxc, sxh, sxw,
             self._groups(), bits.data_ptr(), oc, kh, kw, sh, sw, ph, pw, dh, dw, ob.PAD_CODES[self._pad_mode()],
             self._packed.data_ptr(), scale.data_ptr(), 0 if shift is None else shift.data_ptr(),
             ob.ACT_CODES[self.act], self.act_lo, self.act_hi, 0 if slope is None else slope.data_ptr(), oh, ow,
@@ -429,8 +431,8 @@ class XnorConv2d(_XnorBase):
     # nn.Sequential, pyaccel._binary_patch.link_handoffs): emit_bits returns
     # sign(y) packed as int64 [N, OH, OW, ceil(OC / 64)] (bit 1 = negative;
     # NaN counts +1, as sign does) instead of y; takes_bits takes that form as
-    # its input (and returns a float output contiguous, in NCHW order: packed
-    # signs carry no memory format). The next binary layer reads only signs,
+    # its input (and returns a float output in channels_last memory, the
+    # kernel's own: packed signs carry no format). The next binary layer reads only signs,
     # so the chain computes what the float chain computes without writing and
     # re-reading floats.
     emit_bits = False
@@ -454,7 +456,7 @@ class XnorConv2d(_XnorBase):
             y = self._eager(x)
             if (y is not None and not squeeze and dtype is _F32 and y.numel() and not x.requires_grad
                     and (x.stride(1) == 1 or x.stride(3) == 1)):
-                self._remember_plan(x, x, y.shape[2], y.shape[3], 1 if channels_last else 0)
+                self._remember_plan(x, x.shape, x.stride(), y.shape[2], y.shape[3], 1 if channels_last else 0)
         if y is None:
             y = torch.ops.pyaccel.binary_conv2d(*self._args(x))
         if not channels_last:
@@ -472,7 +474,7 @@ class XnorConv2d(_XnorBase):
             if not isinstance(x, Tensor) or x.dtype != torch.int64 or x.dim() != 4 or x.shape[3] != words:
                 raise ValueError(f"x: this layer takes the packed signs the previous binary layer hands over, "
                                  f"int64 [N, H, W, {words}]; got {ob._desc(x)} (pyaccel.patch(..., "
-                                 f"binary_handoff=False) keeps float activations between binary layers)")
+                                 f"binary_handoff=False), the default, keeps float activations between binary layers)")
             n, h, w = x.shape[:3]
         else:
             x = _input(x, "XnorConv2d")
@@ -503,13 +505,16 @@ class XnorConv2d(_XnorBase):
                 dh, dw, ob.PAD_CODES[self.padding_mode], self._packed.data_ptr(), b["scale"].data_ptr(), ptr(b["bias"]),
                 ob.ACT_CODES[self.act], self.act_lo, self.act_hi, ptr(b["slope"]), ptr(y), oh, ow, _get_num_threads(),
                 xbits=ptr(xb), ybits=ptr(yb))
-            return yb if self.emit_bits else y.contiguous()
+            if (xb is x or xf is x) and not x.requires_grad:  # a plan for this shape and these strides
+                self._remember_plan(x, (n, c, h, w), strides, oh, ow, 2 if self.emit_bits else 1, (),
+                                    self.takes_bits, self.emit_bits)
+            return yb if self.emit_bits else y
         # the same with torch ops (tracing, compiling, other devices, empty batches): unpack, the checked op, pack
         xf = (1.0 - 2.0 * bf.unpack_bits_last(x, c).float()).permute(0, 3, 1, 2) if self.takes_bits else x
         y = torch.ops.pyaccel.binary_conv2d(*self._args(xf))
         if self.emit_bits:
             return bf.pack_bits_last(y.permute(0, 2, 3, 1) < 0)
-        return y.contiguous()  # a packed input has no memory format to follow: the default one
+        return y  # channels_last memory: packed signs carry no memory format to follow, and this one is free
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -593,7 +598,8 @@ class XnorLinear(_XnorBase):
             if y is not None:
                 if (dtype is _F32 and y.numel() and not x.requires_grad and x2.stride(1) == 1
                         and (x.dim() == 2 or x.is_contiguous())):
-                    self._remember_plan(x, x2, 1, 1, 2 if x.dim() == 2 else 3, (*x.shape[:-1], self.out_features))
+                    self._remember_plan(x, (x2.shape[0], self.in_features, 1, 1), (x2.stride(0), x2.stride(1), 1, 1),
+                                        1, 1, 2 if x.dim() == 2 else 3, (*x.shape[:-1], self.out_features))
                 y = y.reshape(*x.shape[:-1], self.out_features)
                 return y if dtype == torch.float32 else y.to(dtype)
         a = self._args(x)
