@@ -52,7 +52,7 @@ void conv(const ConvArgs& a, int nthreads, double* phase_seconds) {
   if (t_packed.size() < need) t_packed.resize(need);
   uint64_t* xb = t_packed.data();
   const int64_t row_words = wp * wpix;
-  parallel_for(a.n * hp, 1, nthreads, [&](int64_t r0, int64_t r1) {
+  auto pack_rows = [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t img = r / hp, yy = r % hp - a.ph;
       uint64_t* row = xb + r * row_words;
@@ -67,7 +67,14 @@ void conv(const ConvArgs& a, int nthreads, double* phase_seconds) {
       else
         kern.pack_row(a.x + img * a.sxn + yy * a.sxh, a.c, a.w, a.sxc, a.sxw, G, cg, cw, row + a.pw * wpix);
     }
-  });
+  };
+  // Several images per thread (and no phase timing asked): each thread packs
+  // and computes whole images, so one thread's packing (memory-bound: fp32
+  // input from DRAM) overlaps the other's tiles (ALU-bound), and an image's
+  // bits stay in cache. Otherwise pack everything, then split the tiles.
+  const int team = effective_threads(nthreads);
+  const bool per_image = team > 1 && a.n >= 2 * team && !phase_seconds;
+  if (!per_image) parallel_for(a.n * hp, 1, nthreads, pack_rows);
 
   const double t_packed = phase_seconds ? omp_get_wtime() : 0.0;
   // 2. tap offsets (words from a pixel's top-left tap) and border classes
@@ -116,7 +123,7 @@ void conv(const ConvArgs& a, int nthreads, double* phase_seconds) {
   // 3. tiles
   const int mr = kern.mr;
   const int64_t words_per_block = ntaps * cw * kNR;
-  parallel_units_rows(G * nb, npix, mr, nthreads, [&](int64_t unit, int64_t p0, int64_t p1) {
+  auto tiles = [&](int64_t unit, int64_t p0, int64_t p1) {
     const int64_t g = unit / nb, b = unit % nb;
     const int64_t oc0 = g * ocg + b * kNR;
     const int nvalid = static_cast<int>(std::min<int64_t>(kNR, ocg - b * kNR));
@@ -165,7 +172,18 @@ void conv(const ConvArgs& a, int nthreads, double* phase_seconds) {
         }
       }
     }
-  });
+  };
+  if (per_image) {
+    const int64_t ohw = a.oh * a.ow;
+    parallel_for(a.n, 1, nthreads, [&](int64_t i0, int64_t i1) {
+      for (int64_t img = i0; img < i1; ++img) {
+        pack_rows(img * hp, (img + 1) * hp);
+        for (int64_t unit = 0; unit < G * nb; ++unit) tiles(unit, img * ohw, (img + 1) * ohw);
+      }
+    });
+  } else {
+    parallel_units_rows(G * nb, npix, mr, nthreads, tiles);
+  }
   if (phase_seconds) {
     phase_seconds[0] = t_packed - t_start;
     phase_seconds[1] = t_table - t_packed;
