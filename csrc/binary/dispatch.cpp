@@ -175,12 +175,16 @@ void conv(const ConvArgs& a, int nthreads, double* phase_seconds) {
   };
   if (per_image) {
     const int64_t ohw = a.oh * a.ow;
-    parallel_for(a.n, 1, nthreads, [&](int64_t i0, int64_t i1) {
-      for (int64_t img = i0; img < i1; ++img) {
-        pack_rows(img * hp, (img + 1) * hp);
-        for (int64_t unit = 0; unit < G * nb; ++unit) tiles(unit, img * ohw, (img + 1) * ohw);
-      }
-    });
+    // images handed out dynamically (a thread slowed by a busy neighbour takes fewer)
+    parallel_two_phase(
+        0, a.n, nthreads, [](int64_t, int64_t) {},
+        [&](int64_t i0, int64_t i1) {
+          for (int64_t img = i0; img < i1; ++img) {
+            pack_rows(img * hp, (img + 1) * hp);
+            for (int64_t unit = 0; unit < G * nb; ++unit) tiles(unit, img * ohw, (img + 1) * ohw);
+          }
+        },
+        a.n);
   } else {
     parallel_units_rows(G * nb, npix, mr, nthreads, tiles);
   }
