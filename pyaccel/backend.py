@@ -24,6 +24,10 @@ class BackendInfo:
         isa_override: value of PYACCEL_CPU_ISA (it can only lower the choice), or None.
         backend_override: value of PYACCEL_BACKEND, or None.
         int8_kernel: the int8 GEMM micro-kernel in use.
+        kernels: every op family's CPU micro-kernel in use now (int8, int8_a7,
+            sparse24, sparse24_int8, block_sparse, block_sparse_int8, dws, binary
+            -> name, as ``pyaccel._C.kernel_params()`` reports them); empty
+            without the native library.
         cpu_features: CPUID flags that matter to pyaccel.
         threads: threads the CPU kernels use (torch.get_num_threads()).
         triton_version: installed Triton, or None.
@@ -41,22 +45,24 @@ class BackendInfo:
     threads: int
     triton_version: Optional[str]
     cuda_device: Optional[str]
+    kernels: dict = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         native = "loaded" if self.native_loaded else f"NOT loaded ({self.native_error})"
         feats = ", ".join(k for k, v in self.cpu_features.items() if v is True) or "-"
         lines = [
-            f"pyaccel native library : {native}",
-            f"CPU ISA in use         : {self.cpu_isa} (detected {self.cpu_isa_detected}; "
+            f"pyaccel native library   : {native}",
+            f"CPU ISA in use           : {self.cpu_isa} (detected {self.cpu_isa_detected}; "
             f"PYACCEL_CPU_ISA={self.isa_override or 'unset'})",
-            f"int8 GEMM kernel       : {self.int8_kernel or 'reference (PyTorch)'}",
-            f"CPU features           : {feats}",
-            f"threads                : {self.threads}",
-            f"Triton                 : {self.triton_version or 'not installed'}",
-            f"CUDA device            : {self.cuda_device or 'none'}",
+            f"int8 GEMM kernel         : {self.int8_kernel or 'reference (PyTorch)'}",
+            *(f"{(op + ' kernel'):<25}: {name}" for op, name in self.kernels.items() if op != "int8"),
+            f"CPU features             : {feats}",
+            f"threads                  : {self.threads}",
+            f"Triton                   : {self.triton_version or 'not installed'}",
+            f"CUDA device              : {self.cuda_device or 'none'}",
         ]
         if self.backend_override:
-            lines.append(f"PYACCEL_BACKEND        : {self.backend_override}")
+            lines.append(f"PYACCEL_BACKEND          : {self.backend_override}")
         return "\n".join(lines)
 
 
@@ -76,8 +82,9 @@ def backend_info() -> BackendInfo:
         info = C.cpu_info()
         feats = {k: v for k, v in info.items() if isinstance(v, bool)}
         isa, detected, kernel = info["selected_isa"], info["detected_isa"], C.int8_kernel_name()
+        kernels = {op: p["name"] for op, p in C.kernel_params().items()}
     else:
-        feats, isa, detected, kernel = {}, "none", "unknown", None
+        feats, isa, detected, kernel, kernels = {}, "none", "unknown", None, {}
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return BackendInfo(
         native_loaded=C is not None,
@@ -91,4 +98,5 @@ def backend_info() -> BackendInfo:
         threads=torch.get_num_threads(),
         triton_version=_triton_version(),
         cuda_device=cuda,
+        kernels=kernels,
     )

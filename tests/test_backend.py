@@ -81,3 +81,13 @@ def test_measure_peak_follows_the_selected_isa(isa):
 def test_measure_peak_rejects_unknown_kind():
     with pytest.raises(ValueError, match="kind must be 'int8' or 'fp32'"):
         _native.lib().measure_peak("int4", 1)
+
+
+def test_backend_info_names_every_op_familys_kernel():
+    info = pyaccel.backend_info()
+    if not info.native_loaded:
+        pytest.skip("native library not loaded")
+    assert set(info.kernels) >= {"int8", "sparse24", "block_sparse", "dws", "binary"}
+    assert info.kernels["int8"] == info.int8_kernel
+    text = str(info)
+    assert f"binary kernel            : {info.kernels['binary']}" in text and "dws kernel" in text
