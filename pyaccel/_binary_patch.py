@@ -129,9 +129,10 @@ def _hooked(mod: nn.Module) -> bool:
 def link_handoffs(model: nn.Module, used_elsewhere: dict) -> List[Tuple[str, str]]:
     """Let adjacent XnorConv2d layers of an nn.Sequential (only nn.Identity
     between them: the BatchNorm / activation folded away) hand packed signs
-    to each other (XnorConv2d.emit_bits / takes_bits): the next layer reads
-    only sign(y), so nothing changes but the float output that is no longer
-    written and re-read. Taken where the consumer has one group, the producer's
+    to each other (XnorConv2d.emit_bits / takes_bits) for float32
+    channels_last inputs in eager mode without autograd (other inputs keep
+    float activations): the next layer reads only sign(y), so nothing changes
+    but the float output that is no longer written and re-read. Taken where the consumer has one group, the producer's
     channels per group are a multiple of 32 (or one group), both are on the
     CPU, and no module involved has hooks or sits at another path
     (`used_elsewhere`: id -> number of paths). Returns [(producer path,

@@ -27,12 +27,18 @@ from pyaccel.nn.dws_conv_int8 import FusedDWSeparableInt8Conv2d
 MAX_KERNEL = 11  # larger depthwise windows are left to torch
 
 
+def _float_conv(m) -> bool:
+    """An nn.Conv2d the conv patterns may read (not a pyaccel binary training layer, whose forward
+    binarizes: the binary rules take those)."""
+    return isinstance(m, nn.Conv2d) and not getattr(m, "_pyaccel_trainable", False)
+
+
 def _is_depthwise(e: Elem):
     m = e.module
-    if not isinstance(m, nn.Conv2d):
+    if not _float_conv(m):
         return False
     c = m.in_channels
-    if m.groups != c or m.kernel_size == (1, 1):
+    if m.groups != c or c == 1 or m.kernel_size == (1, 1):  # one input channel: a plain conv
         return False
     if m.out_channels != c:
         return f"depthwise conv with depth multiplier {m.out_channels // c} (out {m.out_channels}, in {c}): not fused"
@@ -61,7 +67,7 @@ def _is_act(e: Elem):
 
 def _is_pointwise(e: Elem):
     m = e.module
-    if not isinstance(m, nn.Conv2d) or m.kernel_size != (1, 1):
+    if not _float_conv(m) or m.kernel_size != (1, 1):
         return False
     if m.groups != 1:
         return f"1x1 conv with groups={m.groups} after the depthwise conv: not fused"

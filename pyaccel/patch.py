@@ -344,8 +344,8 @@ def _plan(mod: nn.Module, ctx: _Context) -> Union[Build, str, None]:
             result = h(mod, ctx)
         except Exception as exc:  # a bad layer never stops the others
             return f"could not read the module ({type(exc).__name__}): {exc}"
-        if isinstance(result, nn.Module):
-            return Build(lambda r=result: r, lossy=ctx.quantize is not None)
+        if isinstance(result, nn.Module):  # binary swaps compute what the layer computes: never lossy
+            return Build(lambda r=result: r, lossy=ctx.quantize is not None and h is not _binary_layer)
         if result is not None:
             return result
     return _unhandled(mod)
@@ -451,9 +451,12 @@ def patch(
         binary_handoff: False (default) keeps float activations between binary
             layers. True: adjacent XnorConv2d layers in an nn.Sequential (a
             BatchNorm / activation between them folded) hand packed signs to
-            each other (the same results, 0 - 6 % faster per chain measured on
-            Zen 4; the first one's output is then int64 packed signs, so code
-            that runs it alone or slices the Sequential sees those).
+            each other for float32 channels_last inputs in eager mode without
+            autograd (the same results, dtype and format; 0 - 6 % faster per
+            chain measured on Zen 4). The first one's output is then int64
+            packed signs, which code that runs it alone or slices the
+            Sequential sees; other inputs (NCHW, bf16, unbatched, autograd,
+            tracing) keep float activations.
 
     The report has one entry per path of every module a handler looks at and
     of every other module holding a weight matrix (with the reason it stays).

@@ -24,9 +24,10 @@ rm -rf dist && mkdir -p dist
 # cmake; no torch: the extension does not link libtorch), then install it.
 python -m pip wheel -q --no-deps -w dist .
 python -m pip install -q --force-reinstall --no-deps dist/pyaccel-*.whl
-python - <<'PY'
+(cd /tmp && python - <<'PY'
 import pyaccel
 info = pyaccel.backend_info()
 print(f"pyaccel installed from {pyaccel.__file__}")
 print(info)
 PY
+)

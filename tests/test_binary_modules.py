@@ -438,22 +438,42 @@ def test_handoff_chain_computes_the_float_chain(isa, gen, groups, mode):
     assert kinds == [("XnorConv2d", True, False), ("XnorConv2d", True, True), ("XnorConv2d", True, True),
                      ("XnorConv2d", False, True)], kinds
     assert "hands packed signs to 6" in str(report)
-    for x in (torch.randn(2, 3, 12, 10, generator=gen), torch.randn(1, 3, 7, 9, generator=gen),
-              torch.randn(2, 3, 12, 10, generator=gen).contiguous(memory_format=torch.channels_last),
-              torch.randn(0, 3, 8, 8)):
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    for x in (torch.randn(2, 3, 12, 10, generator=gen), cl(torch.randn(1, 3, 7, 9, generator=gen)),
+              cl(torch.randn(2, 3, 12, 10, generator=gen)), torch.randn(0, 3, 8, 8)):
         with torch.no_grad():
             want, got = ref(x), model(x)
             want_last, got_last = ref[:13](x), model[:13](x)
-        assert torch.equal(got_last, want_last)  # the last binary layer's output, in channels_last memory
-        assert got_last.is_contiguous(memory_format=torch.channels_last)
-        if not x.is_contiguous():
-            assert torch.equal(got, want), (got - want).abs().max()
-        else:  # the float chain kept NCHW to the end: the pooling sums in another order
-            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
-        y1 = model[3](model[2](model[1](model[0](x))))
-        assert y1.dtype == torch.int64 and y1.shape[-1] == 1  # 64 channels: one word per pixel
-        assert torch.equal(model[3]._checked_op(model[2](model[1](model[0](x)))), y1)
-        assert torch.equal(model[6]._checked_op(y1), model[6](y1))
+            y1 = model[3](model[2](model[1](model[0](x))))
+        # the same values, dtype and memory format as the float chain
+        assert torch.equal(got_last, want_last) and torch.equal(got, want), (got - want).abs().max()
+        assert got.dtype == want.dtype and got_last.stride() == want_last.stride()
+        packed = x.dtype == torch.float32 and x.dim() == 4 and x.numel() > 0 and not x.is_contiguous()
+        assert (y1.dtype == torch.int64) == packed, (x.shape, x.stride(), y1.dtype)
+        if packed:  # 64 channels: one word per pixel; the checked path agrees
+            assert y1.shape[-1] == 1 and torch.equal(model[6]._checked_op(y1), model[6](y1))
+    # autograd keeps float activations, so the gradient reaches the float layers before the chain
+    x = cl(torch.randn(2, 3, 12, 10, generator=gen)).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    model(x).sum().backward()
+    ref(xr).sum().backward()
+    assert x.grad is not None and torch.allclose(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_handoff_chain_takes_unbatched_input_as_the_float_chain_does(gen):
+    def chain():
+        torch.manual_seed(2)
+        return _random_bn_statistics(nn.Sequential(BinaryConv2d(8, 64, 3, padding=1), nn.BatchNorm2d(64),
+                                                   BinaryConv2d(64, 16, 3, padding=1), nn.BatchNorm2d(16)))
+    ref, model = chain(), chain()
+    pyaccel.patch(ref)
+    pyaccel.patch(model, binary_handoff=True)
+    assert model[0].emit_bits and model[2].takes_bits
+    x = torch.randn(8, 6, 5, generator=gen)
+    assert torch.equal(model(x), ref(x)) and model(x).shape == (16, 6, 5)
+    xb = torch.randn(2, 8, 6, 5, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+    y = model(xb)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref(xb)) and y.stride() == ref(xb).stride()
 
 
 def test_handoff_chain_traces_compiles_and_reloads(gen):
@@ -469,8 +489,10 @@ def test_handoff_chain_traces_compiles_and_reloads(gen):
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(x), want)
+    xf = torch.randn(2, 64, 6, 5, generator=gen)
+    assert torch.equal(model[6](xf), model[6]._checked_op(xf))  # float input: taken as usual
     with pytest.raises(ValueError, match="x: this layer takes the packed signs"):
-        model[6](torch.randn(2, 64, 6, 5))
+        model[6](torch.zeros(2, 6, 5, 3, dtype=torch.int64))  # 64 channels are one word, not 3
 
 
 def test_handoff_not_taken_where_it_cannot_be(gen):
@@ -522,3 +544,28 @@ def test_ste_gradient_matches_the_training_module_at_activation_kinks(act):
     y_ref.sum().backward()
     y.sum().backward()
     torch.testing.assert_close(x2.grad, x1.grad)
+
+
+# ---- new-user findings ----------------------------------------------------------------------------
+def test_binarize_keeps_a_layer_at_two_paths_one_layer():
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), conv, nn.ReLU(), conv, nn.Flatten(), nn.Linear(256, 10))
+    pyaccel.binarize(m)
+    assert isinstance(m[1], BinaryConv2d) and m[1] is m[3]
+    m2 = nn.Sequential(conv, nn.ReLU(), conv, nn.Flatten(), nn.Linear(256, 10))
+    pyaccel.binarize(m2)  # the shared conv is also the first layer at one path: float at both
+    assert type(m2[0]) is nn.Conv2d and m2[0] is m2[2]
+
+
+def test_a_lone_depthwise_binary_conv_is_swapped_and_reports_are_lossless():
+    model = nn.Sequential(BinaryConv2d(64, 64, 3, padding=1, groups=64)).eval()
+    report = pyaccel.patch(model)
+    assert isinstance(model[0], XnorConv2d), str(report)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), BinaryLinear(8, 8), nn.Linear(8, 2)).eval()
+    report = pyaccel.patch(model, quantize="int8")
+    assert not next(e for e in report.entries if e.path == "1").lossy
+
+
+def test_a_one_channel_conv_is_not_called_depthwise():
+    report = pyaccel.patch(nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU()).eval())
+    assert "depthwise" not in str(report)

@@ -163,7 +163,8 @@ def binarize(model: nn.Module, filter_fn=None, *, keep_first_last: bool = True,
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: expected a callable (module, path) -> bool, got {type(filter_fn).__name__}")
-    layers = [(p, m) for p, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    # every path (remove_duplicate=False): a layer registered at two paths becomes one binary layer at both
+    layers = [(p, m) for p, m in model.named_modules(remove_duplicate=False) if isinstance(m, (nn.Conv2d, nn.Linear))]
     convertible = [p for p, m in layers if type(m) in (nn.Conv2d, nn.Linear)]
     skip = set()
     if keep_first_last and convertible:
@@ -172,16 +173,23 @@ def binarize(model: nn.Module, filter_fn=None, *, keep_first_last: bool = True,
         if not order:  # not traceable (or no layer called through fx): registration order
             order = convertible
         skip = {order[0], order[-1]}
+    paths_of = {}
+    for path, mod in layers:
+        paths_of.setdefault(id(mod), []).append(path)
     chosen = []
     for path, mod in layers:
-        if type(mod) not in (nn.Conv2d, nn.Linear) or path in skip:
+        if type(mod) not in (nn.Conv2d, nn.Linear):
             continue
-        if filter_fn is not None and not filter_fn(mod, path):
+        # a layer at several paths is converted at all of them or at none
+        if any(p in skip or (filter_fn is not None and not filter_fn(mod, p)) for p in paths_of[id(mod)]):
             continue
         chosen.append((path, mod))
+    made = {}
     for path, mod in chosen:
-        new = (BinaryConv2d.from_float(mod, binary_padding) if isinstance(mod, nn.Conv2d)
-               else BinaryLinear.from_float(mod))
+        new = made.get(id(mod))
+        if new is None:
+            new = made[id(mod)] = (BinaryConv2d.from_float(mod, binary_padding) if isinstance(mod, nn.Conv2d)
+                                   else BinaryLinear.from_float(mod))
         if path == "":
             return new
         parent, _, name = path.rpartition(".")

@@ -428,18 +428,26 @@ class XnorConv2d(_XnorBase):
         return new
 
     # Bit-packed hand-off (set by pyaccel.patch on chains of binary convs in an
-    # nn.Sequential, pyaccel._binary_patch.link_handoffs): emit_bits returns
-    # sign(y) packed as int64 [N, OH, OW, ceil(OC / 64)] (bit 1 = negative;
-    # NaN counts +1, as sign does) instead of y; takes_bits takes that form as
-    # its input (and returns a float output in channels_last memory, the
-    # kernel's own: packed signs carry no format). The next binary layer reads only signs,
-    # so the chain computes what the float chain computes without writing and
-    # re-reading floats.
+    # nn.Sequential, pyaccel._binary_patch.link_handoffs). emit_bits: for a
+    # float32 channels_last input in eager mode without autograd, return sign(y)
+    # packed as int64 [N, OH, OW, ceil(OC / 64)] (bit 1 = negative; NaN counts
+    # +1, as sign does) instead of y; any other input gets the float output.
+    # takes_bits: an int64 input is that form (a float one is taken as usual);
+    # the float output is then channels_last float32, as the float chain's is
+    # for such an input. The next binary layer reads only signs, so the chain
+    # computes what the float chain computes (same values, dtype and format)
+    # without writing and re-reading floats.
     emit_bits = False
     takes_bits = False
 
+    def _emits_now(self, x) -> bool:
+        return (type(x) is Tensor and x.dtype is _F32 and x.dim() == 4 and x.shape[1] == self.in_channels
+                and x.numel() > 0 and x.is_cpu and is_channels_last(x) and not (x.requires_grad and _grad_enabled())
+                and not _is_compiling() and _tracing_state() is None and _native.available())
+
     def _forward(self, x, fast: bool) -> Tensor:
-        if self.emit_bits or self.takes_bits:
+        if (self.takes_bits and isinstance(x, Tensor) and x.dtype == torch.int64) or (
+                self.emit_bits and fast and self._emits_now(x)):
             return self._forward_bits(x, fast)
         dtype = x.dtype if isinstance(x, Tensor) else None
         x = _input(x, "XnorConv2d")
@@ -469,7 +477,7 @@ class XnorConv2d(_XnorBase):
         """The hand-off modes: packed signs in (takes_bits) and / or out (emit_bits). No gradient flows
         through packed signs."""
         c = self.in_channels
-        if self.takes_bits:
+        if self.takes_bits and x.dtype == torch.int64:
             words = bf.words(c)
             if not isinstance(x, Tensor) or x.dtype != torch.int64 or x.dim() != 4 or x.shape[3] != words:
                 raise ValueError(f"x: this layer takes the packed signs the previous binary layer hands over, "
@@ -482,17 +490,18 @@ class XnorConv2d(_XnorBase):
                 raise ValueError(f"x: expected [N, {c}, H, W], got {ob._desc(x)}")
             n, _, h, w = x.shape
         self._refresh()
+        bits_in = x.dtype == torch.int64
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         oc = self.out_channels
         native = (fast and type(x) is Tensor and x.is_cpu and _native.available() and not _is_compiling()
                   and _tracing_state() is None and self._packed is not None and self._packed.is_cpu
                   and all(t is None or t.is_contiguous() for t in self._canonical().values()))
-        if native and oh >= 1 and ow >= 1 and n * oh * ow > 0 and (self.takes_bits or not (
+        if native and oh >= 1 and ow >= 1 and n * oh * ow > 0 and (bits_in or not (
                 x.requires_grad and _grad_enabled())):
-            xb = x.contiguous() if self.takes_bits else None
+            xb = x.contiguous() if bits_in else None
             xf = None
-            if not self.takes_bits:
+            if not bits_in:
                 xf = x if (x.stride(1) == 1 or x.stride(3) == 1) else x.contiguous()
             yb = torch.zeros((n, oh, ow, bf.words(oc)), dtype=torch.int64, device="cpu") if self.emit_bits else None
             y = None if self.emit_bits else torch.empty((n, oc, oh, ow), dtype=torch.float32, device="cpu",
@@ -507,10 +516,10 @@ class XnorConv2d(_XnorBase):
                 xbits=ptr(xb), ybits=ptr(yb))
             if (xb is x or xf is x) and not x.requires_grad:  # a plan for this shape and these strides
                 self._remember_plan(x, (n, c, h, w), strides, oh, ow, 2 if self.emit_bits else 1, (),
-                                    self.takes_bits, self.emit_bits)
+                                    bits_in, self.emit_bits)
             return yb if self.emit_bits else y
         # the same with torch ops (tracing, compiling, other devices, empty batches): unpack, the checked op, pack
-        xf = (1.0 - 2.0 * bf.unpack_bits_last(x, c).float()).permute(0, 3, 1, 2) if self.takes_bits else x
+        xf = (1.0 - 2.0 * bf.unpack_bits_last(x, c).float()).permute(0, 3, 1, 2) if bits_in else x
         y = torch.ops.pyaccel.binary_conv2d(*self._args(xf))
         if self.emit_bits:
             return bf.pack_bits_last(y.permute(0, 2, 3, 1) < 0)
