@@ -11,9 +11,10 @@ from pyaccel import ops_block_sparse  # noqa: F401
 from pyaccel import ops_conv  # noqa: F401
 from pyaccel import ops_binary  # noqa: F401
 from pyaccel import nn  # noqa: F401
-from pyaccel.backend import BackendInfo, backend_info
+from pyaccel.backend import BackendInfo, backend_info, tune_malloc
 from pyaccel.patch import PatchEntry, PatchReport, patch
 from pyaccel.nn.binary import binarize
 
 __version__ = "0.1.0"
-__all__ = ["patch", "binarize", "PatchReport", "PatchEntry", "backend_info", "BackendInfo", "nn", "ops"]
+__all__ = ["patch", "binarize", "PatchReport", "PatchEntry", "backend_info", "BackendInfo", "tune_malloc", "nn",
+           "ops"]

@@ -100,3 +100,40 @@ def backend_info() -> BackendInfo:
         cuda_device=cuda,
         kernels=kernels,
     )
+
+
+def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 128 << 20) -> bool:
+    """Keep glibc from handing large blocks back to the kernel after each free.
+
+    With glibc's defaults, a module that returns a fresh multi-MB output next
+    to other code that allocates and frees large buffers (torch's own convs)
+    gets new pages from the kernel at every call, and page-faults on all of
+    them: measured on Zen 4 (2 threads), XnorConv2d at 64@56 N = 8 took 212
+    minor faults per call (1515 µs vs 1076 µs without them) and torch's fp32
+    conv 1540 – 2770 (10.2 – 14.4 ms vs 8.4 – 9.2). This sets
+    ``mallopt(M_MMAP_THRESHOLD, mmap_threshold)`` and
+    ``mallopt(M_TRIM_THRESHOLD, trim_threshold)`` (bytes) for the whole
+    process, as the ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
+    environment variables would (jemalloc or tcmalloc through LD_PRELOAD, which
+    PyTorch's CPU tuning guide suggests, avoid the same faults). The cost:
+    freed memory below the thresholds stays in the process.
+
+    Returns True when glibc took both settings, False elsewhere (no glibc).
+    Opt-in: pyaccel never calls it by itself.
+    """
+    import ctypes
+    import ctypes.util
+
+    if mmap_threshold < 0 or trim_threshold < 0:
+        raise ValueError(f"mmap_threshold / trim_threshold: expected bytes >= 0, got {mmap_threshold}, "
+                         f"{trim_threshold}")
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, int(mmap_threshold))) and bool(mallopt(m_trim_threshold,
+                                                                                 int(trim_threshold)))

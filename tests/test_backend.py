@@ -91,3 +91,10 @@ def test_backend_info_names_every_op_familys_kernel():
     assert info.kernels["int8"] == info.int8_kernel
     text = str(info)
     assert f"binary kernel            : {info.kernels['binary']}" in text and "dws kernel" in text
+
+
+def test_tune_malloc_in_a_subprocess(tmp_path):
+    out = _run("import pyaccel; print(pyaccel.tune_malloc(), pyaccel.tune_malloc(1 << 20, 2 << 20))", tmp_path)
+    assert out in ("True True", "False False")
+    with pytest.raises(ValueError, match="mmap_threshold"):
+        pyaccel.tune_malloc(-1)

@@ -74,8 +74,13 @@ def main(argv=None) -> int:
                          "baselines at the CPU's full ISA; by default they are capped at AVX2 too "
                          "(FBGEMM_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, "
                          "ATEN_CPU_CAPABILITY; unless already set). ONNX Runtime is never capped")
+    ap.add_argument("--tune-malloc", action="store_true",
+                    help="pyaccel.tune_malloc() before anything runs: glibc keeps large freed blocks, so no "
+                         "candidate (torch's or pyaccel's) page-faults on fresh buffers at every call")
     args = ap.parse_args(argv)
 
+    if args.tune_malloc:
+        tuned = pyaccel.tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     info = pyaccel.backend_info()
@@ -101,6 +106,9 @@ def main(argv=None) -> int:
             f"ONNX Runtime uncapped (full ISA: {info.cpu_isa_detected})",
             f"peaks for %, at pyaccel's ISA: int8 {fmt(args.peak_gops)} GOP/s ({src8}); "
             f"fp32 {fmt(args.fp32_peak)} GFLOP/s ({src32})"]
+    if args.tune_malloc:
+        head.append("malloc: " + ("glibc mmap / trim thresholds raised to 64 / 128 MB for every candidate "
+                                  "(pyaccel.tune_malloc)" if tuned else "tune_malloc found no glibc: unchanged"))
     mem = int8.memory_read_gbs()
     head.append(f"DRAM read bandwidth (torch sum over 256 MB, this run): {mem:.1f} GB/s")
     print("\n".join(head))
