@@ -1,6 +1,6 @@
 """Triton binary (XNOR) kernels: sign-and-bitpack, popcount implicit-GEMM
-convolution (Linear = the 1x1 case) and, for compute-bound linear layers, bits
-unpacked to ±1 int8 in registers feeding ``tl.dot`` (tensor cores).
+convolution (Linear = the 1x1 case) and, for compute-bound layers (conv and
+linear), bits unpacked to ±1 int8 in registers feeding ``tl.dot`` (tensor cores).
 
 Same contract as ``pyaccel.reference_binary`` (sign(0) = +1, bit 1 = -1, exact
 zero padding by a border correction, 'ones' padding without one). On the GPU
@@ -10,8 +10,8 @@ bit order (little endian: channels 0-31 in the low word).
 
 Popcount is bit arithmetic (SWAR), which the interpreter runs (it has no
 libdevice) and which compiles to a handful of integer ops on the GPU.
-Choice per shape (:func:`linear`, and :func:`conv2d` for a plain 1 x 1
-conv, a GEMM over its pixels): M <= POPCOUNT_MAX_M rows read the packed
+Choice per shape (:func:`linear` by rows, :func:`conv2d` by output pixels; a
+plain 1 x 1 conv runs as the linear): up to POPCOUNT_MAX_M rows read the packed
 weights (32x less traffic than int8) with popcount on CUDA cores; more rows
 unpack to int8 and use tensor cores. The threshold is a guess not yet measured
 on a GPU. ``last_path`` says which ran.
@@ -92,6 +92,18 @@ def _epilogue(dot, rm, rn, nmask, M, y_ptr, stride_ym, scale_ptr, shift_ptr, slo
 
 
 @triton.jit
+def _tap(rm, t, NPIX, H, W, OH, OW, KW, SH, SW, PH, PW, DH, DW, G, WG, g):
+    """For output pixels rm and tap t: whether the tap reads inside the input,
+    and the word offset of its pixel's group-g words in the packed input."""
+    img = rm // (OH * OW)
+    rem = rm % (OH * OW)
+    iy = (rem // OW) * SH - PH + (t // KW) * DH
+    ix = (rem % OW) * SW - PW + (t % KW) * DW
+    inside = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & (rm < NPIX)
+    return inside, ((img * H + iy) * W + ix).to(tl.int64) * (G * WG) + g * WG
+
+
+@triton.jit
 def _conv_popcount_kernel(
     # pointers: packed x int32 [N, H, W, G * WG]; weights int32 [G, NB, TAPS, WG / 2, 32, 2] (module doc);
     # wsum int32 [OC, TAPS]; y fp32 [N * OH * OW, OC]; epilogue vectors fp32 [OC]
@@ -114,20 +126,12 @@ def _conv_popcount_kernel(
     oc_g = blk * 32 + lane  # channel within the group
     rn = g * OCG + oc_g
     nmask = oc_g < OCG
-    img = rm // (OH * OW)
-    rem = rm % (OH * OW)
-    oy = rem // OW
-    ox = rem % OW
-    mmask = rm < NPIX
     pop = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     corr = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     nb = (OCG + 31) // 32
     wblock = w_ptr + ((g * nb + blk) * TAPS).to(tl.int64) * WG * 32
     for t in range(0, TAPS):
-        iy = oy * SH - PH + (t // KW) * DH
-        ix = ox * SW - PW + (t % KW) * DW
-        inside = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & mmask
-        base = ((img * H + iy) * W + ix).to(tl.int64) * (G * WG) + g * WG
+        inside, base = _tap(rm, t, NPIX, H, W, OH, OW, KW, SH, SW, PH, PW, DH, DW, G, WG, g)
         for q in range(0, WG):
             xw = tl.load(xb_ptr + base + q, mask=inside, other=0)
             # int64 words viewed as int32 pairs: [.., WG / 2, 32 lanes, 2 halves]
@@ -137,6 +141,50 @@ def _conv_popcount_kernel(
             ws = tl.load(wsum_ptr + rn * TAPS + t, mask=nmask, other=0)
             corr += tl.where(inside, 0, 1)[:, None] * ws[None, :]
     dot = TAPS * CG - 2 * pop - corr
+    _epilogue(dot, rm, rn, nmask, NPIX, y_ptr, OC, scale_ptr, shift_ptr, slope_ptr, lo, hi,
+              HAS_SCALE, HAS_SHIFT, ACT_KIND)
+
+
+@triton.jit
+def _conv_dot_kernel(
+    # pointers and sizes as _conv_popcount_kernel's (no wsum: a tap outside the input is 0 here)
+    xb_ptr, w_ptr, y_ptr, scale_ptr, shift_ptr, slope_ptr,
+    NPIX, H, W, OH, OW, OC, OCG, CG, WG, KW, TAPS, SH, SW, PH, PW, DH, DW, lo, hi,
+    G: tl.constexpr, ZERO_PAD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ACT_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Compute-bound binary conv: one program = BLOCK_M output pixels x one
+    32-channel weight block of one group; each (tap, 32-bit word) of x and of
+    the weights unpacked to ±1 int8 in registers, tl.dot int8 -> int32. A tap
+    outside the input unpacks to 0 with ZERO_PAD (exact zero padding, no
+    correction table) and to +1 otherwise; the channel padding bits (+1 on
+    both sides) are subtracted per tap that counts."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    blk = tl.program_id(1)
+    g = tl.program_id(2)
+    lane = tl.arange(0, 32)
+    oc_g = blk * 32 + lane
+    rn = g * OCG + oc_g
+    nmask = oc_g < OCG
+    bits = tl.arange(0, 32)
+    acc = tl.zeros((BLOCK_M, 32), dtype=tl.int32)
+    counted = tl.zeros((BLOCK_M,), dtype=tl.int32)  # taps whose padding bits counted
+    nb = (OCG + 31) // 32
+    wblock = w_ptr + ((g * nb + blk) * TAPS).to(tl.int64) * WG * 32
+    for t in range(0, TAPS):
+        inside, base = _tap(rm, t, NPIX, H, W, OH, OW, KW, SH, SW, PH, PW, DH, DW, G, WG, g)
+        if ZERO_PAD:
+            keep = inside.to(tl.int32)
+        else:
+            keep = tl.full((BLOCK_M,), 1, tl.int32)
+        counted += keep
+        for q in range(0, WG):
+            xw = tl.load(xb_ptr + base + q, mask=inside, other=0)
+            ww = tl.load(wblock + t * WG * 32 + (q // 2) * 64 + lane * 2 + (q % 2), mask=nmask, other=0)
+            a = ((1 - 2 * ((xw[:, None] >> bits[None, :]) & 1)) * keep[:, None]).to(tl.int8)  # [BLOCK_M, 32]
+            b = (1 - 2 * ((ww[None, :] >> bits[:, None]) & 1)).to(tl.int8)  # [32 channels, 32 outputs]
+            acc += tl.dot(a, b, out_dtype=tl.int32)
+    dot = acc - (counted * (WG * 32 - CG))[:, None]
     _epilogue(dot, rm, rn, nmask, NPIX, y_ptr, OC, scale_ptr, shift_ptr, slope_ptr, lo, hi,
               HAS_SCALE, HAS_SHIFT, ACT_KIND)
 
@@ -199,26 +247,34 @@ def _pair(v):
 
 def conv2d(x: torch.Tensor, weight_bits: torch.Tensor, wsum: torch.Tensor, scale, shift, slope, out_channels: int,
            kernel_size: Sequence[int], stride, padding, dilation, groups: int, padding_mode: str = "zeros",
-           act: str = "none", act_lo: float = 0.0, act_hi: float = 0.0) -> torch.Tensor:
+           act: str = "none", act_lo: float = 0.0, act_hi: float = 0.0, path: Optional[str] = None) -> torch.Tensor:
     """Binary conv (pyaccel.ops_binary.binary_conv2d's arguments, checked
     there): x fp32 [N, C, H, W] -> [N, OC, OH, OW] (channels_last memory).
-    A plain 1 x 1 conv (stride 1, no padding, one group) is a GEMM over the
-    pixels: :func:`linear` picks its path by pixel count; any other runs the
-    popcount implicit GEMM. ``last_path["conv"]`` says which ran."""
+    path: None picks by output pixels as :func:`linear` picks by rows
+    (popcount up to POPCOUNT_MAX_M, int8 tl.dot beyond), 'popcount' or 'dot'.
+    A plain 1 x 1 conv (stride 1, no padding, one group) runs as that linear
+    over its pixels. ``last_path["conv"]`` says which ran."""
     n, c, h, w = x.shape
+    if path not in (None, "popcount", "dot"):
+        raise ValueError(f"path: expected None, 'popcount' or 'dot', got {path!r}")
     if (tuple(kernel_size) == (1, 1) and _pair(stride) == (1, 1) and _pair(padding) == (0, 0)
             and _pair(dilation) == (1, 1) and groups == 1):
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
-        y = linear(rows, weight_bits, scale, shift, slope, out_channels, act, act_lo, act_hi)
+        y = linear(rows, weight_bits, scale, shift, slope, out_channels, act, act_lo, act_hi, path)
         last_path["conv"] = last_path["linear"]
         return y.reshape(n, h, w, out_channels).permute(0, 3, 1, 2)
-    last_path["conv"] = "popcount"
-    return _conv2d_popcount(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding,
-                            dilation, groups, padding_mode, act, act_lo, act_hi)
+    kh, kw = kernel_size
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    npix = n * ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    if path is None:
+        path = "popcount" if npix <= POPCOUNT_MAX_M else "dot"
+    last_path["conv"] = path
+    return _conv2d_packed(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding,
+                          dilation, groups, padding_mode, act, act_lo, act_hi, path == "dot")
 
 
-def _conv2d_popcount(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding, dilation,
-                     groups, padding_mode, act, act_lo, act_hi) -> torch.Tensor:
+def _conv2d_packed(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding, dilation,
+                   groups, padding_mode, act, act_lo, act_hi, dot: bool = False) -> torch.Tensor:
     n, c, h, w = x.shape
     kh, kw = kernel_size
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
@@ -231,9 +287,18 @@ def _conv2d_popcount(x, weight_bits, wsum, scale, shift, slope, out_channels, ke
     xb = pack(xr, groups)
     wg = xb.shape[1] // groups
     ocg = oc // groups
+    dummy = y
+    if dot:
+        bm = 32 if interpreting() else 64
+        _conv_dot_kernel[(triton.cdiv(n * oh * ow, bm), -(-ocg // 32), groups)](
+            xb, _words32(weight_bits), y, scale if scale is not None else dummy,
+            shift if shift is not None else dummy, slope if slope is not None else dummy,
+            n * oh * ow, h, w, oh, ow, oc, ocg, c // groups, wg, kw, kh * kw, sh, sw, ph, pw, dh, dw,
+            float(act_lo), float(act_hi), G=groups, ZERO_PAD=padding_mode == "zeros", HAS_SCALE=scale is not None,
+            HAS_SHIFT=shift is not None, ACT_KIND=ACT[act], BLOCK_M=bm)
+        return y.reshape(n, oh, ow, oc).permute(0, 3, 1, 2)
     bm, bn = (32, 32) if interpreting() else (64, 32)
     grid = (triton.cdiv(n * oh * ow, bm), -(-ocg // 32) * (32 // bn), groups)
-    dummy = y
     _conv_popcount_kernel[grid](
         xb, _words32(weight_bits), wsum, y, scale if scale is not None else dummy,
         shift if shift is not None else dummy, slope if slope is not None else dummy,
@@ -253,8 +318,8 @@ def linear(x: torch.Tensor, weight_bits: torch.Tensor, scale, shift, slope, out_
     last_path["linear"] = path
     if path == "popcount":
         wsum = torch.zeros((out_features, 1), dtype=torch.int32, device=x.device)
-        y = _conv2d_popcount(x[:, :, None, None], weight_bits, wsum, scale, shift, slope, out_features, (1, 1), 1,
-                             0, 1, 1, "ones", act, act_lo, act_hi)
+        y = _conv2d_packed(x[:, :, None, None], weight_bits, wsum, scale, shift, slope, out_features, (1, 1), 1,
+                           0, 1, 1, "ones", act, act_lo, act_hi)
         return y.reshape(m, out_features)
     y = torch.empty((m, out_features), dtype=torch.float32, device=x.device)
     if m == 0:

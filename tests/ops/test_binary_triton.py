@@ -38,14 +38,16 @@ def test_pack_matches_format(gen, c, groups):
     (3, 5, 1, (1, 1), 1, 0, 1, "zeros", "prelu"),
     (96, 66, 3, (3, 3), 1, 2, 1, "zeros", "none"),
 ], ids=str)
-def test_conv_matches_reference(gen, case):
+@pytest.mark.parametrize("path", ["popcount", "dot"])
+def test_conv_matches_reference(gen, case, path):
     c, oc, groups, k, s, p, d, mode, act = case
     x, w = _x(gen, 2, c, 7, 6), _x(gen, oc, c // groups, *k)
     bits, wsum = bf.pack_conv_weight(w, groups)
     sc, sh, sl = torch.rand(oc, generator=gen) + 0.1, torch.randn(oc, generator=gen), torch.randn(oc, generator=gen)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     y = tk.conv2d(dev(x), dev(bits), dev(wsum), dev(sc), dev(sh), dev(sl), oc, k, s, p, d, groups, mode, act,
-                  -0.4, 0.5)
+                  -0.4, 0.5, path=path)
+    assert tk.last_path["conv"] == path
     ref = rb.binary_conv2d(x, w, sc, sh, s, p, d, groups, mode, act, (-0.4, 0.5), sl)
     assert torch.equal(y.cpu(), ref)
 
@@ -72,8 +74,8 @@ def test_linear_picks_by_rows(gen):
 
 @pytest.mark.parametrize("pixels", [2, 40])
 def test_pointwise_conv_takes_the_linear_paths(gen, pixels):
-    """A plain 1 x 1 conv runs as the Triton linear over its pixels (popcount
-    up to POPCOUNT_MAX_M pixels, tl.dot beyond); other convs run popcount."""
+    """A plain 1 x 1 conv runs as the Triton linear over its pixels; every conv
+    picks popcount up to POPCOUNT_MAX_M output pixels, tl.dot beyond."""
     x, w = _x(gen, 1, 70, 1, pixels), _x(gen, 33, 70, 1, 1)
     bits, wsum = bf.pack_conv_weight(w, 1)
     sc = torch.rand(33, generator=gen)
@@ -83,7 +85,7 @@ def test_pointwise_conv_takes_the_linear_paths(gen, pixels):
     w3 = _x(gen, 33, 70, 3, 3)
     bits3, wsum3 = bf.pack_conv_weight(w3, 1)
     tk.conv2d(x.to(DEVICE), bits3.to(DEVICE), wsum3.to(DEVICE), None, None, None, 33, (3, 3), 1, 1, 1, 1)
-    assert tk.last_path["conv"] == "popcount"
+    assert tk.last_path["conv"] == ("popcount" if pixels <= tk.POPCOUNT_MAX_M else "dot")  # k x k: by pixels too
 
 
 _COMPILE = textwrap.dedent("""
@@ -103,6 +105,10 @@ _COMPILE = textwrap.dedent("""
     k = triton.compile(ASTSource(fn=tk._conv_popcount_kernel, signature=sig, constexprs=dict(
         G=1, ZERO_PAD=True, HAS_SCALE=True, HAS_SHIFT=True, ACT_KIND=2, BLOCK_M=64, BLOCK_N=32)), target=target)
     assert "xor.b32" in k.asm["ptx"]
+    del sig["wsum_ptr"], sig["BLOCK_N"]
+    k = triton.compile(ASTSource(fn=tk._conv_dot_kernel, signature=sig, constexprs=dict(
+        G=1, ZERO_PAD=True, HAS_SCALE=True, HAS_SHIFT=True, ACT_KIND=1, BLOCK_M=64)), target=target)
+    assert ".s8.s8.s32" in k.asm["ptx"] or "wgmma" in k.asm["ptx"], "no int8 tensor-core instruction in the conv"
     sig = {**ptrs(["xb_ptr", "w_ptr"], "*i32"), **ptrs(["y_ptr", "scale_ptr", "shift_ptr", "slope_ptr"], "*fp32"),
            **ptrs(["M", "N", "K", "KW32"], "i32"), "lo": "fp32", "hi": "fp32",
            **ptrs(["HAS_SCALE", "HAS_SHIFT", "ACT_KIND", "BLOCK_M", "BLOCK_N"], "constexpr")}
