@@ -3,6 +3,7 @@ machine noise (other tenants, clock changes) hits all of them alike."""
 from __future__ import annotations
 
 import dataclasses
+import random
 import statistics
 import time
 from typing import Callable, Dict, List
@@ -35,6 +36,12 @@ def interleaved(fns: Dict[str, Callable[[], object]], min_rounds: int = 7, max_r
     inner = 1: one timed call of each per round. inner > 1: each candidate runs
     `inner` calls in a row per round and only the last inner - 1 are timed, so
     its data is warm in cache (the "hot" case) while the rounds still alternate.
+
+    The order is shuffled every round (a fixed seed: reproducible), so every
+    candidate follows every other about equally often: with a fixed order the
+    first one always ran right after the last one's cache and allocator
+    footprint (a binary conv after torch.ao's) and the second always right
+    after the first (warm).
     """
     for f in fns.values():
         for _ in range(warmup):
@@ -42,8 +49,11 @@ def interleaved(fns: Dict[str, Callable[[], object]], min_rounds: int = 7, max_r
     samples: Dict[str, List[float]] = {k: [] for k in fns}
     start = time.perf_counter()
     rounds = 0
+    items = list(fns.items())
+    order = random.Random(0)
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
-        for name, f in fns.items():
+        order.shuffle(items)
+        for name, f in items:
             if inner > 1:
                 f()
             for _ in range(max(1, inner - 1)):
