@@ -237,6 +237,7 @@ class BufferWatch {
       w.obj = py::reinterpret_borrow<py::object>(entry[1]);
       if (w.obj.is_none()) continue;
       w.data = data_ptr_of(w.obj.ptr(), g_torch);
+      w.shape = own(get_attr(g_torch->d_shape, w.obj.ptr()));
       w.version = entry[2].cast<bool>() ? version_of(w.obj.ptr(), g_torch) : kNoVersionCheck;
       if (w.version == -1) w.version = kNoVersionCheck;  // an inference tensor: no counter to read
     }
@@ -252,6 +253,10 @@ class BufferWatch {
       }
       if (w.obj.is_none()) continue;
       if (data_ptr_of(w.obj.ptr(), g_torch) != w.data) return true;
+      // a .data swap for a view of the same memory keeps the pointer, not the shape
+      const int same = PyObject_RichCompareBool(own(get_attr(g_torch->d_shape, w.obj.ptr())).ptr(), w.shape.ptr(), Py_EQ);
+      if (same < 0) throw py::error_already_set();
+      if (!same) return true;
       if (w.version != kNoVersionCheck && version_of(w.obj.ptr(), g_torch) != w.version) return true;
     }
     return false;
@@ -263,6 +268,7 @@ class BufferWatch {
     py::str name;
     py::object obj;
     uintptr_t data = 0;
+    py::object shape;
     int64_t version = 0;
   };
   static constexpr size_t kMaxWatch = 8;

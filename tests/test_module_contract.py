@@ -613,6 +613,11 @@ def test_invalid_canonical_values_are_refused(gen, case):
     wrong.bias.data = torch.randn(7)  # wrong shape through .data: refused at the call, never read out of bounds
     with pytest.raises(ValueError, match="bias"):
         wrong(x)
+    view = copy.deepcopy(mod)
+    view(x)  # a plan exists
+    view.bias.data = view.bias.data[:7]  # the same memory, another shape: the plan must not go on reading 24
+    with pytest.raises(ValueError, match="bias"):
+        view(x)
 
 
 # ---- calls ---------------------------------------------------------------------------------
@@ -1058,6 +1063,11 @@ def test_conv_invalid_canonical_values_are_refused(gen, ccase):
     wrong.bias.data = torch.randn(7)
     with pytest.raises(ValueError, match="bias"):
         wrong(x)
+    view = copy.deepcopy(mod)
+    view(x)
+    view.bias.data = view.bias.data[:7]  # the same memory, another shape
+    with pytest.raises(ValueError, match="bias"):
+        view(x)
 
 
 def test_conv_bad_input_hooks_shared_threads(gen, ccase):

@@ -103,9 +103,10 @@ class PackedModule(nn.Module):
             self._pack()
 
     def _signature(self) -> tuple:
-        """Identity, data pointer and version counter of every canonical buffer:
-        differs from the one recorded at packing time after any assignment,
-        .data swap or in-place edit (inference tensors have no counter)."""
+        """Identity, data pointer, version counter and shape of every canonical
+        buffer: differs from the one recorded at packing time after any
+        assignment, .data swap (a same-pointer view included) or in-place edit
+        (inference tensors have no counter)."""
         sig = []
         for name in sorted(self.WEIGHT_NAMES):
             t = self._buffers.get(name)
@@ -118,7 +119,7 @@ class PackedModule(nn.Module):
                     v = t._version
                 except RuntimeError:
                     v = -1
-            sig.append((id(t), t.data_ptr(), v))
+            sig.append((id(t), t.data_ptr(), v, t.shape))  # shape: a .data swap for a same-pointer view
         return tuple(sig)
 
     def _refresh(self) -> None:
