@@ -569,3 +569,15 @@ def test_a_lone_depthwise_binary_conv_is_swapped_and_reports_are_lossless():
 def test_a_one_channel_conv_is_not_called_depthwise():
     report = pyaccel.patch(nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU()).eval())
     assert "depthwise" not in str(report)
+
+
+def test_binary_padding_checked_up_front():
+    m = BinaryConv2d(4, 4, 3, padding="same", binary_padding="ones")
+    assert m.padding == (1, 1)
+    x = torch.randn(1, 4, 5, 5)
+    want = rb.binary_conv2d(x, m.weight, m.alpha(), m.bias, 1, 1, 1, 1, "ones")
+    assert torch.allclose(m(x), want, atol=1e-6)
+    with pytest.raises(ValueError, match="pads unevenly"):
+        BinaryConv2d(4, 4, 4, padding="same", binary_padding="ones")
+    with pytest.raises(ValueError, match="binary_padding"):
+        pyaccel.binarize(nn.Sequential(nn.Linear(2, 2)), binary_padding="bogus")

@@ -63,6 +63,12 @@ class BinaryConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         if binary_padding not in PADDING_MODES:
             raise ValueError(f"binary_padding: expected one of {PADDING_MODES}, got {binary_padding!r}")
+        if binary_padding == "ones" and isinstance(self.padding, str):
+            # 'valid' is (0, 0); 'same' only where torch pads evenly (odd dilated kernel extents)
+            from pyaccel.nn.xnor import numeric_padding
+
+            self.padding = numeric_padding(self)  # ValueError naming the uneven 'same' otherwise
+            self._reversed_padding_repeated_twice = [p for p in reversed(self.padding) for _ in range(2)]
         self.binary_padding = binary_padding
 
     @classmethod
@@ -82,9 +88,6 @@ class BinaryConv2d(nn.Conv2d):
         sx = sign_ste(x)
         sw = sign_ste(self.weight)
         if self.binary_padding == "ones" and self.padding_mode == "zeros":
-            if isinstance(self.padding, str):
-                raise ValueError("binary_padding='ones' needs numeric padding, not padding="
-                                 f"{self.padding!r}")
             ph, pw = pair(self.padding)
             y = F.conv2d(F.pad(sx, (pw, pw, ph, ph), value=1.0), sw, None, self.stride, 0, self.dilation,
                          self.groups)
@@ -163,6 +166,8 @@ def binarize(model: nn.Module, filter_fn=None, *, keep_first_last: bool = True,
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: expected a callable (module, path) -> bool, got {type(filter_fn).__name__}")
+    if binary_padding not in PADDING_MODES:
+        raise ValueError(f"binary_padding: expected one of {PADDING_MODES}, got {binary_padding!r}")
     # every path (remove_duplicate=False): a layer registered at two paths becomes one binary layer at both
     layers = [(p, m) for p, m in model.named_modules(remove_duplicate=False) if isinstance(m, (nn.Conv2d, nn.Linear))]
     convertible = [p for p, m in layers if type(m) in (nn.Conv2d, nn.Linear)]
