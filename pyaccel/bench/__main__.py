@@ -204,10 +204,11 @@ def main(argv=None) -> int:
             if binary_md:
                 f.write("\n### binary\n\n" + binary_md + "\n")
             if e2e:
-                f.write("\n### MiniLM-L6 end to end (16 sentences)\n\n| variant | median ms | IQR | × fp32 | × 2:4 masked dense | cosine (min / mean) |\n|---|---|---|---|---|---|\n")
+                f.write("\n### MiniLM-L6 end to end (16 sentences)\n\n| variant | median ms | IQR | × fp32 | × 2:4 masked dense | × torch.ao int8 | cosine (min / mean) |\n|---|---|---|---|---|---|---|\n")
                 for k, v in e2e.items():
+                    ao = "" if v.get("x_torch_ao") is None else f"{v['x_torch_ao']:.2f}"
                     f.write(f"| {k} | {v['ms']:.2f} | ±{100 * v['spread']:.0f}% | {v['speedup']:.2f} | "
-                            f"{v['speedup_vs_masked']:.2f} | {v['cos_min']:.6f} / {v['cos_mean']:.6f} vs {v['cos_ref']} |\n")
+                            f"{v['speedup_vs_masked']:.2f} | {ao} | {v['cos_min']:.6f} / {v['cos_mean']:.6f} vs {v['cos_ref']} |\n")
         print(f"\nwrote {args.markdown}")
     return 0
 
