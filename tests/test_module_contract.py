@@ -344,21 +344,27 @@ def test_one_checkpoint_same_answer_on_every_isa(gen, case):
             if t is not None and t.dtype == torch.int8:
                 t[0].copy_(torch.where(t[0] != 0, torch.full_like(t[0], -127), t[0]))
                 t[1].copy_(torch.where(t[1] != 0, torch.full_like(t[1], 127), t[1]))
+    x = torch.randn(9, 67, generator=gen) * 40
+    outs = _outputs_on_every_isa(src, case.cls, case.ctor_args, x)
+    ref = case.reference(src, x)
+    for isa, y in outs.items():
+        assert_matches_reference(y, ref, x, src, isa)
+
+
+def _outputs_on_every_isa(src, cls, ctor_args, x) -> dict:
+    """isa -> output of a fresh cls module loaded from src's saved state_dict, under each ISA cap the CPU allows."""
     buf = io.BytesIO()
     torch.save(src.state_dict(), buf)
-    x = torch.randn(9, 67, generator=gen) * 40
     outs = {}
     for isa in _native.ISA_LADDER:
         if not _native.isa_supported(isa):
             continue
         with _native.isa_cap(isa):
             buf.seek(0)
-            mod = case.cls(*case.ctor_args(src))
+            mod = cls(*ctor_args(src))
             mod.load_state_dict(torch.load(buf, weights_only=True))
             outs[isa] = mod(x)
-    ref = case.reference(src, x)
-    for isa, y in outs.items():
-        assert_matches_reference(y, ref, x, src, isa)
+    return outs
 
 
 # ---- the nn.Linear surface ---------------------------------------------------------------
@@ -930,18 +936,12 @@ def test_conv_input_layouts(isa, gen, ccase, dtype):
 @needs_native
 def test_conv_one_checkpoint_same_answer_on_every_isa(gen, ccase):
     src = ccase.build(33, 29, gen)
-    buf = io.BytesIO()
-    torch.save(src.state_dict(), buf)
     x = _cx(gen, 33, 2, 12, 11)
     ref = ccase.reference(src, x.double()).float()
-    for isa in _native.ISA_LADDER:
-        if not _native.isa_supported(isa):
-            continue
-        with _native.isa_cap(isa):
-            buf.seek(0)
-            mod = ccase.cls(*ccase.ctor_args(src))
-            mod.load_state_dict(torch.load(buf, weights_only=True))
-            assert_conv_close(mod(x), ref, isa, rel=ccase.rel)
+    outs = _outputs_on_every_isa(src, ccase.cls, ccase.ctor_args, x)
+    assert outs
+    for isa, y in outs.items():
+        assert_conv_close(y, ref, isa, rel=ccase.rel)
 
 
 def test_conv_jit_trace_fx_compile_export(gen, ccase):

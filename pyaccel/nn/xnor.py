@@ -331,6 +331,15 @@ def _input(x, what: str) -> Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
+def _folded(layer: nn.Module, bn: Optional[nn.Module], act: Optional[nn.Module], oc: int, groups: int):
+    """(weight_bits, scale, bias, slope, (act, lo, hi)) of a Binary* training layer with the BatchNorm
+    and the activation that follow it folded in (from_binary of both classes)."""
+    scale, shift = fold_epilogue(layer.alpha(), layer.bias, bn)
+    a, lo, hi, slope = activation_of(act, oc)
+    bits, _ = bf.pack_conv_weight(layer.weight.detach(), groups)
+    return bits, scale, shift, slope, (a, lo, hi)
+
+
 def _check_int(name: str, v, low: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
@@ -419,9 +428,7 @@ class XnorConv2d(_XnorBase):
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode {conv.padding_mode!r} has no binary kernel (zeros / binary_padding only)")
         padding = numeric_padding(conv)
-        scale, shift = fold_epilogue(conv.alpha(), conv.bias, bn)
-        a, lo, hi, slope = activation_of(act, conv.out_channels)
-        bits, _ = bf.pack_conv_weight(conv.weight.detach(), conv.groups)
+        bits, scale, shift, slope, (a, lo, hi) = _folded(conv, bn, act, conv.out_channels, conv.groups)
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
                   conv.groups, shift is not None, conv.binary_padding, a, lo, hi, device="meta")
         new._set_state(bits, scale, shift, slope)
@@ -581,9 +588,7 @@ class XnorLinear(_XnorBase):
 
         if not isinstance(lin, BinaryLinear):
             raise TypeError(f"lin: expected a pyaccel.nn.BinaryLinear, got {type(lin).__name__}")
-        scale, shift = fold_epilogue(lin.alpha(), lin.bias, bn)
-        a, lo, hi, slope = activation_of(act, lin.out_features)
-        bits, _ = bf.pack_conv_weight(lin.weight.detach(), 1)
+        bits, scale, shift, slope, (a, lo, hi) = _folded(lin, bn, act, lin.out_features, 1)
         new = cls(lin.in_features, lin.out_features, shift is not None, a, lo, hi, device="meta")
         new._set_state(bits, scale, shift, slope)
         # BatchNorm1d and PReLU normalize / scale dim 1: the fold is right for [N, F] inputs only
