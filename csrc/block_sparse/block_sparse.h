@@ -85,6 +85,11 @@ using GemmFn = void (*)(const GemmArgs& g, int64_t m0, int64_t m1, int64_t r0, i
 using SlabFn = void (*)(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
                         int64_t r0, int64_t r1);
 
+// xt for the slab kernels: slabs [s0, s1) of x ([m, k] fp32 or bf16, row
+// stride ldx), rows past m zero.
+using PackSlabsFn = void (*)(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, float* xt,
+                             int64_t nslabs, int64_t s0, int64_t s1);
+
 struct Kernel {
   Isa isa;
   const char* name;
@@ -92,6 +97,7 @@ struct Kernel {
   GemmFn gemm;
   GemmFn small_rows;   // layout 2, fewer than kSlabRowsFrom rows
   SlabFn small_slabs;  // layout 2, from kSlabRowsFrom rows
+  PackSlabsFn pack_slabs;
 };
 const Kernel& select_kernel();
 
@@ -160,6 +166,9 @@ void bsr_small_rows_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_small_slabs_avx2(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 void bsr_small_rows_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_small_slabs_avx512(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+void bsr_pack_slabs_scalar(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+void bsr_pack_slabs_avx2(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+void bsr_pack_slabs_avx512(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
 
 // The thread split both drivers use: fn(r0, r1) on the threads, over block-row
 // ranges of about equal numbers of kept blocks (rowptr [nbr + 1]).

@@ -15,10 +15,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
 #include "block_sparse/block_sparse.h"
+#include "common/bf16_avx512.h"
+#include "common/transpose_avx512.h"
 
 namespace pyaccel {
 namespace block_sparse {
@@ -90,11 +93,11 @@ __attribute__((always_inline)) inline void fma_group(const GemmArgs& g, const fl
 // Rows [16 s, 16 (s + S)) x the BH channels of block row r, over the blocks
 // [b0, b1) of that row. With few accumulators (BH x S < 8) the blocks go
 // round-robin to U = 8 / (BH x S) accumulator sets, so that FMA latency is
-// hidden. Partial sums wait in `part` between K chunks; `last` adds the bias
-// and stores y.
+// hidden. Starts from the partial sums in `part` unless first_chunk; leaves
+// the sums there.
 template <int BH, int S>
-inline void slab_tile(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s, int64_t r,
-                      int64_t b0, int64_t b1, float* part, bool first_chunk, bool last) {
+inline void slab_tile(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t s, int64_t b0, int64_t b1,
+                      float* part, bool first_chunk) {
   constexpr int U = BH * S >= 8 ? 1 : 8 / (BH * S);
   __m512 acc[U][BH][S];
   for (int u = 0; u < U; ++u)
@@ -113,20 +116,31 @@ inline void slab_tile(const GemmArgs& g, const float* xt, int64_t nslabs, int64_
   for (int u = 1; u < U; ++u)
     for (int i = 0; i < BH; ++i)
       for (int t = 0; t < S; ++t) acc[0][i][t] = _mm512_add_ps(acc[0][i][t], acc[u][i][t]);
-  if (!last) {
-    for (int i = 0; i < BH; ++i)
-      for (int t = 0; t < S; ++t) _mm512_store_ps(part + (i * S + t) * 16, acc[0][i][t]);
-    return;
-  }
-  const int64_t end = std::min<int64_t>(r * BH + BH, g.n);
-  alignas(64) float buf[16];
+  // [BH][S][16]: partial sums between K chunks, results (staged) after the last
+  for (int i = 0; i < BH; ++i)
+    for (int t = 0; t < S; ++t) _mm512_store_ps(part + (i * S + t) * 16, acc[0][i][t]);
+}
+
+// Results of channels [c0, c0 + nc) (nc <= 16) x rows [16 s, 16 (s + S)) of
+// x, staged as stage[channel][S x 16], to y: 16 x 16 transposes, bias added,
+// rows past m and channels past c0 + nc not written.
+template <int S>
+inline void flush16(const GemmArgs& g, const float* stage, int64_t m, int64_t s, int64_t c0, int nc) {
+  const __mmask16 cm = first(nc);
+  const __m512 bias = g.bias ? _mm512_maskz_loadu_ps(cm, g.bias + c0) : _mm512_setzero_ps();
   for (int t = 0; t < S; ++t) {
     const int64_t row0 = (s + t) * 16;
     if (row0 >= m) break;
     const int rows = static_cast<int>(std::min<int64_t>(16, m - row0));
-    for (int i = 0; i < BH && r * BH + i < end; ++i) {
-      _mm512_store_ps(buf, acc[0][i][t]);
-      for (int l = 0; l < rows; ++l) store_scalar(g, row0 + l, r * BH + i, buf[l]);
+    __m512 r[16], c[16];
+    for (int q = 0; q < 16; ++q) r[q] = q < nc ? _mm512_load_ps(stage + (q * S + t) * 16) : _mm512_setzero_ps();
+    transpose16x16(r, c);
+    for (int l = 0; l < rows; ++l) {
+      const __m512 v = _mm512_add_ps(c[l], bias);
+      if (g.y_bf16)
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(g.y) + (row0 + l) * g.ldy + c0, cm, cvt_fp32_bf16_avx512(v));
+      else
+        _mm512_mask_storeu_ps(static_cast<float*>(g.y) + (row0 + l) * g.ldy + c0, cm, v);
     }
   }
 }
@@ -138,33 +152,58 @@ inline void slab_tile(const GemmArgs& g, const float* xt, int64_t nslabs, int64_
 constexpr int64_t kChunkBytes = int64_t(256) << 10;
 
 thread_local std::vector<float> t_part;
+thread_local std::vector<float> t_stage;
 thread_local std::vector<int64_t> t_cursor;
+
+inline float* aligned64(std::vector<float>& v, size_t floats) {
+  if (v.size() < floats + 16) v.resize(floats + 16);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
+}
 
 // K in chunks whose S slab lines (S x 64 B per input) stay in L2 (~256 KiB),
 // each block row's blocks of the chunk found by a cursor (columns are
 // sorted); partial sums of the rows' tiles wait in `part` between chunks.
+// After the last chunk the results of 16 block rows at a time (16 x BH
+// channels) are staged and transposed into y.
 template <int BH, int S>
 void slab_group(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s, int64_t r0, int64_t r1) {
   const int64_t kc = std::max<int64_t>(g.bw, (kChunkBytes / (S * 64)) / g.bw * g.bw);
   const int64_t rows = r1 - r0;
-  if (g.k <= kc) {
-    for (int64_t r = r0; r < r1; ++r)
-      slab_tile<BH, S>(g, xt, nslabs, m, s, r, g.rowptr[r], g.rowptr[r + 1], nullptr, true, true);
-    return;
+  constexpr int64_t kFlushRows = 16;  // block rows per flush: 16 x BH channels, a multiple of 16
+  float* stage = aligned64(t_stage, kFlushRows * BH * S * 16);
+  const bool chunked = g.k > kc;
+  float* part = nullptr;
+  if (chunked) {
+    part = aligned64(t_part, rows * BH * S * 16);
+    if (t_cursor.size() < static_cast<size_t>(rows)) t_cursor.resize(rows);
+    for (int64_t r = r0; r < r1; ++r) t_cursor[r - r0] = g.rowptr[r];
   }
-  if (t_part.size() < static_cast<size_t>(rows * BH * S * 16 + 16)) t_part.resize(rows * BH * S * 16 + 16);
-  if (t_cursor.size() < static_cast<size_t>(rows)) t_cursor.resize(rows);
-  float* part = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(t_part.data()) + 63) & ~uintptr_t(63));
-  for (int64_t r = r0; r < r1; ++r) t_cursor[r - r0] = g.rowptr[r];
   for (int64_t k0 = 0; k0 < g.k; k0 += kc) {
     const bool first_chunk = k0 == 0, last = k0 + kc >= g.k;
     for (int64_t r = r0; r < r1; ++r) {
-      int64_t& cur = t_cursor[r - r0];
-      const int64_t b0 = cur, bend = g.rowptr[r + 1];
-      int64_t b1 = b0;
-      while (b1 < bend && g.colk[b1] < k0 + kc) ++b1;
-      cur = b1;
-      slab_tile<BH, S>(g, xt, nslabs, m, s, r, b0, b1, part + (r - r0) * BH * S * 16, first_chunk, last);
+      int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
+      if (chunked) {
+        int64_t& cur = t_cursor[r - r0];
+        b0 = cur;
+        const int64_t bend = b1;
+        b1 = b0;
+        while (b1 < bend && g.colk[b1] < k0 + kc) ++b1;
+        cur = b1;
+      }
+      float* pr = chunked ? part + (r - r0) * BH * S * 16 : nullptr;
+      if (last) {
+        float* st = stage + ((r - r0) % kFlushRows) * BH * S * 16;
+        if (chunked && !first_chunk) std::memcpy(st, pr, BH * S * 16 * sizeof(float));
+        slab_tile<BH, S>(g, xt, nslabs, s, b0, b1, st, first_chunk);
+        if ((r - r0) % kFlushRows == kFlushRows - 1 || r + 1 == r1) {
+          const int64_t rf = r - (r - r0) % kFlushRows;  // first block row of the staged run
+          const int64_t cend = std::min<int64_t>((r + 1) * BH, g.n);
+          for (int64_t c0 = rf * BH; c0 < cend; c0 += 16)
+            flush16<S>(g, stage + (c0 - rf * BH) * S * 16, m, s, c0, static_cast<int>(std::min<int64_t>(16, cend - c0)));
+        }
+      } else {
+        slab_tile<BH, S>(g, xt, nslabs, s, b0, b1, pr, first_chunk);
+      }
     }
   }
 }
@@ -238,6 +277,32 @@ void bsr_small_rows_avx512(const GemmArgs& g, int64_t m0, int64_t m1, int64_t r0
         }
         store_scalar(g, m, r * bh + i, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
       }
+    }
+  }
+}
+
+void bsr_pack_slabs_avx512(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, float* xt, int64_t nslabs,
+                           int64_t s0, int64_t s1) {
+  const int64_t line = nslabs * 16;
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t rows = std::min<int64_t>(16, m - s * 16);
+    for (int64_t k0 = 0; k0 < k; k0 += 16) {
+      const int cols = static_cast<int>(std::min<int64_t>(16, k - k0));
+      const __mmask16 mask = first(cols);
+      __m512 r[16], c[16];
+      for (int i = 0; i < 16; ++i) {
+        r[i] = _mm512_setzero_ps();
+        if (i < rows) {
+          if (x_bf16) {
+            const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(x) + (s * 16 + i) * ldx + k0);
+            r[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+          } else {
+            r[i] = _mm512_maskz_loadu_ps(mask, static_cast<const float*>(x) + (s * 16 + i) * ldx + k0);
+          }
+        }
+      }
+      transpose16x16(r, c);
+      for (int q = 0; q < cols; ++q) _mm512_store_ps(xt + (k0 + q) * line + s * 16, c[q]);
     }
   }
 }

@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "block_sparse/block_sparse.h"
+#include "common/bf16.h"
 
 namespace pyaccel {
 namespace block_sparse {
@@ -52,6 +53,24 @@ inline void small_slabs_generic(const GemmArgs& g, const float* xt, int64_t nsla
       }
     }
   }
+}
+
+inline void pack_slabs_generic(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, float* xt,
+                               int64_t nslabs, int64_t s0, int64_t s1) {
+  for (int64_t s = s0; s < s1; ++s)
+    for (int l = 0; l < 16; ++l) {
+      const int64_t row = s * 16 + l;
+      float* d = xt + s * 16 + l;  // input i at d[i * nslabs * 16]
+      if (row >= m) {
+        for (int64_t i = 0; i < k; ++i) d[i * nslabs * 16] = 0.f;
+      } else if (x_bf16) {
+        const uint16_t* xr = static_cast<const uint16_t*>(x) + row * ldx;
+        for (int64_t i = 0; i < k; ++i) d[i * nslabs * 16] = bf16_as_fp32(xr[i]);
+      } else {
+        const float* xr = static_cast<const float*>(x) + row * ldx;
+        for (int64_t i = 0; i < k; ++i) d[i * nslabs * 16] = xr[i];
+      }
+    }
 }
 
 }  // namespace

@@ -16,9 +16,11 @@ namespace block_sparse {
 namespace {
 
 const Kernel kLadder[] = {
-    {Isa::kAvx512, "bsr_gemm_6x64_avx512", 8, bsr_gemm_avx512, bsr_small_rows_avx512, bsr_small_slabs_avx512},
-    {Isa::kAvx2, "bsr_gemm_6x16_avx2", 6, bsr_gemm_avx2, bsr_small_rows_avx2, bsr_small_slabs_avx2},
-    {Isa::kPortable, "bsr_gemm_1x16_scalar", 1, bsr_gemm_scalar, bsr_small_rows_scalar, bsr_small_slabs_scalar},
+    {Isa::kAvx512, "bsr_gemm_6x64_avx512", 8, bsr_gemm_avx512, bsr_small_rows_avx512, bsr_small_slabs_avx512,
+     bsr_pack_slabs_avx512},
+    {Isa::kAvx2, "bsr_gemm_6x16_avx2", 6, bsr_gemm_avx2, bsr_small_rows_avx2, bsr_small_slabs_avx2, bsr_pack_slabs_avx2},
+    {Isa::kPortable, "bsr_gemm_1x16_scalar", 1, bsr_gemm_scalar, bsr_small_rows_scalar, bsr_small_slabs_scalar,
+     bsr_pack_slabs_scalar},
 };
 thread_local std::vector<float> t_xt;
 
@@ -64,24 +66,9 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
       const int64_t rows = p1 - p0, slabs = (rows + 15) / 16;
       if (t_xt.size() < static_cast<size_t>(slabs * k * 16 + 16)) t_xt.resize(slabs * k * 16 + 16);
       float* xt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(t_xt.data()) + 63) & ~uintptr_t(63));
-      const size_t xsize = x_bf16 ? 2 : 4;
-      const char* xp = static_cast<const char*>(x) + p0 * ldx * xsize;
-      parallel_for(slabs, 1, nthreads, [&](int64_t s0, int64_t s1) {
-        for (int64_t s = s0; s < s1; ++s)
-          for (int l = 0; l < 16; ++l) {
-            const int64_t row = s * 16 + l;
-            float* d = xt + s * 16 + l;  // input i at d[i * slabs * 16]
-            if (row >= rows) {
-              for (int64_t i = 0; i < k; ++i) d[i * slabs * 16] = 0.f;
-            } else if (x_bf16) {
-              const uint16_t* xr = reinterpret_cast<const uint16_t*>(xp) + row * ldx;
-              for (int64_t i = 0; i < k; ++i) d[i * slabs * 16] = bf16_as_fp32(xr[i]);
-            } else {
-              const float* xr = reinterpret_cast<const float*>(xp) + row * ldx;
-              for (int64_t i = 0; i < k; ++i) d[i * slabs * 16] = xr[i];
-            }
-          }
-      });
+      const char* xp = static_cast<const char*>(x) + p0 * ldx * (x_bf16 ? 2 : 4);
+      parallel_for(slabs, 1, nthreads,
+                   [&](int64_t s0, int64_t s1) { kern.pack_slabs(xp, ldx, x_bf16, rows, k, xt, slabs, s0, s1); });
       const GemmArgs g{nullptr, 0, rowptr, colk, blocks, k, h.n, h.bh, h.bw, h.bh_pad, bias,
                        static_cast<char*>(y) + p0 * ldy * ysize, ldy, y_bf16};
       if (nt > 1 && nbr < 2 * nt && slabs >= 2)

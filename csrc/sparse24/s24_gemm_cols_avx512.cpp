@@ -32,6 +32,7 @@
 
 #include "int8_gemm/epilogue_avx512.h"  // cvt_fp32_bf16
 #include "sparse24/sparse24.h"
+#include "common/transpose_avx512.h"
 #include "sparse24/xt_slabs.h"
 
 namespace pyaccel {
@@ -165,31 +166,9 @@ void s24_pack_xt_avx512(const void* x, int64_t ldx, bool x_bf16, int64_t m, int6
         }
       }
     }
-    // 16 x 16 transpose: pairs of rows interleaved (32-bit, then 64-bit) give
-    // in every 128-bit lane L four rows of column 4L + q; two rounds of
-    // 128-bit lane shuffles gather the 16 rows of each column.
-    __m512 t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {
-      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-      const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
-      const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
-      u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-      u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-      u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-      u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-    }
-    for (int q = 0; q < 4; ++q) {
-      const __m512 ab02 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x88), ab13 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0xDD);
-      const __m512 cd02 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0x88),
-                   cd13 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0xDD);
-      _mm512_store_ps(out + q * 16, _mm512_shuffle_f32x4(ab02, cd02, 0x88));
-      _mm512_store_ps(out + (q + 4) * 16, _mm512_shuffle_f32x4(ab13, cd13, 0x88));
-      _mm512_store_ps(out + (q + 8) * 16, _mm512_shuffle_f32x4(ab02, cd02, 0xDD));
-      _mm512_store_ps(out + (q + 12) * 16, _mm512_shuffle_f32x4(ab13, cd13, 0xDD));
-    }
+    __m512 c[16];
+    transpose16x16(r, c);
+    for (int q = 0; q < 16; ++q) _mm512_store_ps(out + q * 16, c[q]);
   });
 }
 

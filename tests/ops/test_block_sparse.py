@@ -167,6 +167,29 @@ def test_row_chunks_and_thread_splits(isa, gen):
         assert_close(y2, x, w, None, f"n={n} k={k} m={m}")
 
 
+@needs_native
+@pytest.mark.parametrize("block", [(1, 4), (2, 8), (8, 4), (3, 5)])
+def test_small_block_slab_kernel(isa, gen, block):
+    """Blocks of <= 8 rows from 2 rows of x: x transposed into 16-row slabs
+    (16 x 16 register transposes; masked past m and k), 8 / 4 / 2 / 1 slabs a
+    pass, K in chunks of 256 KiB of slab lines (512 inputs at 8 slabs, so
+    k = 1100 makes three), results staged per 16 block rows and transposed
+    back into y (n = 70: runs of 16 x bh channels and a cut one)."""
+    n, k = 70, 1100
+    w = _weight(n, k, block, 0.7, gen)
+    bsw = bsf.compress(w, block)
+    bias = torch.randn(n, generator=gen)
+    for m in (2, 15, 16, 17, 40, 130):
+        x = torch.randn(m, k, generator=gen)
+        assert_close(_run(x, bsw, bias), x, w, bias, f"{block} m={m}")
+    wide = torch.randn(33, k + 7, generator=gen)
+    assert_close(_run(wide[:, 3:k + 3], bsw, bias), wide[:, 3:k + 3], w, bias, f"{block} strided")
+    xb = torch.randn(21, k, generator=gen).to(torch.bfloat16)
+    y = _run(xb, bsw, bias)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, xb, w, bias, f"{block} bf16")
+
+
 @given(m=st.integers(0, 30), n=st.integers(1, 90), k=st.integers(1, 90), bh=st.sampled_from([1, 2, 8, 16, 32]),
        bw=st.sampled_from([1, 4, 5, 16]), sparsity=st.floats(0, 1), seed=st.integers(0, 2 ** 31 - 1))
 @settings(max_examples=40, deadline=None)
