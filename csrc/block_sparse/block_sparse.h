@@ -79,16 +79,17 @@ struct GemmArgs {
 
 // Rows [m0, m1) x block rows [r0, r1).
 using GemmFn = void (*)(const GemmArgs& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1);
-// Small blocks, many rows: slabs [s0, s1) of xt ([k][nslabs][16] fp32: x
-// transposed, input-major so that one input's slab lines are contiguous; rows
-// past m zero) x block rows [r0, r1); rows of y past m unwritten.
+// Small blocks, many rows: slabs [s0, s1) of xt ([k][nslabs][sw] fp32: x
+// transposed in slabs of sw rows, input-major so that one input's slab lines
+// are contiguous; rows past m zero) x block rows [r0, r1); rows of y past m
+// unwritten. sw: 16, or 8 where Kernel::narrow_slabs says so.
 using SlabFn = void (*)(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
-                        int64_t r0, int64_t r1);
+                        int64_t r0, int64_t r1, int sw);
 
-// xt for the slab kernels: slabs [s0, s1) of x ([m, k] fp32 or bf16, row
-// stride ldx), rows past m zero.
+// xt for the slab kernels: slabs [s0, s1) of sw rows of x ([m, k] fp32 or
+// bf16, row stride ldx), rows past m zero.
 using PackSlabsFn = void (*)(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, float* xt,
-                             int64_t nslabs, int64_t s0, int64_t s1);
+                             int64_t nslabs, int64_t s0, int64_t s1, int sw);
 
 struct Kernel {
   Isa isa;
@@ -98,6 +99,7 @@ struct Kernel {
   GemmFn small_rows;   // layout 2, fewer than kSlabRowsFrom rows
   SlabFn small_slabs;  // layout 2, from kSlabRowsFrom rows
   PackSlabsFn pack_slabs;
+  bool narrow_slabs;  // slabs of 8 rows for batches of <= 8 rows (else always 16)
 };
 const Kernel& select_kernel();
 
@@ -161,14 +163,14 @@ void bsr_gemm_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_gemm_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_gemm_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_small_rows_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
-void bsr_small_slabs_scalar(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+void bsr_small_slabs_scalar(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
 void bsr_small_rows_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
-void bsr_small_slabs_avx2(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+void bsr_small_slabs_avx2(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
 void bsr_small_rows_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
-void bsr_small_slabs_avx512(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
-void bsr_pack_slabs_scalar(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
-void bsr_pack_slabs_avx2(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
-void bsr_pack_slabs_avx512(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t);
+void bsr_small_slabs_avx512(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+void bsr_pack_slabs_scalar(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int);
+void bsr_pack_slabs_avx2(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int);
+void bsr_pack_slabs_avx512(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int);
 
 // The thread split both drivers use: fn(r0, r1) on the threads, over block-row
 // ranges of about equal numbers of kept blocks (rowptr [nbr + 1]).

@@ -29,17 +29,44 @@ namespace {
 
 inline __mmask16 first(int n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 
-template <int BH, int S>
-__attribute__((always_inline)) inline void fma_block(const GemmArgs& g, const float* xs, int64_t line, int64_t b, __m512 (&acc)[BH][S]) {
+// Slab lines of W rows of x: zmm (16 rows) or, for batches of <= 8 rows, ymm
+// (8 rows: on Zen 4 a ymm FMA does the same work per cycle as a half-empty zmm
+// one, from half the slab bytes).
+struct Zmm {
+  using T = __m512;
+  static constexpr int W = 16;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T load(const float* p) { return _mm512_load_ps(p); }
+  static T set1(float v) { return _mm512_set1_ps(v); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static void store(float* p, T v) { _mm512_store_ps(p, v); }
+  static __m512 widen(T v) { return v; }
+};
+struct Ymm {
+  using T = __m256;
+  static constexpr int W = 8;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T load(const float* p) { return _mm256_load_ps(p); }
+  static T set1(float v) { return _mm256_set1_ps(v); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static void store(float* p, T v) { _mm256_store_ps(p, v); }
+  static __m512 widen(T v) { return _mm512_zextps256_ps512(v); }
+};
+
+template <typename V, int BH, int S>
+__attribute__((always_inline)) inline void fma_block(const GemmArgs& g, const float* xs, int64_t line, int64_t b,
+                                                     typename V::T (&acc)[BH][S]) {
   const int64_t c = g.colk[b];
   const int jn = static_cast<int>(std::min<int64_t>(g.bw, g.k - c));
   const float* w = g.blocks + b * BH * g.bw;
   for (int j = 0; j < jn; ++j) {
-    __m512 xv[S];
-    for (int t = 0; t < S; ++t) xv[t] = _mm512_load_ps(xs + (c + j) * line + t * 16);
+    typename V::T xv[S];
+    for (int t = 0; t < S; ++t) xv[t] = V::load(xs + (c + j) * line + t * V::W);
     for (int i = 0; i < BH; ++i) {
-      const __m512 wv = _mm512_set1_ps(w[i * g.bw + j]);
-      for (int t = 0; t < S; ++t) acc[i][t] = _mm512_fmadd_ps(wv, xv[t], acc[i][t]);
+      const typename V::T wv = V::set1(w[i * g.bw + j]);
+      for (int t = 0; t < S; ++t) acc[i][t] = V::fma(wv, xv[t], acc[i][t]);
     }
   }
 }
@@ -49,9 +76,9 @@ __attribute__((always_inline)) inline void fma_block(const GemmArgs& g, const fl
 // one slab and one channel). BW: the block width when known at compile time
 // (4), else 0 (g.bw at run time). One pointer per block at a time keeps the
 // general registers free.
-template <int BH, int S, int U, int BW>
+template <typename V, int BH, int S, int U, int BW>
 __attribute__((always_inline)) inline void fma_group(const GemmArgs& g, const float* xs, int64_t line, int64_t b,
-                                                     __m512 (&acc)[U][BH][S]) {
+                                                     typename V::T (&acc)[U][BH][S]) {
   const int bw = BW > 0 ? BW : g.bw;
   const float* w0 = g.blocks + b * BH * bw;
   if constexpr (BW > 0) {
@@ -63,14 +90,14 @@ __attribute__((always_inline)) inline void fma_group(const GemmArgs& g, const fl
     for (int j = 0; j < BW; ++j) {
 #pragma GCC unroll 16
       for (int u = 0; u < U; ++u) {
-        __m512 xv[S];
+        typename V::T xv[S];
 #pragma GCC unroll 16
-        for (int t = 0; t < S; ++t) xv[t] = _mm512_load_ps(xp[u] + j * line + t * 16);
+        for (int t = 0; t < S; ++t) xv[t] = V::load(xp[u] + j * line + t * V::W);
 #pragma GCC unroll 16
         for (int i = 0; i < BH; ++i) {
-          const __m512 wv = _mm512_set1_ps(w0[(u * BH + i) * BW + j]);
+          const typename V::T wv = V::set1(w0[(u * BH + i) * BW + j]);
 #pragma GCC unroll 16
-          for (int t = 0; t < S; ++t) acc[u][i][t] = _mm512_fmadd_ps(wv, xv[t], acc[u][i][t]);
+          for (int t = 0; t < S; ++t) acc[u][i][t] = V::fma(wv, xv[t], acc[u][i][t]);
         }
       }
     }
@@ -79,11 +106,11 @@ __attribute__((always_inline)) inline void fma_group(const GemmArgs& g, const fl
       const float* xp = xs + g.colk[b + u] * line;
       const float* wp = w0 + u * BH * bw;
       for (int j = 0; j < bw; ++j) {
-        __m512 xv[S];
-        for (int t = 0; t < S; ++t) xv[t] = _mm512_load_ps(xp + j * line + t * 16);
+        typename V::T xv[S];
+        for (int t = 0; t < S; ++t) xv[t] = V::load(xp + j * line + t * V::W);
         for (int i = 0; i < BH; ++i) {
-          const __m512 wv = _mm512_set1_ps(wp[i * bw + j]);
-          for (int t = 0; t < S; ++t) acc[u][i][t] = _mm512_fmadd_ps(wv, xv[t], acc[u][i][t]);
+          const typename V::T wv = V::set1(wp[i * bw + j]);
+          for (int t = 0; t < S; ++t) acc[u][i][t] = V::fma(wv, xv[t], acc[u][i][t]);
         }
       }
     }
@@ -95,45 +122,45 @@ __attribute__((always_inline)) inline void fma_group(const GemmArgs& g, const fl
 // round-robin to U = 8 / (BH x S) accumulator sets, so that FMA latency is
 // hidden. Starts from the partial sums in `part` unless first_chunk; leaves
 // the sums there.
-template <int BH, int S>
+template <typename V, int BH, int S>
 inline void slab_tile(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t s, int64_t b0, int64_t b1,
                       float* part, bool first_chunk) {
   constexpr int U = BH * S >= 8 ? 1 : 8 / (BH * S);
-  __m512 acc[U][BH][S];
+  typename V::T acc[U][BH][S];
   for (int u = 0; u < U; ++u)
     for (int i = 0; i < BH; ++i)
       for (int t = 0; t < S; ++t)
-        acc[u][i][t] = (first_chunk || u > 0) ? _mm512_setzero_ps() : _mm512_load_ps(part + (i * S + t) * 16);
-  const int64_t line = nslabs * 16;  // one input's slab lines, contiguous
-  const float* xs = xt + s * 16;
+        acc[u][i][t] = (first_chunk || u > 0) ? V::zero() : V::load(part + (i * S + t) * V::W);
+  const int64_t line = nslabs * V::W;  // one input's slab lines, contiguous
+  const float* xs = xt + s * V::W;
   int64_t b = b0;
   if (g.bw == 4) {
-    for (; b + U <= b1 && g.colk[b + U - 1] + 4 <= g.k; b += U) fma_group<BH, S, U, 4>(g, xs, line, b, acc);
+    for (; b + U <= b1 && g.colk[b + U - 1] + 4 <= g.k; b += U) fma_group<V, BH, S, U, 4>(g, xs, line, b, acc);
   } else {
-    for (; b + U <= b1 && g.colk[b + U - 1] + g.bw <= g.k; b += U) fma_group<BH, S, U, 0>(g, xs, line, b, acc);
+    for (; b + U <= b1 && g.colk[b + U - 1] + g.bw <= g.k; b += U) fma_group<V, BH, S, U, 0>(g, xs, line, b, acc);
   }
-  for (; b < b1; ++b) fma_block<BH, S>(g, xs, line, b, acc[0]);
+  for (; b < b1; ++b) fma_block<V, BH, S>(g, xs, line, b, acc[0]);
   for (int u = 1; u < U; ++u)
     for (int i = 0; i < BH; ++i)
-      for (int t = 0; t < S; ++t) acc[0][i][t] = _mm512_add_ps(acc[0][i][t], acc[u][i][t]);
+      for (int t = 0; t < S; ++t) acc[0][i][t] = V::add(acc[0][i][t], acc[u][i][t]);
   // [BH][S][16]: partial sums between K chunks, results (staged) after the last
   for (int i = 0; i < BH; ++i)
-    for (int t = 0; t < S; ++t) _mm512_store_ps(part + (i * S + t) * 16, acc[0][i][t]);
+    for (int t = 0; t < S; ++t) V::store(part + (i * S + t) * V::W, acc[0][i][t]);
 }
 
-// Results of channels [c0, c0 + nc) (nc <= 16) x rows [16 s, 16 (s + S)) of
-// x, staged as stage[channel][S x 16], to y: 16 x 16 transposes, bias added,
+// Results of channels [c0, c0 + nc) (nc <= 16) x rows [W s, W (s + S)) of
+// x, staged as stage[channel][S x W], to y: 16 x 16 transposes, bias added,
 // rows past m and channels past c0 + nc not written.
-template <int S>
+template <typename V, int S>
 inline void flush16(const GemmArgs& g, const float* stage, int64_t m, int64_t s, int64_t c0, int nc) {
   const __mmask16 cm = first(nc);
   const __m512 bias = g.bias ? _mm512_maskz_loadu_ps(cm, g.bias + c0) : _mm512_setzero_ps();
   for (int t = 0; t < S; ++t) {
-    const int64_t row0 = (s + t) * 16;
+    const int64_t row0 = (s + t) * V::W;
     if (row0 >= m) break;
-    const int rows = static_cast<int>(std::min<int64_t>(16, m - row0));
+    const int rows = static_cast<int>(std::min<int64_t>(V::W, m - row0));
     __m512 r[16], c[16];
-    for (int q = 0; q < 16; ++q) r[q] = q < nc ? _mm512_load_ps(stage + (q * S + t) * 16) : _mm512_setzero_ps();
+    for (int q = 0; q < 16; ++q) r[q] = q < nc ? V::widen(V::load(stage + (q * S + t) * V::W)) : _mm512_setzero_ps();
     transpose16x16(r, c);
     for (int l = 0; l < rows; ++l) {
       const __m512 v = _mm512_add_ps(c[l], bias);
@@ -165,16 +192,16 @@ inline float* aligned64(std::vector<float>& v, size_t floats) {
 // sorted); partial sums of the rows' tiles wait in `part` between chunks.
 // After the last chunk the results of 16 block rows at a time (16 x BH
 // channels) are staged and transposed into y.
-template <int BH, int S>
+template <typename V, int BH, int S>
 void slab_group(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s, int64_t r0, int64_t r1) {
-  const int64_t kc = std::max<int64_t>(g.bw, (kChunkBytes / (S * 64)) / g.bw * g.bw);
+  const int64_t kc = std::max<int64_t>(g.bw, (kChunkBytes / (S * V::W * 4)) / g.bw * g.bw);
   const int64_t rows = r1 - r0;
   constexpr int64_t kFlushRows = 16;  // block rows per flush: 16 x BH channels, a multiple of 16
-  float* stage = aligned64(t_stage, kFlushRows * BH * S * 16);
+  float* stage = aligned64(t_stage, kFlushRows * BH * S * V::W);
   const bool chunked = g.k > kc;
   float* part = nullptr;
   if (chunked) {
-    part = aligned64(t_part, rows * BH * S * 16);
+    part = aligned64(t_part, rows * BH * S * V::W);
     if (t_cursor.size() < static_cast<size_t>(rows)) t_cursor.resize(rows);
     for (int64_t r = r0; r < r1; ++r) t_cursor[r - r0] = g.rowptr[r];
   }
@@ -190,37 +217,37 @@ void slab_group(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, i
         while (b1 < bend && g.colk[b1] < k0 + kc) ++b1;
         cur = b1;
       }
-      float* pr = chunked ? part + (r - r0) * BH * S * 16 : nullptr;
+      float* pr = chunked ? part + (r - r0) * BH * S * V::W : nullptr;
       if (last) {
-        float* st = stage + ((r - r0) % kFlushRows) * BH * S * 16;
-        if (chunked && !first_chunk) std::memcpy(st, pr, BH * S * 16 * sizeof(float));
-        slab_tile<BH, S>(g, xt, nslabs, s, b0, b1, st, first_chunk);
+        float* st = stage + ((r - r0) % kFlushRows) * BH * S * V::W;
+        if (chunked && !first_chunk) std::memcpy(st, pr, BH * S * V::W * sizeof(float));
+        slab_tile<V, BH, S>(g, xt, nslabs, s, b0, b1, st, first_chunk);
         if ((r - r0) % kFlushRows == kFlushRows - 1 || r + 1 == r1) {
           const int64_t rf = r - (r - r0) % kFlushRows;  // first block row of the staged run
           const int64_t cend = std::min<int64_t>((r + 1) * BH, g.n);
           for (int64_t c0 = rf * BH; c0 < cend; c0 += 16)
-            flush16<S>(g, stage + (c0 - rf * BH) * S * 16, m, s, c0, static_cast<int>(std::min<int64_t>(16, cend - c0)));
+            flush16<V, S>(g, stage + (c0 - rf * BH) * S * V::W, m, s, c0, static_cast<int>(std::min<int64_t>(16, cend - c0)));
         }
       } else {
-        slab_tile<BH, S>(g, xt, nslabs, s, b0, b1, pr, first_chunk);
+        slab_tile<V, BH, S>(g, xt, nslabs, s, b0, b1, pr, first_chunk);
       }
     }
   }
 }
 
-template <int BH>
+template <typename V, int BH>
 void slabs_bh(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1, int64_t r0,
               int64_t r1) {
   constexpr int S = BH == 1 ? 8 : BH <= 4 ? 4 : 2;
   int64_t s = s0;
-  for (; s + S <= s1; s += S) slab_group<BH, S>(g, xt, nslabs, m, s, r0, r1);
+  for (; s + S <= s1; s += S) slab_group<V, BH, S>(g, xt, nslabs, m, s, r0, r1);
   if constexpr (S > 4) {
-    if (s + 4 <= s1) { slab_group<BH, 4>(g, xt, nslabs, m, s, r0, r1); s += 4; }
+    if (s + 4 <= s1) { slab_group<V, BH, 4>(g, xt, nslabs, m, s, r0, r1); s += 4; }
   }
   if constexpr (S > 2) {
-    if (s + 2 <= s1) { slab_group<BH, 2>(g, xt, nslabs, m, s, r0, r1); s += 2; }
+    if (s + 2 <= s1) { slab_group<V, BH, 2>(g, xt, nslabs, m, s, r0, r1); s += 2; }
   }
-  for (; s < s1; ++s) slab_group<BH, 1>(g, xt, nslabs, m, s, r0, r1);
+  for (; s < s1; ++s) slab_group<V, BH, 1>(g, xt, nslabs, m, s, r0, r1);
 }
 
 }  // namespace
@@ -282,10 +309,10 @@ void bsr_small_rows_avx512(const GemmArgs& g, int64_t m0, int64_t m1, int64_t r0
 }
 
 void bsr_pack_slabs_avx512(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, float* xt, int64_t nslabs,
-                           int64_t s0, int64_t s1) {
-  const int64_t line = nslabs * 16;
+                           int64_t s0, int64_t s1, int sw) {
+  const int64_t line = nslabs * sw;
   for (int64_t s = s0; s < s1; ++s) {
-    const int64_t rows = std::min<int64_t>(16, m - s * 16);
+    const int64_t rows = std::min<int64_t>(sw, m - s * sw);
     for (int64_t k0 = 0; k0 < k; k0 += 16) {
       const int cols = static_cast<int>(std::min<int64_t>(16, k - k0));
       const __mmask16 mask = first(cols);
@@ -294,30 +321,46 @@ void bsr_pack_slabs_avx512(const void* x, int64_t ldx, bool x_bf16, int64_t m, i
         r[i] = _mm512_setzero_ps();
         if (i < rows) {
           if (x_bf16) {
-            const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(x) + (s * 16 + i) * ldx + k0);
+            const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(x) + (s * sw + i) * ldx + k0);
             r[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
           } else {
-            r[i] = _mm512_maskz_loadu_ps(mask, static_cast<const float*>(x) + (s * 16 + i) * ldx + k0);
+            r[i] = _mm512_maskz_loadu_ps(mask, static_cast<const float*>(x) + (s * sw + i) * ldx + k0);
           }
         }
       }
-      transpose16x16(r, c);
-      for (int q = 0; q < cols; ++q) _mm512_store_ps(xt + (k0 + q) * line + s * 16, c[q]);
+      transpose16x16(r, c);  // c[q]: column q, rows in lanes (8-row slabs: the low 8)
+      if (sw == 8)
+        for (int q = 0; q < cols; ++q) _mm256_store_ps(xt + (k0 + q) * line + s * 8, _mm512_castps512_ps256(c[q]));
+      else
+        for (int q = 0; q < cols; ++q) _mm512_store_ps(xt + (k0 + q) * line + s * 16, c[q]);
     }
   }
 }
 
 void bsr_small_slabs_avx512(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
-                            int64_t r0, int64_t r1) {
+                            int64_t r0, int64_t r1, int sw) {
+  if (sw == 8) {
+    switch (g.bh) {
+      case 1: slabs_bh<Ymm, 1>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+      case 2: slabs_bh<Ymm, 2>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+      case 3: slabs_bh<Ymm, 3>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+      case 4: slabs_bh<Ymm, 4>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+      case 5: slabs_bh<Ymm, 5>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+      case 6: slabs_bh<Ymm, 6>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+      case 7: slabs_bh<Ymm, 7>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+      default: slabs_bh<Ymm, 8>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    }
+    return;
+  }
   switch (g.bh) {
-    case 1: slabs_bh<1>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-    case 2: slabs_bh<2>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-    case 3: slabs_bh<3>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-    case 4: slabs_bh<4>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-    case 5: slabs_bh<5>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-    case 6: slabs_bh<6>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-    case 7: slabs_bh<7>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-    default: slabs_bh<8>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 1: slabs_bh<Zmm, 1>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 2: slabs_bh<Zmm, 2>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 3: slabs_bh<Zmm, 3>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 4: slabs_bh<Zmm, 4>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 5: slabs_bh<Zmm, 5>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 6: slabs_bh<Zmm, 6>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 7: slabs_bh<Zmm, 7>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    default: slabs_bh<Zmm, 8>(g, xt, nslabs, m, s0, s1, r0, r1); break;
   }
 }
 

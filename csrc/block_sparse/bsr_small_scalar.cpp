@@ -9,12 +9,12 @@ void bsr_small_rows_scalar(const GemmArgs& g, int64_t m0, int64_t m1, int64_t r0
 }
 
 void bsr_small_slabs_scalar(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
-                            int64_t r0, int64_t r1) {
+                            int64_t r0, int64_t r1, int /*sw: 16 here*/) {
   small_slabs_generic(g, xt, nslabs, m, s0, s1, r0, r1);
 }
 
 void bsr_pack_slabs_scalar(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, float* xt, int64_t nslabs,
-                         int64_t s0, int64_t s1) {
+                         int64_t s0, int64_t s1, int /*sw: 16 here*/) {
   pack_slabs_generic(x, ldx, x_bf16, m, k, xt, nslabs, s0, s1);
 }
 

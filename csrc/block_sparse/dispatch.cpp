@@ -17,10 +17,11 @@ namespace {
 
 const Kernel kLadder[] = {
     {Isa::kAvx512, "bsr_gemm_6x64_avx512", 8, bsr_gemm_avx512, bsr_small_rows_avx512, bsr_small_slabs_avx512,
-     bsr_pack_slabs_avx512},
-    {Isa::kAvx2, "bsr_gemm_6x16_avx2", 6, bsr_gemm_avx2, bsr_small_rows_avx2, bsr_small_slabs_avx2, bsr_pack_slabs_avx2},
+     bsr_pack_slabs_avx512, true},
+    {Isa::kAvx2, "bsr_gemm_6x16_avx2", 6, bsr_gemm_avx2, bsr_small_rows_avx2, bsr_small_slabs_avx2, bsr_pack_slabs_avx2,
+     false},
     {Isa::kPortable, "bsr_gemm_1x16_scalar", 1, bsr_gemm_scalar, bsr_small_rows_scalar, bsr_small_slabs_scalar,
-     bsr_pack_slabs_scalar},
+     bsr_pack_slabs_scalar, false},
 };
 thread_local std::vector<float> t_xt;
 
@@ -61,20 +62,23 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
   // Threads take block-row ranges of about equal kept blocks.
   auto by_blocks = [&](const auto& fn) { split_by_blocks(rowptr, nbr, h.nnzb, nthreads, fn); };
   if (h.layout == kLayoutF32RowMajor && m >= kSlabRowsFrom) {
-    // small blocks, many rows: x transposed into 16-row slabs, in row passes
-    for_each_row_pass(m, k * 4, kRowPassBytes, 16, [&](int64_t p0, int64_t p1) {
-      const int64_t rows = p1 - p0, slabs = (rows + 15) / 16;
-      if (t_xt.size() < static_cast<size_t>(slabs * k * 16 + 16)) t_xt.resize(slabs * k * 16 + 16);
+    // small blocks, many rows: x transposed into slabs of 16 rows (8 for
+    // batches of <= 8 rows where the kernel has them), in row passes
+    const int sw = kern.narrow_slabs && m <= 8 ? 8 : 16;
+    for_each_row_pass(m, k * 4, kRowPassBytes, sw, [&](int64_t p0, int64_t p1) {
+      const int64_t rows = p1 - p0, slabs = (rows + sw - 1) / sw;
+      if (t_xt.size() < static_cast<size_t>(slabs * k * sw + 16)) t_xt.resize(slabs * k * sw + 16);
       float* xt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(t_xt.data()) + 63) & ~uintptr_t(63));
       const char* xp = static_cast<const char*>(x) + p0 * ldx * (x_bf16 ? 2 : 4);
       parallel_for(slabs, 1, nthreads,
-                   [&](int64_t s0, int64_t s1) { kern.pack_slabs(xp, ldx, x_bf16, rows, k, xt, slabs, s0, s1); });
+                   [&](int64_t s0, int64_t s1) { kern.pack_slabs(xp, ldx, x_bf16, rows, k, xt, slabs, s0, s1, sw); });
       const GemmArgs g{nullptr, 0, rowptr, colk, blocks, k, h.n, h.bh, h.bw, h.bh_pad, bias,
                        static_cast<char*>(y) + p0 * ldy * ysize, ldy, y_bf16};
       if (nt > 1 && nbr < 2 * nt && slabs >= 2)
-        parallel_for(slabs, 1, nthreads, [&](int64_t s0, int64_t s1) { kern.small_slabs(g, xt, slabs, rows, s0, s1, 0, nbr); });
+        parallel_for(slabs, 1, nthreads,
+                     [&](int64_t s0, int64_t s1) { kern.small_slabs(g, xt, slabs, rows, s0, s1, 0, nbr, sw); });
       else
-        by_blocks([&](int64_t r0, int64_t r1) { kern.small_slabs(g, xt, slabs, rows, 0, slabs, r0, r1); });
+        by_blocks([&](int64_t r0, int64_t r1) { kern.small_slabs(g, xt, slabs, rows, 0, slabs, r0, r1, sw); });
     });
     return;
   }

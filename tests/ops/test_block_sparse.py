@@ -170,16 +170,16 @@ def test_row_chunks_and_thread_splits(isa, gen):
 @needs_native
 @pytest.mark.parametrize("block", [(1, 4), (2, 8), (8, 4), (3, 5)])
 def test_small_block_slab_kernel(isa, gen, block):
-    """Blocks of <= 8 rows from 2 rows of x: x transposed into 16-row slabs
-    (16 x 16 register transposes; masked past m and k), 8 / 4 / 2 / 1 slabs a
-    pass, K in chunks of 256 KiB of slab lines (512 inputs at 8 slabs, so
+    """Blocks of <= 8 rows from 2 rows of x: x transposed into slabs of 16 rows
+    (8 rows up to m = 8 on AVX-512; 16 x 16 register transposes, masked past m
+    and k), 8 / 4 / 2 / 1 slabs a pass, K in chunks of 256 KiB of slab lines (512 inputs at 8 slabs, so
     k = 1100 makes three), results staged per 16 block rows and transposed
     back into y (n = 70: runs of 16 x bh channels and a cut one)."""
     n, k = 70, 1100
     w = _weight(n, k, block, 0.7, gen)
     bsw = bsf.compress(w, block)
     bias = torch.randn(n, generator=gen)
-    for m in (2, 15, 16, 17, 40, 130):
+    for m in (2, 7, 8, 9, 15, 16, 17, 40, 130):
         x = torch.randn(m, k, generator=gen)
         assert_close(_run(x, bsw, bias), x, w, bias, f"{block} m={m}")
     wide = torch.randn(33, k + 7, generator=gen)
