@@ -51,6 +51,34 @@ struct PackedHeader {
 static_assert(sizeof(PackedHeader) == 64, "header must stay 64 bytes");
 
 int64_t packed_nbytes(int64_t n, int64_t k, int bh, int bw, int64_t nnzb);
+
+// Band lists (layout 2 with bw % 4 == 0; packed after the blocks, 64-byte
+// aligned): the kept weights as entries of one channel x 4 inputs (a 1 x 4
+// block is one entry, a bh x bw block bh x bw / 4), listed per band of
+// band_rows_for(bh) channels (whole block rows) and per group g of 4 inputs
+// (4g .. 4g + 3):
+//   int32 goff[nbands][ngroups + 1]  entries of (band, g): [goff[band][g], goff[band][g + 1])
+//   uint16 row[nentries]             channel - band * band_rows_for(bh)
+//   fp32 w[nentries][4]              zero past n and k
+// The scatter kernel walks a band group by group: 4 inputs x the slab lines
+// stay in registers while every entry of the group adds into its channel's
+// partial sums (kept in L1/L2 for the band), so each slab line is read once
+// per band instead of once per block.
+// ~256 channels: a band's partial sums (256 x 4 slabs x 64 B at most) sit in L2.
+constexpr int64_t kBandChannels = 256;
+inline int64_t band_rows_for(int bh) { return kBandChannels / bh * bh; }
+struct BandLists {
+  const int32_t* goff;
+  const uint16_t* row;
+  const float* w;
+  int64_t nbands, ngroups, band_rows;
+  struct Sizes {
+    int64_t nbands, ngroups, nentries, goff_offset, row_offset, w_offset, total;  // total 0: no lists
+  };
+  // n_pad: channels padded to bh
+  static Sizes sizes(int64_t n_pad, int64_t k, int bh, int bw, int64_t nnzb);
+  static BandLists at(const uint8_t* packed);  // goff null when the packing has none
+};
 // Both packings start alike: the header, then rowptr (= crow) and colk
 // (= col * bw) right after it. Writes them into out; returns colk.
 int32_t* write_header_and_indices(uint8_t* out, uint32_t magic, int32_t layout, int64_t n, int64_t k, int bh, int bw,
@@ -75,6 +103,7 @@ struct GemmArgs {
   void* y;            // [m, n] fp32 or bf16, row stride ldy
   int64_t ldy;
   bool y_bf16;
+  BandLists lists{};  // goff null: the packing has none
 };
 
 // Rows [m0, m1) x block rows [r0, r1).
@@ -85,6 +114,11 @@ using GemmFn = void (*)(const GemmArgs& g, int64_t m0, int64_t m1, int64_t r0, i
 // unwritten. sw: 16, or 8 where Kernel::narrow_slabs says so.
 using SlabFn = void (*)(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
                         int64_t r0, int64_t r1, int sw);
+
+// Band lists (g.lists), many rows: xt as for SlabFn but with
+// round_up(k, bw) lines (lines past k zero) x bands [b0, b1).
+using ScatterFn = void (*)(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
+                           int64_t b0, int64_t b1, int sw);
 
 // xt for the slab kernels: slabs [s0, s1) of sw rows of x ([m, k] fp32 or
 // bf16, row stride ldx), rows past m zero.
@@ -100,6 +134,7 @@ struct Kernel {
   SlabFn small_slabs;  // layout 2, from kSlabRowsFrom rows
   PackSlabsFn pack_slabs;
   bool narrow_slabs;  // slabs of 8 rows for batches of <= 8 rows (else always 16)
+  ScatterFn scatter;  // null: the slab kernel serves packings with band lists too
 };
 const Kernel& select_kernel();
 
@@ -168,6 +203,7 @@ void bsr_small_rows_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_small_slabs_avx2(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
 void bsr_small_rows_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_small_slabs_avx512(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+void bsr_scatter_avx512(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
 void bsr_pack_slabs_scalar(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int);
 void bsr_pack_slabs_avx2(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int);
 void bsr_pack_slabs_avx512(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int);

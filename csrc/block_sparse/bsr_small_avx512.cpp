@@ -235,6 +235,61 @@ void slab_group(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, i
   }
 }
 
+// Band lists (block_sparse.h): rows [W s, W (s + S)) x the channels of one
+// band. Per group of 4 inputs its 4 x S slab lines are loaded once and every
+// entry of the group adds w[0..4) x those lines into its channel's partial
+// sums (band_rows x S lines: L1 / L2), which flush16 then writes to y.
+template <typename V, int S>
+void scatter_band(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s, int64_t band,
+                  float* part) {
+  constexpr int L = S * V::W;
+  const BandLists& bl = g.lists;
+  const int64_t line = nslabs * V::W;
+  const float* xs = xt + s * V::W;
+  std::memset(part, 0, bl.band_rows * L * sizeof(float));
+  const int32_t* go = bl.goff + band * (bl.ngroups + 1);
+  for (int64_t gi = 0; gi < bl.ngroups; ++gi) {
+    const int32_t e0 = go[gi], e1 = go[gi + 1];
+    if (e0 == e1) continue;
+    typename V::T x[4][S];
+    const float* xg = xs + 4 * gi * line;
+    for (int j = 0; j < 4; ++j)
+      for (int t = 0; t < S; ++t) x[j][t] = V::load(xg + j * line + t * V::W);
+    for (int32_t e = e0; e < e1; ++e) {
+      float* p = part + bl.row[e] * L;
+      const float* w = bl.w + 4 * static_cast<int64_t>(e);
+      const typename V::T w0 = V::set1(w[0]), w1 = V::set1(w[1]), w2 = V::set1(w[2]), w3 = V::set1(w[3]);
+#pragma GCC unroll 4
+      for (int t = 0; t < S; ++t) {
+        typename V::T a = V::load(p + t * V::W);
+        a = V::fma(w0, x[0][t], a);
+        a = V::fma(w1, x[1][t], a);
+        a = V::fma(w2, x[2][t], a);
+        a = V::fma(w3, x[3][t], a);
+        V::store(p + t * V::W, a);
+      }
+    }
+  }
+  const int64_t c0 = band * bl.band_rows, c1 = std::min<int64_t>(c0 + bl.band_rows, g.n);
+  for (int64_t c = c0; c < c1; c += 16)
+    flush16<V, S>(g, part + (c - c0) * L, m, s, c, static_cast<int>(std::min<int64_t>(16, c1 - c)));
+}
+
+template <typename V>
+void scatter_slabs(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1, int64_t b0,
+                   int64_t b1) {
+  float* part = aligned64(t_part, g.lists.band_rows * 4 * V::W);
+  int64_t s = s0;
+  for (; s + 4 <= s1; s += 4)
+    for (int64_t b = b0; b < b1; ++b) scatter_band<V, 4>(g, xt, nslabs, m, s, b, part);
+  if (s + 2 <= s1) {
+    for (int64_t b = b0; b < b1; ++b) scatter_band<V, 2>(g, xt, nslabs, m, s, b, part);
+    s += 2;
+  }
+  for (; s < s1; ++s)
+    for (int64_t b = b0; b < b1; ++b) scatter_band<V, 1>(g, xt, nslabs, m, s, b, part);
+}
+
 template <typename V, int BH>
 void slabs_bh(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1, int64_t r0,
               int64_t r1) {
@@ -306,6 +361,14 @@ void bsr_small_rows_avx512(const GemmArgs& g, int64_t m0, int64_t m1, int64_t r0
       }
     }
   }
+}
+
+void bsr_scatter_avx512(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
+                        int64_t b0, int64_t b1, int sw) {
+  if (sw == 8)
+    scatter_slabs<Ymm>(g, xt, nslabs, m, s0, s1, b0, b1);
+  else
+    scatter_slabs<Zmm>(g, xt, nslabs, m, s0, s1, b0, b1);
 }
 
 void bsr_pack_slabs_avx512(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, float* xt, int64_t nslabs,

@@ -17,11 +17,11 @@ namespace {
 
 const Kernel kLadder[] = {
     {Isa::kAvx512, "bsr_gemm_6x64_avx512", 8, bsr_gemm_avx512, bsr_small_rows_avx512, bsr_small_slabs_avx512,
-     bsr_pack_slabs_avx512, true},
+     bsr_pack_slabs_avx512, true, bsr_scatter_avx512},
     {Isa::kAvx2, "bsr_gemm_6x16_avx2", 6, bsr_gemm_avx2, bsr_small_rows_avx2, bsr_small_slabs_avx2, bsr_pack_slabs_avx2,
-     false},
+     false, nullptr},
     {Isa::kPortable, "bsr_gemm_1x16_scalar", 1, bsr_gemm_scalar, bsr_small_rows_scalar, bsr_small_slabs_scalar,
-     bsr_pack_slabs_scalar, false},
+     bsr_pack_slabs_scalar, false, nullptr},
 };
 thread_local std::vector<float> t_xt;
 
@@ -65,15 +65,36 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
     // small blocks, many rows: x transposed into slabs of 16 rows (8 for
     // batches of <= 8 rows where the kernel has them), in row passes
     const int sw = kern.narrow_slabs && m <= 8 ? 8 : 16;
-    for_each_row_pass(m, k * 4, kRowPassBytes, sw, [&](int64_t p0, int64_t p1) {
+    const BandLists lists = kern.scatter ? BandLists::at(packed) : BandLists{};
+    // the scatter kernel reads whole groups of 4 inputs: lines past k are zero
+    const int64_t kp = lists.goff ? lists.ngroups * 4 : k;
+    std::vector<int32_t> band_ptr;  // first entry of each band, then the end
+    if (lists.goff) {
+      band_ptr.resize(lists.nbands + 1);
+      for (int64_t b = 0; b <= lists.nbands; ++b)
+        band_ptr[b] = b < lists.nbands ? lists.goff[b * (lists.ngroups + 1)]
+                                       : lists.goff[(lists.nbands - 1) * (lists.ngroups + 1) + lists.ngroups];
+    }
+    for_each_row_pass(m, kp * 4, kRowPassBytes, sw, [&](int64_t p0, int64_t p1) {
       const int64_t rows = p1 - p0, slabs = (rows + sw - 1) / sw;
-      if (t_xt.size() < static_cast<size_t>(slabs * k * sw + 16)) t_xt.resize(slabs * k * sw + 16);
+      if (t_xt.size() < static_cast<size_t>(slabs * kp * sw + 16)) t_xt.resize(slabs * kp * sw + 16);
       float* xt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(t_xt.data()) + 63) & ~uintptr_t(63));
       const char* xp = static_cast<const char*>(x) + p0 * ldx * (x_bf16 ? 2 : 4);
       parallel_for(slabs, 1, nthreads,
                    [&](int64_t s0, int64_t s1) { kern.pack_slabs(xp, ldx, x_bf16, rows, k, xt, slabs, s0, s1, sw); });
-      const GemmArgs g{nullptr, 0, rowptr, colk, blocks, k, h.n, h.bh, h.bw, h.bh_pad, bias,
-                       static_cast<char*>(y) + p0 * ldy * ysize, ldy, y_bf16};
+      if (kp > k) std::memset(xt + k * slabs * sw, 0, (kp - k) * slabs * sw * sizeof(float));
+      GemmArgs g{nullptr, 0, rowptr, colk, blocks, k, h.n, h.bh, h.bw, h.bh_pad, bias,
+                 static_cast<char*>(y) + p0 * ldy * ysize, ldy, y_bf16};
+      if (lists.goff) {
+        g.lists = lists;
+        if (nt > 1 && lists.nbands < 2 * nt && slabs >= 2)
+          parallel_for(slabs, 1, nthreads,
+                       [&](int64_t s0, int64_t s1) { kern.scatter(g, xt, slabs, rows, s0, s1, 0, lists.nbands, sw); });
+        else
+          split_by_blocks(band_ptr.data(), lists.nbands, band_ptr[lists.nbands], nthreads,
+                          [&](int64_t b0, int64_t b1) { kern.scatter(g, xt, slabs, rows, 0, slabs, b0, b1, sw); });
+        return;
+      }
       if (nt > 1 && nbr < 2 * nt && slabs >= 2)
         parallel_for(slabs, 1, nthreads,
                      [&](int64_t s0, int64_t s1) { kern.small_slabs(g, xt, slabs, rows, s0, s1, 0, nbr, sw); });

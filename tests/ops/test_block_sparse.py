@@ -172,16 +172,22 @@ def test_row_chunks_and_thread_splits(isa, gen):
 def test_small_block_slab_kernel(isa, gen, block):
     """Blocks of <= 8 rows from 2 rows of x: x transposed into slabs of 16 rows
     (8 rows up to m = 8 on AVX-512; 16 x 16 register transposes, masked past m
-    and k), 8 / 4 / 2 / 1 slabs a pass, K in chunks of 256 KiB of slab lines (512 inputs at 8 slabs, so
-    k = 1100 makes three), results staged per 16 block rows and transposed
-    back into y (n = 70: runs of 16 x bh channels and a cut one)."""
-    n, k = 70, 1100
-    w = _weight(n, k, block, 0.7, gen)
-    bsw = bsf.compress(w, block)
-    bias = torch.randn(n, generator=gen)
-    for m in (2, 7, 8, 9, 15, 16, 17, 40, 130):
-        x = torch.randn(m, k, generator=gen)
-        assert_close(_run(x, bsw, bias), x, w, bias, f"{block} m={m}")
+    and k). Block widths that are multiples of 4 take the band lists on
+    AVX-512 (bands of 256 // bh * bh channels; 4 / 2 / 1 slabs a pass; lines
+    past k zero: k = 1101 cuts the last group), else the slab kernel (8 / 4 /
+    2 / 1 slabs a pass, K in chunks of 256 KiB of slab lines: 512 inputs at 8
+    slabs, so k = 1101 makes three); results staged per 16 channels and
+    transposed back into y. n = 70: one band, runs of 16 channels and a cut
+    one; n = 600: three bands; n = 1100 with 2 threads: the threads split
+    the bands."""
+    k = 1101
+    for n, ms in ((70, (2, 7, 8, 9, 15, 16, 17, 40, 130)), (600, (3, 33, 70)), (1100, (8, 64))):
+        w = _weight(n, k, block, 0.7, gen)
+        bsw = bsf.compress(w, block)
+        bias = torch.randn(n, generator=gen)
+        for m in ms:
+            x = torch.randn(m, k, generator=gen)
+            assert_close(_run(x, bsw, bias), x, w, bias, f"{block} n={n} m={m}")
     wide = torch.randn(33, k + 7, generator=gen)
     assert_close(_run(wide[:, 3:k + 3], bsw, bias), wide[:, 3:k + 3], w, bias, f"{block} strided")
     xb = torch.randn(21, k, generator=gen).to(torch.bfloat16)
