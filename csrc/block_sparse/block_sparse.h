@@ -135,6 +135,7 @@ struct Kernel {
   PackSlabsFn pack_slabs;
   bool narrow_slabs;  // slabs of 8 rows for batches of <= 8 rows (else always 16)
   ScatterFn scatter;  // null: the slab kernel serves packings with band lists too
+  int scatter_sw;     // slab rows the scatter kernel takes: 16 (8 for <= 8 rows) or always 8
 };
 const Kernel& select_kernel();
 
@@ -204,6 +205,7 @@ void bsr_small_slabs_avx2(const GemmArgs&, const float*, int64_t, int64_t, int64
 void bsr_small_rows_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_small_slabs_avx512(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
 void bsr_scatter_avx512(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+void bsr_scatter_avx2(const GemmArgs&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
 void bsr_pack_slabs_scalar(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int);
 void bsr_pack_slabs_avx2(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int);
 void bsr_pack_slabs_avx512(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int);

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "block_sparse/block_sparse.h"
+#include "block_sparse/scatter_loop.h"
 #include "common/bf16_avx512.h"
 #include "common/transpose_avx512.h"
 
@@ -27,33 +28,10 @@ namespace pyaccel {
 namespace block_sparse {
 namespace {
 
-inline __mmask16 first(int n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+inline __m512 to_zmm(__m512 v) { return v; }
+inline __m512 to_zmm(__m256 v) { return _mm512_zextps256_ps512(v); }
 
-// Slab lines of W rows of x: zmm (16 rows) or, for batches of <= 8 rows, ymm
-// (8 rows: on Zen 4 a ymm FMA does the same work per cycle as a half-empty zmm
-// one, from half the slab bytes).
-struct Zmm {
-  using T = __m512;
-  static constexpr int W = 16;
-  static T zero() { return _mm512_setzero_ps(); }
-  static T load(const float* p) { return _mm512_load_ps(p); }
-  static T set1(float v) { return _mm512_set1_ps(v); }
-  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
-  static T add(T a, T b) { return _mm512_add_ps(a, b); }
-  static void store(float* p, T v) { _mm512_store_ps(p, v); }
-  static __m512 widen(T v) { return v; }
-};
-struct Ymm {
-  using T = __m256;
-  static constexpr int W = 8;
-  static T zero() { return _mm256_setzero_ps(); }
-  static T load(const float* p) { return _mm256_load_ps(p); }
-  static T set1(float v) { return _mm256_set1_ps(v); }
-  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-  static T add(T a, T b) { return _mm256_add_ps(a, b); }
-  static void store(float* p, T v) { _mm256_store_ps(p, v); }
-  static __m512 widen(T v) { return _mm512_zextps256_ps512(v); }
-};
+inline __mmask16 first(int n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 
 template <typename V, int BH, int S>
 __attribute__((always_inline)) inline void fma_block(const GemmArgs& g, const float* xs, int64_t line, int64_t b,
@@ -160,7 +138,7 @@ inline void flush16(const GemmArgs& g, const float* stage, int64_t m, int64_t s,
     if (row0 >= m) break;
     const int rows = static_cast<int>(std::min<int64_t>(V::W, m - row0));
     __m512 r[16], c[16];
-    for (int q = 0; q < 16; ++q) r[q] = q < nc ? V::widen(V::load(stage + (q * S + t) * V::W)) : _mm512_setzero_ps();
+    for (int q = 0; q < 16; ++q) r[q] = q < nc ? to_zmm(V::load(stage + (q * S + t) * V::W)) : _mm512_setzero_ps();
     transpose16x16(r, c);
     for (int l = 0; l < rows; ++l) {
       const __m512 v = _mm512_add_ps(c[l], bias);
@@ -235,41 +213,14 @@ void slab_group(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, i
   }
 }
 
-// Band lists (block_sparse.h): rows [W s, W (s + S)) x the channels of one
-// band. Per group of 4 inputs its 4 x S slab lines are loaded once and every
-// entry of the group adds w[0..4) x those lines into its channel's partial
-// sums (band_rows x S lines: L1 / L2), which flush16 then writes to y.
+// Band lists (block_sparse.h): rows [16 s, 16 (s + S)) (V = Zmm) or [8 s, 8 (s
+// + S)) (Ymm) x the channels of one band (scatter_groups), then flush16.
 template <typename V, int S>
 void scatter_band(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s, int64_t band,
                   float* part) {
   constexpr int L = S * V::W;
   const BandLists& bl = g.lists;
-  const int64_t line = nslabs * V::W;
-  const float* xs = xt + s * V::W;
-  std::memset(part, 0, bl.band_rows * L * sizeof(float));
-  const int32_t* go = bl.goff + band * (bl.ngroups + 1);
-  for (int64_t gi = 0; gi < bl.ngroups; ++gi) {
-    const int32_t e0 = go[gi], e1 = go[gi + 1];
-    if (e0 == e1) continue;
-    typename V::T x[4][S];
-    const float* xg = xs + 4 * gi * line;
-    for (int j = 0; j < 4; ++j)
-      for (int t = 0; t < S; ++t) x[j][t] = V::load(xg + j * line + t * V::W);
-    for (int32_t e = e0; e < e1; ++e) {
-      float* p = part + bl.row[e] * L;
-      const float* w = bl.w + 4 * static_cast<int64_t>(e);
-      const typename V::T w0 = V::set1(w[0]), w1 = V::set1(w[1]), w2 = V::set1(w[2]), w3 = V::set1(w[3]);
-#pragma GCC unroll 4
-      for (int t = 0; t < S; ++t) {
-        typename V::T a = V::load(p + t * V::W);
-        a = V::fma(w0, x[0][t], a);
-        a = V::fma(w1, x[1][t], a);
-        a = V::fma(w2, x[2][t], a);
-        a = V::fma(w3, x[3][t], a);
-        V::store(p + t * V::W, a);
-      }
-    }
-  }
+  scatter_groups<V, S>(bl, xt + s * V::W, nslabs * V::W, band, part);
   const int64_t c0 = band * bl.band_rows, c1 = std::min<int64_t>(c0 + bl.band_rows, g.n);
   for (int64_t c = c0; c < c1; c += 16)
     flush16<V, S>(g, part + (c - c0) * L, m, s, c, static_cast<int>(std::min<int64_t>(16, c1 - c)));
@@ -279,30 +230,18 @@ template <typename V>
 void scatter_slabs(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1, int64_t b0,
                    int64_t b1) {
   float* part = aligned64(t_part, g.lists.band_rows * 4 * V::W);
-  int64_t s = s0;
-  for (; s + 4 <= s1; s += 4)
-    for (int64_t b = b0; b < b1; ++b) scatter_band<V, 4>(g, xt, nslabs, m, s, b, part);
-  if (s + 2 <= s1) {
-    for (int64_t b = b0; b < b1; ++b) scatter_band<V, 2>(g, xt, nslabs, m, s, b, part);
-    s += 2;
-  }
-  for (; s < s1; ++s)
-    for (int64_t b = b0; b < b1; ++b) scatter_band<V, 1>(g, xt, nslabs, m, s, b, part);
+  for_each_slab_run<4>(s0, s1, [&](int64_t s, auto run) {
+    for (int64_t b = b0; b < b1; ++b) scatter_band<V, decltype(run)::value>(g, xt, nslabs, m, s, b, part);
+  });
 }
 
 template <typename V, int BH>
 void slabs_bh(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1, int64_t r0,
               int64_t r1) {
   constexpr int S = BH == 1 ? 8 : BH <= 4 ? 4 : 2;
-  int64_t s = s0;
-  for (; s + S <= s1; s += S) slab_group<V, BH, S>(g, xt, nslabs, m, s, r0, r1);
-  if constexpr (S > 4) {
-    if (s + 4 <= s1) { slab_group<V, BH, 4>(g, xt, nslabs, m, s, r0, r1); s += 4; }
-  }
-  if constexpr (S > 2) {
-    if (s + 2 <= s1) { slab_group<V, BH, 2>(g, xt, nslabs, m, s, r0, r1); s += 2; }
-  }
-  for (; s < s1; ++s) slab_group<V, BH, 1>(g, xt, nslabs, m, s, r0, r1);
+  for_each_slab_run<S>(s0, s1, [&](int64_t s, auto run) {
+    slab_group<V, BH, decltype(run)::value>(g, xt, nslabs, m, s, r0, r1);
+  });
 }
 
 }  // namespace

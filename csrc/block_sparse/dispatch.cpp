@@ -17,11 +17,11 @@ namespace {
 
 const Kernel kLadder[] = {
     {Isa::kAvx512, "bsr_gemm_6x64_avx512", 8, bsr_gemm_avx512, bsr_small_rows_avx512, bsr_small_slabs_avx512,
-     bsr_pack_slabs_avx512, true, bsr_scatter_avx512},
+     bsr_pack_slabs_avx512, true, bsr_scatter_avx512, 16},
     {Isa::kAvx2, "bsr_gemm_6x16_avx2", 6, bsr_gemm_avx2, bsr_small_rows_avx2, bsr_small_slabs_avx2, bsr_pack_slabs_avx2,
-     false, nullptr},
+     false, bsr_scatter_avx2, 8},
     {Isa::kPortable, "bsr_gemm_1x16_scalar", 1, bsr_gemm_scalar, bsr_small_rows_scalar, bsr_small_slabs_scalar,
-     bsr_pack_slabs_scalar, false, nullptr},
+     bsr_pack_slabs_scalar, false, nullptr, 0},
 };
 thread_local std::vector<float> t_xt;
 
@@ -64,8 +64,8 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
   if (h.layout == kLayoutF32RowMajor && m >= kSlabRowsFrom) {
     // small blocks, many rows: x transposed into slabs of 16 rows (8 for
     // batches of <= 8 rows where the kernel has them), in row passes
-    const int sw = kern.narrow_slabs && m <= 8 ? 8 : 16;
     const BandLists lists = kern.scatter ? BandLists::at(packed) : BandLists{};
+    const int sw = lists.goff ? (kern.scatter_sw == 8 || m <= 8 ? 8 : 16) : (kern.narrow_slabs && m <= 8 ? 8 : 16);
     // the scatter kernel reads whole groups of 4 inputs: lines past k are zero
     const int64_t kp = lists.goff ? lists.ngroups * 4 : k;
     std::vector<int32_t> band_ptr;  // first entry of each band, then the end
