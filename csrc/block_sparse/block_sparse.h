@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include <algorithm>
+#include <functional>
 
 #include "common/cpu_features.h"
 #include "common/packed_header.h"
@@ -52,16 +53,16 @@ static_assert(sizeof(PackedHeader) == 64, "header must stay 64 bytes");
 
 int64_t packed_nbytes(int64_t n, int64_t k, int bh, int bw, int64_t nnzb);
 
-// Band lists (layout 2 with bw % 4 == 0; packed after the blocks, 64-byte
-// aligned): the kept weights as entries of one channel x 4 inputs (a 1 x 4
-// block is one entry, a bh x bw block bh x bw / 4), listed per band of
-// band_rows_for(bh) channels (whole block rows) and per group g of 4 inputs
-// (4g .. 4g + 3):
+// Band lists (fp32 blocks of <= kSmallBlockRows rows with bw % 4 == 0;
+// packed after the blocks, 64-byte aligned): the kept
+// weights as entries of one channel x 4 inputs (a 1 x 4 block is one entry,
+// a bh x bw block bh x bw / 4), listed per band of band_rows_for(bh)
+// channels (whole block rows) and per group g of 4 inputs (4g .. 4g + 3):
 //   int32 goff[nbands][ngroups + 1]  entries of (band, g): [goff[band][g], goff[band][g + 1])
 //   uint16 row[nentries]             channel - band * band_rows_for(bh)
 //   fp32 w[nentries][4]              zero past n and k
-// The scatter kernel walks a band group by group: 4 inputs x the slab lines
-// stay in registers while every entry of the group adds into its channel's
+// The scatter kernels walk a band group by group: the group's slab lines of
+// x stay in registers while every entry of the group adds into its channel's
 // partial sums (kept in L1/L2 for the band), so each slab line is read once
 // per band instead of once per block.
 // ~256 channels: a band's partial sums (256 x 4 slabs x 64 B at most) sit in L2.
@@ -70,15 +71,23 @@ inline int64_t band_rows_for(int bh) { return kBandChannels / bh * bh; }
 struct BandLists {
   const int32_t* goff;
   const uint16_t* row;
-  const float* w;
+  const void* w;  // const float [nentries][4]
   int64_t nbands, ngroups, band_rows;
   struct Sizes {
     int64_t nbands, ngroups, nentries, goff_offset, row_offset, w_offset, total;  // total 0: no lists
   };
-  // n_pad: channels padded to bh
-  static Sizes sizes(int64_t n_pad, int64_t k, int bh, int bw, int64_t nnzb);
-  static BandLists at(const uint8_t* packed);  // goff null when the packing has none
+  // n_pad: channels padded to bh; entry_bytes: 16 (fp32)
+  static Sizes sizes(int64_t n_pad, int64_t k, int bh, int bw, int64_t nnzb, int entry_bytes);
+  static BandLists at(const uint8_t* lists, const Sizes& z, int bh);  // lists: where the packing keeps them
+  static BandLists at(const uint8_t* packed);  // fp32 packing; goff null when it has none
 };
+// Writes the lists of a packing (z from sizes()) at `lists` (zeroed first):
+// put(w, entry, r, b, i, q) stores the weights of channel i of block b (block
+// row r), inputs colk[b] + 4q .. + 3, as entry `entry` of the w array.
+void write_band_lists(const int32_t* crow, const int32_t* colk, int64_t nbr, int bh, int bw,
+                      const BandLists::Sizes& z, uint8_t* lists,
+                      const std::function<void(uint8_t* w, int64_t entry, int64_t r, int64_t b, int i, int64_t q)>& put);
+
 // Both packings start alike: the header, then rowptr (= crow) and colk
 // (= col * bw) right after it. Writes them into out; returns colk.
 int32_t* write_header_and_indices(uint8_t* out, uint32_t magic, int32_t layout, int64_t n, int64_t k, int bh, int bw,
@@ -155,6 +164,9 @@ constexpr uint32_t kMagicI8 = 0x38525342u;  // "BSR8"
 constexpr int32_t kLayoutI8K4 = 1;
 
 int64_t packed_nbytes_int8(int64_t n, int64_t k, int bh, int bw, int64_t nnzb);
+// Small blocks with bw % 4 == 0 also keep their values compact (pack_int8.cpp).
+inline bool has_compact_int8(int bh, int bw) { return bh <= kSmallBlockRows && bw % 4 == 0; }
+const int32_t* compact_int8(const uint8_t* packed);  // null when the packing has none
 void pack_int8(const int8_t* values, const int32_t* crow, const int32_t* col, int64_t n, int64_t k, int bh, int bw,
                int64_t nnzb, uint8_t* out);
 const char* check_packed_int8(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k);
@@ -176,8 +188,18 @@ struct GemmArgsI8 {
   void* y;
   int64_t ldy;
   bool y_bf16;
+  const int32_t* w4 = nullptr;  // compact blocks (one word: 4 inputs of a channel) or null
 };
 using GemmI8Fn = void (*)(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1);
+
+// Compact small blocks (g.w4), from 2 rows: xg = the quantized activations
+// regrouped into slabs of sw rows, xg[g][nslabs][sw] int32 (lane: inputs
+// 4g .. 4g + 3 of a row), x block rows [r0, r1).
+using SlabsI8Fn = void (*)(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m, int64_t s0,
+                           int64_t s1, int64_t r0, int64_t r1, int sw);
+// xg slabs [s0, s1) of sw rows from quantized activations q [m, >= 4 ngroups] (row stride lda)
+using PackGroupsFn = void (*)(const int8_t* q, int64_t lda, int64_t m, int64_t ngroups, int32_t* xg,
+                              int64_t nslabs, int64_t s0, int64_t s1, int sw);
 
 struct KernelI8 {
   Isa isa;
@@ -185,6 +207,10 @@ struct KernelI8 {
   int mr;
   uint8_t a_xor;  // 0x80: the kernel takes uint8 activations (comp subtracted)
   GemmI8Fn gemm;
+  SlabsI8Fn slabs = nullptr;  // null: gemm serves small blocks too
+  PackGroupsFn pack_groups = nullptr;
+  int slab_rows = 0;  // rows of an xg slab
+  bool narrow_slabs = false;  // 8-row slabs for batches of <= 8 rows
 };
 const KernelI8& select_kernel_int8();
 
@@ -194,6 +220,8 @@ void linear_int8(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, 
 void qs8_bsr_gemm_scalar(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
 void qs8_bsr_gemm_avx2(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
 void qs8_bsr_gemm_avx512vnni(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
+void qs8_bsr_slabs_avx512vnni(const GemmArgsI8&, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+void qs8_bsr_pack_groups_avx512(const int8_t*, int64_t, int64_t, int64_t, int32_t*, int64_t, int64_t, int64_t, int);
 
 void bsr_gemm_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void bsr_gemm_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);

@@ -3,6 +3,7 @@
 // block rows split over threads by kept blocks, as in the fp32 driver.
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "block_sparse/block_sparse.h"
 #include "common/ladder.h"
@@ -19,13 +20,15 @@ struct EntryI8 {
 };
 
 const EntryI8 kLadderI8[] = {
-    {{Isa::kAvx512Vnni, "qs8_bsr_gemm_6x64c4_avx512vnni", 6, 0x80, qs8_bsr_gemm_avx512vnni},
+    {{Isa::kAvx512Vnni, "qs8_bsr_gemm_6x64c4_avx512vnni", 6, 0x80, qs8_bsr_gemm_avx512vnni, qs8_bsr_slabs_avx512vnni,
+      qs8_bsr_pack_groups_avx512, 16, true},
      int8_gemm::quantize_rows_avx512},
     {{Isa::kAvx2, "qs8_bsr_gemm_4x16c4_avx2", 4, 0x00, qs8_bsr_gemm_avx2}, int8_gemm::quantize_rows_avx2},
     {{Isa::kPortable, "qs8_bsr_gemm_1x16c4_scalar", 1, 0x00, qs8_bsr_gemm_scalar}, int8_gemm::quantize_rows_scalar},
 };
 
 LadderChoice<EntryI8> g_choice_i8;
+thread_local std::vector<int32_t> t_xg;
 
 constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
 
@@ -54,12 +57,31 @@ void linear_int8(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, 
   const size_t ysize = y_bf16 ? 2 : 4;
   const int64_t nbr = h.nbr;
   const int bw4 = static_cast<int>(round_up(h.bw, 4));
+  const int32_t* w4 = kern.slabs && m >= 2 ? compact_int8(packed) : nullptr;
+  const int64_t ngroups = round_up(k, h.bw) / 4;
   int8_gemm::quantized_passes(
       e.quantize, kern.a_xor, kern.mr, x, ldx, x_bf16, m, k, kpad_a(k, h.bw), nthreads,
       [&](const int8_t* q, const float* qs, int64_t lda, int64_t r0, int64_t rows) {
-        const GemmArgsI8 g{q, lda, qs, rowptr, colk, comp, blocks, h.n, h.bh, bw4, h.bh_pad, w_scale, bias,
-                           static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16};
+        GemmArgsI8 g{q, lda, qs, rowptr, colk, comp, blocks, h.n, h.bh, bw4, h.bh_pad, w_scale, bias,
+                     static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16};
         const int64_t nt = std::max<int64_t>(1, nthreads);
+        if (w4) {
+          // small blocks: activations regrouped into slabs, then the slab kernel on the compact blocks
+          g.w4 = w4;
+          const int sw = kern.narrow_slabs && m <= 8 ? 8 : kern.slab_rows;
+          const int64_t slabs = (rows + sw - 1) / sw;
+          if (t_xg.size() < static_cast<size_t>(ngroups * slabs * sw + 16)) t_xg.resize(ngroups * slabs * sw + 16);
+          int32_t* xg = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(t_xg.data()) + 63) & ~uintptr_t(63));
+          parallel_for(slabs, 1, nthreads,
+                       [&](int64_t s0, int64_t s1) { kern.pack_groups(q, lda, rows, ngroups, xg, slabs, s0, s1, sw); });
+          if (nt > 1 && nbr < 2 * nt && slabs >= 2)
+            parallel_for(slabs, 1, nthreads,
+                         [&](int64_t s0, int64_t s1) { kern.slabs(g, xg, slabs, rows, s0, s1, 0, nbr, sw); });
+          else
+            split_by_blocks(rowptr, nbr, h.nnzb, nthreads,
+                            [&](int64_t b0, int64_t b1) { kern.slabs(g, xg, slabs, rows, 0, slabs, b0, b1, sw); });
+          return;
+        }
         if (nt > 1 && nbr < 2 * nt && rows >= 2 * kern.mr) {
           parallel_for(rows, kern.mr, nthreads, [&](int64_t m0, int64_t m1) { kern.gemm(g, m0, m1, 0, nbr); });
         } else {

@@ -15,6 +15,7 @@
 // band_rows_for(bh) channels by group of 4 inputs, in channel order within a group.
 #include <algorithm>
 #include <climits>
+#include <functional>
 #include <cstring>
 #include <vector>
 
@@ -36,7 +37,7 @@ Layout layout(int64_t n, int64_t k, int bh, int bw, int64_t nnzb) {
   l.idx_bytes = 4 * (l.nbr + 1 + nnzb);
   l.data_offset = round_up(static_cast<int64_t>(sizeof(PackedHeader)) + l.idx_bytes, 64);
   l.lists_offset = round_up(l.data_offset + nnzb * bw * l.bh_pad * 4, 64);
-  l.lists = BandLists::sizes(l.nbr * bh, k, bh, bw, nnzb);
+  l.lists = BandLists::sizes(l.nbr * bh, k, bh, bw, nnzb, 16);
   l.total = l.lists.total > 0 ? l.lists_offset + l.lists.total : l.data_offset + nnzb * bw * l.bh_pad * 4;
   return l;
 }
@@ -47,7 +48,7 @@ int64_t packed_nbytes(int64_t n, int64_t k, int bh, int bw, int64_t nnzb) {
   return layout(n, k, bh, bw, nnzb).total;
 }
 
-BandLists::Sizes BandLists::sizes(int64_t n_pad, int64_t k, int bh, int bw, int64_t nnzb) {
+BandLists::Sizes BandLists::sizes(int64_t n_pad, int64_t k, int bh, int bw, int64_t nnzb, int entry_bytes) {
   Sizes z{};
   if (bh > kSmallBlockRows || bw % 4 != 0) return z;
   z.nbands = (n_pad + band_rows_for(bh) - 1) / band_rows_for(bh);
@@ -57,24 +58,60 @@ BandLists::Sizes BandLists::sizes(int64_t n_pad, int64_t k, int bh, int bw, int6
   z.goff_offset = 64;
   z.row_offset = round_up(z.goff_offset + 4 * z.nbands * (z.ngroups + 1), 64);
   z.w_offset = round_up(z.row_offset + 2 * z.nentries, 64);
-  z.total = z.w_offset + 16 * z.nentries;
+  z.total = z.w_offset + entry_bytes * z.nentries;
   return z;
+}
+
+BandLists BandLists::at(const uint8_t* lists, const Sizes& z, int bh) {
+  BandLists b{};
+  if (z.total == 0) return b;
+  b.goff = reinterpret_cast<const int32_t*>(lists + z.goff_offset);
+  b.row = reinterpret_cast<const uint16_t*>(lists + z.row_offset);
+  b.w = lists + z.w_offset;
+  b.nbands = z.nbands;
+  b.ngroups = z.ngroups;
+  b.band_rows = band_rows_for(bh);
+  return b;
 }
 
 BandLists BandLists::at(const uint8_t* packed) {
   PackedHeader h;
   std::memcpy(&h, packed, sizeof(h));
   const Layout l = layout(h.n, h.k, h.bh, h.bw, h.nnzb);
-  BandLists b{};
-  if (l.lists.total == 0) return b;
-  const uint8_t* base = packed + l.lists_offset;
-  b.goff = reinterpret_cast<const int32_t*>(base + l.lists.goff_offset);
-  b.row = reinterpret_cast<const uint16_t*>(base + l.lists.row_offset);
-  b.w = reinterpret_cast<const float*>(base + l.lists.w_offset);
-  b.nbands = l.lists.nbands;
-  b.ngroups = l.lists.ngroups;
-  b.band_rows = band_rows_for(h.bh);
-  return b;
+  return at(packed + l.lists_offset, l.lists, h.bh);
+}
+
+void write_band_lists(const int32_t* crow, const int32_t* colk, int64_t nbr, int bh, int bw,
+                      const BandLists::Sizes& z, uint8_t* lists,
+                      const std::function<void(uint8_t* w, int64_t entry, int64_t r, int64_t b, int i, int64_t q)>& put) {
+  std::memset(lists, 0, z.total);
+  int32_t* goff = reinterpret_cast<int32_t*>(lists + z.goff_offset);
+  uint16_t* rows = reinterpret_cast<uint16_t*>(lists + z.row_offset);
+  uint8_t* ws = lists + z.w_offset;
+  const int64_t gpb = bw / 4, ng = z.ngroups, br = band_rows_for(bh);
+  std::vector<int32_t> fill(ng);
+  int64_t e = 0;
+  for (int64_t band = 0; band < z.nbands; ++band) {
+    int32_t* go = goff + band * (ng + 1);
+    const int64_t c0 = band * br, c1 = std::min<int64_t>(c0 + br, nbr * bh);
+    const int64_t r0 = c0 / bh, r1 = c1 / bh;  // whole block rows
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t b = crow[r]; b < crow[r + 1]; ++b)
+        for (int64_t q = 0; q < gpb; ++q) go[colk[b] / 4 + q + 1] += bh;
+    go[0] = static_cast<int32_t>(e);
+    for (int64_t gi = 0; gi < ng; ++gi) go[gi + 1] += go[gi];
+    for (int64_t gi = 0; gi < ng; ++gi) fill[gi] = go[gi];
+    // channels in increasing order: block rows in order, then the rows of a block
+    for (int64_t r = r0; r < r1; ++r)
+      for (int i = 0; i < bh; ++i)
+        for (int64_t b = crow[r]; b < crow[r + 1]; ++b)
+          for (int64_t q = 0; q < gpb; ++q) {
+            const int32_t at = fill[colk[b] / 4 + q]++;
+            rows[at] = static_cast<uint16_t>(r * bh + i - c0);
+            put(ws, at, r, b, i, q);
+          }
+    e = go[ng];
+  }
 }
 
 int32_t* write_header_and_indices(uint8_t* out, uint32_t magic, int32_t layout, int64_t n, int64_t k, int bh, int bw,
@@ -123,42 +160,12 @@ void pack(const float* values, const int32_t* crow, const int32_t* col, int64_t 
     }
   }
   if (l.lists.total == 0) return;
-  // band lists: per band and group of 4 inputs, the entries (channel in
-  // band, 4 weights) in channel order; padding between the arrays zero
-  const BandLists::Sizes& z = l.lists;
-  uint8_t* base = out + l.lists_offset;
   std::memset(out + l.data_offset + nnzb * bw * bh * 4, 0, l.lists_offset - (l.data_offset + nnzb * bw * bh * 4));
-  std::memset(base, 0, z.total);
-  int32_t* goff = reinterpret_cast<int32_t*>(base + z.goff_offset);
-  uint16_t* rows = reinterpret_cast<uint16_t*>(base + z.row_offset);
-  float* ws = reinterpret_cast<float*>(base + z.w_offset);
-  const int64_t gpb = bw / 4, ng = z.ngroups;
-  std::vector<int32_t> fill(ng);
-  int64_t e = 0;
-  for (int64_t band = 0; band < z.nbands; ++band) {
-    int32_t* go = goff + band * (ng + 1);
-    const int64_t c0 = band * band_rows_for(bh), c1 = std::min<int64_t>(c0 + band_rows_for(bh), l.nbr * bh);
-    const int64_t r0 = c0 / bh, r1 = c1 / bh;  // whole block rows
-    std::fill(go, go + ng + 1, 0);
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t b = crow[r]; b < crow[r + 1]; ++b)
-        for (int64_t q = 0; q < gpb; ++q) go[colk[b] / 4 + q + 1] += bh;
-    go[0] = static_cast<int32_t>(e);
-    for (int64_t gi = 0; gi < ng; ++gi) go[gi + 1] += go[gi];
-    for (int64_t gi = 0; gi < ng; ++gi) fill[gi] = go[gi];
-    // channels in increasing order: block rows in order, then the rows of a block
-    for (int64_t r = r0; r < r1; ++r)
-      for (int i = 0; i < bh; ++i)
-        for (int64_t b = crow[r]; b < crow[r + 1]; ++b) {
-          const float* blk = d + b * bw * bh;  // row-major [bh][bw], zeros past n and k
-          for (int64_t q = 0; q < gpb; ++q) {
-            const int32_t at = fill[colk[b] / 4 + q]++;
-            rows[at] = static_cast<uint16_t>(r * bh + i - c0);
-            std::memcpy(ws + 4 * at, blk + i * bw + 4 * q, 16);
-          }
-        }
-    e = go[ng];
-  }
+  write_band_lists(crow, colk, l.nbr, bh, bw, l.lists, out + l.lists_offset,
+                   [&](uint8_t* ws, int64_t at, int64_t /*r*/, int64_t b, int i, int64_t q) {
+                     // the packed block: row-major [bh][bw], zeros past n and k
+                     std::memcpy(ws + 16 * at, d + b * bw * bh + i * bw + 4 * q, 16);
+                   });
 }
 
 const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k) {

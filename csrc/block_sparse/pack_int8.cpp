@@ -1,7 +1,10 @@
 // Packing of BSR int8 weights ("BSR_I8_K4", see block_sparse.h):
 //
 //   header (64 B) | int32 rowptr[nbr + 1] | int32 colk[nnzb] | pad to 64 B |
-//   int32 comp[nbr][bh_pad] | blocks: [nnzb][bw4 / 4][bh_pad][4] int8
+//   int32 comp[nbr][bh_pad] | blocks: [nnzb][bw4 / 4][bh_pad][4] int8 |
+//   blocks of <= kSmallBlockRows rows with bw % 4 == 0: pad to 64 B, the
+//   compact blocks [nnzb][bh][bw] int8 (zero past n and k), read as one
+//   32-bit word per channel and group of 4 inputs
 #include <cstring>
 
 #include "block_sparse/block_sparse.h"
@@ -11,10 +14,10 @@ namespace block_sparse {
 namespace {
 
 struct Layout {
-  int64_t nbr, bh_pad, bw4, idx_bytes, comp_offset, data_offset, total;
+  int64_t nbr, bh_pad, bw4, idx_bytes, comp_offset, data_offset, compact_offset, total;
 };
 
-Layout layout(int64_t n, int bh, int bw, int64_t nnzb) {
+Layout layout(int64_t n, int64_t k, int bh, int bw, int64_t nnzb) {
   Layout l;
   l.nbr = (n + bh - 1) / bh;
   l.bh_pad = round_up(bh, kChannelPad);
@@ -22,19 +25,27 @@ Layout layout(int64_t n, int bh, int bw, int64_t nnzb) {
   l.idx_bytes = 4 * (l.nbr + 1 + nnzb);
   l.comp_offset = round_up(static_cast<int64_t>(sizeof(PackedHeader)) + l.idx_bytes, 64);
   l.data_offset = round_up(l.comp_offset + 4 * l.nbr * l.bh_pad, 64);
-  l.total = l.data_offset + nnzb * l.bw4 * l.bh_pad;
+  l.compact_offset = round_up(l.data_offset + nnzb * l.bw4 * l.bh_pad, 64);
+  l.total = has_compact_int8(bh, bw) ? l.compact_offset + nnzb * bh * bw : l.data_offset + nnzb * l.bw4 * l.bh_pad;
   return l;
 }
 
 }  // namespace
 
-int64_t packed_nbytes_int8(int64_t n, int64_t /*k*/, int bh, int bw, int64_t nnzb) {
-  return layout(n, bh, bw, nnzb).total;
+int64_t packed_nbytes_int8(int64_t n, int64_t k, int bh, int bw, int64_t nnzb) {
+  return layout(n, k, bh, bw, nnzb).total;
+}
+
+const int32_t* compact_int8(const uint8_t* packed) {
+  PackedHeader h;
+  std::memcpy(&h, packed, sizeof(h));
+  if (!has_compact_int8(h.bh, h.bw)) return nullptr;
+  return reinterpret_cast<const int32_t*>(packed + layout(h.n, h.k, h.bh, h.bw, h.nnzb).compact_offset);
 }
 
 void pack_int8(const int8_t* values, const int32_t* crow, const int32_t* col, int64_t n, int64_t k, int bh, int bw,
                int64_t nnzb, uint8_t* out) {
-  const Layout l = layout(n, bh, bw, nnzb);
+  const Layout l = layout(n, k, bh, bw, nnzb);
   std::memset(out, 0, l.total);
   const int32_t* colk = write_header_and_indices(out, kMagicI8, kLayoutI8K4, n, k, bh, bw, l.bh_pad, l.nbr, nnzb,
                                                  l.data_offset, crow, col);
@@ -52,6 +63,13 @@ void pack_int8(const int8_t* values, const int32_t* crow, const int32_t* col, in
       }
     }
   }
+  if (!has_compact_int8(bh, bw)) return;
+  int8_t* c = reinterpret_cast<int8_t*>(out + l.compact_offset);
+  for (int64_t r = 0; r < l.nbr; ++r)
+    for (int64_t b = crow[r]; b < crow[r + 1]; ++b)
+      for (int i = 0; i < bh && r * bh + i < n; ++i)
+        for (int j = 0; j < bw && colk[b] + j < k; ++j)  // canonical values past n or k may hold anything
+          c[(b * bh + i) * bw + j] = values[(b * bh + i) * bw + j];
 }
 
 const char* check_packed_int8(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k) {

@@ -3,17 +3,41 @@
 // of 4 inputs of a block: V weight loads, MR dword broadcasts of uint8
 // activations, MR * V vpdpbusd. Accumulators start at -comp (the uint8 offset
 // of the kept weights) and end in int8_gemm's dequantization epilogue.
+//
+// Small blocks (bh <= 8, bw % 4 == 0): the slab kernel on the compact blocks.
+// Activations regrouped into 16-row slabs, one dword (4 inputs of a row) per
+// lane: xg[g][nslabs][16] (4 KiB a slab per 256 inputs: S slabs of a K = 4096
+// layer sit in L2). Per channel of a block row and per group of 4 inputs of
+// its blocks: one broadcast of the channel's 4 weights and S vpdpbusd with
+// the S slab lines, into U accumulator sets taken block by block (U x S >= 8
+// chains; the first set starts at -comp); results staged per 16 block rows and moved by 16 x 16 transposes
+// to the same epilogue.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "block_sparse/block_sparse.h"
+#include "common/transpose_avx512.h"
 #include "int8_gemm/epilogue_avx512.h"
 
 namespace pyaccel {
 namespace block_sparse {
 namespace {
+
+// int8_gemm's epilogue reads scales, bias and y from its own argument struct
+// (channels past n not written).
+inline int8_gemm::GemmArgs epilogue_args(const GemmArgsI8& g, int64_t n) {
+  int8_gemm::GemmArgs e{};
+  e.w_scale = g.w_scale;
+  e.bias = g.bias;
+  e.c = g.y;
+  e.ldc = g.ldy;
+  e.c_bf16 = g.y_bf16;
+  e.n = n;
+  return e;
+}
 
 inline int32_t load32(const int8_t* p) {
   int32_t v;
@@ -44,13 +68,8 @@ inline void tile(const GemmArgsI8& g, int64_t m, int64_t r, int ch0) {
     }
   }
   const int64_t n0 = r * g.bh + ch0;
-  int8_gemm::GemmArgs e{};
-  e.w_scale = g.w_scale;
-  e.bias = g.bias;
-  e.c = g.y;
-  e.ldc = g.ldy;
-  e.c_bf16 = g.y_bf16;
-  e.n = std::min<int64_t>(r * g.bh + g.bh, g.n);  // the channels of this block row that exist
+  // the channels of this block row that exist
+  const int8_gemm::GemmArgs e = epilogue_args(g, std::min<int64_t>(r * g.bh + g.bh, g.n));
   for (int v = 0; v < V; ++v) {
     if (n0 + 16 * v >= e.n) break;
     for (int i = 0; i < R; ++i) int8_gemm::avx512::store16(e, acc[i][v], g.a_scale[m + i], m + i, n0 + 16 * v);
@@ -75,6 +94,115 @@ inline void rows_of_chunk(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r
   }
 }
 
+// int32 slab lines of W rows: zmm (16) or, for batches of <= 8 rows, ymm (8:
+// on Zen 4 a ymm vpdpbusd does the work of a half-empty zmm one, and the
+// slabs of a K = 4096 layer fit L1).
+struct Z16 {
+  using T = __m512i;
+  static constexpr int W = 16;
+  static T zero() { return _mm512_setzero_si512(); }
+  static T set1(int32_t v) { return _mm512_set1_epi32(v); }
+  static T load(const int32_t* p) { return _mm512_load_si512(p); }
+  static T dot(T acc, const int32_t* x, T w) { return _mm512_dpbusd_epi32(acc, _mm512_load_si512(x), w); }
+  static T add(T a, T b) { return _mm512_add_epi32(a, b); }
+  static void store(int32_t* p, T v) { _mm512_store_si512(p, v); }
+  static __m512 to_zmm(T v) { return _mm512_castsi512_ps(v); }
+};
+struct Y8 {
+  using T = __m256i;
+  static constexpr int W = 8;
+  static T zero() { return _mm256_setzero_si256(); }
+  static T set1(int32_t v) { return _mm256_set1_epi32(v); }
+  static T load(const int32_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+  static T dot(T acc, const int32_t* x, T w) { return _mm256_dpbusd_epi32(acc, load(x), w); }
+  static T add(T a, T b) { return _mm256_add_epi32(a, b); }
+  static void store(int32_t* p, T v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
+  static __m512 to_zmm(T v) { return _mm512_castsi512_ps(_mm512_zextsi256_si512(v)); }
+};
+
+// Rows [W s, W (s + S)) x the channels of block rows [r0, r1), in runs of
+// 16 block rows whose results are staged, then flushed. GPB: groups of 4
+// inputs a block (bw / 4) when 1, else 0 (read at run time). K is not cut
+// into L1-sized chunks: at 90 % zero 1 x 4 blocks that ran 1.5 - 2x slower
+// (a channel has few blocks a chunk; finding them and the partial sums' round
+// trip cost more than the L2 reads saved).
+template <typename V, int S, int GPB>
+void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m, int64_t s, int64_t r0, int64_t r1,
+               int32_t* stage) {
+  constexpr int L = S * V::W;
+  constexpr int64_t kRunRows = 16;
+  const int64_t gpb = GPB > 0 ? GPB : g.bw4 / 4;
+  const int64_t line = nslabs * V::W;  // int32 between one group's slab lines and the next group's
+  int8_gemm::GemmArgs e = epilogue_args(g, 0);
+  for (int64_t rf = r0; rf < r1; rf += kRunRows) {
+    const int64_t rl = std::min<int64_t>(r1, rf + kRunRows);
+    const int64_t cbeg = rf * g.bh, cend = std::min<int64_t>(rl * g.bh, g.n);
+    for (int64_t r = rf; r < rl; ++r) {
+      const int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
+      for (int i = 0; i < g.bh && r * g.bh + i < cend; ++i) {
+        // U accumulator sets, one block each in turn: U x S independent vpdpbusd chains
+        constexpr int U = S >= 2 ? 2 : 4;
+        typename V::T acc[U][S];
+        for (int u = 0; u < U; ++u)
+          for (int t = 0; t < S; ++t) acc[u][t] = V::zero();
+        for (int t = 0; t < S; ++t) acc[0][t] = V::set1(-g.comp[r * g.bh_pad + i]);
+        const int32_t* wi = g.w4 + i * gpb;  // channel i of block b at wi + b * bh * gpb
+        const int32_t* xs = xg + s * V::W;
+        auto add_block = [&](int64_t b, typename V::T (&a)[S]) {
+          const int32_t* w = wi + b * g.bh * gpb;
+          const int32_t* xb = xs + g.colk[b] / 4 * line;
+          for (int64_t q = 0; q < gpb; ++q) {
+            const typename V::T wv = V::set1(w[q]);
+#pragma GCC unroll 8
+            for (int t = 0; t < S; ++t) a[t] = V::dot(a[t], xb + q * line + t * V::W, wv);
+          }
+        };
+        int64_t b = b0;
+        for (; b + U <= b1; b += U)
+#pragma GCC unroll 8
+          for (int u = 0; u < U; ++u) add_block(b + u, acc[u]);
+        for (; b < b1; ++b) add_block(b, acc[0]);
+        for (int u = 1; u < U; ++u)
+          for (int t = 0; t < S; ++t) acc[0][t] = V::add(acc[0][t], acc[u][t]);
+        int32_t* st = stage + (r * g.bh + i - cbeg) * L;
+        for (int t = 0; t < S; ++t) V::store(st + t * V::W, acc[0][t]);
+      }
+    }
+    e.n = cend;  // this run's channels only (the next belongs to another thread)
+    for (int64_t c = cbeg; c < cend; c += 16) {
+      const int nc = static_cast<int>(std::min<int64_t>(16, cend - c));
+      for (int t = 0; t < S; ++t) {
+        const int64_t row0 = (s + t) * V::W;
+        if (row0 >= m) break;
+        const int rows = static_cast<int>(std::min<int64_t>(V::W, m - row0));
+        __m512 rr[16], o[16];
+        for (int q = 0; q < 16; ++q)
+          rr[q] = q < nc ? V::to_zmm(V::load(stage + (c - cbeg + q) * L + t * V::W)) : _mm512_setzero_ps();
+        transpose16x16(rr, o);
+        for (int l = 0; l < rows; ++l)
+          int8_gemm::avx512::store16(e, _mm512_castps_si512(o[l]), g.a_scale[row0 + l], row0 + l, c);
+      }
+    }
+  }
+}
+
+thread_local std::vector<int32_t> t_stage;
+
+template <typename V, int GPB>
+void slab_runs(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
+               int64_t r0, int64_t r1) {
+  const size_t words = 16 * kSmallBlockRows * 4 * 16 + 16;  // 16 block rows x bh channels x S x W
+  if (t_stage.size() < words) t_stage.resize(words);
+  int32_t* stage = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(t_stage.data()) + 63) & ~uintptr_t(63));
+  int64_t s = s0;
+  for (; s + 4 <= s1; s += 4) slab_rows<V, 4, GPB>(g, xg, nslabs, m, s, r0, r1, stage);
+  if (s + 2 <= s1) {
+    slab_rows<V, 2, GPB>(g, xg, nslabs, m, s, r0, r1, stage);
+    s += 2;
+  }
+  for (; s < s1; ++s) slab_rows<V, 1, GPB>(g, xg, nslabs, m, s, r0, r1, stage);
+}
+
 }  // namespace
 
 void qs8_bsr_gemm_avx512vnni(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
@@ -91,6 +219,38 @@ void qs8_bsr_gemm_avx512vnni(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_
         case 16: rows_of_chunk<12, 1>(g, ma, mb, r, ch); break;
         default: break;
       }
+    }
+  }
+}
+
+void qs8_bsr_slabs_avx512vnni(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m, int64_t s0,
+                              int64_t s1, int64_t r0, int64_t r1, int sw) {
+  if (sw == 8) {
+    if (g.bw4 == 4) slab_runs<Y8, 1>(g, xg, nslabs, m, s0, s1, r0, r1);
+    else slab_runs<Y8, 0>(g, xg, nslabs, m, s0, s1, r0, r1);
+  } else {
+    if (g.bw4 == 4) slab_runs<Z16, 1>(g, xg, nslabs, m, s0, s1, r0, r1);
+    else slab_runs<Z16, 0>(g, xg, nslabs, m, s0, s1, r0, r1);
+  }
+}
+
+void qs8_bsr_pack_groups_avx512(const int8_t* q, int64_t lda, int64_t m, int64_t ngroups, int32_t* xg,
+                                int64_t nslabs, int64_t s0, int64_t s1, int sw) {
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t rows = std::min<int64_t>(sw, m - s * sw);
+    for (int64_t g0 = 0; g0 < ngroups; g0 += 16) {
+      const int gn = static_cast<int>(std::min<int64_t>(16, ngroups - g0));
+      const __mmask16 mask = gn >= 16 ? __mmask16(0xffff) : __mmask16((1u << gn) - 1);
+      __m512 r[16], c[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < rows ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(mask, q + (s * sw + i) * lda + 4 * g0))
+                        : _mm512_setzero_ps();
+      transpose16x16(r, c);  // c[j]: group g0 + j of the slab's rows (8-row slabs: the low 8 lanes)
+      float* out = reinterpret_cast<float*>(xg) + s * sw;
+      if (sw == 8)
+        for (int j = 0; j < gn; ++j) _mm256_store_ps(out + (g0 + j) * nslabs * 8, _mm512_castps512_ps256(c[j]));
+      else
+        for (int j = 0; j < gn; ++j) _mm512_store_ps(out + (g0 + j) * nslabs * 16, c[j]);
     }
   }
 }

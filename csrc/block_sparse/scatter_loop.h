@@ -77,7 +77,7 @@ inline void scatter_groups(const BandLists& bl, const float* xs, int64_t line, i
       for (int t = 0; t < S; ++t) x[j][t] = V::load(xg + j * line + t * V::W);
     for (int32_t e = e0; e < e1; ++e) {
       float* p = part + bl.row[e] * L;
-      const float* w = bl.w + 4 * static_cast<int64_t>(e);
+      const float* w = static_cast<const float*>(bl.w) + 4 * static_cast<int64_t>(e);
       const typename V::T w0 = V::set1(w[0]), w1 = V::set1(w[1]), w2 = V::set1(w[2]), w3 = V::set1(w[3]);
 #pragma GCC unroll 4
       for (int t = 0; t < S; ++t) {

@@ -261,6 +261,38 @@ def test_int8_kernels_match_reference(isa, gen, block):
 
 
 @needs_native
+@pytest.mark.parametrize("block", [(1, 4), (2, 8), (8, 4), (3, 6)])
+def test_int8_small_block_slab_kernel(isa, gen, block):
+    """int8 blocks of <= 8 rows with bw % 4 == 0 from 2 rows of x on AVX-512
+    VNNI: the compact blocks and the slab kernel (activations regrouped into
+    slabs of 16 rows, 8 up to m = 8; 4 / 2 / 1 slabs a pass; runs of 16 block
+    rows staged and flushed; k = 1101 cuts the last group). Every row of a
+    batch equals that row alone (the one-row path is the padded-block kernel):
+    the int32 sums are exact, the epilogue the same. Extremes: blocks of +-127
+    and activations at the quantizer's ends."""
+    k = 1101
+    for n, ms in ((70, (2, 7, 8, 9, 17, 40, 130)), (600, (5, 33)), (1100, (8, 64))):
+        w = _weight(n, k, block, 0.7, gen)
+        bsw, scale = bsf.quantize_blocks(bsf.compress(w, block))
+        bsw.values[0].fill_(127)
+        bsw.values[-1].fill_(-127)
+        bias = torch.randn(n, generator=gen)
+        for m in ms:
+            x = torch.randn(m, k, generator=gen) * 10
+            x[0, :8] = torch.tensor([1e3, -1e3, 5, -5, 0, 1e3, -1e3, 1])
+            y = _run_int8(x, bsw, scale, bias)
+            ref = reference.block_sparse_int8_linear(x, bsw.values, bsw.crow_indices, bsw.col_indices, n, k,
+                                                     scale, bias)
+            assert_epilogue_close(y, ref, f"{block} n={n} m={m}")
+            rows = torch.cat([_run_int8(x[i:i + 1], bsw, scale, bias) for i in range(min(m, 9))])
+            assert torch.equal(y[:rows.shape[0]], rows), f"{block} n={n} m={m}: batch != rows alone"
+    xb = torch.randn(21, k, generator=gen).to(torch.bfloat16)
+    yb = _run_int8(xb, bsw, scale, bias)
+    assert yb.dtype == torch.bfloat16
+    assert torch.equal(yb[:3], torch.cat([_run_int8(xb[i:i + 1], bsw, scale, bias) for i in range(3)]))
+
+
+@needs_native
 def test_int8_padding_entries_never_count(isa, gen):
     """Canonical padding past k and n may hold anything (a foreign checkpoint): never read."""
     n, k = 30, 37
