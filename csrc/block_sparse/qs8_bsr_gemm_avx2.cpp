@@ -2,13 +2,24 @@
 // lanes) of one block row. Per group of 4 inputs: the sign trick
 // (vpmaddubsw(|a|, sign(w, a)): pair sums <= 2 * 127 * 127 never saturate),
 // vpmaddwd with ones, vpaddd. Signed activations: no offset to subtract.
+//
+// Small blocks with compact values (block_sparse.h): the slab kernel on
+// 8-row slabs of regrouped activations (xg[g][slab][8] int32), 2 or 1 a pass.
+// Per channel and group of its blocks: |w| of the channel's broadcast word,
+// then per slab line vpsignb (x takes w's signs), vpmaddubsw(|w|, .),
+// vpmaddwd with ones, vpaddd; 4 / 2 accumulator sets taken block by block.
+// Results staged per 16 block rows, moved by 8 x 8 transposes to int8_gemm's
+// AVX2 epilogue.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "block_sparse/block_sparse.h"
+#include "common/transpose_avx2.h"
 #include "int8_gemm/int8_gemm.h"
+#include "int8_gemm/qs8_gemm_avx2_tile.h"
 
 namespace pyaccel {
 namespace block_sparse {
@@ -50,6 +61,83 @@ inline void tile(const GemmArgsI8& g, int64_t m, int64_t r, int ch0) {
   }
 }
 
+template <int S, int GPB>
+void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m, int64_t s, int64_t r0, int64_t r1,
+               int32_t* stage) {
+  constexpr int L = S * 8;
+  constexpr int64_t kRunRows = 16;
+  constexpr int U = S >= 2 ? 2 : 4;
+  const int64_t gpb = GPB > 0 ? GPB : g.bw4 / 4;
+  const int64_t line = nslabs * 8;
+  const __m256i ones = _mm256_set1_epi16(1);
+  int8_gemm::GemmArgs e{};
+  e.w_scale = g.w_scale;
+  e.bias = g.bias;
+  e.c = g.y;
+  e.ldc = g.ldy;
+  e.c_bf16 = g.y_bf16;
+  for (int64_t rf = r0; rf < r1; rf += kRunRows) {
+    const int64_t rl = std::min<int64_t>(r1, rf + kRunRows);
+    const int64_t cbeg = rf * g.bh, cend = std::min<int64_t>(rl * g.bh, g.n);
+    for (int64_t r = rf; r < rl; ++r) {
+      const int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
+      for (int i = 0; i < g.bh && r * g.bh + i < cend; ++i) {
+        __m256i acc[U][S];
+        for (int u = 0; u < U; ++u)
+          for (int t = 0; t < S; ++t) acc[u][t] = _mm256_setzero_si256();
+        const int32_t* wi = g.w4 + i * gpb;
+        const int32_t* xs = xg + s * 8;
+        auto add_block = [&](int64_t b, __m256i (&a)[S]) {
+          const int32_t* w = wi + b * g.bh * gpb;
+          const int32_t* xb = xs + g.colk[b] / 4 * line;
+          for (int64_t q = 0; q < gpb; ++q) {
+            const __m256i wv = _mm256_set1_epi32(w[q]), wa = _mm256_abs_epi8(wv);
+            for (int t = 0; t < S; ++t) {
+              const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + q * line + t * 8));
+              a[t] = _mm256_add_epi32(a[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, wv)), ones));
+            }
+          }
+        };
+        int64_t b = b0;
+        for (; b + U <= b1; b += U)
+          for (int u = 0; u < U; ++u) add_block(b + u, acc[u]);
+        for (; b < b1; ++b) add_block(b, acc[0]);
+        for (int u = 1; u < U; ++u)
+          for (int t = 0; t < S; ++t) acc[0][t] = _mm256_add_epi32(acc[0][t], acc[u][t]);
+        int32_t* st = stage + (r * g.bh + i - cbeg) * L;
+        for (int t = 0; t < S; ++t) _mm256_store_si256(reinterpret_cast<__m256i*>(st + t * 8), acc[0][t]);
+      }
+    }
+    e.n = cend;  // this run's channels only (the next belongs to another thread)
+    for (int64_t c = cbeg; c < cend; c += 8) {
+      const int nc = static_cast<int>(std::min<int64_t>(8, cend - c));
+      for (int t = 0; t < S; ++t) {
+        const int64_t row0 = (s + t) * 8;
+        if (row0 >= m) break;
+        const int rows = static_cast<int>(std::min<int64_t>(8, m - row0));
+        __m256 rr[8];
+        for (int q = 0; q < 8; ++q)
+          rr[q] = q < nc ? _mm256_castsi256_ps(
+                               _mm256_load_si256(reinterpret_cast<const __m256i*>(stage + (c - cbeg + q) * L + t * 8)))
+                         : _mm256_setzero_ps();
+        transpose8x8(rr);
+        for (int l = 0; l < rows; ++l)
+          int8_gemm::avx2_tile::store8(e, _mm256_castps_si256(rr[l]), g.a_scale[row0 + l], row0 + l, c);
+      }
+    }
+  }
+}
+
+template <int GPB>
+void slab_runs(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
+               int64_t r0, int64_t r1, int32_t* stage) {
+  int64_t s = s0;
+  for (; s + 2 <= s1; s += 2) slab_rows<2, GPB>(g, xg, nslabs, m, s, r0, r1, stage);
+  for (; s < s1; ++s) slab_rows<1, GPB>(g, xg, nslabs, m, s, r0, r1, stage);
+}
+
+thread_local std::vector<int32_t> t_stage;
+
 }  // namespace
 
 void qs8_bsr_gemm_avx2(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
@@ -68,6 +156,43 @@ void qs8_bsr_gemm_avx2(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, 
           default: break;
         }
       }
+    }
+  }
+}
+
+void qs8_bsr_slabs_avx2(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
+                        int64_t r0, int64_t r1, int /*sw: 8 here*/) {
+  const size_t words = 16 * kSmallBlockRows * 2 * 8 + 8;
+  if (t_stage.size() < words) t_stage.resize(words);
+  int32_t* stage = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(t_stage.data()) + 31) & ~uintptr_t(31));
+  if (g.bw4 == 4)
+    slab_runs<1>(g, xg, nslabs, m, s0, s1, r0, r1, stage);
+  else
+    slab_runs<0>(g, xg, nslabs, m, s0, s1, r0, r1, stage);
+}
+
+// 8-row slabs: 8 x 8 blocks of activation words transposed in registers (a
+// block cut by m or the group count through a zero-padded copy).
+void qs8_bsr_pack_groups_avx2(const int8_t* q, int64_t lda, int64_t m, int64_t ngroups, int32_t* xg, int64_t nslabs,
+                              int64_t s0, int64_t s1, int /*sw: 8 here*/) {
+  for (int64_t s = s0; s < s1; ++s) {
+    const int rows = static_cast<int>(std::min<int64_t>(8, m - s * 8));
+    for (int64_t g0 = 0; g0 < ngroups; g0 += 8) {
+      const int gn = static_cast<int>(std::min<int64_t>(8, ngroups - g0));
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        if (i >= rows) {
+          r[i] = _mm256_setzero_ps();
+        } else if (gn == 8) {
+          r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(q + (s * 8 + i) * lda + 4 * g0));
+        } else {
+          alignas(32) int32_t tmp[8] = {};
+          std::memcpy(tmp, q + (s * 8 + i) * lda + 4 * g0, 4 * gn);
+          r[i] = _mm256_load_ps(reinterpret_cast<const float*>(tmp));
+        }
+      }
+      transpose8x8(r);
+      for (int j = 0; j < gn; ++j) _mm256_store_ps(reinterpret_cast<float*>(xg + ((g0 + j) * nslabs + s) * 8), r[j]);
     }
   }
 }
