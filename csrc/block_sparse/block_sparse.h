@@ -19,6 +19,7 @@
 #include "common/cpu_features.h"
 #include "common/packed_header.h"
 #include "common/parallel.h"
+#include "int8_gemm/int8_gemm.h"
 
 namespace pyaccel {
 namespace block_sparse {
@@ -191,6 +192,18 @@ struct GemmArgsI8 {
   const int32_t* w4 = nullptr;  // compact blocks (one word: 4 inputs of a channel) or null
 };
 using GemmI8Fn = void (*)(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1);
+// int8_gemm's epilogues read scales, bias and y from its own argument struct
+// (channels past n not written).
+inline int8_gemm::GemmArgs epilogue_args(const GemmArgsI8& g, int64_t n) {
+  int8_gemm::GemmArgs e{};
+  e.w_scale = g.w_scale;
+  e.bias = g.bias;
+  e.c = g.y;
+  e.ldc = g.ldy;
+  e.c_bf16 = g.y_bf16;
+  e.n = n;
+  return e;
+}
 
 // Compact small blocks (g.w4), from 2 rows: xg = the quantized activations
 // regrouped into slabs of sw rows, xg[g][nslabs][sw] int32 (lane: inputs

@@ -70,12 +70,7 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m
   const int64_t gpb = GPB > 0 ? GPB : g.bw4 / 4;
   const int64_t line = nslabs * 8;
   const __m256i ones = _mm256_set1_epi16(1);
-  int8_gemm::GemmArgs e{};
-  e.w_scale = g.w_scale;
-  e.bias = g.bias;
-  e.c = g.y;
-  e.ldc = g.ldy;
-  e.c_bf16 = g.y_bf16;
+  int8_gemm::GemmArgs e = epilogue_args(g, 0);
   for (int64_t rf = r0; rf < r1; rf += kRunRows) {
     const int64_t rl = std::min<int64_t>(r1, rf + kRunRows);
     const int64_t cbeg = rf * g.bh, cend = std::min<int64_t>(rl * g.bh, g.n);

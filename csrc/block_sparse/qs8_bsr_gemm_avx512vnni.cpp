@@ -26,19 +26,6 @@ namespace pyaccel {
 namespace block_sparse {
 namespace {
 
-// int8_gemm's epilogue reads scales, bias and y from its own argument struct
-// (channels past n not written).
-inline int8_gemm::GemmArgs epilogue_args(const GemmArgsI8& g, int64_t n) {
-  int8_gemm::GemmArgs e{};
-  e.w_scale = g.w_scale;
-  e.bias = g.bias;
-  e.c = g.y;
-  e.ldc = g.ldy;
-  e.c_bf16 = g.y_bf16;
-  e.n = n;
-  return e;
-}
-
 inline int32_t load32(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
