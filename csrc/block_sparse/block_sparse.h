@@ -165,7 +165,10 @@ constexpr uint32_t kMagicI8 = 0x38525342u;  // "BSR8"
 constexpr int32_t kLayoutI8K4 = 1;
 
 int64_t packed_nbytes_int8(int64_t n, int64_t k, int bh, int bw, int64_t nnzb);
-// Small blocks with bw % 4 == 0 also keep their values compact (pack_int8.cpp).
+// Small blocks with bw % 4 == 0 also keep their values compact (pack_int8.cpp):
+// below kCompactSlabRowsFrom rows of x a row kernel reads them, from there
+// the slab kernel.
+constexpr int64_t kCompactSlabRowsFrom = 2;
 inline bool has_compact_int8(int bh, int bw) { return bh <= kSmallBlockRows && bw % 4 == 0; }
 const int32_t* compact_int8(const uint8_t* packed);  // null when the packing has none
 void pack_int8(const int8_t* values, const int32_t* crow, const int32_t* col, int64_t n, int64_t k, int bh, int bw,
@@ -221,6 +224,7 @@ struct KernelI8 {
   uint8_t a_xor;  // 0x80: the kernel takes uint8 activations (comp subtracted)
   GemmI8Fn gemm;
   SlabsI8Fn slabs = nullptr;  // null: gemm serves small blocks too
+  GemmI8Fn rows = nullptr;    // compact small blocks, fewer than kCompactSlabRowsFrom rows (null: gemm)
   PackGroupsFn pack_groups = nullptr;
   int slab_rows = 0;  // rows of an xg slab
   bool narrow_slabs = false;  // 8-row slabs for batches of <= 8 rows
@@ -236,6 +240,7 @@ void qs8_bsr_slabs_avx2(const GemmArgsI8&, const int32_t*, int64_t, int64_t, int
 void qs8_bsr_pack_groups_avx2(const int8_t*, int64_t, int64_t, int64_t, int32_t*, int64_t, int64_t, int64_t, int);
 void qs8_bsr_gemm_avx512vnni(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
 void qs8_bsr_slabs_avx512vnni(const GemmArgsI8&, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+void qs8_bsr_rows_avx512vnni(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
 void qs8_bsr_pack_groups_avx512(const int8_t*, int64_t, int64_t, int64_t, int32_t*, int64_t, int64_t, int64_t, int);
 
 void bsr_gemm_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);

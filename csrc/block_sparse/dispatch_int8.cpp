@@ -21,10 +21,10 @@ struct EntryI8 {
 
 const EntryI8 kLadderI8[] = {
     {{Isa::kAvx512Vnni, "qs8_bsr_gemm_6x64c4_avx512vnni", 6, 0x80, qs8_bsr_gemm_avx512vnni, qs8_bsr_slabs_avx512vnni,
-      qs8_bsr_pack_groups_avx512, 16, true},
+      qs8_bsr_rows_avx512vnni, qs8_bsr_pack_groups_avx512, 16, true},
      int8_gemm::quantize_rows_avx512},
-    {{Isa::kAvx2, "qs8_bsr_gemm_4x16c4_avx2", 4, 0x00, qs8_bsr_gemm_avx2, qs8_bsr_slabs_avx2, qs8_bsr_pack_groups_avx2, 8,
-      false},
+    {{Isa::kAvx2, "qs8_bsr_gemm_4x16c4_avx2", 4, 0x00, qs8_bsr_gemm_avx2, qs8_bsr_slabs_avx2, nullptr,
+      qs8_bsr_pack_groups_avx2, 8, false},
      int8_gemm::quantize_rows_avx2},
     {{Isa::kPortable, "qs8_bsr_gemm_1x16c4_scalar", 1, 0x00, qs8_bsr_gemm_scalar}, int8_gemm::quantize_rows_scalar},
 };
@@ -55,11 +55,13 @@ void linear_int8(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, 
   const int64_t comp_offset = round_up(static_cast<int64_t>(sizeof(h)) + 4 * (h.nbr + 1 + h.nnzb), 64);
   const int32_t* comp = reinterpret_cast<const int32_t*>(packed + comp_offset);
   const int8_t* blocks = reinterpret_cast<const int8_t*>(packed + h.data_offset);
-  if (m * h.nnzb * h.bh * h.bw < kMinParallelMacs) nthreads = 1;
+  const int32_t* w4 = kern.slabs ? compact_int8(packed) : nullptr;
+  // the compact row kernel gathers its activations: ~20x the time a MAC of the others
+  const int64_t work = m * h.nnzb * h.bh * h.bw * (w4 && m < kCompactSlabRowsFrom && kern.rows ? 20 : 1);
+  if (work < kMinParallelMacs) nthreads = 1;
   const size_t ysize = y_bf16 ? 2 : 4;
   const int64_t nbr = h.nbr;
   const int bw4 = static_cast<int>(round_up(h.bw, 4));
-  const int32_t* w4 = kern.slabs && m >= 2 ? compact_int8(packed) : nullptr;
   const int64_t ngroups = round_up(k, h.bw) / 4;
   int8_gemm::quantized_passes(
       e.quantize, kern.a_xor, kern.mr, x, ldx, x_bf16, m, k, kpad_a(k, h.bw), nthreads,
@@ -67,7 +69,12 @@ void linear_int8(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, 
         GemmArgsI8 g{q, lda, qs, rowptr, colk, comp, blocks, h.n, h.bh, bw4, h.bh_pad, w_scale, bias,
                      static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16};
         const int64_t nt = std::max<int64_t>(1, nthreads);
-        if (w4) {
+        if (w4 && rows < kCompactSlabRowsFrom && kern.rows) {
+          g.w4 = w4;
+          split_by_blocks(rowptr, nbr, h.nnzb, nthreads, [&](int64_t b0, int64_t b1) { kern.rows(g, 0, rows, b0, b1); });
+          return;
+        }
+        if (w4 && rows >= kCompactSlabRowsFrom) {
           // small blocks: activations regrouped into slabs, then the slab kernel on the compact blocks
           g.w4 = w4;
           const int sw = kern.narrow_slabs && m <= 8 ? 8 : kern.slab_rows;

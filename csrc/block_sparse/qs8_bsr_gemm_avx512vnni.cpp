@@ -12,6 +12,12 @@
 // the S slab lines, into U accumulator sets taken block by block (U x S >= 8
 // chains; the first set starts at -comp); results staged per 16 block rows and moved by 16 x 16 transposes
 // to the same epilogue.
+//
+// One row of x on the compact blocks (the row kernel): per channel, 16 of its
+// block groups at a time, the activation words gathered from the row at the
+// blocks' columns (vpgatherdd) and the channel's weight words loaded (or
+// gathered for blocks of several rows), one vpdpbusd; 16 channels' sums go
+// to the epilogue together.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -173,6 +179,56 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m
   }
 }
 
+template <bool CONTIGUOUS>
+void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+  const int64_t gpb = g.bw4 / 4;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int64_t c_first = r0 * g.bh, c_last = std::min<int64_t>(r1 * g.bh, g.n);
+  const int8_gemm::GemmArgs e = epilogue_args(g, c_last);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* a = g.a + m * g.lda;
+    alignas(64) int32_t sums[16] = {};
+    int64_t c0 = c_first;
+    int j = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
+      for (int i = 0; i < g.bh && r * g.bh + i < c_last; ++i) {
+        __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+        for (int64_t q = 0; q < gpb; ++q) {
+          for (int64_t b = b0; b < b1; b += 16) {
+            const int left = static_cast<int>(std::min<int64_t>(16, b1 - b));
+            const __mmask16 k = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+            const __m512i cols = _mm512_maskz_loadu_epi32(k, g.colk + b);
+            const __m512i x = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k,
+                                                          _mm512_add_epi32(cols, _mm512_set1_epi32(4 * q)), a, 1);
+            __m512i w;
+            if (CONTIGUOUS) {
+              w = _mm512_maskz_loadu_epi32(k, g.w4 + b);
+            } else {
+              const __m512i wi = _mm512_add_epi32(
+                  _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(b)), lane),
+                                     _mm512_set1_epi32(static_cast<int32_t>(g.bh * gpb))),
+                  _mm512_set1_epi32(static_cast<int32_t>(i * gpb + q)));
+              w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, wi, g.w4, 4);
+            }
+            if ((b - b0) & 16)
+              acc1 = _mm512_dpbusd_epi32(acc1, x, w);
+            else
+              acc0 = _mm512_dpbusd_epi32(acc0, x, w);
+          }
+        }
+        sums[j++] = _mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)) - g.comp[r * g.bh_pad + i];
+        if (j == 16) {
+          int8_gemm::avx512::store16(e, _mm512_load_si512(sums), g.a_scale[m], m, c0);
+          c0 += 16;
+          j = 0;
+        }
+      }
+    }
+    if (j > 0) int8_gemm::avx512::store16(e, _mm512_load_si512(sums), g.a_scale[m], m, c0);  // e.n = c_last
+  }
+}
+
 thread_local std::vector<int32_t> t_stage;
 
 template <typename V, int GPB>
@@ -240,6 +296,13 @@ void qs8_bsr_pack_groups_avx512(const int8_t* q, int64_t lda, int64_t m, int64_t
         for (int j = 0; j < gn; ++j) _mm512_store_ps(out + (g0 + j) * nslabs * 16, c[j]);
     }
   }
+}
+
+void qs8_bsr_rows_avx512vnni(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+  if (g.bh == 1 && g.bw4 == 4)
+    compact_rows<true>(g, m0, m1, r0, r1);
+  else
+    compact_rows<false>(g, m0, m1, r0, r1);
 }
 
 }  // namespace block_sparse

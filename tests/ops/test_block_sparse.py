@@ -263,13 +263,14 @@ def test_int8_kernels_match_reference(isa, gen, block):
 @needs_native
 @pytest.mark.parametrize("block", [(1, 4), (2, 8), (8, 4), (3, 6)])
 def test_int8_small_block_slab_kernel(isa, gen, block):
-    """int8 blocks of <= 8 rows with bw % 4 == 0 from 2 rows of x on AVX-512
-    VNNI: the compact blocks and the slab kernel (activations regrouped into
-    slabs of 16 rows, 8 up to m = 8; 4 / 2 / 1 slabs a pass; runs of 16 block
-    rows staged and flushed; k = 1101 cuts the last group). Every row of a
-    batch equals that row alone (the one-row path is the padded-block kernel):
-    the int32 sums are exact, the epilogue the same. Extremes: blocks of +-127
-    and activations at the quantizer's ends."""
+    """int8 blocks of <= 8 rows with bw % 4 == 0 keep compact values: from 2
+    rows of x the slab kernel (activations regrouped into slabs: AVX-512 VNNI
+    16 rows, 8 up to m = 8, 4 / 2 / 1 slabs a pass; AVX2 8 rows, 2 / 1 a pass;
+    runs of 16 block rows staged and flushed; k = 1101 cuts the last group),
+    one row the gather row kernel (VNNI; the padded-block kernel elsewhere).
+    Every row of a batch equals that row alone: the int32 sums are exact, the
+    epilogue the same. Extremes: blocks of +-127 and activations at the
+    quantizer's ends."""
     k = 1101
     for n, ms in ((70, (2, 7, 8, 9, 17, 40, 130)), (600, (5, 33)), (1100, (8, 64))):
         w = _weight(n, k, block, 0.7, gen)
