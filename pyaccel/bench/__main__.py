@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         rows += block_sparse.run(budget_s=min(budget, 1.0), **kw)
         print("\n== block-sparse + int8 vs pyaccel's dense int8 (same pruned layer) ==")
         print(common.HEADER)
-        kw8 = dict(shapes=((1024, 1024),), blocks=((32, 32),), ms=(1, 32)) if args.quick else {}
+        kw8 = dict(shapes=((1024, 1024),), blocks=((32, 32), (1, 4)), ms=(1, 32)) if args.quick else {}
         rows += block_sparse.run_int8(budget_s=min(budget, 1.0), **kw8)
         print("\n== patch's choice on moderately sparse layers ==")
         decisions = block_sparse.patch_decisions(shape=(1024, 1024) if args.quick else (4096, 4096),

@@ -62,7 +62,7 @@ def run(shapes=SHAPES, blocks=BLOCKS, sparsities=SPARSITIES, ms=(1, 8, 32, 128),
     return rows
 
 
-def run_int8(shapes=SHAPES, blocks=((32, 32), (16, 16)), sparsity=0.9, ms=(1, 8, 32, 128), budget_s: float = 1.0,
+def run_int8(shapes=SHAPES, blocks=BLOCKS, sparsity=0.9, ms=(1, 8, 32, 128), budget_s: float = 1.0,
              log=print) -> List[Row]:
     """BlockSparseInt8Linear against pyaccel's dense Int8Linear on the same pruned weight."""
     torch.manual_seed(0)
