@@ -183,7 +183,13 @@ def main(argv=None) -> int:
             f.write("\n".join("    " + h for h in head) + "\n\n")
             suites_seen = list(dict.fromkeys(r.suite for r in rows))
             for suite in suites_seen:
-                peak = args.peak_gops if suite == "int8" else args.fp32_peak if suite.startswith("bsr ") else None
+                # int8 rows (dense, 2:4 int8 and BSR int8) against the int8 peak, BSR fp32 against the fp32 one
+                if suite == "int8" or suite.startswith("bsr int8"):
+                    peak = args.peak_gops
+                elif suite.startswith("bsr "):
+                    peak = args.fp32_peak
+                else:
+                    peak = None
                 sub = [r for r in rows if r.suite == suite]
                 f.write(f"### {suite}\n\n" + common.to_markdown(sub, peak) + "\n\n")
             if dws_rows:
