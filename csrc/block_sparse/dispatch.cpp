@@ -68,33 +68,30 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
     const int sw = lists.goff ? (kern.scatter_sw == 8 || m <= 8 ? 8 : 16) : (kern.narrow_slabs && m <= 8 ? 8 : 16);
     // the scatter kernel reads whole groups of 4 inputs: lines past k are zero
     const int64_t kp = lists.goff ? lists.ngroups * 4 : k;
-    std::vector<int32_t> band_ptr;  // first entry of each band, then the end
-    if (lists.goff) {
-      band_ptr.resize(lists.nbands + 1);
-      for (int64_t b = 0; b <= lists.nbands; ++b)
-        band_ptr[b] = b < lists.nbands ? lists.goff[b * (lists.ngroups + 1)]
-                                       : lists.goff[(lists.nbands - 1) * (lists.ngroups + 1) + lists.ngroups];
-    }
     for_each_row_pass(m, kp * 4, kRowPassBytes, sw, [&](int64_t p0, int64_t p1) {
       const int64_t rows = p1 - p0, slabs = (rows + sw - 1) / sw;
       if (t_xt.size() < static_cast<size_t>(slabs * kp * sw + 16)) t_xt.resize(slabs * kp * sw + 16);
       float* xt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(t_xt.data()) + 63) & ~uintptr_t(63));
       const char* xp = static_cast<const char*>(x) + p0 * ldx * (x_bf16 ? 2 : 4);
-      parallel_for(slabs, 1, nthreads,
-                   [&](int64_t s0, int64_t s1) { kern.pack_slabs(xp, ldx, x_bf16, rows, k, xt, slabs, s0, s1, sw); });
+      auto pack = [&](int64_t s0, int64_t s1) { kern.pack_slabs(xp, ldx, x_bf16, rows, k, xt, slabs, s0, s1, sw); };
       if (kp > k) std::memset(xt + k * slabs * sw, 0, (kp - k) * slabs * sw * sizeof(float));
       GemmArgs g{nullptr, 0, rowptr, colk, blocks, k, h.n, h.bh, h.bw, h.bh_pad, bias,
                  static_cast<char*>(y) + p0 * ldy * ysize, ldy, y_bf16};
       if (lists.goff) {
         g.lists = lists;
-        if (nt > 1 && lists.nbands < 2 * nt && slabs >= 2)
+        if (nt > 1 && lists.nbands < 2 * nt && slabs >= 2) {
+          parallel_for(slabs, 1, nthreads, pack);
           parallel_for(slabs, 1, nthreads,
                        [&](int64_t s0, int64_t s1) { kern.scatter(g, xt, slabs, rows, s0, s1, 0, lists.nbands, sw); });
-        else
-          split_by_blocks(band_ptr.data(), lists.nbands, band_ptr[lists.nbands], nthreads,
-                          [&](int64_t b0, int64_t b1) { kern.scatter(g, xt, slabs, rows, 0, slabs, b0, b1, sw); });
+        } else {
+          // one team: x into slabs, then the bands handed out one at a time (a slow core takes fewer)
+          parallel_two_phase(
+              slabs, lists.nbands, nthreads, pack,
+              [&](int64_t b0, int64_t b1) { kern.scatter(g, xt, slabs, rows, 0, slabs, b0, b1, sw); }, lists.nbands);
+        }
         return;
       }
+      parallel_for(slabs, 1, nthreads, pack);
       if (nt > 1 && nbr < 2 * nt && slabs >= 2)
         parallel_for(slabs, 1, nthreads,
                      [&](int64_t s0, int64_t s1) { kern.small_slabs(g, xt, slabs, rows, s0, s1, 0, nbr, sw); });
