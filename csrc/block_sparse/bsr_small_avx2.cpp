@@ -3,7 +3,8 @@
 // loops become two ymm FMAs), and the band-list scatter kernel
 // (scatter_loop.h) on slabs of 8 rows, 2 or 1 a pass (4 x S slab lines, 4
 // broadcast weights and the partial sums fit the 16 ymm registers); x moves
-// into slabs and results back to y by 8 x 8 transposes.
+// into slabs and results back to y by 8 x 8 transposes. One row of x with
+// 4-input blocks: a row kernel, two blocks to an FMA.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -66,8 +67,55 @@ void scatter_band(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m,
 
 }  // namespace
 
+// One row of x, blocks of 4 inputs: per channel a dot product over its blocks,
+// two blocks to an FMA (x of the two block columns by 128-bit loads into one
+// ymm), four accumulators; other widths take the generic loop.
 void bsr_small_rows_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
-  small_rows_generic(g, m0, m1, r0, r1);
+  if (g.bw != 4) {
+    small_rows_generic(g, m0, m1, r0, r1);
+    return;
+  }
+  const int bh = g.bh;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t end = std::min<int64_t>(r * bh + bh, g.n);
+    const int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
+    // only a row's last block can reach past k (columns are sorted): it takes the scalar tail
+    const int64_t bfull = (b1 > b0 && g.colk[b1 - 1] + 4 > g.k) ? b1 - 1 : b1;
+    for (int i = 0; r * bh + i < end; ++i) {
+      const float* wi = g.blocks + i * 4;  // channel i of block b at wi + b * bh * 4
+      for (int64_t m = m0; m < m1; ++m) {
+        const float* xr = g.x + m * g.ldx;
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        int64_t b = b0;
+        for (; b + 8 <= bfull; b += 8) {
+          for (int u = 0; u < 4; ++u) {
+            const int64_t bb = b + 2 * u;
+            const __m256 xv = _mm256_loadu2_m128(xr + g.colk[bb + 1], xr + g.colk[bb]);
+            const __m256 wv = bh == 1 ? _mm256_loadu_ps(wi + bb * 4)
+                                      : _mm256_loadu2_m128(wi + (bb + 1) * bh * 4, wi + bb * bh * 4);
+            a[u] = _mm256_fmadd_ps(wv, xv, a[u]);
+          }
+        }
+        for (; b + 2 <= bfull; b += 2) {
+          const __m256 xv = _mm256_loadu2_m128(xr + g.colk[b + 1], xr + g.colk[b]);
+          const __m256 wv = bh == 1 ? _mm256_loadu_ps(wi + b * 4)
+                                    : _mm256_loadu2_m128(wi + (b + 1) * bh * 4, wi + b * bh * 4);
+          a[0] = _mm256_fmadd_ps(wv, xv, a[0]);
+        }
+        const __m256 s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        alignas(16) float t[4];
+        _mm_store_ps(t, h);
+        float acc = (t[0] + t[1]) + (t[2] + t[3]);
+        for (; b < b1; ++b) {  // odd block out, and a last block cut by k
+          const int64_t c = g.colk[b];
+          const int jn = static_cast<int>(std::min<int64_t>(4, g.k - c));
+          for (int j = 0; j < jn; ++j) acc += wi[b * bh * 4 + j] * xr[c + j];
+        }
+        store_scalar(g, m, r * bh + i, acc);
+      }
+    }
+  }
 }
 
 void bsr_small_slabs_avx2(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,

@@ -170,18 +170,19 @@ def test_row_chunks_and_thread_splits(isa, gen):
 @needs_native
 @pytest.mark.parametrize("block", [(1, 4), (2, 8), (8, 4), (3, 5)])
 def test_small_block_slab_kernel(isa, gen, block):
-    """Blocks of <= 8 rows from 2 rows of x: x transposed into slabs of 16 rows
-    (8 rows up to m = 8 on AVX-512; 16 x 16 register transposes, masked past m
-    and k). Block widths that are multiples of 4 take the band lists on
-    AVX-512 (bands of 256 // bh * bh channels; 4 / 2 / 1 slabs a pass; lines
-    past k zero: k = 1101 cuts the last group), else the slab kernel (8 / 4 /
-    2 / 1 slabs a pass, K in chunks of 256 KiB of slab lines: 512 inputs at 8
-    slabs, so k = 1101 makes three); results staged per 16 channels and
-    transposed back into y. n = 70: one band, runs of 16 channels and a cut
-    one; n = 600: three bands; n = 1100 with 2 threads: the threads split
-    the bands."""
+    """Blocks of <= 8 rows from 2 rows of x: x transposed into slabs (AVX-512
+    16 rows, 8 up to m = 8, 16 x 16 register transposes; AVX2 8 rows for the
+    band lists, 8 x 8 transposes; masked past m and k). Block widths that are
+    multiples of 4 take the band lists on AVX-512 and AVX2 (bands of
+    256 // bh * bh channels; lines past k zero: k = 1101 cuts the last
+    group), else the slab kernel (8 / 4 / 2 / 1 slabs a pass, K in chunks of
+    256 KiB of slab lines: 512 inputs at 8 slabs, so k = 1101 makes three);
+    results staged and transposed back into y. n = 70: one band, runs of 16
+    channels and a cut one; n = 600: three bands; n = 1100 with 2 threads:
+    the threads take bands. m = 1: the row kernels (AVX2: two 4-input blocks
+    an FMA, the block cut by k in the scalar tail)."""
     k = 1101
-    for n, ms in ((70, (2, 7, 8, 9, 15, 16, 17, 40, 130)), (600, (3, 33, 70)), (1100, (8, 64))):
+    for n, ms in ((70, (1, 2, 7, 8, 9, 15, 16, 17, 40, 130)), (600, (1, 3, 33, 70)), (1100, (8, 64))):
         w = _weight(n, k, block, 0.7, gen)
         bsw = bsf.compress(w, block)
         bias = torch.randn(n, generator=gen)
