@@ -209,13 +209,17 @@ inline int8_gemm::GemmArgs epilogue_args(const GemmArgsI8& g, int64_t n) {
 }
 
 // Compact small blocks (g.w4), from 2 rows: xg = the quantized activations
-// regrouped into slabs of sw rows, xg[g][nslabs][sw] int32 (lane: inputs
-// 4g .. 4g + 3 of a row), x block rows [r0, r1).
-using SlabsI8Fn = void (*)(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m, int64_t s0,
+// regrouped into slabs of sw rows, slab-major: slab s at xg + s * sst, then
+// [group g][sw] int32 (lane: inputs 4g .. 4g + 3 of a row), so a block's
+// lines sit at colk / 4 * sw from the slab start; x block rows [r0, r1).
+using SlabsI8Fn = void (*)(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, int64_t s0,
                            int64_t s1, int64_t r0, int64_t r1, int sw);
 // xg slabs [s0, s1) of sw rows from quantized activations q [m, >= 4 ngroups] (row stride lda)
 using PackGroupsFn = void (*)(const int8_t* q, int64_t lda, int64_t m, int64_t ngroups, int32_t* xg,
-                              int64_t nslabs, int64_t s0, int64_t s1, int sw);
+                              int64_t sst, int64_t s0, int64_t s1, int sw);
+// int32 between slabs: ngroups lines and 64 bytes, so that the lines one
+// block reads from consecutive slabs are not 4 KiB apart
+inline int64_t xg_slab_stride(int64_t ngroups, int sw) { return round_up(ngroups * sw, 16) + 16; }
 
 struct KernelI8 {
   Isa isa;

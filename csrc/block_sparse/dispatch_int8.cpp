@@ -78,19 +78,19 @@ void linear_int8(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, 
           // small blocks: activations regrouped into slabs, then the slab kernel on the compact blocks
           g.w4 = w4;
           const int sw = kern.narrow_slabs && m <= 8 ? 8 : kern.slab_rows;
-          const int64_t slabs = (rows + sw - 1) / sw;
-          if (t_xg.size() < static_cast<size_t>(ngroups * slabs * sw + 16)) t_xg.resize(ngroups * slabs * sw + 16);
+          const int64_t slabs = (rows + sw - 1) / sw, sst = xg_slab_stride(ngroups, sw);
+          if (t_xg.size() < static_cast<size_t>(slabs * sst + 16)) t_xg.resize(slabs * sst + 16);
           int32_t* xg = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(t_xg.data()) + 63) & ~uintptr_t(63));
-          auto pack = [&](int64_t s0, int64_t s1) { kern.pack_groups(q, lda, rows, ngroups, xg, slabs, s0, s1, sw); };
+          auto pack = [&](int64_t s0, int64_t s1) { kern.pack_groups(q, lda, rows, ngroups, xg, sst, s0, s1, sw); };
           if (nt > 1 && nbr < 2 * nt && slabs >= 2) {
             parallel_for(slabs, 1, nthreads, pack);
             parallel_for(slabs, 1, nthreads,
-                         [&](int64_t s0, int64_t s1) { kern.slabs(g, xg, slabs, rows, s0, s1, 0, nbr, sw); });
+                         [&](int64_t s0, int64_t s1) { kern.slabs(g, xg, sst, rows, s0, s1, 0, nbr, sw); });
           } else {
             // one team: activations into slabs, then ranges of block rows handed out in order (a slow core takes fewer)
             parallel_two_phase(
                 slabs, nbr, nthreads, pack,
-                [&](int64_t r0b, int64_t r1b) { kern.slabs(g, xg, slabs, rows, 0, slabs, r0b, r1b, sw); },
+                [&](int64_t r0b, int64_t r1b) { kern.slabs(g, xg, sst, rows, 0, slabs, r0b, r1b, sw); },
                 std::min<int64_t>(nbr, 8 * nt));
           }
           return;

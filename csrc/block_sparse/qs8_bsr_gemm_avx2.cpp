@@ -62,13 +62,12 @@ inline void tile(const GemmArgsI8& g, int64_t m, int64_t r, int ch0) {
 }
 
 template <int S, int GPB>
-void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m, int64_t s, int64_t r0, int64_t r1,
+void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, int64_t s, int64_t r0, int64_t r1,
                int32_t* stage) {
   constexpr int L = S * 8;
   constexpr int64_t kRunRows = 16;
   constexpr int U = S >= 2 ? 2 : 4;
   const int64_t gpb = GPB > 0 ? GPB : g.bw4 / 4;
-  const int64_t line = nslabs * 8;
   const __m256i ones = _mm256_set1_epi16(1);
   int8_gemm::GemmArgs e = epilogue_args(g, 0);
   for (int64_t rf = r0; rf < r1; rf += kRunRows) {
@@ -81,14 +80,14 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m
         for (int u = 0; u < U; ++u)
           for (int t = 0; t < S; ++t) acc[u][t] = _mm256_setzero_si256();
         const int32_t* wi = g.w4 + i * gpb;
-        const int32_t* xs = xg + s * 8;
+        const int32_t* xs = xg + s * sst;
         auto add_block = [&](int64_t b, __m256i (&a)[S]) {
           const int32_t* w = wi + b * g.bh * gpb;
-          const int32_t* xb = xs + g.colk[b] / 4 * line;
+          const int32_t* xb = xs + (static_cast<uint32_t>(g.colk[b]) >> 2) * 8;
           for (int64_t q = 0; q < gpb; ++q) {
             const __m256i wv = _mm256_set1_epi32(w[q]), wa = _mm256_abs_epi8(wv);
             for (int t = 0; t < S; ++t) {
-              const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + q * line + t * 8));
+              const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + q * 8 + t * sst));
               a[t] = _mm256_add_epi32(a[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, wv)), ones));
             }
           }
@@ -124,11 +123,11 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m
 }
 
 template <int GPB>
-void slab_runs(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
+void slab_runs(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, int64_t s0, int64_t s1,
                int64_t r0, int64_t r1, int32_t* stage) {
   int64_t s = s0;
-  for (; s + 2 <= s1; s += 2) slab_rows<2, GPB>(g, xg, nslabs, m, s, r0, r1, stage);
-  for (; s < s1; ++s) slab_rows<1, GPB>(g, xg, nslabs, m, s, r0, r1, stage);
+  for (; s + 2 <= s1; s += 2) slab_rows<2, GPB>(g, xg, sst, m, s, r0, r1, stage);
+  for (; s < s1; ++s) slab_rows<1, GPB>(g, xg, sst, m, s, r0, r1, stage);
 }
 
 thread_local std::vector<int32_t> t_stage;
@@ -155,20 +154,20 @@ void qs8_bsr_gemm_avx2(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, 
   }
 }
 
-void qs8_bsr_slabs_avx2(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
+void qs8_bsr_slabs_avx2(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, int64_t s0, int64_t s1,
                         int64_t r0, int64_t r1, int /*sw: 8 here*/) {
   const size_t words = 16 * kSmallBlockRows * 2 * 8 + 8;
   if (t_stage.size() < words) t_stage.resize(words);
   int32_t* stage = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(t_stage.data()) + 31) & ~uintptr_t(31));
   if (g.bw4 == 4)
-    slab_runs<1>(g, xg, nslabs, m, s0, s1, r0, r1, stage);
+    slab_runs<1>(g, xg, sst, m, s0, s1, r0, r1, stage);
   else
-    slab_runs<0>(g, xg, nslabs, m, s0, s1, r0, r1, stage);
+    slab_runs<0>(g, xg, sst, m, s0, s1, r0, r1, stage);
 }
 
 // 8-row slabs: 8 x 8 blocks of activation words transposed in registers (a
 // block cut by m or the group count through a zero-padded copy).
-void qs8_bsr_pack_groups_avx2(const int8_t* q, int64_t lda, int64_t m, int64_t ngroups, int32_t* xg, int64_t nslabs,
+void qs8_bsr_pack_groups_avx2(const int8_t* q, int64_t lda, int64_t m, int64_t ngroups, int32_t* xg, int64_t sst,
                               int64_t s0, int64_t s1, int /*sw: 8 here*/) {
   for (int64_t s = s0; s < s1; ++s) {
     const int rows = static_cast<int>(std::min<int64_t>(8, m - s * 8));
@@ -187,7 +186,7 @@ void qs8_bsr_pack_groups_avx2(const int8_t* q, int64_t lda, int64_t m, int64_t n
         }
       }
       transpose8x8(r);
-      for (int j = 0; j < gn; ++j) _mm256_store_ps(reinterpret_cast<float*>(xg + ((g0 + j) * nslabs + s) * 8), r[j]);
+      for (int j = 0; j < gn; ++j) _mm256_store_ps(reinterpret_cast<float*>(xg + s * sst + (g0 + j) * 8), r[j]);
     }
   }
 }

@@ -6,7 +6,7 @@
 //
 // Small blocks (bh <= 8, bw % 4 == 0): the slab kernel on the compact blocks.
 // Activations regrouped into 16-row slabs, one dword (4 inputs of a row) per
-// lane: xg[g][nslabs][16] (4 KiB a slab per 256 inputs: S slabs of a K = 4096
+// lane, slab-major (4 KiB a slab per 256 inputs: S slabs of a K = 4096
 // layer sit in L2). Per channel of a block row and per group of 4 inputs of
 // its blocks: one broadcast of the channel's 4 weights and S vpdpbusd with
 // the S slab lines, into U accumulator sets taken block by block (U x S >= 8
@@ -120,12 +120,11 @@ struct Y8 {
 // (a channel has few blocks a chunk; finding them and the partial sums' round
 // trip cost more than the L2 reads saved).
 template <typename V, int S, int GPB>
-void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m, int64_t s, int64_t r0, int64_t r1,
+void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, int64_t s, int64_t r0, int64_t r1,
                int32_t* stage) {
   constexpr int L = S * V::W;
   constexpr int64_t kRunRows = 16;
   const int64_t gpb = GPB > 0 ? GPB : g.bw4 / 4;
-  const int64_t line = nslabs * V::W;  // int32 between one group's slab lines and the next group's
   int8_gemm::GemmArgs e = epilogue_args(g, 0);
   for (int64_t rf = r0; rf < r1; rf += kRunRows) {
     const int64_t rl = std::min<int64_t>(r1, rf + kRunRows);
@@ -140,14 +139,14 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m
           for (int t = 0; t < S; ++t) acc[u][t] = V::zero();
         for (int t = 0; t < S; ++t) acc[0][t] = V::set1(-g.comp[r * g.bh_pad + i]);
         const int32_t* wi = g.w4 + i * gpb;  // channel i of block b at wi + b * bh * gpb
-        const int32_t* xs = xg + s * V::W;
+        const int32_t* xs = xg + s * sst;
         auto add_block = [&](int64_t b, typename V::T (&a)[S]) {
           const int32_t* w = wi + b * g.bh * gpb;
-          const int32_t* xb = xs + g.colk[b] / 4 * line;
+          const int32_t* xb = xs + (static_cast<uint32_t>(g.colk[b]) >> 2) * V::W;
           for (int64_t q = 0; q < gpb; ++q) {
             const typename V::T wv = V::set1(w[q]);
 #pragma GCC unroll 8
-            for (int t = 0; t < S; ++t) a[t] = V::dot(a[t], xb + q * line + t * V::W, wv);
+            for (int t = 0; t < S; ++t) a[t] = V::dot(a[t], xb + q * V::W + t * sst, wv);
           }
         };
         int64_t b = b0;
@@ -232,18 +231,18 @@ void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64
 thread_local std::vector<int32_t> t_stage;
 
 template <typename V, int GPB>
-void slab_runs(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
+void slab_runs(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, int64_t s0, int64_t s1,
                int64_t r0, int64_t r1) {
   const size_t words = 16 * kSmallBlockRows * 4 * 16 + 16;  // 16 block rows x bh channels x S x W
   if (t_stage.size() < words) t_stage.resize(words);
   int32_t* stage = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(t_stage.data()) + 63) & ~uintptr_t(63));
   int64_t s = s0;
-  for (; s + 4 <= s1; s += 4) slab_rows<V, 4, GPB>(g, xg, nslabs, m, s, r0, r1, stage);
+  for (; s + 4 <= s1; s += 4) slab_rows<V, 4, GPB>(g, xg, sst, m, s, r0, r1, stage);
   if (s + 2 <= s1) {
-    slab_rows<V, 2, GPB>(g, xg, nslabs, m, s, r0, r1, stage);
+    slab_rows<V, 2, GPB>(g, xg, sst, m, s, r0, r1, stage);
     s += 2;
   }
-  for (; s < s1; ++s) slab_rows<V, 1, GPB>(g, xg, nslabs, m, s, r0, r1, stage);
+  for (; s < s1; ++s) slab_rows<V, 1, GPB>(g, xg, sst, m, s, r0, r1, stage);
 }
 
 }  // namespace
@@ -266,19 +265,19 @@ void qs8_bsr_gemm_avx512vnni(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_
   }
 }
 
-void qs8_bsr_slabs_avx512vnni(const GemmArgsI8& g, const int32_t* xg, int64_t nslabs, int64_t m, int64_t s0,
+void qs8_bsr_slabs_avx512vnni(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, int64_t s0,
                               int64_t s1, int64_t r0, int64_t r1, int sw) {
   if (sw == 8) {
-    if (g.bw4 == 4) slab_runs<Y8, 1>(g, xg, nslabs, m, s0, s1, r0, r1);
-    else slab_runs<Y8, 0>(g, xg, nslabs, m, s0, s1, r0, r1);
+    if (g.bw4 == 4) slab_runs<Y8, 1>(g, xg, sst, m, s0, s1, r0, r1);
+    else slab_runs<Y8, 0>(g, xg, sst, m, s0, s1, r0, r1);
   } else {
-    if (g.bw4 == 4) slab_runs<Z16, 1>(g, xg, nslabs, m, s0, s1, r0, r1);
-    else slab_runs<Z16, 0>(g, xg, nslabs, m, s0, s1, r0, r1);
+    if (g.bw4 == 4) slab_runs<Z16, 1>(g, xg, sst, m, s0, s1, r0, r1);
+    else slab_runs<Z16, 0>(g, xg, sst, m, s0, s1, r0, r1);
   }
 }
 
 void qs8_bsr_pack_groups_avx512(const int8_t* q, int64_t lda, int64_t m, int64_t ngroups, int32_t* xg,
-                                int64_t nslabs, int64_t s0, int64_t s1, int sw) {
+                                int64_t sst, int64_t s0, int64_t s1, int sw) {
   for (int64_t s = s0; s < s1; ++s) {
     const int64_t rows = std::min<int64_t>(sw, m - s * sw);
     for (int64_t g0 = 0; g0 < ngroups; g0 += 16) {
@@ -289,11 +288,11 @@ void qs8_bsr_pack_groups_avx512(const int8_t* q, int64_t lda, int64_t m, int64_t
         r[i] = i < rows ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(mask, q + (s * sw + i) * lda + 4 * g0))
                         : _mm512_setzero_ps();
       transpose16x16(r, c);  // c[j]: group g0 + j of the slab's rows (8-row slabs: the low 8 lanes)
-      float* out = reinterpret_cast<float*>(xg) + s * sw;
+      float* out = reinterpret_cast<float*>(xg + s * sst);
       if (sw == 8)
-        for (int j = 0; j < gn; ++j) _mm256_store_ps(out + (g0 + j) * nslabs * 8, _mm512_castps512_ps256(c[j]));
+        for (int j = 0; j < gn; ++j) _mm256_store_ps(out + (g0 + j) * 8, _mm512_castps512_ps256(c[j]));
       else
-        for (int j = 0; j < gn; ++j) _mm512_store_ps(out + (g0 + j) * nslabs * 16, c[j]);
+        for (int j = 0; j < gn; ++j) _mm512_store_ps(out + (g0 + j) * 16, c[j]);
     }
   }
 }
