@@ -691,6 +691,19 @@ PYBIND11_MODULE(_C, m) {
           throw py::value_error("out: wrong size for the packed BSR int8 weight");
         const std::string err = bsr_index_error(ptr<const int32_t>(crow), ptr<const int32_t>(col), n, k, bh, bw, nnzb);
         if (!err.empty()) throw py::value_error(err);
+        {  // -128 has no negation in int8: the kernels' sign tricks and compensations assume [-127, 127]
+          const int8_t* v = ptr<const int8_t>(values);
+          const int32_t* cr = ptr<const int32_t>(crow);
+          const int32_t* cl = ptr<const int32_t>(col);
+          for (int64_t r = 0; r < (n + bh - 1) / bh; ++r)
+            for (int64_t b = cr[r]; b < cr[r + 1]; ++b)
+              for (int i = 0; i < bh && r * bh + i < n; ++i)
+                for (int j = 0; j < bw && int64_t(cl[b]) * bw + j < k; ++j)
+                  if (v[(b * bh + i) * bw + j] == -128)
+                    throw py::value_error("values: int8 weights must be in [-127, 127]; block " + std::to_string(b) +
+                                          " (block row " + std::to_string(r) + ", block column " +
+                                          std::to_string(cl[b]) + ") holds -128");
+        }
         py::gil_scoped_release nogil;
         block_sparse::pack_int8(ptr<const int8_t>(values), ptr<const int32_t>(crow), ptr<const int32_t>(col), n, k,
                                 bh, bw, nnzb, ptr<uint8_t>(out));

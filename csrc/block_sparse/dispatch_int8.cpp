@@ -2,6 +2,7 @@
 // row by int8_gemm's quantizers in row passes (bounded scratch), then the
 // block rows split over threads by kept blocks, as in the fp32 driver.
 #include <algorithm>
+#include <climits>
 #include <cstring>
 #include <vector>
 
@@ -69,7 +70,8 @@ void linear_int8(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, 
         GemmArgsI8 g{q, lda, qs, rowptr, colk, comp, blocks, h.n, h.bh, bw4, h.bh_pad, w_scale, bias,
                      static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16};
         const int64_t nt = std::max<int64_t>(1, nthreads);
-        if (w4 && rows < kCompactSlabRowsFrom && kern.rows) {
+        // the row kernel forms weight indices in 32 bits
+        if (w4 && rows < kCompactSlabRowsFrom && kern.rows && h.nnzb * h.bh * (bw4 / 4) < INT32_MAX) {
           g.w4 = w4;
           split_by_blocks(rowptr, nbr, h.nnzb, nthreads, [&](int64_t b0, int64_t b1) { kern.rows(g, 0, rows, b0, b1); });
           return;

@@ -313,6 +313,24 @@ def test_int8_padding_entries_never_count(isa, gen):
 
 
 @needs_native
+def test_int8_pack_refuses_minus_128(gen):
+    """-128 has no int8 negation (the AVX2 sign trick would compute it wrong):
+    the packer refuses it inside the weight, naming the block; padding past k
+    may hold anything."""
+    w = _weight(32, 63, (1, 4), 0.5, gen)
+    w[0, 60:] = 1.0  # block row 0 keeps block column 15 (inputs 60 .. 63; 63 is past k)
+    bsw, _ = bsf.quantize_blocks(bsf.compress(w, (1, 4)))
+    bsw.values[1, 0, 2] = -128
+    with pytest.raises(ValueError, match=r"values: int8 weights must be in \[-127, 127\].*block 1 .*-128"):
+        bsf.pack_block_sparse_int8(bsw)
+    bsw.values[1, 0, 2] = -127
+    last = int(bsw.crow_indices[1]) - 1  # block row 0's last block: column 15
+    assert int(bsw.col_indices[last]) == 15
+    bsw.values[last, 0, 3] = -128
+    assert bsf.pack_block_sparse_int8(bsw) is not None
+
+
+@needs_native
 def test_int8_bf16_nan_rows_and_empty(isa, gen):
     w = _weight(40, 64, (16, 16), 0.5, gen)
     bsw, scale = bsf.quantize_blocks(bsf.compress(w, (16, 16)))
