@@ -241,6 +241,7 @@ void linear_int8(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, 
 void qs8_bsr_gemm_scalar(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
 void qs8_bsr_gemm_avx2(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
 void qs8_bsr_slabs_avx2(const GemmArgsI8&, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+void qs8_bsr_rows_avx2(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
 void qs8_bsr_pack_groups_avx2(const int8_t*, int64_t, int64_t, int64_t, int32_t*, int64_t, int64_t, int64_t, int);
 void qs8_bsr_gemm_avx512vnni(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
 void qs8_bsr_slabs_avx512vnni(const GemmArgsI8&, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);

@@ -24,7 +24,7 @@ const EntryI8 kLadderI8[] = {
     {{Isa::kAvx512Vnni, "qs8_bsr_gemm_6x64c4_avx512vnni", 6, 0x80, qs8_bsr_gemm_avx512vnni, qs8_bsr_slabs_avx512vnni,
       qs8_bsr_rows_avx512vnni, qs8_bsr_pack_groups_avx512, 16, true},
      int8_gemm::quantize_rows_avx512},
-    {{Isa::kAvx2, "qs8_bsr_gemm_4x16c4_avx2", 4, 0x00, qs8_bsr_gemm_avx2, qs8_bsr_slabs_avx2, nullptr,
+    {{Isa::kAvx2, "qs8_bsr_gemm_4x16c4_avx2", 4, 0x00, qs8_bsr_gemm_avx2, qs8_bsr_slabs_avx2, qs8_bsr_rows_avx2,
       qs8_bsr_pack_groups_avx2, 8, false},
      int8_gemm::quantize_rows_avx2},
     {{Isa::kPortable, "qs8_bsr_gemm_1x16c4_scalar", 1, 0x00, qs8_bsr_gemm_scalar}, int8_gemm::quantize_rows_scalar},

@@ -9,7 +9,7 @@
 // then per slab line vpsignb (x takes w's signs), vpmaddubsw(|w|, .),
 // vpmaddwd with ones, vpaddd; 4 / 2 accumulator sets taken block by block.
 // Results staged per 16 block rows, moved by 8 x 8 transposes to int8_gemm's
-// AVX2 epilogue.
+// AVX2 epilogue. One row of x: a gather row kernel (compact_rows).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -122,6 +122,69 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
   }
 }
 
+// One row of x on the compact blocks: per channel 8 of its block groups at a
+// time, the activation words gathered from the row at the blocks' columns
+// (vpgatherdd), the channel's weight words loaded (gathered for blocks of
+// several rows), the sign trick; 8 channels' sums to the epilogue together.
+template <bool CONTIGUOUS>
+void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+  const int64_t gpb = g.bw4 / 4;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), ones = _mm256_set1_epi16(1);
+  const int64_t c_first = r0 * g.bh, c_last = std::min<int64_t>(r1 * g.bh, g.n);
+  const int8_gemm::GemmArgs e = epilogue_args(g, c_last);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int* a = reinterpret_cast<const int*>(g.a + m * g.lda);
+    alignas(32) int32_t sums[8] = {};
+    int64_t c0 = c_first;
+    int j = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
+      for (int i = 0; i < g.bh && r * g.bh + i < c_last; ++i) {
+        __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+        for (int64_t q = 0; q < gpb; ++q) {
+          for (int64_t b = b0; b < b1; b += 8) {
+            const int left = static_cast<int>(std::min<int64_t>(8, b1 - b));
+            const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lane);  // lanes of blocks that exist
+            const __m256i cols = _mm256_maskload_epi32(g.colk + b, k);
+            // byte offsets colk + 4q, read as 32-bit words: scale 1
+            const __m256i x = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), a,
+                                                          _mm256_add_epi32(cols, _mm256_set1_epi32(4 * q)), k, 1);
+            __m256i w;
+            if (CONTIGUOUS) {
+              w = _mm256_maskload_epi32(g.w4 + b, k);
+            } else {
+              const __m256i wi = _mm256_add_epi32(
+                  _mm256_mullo_epi32(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(b)), lane),
+                                     _mm256_set1_epi32(static_cast<int32_t>(g.bh * gpb))),
+                  _mm256_set1_epi32(static_cast<int32_t>(i * gpb + q)));
+              w = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), g.w4, wi, k, 4);
+            }
+            // signed activations: |x| x sign(w, x), pair sums <= 2 * 127 * 127
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x)), ones);
+            if ((b - b0) & 8)
+              acc1 = _mm256_add_epi32(acc1, p);
+            else
+              acc0 = _mm256_add_epi32(acc0, p);
+          }
+        }
+        const __m256i t = _mm256_add_epi32(acc0, acc1);
+        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+        sums[j++] = _mm_cvtsi128_si32(h);
+        if (j == 8) {
+          int8_gemm::avx2_tile::store8(e, _mm256_load_si256(reinterpret_cast<const __m256i*>(sums)), g.a_scale[m], m,
+                                       c0);
+          c0 += 8;
+          j = 0;
+        }
+      }
+    }
+    if (j > 0)  // e.n = c_last
+      int8_gemm::avx2_tile::store8(e, _mm256_load_si256(reinterpret_cast<const __m256i*>(sums)), g.a_scale[m], m, c0);
+  }
+}
+
 template <int GPB>
 void slab_runs(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, int64_t s0, int64_t s1,
                int64_t r0, int64_t r1, int32_t* stage) {
@@ -189,6 +252,13 @@ void qs8_bsr_pack_groups_avx2(const int8_t* q, int64_t lda, int64_t m, int64_t n
       for (int j = 0; j < gn; ++j) _mm256_store_ps(reinterpret_cast<float*>(xg + s * sst + (g0 + j) * 8), r[j]);
     }
   }
+}
+
+void qs8_bsr_rows_avx2(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+  if (g.bh == 1 && g.bw4 == 4)
+    compact_rows<true>(g, m0, m1, r0, r1);
+  else
+    compact_rows<false>(g, m0, m1, r0, r1);
 }
 
 }  // namespace block_sparse

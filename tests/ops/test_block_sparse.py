@@ -268,7 +268,7 @@ def test_int8_small_block_slab_kernel(isa, gen, block):
     rows of x the slab kernel (activations regrouped into slabs: AVX-512 VNNI
     16 rows, 8 up to m = 8, 4 / 2 / 1 slabs a pass; AVX2 8 rows, 2 / 1 a pass;
     runs of 16 block rows staged and flushed; k = 1101 cuts the last group),
-    one row the gather row kernel (VNNI; the padded-block kernel elsewhere).
+    one row the gather row kernel (VNNI, AVX2; portable: the padded blocks).
     Every row of a batch equals that row alone: the int32 sums are exact, the
     epilogue the same. Extremes: blocks of +-127 and activations at the
     quantizer's ends."""
