@@ -89,7 +89,7 @@ class PatchReport:
     def __str__(self) -> str:
         head = ("path", "old type", "new type", "backend / reason")
         def last(e: PatchEntry) -> str:
-            text = (e.backend + (" (lossy)" if e.lossy else "")) if e.swapped else f"skipped: {e.reason}"
+            text = (("lossy: " if e.lossy else "") + e.backend) if e.swapped else f"skipped: {e.reason}"
             return text + (f" [same module as {e.shared_with or '<root>'}]" if e.shared_with is not None else "")
 
         def where(e: PatchEntry) -> str:
@@ -441,8 +441,12 @@ def patch(
         block_sparse: for Linear layers with >= 30 % zero blocks: "measure"
             (default: swap to BlockSparseLinear only where it measures faster
             on the real shape, pyaccel._sparse_choice; timing-dependent on a
-            busy machine), "always" (swap without measuring: reproducible
-            module structure, e.g. to load a saved state_dict), or "never".
+            busy machine), "always" (swap without measuring: the same module
+            structure on every machine for a model whose weights have the zero
+            blocks; a fresh unpruned model has none, so to load a saved
+            block-sparse state_dict build the modules directly, e.g.
+            ``BlockSparseLinear.from_dense(torch.zeros(out, in), None, block)``
+            or on the meta device), or "never".
         act_bits: 8 (default) or 7, the activation mode of every dense
             Int8Linear the patch builds (quantized float layers and torch.ao
             ones; 2:4 and block-sparse int8 layers keep 8-bit activations).

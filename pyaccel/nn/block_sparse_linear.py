@@ -17,6 +17,18 @@ from pyaccel.reference import INT8_MAX_K
 DEFAULT_BLOCK = (32, 32)
 
 
+def _warn_if_dense(mod: "BlockSparseLinear", block: Tuple[int, int], w: Tensor) -> None:
+    """UserWarning when from_float kept every block (density 1.0)."""
+    if w.numel() and mod.density >= 1.0:
+        import warnings
+
+        zeros = float((w == 0).float().mean())
+        warnings.warn(f"from_float: no all-zero {block[0]}x{block[1]} block in the weight ({zeros:.0%} of its entries "
+                      "are zero): the result is a dense layer in a block-sparse format. Pass the block shape the "
+                      "weight was pruned with (block=(1, 4), ...); pyaccel.patch finds it by itself.",
+                      UserWarning, stacklevel=3)
+
+
 class BlockSparseLinear(PackedLinear):
     """Linear layer whose weight is block-sparse (torch BSR layout, fp32 blocks).
 
@@ -77,9 +89,14 @@ class BlockSparseLinear(PackedLinear):
     @classmethod
     def from_float(cls, linear: nn.Module, block: Tuple[int, int] = DEFAULT_BLOCK) -> "BlockSparseLinear":
         """From an nn.Linear (or transformers Conv1D) whose effective weight
-        (prune masks, parametrizations applied) has zero blocks (lossless)."""
+        (prune masks, parametrizations applied) has zero blocks of shape
+        `block` (lossless). Warns (UserWarning) when no block of that shape is
+        all zero: the result would be a dense layer in a sparse format
+        (``pyaccel.patch`` finds the block shape by itself)."""
         w, b = linear_weights(linear)
-        return cls.from_dense(w, b, block)
+        mod = cls.from_dense(w, b, block)
+        _warn_if_dense(mod, block, w)
+        return mod
 
     @classmethod
     def from_bsr(cls, weight: Tensor, bias: Optional[Tensor] = None,
