@@ -43,6 +43,15 @@ class BlockChoice:
     zero_fraction: float
 
 
+def most_zero_blocks(w: Tensor, blocks: Sequence[Tuple[int, int]] = CANDIDATE_BLOCKS) -> Optional[BlockChoice]:
+    """The candidate block shape with the largest zero-block fraction in w (any fraction), or None."""
+    fracs = [(b, zero_block_fraction(w, b)) for b in blocks if b[0] <= w.shape[0] and b[1] <= w.shape[1]]
+    if not fracs:
+        return None
+    b, f = max(fracs, key=lambda t: t[1])
+    return BlockChoice(b, f)
+
+
 def candidate_block(w: Tensor, blocks: Sequence[Tuple[int, int]] = CANDIDATE_BLOCKS) -> Optional[BlockChoice]:
     """The block shape to try for weight w [out, in] (rule steps 1-2), or None."""
     fracs = [(b, zero_block_fraction(w, b)) for b in blocks if b[0] <= w.shape[0] and b[1] <= w.shape[1]]

@@ -230,6 +230,11 @@ def _linear_like(mod, ctx):
     choice = (_sparse_choice.candidate_block(w) if w.device.type == "cpu" and ctx.block_sparse != "never"
               else None)
     if choice is None:
+        if isinstance(plan, str) and w.device.type == "cpu" and ctx.block_sparse != "never":
+            few = _sparse_choice.most_zero_blocks(w)
+            if few is not None and few.zero_fraction > 0:
+                plan += (f"; {few.zero_fraction:.0%} zero {few.block[0]}x{few.block[1]} blocks, under the "
+                         f"{_sparse_choice.MIN_ZERO_BLOCKS:.0%} block-sparse minimum")
         return plan
     if ctx.block_sparse == "always":
         cls = BlockSparseInt8Linear if int8 else BlockSparseLinear

@@ -284,3 +284,27 @@ def test_second_review_fixes(gen):
     with pytest.raises(RuntimeError):
         m.load_state_dict(sd)
     assert torch.equal(m(x), y) and m.crow_indices[0] == 0
+
+
+def test_patch_names_block_sparsity_under_the_minimum_and_from_float_warns():
+    """A layer with some zero 1x4 blocks, below the block-sparse minimum: the
+    skip reason says how many; from_float with a block shape the zeros do not
+    form warns that the result is dense."""
+    import warnings
+
+    import pyaccel
+    from pyaccel.formats import block_sparse as bsf
+    from pyaccel.nn import BlockSparseLinear
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(256, 256))
+    with torch.no_grad():
+        m[0].weight.mul_(bsf.block_mask(m[0].weight, (1, 4), 0.25))
+    report = pyaccel.patch(m, inplace=False)
+    assert "25% zero 1x4 blocks, under the 30% block-sparse minimum" in report.entries[0].reason
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        BlockSparseLinear.from_float(m[0], (32, 32))
+        BlockSparseLinear.from_float(m[0], (1, 4))
+    msgs = [str(c.message) for c in caught if "from_float" in str(c.message)]
+    assert len(msgs) == 1 and "no all-zero 32x32 block" in msgs[0]
