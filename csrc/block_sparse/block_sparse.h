@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <type_traits>
 
 #include "common/cpu_features.h"
 #include "common/packed_header.h"
@@ -262,6 +263,23 @@ void bsr_scatter_avx2(const GemmArgs&, const float*, int64_t, int64_t, int64_t, 
 void bsr_pack_slabs_scalar(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int);
 void bsr_pack_slabs_avx2(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int);
 void bsr_pack_slabs_avx512(const void*, int64_t, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t, int);
+
+// fn(s, std::integral_constant<int, S>) over [s0, s1) in runs of S = MAX, ...,
+// 2, 1 slabs (MAX a power of 2 up to 8).
+template <int MAX, typename Fn>
+inline void for_each_slab_run(int64_t s0, int64_t s1, const Fn& fn) {
+  int64_t s = s0;
+  for (; s + MAX <= s1; s += MAX) fn(s, std::integral_constant<int, MAX>{});
+  if constexpr (MAX > 4) {
+    if (s + 4 <= s1) { fn(s, std::integral_constant<int, 4>{}); s += 4; }
+  }
+  if constexpr (MAX > 2) {
+    if (s + 2 <= s1) { fn(s, std::integral_constant<int, 2>{}); s += 2; }
+  }
+  if constexpr (MAX > 1) {
+    for (; s < s1; ++s) fn(s, std::integral_constant<int, 1>{});
+  }
+}
 
 // The thread split both drivers use: fn(r0, r1) on the threads, over block-row
 // ranges of about equal numbers of kept blocks (rowptr [nbr + 1]).

@@ -244,6 +244,21 @@ void slabs_bh(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int
   });
 }
 
+template <typename V>
+void slabs_any_bh(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1, int64_t r0,
+                  int64_t r1) {
+  switch (g.bh) {
+    case 1: slabs_bh<V, 1>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 2: slabs_bh<V, 2>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 3: slabs_bh<V, 3>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 4: slabs_bh<V, 4>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 5: slabs_bh<V, 5>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 6: slabs_bh<V, 6>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    case 7: slabs_bh<V, 7>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+    default: slabs_bh<V, 8>(g, xt, nslabs, m, s0, s1, r0, r1); break;
+  }
+}
+
 }  // namespace
 
 void bsr_small_rows_avx512(const GemmArgs& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
@@ -341,29 +356,10 @@ void bsr_pack_slabs_avx512(const void* x, int64_t ldx, bool x_bf16, int64_t m, i
 
 void bsr_small_slabs_avx512(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1,
                             int64_t r0, int64_t r1, int sw) {
-  if (sw == 8) {
-    switch (g.bh) {
-      case 1: slabs_bh<Ymm, 1>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-      case 2: slabs_bh<Ymm, 2>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-      case 3: slabs_bh<Ymm, 3>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-      case 4: slabs_bh<Ymm, 4>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-      case 5: slabs_bh<Ymm, 5>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-      case 6: slabs_bh<Ymm, 6>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-      case 7: slabs_bh<Ymm, 7>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-      default: slabs_bh<Ymm, 8>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-    }
-    return;
-  }
-  switch (g.bh) {
-    case 1: slabs_bh<Zmm, 1>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-    case 2: slabs_bh<Zmm, 2>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-    case 3: slabs_bh<Zmm, 3>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-    case 4: slabs_bh<Zmm, 4>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-    case 5: slabs_bh<Zmm, 5>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-    case 6: slabs_bh<Zmm, 6>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-    case 7: slabs_bh<Zmm, 7>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-    default: slabs_bh<Zmm, 8>(g, xt, nslabs, m, s0, s1, r0, r1); break;
-  }
+  if (sw == 8)
+    slabs_any_bh<Ymm>(g, xt, nslabs, m, s0, s1, r0, r1);
+  else
+    slabs_any_bh<Zmm>(g, xt, nslabs, m, s0, s1, r0, r1);
 }
 
 }  // namespace block_sparse

@@ -188,9 +188,9 @@ void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64
 template <int GPB>
 void slab_runs(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, int64_t s0, int64_t s1,
                int64_t r0, int64_t r1, int32_t* stage) {
-  int64_t s = s0;
-  for (; s + 2 <= s1; s += 2) slab_rows<2, GPB>(g, xg, sst, m, s, r0, r1, stage);
-  for (; s < s1; ++s) slab_rows<1, GPB>(g, xg, sst, m, s, r0, r1, stage);
+  for_each_slab_run<2>(s0, s1, [&](int64_t s, auto run) {
+    slab_rows<decltype(run)::value, GPB>(g, xg, sst, m, s, r0, r1, stage);
+  });
 }
 
 thread_local std::vector<int32_t> t_stage;

@@ -236,13 +236,9 @@ void slab_runs(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
   const size_t words = 16 * kSmallBlockRows * 4 * 16 + 16;  // 16 block rows x bh channels x S x W
   if (t_stage.size() < words) t_stage.resize(words);
   int32_t* stage = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(t_stage.data()) + 63) & ~uintptr_t(63));
-  int64_t s = s0;
-  for (; s + 4 <= s1; s += 4) slab_rows<V, 4, GPB>(g, xg, sst, m, s, r0, r1, stage);
-  if (s + 2 <= s1) {
-    slab_rows<V, 2, GPB>(g, xg, sst, m, s, r0, r1, stage);
-    s += 2;
-  }
-  for (; s < s1; ++s) slab_rows<V, 1, GPB>(g, xg, sst, m, s, r0, r1, stage);
+  for_each_slab_run<4>(s0, s1, [&](int64_t s, auto run) {
+    slab_rows<V, decltype(run)::value, GPB>(g, xg, sst, m, s, r0, r1, stage);
+  });
 }
 
 }  // namespace

@@ -6,7 +6,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 
 #include "block_sparse/block_sparse.h"
 
@@ -40,23 +39,6 @@ struct Ymm {
   static void store(float* p, T v) { _mm256_store_ps(p, v); }
 };
 
-
-// fn(s, std::integral_constant<int, S>) over [s0, s1) in runs of S = MAX, ...,
-// 2, 1 slabs (MAX a power of 2 up to 8).
-template <int MAX, typename Fn>
-inline void for_each_slab_run(int64_t s0, int64_t s1, const Fn& fn) {
-  int64_t s = s0;
-  for (; s + MAX <= s1; s += MAX) fn(s, std::integral_constant<int, MAX>{});
-  if constexpr (MAX > 4) {
-    if (s + 4 <= s1) { fn(s, std::integral_constant<int, 4>{}); s += 4; }
-  }
-  if constexpr (MAX > 2) {
-    if (s + 2 <= s1) { fn(s, std::integral_constant<int, 2>{}); s += 2; }
-  }
-  if constexpr (MAX > 1) {
-    for (; s < s1; ++s) fn(s, std::integral_constant<int, 1>{});
-  }
-}
 
 // One band over all groups: part[band_rows][S][W] (zeroed here) gets the
 // band's channels x the S slab lines at xs (line: floats between one input's
