@@ -76,10 +76,12 @@ def test_measure_peak_follows_the_selected_isa(isa):
     assert mix8 == _PEAK_MIX[isa] and mix32 == ("vfmadd231ps ymm" if isa == "avx2" else "vfmadd231ps zmm")
     # GOP/s of a real SIMD loop (a loaded machine may slice it, hence the loose bound)
     assert g8 > 1 and g32 > 1
+    ge, mixe = lib.measure_peak("int8_exact", 1, 0.005, 1)
+    assert ge > 1 and mixe == ("vpmaddwd+vpaddd ymm (int16)" if isa == "avx2" else _PEAK_MIX[isa])
 
 
 def test_measure_peak_rejects_unknown_kind():
-    with pytest.raises(ValueError, match="kind must be 'int8' or 'fp32'"):
+    with pytest.raises(ValueError, match="kind must be 'int8', 'int8_exact' or 'fp32'"):
         _native.lib().measure_peak("int4", 1)
 
 

@@ -31,12 +31,18 @@ Choice choose(const char* kind) {
     if (isa >= Isa::kAvx2) return {int8_avx2, "vpmaddubsw+vpmaddwd+vpaddd ymm"};
     return {nullptr, ""};
   }
+  if (std::strcmp(kind, "int8_exact") == 0) {
+    if (isa >= Isa::kAvx512Vnni) return {int8_vnni, "vpdpbusd zmm"};
+    if (isa >= Isa::kAvx512) return {int8_avx512bw, "vpmaddubsw+vpmaddwd+vpaddd zmm"};
+    if (isa >= Isa::kAvx2) return {int8_exact_avx2, "vpmaddwd+vpaddd ymm (int16)"};
+    return {nullptr, ""};
+  }
   if (std::strcmp(kind, "fp32") == 0) {
     if (isa >= Isa::kAvx512) return {fp32_avx512, "vfmadd231ps zmm"};
     if (isa >= Isa::kAvx2) return {fp32_avx2, "vfmadd231ps ymm"};
     return {nullptr, ""};
   }
-  throw std::invalid_argument(std::string("measure_peak: kind must be 'int8' or 'fp32', got '") + kind + "'");
+  throw std::invalid_argument(std::string("measure_peak: kind must be 'int8', 'int8_exact' or 'fp32', got '") + kind + "'");
 }
 
 double seconds_of(Probe probe, int64_t iters, int nthreads, int64_t* ops) {

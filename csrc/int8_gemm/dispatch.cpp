@@ -20,7 +20,7 @@ const Kernel kLadder[] = {
      qs8_gemm_6x64c4_avx512vnni},
     {Isa::kAvx512, "qs8_gemm_4x64c4_avx512bw", 4, 0x00, quantize_rows_avx512,
      qs8_gemm_4x64c4_avx512bw},
-    {Isa::kAvx2, "qs8_gemm_4x16c4_avx2", 4, 0x00, quantize_rows_avx2, qs8_gemm_4x16c4_avx2, kAvx2RowPathRows},
+    {Isa::kAvx2, "qs8_gemm_6x8c4_avx2", 6, 0x00, quantize_rows_avx2, qs8_gemm_6x8c4_avx2, kAvx2RowPathRows},
     {Isa::kPortable, "qs8_gemm_1x64c4_scalar", 1, 0x00, quantize_rows_scalar,
      qs8_gemm_1x64c4_scalar},
 };

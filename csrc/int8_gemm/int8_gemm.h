@@ -192,7 +192,7 @@ void quantize_rows_avx2(const void*, int64_t, bool, int64_t, int64_t, int64_t, i
 void quantize_rows_avx512(const void*, int64_t, bool, int64_t, int64_t, int64_t, int64_t,
                           int64_t, uint8_t, int, int8_t*, float*);
 void qs8_gemm_1x64c4_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
-void qs8_gemm_4x16c4_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void qs8_gemm_6x8c4_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_4x16c4u7_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_4x64c4_avx512bw(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_6x64c4_avx512vnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);

@@ -7,8 +7,10 @@
 //   S::row_step(c, ra, b, ones)    row path: c += w(at b) * a
 //   S::finish(g, acc, n0)          int32 correction before the epilogue (encoding offset)
 //   S::kRowPathRows                calls of up to this many rows take the row path
-// qs8_gemm_4x16c4_avx2.cpp: 8-bit activations, sign trick, 4 instructions per step.
-// qs8_gemm_4x16c4u7_avx2.cpp: 7-bit activations as q + 64, 3 instructions per step.
+// qs8_gemm_4x16c4u7_avx2.cpp: 7-bit activations as q + 64, 3 instructions per step
+// (both tiles).
+// qs8_gemm_6x8c4_avx2.cpp: 8-bit activations; uses only tile_row (sign trick,
+// 4 instructions per step) and has its own int16 tile for more rows.
 #pragma once
 #include <immintrin.h>
 

@@ -1,9 +1,10 @@
 """pyaccel::int8_linear: native CPU kernels (every ISA) against the reference.
 
 Tile facts the grid is built from (csrc/int8_gemm/README.md): rows per tile
-MR = 6 (VNNI), 4 (AVX-512 BW, AVX2), 1 (portable); 64-channel panels (AVX2
-works in 16-channel quarters); k in groups of 4; the VNNI kernel blocks K by
-256. Integer accumulators must match exactly; the fp32 epilogue computes the
+MR = 6 (VNNI), 4 (AVX-512 BW), 1 (portable); AVX2: one row at a time up to
+16 rows, above that a 6-row x 8-channel int16 tile over blocks of widened rows
+(90 rows a block at K = 1030, 18 at K = 4096); 64-channel panels; k in groups
+of 4; the VNNI kernel blocks K by 256. Integer accumulators must match exactly; the fp32 epilogue computes the
 same expression as the reference, so outputs agree to an ulp.
 """
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from pyaccel import _native, reference
 from pyaccel.formats.int8 import pack_int8_weight, quantize_weight_per_channel
 
-M_GRID = [1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 50]
+M_GRID = [1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 16, 17, 18, 23, 50, 97]
 N_GRID = [1, 15, 16, 17, 63, 64, 65, 130]
 K_GRID = [1, 3, 4, 5, 255, 256, 257, 1030]
 
@@ -59,16 +60,18 @@ def test_accumulators_exact_grid(isa, gen, m, n):
 def test_accumulator_overflow_boundary(isa):
     # largest |acc| that fits int32: 127*127*k < 2**31 for k = 133_000. The
     # VNNI kernel's uint8 trick wraps in between and must still come out exact.
+    # 20 rows: the AVX2 int16 tile (2 rows take its one-row path).
     k = 133_000
-    q = torch.full((2, k), 127, dtype=torch.int8)
-    q[1] = -127
-    w = torch.full((3, k), 127, dtype=torch.int8)
-    w[1] = -127
-    w[2, ::2] = -127
-    acc = native_acc(q, w)
-    ref = reference.int8_matmul_exact(q, w).float()
-    assert abs(float(ref[0, 0])) > 2**31 * 0.99
-    assert torch.equal(acc, ref)
+    for m in (2, 20):
+        q = torch.full((m, k), 127, dtype=torch.int8)
+        q[1::2] = -127
+        w = torch.full((3, k), 127, dtype=torch.int8)
+        w[1] = -127
+        w[2, ::2] = -127
+        acc = native_acc(q, w)
+        ref = reference.int8_matmul_exact(q, w).float()
+        assert abs(float(ref[0, 0])) > 2**31 * 0.99
+        assert torch.equal(acc, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
