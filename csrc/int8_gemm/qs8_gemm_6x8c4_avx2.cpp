@@ -59,6 +59,21 @@ void widen_rows(const int8_t* a, int64_t lda, int64_t rows, int64_t k_pad, int16
   }
 }
 
+// y[m, n0 .. n0 + 8) from the int32 sums acc, all 8 channels valid: the same
+// expression as avx2_tile::store8 (split_scale's order) with the channel
+// scales vw and bias vb already in registers.
+inline void store_full8(const GemmArgs& g, __m256i acc, __m256 vw, __m256 vb, int64_t m, int64_t n0) {
+  const float sa = g.a_scale[m];
+  const __m256 a = _mm256_cvtepi32_ps(acc), vs = _mm256_set1_ps(sa);
+  __m256 v = sa < 1.f ? _mm256_mul_ps(_mm256_mul_ps(a, vs), vw) : _mm256_mul_ps(a, _mm256_mul_ps(vs, vw));
+  if (g.bias) v = _mm256_add_ps(v, vb);
+  if (g.c_bf16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(g.c) + m * g.ldc + n0),
+                     avx2_tile::cvt_fp32_bf16(v));
+  else
+    _mm256_storeu_ps(static_cast<float*>(g.c) + m * g.ldc + n0, v);
+}
+
 // c += vpmaddwd(w, a) (inline asm: with intrinsics GCC keeps the 12
 // accumulators of the 6-row tile on the stack).
 inline void madd_w16(__m256i& c, __m256i w, __m256i a) {
@@ -77,11 +92,16 @@ inline void madd_w16(__m256i& c, __m256i w, __m256i a) {
     madd_w16(c##r##0, w0, av);                  \
     madd_w16(c##r##1, w1, av);                  \
   }
+// lanes (c0 c1 c4 c5 | c2 c3 c6 c7) -> (c0 .. c7), then the epilogue: with all
+// 8 channels valid the channel scales and bias are loaded once per tile
+// (store_full8), else avx2_tile::store8 (partial last group).
 #define PYACCEL_W16_STORE(r)                                                                  \
   if constexpr (MR > r) {                                                                     \
-    /* lanes (c0 c1 c4 c5 | c2 c3 c6 c7) -> (c0 .. c7) */                                     \
     const __m256i v = _mm256_permute4x64_epi64(_mm256_hadd_epi32(c##r##0, c##r##1), 0xD8);     \
-    avx2_tile::store8(g, v, g.a_scale[m + r], m + r, n0);                                     \
+    if (full)                                                                                 \
+      store_full8(g, v, vw, vb, m + r, n0);                                                   \
+    else                                                                                      \
+      avx2_tile::store8(g, v, g.a_scale[m + r], m + r, n0);                                   \
   }
 
 // Rows [m, m + MR) x channels [n0, n0 + 8): sub points at the channels' 32
@@ -137,6 +157,9 @@ inline void tile_w16(const GemmArgs& g, const int16_t* ak16, int64_t ld16, int64
       PYACCEL_W16_ROW(0) PYACCEL_W16_ROW(1) PYACCEL_W16_ROW(2) PYACCEL_W16_ROW(3) PYACCEL_W16_ROW(4)
     }
   }
+  const bool full = n0 + 8 <= g.n;
+  const __m256 vw = full ? _mm256_loadu_ps(g.w_scale + n0) : _mm256_setzero_ps();
+  const __m256 vb = full && g.bias ? _mm256_loadu_ps(g.bias + n0) : _mm256_setzero_ps();
   PYACCEL_W16_STORE(0) PYACCEL_W16_STORE(1) PYACCEL_W16_STORE(2) PYACCEL_W16_STORE(3) PYACCEL_W16_STORE(4)
   PYACCEL_W16_STORE(5)
 }

@@ -77,7 +77,7 @@ def test_accumulator_overflow_boundary(isa):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_matches_reference(isa, gen, dtype, bias):
-    for m, n, k in [(1, 64, 64), (7, 65, 257), (13, 130, 1030), (50, 17, 5)]:
+    for m, n, k in [(1, 64, 64), (7, 65, 257), (13, 130, 1030), (50, 17, 5), (31, 72, 300)]:
         w = quantize_weight_per_channel(torch.randn(n, k, generator=gen))
         b = torch.randn(n, generator=gen) if bias else None
         x = torch.randn(m, k, generator=gen).to(dtype)
@@ -212,8 +212,9 @@ def test_prequantized_gemm_in_row_passes_is_exact(isa, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tiny_activation_rows_match_reference(isa, gen, k, dtype):
     """Rows whose 127 / max|x| overflows fp32 (and subnormal rows) next to normal
-    rows, through the whole native int8_linear: equal to the reference."""
-    amaxes = [1.0, 2e-37, 3.7e-37, 1e-38, 1e-40, 1e-30, 2.0 ** -64, 5.0]
+    rows, through the whole native int8_linear: equal to the reference. 24
+    rows: the AVX2 int16 tile's epilogue too (8 rows take its one-row path)."""
+    amaxes = [1.0, 2e-37, 3.7e-37, 1e-38, 1e-40, 1e-30, 2.0 ** -64, 5.0] * 3
     x = torch.randn(len(amaxes), k, generator=gen, dtype=torch.float64)
     x = (x / x.abs().amax(dim=1, keepdim=True) * torch.tensor(amaxes, dtype=torch.float64)[:, None]).float()
     x = x.to(dtype)
@@ -232,7 +233,7 @@ def test_tiny_and_huge_activations_are_accurate(isa, gen, amax):
     k, n = 257, 40
     w_f = torch.randn(n, k, generator=gen) * 0.05
     w = quantize_weight_per_channel(w_f)
-    x = torch.randn(6, k, generator=gen, dtype=torch.float64)
+    x = torch.randn(20, k, generator=gen, dtype=torch.float64)  # 20 rows: the AVX2 int16 tile
     x = (x / x.abs().amax(dim=1, keepdim=True) * amax).float()
     y = torch.ops.pyaccel.int8_linear(x, w.values, w.scale, None, pack_int8_weight(w.values))
     assert torch.equal(y, reference.int8_linear(x, w.values, w.scale, None))
