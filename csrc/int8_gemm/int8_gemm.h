@@ -113,9 +113,12 @@ struct Kernel {
   int qmax = kQmax8;      // activations in [-qmax, qmax]: 127, or 63 in the 7-bit ladder
 };
 
-// The AVX2 kernel's row path (whole panel per row, in address order) serves
-// calls of up to this many rows; more rows take the 4-row tile.
-constexpr int64_t kAvx2RowPathRows = 16;
+// The 8-bit AVX2 kernel's row path (whole panel per row, in address order)
+// serves calls of up to this many rows; more rows take the 6x8 int16 tile
+// (measured, Zen 4 capped at AVX2, one core, interleaved: the tile 0.83x the
+// row path at 4 rows on 4096^2, 1.0 - 1.2x from 5 - 8 rows on 4096^2,
+// 1024x4096 and MiniLM's 384 / 1536 shapes).
+constexpr int64_t kAvx2RowPathRows = 4;
 // The same for the 7-bit AVX2 kernel, whose 4-row tile runs 1.2 - 1.5x its row
 // path from 8 rows on (measured, Zen 4 capped at AVX2, interleaved: 4096^2 and
 // 1024x4096 at 8, 12 and 16 rows; 1.05x the other way at 4 rows).

@@ -1,6 +1,6 @@
 // int8 GEMM micro-kernels, AVX2, 8-bit activations (q in [-127, 127]).
 //
-// More rows than the row path takes: a 6-row x 8-channel tile on int16
+// More rows than the row path takes (kAvx2RowPathRows): a 6-row x 8-channel tile on int16
 // operands. Each call widens its rows' activations to int16 once (a block of
 // rows at a time, L2-sized), each k group's 8 x 4 weights are sign-extended
 // in registers (two vpmovsxbw), and one vpmaddwd multiplies 4 channels x 4 k
@@ -111,10 +111,11 @@ inline void madd_w16(__m256i& c, __m256i w, __m256i a) {
 // activations broadcast as one 64-bit pattern, vpmaddwd -> per channel two
 // int32 partial sums (k0 + k1, k2 + k3), summed by vphaddd at the end. Every
 // pair sum is exact (|2 * 127 * 127| < 2^31), the int32 accumulators exact
-// as in every int8 kernel.
+// as in every int8 kernel. pf: one line of the next panel per k group to pull
+// into L2 (see gemm_w16).
 template <int MR>
 inline void tile_w16(const GemmArgs& g, const int16_t* ak16, int64_t ld16, int64_t m, const int8_t* sub,
-                     int64_t n0) {
+                     int64_t n0, const int8_t* pf) {
   const int64_t groups = g.k_pad / kKGroup;
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
           c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
@@ -133,8 +134,9 @@ inline void tile_w16(const GemmArgs& g, const int16_t* ak16, int64_t ld16, int64
   "vpaddd %%ymm15, %[" c0 "], %[" c0 "]\n\t"   \
   "vpmaddwd %%ymm14, %%ymm13, %%ymm15\n\t"     \
   "vpaddd %%ymm15, %[" c1 "], %[" c1 "]\n\t"
-    for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup, ak += kKGroup, ak3 += kKGroup) {
+    for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup, ak += kKGroup, ak3 += kKGroup, pf += 64) {
       __asm__(
+          "prefetcht1 (%[pf])\n\t"
           "vpmovsxbw (%[b]), %%ymm12\n\t"
           "vpmovsxbw 16(%[b]), %%ymm13\n\t"
           PYACCEL_W16_ASM_ROW("(%[a0])", "c00", "c01")
@@ -146,12 +148,13 @@ inline void tile_w16(const GemmArgs& g, const int16_t* ak16, int64_t ld16, int64
           : [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), [c20] "+x"(c20),
             [c21] "+x"(c21), [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41),
             [c50] "+x"(c50), [c51] "+x"(c51)
-          : [b] "r"(b), [a0] "r"(ak), [a3] "r"(ak3), [s1] "r"(s1)
+          : [b] "r"(b), [a0] "r"(ak), [a3] "r"(ak3), [s1] "r"(s1), [pf] "r"(pf)
           : "xmm12", "xmm13", "xmm14", "xmm15", "memory");
     }
 #undef PYACCEL_W16_ASM_ROW
   } else {
-    for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup, ak += kKGroup) {
+    for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup, ak += kKGroup, pf += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
       const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
       const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
       PYACCEL_W16_ROW(0) PYACCEL_W16_ROW(1) PYACCEL_W16_ROW(2) PYACCEL_W16_ROW(3) PYACCEL_W16_ROW(4)
@@ -169,6 +172,15 @@ inline void tile_w16(const GemmArgs& g, const int16_t* ak16, int64_t ld16, int64
 // Rows [m0, m1) x one panel on the int16 tile: rows in L2-sized blocks, each
 // widened once and run by the panel's 8 channel groups in turn.
 void gemm_w16(const GemmArgs& g, int64_t m0, int64_t m1, const int8_t* panel, int64_t p) {
+  // The tiles pull the next panel (the one this thread most likely
+  // runs next) into L2 in address order, one line per k group: the tiles
+  // read a panel 32 of every 256 bytes at a time, which the hardware
+  // prefetchers follow poorly from L3 / DRAM. The first tiles of a panel
+  // cover it; later ones re-touch the same lines (their addresses wrap).
+  const int64_t panel_bytes = g.k_pad * kPanel;
+  const int8_t* next = p + 1 < (g.n + kPanel - 1) / kPanel ? panel + panel_bytes : panel;
+  int64_t pf_off = 0;
+  const int64_t tile_lines = g.k_pad / kKGroup * 64;
   const int64_t ld16 = a16_stride(g.k_pad);
   int64_t block = kA16BlockBytes / (2 * ld16) / 6 * 6;
   if (block < 6) block = 6;
@@ -181,7 +193,9 @@ void gemm_w16(const GemmArgs& g, int64_t m0, int64_t m1, const int8_t* panel, in
       const int64_t n0 = p * kPanel + 8 * j;
       if (n0 >= g.n) break;
       for_each_row_tile<6>(mb, me, [&](int64_t m, auto h) {
-        tile_w16<h()>(g, a16 + (m - mb) * ld16, ld16, m, panel + 8 * j * kKGroup, n0);
+        if (pf_off + tile_lines > panel_bytes) pf_off = 0;
+        tile_w16<h()>(g, a16 + (m - mb) * ld16, ld16, m, panel + 8 * j * kKGroup, n0, next + pf_off);
+        pf_off += tile_lines;
       });
     }
   }

@@ -2,7 +2,7 @@
 
 Tile facts the grid is built from (csrc/int8_gemm/README.md): rows per tile
 MR = 6 (VNNI), 4 (AVX-512 BW), 1 (portable); AVX2: one row at a time up to
-16 rows, above that a 6-row x 8-channel int16 tile over blocks of widened rows
+4 rows, above that a 6-row x 8-channel int16 tile over blocks of widened rows
 (90 rows a block at K = 1030, 18 at K = 4096); 64-channel panels; k in groups
 of 4; the VNNI kernel blocks K by 256. Integer accumulators must match exactly; the fp32 epilogue computes the
 same expression as the reference, so outputs agree to an ulp.
@@ -213,7 +213,7 @@ def test_prequantized_gemm_in_row_passes_is_exact(isa, gen):
 def test_tiny_activation_rows_match_reference(isa, gen, k, dtype):
     """Rows whose 127 / max|x| overflows fp32 (and subnormal rows) next to normal
     rows, through the whole native int8_linear: equal to the reference. 24
-    rows: the AVX2 int16 tile's epilogue too (8 rows take its one-row path)."""
+    rows: the AVX2 int16 tile's epilogue too."""
     amaxes = [1.0, 2e-37, 3.7e-37, 1e-38, 1e-40, 1e-30, 2.0 ** -64, 5.0] * 3
     x = torch.randn(len(amaxes), k, generator=gen, dtype=torch.float64)
     x = (x / x.abs().amax(dim=1, keepdim=True) * torch.tensor(amaxes, dtype=torch.float64)[:, None]).float()
