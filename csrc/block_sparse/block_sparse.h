@@ -200,6 +200,7 @@ struct GemmArgsI8 {
   int64_t ldy;
   bool y_bf16;
   const int32_t* w4 = nullptr;  // compact blocks (one word: 4 inputs of a channel) or null
+  bool colk4 = false;           // every colk is a multiple of 4 (block width % 4 == 0)
 };
 using GemmI8Fn = void (*)(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1);
 // int8_gemm's epilogues read scales, bias and y from its own argument struct
