@@ -36,13 +36,6 @@ int effective_threads(int nthreads);   // nthreads, or 1 inside a window
 template <typename Fn1, typename Fn2>
 void parallel_two_phase(int64_t n1, int64_t n2, int nthreads, const Fn1& fn1, const Fn2& fn2, int64_t items2 = 0);
 
-// The same with a phase 0 first: fn0(begin, end) over [0, n0) split like fn1,
-// then a barrier (none when n0 == 0). For a call whose inputs are prepared in
-// two dependent steps (quantize rows, then regroup them) before the main work.
-template <typename Fn0, typename Fn1, typename Fn2>
-void parallel_three_phase(int64_t n0, int64_t n1, int64_t n2, int nthreads, const Fn0& fn0, const Fn1& fn1,
-                          const Fn2& fn2, int64_t items2 = 0);
-
 // The GEMM work split every op uses: a grid of (unit of output channels) x
 // (chunk of rows), unit-major. Rows are chunked only when there are too few
 // units to keep every thread busy; otherwise an item is a whole unit over all
@@ -91,43 +84,6 @@ void parallel_for(int64_t n, int64_t grain, int nthreads, const Fn& fn) {
   }
 }
 
-template <typename Fn0, typename Fn1, typename Fn2>
-void parallel_three_phase(int64_t n0, int64_t n1, int64_t n2, int nthreads, const Fn0& fn0, const Fn1& fn1,
-                          const Fn2& fn2, int64_t items2) {
-  int64_t nt = effective_threads(nthreads);
-  if (nt > n2) nt = n2;
-  if (nt <= 1) {
-    if (n0 > 0) fn0(int64_t(0), n0);
-    if (n1 > 0) fn1(int64_t(0), n1);
-    if (n2 > 0) fn2(int64_t(0), n2);
-    return;
-  }
-  const double t0 = omp_get_wtime();
-#pragma omp parallel num_threads(static_cast<int>(nt))
-  {
-    note_thread_start(t0);
-    const int64_t t = omp_get_thread_num(), team = omp_get_num_threads();  // see parallel_for
-    if (n0 > 0) {
-      const int64_t z0 = n0 * t / team, z1 = n0 * (t + 1) / team;
-      if (z0 < z1) fn0(z0, z1);
-#pragma omp barrier
-    }
-    const int64_t a0 = n1 * t / team, a1 = n1 * (t + 1) / team;
-    if (a0 < a1) fn1(a0, a1);
-#pragma omp barrier
-    if (items2 > 0) {
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < items2; ++i) {
-        const int64_t b0 = n2 * i / items2, b1 = n2 * (i + 1) / items2;
-        if (b0 < b1) fn2(b0, b1);
-      }
-    } else {
-      const int64_t b0 = n2 * t / team, b1 = n2 * (t + 1) / team;
-      if (b0 < b1) fn2(b0, b1);
-    }
-  }
-}
-
 template <typename Prep, typename Fn>
 void parallel_private_prep(int64_t n, int nthreads, int64_t items, const Prep& prep, const Fn& fn) {
   if (n <= 0) return;
@@ -154,7 +110,32 @@ void parallel_private_prep(int64_t n, int nthreads, int64_t items, const Prep& p
 
 template <typename Fn1, typename Fn2>
 void parallel_two_phase(int64_t n1, int64_t n2, int nthreads, const Fn1& fn1, const Fn2& fn2, int64_t items2) {
-  parallel_three_phase(0, n1, n2, nthreads, [](int64_t, int64_t) {}, fn1, fn2, items2);
+  int64_t nt = effective_threads(nthreads);
+  if (nt > n2) nt = n2;
+  if (nt <= 1) {
+    if (n1 > 0) fn1(int64_t(0), n1);
+    if (n2 > 0) fn2(int64_t(0), n2);
+    return;
+  }
+  const double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(static_cast<int>(nt))
+  {
+    note_thread_start(t0);
+    const int64_t t = omp_get_thread_num(), team = omp_get_num_threads();  // see parallel_for
+    const int64_t a0 = n1 * t / team, a1 = n1 * (t + 1) / team;
+    if (a0 < a1) fn1(a0, a1);
+#pragma omp barrier
+    if (items2 > 0) {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < items2; ++i) {
+        const int64_t b0 = n2 * i / items2, b1 = n2 * (i + 1) / items2;
+        if (b0 < b1) fn2(b0, b1);
+      }
+    } else {
+      const int64_t b0 = n2 * t / team, b1 = n2 * (t + 1) / team;
+      if (b0 < b1) fn2(b0, b1);
+    }
+  }
 }
 
 template <typename Fn>
