@@ -33,7 +33,7 @@ Choice choose(const char* kind) {
   }
   if (std::strcmp(kind, "int8_exact") == 0) {
     if (isa >= Isa::kAvx512Vnni) return {int8_vnni, "vpdpbusd zmm"};
-    if (isa >= Isa::kAvx512) return {int8_avx512bw, "vpmaddubsw+vpmaddwd+vpaddd zmm"};
+    if (isa >= Isa::kAvx512) return {int8_exact_avx512bw, "vpmaddwd+vpaddd zmm (int16)"};
     if (isa >= Isa::kAvx2) return {int8_exact_avx2, "vpmaddwd+vpaddd ymm (int16)"};
     return {nullptr, ""};
   }

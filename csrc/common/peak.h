@@ -13,6 +13,7 @@ namespace peak {
 int64_t int8_avx2(int64_t iters);     // vpmaddubsw + vpmaddwd + vpaddd, ymm
 int64_t int8_exact_avx2(int64_t iters);  // vpmaddwd + vpaddd on int16, ymm
 int64_t int8_avx512bw(int64_t iters); // vpmaddubsw + vpmaddwd + vpaddd, zmm
+int64_t int8_exact_avx512bw(int64_t iters);  // vpmaddwd + vpaddd on int16, zmm
 int64_t int8_vnni(int64_t iters);     // vpdpbusd, zmm
 int64_t fp32_avx2(int64_t iters);     // vfmadd231ps, ymm
 int64_t fp32_avx512(int64_t iters);   // vfmadd231ps, zmm
@@ -22,11 +23,10 @@ struct Result {
   const char* mix = "";   // the instruction mix measured ("" when the ISA level has none)
 };
 
-// kind: "int8", "int8_exact" (the cheapest mix that multiplies any 8-bit
-// operands exactly: the "int8" mix where that one is exact -- vpdpbusd with
-// the 0x80 offset, the sign trick's vpmaddubsw --, int16 vpmaddwd + vpaddd at
-// AVX2, whose 3-instruction u8 x s8 mix saturates on 8-bit operands) or
-// "fp32"; measured at the ISA level selected now (the cap
+// kind: "int8", "int8_exact" (a mix that multiplies any 8-bit operands
+// exactly in as few instructions as the level allows: vpdpbusd with the 0x80
+// offset at VNNI; int16 vpmaddwd + vpaddd at AVX-512 BW and AVX2, whose
+// 3-instruction u8 x s8 mix saturates on 8-bit operands) or "fp32"; measured at the ISA level selected now (the cap
 // included) on `nthreads` threads, `repeats` runs of about `seconds` each.
 Result measure(const char* kind, int nthreads, double seconds, int repeats);
 

@@ -56,6 +56,13 @@ void run_gemm(const Kernel& kern, const GemmArgs& g, int64_t n_pad, int nthreads
 
 constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
 
+// K = 0: every sum is empty, y[m, :] = bias (or 0). The kernels' K loops
+// would not run at all and leave y unwritten.
+void fill_empty_k(void* y, int64_t ldy, bool y_bf16, int64_t m, int64_t n, const float* bias) {
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t c = 0; c < n; ++c) store_output(y, ldy, y_bf16, bias, r, c, 0.f);
+}
+
 }  // namespace
 
 const Kernel& select_kernel(int act_bits) {
@@ -70,6 +77,7 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
   const Kernel& kern = select_kernel(act_bits);
   PackedHeader h;
   std::memcpy(&h, packed, sizeof(h));
+  if (h.k_pad == 0) return fill_empty_k(y, ldy, y_bf16, m, h.n, bias);
   // Below ~0.5M multiply-adds a fork/join (2-3 us) costs more than it saves.
   if (m * h.n_pad * h.k_pad < kMinParallelMacs) nthreads = 1;
   const size_t ysize = y_bf16 ? 2 : 4;
@@ -98,6 +106,7 @@ void gemm_prequantized(const int8_t* q, int64_t lda, const float* q_scale, int64
   const Kernel& kern = select_kernel();
   PackedHeader h;
   std::memcpy(&h, packed, sizeof(h));
+  if (h.k_pad == 0) return fill_empty_k(y, ldy, y_bf16, m, h.n, bias);
   // Re-encode into k_pad rows with the kernel's activation encoding, in row
   // passes (bounded scratch, as linear); 8-bit ladder: any q in [-127, 127]
   const int64_t lda_a = a_stride(h.k_pad);

@@ -44,9 +44,10 @@ def measured_peaks(threads: int):
 def exact_int8_ceiling(threads: int):
     """(GOP/s, mix) of the cheapest instruction mix that multiplies any 8-bit
     operands exactly at the ISA level pyaccel runs at, where it differs from
-    the %-of-peak mix (AVX2: int16 vpmaddwd + vpaddd; the 3-instruction u8 x s8
-    mix saturates on 8-bit activations, so only 7-bit kernels such as torch.ao's
-    reduce_range or pyaccel's act_bits=7 can issue it); else None."""
+    the %-of-peak mix (AVX2, AVX-512 BW: int16 vpmaddwd + vpaddd; the
+    3-instruction u8 x s8 mix saturates on 8-bit activations, so only 7-bit
+    kernels such as torch.ao's reduce_range or pyaccel's act_bits=7 can issue
+    it); else None."""
     from pyaccel import _native
     lib = _native.lib()
     g, mix = lib.measure_peak("int8_exact", threads)
@@ -123,8 +124,8 @@ def main(argv=None) -> int:
                                   "(pyaccel.tune_malloc)" if tuned else "tune_malloc found no glibc: unchanged"))
     exact = exact_int8_ceiling(torch.get_num_threads())
     if exact:
-        head.append(f"exact 8-bit ceiling at this ISA: {exact[0]:.0f} GOP/s (measured now: {exact[1]}); "
-                    f"the int8 peak above is the saturating 3-instruction mix that 7-bit kernels use")
+        head.append(f"exact 8-bit ceiling at this ISA: {exact[0]:.0f} GOP/s (measured now: {exact[1]}; "
+                    f"the 3-instruction u8 x s8 mix saturates on 8-bit activations: only 7-bit kernels issue it)")
     mem = int8.memory_read_gbs()
     head.append(f"DRAM read bandwidth (torch sum over 256 MB, this run): {mem:.1f} GB/s")
     print("\n".join(head))

@@ -57,6 +57,19 @@ def test_accumulators_exact_grid(isa, gen, m, n):
         assert torch.equal(acc, ref), f"k={k}: first mismatch at {diff.nonzero()[0].tolist()}"
 
 
+def test_empty_k_gives_the_bias(isa, gen):
+    """K = 0 (the raw op accepts [N, 0] weights): every sum is empty, y = bias
+    (or 0) on every ISA, in fp32 and bf16 -- never the unwritten output."""
+    w = torch.zeros(9, 0, dtype=torch.int8)
+    b = torch.arange(9.0)
+    for m in (1, 7, 20):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, 0).to(dtype)
+            for bias, want in ((b, b.expand(m, 9)), (None, torch.zeros(m, 9))):
+                y = torch.ops.pyaccel.int8_linear(x, w, torch.ones(9), bias, None)
+                assert torch.equal(y.float(), want.to(dtype).float()), (m, dtype, bias is None)
+
+
 def test_accumulator_overflow_boundary(isa):
     # largest |acc| that fits int32: 127*127*k < 2**31 for k = 133_000. The
     # VNNI kernel's uint8 trick wraps in between and must still come out exact.
