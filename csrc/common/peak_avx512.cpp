@@ -20,24 +20,32 @@ namespace peak {
   __asm__ volatile("" ::"v"(c0), "v"(c1), "v"(c2), "v"(c3), "v"(c4), "v"(c5), "v"(c6), "v"(c7)); \
   __asm__ volatile("" ::"v"(c8), "v"(c9), "v"(c10), "v"(c11), "v"(c12), "v"(c13), "v"(c14), "v"(c15))
 
-int64_t int8_avx512bw(int64_t iters) {
-  __m512i a = _mm512_set1_epi8(3), w = _mm512_set1_epi8(-5), ones = _mm512_set1_epi16(1);
+// 16 accumulator chains of zmm integers; step(c) issues one step's asm into
+// accumulator c (the lambdas inline).
+template <class Step>
+inline void zmm_int_chains(int64_t iters, const Step& step) {
   PYACCEL_PEAK_ACCS(__m512i, _mm512_setzero_si512());
   for (int64_t i = 0; i < iters; ++i) {
-#define PYACCEL_PEAK_STEP(ACC)                                                   \
-  {                                                                            \
-    __m512i t;                                                                 \
-    __asm__ volatile(                                                          \
-        "vpmaddubsw %[w], %[a], %[t]\n\t"                                      \
-        "vpmaddwd %[o], %[t], %[t]\n\t"                                        \
-        "vpaddd %[t], %[c], %[c]"                                              \
-        : [c] "+v"(ACC), [t] "=&v"(t)                                            \
-        : [a] "v"(a), [w] "v"(w), [o] "v"(ones));                              \
-  }
+#define PYACCEL_PEAK_STEP(ACC) step(ACC);
     PYACCEL_PEAK_16(PYACCEL_PEAK_STEP)
 #undef PYACCEL_PEAK_STEP
   }
   PYACCEL_PEAK_SINK();
+}
+
+// u8*s8 pairs -> s16 (vpmaddubsw), pairs -> s32 (vpmaddwd by 1), accumulate
+// (vpaddd): 64 products a step.
+int64_t int8_avx512bw(int64_t iters) {
+  const __m512i a = _mm512_set1_epi8(3), w = _mm512_set1_epi8(-5), ones = _mm512_set1_epi16(1);
+  zmm_int_chains(iters, [&](__m512i& c) {
+    __m512i t;
+    __asm__ volatile(
+        "vpmaddubsw %[w], %[a], %[t]\n\t"
+        "vpmaddwd %[o], %[t], %[t]\n\t"
+        "vpaddd %[t], %[c], %[c]"
+        : [c] "+v"(c), [t] "=&v"(t)
+        : [a] "v"(a), [w] "v"(w), [o] "v"(ones));
+  });
   return iters * 16 * 64 * 2;
 }
 
@@ -45,22 +53,15 @@ int64_t int8_avx512bw(int64_t iters) {
 // 8-bit mix at this level (the vpmaddubsw mix above saturates on 8-bit
 // operands unless a sign step is added, as the BW int8 kernel does).
 int64_t int8_exact_avx512bw(int64_t iters) {
-  __m512i a = _mm512_set1_epi16(3), w = _mm512_set1_epi16(-5);
-  PYACCEL_PEAK_ACCS(__m512i, _mm512_setzero_si512());
-  for (int64_t i = 0; i < iters; ++i) {
-#define PYACCEL_PEAK_STEP(ACC)                     \
-  {                                              \
-    __m512i t;                                   \
-    __asm__ volatile(                            \
-        "vpmaddwd %[w], %[a], %[t]\n\t"           \
-        "vpaddd %[t], %[c], %[c]"                \
-        : [c] "+v"(ACC), [t] "=&v"(t)              \
-        : [a] "v"(a), [w] "v"(w));               \
-  }
-    PYACCEL_PEAK_16(PYACCEL_PEAK_STEP)
-#undef PYACCEL_PEAK_STEP
-  }
-  PYACCEL_PEAK_SINK();
+  const __m512i a = _mm512_set1_epi16(3), w = _mm512_set1_epi16(-5);
+  zmm_int_chains(iters, [&](__m512i& c) {
+    __m512i t;
+    __asm__ volatile(
+        "vpmaddwd %[w], %[a], %[t]\n\t"
+        "vpaddd %[t], %[c], %[c]"
+        : [c] "+v"(c), [t] "=&v"(t)
+        : [a] "v"(a), [w] "v"(w));
+  });
   return iters * 16 * 32 * 2;
 }
 
