@@ -87,10 +87,21 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
           parallel_for(slabs, 1, nthreads,
                        [&](int64_t s0, int64_t s1) { kern.scatter(g, xt, slabs, rows, s0, s1, 0, lists.nbands, sw); });
         } else {
-          // one team: x into slabs, then the bands handed out one at a time (a slow core takes fewer)
+          // one team: x into slabs, then (band, slab chunk) items handed out one at a time (a slow core
+          // takes fewer). With few bands for the threads (1024 channels: 4 bands) the slabs are cut into
+          // chunks of >= 4 (the kernel's widest pass), so that the items still spread over the team.
+          const int64_t want = 4 * nt, nb = lists.nbands;
+          const int64_t chunks = nb >= want ? 1 : std::max<int64_t>(1, std::min((slabs + 3) / 4, (want + nb - 1) / nb));
+          const int64_t per = (slabs + chunks - 1) / chunks;
           parallel_two_phase(
-              slabs, lists.nbands, nthreads, pack,
-              [&](int64_t b0, int64_t b1) { kern.scatter(g, xt, slabs, rows, 0, slabs, b0, b1, sw); }, lists.nbands);
+              slabs, nb * chunks, nthreads, pack,
+              [&](int64_t i0, int64_t i1) {
+                for (int64_t i = i0; i < i1; ++i) {
+                  const int64_t b = i / chunks, s0 = (i % chunks) * per, s1 = std::min(slabs, s0 + per);
+                  if (s0 < s1) kern.scatter(g, xt, slabs, rows, s0, s1, b, b + 1, sw);
+                }
+              },
+              nb * chunks);
         }
         return;
       }

@@ -179,10 +179,11 @@ def test_small_block_slab_kernel(isa, gen, block):
     256 KiB of slab lines: 512 inputs at 8 slabs, so k = 1101 makes three);
     results staged and transposed back into y. n = 70: one band, runs of 16
     channels and a cut one; n = 600: three bands; n = 1100 with 2 threads:
-    the threads take bands. m = 1: the row kernels (AVX2: two 4-input blocks
+    the threads take bands, at m = 130 (band, chunk of slabs) items, the last
+    chunk cut. m = 1: the row kernels (AVX2: two 4-input blocks
     an FMA, the block cut by k in the scalar tail)."""
     k = 1101
-    for n, ms in ((70, (1, 2, 7, 8, 9, 15, 16, 17, 40, 130)), (600, (1, 3, 33, 70)), (1100, (8, 64))):
+    for n, ms in ((70, (1, 2, 7, 8, 9, 15, 16, 17, 40, 130)), (600, (1, 3, 33, 70)), (1100, (8, 64, 130))):
         w = _weight(n, k, block, 0.7, gen)
         bsw = bsf.compress(w, block)
         bias = torch.randn(n, generator=gen)
