@@ -70,8 +70,8 @@ void linear_int8(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, 
   const int64_t nbr = h.nbr;
   const int bw4 = static_cast<int>(round_up(h.bw, 4));
   const int64_t ngroups = round_up(k, h.bw) / 4;
-  // One slab of rows (<= 8 rows on AVX-512 VNNI, the narrow slabs; <= 8 on
-  // AVX2): every thread quantizes the rows and regroups them into its own
+  // One slab of rows (AVX-512 VNNI: up to 8 rows in a narrow slab, 9 - 16 in
+  // a 16-row one; AVX2: up to 8): every thread quantizes the rows and regroups them into its own
   // thread-local slab, then takes block rows dynamically. The ~4 us of
   // preparation per thread is repeated, but no thread writes a cache line
   // another one reads: a shared slab that both cores had read in the last call

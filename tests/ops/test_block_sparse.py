@@ -302,11 +302,13 @@ def test_int8_small_block_slab_kernel(isa, gen, block):
     16 rows, 8 up to m = 8, 4 / 2 / 1 slabs a pass; AVX2 8 rows, 2 / 1 a pass;
     runs of 16 block rows staged and flushed; k = 1101 cuts the last group),
     one row the gather row kernel (VNNI, AVX2; portable: the padded blocks).
+    n = 1100 with 2 threads at m = 8 / 12: one slab, which every thread
+    quantizes and regroups for itself.
     Every row of a batch equals that row alone: the int32 sums are exact, the
     epilogue the same. Extremes: blocks of +-127 and activations at the
     quantizer's ends."""
     k = 1101
-    for n, ms in ((70, (2, 7, 8, 9, 17, 40, 130)), (600, (5, 33)), (1100, (8, 64))):
+    for n, ms in ((70, (2, 7, 8, 9, 17, 40, 130)), (600, (5, 33)), (1100, (8, 12, 64))):
         w = _weight(n, k, block, 0.7, gen)
         bsw, scale = bsf.quantize_blocks(bsf.compress(w, block))
         bsw.values[0].fill_(127)
