@@ -158,6 +158,7 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
           // index, its slab line (colk * 8 bytes = (colk / 4) lines of 32
           // bytes), vpdpbusd with the weight word as an embedded broadcast.
           // GCC's loop took ~8.5 (shift, scale, broadcast, accumulator copies).
+          static_assert(U == 4 && V::W == 8, "the asm takes 4 blocks an iteration and 8-lane (32-byte) slab lines");
           if (g.bh == 1 && g.colk4 && b1 - b0 >= U) {
             const int32_t* ck = g.colk;
             const int32_t* wp = wi;  // bh = gpb = 1: block b's word at wp[b]
