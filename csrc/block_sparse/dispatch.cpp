@@ -88,8 +88,9 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
                        [&](int64_t s0, int64_t s1) { kern.scatter(g, xt, slabs, rows, s0, s1, 0, lists.nbands, sw); });
         } else {
           // one team: x into slabs, then (band, slab chunk) items handed out one at a time (a slow core
-          // takes fewer). With few bands for the threads (1024 channels: 4 bands) the slabs are cut into
-          // chunks of >= 4 (the kernel's widest pass), so that the items still spread over the team.
+          // takes fewer). With fewer than 4 bands a thread (1024 channels: 4 bands) the slabs are cut into
+          // up to ceil(slabs / 4) chunks (chunks of >= 4 slabs, the kernel's widest pass, from 8 slabs),
+          // so that the items still spread over the team.
           const int64_t want = 4 * nt, nb = lists.nbands;
           const int64_t chunks = nb >= want ? 1 : std::max<int64_t>(1, std::min((slabs + 3) / 4, (want + nb - 1) / nb));
           const int64_t per = (slabs + chunks - 1) / chunks;
