@@ -59,14 +59,11 @@ void widen_rows(const int8_t* a, int64_t lda, int64_t rows, int64_t k_pad, int16
   }
 }
 
-// y[m, n0 .. n0 + 8) from the int32 sums acc, all 8 channels valid: the same
-// expression as avx2_tile::store8 (split_scale's order) with the channel
-// scales vw and bias vb already in registers.
+// y[m, n0 .. n0 + 8) from the int32 sums acc, all 8 channels valid
+// (avx2_tile::scale8 with the channel scales vw and bias vb already in
+// registers; store8 loads them per row).
 inline void store_full8(const GemmArgs& g, __m256i acc, __m256 vw, __m256 vb, int64_t m, int64_t n0) {
-  const float sa = g.a_scale[m];
-  const __m256 a = _mm256_cvtepi32_ps(acc), vs = _mm256_set1_ps(sa);
-  __m256 v = sa < 1.f ? _mm256_mul_ps(_mm256_mul_ps(a, vs), vw) : _mm256_mul_ps(a, _mm256_mul_ps(vs, vw));
-  if (g.bias) v = _mm256_add_ps(v, vb);
+  const __m256 v = avx2_tile::scale8(g, acc, g.a_scale[m], vw, vb);
   if (g.c_bf16)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(g.c) + m * g.ldc + n0),
                      avx2_tile::cvt_fp32_bf16(v));

@@ -36,6 +36,15 @@ inline __m128i cvt_fp32_bf16(__m256 v) {
   return _mm_packus_epi32(lo, hi);
 }
 
+// float(acc) * sa * w_scale (+ bias) for 8 channels, in split_scale's order
+// without its multiplications by 1 (same results); vw, vb: the channels'
+// scales and bias (vb read only when g.bias).
+inline __m256 scale8(const GemmArgs& g, __m256i acc, float sa, __m256 vw, __m256 vb) {
+  const __m256 a = _mm256_cvtepi32_ps(acc), vs = _mm256_set1_ps(sa);
+  __m256 v = sa < 1.f ? _mm256_mul_ps(_mm256_mul_ps(a, vs), vw) : _mm256_mul_ps(a, _mm256_mul_ps(vs, vw));
+  return g.bias ? _mm256_add_ps(v, vb) : v;
+}
+
 inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t n0) {
   const int64_t left = g.n - n0;
   if (left <= 0) return;
@@ -44,10 +53,7 @@ inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t 
   const int cnt = left >= 8 ? 8 : static_cast<int>(left);
   std::memcpy(ws, g.w_scale + n0, cnt * 4);
   if (g.bias) std::memcpy(bs, g.bias + n0, cnt * 4);
-  // split_scale's order, without its multiplications by 1 (same results)
-  const __m256 a = _mm256_cvtepi32_ps(acc), vs = _mm256_set1_ps(sa), vw = _mm256_load_ps(ws);
-  __m256 v = sa < 1.f ? _mm256_mul_ps(_mm256_mul_ps(a, vs), vw) : _mm256_mul_ps(a, _mm256_mul_ps(vs, vw));
-  if (g.bias) v = _mm256_add_ps(v, _mm256_load_ps(bs));
+  const __m256 v = scale8(g, acc, sa, _mm256_load_ps(ws), _mm256_load_ps(bs));
   if (g.c_bf16) {
     uint16_t* c = static_cast<uint16_t*>(g.c) + m * g.ldc + n0;
     const __m128i h = cvt_fp32_bf16(v);
