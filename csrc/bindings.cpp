@@ -486,6 +486,7 @@ class BinaryConvPlan {
                           ptr<const uint64_t>(wpacked), oc, kh, kw, sh, sw, ph, pw, dh, dw, pad_mode,
                           ptr<const int32_t>(wsum), ptr<const float>(scale), ptr<const float>(shift), act, lo, hi,
                           ptr<const float>(slope), nullptr, oh, ow};
+    border_ = binary::border_table(a_);  // wsum and the geometry are fixed for this plan (a stale plan declines)
     s_permute_ = own(PyUnicode_InternFromString("permute"));
     s_contiguous_ = own(PyUnicode_InternFromString("contiguous"));
     s_view_ = own(PyUnicode_InternFromString("view"));
@@ -529,7 +530,7 @@ class BinaryConvPlan {
     const int64_t nthreads = as_i64(own(PyObject_CallNoArgs(T->get_num_threads)).ptr());
     {
       py::gil_scoped_release nogil;
-      binary::conv(a, static_cast<int>(nthreads));
+      binary::conv(a, static_cast<int>(nthreads), nullptr, &border_);
     }
     switch (layout_) {
       case 0: {
@@ -554,6 +555,7 @@ class BinaryConvPlan {
   int layout_;
   bool in_bits_, out_bits_;
   binary::ConvArgs a_{};
+  binary::BorderTable border_;
   py::object keep_;
   BufferWatch watch_;
   py::object s_permute_, s_contiguous_, s_view_, nchw_;

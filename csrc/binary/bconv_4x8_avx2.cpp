@@ -102,7 +102,9 @@ void tile(const TileArgs& a, const uint64_t* const* x, const uint64_t* w, const 
         case kActPrelu: v = _mm256_blendv_ps(v, _mm256_mul_ps(v, sl), _mm256_cmp_ps(v, zero, _CMP_LT_OQ)); break;
         default: break;
       }
-      if (full)
+      if (full && a.stream)
+        _mm256_stream_ps(y[p] + 8 * s, v);
+      else if (full)
         _mm256_storeu_ps(y[p] + 8 * s, v);
       else
         _mm256_maskstore_ps(y[p] + 8 * s, mask, v);

@@ -4,7 +4,8 @@
 // popcounted (vpopcntq) and added to 64-bit lane counters: 24 counters x 512
 // binary multiply-adds per word. Epilogue in registers: dot = ktot - 2 pop -
 // corr (int32), to fp32, * scale, + shift (no FMA: equals the reference's
-// rounding), activation, masked store.
+// rounding), activation, masked store (a non-temporal one for full 16-channel
+// groups of a large output: TileArgs::stream).
 #include <immintrin.h>
 
 #include "binary/binary.h"
@@ -72,7 +73,10 @@ void tile(const TileArgs& a, const uint64_t* const* x, const uint64_t* w, const 
         case kActPrelu: v = _mm512_mask_mul_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, sl); break;
         default: break;
       }
-      _mm512_mask_storeu_ps(y[p] + 16 * h, mk[h], v);
+      if (a.stream && mk[h] == __mmask16(0xFFFF))
+        _mm512_stream_ps(y[p] + 16 * h, v);
+      else
+        _mm512_mask_storeu_ps(y[p] + 16 * h, mk[h], v);
     }
   }
 }

@@ -20,6 +20,7 @@
 // reads the same blocks). A Linear layer is the 1 x 1 case with H = W = 1.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "common/cpu_features.h"
 
@@ -28,6 +29,11 @@ namespace binary {
 
 constexpr int kNR = 32;        // output channels per weight block
 constexpr int kMaxMR = 8;      // most pixels a micro-kernel takes at once
+// Float outputs from this size on (bytes) are written with non-temporal
+// stores: above the L2 of a core (512 KiB - 1 MiB on Zen 3 / 4) they cannot
+// stay there for the next layer, and skipping the read for ownership saves a
+// third of the output's memory traffic.
+constexpr int64_t kStreamMinBytes = int64_t(1) << 20;
 constexpr int kPadZeros = 0;   // exact zero padding (border correction)
 constexpr int kPadOnes = 1;    // pad the ±1 input with +1
 
@@ -44,6 +50,7 @@ struct TileArgs {
   int act;                   // Act
   float lo, hi;              // hardtanh bounds
   const float* slope;        // [OC] PReLU slopes (act == kActPrelu)
+  bool stream = false;       // full 16-channel groups of y go out with non-temporal stores (y 64-byte aligned)
 };
 
 // One tile: mr (<= the kernel's MR) pixels x one block of up to 32 output
@@ -123,9 +130,25 @@ struct ConvArgs {
   uint64_t* ybits = nullptr;
 };
 
+// Exact zero padding's border correction (kPadZeros): output rows and
+// columns fall into classes by which kernel rows / columns lie outside the
+// input; corr[(rcls[oy] * ncls + ccls[ox]) * OC + oc] = the sum of
+// wsum[oc][tap] over the taps outside (class 0: none, all zeros). Depends on
+// wsum and the geometry only (not on x): a caller that runs one layer many
+// times builds it once (border_table) and passes it to conv.
+struct BorderTable {
+  bool correct = false;      // false: nothing to subtract (one-padding, no padding)
+  std::vector<int> rcls, ccls;
+  int64_t ncls = 1;
+  std::vector<int32_t> corr;
+};
+BorderTable border_table(const ConvArgs& a);
+
 // phase_seconds (optional, 3 entries): wall time of the activation packing,
 // the border-correction table and the tiles (the inner loop), in seconds.
-void conv(const ConvArgs& a, int nthreads, double* phase_seconds = nullptr);
+// table: border_table(a) built earlier for the same wsum and geometry, or
+// null (built here).
+void conv(const ConvArgs& a, int nthreads, double* phase_seconds = nullptr, const BorderTable* table = nullptr);
 
 }  // namespace binary
 }  // namespace pyaccel

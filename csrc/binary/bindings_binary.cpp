@@ -20,6 +20,7 @@ py::dict kernel_params_binary() {
   e["nr"] = kNR;
   e["kr"] = 64;  // bits per word
   e["row_path_rows"] = 0;
+  e["stream_min_bytes"] = kStreamMinBytes;  // float outputs from this size on: non-temporal stores
   return e;
 }
 

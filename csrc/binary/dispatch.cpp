@@ -35,7 +35,52 @@ const Kernel& select_kernel() {
   return g_choice.get(kLadder, [](const Kernel& k) { return k.isa; });
 }
 
-void conv(const ConvArgs& a, int nthreads, double* phase_seconds) {
+BorderTable border_table(const ConvArgs& a) {
+  BorderTable bt;
+  bt.correct = a.pad_mode == kPadZeros && (a.ph > 0 || a.pw > 0) && a.kh <= 64 && a.kw <= 64;
+  if (!bt.correct) return bt;
+  const int64_t ntaps = a.kh * a.kw;
+  // per output row / column: the mask of kernel rows / columns outside the input
+  auto masks = [](int64_t out, int64_t in, int64_t k, int64_t s, int64_t p, int64_t d, std::vector<int>& cls,
+                  std::vector<uint64_t>& uniq) {
+    cls.assign(out, 0);
+    uniq.assign(1, 0);  // class 0: nothing outside
+    for (int64_t o = 0; o < out; ++o) {
+      uint64_t m = 0;
+      for (int64_t t = 0; t < k; ++t) {
+        const int64_t i = o * s - p + t * d;
+        if (i < 0 || i >= in) m |= uint64_t(1) << t;
+      }
+      int c = static_cast<int>(std::find(uniq.begin(), uniq.end(), m) - uniq.begin());
+      if (c == static_cast<int>(uniq.size())) uniq.push_back(m);
+      cls[o] = c;
+    }
+  };
+  std::vector<uint64_t> rmask, cmask;
+  masks(a.oh, a.h, a.kh, a.sh, a.ph, a.dh, bt.rcls, rmask);
+  masks(a.ow, a.w, a.kw, a.sw, a.pw, a.dw, bt.ccls, cmask);
+  const int64_t nr = rmask.size(), nc = cmask.size();
+  bt.ncls = nc;
+  bt.corr.resize(nr * nc * a.oc);
+  std::vector<int64_t> outside;
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t q = 0; q < nc; ++q) {
+      outside.clear();  // the taps of this border class that fall outside the input
+      for (int64_t i = 0; i < a.kh; ++i)
+        for (int64_t j = 0; j < a.kw; ++j)
+          if (((rmask[r] >> i) & 1) || ((cmask[q] >> j) & 1)) outside.push_back(i * a.kw + j);
+      int32_t* row = bt.corr.data() + (r * nc + q) * a.oc;
+      for (int64_t o = 0; o < a.oc; ++o) {  // wsum rows are contiguous per output channel
+        const int32_t* ws = a.wsum + o * ntaps;
+        int32_t sum = 0;
+        for (const int64_t t : outside) sum += ws[t];
+        row[o] = sum;
+      }
+    }
+  return bt;
+}
+
+void conv(const ConvArgs& a, int nthreads, double* phase_seconds, const BorderTable* table) {
   const Kernel& kern = select_kernel();
   const int64_t npix = a.n * a.oh * a.ow;
   if (npix <= 0 || a.oc <= 0) return;
@@ -81,47 +126,27 @@ void conv(const ConvArgs& a, int nthreads, double* phase_seconds) {
   std::vector<int64_t> tap_off(ntaps);
   for (int64_t i = 0; i < a.kh; ++i)
     for (int64_t j = 0; j < a.kw; ++j) tap_off[i * a.kw + j] = (i * a.dh * wp + j * a.dw) * wpix;
-  // per output row / column: the mask of kernel rows / columns outside the input
-  auto masks = [](int64_t out, int64_t in, int64_t k, int64_t s, int64_t p, int64_t d, std::vector<int>& cls,
-                  std::vector<uint64_t>& uniq) {
-    cls.assign(out, 0);
-    uniq.assign(1, 0);  // class 0: nothing outside
-    for (int64_t o = 0; o < out; ++o) {
-      uint64_t m = 0;
-      for (int64_t t = 0; t < k; ++t) {
-        const int64_t i = o * s - p + t * d;
-        if (i < 0 || i >= in) m |= uint64_t(1) << t;
-      }
-      int c = static_cast<int>(std::find(uniq.begin(), uniq.end(), m) - uniq.begin());
-      if (c == static_cast<int>(uniq.size())) uniq.push_back(m);
-      cls[o] = c;
-    }
-  };
-  std::vector<int> rcls, ccls;
-  std::vector<uint64_t> rmask, cmask;
-  std::vector<int32_t> corr;
-  const bool correct = a.pad_mode == kPadZeros && (a.ph > 0 || a.pw > 0) && a.kh <= 64 && a.kw <= 64;
-  if (correct) {
-    masks(a.oh, a.h, a.kh, a.sh, a.ph, a.dh, rcls, rmask);
-    masks(a.ow, a.w, a.kw, a.sw, a.pw, a.dw, ccls, cmask);
-    const int64_t nr = rmask.size(), nc = cmask.size();
-    corr.assign(nr * nc * a.oc, 0);
-    for (int64_t r = 0; r < nr; ++r)
-      for (int64_t q = 0; q < nc; ++q) {
-        int32_t* row = corr.data() + (r * nc + q) * a.oc;
-        for (int64_t i = 0; i < a.kh; ++i)
-          for (int64_t j = 0; j < a.kw; ++j) {
-            if (!((rmask[r] >> i) & 1) && !((cmask[q] >> j) & 1)) continue;
-            const int64_t t = i * a.kw + j;
-            for (int64_t o = 0; o < a.oc; ++o) row[o] += a.wsum[o * ntaps + t];
-          }
-      }
+  BorderTable own_table;
+  const BorderTable* border = table;
+  if (!border) {
+    own_table = border_table(a);
+    border = &own_table;
   }
-  const int64_t ncls = cmask.size();
+  const bool correct = border->correct;
+  const std::vector<int>& rcls = border->rcls;
+  const std::vector<int>& ccls = border->ccls;
+  const std::vector<int32_t>& corr = border->corr;
+  const int64_t ncls = border->ncls;
 
   const double t_table = phase_seconds ? omp_get_wtime() : 0.0;
   // 3. tiles
   const int mr = kern.mr;
+  // A float output of kStreamMinBytes or more goes out with non-temporal
+  // stores (no read for ownership, no eviction of the packed input and
+  // weights): whole 16-channel groups only, so y must be 64-byte aligned and
+  // OC a multiple of 16. Each thread fences its stores before the barrier.
+  const bool stream = !a.ybits && a.oc % 16 == 0 && reinterpret_cast<uintptr_t>(a.y) % 64 == 0 &&
+                      npix * a.oc * int64_t(sizeof(float)) >= kStreamMinBytes;
   const int64_t words_per_block = ntaps * cw * kNR;
   auto tiles = [&](int64_t unit, int64_t p0, int64_t p1) {
     const int64_t g = unit / nb, b = unit % nb;
@@ -129,7 +154,7 @@ void conv(const ConvArgs& a, int nthreads, double* phase_seconds) {
     const int nvalid = static_cast<int>(std::min<int64_t>(kNR, ocg - b * kNR));
     const uint64_t* wblk = a.wpacked + unit * words_per_block;
     TileArgs t{static_cast<int>(ntaps), tap_off.data(), cw, static_cast<int32_t>(ntaps * cg), a.scale, a.shift,
-               a.act, a.lo, a.hi, a.slope};
+               a.act, a.lo, a.hi, a.slope, stream};
     const uint64_t* xs[kMaxMR];
     const int32_t* cs[kMaxMR];
     float* ys[kMaxMR];
@@ -183,10 +208,14 @@ void conv(const ConvArgs& a, int nthreads, double* phase_seconds) {
             pack_rows(img * hp, (img + 1) * hp);
             for (int64_t unit = 0; unit < G * nb; ++unit) tiles(unit, img * ohw, (img + 1) * ohw);
           }
+          if (stream) _mm_sfence();
         },
         a.n);
   } else {
-    parallel_units_rows(G * nb, npix, mr, nthreads, tiles);
+    parallel_units_rows(G * nb, npix, mr, nthreads, [&](int64_t u, int64_t p0, int64_t p1) {
+      tiles(u, p0, p1);
+      if (stream) _mm_sfence();
+    });
   }
   if (phase_seconds) {
     phase_seconds[0] = t_packed - t_start;
