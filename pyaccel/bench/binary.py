@@ -10,6 +10,12 @@ pyaccel's input is channels_last (its output then stays channels_last).
 Throughput is counted in binary multiply-adds (N·OH·OW·OC·C·9) per second,
 to compare with the machine's xor + popcount peak (shared/tools/peaks).
 
+Each round runs every candidate 4 times in a row (candidates in a shuffled
+order): the last 3 calls are the "hot" times (the convention of the int8 and
+2:4 suites: the layer's input and weights as a model's previous layer leaves
+them), the first call the "cold" time (right after another candidate's
+multi-MB convolution evicted the caches). Ratios are given for both.
+
 Linear: XnorLinear vs fp32 F.linear at 4096 x 4096.
 """
 from __future__ import annotations
@@ -117,20 +123,23 @@ def conv_rows(shapes=CONV_SHAPES, ns=(1, 8), budget_s: float = 1.5, log=print) -
             if q is not None:
                 cands["torch.ao int8 static"] = lambda: q(qx)
             with torch.inference_mode():
-                t = interleaved(cands, budget_s=budget_s, max_rounds=200, min_rounds=9)
+                t = interleaved(cands, budget_s=budget_s, max_rounds=200, min_rounds=9, inner=4, first=True)
             us = {k: v.median_s * 1e6 for k, v in t.items()}
-            fp32 = min(us["torch fp32 NCHW"], us["torch fp32 channels_last"])
-            ratios = {"×fp32": fp32 / us["pyaccel binary"]}
-            if "torch.ao int8 static" in us:
-                ratios["×int8"] = us["torch.ao int8 static"] / us["pyaccel binary"]
+            ratios = {}
+            for tag, sfx in (("", ""), (" cold", " [first]")):
+                fp32 = min(us["torch fp32 NCHW" + sfx], us["torch fp32 channels_last" + sfx])
+                ratios["×fp32" + tag] = fp32 / us["pyaccel binary" + sfx]
+                if "torch.ao int8 static" in us:
+                    ratios["×int8" + tag] = us["torch.ao int8 static" + sfx] / us["pyaccel binary" + sfx]
             row = BinRow(f"{c}@{hw}", n, us, {k: v.spread for k, v in t.items()}, n * hw * hw * c * c * 9, ratios)
             row.kernel_gbmac = row.bmacs / us["pyaccel kernel only"] / 1e3
             if _native.available():
                 tiles_s, row.inner_share = _inner_loop(kernel)
                 row.inner_gbmac = row.bmacs / tiles_s / 1e9
             rows.append(row)
-            log(f"{row.what:>7} N={n}  " + "  ".join(f"{k} {v:8.1f} µs" for k, v in us.items())
+            log(f"{row.what:>7} N={n}  " + "  ".join(f"{k} {v:8.1f} µs" for k, v in us.items() if "[first]" not in k)
                 + f"  | {row.gbmac:7.0f} G bMAC/s  " + "  ".join(f"{k} {v:.1f}" for k, v in ratios.items())
+                + f"  (cold: module {us['pyaccel binary [first]']:.1f} µs)"
                 + ("" if exact else "  (NOT equal to BinaryConv2d!)"))
     return rows
 
@@ -146,21 +155,22 @@ def linear_rows(n_k=(4096, 4096), ms=(1, 8, 32, 128), budget_s: float = 1.5, log
         x = torch.randn(m, k)
         with torch.inference_mode():
             t = interleaved({"pyaccel binary": lambda: xm(x), "torch fp32 F.linear": lambda: F.linear(x, w, bias)},
-                            budget_s=budget_s, max_rounds=300, min_rounds=9)
+                            budget_s=budget_s, max_rounds=300, min_rounds=9, inner=4, first=True)
         us = {kk: v.median_s * 1e6 for kk, v in t.items()}
         row = BinRow(f"{n}x{k}", m, us, {kk: v.spread for kk, v in t.items()}, m * n * k,
-                     {"×fp32": us["torch fp32 F.linear"] / us["pyaccel binary"]})
+                     {"×fp32": us["torch fp32 F.linear"] / us["pyaccel binary"],
+                      "×fp32 cold": us["torch fp32 F.linear [first]"] / us["pyaccel binary [first]"]})
         rows.append(row)
-        log(f"{row.what:>9} M={m:<4} " + "  ".join(f"{kk} {v:9.1f} µs" for kk, v in us.items())
-            + f"  | {row.gbmac:7.0f} G bMAC/s  ×fp32 {row.ratios['×fp32']:.1f}")
+        log(f"{row.what:>9} M={m:<4} " + "  ".join(f"{kk} {v:9.1f} µs" for kk, v in us.items() if "[first]" not in kk)
+            + f"  | {row.gbmac:7.0f} G bMAC/s  ×fp32 {row.ratios['×fp32']:.1f}  (cold {row.ratios['×fp32 cold']:.1f})")
     return rows
 
 
 def to_markdown(conv: List[BinRow], lin: List[BinRow], peak: Optional[float]) -> str:
     out = ["| conv 3×3 s1 p1 | N | pyaccel binary µs | torch fp32 NCHW µs | torch fp32 CL µs | torch.ao int8 µs | "
            "G bMAC/s | % xor+popcnt peak | kernel only µs (G bMAC/s, % peak) | inner loop G bMAC/s (% peak, "
-           "share of the kernel) | × fp32 (best) | × int8 |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "share of the kernel) | × fp32 (best) | × int8 | cold: pyaccel µs | cold × fp32 | cold × int8 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in conv:
         t = r.times_us
         pk = f"{100 * r.gbmac / peak:.0f}" if peak else ""
@@ -172,13 +182,15 @@ def to_markdown(conv: List[BinRow], lin: List[BinRow], peak: Optional[float]) ->
         out.append(f"| {r.what} | {r.n} | {t['pyaccel binary']:.1f} (±{100 * r.spread['pyaccel binary']:.0f}%) | "
                    f"{t['torch fp32 NCHW']:.1f} | {t['torch fp32 channels_last']:.1f} | "
                    f"{t.get('torch.ao int8 static', float('nan')):.1f} | {r.gbmac:.0f} | {pk} | {kern} | {inner} | "
-                   f"**{r.ratios['×fp32']:.1f}** | {r.ratios.get('×int8', float('nan')):.1f} |")
-    out += ["", "| linear | M | pyaccel binary µs | torch fp32 F.linear µs | G bMAC/s | × fp32 |",
-            "|---|---|---|---|---|---|"]
+                   f"**{r.ratios['×fp32']:.1f}** | {r.ratios.get('×int8', float('nan')):.1f} | "
+                   f"{t['pyaccel binary [first]']:.1f} | {r.ratios['×fp32 cold']:.1f} | "
+                   f"{r.ratios.get('×int8 cold', float('nan')):.1f} |")
+    out += ["", "| linear | M | pyaccel binary µs | torch fp32 F.linear µs | G bMAC/s | × fp32 | cold × fp32 |",
+            "|---|---|---|---|---|---|---|"]
     for r in lin:
         t = r.times_us
         out.append(f"| {r.what} | {r.n} | {t['pyaccel binary']:.1f} | {t['torch fp32 F.linear']:.1f} | "
-                   f"{r.gbmac:.0f} | **{r.ratios['×fp32']:.1f}** |")
+                   f"{r.gbmac:.0f} | **{r.ratios['×fp32']:.1f}** | {r.ratios['×fp32 cold']:.1f} |")
     return "\n".join(out)
 
 

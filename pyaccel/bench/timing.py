@@ -29,13 +29,15 @@ def _summary(samples: List[float]) -> Timing:
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], min_rounds: int = 7, max_rounds: int = 200,
-                budget_s: float = 2.0, warmup: int = 2, inner: int = 1) -> Dict[str, Timing]:
+                budget_s: float = 2.0, warmup: int = 2, inner: int = 1, first: bool = False) -> Dict[str, Timing]:
     """Time the callables round-robin until `budget_s` seconds or `max_rounds`
     rounds (at least `min_rounds`). Returns per-name medians.
 
     inner = 1: one timed call of each per round. inner > 1: each candidate runs
     `inner` calls in a row per round and only the last inner - 1 are timed, so
     its data is warm in cache (the "hot" case) while the rounds still alternate.
+    first (with inner > 1): also time each round's untimed first call, returned
+    as ``name + " [first]"`` (the "cold" case: right after another candidate).
 
     The order is shuffled every round (a fixed seed: reproducible), so every
     candidate follows every other about equally often: with a fixed order the
@@ -47,6 +49,7 @@ def interleaved(fns: Dict[str, Callable[[], object]], min_rounds: int = 7, max_r
         for _ in range(warmup):
             f()
     samples: Dict[str, List[float]] = {k: [] for k in fns}
+    firsts: Dict[str, List[float]] = {k + " [first]": [] for k in fns} if first and inner > 1 else {}
     start = time.perf_counter()
     rounds = 0
     items = list(fns.items())
@@ -55,10 +58,13 @@ def interleaved(fns: Dict[str, Callable[[], object]], min_rounds: int = 7, max_r
         order.shuffle(items)
         for name, f in items:
             if inner > 1:
+                t0 = time.perf_counter()
                 f()
+                if firsts:
+                    firsts[name + " [first]"].append(time.perf_counter() - t0)
             for _ in range(max(1, inner - 1)):
                 t0 = time.perf_counter()
                 f()
                 samples[name].append(time.perf_counter() - t0)
         rounds += 1
-    return {k: _summary(v) for k, v in samples.items()}
+    return {k: _summary(v) for k, v in {**samples, **firsts}.items()}
