@@ -144,8 +144,9 @@ void conv(const ConvArgs& a, int nthreads, double* phase_seconds, const BorderTa
   // A float output of kStreamMinBytes or more goes out with non-temporal
   // stores (no read for ownership, no eviction of the packed input and
   // weights): whole 16-channel groups only, so y must be 64-byte aligned and
-  // OC a multiple of 16. Each thread fences its stores before the barrier.
-  const bool stream = !a.ybits && a.oc % 16 == 0 && reinterpret_cast<uintptr_t>(a.y) % 64 == 0 &&
+  // OC / groups a multiple of 16 (every group's channel blocks then start on a
+  // cache line). Each thread fences its stores before the barrier.
+  const bool stream = !a.ybits && ocg % 16 == 0 && reinterpret_cast<uintptr_t>(a.y) % 64 == 0 &&
                       npix * a.oc * int64_t(sizeof(float)) >= kStreamMinBytes;
   const int64_t words_per_block = ntaps * cw * kNR;
   auto tiles = [&](int64_t unit, int64_t p0, int64_t p1) {

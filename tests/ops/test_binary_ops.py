@@ -118,19 +118,23 @@ def test_tile_grid_every_isa(isa, gen):
 def test_large_outputs_every_isa(isa, gen):
     """Outputs of stream_min_bytes or more take non-temporal stores (whole
     16-channel groups, y 64-byte aligned): whole images per thread (N >= 4)
-    and pixel chunks (N = 1), OC with a half-empty last block (48), and OC
-    that is no multiple of 16 (plain stores), just below and above the size."""
+    and pixel chunks (N = 1), OC with a half-empty last block (48), OC that is
+    no multiple of 16 (plain stores), groups whose channel blocks start off a
+    cache line (24, 40, 12 channels a group: plain stores) or on one (32),
+    just below and above the size."""
     limit = _native.lib().kernel_params()["binary"]["stream_min_bytes"]
-    for n, c, oc, act in ((4, 64, 64, "relu"), (1, 70, 48, "none"), (5, 33, 40, "prelu"), (1, 64, 64, "hardtanh")):
+    for n, c, oc, act, groups in ((4, 64, 64, "relu", 1), (1, 70, 48, "none", 1), (5, 33, 40, "prelu", 1),
+                                  (1, 64, 64, "hardtanh", 1), (1, 48, 48, "none", 2), (4, 80, 80, "relu", 2),
+                                  (1, 48, 48, "none", 4), (1, 64, 64, "none", 2)):
         h, pixels = 8, limit // (4 * oc)  # output pixels at the limit
         for w in (pixels // (n * h) - 1, -(-pixels // (n * h)), -(-pixels // (n * h)) + 3):
             assert (n * h * w * oc * 4 >= limit) == (w > pixels // (n * h) - 1)
             x = _x(gen, n, c, h, w)
             if n == 1:
                 x = x.contiguous(memory_format=torch.channels_last)
-            wt = _x(gen, oc, c, 3, 3)
-            y, ref = _run(x, wt, 1, (3, 3), (1, 1), (1, 1), (1, 1), "zeros", act, gen)
-            assert torch.equal(y, ref), (isa, n, c, oc, act, w)
+            wt = _x(gen, oc, c // groups, 3, 3)
+            y, ref = _run(x, wt, groups, (3, 3), (1, 1), (1, 1), (1, 1), "zeros", act, gen)
+            assert torch.equal(y, ref), (isa, n, c, oc, act, groups, w)
 
 
 @needs_native
