@@ -182,7 +182,9 @@ py::dict kernel_params() {
   e = tile_params(kbi.name, kbi.mr, block_sparse::kChannelPad, 4, 0);
   d["block_sparse_int8"] = e;
   const dws::Kernel& kd = dws::select_kernel();
-  d["dws"] = tile_params(kd.name, kd.mr, kd.nr, 1, 0);
+  e = tile_params(kd.name, kd.mr, kd.nr, 1, 0);
+  e["stream_min_bytes"] = dws::kStreamMinBytes;  // fp32 outputs from this size on: non-temporal stores
+  d["dws"] = e;
   d["binary"] = binary::kernel_params_binary();
   return d;
 }

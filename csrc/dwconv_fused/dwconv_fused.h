@@ -57,6 +57,10 @@ struct Offsets {
 Offsets offsets(int64_t c, int64_t n, int kh, int kw, int nr);
 
 // One image's problem and a band's place in it.
+// fp32 outputs (forward) of this many bytes or more are written with
+// non-temporal stores (N a multiple of 16, y 64-byte aligned).
+constexpr int64_t kStreamMinBytes = int64_t(1) << 20;
+
 struct Problem {
   const float* x;      // NHWC [h][w][c] of one image
   int64_t h, w, c;
@@ -68,6 +72,7 @@ struct Problem {
   const float* wp;     // packed pointwise panels, bias
   const float* bp;
   float* y;            // NHWC [oh][ow][n] of one image
+  bool stream = false; // full vectors of y go out with non-temporal stores (see forward)
 };
 
 // Depthwise stage: t[(p - p0) * ldt + c] for output pixels p in [p0, p1), act1 applied.

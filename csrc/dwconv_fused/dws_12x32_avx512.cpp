@@ -22,6 +22,7 @@ struct V512 {
   static M mask(int n) { return static_cast<__mmask16>((1u << n) - 1); }
   static R loadm(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
   static void storeu(float* p, R r) { _mm512_storeu_ps(p, r); }
+  static void stream(float* p, R r) { _mm512_stream_ps(p, r); }
   static void storen(float* p, R r, int n) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), r); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }

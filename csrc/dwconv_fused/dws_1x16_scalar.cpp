@@ -17,6 +17,7 @@ struct V1 {
   static M mask(int n) { return n >= 1; }
   static R loadm(const float* p, M m) { return m ? *p : 0.f; }
   static void storeu(float* p, R r) { *p = r; }
+  static void stream(float* p, R r) { *p = r; }
   static void storen(float* p, R r, int n) { if (n >= 1) *p = r; }
   static R fma(R a, R b, R c) { return a * b + c; }  // no libm fma call: two roundings
   static R add(R a, R b) { return a + b; }

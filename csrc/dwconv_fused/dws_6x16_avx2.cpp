@@ -21,6 +21,7 @@ struct V256 {
   static M mask(int n) { return first(n); }
   static R loadm(const float* p, M m) { return _mm256_maskload_ps(p, m); }
   static void storeu(float* p, R r) { _mm256_storeu_ps(p, r); }
+  static void stream(float* p, R r) { _mm256_stream_ps(p, r); }
   static void storen(float* p, R r, int n) { _mm256_maskstore_ps(p, first(n), r); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }

@@ -3,7 +3,8 @@
 // include it with their own V and compile it with their own ISA flags).
 //
 // V provides: R (register), W (lanes), M (a lane mask), mask(n) (the first n
-// lanes, n in [0, W]), set1, loadu, loadm(p, m) (zeros outside m), storeu,
+// lanes, n in [0, W]), set1, loadu, loadm(p, m) (zeros outside m), storeu, stream (a
+// non-temporal store of W lanes to a W * 4-byte aligned p),
 // storen(p, r, n), fma(a, b, c) = a * b + c, add, mul, div, max, min, exp.
 #pragma once
 #include <algorithm>
@@ -114,7 +115,7 @@ void dw(const Problem& pr, int64_t p0, int64_t p1, float* t, int64_t ldt) {
 // y rows [0, MR) x one panel's first NV vectors (cols valid columns).
 template <class V, int MR, int NV, int NR>
 inline void pw_tile(const float* t, int64_t ldt, int64_t k, const float* w, const float* bias, float* y, int64_t ldy,
-                    int cols, const PackedHeader& h) {
+                    int cols, const PackedHeader& h, bool stream) {
   using R = typename V::R;
   R acc[MR][NV];
 #pragma GCC unroll 16
@@ -141,7 +142,9 @@ inline void pw_tile(const float* t, int64_t ldt, int64_t k, const float* w, cons
       const int n = cols - v * V::W;
       if (n <= 0) continue;
       const R o = act<V>(acc[r][v], h.act2, h.lo2, h.hi2);
-      if (n >= V::W)
+      if (n >= V::W && stream)
+        V::stream(y + r * ldy + v * V::W, o);
+      else if (n >= V::W)
         V::storeu(y + r * ldy + v * V::W, o);
       else
         V::storen(y + r * ldy + v * V::W, o, n);
@@ -151,21 +154,21 @@ inline void pw_tile(const float* t, int64_t ldt, int64_t k, const float* w, cons
 // One tile of `rows` (1 .. MR) rows: the pw_tile instance for that height.
 template <class V, int MR, int NV, int NR>
 inline void pw_tile_n(int64_t rows, const float* t, int64_t ldt, int64_t k, const float* w, const float* bias, float* y,
-                      int64_t ldy, int cols, const PackedHeader& h) {
+                      int64_t ldy, int cols, const PackedHeader& h, bool stream) {
   if (rows >= MR)
-    pw_tile<V, MR, NV, NR>(t, ldt, k, w, bias, y, ldy, cols, h);
+    pw_tile<V, MR, NV, NR>(t, ldt, k, w, bias, y, ldy, cols, h, stream);
   else if constexpr (MR > 1)
-    pw_tile_n<V, MR - 1, NV, NR>(rows, t, ldt, k, w, bias, y, ldy, cols, h);
+    pw_tile_n<V, MR - 1, NV, NR>(rows, t, ldt, k, w, bias, y, ldy, cols, h, stream);
 }
 
 // rows in ceil(rows / MR) tiles of nearly equal height (25 rows: 9 + 8 + 8, not 12 + 12 + 1).
 template <class V, int MR, int NV, int NR>
 inline void pw_rows(const float* t, int64_t ldt, int64_t rows, int64_t k, const float* w, const float* bias, float* y,
-                    int64_t ldy, int cols, const PackedHeader& h) {
+                    int64_t ldy, int cols, const PackedHeader& h, bool stream) {
   const int64_t tiles = (rows + MR - 1) / MR;
   for (int64_t i = 0, r0 = 0; i < tiles; ++i) {
     const int64_t r1 = rows * (i + 1) / tiles;
-    pw_tile_n<V, MR, NV, NR>(r1 - r0, t + r0 * ldt, ldt, k, w, bias, y + r0 * ldy, ldy, cols, h);
+    pw_tile_n<V, MR, NV, NR>(r1 - r0, t + r0 * ldt, ldt, k, w, bias, y + r0 * ldy, ldy, cols, h, stream);
     r0 = r1;
   }
 }
@@ -180,9 +183,9 @@ void pw(const Problem& pr, const float* t, int64_t ldt, int64_t p0, int64_t p1, 
     const int cols = static_cast<int>(std::min<int64_t>(NR, n - q * NR));
     float* y = pr.y + p0 * n + q * NR;
     if (NV > 1 && cols <= (NV / 2) * V::W)
-      pw_rows<V, MR, (NV > 1 ? NV / 2 : 1), NR>(t, ldt, p1 - p0, k, w, pr.bp + q * NR, y, n, cols, h);
+      pw_rows<V, MR, (NV > 1 ? NV / 2 : 1), NR>(t, ldt, p1 - p0, k, w, pr.bp + q * NR, y, n, cols, h, pr.stream);
     else
-      pw_rows<V, MR, NV, NR>(t, ldt, p1 - p0, k, w, pr.bp + q * NR, y, n, cols, h);
+      pw_rows<V, MR, NV, NR>(t, ldt, p1 - p0, k, w, pr.bp + q * NR, y, n, cols, h, pr.stream);
   }
 }
 

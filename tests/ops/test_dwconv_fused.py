@@ -214,6 +214,25 @@ def test_bands_threads_and_rows(isa, gen):
 
 
 @needs_native
+def test_large_outputs_every_isa(isa, gen):
+    """fp32 outputs of stream_min_bytes or more take non-temporal stores
+    (whole vectors: N a multiple of 16): N = 1 and a batch, N with a
+    half-empty last panel (48), N no multiple of 16 (plain stores), just
+    below and above the size, stride 2."""
+    limit = _params()["stream_min_bytes"]
+    for c, co, stride, batch in ((32, 64, 1, 1), (16, 48, 1, 3), (24, 40, 1, 2), (8, 32, 2, 2)):
+        h = 16
+        pixels = limit // (4 * co)  # output pixels at the limit
+        for ow in (pixels // (batch * h) - 1, -(-pixels // (batch * h)) + 1):
+            m = _random_module(c, co, 3, stride, gen=gen)
+            x = torch.randn(batch, c, h * stride, ow * stride, generator=gen).contiguous(
+                memory_format=torch.channels_last)
+            y = m(x)
+            assert (y.numel() * 4 >= limit) == (ow > pixels // (batch * h) - 1), (y.shape, limit)
+            assert_close(y, m, x, f"{isa} c={c} co={co} stride={stride} batch={batch} ow={ow}")
+
+
+@needs_native
 def test_memory_formats_dtypes_and_strides(isa, gen):
     m = _random_module(24, 20, 3, 2, gen=gen)
     x = torch.randn(3, 24, 10, 9, generator=gen)
