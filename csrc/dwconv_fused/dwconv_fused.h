@@ -73,6 +73,7 @@ struct Problem {
   const float* bp;
   float* y;            // NHWC [oh][ow][n] of one image
   bool stream = false; // full vectors of y go out with non-temporal stores (see forward)
+  bool prefetch = false; // the depthwise stage prefetches the next output row's new input row
 };
 
 // Depthwise stage: t[(p - p0) * ldt + c] for output pixels p in [p0, p1), act1 applied.

@@ -56,6 +56,21 @@ inline void dw_block(const Problem& pr, int64_t oy, int64_t ox, int64_t c0, floa
     mk[v] = V::mask(static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(V::W, pr.c - c0 - v * V::W))));
   }
   const int64_t iy0 = oy * h.sh - pr.pad_t, ix0 = ox * h.sw - pr.pad_l;
+  if (pr.prefetch) {
+    // The input row the next output row's window adds at the bottom, under
+    // these P pixels' rightmost taps: from memory while this row computes
+    // (the hardware prefetchers followed the 3 - 5 row streams poorly).
+    const int64_t iy = iy0 + int64_t(h.kh - 1) * h.dh + h.sh;
+    if (iy >= 0 && iy < pr.h) {
+      const int64_t xa = std::max<int64_t>(0, ix0 + int64_t(h.kw - 1) * h.dw);
+      const int64_t xb = std::min<int64_t>(pr.w, ix0 + int64_t(h.kw - 1) * h.dw + int64_t(P) * h.sw);
+      const int64_t nch = std::min<int64_t>(NV * V::W, pr.c - c0);
+      for (int64_t ix = xa; ix < xb; ++ix) {
+        const char* p = reinterpret_cast<const char*>(pr.x + (iy * pr.w + ix) * pr.c + c0);
+        for (int64_t b = 0; b < nch * 4; b += 64) __builtin_prefetch(p + b, 0, 3);
+      }
+    }
+  }
   for (int i = 0; i < h.kh; ++i) {
     const int64_t iy = iy0 + int64_t(i) * h.dh;
     if (iy < 0 || iy >= pr.h) continue;
