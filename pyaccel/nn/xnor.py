@@ -177,7 +177,9 @@ class _XnorBase(PackedModule):
     @property
     def wsum(self) -> Tensor:
         """int32 [out, kh * kw]: per tap, the sum of the ±1 weights (the exact zero padding's border
-        correction), derived from weight_bits."""
+        correction), derived from weight_bits. Read it, do not edit it: it is rebuilt from
+        weight_bits, and the eager fast path's per-shape plans keep the border table built from
+        it (edit weight_bits instead)."""
         self._refresh()
         return self._packed
 
