@@ -214,6 +214,19 @@ def test_bands_threads_and_rows(isa, gen):
 
 
 @needs_native
+def test_sliding_window_depthwise_every_isa(isa, gen):
+    """Stride 1 depthwise rows: the AVX-512 sliding-window block (5-tap rows,
+    and 3-tap rows up to 64 channels) over channel counts around its 16- and
+    32-channel chunks, rows wider than its 4 pixels with borders on both sides,
+    next to the general block elsewhere (3 taps over 64 channels, dilation 2)."""
+    for k, dilation in ((3, 1), (5, 1), ((3, 5), 1), (3, 2)):
+        for c in (1, 15, 16, 17, 31, 32, 33, 48, 64, 65, 97):
+            m = _random_module(c, 24, k, 1, None, dilation, gen=gen)
+            x = torch.randn(2, c, 6, 13, generator=gen).contiguous(memory_format=torch.channels_last)
+            assert_close(m(x), m, x, f"{isa} k={k} d={dilation} c={c}")
+
+
+@needs_native
 def test_large_outputs_every_isa(isa, gen):
     """fp32 outputs of stream_min_bytes or more take non-temporal stores
     (whole vectors: N a multiple of 16): N = 1 and a batch, N with a
