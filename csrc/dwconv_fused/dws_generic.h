@@ -177,7 +177,8 @@ void dw(const Problem& pr, int64_t p0, int64_t p1, float* t, int64_t ldt) {
     float* tr = t + (p - p0) * ldt;
     const int64_t first = ox * h.sw - pr.pad_l, last = (ox + run - 1) * h.sw - pr.pad_l + reach;
     const bool inside = first >= 0 && last < pr.w;
-    // The sliding window needs 32 vector registers (AVX-512: P x 2 accumulators, KW x 2 weights).
+    // The sliding window keeps P x 2 accumulators, KW x 2 weights and 2 inputs in registers
+    // (16 at 3 taps, 20 at 5): AVX-512's 32 hold them; AVX2's 16 leave no room for temporaries.
     // It runs the 5-tap rows and up to 64 channels; 3 taps over more channels measured slower
     // (128 -> 128 @ 56, N = 8: -4 to -6 %) than the general block's 64-channel chunks.
     const bool s1 = V::W == 16 && h.sw == 1 && h.dw == 1 && (h.kw == 5 || pr.c <= 64);
