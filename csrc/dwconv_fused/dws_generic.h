@@ -53,6 +53,15 @@ inline void prefetch_next_row(const Problem& pr, int64_t iy0, int64_t ix0, int64
   }
 }
 
+// P pixels x NV vectors of depthwise sums from c0 into t, act1 applied (both depthwise blocks).
+template <class V, int NV, int P>
+inline void store_t(const PackedHeader& h, const typename V::R (&acc)[P][NV], float* tr, int64_t ldt, int64_t c0) {
+#pragma GCC unroll 8
+  for (int q = 0; q < P; ++q)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) V::storeu(tr + q * ldt + c0 + v * V::W, act<V>(acc[q][v], h.act1, h.lo1, h.hi1));
+}
+
 // Depthwise output of P adjacent pixels of one output row (ox .. ox + P - 1)
 // for NV vectors of channels from c0: each weight vector loaded once per tap
 // serves the P pixels. tr: the first pixel's row of t, ldt apart.
@@ -94,10 +103,7 @@ inline void dw_block(const Problem& pr, int64_t oy, int64_t ox, int64_t c0, floa
       }
     }
   }
-#pragma GCC unroll 8
-  for (int q = 0; q < P; ++q)
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) V::storeu(tr + q * ldt + c0 + v * V::W, act<V>(acc[q][v], h.act1, h.lo1, h.hi1));
+  store_t<V, NV, P>(h, acc, tr, ldt, c0);
 }
 
 template <class V, int NV, int P, bool INSIDE>
@@ -150,10 +156,7 @@ inline void dw_block_s1(const Problem& pr, int64_t oy, int64_t ox, int64_t c0, f
       }
     }
   }
-#pragma GCC unroll 8
-  for (int q = 0; q < P; ++q)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) V::storeu(tr + q * ldt + c0 + v * V::W, act<V>(acc[q][v], h.act1, h.lo1, h.hi1));
+  store_t<V, NV, P>(h, acc, tr, ldt, c0);
 }
 
 // P pixels through the sliding-window block: channel chunks of NV vectors,
