@@ -135,7 +135,8 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
       const int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
       for (int i = 0; i < g.bh && r * g.bh + i < cend; ++i) {
         // U accumulator sets, one block each in turn: U x S independent vpdpbusd chains
-        constexpr int U = S >= 2 ? 2 : 4;
+        constexpr bool kAsm = std::is_same_v<V, Y8> && S == 1 && GPB == 1;
+        constexpr int U = kAsm ? 8 : S >= 2 ? 2 : 4;
         typename V::T acc[U][S];
         for (int u = 0; u < U; ++u)
           for (int t = 0; t < S; ++t) acc[u][t] = V::zero();
@@ -152,46 +153,86 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
           }
         };
         int64_t b = b0;
-        if constexpr (std::is_same_v<V, Y8> && S == 1 && GPB == 1) {
+        if constexpr (kAsm) {
           // 1 x 4 blocks (one channel, one weight word a block), 8-row slabs:
-          // an asm loop of 3 instructions a block -- the block's column
-          // index, its slab line (colk * 8 bytes = (colk / 4) lines of 32
-          // bytes), vpdpbusd with the weight word as an embedded broadcast.
-          // GCC's loop took ~8.5 (shift, scale, broadcast, accumulator copies).
-          static_assert(U == 4 && V::W == 8, "the asm takes 4 blocks an iteration and 8-lane (32-byte) slab lines");
+          // an asm loop over 8 blocks an iteration: one load of their 8
+          // weight words, then per block its column index, its slab line
+          // (colk * 8 bytes = (colk / 4) lines of 32 bytes), a vpermd that
+          // broadcasts its weight word (a shuffle, where an embedded
+          // broadcast was a third load a block: the loads bound that loop)
+          // and vpdpbusd into its own accumulator (8 chains). GCC's loop took
+          // ~8.5 instructions a block (shift, scale, broadcast, accumulator copies).
+          static_assert(U == 8 && V::W == 8, "the asm takes 8 blocks an iteration and 8-lane (32-byte) slab lines");
           if (g.bh == 1 && g.colk4 && b1 - b0 >= U) {
             const int32_t* ck = g.colk;
             const int32_t* wp = wi;  // bh = gpb = 1: block b's word at wp[b]
             const int64_t last = b1 - U;
             int64_t r0_, r1_, r2_, r3_;
-            __m256i x0, x1, x2, x3;
+            alignas(32) static const int32_t tab[8] = {0, 1, 2, 3, 4, 5, 6, 7};
             __asm__(
+                "vpbroadcastd 0(%[tab]), %%ymm15\n\t"
+                "vpbroadcastd 4(%[tab]), %%ymm25\n\t"
+                "vpbroadcastd 8(%[tab]), %%ymm26\n\t"
+                "vpbroadcastd 12(%[tab]), %%ymm27\n\t"
+                "vpbroadcastd 16(%[tab]), %%ymm28\n\t"
+                "vpbroadcastd 20(%[tab]), %%ymm29\n\t"
+                "vpbroadcastd 24(%[tab]), %%ymm30\n\t"
+                "vpbroadcastd 28(%[tab]), %%ymm31\n\t"
                 "1:\n\t"
-                "movslq (%[ck],%[b],4), %[r0]\n\t"
+                "vmovdqu32 (%[wp],%[b],4), %%ymm24\n\t"
+                "movslq 0(%[ck],%[b],4), %[r0]\n\t"
                 "movslq 4(%[ck],%[b],4), %[r1]\n\t"
                 "movslq 8(%[ck],%[b],4), %[r2]\n\t"
                 "movslq 12(%[ck],%[b],4), %[r3]\n\t"
-                "vmovdqa32 (%[xs],%[r0],8), %[x0]\n\t"
-                "vmovdqa32 (%[xs],%[r1],8), %[x1]\n\t"
-                "vmovdqa32 (%[xs],%[r2],8), %[x2]\n\t"
-                "vmovdqa32 (%[xs],%[r3],8), %[x3]\n\t"
-                "vpdpbusd (%[wp],%[b],4)%{1to8%}, %[x0], %[a0]\n\t"
-                "vpdpbusd 4(%[wp],%[b],4)%{1to8%}, %[x1], %[a1]\n\t"
-                "vpdpbusd 8(%[wp],%[b],4)%{1to8%}, %[x2], %[a2]\n\t"
-                "vpdpbusd 12(%[wp],%[b],4)%{1to8%}, %[x3], %[a3]\n\t"
-                "add $4, %[b]\n\t"
+                "vmovdqa32 (%[xs],%[r0],8), %%ymm16\n\t"
+                "vmovdqa32 (%[xs],%[r1],8), %%ymm17\n\t"
+                "vmovdqa32 (%[xs],%[r2],8), %%ymm18\n\t"
+                "vmovdqa32 (%[xs],%[r3],8), %%ymm19\n\t"
+                "vpermd %%ymm24, %%ymm15, %%ymm20\n\t"
+                "vpermd %%ymm24, %%ymm25, %%ymm21\n\t"
+                "vpermd %%ymm24, %%ymm26, %%ymm22\n\t"
+                "vpermd %%ymm24, %%ymm27, %%ymm23\n\t"
+                "vpdpbusd %%ymm20, %%ymm16, %[a0]\n\t"
+                "vpdpbusd %%ymm21, %%ymm17, %[a1]\n\t"
+                "vpdpbusd %%ymm22, %%ymm18, %[a2]\n\t"
+                "vpdpbusd %%ymm23, %%ymm19, %[a3]\n\t"
+                "movslq 16(%[ck],%[b],4), %[r0]\n\t"
+                "movslq 20(%[ck],%[b],4), %[r1]\n\t"
+                "movslq 24(%[ck],%[b],4), %[r2]\n\t"
+                "movslq 28(%[ck],%[b],4), %[r3]\n\t"
+                "vmovdqa32 (%[xs],%[r0],8), %%ymm16\n\t"
+                "vmovdqa32 (%[xs],%[r1],8), %%ymm17\n\t"
+                "vmovdqa32 (%[xs],%[r2],8), %%ymm18\n\t"
+                "vmovdqa32 (%[xs],%[r3],8), %%ymm19\n\t"
+                "vpermd %%ymm24, %%ymm28, %%ymm20\n\t"
+                "vpermd %%ymm24, %%ymm29, %%ymm21\n\t"
+                "vpermd %%ymm24, %%ymm30, %%ymm22\n\t"
+                "vpermd %%ymm24, %%ymm31, %%ymm23\n\t"
+                "vpdpbusd %%ymm20, %%ymm16, %[a4]\n\t"
+                "vpdpbusd %%ymm21, %%ymm17, %[a5]\n\t"
+                "vpdpbusd %%ymm22, %%ymm18, %[a6]\n\t"
+                "vpdpbusd %%ymm23, %%ymm19, %[a7]\n\t"
+                "add $8, %[b]\n\t"
                 "cmp %[last], %[b]\n\t"
                 "jle 1b"
                 : [a0] "+v"(acc[0][0]), [a1] "+v"(acc[1][0]), [a2] "+v"(acc[2][0]), [a3] "+v"(acc[3][0]),
-                  [b] "+r"(b), [r0] "=&r"(r0_), [r1] "=&r"(r1_), [r2] "=&r"(r2_), [r3] "=&r"(r3_),
-                  [x0] "=&v"(x0), [x1] "=&v"(x1), [x2] "=&v"(x2), [x3] "=&v"(x3)
-                : [ck] "r"(ck), [wp] "r"(wp), [xs] "r"(xs), [last] "r"(last)
-                : "memory", "cc");
+                  [a4] "+v"(acc[4][0]), [a5] "+v"(acc[5][0]), [a6] "+v"(acc[6][0]), [a7] "+v"(acc[7][0]),
+                  [b] "+r"(b), [r0] "=&r"(r0_), [r1] "=&r"(r1_), [r2] "=&r"(r2_), [r3] "=&r"(r3_)
+                : [ck] "r"(ck), [wp] "r"(wp), [xs] "r"(xs), [last] "r"(last), [tab] "r"(tab)
+                : "memory", "cc", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23",
+                  "xmm24", "xmm25", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31");
           }
         }
         for (; b + U <= b1; b += U)
 #pragma GCC unroll 8
           for (int u = 0; u < U; ++u) add_block(b + u, acc[u]);
+        if constexpr (U > 4) {
+          if (b + 4 <= b1) {
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; ++u) add_block(b + u, acc[u]);
+            b += 4;
+          }
+        }
         for (; b < b1; ++b) add_block(b, acc[0]);
         for (int u = 1; u < U; ++u)
           for (int t = 0; t < S; ++t) acc[0][t] = V::add(acc[0][t], acc[u][t]);
