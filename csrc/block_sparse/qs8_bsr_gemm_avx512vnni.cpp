@@ -321,6 +321,48 @@ void slab_runs(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
   });
 }
 
+// 8-row slabs: 16 groups of 8 rows a step, an 8 x 16 dword transpose in
+// three shuffle stages (24 shuffles, where the 16 x 16 transpose with 8
+// zero rows took 64).
+void pack_groups8(const int8_t* q, int64_t lda, int64_t m, int64_t ngroups, int32_t* xg, int64_t sst, int64_t s0,
+                  int64_t s1) {
+  const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t rows = std::min<int64_t>(8, m - s * 8);
+    int32_t* out = xg + s * sst;
+    for (int64_t g0 = 0; g0 < ngroups; g0 += 16) {
+      const int gn = static_cast<int>(std::min<int64_t>(16, ngroups - g0));
+      const __mmask16 mask = gn >= 16 ? __mmask16(0xffff) : __mmask16((1u << gn) - 1);
+      __m512i r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = i < rows ? _mm512_maskz_loadu_epi32(mask, q + (s * 8 + i) * lda + 4 * g0) : _mm512_setzero_si512();
+      // a: pairs of rows interleaved; b[c] (c < 4): lane l holds group 4 l + c of rows 0 - 3, b[4 + c] of rows 4 - 7
+      __m512i a[8], b[8];
+      for (int h = 0; h < 2; ++h) {
+        a[4 * h + 0] = _mm512_unpacklo_epi32(r[4 * h + 0], r[4 * h + 1]);
+        a[4 * h + 1] = _mm512_unpackhi_epi32(r[4 * h + 0], r[4 * h + 1]);
+        a[4 * h + 2] = _mm512_unpacklo_epi32(r[4 * h + 2], r[4 * h + 3]);
+        a[4 * h + 3] = _mm512_unpackhi_epi32(r[4 * h + 2], r[4 * h + 3]);
+        b[4 * h + 0] = _mm512_unpacklo_epi64(a[4 * h + 0], a[4 * h + 2]);
+        b[4 * h + 1] = _mm512_unpackhi_epi64(a[4 * h + 0], a[4 * h + 2]);
+        b[4 * h + 2] = _mm512_unpacklo_epi64(a[4 * h + 1], a[4 * h + 3]);
+        b[4 * h + 3] = _mm512_unpackhi_epi64(a[4 * h + 1], a[4 * h + 3]);
+      }
+      int32_t* o = out + g0 * 8;
+      for (int c = 0; c < 4; ++c) {
+        // groups c and 4 + c (lanes 0, 1 of b), 8 + c and 12 + c (lanes 2, 3): rows 0 - 7 each
+        const __m512i e = _mm512_permutex2var_epi64(b[c], lo, b[4 + c]);
+        const __m512i f = _mm512_permutex2var_epi64(b[c], hi, b[4 + c]);
+        if (c < gn) _mm256_store_si256(reinterpret_cast<__m256i*>(o + c * 8), _mm512_castsi512_si256(e));
+        if (4 + c < gn) _mm256_store_si256(reinterpret_cast<__m256i*>(o + (4 + c) * 8), _mm512_extracti64x4_epi64(e, 1));
+        if (8 + c < gn) _mm256_store_si256(reinterpret_cast<__m256i*>(o + (8 + c) * 8), _mm512_castsi512_si256(f));
+        if (12 + c < gn)
+          _mm256_store_si256(reinterpret_cast<__m256i*>(o + (12 + c) * 8), _mm512_extracti64x4_epi64(f, 1));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void qs8_bsr_gemm_avx512vnni(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
@@ -354,6 +396,10 @@ void qs8_bsr_slabs_avx512vnni(const GemmArgsI8& g, const int32_t* xg, int64_t ss
 
 void qs8_bsr_pack_groups_avx512(const int8_t* q, int64_t lda, int64_t m, int64_t ngroups, int32_t* xg,
                                 int64_t sst, int64_t s0, int64_t s1, int sw) {
+  if (sw == 8) {
+    pack_groups8(q, lda, m, ngroups, xg, sst, s0, s1);
+    return;
+  }
   for (int64_t s = s0; s < s1; ++s) {
     const int64_t rows = std::min<int64_t>(sw, m - s * sw);
     for (int64_t g0 = 0; g0 < ngroups; g0 += 16) {
