@@ -155,31 +155,23 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
         int64_t b = b0;
         if constexpr (kAsm) {
           // 1 x 4 blocks (one channel, one weight word a block), 8-row slabs:
-          // an asm loop over 8 blocks an iteration: one load of their 8
-          // weight words, then per block its column index, its slab line
-          // (colk * 8 bytes = (colk / 4) lines of 32 bytes), a vpermd that
-          // broadcasts its weight word (a shuffle, where an embedded
-          // broadcast was a third load a block: the loads bound that loop)
-          // and vpdpbusd into its own accumulator (8 chains). GCC's loop took
-          // ~8.5 instructions a block (shift, scale, broadcast, accumulator copies).
+          // an asm loop over 8 blocks an iteration: two 16-byte loads of
+          // their weight words, each copied to both 128-bit lanes, then per
+          // block its column index, its slab line (colk * 8 bytes = (colk / 4)
+          // lines of 32 bytes), a vpshufd that broadcasts its weight word (an
+          // embedded broadcast was a third load a block) and vpdpbusd into
+          // its own accumulator (8 chains). GCC's loop took ~8.5 instructions
+          // a block (shift, scale, broadcast, accumulator copies).
           static_assert(U == 8 && V::W == 8, "the asm takes 8 blocks an iteration and 8-lane (32-byte) slab lines");
           if (g.bh == 1 && g.colk4 && b1 - b0 >= U) {
             const int32_t* ck = g.colk;
             const int32_t* wp = wi;  // bh = gpb = 1: block b's word at wp[b]
             const int64_t last = b1 - U;
             int64_t r0_, r1_, r2_, r3_;
-            alignas(32) static const int32_t tab[8] = {0, 1, 2, 3, 4, 5, 6, 7};
             __asm__(
-                "vpbroadcastd 0(%[tab]), %%ymm15\n\t"
-                "vpbroadcastd 4(%[tab]), %%ymm25\n\t"
-                "vpbroadcastd 8(%[tab]), %%ymm26\n\t"
-                "vpbroadcastd 12(%[tab]), %%ymm27\n\t"
-                "vpbroadcastd 16(%[tab]), %%ymm28\n\t"
-                "vpbroadcastd 20(%[tab]), %%ymm29\n\t"
-                "vpbroadcastd 24(%[tab]), %%ymm30\n\t"
-                "vpbroadcastd 28(%[tab]), %%ymm31\n\t"
                 "1:\n\t"
-                "vmovdqu32 (%[wp],%[b],4), %%ymm24\n\t"
+                "vbroadcasti32x4 (%[wp],%[b],4), %%ymm24\n\t"
+                "vbroadcasti32x4 16(%[wp],%[b],4), %%ymm25\n\t"
                 "movslq 0(%[ck],%[b],4), %[r0]\n\t"
                 "movslq 4(%[ck],%[b],4), %[r1]\n\t"
                 "movslq 8(%[ck],%[b],4), %[r2]\n\t"
@@ -188,10 +180,10 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
                 "vmovdqa32 (%[xs],%[r1],8), %%ymm17\n\t"
                 "vmovdqa32 (%[xs],%[r2],8), %%ymm18\n\t"
                 "vmovdqa32 (%[xs],%[r3],8), %%ymm19\n\t"
-                "vpermd %%ymm24, %%ymm15, %%ymm20\n\t"
-                "vpermd %%ymm24, %%ymm25, %%ymm21\n\t"
-                "vpermd %%ymm24, %%ymm26, %%ymm22\n\t"
-                "vpermd %%ymm24, %%ymm27, %%ymm23\n\t"
+                "vpshufd $0x00, %%ymm24, %%ymm20\n\t"
+                "vpshufd $0x55, %%ymm24, %%ymm21\n\t"
+                "vpshufd $0xaa, %%ymm24, %%ymm22\n\t"
+                "vpshufd $0xff, %%ymm24, %%ymm23\n\t"
                 "vpdpbusd %%ymm20, %%ymm16, %[a0]\n\t"
                 "vpdpbusd %%ymm21, %%ymm17, %[a1]\n\t"
                 "vpdpbusd %%ymm22, %%ymm18, %[a2]\n\t"
@@ -204,10 +196,10 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
                 "vmovdqa32 (%[xs],%[r1],8), %%ymm17\n\t"
                 "vmovdqa32 (%[xs],%[r2],8), %%ymm18\n\t"
                 "vmovdqa32 (%[xs],%[r3],8), %%ymm19\n\t"
-                "vpermd %%ymm24, %%ymm28, %%ymm20\n\t"
-                "vpermd %%ymm24, %%ymm29, %%ymm21\n\t"
-                "vpermd %%ymm24, %%ymm30, %%ymm22\n\t"
-                "vpermd %%ymm24, %%ymm31, %%ymm23\n\t"
+                "vpshufd $0x00, %%ymm25, %%ymm20\n\t"
+                "vpshufd $0x55, %%ymm25, %%ymm21\n\t"
+                "vpshufd $0xaa, %%ymm25, %%ymm22\n\t"
+                "vpshufd $0xff, %%ymm25, %%ymm23\n\t"
                 "vpdpbusd %%ymm20, %%ymm16, %[a4]\n\t"
                 "vpdpbusd %%ymm21, %%ymm17, %[a5]\n\t"
                 "vpdpbusd %%ymm22, %%ymm18, %[a6]\n\t"
@@ -218,9 +210,9 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
                 : [a0] "+v"(acc[0][0]), [a1] "+v"(acc[1][0]), [a2] "+v"(acc[2][0]), [a3] "+v"(acc[3][0]),
                   [a4] "+v"(acc[4][0]), [a5] "+v"(acc[5][0]), [a6] "+v"(acc[6][0]), [a7] "+v"(acc[7][0]),
                   [b] "+r"(b), [r0] "=&r"(r0_), [r1] "=&r"(r1_), [r2] "=&r"(r2_), [r3] "=&r"(r3_)
-                : [ck] "r"(ck), [wp] "r"(wp), [xs] "r"(xs), [last] "r"(last), [tab] "r"(tab)
-                : "memory", "cc", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23",
-                  "xmm24", "xmm25", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31");
+                : [ck] "r"(ck), [wp] "r"(wp), [xs] "r"(xs), [last] "r"(last)
+                : "memory", "cc", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23",
+                  "xmm24", "xmm25");
           }
         }
         for (; b + U <= b1; b += U)
