@@ -51,13 +51,15 @@ void parallel_units_rows(int64_t units, int64_t m, int64_t mr, int nthreads, con
 // that no thread writes cache lines another one reads -- then items of
 // [0, n) are handed out dynamically: fn(state, begin, end) with the state
 // prep returned on that thread. No barrier: a thread starts its items as soon
-// as its own preparation is done.
+// as its own preparation is done, and prepares only once it holds an item.
 template <typename Prep, typename Fn>
 void parallel_private_prep(int64_t n, int nthreads, int64_t items, const Prep& prep, const Fn& fn);
 
 }  // namespace pyaccel
 
 #include <omp.h>
+
+#include <atomic>
 
 #include <algorithm>
 
@@ -96,14 +98,19 @@ void parallel_private_prep(int64_t n, int nthreads, int64_t items, const Prep& p
     return;
   }
   const double t0 = omp_get_wtime();
+  std::atomic<int64_t> next{0};
 #pragma omp parallel num_threads(static_cast<int>(nt))
   {
     note_thread_start(t0);
-    auto state = prep();
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t i = 0; i < items; ++i) {
-      const int64_t b0 = n * i / items, b1 = n * (i + 1) / items;
-      if (b0 < b1) fn(state, b0, b1);
+    // a thread prepares only once it holds an item: one that starts after the
+    // others took every item leaves at once instead of preparing for nothing
+    int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+    if (i < items) {
+      auto state = prep();
+      for (; i < items; i = next.fetch_add(1, std::memory_order_relaxed)) {
+        const int64_t b0 = n * i / items, b1 = n * (i + 1) / items;
+        if (b0 < b1) fn(state, b0, b1);
+      }
     }
   }
 }
