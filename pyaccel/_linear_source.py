@@ -228,6 +228,14 @@ def read_linear(mod: nn.Module, *, allow_foreign_hooks: bool = False) -> LinearS
         raise SourceSkip(f"weight: expected a 2-D tensor, got {None if w is None else tuple(w.shape)}")
     if w.device.type == "meta":
         raise SourceSkip("weights are on the meta device: materialize them first")
+    if w.layout != torch.strided:
+        # a sparse weight (torch.sparse_bsr from to_sparse_bsr, CSR, COO, ...): F.linear runs it, and
+        # so does the swap once it is read densely (its zero blocks are found again from the values)
+        layout = str(w.layout).replace("torch.", "")
+        if not w.is_floating_point():
+            raise SourceSkip(f"weight dtype {w.dtype} is not floating point")
+        w = w.to_dense()
+        via.append(f"{layout} weight read densely")
     if not w.is_floating_point():
         raise SourceSkip(f"weight dtype {w.dtype} is not floating point")
     if kind == "Conv1D":

@@ -103,6 +103,52 @@ def test_bsr_tensor_in_and_out(gen):
         BlockSparseLinear.from_bsr(w)
 
 
+def test_bsr_int8_round_trip_and_refusals(gen):
+    """An int8 module's to_bsr() holds int8 blocks: from_bsr takes them back
+    with their weight_scale (the same layer, bit for bit), refuses them
+    without, and the fp32 class refuses integer blocks instead of reading
+    them as floats; a padded BSR weight with a bias of the logical size and no
+    `shape` names `shape`."""
+    from pyaccel.nn import BlockSparseInt8Linear
+
+    w = torch.randn(64, 96, generator=gen)
+    w *= bsf.block_mask(w, (32, 32), 0.5)
+    b = torch.randn(64, generator=gen)
+    x = torch.randn(5, 96, generator=gen)
+    q = BlockSparseInt8Linear.from_dense(w, b, (32, 32))
+    t = q.to_bsr()
+    assert t.layout == torch.sparse_bsr and t.values().dtype == torch.int8
+    back = BlockSparseInt8Linear.from_bsr(t, b, weight_scale=q.weight_scale)
+    assert torch.equal(back(x), q(x))
+    with pytest.raises(ValueError, match="weight_scale"):
+        BlockSparseInt8Linear.from_bsr(t, b)
+    with pytest.raises(ValueError, match="values: expected floating-point"):
+        BlockSparseLinear.from_bsr(t, b)
+    f = BlockSparseInt8Linear.from_bsr(w.to_sparse_bsr((32, 32)), b)  # float blocks: quantized
+    assert torch.equal(f(x), q(x))
+    padded = torch.nn.functional.pad(w[:60], (0, 0, 0, 4)).to_sparse_bsr((32, 32))
+    with pytest.raises(ValueError, match="shape="):
+        BlockSparseLinear.from_bsr(padded, b[:60])
+
+
+@pytest.mark.filterwarnings("ignore:Sparse")
+def test_patch_reads_a_linear_with_a_bsr_weight(gen):
+    """nn.Linear runs with a torch.sparse_bsr weight; patch reads it densely
+    and swaps it like the dense layer."""
+    w = torch.randn(128, 256, generator=gen)
+    w *= bsf.block_mask(w, (32, 32), 0.75)
+    lin = nn.Linear(256, 128)
+    with torch.no_grad():
+        lin.bias.copy_(torch.randn(128, generator=gen))
+    lin.weight = nn.Parameter(w.to_sparse_bsr((32, 32)), requires_grad=False)
+    model = nn.Sequential(lin).eval()
+    x = torch.randn(4, 256, generator=gen)
+    with torch.no_grad():
+        rep = pyaccel.patch(model, block_sparse="always")
+        assert isinstance(rep.model[0], BlockSparseLinear), str(rep)
+        assert torch.allclose(rep.model(x), x @ w.t() + lin.bias, rtol=1e-5, atol=1e-5)
+
+
 def test_state_dict_is_compressed_and_loads_anywhere(gen):
     w = torch.randn(100, 70, generator=gen)
     w *= bsf.block_mask(w, (16, 16), 0.8)

@@ -29,6 +29,15 @@ def _warn_if_dense(mod: "BlockSparseLinear", block: Tuple[int, int], w: Tensor) 
                       UserWarning, stacklevel=3)
 
 
+def _bsr_weight(weight, bias, shape) -> bsf.BlockSparseWeight:
+    """from_torch_bsr, with a hint when a bias shows the weight is padded and `shape` is missing."""
+    if (shape is None and isinstance(bias, Tensor) and bias.dim() == 1 and isinstance(weight, Tensor)
+            and weight.dim() == 2 and bias.shape[0] < weight.shape[0]):
+        raise ValueError(f"shape: the BSR weight is {tuple(weight.shape)} (padded to its blocks) but the bias has "
+                         f"{bias.shape[0]} entries: pass shape=(out_features, in_features)")
+    return bsf.from_torch_bsr(weight, shape)
+
+
 class BlockSparseLinear(PackedLinear):
     """Linear layer whose weight is block-sparse (torch BSR layout, fp32 blocks).
 
@@ -66,6 +75,10 @@ class BlockSparseLinear(PackedLinear):
         err = bsf.canonical_error(bsw)
         if err:
             raise ValueError(err)
+        if not bsw.values.is_floating_point():
+            raise ValueError(f"values: expected floating-point block values, got {bsw.values.dtype}: integer "
+                             "values need their per-channel scales (BlockSparseInt8Linear.from_bsr(weight, "
+                             "bias, weight_scale=...) or .from_weight)")
         n, k = bsw.shape
         if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (n,)):
             raise ValueError(f"bias: expected a tensor of shape ({n},) or None, got {ops._desc(bias)}")
@@ -101,12 +114,14 @@ class BlockSparseLinear(PackedLinear):
     @classmethod
     def from_bsr(cls, weight: Tensor, bias: Optional[Tensor] = None,
                  shape: Optional[Tuple[int, int]] = None) -> "BlockSparseLinear":
-        """From a ``torch.sparse_bsr`` weight [out_pad, in_pad] (`shape`: the
-        logical (out, in) when padded)."""
-        return cls.from_weight(bsf.from_torch_bsr(weight, shape), bias)
+        """From a ``torch.sparse_bsr`` weight [out_pad, in_pad] of floating-point
+        blocks (`shape`: the logical (out, in) when padded). ValueError naming
+        the argument for a tensor of another layout, bad indices, integer values
+        or a bias that does not match."""
+        return cls.from_weight(_bsr_weight(weight, bias, shape), bias)
 
     def to_bsr(self) -> Tensor:
-        """The weight as a ``torch.sparse_bsr`` tensor (padded shape)."""
+        """The weight as a ``torch.sparse_bsr`` tensor (padded shape), float32 blocks."""
         return bsf.to_torch_bsr(self._bsw())
 
     # ---- canonical buffers ------------------------------------------------------
@@ -244,7 +259,8 @@ class BlockSparseInt8Linear(BlockSparseLinear):
         if bsw.values.dtype != torch.int8:
             bsw, weight_scale = bsf.quantize_blocks(bsw)
         elif weight_scale is None:
-            raise ValueError("weight_scale: int8 values need their per-channel scales")
+            raise ValueError("weight_scale: int8 values need their per-channel scales: pass weight_scale= "
+                             "(float32 [out], e.g. the source module's weight_scale)")
         n, k = bsw.shape
         if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (n,)):
             raise ValueError(f"bias: expected a tensor of shape ({n},) or None, got {ops._desc(bias)}")
@@ -256,6 +272,23 @@ class BlockSparseInt8Linear(BlockSparseLinear):
                 mod.bias.copy_(bias.detach().float())
         mod._repack_or_raise()
         return mod
+
+    @classmethod
+    def from_bsr(cls, weight: Tensor, bias: Optional[Tensor] = None, shape: Optional[Tuple[int, int]] = None,
+                 weight_scale: Optional[Tensor] = None) -> "BlockSparseInt8Linear":
+        """From a ``torch.sparse_bsr`` weight [out_pad, in_pad] (`shape`: the
+        logical (out, in) when padded): floating-point blocks are quantized per
+        output channel (lossy); int8 blocks (``to_bsr()`` of this class) are
+        taken as they are, with their `weight_scale` (float32 [out]), so
+        ``from_bsr(m.to_bsr(), m.bias, weight_scale=m.weight_scale)`` gives the
+        same layer back. ValueError naming the argument otherwise."""
+        return cls.from_weight(_bsr_weight(weight, bias, shape), bias, weight_scale)
+
+    def to_bsr(self) -> Tensor:
+        """The weight as a ``torch.sparse_bsr`` tensor (padded shape) of int8
+        blocks; the per-channel scales are ``weight_scale`` (dequantized:
+        values * weight_scale[row])."""
+        return bsf.to_torch_bsr(self._bsw())
 
     @classmethod
     def from_dense(cls, weight: Tensor, bias: Optional[Tensor] = None,
