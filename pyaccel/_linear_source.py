@@ -232,8 +232,6 @@ def read_linear(mod: nn.Module, *, allow_foreign_hooks: bool = False) -> LinearS
         # a sparse weight (torch.sparse_bsr from to_sparse_bsr, CSR, COO, ...): F.linear runs it, and
         # so does the swap once it is read densely (its zero blocks are found again from the values)
         layout = str(w.layout).replace("torch.", "")
-        if not w.is_floating_point():
-            raise SourceSkip(f"weight dtype {w.dtype} is not floating point")
         w = w.to_dense()
         via.append(f"{layout} weight read densely")
     if not w.is_floating_point():
