@@ -13,6 +13,7 @@ torch's own prune utilities understand (prune.remove makes it permanent).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
@@ -129,7 +130,9 @@ def prune_blocks(model: nn.Module, sparsity: float, *, block: Tuple[int, int] = 
         sparsity: fraction of blocks to zero, in [0, 1].
         block: block shape (output rows, input columns), e.g. (32, 32), (16, 16), (1, 4).
     Returns the paths of the pruned layers. ValueError for a bad sparsity or
-    block, or (before anything is pruned) a chosen layer torch's prune cannot take.
+    block, or (before anything is pruned) a chosen layer torch's prune cannot take;
+    UserWarning for a layer with too few blocks to come within 5 points of
+    `sparsity` (e.g. 2 blocks at 0.25: none zeroed).
     """
     from pyaccel.formats.block_sparse import block_mask, check_block
 
@@ -142,6 +145,16 @@ def prune_blocks(model: nn.Module, sparsity: float, *, block: Tuple[int, int] = 
         raise ValueError(f"sparsity: expected a fraction in [0, 1], got {sparsity!r}")
     sparsity = frac
     chosen = _choose(model, filter_fn, include, exclude, 1, "prune_blocks")
+    for path, mod, kind in chosen:
+        out_f, in_f = read_tensor(mod, "weight").shape
+        if kind == "Conv1D":
+            out_f, in_f = in_f, out_f
+        blocks = -(-out_f // block[0]) * -(-in_f // block[1])
+        drop = int(round(sparsity * blocks))
+        if abs(drop / blocks - sparsity) > 0.05:
+            warnings.warn(f"prune_blocks: {path or 'the model'} has {blocks} blocks of {block[0]}x{block[1]}: "
+                          f"sparsity {sparsity:g} zeroes {drop} of them ({drop / blocks:.0%})", UserWarning,
+                          stacklevel=2)
     return _apply_masks(chosen, lambda w: block_mask(w, block, sparsity))
 
 

@@ -37,6 +37,19 @@ def test_prune_blocks_masks_follow_training(gen):
         pyaccel.prune.prune_blocks(m, 0.5, block=(32,))
 
 
+def test_prune_blocks_warns_when_blocks_are_too_few(gen):
+    """2 blocks at sparsity 0.25 zero none: a warning names the layer and what
+    was zeroed; a layer with enough blocks prunes silently."""
+    import warnings
+
+    model = nn.Sequential(nn.Linear(384, 1536), nn.Linear(1536, 384))
+    with pytest.warns(UserWarning, match=r"prune_blocks: 0 has 2 blocks of 768x384: sparsity 0.25 zeroes 0"):
+        pyaccel.prune.prune_blocks(model, 0.25, block=(768, 384), include="0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pyaccel.prune.prune_blocks(model, 0.25, block=(32, 32), include="1")
+
+
 def test_patch_swaps_only_where_measured_faster(gen, monkeypatch):
     m = _mlp(gen)
     pyaccel.prune.prune_blocks(m, 0.9, block=(32, 32), include=["0"])
