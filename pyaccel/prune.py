@@ -80,15 +80,19 @@ def _choose(model, filter_fn, include, exclude, min_in: int, what: str) -> List[
     return chosen
 
 
-def _apply_masks(chosen, mask_of: Callable) -> List[str]:
+def _apply_masks(chosen, mask_of: Callable, check: Optional[Callable] = None) -> List[str]:
     """mask_of(effective weight [out, in]) -> bool mask [out, in], applied as a
-    torch prune mask (Conv1D: transposed to its [in, out] weight)."""
+    torch prune mask (Conv1D: transposed to its [in, out] weight); check(path,
+    weight [out, in]), if given, sees each weight first."""
     for path, mod, kind in chosen:
         w = read_tensor(mod, "weight")
         if kind == "Conv1D":
-            mask = mask_of(w.t()).t().contiguous()
-        else:
-            mask = mask_of(w)
+            w = w.t()
+        if check is not None:
+            check(path, w)
+        mask = mask_of(w)
+        if kind == "Conv1D":
+            mask = mask.t().contiguous()
         _torch_prune.custom_from_mask(mod, "weight", mask)
     return [path for path, _, _ in chosen]
 
@@ -145,17 +149,16 @@ def prune_blocks(model: nn.Module, sparsity: float, *, block: Tuple[int, int] = 
         raise ValueError(f"sparsity: expected a fraction in [0, 1], got {sparsity!r}")
     sparsity = frac
     chosen = _choose(model, filter_fn, include, exclude, 1, "prune_blocks")
-    for path, mod, kind in chosen:
-        out_f, in_f = read_tensor(mod, "weight").shape
-        if kind == "Conv1D":
-            out_f, in_f = in_f, out_f
-        blocks = -(-out_f // block[0]) * -(-in_f // block[1])
+
+    def check(path, w):
+        blocks = -(-w.shape[0] // block[0]) * -(-w.shape[1] // block[1])
         drop = int(round(sparsity * blocks))
         if abs(drop / blocks - sparsity) > 0.05:
             warnings.warn(f"prune_blocks: {path or 'the model'} has {blocks} blocks of {block[0]}x{block[1]}: "
                           f"sparsity {sparsity:g} zeroes {drop} of them ({drop / blocks:.0%})", UserWarning,
-                          stacklevel=2)
-    return _apply_masks(chosen, lambda w: block_mask(w, block, sparsity))
+                          stacklevel=4)
+
+    return _apply_masks(chosen, lambda w: block_mask(w, block, sparsity), check)
 
 
 def make_permanent(model: nn.Module) -> List[str]:
