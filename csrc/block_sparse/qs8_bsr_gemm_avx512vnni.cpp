@@ -156,9 +156,10 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
         if constexpr (kAsm) {
           // 1 x 4 blocks (one channel, one weight word a block), 8-row slabs:
           // an asm loop over 8 blocks an iteration: two 16-byte loads of
-          // their weight words, each copied to both 128-bit lanes, then per
-          // block its column index, its slab line (colk * 8 bytes = (colk / 4)
-          // lines of 32 bytes), a vpshufd that broadcasts its weight word (an
+          // their weight words, each copied to both 128-bit lanes, the column
+          // indices two to an 8-byte load (split by a 32-bit move and a shift:
+          // the loop is bound by its loads), then per block its slab line
+          // (colk * 8 bytes = (colk / 4) lines of 32 bytes), a vpshufd that broadcasts its weight word (an
           // embedded broadcast was a third load a block) and vpdpbusd into
           // its own accumulator (8 chains). GCC's loop took ~8.5 instructions
           // a block (shift, scale, broadcast, accumulator copies).
@@ -172,10 +173,12 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
                 "1:\n\t"
                 "vbroadcasti32x4 (%[wp],%[b],4), %%ymm24\n\t"
                 "vbroadcasti32x4 16(%[wp],%[b],4), %%ymm25\n\t"
-                "movslq 0(%[ck],%[b],4), %[r0]\n\t"
-                "movslq 4(%[ck],%[b],4), %[r1]\n\t"
-                "movslq 8(%[ck],%[b],4), %[r2]\n\t"
-                "movslq 12(%[ck],%[b],4), %[r3]\n\t"
+                "movq 0(%[ck],%[b],4), %[r1]\n\t"
+                "movq 8(%[ck],%[b],4), %[r3]\n\t"
+                "movl %k[r1], %k[r0]\n\t"
+                "movl %k[r3], %k[r2]\n\t"
+                "shrq $32, %[r1]\n\t"
+                "shrq $32, %[r3]\n\t"
                 "vmovdqa32 (%[xs],%[r0],8), %%ymm16\n\t"
                 "vmovdqa32 (%[xs],%[r1],8), %%ymm17\n\t"
                 "vmovdqa32 (%[xs],%[r2],8), %%ymm18\n\t"
@@ -188,10 +191,12 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
                 "vpdpbusd %%ymm21, %%ymm17, %[a1]\n\t"
                 "vpdpbusd %%ymm22, %%ymm18, %[a2]\n\t"
                 "vpdpbusd %%ymm23, %%ymm19, %[a3]\n\t"
-                "movslq 16(%[ck],%[b],4), %[r0]\n\t"
-                "movslq 20(%[ck],%[b],4), %[r1]\n\t"
-                "movslq 24(%[ck],%[b],4), %[r2]\n\t"
-                "movslq 28(%[ck],%[b],4), %[r3]\n\t"
+                "movq 16(%[ck],%[b],4), %[r1]\n\t"
+                "movq 24(%[ck],%[b],4), %[r3]\n\t"
+                "movl %k[r1], %k[r0]\n\t"
+                "movl %k[r3], %k[r2]\n\t"
+                "shrq $32, %[r1]\n\t"
+                "shrq $32, %[r3]\n\t"
                 "vmovdqa32 (%[xs],%[r0],8), %%ymm16\n\t"
                 "vmovdqa32 (%[xs],%[r1],8), %%ymm17\n\t"
                 "vmovdqa32 (%[xs],%[r2],8), %%ymm18\n\t"
