@@ -15,12 +15,19 @@ namespace pyaccel {
 namespace sparse24 {
 namespace {
 
+// AVX2 column kernel: k-blocks of <= 64 groups (16 KiB of a slab's lines, in
+// L1 while the tiles of a pass reuse them). Zen 4 capped at AVX2, 2 threads,
+// interleaved: 1.15 - 1.24x over whole K (<= 512 groups) or blocks of 128 at
+// M = 32 and 128 on 1536x384, 384x1536 and 1024x4096; 96-group blocks ran
+// like whole K.
+constexpr int kAvx2ColsKcGroups = 64;
+
 const Kernel kLadder[] = {
     {Isa::kAvx512, "s24_gemm_6x32_avx512", 6, s24_gemm_6x32_avx512, s24_gemm_cols_avx512, s24_pack_xt_avx512,
      cols_part_avx512, 8, 16, "s24_gemm_cols_avx512"},
     // AVX2 from 32 rows: at 16 rows it measured 0.86 - 1.04x the row kernel (Zen 4, ymm)
     {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2, s24_gemm_cols_avx2, s24_pack_xt_avx2, cols_part_avx2, 4,
-     32, "s24_gemm_cols_avx2", kAvx2RowPathRows},
+     32, "s24_gemm_cols_avx2", kAvx2RowPathRows, kAvx2ColsKcGroups},
     {Isa::kPortable, "s24_gemm_1x16_scalar", 1, s24_gemm_1x16_scalar, nullptr, nullptr, nullptr, 0, 0, nullptr},
 };
 
@@ -34,12 +41,16 @@ float* aligned_scratch(std::vector<float>& v, int64_t floats) {
 }
 thread_local std::vector<float> t_xt, t_part;
 
-// Groups per k-block of the column kernel: all of K up to kColsWholeKGroups (the row
-// tile's slab lines, <= 3 x 2048 x 64 B, stay in L2 next to the weights);
-// beyond, blocks of about kColsKBlockGroups (measured best at K = 4096, 128 - 512 rows).
-int64_t cols_kc_groups(int64_t groups_pad) {
-  if (groups_pad <= kColsWholeKGroups) return groups_pad;
-  const int64_t blocks = (groups_pad + kColsKBlockGroups - 1) / kColsKBlockGroups;
+// Groups per k-block of the column kernel. AVX-512: all of K up to
+// kColsWholeKGroups (the row tile's slab lines, <= 3 x 2048 x 64 B, stay in L2
+// next to the weights); beyond, blocks of about kColsKBlockGroups (measured
+// best at K = 4096, 128 - 512 rows). A kernel with cols_kc_max: equal blocks of
+// at most that many groups.
+int64_t cols_kc_groups(const Kernel& kern, int64_t groups_pad) {
+  const int64_t whole = kern.cols_kc_max > 0 ? kern.cols_kc_max : kColsWholeKGroups;
+  const int64_t block = kern.cols_kc_max > 0 ? kern.cols_kc_max : kColsKBlockGroups;
+  if (groups_pad <= whole) return groups_pad;
+  const int64_t blocks = (groups_pad + block - 1) / block;
   return round_up((groups_pad + blocks - 1) / blocks, kBlockGroups);
 }
 
@@ -55,7 +66,7 @@ bool use_cols(const Kernel& kern, int64_t m) {
 void linear_cols(const Kernel& kern, const PackedHeader& h, const uint8_t* w, const void* x, int64_t ldx,
                  bool x_bf16, int64_t m, int64_t k, const float* bias, void* y, int64_t ldy, bool y_bf16,
                  int nthreads) {
-  const int64_t kp = h.groups_pad * 4, kc = cols_kc_groups(h.groups_pad), tiles = (h.n + kern.cols_nr - 1) / kern.cols_nr;
+  const int64_t kp = h.groups_pad * 4, kc = cols_kc_groups(kern, h.groups_pad), tiles = (h.n + kern.cols_nr - 1) / kern.cols_nr;
   const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
   // passes of <= ~8 MiB of transposed x (scratch bounded for any batch)
   for_each_row_pass(m, kp * 4, kRowPassBytes, 16, [&](int64_t r0, int64_t r1) {

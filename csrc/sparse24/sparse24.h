@@ -107,13 +107,16 @@ struct Kernel {
   int cols_from_rows;
   const char* cols_name;
   int row_path_rows = 0;  // calls of up to this many rows take the kernel's row path (0: none)
+  // the column kernel's k-blocks: at most this many groups (0: kColsWholeKGroups whole,
+  // else blocks of about kColsKBlockGroups; see cols_kc_groups)
+  int cols_kc_max = 0;
 };
 
 // The AVX2 row kernel's row path (whole 16-channel panel per row) serves
 // calls of up to this many rows.
 constexpr int64_t kAvx2RowPathRows = 2;
-// The column kernel takes all of K in one block up to this many 4-input
-// groups, and blocks of about kColsKBlockGroups beyond.
+// The AVX-512 column kernel takes all of K in one block up to this many
+// 4-input groups, and blocks of about kColsKBlockGroups beyond.
 constexpr int64_t kColsWholeKGroups = 512;
 constexpr int64_t kColsKBlockGroups = 128;
 const Kernel& select_kernel();

@@ -107,7 +107,8 @@ def test_bf16_strided_batched_and_empty(isa, gen, dtype):
 
 # the column kernel: slab counts 1 - 10, a partial last slab, row tiles of
 # 1 / 2 / 3 slabs, channels not a multiple of 8 (a tile past n), K past one
-# k-block (partial sums between blocks, an uneven last block)
+# k-block (partial sums between blocks, an uneven last block: AVX2 blocks K at 64
+# groups, so k = 333 runs 44 + 40 there; AVX-512 at 128 from 512, k = 2100)
 @pytest.mark.parametrize("m", [16, 23, 32, 47, 48, 64, 100, 145])
 @pytest.mark.parametrize("n,k", [(8, 16), (9, 100), (44, 333), (24, 2100)])
 def test_many_rows_column_kernel(isa, gen, m, n, k):
