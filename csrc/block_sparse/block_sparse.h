@@ -206,14 +206,7 @@ using GemmI8Fn = void (*)(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r
 // int8_gemm's epilogues read scales, bias and y from its own argument struct
 // (channels past n not written).
 inline int8_gemm::GemmArgs epilogue_args(const GemmArgsI8& g, int64_t n) {
-  int8_gemm::GemmArgs e{};
-  e.w_scale = g.w_scale;
-  e.bias = g.bias;
-  e.c = g.y;
-  e.ldc = g.ldy;
-  e.c_bf16 = g.y_bf16;
-  e.n = n;
-  return e;
+  return int8_gemm::epilogue_args_from(g, n);
 }
 
 // Compact small blocks (g.w4), from 2 rows: xg = the quantized activations

@@ -101,6 +101,19 @@ struct GemmArgs {
 };
 // Computes rows [m0, m1) for panels [p0, p1).
 using GemmFn = void (*)(const GemmArgs& args, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+// The epilogues' arguments taken from another op's argument struct with the
+// same field names (w_scale, bias, y, ldy, y_bf16), for channels [0, n).
+template <typename G>
+inline GemmArgs epilogue_args_from(const G& g, int64_t n) {
+  GemmArgs e{};
+  e.w_scale = g.w_scale;
+  e.bias = g.bias;
+  e.c = g.y;
+  e.ldc = g.ldy;
+  e.c_bf16 = g.y_bf16;
+  e.n = n;
+  return e;
+}
 
 struct Kernel {
   Isa isa;

@@ -1,13 +1,13 @@
 // 2:4 int8 GEMM, AVX2: 4 rows x 16 channels (half a panel, as two halves of 8).
-// Gather as in the VNNI kernel (vpshufb with per-channel control dwords),
-// multiply with int8_gemm's AVX2 sign trick: |a| x (v with a's sign), so the
+// Gather as in the VNNI kernel (vpshufb with per-channel control dwords,
+// decoded once a call and panel for all its row tiles), multiply with int8_gemm's AVX2 sign trick: |a| x (v with a's sign), so the
 // int16 pair sums of vpmaddubsw never saturate.
 #include <immintrin.h>
 
 #include <cstring>
 #include <vector>
 
-#include "int8_gemm/int8_gemm.h"  // fp32_to_bf16
+#include "int8_gemm/qs8_gemm_avx2_tile.h"  // avx2_tile::store8
 #include "sparse24/sparse24_int8.h"
 
 namespace pyaccel {
@@ -24,31 +24,39 @@ inline __m256i control8(__m256i t) {
   return _mm256_or_si256(c, _mm256_set1_epi32(0x04040000));
 }
 
+// int8_gemm's AVX2 epilogue (split_scale's products, bias, fp32 or bf16 out)
 inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t n0) {
-  alignas(32) int32_t t[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(t), acc);
-  const int8_gemm::ScaleSplit s = int8_gemm::split_scale(sa);
-  for (int i = 0; i < 8 && n0 + i < g.n; ++i)
-    int8_gemm::store_output(g.y, g.ldy, g.y_bf16, g.bias, m, n0 + i,
-                            (static_cast<float>(t[i]) * s.lo) * (s.hi * g.w_scale[n0 + i]));
+  int8_gemm::avx2_tile::store8(epilogue_args(g), acc, sa, m, n0);
+}
+
+// The panel's vpshufb control dwords (control8 of each pair's position
+// bytes), ctrl[(4 qb + j) * 4 + v] for channels 8v .. 8v + 8: decoded once a
+// call and panel, then read by every row tile (decoding in the tile cost two
+// control8 a pair and half-panel per 4 rows).
+void panel_controls(const GemmArgs& g, int64_t p, __m256i* ctrl) {
+  const uint8_t* b = g.w + p * g.quads * kQuadBytes;
+  for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes) {
+    __m256i pos[4];
+    for (int v = 0; v < 4; ++v) pos[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQuadPosOffset + 32 * v));
+    for (int j = 0; j < kQuadPairs; ++j)
+      for (int v = 0; v < 4; ++v) ctrl[(4 * qb + j) * 4 + v] = control8(_mm256_srli_epi32(pos[v], 8 * j));
+  }
 }
 
 template <int MR>
-inline void tile(const GemmArgs& g, int64_t m, int64_t p, int half) {
+inline void tile(const GemmArgs& g, const __m256i* ctrl, int64_t m, int64_t p, int half) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i c[MR][2];
   for (int r = 0; r < MR; ++r) c[r][0] = c[r][1] = _mm256_setzero_si256();
   const uint8_t* b = g.w + p * g.quads * kQuadBytes + 64 * half;  // channels 16 * half ..
-  for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes) {
-    const __m256i pos0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQuadPosOffset));
-    const __m256i pos1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQuadPosOffset + 32));
+  const __m256i* cq = ctrl + 2 * half;
+  for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes, cq += 4 * kQuadPairs) {
 #pragma GCC unroll 4
     for (int j = 0; j < kQuadPairs; ++j) {
       const uint8_t* bj = b + kQuadValOffset + j * kPairBytes;
       const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj));
       const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj + 32));
-      const __m128i sh = _mm_cvtsi32_si128(8 * j);
-      const __m256i k0 = control8(_mm256_srl_epi32(pos0, sh)), k1 = control8(_mm256_srl_epi32(pos1, sh));
+      const __m256i k0 = _mm256_load_si256(cq + 4 * j), k1 = _mm256_load_si256(cq + 4 * j + 1);
 #pragma GCC unroll 4
       for (int r = 0; r < MR; ++r) {
         int64_t a8;
@@ -131,9 +139,9 @@ inline void tile_row(const GemmArgs& g, const int8_t* lanes, int64_t m, int64_t 
 }
 
 thread_local std::vector<int8_t> t_lanes;
+thread_local std::vector<__m256i> t_ctrl;  // panel_controls
 
 }  // namespace
-
 void qs8_s24_gemm_4x16_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   if (m1 - m0 == 1) {
     const int64_t groups = 8 * g.quads;
@@ -142,9 +150,13 @@ void qs8_s24_gemm_4x16_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p
     for (int64_t p = p0; p < p1; ++p) tile_row(g, t_lanes.data(), m0, p);
     return;
   }
+  const int64_t words = g.quads * kQuadPairs * 4;
+  if (t_ctrl.size() < static_cast<size_t>(words)) t_ctrl.resize(words);
+  __m256i* ctrl = t_ctrl.data();
   for (int64_t p = p0; p < p1; ++p) {
+    panel_controls(g, p, ctrl);
     for (int half = 0; half < 2 && p * kPanel + 16 * half < g.n; ++half)
-      int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<h()>(g, m, p, half); });
+      int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<h()>(g, ctrl, m, p, half); });
   }
 }
 

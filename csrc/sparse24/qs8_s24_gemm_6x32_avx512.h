@@ -36,15 +36,7 @@ static inline void dpbusd(__m512i& c, __m512i a_u8, __m512i b_s8) {
 }
 
 static inline void store(const GemmArgs& ga, __m512i acc, const int32_t* comp, float sa, int64_t m, int64_t n0) {
-  // reuse int8_gemm's epilogue: it reads w_scale/bias/y from an int8_gemm::GemmArgs
-  int8_gemm::GemmArgs e{};
-  e.w_scale = ga.w_scale;
-  e.bias = ga.bias;
-  e.c = ga.y;
-  e.ldc = ga.ldy;
-  e.c_bf16 = ga.y_bf16;
-  e.n = ga.n;
-  int8_gemm::avx512::store16(e, _mm512_sub_epi32(acc, _mm512_loadu_si512(comp)), sa, m, n0);
+  int8_gemm::avx512::store16(epilogue_args(ga), _mm512_sub_epi32(acc, _mm512_loadu_si512(comp)), sa, m, n0);
 }
 
 #define S24I8_ROW(r, J)                                                       \

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/cpu_features.h"
+#include "int8_gemm/int8_gemm.h"  // the epilogues' argument struct
 
 namespace pyaccel {
 namespace sparse24_int8 {
@@ -71,6 +72,9 @@ struct GemmArgs {
 };
 // Rows [m0, m1) x panels [p0, p1).
 using GemmFn = void (*)(const GemmArgs&, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+// int8_gemm's epilogues read scales, bias and y from its own argument struct
+// (channels past n not written).
+inline int8_gemm::GemmArgs epilogue_args(const GemmArgs& g) { return int8_gemm::epilogue_args_from(g, g.n); }
 
 struct Kernel {
   Isa isa;
