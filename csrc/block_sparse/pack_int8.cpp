@@ -17,7 +17,7 @@ struct Layout {
   int64_t nbr, bh_pad, bw4, idx_bytes, comp_offset, data_offset, compact_offset, total;
 };
 
-Layout layout(int64_t n, int64_t k, int bh, int bw, int64_t nnzb) {
+Layout layout(int64_t n, int bh, int bw, int64_t nnzb) {
   Layout l;
   l.nbr = (n + bh - 1) / bh;
   l.bh_pad = round_up(bh, kChannelPad);
@@ -32,20 +32,20 @@ Layout layout(int64_t n, int64_t k, int bh, int bw, int64_t nnzb) {
 
 }  // namespace
 
-int64_t packed_nbytes_int8(int64_t n, int64_t k, int bh, int bw, int64_t nnzb) {
-  return layout(n, k, bh, bw, nnzb).total;
+int64_t packed_nbytes_int8(int64_t n, int64_t /*k: the size does not depend on it*/, int bh, int bw, int64_t nnzb) {
+  return layout(n, bh, bw, nnzb).total;
 }
 
 const int32_t* compact_int8(const uint8_t* packed) {
   PackedHeader h;
   std::memcpy(&h, packed, sizeof(h));
   if (!has_compact_int8(h.bh, h.bw)) return nullptr;
-  return reinterpret_cast<const int32_t*>(packed + layout(h.n, h.k, h.bh, h.bw, h.nnzb).compact_offset);
+  return reinterpret_cast<const int32_t*>(packed + layout(h.n, h.bh, h.bw, h.nnzb).compact_offset);
 }
 
 void pack_int8(const int8_t* values, const int32_t* crow, const int32_t* col, int64_t n, int64_t k, int bh, int bw,
                int64_t nnzb, uint8_t* out) {
-  const Layout l = layout(n, k, bh, bw, nnzb);
+  const Layout l = layout(n, bh, bw, nnzb);
   std::memset(out, 0, l.total);
   const int32_t* colk = write_header_and_indices(out, kMagicI8, kLayoutI8K4, n, k, bh, bw, l.bh_pad, l.nbr, nnzb,
                                                  l.data_offset, crow, col);

@@ -44,8 +44,8 @@ thread_local std::vector<float> t_xt, t_part;
 // Groups per k-block of the column kernel. AVX-512: all of K up to
 // kColsWholeKGroups (the row tile's slab lines, <= 3 x 2048 x 64 B, stay in L2
 // next to the weights); beyond, blocks of about kColsKBlockGroups (measured
-// best at K = 4096, 128 - 512 rows). A kernel with cols_kc_max: equal blocks of
-// at most that many groups.
+// best at K = 4096, 128 - 512 rows). A kernel with cols_kc_max: blocks of at
+// most that many groups (multiples of 4; the last one may be shorter).
 int64_t cols_kc_groups(const Kernel& kern, int64_t groups_pad) {
   const int64_t whole = kern.cols_kc_max > 0 ? kern.cols_kc_max : kColsWholeKGroups;
   const int64_t block = kern.cols_kc_max > 0 ? kern.cols_kc_max : kColsKBlockGroups;

@@ -139,7 +139,12 @@ inline void tile_row(const GemmArgs& g, const int8_t* lanes, int64_t m, int64_t 
 }
 
 thread_local std::vector<int8_t> t_lanes;
-thread_local std::vector<__m256i> t_ctrl;  // panel_controls
+// panel_controls' table (a struct: a vector of __m256i drops the type's
+// attributes, with a warning)
+struct alignas(32) Ctrl {
+  __m256i v;
+};
+thread_local std::vector<Ctrl> t_ctrl;
 
 }  // namespace
 void qs8_s24_gemm_4x16_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
@@ -152,7 +157,7 @@ void qs8_s24_gemm_4x16_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p
   }
   const int64_t words = g.quads * kQuadPairs * 4;
   if (t_ctrl.size() < static_cast<size_t>(words)) t_ctrl.resize(words);
-  __m256i* ctrl = t_ctrl.data();
+  __m256i* ctrl = &t_ctrl.data()->v;
   for (int64_t p = p0; p < p1; ++p) {
     panel_controls(g, p, ctrl);
     for (int half = 0; half < 2 && p * kPanel + 16 * half < g.n; ++half)
