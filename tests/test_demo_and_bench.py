@@ -36,3 +36,18 @@ def test_bench_caps_baselines_at_pyaccels_isa():
     assert bench_main.baseline_isa_caps("avx512_icl", "avx512_icl", {}) == {}
     assert bench_main.baseline_isa_caps("portable", "avx512_icl", {}) == {}  # no cap for that level
     assert bench_main.baseline_isa_caps("avx2", "avx512_icl", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}) == {}
+
+
+def test_bench_header_names_the_core_behind_a_generic_model_name():
+    """A VM's /proc/cpuinfo may say only "AMD EPYC" for both project machines
+    (Zen 3 and Zen 4): the header adds family / model / stepping and the Zen core."""
+    def info(vendor, fam, mod, name):
+        return (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {fam}\nmodel\t\t: {mod}\n"
+                f"model name\t: {name}\nstepping\t: 1\n\nprocessor\t: 1\ncpu family\t: 99\n")
+    assert bench_main._cpu_model(info("AuthenticAMD", 25, 17, "AMD EPYC")) == \
+        "AMD EPYC (family 25, model 17, stepping 1, Zen 4)"
+    assert bench_main._cpu_model(info("AuthenticAMD", 25, 1, "AMD EPYC")).endswith("Zen 3)")
+    assert bench_main._cpu_model(info("AuthenticAMD", 23, 49, "AMD EPYC 7B12")).endswith("Zen 2)")
+    # other vendors: the numbers only
+    assert bench_main._cpu_model(info("GenuineIntel", 6, 151, "Intel(R) Core(TM) i7-12700")) == \
+        "Intel(R) Core(TM) i7-12700 (family 6, model 151, stepping 1)"

@@ -54,15 +54,42 @@ def exact_int8_ceiling(threads: int):
     return (g, mix) if g and mix != lib.measure_peak("int8", 1, 0.001, 1)[1] else None
 
 
-def _cpu_model() -> str:
+# AMD family 25 (0x19) / 26 (0x1A) model ranges -> core generation (AMD's
+# published family/model numbers), for VMs whose model name is only "AMD EPYC".
+_AMD_CORES = {
+    25: ((0x00, 0x0F, "Zen 3"), (0x10, 0x1F, "Zen 4"), (0x20, 0x2F, "Zen 3"), (0x40, 0x5F, "Zen 3"),
+         (0x60, 0x7F, "Zen 4"), (0xA0, 0xAF, "Zen 4c")),
+    26: ((0x00, 0xFF, "Zen 5"),),
+    23: ((0x00, 0x2F, "Zen / Zen+"), (0x30, 0xFF, "Zen 2")),
+}
+
+
+def _cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name from /proc/cpuinfo, with its family / model /
+    stepping numbers (and, for AMD Zen parts, the core generation they
+    denote): a VM may report only "AMD EPYC", which names no core."""
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+        if cpuinfo is None:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return platform.processor() or "unknown"
+    fields = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    name = fields.get("model name") or platform.processor() or "unknown"
+    try:
+        fam, mod = int(fields["cpu family"]), int(fields["model"])
+    except (KeyError, ValueError):
+        return name
+    core = ""
+    if fields.get("vendor_id") == "AuthenticAMD":
+        core = next((f", {c}" for lo, hi, c in _AMD_CORES.get(fam, ()) if lo <= mod <= hi), "")
+    step = fields.get("stepping", "?")
+    return f"{name} (family {fam}, model {mod}, stepping {step}{core})"
 
 
 def main(argv=None) -> int:
