@@ -23,7 +23,7 @@ namespace {
 constexpr int kAvx2ColsKcGroups = 64;
 
 const Kernel kLadder[] = {
-    {Isa::kAvx512, "s24_gemm_6x32_avx512", 6, s24_gemm_6x32_avx512, s24_gemm_cols_avx512, s24_pack_xt_avx512,
+    {Isa::kAvx512, "s24_gemm_4x32_avx512", 4, s24_gemm_4x32_avx512, s24_gemm_cols_avx512, s24_pack_xt_avx512,
      cols_part_avx512, 8, 16, "s24_gemm_cols_avx512"},
     // AVX2 from 32 rows: at 16 rows it measured 0.86 - 1.04x the row kernel (Zen 4, ymm)
     {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2, s24_gemm_cols_avx2, s24_pack_xt_avx2, cols_part_avx2, 4,

@@ -25,8 +25,11 @@ inline void store8(const GemmArgs& g, __m256 v, int64_t m, int64_t n0) {
 template <int MR>
 inline void tile(const GemmArgs& g, int64_t m, int64_t p, int half) {
   const int64_t blocks = g.groups_pad / kBlockGroups;
-  __m256 c[MR];
-  for (int r = 0; r < MR; ++r) c[r] = _mm256_setzero_ps();
+  // per row: c sums the first kept weights' products, d the second ones', as
+  // tile_row does, so a row's result is the same whichever path and tile
+  // height a call's rows (or a thread's share of them) take
+  __m256 c[MR], d[MR];
+  for (int r = 0; r < MR; ++r) c[r] = d[r] = _mm256_setzero_ps();
   const uint8_t* blk = g.w + p * blocks * kBlockBytes;
   for (int64_t b = 0; b < blocks; ++b, blk += kBlockBytes) {
 #pragma GCC unroll 4
@@ -42,11 +45,11 @@ inline void tile(const GemmArgs& g, int64_t m, int64_t p, int half) {
       for (int r = 0; r < MR; ++r) {
         const __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(g.x + (m + r) * g.ldx + 4 * gi));
         c[r] = _mm256_fmadd_ps(_mm256_permutevar_ps(xb, i0), v0, c[r]);
-        c[r] = _mm256_fmadd_ps(_mm256_permutevar_ps(xb, i1), v1, c[r]);
+        d[r] = _mm256_fmadd_ps(_mm256_permutevar_ps(xb, i1), v1, d[r]);
       }
     }
   }
-  for (int r = 0; r < MR; ++r) store8(g, c[r], m + r, p * kPanel + 8 * half);
+  for (int r = 0; r < MR; ++r) store8(g, _mm256_add_ps(c[r], d[r]), m + r, p * kPanel + 8 * half);
 }
 
 // Up to this many rows the row path wins (measured, Zen 4 capped at AVX2,

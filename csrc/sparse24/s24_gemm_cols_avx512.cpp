@@ -1,6 +1,6 @@
 // 2:4 sparse GEMM for many rows, AVX-512: the rows are the vector lanes.
 //
-// The row-tile kernel (s24_gemm_6x32_avx512) vectorizes over output channels
+// The row-tile kernel (s24_gemm_4x32_avx512) vectorizes over output channels
 // and needs one permute per FMA to pick each channel's x lane; on Zen 4 the
 // permutes share a pipe with the FMAs, so it tops out near half the FMA rate.
 // Here x is transposed into slabs of 16 rows, xt[slab][k][16], and a tile is

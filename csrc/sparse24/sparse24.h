@@ -126,7 +126,7 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
 
 void s24_gemm_1x16_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void s24_gemm_4x8_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
-void s24_gemm_6x32_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void s24_gemm_4x32_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void s24_gemm_cols_avx512(const ColsArgs&, int64_t, int64_t, float*);
 void s24_pack_xt_avx512(const void*, int64_t, bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
 void s24_gemm_cols_avx2(const ColsArgs&, int64_t, int64_t, float*);

@@ -87,6 +87,24 @@ def test_kernel_matches_reference(isa, gen, m, n, k):
     assert_close_k(y, x, w, b)
 
 
+
+@pytest.mark.parametrize("m", [2, 3, 5, 9, 15])
+def test_a_row_is_the_same_alone_or_in_a_batch(isa, gen, m):
+    """Below the column kernel (16 rows on AVX-512, 32 on AVX2) every row gets
+    the same bits whichever row path or tile height it takes, so the result
+    cannot move with the thread split (which changes with machine load)."""
+    n, k = 40, 300
+    w = _sparse_weight(n, k, gen)
+    vals, meta = _canon(w)
+    b = torch.randn(n, generator=gen)
+    packed = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k))
+    x = torch.randn(m, k, generator=gen)
+    y = torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, b, packed)
+    for i in range(m):
+        assert torch.equal(torch.ops.pyaccel.sparse24_linear(x[i:i + 1], vals, meta, k, b, packed), y[i:i + 1]), i
+    for r0, r1 in ((0, m // 2), (m // 2, m)):
+        assert torch.equal(torch.ops.pyaccel.sparse24_linear(x[r0:r1], vals, meta, k, b, packed), y[r0:r1])
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bf16_strided_batched_and_empty(isa, gen, dtype):
     n, k = 40, 70
