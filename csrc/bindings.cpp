@@ -168,8 +168,9 @@ py::dict kernel_params() {
   py::dict e = tile_params(ks.name, ks.mr, sparse24::kPanel, 4 * sparse24::kBlockGroups, ks.row_path_rows);
   e["cols_from_rows"] = ks.cols ? ks.cols_from_rows : 0;  // the column kernel from this many rows (0: none)
   e["cols_nr"] = ks.cols_nr;
-  e["cols_whole_k_groups"] = sparse24::kColsWholeKGroups;
-  e["cols_k_block_groups"] = sparse24::kColsKBlockGroups;
+  // the column kernel's k-blocks (see cols_kc_groups): whole K up to the first, blocks of about the second
+  e["cols_whole_k_groups"] = ks.cols_kc_max > 0 ? ks.cols_kc_max : sparse24::kColsWholeKGroups;
+  e["cols_k_block_groups"] = ks.cols_kc_max > 0 ? ks.cols_kc_max : sparse24::kColsKBlockGroups;
   d["sparse24"] = e;
   const sparse24_int8::Kernel& kq = sparse24_int8::select_kernel();
   e = tile_params(kq.name, kq.mr, sparse24_int8::kPanel, sparse24_int8::kQuadInputs, kq.row_path_rows);
