@@ -88,6 +88,14 @@ PyObject* call_method(PyObject* descr, PyObject* obj) {
   PyObject* args[1] = {obj};
   return PyObject_Vectorcall(descr, args, 1, nullptr);
 }
+// obj.<method>() for a query a tensor of another layout may refuse (sparse
+// tensors raise from stride()): null, with the error cleared, so that the
+// plan declines and the module's general path names the bad input.
+PyObject* query_method(PyObject* descr, PyObject* obj) {
+  PyObject* r = call_method(descr, obj);
+  if (!r) PyErr_Clear();
+  return r;
+}
 TorchRefs* g_torch = nullptr;
 
 void set_torch_refs(py::handle tensor, py::handle empty, py::handle f32, py::handle bf16,
@@ -368,13 +376,16 @@ class LinearPlan {
     if (nd < 2 || as_i64(PyTuple_GET_ITEM(shape.ptr(), nd - 1)) != k_) return py::none();
     int64_t m, ldx;
     if (nd == 2) {
-      py::object st = own(call_method(T->d_stride, x));
+      PyObject* st_raw = query_method(T->d_stride, x);
+      if (!st_raw) return py::none();
+      py::object st = own(st_raw);
       if (!PyTuple_Check(st.ptr()) || PyTuple_GET_SIZE(st.ptr()) != 2 || as_i64(PyTuple_GET_ITEM(st.ptr(), 1)) != 1)
         return py::none();
       m = as_i64(PyTuple_GET_ITEM(shape.ptr(), 0));
       ldx = as_i64(PyTuple_GET_ITEM(st.ptr(), 0));
     } else {
-      if (own(call_method(T->d_is_contiguous, x)).ptr() != Py_True) return py::none();
+      PyObject* contiguous = query_method(T->d_is_contiguous, x);
+      if (!contiguous || own(contiguous).ptr() != Py_True) return py::none();
       m = 1;
       for (Py_ssize_t i = 0; i + 1 < nd; ++i) m *= as_i64(PyTuple_GET_ITEM(shape.ptr(), i));
       ldx = k_;
@@ -506,7 +517,9 @@ class BinaryConvPlan {
     if (own(get_attr(T->d_is_cpu, x)).ptr() != Py_True) return py::none();
     py::object shape = own(get_attr(T->d_shape, x));
     if (!equal(shape.ptr(), x_shape_.ptr())) return py::none();
-    py::object st = own(call_method(T->d_stride, x));
+    PyObject* st_raw = query_method(T->d_stride, x);
+    if (!st_raw) return py::none();
+    py::object st = own(st_raw);
     if (!equal(st.ptr(), x_strides_.ptr())) return py::none();
     if (watch_.stale()) return py::none();
     py::object y;

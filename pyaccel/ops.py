@@ -42,6 +42,7 @@ def check_int8_linear_args(x, w_int8, w_scale, bias, packed=None, act_bits=8) ->
     for name, t in (("x", x), ("w_int8", w_int8), ("w_scale", w_scale)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    require_strided(x)
     if x.dtype not in _FLOAT_IO:
         raise TypeError(f"x: expected float32 or bfloat16, got {_desc(x)}")
     if w_int8.dtype != torch.int8 or w_int8.dim() != 2:
@@ -73,6 +74,14 @@ def require_tensor(x, name: str = "x") -> None:
     """TypeError naming the argument (the dispatcher's own message is a RuntimeError)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+
+
+def require_strided(x, name: str = "x") -> None:
+    """TypeError naming the argument for a sparse (COO, CSR, ...) input: the
+    kernels read dense rows (torch's own message is about reshape or strides)."""
+    if isinstance(x, torch.Tensor) and x.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got a {x.layout} {_desc(x)} "
+                        "(convert it with .to_dense())")
 
 
 def _as_rows(x: Tensor, k: int) -> Tensor:
@@ -145,6 +154,7 @@ def quantize_per_row(x: Tensor) -> Tuple[Tensor, Tensor]:
 def _check_quant_arg(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    require_strided(x)
     if x.dtype not in _FLOAT_IO or x.dim() < 1:
         raise TypeError(f"x: expected a float32 or bfloat16 tensor with >= 1 dim, got {_desc(x)}")
 
@@ -225,6 +235,7 @@ def check_sparse24_args(x, values, meta, k, bias, packed=None, values_dtype=torc
     for name, t in (("x", x), ("values", values), ("meta", meta)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    require_strided(x)
     if x.dtype not in _FLOAT_IO:
         raise TypeError(f"x: expected float32 or bfloat16, got {_desc(x)}")
     groups = (k + 3) // 4

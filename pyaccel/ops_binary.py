@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from pyaccel import _native
+from pyaccel.ops import require_strided
 from pyaccel import reference_binary as rb
 from pyaccel.formats import binary as bf
 
@@ -40,6 +41,7 @@ def check_conv_args(x, weight_bits, wsum, scale, shift, slope, oc, kernel_size, 
     """Raise TypeError/ValueError naming the bad argument of binary_conv2d."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    require_strided(x)
     if x.dtype != torch.float32:
         raise TypeError(f"x: expected float32, got {_desc(x)}")
     if x.dim() != 4:

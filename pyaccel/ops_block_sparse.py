@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from pyaccel import _native, reference
-from pyaccel.ops import _as_rows, _desc, _FLOAT_IO, _grad_x, _native_linear
+from pyaccel.ops import _as_rows, _desc, _FLOAT_IO, _grad_x, _native_linear, require_strided
 
 
 def check_block_sparse_args(x, values, crow_indices, col_indices, n, k, bias, packed=None,
@@ -25,6 +25,7 @@ def check_block_sparse_args(x, values, crow_indices, col_indices, n, k, bias, pa
     for name, t in (("x", x), ("values", values), ("crow_indices", crow_indices), ("col_indices", col_indices)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    require_strided(x)
     if x.dtype not in _FLOAT_IO:
         raise TypeError(f"x: expected float32 or bfloat16, got {_desc(x)}")
     if values.dtype != values_dtype or values.dim() != 3:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from pyaccel import _native, reference
+from pyaccel.ops import require_strided
 from pyaccel._pattern import ActKind, Activation
 from pyaccel.nn._conv import ConvGeometry, TF_SAME, from_nhwc, to_nhwc
 
@@ -49,6 +50,7 @@ def check_dws_args(x, dw_weight, dw_bias, pw_weight, pw_bias, packed=None) -> No
     for name, t in (("x", x), ("dw_weight", dw_weight), ("pw_weight", pw_weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    require_strided(x)
     if x.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"x: expected float32 or bfloat16, got {_desc(x)}")
     if dw_weight.dtype != torch.float32 or dw_weight.dim() != 4 or dw_weight.shape[1] != 1:

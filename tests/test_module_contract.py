@@ -639,6 +639,11 @@ def test_bad_input_names_the_argument(gen, case):
         mod(torch.randn(3, 40, dtype=torch.float64))
     with pytest.raises(ValueError, match="x"):
         mod(torch.randn(()))
+    # sparse inputs: named, not torch's "reshape is not implemented" / "no strides"
+    dense = torch.randn(3, 40, generator=gen)
+    for sparse in (dense.to_sparse(), dense.to_sparse_csr()):
+        with pytest.raises(TypeError, match=r"x: expected a dense \(strided\) tensor"):
+            mod(sparse)
     with pytest.raises((TypeError, ValueError), match="in_features"):
         case.cls(0, 24)
 
@@ -1080,6 +1085,8 @@ def test_conv_bad_input_hooks_shared_threads(gen, ccase):
         mod(torch.randint(0, 5, (1, 16, 8, 8)))
     with pytest.raises(TypeError, match="x"):
         mod(torch.randn(1, 16, 8, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"x: expected a dense \(strided\) tensor"):
+        mod(torch.randn(1, 16, 8, 8, generator=gen).to_sparse())
     x3 = torch.randn(16, 8, 8, generator=gen)
     if ccase.unbatched:
         assert torch.equal(mod(x3), mod(x3[None])[0])

@@ -32,6 +32,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from pyaccel import ops
 from pyaccel.nn._packed import PackedModule, _fx_proxy, _is_compiling, _tracing_state, _grad_enabled
 
 Pad4 = Tuple[int, int, int, int]
@@ -241,6 +242,7 @@ class PackedConv2d(PackedModule):
         """TypeError/ValueError naming x for a bad input."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        ops.require_strided(x)
         if x.dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"x: expected float32 or bfloat16, got {x.dtype}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:

@@ -247,6 +247,10 @@ class PackedModule(nn.Module):
                 ops.require_tensor(x)
             self._refresh()
             return self._checked_op(x)  # tensor subclasses (FakeTensor, Parameter, ...)
+        if x.layout != torch.strided:
+            from pyaccel import ops
+
+            ops.require_strided(x)
         self._refresh()  # an assignment, in-place edit or .data swap since packing
         plan = self._plan
         compiling = _is_compiling()

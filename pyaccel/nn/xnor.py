@@ -328,6 +328,7 @@ class _XnorBase(PackedModule):
 def _input(x, what: str) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    ob.require_strided(x)
     if x.dtype not in _FLOAT_IN:
         raise TypeError(f"x: expected float32, bfloat16 or float16 for {what}, got {ob._desc(x)}")
     return x if x.dtype == torch.float32 else x.float()
