@@ -1117,3 +1117,27 @@ def test_conv_bad_input_hooks_shared_threads(gen, ccase):
             errors.append(exc)
 
     _run_in_threads(work, errors)
+
+
+@pytest.mark.parametrize("build", ["int8", "sparse24_int8", "block_sparse_int8"])
+def test_nonfinite_float_weight_is_named_when_quantized(build):
+    """An inf / NaN in the float weight given to an int8 constructor names `weight`
+    and its row (before: a derived buffer, "weight_scale: expected finite scales")."""
+    from pyaccel.formats import block_sparse as bsf
+    from pyaccel.formats import sparse24 as s24f
+    from pyaccel.nn import BlockSparseInt8Linear, Int8Linear, Sparse24Int8Linear
+    for bad in (float("nan"), float("inf")):
+        w = torch.randn(8, 16)
+        w = w * s24f.mask_24(w)
+        w[5, 1 if w[5, 1] != 0 else 0] = bad
+        w[5] = w[5] * s24f.mask_24(w[5:6])[0]  # still 2:4 with the bad value kept
+        lin = nn.Linear(16, 8)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        with pytest.raises(ValueError, match=r"weight: expected finite values.*row 5"):
+            if build == "int8":
+                Int8Linear.from_float(lin)
+            elif build == "sparse24_int8":
+                Sparse24Int8Linear.from_float(lin)
+            else:
+                BlockSparseInt8Linear.from_dense(w, None, (1, 4))

@@ -34,7 +34,8 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> Int8Weight:
     every finite row quantizes correctly, subnormal ones included. A row with
     max|w| below ≈ 1.5e-36 gets a subnormal scale, whose relative spacing is
     2**-149 / scale (about 1e-6 at max|w| = 2e-37, 2e-3 at 1e-40); below max|w|
-    ≈ 8.9e-44 the scale rounds to 0.
+    ≈ 8.9e-44 the scale rounds to 0. Raises ValueError naming `weight` for a
+    tensor that is not 2-D floating point, or the first row holding an inf or NaN.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(
@@ -43,6 +44,10 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> Int8Weight:
         )
     w = weight.detach().float()
     amax = w.abs().amax(dim=1, keepdim=True) if w.shape[1] > 0 else w.new_zeros(w.shape[0], 1)
+    bad = (~torch.isfinite(amax.squeeze(1))).nonzero()
+    if bad.numel():
+        raise ValueError(f"weight: expected finite values, got inf or NaN in row {int(bad[0])} "
+                         f"({bad.numel()} row(s) in all)")
     q = quantize_rows_fp32(w, amax)
     return Int8Weight(q.contiguous(), (amax / QMAX).squeeze(1).contiguous())
 
