@@ -1141,3 +1141,22 @@ def test_nonfinite_float_weight_is_named_when_quantized(build):
                 Sparse24Int8Linear.from_float(lin)
             else:
                 BlockSparseInt8Linear.from_dense(w, None, (1, 4))
+
+
+@needs_native
+@pytest.mark.parametrize("m", [2, 5, 9, 33])
+def test_output_does_not_depend_on_the_thread_count(isa, gen, case, m):
+    """The same bits at 1, 2 and 3 threads: how rows and channels are split
+    between threads (which also changes when a loaded machine starts a worker
+    late) never changes a result."""
+    mod = case.build(512, 256, True, gen)
+    x = torch.randn(m, 512, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(mod(x))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
