@@ -90,9 +90,10 @@ inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t 
 
 // Rows [m, m + MR) x 16 channels (a quarter of a packed panel: 64 of every 256
 // bytes per k group). 8 ymm accumulators + 2 weights + temporaries fit the 16
-// ymm registers.
+// ymm registers. pf: one line of the next panel per k group to pull into L2
+// (see gemm).
 template <class S, int MR>
-inline void tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0) {
+inline void tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0, const int8_t* pf) {
   const int64_t groups = g.k_pad / kKGroup;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
@@ -102,8 +103,9 @@ inline void tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0) {
   (void)a5;
   const int8_t* b = sub;
 #pragma GCC unroll 2
-  for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup) {
+  for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup, pf += 64) {
     const int64_t off = grp * kKGroup;
+    _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
     const __m256i u0 = S::weights(b), u1 = S::weights(b + 32);
     PYACCEL_AVX2_ROW_STEP(0) PYACCEL_AVX2_ROW_STEP(1) PYACCEL_AVX2_ROW_STEP(2) PYACCEL_AVX2_ROW_STEP(3)
   }
@@ -147,11 +149,23 @@ inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t 
       for (int64_t m = m0; m < m1; ++m) tile_row<S>(g, m, panel, p * kPanel);
       continue;
     }
+    // The tiles pull the next panel into L2 in address order, one line per k
+    // group (as the 8-bit kernel's int16 tile does): a tile reads 64 of every
+    // 256 bytes of its panel, which the hardware prefetchers follow poorly
+    // from L3 / DRAM. The first 4 tiles of a panel cover the next one; later
+    // ones re-touch the same lines (their addresses wrap).
+    const int64_t panel_bytes = groups * kPanel * kKGroup, tile_lines = groups * 64;
+    const int8_t* next = p + 1 < (g.n + kPanel - 1) / kPanel ? panel + panel_bytes : panel;
+    int64_t pf_off = 0;
     for (int s = 0; s < kPanel / 16; ++s) {
       const int64_t n0 = p * kPanel + 16 * s;
       if (n0 >= g.n) break;
       const int8_t* sub = panel + 16 * s * kKGroup;
-      for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<S, h()>(g, m, sub, n0); });
+      for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) {
+        if (pf_off + tile_lines > panel_bytes) pf_off = 0;
+        tile<S, h()>(g, m, sub, n0, next + pf_off);
+        pf_off += tile_lines;
+      });
     }
   }
 }
