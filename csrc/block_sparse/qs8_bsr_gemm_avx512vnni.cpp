@@ -159,10 +159,11 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
           // their weight words, each copied to both 128-bit lanes, the column
           // indices two to an 8-byte load (split by a 32-bit move and a shift:
           // the loop is bound by its loads), then per block its slab line
-          // (colk * 8 bytes = (colk / 4) lines of 32 bytes), a vpshufd that broadcasts its weight word (an
-          // embedded broadcast was a third load a block) and vpdpbusd into
-          // its own accumulator (8 chains). GCC's loop took ~8.5 instructions
-          // a block (shift, scale, broadcast, accumulator copies).
+          // (colk * 8 bytes = (colk / 4) lines of 32 bytes), a vpshufd that
+          // broadcasts its weight word (an embedded broadcast was a third load
+          // a block) and vpdpbusd into its own accumulator (8 chains). GCC's
+          // loop took ~8.5 instructions a block (shift, scale, broadcast,
+          // accumulator copies).
           static_assert(U == 8 && V::W == 8, "the asm takes 8 blocks an iteration and 8-lane (32-byte) slab lines");
           if (g.bh == 1 && g.colk4 && b1 - b0 >= U) {
             const int32_t* ck = g.colk;

@@ -109,7 +109,7 @@ inline void madd_w16(__m256i& c, __m256i w, __m256i a) {
 // int32 partial sums (k0 + k1, k2 + k3), summed by vphaddd at the end. Every
 // pair sum is exact (|2 * 127 * 127| < 2^31), the int32 accumulators exact
 // as in every int8 kernel. pf: one line of the next panel per k group to pull
-// into L2 (see gemm_w16).
+// into L2 (avx2_tile::NextPanelLines).
 template <int MR>
 inline void tile_w16(const GemmArgs& g, const int16_t* ak16, int64_t ld16, int64_t m, const int8_t* sub,
                      int64_t n0, const int8_t* pf) {
@@ -169,15 +169,7 @@ inline void tile_w16(const GemmArgs& g, const int16_t* ak16, int64_t ld16, int64
 // Rows [m0, m1) x one panel on the int16 tile: rows in L2-sized blocks, each
 // widened once and run by the panel's 8 channel groups in turn.
 void gemm_w16(const GemmArgs& g, int64_t m0, int64_t m1, const int8_t* panel, int64_t p) {
-  // The tiles pull the next panel (the one this thread most likely
-  // runs next) into L2 in address order, one line per k group: the tiles
-  // read a panel 32 of every 256 bytes at a time, which the hardware
-  // prefetchers follow poorly from L3 / DRAM. The first tiles of a panel
-  // cover it; later ones re-touch the same lines (their addresses wrap).
-  const int64_t panel_bytes = g.k_pad * kPanel;
-  const int8_t* next = p + 1 < (g.n + kPanel - 1) / kPanel ? panel + panel_bytes : panel;
-  int64_t pf_off = 0;
-  const int64_t tile_lines = g.k_pad / kKGroup * 64;
+  avx2_tile::NextPanelLines pf(g, panel, p);  // the tiles' prefetch of the next panel
   const int64_t ld16 = a16_stride(g.k_pad);
   int64_t block = kA16BlockBytes / (2 * ld16) / 6 * 6;
   if (block < 6) block = 6;
@@ -190,9 +182,7 @@ void gemm_w16(const GemmArgs& g, int64_t m0, int64_t m1, const int8_t* panel, in
       const int64_t n0 = p * kPanel + 8 * j;
       if (n0 >= g.n) break;
       for_each_row_tile<6>(mb, me, [&](int64_t m, auto h) {
-        if (pf_off + tile_lines > panel_bytes) pf_off = 0;
-        tile_w16<h()>(g, a16 + (m - mb) * ld16, ld16, m, panel + 8 * j * kKGroup, n0, next + pf_off);
-        pf_off += tile_lines;
+        tile_w16<h()>(g, a16 + (m - mb) * ld16, ld16, m, panel + 8 * j * kKGroup, n0, pf.take());
       });
     }
   }

@@ -88,6 +88,32 @@ inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t 
     store8(g, S::finish(g, c##r##1, n0 + 8), sa, m + r, n0 + 8); \
   }
 
+// Where each tile of panel p prefetches: the tiles read a panel 32 or 64 of
+// every 256 bytes at a time, which the hardware prefetchers follow poorly from
+// L3 / DRAM, so each pulls one line per k group of the next panel (the one
+// this thread most likely runs next) into L2, in address order. The first
+// tiles of a panel cover the next one; later ones re-touch the same lines
+// (their addresses wrap). The last panel prefetches itself.
+class NextPanelLines {
+ public:
+  NextPanelLines(const GemmArgs& g, const int8_t* panel, int64_t p)
+      : panel_bytes_(g.k_pad * kPanel),
+        tile_lines_(g.k_pad / kKGroup * 64),
+        next_(p + 1 < (g.n + kPanel - 1) / kPanel ? panel + panel_bytes_ : panel) {}
+  // the next tile's first line (it prefetches tile_lines_ / 64 of them, 64 bytes apart)
+  const int8_t* take() {
+    if (off_ + tile_lines_ > panel_bytes_) off_ = 0;
+    const int8_t* r = next_ + off_;
+    off_ += tile_lines_;
+    return r;
+  }
+
+ private:
+  int64_t panel_bytes_, tile_lines_;
+  const int8_t* next_;
+  int64_t off_ = 0;
+};
+
 // Rows [m, m + MR) x 16 channels (a quarter of a packed panel: 64 of every 256
 // bytes per k group). 8 ymm accumulators + 2 weights + temporaries fit the 16
 // ymm registers. pf: one line of the next panel per k group to pull into L2
@@ -149,23 +175,12 @@ inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t 
       for (int64_t m = m0; m < m1; ++m) tile_row<S>(g, m, panel, p * kPanel);
       continue;
     }
-    // The tiles pull the next panel into L2 in address order, one line per k
-    // group (as the 8-bit kernel's int16 tile does): a tile reads 64 of every
-    // 256 bytes of its panel, which the hardware prefetchers follow poorly
-    // from L3 / DRAM. The first 4 tiles of a panel cover the next one; later
-    // ones re-touch the same lines (their addresses wrap).
-    const int64_t panel_bytes = groups * kPanel * kKGroup, tile_lines = groups * 64;
-    const int8_t* next = p + 1 < (g.n + kPanel - 1) / kPanel ? panel + panel_bytes : panel;
-    int64_t pf_off = 0;
+    NextPanelLines pf(g, panel, p);
     for (int s = 0; s < kPanel / 16; ++s) {
       const int64_t n0 = p * kPanel + 16 * s;
       if (n0 >= g.n) break;
       const int8_t* sub = panel + 16 * s * kKGroup;
-      for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) {
-        if (pf_off + tile_lines > panel_bytes) pf_off = 0;
-        tile<S, h()>(g, m, sub, n0, next + pf_off);
-        pf_off += tile_lines;
-      });
+      for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<S, h()>(g, m, sub, n0, pf.take()); });
     }
   }
 }

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from pyaccel import _native, reference
 from pyaccel.formats import sparse24 as s24
 
-M_GRID = [1, 2, 5, 6, 7, 13, 40]
+M_GRID = [1, 2, 3, 4, 5, 6, 7, 13, 40]  # around the row path (2 rows) and the 4- and 6-row tiles
 NK_GRID = [(1, 1), (3, 4), (16, 16), (17, 7), (31, 33), (32, 64), (33, 65), (70, 130), (64, 1000)]
 
 
