@@ -49,7 +49,12 @@ py::dict cpu_info() {
   d["avx512_vpopcntdq"] = f.avx512vpopcntdq;
   d["avx512_vbmi"] = f.avx512vbmi;
   d["avx512_bf16"] = f.avx512bf16;
+  d["avx_vnni"] = f.avxvnni;
   d["detected_isa"] = isa_name(detected_isa());
+  py::list usable;  // levels this CPU can run, best first
+  for (int i = static_cast<int>(Isa::kAvx512Icl); i >= 0; --i)
+    if (isa_usable(static_cast<Isa>(i))) usable.append(isa_name(static_cast<Isa>(i)));
+  d["usable_isas"] = usable;
   d["isa_cap"] = isa_name(isa_cap());
   d["selected_isa"] = isa_name(selected_isa());
   d["omp_max_threads"] = max_threads();
@@ -621,7 +626,7 @@ PYBIND11_MODULE(_C, m) {
   dws::register_dws(m);
   m.def("cpu_info", &cpu_info, "CPU features, detected/capped/selected ISA");
   m.def("set_isa_cap", &set_isa_cap, py::arg("name"),
-        "Cap the ISA (avx512_icl|avx512_vnni|avx512|avx2|portable, '' = none); returns False for an unknown name");
+        "Cap the ISA (avx512_icl|avx512_vnni|avx512|avx_vnni|avx2|portable, '' = none); returns False for an unknown name");
   m.def("selected_isa", [] { return std::string(isa_name(selected_isa())); });
   m.def("set_torch_refs", &set_torch_refs, py::arg("tensor"), py::arg("empty"), py::arg("float32"),
         py::arg("bfloat16"), py::arg("get_default_dtype"), py::arg("get_num_threads"), py::arg("get_tracing_state"),

@@ -13,8 +13,13 @@ from typing import Iterator, Optional
 
 import torch  # noqa: F401  (load torch's libgomp first: the extension then shares it)
 
-ISA_LADDER = ("avx512_icl", "avx512_vnni", "avx512", "avx2", "portable")
-"""CPU ISAs from best to worst. ``PYACCEL_CPU_ISA`` may only lower the choice."""
+ISA_LADDER = ("avx512_icl", "avx512_vnni", "avx512", "avx_vnni", "avx2", "portable")
+"""CPU ISAs from best to worst. ``PYACCEL_CPU_ISA`` may only lower the choice.
+
+``avx_vnni`` (vpdpbusd on ymm) runs on CPUs with AVX-VNNI (VEX encoding:
+Alder Lake and later Intel client cores, Sierra Forest) and on AVX-512 VNNI
+CPUs (the same kernels EVEX-encoded); an AVX-512 CPU without VNNI (Skylake-X)
+cannot run it, and a cap of ``avx_vnni`` there selects ``avx2``."""
 
 _C = None
 _load_error: Optional[str] = None
@@ -72,8 +77,7 @@ def isa_supported(name: str) -> bool:
     """True when this CPU can run kernels of ISA `name`."""
     if _C is None:
         return False
-    detected = _C.cpu_info()["detected_isa"]
-    return ISA_LADDER.index(name) >= ISA_LADDER.index(detected)
+    return name in _C.cpu_info()["usable_isas"]
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ class BackendInfo:
     Attributes:
         native_loaded: the C++ SIMD library (pyaccel._C) is loaded.
         native_error: why it is not loaded (None when it is).
-        cpu_isa: ISA the CPU kernels use: avx512_icl | avx512_vnni | avx512 | avx2 | portable | none.
+        cpu_isa: ISA the CPU kernels use: avx512_icl | avx512_vnni | avx512 | avx_vnni | avx2 | portable | none.
         cpu_isa_detected: best ISA the CPU supports.
         isa_override: value of PYACCEL_CPU_ISA (it can only lower the choice), or None.
         backend_override: value of PYACCEL_BACKEND, or None.

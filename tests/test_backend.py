@@ -32,11 +32,14 @@ def test_env_override_lowers_choice(tmp_path, name):
     out = _run("import pyaccel; i = pyaccel.backend_info(); print(i.cpu_isa, i.int8_kernel)",
                tmp_path, PYACCEL_CPU_ISA=name)
     isa, kernel = out.split()
-    if _native.isa_supported(name):
-        assert isa == name
-    else:  # an override never raises the choice above what the CPU has
+    # an override never raises the choice above what the CPU can run: the best
+    # usable level at or below the cap (avx_vnni on Skylake-X -> avx2)
+    ladder = _native.ISA_LADDER
+    assert isa == next(lv for lv in ladder[ladder.index(name):] if _native.isa_supported(lv))
+    if not _native.isa_supported(name) and name != "avx_vnni":
         assert isa == pyaccel.backend_info().cpu_isa_detected
-    suffix = {"avx512_icl": "avx512vnni", "avx512_vnni": "avx512vnni", "avx512": "avx512bw", "avx2": "avx2", "portable": "scalar"}
+    suffix = {"avx512_icl": "avx512vnni", "avx512_vnni": "avx512vnni", "avx512": "avx512bw", "avx_vnni": "avxvnni",
+              "avx2": "avx2", "portable": "scalar"}
     assert kernel.endswith("_" + suffix[isa]), kernel
 
 
@@ -61,7 +64,10 @@ def test_set_isa_cap_rejects_unknown():
 
 
 _PEAK_MIX = {"avx512_icl": "vpdpbusd zmm", "avx512_vnni": "vpdpbusd zmm",
-             "avx512": "vpmaddubsw+vpmaddwd+vpaddd zmm", "avx2": "vpmaddubsw+vpmaddwd+vpaddd ymm"}
+             "avx512": "vpmaddubsw+vpmaddwd+vpaddd zmm", "avx2": "vpmaddubsw+vpmaddwd+vpaddd ymm",
+             # the encoding the AVX-VNNI level's kernel runs: VEX with AVX-VNNI, else EVEX
+             "avx_vnni": "vpdpbusd ymm" if _native.available() and _native.lib().cpu_info()["avx_vnni"]
+             else "vpdpbusd ymm (EVEX)"}
 
 
 def test_measure_peak_follows_the_selected_isa(isa):
@@ -73,7 +79,7 @@ def test_measure_peak_follows_the_selected_isa(isa):
     if isa == "portable":
         assert (g8, mix8, g32, mix32) == (0.0, "", 0.0, "")
         return
-    assert mix8 == _PEAK_MIX[isa] and mix32 == ("vfmadd231ps ymm" if isa == "avx2" else "vfmadd231ps zmm")
+    assert mix8 == _PEAK_MIX[isa] and mix32 == ("vfmadd231ps ymm" if isa in ("avx2", "avx_vnni") else "vfmadd231ps zmm")
     # GOP/s of a real SIMD loop (a loaded machine may slice it, hence the loose bound)
     assert g8 > 1 and g32 > 1
     ge, mixe = lib.measure_peak("int8_exact", 1, 0.005, 1)

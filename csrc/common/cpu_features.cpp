@@ -40,6 +40,7 @@ CpuFeatures detect() {
   f.avx512vpopcntdq = f.os_avx512 && ((c >> 14) & 1);
   __cpuid_count(7, 1, a, b, c, d);
   f.avx512bf16 = f.os_avx512 && ((a >> 5) & 1);
+  f.avxvnni = f.os_avx && ((a >> 4) & 1);
   return f;
 }
 
@@ -73,6 +74,7 @@ Isa detected_isa() {
   if (avx512 && f.avx512vnni && f.avx512vbmi && f.avx512vpopcntdq) return Isa::kAvx512Icl;
   if (avx512 && f.avx512vnni) return Isa::kAvx512Vnni;
   if (avx512) return Isa::kAvx512;
+  if (f.avx2 && f.fma && f.avxvnni) return Isa::kAvxVnni;
   if (f.avx2 && f.fma) return Isa::kAvx2;
   return Isa::kPortable;
 }
@@ -82,9 +84,18 @@ Isa isa_cap() {
   return static_cast<Isa>(g_cap.load());
 }
 
+bool isa_usable(Isa isa) {
+  if (static_cast<int>(isa) > static_cast<int>(detected_isa())) return false;
+  if (isa != Isa::kAvxVnni) return true;
+  const CpuFeatures& f = cpu_features();
+  return f.avxvnni || (f.avx512vnni && f.avx512vl);
+}
+
 Isa selected_isa() {
   const Isa d = detected_isa(), c = isa_cap();
-  return static_cast<int>(c) < static_cast<int>(d) ? c : d;
+  int s = static_cast<int>(c) < static_cast<int>(d) ? static_cast<int>(c) : static_cast<int>(d);
+  while (s > 0 && !isa_usable(static_cast<Isa>(s))) --s;
+  return static_cast<Isa>(s);
 }
 
 bool set_isa_cap(const std::string& name) {
@@ -103,6 +114,7 @@ const char* isa_name(Isa isa) {
     case Isa::kAvx512Icl: return "avx512_icl";
     case Isa::kAvx512Vnni: return "avx512_vnni";
     case Isa::kAvx512: return "avx512";
+    case Isa::kAvxVnni: return "avx_vnni";
     case Isa::kAvx2: return "avx2";
     case Isa::kPortable: return "portable";
   }
@@ -113,6 +125,7 @@ bool parse_isa(const std::string& name, Isa* out) {
   if (name == "avx512_icl") { *out = Isa::kAvx512Icl; return true; }
   if (name == "avx512_vnni") { *out = Isa::kAvx512Vnni; return true; }
   if (name == "avx512") { *out = Isa::kAvx512; return true; }
+  if (name == "avx_vnni") { *out = Isa::kAvxVnni; return true; }
   if (name == "avx2") { *out = Isa::kAvx2; return true; }
   if (name == "portable") { *out = Isa::kPortable; return true; }
   return false;

@@ -7,20 +7,26 @@
 
 namespace pyaccel {
 
-// Ordered from worst to best: a larger value may use every smaller one.
+// Ordered from worst to best. A larger value may use every smaller one, with
+// one exception: kAvxVnni (ymm vpdpbusd) is usable on a CPU detected at a
+// higher level only where that CPU has VNNI in some encoding (isa_usable):
+// an AVX-512 CPU without VNNI (Skylake-X) cannot run it.
 enum class Isa : int {
   kPortable = 0,   // plain C++, any x86-64
   kAvx2 = 1,       // AVX2 + FMA
-  kAvx512 = 2,     // AVX-512 F/BW/DQ/VL
-  kAvx512Vnni = 3, // AVX-512 + VNNI (vpdpbusd): Cascade Lake
-  kAvx512Icl = 4,  // AVX-512 + VNNI + VBMI (vpmultishiftqb, vpermb) + VPOPCNTDQ: Ice Lake, Zen 4 and later
+  kAvxVnni = 2,    // AVX2 + FMA + AVX-VNNI (VEX vpdpbusd on ymm): Alder Lake and later client
+                   // cores, Sierra Forest; on AVX-512 VNNI CPUs the same kernels run EVEX-encoded
+  kAvx512 = 3,     // AVX-512 F/BW/DQ/VL
+  kAvx512Vnni = 4, // AVX-512 + VNNI (vpdpbusd): Cascade Lake
+  kAvx512Icl = 5,  // AVX-512 + VNNI + VBMI (vpmultishiftqb, vpermb) + VPOPCNTDQ: Ice Lake, Zen 4 and later
 };
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, avx512f = false, avx512bw = false,
        avx512dq = false, avx512vl = false, avx512vnni = false,
        avx512vpopcntdq = false, avx512vbmi = false, avx512bf16 = false, os_avx = false,
-       os_avx512 = false, bmi1 = false, bmi2 = false;
+       os_avx512 = false, bmi1 = false, bmi2 = false,
+       avxvnni = false;  // AVX-VNNI: CPUID.(7,1):EAX[4], VEX-encoded vpdpbusd on xmm/ymm
 };
 
 // What CPUID (and XGETBV: the OS must save the registers) reports. Cached.
@@ -29,12 +35,16 @@ const CpuFeatures& cpu_features();
 // Best ISA this CPU supports.
 Isa detected_isa();
 
-// The ISA kernels use: min(detected, cap). The cap starts from the
+// True when this CPU can run kernels of level `isa`: isa <= detected_isa(),
+// and for kAvxVnni also AVX-VNNI or AVX-512 VNNI + VL.
+bool isa_usable(Isa isa);
+
+// The ISA kernels use: the highest usable level <= min(detected, cap). The cap starts from the
 // PYACCEL_CPU_ISA environment variable (if set) and can be lowered or restored
 // by set_isa_cap(); it can never raise the choice above what the CPU has.
 Isa selected_isa();
 Isa isa_cap();
-// name: "avx512_icl" | "avx512_vnni" | "avx512" | "avx2" | "portable" | "" (no cap).
+// name: "avx512_icl" | "avx512_vnni" | "avx512" | "avx_vnni" | "avx2" | "portable" | "" (no cap).
 // Returns false (and changes nothing) for an unknown name.
 bool set_isa_cap(const std::string& name);
 // Bumped whenever the cap changes, so dispatch tables know to re-select.

@@ -25,14 +25,19 @@ struct Choice {
 
 Choice choose(const char* kind) {
   const Isa isa = selected_isa();
+  // the AVX-VNNI level: vpdpbusd ymm, in the encoding its GEMM kernel runs
+  const Choice ymm_vnni = cpu_features().avxvnni ? Choice{int8_avxvnni_vex, "vpdpbusd ymm"}
+                                                 : Choice{int8_avxvnni_evex, "vpdpbusd ymm (EVEX)"};
   if (std::strcmp(kind, "int8") == 0) {
     if (isa >= Isa::kAvx512Vnni) return {int8_vnni, "vpdpbusd zmm"};
+    if (isa == Isa::kAvxVnni) return ymm_vnni;
     if (isa >= Isa::kAvx512) return {int8_avx512bw, "vpmaddubsw+vpmaddwd+vpaddd zmm"};
     if (isa >= Isa::kAvx2) return {int8_avx2, "vpmaddubsw+vpmaddwd+vpaddd ymm"};
     return {nullptr, ""};
   }
   if (std::strcmp(kind, "int8_exact") == 0) {
     if (isa >= Isa::kAvx512Vnni) return {int8_vnni, "vpdpbusd zmm"};
+    if (isa == Isa::kAvxVnni) return ymm_vnni;
     if (isa >= Isa::kAvx512) return {int8_exact_avx512bw, "vpmaddwd+vpaddd zmm (int16)"};
     if (isa >= Isa::kAvx2) return {int8_exact_avx2, "vpmaddwd+vpaddd ymm (int16)"};
     return {nullptr, ""};

@@ -51,6 +51,32 @@ int64_t int8_exact_avx2(int64_t iters) {
   return iters * 12 * 16 * 2;
 }
 
+// vpdpbusd on ymm (the AVX-VNNI level): 32 u8*s8 products per step, 12
+// chains (latency 4 - 5, up to 2 per cycle). Vex: the VEX encoding (AVX-VNNI),
+// else the EVEX one (AVX-512 VNNI + VL), as the level's GEMM kernel picks.
+template <bool Vex>
+int64_t int8_vnni_ymm(int64_t iters) {
+  const __m256i a = _mm256_set1_epi8(3), w = _mm256_set1_epi8(-5);
+  __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0,
+          c8 = c0, c9 = c0, c10 = c0, c11 = c0;
+  for (int64_t i = 0; i < iters; ++i) {
+#define PYACCEL_PEAK_DP(C)                                                                              \
+  if constexpr (Vex)                                                                                    \
+    __asm__ volatile("%{vex%} vpdpbusd %[w], %[a], %[c]" : [c] "+x"(C) : [a] "x"(a), [w] "x"(w)); \
+  else                                                                                                  \
+    __asm__ volatile("vpdpbusd %[w], %[a], %[c]" : [c] "+x"(C) : [a] "x"(a), [w] "x"(w));
+    PYACCEL_PEAK_DP(c0) PYACCEL_PEAK_DP(c1) PYACCEL_PEAK_DP(c2) PYACCEL_PEAK_DP(c3)
+    PYACCEL_PEAK_DP(c4) PYACCEL_PEAK_DP(c5) PYACCEL_PEAK_DP(c6) PYACCEL_PEAK_DP(c7)
+    PYACCEL_PEAK_DP(c8) PYACCEL_PEAK_DP(c9) PYACCEL_PEAK_DP(c10) PYACCEL_PEAK_DP(c11)
+#undef PYACCEL_PEAK_DP
+  }
+  __asm__ volatile("" ::"x"(c0), "x"(c1), "x"(c2), "x"(c3), "x"(c4), "x"(c5));
+  __asm__ volatile("" ::"x"(c6), "x"(c7), "x"(c8), "x"(c9), "x"(c10), "x"(c11));
+  return iters * 12 * 32 * 2;
+}
+int64_t int8_avxvnni_vex(int64_t iters) { return int8_vnni_ymm<true>(iters); }
+int64_t int8_avxvnni_evex(int64_t iters) { return int8_vnni_ymm<false>(iters); }
+
 // 12 independent FMA chains (latency 4-5, 2 per cycle) of 8 lanes.
 int64_t fp32_avx2(int64_t iters) {
   __m256 x = _mm256_set1_ps(0.999f), y = _mm256_set1_ps(1e-3f);

@@ -20,12 +20,14 @@ const Kernel kLadder[] = {
      qs8_gemm_6x64c4_avx512vnni},
     {Isa::kAvx512, "qs8_gemm_4x64c4_avx512bw", 4, 0x00, quantize_rows_avx512,
      qs8_gemm_4x64c4_avx512bw},
+    {Isa::kAvxVnni, "qs8_gemm_4x16c4_avxvnni", 4, 0x80, quantize_rows_avx2, qs8_gemm_4x16c4_avxvnni,
+     kAvxVnniRowPathRows},
     {Isa::kAvx2, "qs8_gemm_6x8c4_avx2", 6, 0x00, quantize_rows_avx2, qs8_gemm_6x8c4_avx2, kAvx2RowPathRows},
     {Isa::kPortable, "qs8_gemm_1x64c4_scalar", 1, 0x00, quantize_rows_scalar,
      qs8_gemm_1x64c4_scalar},
 };
 
-// The opt-in 7-bit ladder: activations in [-63, 63]. The VNNI, AVX-512 BW and
+// The opt-in 7-bit ladder: activations in [-63, 63]. The VNNI (zmm and ymm), AVX-512 BW and
 // scalar kernels multiply any int8 values exactly, so they run unchanged on
 // 7-bit q (bit-identical results on every level for one checkpoint); the AVX2
 // level takes q + 64 in [1, 127] as vpmaddubsw's unsigned operand, whose int16
@@ -36,6 +38,8 @@ const Kernel kLadder7[] = {
      qs8_gemm_6x64c4_avx512vnni, 0, kQmax7},
     {Isa::kAvx512, "qs8_gemm_4x64c4_avx512bw", 4, 0x00, quantize_rows_avx512, qs8_gemm_4x64c4_avx512bw, 0,
      kQmax7},
+    {Isa::kAvxVnni, "qs8_gemm_4x16c4_avxvnni", 4, 0x80, quantize_rows_avx2, qs8_gemm_4x16c4_avxvnni,
+     kAvxVnniRowPathRows, kQmax7},
     {Isa::kAvx2, "qs8_gemm_4x16c4u7_avx2", 4, 0x40, quantize_rows_avx2, qs8_gemm_4x16c4u7_avx2, kAvx2U7RowPathRows,
      kQmax7},
     {Isa::kPortable, "qs8_gemm_1x64c4_scalar", 1, 0x00, quantize_rows_scalar, qs8_gemm_1x64c4_scalar, 0, kQmax7},

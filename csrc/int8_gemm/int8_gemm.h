@@ -136,6 +136,9 @@ constexpr int64_t kAvx2RowPathRows = 4;
 // path from 8 rows on (measured, Zen 4 capped at AVX2, interleaved: 4096^2 and
 // 1024x4096 at 8, 12 and 16 rows; 1.05x the other way at 4 rows).
 constexpr int64_t kAvx2U7RowPathRows = 4;
+// The same for the AVX-VNNI kernel (one-row path over whole panels, then the
+// 4x16 tile).
+constexpr int64_t kAvxVnniRowPathRows = 2;
 
 // The kernel for selected_isa(); chosen once per ISA-cap generation.
 // act_bits 8: activations in [-127, 127]; 7: in [-63, 63] (the opt-in mode
@@ -210,6 +213,11 @@ void quantize_rows_avx512(const void*, int64_t, bool, int64_t, int64_t, int64_t,
 void qs8_gemm_1x64c4_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_6x8c4_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_4x16c4u7_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+// AVX-VNNI level: the VEX build where the CPU has AVX-VNNI, else its EVEX twin
+// (qs8_gemm_4x16c4_avxvnni.cpp); the two are exported for the encoding test.
+void qs8_gemm_4x16c4_avxvnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void qs8_gemm_4x16c4_avxvnni_vex(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void qs8_gemm_4x16c4_avxvnni_evex(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_4x64c4_avx512bw(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_6x64c4_avx512vnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 

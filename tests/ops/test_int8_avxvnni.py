@@ -1,0 +1,118 @@
+"""The AVX-VNNI level (vpdpbusd on ymm) of the int8 GEMM.
+
+No CPU or emulator that this project runs on executes VEX-encoded vpdpbusd
+(AVX-VNNI): Zen 4 has only the EVEX form, QEMU 10.0's TCG refuses the
+avx-vnni feature and Bochs 2.7's newest CPU model predates it. So the
+kernel is one source built twice in one file (qs8_gemm_4x16c4_avxvnni.cpp):
+"{vex} vpdpbusd" in one function and the EVEX "vpdpbusd" in its twin, which
+AVX-512 VNNI machines run when capped at avx_vnni, and which the whole int8
+suite checks there (the `isa` fixture includes avx_vnni). This file checks
+the other half: the shipped library's two functions are the same instructions
+apart from that one encoding, and the VEX one uses nothing beyond AVX2 +
+AVX-VNNI (no EVEX prefix, no zmm, no mask or upper registers).
+"""
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import pyaccel
+from pyaccel import _native
+
+_NOPS = re.compile(r"^(?:(?:cs |ds |data16 )*nop[wlq]?\b|xchg\s+%ax,%ax$)")
+
+
+def _library_path():
+    import importlib.util
+    return importlib.util.find_spec("pyaccel._C").origin
+
+
+def _function(so: str, name: str):
+    """[(raw bytes, normalized instruction)] of the one function whose mangled name holds `name`."""
+    syms = subprocess.run(["nm", so], capture_output=True, text=True, check=True).stdout
+    mangled = [ln.split()[-1] for ln in syms.splitlines() if ln.split()[-1:] and name + "ERK" in ln.split()[-1]]
+    assert len(mangled) == 1, f"{name}: symbols {mangled} (is the library stripped?)"
+    out = subprocess.run(["objdump", "-d", "--no-addresses", "--insn-width=16", f"--disassemble={mangled[0]}", so],
+                         capture_output=True, text=True, check=True).stdout
+    insns = []
+    for line in out.splitlines():
+        parts = line.split("\t")[1:]  # "\t<bytes>\t<instruction>"
+        if len(parts) < 2 or not re.fullmatch(r"\s*([0-9a-f]{2} ?)+\s*", parts[0]):
+            continue
+        text = " ".join(" ".join(parts[1:]).split())
+        text = re.sub(r"#.*", "", text).strip()
+        text = re.sub(r"(?:[0-9a-f]+ )?<[^>]*>", "ADDR", text)  # branch targets
+        text = re.sub(r"-?0x[0-9a-f]+\(%rip\)", "RIP", text)    # constant-pool offsets
+        if text:
+            insns.append((parts[0].split(), text))
+    assert insns, f"no instructions disassembled for {mangled[0]}"
+    return insns
+
+
+@pytest.fixture(scope="module")
+def builds():
+    if not _native.available():
+        pytest.skip(f"native library not loaded: {_native.load_error()}")
+    if not (shutil.which("objdump") and shutil.which("nm")):
+        pytest.skip("binutils (objdump, nm) not installed")
+    so = _library_path()
+    return _function(so, "qs8_gemm_4x16c4_avxvnni_vex"), _function(so, "qs8_gemm_4x16c4_avxvnni_evex")
+
+
+def test_vex_build_is_the_tested_evex_twin_but_for_the_encoding(builds):
+    vex, evex = builds
+
+    def body(fn):
+        return [t.replace("{vex} ", "") for _, t in fn if not _NOPS.match(t)]  # alignment padding differs
+
+    assert body(vex) == body(evex)
+    dp_vex = [b for b, t in vex if "vpdpbusd" in t]
+    dp_evex = [b for b, t in evex if "vpdpbusd" in t]
+    assert len(dp_vex) == len(dp_evex) >= 8
+    assert all(b[0] == "c4" for b in dp_vex), "VEX vpdpbusd starts with the 3-byte VEX prefix c4"
+    assert all(b[0] == "62" for b in dp_evex), "EVEX vpdpbusd starts with 62"
+
+
+def test_vex_build_needs_only_avx2_and_avx_vnni(builds):
+    vex, _ = builds
+    for raw, text in vex:
+        assert raw[0] != "62", f"EVEX-encoded instruction in the AVX-VNNI build: {text}"
+        assert not re.search(r"%zmm|%k[0-7]\b|%[xy]mm(1[6-9]|2[0-9]|3[01])\b", text), text
+
+
+def test_level_is_chosen_only_where_it_runs():
+    if not _native.available():
+        pytest.skip(f"native library not loaded: {_native.load_error()}")
+    info = _native.lib().cpu_info()
+    usable = "avx_vnni" in info["usable_isas"]
+    assert usable == (info["avx_vnni"] or (info["avx512_vnni"] and info["avx512vl"]))
+    with _native.isa_cap("avx_vnni") as used:
+        if usable:
+            assert used == "avx_vnni" and pyaccel.backend_info().int8_kernel == "qs8_gemm_4x16c4_avxvnni"
+        else:  # Zen 3, Skylake-X: the AVX2 kernels
+            assert used in ("avx2", "portable")
+
+
+def test_same_bits_as_the_other_levels(gen):
+    """One checkpoint, one answer: the ymm VNNI kernel gives the bits of the
+    zmm VNNI, AVX2 and portable kernels, with 8- and 7-bit activations, on
+    row-path and tile row counts."""
+    from pyaccel import ops
+    from pyaccel.formats.int8 import quantize_weight_per_channel
+
+    if not _native.isa_supported("avx_vnni"):
+        pytest.skip("this CPU cannot run the avx_vnni level (no AVX-VNNI, no AVX-512 VNNI)")
+    w = quantize_weight_per_channel(torch.randn(130, 1030, generator=gen))
+    b = torch.randn(130, generator=gen)
+    for m in (1, 2, 3, 37):
+        x = torch.randn(m, 1030, generator=gen) * 3
+        for bits in (8, 7):
+            outs = {}
+            for isa in ("avx_vnni", "avx512_vnni", "avx2", "portable"):
+                if _native.isa_supported(isa):
+                    with _native.isa_cap(isa):
+                        outs[isa] = ops.int8_linear_cpu(x, w.values, w.scale, b, None, act_bits=bits)
+            for isa, y in outs.items():
+                assert torch.equal(y, outs["avx_vnni"]), (m, bits, isa)
