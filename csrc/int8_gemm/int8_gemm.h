@@ -214,10 +214,10 @@ void qs8_gemm_1x64c4_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t)
 void qs8_gemm_6x8c4_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_4x16c4u7_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 // AVX-VNNI level: the VEX build where the CPU has AVX-VNNI, else its EVEX twin
-// (qs8_gemm_4x16c4_avxvnni.cpp); the two are exported for the encoding test.
-void qs8_gemm_4x16c4_avxvnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
-void qs8_gemm_4x16c4_avxvnni_vex(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
-void qs8_gemm_4x16c4_avxvnni_evex(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+// (qs8_gemm_6x16c4_avxvnni.cpp); the two are exported for the encoding test.
+void qs8_gemm_6x16c4_avxvnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void qs8_gemm_6x16c4_avxvnni_vex(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void qs8_gemm_6x16c4_avxvnni_evex(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_4x64c4_avx512bw(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_6x64c4_avx512vnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 

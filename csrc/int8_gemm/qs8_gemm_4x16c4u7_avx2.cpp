@@ -17,6 +17,7 @@ namespace {
 
 struct U7Step {
   static constexpr int64_t kRowPathRows = kAvx2U7RowPathRows;
+  static constexpr int kTileRows = 4;  // the step's temporary and ones leave room for 8 accumulators
   static __m256i weights(const int8_t* b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)); }
   // c += w * u for 8 channels x 4 k: vpmaddubsw + vpmaddwd + vpaddd. Inline
   // asm for the same reason as the 8-bit kernel's step (GCC copies

@@ -7,6 +7,8 @@
 //   S::row_step(c, ra, b, ones)    row path: c += w(at b) * a
 //   S::finish(g, acc, n0)          int32 correction before the epilogue (encoding offset)
 //   S::kRowPathRows                calls of up to this many rows take the row path
+//   S::kTileRows                   rows of the tile (4, or 6 where the step needs no
+//                                  temporaries: 12 accumulators + 2 weights + 1 broadcast)
 // qs8_gemm_4x16c4u7_avx2.cpp: 7-bit activations as q + 64, 3 instructions per step
 // (both tiles).
 // qs8_gemm_6x8c4_avx2.cpp: 8-bit activations; uses only tile_row (sign trick,
@@ -115,18 +117,17 @@ class NextPanelLines {
 };
 
 // Rows [m, m + MR) x 16 channels (a quarter of a packed panel: 64 of every 256
-// bytes per k group). 8 ymm accumulators + 2 weights + temporaries fit the 16
-// ymm registers. pf: one line of the next panel per k group to pull into L2
+// bytes per k group), MR <= S::kTileRows. 8 ymm accumulators + 2 weights +
+// temporaries fit the 16 ymm registers (12 + 2 + 1 at 6 rows). pf: one line of the next panel per k group to pull into L2
 // (see gemm).
 template <class S, int MR>
 inline void tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0, const int8_t* pf) {
   const int64_t groups = g.k_pad / kKGroup;
   const __m256i ones = _mm256_set1_epi16(1);
+  static_assert(MR <= S::kTileRows && S::kTileRows <= 6, "tile rows");
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
-          c30 = c00, c31 = c00;
+          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   PYACCEL_TILE_ROWS6(const int8_t, a, g.a + m * g.lda, g.lda);
-  (void)a4;
-  (void)a5;
   const int8_t* b = sub;
 #pragma GCC unroll 2
   for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup, pf += 64) {
@@ -134,8 +135,10 @@ inline void tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0, co
     _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
     const __m256i u0 = S::weights(b), u1 = S::weights(b + 32);
     PYACCEL_AVX2_ROW_STEP(0) PYACCEL_AVX2_ROW_STEP(1) PYACCEL_AVX2_ROW_STEP(2) PYACCEL_AVX2_ROW_STEP(3)
+    PYACCEL_AVX2_ROW_STEP(4) PYACCEL_AVX2_ROW_STEP(5)
   }
   PYACCEL_AVX2_ROW_STORE(0) PYACCEL_AVX2_ROW_STORE(1) PYACCEL_AVX2_ROW_STORE(2) PYACCEL_AVX2_ROW_STORE(3)
+  PYACCEL_AVX2_ROW_STORE(4) PYACCEL_AVX2_ROW_STORE(5)
 }
 #undef PYACCEL_AVX2_ROW_STEP
 #undef PYACCEL_AVX2_ROW_STORE
@@ -165,7 +168,7 @@ inline void tile_row(const GemmArgs& g, int64_t m, const int8_t* panel, int64_t 
 }
 
 // Rows [m0, m1) x panels [p0, p1): up to S::kRowPathRows rows the row path,
-// the 4-row tile beyond.
+// the S::kTileRows-row tile beyond.
 template <class S>
 inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const int64_t groups = g.k_pad / kKGroup;
@@ -180,7 +183,7 @@ inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t 
       const int64_t n0 = p * kPanel + 16 * s;
       if (n0 >= g.n) break;
       const int8_t* sub = panel + 16 * s * kKGroup;
-      for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<S, h()>(g, m, sub, n0, pf.take()); });
+      for_each_row_tile<S::kTileRows>(m0, m1, [&](int64_t m, auto h) { tile<S, h()>(g, m, sub, n0, pf.take()); });
     }
   }
 }

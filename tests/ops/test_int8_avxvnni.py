@@ -3,7 +3,7 @@
 No CPU or emulator that this project runs on executes VEX-encoded vpdpbusd
 (AVX-VNNI): Zen 4 has only the EVEX form, QEMU 10.0's TCG refuses the
 avx-vnni feature and Bochs 2.7's newest CPU model predates it. So the
-kernel is one source built twice in one file (qs8_gemm_4x16c4_avxvnni.cpp):
+kernel is one source built twice in one file (qs8_gemm_6x16c4_avxvnni.cpp):
 "{vex} vpdpbusd" in one function and the EVEX "vpdpbusd" in its twin, which
 AVX-512 VNNI machines run when capped at avx_vnni, and which the whole int8
 suite checks there (the `isa` fixture includes avx_vnni). This file checks
@@ -58,7 +58,7 @@ def builds():
     if not (shutil.which("objdump") and shutil.which("nm")):
         pytest.skip("binutils (objdump, nm) not installed")
     so = _library_path()
-    return _function(so, "qs8_gemm_4x16c4_avxvnni_vex"), _function(so, "qs8_gemm_4x16c4_avxvnni_evex")
+    return _function(so, "qs8_gemm_6x16c4_avxvnni_vex"), _function(so, "qs8_gemm_6x16c4_avxvnni_evex")
 
 
 def test_vex_build_is_the_tested_evex_twin_but_for_the_encoding(builds):
@@ -90,7 +90,7 @@ def test_level_is_chosen_only_where_it_runs():
     assert usable == (info["avx_vnni"] or (info["avx512_vnni"] and info["avx512vl"]))
     with _native.isa_cap("avx_vnni") as used:
         if usable:
-            assert used == "avx_vnni" and pyaccel.backend_info().int8_kernel == "qs8_gemm_4x16c4_avxvnni"
+            assert used == "avx_vnni" and pyaccel.backend_info().int8_kernel == "qs8_gemm_6x16c4_avxvnni"
         else:  # Zen 3, Skylake-X: the AVX2 kernels
             assert used in ("avx2", "portable")
 
