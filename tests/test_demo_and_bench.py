@@ -33,6 +33,9 @@ def test_bench_caps_baselines_at_pyaccels_isa():
     assert caps == {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                     "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
     assert bench_main.baseline_isa_caps("avx2", "avx2", {}) == {}  # a real AVX2 CPU: nothing to cap
+    # an AVX-VNNI machine's baselines: oneDNN at its AVX2 + VNNI level, the others at AVX2
+    assert bench_main.baseline_isa_caps("avx_vnni", "avx512_icl", {})["ONEDNN_MAX_CPU_ISA"] == "AVX2_VNNI"
+    assert bench_main.baseline_isa_caps("avx_vnni", "avx_vnni", {}) == {}
     assert bench_main.baseline_isa_caps("avx512_icl", "avx512_icl", {}) == {}
     assert bench_main.baseline_isa_caps("portable", "avx512_icl", {}) == {}  # no cap for that level
     assert bench_main.baseline_isa_caps("avx2", "avx512_icl", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}) == {}

@@ -91,6 +91,12 @@ bool isa_usable(Isa isa) {
   return f.avxvnni || (f.avx512vnni && f.avx512vl);
 }
 
+bool isa_allows(Isa selected, Isa entry) {
+  if (static_cast<int>(entry) > static_cast<int>(selected)) return false;
+  if (entry != Isa::kAvxVnni) return true;
+  return selected != Isa::kAvx512 && isa_usable(entry);
+}
+
 Isa selected_isa() {
   const Isa d = detected_isa(), c = isa_cap();
   int s = static_cast<int>(c) < static_cast<int>(d) ? static_cast<int>(c) : static_cast<int>(d);

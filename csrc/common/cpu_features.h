@@ -39,6 +39,12 @@ Isa detected_isa();
 // and for kAvxVnni also AVX-VNNI or AVX-512 VNNI + VL.
 bool isa_usable(Isa isa);
 
+// True when a kernel built for level `entry` may run while level `selected`
+// is in use: entry <= selected, and an AVX-VNNI entry only where VNNI is part
+// of the selected level (never at kAvx512, which stands for AVX-512 without
+// VNNI, e.g. a Zen 4 capped at avx512) and the CPU can run it.
+bool isa_allows(Isa selected, Isa entry);
+
 // The ISA kernels use: the highest usable level <= min(detected, cap). The cap starts from the
 // PYACCEL_CPU_ISA environment variable (if set) and can be lowered or restored
 // by set_isa_cap(); it can never raise the choice above what the CPU has.

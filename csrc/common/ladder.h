@@ -1,7 +1,8 @@
 // The one dispatch pattern every op uses: walk a ladder of kernels from best
-// to worst ISA and take the first the selected ISA allows and the CPU can run
-// (isa_usable: an AVX-VNNI entry is skipped on an AVX-512 CPU without VNNI); remember the choice
-// until the ISA cap changes (PYACCEL_CPU_ISA / set_isa_cap).
+// to worst ISA and take the first the selected ISA allows (isa_allows: an
+// AVX-VNNI entry is skipped at the avx512 level and where the CPU lacks
+// VNNI); remember the choice until the ISA cap changes (PYACCEL_CPU_ISA /
+// set_isa_cap).
 #pragma once
 #include <atomic>
 #include <cstddef>
@@ -24,7 +25,7 @@ class LadderChoice {
     const Isa isa = selected_isa();
     const Entry* chosen = &ladder[N - 1];
     for (const Entry& c : ladder) {
-      if (static_cast<int>(isa_of(c)) <= static_cast<int>(isa) && isa_usable(isa_of(c))) {
+      if (isa_allows(isa, isa_of(c))) {
         chosen = &c;
         break;
       }

@@ -3,11 +3,19 @@
 // decoded once a call and panel for all its row tiles), multiply with
 // int8_gemm's AVX2 sign trick: |a| x (v with a's sign), so the int16 pair sums
 // of vpmaddubsw never saturate.
+//
+// The same tiles serve the AVX-VNNI level (qs8_s24_gemm_4x16_avxvnni): the
+// multiply is one vpdpbusd on the gathered u8 activations (q ^ 0x80) and the
+// epilogue subtracts comp = 128 * sum of the row's values. As in
+// int8_gemm/qs8_gemm_6x16c4_avxvnni.cpp, a VEX build ("{vex} vpdpbusd",
+// AVX-VNNI) and an EVEX twin (AVX-512 VNNI + VL, what AVX-512 machines capped
+// at avx_vnni run and test) differ only in that instruction.
 #include <immintrin.h>
 
 #include <cstring>
 #include <vector>
 
+#include "common/cpu_features.h"
 #include "int8_gemm/qs8_gemm_avx2_tile.h"  // avx2_tile::store8
 #include "sparse24/sparse24_int8.h"
 
@@ -30,6 +38,28 @@ inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t 
   int8_gemm::avx2_tile::store8(epilogue_args(g), acc, sa, m, n0);
 }
 
+// The multiply of 8 channels x 4 gathered activations x (int8 activations,
+// sign trick)
+struct SignMul {
+  static void madd(__m256i& c, __m256i x, __m256i w, __m256i ones) {
+    c = _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x)), ones));
+  }
+  static __m256i finish(const GemmArgs&, __m256i acc, int64_t) { return acc; }
+};
+// (u8 activations q ^ 0x80, vpdpbusd; Vex: the AVX-VNNI encoding, else EVEX)
+template <bool Vex>
+struct VnniMul {
+  static void madd(__m256i& c, __m256i x, __m256i w, __m256i) {
+    if constexpr (Vex)
+      __asm__("%{vex%} vpdpbusd %[w], %[x], %[c]" : [c] "+x"(c) : [x] "x"(x), [w] "xm"(w));
+    else
+      __asm__("vpdpbusd %[w], %[x], %[c]" : [c] "+x"(c) : [x] "x"(x), [w] "xm"(w));
+  }
+  static __m256i finish(const GemmArgs& g, __m256i acc, int64_t n0) {
+    return _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.comp + n0)));
+  }
+};
+
 // The panel's vpshufb control dwords (control8 of each pair's position
 // bytes), ctrl[(4 qb + j) * 4 + v] for channels 8v .. 8v + 8: decoded once a
 // call and panel, then read by every row tile (decoding in the tile cost two
@@ -44,7 +74,7 @@ void panel_controls(const GemmArgs& g, int64_t p, __m256i* ctrl) {
   }
 }
 
-template <int MR>
+template <class Mul, int MR>
 inline void tile(const GemmArgs& g, const __m256i* ctrl, int64_t m, int64_t p, int half) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i c[MR][2];
@@ -63,17 +93,15 @@ inline void tile(const GemmArgs& g, const __m256i* ctrl, int64_t m, int64_t p, i
         int64_t a8;
         std::memcpy(&a8, g.a + (m + r) * g.lda + kQuadInputs * qb + 8 * j, 8);
         const __m256i ab = _mm256_set1_epi64x(a8);
-        const __m256i x0 = _mm256_shuffle_epi8(ab, k0), x1 = _mm256_shuffle_epi8(ab, k1);
-        const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(x0), _mm256_sign_epi8(v0, x0));
-        const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(x1), _mm256_sign_epi8(v1, x1));
-        c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(p0, ones));
-        c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(p1, ones));
+        Mul::madd(c[r][0], _mm256_shuffle_epi8(ab, k0), v0, ones);
+        Mul::madd(c[r][1], _mm256_shuffle_epi8(ab, k1), v1, ones);
       }
     }
   }
+  const int64_t n0 = p * kPanel + 16 * half;
   for (int r = 0; r < MR; ++r) {
-    store8(g, c[r][0], g.a_scale[m + r], m + r, p * kPanel + 16 * half);
-    store8(g, c[r][1], g.a_scale[m + r], m + r, p * kPanel + 16 * half + 8);
+    store8(g, Mul::finish(g, c[r][0], n0), g.a_scale[m + r], m + r, n0);
+    store8(g, Mul::finish(g, c[r][1], n0 + 8), g.a_scale[m + r], m + r, n0 + 8);
   }
 }
 
@@ -107,6 +135,7 @@ void build_lanes(const int8_t* a, int64_t groups, int8_t* lanes) {
 
 // One row x one whole panel (32 channels: the panel's bytes in address order,
 // and each activation lane load serves 32 channels).
+template <class Mul>
 inline void tile_row(const GemmArgs& g, const int8_t* lanes, int64_t m, int64_t p) {
   const __m256i ones = _mm256_set1_epi16(1), fields = _mm256_set1_epi32(0x0C030C03);
   const __m256i dwords = _mm256_setr_epi32(0, 0x04040404, 0x08080808, 0x0C0C0C0C, 0, 0x04040404, 0x08080808, 0x0C0C0C0C);
@@ -131,12 +160,12 @@ inline void tile_row(const GemmArgs& g, const int8_t* lanes, int64_t m, int64_t 
                                              _mm256_shuffle_epi8(lh, _mm256_and_si256(_mm256_srli_epi32(t, 4), fields)),
                                              0xAA);
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj + 32 * v));
-        const __m256i pr = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x));
-        c[v] = _mm256_add_epi32(c[v], _mm256_madd_epi16(pr, ones));
+        Mul::madd(c[v], x, w, ones);
       }
     }
   }
-  for (int v = 0; v < 4 && p * kPanel + 8 * v < g.n; ++v) store8(g, c[v], g.a_scale[m], m, p * kPanel + 8 * v);
+  for (int v = 0; v < 4 && p * kPanel + 8 * v < g.n; ++v)
+    store8(g, Mul::finish(g, c[v], p * kPanel + 8 * v), g.a_scale[m], m, p * kPanel + 8 * v);
 }
 
 thread_local std::vector<int8_t> t_lanes;
@@ -147,13 +176,13 @@ struct alignas(32) Ctrl {
 };
 thread_local std::vector<Ctrl> t_ctrl;
 
-}  // namespace
-void qs8_s24_gemm_4x16_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+template <class Mul>
+inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   if (m1 - m0 == 1) {
     const int64_t groups = 8 * g.quads;
     if (t_lanes.size() < static_cast<size_t>(16 * groups)) t_lanes.resize(16 * groups);
     build_lanes(reinterpret_cast<const int8_t*>(g.a + m0 * g.lda), groups, t_lanes.data());
-    for (int64_t p = p0; p < p1; ++p) tile_row(g, t_lanes.data(), m0, p);
+    for (int64_t p = p0; p < p1; ++p) tile_row<Mul>(g, t_lanes.data(), m0, p);
     return;
   }
   const int64_t words = g.quads * kQuadPairs * 4;
@@ -162,8 +191,32 @@ void qs8_s24_gemm_4x16_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p
   for (int64_t p = p0; p < p1; ++p) {
     panel_controls(g, p, ctrl);
     for (int half = 0; half < 2 && p * kPanel + 16 * half < g.n; ++half)
-      int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<h()>(g, ctrl, m, p, half); });
+      int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<Mul, h()>(g, ctrl, m, p, half); });
   }
+}
+
+}  // namespace
+
+void qs8_s24_gemm_4x16_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  gemm<SignMul>(g, m0, m1, p0, p1);
+}
+
+// The AVX-VNNI level's two encodings, each one function with everything
+// inlined (flatten) for the encoding test (tests/ops/test_int8_avxvnni.py).
+__attribute__((flatten, noinline)) void qs8_s24_gemm_4x16_avxvnni_vex(const GemmArgs& g, int64_t m0, int64_t m1,
+                                                                      int64_t p0, int64_t p1) {
+  gemm<VnniMul<true>>(g, m0, m1, p0, p1);
+}
+__attribute__((flatten, noinline)) void qs8_s24_gemm_4x16_avxvnni_evex(const GemmArgs& g, int64_t m0, int64_t m1,
+                                                                       int64_t p0, int64_t p1) {
+  gemm<VnniMul<false>>(g, m0, m1, p0, p1);
+}
+void qs8_s24_gemm_4x16_avxvnni(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  static const bool vex = cpu_features().avxvnni;
+  if (vex)
+    qs8_s24_gemm_4x16_avxvnni_vex(g, m0, m1, p0, p1);
+  else
+    qs8_s24_gemm_4x16_avxvnni_evex(g, m0, m1, p0, p1);
 }
 
 }  // namespace sparse24_int8

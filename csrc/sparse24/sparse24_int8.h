@@ -94,6 +94,11 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
 
 void qs8_s24_gemm_1x32_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_s24_gemm_4x16_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+// AVX-VNNI level: the VEX build where the CPU has AVX-VNNI, else its EVEX twin
+// (qs8_s24_gemm_4x16_avx2.cpp); the two are exported for the encoding test.
+void qs8_s24_gemm_4x16_avxvnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void qs8_s24_gemm_4x16_avxvnni_vex(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void qs8_s24_gemm_4x16_avxvnni_evex(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_s24_gemm_6x32_avx512vnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_s24_gemm_6x32_avx512icl(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 

@@ -1,13 +1,14 @@
-"""The AVX-VNNI level (vpdpbusd on ymm) of the int8 GEMM.
+"""The AVX-VNNI level (vpdpbusd on ymm): the int8 GEMM and the 2:4 int8 GEMM.
 
 No CPU or emulator that this project runs on executes VEX-encoded vpdpbusd
 (AVX-VNNI): Zen 4 has only the EVEX form, QEMU 10.0's TCG refuses the
 avx-vnni feature and Bochs 2.7's newest CPU model predates it. So the
-kernel is one source built twice in one file (qs8_gemm_6x16c4_avxvnni.cpp):
+kernels are each one source built twice in one file (qs8_gemm_6x16c4_avxvnni.cpp,
+qs8_s24_gemm_4x16_avx2.cpp):
 "{vex} vpdpbusd" in one function and the EVEX "vpdpbusd" in its twin, which
 AVX-512 VNNI machines run when capped at avx_vnni, and which the whole int8
-suite checks there (the `isa` fixture includes avx_vnni). This file checks
-the other half: the shipped library's two functions are the same instructions
+and 2:4 int8 suites check there (the `isa` fixture includes avx_vnni). This file checks
+the other half: the shipped library's two functions of each kernel are the same instructions
 apart from that one encoding, and the VEX one uses nothing beyond AVX2 +
 AVX-VNNI (no EVEX prefix, no zmm, no mask or upper registers).
 """
@@ -51,14 +52,18 @@ def _function(so: str, name: str):
     return insns
 
 
-@pytest.fixture(scope="module")
-def builds():
+# every kernel of the level, each built as a VEX function and its EVEX twin
+KERNELS = ["qs8_gemm_6x16c4_avxvnni", "qs8_s24_gemm_4x16_avxvnni"]
+
+
+@pytest.fixture(scope="module", params=KERNELS)
+def builds(request):
     if not _native.available():
         pytest.skip(f"native library not loaded: {_native.load_error()}")
     if not (shutil.which("objdump") and shutil.which("nm")):
         pytest.skip("binutils (objdump, nm) not installed")
     so = _library_path()
-    return _function(so, "qs8_gemm_6x16c4_avxvnni_vex"), _function(so, "qs8_gemm_6x16c4_avxvnni_evex")
+    return _function(so, request.param + "_vex"), _function(so, request.param + "_evex")
 
 
 def test_vex_build_is_the_tested_evex_twin_but_for_the_encoding(builds):
@@ -93,6 +98,12 @@ def test_level_is_chosen_only_where_it_runs():
             assert used == "avx_vnni" and pyaccel.backend_info().int8_kernel == "qs8_gemm_6x16c4_avxvnni"
         else:  # Zen 3, Skylake-X: the AVX2 kernels
             assert used in ("avx2", "portable")
+    # avx512 stands for AVX-512 without VNNI (Skylake-X): no VNNI kernel of any
+    # op may run there, even on a CPU that has VNNI (a Zen 4 capped at avx512)
+    if _native.isa_supported("avx512"):
+        with _native.isa_cap("avx512"):
+            kernels = pyaccel.backend_info().kernels
+        assert not any("vnni" in name for name in kernels.values()), kernels
 
 
 def test_same_bits_as_the_other_levels(gen):
