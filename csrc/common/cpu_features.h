@@ -56,6 +56,13 @@ bool set_isa_cap(const std::string& name);
 // Bumped whenever the cap changes, so dispatch tables know to re-select.
 int isa_generation();
 
+// The AVX-VNNI level's kernels are each built twice, VEX-encoded and as an
+// EVEX twin (see int8_gemm/qs8_gemm_6x16c4_avxvnni.cpp): the build this CPU runs.
+template <typename Fn>
+Fn avx_vnni_build(Fn vex, Fn evex) {
+  return cpu_features().avxvnni ? vex : evex;
+}
+
 const char* isa_name(Isa isa);
 bool parse_isa(const std::string& name, Isa* out);
 

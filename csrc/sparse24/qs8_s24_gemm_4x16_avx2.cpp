@@ -212,11 +212,8 @@ __attribute__((flatten, noinline)) void qs8_s24_gemm_4x16_avxvnni_evex(const Gem
   gemm<VnniMul<false>>(g, m0, m1, p0, p1);
 }
 void qs8_s24_gemm_4x16_avxvnni(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  static const bool vex = cpu_features().avxvnni;
-  if (vex)
-    qs8_s24_gemm_4x16_avxvnni_vex(g, m0, m1, p0, p1);
-  else
-    qs8_s24_gemm_4x16_avxvnni_evex(g, m0, m1, p0, p1);
+  static const auto build = avx_vnni_build(&qs8_s24_gemm_4x16_avxvnni_vex, &qs8_s24_gemm_4x16_avxvnni_evex);
+  build(g, m0, m1, p0, p1);
 }
 
 }  // namespace sparse24_int8
