@@ -50,6 +50,7 @@ py::dict cpu_info() {
   d["avx512_vbmi"] = f.avx512vbmi;
   d["avx512_bf16"] = f.avx512bf16;
   d["avx_vnni"] = f.avxvnni;
+  d["avx_vnni_vex_built"] = kVexVnniBuilt;  // the assembler knew AVX-VNNI: the VEX builds exist
   d["detected_isa"] = isa_name(detected_isa());
   py::list usable;  // levels this CPU can run, best first
   for (int i = static_cast<int>(Isa::kAvx512Icl); i >= 0; --i)

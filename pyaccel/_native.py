@@ -17,9 +17,10 @@ ISA_LADDER = ("avx512_icl", "avx512_vnni", "avx512", "avx_vnni", "avx2", "portab
 """CPU ISAs from best to worst. ``PYACCEL_CPU_ISA`` may only lower the choice.
 
 ``avx_vnni`` (vpdpbusd on ymm) runs on CPUs with AVX-VNNI (VEX encoding:
-Alder Lake and later Intel client cores, Sierra Forest) and on AVX-512 VNNI
-CPUs (the same kernels EVEX-encoded); an AVX-512 CPU without VNNI (Skylake-X)
-cannot run it, and a cap of ``avx_vnni`` there selects ``avx2``."""
+Alder Lake and later Intel client cores, Sierra Forest, Sapphire Rapids) and on
+AVX-512 VNNI CPUs without it (the same kernels EVEX-encoded: Ice Lake, Zen 4);
+an AVX-512 CPU without VNNI (Skylake-X) cannot run it, and a cap of
+``avx_vnni`` there selects ``avx2``."""
 
 _C = None
 _load_error: Optional[str] = None
@@ -63,8 +64,10 @@ def selected_isa() -> str:
 def set_isa_cap(name: str) -> None:
     """Cap the ISA the native kernels may use ('' removes the cap).
 
-    A cap only lowers the choice: asking for an ISA the CPU lacks leaves the
-    best available one in use. Mainly for tests and benchmarks.
+    A cap only lowers the choice: the level used is the best one at or below
+    the cap that the CPU can run (a cap above the CPU's ISA leaves its best one
+    in use; ``avx_vnni`` on a CPU without VNNI gives ``avx2``). Mainly for
+    tests and benchmarks.
     """
     if name and name not in ISA_LADDER:
         raise ValueError(f"isa: expected one of {ISA_LADDER} or '', got {name!r}")

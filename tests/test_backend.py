@@ -67,7 +67,7 @@ _PEAK_MIX = {"avx512_icl": "vpdpbusd zmm", "avx512_vnni": "vpdpbusd zmm",
              "avx512": "vpmaddubsw+vpmaddwd+vpaddd zmm", "avx2": "vpmaddubsw+vpmaddwd+vpaddd ymm",
              # the encoding the AVX-VNNI level's kernel runs: VEX with AVX-VNNI, else EVEX
              "avx_vnni": "vpdpbusd ymm" if _native.available() and _native.lib().cpu_info()["avx_vnni"]
-             else "vpdpbusd ymm (EVEX)"}
+             and _native.lib().cpu_info()["avx_vnni_vex_built"] else "vpdpbusd ymm (EVEX)"}
 
 
 def test_measure_peak_follows_the_selected_isa(isa):

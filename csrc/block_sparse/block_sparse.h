@@ -243,6 +243,19 @@ void qs8_bsr_gemm_scalar(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
 void qs8_bsr_gemm_avx2(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
 void qs8_bsr_slabs_avx2(const GemmArgsI8&, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
 void qs8_bsr_rows_avx2(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
+// AVX-VNNI level (qs8_bsr_gemm_avx2.cpp): the VEX builds where the CPU has
+// AVX-VNNI, else their EVEX twins (exported for the encoding test).
+void qs8_bsr_gemm_avxvnni(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
+void qs8_bsr_slabs_avxvnni(const GemmArgsI8&, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+void qs8_bsr_rows_avxvnni(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
+void qs8_bsr_gemm_avxvnni_vex(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
+void qs8_bsr_gemm_avxvnni_evex(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
+void qs8_bsr_slabs_avxvnni_vex(const GemmArgsI8&, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                               int);
+void qs8_bsr_slabs_avxvnni_evex(const GemmArgsI8&, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                int64_t, int);
+void qs8_bsr_rows_avxvnni_vex(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
+void qs8_bsr_rows_avxvnni_evex(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
 void qs8_bsr_pack_groups_avx2(const int8_t*, int64_t, int64_t, int64_t, int32_t*, int64_t, int64_t, int64_t, int);
 void qs8_bsr_gemm_avx512vnni(const GemmArgsI8&, int64_t, int64_t, int64_t, int64_t);
 void qs8_bsr_slabs_avx512vnni(const GemmArgsI8&, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);

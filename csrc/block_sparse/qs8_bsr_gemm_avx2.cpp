@@ -10,6 +10,13 @@
 // vpmaddwd with ones, vpaddd; 4 / 2 accumulator sets taken block by block.
 // Results staged per 16 block rows, moved by 8 x 8 transposes to int8_gemm's
 // AVX2 epilogue. One row of x: a gather row kernel (compact_rows).
+//
+// The same kernels serve the AVX-VNNI level (qs8_bsr_*_avxvnni): one
+// vpdpbusd per group on uint8 activations (q ^ 0x80), the sums starting at
+// -comp (128 * the channel's kept weights, as in the AVX-512 VNNI kernel). As
+// in int8_gemm/qs8_gemm_6x16c4_avxvnni.cpp, a VEX build ("{vex} vpdpbusd",
+// AVX-VNNI) and an EVEX twin (AVX-512 VNNI + VL: what AVX-512 machines capped
+// at avx_vnni run and test) differ only in that instruction.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -17,6 +24,7 @@
 #include <vector>
 
 #include "block_sparse/block_sparse.h"
+#include "common/cpu_features.h"
 #include "common/transpose_avx2.h"
 #include "int8_gemm/int8_gemm.h"
 #include "int8_gemm/qs8_gemm_avx2_tile.h"
@@ -25,11 +33,48 @@ namespace pyaccel {
 namespace block_sparse {
 namespace {
 
-template <int R>
+// The multiply-add of 8 lanes x 4 products (acc + sum a * w per int32 lane).
+// Sign trick (signed activations), |a| or |w| as vpmaddubsw's unsigned
+// operand (the same sums: which one is cheaper depends on which is broadcast).
+struct SignMul {
+  static constexpr bool kVnni = false;
+  static __m256i dot_a(__m256i acc, __m256i a, __m256i w) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(w, a)),
+                                                   _mm256_set1_epi16(1)));
+  }
+  static __m256i dot_w(__m256i acc, __m256i a, __m256i w) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w)),
+                                                   _mm256_set1_epi16(1)));
+  }
+};
+// vpdpbusd on uint8 activations a (q ^ 0x80) and int8 weights w; Vex: the
+// AVX-VNNI encoding, else EVEX.
+template <bool Vex>
+struct VnniMul {
+  static constexpr bool kVnni = true;
+  static __m256i dot_a(__m256i acc, __m256i a, __m256i w) {
+    if constexpr (Vex)
+      __asm__(PYACCEL_VEX_PREFIX "vpdpbusd %[w], %[a], %[c]" : [c] "+x"(acc) : [a] "x"(a), [w] "xm"(w));
+    else
+      __asm__("vpdpbusd %[w], %[a], %[c]" : [c] "+x"(acc) : [a] "x"(a), [w] "xm"(w));
+    return acc;
+  }
+  static __m256i dot_w(__m256i acc, __m256i a, __m256i w) { return dot_a(acc, a, w); }
+};
+
+template <class Mul, int R>
 inline void tile(const GemmArgsI8& g, int64_t m, int64_t r, int ch0) {
   __m256i acc[R][2];
-  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
-  const __m256i ones = _mm256_set1_epi16(1);
+  for (int i = 0; i < R; ++i) {
+    if constexpr (Mul::kVnni) {  // start at -comp of the 16 channels (comp holds bh_pad per block row)
+      const int32_t* comp = g.comp + r * g.bh_pad + ch0;
+      acc[i][0] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(comp)));
+      acc[i][1] =
+          _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(comp + 8)));
+    } else {
+      acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    }
+  }
   const int8_t* a0 = g.a + m * g.lda;
   const int64_t groups = g.bw4 / 4;
   for (int64_t b = g.rowptr[r]; b < g.rowptr[r + 1]; ++b) {
@@ -41,9 +86,9 @@ inline void tile(const GemmArgsI8& g, int64_t m, int64_t r, int ch0) {
       for (int i = 0; i < R; ++i) {
         int32_t a32;
         std::memcpy(&a32, ac + i * g.lda + 4 * q, 4);
-        const __m256i a = _mm256_set1_epi32(a32), aa = _mm256_abs_epi8(a);
-        acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(aa, _mm256_sign_epi8(w0, a)), ones));
-        acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(aa, _mm256_sign_epi8(w1, a)), ones));
+        const __m256i a = _mm256_set1_epi32(a32);
+        acc[i][0] = Mul::dot_a(acc[i][0], a, w0);
+        acc[i][1] = Mul::dot_a(acc[i][1], a, w1);
       }
     }
   }
@@ -61,14 +106,13 @@ inline void tile(const GemmArgsI8& g, int64_t m, int64_t r, int ch0) {
   }
 }
 
-template <int S, int GPB>
+template <class Mul, int S, int GPB>
 void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, int64_t s, int64_t r0, int64_t r1,
                int32_t* stage) {
   constexpr int L = S * 8;
   constexpr int64_t kRunRows = 16;
   constexpr int U = S >= 2 ? 2 : 4;
   const int64_t gpb = GPB > 0 ? GPB : g.bw4 / 4;
-  const __m256i ones = _mm256_set1_epi16(1);
   int8_gemm::GemmArgs e = epilogue_args(g, 0);
   for (int64_t rf = r0; rf < r1; rf += kRunRows) {
     const int64_t rl = std::min<int64_t>(r1, rf + kRunRows);
@@ -79,16 +123,18 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
         __m256i acc[U][S];
         for (int u = 0; u < U; ++u)
           for (int t = 0; t < S; ++t) acc[u][t] = _mm256_setzero_si256();
+        if constexpr (Mul::kVnni)  // the first set starts at -comp
+          for (int t = 0; t < S; ++t) acc[0][t] = _mm256_set1_epi32(-g.comp[r * g.bh_pad + i]);
         const int32_t* wi = g.w4 + i * gpb;
         const int32_t* xs = xg + s * sst;
         auto add_block = [&](int64_t b, __m256i (&a)[S]) {
           const int32_t* w = wi + b * g.bh * gpb;
           const int32_t* xb = xs + (static_cast<uint32_t>(g.colk[b]) >> 2) * 8;
           for (int64_t q = 0; q < gpb; ++q) {
-            const __m256i wv = _mm256_set1_epi32(w[q]), wa = _mm256_abs_epi8(wv);
+            const __m256i wv = _mm256_set1_epi32(w[q]);
             for (int t = 0; t < S; ++t) {
               const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + q * 8 + t * sst));
-              a[t] = _mm256_add_epi32(a[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, wv)), ones));
+              a[t] = Mul::dot_w(a[t], x, wv);
             }
           }
         };
@@ -126,10 +172,10 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
 // time, the activation words gathered from the row at the blocks' columns
 // (vpgatherdd), the channel's weight words loaded (gathered for blocks of
 // several rows), the sign trick; 8 channels' sums to the epilogue together.
-template <bool CONTIGUOUS>
+template <class Mul, bool CONTIGUOUS>
 void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
   const int64_t gpb = g.bw4 / 4;
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), ones = _mm256_set1_epi16(1);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const int64_t c_first = r0 * g.bh, c_last = std::min<int64_t>(r1 * g.bh, g.n);
   const int8_gemm::GemmArgs e = epilogue_args(g, c_last);
   for (int64_t m = m0; m < m1; ++m) {
@@ -159,19 +205,18 @@ void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64
                   _mm256_set1_epi32(static_cast<int32_t>(i * gpb + q)));
               w = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), g.w4, wi, k, 4);
             }
-            // signed activations: |x| x sign(w, x), pair sums <= 2 * 127 * 127
-            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x)), ones);
+            // (lanes past the channel's blocks: x = w = 0, no product)
             if ((b - b0) & 8)
-              acc1 = _mm256_add_epi32(acc1, p);
+              acc1 = Mul::dot_a(acc1, x, w);
             else
-              acc0 = _mm256_add_epi32(acc0, p);
+              acc0 = Mul::dot_a(acc0, x, w);
           }
         }
         const __m256i t = _mm256_add_epi32(acc0, acc1);
         __m128i h = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
         h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
         h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
-        sums[j++] = _mm_cvtsi128_si32(h);
+        sums[j++] = _mm_cvtsi128_si32(h) - (Mul::kVnni ? g.comp[r * g.bh_pad + i] : 0);
         if (j == 8) {
           int8_gemm::avx2_tile::store8(e, _mm256_load_si256(reinterpret_cast<const __m256i*>(sums)), g.a_scale[m], m,
                                        c0);
@@ -185,19 +230,18 @@ void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64
   }
 }
 
-template <int GPB>
+template <class Mul, int GPB>
 void slab_runs(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, int64_t s0, int64_t s1,
                int64_t r0, int64_t r1, int32_t* stage) {
   for_each_slab_run<2>(s0, s1, [&](int64_t s, auto run) {
-    slab_rows<decltype(run)::value, GPB>(g, xg, sst, m, s, r0, r1, stage);
+    slab_rows<Mul, decltype(run)::value, GPB>(g, xg, sst, m, s, r0, r1, stage);
   });
 }
 
 thread_local std::vector<int32_t> t_stage;
 
-}  // namespace
-
-void qs8_bsr_gemm_avx2(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+template <class Mul>
+inline void gemm(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
   const int64_t mc = std::max<int64_t>(8, (int64_t(256) << 10) / std::max<int64_t>(1, g.lda) / 4 * 4);
   for (int64_t ma = m0; ma < m1; ma += mc) {
     const int64_t mb = std::min(m1, ma + mc);
@@ -205,11 +249,11 @@ void qs8_bsr_gemm_avx2(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, 
       const int64_t end = std::min<int64_t>(r * g.bh + g.bh, g.n);
       for (int ch = 0; ch < g.bh_pad && r * g.bh + ch < end; ch += 16) {
         int64_t m = ma;
-        for (; m + 4 <= mb; m += 4) tile<4>(g, m, r, ch);
+        for (; m + 4 <= mb; m += 4) tile<Mul, 4>(g, m, r, ch);
         switch (mb - m) {
-          case 3: tile<3>(g, m, r, ch); break;
-          case 2: tile<2>(g, m, r, ch); break;
-          case 1: tile<1>(g, m, r, ch); break;
+          case 3: tile<Mul, 3>(g, m, r, ch); break;
+          case 2: tile<Mul, 2>(g, m, r, ch); break;
+          case 1: tile<Mul, 1>(g, m, r, ch); break;
           default: break;
         }
       }
@@ -217,15 +261,35 @@ void qs8_bsr_gemm_avx2(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, 
   }
 }
 
-void qs8_bsr_slabs_avx2(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, int64_t s0, int64_t s1,
-                        int64_t r0, int64_t r1, int /*sw: 8 here*/) {
+template <class Mul>
+inline void slabs(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, int64_t s0, int64_t s1, int64_t r0,
+                  int64_t r1) {
   const size_t words = 16 * kSmallBlockRows * 2 * 8 + 8;
   if (t_stage.size() < words) t_stage.resize(words);
   int32_t* stage = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(t_stage.data()) + 31) & ~uintptr_t(31));
   if (g.bw4 == 4)
-    slab_runs<1>(g, xg, sst, m, s0, s1, r0, r1, stage);
+    slab_runs<Mul, 1>(g, xg, sst, m, s0, s1, r0, r1, stage);
   else
-    slab_runs<0>(g, xg, sst, m, s0, s1, r0, r1, stage);
+    slab_runs<Mul, 0>(g, xg, sst, m, s0, s1, r0, r1, stage);
+}
+
+template <class Mul>
+inline void rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+  if (g.bh == 1 && g.bw4 == 4)
+    compact_rows<Mul, true>(g, m0, m1, r0, r1);
+  else
+    compact_rows<Mul, false>(g, m0, m1, r0, r1);
+}
+
+}  // namespace
+
+void qs8_bsr_gemm_avx2(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+  gemm<SignMul>(g, m0, m1, r0, r1);
+}
+
+void qs8_bsr_slabs_avx2(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, int64_t s0, int64_t s1,
+                        int64_t r0, int64_t r1, int /*sw: 8 here*/) {
+  slabs<SignMul>(g, xg, sst, m, s0, s1, r0, r1);
 }
 
 // 8-row slabs: 8 x 8 blocks of activation words transposed in registers (a
@@ -255,10 +319,46 @@ void qs8_bsr_pack_groups_avx2(const int8_t* q, int64_t lda, int64_t m, int64_t n
 }
 
 void qs8_bsr_rows_avx2(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
-  if (g.bh == 1 && g.bw4 == 4)
-    compact_rows<true>(g, m0, m1, r0, r1);
-  else
-    compact_rows<false>(g, m0, m1, r0, r1);
+  rows<SignMul>(g, m0, m1, r0, r1);
+}
+
+// The AVX-VNNI level: each kernel's VEX build and EVEX twin, everything
+// inlined (flatten) for the encoding test (tests/ops/test_int8_avxvnni.py).
+#define PYACCEL_FLAT __attribute__((flatten, noinline))
+PYACCEL_FLAT void qs8_bsr_gemm_avxvnni_vex(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+  gemm<VnniMul<true>>(g, m0, m1, r0, r1);
+}
+PYACCEL_FLAT void qs8_bsr_gemm_avxvnni_evex(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+  gemm<VnniMul<false>>(g, m0, m1, r0, r1);
+}
+PYACCEL_FLAT void qs8_bsr_slabs_avxvnni_vex(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, int64_t s0,
+                                            int64_t s1, int64_t r0, int64_t r1, int) {
+  slabs<VnniMul<true>>(g, xg, sst, m, s0, s1, r0, r1);
+}
+PYACCEL_FLAT void qs8_bsr_slabs_avxvnni_evex(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m,
+                                             int64_t s0, int64_t s1, int64_t r0, int64_t r1, int) {
+  slabs<VnniMul<false>>(g, xg, sst, m, s0, s1, r0, r1);
+}
+PYACCEL_FLAT void qs8_bsr_rows_avxvnni_vex(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+  rows<VnniMul<true>>(g, m0, m1, r0, r1);
+}
+PYACCEL_FLAT void qs8_bsr_rows_avxvnni_evex(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+  rows<VnniMul<false>>(g, m0, m1, r0, r1);
+}
+#undef PYACCEL_FLAT
+
+void qs8_bsr_gemm_avxvnni(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+  static const auto build = avx_vnni_build(&qs8_bsr_gemm_avxvnni_vex, &qs8_bsr_gemm_avxvnni_evex);
+  build(g, m0, m1, r0, r1);
+}
+void qs8_bsr_slabs_avxvnni(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, int64_t s0, int64_t s1,
+                           int64_t r0, int64_t r1, int sw) {
+  static const auto build = avx_vnni_build(&qs8_bsr_slabs_avxvnni_vex, &qs8_bsr_slabs_avxvnni_evex);
+  build(g, xg, sst, m, s0, s1, r0, r1, sw);
+}
+void qs8_bsr_rows_avxvnni(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+  static const auto build = avx_vnni_build(&qs8_bsr_rows_avxvnni_vex, &qs8_bsr_rows_avxvnni_evex);
+  build(g, m0, m1, r0, r1);
 }
 
 }  // namespace block_sparse

@@ -28,6 +28,7 @@ CpuFeatures detect() {
   }
   if (__get_cpuid_max(0, nullptr) < 7) return f;
   __cpuid_count(7, 0, a, b, c, d);
+  const unsigned max_subleaf7 = a;
   f.avx2 = f.os_avx && ((b >> 5) & 1);
   f.bmi1 = (b >> 3) & 1;
   f.bmi2 = (b >> 8) & 1;
@@ -38,6 +39,7 @@ CpuFeatures detect() {
   f.avx512vnni = f.os_avx512 && ((c >> 11) & 1);
   f.avx512vbmi = f.os_avx512 && ((c >> 1) & 1);
   f.avx512vpopcntdq = f.os_avx512 && ((c >> 14) & 1);
+  if (max_subleaf7 < 1) return f;
   __cpuid_count(7, 1, a, b, c, d);
   f.avx512bf16 = f.os_avx512 && ((a >> 5) & 1);
   f.avxvnni = f.os_avx && ((a >> 4) & 1);
@@ -88,7 +90,7 @@ bool isa_usable(Isa isa) {
   if (static_cast<int>(isa) > static_cast<int>(detected_isa())) return false;
   if (isa != Isa::kAvxVnni) return true;
   const CpuFeatures& f = cpu_features();
-  return f.avxvnni || (f.avx512vnni && f.avx512vl);
+  return (kVexVnniBuilt && f.avxvnni) || (f.avx512f && f.avx512vnni && f.avx512vl);
 }
 
 bool isa_allows(Isa selected, Isa entry) {

@@ -14,8 +14,9 @@ namespace pyaccel {
 enum class Isa : int {
   kPortable = 0,   // plain C++, any x86-64
   kAvx2 = 1,       // AVX2 + FMA
-  kAvxVnni = 2,    // AVX2 + FMA + AVX-VNNI (VEX vpdpbusd on ymm): Alder Lake and later client
-                   // cores, Sierra Forest; on AVX-512 VNNI CPUs the same kernels run EVEX-encoded
+  kAvxVnni = 2,    // AVX2 + FMA + vpdpbusd on ymm: VEX-encoded on CPUs with AVX-VNNI (Alder Lake
+                   // and later client cores, Sierra Forest, Sapphire Rapids, Zen 5), EVEX-encoded
+                   // on AVX-512 VNNI CPUs without it (Ice Lake, Zen 4), when capped at this level
   kAvx512 = 3,     // AVX-512 F/BW/DQ/VL
   kAvx512Vnni = 4, // AVX-512 + VNNI (vpdpbusd): Cascade Lake
   kAvx512Icl = 5,  // AVX-512 + VNNI + VBMI (vpmultishiftqb, vpermb) + VPOPCNTDQ: Ice Lake, Zen 4 and later
@@ -36,7 +37,7 @@ const CpuFeatures& cpu_features();
 Isa detected_isa();
 
 // True when this CPU can run kernels of level `isa`: isa <= detected_isa(),
-// and for kAvxVnni also AVX-VNNI or AVX-512 VNNI + VL.
+// and for kAvxVnni also AVX-VNNI (with the VEX build present) or AVX-512 VNNI + VL.
 bool isa_usable(Isa isa);
 
 // True when a kernel built for level `entry` may run while level `selected`
@@ -57,10 +58,21 @@ bool set_isa_cap(const std::string& name);
 int isa_generation();
 
 // The AVX-VNNI level's kernels are each built twice, VEX-encoded and as an
-// EVEX twin (see int8_gemm/qs8_gemm_6x16c4_avxvnni.cpp): the build this CPU runs.
+// EVEX twin (see int8_gemm/qs8_gemm_6x16c4_avxvnni.cpp). The VEX build exists
+// only where the assembler knows AVX-VNNI (PYACCEL_VEX_VNNI, set by CMake);
+// without it the "VEX" functions hold EVEX code too and are never chosen.
+#ifdef PYACCEL_VEX_VNNI
+constexpr bool kVexVnniBuilt = true;
+#define PYACCEL_VEX_PREFIX "%{vex%} "
+#else
+constexpr bool kVexVnniBuilt = false;
+#define PYACCEL_VEX_PREFIX ""
+#endif
+// The build this CPU runs: VEX where it has AVX-VNNI (and the build exists),
+// else the EVEX twin (an AVX-512 VNNI CPU; isa_usable guarantees one of the two).
 template <typename Fn>
 Fn avx_vnni_build(Fn vex, Fn evex) {
-  return cpu_features().avxvnni ? vex : evex;
+  return kVexVnniBuilt && cpu_features().avxvnni ? vex : evex;
 }
 
 const char* isa_name(Isa isa);

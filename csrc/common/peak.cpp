@@ -26,8 +26,8 @@ struct Choice {
 Choice choose(const char* kind) {
   const Isa isa = selected_isa();
   // the AVX-VNNI level: vpdpbusd ymm, in the encoding its GEMM kernel runs
-  const Choice ymm_vnni = cpu_features().avxvnni ? Choice{int8_avxvnni_vex, "vpdpbusd ymm"}
-                                                 : Choice{int8_avxvnni_evex, "vpdpbusd ymm (EVEX)"};
+  const Probe ymm_probe = avx_vnni_build(&int8_avxvnni_vex, &int8_avxvnni_evex);
+  const Choice ymm_vnni{ymm_probe, ymm_probe == &int8_avxvnni_vex ? "vpdpbusd ymm" : "vpdpbusd ymm (EVEX)"};
   if (std::strcmp(kind, "int8") == 0) {
     if (isa >= Isa::kAvx512Vnni) return {int8_vnni, "vpdpbusd zmm"};
     if (isa == Isa::kAvxVnni) return ymm_vnni;

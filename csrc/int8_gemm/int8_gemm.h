@@ -137,7 +137,7 @@ constexpr int64_t kAvx2RowPathRows = 4;
 // 1024x4096 at 8, 12 and 16 rows; 1.05x the other way at 4 rows).
 constexpr int64_t kAvx2U7RowPathRows = 4;
 // The same for the AVX-VNNI kernel (one-row path over whole panels, then the
-// 4x16 tile).
+// 6x16 tile).
 constexpr int64_t kAvxVnniRowPathRows = 2;
 
 // The kernel for selected_isa(); chosen once per ISA-cap generation.

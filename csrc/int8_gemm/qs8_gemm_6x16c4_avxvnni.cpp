@@ -40,7 +40,7 @@ struct VnniStep {
   // around it, see the AVX-512 VNNI kernel); w in a register or memory.
   static void madd(__m256i& c, const __m256i& w, __m256i a) {
     if constexpr (Vex)
-      __asm__("%{vex%} vpdpbusd %[w], %[a], %[c]" : [c] "+x"(c) : [a] "x"(a), [w] "xm"(w));
+      __asm__(PYACCEL_VEX_PREFIX "vpdpbusd %[w], %[a], %[c]" : [c] "+x"(c) : [a] "x"(a), [w] "xm"(w));
     else
       __asm__("vpdpbusd %[w], %[a], %[c]" : [c] "+x"(c) : [a] "x"(a), [w] "xm"(w));
   }

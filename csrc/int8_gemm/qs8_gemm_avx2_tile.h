@@ -1,7 +1,7 @@
-// The AVX2 int8 GEMM tiles, shared by the two AVX2 kernels (include only from
-// sources compiled with the AVX2 flags). A kernel supplies its multiply-add
+// The AVX2 int8 GEMM tiles, shared by the AVX2 and AVX-VNNI kernels (include
+// only from sources compiled with the AVX2 flags). A kernel supplies its multiply-add
 // step as a policy S:
-//   S::weights(b)                  weight register of the 4-row tile (8 channels x 4 k)
+//   S::weights(b)                  weight register of the row tile (8 channels x 4 k)
 //   S::step(c, wr, a, b, ones)     c += w * a for 8 channels x 4 k (a: broadcast activations)
 //   S::row_a(a)                    per-k-group form of a row's activations (row path)
 //   S::row_step(c, ra, b, ones)    row path: c += w(at b) * a
@@ -13,6 +13,7 @@
 // (both tiles).
 // qs8_gemm_6x8c4_avx2.cpp: 8-bit activations; uses only tile_row (sign trick,
 // 4 instructions per step) and has its own int16 tile for more rows.
+// qs8_gemm_6x16c4_avxvnni.cpp: vpdpbusd, 1 instruction per step, 6-row tile.
 #pragma once
 #include <immintrin.h>
 
@@ -144,7 +145,7 @@ inline void tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0, co
 #undef PYACCEL_AVX2_ROW_STORE
 
 // One row x one whole panel (64 channels, 8 accumulators): the panel's bytes
-// in address order. The 4-row tile above takes a 16-channel quarter per pass,
+// in address order. The row tile above takes a 16-channel quarter per pass,
 // i.e. 64 of every 256 bytes, four passes per panel; at M = 1, where the
 // kernel is bound by streaming the weights, that strided pattern measured
 // 13 GB/s on 4096x4096 (Zen 4 capped at AVX2) -- see int8_gemm/README.md.

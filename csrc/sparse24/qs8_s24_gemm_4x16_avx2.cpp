@@ -51,7 +51,7 @@ template <bool Vex>
 struct VnniMul {
   static void madd(__m256i& c, __m256i x, __m256i w, __m256i) {
     if constexpr (Vex)
-      __asm__("%{vex%} vpdpbusd %[w], %[x], %[c]" : [c] "+x"(c) : [x] "x"(x), [w] "xm"(w));
+      __asm__(PYACCEL_VEX_PREFIX "vpdpbusd %[w], %[x], %[c]" : [c] "+x"(c) : [x] "x"(x), [w] "xm"(w));
     else
       __asm__("vpdpbusd %[w], %[x], %[c]" : [c] "+x"(c) : [x] "x"(x), [w] "xm"(w));
   }

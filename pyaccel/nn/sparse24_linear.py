@@ -185,7 +185,7 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
         if self.values.device.type == "cpu" and _native.available():
             self._packed = s24.pack_sparse24_int8(self.values, self.metadata, self.in_features)
             # the selected kernel says from how many rows the dense int8 kernel beats it
-            # (the AVX-512 VNNI one without VBMI: 8); then the module switches to it, on a
+            # (the AVX-512 VNNI one without VBMI: 8; the AVX-VNNI one: 2); then the module switches to it, on a
             # dense packing built on first use (about 1.6x the sparse weight memory)
             rows = _native.lib().s24i8_dense_from_rows()
             self._switch_rows = rows if rows > 0 else PackedLinear._switch_rows
