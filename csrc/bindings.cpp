@@ -396,7 +396,7 @@ class LinearPlan {
       for (Py_ssize_t i = 0; i + 1 < nd; ++i) m *= as_i64(PyTuple_GET_ITEM(shape.ptr(), i));
       ldx = k_;
     }
-    if (m >= max_rows) return py::none();
+    if (m >= row_limit()) return py::none();
     // y = torch.empty(*shape[:-1], n[, dtype=x.dtype]): the keyword only when
     // x's dtype is not the default (it costs ~0.4 µs)
     py::object dims = own(PyTuple_New(nd));
@@ -430,6 +430,14 @@ class LinearPlan {
   // forward() declines calls of this many rows or more (a module whose
   // kernel loses to another there switches in Python)
   int64_t max_rows = INT64_MAX;
+  // max_rows, or for a 2:4 int8 plan the row count from which the kernel
+  // selected now says dense int8 beats it (read per call: the ISA cap may
+  // have changed since the plan was made)
+  int64_t row_limit() const {
+    if (kind_ != Kind::kSparse24Int8) return max_rows;
+    const int rows = sparse24_int8::select_kernel().dense_from_rows;
+    return rows > 0 ? std::min<int64_t>(rows, max_rows) : max_rows;
+  }
 
   void run(uintptr_t x, int64_t ldx, bool bf16, int64_t m, uintptr_t y, int nthreads) const {
     py::gil_scoped_release nogil;

@@ -184,12 +184,20 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
     def _pack(self) -> None:
         if self.values.device.type == "cpu" and _native.available():
             self._packed = s24.pack_sparse24_int8(self.values, self.metadata, self.in_features)
-            # the selected kernel says from how many rows the dense int8 kernel beats it
-            # (the AVX-512 VNNI one without VBMI: 8; the AVX-VNNI one: 2); then the module switches to it, on a
-            # dense packing built on first use (about 1.6x the sparse weight memory)
-            rows = _native.lib().s24i8_dense_from_rows()
-            self._switch_rows = rows if rows > 0 else PackedLinear._switch_rows
             self._plan = self._make_plan("sparse24_int8", self._packed, self.weight_scale)
+            if self._plan is not None:  # the native plan reads the kernel's switch point per call itself
+                self._plan.max_rows = PackedLinear._switch_rows
+
+    @property
+    def _switch_rows(self) -> int:
+        """From how many rows the 2:4 int8 kernel selected now loses to the dense
+        int8 kernel (the AVX-512 VNNI one without VBMI: 8; the AVX-VNNI one: 2),
+        so the module switches to that one, on a dense packing built on first
+        use (about 1.6x the sparse weight memory). Read per call: the ISA cap
+        (PYACCEL_CPU_ISA, pyaccel._native.isa_cap) may change after packing."""
+        C = _native.lib()
+        rows = C.s24i8_dense_from_rows() if C is not None else 0
+        return rows if rows > 0 else PackedLinear._switch_rows
 
     def _switch_plan(self):
         """Native plan of the dense int8 kernel over a dense packing (built once)."""
@@ -209,7 +217,11 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
                                                       self.weight_scale, bias, self._packed)
 
     def backend(self) -> str:
-        return self._backend_name(self.values.device, "s24i8_kernel_name")
+        name = self._backend_name(self.values.device, "s24i8_kernel_name")
+        rows = self._switch_rows
+        if name.startswith("cpu/") and name != "cpu/reference" and rows < PackedLinear._switch_rows:
+            name = f"{name[:-1]}; dense {_native.lib().int8_kernel_name()} from {rows} rows)"
+        return name
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -151,3 +151,28 @@ def test_same_bits_as_the_other_levels(gen):
                         outs[isa] = ops.int8_linear_cpu(x, w.values, w.scale, b, None, act_bits=bits)
             for isa, y in outs.items():
                 assert torch.equal(y, outs["avx_vnni"]), (m, bits, isa)
+
+
+def test_sparse24_int8_switch_follows_the_cap(gen):
+    """Sparse24Int8Linear switches to the dense int8 kernel from the row count
+    the 2:4 kernel selected at call time names (2 at avx_vnni), whatever level
+    was selected when the module was built; backend() says so."""
+    from pyaccel.formats import sparse24 as s24
+    from pyaccel.nn import Sparse24Int8Linear
+
+    if not _native.isa_supported("avx_vnni"):
+        pytest.skip("this CPU cannot run the avx_vnni level (no AVX-VNNI, no AVX-512 VNNI)")
+    lin = torch.nn.Linear(72, 40)
+    with torch.no_grad():
+        lin.weight.mul_(s24.mask_24(lin.weight))
+    with _native.isa_cap("avx2"):  # built where no switch applies
+        mod = Sparse24Int8Linear.from_float(lin)
+        assert "dense" not in mod.backend()
+    x = torch.randn(3, 72, generator=gen)
+    with _native.isa_cap("avx_vnni"):
+        y = mod(x)
+        assert mod._dense is not None and "dense qs8_gemm_6x16c4_avxvnni from 2 rows" in mod.backend(), mod.backend()
+        y1 = mod(x[:1])  # one row: the 2:4 kernel
+    with _native.isa_cap("avx2"):
+        assert "dense" not in mod.backend()
+        assert torch.equal(mod(x), y) and torch.equal(mod(x[:1]), y1)
