@@ -136,9 +136,11 @@ constexpr int64_t kAvx2RowPathRows = 4;
 // path from 8 rows on (measured, Zen 4 capped at AVX2, interleaved: 4096^2 and
 // 1024x4096 at 8, 12 and 16 rows; 1.05x the other way at 4 rows).
 constexpr int64_t kAvx2U7RowPathRows = 4;
-// The same for the AVX-VNNI kernel (one-row path over whole panels, then the
-// 6x16 tile).
-constexpr int64_t kAvxVnniRowPathRows = 2;
+// The same for the AVX-VNNI kernel: the one-row path for one row, the 6x16
+// tile from 2 (measured, Zen 4 at avx_vnni, EVEX, 2 threads, interleaved
+// against the AVX2 kernel: at 2 rows the tile ran 1.17 - 1.58x, the row path
+// 0.92 - 0.97x; 1024x4096, 4096^2 and MiniLM's 384 / 1536 shapes).
+constexpr int64_t kAvxVnniRowPathRows = 1;
 
 // The kernel for selected_isa(); chosen once per ISA-cap generation.
 // act_bits 8: activations in [-127, 127]; 7: in [-63, 63] (the opt-in mode
