@@ -80,7 +80,8 @@ def backend_info() -> BackendInfo:
     C = _native.lib()
     if C is not None:
         info = C.cpu_info()
-        feats = {k: v for k, v in info.items() if isinstance(v, bool)}
+        # CPUID flags only (avx_vnni_vex_built says how the library was built, not what the CPU has)
+        feats = {k: v for k, v in info.items() if isinstance(v, bool) and not k.endswith("_built")}
         isa, detected, kernel = info["selected_isa"], info["detected_isa"], C.int8_kernel_name()
         kernels = {op: p["name"] for op, p in C.kernel_params().items()}
     else:
