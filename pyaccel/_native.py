@@ -35,7 +35,7 @@ else:
         _load_error = f"{type(exc).__name__}: {exc}"
 
 _env_isa = os.environ.get("PYACCEL_CPU_ISA", "")
-if _env_isa and _env_isa not in ISA_LADDER:
+if _env_isa and _env_isa.lower() not in ISA_LADDER:
     warnings.warn(
         f"PYACCEL_CPU_ISA={_env_isa!r} is not one of {ISA_LADDER}; ignored",
         RuntimeWarning,
@@ -69,8 +69,9 @@ def set_isa_cap(name: str) -> None:
     in use; ``avx_vnni`` on a CPU without VNNI gives ``avx2``). Mainly for
     tests and benchmarks.
     """
-    if name and name not in ISA_LADDER:
+    if name and name.lower() not in ISA_LADDER:
         raise ValueError(f"isa: expected one of {ISA_LADDER} or '', got {name!r}")
+    name = name.lower()
     if _C is None:
         raise RuntimeError(f"pyaccel native library not loaded ({_load_error})")
     _C.set_isa_cap(name)

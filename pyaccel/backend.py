@@ -22,6 +22,10 @@ class BackendInfo:
         cpu_isa: ISA the CPU kernels use: avx512_icl | avx512_vnni | avx512 | avx_vnni | avx2 | portable | none.
         cpu_isa_detected: best ISA the CPU supports.
         isa_override: value of PYACCEL_CPU_ISA (it can only lower the choice), or None.
+            The native library reads it once, at its first use; the text form
+            says when the value is not the cap in effect (set later, unknown,
+            or changed by ``pyaccel._native.isa_cap``).
+        isa_cap: the cap in effect in the native library (None: none, or no library).
         backend_override: value of PYACCEL_BACKEND, or None.
         int8_kernel: the int8 GEMM micro-kernel in use.
         kernels: every op family's CPU micro-kernel in use now (int8, int8_a7,
@@ -46,6 +50,18 @@ class BackendInfo:
     triton_version: Optional[str]
     cuda_device: Optional[str]
     kernels: dict = dataclasses.field(default_factory=dict)
+    isa_cap: Optional[str] = None
+
+    def _override_text(self) -> str:
+        env = self.isa_override
+        if not env:
+            return "PYACCEL_CPU_ISA=unset"
+        if env.lower() not in _native.ISA_LADDER:
+            return f"PYACCEL_CPU_ISA={env}: ignored, not one of {', '.join(_native.ISA_LADDER)}"
+        if self.native_loaded and (self.isa_cap or "avx512_icl") != env.lower():
+            return (f"PYACCEL_CPU_ISA={env}: not in effect (read once, at the library's first use; "
+                    f"cap now {self.isa_cap or 'none'})")
+        return f"PYACCEL_CPU_ISA={env}"
 
     def __str__(self) -> str:
         native = "loaded" if self.native_loaded else f"NOT loaded ({self.native_error})"
@@ -53,7 +69,7 @@ class BackendInfo:
         lines = [
             f"pyaccel native library   : {native}",
             f"CPU ISA in use           : {self.cpu_isa} (detected {self.cpu_isa_detected}; "
-            f"PYACCEL_CPU_ISA={self.isa_override or 'unset'})",
+            f"{self._override_text()})",
             f"int8 GEMM kernel         : {self.int8_kernel or 'reference (PyTorch)'}",
             *(f"{(op + ' kernel'):<25}: {name}" for op, name in self.kernels.items() if op != "int8"),
             f"CPU features             : {feats}",
@@ -83,9 +99,10 @@ def backend_info() -> BackendInfo:
         # CPUID flags only (avx_vnni_vex_built says how the library was built, not what the CPU has)
         feats = {k: v for k, v in info.items() if isinstance(v, bool) and not k.endswith("_built")}
         isa, detected, kernel = info["selected_isa"], info["detected_isa"], C.int8_kernel_name()
+        cap = info["isa_cap"]  # avx512_icl, the top level, when no cap is set
         kernels = {op: p["name"] for op, p in C.kernel_params().items()}
     else:
-        feats, isa, detected, kernel, kernels = {}, "none", "unknown", None, {}
+        feats, isa, detected, kernel, kernels, cap = {}, "none", "unknown", None, {}, None
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return BackendInfo(
         native_loaded=C is not None,
@@ -96,6 +113,7 @@ def backend_info() -> BackendInfo:
         backend_override=os.environ.get("PYACCEL_BACKEND") or None,
         int8_kernel=kernel,
         cpu_features=feats,
+        isa_cap=cap,
         threads=torch.get_num_threads(),
         triton_version=_triton_version(),
         cuda_device=cuda,

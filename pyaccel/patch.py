@@ -366,17 +366,28 @@ def _param_owners(model: nn.Module) -> Dict[int, List[Tuple[str, int]]]:
     return owners
 
 
-def _tied_reason(mod: nn.Module, path: str, owners) -> Optional[str]:
-    """Why a layer whose weight Parameter another module also holds (tied
-    embeddings and output layers) stays: a swap would untie them."""
-    w = mod._parameters.get("weight") if hasattr(mod, "_parameters") else None
+def tied_owner(mod: nn.Module, path: str, owners) -> Optional[str]:
+    """The path of another module (outside mod's subtree) holding mod's weight
+    Parameter -- its plain weight, a torch.nn.utils.prune weight_orig or a
+    parametrization's original -- as tied embeddings and output layers do;
+    None when there is none. owners: _param_owners(model)."""
+    params = getattr(mod, "_parameters", {})
+    w = params.get("weight")
+    if w is None:
+        w = params.get("weight_orig")
     if w is None and hasattr(mod, "parametrizations") and "weight" in getattr(mod, "parametrizations", {}):
         w = mod.parametrizations.weight.original
     inside = f"{path}." if path else ""
     others = [p for p, i in owners.get(id(w), []) if i != id(mod) and not p.startswith(inside)] if w is not None else []
-    if others:
-        return (f"weight is tied to {others[0] or '<root>'}'s (the same Parameter): a swap would untie them; "
-                "left as is")
+    return (others[0] or "<root>") if others else None
+
+
+def _tied_reason(mod: nn.Module, path: str, owners) -> Optional[str]:
+    """Why a layer whose weight Parameter another module also holds (tied
+    embeddings and output layers) stays: a swap would untie them."""
+    other = tied_owner(mod, path, owners)
+    if other is not None:
+        return f"weight is tied to {other}'s (the same Parameter): a swap would untie them; left as is"
     return None
 
 

@@ -22,7 +22,7 @@ from torch.nn.utils import prune as _torch_prune
 
 from pyaccel._linear_source import hf_conv1d_type, module_hooks, read_tensor
 from pyaccel.formats.sparse24 import mask_24
-from pyaccel.patch import selection_reason
+from pyaccel.patch import _param_owners, selection_reason, tied_owner
 
 MIN_IN_FEATURES = 8
 
@@ -66,6 +66,7 @@ def _choose(model, filter_fn, include, exclude, min_in: int, what: str) -> List[
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     chosen: List[Tuple[str, nn.Module, str]] = []
     seen = set()
+    owners = _param_owners(model)
     for path, mod in model.named_modules():
         kind = _layer_kind(mod)
         if kind is None or id(mod) in seen:
@@ -73,6 +74,13 @@ def _choose(model, filter_fn, include, exclude, min_in: int, what: str) -> List[
         n_in = mod.weight_orig.shape[0 if kind == "Conv1D" else 1] if hasattr(mod, "weight_orig") else (
             mod.weight.shape[0 if kind == "Conv1D" else 1])
         if n_in < min_in or selection_reason(mod, path, include, exclude, filter_fn) is not None:
+            continue
+        other = tied_owner(mod, path, owners)
+        if other is not None:  # GPT-2's lm_head and wte: the mask would reach the embedding once folded
+            warnings.warn(f"{what}: {path or '<root>'}'s weight is tied to {other}'s (the same Parameter): "
+                          f"make_permanent would zero {other}'s entries too; left unpruned (untie it first, "
+                          f"e.g. layer.weight = nn.Parameter(layer.weight.detach().clone()))", UserWarning,
+                          stacklevel=3)
             continue
         _check_prunable(mod, path, what)
         seen.add(id(mod))
@@ -162,11 +170,21 @@ def prune_blocks(model: nn.Module, sparsity: float, *, block: Tuple[int, int] = 
 
 
 def make_permanent(model: nn.Module) -> List[str]:
-    """Fold every torch.nn.utils.prune mask into its weight (prune.remove)."""
+    """Fold every torch.nn.utils.prune mask into its weight (prune.remove).
+    Returns the paths folded. A mask on a weight another module holds too
+    (tied, e.g. by torch.nn.utils.prune on GPT-2's lm_head) stays a mask, with
+    a UserWarning: folding it would write the zeros into that module's weight."""
     done = []
+    owners = _param_owners(model)
     for path, mod in model.named_modules():
         for hook in list(mod._forward_pre_hooks.values()):
             if isinstance(hook, _torch_prune.BasePruningMethod):
+                other = tied_owner(mod, path, owners) if hook._tensor_name == "weight" else None
+                if other is not None:
+                    warnings.warn(f"make_permanent: {path or '<root>'}'s pruned weight is tied to {other}'s (the "
+                                  f"same Parameter): folding the mask would zero {other}'s entries too; left as a "
+                                  "mask", UserWarning, stacklevel=2)
+                    continue
                 _torch_prune.remove(mod, hook._tensor_name)
                 done.append(path)
     return done

@@ -367,3 +367,36 @@ def test_patch_names_block_sparsity_under_the_minimum_and_from_float_warns():
         BlockSparseLinear.from_float(m[0], (1, 4))
     msgs = [str(c.message) for c in caught if "from_float" in str(c.message)]
     assert len(msgs) == 1 and "no all-zero 32x32 block" in msgs[0]
+
+
+def test_pruning_leaves_tied_weights_alone(gen):
+    """An output layer sharing the embedding's Parameter (GPT-2's lm_head and
+    wte): prune_24 / prune_blocks skip it with a warning (a folded mask would
+    zero the embedding too); a mask torch put there stays a mask in
+    make_permanent, and patch leaves the layer as is."""
+    from torch.nn.utils import prune as torch_prune
+
+    def tied():
+        emb, head = nn.Embedding(64, 32), nn.Linear(32, 64, bias=False)
+        head.weight = emb.weight
+        return nn.Sequential(emb, nn.Linear(32, 32), head)
+
+    for call in (lambda m: pyaccel.prune.prune_24(m), lambda m: pyaccel.prune.prune_blocks(m, 0.5, block=(8, 8))):
+        m = tied()
+        with pytest.warns(UserWarning, match="2's weight is tied to 0's .*left unpruned"):
+            assert call(m) == ["1"]
+        assert not hasattr(m[2], "weight_orig") and bool((m[0].weight != 0).all())
+    from pyaccel.formats.sparse24 import mask_24
+
+    m = tied()
+    torch_prune.custom_from_mask(m[2], "weight", mask_24(m[2].weight.detach()))  # a 2:4 mask: patch would swap it
+    ids = torch.randint(0, 64, (5,), generator=gen)
+    with torch.no_grad():
+        before = m(ids)
+    with pytest.warns(UserWarning, match="make_permanent: 2's pruned weight is tied to 0's"):
+        assert pyaccel.prune.make_permanent(m) == []
+    with torch.no_grad():
+        assert torch.equal(m(ids), before) and bool((m[0].weight != 0).all())
+    r = pyaccel.patch(m, inplace=False)
+    entry = next(e for e in r.entries if e.path == "2")
+    assert entry.new_type is None and "tied to 0's" in entry.reason, entry

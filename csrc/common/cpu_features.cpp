@@ -1,6 +1,7 @@
 #include "common/cpu_features.h"
 
 #include <cpuid.h>
+#include <cctype>
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
@@ -129,7 +130,9 @@ const char* isa_name(Isa isa) {
   return "unknown";
 }
 
-bool parse_isa(const std::string& name, Isa* out) {
+bool parse_isa(const std::string& raw, Isa* out) {
+  std::string name = raw;  // case-insensitive: PYACCEL_CPU_ISA=AVX2 means avx2
+  for (char& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   if (name == "avx512_icl") { *out = Isa::kAvx512Icl; return true; }
   if (name == "avx512_vnni") { *out = Isa::kAvx512Vnni; return true; }
   if (name == "avx512") { *out = Isa::kAvx512; return true; }
