@@ -26,6 +26,8 @@ class BackendInfo:
             says when the value is not the cap in effect (set later, unknown,
             or changed by ``pyaccel._native.isa_cap``).
         isa_cap: the cap in effect in the native library (None: none, or no library).
+        vex_vnni_built: the library holds the VEX (AVX-VNNI) builds of the avx_vnni
+            level's kernels (the assembler knew AVX-VNNI); else only their EVEX twins.
         backend_override: value of PYACCEL_BACKEND, or None.
         int8_kernel: the int8 GEMM micro-kernel in use.
         kernels: every op family's CPU micro-kernel in use now (int8, int8_a7,
@@ -51,6 +53,7 @@ class BackendInfo:
     cuda_device: Optional[str]
     kernels: dict = dataclasses.field(default_factory=dict)
     isa_cap: Optional[str] = None
+    vex_vnni_built: bool = False
 
     def _override_text(self) -> str:
         env = self.isa_override
@@ -77,6 +80,11 @@ class BackendInfo:
             f"Triton                   : {self.triton_version or 'not installed'}",
             f"CUDA device              : {self.cuda_device or 'none'}",
         ]
+        if self.cpu_isa == "avx_vnni":  # which encoding of vpdpbusd this CPU runs (see csrc/int8_gemm/README.md)
+            vex = self.cpu_features.get("avx_vnni") and self.vex_vnni_built
+            lines.insert(2, f"{'AVX-VNNI encoding':<25}: " + ("VEX (this CPU has AVX-VNNI)" if vex else
+                            "EVEX twin (AVX-512 VNNI; " + ("the CPU lacks AVX-VNNI)" if self.vex_vnni_built else
+                                                           "this build has no VEX form: assembler < binutils 2.36)")))
         if self.backend_override:
             lines.append(f"PYACCEL_BACKEND          : {self.backend_override}")
         return "\n".join(lines)
@@ -114,6 +122,7 @@ def backend_info() -> BackendInfo:
         int8_kernel=kernel,
         cpu_features=feats,
         isa_cap=cap,
+        vex_vnni_built=bool(C is not None and C.cpu_info().get("avx_vnni_vex_built")),
         threads=torch.get_num_threads(),
         triton_version=_triton_version(),
         cuda_device=cuda,

@@ -122,6 +122,12 @@ def test_level_is_chosen_only_where_it_runs():
             assert used == "avx_vnni" and pyaccel.backend_info().int8_kernel == "qs8_gemm_6x16c4_avxvnni"
         else:  # Zen 3, Skylake-X: the AVX2 kernels
             assert used in ("avx2", "portable")
+    if usable:  # backend_info says which encoding runs
+        with _native.isa_cap("avx_vnni"):
+            text = str(pyaccel.backend_info())
+        vex = info["avx_vnni"] and info["avx_vnni_vex_built"]
+        line = next(ln for ln in text.splitlines() if ln.startswith("AVX-VNNI encoding"))
+        assert line.split(": ", 1)[1].startswith("VEX" if vex else "EVEX twin"), text
     # avx512 stands for AVX-512 without VNNI (Skylake-X): no VNNI kernel of any
     # op may run there, even on a CPU that has VNNI (a Zen 4 capped at avx512)
     if _native.isa_supported("avx512"):
