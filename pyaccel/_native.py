@@ -25,9 +25,13 @@ an AVX-512 CPU without VNNI (Skylake-X) cannot run it, and a cap of
 _C = None
 _load_error: Optional[str] = None
 
-if os.environ.get("PYACCEL_BACKEND", "").lower() == "reference":
+_env_backend = os.environ.get("PYACCEL_BACKEND", "")
+if _env_backend.lower() == "reference":
     _load_error = "disabled by PYACCEL_BACKEND=reference"
 else:
+    if _env_backend:
+        warnings.warn(f"PYACCEL_BACKEND={_env_backend!r} is not 'reference' (the one value it takes); ignored",
+                      RuntimeWarning, stacklevel=2)
     try:
         from pyaccel import _C  # type: ignore[attr-defined,no-redef]
     except Exception as exc:  # ImportError, OSError (missing libgomp), ...

@@ -126,3 +126,11 @@ def test_backend_info_says_when_the_override_is_not_in_effect(monkeypatch):
     assert "PYACCEL_CPU_ISA=portable: not in effect" in text, text
     monkeypatch.setenv("PYACCEL_CPU_ISA", "sse9")
     assert "PYACCEL_CPU_ISA=sse9: ignored" in str(pyaccel.backend_info())
+
+
+def test_unknown_backend_override_warns(tmp_path):
+    e = dict(os.environ, PYACCEL_BACKEND="bogus")
+    r = subprocess.run([sys.executable, "-c", "import pyaccel; print(pyaccel.backend_info().native_loaded)"],
+                       capture_output=True, text=True, env=e, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and "PYACCEL_BACKEND='bogus' is not 'reference'" in r.stderr, r.stderr[-2000:]
+    assert r.stdout.strip() == str(_native.available())

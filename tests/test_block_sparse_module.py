@@ -400,3 +400,9 @@ def test_pruning_leaves_tied_weights_alone(gen):
     r = pyaccel.patch(m, inplace=False)
     entry = next(e for e in r.entries if e.path == "2")
     assert entry.new_type is None and "tied to 0's" in entry.reason, entry
+
+
+def test_from_bsr_names_a_wrong_size_bias(gen):
+    w = torch.randn(8, 8, generator=gen).to_sparse_bsr((4, 4))
+    with pytest.raises(ValueError, match=r"bias: 3 entries for a BSR weight of 8 rows"):
+        BlockSparseLinear.from_bsr(w, torch.zeros(3))

@@ -33,8 +33,9 @@ def _bsr_weight(weight, bias, shape) -> bsf.BlockSparseWeight:
     """from_torch_bsr, with a hint when a bias shows the weight is padded and `shape` is missing."""
     if (shape is None and isinstance(bias, Tensor) and bias.dim() == 1 and isinstance(weight, Tensor)
             and weight.dim() == 2 and bias.shape[0] < weight.shape[0]):
-        raise ValueError(f"shape: the BSR weight is {tuple(weight.shape)} (padded to its blocks) but the bias has "
-                         f"{bias.shape[0]} entries: pass shape=(out_features, in_features)")
+        raise ValueError(f"bias: {bias.shape[0]} entries for a BSR weight of {weight.shape[0]} rows: pass a bias of "
+                         f"{weight.shape[0]} entries, or, if the weight is padded to whole blocks, "
+                         f"shape=(out_features, in_features)")
     return bsf.from_torch_bsr(weight, shape)
 
 
