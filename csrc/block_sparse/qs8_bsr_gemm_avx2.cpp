@@ -25,6 +25,7 @@
 
 #include "block_sparse/block_sparse.h"
 #include "common/cpu_features.h"
+#include "common/vnni_ymm.h"
 #include "common/transpose_avx2.h"
 #include "int8_gemm/int8_gemm.h"
 #include "int8_gemm/qs8_gemm_avx2_tile.h"
@@ -53,10 +54,7 @@ template <bool Vex>
 struct VnniMul {
   static constexpr bool kVnni = true;
   static __m256i dot_a(__m256i acc, __m256i a, __m256i w) {
-    if constexpr (Vex)
-      __asm__(PYACCEL_VEX_PREFIX "vpdpbusd %[w], %[a], %[c]" : [c] "+x"(acc) : [a] "x"(a), [w] "xm"(w));
-    else
-      __asm__("vpdpbusd %[w], %[a], %[c]" : [c] "+x"(acc) : [a] "x"(a), [w] "xm"(w));
+    dpbusd_ymm<Vex>(acc, a, w);
     return acc;
   }
   static __m256i dot_w(__m256i acc, __m256i a, __m256i w) { return dot_a(acc, a, w); }

@@ -21,6 +21,7 @@
 // tests/ops/test_int8_avxvnni.py checks that the two builds' disassembly
 // differs in nothing but that instruction's encoding.
 #include "common/cpu_features.h"
+#include "common/vnni_ymm.h"
 #include "int8_gemm/qs8_gemm_avx2_tile.h"
 
 namespace pyaccel {
@@ -35,15 +36,8 @@ struct VnniStep {
   // whose ymm vpdpbusd has a latency of 5 at 2 a cycle, 8 chains would stall.
   static constexpr int kTileRows = 6;
   static __m256i weights(const int8_t* b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)); }
-  // c += per-lane sums of 4 u8 (a) x s8 (w) products. Inline asm: the
-  // intrinsic needs -mavxvnni or AVX-512 flags (and GCC copies accumulators
-  // around it, see the AVX-512 VNNI kernel); w in a register or memory.
-  static void madd(__m256i& c, const __m256i& w, __m256i a) {
-    if constexpr (Vex)
-      __asm__(PYACCEL_VEX_PREFIX "vpdpbusd %[w], %[a], %[c]" : [c] "+x"(c) : [a] "x"(a), [w] "xm"(w));
-    else
-      __asm__("vpdpbusd %[w], %[a], %[c]" : [c] "+x"(c) : [a] "x"(a), [w] "xm"(w));
-  }
+  // c += per-lane sums of 4 u8 (a) x s8 (w) products (common/vnni_ymm.h)
+  static void madd(__m256i& c, const __m256i& w, __m256i a) { dpbusd_ymm<Vex>(c, a, w); }
   static void step(__m256i& c, __m256i w, __m256i a, const int8_t*, __m256i) { madd(c, w, a); }
   static __m256i row_a(__m256i a) { return a; }
   // Row path: the weights straight from memory (one load per step, in address order).

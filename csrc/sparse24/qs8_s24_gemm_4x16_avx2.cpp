@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/cpu_features.h"
+#include "common/vnni_ymm.h"
 #include "int8_gemm/qs8_gemm_avx2_tile.h"  // avx2_tile::store8
 #include "sparse24/sparse24_int8.h"
 
@@ -49,12 +50,7 @@ struct SignMul {
 // (u8 activations q ^ 0x80, vpdpbusd; Vex: the AVX-VNNI encoding, else EVEX)
 template <bool Vex>
 struct VnniMul {
-  static void madd(__m256i& c, __m256i x, __m256i w, __m256i) {
-    if constexpr (Vex)
-      __asm__(PYACCEL_VEX_PREFIX "vpdpbusd %[w], %[x], %[c]" : [c] "+x"(c) : [x] "x"(x), [w] "xm"(w));
-    else
-      __asm__("vpdpbusd %[w], %[x], %[c]" : [c] "+x"(c) : [x] "x"(x), [w] "xm"(w));
-  }
+  static void madd(__m256i& c, __m256i x, __m256i w, __m256i) { dpbusd_ymm<Vex>(c, x, w); }
   static __m256i finish(const GemmArgs& g, __m256i acc, int64_t n0) {
     return _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.comp + n0)));
   }
