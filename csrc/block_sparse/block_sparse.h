@@ -37,11 +37,6 @@ constexpr int kChannelPad = 16;  // bh is padded to this many channels in layout
 constexpr int kSmallBlockRows = 8;
 constexpr int64_t kSlabRowsFrom = 2;
 inline int32_t layout_for(int bh) { return bh <= kSmallBlockRows ? kLayoutF32RowMajor : kLayoutF32T16; }
-// Layout 1 with band lists after the blocks: packed so where the selected
-// kernel runs big blocks faster through its scatter kernel (AVX2,
-// Kernel::big_block_lists; blocks of <= kMaxListRows rows, bw % 4 == 0).
-constexpr int32_t kLayoutF32T16Lists = 3;
-constexpr int kMaxListRows = 256;
 
 // 64-byte header; then int32 rowptr[nbr + 1] and int32 colk[nnzb] (each
 // block's first input, c * bw), then the blocks (64-byte aligned).
@@ -74,7 +69,7 @@ int64_t packed_nbytes(int64_t n, int64_t k, int bh, int bw, int64_t nnzb);
 // per band instead of once per block.
 // ~256 channels: a band's partial sums (256 x 4 slabs x 64 B at most) sit in L2.
 constexpr int64_t kBandChannels = 256;
-inline int64_t band_rows_for(int bh) { return bh >= kBandChannels ? bh : kBandChannels / bh * bh; }
+inline int64_t band_rows_for(int bh) { return kBandChannels / bh * bh; }
 struct BandLists {
   const int32_t* goff;
   const uint16_t* row;
@@ -152,7 +147,6 @@ struct Kernel {
   bool narrow_slabs;  // slabs of 8 rows for batches of <= 8 rows (else always 16)
   ScatterFn scatter;  // null: the slab kernel serves packings with band lists too
   int scatter_sw;     // slab rows the scatter kernel takes: 16 (8 for <= 8 rows) or always 8
-  bool big_block_lists;  // pack band lists for blocks of > kSmallBlockRows rows too, and use them from 2 rows
 };
 const Kernel& select_kernel();
 

@@ -11,31 +11,43 @@ namespace pyaccel {
 namespace block_sparse {
 namespace {
 
-inline void store8(const GemmArgs& g, __m256 v, int64_t m, int64_t n0, int valid) {
-  alignas(32) float t[8];
-  _mm256_store_ps(t, v);
-  for (int i = 0; i < valid; ++i) store_scalar(g, m, n0 + i, t[i]);
-}
-
+// Accumulators are named variables (c<row><half>): with an array GCC kept
+// them in memory and stored all 12 after every input (2 stores a cycle, the
+// loop's bound).
+#define PYACCEL_BSR_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
 template <int R>
 inline void tile(const GemmArgs& g, int64_t m, int64_t r, int ch0) {
-  __m256 acc[R][2];
-  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+#define PYACCEL_BSR_DECL(i) __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps();
+  PYACCEL_BSR_ROWS(PYACCEL_BSR_DECL)
+#undef PYACCEL_BSR_DECL
   const float* x0 = g.x + m * g.ldx;
+  const int64_t ldx = g.ldx, ldw = g.bh_pad;
   for (int64_t b = g.rowptr[r]; b < g.rowptr[r + 1]; ++b) {
     const int64_t c = g.colk[b];
-    const int jn = static_cast<int>(std::min<int64_t>(g.bw, g.k - c));
-    const float* w = g.blocks + b * g.bw * g.bh_pad + ch0;
+    const int64_t jn = std::min<int64_t>(g.bw, g.k - c);
+    const float* w = g.blocks + b * g.bw * ldw + ch0;
     const float* xc = x0 + c;
-    for (int j = 0; j < jn; ++j) {
-      const __m256 w0 = _mm256_loadu_ps(w + j * g.bh_pad), w1 = _mm256_loadu_ps(w + j * g.bh_pad + 8);
-      for (int i = 0; i < R; ++i) {
-        const __m256 a = _mm256_broadcast_ss(xc + i * g.ldx + j);
-        acc[i][0] = _mm256_fmadd_ps(a, w0, acc[i][0]);
-        acc[i][1] = _mm256_fmadd_ps(a, w1, acc[i][1]);
-      }
+    for (int64_t j = 0; j < jn; ++j, w += ldw) {
+      const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+#define PYACCEL_BSR_FMA(i)                                   \
+  if constexpr (R > i) {                                     \
+    const __m256 a = _mm256_broadcast_ss(xc + i * ldx + j);  \
+    c##i##0 = _mm256_fmadd_ps(a, w0, c##i##0);               \
+    c##i##1 = _mm256_fmadd_ps(a, w1, c##i##1);               \
+  }
+      PYACCEL_BSR_ROWS(PYACCEL_BSR_FMA)
+#undef PYACCEL_BSR_FMA
     }
   }
+  // the sums leave the registers once, for the epilogue
+  alignas(32) float res[R][16];
+#define PYACCEL_BSR_OUT(i)                    \
+  if constexpr (R > i) {                      \
+    _mm256_store_ps(res[i], c##i##0);         \
+    _mm256_store_ps(res[i] + 8, c##i##1);     \
+  }
+  PYACCEL_BSR_ROWS(PYACCEL_BSR_OUT)
+#undef PYACCEL_BSR_OUT
   const int64_t n0 = r * g.bh + ch0, end = std::min<int64_t>(r * g.bh + g.bh, g.n);
   for (int v = 0; v < 2; ++v) {
     const int64_t nv = n0 + 8 * v;
@@ -43,15 +55,17 @@ inline void tile(const GemmArgs& g, int64_t m, int64_t r, int ch0) {
     const int valid = static_cast<int>(std::min<int64_t>(8, end - nv));
     for (int i = 0; i < R; ++i) {
       if (valid == 8 && !g.y_bf16) {
-        __m256 o = acc[i][v];
+        __m256 o = _mm256_load_ps(res[i] + 8 * v);
         if (g.bias) o = _mm256_add_ps(o, _mm256_loadu_ps(g.bias + nv));
         _mm256_storeu_ps(static_cast<float*>(g.y) + (m + i) * g.ldy + nv, o);
       } else {
-        store8(g, acc[i][v], m + i, nv, valid);
+        for (int l = 0; l < valid; ++l) store_scalar(g, m + i, nv + l, res[i][8 * v + l]);
       }
     }
   }
 }
+
+#undef PYACCEL_BSR_ROWS
 
 }  // namespace
 

@@ -17,11 +17,11 @@ namespace {
 
 const Kernel kLadder[] = {
     {Isa::kAvx512, "bsr_gemm_6x64_avx512", 8, bsr_gemm_avx512, bsr_small_rows_avx512, bsr_small_slabs_avx512,
-     bsr_pack_slabs_avx512, true, bsr_scatter_avx512, 16, false},
+     bsr_pack_slabs_avx512, true, bsr_scatter_avx512, 16},
     {Isa::kAvx2, "bsr_gemm_6x16_avx2", 6, bsr_gemm_avx2, bsr_small_rows_avx2, bsr_small_slabs_avx2, bsr_pack_slabs_avx2,
-     false, bsr_scatter_avx2, 8, true},
+     false, bsr_scatter_avx2, 8},
     {Isa::kPortable, "bsr_gemm_1x16_scalar", 1, bsr_gemm_scalar, bsr_small_rows_scalar, bsr_small_slabs_scalar,
-     bsr_pack_slabs_scalar, false, nullptr, 0, false},
+     bsr_pack_slabs_scalar, false, nullptr, 0},
 };
 thread_local std::vector<float> t_xt;
 
@@ -61,11 +61,9 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
   const int64_t nt = std::max<int64_t>(1, nthreads);
   // Threads take block-row ranges of about equal kept blocks.
   auto by_blocks = [&](const auto& fn) { split_by_blocks(rowptr, nbr, h.nnzb, nthreads, fn); };
-  // small blocks (layout 2), or big blocks with band lists where the kernel takes them (layout 3)
-  const bool big_lists = h.layout == kLayoutF32T16Lists && kern.big_block_lists;
-  const BandLists lists = kern.scatter && (h.layout == kLayoutF32RowMajor || big_lists) ? BandLists::at(packed)
-                                                                                         : BandLists{};
-  if ((h.layout == kLayoutF32RowMajor || (big_lists && lists.goff)) && m >= kSlabRowsFrom) {
+  // small blocks (layout 2) carry band lists where bw % 4 == 0
+  const BandLists lists = kern.scatter && h.layout == kLayoutF32RowMajor ? BandLists::at(packed) : BandLists{};
+  if (h.layout == kLayoutF32RowMajor && m >= kSlabRowsFrom) {
     // many rows: x transposed into slabs of 16 rows (8 for batches of <= 8
     // rows where the kernel has them), in row passes
     const int sw = lists.goff ? (kern.scatter_sw == 8 || m <= 8 ? 8 : 16) : (kern.narrow_slabs && m <= 8 ? 8 : 16);

@@ -30,15 +30,6 @@ struct Layout {
   BandLists::Sizes lists;
 };
 
-// The layout a packing made now takes: layout_for(bh), or 3 where the
-// selected kernel wants band lists for big blocks too.
-int32_t layout_now(int bh, int bw) {
-  const int32_t lay = layout_for(bh);
-  return lay == kLayoutF32T16 && bw % 4 == 0 && bh <= kMaxListRows && select_kernel().big_block_lists
-             ? kLayoutF32T16Lists
-             : lay;
-}
-
 Layout layout(int64_t n, int64_t k, int bh, int bw, int64_t nnzb, int32_t lay) {
   Layout l;
   l.nbr = (n + bh - 1) / bh;
@@ -54,12 +45,12 @@ Layout layout(int64_t n, int64_t k, int bh, int bw, int64_t nnzb, int32_t lay) {
 }  // namespace
 
 int64_t packed_nbytes(int64_t n, int64_t k, int bh, int bw, int64_t nnzb) {
-  return layout(n, k, bh, bw, nnzb, layout_now(bh, bw)).total;
+  return layout(n, k, bh, bw, nnzb, layout_for(bh)).total;
 }
 
 BandLists::Sizes BandLists::sizes(int64_t n_pad, int64_t k, int bh, int bw, int64_t nnzb, int entry_bytes) {
   Sizes z{};
-  if (bh > kMaxListRows || bw % 4 != 0) return z;
+  if (bh > kSmallBlockRows || bw % 4 != 0) return z;
   z.nbands = (n_pad + band_rows_for(bh) - 1) / band_rows_for(bh);
   z.ngroups = round_up(k, bw) / 4;
   z.nentries = nnzb * bh * (bw / 4);
@@ -148,7 +139,7 @@ int32_t* write_header_and_indices(uint8_t* out, uint32_t magic, int32_t layout, 
 
 void pack(const float* values, const int32_t* crow, const int32_t* col, int64_t n, int64_t k, int bh, int bw,
           int64_t nnzb, uint8_t* out) {
-  const int32_t lay = layout_now(bh, bw);
+  const int32_t lay = layout_for(bh);
   const Layout l = layout(n, k, bh, bw, nnzb, lay);
   const int32_t* colk = write_header_and_indices(out, kMagic, lay, n, k, bh, bw, l.bh_pad, l.nbr, nnzb, l.data_offset,
                                                  crow, col);
@@ -173,10 +164,9 @@ void pack(const float* values, const int32_t* crow, const int32_t* col, int64_t 
               l.lists_offset - (l.data_offset + nnzb * bw * l.bh_pad * 4));
   write_band_lists(crow, colk, l.nbr, bh, bw, l.lists, out + l.lists_offset,
                    [&](uint8_t* ws, int64_t at, int64_t /*r*/, int64_t b, int i, int64_t q) {
-                     // the packed block (zeros past n and k): row-major [bh][bw], or transposed [bw][bh_pad]
+                     // the packed row-major block [bh][bw] (zeros past n and k)
                      float* o = reinterpret_cast<float*>(ws) + 4 * at;
-                     for (int j = 0; j < 4; ++j)
-                       o[j] = row_major ? d[b * bw * bh + i * bw + 4 * q + j] : d[(b * bw + 4 * q + j) * l.bh_pad + i];
+                     for (int j = 0; j < 4; ++j) o[j] = d[b * bw * bh + i * bw + 4 * q + j];
                    });
 }
 
@@ -186,10 +176,7 @@ const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t 
   PackedHeader h;
   std::memcpy(&h, buf, sizeof(h));
   if (h.bh < 1 || h.bw < 1 || h.nnzb < 0) return "packed weight header is corrupt";
-  // layout 3 (big blocks with band lists) where layout 1 is expected: either packing is valid
-  const bool big_lists = h.layout == kLayoutF32T16Lists && layout_for(h.bh) == kLayoutF32T16 && h.bw % 4 == 0 &&
-                         h.bh <= kMaxListRows;
-  const int32_t lay = big_lists ? kLayoutF32T16Lists : layout_for(h.bh);
+  const int32_t lay = layout_for(h.bh);
   return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, lay, layout(h.n, h.k, h.bh, h.bw, h.nnzb, lay).total);
 }
 

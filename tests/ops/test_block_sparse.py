@@ -199,35 +199,26 @@ def test_small_block_slab_kernel(isa, gen, block):
 
 
 @needs_native
-@pytest.mark.parametrize("block", [(32, 32), (16, 16), (64, 8), (17, 8)])
-def test_big_block_band_lists_across_isas(gen, block):
-    """Blocks of > 8 rows with bw % 4 == 0 packed where AVX2 is the selected
-    level carry band lists (layout 3: AVX2 runs them through the scatter
-    kernel from 2 rows, bands of 256 // bh * bh channels); packed elsewhere
-    they do not (layout 1). Either packing gives the right answer on every
-    level: AVX-512 reads layout 3's blocks with its tile kernel, AVX2 reads
-    layout 1 with its 6x16 tile. n = 600: several bands, the last cut by n;
-    k = 1101 cuts the last group."""
-    if not _native.isa_supported("avx2"):
-        pytest.skip("this CPU lacks avx2")
+@pytest.mark.parametrize("block", [(32, 32), (16, 16), (64, 8), (17, 8), (9, 3)])
+def test_big_blocks_on_every_level(gen, block):
+    """Blocks of > 8 rows (layout 1, the MR x 16V tiles) on every level the
+    CPU runs: M = 1 … 130 covers the 6-row AVX2 tile and its 1 – 5 row
+    remainders, the AVX-512 MR = 6 / 8 / 12 tiles and row chunks; n = 600 cuts
+    the last block row, k = 1101 the last block column; bias added in the
+    epilogue."""
     n, k = 600, 1101
     w = _weight(n, k, block, 0.7, gen)
     bsw = bsf.compress(w, block)
     bias = torch.randn(n, generator=gen)
-    with _native.isa_cap("avx2"):
-        with_lists = bsf.pack_block_sparse(bsw)
-    with _native.isa_cap("portable"):
-        plain = bsf.pack_block_sparse(bsw)
-    assert with_lists.numel() > plain.numel()
+    packed = bsf.pack_block_sparse(bsw)
     levels = [lv for lv in ("avx512", "avx2", "portable") if _native.isa_supported(lv)]
-    for m in (1, 2, 9, 40, 130):
+    for m in (1, 2, 5, 6, 7, 9, 40, 130):
         x = torch.randn(m, k, generator=gen)
         for lv in levels:
             with _native.isa_cap(lv):
-                for packed in (with_lists, plain):
-                    y = torch.ops.pyaccel.block_sparse_linear(x, bsw.values, bsw.crow_indices, bsw.col_indices, n, k,
-                                                              bias, packed)
-                    assert_close(y, x, w, bias, f"{block} m={m} {lv} packed {packed.numel()} B")
+                y = torch.ops.pyaccel.block_sparse_linear(x, bsw.values, bsw.crow_indices, bsw.col_indices, n, k,
+                                                          bias, packed)
+                assert_close(y, x, w, bias, f"{block} m={m} {lv}")
 
 
 @given(m=st.integers(0, 30), n=st.integers(1, 90), k=st.integers(1, 90), bh=st.sampled_from([1, 2, 8, 16, 32]),
