@@ -153,18 +153,26 @@ template <class S>
 inline void tile_row(const GemmArgs& g, int64_t m, const int8_t* panel, int64_t n0) {
   const int64_t groups = g.k_pad / kKGroup;
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[8];
-  for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_si256();
+  // named accumulators: as an array (updated through references) GCC kept
+  // them in memory, a load and a store per step
+  __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
   const int8_t* a = g.a + m * g.lda;
   const int8_t* b = panel;
   for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup) {
     int32_t a4;
     std::memcpy(&a4, a + grp * kKGroup, 4);
     const auto ra = S::row_a(_mm256_set1_epi32(a4));
-#pragma GCC unroll 8
-    for (int v = 0; v < 8; ++v) S::row_step(acc[v], ra, b + 32 * v, ones);
+    S::row_step(c0, ra, b, ones);
+    S::row_step(c1, ra, b + 32, ones);
+    S::row_step(c2, ra, b + 64, ones);
+    S::row_step(c3, ra, b + 96, ones);
+    S::row_step(c4, ra, b + 128, ones);
+    S::row_step(c5, ra, b + 160, ones);
+    S::row_step(c6, ra, b + 192, ones);
+    S::row_step(c7, ra, b + 224, ones);
   }
   const float sa = g.a_scale[m];
+  const __m256i acc[8] = {c0, c1, c2, c3, c4, c5, c6, c7};
   for (int v = 0; v < 8; ++v) store8(g, S::finish(g, acc[v], n0 + 8 * v), sa, m, n0 + 8 * v);
 }
 
