@@ -396,7 +396,13 @@ class LinearPlan {
       for (Py_ssize_t i = 0; i + 1 < nd; ++i) m *= as_i64(PyTuple_GET_ITEM(shape.ptr(), i));
       ldx = k_;
     }
-    if (m >= row_limit()) return py::none();
+    const LinearPlan* target = this;
+    if (m >= row_limit()) {
+      // a 2:4 int8 plan past the kernel's switch point runs the dense int8
+      // plan the module attached (dense), when it has one and it is current
+      if (!dense_ || m >= dense_->max_rows || dense_->stale()) return py::none();
+      target = dense_;
+    }
     // y = torch.empty(*shape[:-1], n[, dtype=x.dtype]): the keyword only when
     // x's dtype is not the default (it costs ~0.4 µs)
     py::object dims = own(PyTuple_New(nd));
@@ -419,13 +425,30 @@ class LinearPlan {
     const uintptr_t yp = PyLong_AsUnsignedLongLong(own(call_method(T->d_data_ptr, y.ptr())).ptr());
     const int64_t nthreads = as_i64(own(PyObject_CallNoArgs(T->get_num_threads)).ptr());
     if (PyErr_Occurred()) throw py::error_already_set();
-    run(xp, ldx, bf16, m, yp, static_cast<int>(nthreads));
+    target->run(xp, ldx, bf16, m, yp, static_cast<int>(nthreads));
     return y;
   }
 
   // True when a watched tensor's data pointer or version counter moved since
   // the plan was made.
   bool stale() const { return watch_.stale(); }
+
+  // The dense int8 plan a 2:4 int8 plan's forward runs from row_limit() rows
+  // (None: forward declines those rows and the module switches in Python).
+  py::object dense() const { return dense_obj_; }
+  void set_dense(py::object d) {
+    if (d.is_none()) {
+      dense_ = nullptr;
+      dense_obj_ = py::none();
+      return;
+    }
+    if (kind_ != Kind::kSparse24Int8) throw py::value_error("dense: only a 'sparse24_int8' plan takes a dense plan");
+    const LinearPlan* p = d.cast<const LinearPlan*>();
+    if (p->kind_ != Kind::kInt8 || p->n_ != n_ || p->k_ != k_)
+      throw py::value_error("dense: expected an 'int8' LinearPlan of the same n and k");
+    dense_ = p;
+    dense_obj_ = std::move(d);
+  }
 
   // forward() declines calls of this many rows or more (a module whose
   // kernel loses to another there switches in Python)
@@ -475,6 +498,8 @@ class LinearPlan {
   uintptr_t w_scale_, bias_;
   py::object keep_;
   BufferWatch watch_;
+  const LinearPlan* dense_ = nullptr;  // held by dense_obj_
+  py::object dense_obj_ = py::none();
 };
 
 // One XnorConv2d / XnorLinear call prepared for one input shape and strides
@@ -664,6 +689,9 @@ PYBIND11_MODULE(_C, m) {
            "or contiguous N-D) of fewer than max_rows rows, into a fresh tensor of x's dtype; None otherwise "
            "(and when x requires grad, under torch.jit.trace, or when the plan is stale)")
       .def_readwrite("max_rows", &LinearPlan::max_rows)
+      .def_property("dense", &LinearPlan::dense, &LinearPlan::set_dense,
+                    "a 2:4 int8 plan's dense int8 plan (same n, k): forward runs it from the 2:4 kernel's switch "
+                    "point on (None: forward declines those rows)")
       .def("__call__", &LinearPlan::run, py::arg("x"), py::arg("ldx"), py::arg("bf16"), py::arg("m"),
            py::arg("y"), py::arg("nthreads"),
            "y[m, n] (row stride n, x's dtype) = the layer applied to x[m, k] (row stride ldx)");

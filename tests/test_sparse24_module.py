@@ -166,9 +166,46 @@ def test_sparse_int8_switches_to_dense_where_the_kernel_says(isa, gen):
     x = torch.randn(3 * max(rows, 8) + 1, 72, generator=gen)
     y_all = mod(x)
     assert (mod._dense is not None) == (rows > 0)
+    if rows > 0:
+        # the first switch attached the dense plan: the native forward now runs those rows itself
+        assert mod._plan.dense is mod._dense[0]
+        y_native = mod._plan.forward(x)
+        assert y_native is not None and torch.equal(y_native, y_all)
     y_rows = torch.cat([mod(x[i:i + 1]) for i in range(x.shape[0])])  # 1 row: always the sparse kernel
     assert torch.equal(y_all, y_rows)
     assert torch.equal(mod(x.view(1, -1, 72)).view(-1, 40), y_all)  # 3-D input, same fast path
+
+
+@pytest.mark.skipif(not _native.available(), reason="native library not loaded")
+def test_sparse_int8_dense_plan_is_dropped_with_the_packing(gen):
+    """The dense plan a 2:4 int8 plan runs past its switch point belongs to one
+    packing: an in-place edit of the values makes both stale, the next call
+    repacks (a new plan, no dense plan until the next switch), and the result
+    follows the edit. A dense plan of another shape or kind is refused."""
+    from pyaccel.nn import Sparse24Int8Linear
+
+    lin = torch.nn.Linear(72, 40)
+    with torch.no_grad():
+        lin.weight.mul_(s24.mask_24(lin.weight))
+    mod = Sparse24Int8Linear.from_float(lin)
+    x = torch.randn(20, 72, generator=gen)
+    with _native.isa_cap("avx_vnni"):
+        if _native.lib().s24i8_dense_from_rows() == 0:
+            pytest.skip("no 2:4 int8 kernel here switches to dense (this CPU lacks AVX-512 VNNI and AVX-VNNI)")
+        mod(x)
+        old_plan = mod._plan
+        assert old_plan.dense is not None
+        with torch.no_grad():
+            mod.values.neg_()
+        assert old_plan.stale() and old_plan.forward(x) is None
+        y = mod(x)
+        assert mod._plan is not old_plan
+        ref = torch.nn.functional.linear(x, mod._dense_weight(), mod.bias)
+        assert (y - ref).abs().max() < 0.05 * ref.abs().max()
+    from pyaccel.nn import Int8Linear
+
+    with pytest.raises(ValueError, match="same n and k"):
+        mod._plan.dense = Int8Linear.from_float(torch.nn.Linear(72, 48))._plan
 
 
 def test_int8_compile_matches_eager(gen):

@@ -206,6 +206,9 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
 
             packed = pack_int8_weight(self.dense_int8_weight())
             self._dense = (self._make_plan("int8", packed, self.weight_scale), packed)
+            if self._plan is not None and self._dense[0] is not None:
+                self._dense[0].max_rows = PackedLinear._switch_rows  # it takes any row count
+                self._plan.dense = self._dense[0]  # from now on the native forward switches too
         return self._dense[0]
 
     def _native_rows(self, x: Tensor) -> Tensor:
