@@ -659,6 +659,9 @@ PYBIND11_MODULE(_C, m) {
       "nthreads threads, median of `repeats` runs; (0.0, '') where the level has no SIMD mix");
   dws::register_dws(m);
   m.def("cpu_info", &cpu_info, "CPU features, detected/capped/selected ISA");
+  m.def("late_team_trips", &late_team_trips,
+        "how many times a team whose threads started late sent the kernels to one thread for "
+        "kSerialSeconds (0.2 s) in this process (PYACCEL_LATE_TEAM_GUARD)");
   m.def("set_isa_cap", &set_isa_cap, py::arg("name"),
         "Cap the ISA (avx512_icl|avx512_vnni|avx512|avx_vnni|avx2|portable, '' = none); returns False for an unknown name");
   m.def("selected_isa", [] { return std::string(isa_name(selected_isa())); });

@@ -1,5 +1,7 @@
 """The README's main job (the demo) and the benchmark CLI run end to end (smoke
 runs with tiny budgets: they check that everything works, not the speed)."""
+import re
+
 from pyaccel import demo
 from pyaccel.bench import __main__ as bench_main
 
@@ -18,6 +20,7 @@ def test_bench_quick_runs(tmp_path, capsys):
                             "--markdown", str(md)]) == 0
     text = md.read_text()
     assert "### int8" in text and "### 2:4" in text and "pyaccel int8" in text
+    assert re.search(r"late-team guard: (fired \d+ times in this run \(int8 \d+, sparse24 \d+\)|off)", text)
 
 
 def test_bench_dwconv_quick_runs(tmp_path):

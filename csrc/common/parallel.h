@@ -17,15 +17,20 @@ int max_threads();
 // Oversubscription guard. When another busy process shares the cores, a team
 // thread may be descheduled: the join then waits for a scheduler time slice
 // (milliseconds for a call of microseconds). Every team measures how late its
-// threads start; one that starts later than kLateStartSeconds makes the
-// helpers below run on the calling thread alone for kSerialSeconds, after
-// which teams are tried again. On a machine with free cores a thread starts
-// within tens of microseconds and nothing changes.
+// threads start; a team that starts later than kLateStartSeconds within
+// kRepeatSeconds of another late team makes the helpers below run on the
+// calling thread alone for kSerialSeconds, after which teams are tried again.
+// One late team alone does not: on a shared or virtualised host a thread is
+// now and then descheduled for a millisecond with no other process on the
+// cores. On a machine with free cores a thread starts within tens of
+// microseconds and nothing changes.
 constexpr double kLateStartSeconds = 1e-3;
+constexpr double kRepeatSeconds = 0.1;
 constexpr double kSerialSeconds = 0.2;
 bool serial_for_now();                 // true inside such a window
 void note_thread_start(double t0);     // called by each team thread with the team's start time
 int effective_threads(int nthreads);   // nthreads, or 1 inside a window
+int64_t late_team_trips();             // how many late teams opened a window so far (this process)
 
 // One team of threads runs two phases: fn1(begin, end) over [0, n1) split as
 // parallel_for does (grain 1), then, after a barrier, fn2(begin, end) over

