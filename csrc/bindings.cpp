@@ -360,8 +360,9 @@ class LinearPlan {
   // The eager fast path, what PackedModule._run_plan does in Python, ~0.8 µs
   // cheaper per call (1.9 vs 2.7 µs with a 32x32 layer's kernel): y = layer(x) into a fresh tensor for a plain CPU
   // fp32/bf16 torch.Tensor of rows -- 2-D with unit stride along k, or
-  // contiguous N-D with N > 2 -- of fewer than max_rows rows; None for
-  // anything else (the caller then takes its general path).
+  // contiguous N-D with N > 2 -- of fewer than row_limit() rows (a 2:4 int8
+  // plan with a dense plan attached runs the rows from there on with that
+  // one); None for anything else (the caller then takes its general path).
   // Declines (None) too when x requires grad (the module's autograd op runs
   // instead), under torch.jit.trace (which records only torch ops), and when
   // the plan is stale.
@@ -397,11 +398,13 @@ class LinearPlan {
       ldx = k_;
     }
     const LinearPlan* target = this;
+    py::object hold;  // keeps the dense plan alive while it runs without the GIL
     if (m >= row_limit()) {
       // a 2:4 int8 plan past the kernel's switch point runs the dense int8
       // plan the module attached (dense), when it has one and it is current
       if (!dense_ || m >= dense_->max_rows || dense_->stale()) return py::none();
       target = dense_;
+      hold = dense_obj_;
     }
     // y = torch.empty(*shape[:-1], n[, dtype=x.dtype]): the keyword only when
     // x's dtype is not the default (it costs ~0.4 µs)
@@ -435,6 +438,8 @@ class LinearPlan {
 
   // The dense int8 plan a 2:4 int8 plan's forward runs from row_limit() rows
   // (None: forward declines those rows and the module switches in Python).
+  // It must be the same layer's: an 'int8' plan of the same n and k over the
+  // same weight scales and bias.
   py::object dense() const { return dense_obj_; }
   void set_dense(py::object d) {
     if (d.is_none()) {
@@ -443,15 +448,20 @@ class LinearPlan {
       return;
     }
     if (kind_ != Kind::kSparse24Int8) throw py::value_error("dense: only a 'sparse24_int8' plan takes a dense plan");
+    if (!py::isinstance<LinearPlan>(d))
+      throw py::type_error(std::string("dense: expected a LinearPlan or None, got ") +
+                           std::string(py::str(py::type::of(d).attr("__name__"))));
     const LinearPlan* p = d.cast<const LinearPlan*>();
-    if (p->kind_ != Kind::kInt8 || p->n_ != n_ || p->k_ != k_)
-      throw py::value_error("dense: expected an 'int8' LinearPlan of the same n and k");
+    if (p->kind_ != Kind::kInt8 || p->n_ != n_ || p->k_ != k_ || p->w_scale_ != w_scale_ || p->bias_ != bias_)
+      throw py::value_error("dense: expected an 'int8' LinearPlan of the same n and k over the same weight scales "
+                            "and bias");
     dense_ = p;
     dense_obj_ = std::move(d);
   }
 
   // forward() declines calls of this many rows or more (a module whose
-  // kernel loses to another there switches in Python)
+  // kernel loses to another there switches in Python; a 2:4 int8 plan with a
+  // dense plan switches itself, see row_limit() and dense())
   int64_t max_rows = INT64_MAX;
   // max_rows, or for a 2:4 int8 plan the row count from which the kernel
   // selected now says dense int8 beats it (read per call: the ISA cap may
@@ -689,7 +699,8 @@ PYBIND11_MODULE(_C, m) {
            "True when a watched tensor has other data or was edited in place since the plan was made")
       .def("forward", &LinearPlan::forward, py::arg("x"),
            "y = the layer applied to a plain CPU fp32/bf16 tensor of rows (2-D with unit stride along k, "
-           "or contiguous N-D) of fewer than max_rows rows, into a fresh tensor of x's dtype; None otherwise "
+           "or contiguous N-D) of fewer than max_rows rows (a 2:4 int8 plan: below its kernel's switch point, "
+           "or any count with a dense plan attached), into a fresh tensor of x's dtype; None otherwise "
            "(and when x requires grad, under torch.jit.trace, or when the plan is stale)")
       .def_readwrite("max_rows", &LinearPlan::max_rows)
       .def_property("dense", &LinearPlan::dense, &LinearPlan::set_dense,

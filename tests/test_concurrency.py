@@ -79,3 +79,106 @@ def test_fewer_threads_than_requested_still_cover_all_work(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                        cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+def test_first_dense_switch_from_several_threads_at_once(gen):
+    """Several threads make a fresh 2:4 int8 module's first call past its
+    kernel's switch point at once: each may build a dense int8 plan while
+    another runs the one already attached (the native forward keeps the plan
+    it runs alive); every result equals the single-threaded one."""
+    with _native.isa_cap("avx_vnni"):
+        if _native.lib().s24i8_dense_from_rows() == 0:
+            pytest.skip("no 2:4 int8 kernel here switches to dense (this CPU lacks AVX-512 VNNI and AVX-VNNI)")
+        lin = nn.Linear(1024, 1024)
+        with torch.no_grad():
+            lin.weight.mul_(s24.mask_24(lin.weight))
+        base = Sparse24Int8Linear.from_float(lin)
+        x = torch.randn(32, 1024, generator=gen)
+        ref = base(x).clone()
+        import copy
+
+        wrong = []
+        for _ in range(8):
+            mod = copy.deepcopy(base)
+            assert mod._dense is None
+
+            def work():
+                for _ in range(4):
+                    if not torch.equal(mod(x), ref):
+                        wrong.append(1)
+
+            ts = [threading.Thread(target=work) for _ in range(4)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            assert mod._plan.dense is mod._dense[0]
+        assert not wrong
+
+
+def test_replacing_the_dense_plan_while_it_runs(gen):
+    """plan.dense replaced (the old one dropped by everything else) while
+    another thread runs forward through it: no crash, every result right."""
+    import time
+
+    from pyaccel.formats.int8 import pack_int8_weight
+
+    with _native.isa_cap("avx_vnni"):
+        if _native.lib().s24i8_dense_from_rows() == 0:
+            pytest.skip("no 2:4 int8 kernel here switches to dense (this CPU lacks AVX-512 VNNI and AVX-VNNI)")
+        lin = nn.Linear(2048, 2048)
+        with torch.no_grad():
+            lin.weight.mul_(s24.mask_24(lin.weight))
+        mod = Sparse24Int8Linear.from_float(lin)
+        x = torch.randn(64, 2048, generator=gen)
+        ref = mod(x).clone()
+        plan = mod._plan
+        mod._dense = None  # only plan.dense holds it now
+
+        def fresh():
+            p = mod._make_plan("int8", pack_int8_weight(mod.dense_int8_weight()), mod.weight_scale)
+            p.max_rows = 1 << 62
+            return p
+
+        stop, wrong, runs = [], [], []
+
+        def runner():
+            while not stop:
+                y = plan.forward(x)
+                runs.append(1)
+                if not torch.equal(y, ref):
+                    wrong.append(1)
+
+        t = threading.Thread(target=runner)
+        t.start()
+        end = time.time() + 1.5
+        while time.time() < end:
+            plan.dense = fresh()
+        stop.append(1)
+        t.join()
+        assert runs and not wrong
+
+
+def test_one_late_team_never_trips_the_guard(tmp_path):
+    """The late-team guard counts teams, not threads: one call whose team of
+    16 threads (on fewer cores) starts late opens no window by itself."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from pyaccel import _native
+        from pyaccel.formats.int8 import pack_int8_weight
+        C = _native.lib()
+        w = torch.randint(-127, 128, (2048, 2048), dtype=torch.int8)
+        p = pack_int8_weight(w)
+        q = torch.randint(-127, 128, (64, 2048), dtype=torch.int8)
+        y = torch.empty(64, 2048); om, on = torch.ones(64), torch.ones(2048)
+        C.int8_gemm_prequantized(q.data_ptr(), 2048, om.data_ptr(), 64, 2048, p.data_ptr(), p.numel(), 2048,
+                                 on.data_ptr(), 0, y.data_ptr(), 2048, False, 16)
+        print(C.late_team_trips())
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0"

@@ -206,6 +206,10 @@ def test_sparse_int8_dense_plan_is_dropped_with_the_packing(gen):
 
     with pytest.raises(ValueError, match="same n and k"):
         mod._plan.dense = Int8Linear.from_float(torch.nn.Linear(72, 48))._plan
+    with pytest.raises(ValueError, match="same weight scales and bias"):  # another layer of the same shape
+        mod._plan.dense = Int8Linear.from_float(torch.nn.Linear(72, 40))._plan
+    with pytest.raises(TypeError, match="LinearPlan or None"):
+        mod._plan.dense = 5
 
 
 def test_int8_compile_matches_eager(gen):

@@ -12,6 +12,7 @@ namespace {
 std::atomic<double> g_serial_until{0.0};
 std::atomic<int64_t> g_trips{0};
 std::atomic<double> g_last_late{0.0};  // omp_get_wtime() of the last late team (0: none yet)
+std::atomic<double> g_late_team{-1.0};  // the start time of the last team that reported lateness
 const bool g_guard = [] {
   const char* v = std::getenv("PYACCEL_LATE_TEAM_GUARD");
   return !(v && v[0] == '0');
@@ -27,6 +28,8 @@ void note_thread_start(double t0) {
   if (!g_guard || omp_get_thread_num() == 0) return;
   const double now = omp_get_wtime();
   if (now - t0 <= kLateStartSeconds) return;
+  // one report a team: its first late thread (t0, the team's start, tells teams apart)
+  if (g_late_team.exchange(t0, std::memory_order_relaxed) == t0) return;
   const double last = g_last_late.exchange(now, std::memory_order_relaxed);
   if (last > 0.0 && now - last <= kRepeatSeconds) {
     g_serial_until.store(now + kSerialSeconds, std::memory_order_relaxed);

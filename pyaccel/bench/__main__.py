@@ -118,7 +118,7 @@ class _GuardTrips:
     def line(self) -> str:
         if not self._read:
             return "late-team guard: no native library"
-        if os.environ.get("PYACCEL_LATE_TEAM_GUARD", "") == "0":
+        if os.environ.get("PYACCEL_LATE_TEAM_GUARD", "").startswith("0"):  # as the library reads it
             return "late-team guard: off (PYACCEL_LATE_TEAM_GUARD=0)"
         total = sum(self.per_suite.values())
         parts = ", ".join(f"{k} {v}" for k, v in self.per_suite.items())
@@ -244,11 +244,11 @@ def main(argv=None) -> int:
         bconv, blin, bname = binary.run(quick=args.quick, peak=args.popcount_peak)
         binary_md = f"binary kernel: {bname}\n\n" + binary.to_markdown(bconv, blin, args.popcount_peak)
         guard.mark("binary")
-        binary_md += "\n" + guard.line() + "\n"
         if suites == {"binary"}:
+            print("\n" + guard.line())
             if args.markdown:
                 with open(args.markdown, "w") as f:
-                    f.write("\n".join("    " + h for h in head) + "\n\n" + binary_md + "\n")
+                    f.write("\n".join("    " + h for h in head) + "\n\n" + binary_md + "\n" + guard.line() + "\n")
                 print(f"\nwrote {args.markdown}")
             return 0
     e2e = None

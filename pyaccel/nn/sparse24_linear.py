@@ -205,10 +205,13 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
             from pyaccel.formats.int8 import pack_int8_weight
 
             packed = pack_int8_weight(self.dense_int8_weight())
-            self._dense = (self._make_plan("int8", packed, self.weight_scale), packed)
-            if self._plan is not None and self._dense[0] is not None:
-                self._dense[0].max_rows = PackedLinear._switch_rows  # it takes any row count
-                self._plan.dense = self._dense[0]  # from now on the native forward switches too
+            plan = self._make_plan("int8", packed, self.weight_scale)
+            # packing released the GIL: another thread may have built and attached one meanwhile
+            if self._dense is None:
+                self._dense = (plan, packed)
+                if self._plan is not None and plan is not None:
+                    plan.max_rows = PackedLinear._switch_rows  # it takes any row count
+                    self._plan.dense = plan  # from now on the native forward switches too
         return self._dense[0]
 
     def _native_rows(self, x: Tensor) -> Tensor:
