@@ -81,18 +81,25 @@ def test_fewer_threads_than_requested_still_cover_all_work(tmp_path):
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
+def _switching_module(n):
+    """A 2:4 int8 n x n layer under a cap whose 2:4 int8 kernel switches to
+    dense int8 past some row count (the caller holds the cap); skips where
+    none does."""
+    if _native.lib().s24i8_dense_from_rows() == 0:
+        pytest.skip("no 2:4 int8 kernel here switches to dense (this CPU lacks AVX-512 VNNI and AVX-VNNI)")
+    lin = nn.Linear(n, n)
+    with torch.no_grad():
+        lin.weight.mul_(s24.mask_24(lin.weight))
+    return Sparse24Int8Linear.from_float(lin)
+
+
 def test_first_dense_switch_from_several_threads_at_once(gen):
     """Several threads make a fresh 2:4 int8 module's first call past its
     kernel's switch point at once: each may build a dense int8 plan while
     another runs the one already attached (the native forward keeps the plan
     it runs alive); every result equals the single-threaded one."""
     with _native.isa_cap("avx_vnni"):
-        if _native.lib().s24i8_dense_from_rows() == 0:
-            pytest.skip("no 2:4 int8 kernel here switches to dense (this CPU lacks AVX-512 VNNI and AVX-VNNI)")
-        lin = nn.Linear(1024, 1024)
-        with torch.no_grad():
-            lin.weight.mul_(s24.mask_24(lin.weight))
-        base = Sparse24Int8Linear.from_float(lin)
+        base = _switching_module(1024)
         x = torch.randn(32, 1024, generator=gen)
         ref = base(x).clone()
         import copy
@@ -124,12 +131,7 @@ def test_replacing_the_dense_plan_while_it_runs(gen):
     from pyaccel.formats.int8 import pack_int8_weight
 
     with _native.isa_cap("avx_vnni"):
-        if _native.lib().s24i8_dense_from_rows() == 0:
-            pytest.skip("no 2:4 int8 kernel here switches to dense (this CPU lacks AVX-512 VNNI and AVX-VNNI)")
-        lin = nn.Linear(2048, 2048)
-        with torch.no_grad():
-            lin.weight.mul_(s24.mask_24(lin.weight))
-        mod = Sparse24Int8Linear.from_float(lin)
+        mod = _switching_module(2048)
         x = torch.randn(64, 2048, generator=gen)
         ref = mod(x).clone()
         plan = mod._plan
