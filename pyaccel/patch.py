@@ -282,7 +282,8 @@ def _block_sparse_or(fallback: Union[Build, str], w: Tensor, b: Optional[Tensor]
         return mod
     why = f"{found}, block-sparse {measured}: not taken"
     if isinstance(fallback, str):
-        raise Declined(f"{fallback}; {why}")
+        # the block-sparse finding first: it is why this layer was considered at all
+        raise Declined(f"{why} (it needs x{_sparse_choice.MIN_SPEEDUP} at every measured M); otherwise {fallback}")
     mod = cands["2:4"] if is24 else fallback.make()
     mod.notes = list(getattr(mod, "notes", [])) + [why]
     return mod
@@ -484,8 +485,9 @@ def patch(
     path gets the same replacement (entries after the first say
     ``shared_with``). A replacement sits on its original's device; if the
     model itself is a single replaceable module, ``report.model`` is the
-    replacement. pyaccel modules, and modules inside a replaced one, are not
-    looked at.
+    replacement. pyaccel modules already in the model (an earlier patch) are
+    left as they are, each with a report entry saying so; modules inside them
+    and inside a replaced one are not looked at.
 
     Multi-module chains (pyaccel._pattern; e.g. depthwise conv -> BatchNorm2d
     -> activation -> 1x1 conv -> BatchNorm2d -> activation) are matched first:
@@ -510,6 +512,8 @@ def patch(
         raise ValueError(f"act_bits: expected 8 or 7, got {act_bits!r}")
     ctx = _Context(quantize=quantize, block_sparse=block_sparse, act_bits=act_bits)
     report = PatchReport(model=model)
+    # modules an earlier patch put in (reported as such; not those this call swaps in)
+    earlier = {id(m) for m in model.modules() if _is_pyaccel_module(m)}
     # binary layers first: BinaryConv2d is an nn.Conv2d subclass the conv chain patterns must not see
     _fold_binary_chains(model, report, include, exclude, filter_fn)
     chain_reasons = _pattern_pass(report, ctx, include, exclude, filter_fn)
@@ -523,6 +527,10 @@ def patch(
             continue
         if _is_pyaccel_module(mod):
             skip_inside.add(path)
+            if id(mod) in earlier:
+                report.entries.append(PatchEntry(path=path, old_type=mod._get_name(),
+                                                 reason="already a pyaccel module: left as is (to patch with "
+                                                        "other options, patch the original model)"))
             continue
         if is_parametrized(mod):
             # a parametrized module's ParametrizationLists hold its own tensors

@@ -68,6 +68,7 @@ def test_patch_swaps_only_where_measured_faster(gen, monkeypatch):
     kinds = {e.path: (e.new_type, e.reason or e.backend) for e in report.entries}
     assert kinds["0"][0] == "BlockSparseLinear" and "90% zero 32x32 blocks" in kinds["0"][1]
     assert kinds["2"][0] is None and "50% zero 32x32 blocks" in kinds["2"][1] and "not taken" in kinds["2"][1]
+    assert kinds["2"][1].startswith("50% zero 32x32 blocks")  # the finding first, then the dense layer's reason
     assert kinds["4"][0] is None
     assert isinstance(m[0], BlockSparseLinear) and m[0].block == (32, 32)
     assert torch.allclose(m(x), ref, rtol=1e-5, atol=1e-5)
@@ -135,6 +136,13 @@ def test_bsr_int8_round_trip_and_refusals(gen):
     assert torch.equal(back(x), q(x))
     with pytest.raises(ValueError, match="weight_scale"):
         BlockSparseInt8Linear.from_bsr(t, b)
+    for bad in (q.weight_scale[:3], q.weight_scale[:, None], q.weight_scale.tolist(), q.weight_scale.long()):
+        with pytest.raises(ValueError, match=r"weight_scale: expected a floating-point tensor of shape \(64,\)"):
+            BlockSparseInt8Linear.from_bsr(t, b, weight_scale=bad)
+    with pytest.raises(ValueError, match="weight_scale: expected finite scales"):
+        BlockSparseInt8Linear.from_bsr(t, b, weight_scale=torch.full((64,), float("nan")))
+    with pytest.warns(UserWarning, match="weight_scale is ignored"):  # float blocks get their own scales
+        BlockSparseInt8Linear.from_bsr(w.to_sparse_bsr((32, 32)), b, weight_scale=q.weight_scale * 9)
     with pytest.raises(ValueError, match="values: expected floating-point"):
         BlockSparseLinear.from_bsr(t, b)
     f = BlockSparseInt8Linear.from_bsr(w.to_sparse_bsr((32, 32)), b)  # float blocks: quantized

@@ -55,9 +55,10 @@ def test_quantize_int8_swaps_every_linear():
     assert all(isinstance(m, Int8Linear) for n, m in net.named_modules() if n.endswith(("attn", "mlp.0", "mlp.2")))
     assert all(e.lossy and e.backend.startswith("cpu/") for e in report.swapped)
     assert sqnr_db(ref, net(x)) > 25
-    # patching again changes nothing
+    # patching again changes nothing, and the report says why for each swapped module
     again = pyaccel.patch(net, quantize="int8")
-    assert not again.entries
+    assert not again.swapped and len(again.entries) == 7
+    assert all(e.reason.startswith("already a pyaccel module") for e in again.entries)
 
 
 def test_inplace_false_leaves_original_untouched():

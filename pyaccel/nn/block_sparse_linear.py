@@ -2,6 +2,7 @@
 computed over the kept blocks only."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -257,12 +258,24 @@ class BlockSparseInt8Linear(BlockSparseLinear):
         err = bsf.canonical_error(bsw)
         if err:
             raise ValueError(err)
+        n, k = bsw.shape
         if bsw.values.dtype != torch.int8:
+            if weight_scale is not None:
+                warnings.warn("weight_scale is ignored: floating-point blocks are quantized here, with scales "
+                              "computed per output channel (pass int8 blocks to keep given scales)", UserWarning,
+                              stacklevel=3)
             bsw, weight_scale = bsf.quantize_blocks(bsw)
         elif weight_scale is None:
             raise ValueError("weight_scale: int8 values need their per-channel scales: pass weight_scale= "
                              "(float32 [out], e.g. the source module's weight_scale)")
-        n, k = bsw.shape
+        elif (not isinstance(weight_scale, Tensor) or not weight_scale.is_floating_point()
+              or tuple(weight_scale.shape) != (n,)):
+            raise ValueError(f"weight_scale: expected a floating-point tensor of shape ({n},) (one scale per output "
+                             f"channel), got {ops._desc(weight_scale)}")
+        else:
+            err = _checks.scale_error("weight_scale", weight_scale.detach().float())
+            if err:
+                raise ValueError(err)
         if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (n,)):
             raise ValueError(f"bias: expected a tensor of shape ({n},) or None, got {ops._desc(bias)}")
         mod = cls(k, n, bias=bias is not None, block=bsw.block, device=bsw.values.device)
