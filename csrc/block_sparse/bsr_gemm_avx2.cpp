@@ -12,8 +12,7 @@ namespace block_sparse {
 namespace {
 
 // Accumulators are named variables (c<row><half>): with an array GCC kept
-// them in memory and stored all 12 after every input (2 stores a cycle, the
-// loop's bound).
+// them in memory and stored all 12 after every input.
 #define PYACCEL_BSR_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
 template <int R>
 inline void tile(const GemmArgs& g, int64_t m, int64_t r, int ch0) {
