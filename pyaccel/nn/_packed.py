@@ -186,9 +186,9 @@ class PackedModule(nn.Module):
         The native LinearPlan.forward does the same at ~1.9 instead of ~2.7 µs
         (a 32x32 layer) and runs first; this one serves the rows it declines
         for the plan switch (_switch_rows: until a 2:4 int8 module attaches
-        its dense plan to the native one, which then switches itself). Callers have checked that x is a
-        plain tensor that needs no autograd or tracing and that the plan is
-        not stale."""
+        its dense plan to the native one, which then switches itself).
+        Callers have checked that x is a plain tensor that needs no autograd
+        or tracing and that the plan is not stale."""
         shape = x.shape
         dt = x.dtype
         k = self.in_features
