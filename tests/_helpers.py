@@ -1,10 +1,22 @@
 """Test helpers (importable: pyproject puts tests/ on sys.path)."""
+import contextlib
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch (and so pyaccel) on n threads inside the block, as before after it."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:

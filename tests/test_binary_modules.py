@@ -17,6 +17,8 @@ from pyaccel import reference_binary as rb
 from pyaccel.formats import binary as bf
 from pyaccel.nn import BinaryConv2d, BinaryLinear, XnorConv2d, XnorLinear
 
+from _helpers import num_threads
+
 needs_native = pytest.mark.skipif(not _native.available(), reason="native library not loaded")
 
 
@@ -165,12 +167,8 @@ def test_xnor_threads_and_isas_agree(gen):
         if _native.isa_supported(isa):
             with _native.isa_cap(isa):
                 for t in (1, 2):
-                    prev = torch.get_num_threads()
-                    torch.set_num_threads(t)
-                    try:
+                    with num_threads(t):
                         outs.append(m(x))
-                    finally:
-                        torch.set_num_threads(prev)
     assert all(torch.equal(o, outs[0]) for o in outs)
 
 

@@ -106,12 +106,19 @@ inline void dw_block(const Problem& pr, int64_t oy, int64_t ox, int64_t c0, floa
   store_t<V, NV, P>(h, acc, tr, ldt, c0);
 }
 
+// P pixels from ox of `rows` (1 or 2) adjacent output rows from oy: channel
+// chunks of NV vectors, then single vectors, then the masked tail; each
+// chunk's blocks for the rows run back to back (see dw). tr: row oy's first
+// pixel in t; the next row's is ldrow floats on.
 template <class V, int NV, int P, bool INSIDE>
-inline void dw_pixels(const Problem& pr, int64_t oy, int64_t ox, float* tr, int64_t ldt) {
+inline void dw_pixels(const Problem& pr, int64_t oy, int rows, int64_t ox, float* tr, int64_t ldrow, int64_t ldt) {
   int64_t c0 = 0;
-  for (; c0 + NV * V::W <= pr.c; c0 += NV * V::W) dw_block<V, NV, P, true, INSIDE>(pr, oy, ox, c0, tr, ldt);
-  for (; c0 + V::W <= pr.c; c0 += V::W) dw_block<V, 1, P, true, INSIDE>(pr, oy, ox, c0, tr, ldt);
-  if (c0 < pr.c) dw_block<V, 1, P, false, INSIDE>(pr, oy, ox, c0, tr, ldt);
+  for (; c0 + NV * V::W <= pr.c; c0 += NV * V::W)
+    for (int r = 0; r < rows; ++r) dw_block<V, NV, P, true, INSIDE>(pr, oy + r, ox, c0, tr + r * ldrow, ldt);
+  for (; c0 + V::W <= pr.c; c0 += V::W)
+    for (int r = 0; r < rows; ++r) dw_block<V, 1, P, true, INSIDE>(pr, oy + r, ox, c0, tr + r * ldrow, ldt);
+  if (c0 < pr.c)
+    for (int r = 0; r < rows; ++r) dw_block<V, 1, P, false, INSIDE>(pr, oy + r, ox, c0, tr + r * ldrow, ldt);
 }
 
 // Stride 1, dilation 1 along the row, every tap inside, NV full vectors of
@@ -159,43 +166,141 @@ inline void dw_block_s1(const Problem& pr, int64_t oy, int64_t ox, int64_t c0, f
   store_t<V, NV, P>(h, acc, tr, ldt, c0);
 }
 
-// P pixels through the sliding-window block: channel chunks of NV vectors,
-// then single vectors, the ragged tail by the general block.
+// P pixels of `rows` output rows through the sliding-window block: channel
+// chunks of NV vectors, then single vectors, the ragged tail by the general block.
 template <class V, int KW, int NV, int P>
-inline void dw_pixels_s1(const Problem& pr, int64_t oy, int64_t ox, float* tr, int64_t ldt) {
+inline void dw_pixels_s1(const Problem& pr, int64_t oy, int rows, int64_t ox, float* tr, int64_t ldrow, int64_t ldt) {
   int64_t c0 = 0;
-  for (; c0 + NV * V::W <= pr.c; c0 += NV * V::W) dw_block_s1<V, KW, NV, P>(pr, oy, ox, c0, tr, ldt);
-  for (; c0 + V::W <= pr.c; c0 += V::W) dw_block_s1<V, KW, 1, P>(pr, oy, ox, c0, tr, ldt);
-  if (c0 < pr.c) dw_block<V, 1, P, false, true>(pr, oy, ox, c0, tr, ldt);
+  for (; c0 + NV * V::W <= pr.c; c0 += NV * V::W)
+    for (int r = 0; r < rows; ++r) dw_block_s1<V, KW, NV, P>(pr, oy + r, ox, c0, tr + r * ldrow, ldt);
+  for (; c0 + V::W <= pr.c; c0 += V::W)
+    for (int r = 0; r < rows; ++r) dw_block_s1<V, KW, 1, P>(pr, oy + r, ox, c0, tr + r * ldrow, ldt);
+  if (c0 < pr.c)
+    for (int r = 0; r < rows; ++r) dw_block<V, 1, P, false, true>(pr, oy + r, ox, c0, tr + r * ldrow, ldt);
 }
 
-// t rows for output pixels [p0, p1), PMAX adjacent pixels of a row at a time.
+// A 3 x 3 window at stride 1, dilation 1: output rows oy and oy + 1 x P
+// adjacent pixels x NV full vectors of channels from c0. Rows above or
+// below the image are skipped, and with INSIDE false so are taps left or
+// right of it (zero padding). The
+// four input rows are walked once, each feeding the output rows it reaches,
+// with all 2 x P x NV accumulators live; the window is unrolled at compile
+// time. tr: row oy's first pixel in t; row oy + 1's is ldrow floats on.
+template <class V, int NV, int P, bool INSIDE>
+inline void dw_block_3x3_2rows(const Problem& pr, int64_t oy, int64_t ox, int64_t c0, float* tr, int64_t ldrow,
+                               int64_t ldt) {
+  using R = typename V::R;
+  const PackedHeader& h = *pr.hd;
+  R acc[2][P][NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const R b = V::loadu(pr.bd + c0 + v * V::W);
+#pragma GCC unroll 2
+    for (int r = 0; r < 2; ++r)
+#pragma GCC unroll 8
+      for (int q = 0; q < P; ++q) acc[r][q][v] = b;
+  }
+  const int64_t iy0 = oy - pr.pad_t, ix0 = ox - pr.pad_l;
+  if (pr.prefetch) {
+    prefetch_next_row(pr, iy0 + 1, ix0, c0, P, NV * V::W);
+    prefetch_next_row(pr, iy0 + 2, ix0, c0, P, NV * V::W);
+  }
+#pragma GCC unroll 4
+  for (int s = 0; s < 4; ++s) {  // input row iy0 + s feeds output row r through kernel row s - r
+    const int64_t iy = iy0 + s;
+    if (iy < 0 || iy >= pr.h) continue;
+    const float* xr = pr.x + (iy * pr.w + ix0) * pr.c + c0;
+#pragma GCC unroll 3
+    for (int j = 0; j < 3; ++j)
+#pragma GCC unroll 2
+      for (int r = 0; r < 2; ++r) {
+        const int i = s - r;
+        if (i < 0 || i > 2) continue;
+        R wv[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) wv[v] = V::loadu(pr.wd + int64_t(i * 3 + j) * h.c_pad + c0 + v * V::W);
+#pragma GCC unroll 8
+        for (int q = 0; q < P; ++q) {
+          if (!INSIDE && (ix0 + q + j < 0 || ix0 + q + j >= pr.w)) continue;
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v)
+            acc[r][q][v] = V::fma(V::loadu(xr + int64_t(q + j) * pr.c + v * V::W), wv[v], acc[r][q][v]);
+        }
+      }
+  }
+  store_t<V, NV, P>(h, acc[0], tr, ldt, c0);
+  store_t<V, NV, P>(h, acc[1], tr + ldrow, ldt, c0);
+}
+
+// P pixels of output rows oy and oy + 1 through the two-row 3 x 3 block:
+// chunks of NV vectors, then single vectors, the ragged tail by the general block.
+template <class V, int NV, int P, bool INSIDE>
+inline void dw_pixels_3x3_2rows(const Problem& pr, int64_t oy, int64_t ox, float* tr, int64_t ldrow, int64_t ldt) {
+  int64_t c0 = 0;
+  for (; c0 + NV * V::W <= pr.c; c0 += NV * V::W) dw_block_3x3_2rows<V, NV, P, INSIDE>(pr, oy, ox, c0, tr, ldrow, ldt);
+  for (; c0 + V::W <= pr.c; c0 += V::W) dw_block_3x3_2rows<V, 1, P, INSIDE>(pr, oy, ox, c0, tr, ldrow, ldt);
+  if (c0 < pr.c)
+    for (int r = 0; r < 2; ++r) dw_block<V, 1, P, false, INSIDE>(pr, oy + r, ox, c0, tr + r * ldrow, ldt);
+}
+
+// A run of 1 .. PMAX pixels of rows oy and oy + 1 through the two-row 3 x 3 block.
+template <class V, int NV, int PMAX>
+inline void dw_run_3x3_2rows(const Problem& pr, int64_t oy, int64_t ox, int64_t run, bool inside, float* tr,
+                             int64_t ldrow, int64_t ldt) {
+  if constexpr (PMAX > 1) {
+    if (run < PMAX) return dw_run_3x3_2rows<V, NV, PMAX - 1>(pr, oy, ox, run, inside, tr, ldrow, ldt);
+  }
+  if (inside)
+    dw_pixels_3x3_2rows<V, NV, PMAX, true>(pr, oy, ox, tr, ldrow, ldt);
+  else
+    dw_pixels_3x3_2rows<V, NV, PMAX, false>(pr, oy, ox, tr, ldrow, ldt);
+}
+
+// t rows for output pixels [p0, p1), PMAX adjacent pixels of a row at a
+// time. Where a row and the next lie whole in [p0, p1), the two are done
+// together: 3 x 3 at stride 1 by the two-row block; otherwise, per pixel
+// group and channel chunk, the blocks of both rows run back to back, so the
+// input rows they share are still in L1 for the second (one row at a time,
+// a row's blocks evict them before the next row comes; 5 x 5, Zen 4: +5 - 7 %
+// on the depthwise stage).
 template <class V, int NV, int PMAX>
 void dw(const Problem& pr, int64_t p0, int64_t p1, float* t, int64_t ldt) {
   const PackedHeader& h = *pr.hd;
   const int64_t reach = int64_t(h.kw - 1) * h.dw;  // input columns a pixel's window spans, less one
+  // The sliding window keeps P x 2 accumulators, KW x 2 weights and 2 inputs in registers
+  // (16 at 3 taps, 20 at 5): AVX-512's 32 hold them; AVX2's 16 leave no room for temporaries.
+  // It runs the 5-tap rows, and 3-tap rows of up to 64 channels the two-row block leaves (a
+  // single row, other heights); 3 taps over more channels measured slower (128 -> 128 @ 56,
+  // N = 8: -4 to -6 %) than the general block's 64-channel chunks.
+  const bool s1 = V::W == 16 && h.sw == 1 && h.dw == 1 && (h.kw == 5 || pr.c <= 64);
+  // 3 x 3 at stride 1 takes the two-row block on the vector ISAs (depthwise stage alone, Zen 4,
+  // one thread: AVX-512 x1.22 - 1.55, AVX2 x1.19 - 1.54 over the blocks below, 16 - 512 channels).
+  const bool two3 = V::W >= 8 && h.kh == 3 && h.kw == 3 && h.sh == 1 && h.sw == 1 && h.dh == 1 && h.dw == 1;
   for (int64_t p = p0; p < p1;) {
-    const int64_t oy = p / pr.ow, ox = p % pr.ow;
-    const int64_t run = std::min<int64_t>({PMAX, p1 - p, pr.ow - ox});
-    float* tr = t + (p - p0) * ldt;
-    const int64_t first = ox * h.sw - pr.pad_l, last = (ox + run - 1) * h.sw - pr.pad_l + reach;
-    const bool inside = first >= 0 && last < pr.w;
-    // The sliding window keeps P x 2 accumulators, KW x 2 weights and 2 inputs in registers
-    // (16 at 3 taps, 20 at 5): AVX-512's 32 hold them; AVX2's 16 leave no room for temporaries.
-    // It runs the 5-tap rows and up to 64 channels; 3 taps over more channels measured slower
-    // (128 -> 128 @ 56, N = 8: -4 to -6 %) than the general block's 64-channel chunks.
-    const bool s1 = V::W == 16 && h.sw == 1 && h.dw == 1 && (h.kw == 5 || pr.c <= 64);
-    if (run == PMAX && inside && s1 && h.kw == 3)
-      dw_pixels_s1<V, 3, 2, PMAX>(pr, oy, ox, tr, ldt);
-    else if (run == PMAX && inside && s1 && h.kw == 5)
-      dw_pixels_s1<V, 5, 2, PMAX>(pr, oy, ox, tr, ldt);
-    else if (run == PMAX && inside)
-      dw_pixels<V, NV, PMAX, true>(pr, oy, ox, tr, ldt);
-    else if (run == PMAX)
-      dw_pixels<V, NV, PMAX, false>(pr, oy, ox, tr, ldt);
-    else
-      for (int64_t q = 0; q < run; ++q) dw_pixels<V, NV, 1, false>(pr, oy, ox + q, tr + q * ldt, ldt);
-    p += run;
+    const int64_t oy = p / pr.ow, xa = p % pr.ow, xb = std::min<int64_t>(pr.ow, xa + (p1 - p));
+    const int rows = xa == 0 && p + 2 * pr.ow <= p1 ? 2 : 1;
+    float* t0 = t + (p - p0) * ldt;
+    const int64_t ldrow = pr.ow * ldt;
+    for (int64_t ox = xa; ox < xb;) {
+      const int64_t run = std::min<int64_t>(PMAX, xb - ox);
+      float* tr = t0 + (ox - xa) * ldt;
+      const int64_t first = ox * h.sw - pr.pad_l, last = (ox + run - 1) * h.sw - pr.pad_l + reach;
+      const bool inside = first >= 0 && last < pr.w;
+      if (rows == 2 && two3)
+        dw_run_3x3_2rows<V, (V::W == 16 ? 2 : 1), PMAX>(pr, oy, ox, run, inside, tr, ldrow, ldt);
+      else if (run == PMAX && inside && s1 && h.kw == 3)
+        dw_pixels_s1<V, 3, 2, PMAX>(pr, oy, rows, ox, tr, ldrow, ldt);
+      else if (run == PMAX && inside && s1 && h.kw == 5)
+        dw_pixels_s1<V, 5, 2, PMAX>(pr, oy, rows, ox, tr, ldrow, ldt);
+      else if (run == PMAX && inside)
+        dw_pixels<V, NV, PMAX, true>(pr, oy, rows, ox, tr, ldrow, ldt);
+      else if (run == PMAX)
+        dw_pixels<V, NV, PMAX, false>(pr, oy, rows, ox, tr, ldrow, ldt);
+      else
+        for (int64_t q = 0; q < run; ++q) dw_pixels<V, NV, 1, false>(pr, oy, rows, ox + q, tr + q * ldt, ldrow, ldt);
+      ox += run;
+    }
+    p += rows == 2 ? 2 * pr.ow : xb - xa;
   }
 }
 

@@ -27,6 +27,8 @@ from pyaccel._pattern import ActKind, Activation, activation_of, bn_scale_shift,
 from pyaccel.nn import FusedDWSeparableConv2d
 from pyaccel.nn._conv import ConvGeometry, ConvSkip, conv_geometry
 
+from _helpers import num_threads
+
 needs_native = pytest.mark.skipif(not _native.available(), reason="native library not loaded")
 ACTS = ["none", "relu", "relu6", "hardswish", "silu", Activation(ActKind.HARDTANH, -0.5, 0.75)]
 
@@ -205,25 +207,38 @@ def test_bands_threads_and_rows(isa, gen):
         m = _random_module(c, co, gen=gen)
         x = torch.randn(batch, c, hw, hw if n == 1 else hw + 1, generator=gen)
         for threads in (1, 2, 3):
-            prev = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
+            with num_threads(threads):
                 assert_close(m(x), m, x, f"{isa} c={c} co={co} hw={hw} threads={threads}")
-            finally:
-                torch.set_num_threads(prev)
 
 
 @needs_native
 def test_sliding_window_depthwise_every_isa(isa, gen):
     """Stride 1 depthwise rows: the AVX-512 sliding-window block (5-tap rows,
-    and 3-tap rows up to 64 channels) over channel counts around its 16- and
-    32-channel chunks, rows wider than its 4 pixels with borders on both sides,
-    next to the general block elsewhere (3 taps over 64 channels, dilation 2)."""
+    and 3-tap rows up to 64 channels where the two-row block leaves a single
+    row: 7 rows) over channel counts around its 16- and 32-channel chunks, rows
+    wider than its 4 pixels with borders on both sides, next to the general
+    block elsewhere (3 taps over 64 channels, dilation 2)."""
     for k, dilation in ((3, 1), (5, 1), ((3, 5), 1), (3, 2)):
         for c in (1, 15, 16, 17, 31, 32, 33, 48, 64, 65, 97):
             m = _random_module(c, 24, k, 1, None, dilation, gen=gen)
-            x = torch.randn(2, c, 6, 13, generator=gen).contiguous(memory_format=torch.channels_last)
+            x = torch.randn(2, c, 7, 13, generator=gen).contiguous(memory_format=torch.channels_last)
             assert_close(m(x), m, x, f"{isa} k={k} d={dilation} c={c}")
+
+
+@needs_native
+def test_two_row_depthwise_every_isa(isa, gen):
+    """3 x 3 stride-1 depthwise rows taken two at a time (the AVX-512 two-row
+    block): heights 1 - 6 (odd ones leave a single row), widths 1 - 9 (runs
+    of 1 - 4 pixels, borders on one or both sides), zero, symmetric and
+    asymmetric padding, channels around its 16- and 32-channel chunks, and
+    1040 channels (bands of ~46 pixels start and end mid-row)."""
+    for c, hw, pad in ((16, (2, 5), 1), (17, (3, 4), 1), (33, (6, 9), 1), (48, (5, 1), 1), (65, (4, 7), 0),
+                       (97, (6, 6), (0, 1, 0, 1)), (32, (1, 8), 1), (15, (2, 2), 1), (1040, (9, 13), 1)):
+        m = _random_module(c, 24, 3, 1, pad, 1, gen=gen)
+        x = torch.randn(2, c, *hw, generator=gen).contiguous(memory_format=torch.channels_last)
+        for threads in (1, 2):
+            with num_threads(threads):
+                assert_close(m(x), m, x, f"{isa} c={c} hw={hw} pad={pad} threads={threads}")
 
 
 @needs_native
