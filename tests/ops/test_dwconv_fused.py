@@ -227,16 +227,19 @@ def test_sliding_window_depthwise_every_isa(isa, gen):
 
 @needs_native
 def test_two_row_depthwise_every_isa(isa, gen):
-    """3 x 3 stride-1 depthwise rows taken two at a time (the AVX-512 two-row
-    block): heights 1 - 6 (odd ones leave a single row), widths 1 - 9 (runs
-    of 1 - 4 pixels, borders on one or both sides), zero, symmetric and
-    asymmetric padding, channels around its 16- and 32-channel chunks, and
-    1040 channels (bands of ~46 pixels start and end mid-row)."""
+    """3 x 3 stride-1 depthwise rows taken two at a time (the two-row block of
+    the AVX-512 and AVX2 levels): heights 1 - 6 (odd ones leave a single
+    row), widths 1 - 9 (runs of 1 - 4 pixels, borders on one or both sides),
+    zero, symmetric and per-side padding with top != left ((top, bottom,
+    left, right) = (1, 0, 0, 1) and (0, 1, 1, 0)), channels around its 16- and
+    32-channel chunks, and 1040 channels at 10 x 13 (bands of 44 pixels: they
+    start and end mid-row, with whole row pairs after the start)."""
     for c, hw, pad in ((16, (2, 5), 1), (17, (3, 4), 1), (33, (6, 9), 1), (48, (5, 1), 1), (65, (4, 7), 0),
-                       (97, (6, 6), (0, 1, 0, 1)), (32, (1, 8), 1), (15, (2, 2), 1), (1040, (9, 13), 1)):
+                       (97, (6, 6), (0, 1, 0, 1)), (31, (5, 7), (1, 0, 0, 1)), (40, (6, 8), (0, 1, 1, 0)),
+                       (32, (1, 8), 1), (15, (2, 2), 1), (1040, (10, 13), 1)):
         m = _random_module(c, 24, 3, 1, pad, 1, gen=gen)
         x = torch.randn(2, c, *hw, generator=gen).contiguous(memory_format=torch.channels_last)
-        for threads in (1, 2):
+        for threads in (1, 2, 3):
             with num_threads(threads):
                 assert_close(m(x), m, x, f"{isa} c={c} hw={hw} pad={pad} threads={threads}")
 
