@@ -928,8 +928,12 @@ def test_conv_input_layouts(isa, gen, ccase, dtype):
     base = _cx(gen, 48, 3, 11, 10).to(dtype)
     for what, x in [("NCHW", base[:, :24].contiguous()), ("channels_last", base[:, :24].contiguous(
             memory_format=torch.channels_last)), ("channel stride", base[:, ::2]), ("N = 1", base[:1, :24]),
-            ("empty batch", base[:0, :24]), ("odd H W", _cx(gen, 24, 1, 5, 3).to(dtype))]:
+            ("empty batch", base[:0, :24].contiguous()), ("empty batch, channels_last", base[:0, :24].contiguous(
+                memory_format=torch.channels_last)), ("odd H W", _cx(gen, 24, 1, 5, 3).to(dtype))]:
         y = mod(x)
+        if x.numel() == 0:  # every format counts as contiguous here: compare the strides
+            fmt = torch.channels_last if "channels_last" in what else torch.contiguous_format
+            assert y.stride() == torch.empty(y.shape, memory_format=fmt).stride(), (what, y.stride())
         want_cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         assert y.dtype == dtype and (not want_cl or y.is_contiguous(memory_format=torch.channels_last)), what
         assert want_cl or y.is_contiguous(), what

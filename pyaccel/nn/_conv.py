@@ -192,8 +192,23 @@ def conv_weights(conv: nn.Conv2d) -> Tuple[Tensor, Optional[Tensor]]:
 # ---- memory format ------------------------------------------------------------------------
 def is_channels_last(x: Tensor) -> bool:
     """Whether a 4-D tensor is laid out channels-last (and not also plainly contiguous,
-    which for C == 1 or H == W == 1 it can be both)."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    which for C == 1 or H == W == 1 it can be both). An empty tensor counts as
+    contiguous in every format, so for one its strides decide."""
+    if x.dim() != 4:
+        return False
+    if x.numel() == 0:
+        return x.shape[1] > 1 and x.stride(1) == 1 and x.stride(3) != 1
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def in_format(y: Tensor, channels_last: bool) -> Tensor:
+    """y [N, C, H, W] in channels_last memory format when `channels_last`, else
+    contiguous (a copy only when y is not already so); an empty y gets that
+    format's strides too (``contiguous`` leaves an empty tensor as it is)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if y.numel() == 0:
+        return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=fmt)
+    return y.contiguous(memory_format=fmt)
 
 
 def to_nhwc(x: Tensor) -> Tuple[Tensor, bool]:
@@ -273,8 +288,7 @@ class PackedConv2d(PackedModule):
         cl, yshape, pad_t, pad_l, empty = spec
         f32 = x.dtype is torch.float32
         if empty:
-            y = torch.empty(yshape, dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
-            return y if cl else y.contiguous()
+            return in_format(torch.empty(yshape, dtype=x.dtype, device=x.device).permute(0, 3, 1, 2), cl)
         xn = (x if f32 else x.float()).permute(0, 2, 3, 1)
         if not cl:
             xn = xn.contiguous()

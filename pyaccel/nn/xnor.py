@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from pyaccel import _native
 from pyaccel import ops_binary as ob
-from pyaccel.nn._conv import is_channels_last
+from pyaccel.nn._conv import in_format, is_channels_last
 from pyaccel.nn._packed import PackedModule, _fx_proxy, _grad_enabled, _hand_torch_to
 from pyaccel.formats import binary as bf
 from pyaccel.reference_binary import ACTIVATIONS, pair
@@ -477,8 +477,7 @@ class XnorConv2d(_XnorBase):
                 self._remember_plan(x, x.shape, x.stride(), y.shape[2], y.shape[3], 1 if channels_last else 0)
         if y is None:
             y = torch.ops.pyaccel.binary_conv2d(*self._args(x))
-        if not channels_last:
-            y = y.contiguous()
+        y = in_format(y, channels_last)
         if dtype != torch.float32:  # computed in fp32, returned in x's dtype
             y = y.to(dtype)
         return y.squeeze(0) if squeeze else y
