@@ -16,6 +16,7 @@ import dataclasses
 import io
 import pickle
 import threading
+import warnings
 from typing import Callable, Dict, Optional
 
 import pytest
@@ -446,7 +447,9 @@ def test_transformer_encoder_layer_runs_the_kernels(gen, case, monkeypatch):
 # ---- tracing, compiling, exporting --------------------------------------------------------
 def test_jit_trace_records_the_op(gen, case):
     mod = nn.Sequential(case.build(48, 32, True, gen), nn.ReLU())
-    traced = torch.jit.trace(mod, torch.randn(4, 48, generator=gen))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(mod, torch.randn(4, 48, generator=gen))
     assert "pyaccel" in str(traced.graph)
     for shape in [(4, 48), (7, 48), (2, 3, 48)]:
         x = torch.randn(*shape, generator=gen)
@@ -957,7 +960,9 @@ def test_conv_jit_trace_fx_compile_export(gen, ccase):
     mod = ccase.build(16, 24, gen)
     net = nn.Sequential(mod, nn.ReLU())
     x = _cx(gen, 16, 2, 10, 10)
-    traced = torch.jit.trace(net, x)
+    with warnings.catch_warnings():  # the packing check is a constant of the trace, not a TracerWarning
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(net, x)
     assert "pyaccel" in str(traced.graph)
     for shape in [(2, 16, 10, 10), (3, 16, 10, 10)]:
         xi = torch.randn(*shape, generator=gen)

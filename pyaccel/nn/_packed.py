@@ -18,6 +18,7 @@ meta + ``load_state_dict(assign=True)``; one checkpoint, one answer on every ISA
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, FrozenSet, Optional
 
 import torch
@@ -286,6 +287,13 @@ class PackedModule(nn.Module):
         if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
                 or self._backward_pre_hooks or _any_global_hook()):
             return super().__call__(*args, **kwargs)
+        if _tracing_state() is not None:  # torch.jit.trace
+            # The input checks and the packing check read traced sizes; what they decide
+            # (channels, dtype, the buffers) is fixed for the module, a constant of the
+            # trace as the packed buffers are: their TracerWarnings are noise.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                return super().__call__(*args, **kwargs)
         if len(args) == 1 and not kwargs:
             x = args[0]
             plan = self._plan
