@@ -3,8 +3,8 @@
 patch walks the model's modules (every path, shared modules included); for
 each one a small handler (registered with :func:`handler`) either offers a
 replacement built from the original module or says why it leaves the module
-alone; modules no handler takes but that hold a weight matrix are reported
-too. Handlers read weights through :mod:`pyaccel._linear_source` (the weight
+alone; modules no handler takes but that hold a weight matrix, and float
+convolutions outside every fused chain, are reported too. Handlers read weights through :mod:`pyaccel._linear_source` (the weight
 a layer really computes with). By default patch is lossless: it only takes
 modules that are already compressed (torch.ao int8, 2:4 zeros or prune
 masks). Lossy steps, such as quantizing float layers (``quantize="int8"``),
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -291,7 +292,13 @@ def _block_sparse_or(fallback: Union[Build, str], w: Tensor, b: Optional[Tensor]
 
 def _unhandled(mod: nn.Module) -> Optional[str]:
     """The reason for a module no handler takes that holds a weight matrix
-    itself (Embedding, MultiheadAttention, custom modules, ...); else None."""
+    itself (Embedding, MultiheadAttention, custom modules, ...) or is a float
+    convolution outside every fused chain; else None."""
+    w = getattr(mod, "weight", None)
+    if isinstance(mod, nn.modules.conv._ConvNd) and isinstance(w, torch.Tensor) and w.is_floating_point():
+        window = "x".join(str(k) for k in mod.kernel_size)
+        return (f"no pyaccel kernel for this {type(mod).__name__} ({window}, groups {mod.groups}) on its own: "
+                "pyaccel takes convolutions in the fused chains it matches, or binarized")
     names = own_weight_names(mod)
     if not names:
         return None
@@ -479,8 +486,9 @@ def patch(
             Sequential sees; other inputs (NCHW, bf16, unbatched, autograd,
             tracing) keep float activations.
 
-    The report has one entry per path of every module a handler looks at and
-    of every other module holding a weight matrix (with the reason it stays).
+    The report has one entry per path of every module a handler looks at, of
+    every other module holding a weight matrix and of every float convolution
+    no chain took (with the reason it stays).
     A module object found at several paths is converted once: every selected
     path gets the same replacement (entries after the first say
     ``shared_with``). A replacement sits on its original's device; if the
@@ -495,7 +503,8 @@ def patch(
     the fused module and the rest of the span nn.Identity, with one report entry
     for the span (``entry.span``); a chain in a custom forward is matched
     through torch.fx, and then ``report.model`` is a new torch.fx.GraphModule
-    (that patch is *not* in place: use ``report.model``). A chain that cannot
+    (that patch is *not* in place: use ``report.model``; with ``inplace=True``
+    patch then warns). A chain that cannot
     be fused stays as it is, with the reason on its head's entry.
     """
     if not isinstance(model, nn.Module):
@@ -506,6 +515,7 @@ def patch(
         raise ValueError(f"block_sparse: expected one of {BLOCK_SPARSE_MODES}, got {block_sparse!r}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: expected a callable (module, path) -> bool, got {type(filter_fn).__name__}")
+    given = model
     if not inplace:
         model = deepcopy_model(model)
     if act_bits not in (8, 7) or isinstance(act_bits, bool):
@@ -588,6 +598,10 @@ def patch(
             for p, text in ((src, f"hands packed signs to {dst}"), (dst, f"takes packed signs from {src}")):
                 if p in by_path and by_path[p].swapped:
                     by_path[p].backend += "; " + text
+    if inplace and isinstance(report.model, torch.fx.GraphModule) and report.model is not given:
+        warnings.warn("patch: chains in the model's own forward were fused through torch.fx into a new "
+                      "GraphModule, which the model passed in does not get: use report.model", UserWarning,
+                      stacklevel=2)
     return report
 
 
@@ -687,10 +701,30 @@ def _pattern_pass(report: PatchReport, ctx: _Context, include, exclude, filter_f
     fx_matches = [m for m in fx_matches if m.head.path not in done]
     if not any(m.pattern.standalone for m in fx_matches):
         fx_matches = []  # nothing that alone justifies a new GraphModule
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+
+    renamed: Dict[str, str] = {}
+
+    def where(k, m):
+        # The fused module takes its head's path in the GraphModule (so report paths and
+        # state_dict keys read as in the original model), unless the forward calls the
+        # head from another place too, which keeps the original module there.
+        if calls.get(m.head.path) == 1:
+            return m.head.path
+        renamed[m.head.path] = f"pyaccel_fused_{k}_" + m.head.path.replace(".", "_")
+        return renamed[m.head.path]
+
+    n_entries = len(report.entries)
     fused = _fuse_matches(report, fx_matches, sel, reasons,
-                          lambda k, m, new: _pattern.apply_fx_match(
-                              gm, m, new, f"pyaccel_fused_{k}_" + m.head.path.replace(".", "_")),
+                          lambda k, m, new: _pattern.apply_fx_match(gm, m, new, where(k, m)),
                           note="; via torch.fx (report.model is a new GraphModule)")
+    for entry in report.entries[n_entries:]:
+        if entry.swapped and entry.path in renamed:
+            entry.backend += (f"; in report.model at {renamed[entry.path]} (the forward also calls "
+                              f"{entry.path} elsewhere, which keeps the original there)")
     for p, _ in heads:
         if p not in done and not any(m.head.path == p for m in fx_matches):
             reasons.setdefault(p, fx_reasons.get(p, "not followed by a matching chain"))

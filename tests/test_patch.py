@@ -111,7 +111,9 @@ def test_model_that_cannot_be_accelerated_is_left_as_is():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     sd = copy.deepcopy(net.state_dict())
     report = pyaccel.patch(net, quantize="int8")
-    assert not report.entries and "0 swapped, 0 skipped" in str(report)
+    assert not report.swapped and "0 swapped, 1 skipped" in str(report)
+    (entry,) = report.skipped
+    assert entry.path == "0" and "no pyaccel kernel for this Conv2d (3x3, groups 1)" in entry.reason
     assert all(torch.equal(sd[k], v) for k, v in net.state_dict().items())
 
 

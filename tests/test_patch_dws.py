@@ -4,6 +4,7 @@ custom forwards, squeeze-excitation and self-padding Conv2d subclasses
 reported (never mis-fused), filters, hooks, shared modules, training mode; a
 MobileNetV1-style model in plain torch."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -121,8 +122,12 @@ def test_fx_custom_forward_and_se_reported(gen):
                           gen).eval()
     x = torch.randn(2, 8, 17, 16, generator=gen)
     want = model(x)
-    report = pyaccel.patch(model)
+    with pytest.warns(UserWarning, match="use report.model"):
+        report = pyaccel.patch(model)
     assert isinstance(report.model, torch.fx.GraphModule) and report.model is not model
+    with warnings.catch_warnings():  # not in place by request: nothing to warn of
+        warnings.simplefilter("error")
+        assert isinstance(pyaccel.patch(model, inplace=False).model, torch.fx.GraphModule)
     fused = _dws(report)
     assert [e.span for e in fused] == [["0.dw", "0.bn1", "0.pw", "0.bn2"], ["1.dw", "1.bn1", "1.pw", "1.bn2"]]
     assert "relu6" in fused[0].old_type and "via torch.fx" in fused[0].backend
@@ -130,6 +135,36 @@ def test_fx_custom_forward_and_se_reported(gen):
     assert se and "more than one user" in se[0].reason
     assert _close(report.model(x), want)
     assert _close(model(x), want)  # the original still computes what it did
+    # the fused modules sit at their heads' paths in the GraphModule: report paths resolve there,
+    # and the state_dict keys read as in the original model
+    for e in fused:
+        assert type(report.model.get_submodule(e.path)).__name__ == e.new_type
+    assert "0.dw.dw_weight" in report.model.state_dict() and not any("pyaccel_fused" in k
+                                                                     for k in report.model.state_dict())
+
+
+def test_fx_head_called_twice_keeps_a_fused_name(gen):
+    """A head module the forward calls from two places: the fused module gets a
+    name of its own, and the other call keeps the original module."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dw = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+            self.pw = nn.Conv2d(8, 12, 1)
+
+        def forward(self, x):
+            return self.pw(F.relu(self.dw(x))), self.dw(x)
+
+    model = Twice().eval()
+    x = torch.randn(1, 8, 9, 9, generator=gen)
+    want = model(x)
+    report = pyaccel.patch(model)
+    got = report.model(x)
+    assert all(_close(g, w) for g, w in zip(got, want))
+    (entry,) = report.swapped
+    assert "in report.model at pyaccel_fused_0_dw" in entry.backend
+    assert type(report.model.get_submodule("pyaccel_fused_0_dw")).__name__ == entry.new_type
+    assert type(report.model.get_submodule("dw")) is nn.Conv2d
 
 
 def test_tf_same_padding_subclasses(gen):

@@ -239,6 +239,8 @@ def test_every_weight_holder_is_reported_with_reason(gen):
         "bil": "no pyaccel kernel for Bilinear",
         "custom": "no pyaccel kernel for _Custom (holds proj, table)",
         "lstm": "no pyaccel kernel for LSTM (holds weight_ih_l0, weight_hh_l0)",
+        "conv": "no pyaccel kernel for this Conv2d (3x3, groups 1) on its own: pyaccel takes convolutions in the "
+                "fused chains it matches, or binarized",
     }
     assert "reads its weight and bias directly" in reasons["mha.out_proj"]
     assert not report.swapped and type(net["mha"].out_proj).__name__ == "NonDynamicallyQuantizableLinear"
