@@ -101,11 +101,20 @@ class Activation:
 
     @staticmethod
     def parse(spec: Union[str, "Activation", None]) -> "Activation":
-        """An Activation from a name ('none', 'relu', 'relu6', 'hardswish', 'silu') or itself."""
+        """An Activation from a name ('none' / 'identity', 'relu', 'relu6', 'hardswish',
+        'silu' / 'swish'; any case), an activation module (nn.ReLU, nn.ReLU6,
+        nn.Hardswish, nn.SiLU, nn.Hardtanh, nn.Identity), None (none) or itself.
+        ValueError naming `activation` for anything else."""
         if isinstance(spec, Activation):
             return spec
         if spec is None:
             return Activation()
+        if isinstance(spec, nn.Module):
+            act = activation_of(spec) if type(spec) is not nn.Identity else Activation()
+            if act is None:
+                raise ValueError(f"activation: expected one of nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, "
+                                 f"nn.Hardtanh, nn.Identity or a name, got {spec!r}")
+            return act
         names = {"none": ActKind.NONE, "identity": ActKind.NONE, "relu": ActKind.RELU, "relu6": ActKind.RELU6,
                  "hardswish": ActKind.HARDSWISH, "silu": ActKind.SILU, "swish": ActKind.SILU}
         if not isinstance(spec, str) or spec.lower() not in names:

@@ -56,7 +56,16 @@ MIN_SPARSE24_K = 8  # narrower layers are left dense: nothing to gain
 
 @dataclasses.dataclass
 class PatchEntry:
-    """One module patch looked at: swapped (new_type set) or skipped (reason set)."""
+    """One module patch looked at: swapped (new_type set) or skipped (reason set).
+
+    Fields: ``path`` (the module's path in the model passed in; for a fused
+    chain its head's), ``old_type`` (class name; for a chain the steps joined
+    by "+"), ``new_type`` (the replacement's class name, None when skipped),
+    ``backend`` (where and how the replacement runs: device, ISA, kernel, and
+    notes), ``reason`` (why a module stays), ``lossy`` (the replacement
+    quantized what was float), ``shared_with`` (the first path of the same
+    module object, when this is another), ``span`` (a fused chain: every path
+    it replaced, head first)."""
 
     path: str
     old_type: str
@@ -457,9 +466,15 @@ def patch(
     Args:
         model: any nn.Module.
         quantize: None (lossless swaps only) or "int8" (also quantize float
-            nn.Linear / Conv1D layers: per-channel weights, per-token activations).
+            nn.Linear / Conv1D layers: per-channel weights, per-token activations;
+            and fused depthwise -> 1x1 chains get an int8 pointwise stage,
+            FusedDWSeparableInt8Conv2d, which pays from ~256 channels: see
+            bench/RESULTS.md).
         filter_fn: ``filter_fn(module, path) -> bool``; modules for which it is
-            False are left alone (reported as filtered out).
+            False are left alone (reported as filtered out). A fused chain is
+            asked about every module of its span (convs, BatchNorms,
+            activations) and stays unless all pass: a filter meant for convs
+            should pass other modules (``not isinstance(m, nn.Conv2d) or ...``).
         include / exclude: fnmatch patterns on module paths ("encoder.*.dense").
         inplace: False deep-copies the model first; ``report.model`` is the copy.
         block_sparse: for Linear layers with >= 30 % zero blocks: "measure"

@@ -1,6 +1,6 @@
 """Bit-packed binary (±1) tensors: the canonical form of XNOR layers.
 
-Conventions (DESIGN.md, "Numerical contracts / binary"):
+Conventions:
 
 - sign(v) = -1 where v < 0, else +1 (sign(0) = sign(-0.0) = +1; NaN counts as +1).
 - A bit is 1 for -1 and 0 for +1, so for two ±1 vectors of K entries

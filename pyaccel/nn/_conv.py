@@ -42,8 +42,8 @@ TF_SAME = "tf_same"
 _SAME_PADDING_MODULES = frozenset({"efficientnet_lite_pytorch.utils", "efficientnet_pytorch.utils"})
 
 
-class ConvSkip(Exception):
-    """A convolution pyaccel cannot take as it is; str(exc) is the reason for the report."""
+class ConvSkip(ValueError):
+    """A convolution pyaccel cannot take as it is (a ValueError); str(exc) is the reason for the report."""
 
 
 def _is_int(v) -> bool:
@@ -320,4 +320,7 @@ class PackedConv2d(PackedModule):
         return self._checked_op(x)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x [N, C, H, W] (float32 or bfloat16, NCHW or channels_last) -> y [N,
+        Cout, OH, OW] in x's dtype and memory format (the class docstring gives
+        OH, OW and the errors)."""
         return self._general(x)

@@ -28,21 +28,30 @@ class FusedDWSeparableConv2d(PackedConv2d):
     """y = act2(pw(act1(dw(x)))): a depthwise conv (groups = in_channels = its
     out channels, any k x k window, stride, dilation, zero padding -- symmetric,
     per side, or TensorFlow "SAME") followed by a 1 x 1 conv, each with a bias
-    (BatchNorm folded in) and an activation (none, relu, relu6, hardswish,
-    silu, or pyaccel._pattern.Activation incl. Hardtanh).
+    (BatchNorm folded in) and an activation: a name ('none' / 'identity',
+    'relu', 'relu6', 'hardswish', 'silu' / 'swish'), an activation module
+    (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.Hardtanh, nn.Identity) or
+    None.
 
     Args: in_channels C, out_channels Cout, kernel_size, stride, padding (int,
-    (ph, pw), (top, bottom, left, right) or "tf_same"), dilation, act1, act2,
-    bias (whether the pointwise conv has a bias buffer), device.
+    (ph, pw), (top, bottom, left, right) or "tf_same"; None: (k - 1) // 2 *
+    dilation, the same-size output at stride 1; nn.Conv2d's 'same' / 'valid'
+    strings are not taken), dilation, act1, act2, bias (whether the pointwise
+    conv has a bias buffer), device. A module built this way holds zero
+    weights (it outputs act2(bias) = 0 until they are loaded or copied in).
 
     Buffers (float32, the canonical state in state_dict): dw_weight
     [C, 1, kh, kw], dw_bias [C], pw_weight [Cout, C, 1, 1], bias [Cout] or
     None. Non-finite weights are refused (ValueError naming the buffer).
 
     Input [N, C, H, W] float32 or bfloat16, NCHW or channels_last; output
-    [N, Cout, OH, OW] in the input's dtype and memory format. TypeError /
-    ValueError naming ``x`` for other inputs. Autograd reaches the input (the
-    weights are frozen buffers); train() changes nothing.
+    [N, Cout, OH, OW] in the input's dtype and memory format, OH = (H + pad
+    top + pad bottom - dilation * (kh - 1) - 1) // stride + 1 (OW alike;
+    "tf_same": ceil(H / stride)). TypeError / ValueError naming ``x`` for
+    other inputs (float64 / float16 included: ``.double()`` / ``.half()`` keep
+    this module's fp32 buffers, so call it with float32 or bfloat16). Autograd
+    reaches the input (the weights are frozen buffers); train() changes
+    nothing.
 
     Build one with :meth:`from_modules` (what ``pyaccel.patch`` does).
     Method: depthwise-separable convolution (Howard et al., MobileNets, 2017);
@@ -93,9 +102,16 @@ class FusedDWSeparableConv2d(PackedConv2d):
     def from_modules(cls, dw: nn.Conv2d, bn1: Optional[nn.Module], act1: Optional[Activation], pw: nn.Conv2d,
                      bn2: Optional[nn.Module], act2: Optional[Activation]) -> "FusedDWSeparableConv2d":
         """The fused module computing act2(bn2(pw(act1(bn1(dw(x)))))) (BN in eval
-        form, folded in float64). ConvSkip when a conv's padding cannot be read
-        (a Conv2d subclass that pads on its own in an unknown way), ValueError
-        when the shapes do not chain (groups, 1 x 1, channel counts)."""
+        form, folded in float64). bn1 / bn2: BatchNorm2d or None; act1 / act2:
+        as the constructor takes them. Raises pyaccel.nn.ConvSkip (a
+        ValueError) when a conv's padding cannot be read (a Conv2d subclass
+        that pads on its own in an unknown way), ValueError when the shapes do
+        not chain (groups, 1 x 1, channel counts) or a BatchNorm is in training
+        mode (call .eval() first: it would normalize with batch statistics)."""
+        for name, bn in (("bn1", bn1), ("bn2", bn2)):
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training:
+                raise ValueError(f"{name}: in training mode (it normalizes with batch statistics there); call "
+                                 ".eval() before fusing")
         geo = conv_geometry(dw)
         c = dw.in_channels
         if dw.groups != c or dw.out_channels != c:

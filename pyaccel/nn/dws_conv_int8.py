@@ -28,8 +28,11 @@ class FusedDWSeparableInt8Conv2d(FusedDWSeparableConv2d):
     [C, 1, kh, kw], dw_bias float32 [C], pw_weight_int8 int8 [Cout, C] in
     [-127, 127], pw_scale float32 [Cout] (finite), bias float32 [Cout] or None.
     Build one with :meth:`from_float` (from a FusedDWSeparableConv2d). The
-    pointwise stage follows pyaccel's int8 numerical contract (per-pixel
-    activations, per-channel weights, int32 sums; DESIGN.md).
+    pointwise stage follows pyaccel's int8 scheme, as Int8Linear's
+    (README.md, "Int8Linear"): the depthwise output quantized per pixel to
+    [-127, 127] at run time, weights per output channel, int32 sums,
+    dequantization + bias, then act2. Lossy: judge it by SQNR against the fp32
+    module (MobileNetV1 blocks: 45 - 47 dB, bench/RESULTS.md).
     """
 
     WEIGHT_NAMES = frozenset({"dw_weight", "dw_bias", "pw_weight_int8", "pw_scale", "bias"})
@@ -47,7 +50,12 @@ class FusedDWSeparableInt8Conv2d(FusedDWSeparableConv2d):
 
     @classmethod
     def from_float(cls, fused: FusedDWSeparableConv2d) -> "FusedDWSeparableInt8Conv2d":
-        """Quantize a FusedDWSeparableConv2d's pointwise weights per output channel (lossy)."""
+        """Quantize a FusedDWSeparableConv2d's pointwise weights per output channel
+        (lossy); the depthwise stage stays fp32. TypeError for anything but a
+        FusedDWSeparableConv2d (build one from a chain with
+        ``FusedDWSeparableConv2d.from_modules`` or ``pyaccel.patch``)."""
+        if not isinstance(fused, FusedDWSeparableConv2d) or isinstance(fused, cls):
+            raise TypeError(f"fused: expected a pyaccel.nn.FusedDWSeparableConv2d, got {type(fused).__name__}")
         g = fused.geometry
         mod = cls(fused.in_channels, fused.out_channels, g.kernel, g.stride, g.padding, g.dilation, fused.act1,
                   fused.act2, bias=fused.bias is not None, device=fused.dw_weight.device)

@@ -318,6 +318,19 @@ def test_property_random_blocks(c, co, hw, k, stride, batch, tf, seed):
     assert_close(m(x), m, x, f"c={c} co={co} hw={hw} k={k} s={stride} tf={tf}")
 
 
+def test_activation_modules_and_names(gen):
+    """act1 / act2 take nn activation modules as well as names (any case)."""
+    x = torch.randn(2, 8, 6, 6, generator=gen)
+    for mod_act, name in ((nn.ReLU(), "relu"), (nn.ReLU6(), "RELU6"), (nn.Hardswish(), "hardswish"),
+                          (nn.SiLU(), "swish"), (nn.Identity(), "identity"), (None, "none")):
+        a = _random_module(8, 12, act1=mod_act, act2=mod_act, gen=gen)
+        b = FusedDWSeparableConv2d(8, 12, 3, act1=name, act2=name)
+        b.load_state_dict(a.state_dict())
+        assert torch.equal(a(x), b(x)), name
+    h = FusedDWSeparableConv2d(8, 12, 3, act1=nn.Hardtanh(-0.5, 0.5))
+    assert h.act1.lo == -0.5 and h.act1.hi == 0.5
+
+
 def test_bad_arguments_name_themselves(gen):
     m = _random_module(8, 8, gen=gen)
     with pytest.raises(TypeError, match="x"):
@@ -334,6 +347,14 @@ def test_bad_arguments_name_themselves(gen):
         FusedDWSeparableConv2d(8.0, 8)
     with pytest.raises(ValueError, match="act"):
         FusedDWSeparableConv2d(8, 8, act1="gelu")
+    with pytest.raises(ValueError, match="activation: expected one of nn.ReLU"):
+        FusedDWSeparableConv2d(8, 8, act1=nn.GELU())
+    with pytest.raises(TypeError, match="fused: expected a pyaccel.nn.FusedDWSeparableConv2d, got Conv2d"):
+        pyaccel.nn.FusedDWSeparableInt8Conv2d.from_float(nn.Conv2d(8, 8, 1))
+    dw, pw = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1)
+    with pytest.raises(ValueError, match="bn1: in training mode"):
+        FusedDWSeparableConv2d.from_modules(dw, nn.BatchNorm2d(8), None, pw, None, None)
+    assert issubclass(pyaccel.nn.ConvSkip, ValueError)
     with pytest.raises(ValueError, match="dw_weight"):
         torch.ops.pyaccel.dws_conv2d(torch.randn(1, 8, 5, 5), torch.randn(8, 2, 3, 3), None, m.pw_weight, None,
                                      [1, 1], [1, 1], [1, 1, 1, 1], False, 0, [], 0, [], None)
