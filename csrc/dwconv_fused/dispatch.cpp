@@ -122,6 +122,22 @@ void forward(const float* x, int64_t batch, int64_t h, int64_t w, int64_t c, con
       pr.x = x + img * h * w * c;
       pr.y = y + img * pixels * n;
       const int64_t p0 = b * band, p1 = std::min(pixels, p0 + band);
+      // The input rows this thread's next item reads, unless it reads this item's band
+      // again (another panel range): prefetched into L2 while this item's pointwise
+      // stage runs, so the next depthwise stage finds them there, not in DRAM
+      // (MobileNetV1 blocks, Zen 4, 2 threads, interleaved: N = 8 128@56 +13 %,
+      // 256@28 +7 %, 512@14 +1.5 %; N = 1 within +-2 %).
+      if (it + 1 < i1 && (it + 1) / splits != it / splits) {
+        const int64_t nimg = (it + 1) / (bands * splits), nb = ((it + 1) % (bands * splits)) / splits;
+        const int64_t np0 = nb * band, np1 = std::min(pixels, np0 + band);
+        const int64_t iy0 = std::max<int64_t>(0, (np0 / ow) * hd.sh - pad_t);
+        const int64_t iy1 = std::min<int64_t>(h, ((np1 - 1) / ow) * hd.sh - pad_t + int64_t(hd.kh - 1) * hd.dh + 1);
+        if (iy0 < iy1) {
+          const float* xi = x + nimg * h * w * c;
+          pr.pf = reinterpret_cast<const char*>(xi + iy0 * w * c);
+          pr.pf_end = reinterpret_cast<const char*>(xi + iy1 * w * c);
+        }
+      }
       kern.dw(pr, p0, p1, t, ldt);
       const int64_t q0 = panels * s / splits, q1 = panels * (s + 1) / splits;
       if (q0 < q1) kern.pw(pr, t, ldt, p0, p1, q0, q1);

@@ -74,6 +74,10 @@ struct Problem {
   float* y;            // NHWC [oh][ow][n] of one image
   bool stream = false; // full vectors of y go out with non-temporal stores (see forward)
   bool prefetch = false; // the depthwise stage prefetches the next output row's new input row
+  // Input bytes [pf, pf_end) the pointwise stage prefetches into L2, spread over its
+  // tiles: the rows of x the thread's next work item reads (see forward).
+  const char* pf = nullptr;
+  const char* pf_end = nullptr;
 };
 
 // Depthwise stage: t[(p - p0) * ldt + c] for output pixels p in [p0, p1), act1 applied.
