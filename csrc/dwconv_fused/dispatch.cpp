@@ -77,6 +77,24 @@ BandPlan plan_bands(int64_t batch, int64_t pixels, int64_t ldt, int64_t macs_per
   return BandPlan{band, bands, std::max<int64_t>(1, splits), static_cast<int>(nt)};
 }
 
+// The input rows [pf, pf_end) work item it + 1 reads (image, band), for the
+// pointwise stage of item `it` to prefetch into L2 so the next depthwise stage
+// finds them there, not in DRAM; none when item it + 1 reads item it's band
+// again (another panel range).
+void next_item_input(const float* x, int64_t h, int64_t w, int64_t c, int64_t ow, int64_t pad_t,
+                     const PackedHeader& hd, int64_t pixels, int64_t band, int64_t bands, int64_t splits, int64_t it,
+                     const char** pf, const char** pf_end) {
+  if ((it + 1) / splits == it / splits) return;
+  const int64_t nimg = (it + 1) / (bands * splits), nb = ((it + 1) % (bands * splits)) / splits;
+  const int64_t np0 = nb * band, np1 = std::min(pixels, np0 + band);
+  const int64_t iy0 = std::max<int64_t>(0, (np0 / ow) * hd.sh - pad_t);
+  const int64_t iy1 = std::min<int64_t>(h, ((np1 - 1) / ow) * hd.sh - pad_t + int64_t(hd.kh - 1) * hd.dh + 1);
+  if (iy0 >= iy1) return;
+  const float* xi = x + nimg * h * w * c;
+  *pf = reinterpret_cast<const char*>(xi + iy0 * w * c);
+  *pf_end = reinterpret_cast<const char*>(xi + iy1 * w * c);
+}
+
 }  // namespace
 
 const Kernel& select_kernel() {
@@ -122,22 +140,9 @@ void forward(const float* x, int64_t batch, int64_t h, int64_t w, int64_t c, con
       pr.x = x + img * h * w * c;
       pr.y = y + img * pixels * n;
       const int64_t p0 = b * band, p1 = std::min(pixels, p0 + band);
-      // The input rows this thread's next item reads, unless it reads this item's band
-      // again (another panel range): prefetched into L2 while this item's pointwise
-      // stage runs, so the next depthwise stage finds them there, not in DRAM
-      // (MobileNetV1 blocks, Zen 4, 2 threads, interleaved: N = 8 128@56 +13 %,
-      // 256@28 +7 %, 512@14 +1.5 %; N = 1 within +-2 %).
-      if (it + 1 < i1 && (it + 1) / splits != it / splits) {
-        const int64_t nimg = (it + 1) / (bands * splits), nb = ((it + 1) % (bands * splits)) / splits;
-        const int64_t np0 = nb * band, np1 = std::min(pixels, np0 + band);
-        const int64_t iy0 = std::max<int64_t>(0, (np0 / ow) * hd.sh - pad_t);
-        const int64_t iy1 = std::min<int64_t>(h, ((np1 - 1) / ow) * hd.sh - pad_t + int64_t(hd.kh - 1) * hd.dh + 1);
-        if (iy0 < iy1) {
-          const float* xi = x + nimg * h * w * c;
-          pr.pf = reinterpret_cast<const char*>(xi + iy0 * w * c);
-          pr.pf_end = reinterpret_cast<const char*>(xi + iy1 * w * c);
-        }
-      }
+      // MobileNetV1 blocks, Zen 4, 2 threads, interleaved: N = 8 128@56 +13 %, 256@28 +7 %,
+      // 512@14 +1.5 %; N = 1 within +-2 %.
+      if (it + 1 < i1) next_item_input(x, h, w, c, ow, pad_t, hd, pixels, band, bands, splits, it, &pr.pf, &pr.pf_end);
       kern.dw(pr, p0, p1, t, ldt);
       const int64_t q0 = panels * s / splits, q1 = panels * (s + 1) / splits;
       if (q0 < q1) kern.pw(pr, t, ldt, p0, p1, q0, q1);
@@ -186,7 +191,17 @@ void forward_int8(const float* x, int64_t batch, int64_t h, int64_t w, int64_t c
       const int8_gemm::GemmArgs g{q, lda, t_qscale.data(), wq, comp, w_scale, bias, yb, n, false, rows, n, h8.k_pad};
       const int64_t q0 = panels * s / bp.splits, q1 = panels * (s + 1) / bp.splits;
       if (q0 >= q1) continue;
-      k8.gemm(g, 0, rows, q0, q1);
+      // The next item's input rows into L2, a step of lines per panel (as forward does per
+      // tile; MobileNetV1 blocks, N = 8, interleaved: 128@56 +5 %, 256@28 +2 %, wider +-0.5 %).
+      const char* pf = nullptr;
+      const char* pf_end = nullptr;
+      if (it + 1 < i1)
+        next_item_input(x, h, w, c, ow, pad_t, hd, pixels, bp.band, bp.bands, bp.splits, it, &pf, &pf_end);
+      const int64_t per_panel = pf ? ((pf_end - pf) / 64 + (q1 - q0) - 1) / (q1 - q0) : 0;
+      for (int64_t q = q0; q < q1; ++q) {
+        for (int64_t i = 0; i < per_panel && pf < pf_end; ++i, pf += 64) __builtin_prefetch(pf, 0, 2);
+        k8.gemm(g, 0, rows, q, q + 1);
+      }
       if (hd.act2 != kNone) {
         const int64_t c0 = q0 * int8_gemm::kPanel, c1 = std::min<int64_t>(n, q1 * int8_gemm::kPanel);
         for (int64_t r = 0; r < rows; ++r)
