@@ -131,7 +131,7 @@ _METHOD_ACTS = {"relu": ActKind.RELU}
 
 def activation_of(elem: Union["Elem", nn.Module], prelu: bool = False) -> Optional[Activation]:
     """The Activation an element computes, or None when it is not one
-    (nn.ReLU/ReLU6/Hardswish/SiLU/Hardtanh/Identity modules; F.relu, F.relu6,
+    (nn.ReLU/ReLU6/Hardswish/SiLU/Hardtanh modules; F.relu, F.relu6,
     F.hardswish, F.silu, F.hardtanh, torch.relu, Tensor.relu calls; nn.PReLU
     only when `prelu`). In-place variants count (they compute the same)."""
     if isinstance(elem, nn.Module):

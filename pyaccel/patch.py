@@ -305,6 +305,8 @@ def _unhandled(mod: nn.Module) -> Optional[str]:
     convolution outside every fused chain; else None."""
     w = getattr(mod, "weight", None)
     if isinstance(mod, nn.modules.conv._ConvNd) and isinstance(w, torch.Tensor) and w.is_floating_point():
+        if not isinstance(mod, nn.Conv2d) or mod.transposed:
+            return f"no pyaccel kernel for {type(mod).__name__}"
         window = "x".join(str(k) for k in mod.kernel_size)
         return (f"no pyaccel kernel for this {type(mod).__name__} ({window}, groups {mod.groups}) on its own: "
                 "pyaccel takes convolutions in the fused chains it matches, or binarized")
@@ -542,6 +544,9 @@ def patch(
     # binary layers first: BinaryConv2d is an nn.Conv2d subclass the conv chain patterns must not see
     _fold_binary_chains(model, report, include, exclude, filter_fn)
     chain_reasons = _pattern_pass(report, ctx, include, exclude, filter_fn)
+    # a fused chain's entry covers its head's path, also where the original head stays
+    # (a forward that uses it elsewhere too: the fused module then has a path of its own)
+    fused_heads = {e.path for e in report.entries if e.span and e.swapped}
     model = report.model
     seen: Dict[int, _Seen] = {}
     skip_inside: set = set()  # paths whose descendants are not looked at
@@ -549,6 +554,9 @@ def patch(
     owners = _param_owners(model)
     for path, mod in list(model.named_modules(remove_duplicate=False)):
         if _inside(path, skip_inside):
+            continue
+        if path in fused_heads and not _is_pyaccel_module(mod):
+            skip_inside.add(path)
             continue
         if _is_pyaccel_module(mod):
             skip_inside.add(path)
@@ -615,8 +623,8 @@ def patch(
                     by_path[p].backend += "; " + text
     if inplace and isinstance(report.model, torch.fx.GraphModule) and report.model is not given:
         warnings.warn("patch: chains in the model's own forward were fused through torch.fx into a new "
-                      "GraphModule, which the model passed in does not get: use report.model", UserWarning,
-                      stacklevel=2)
+                      "GraphModule; the model passed in has none of those (only fusions inside nn.Sequential "
+                      "and single-module swaps happen in place): use report.model", UserWarning, stacklevel=2)
     return report
 
 
@@ -716,18 +724,23 @@ def _pattern_pass(report: PatchReport, ctx: _Context, include, exclude, filter_f
     fx_matches = [m for m in fx_matches if m.head.path not in done]
     if not any(m.pattern.standalone for m in fx_matches):
         fx_matches = []  # nothing that alone justifies a new GraphModule
-    calls: Dict[str, int] = {}
+    calls: Dict[str, int] = {}  # how often the graph calls each module path
+    read = set()  # module paths whose attributes the graph reads (get_attr: self.dw.bias)
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":
+            parts = node.target.split(".")
+            read.update(".".join(parts[:i]) for i in range(1, len(parts)))
 
     renamed: Dict[str, str] = {}
 
     def where(k, m):
-        # The fused module takes its head's path in the GraphModule (so report paths and
-        # state_dict keys read as in the original model), unless the forward calls the
-        # head from another place too, which keeps the original module there.
-        if calls.get(m.head.path) == 1:
+        # The fused module takes its head's path in the GraphModule (so report paths resolve
+        # there, and its state_dict keys start with the head's path), unless the forward also
+        # calls the head from another place or reads its attributes: the original module
+        # stays at its path for those.
+        if calls.get(m.head.path) == 1 and m.head.path not in read:
             return m.head.path
         renamed[m.head.path] = f"pyaccel_fused_{k}_" + m.head.path.replace(".", "_")
         return renamed[m.head.path]
@@ -738,7 +751,7 @@ def _pattern_pass(report: PatchReport, ctx: _Context, include, exclude, filter_f
                           note="; via torch.fx (report.model is a new GraphModule)")
     for entry in report.entries[n_entries:]:
         if entry.swapped and entry.path in renamed:
-            entry.backend += (f"; in report.model at {renamed[entry.path]} (the forward also calls "
+            entry.backend += (f"; in report.model at {renamed[entry.path]} (the forward also uses "
                               f"{entry.path} elsewhere, which keeps the original there)")
     for p, _ in heads:
         if p not in done and not any(m.head.path == p for m in fx_matches):

@@ -448,7 +448,7 @@ def test_transformer_encoder_layer_runs_the_kernels(gen, case, monkeypatch):
 def test_jit_trace_records_the_op(gen, case):
     mod = nn.Sequential(case.build(48, 32, True, gen), nn.ReLU())
     with warnings.catch_warnings():
-        warnings.simplefilter("error", torch.jit.TracerWarning)
+        warnings.filterwarnings("error", category=torch.jit.TracerWarning, module=r"pyaccel\.nn\._packed")
         traced = torch.jit.trace(mod, torch.randn(4, 48, generator=gen))
     assert "pyaccel" in str(traced.graph)
     for shape in [(4, 48), (7, 48), (2, 3, 48)]:
@@ -945,6 +945,18 @@ def test_conv_input_layouts(isa, gen, ccase, dtype):
             assert_conv_close(y, ccase.reference(mod, x.double()).float(), what, rel=ccase.rel)
 
 
+def test_conv_empty_batch_keeps_autograd_and_format(gen, ccase):
+    """An empty batch that requires grad: the output follows the input's memory
+    format and stays connected to it (backward runs), NCHW and channels_last."""
+    mod = ccase.build(12, 10, gen)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(0, 12, 9, 7).contiguous(memory_format=fmt).requires_grad_()
+        y = mod(x)
+        assert y.requires_grad and y.stride() == torch.empty(y.shape, memory_format=fmt).stride(), fmt
+        y.sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape, fmt
+
+
 @needs_native
 def test_conv_one_checkpoint_same_answer_on_every_isa(gen, ccase):
     src = ccase.build(33, 29, gen)
@@ -961,7 +973,7 @@ def test_conv_jit_trace_fx_compile_export(gen, ccase):
     net = nn.Sequential(mod, nn.ReLU())
     x = _cx(gen, 16, 2, 10, 10)
     with warnings.catch_warnings():  # the packing check is a constant of the trace, not a TracerWarning
-        warnings.simplefilter("error", torch.jit.TracerWarning)
+        warnings.filterwarnings("error", category=torch.jit.TracerWarning, module=r"pyaccel\.nn\._packed")
         traced = torch.jit.trace(net, x)
     assert "pyaccel" in str(traced.graph)
     for shape in [(2, 16, 10, 10), (3, 16, 10, 10)]:

@@ -165,6 +165,30 @@ def test_fx_head_called_twice_keeps_a_fused_name(gen):
     assert "in report.model at pyaccel_fused_0_dw" in entry.backend
     assert type(report.model.get_submodule("pyaccel_fused_0_dw")).__name__ == entry.new_type
     assert type(report.model.get_submodule("dw")) is nn.Conv2d
+    assert [e.path for e in report.entries].count("dw") == 1  # the chain's entry covers the head's path
+
+
+def test_fx_head_whose_attributes_the_forward_reads(gen):
+    """A forward that reads the head's attributes (self.dw.bias, self.dw.weight) keeps
+    the original head at its path for those reads; the fused module goes elsewhere."""
+    class Reads(nn.Module):
+        def __init__(self, attr):
+            super().__init__()
+            self.attr = attr
+            self.dw = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+            self.pw = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            extra = self.dw.bias.view(1, -1, 1, 1) if self.attr == "bias" else self.dw.weight.sum()
+            return self.pw(F.relu(self.dw(x))) + extra
+
+    for attr in ("bias", "weight"):
+        model = Reads(attr).eval()
+        x = torch.randn(2, 8, 7, 9, generator=gen)
+        report = pyaccel.patch(model, inplace=False)
+        assert _close(report.model(x), model(x)), attr
+        (entry,) = report.swapped
+        assert "in report.model at pyaccel_fused_0_dw" in entry.backend, attr
 
 
 def test_tf_same_padding_subclasses(gen):

@@ -196,9 +196,11 @@ def is_channels_last(x: Tensor) -> bool:
     contiguous in every format, so for one its strides decide."""
     if x.dim() != 4:
         return False
-    if x.numel() == 0:
-        return x.shape[1] > 1 and x.stride(1) == 1 and x.stride(3) != 1
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if not x.is_contiguous():
+        return x.is_contiguous(memory_format=torch.channels_last)
+    # contiguous, which every empty tensor is (sizes are traced values under torch.jit.trace:
+    # there the example input decides, as it does for the rest of the module's Python code)
+    return _tracing_state() is None and x.numel() == 0 and x.shape[1] > 1 and x.stride(1) == 1 and x.stride(3) != 1
 
 
 def in_format(y: Tensor, channels_last: bool) -> Tensor:
@@ -206,8 +208,8 @@ def in_format(y: Tensor, channels_last: bool) -> Tensor:
     contiguous (a copy only when y is not already so); an empty y gets that
     format's strides too (``contiguous`` leaves an empty tensor as it is)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if y.numel() == 0:
-        return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=fmt)
+    if _tracing_state() is None and y.numel() == 0:  # a view with that format's strides: autograd stays connected
+        return y.as_strided(y.shape, torch.empty(y.shape, memory_format=fmt).stride())
     return y.contiguous(memory_format=fmt)
 
 
@@ -317,7 +319,10 @@ class PackedConv2d(PackedModule):
         if (x.is_cpu and not _is_compiling() and not (x.requires_grad and _grad_enabled())
                 and _tracing_state() is None and self._native_ok()):
             return self._native_nchw(x)
-        return self._checked_op(x)
+        y = self._checked_op(x)
+        if _tracing_state() is None and not _is_compiling() and x.numel() == 0:
+            y = in_format(y, is_channels_last(x))  # the op's empty result follows torch's format rules
+        return y
 
     def forward(self, x: Tensor) -> Tensor:
         """x [N, C, H, W] (float32 or bfloat16, NCHW or channels_last) -> y [N,

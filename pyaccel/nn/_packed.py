@@ -123,11 +123,21 @@ class PackedModule(nn.Module):
             sig.append((id(t), t.data_ptr(), v, t.shape))  # shape: a .data swap for a same-pointer view
         return tuple(sig)
 
+    def _stale(self) -> bool:
+        """Whether the canonical buffers changed since packing. Under torch.jit.trace
+        the buffers' sizes are traced values, yet the answer is a constant of the trace
+        (the packed buffers are its constants too): its TracerWarning would be noise."""
+        if _tracing_state() is None:
+            return self._signature() != self._sig
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return bool(self._signature() != self._sig)
+
     def _refresh(self) -> None:
         """Repack if the canonical buffers changed since packing (every path
         but the native plan's, which checks the same in C); raise if they are
         invalid."""
-        if not _is_compiling() and self._signature() != self._sig:
+        if not _is_compiling() and self._stale():
             self._repack()
         if self._invalid is not None:
             raise ValueError(f"{type(self).__name__}: {self._invalid}")
@@ -287,13 +297,6 @@ class PackedModule(nn.Module):
         if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
                 or self._backward_pre_hooks or _any_global_hook()):
             return super().__call__(*args, **kwargs)
-        if _tracing_state() is not None:  # torch.jit.trace
-            # The input checks and the packing check read traced sizes; what they decide
-            # (channels, dtype, the buffers) is fixed for the module, a constant of the
-            # trace as the packed buffers are: their TracerWarnings are noise.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                return super().__call__(*args, **kwargs)
         if len(args) == 1 and not kwargs:
             x = args[0]
             plan = self._plan

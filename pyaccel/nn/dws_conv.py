@@ -38,7 +38,7 @@ class FusedDWSeparableConv2d(PackedConv2d):
     dilation, the same-size output at stride 1; nn.Conv2d's 'same' / 'valid'
     strings are not taken), dilation, act1, act2, bias (whether the pointwise
     conv has a bias buffer), device. A module built this way holds zero
-    weights (it outputs act2(bias) = 0 until they are loaded or copied in).
+    weights (it outputs act2(0) everywhere until they are loaded or copied in).
 
     Buffers (float32, the canonical state in state_dict): dw_weight
     [C, 1, kh, kw], dw_bias [C], pw_weight [Cout, C, 1, 1], bias [Cout] or

@@ -52,10 +52,11 @@ class FusedDWSeparableInt8Conv2d(FusedDWSeparableConv2d):
     def from_float(cls, fused: FusedDWSeparableConv2d) -> "FusedDWSeparableInt8Conv2d":
         """Quantize a FusedDWSeparableConv2d's pointwise weights per output channel
         (lossy); the depthwise stage stays fp32. TypeError for anything but a
-        FusedDWSeparableConv2d (build one from a chain with
-        ``FusedDWSeparableConv2d.from_modules`` or ``pyaccel.patch``)."""
+        float FusedDWSeparableConv2d (this int8 class included; build one from
+        a chain with ``FusedDWSeparableConv2d.from_modules`` or ``pyaccel.patch``)."""
         if not isinstance(fused, FusedDWSeparableConv2d) or isinstance(fused, cls):
-            raise TypeError(f"fused: expected a pyaccel.nn.FusedDWSeparableConv2d, got {type(fused).__name__}")
+            raise TypeError(f"fused: expected a float pyaccel.nn.FusedDWSeparableConv2d, got "
+                            f"{type(fused).__name__}")
         g = fused.geometry
         mod = cls(fused.in_channels, fused.out_channels, g.kernel, g.stride, g.padding, g.dilation, fused.act1,
                   fused.act2, bias=fused.bias is not None, device=fused.dw_weight.device)

@@ -349,7 +349,7 @@ def test_bad_arguments_name_themselves(gen):
         FusedDWSeparableConv2d(8, 8, act1="gelu")
     with pytest.raises(ValueError, match="activation: expected one of nn.ReLU"):
         FusedDWSeparableConv2d(8, 8, act1=nn.GELU())
-    with pytest.raises(TypeError, match="fused: expected a pyaccel.nn.FusedDWSeparableConv2d, got Conv2d"):
+    with pytest.raises(TypeError, match="fused: expected a float pyaccel.nn.FusedDWSeparableConv2d, got Conv2d"):
         pyaccel.nn.FusedDWSeparableInt8Conv2d.from_float(nn.Conv2d(8, 8, 1))
     dw, pw = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1)
     with pytest.raises(ValueError, match="bn1: in training mode"):
