@@ -52,7 +52,8 @@ def check_dws_args(x, dw_weight, dw_bias, pw_weight, pw_bias, packed=None) -> No
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     require_strided(x)
     if x.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"x: expected float32 or bfloat16, got {_desc(x)}")
+        raise TypeError(f"x: expected float32 or bfloat16, got {_desc(x)} (the fused conv computes in fp32; "
+                        "its buffers stay fp32 under .double() / .half())")
     if dw_weight.dtype != torch.float32 or dw_weight.dim() != 4 or dw_weight.shape[1] != 1:
         raise ValueError(f"dw_weight: expected float32 [C, 1, kh, kw], got {_desc(dw_weight)}")
     c = dw_weight.shape[0]

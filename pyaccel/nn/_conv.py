@@ -261,7 +261,8 @@ class PackedConv2d(PackedModule):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         ops.require_strided(x)
         if x.dtype not in (torch.float32, torch.bfloat16):
-            raise TypeError(f"x: expected float32 or bfloat16, got {x.dtype}")
+            raise TypeError(f"x: expected float32 or bfloat16, got {x.dtype} ({type(self).__name__} computes in "
+                            "fp32; its buffers stay fp32 under .double() / .half())")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected [N, {self.in_channels}, H, W], got shape {tuple(x.shape)}")
         self.geometry.out_size(x.shape[2], x.shape[3])

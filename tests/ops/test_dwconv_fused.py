@@ -12,6 +12,7 @@ fewer bands than 2 per thread the panels are split too. fp32 sums differ from
 the reference only in order: |y - ref| <= 1e-5 * (the same block on |x| and
 |weights| without activations) -- the issue's relative error of 1e-5.
 """
+import copy
 import itertools
 
 import pytest
@@ -333,8 +334,10 @@ def test_activation_modules_and_names(gen):
 
 def test_bad_arguments_name_themselves(gen):
     m = _random_module(8, 8, gen=gen)
-    with pytest.raises(TypeError, match="x"):
+    with pytest.raises(TypeError, match=r"x: expected float32 or bfloat16.*stay fp32 under .double\(\)"):
         m(torch.randn(1, 8, 5, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"x: expected float32 or bfloat16.*stay fp32 under .double\(\)"):
+        copy.deepcopy(m).double()(torch.randn(1, 8, 5, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="x"):
         m(torch.randn(1, 9, 5, 5))
     with pytest.raises(ValueError, match="x"):
