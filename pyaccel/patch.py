@@ -470,8 +470,8 @@ def patch(
         quantize: None (lossless swaps only) or "int8" (also quantize float
             nn.Linear / Conv1D layers: per-channel weights, per-token activations;
             and fused depthwise -> 1x1 chains get an int8 pointwise stage,
-            FusedDWSeparableInt8Conv2d, which pays from ~256 channels: see
-            bench/RESULTS.md).
+            FusedDWSeparableInt8Conv2d: x1.6 - 3.3 the fp32 fused blocks, with
+            an error that compounds through a network: see bench/RESULTS.md).
         filter_fn: ``filter_fn(module, path) -> bool``; modules for which it is
             False are left alone (reported as filtered out). A fused chain is
             asked about every module of its span (convs, BatchNorms,

@@ -23,9 +23,9 @@ namespace dws {
 namespace {
 
 const Kernel kLadder[] = {
-    {Isa::kAvx512, "dws_12x32_avx512", 12, 32, dw_avx512, pw_avx512},
-    {Isa::kAvx2, "dws_6x16_avx2", 6, 16, dw_avx2, pw_avx2},
-    {Isa::kPortable, "dws_1x16_scalar", 1, 16, dw_scalar, pw_scalar},
+    {Isa::kAvx512, "dws_12x32_avx512", 12, 32, dw_avx512, pw_avx512, act2_avx512},
+    {Isa::kAvx2, "dws_6x16_avx2", 6, 16, dw_avx2, pw_avx2, act2_avx2},
+    {Isa::kPortable, "dws_1x16_scalar", 1, 16, dw_scalar, pw_scalar, act2_portable},
 };
 LadderChoice<Kernel> g_choice;
 
@@ -201,11 +201,10 @@ void forward_int8(const float* x, int64_t batch, int64_t h, int64_t w, int64_t c
       for (int64_t q = q0; q < q1; ++q) {
         for (int64_t i = 0; i < per_panel && pf < pf_end; ++i, pf += 64) __builtin_prefetch(pf, 0, 2);
         k8.gemm(g, 0, rows, q, q + 1);
-      }
-      if (hd.act2 != kNone) {
-        const int64_t c0 = q0 * int8_gemm::kPanel, c1 = std::min<int64_t>(n, q1 * int8_gemm::kPanel);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t j = c0; j < c1; ++j) yb[r * n + j] = act_scalar(yb[r * n + j], hd.act2, hd.lo2, hd.hi2);
+        // act2 over the panel's outputs while they are in cache (a scalar pass after all the
+        // panels had doubled the stage's time: 128@56 N = 8 with ReLU 6.3 ms, without 2.6 ms)
+        if (hd.act2 != kNone)
+          kern.act2(yb, n, rows, q * int8_gemm::kPanel, std::min<int64_t>(n, (q + 1) * int8_gemm::kPanel), hd);
       }
     }
   });

@@ -86,14 +86,21 @@ using DwFn = void (*)(const Problem& pr, int64_t p0, int64_t p1, float* t, int64
 using PwFn = void (*)(const Problem& pr, const float* t, int64_t ldt, int64_t p0, int64_t p1, int64_t q0,
                       int64_t q1);
 
+// act2 in place over y rows [0, rows) x columns [c0, c1), ldy floats apart (the int8 stage's epilogue).
+using ActFn = void (*)(float* y, int64_t ldy, int64_t rows, int64_t c0, int64_t c1, const PackedHeader& h);
+
 struct Kernel {
   Isa isa;
   const char* name;  // the pointwise micro-kernel: dws_<MR>x<NR>_<isa>
   int mr, nr;
   DwFn dw;
   PwFn pw;
+  ActFn act2;
 };
 
+void act2_avx512(float*, int64_t, int64_t, int64_t, int64_t, const PackedHeader&);
+void act2_avx2(float*, int64_t, int64_t, int64_t, int64_t, const PackedHeader&);
+void act2_portable(float*, int64_t, int64_t, int64_t, int64_t, const PackedHeader&);
 void dw_avx512(const Problem&, int64_t, int64_t, float*, int64_t);
 void pw_avx512(const Problem&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t);
 void dw_avx2(const Problem&, int64_t, int64_t, float*, int64_t);
@@ -105,7 +112,6 @@ const Kernel& select_kernel();
 
 // The pixel at index p of the depthwise window sum, in scalar arithmetic (the
 // portable kernel, and the reference for the tails).
-float act_scalar(float v, int32_t kind, float lo, float hi);
 
 // Pack (weights fp32, contiguous, already validated by Python):
 //   wd [c][kh][kw], bd [c] (or null: zeros), wp [n][c], bp [n] (or null).

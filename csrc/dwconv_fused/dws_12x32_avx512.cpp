@@ -58,5 +58,9 @@ void pw_avx512(const Problem& pr, const float* t, int64_t ldt, int64_t p0, int64
   generic::pw<V512, 12, 32>(pr, t, ldt, p0, p1, q0, q1);
 }
 
+void act2_avx512(float* y, int64_t ldy, int64_t rows, int64_t c0, int64_t c1, const PackedHeader& h) {
+  generic::act_rows<V512>(y, ldy, rows, c0, c1, h);
+}
+
 }  // namespace dws
 }  // namespace pyaccel

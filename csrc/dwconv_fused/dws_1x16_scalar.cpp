@@ -38,5 +38,9 @@ void pw_scalar(const Problem& pr, const float* t, int64_t ldt, int64_t p0, int64
   generic::pw<V1, 1, 16>(pr, t, ldt, p0, p1, q0, q1);
 }
 
+void act2_portable(float* y, int64_t ldy, int64_t rows, int64_t c0, int64_t c1, const PackedHeader& h) {
+  generic::act_rows<V1>(y, ldy, rows, c0, c1, h);
+}
+
 }  // namespace dws
 }  // namespace pyaccel

@@ -58,5 +58,9 @@ void pw_avx2(const Problem& pr, const float* t, int64_t ldt, int64_t p0, int64_t
   generic::pw<V256, 6, 16>(pr, t, ldt, p0, p1, q0, q1);
 }
 
+void act2_avx2(float* y, int64_t ldy, int64_t rows, int64_t c0, int64_t c1, const PackedHeader& h) {
+  generic::act_rows<V256>(y, ldy, rows, c0, c1, h);
+}
+
 }  // namespace dws
 }  // namespace pyaccel

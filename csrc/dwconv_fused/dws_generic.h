@@ -304,6 +304,33 @@ void dw(const Problem& pr, int64_t p0, int64_t p1, float* t, int64_t ldt) {
   }
 }
 
+template <class V, int32_t KIND>
+void act_rows_k(float* y, int64_t ldy, int64_t rows, int64_t c0, int64_t c1, float lo, float hi) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* p = y + r * ldy;
+    int64_t j = c0;
+    for (; j + V::W <= c1; j += V::W) V::storeu(p + j, act<V>(V::loadu(p + j), KIND, lo, hi));
+    if (j < c1) {
+      const int n = static_cast<int>(c1 - j);
+      V::storen(p + j, act<V>(V::loadm(p + j, V::mask(n)), KIND, lo, hi), n);
+    }
+  }
+}
+
+// act2 in place over y rows [0, rows) x columns [c0, c1) (the int8 stage's epilogue), vectorized,
+// the activation chosen once per call.
+template <class V>
+void act_rows(float* y, int64_t ldy, int64_t rows, int64_t c0, int64_t c1, const PackedHeader& h) {
+  switch (h.act2) {
+    case kRelu: return act_rows_k<V, kRelu>(y, ldy, rows, c0, c1, h.lo2, h.hi2);
+    case kRelu6: return act_rows_k<V, kRelu6>(y, ldy, rows, c0, c1, h.lo2, h.hi2);
+    case kHardtanh: return act_rows_k<V, kHardtanh>(y, ldy, rows, c0, c1, h.lo2, h.hi2);
+    case kHardswish: return act_rows_k<V, kHardswish>(y, ldy, rows, c0, c1, h.lo2, h.hi2);
+    case kSilu: return act_rows_k<V, kSilu>(y, ldy, rows, c0, c1, h.lo2, h.hi2);
+    default: return;
+  }
+}
+
 // y rows [0, MR) x one panel's first NV vectors (cols valid columns).
 template <class V, int MR, int NV, int NR>
 inline void pw_tile(const float* t, int64_t ldt, int64_t k, const float* w, const float* bias, float* y, int64_t ldy,

@@ -1,5 +1,4 @@
 // Packing of the fused depthwise-separable weights (layout "DWS1", see dwconv_fused.h).
-#include <cmath>
 #include <cstring>
 
 #include "common/packed_header.h"
@@ -53,21 +52,6 @@ const char* check_packed(const uint8_t* packed, int64_t nbytes, int64_t c, int64
   if (nbytes != packed_nbytes(c, n, kh, kw, h.layout) || h.total_bytes != nbytes)
     return "packed weight has the wrong size";
   return nullptr;
-}
-
-float act_scalar(float v, int32_t kind, float lo, float hi) {
-  switch (kind) {
-    case kRelu: return v < 0.f ? 0.f : v;  // NaN stays NaN, as in torch
-    case kRelu6: return v < 0.f ? 0.f : (v > 6.f ? 6.f : v);
-    case kHardtanh: return v < lo ? lo : (v > hi ? hi : v);
-    case kHardswish: {
-      float r = v + 3.f;
-      r = r > 0.f ? (r < 6.f ? r : 6.f) : 0.f;
-      return v * r / 6.f;
-    }
-    case kSilu: return v / (1.f + std::exp(-v));
-    default: return v;
-  }
 }
 
 }  // namespace dws

@@ -400,6 +400,26 @@ def test_int8_pointwise_matches_reference_and_sqnr(isa, gen):
         assert ycl.is_contiguous(memory_format=torch.channels_last) and torch.equal(ycl, y)
 
 
+@needs_native
+@pytest.mark.parametrize("act2", ACTS)
+def test_int8_pointwise_every_activation(isa, gen, act2):
+    """The int8 stage's act2 epilogue (vectorized, per 64-channel panel) for every
+    activation, with a partial last panel (70 channels) and a ragged vector tail."""
+    from pyaccel.nn import FusedDWSeparableInt8Conv2d
+
+    f = _random_module(24, 70, act1="relu", act2=act2, gen=gen)
+    q = FusedDWSeparableInt8Conv2d.from_float(f)
+    x = torch.randn(2, 24, 9, 11, generator=gen) * 3
+    g = q.geometry
+    ref = reference.dws_conv2d_int8(x, q.dw_weight, q.dw_bias, q.pw_weight_int8, q.pw_scale, q.bias, g.stride,
+                                    g.dilation, g.pads(9, 11), q.act1, q.act2)
+    y = q(x)
+    assert (y - ref).abs().max() <= 2e-2 * ref.abs().max(), f"{isa} {act2}"
+    close = torch.isclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()).float().mean()
+    assert close > 0.8, f"{isa} {act2}: only {close:.0%} equal to the reference to rounding"
+    assert torch.equal(y, q._checked_op(x))
+
+
 def test_patch_quantize_int8_mobilenet(gen):
     from pyaccel.demo import mobilenet_v1
     from pyaccel.nn import FusedDWSeparableInt8Conv2d
