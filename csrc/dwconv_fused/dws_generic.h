@@ -180,12 +180,12 @@ inline void dw_pixels_s1(const Problem& pr, int64_t oy, int rows, int64_t ox, fl
 }
 
 // A 3 x 3 window at stride 1, dilation 1: output rows oy and oy + 1 x P
-// adjacent pixels x NV full vectors of channels from c0. Rows above or
-// below the image are skipped, and with INSIDE false so are taps left or
-// right of it (zero padding). The
-// four input rows are walked once, each feeding the output rows it reaches,
-// with all 2 x P x NV accumulators live; the window is unrolled at compile
-// time. tr: row oy's first pixel in t; row oy + 1's is ldrow floats on.
+// adjacent pixels x NV full vectors of channels from c0. Rows above or below
+// the image are skipped, and with INSIDE false so are taps left or right of
+// it (zero padding). The four input rows are walked once, each feeding the
+// output rows it reaches, with all 2 x P x NV accumulators live; the window is
+// unrolled at compile time. tr: row oy's first pixel in t; row oy + 1's is
+// ldrow floats on.
 template <class V, int NV, int P, bool INSIDE>
 inline void dw_block_3x3_2rows(const Problem& pr, int64_t oy, int64_t ox, int64_t c0, float* tr, int64_t ldrow,
                                int64_t ldt) {
@@ -380,16 +380,6 @@ inline void pw_tile_n(int64_t rows, const float* t, int64_t ldt, int64_t k, cons
     pw_tile_n<V, MR - 1, NV, NR>(rows, t, ldt, k, w, bias, y, ldy, cols, h, stream);
 }
 
-// A run of cache lines prefetched into L2 a few at a time (Problem::pf).
-struct LinePrefetch {
-  const char* p;
-  const char* end;
-  int64_t per_step;  // lines a step issues
-  void step() {
-    for (int64_t i = 0; i < per_step && p < end; ++i, p += 64) __builtin_prefetch(p, 0, 2);
-  }
-};
-
 // rows in ceil(rows / MR) tiles of nearly equal height (25 rows: 9 + 8 + 8, not 12 + 12 + 1);
 // before each tile, a step of pf.
 template <class V, int MR, int NV, int NR>
@@ -410,7 +400,7 @@ void pw(const Problem& pr, const float* t, int64_t ldt, int64_t p0, int64_t p1, 
   const PackedHeader& h = *pr.hd;
   const int64_t n = h.n, k = pr.c;
   const int64_t steps = std::max<int64_t>(1, (q1 - q0) * ((p1 - p0 + MR - 1) / MR));
-  LinePrefetch pf{pr.pf, pr.pf_end, pr.pf ? ((pr.pf_end - pr.pf) / 64 + steps - 1) / steps : 0};
+  LinePrefetch pf(pr.pf, pr.pf_end, steps);
   for (int64_t q = q0; q < q1; ++q) {
     const float* w = pr.wp + q * k * NR;
     const int cols = static_cast<int>(std::min<int64_t>(NR, n - q * NR));

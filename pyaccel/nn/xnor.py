@@ -477,7 +477,8 @@ class XnorConv2d(_XnorBase):
                 self._remember_plan(x, x.shape, x.stride(), y.shape[2], y.shape[3], 1 if channels_last else 0)
         if y is None:
             y = torch.ops.pyaccel.binary_conv2d(*self._args(x))
-        y = in_format(y, channels_last)
+        if not channels_last or y.numel() == 0:  # the op's output is channels_last already
+            y = in_format(y, channels_last)
         if dtype != torch.float32:  # computed in fp32, returned in x's dtype
             y = y.to(dtype)
         return y.squeeze(0) if squeeze else y
