@@ -1,13 +1,13 @@
 """The AVX-VNNI level (vpdpbusd on ymm): the int8, 2:4 int8 and block-sparse int8 GEMMs.
 
-No CPU or emulator that this project runs on executes VEX-encoded vpdpbusd
-(AVX-VNNI): Zen 4 has only the EVEX form, QEMU 10.0's TCG refuses the
-avx-vnni feature and Bochs 2.7's newest CPU model predates it. So the
-kernels are each one source built twice in one file (qs8_gemm_6x16c4_avxvnni.cpp,
+Each kernel is one source built twice in one file (qs8_gemm_6x16c4_avxvnni.cpp,
 qs8_s24_gemm_4x16_avx2.cpp, qs8_bsr_gemm_avx2.cpp; the peak probe in peak_avx2.cpp):
-"{vex} vpdpbusd" in one function and the EVEX "vpdpbusd" in its twin, which
-AVX-512 VNNI machines run when capped at avx_vnni, and which the whole int8
-and 2:4 / block-sparse int8 suites check there (the `isa` fixture includes avx_vnni). This file checks
+"{vex} vpdpbusd" (AVX-VNNI) in one function and the EVEX "vpdpbusd" in its twin.
+The `isa` fixture includes avx_vnni, so the whole int8 and 2:4 / block-sparse
+int8 suites run the level on every machine that has it: the VEX build on CPUs
+with AVX-VNNI (Alder Lake and later client cores, Sapphire Rapids and later
+Xeons), the EVEX twin on AVX-512 VNNI CPUs without it (Zen 4, Ice Lake),
+capped at avx_vnni. This file checks
 the other half: the shipped library's two functions of each kernel are the same instructions
 apart from that one encoding, and the VEX one uses nothing beyond AVX2 +
 AVX-VNNI (no EVEX prefix, no zmm, no mask or upper registers).
