@@ -50,10 +50,12 @@ py::dict cpu_info() {
   d["avx512_vbmi"] = f.avx512vbmi;
   d["avx512_bf16"] = f.avx512bf16;
   d["avx_vnni"] = f.avxvnni;
+  d["amx_int8"] = f.amx_int8;  // AMX-INT8 usable: CPU, OS state, process permission, and the AMX build
+  d["amx_built"] = kAmxBuilt;
   d["avx_vnni_vex_built"] = kVexVnniBuilt;  // the assembler knew AVX-VNNI: the VEX builds exist
   d["detected_isa"] = isa_name(detected_isa());
   py::list usable;  // levels this CPU can run, best first
-  for (int i = static_cast<int>(Isa::kAvx512Icl); i >= 0; --i)
+  for (int i = static_cast<int>(kTopIsa); i >= 0; --i)
     if (isa_usable(static_cast<Isa>(i))) usable.append(isa_name(static_cast<Isa>(i)));
   d["usable_isas"] = usable;
   d["isa_cap"] = isa_name(isa_cap());

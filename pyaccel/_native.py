@@ -13,8 +13,12 @@ from typing import Iterator, Optional
 
 import torch  # noqa: F401  (load torch's libgomp first: the extension then shares it)
 
-ISA_LADDER = ("avx512_icl", "avx512_vnni", "avx512", "avx_vnni", "avx2", "portable")
+ISA_LADDER = ("avx512_amx", "avx512_icl", "avx512_vnni", "avx512", "avx_vnni", "avx2", "portable")
 """CPU ISAs from best to worst. ``PYACCEL_CPU_ISA`` may only lower the choice.
+
+``avx512_amx`` is ``avx512_icl`` plus AMX-INT8 (Sapphire Rapids and later Xeons,
+where the OS grants the tile state): only the int8 GEMM has an AMX kernel, every
+other op runs its ``avx512_icl`` kernel there.
 
 ``avx_vnni`` (vpdpbusd on ymm) runs on CPUs with AVX-VNNI (VEX encoding:
 Alder Lake and later Intel client cores, Sierra Forest, Sapphire Rapids) and on

@@ -19,7 +19,7 @@ class BackendInfo:
     Attributes:
         native_loaded: the C++ SIMD library (pyaccel._C) is loaded.
         native_error: why it is not loaded (None when it is).
-        cpu_isa: ISA the CPU kernels use: avx512_icl | avx512_vnni | avx512 | avx_vnni | avx2 | portable | none.
+        cpu_isa: ISA the CPU kernels use: avx512_amx | avx512_icl | avx512_vnni | avx512 | avx_vnni | avx2 | portable | none.
         cpu_isa_detected: best ISA the CPU supports.
         isa_override: value of PYACCEL_CPU_ISA (it can only lower the choice), or None.
             The native library reads it once, at its first use; the text form
@@ -61,7 +61,7 @@ class BackendInfo:
             return "PYACCEL_CPU_ISA=unset"
         if env.lower() not in _native.ISA_LADDER:
             return f"PYACCEL_CPU_ISA={env}: ignored, not one of {', '.join(_native.ISA_LADDER)}"
-        if self.native_loaded and (self.isa_cap or "avx512_icl") != env.lower():
+        if self.native_loaded and (self.isa_cap or _native.ISA_LADDER[0]) != env.lower():
             return (f"PYACCEL_CPU_ISA={env}: not in effect (read once, at the library's first use; "
                     f"cap now {self.isa_cap or 'none'})")
         return f"PYACCEL_CPU_ISA={env}"
@@ -107,7 +107,7 @@ def backend_info() -> BackendInfo:
         # CPUID flags only (avx_vnni_vex_built says how the library was built, not what the CPU has)
         feats = {k: v for k, v in info.items() if isinstance(v, bool) and not k.endswith("_built")}
         isa, detected, kernel = info["selected_isa"], info["detected_isa"], C.int8_kernel_name()
-        cap = info["isa_cap"]  # avx512_icl, the top level, when no cap is set
+        cap = info["isa_cap"]  # avx512_amx, the top level, when no cap is set
         kernels = {op: p["name"] for op, p in C.kernel_params().items()}
     else:
         feats, isa, detected, kernel, kernels, cap = {}, "none", "unknown", None, {}, None

@@ -39,7 +39,7 @@ def test_env_override_lowers_choice(tmp_path, name):
     assert isa == next(lv for lv in ladder[ladder.index(name):] if _native.isa_supported(lv))
     if not _native.isa_supported(name) and name != "avx_vnni":
         assert isa == pyaccel.backend_info().cpu_isa_detected
-    suffix = {"avx512_icl": "avx512vnni", "avx512_vnni": "avx512vnni", "avx512": "avx512bw", "avx_vnni": "avxvnni",
+    suffix = {"avx512_amx": "amx", "avx512_icl": "avx512vnni", "avx512_vnni": "avx512vnni", "avx512": "avx512bw", "avx_vnni": "avxvnni",
               "avx2": "avx2", "portable": "scalar"}
     assert kernel.endswith("_" + suffix[isa]), kernel
 
@@ -64,7 +64,7 @@ def test_set_isa_cap_rejects_unknown():
         _native.set_isa_cap("sse2")
 
 
-_PEAK_MIX = {"avx512_icl": "vpdpbusd zmm", "avx512_vnni": "vpdpbusd zmm",
+_PEAK_MIX = {"avx512_amx": "tdpbusd (AMX)", "avx512_icl": "vpdpbusd zmm", "avx512_vnni": "vpdpbusd zmm",
              "avx512": "vpmaddubsw+vpmaddwd+vpaddd zmm", "avx2": "vpmaddubsw+vpmaddwd+vpaddd ymm",
              # the encoding the AVX-VNNI level's kernel runs: VEX with AVX-VNNI, else EVEX
              "avx_vnni": "vpdpbusd ymm" if _native.available() and _native.lib().cpu_info()["avx_vnni"]

@@ -5,6 +5,10 @@
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace pyaccel {
 namespace {
@@ -15,17 +19,31 @@ unsigned long long xgetbv0() {
   return (static_cast<unsigned long long>(edx) << 32) | eax;
 }
 
+// Linux hands a process the AMX tile data state only on request (kernel 5.16+;
+// without it the first tile instruction raises SIGILL). Idempotent: torch's
+// oneDNN makes the same request.
+bool request_amx_permission() {
+#ifdef __linux__
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 CpuFeatures detect() {
   CpuFeatures f;
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   const bool osxsave = (c >> 27) & 1;
+  bool os_amx = false;
   f.fma = (c >> 12) & 1;
   const bool avx = (c >> 28) & 1;
   if (osxsave && avx) {
     const unsigned long long xcr0 = xgetbv0();
     f.os_avx = (xcr0 & 0x6) == 0x6;            // XMM and YMM state
     f.os_avx512 = f.os_avx && (xcr0 & 0xE0) == 0xE0;  // opmask, ZMM_Hi256, Hi16_ZMM
+    os_amx = (xcr0 & 0x60000) == 0x60000;              // XTILECFG, XTILEDATA
   }
   if (__get_cpuid_max(0, nullptr) < 7) return f;
   __cpuid_count(7, 0, a, b, c, d);
@@ -40,6 +58,8 @@ CpuFeatures detect() {
   f.avx512vnni = f.os_avx512 && ((c >> 11) & 1);
   f.avx512vbmi = f.os_avx512 && ((c >> 1) & 1);
   f.avx512vpopcntdq = f.os_avx512 && ((c >> 14) & 1);
+  const bool amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
+  f.amx_int8 = kAmxBuilt && os_amx && amx_tile && amx_int8 && request_amx_permission();
   if (max_subleaf7 < 1) return f;
   __cpuid_count(7, 1, a, b, c, d);
   f.avx512bf16 = f.os_avx512 && ((a >> 5) & 1);
@@ -53,7 +73,7 @@ std::once_flag g_env_once;
 
 void init_cap_from_env() {
   std::call_once(g_env_once, [] {
-    Isa cap = Isa::kAvx512Icl;
+    Isa cap = kTopIsa;
     if (const char* env = std::getenv("PYACCEL_CPU_ISA")) {
       Isa parsed;
       if (parse_isa(env, &parsed)) cap = parsed;  // unknown names: ignored (Python warns)
@@ -74,7 +94,9 @@ Isa detected_isa() {
   const CpuFeatures& f = cpu_features();
   // (every AVX-512 CPU has BMI1/BMI2; the AVX-512 sources are built with them)
   const bool avx512 = f.avx512f && f.avx512bw && f.avx512dq && f.avx512vl && f.avx2 && f.fma && f.bmi1 && f.bmi2;
-  if (avx512 && f.avx512vnni && f.avx512vbmi && f.avx512vpopcntdq) return Isa::kAvx512Icl;
+  const bool icl = avx512 && f.avx512vnni && f.avx512vbmi && f.avx512vpopcntdq;
+  if (icl && f.amx_int8) return Isa::kAvx512Amx;
+  if (icl) return Isa::kAvx512Icl;
   if (avx512 && f.avx512vnni) return Isa::kAvx512Vnni;
   if (avx512) return Isa::kAvx512;
   if (f.avx2 && f.fma && f.avxvnni) return Isa::kAvxVnni;
@@ -109,7 +131,7 @@ Isa selected_isa() {
 
 bool set_isa_cap(const std::string& name) {
   init_cap_from_env();
-  Isa cap = Isa::kAvx512Icl;
+  Isa cap = kTopIsa;
   if (!name.empty() && !parse_isa(name, &cap)) return false;
   g_cap.store(static_cast<int>(cap));
   g_generation.fetch_add(1);
@@ -120,6 +142,7 @@ int isa_generation() { return g_generation.load(); }
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Amx: return "avx512_amx";
     case Isa::kAvx512Icl: return "avx512_icl";
     case Isa::kAvx512Vnni: return "avx512_vnni";
     case Isa::kAvx512: return "avx512";
@@ -133,6 +156,7 @@ const char* isa_name(Isa isa) {
 bool parse_isa(const std::string& raw, Isa* out) {
   std::string name = raw;  // case-insensitive: PYACCEL_CPU_ISA=AVX2 means avx2
   for (char& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  if (name == "avx512_amx") { *out = Isa::kAvx512Amx; return true; }
   if (name == "avx512_icl") { *out = Isa::kAvx512Icl; return true; }
   if (name == "avx512_vnni") { *out = Isa::kAvx512Vnni; return true; }
   if (name == "avx512") { *out = Isa::kAvx512; return true; }

@@ -20,14 +20,20 @@ enum class Isa : int {
   kAvx512 = 3,     // AVX-512 F/BW/DQ/VL
   kAvx512Vnni = 4, // AVX-512 + VNNI (vpdpbusd): Cascade Lake
   kAvx512Icl = 5,  // AVX-512 + VNNI + VBMI (vpmultishiftqb, vpermb) + VPOPCNTDQ: Ice Lake, Zen 4 and later
+  kAvx512Amx = 6,  // kAvx512Icl + AMX-TILE + AMX-INT8 (tdpbusd), tile state enabled by the OS and granted
+                   // to the process: Sapphire Rapids and later Xeons. Only the int8 GEMM has an AMX
+                   // kernel; every other op runs its kAvx512Icl kernel at this level.
 };
+constexpr Isa kTopIsa = Isa::kAvx512Amx;
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, avx512f = false, avx512bw = false,
        avx512dq = false, avx512vl = false, avx512vnni = false,
        avx512vpopcntdq = false, avx512vbmi = false, avx512bf16 = false, os_avx = false,
        os_avx512 = false, bmi1 = false, bmi2 = false,
-       avxvnni = false;  // AVX-VNNI: CPUID.(7,1):EAX[4], VEX-encoded vpdpbusd on xmm/ymm
+       avxvnni = false,  // AVX-VNNI: CPUID.(7,1):EAX[4], VEX-encoded vpdpbusd on xmm/ymm
+       amx_int8 = false;  // AMX-TILE + AMX-INT8 (CPUID.(7,0):EDX[24, 25]), XCR0 tile state (bits 17, 18)
+                          // and, on Linux, the process's permission (arch_prctl ARCH_REQ_XCOMP_PERM)
 };
 
 // What CPUID (and XGETBV: the OS must save the registers) reports. Cached.
@@ -51,11 +57,19 @@ bool isa_allows(Isa selected, Isa entry);
 // by set_isa_cap(); it can never raise the choice above what the CPU has.
 Isa selected_isa();
 Isa isa_cap();
-// name: "avx512_icl" | "avx512_vnni" | "avx512" | "avx_vnni" | "avx2" | "portable" | "" (no cap).
+// name: "avx512_amx" | "avx512_icl" | "avx512_vnni" | "avx512" | "avx_vnni" | "avx2" | "portable" | "" (no cap).
 // Returns false (and changes nothing) for an unknown name.
 bool set_isa_cap(const std::string& name);
 // Bumped whenever the cap changes, so dispatch tables know to re-select.
 int isa_generation();
+
+// The AMX kernels exist only where the compiler knows AMX (PYACCEL_AMX_BUILT,
+// set by CMake); without them the level is never detected.
+#ifdef PYACCEL_AMX_BUILT
+constexpr bool kAmxBuilt = true;
+#else
+constexpr bool kAmxBuilt = false;
+#endif
 
 // The AVX-VNNI level's kernels are each built twice, VEX-encoded and as an
 // EVEX twin (see int8_gemm/qs8_gemm_6x16c4_avxvnni.cpp). The VEX build exists

@@ -28,6 +28,10 @@ Choice choose(const char* kind) {
   // the AVX-VNNI level: vpdpbusd ymm, in the encoding its GEMM kernel runs
   const Probe ymm_probe = avx_vnni_build(&int8_avxvnni_vex, &int8_avxvnni_evex);
   const Choice ymm_vnni{ymm_probe, ymm_probe == &int8_avxvnni_vex ? "vpdpbusd ymm" : "vpdpbusd ymm (EVEX)"};
+#ifdef PYACCEL_AMX_BUILT
+  if (isa >= Isa::kAvx512Amx && (std::strcmp(kind, "int8") == 0 || std::strcmp(kind, "int8_exact") == 0))
+    return {int8_amx, "tdpbusd (AMX)"};
+#endif
   if (std::strcmp(kind, "int8") == 0) {
     if (isa >= Isa::kAvx512Vnni) return {int8_vnni, "vpdpbusd zmm"};
     if (isa == Isa::kAvxVnni) return ymm_vnni;

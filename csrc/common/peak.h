@@ -17,6 +17,7 @@ int64_t int8_exact_avx512bw(int64_t iters);  // vpmaddwd + vpaddd on int16, zmm
 int64_t int8_vnni(int64_t iters);     // vpdpbusd, zmm
 int64_t int8_avxvnni_vex(int64_t iters);   // vpdpbusd, ymm, VEX (AVX-VNNI)
 int64_t int8_avxvnni_evex(int64_t iters);  // vpdpbusd, ymm, EVEX (AVX-512 VNNI + VL)
+int64_t int8_amx(int64_t iters);      // tdpbusd, 4 accumulator tiles (AMX-INT8; PYACCEL_AMX_BUILT only)
 int64_t fp32_avx2(int64_t iters);     // vfmadd231ps, ymm
 int64_t fp32_avx512(int64_t iters);   // vfmadd231ps, zmm
 

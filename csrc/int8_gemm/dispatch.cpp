@@ -2,6 +2,7 @@
 // threaded driver: quantize activations, then run micro-tiles over a grid of
 // (panel, row-chunk) tiles split in contiguous ranges over the threads.
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -16,6 +17,9 @@ namespace {
 // Best first. Each entry names the kernel, its tile rows, the activation
 // encoding it expects, and its quantizer.
 const Kernel kLadder[] = {
+#ifdef PYACCEL_AMX_BUILT
+    {Isa::kAvx512Amx, "qs8_gemm_32x64c4_amx", 32, 0x80, quantize_rows_avx512, qs8_gemm_32x64c4_amx, 0, kQmax8, true},
+#endif
     {Isa::kAvx512Vnni, "qs8_gemm_6x64c4_avx512vnni", 6, 0x80, quantize_rows_avx512,
      qs8_gemm_6x64c4_avx512vnni},
     {Isa::kAvx512, "qs8_gemm_4x64c4_avx512bw", 4, 0x00, quantize_rows_avx512,
@@ -34,6 +38,9 @@ const Kernel kLadder[] = {
 // pair sums (<= 2 * 127 * 127) then never saturate: 3 instructions per 32
 // products instead of the sign trick's 4.
 const Kernel kLadder7[] = {
+#ifdef PYACCEL_AMX_BUILT
+    {Isa::kAvx512Amx, "qs8_gemm_32x64c4_amx", 32, 0x80, quantize_rows_avx512, qs8_gemm_32x64c4_amx, 0, kQmax7, true},
+#endif
     {Isa::kAvx512Vnni, "qs8_gemm_6x64c4_avx512vnni", 6, 0x80, quantize_rows_avx512,
      qs8_gemm_6x64c4_avx512vnni, 0, kQmax7},
     {Isa::kAvx512, "qs8_gemm_4x64c4_avx512bw", 4, 0x00, quantize_rows_avx512, qs8_gemm_4x64c4_avx512bw, 0,
@@ -54,7 +61,16 @@ struct Scratch {
 thread_local Scratch t_scratch;
 
 void run_gemm(const Kernel& kern, const GemmArgs& g, int64_t n_pad, int nthreads) {
-  parallel_units_rows(n_pad / kPanel, g.m, kern.mr, nthreads,
+  const int64_t panels = n_pad / kPanel;
+  if (kern.panel_ranges) {
+    // about two ranges of panels per thread (rows are split too where they are few)
+    const int64_t per = std::max<int64_t>(1, panels / (2 * std::max(1, nthreads)));
+    parallel_units_rows((panels + per - 1) / per, g.m, kern.mr, nthreads, [&](int64_t u, int64_t m0, int64_t m1) {
+      kern.gemm(g, m0, m1, u * per, std::min(panels, (u + 1) * per));
+    });
+    return;
+  }
+  parallel_units_rows(panels, g.m, kern.mr, nthreads,
                       [&](int64_t p, int64_t m0, int64_t m1) { kern.gemm(g, m0, m1, p, p + 1); });
 }
 

@@ -124,6 +124,7 @@ struct Kernel {
   GemmFn gemm;
   int row_path_rows = 0;  // calls of up to this many rows take the kernel's one-row path (0: none)
   int qmax = kQmax8;      // activations in [-qmax, qmax]: 127, or 63 in the 7-bit ladder
+  bool panel_ranges = false;  // calls get ranges of panels (the AMX kernel keeps its rows in L2 across them)
 };
 
 // The 8-bit AVX2 kernel's row path (whole panel per row, in address order)
@@ -141,6 +142,9 @@ constexpr int64_t kAvx2U7RowPathRows = 4;
 // against the AVX2 kernel: at 2 rows the tile ran 1.17 - 1.58x, the row path
 // 0.92 - 0.97x; 1024x4096, 4096^2 and MiniLM's 384 / 1536 shapes).
 constexpr int64_t kAvxVnniRowPathRows = 1;
+// The AMX kernel hands calls of fewer rows than this to the AVX-512 VNNI
+// kernel (same activation encoding and exact sums: the same outputs).
+constexpr int64_t kAmxMinRows = 8;
 
 // The kernel for selected_isa(); chosen once per ISA-cap generation.
 // act_bits 8: activations in [-127, 127]; 7: in [-63, 63] (the opt-in mode
@@ -222,6 +226,8 @@ void qs8_gemm_6x16c4_avxvnni_vex(const GemmArgs&, int64_t, int64_t, int64_t, int
 void qs8_gemm_6x16c4_avxvnni_evex(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_4x64c4_avx512bw(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_6x64c4_avx512vnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+// AMX-INT8 (built only where the compiler knows AMX: PYACCEL_AMX_BUILT)
+void qs8_gemm_32x64c4_amx(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 
 inline uint16_t fp32_to_bf16(float f);
 

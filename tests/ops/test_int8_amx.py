@@ -1,0 +1,117 @@
+"""The AMX level (avx512_amx): the int8 GEMM's tdpbusd kernel (qs8_gemm_32x64c4_amx.cpp).
+
+Tile facts the grid is built from: row blocks of 16 (a short last block is
+read from a copy padded to 16 rows), two row blocks and 32 channels per tile
+pass, 64-channel panels in calls that take ranges of panels; k in steps of 64
+bytes, with the k groups past the last whole step (k_pad % 64) added by zmm
+vpdpbusd; calls of fewer than 8 rows run the AVX-512 VNNI kernel; activations
+stay in L2 in groups of 256 rows. Integer accumulators must match exactly,
+and the outputs must be bit-identical to the avx512_icl level's (one
+checkpoint, one answer on every ISA).
+
+Skipped where the CPU, the OS or the build lacks AMX-INT8 (everything but
+Sapphire Rapids and later Xeons); the `isa` fixture runs every other int8 test
+at this level there too.
+"""
+import pytest
+import torch
+
+import pyaccel
+from pyaccel import _native, reference
+from pyaccel.nn import Int8Linear
+
+from .test_int8_linear import _rand_int8, native_acc
+
+M_GRID = [8, 9, 15, 16, 17, 31, 32, 33, 47, 48, 49, 64, 65, 100, 255, 256, 257, 300]
+K_GRID = [4, 60, 64, 68, 124, 128, 132, 1024, 1028, 4100]
+N_GRID = [1, 17, 64, 65, 200]
+
+
+@pytest.fixture
+def amx():
+    if not _native.available():
+        pytest.skip(f"native library not loaded: {_native.load_error()}")
+    if not _native.isa_supported("avx512_amx"):
+        info = _native.lib().cpu_info()
+        pytest.skip(f"no usable AMX-INT8 here (CPU/OS/permission: {info.get('amx_int8')}, "
+                    f"built: {info.get('amx_built')}; detected {info['detected_isa']})")
+    with _native.isa_cap("avx512_amx") as used:
+        assert used == "avx512_amx"
+        assert pyaccel.backend_info().int8_kernel == "qs8_gemm_32x64c4_amx"
+        yield
+
+
+@pytest.mark.parametrize("m", M_GRID)
+def test_accumulators_exact_grid(amx, gen, m):
+    for k in K_GRID:
+        for n in N_GRID:
+            q, w = _rand_int8((m, k), gen), _rand_int8((n, k), gen)
+            # the kernel's fp32 output is float(exact int32 sum), rounded to nearest as .float() rounds
+            acc = native_acc(q, w)
+            ref = reference.int8_matmul_exact(q, w)
+            assert torch.equal(acc, ref.float()), f"m={m} k={k} n={n}"
+
+
+def test_extreme_values_exact(amx):
+    """u8 activations 0x01 / 0xFF (q = -127 / 127) against w = -127 / 127, k past many steps."""
+    for m, k, n in [(33, 4096, 65), (16, 132, 64)]:
+        for qv, wv in [(127, 127), (-127, 127), (127, -127), (-127, -127)]:
+            q = torch.full((m, k), qv, dtype=torch.int8)
+            w = torch.full((n, k), wv, dtype=torch.int8)
+            q[::3, ::5] = -qv  # mixed signs, not one constant
+            acc = native_acc(q, w)
+            ref = reference.int8_matmul_exact(q, w)
+            assert torch.equal(acc, ref.float())
+
+
+@pytest.mark.parametrize("m,k,n", [(8, 256, 64), (40, 1000, 130), (300, 4096, 512), (700, 384, 1536)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_outputs_equal_the_vnni_level_bitwise(gen, m, k, n, threads):
+    if not _native.isa_supported("avx512_amx"):
+        pytest.skip("no usable AMX-INT8 here")
+    lin = torch.nn.Linear(k, n)
+    mod = Int8Linear.from_float(lin)
+    x = torch.randn(m, k, generator=gen)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with _native.isa_cap("avx512_amx"):
+            y_amx = mod(x)
+        with _native.isa_cap("avx512_icl"):
+            y_vnni = mod(x)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(y_amx, y_vnni)
+    for bits in (7,):
+        mod7 = Int8Linear.from_float(lin, act_bits=bits)
+        with _native.isa_cap("avx512_amx"):
+            a = mod7(x)
+        with _native.isa_cap("avx512_icl"):
+            b = mod7(x)
+        assert torch.equal(a, b)
+
+
+def test_strided_bf16_and_batched_inputs(amx, gen):
+    lin = torch.nn.Linear(200, 100)
+    mod = Int8Linear.from_float(lin)
+    x = torch.randn(3, 40, 400, generator=gen)[..., ::2]  # strided rows, 3-D
+    y = mod(x)
+    with _native.isa_cap("avx512_icl"):
+        assert torch.equal(y, mod(x))
+    xb = x.to(torch.bfloat16)
+    yb = mod(xb)
+    assert yb.dtype == torch.bfloat16
+    with _native.isa_cap("avx512_icl"):
+        assert torch.equal(yb, mod(xb))
+
+
+def test_other_amx_code_on_the_same_threads(amx, gen):
+    """oneDNN's AMX-BF16 matmul loads its own tile configuration on the same
+    threads between pyaccel's calls: each pyaccel call loads its own."""
+    mod = Int8Linear.from_float(torch.nn.Linear(512, 256))
+    x = torch.randn(64, 512, generator=gen)
+    ref = mod(x)
+    a = torch.randn(256, 512, generator=gen).to(torch.bfloat16)
+    for _ in range(3):
+        _ = a @ a.T  # torch bf16 GEMM (AMX where oneDNN uses it)
+        assert torch.equal(mod(x), ref)
