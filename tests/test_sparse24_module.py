@@ -153,7 +153,8 @@ def test_non_tensor_input_is_a_type_error():
 @pytest.mark.skipif(not _native.available(), reason="native library not loaded")
 def test_sparse_int8_switches_to_dense_where_the_kernel_says(isa, gen):
     """Where the selected 2:4 int8 kernel loses to dense int8 at many rows (the
-    AVX-512 VNNI one without VBMI, the AVX-VNNI one), the module switches kernels from that row
+    AVX-512 VNNI one without VBMI, the AVX-VNNI one, the ICL one against the AMX dense kernel),
+    the module switches kernels from that row
     count: both compute the same integers."""
     from pyaccel.nn import Sparse24Int8Linear
 
@@ -162,7 +163,7 @@ def test_sparse_int8_switches_to_dense_where_the_kernel_says(isa, gen):
         lin.weight.mul_(s24.mask_24(lin.weight))
     mod = Sparse24Int8Linear.from_float(lin)
     rows = _native.lib().s24i8_dense_from_rows()
-    assert rows == {"avx512_vnni": 8, "avx_vnni": 2}.get(isa, 0)
+    assert rows == {"avx512_amx": 9, "avx512_vnni": 8, "avx_vnni": 2}.get(isa, 0)
     x = torch.randn(3 * max(rows, 8) + 1, 72, generator=gen)
     y_all = mod(x)
     assert (mod._dense is not None) == (rows > 0)

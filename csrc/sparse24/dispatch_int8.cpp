@@ -19,6 +19,9 @@ struct Entry {
 };
 
 const Entry kLadder[] = {
+    // the AMX level: the ICL kernel, and the dense int8 (AMX) kernel from 9 rows (README.md)
+    {{Isa::kAvx512Amx, "qs8_s24_gemm_6x32_avx512icl", 6, 0x80, qs8_s24_gemm_6x32_avx512icl, 9},
+     int8_gemm::quantize_rows_avx512},
     {{Isa::kAvx512Icl, "qs8_s24_gemm_6x32_avx512icl", 6, 0x80, qs8_s24_gemm_6x32_avx512icl, 0},
      int8_gemm::quantize_rows_avx512},
     {{Isa::kAvx512Vnni, "qs8_s24_gemm_6x32_avx512vnni", 6, 0x80, qs8_s24_gemm_6x32_avx512vnni, 8},

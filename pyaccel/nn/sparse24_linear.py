@@ -191,7 +191,8 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
     @property
     def _switch_rows(self) -> int:
         """From how many rows the 2:4 int8 kernel selected now loses to the dense
-        int8 kernel (the AVX-512 VNNI one without VBMI: 8; the AVX-VNNI one: 2),
+        int8 kernel (the AVX-512 VNNI one without VBMI: 8; the AVX-VNNI one: 2;
+        the ICL one against the AMX dense kernel: 9),
         so the module switches to that one, on a dense packing built on first
         use (about 1.6x the sparse weight memory). Read per call: the ISA cap
         (PYACCEL_CPU_ISA, pyaccel._native.isa_cap) may change after packing."""
