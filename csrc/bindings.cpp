@@ -50,16 +50,23 @@ py::dict cpu_info() {
   d["avx512_vbmi"] = f.avx512vbmi;
   d["avx512_bf16"] = f.avx512bf16;
   d["avx_vnni"] = f.avxvnni;
-  d["amx_int8"] = f.amx_int8;  // AMX-INT8 usable: CPU, OS state, process permission, and the AMX build
+  d["amx_int8"] = f.amx_int8;  // AMX-INT8 in the CPU, its tile state enabled by the OS, and the AMX build
   d["amx_built"] = kAmxBuilt;
   d["avx_vnni_vex_built"] = kVexVnniBuilt;  // the assembler knew AVX-VNNI: the VEX builds exist
   d["detected_isa"] = isa_name(detected_isa());
   py::list usable;  // levels this CPU can run, best first
-  for (int i = static_cast<int>(kTopIsa); i >= 0; --i)
-    if (isa_usable(static_cast<Isa>(i))) usable.append(isa_name(static_cast<Isa>(i)));
+  // (the AMX level is listed unless its permission was refused; asking is left to its first selection)
+  for (int i = static_cast<int>(kTopIsa); i >= 0; --i) {
+    const Isa lv = static_cast<Isa>(i);
+    const bool ok = lv == Isa::kAvx512Amx ? static_cast<int>(detected_isa()) >= i &&
+                                                std::string(amx_permission()) != "refused"
+                                          : isa_usable(lv);
+    if (ok) usable.append(isa_name(lv));
+  }
   d["usable_isas"] = usable;
   d["isa_cap"] = isa_name(isa_cap());
   d["selected_isa"] = isa_name(selected_isa());
+  d["amx_permission"] = amx_permission();  // asked for when the AMX level is first selected
   d["omp_max_threads"] = max_threads();
   return d;
 }

@@ -28,13 +28,17 @@ class BackendInfo:
         isa_cap: the cap in effect in the native library (None: none, or no library).
         vex_vnni_built: the library holds the VEX (AVX-VNNI) builds of the avx_vnni
             level's kernels (the assembler knew AVX-VNNI); else only their EVEX twins.
+        amx_permission: the OS's grant of the AMX tile state to this process:
+            "granted", "refused" or "not asked" (asked when the avx512_amx level
+            is first selected); None without the native library.
         backend_override: value of PYACCEL_BACKEND, or None.
         int8_kernel: the int8 GEMM micro-kernel in use.
         kernels: every op family's CPU micro-kernel in use now (int8, int8_a7,
             sparse24, sparse24_int8, block_sparse, block_sparse_int8, dws, binary
             -> name, as ``pyaccel._C.kernel_params()`` reports them); empty
             without the native library.
-        cpu_features: CPUID flags that matter to pyaccel.
+        cpu_features: CPUID flags that matter to pyaccel (amx_int8: AMX-INT8 with the
+            OS's tile state enabled, in a library built with AMX).
         threads: threads the CPU kernels use (torch.get_num_threads()).
         triton_version: installed Triton, or None.
         cuda_device: name of CUDA device 0, or None.
@@ -54,6 +58,7 @@ class BackendInfo:
     kernels: dict = dataclasses.field(default_factory=dict)
     isa_cap: Optional[str] = None
     vex_vnni_built: bool = False
+    amx_permission: Optional[str] = None
 
     def _override_text(self) -> str:
         env = self.isa_override
@@ -85,6 +90,9 @@ class BackendInfo:
             lines.insert(2, f"{'AVX-VNNI encoding':<25}: " + ("VEX (this CPU has AVX-VNNI)" if vex else
                             "EVEX twin (AVX-512 VNNI; " + ("the CPU lacks AVX-VNNI)" if self.vex_vnni_built else
                                                            "this build has no VEX form: assembler < binutils 2.36)")))
+        if self.amx_permission == "refused":
+            lines.insert(2, f"{'AMX':<25}: the OS refused this process the tile state "
+                            "(arch_prctl ARCH_REQ_XCOMP_PERM): the int8 GEMM runs its avx512_icl kernel")
         if self.backend_override:
             lines.append(f"PYACCEL_BACKEND          : {self.backend_override}")
         return "\n".join(lines)
@@ -104,7 +112,7 @@ def backend_info() -> BackendInfo:
     C = _native.lib()
     if C is not None:
         info = C.cpu_info()
-        # CPUID flags only (avx_vnni_vex_built says how the library was built, not what the CPU has)
+        # CPU (and OS) flags only: *_built say how the library was built, not what the CPU has
         feats = {k: v for k, v in info.items() if isinstance(v, bool) and not k.endswith("_built")}
         isa, detected, kernel = info["selected_isa"], info["detected_isa"], C.int8_kernel_name()
         cap = info["isa_cap"]  # avx512_amx, the top level, when no cap is set
@@ -123,6 +131,7 @@ def backend_info() -> BackendInfo:
         cpu_features=feats,
         isa_cap=cap,
         vex_vnni_built=bool(C is not None and C.cpu_info().get("avx_vnni_vex_built")),
+        amx_permission=C.cpu_info().get("amx_permission") if C is not None else None,
         threads=torch.get_num_threads(),
         triton_version=_triton_version(),
         cuda_device=cuda,

@@ -134,3 +134,16 @@ def test_unknown_backend_override_warns(tmp_path):
                        capture_output=True, text=True, env=e, cwd=tmp_path, timeout=300)
     assert r.returncode == 0 and "PYACCEL_BACKEND='bogus' is not 'reference'" in r.stderr, r.stderr[-2000:]
     assert r.stdout.strip() == str(_native.available())
+
+
+def test_amx_permission_is_asked_only_where_the_level_may_run(tmp_path):
+    """Linux grants the AMX tile state per process, on request, and the grant
+    raises every thread's minimum signal stack size: pyaccel asks only when
+    the avx512_amx level is selected, never under a lower cap."""
+    if pyaccel.backend_info().cpu_isa_detected != "avx512_amx":
+        pytest.skip("this CPU (or OS, or build) has no AMX-INT8")
+    code = ("import torch, pyaccel; from pyaccel.nn import Int8Linear\n"
+            "m = Int8Linear.from_float(torch.nn.Linear(64, 64)); m(torch.randn(16, 64))\n"
+            "i = pyaccel.backend_info(); print(i.cpu_isa, i.amx_permission)")
+    assert _run(code, tmp_path, PYACCEL_CPU_ISA="avx512_icl") == "avx512_icl not asked"
+    assert _run(code, tmp_path, PYACCEL_CPU_ISA="avx512_amx") == "avx512_amx granted"

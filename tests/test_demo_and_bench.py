@@ -40,6 +40,8 @@ def test_bench_caps_baselines_at_pyaccels_isa():
     assert bench_main.baseline_isa_caps("avx_vnni", "avx512_icl", {})["ONEDNN_MAX_CPU_ISA"] == "AVX2_VNNI"
     assert bench_main.baseline_isa_caps("avx_vnni", "avx_vnni", {}) == {}
     assert bench_main.baseline_isa_caps("avx512_icl", "avx512_icl", {}) == {}
+    # pyaccel below its AMX level on an AMX CPU: oneDNN's AMX paths go too
+    assert bench_main.baseline_isa_caps("avx512_icl", "avx512_amx", {}) == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
     assert bench_main.baseline_isa_caps("portable", "avx512_icl", {}) == {}  # no cap for that level
     assert bench_main.baseline_isa_caps("avx2", "avx512_icl", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}) == {}
 

@@ -20,15 +20,24 @@ unsigned long long xgetbv0() {
 }
 
 // Linux hands a process the AMX tile data state only on request (kernel 5.16+;
-// without it the first tile instruction raises SIGILL). Idempotent: torch's
-// oneDNN makes the same request.
+// without it the first tile instruction raises SIGILL). Asked once, and only
+// when the AMX level could be selected (isa_usable): the grant is process-wide
+// and raises the minimum signal stack size for every thread. Idempotent:
+// torch's oneDNN makes the same request when it first uses AMX.
+enum AmxPermission : int { kAmxNotAsked = 0, kAmxGranted = 1, kAmxRefused = 2 };
+std::atomic<int> g_amx_permission{kAmxNotAsked};
+
 bool request_amx_permission() {
+  const int state = g_amx_permission.load();
+  if (state != kAmxNotAsked) return state == kAmxGranted;
 #ifdef __linux__
   constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  const bool ok = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 #else
-  return false;
+  const bool ok = false;
 #endif
+  g_amx_permission.store(ok ? kAmxGranted : kAmxRefused);
+  return ok;
 }
 
 CpuFeatures detect() {
@@ -59,7 +68,7 @@ CpuFeatures detect() {
   f.avx512vbmi = f.os_avx512 && ((c >> 1) & 1);
   f.avx512vpopcntdq = f.os_avx512 && ((c >> 14) & 1);
   const bool amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
-  f.amx_int8 = kAmxBuilt && os_amx && amx_tile && amx_int8 && request_amx_permission();
+  f.amx_int8 = kAmxBuilt && os_amx && amx_tile && amx_int8;
   if (max_subleaf7 < 1) return f;
   __cpuid_count(7, 1, a, b, c, d);
   f.avx512bf16 = f.os_avx512 && ((a >> 5) & 1);
@@ -111,6 +120,7 @@ Isa isa_cap() {
 
 bool isa_usable(Isa isa) {
   if (static_cast<int>(isa) > static_cast<int>(detected_isa())) return false;
+  if (isa == Isa::kAvx512Amx) return request_amx_permission();
   if (isa != Isa::kAvxVnni) return true;
   const CpuFeatures& f = cpu_features();
   return (kVexVnniBuilt && f.avxvnni) || (f.avx512f && f.avx512vnni && f.avx512vl);
@@ -139,6 +149,14 @@ bool set_isa_cap(const std::string& name) {
 }
 
 int isa_generation() { return g_generation.load(); }
+
+const char* amx_permission() {
+  switch (g_amx_permission.load()) {
+    case kAmxGranted: return "granted";
+    case kAmxRefused: return "refused";
+    default: return "not asked";
+  }
+}
 
 const char* isa_name(Isa isa) {
   switch (isa) {

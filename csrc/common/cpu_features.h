@@ -33,7 +33,7 @@ struct CpuFeatures {
        os_avx512 = false, bmi1 = false, bmi2 = false,
        avxvnni = false,  // AVX-VNNI: CPUID.(7,1):EAX[4], VEX-encoded vpdpbusd on xmm/ymm
        amx_int8 = false;  // AMX-TILE + AMX-INT8 (CPUID.(7,0):EDX[24, 25]), XCR0 tile state (bits 17, 18)
-                          // and, on Linux, the process's permission (arch_prctl ARCH_REQ_XCOMP_PERM)
+                          // and the AMX build; the process's permission is asked for separately (isa_usable)
 };
 
 // What CPUID (and XGETBV: the OS must save the registers) reports. Cached.
@@ -43,8 +43,13 @@ const CpuFeatures& cpu_features();
 Isa detected_isa();
 
 // True when this CPU can run kernels of level `isa`: isa <= detected_isa(),
-// and for kAvxVnni also AVX-VNNI (with the VEX build present) or AVX-512 VNNI + VL.
+// for kAvxVnni also AVX-VNNI (with the VEX build present) or AVX-512 VNNI + VL,
+// for kAvx512Amx also the OS's grant of the tile state to the process, asked
+// for on the first such call (Linux arch_prctl(ARCH_REQ_XCOMP_PERM)); so a cap
+// below the AMX level never asks.
 bool isa_usable(Isa isa);
+// "granted", "refused" or "not asked": the AMX permission's state.
+const char* amx_permission();
 
 // True when a kernel built for level `entry` may run while level `selected`
 // is in use: entry <= selected, and an AVX-VNNI entry only where VNNI is part

@@ -23,8 +23,9 @@ int64_t int8_amx(int64_t iters) {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
-  alignas(64) static int8_t src[16 * 64];
+  alignas(64) int8_t src[16 * 64];
   std::memset(src, 3, sizeof(src));
+  __asm__ volatile("" ::: "memory");  // the intrinsics tell GCC of neither read (cfg, src)
   _tile_loadconfig(&cfg);
   _tile_zero(0);
   _tile_zero(1);
@@ -40,8 +41,9 @@ int64_t int8_amx(int64_t iters) {
     _tile_dpbusd(2, 5, 6);
     _tile_dpbusd(3, 5, 7);
   }
-  alignas(64) static thread_local int32_t sink[16 * 16];
+  alignas(64) int32_t sink[16 * 16];
   _tile_stored(0, sink, 64);
+  __asm__ volatile("" ::: "memory");
   _tile_release();
   return iters * 4 * (16 * 16 * 64) * 2;
 }

@@ -15,7 +15,7 @@
 // Tiles (one configuration, every tile 16 rows x 64 bytes): tmm0-3 the int32
 // accumulators of 2 row blocks x 2 channel blocks, tmm4-5 the two row
 // blocks' activations, tmm6-7 the two channel blocks' weights: per 64 k,
-// 4 loads and 4 tdpbusd. The accumulators go to a per-call int32 buffer,
+// 4 loads and 4 tdpbusd. The accumulators go to a thread's int32 buffer,
 // where k groups past the last whole 64 (k_pad % 64, at most 15 groups) are
 // added with zmm vpdpbusd, then the AVX-512 epilogue dequantizes.
 //
@@ -55,6 +55,11 @@ struct alignas(64) TileConfig {
 };
 static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
 
+// GCC's AMX intrinsics declare no memory operands (tileloadd, tilestored) or
+// only 8 bytes (ldtilecfg): a compiler barrier orders plain stores before the
+// tile instructions that read them, and the tile stores before plain loads.
+inline void compiler_barrier() { __asm__ volatile("" ::: "memory"); }
+
 inline void configure_tiles() {
   TileConfig cfg;
   std::memset(&cfg, 0, sizeof(cfg));
@@ -63,6 +68,7 @@ inline void configure_tiles() {
     cfg.colsb[t] = kKBytes;
     cfg.rows[t] = kRows;
   }
+  compiler_barrier();  // the cfg stores before ldtilecfg
   _tile_loadconfig(&cfg);
 }
 
@@ -79,31 +85,23 @@ struct Prefetch {
 
 // One tile pass: the int32 sums of row blocks a0 (rows 0-15) and a1 (rows
 // 16-31; TwoBlocks false: none) x channels [16 * cb, 16 * cb + 32) of the
-// panel gain k steps [s0, s1) (64 k each). acc [32][64] int32 (row stride
-// kPanel) holds the sums between passes; first: start from zero instead.
+// panel over all `steps` k steps (64 k each), stored to acc [32][64] int32
+// (row stride kPanel).
 template <bool TwoBlocks>
-inline void pass(const int8_t* a0, const int8_t* a1, int64_t lda, const int8_t* panel, int cb, int64_t s0,
-                 int64_t s1, int32_t* acc, bool first, Prefetch& pf) {
+inline void pass(const int8_t* a0, const int8_t* a1, int64_t lda, const int8_t* panel, int cb, int64_t steps,
+                 int32_t* acc, Prefetch& pf) {
+  compiler_barrier();  // finish()'s plain loads and stores of acc before the tile stores below
   constexpr int64_t ldc = kPanel * sizeof(int32_t);
   int32_t* c0 = acc + cb * 16;
   int32_t* c1 = acc + kRows * kPanel + cb * 16;
-  if (first) {
-    _tile_zero(0);
-    _tile_zero(1);
-    if constexpr (TwoBlocks) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
-  } else {
-    _tile_loadd(0, c0, ldc);
-    _tile_loadd(1, c0 + 16, ldc);
-    if constexpr (TwoBlocks) {
-      _tile_loadd(2, c1, ldc);
-      _tile_loadd(3, c1 + 16, ldc);
-    }
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (TwoBlocks) {
+    _tile_zero(2);
+    _tile_zero(3);
   }
-  const int8_t* b = panel + s0 * 16 * kPanelBytes + cb * 64;
-  for (int64_t s = s0; s < s1; ++s, b += 16 * kPanelBytes) {
+  const int8_t* b = panel + cb * 64;
+  for (int64_t s = 0; s < steps; ++s, b += 16 * kPanelBytes) {
     pf.step();
     _tile_loadd(4, a0 + s * kKBytes, lda);
     _tile_loadd(6, b, kPanelBytes);
@@ -122,6 +120,7 @@ inline void pass(const int8_t* a0, const int8_t* a1, int64_t lda, const int8_t* 
     _tile_stored(2, c1, ldc);
     _tile_stored(3, c1 + 16, ldc);
   }
+  compiler_barrier();  // finish() reads acc with plain loads
 }
 
 // The k groups past the whole 64-byte steps (zmm vpdpbusd into the sums),
@@ -185,6 +184,7 @@ void qs8_gemm_32x64c4_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0,
     if (s.pad.size() < static_cast<size_t>(kRows * g.lda)) s.pad.resize(kRows * g.lda);
     for (int64_t i = 0; i < kRows; ++i)
       std::memcpy(s.pad.data() + i * g.lda, g.a + std::min(short_at + i, m1 - 1) * g.lda, g.k_pad);
+    compiler_barrier();  // the copy before the tile loads that read it
   }
   const auto rows_at = [&](int64_t m) { return m == short_at ? s.pad.data() : g.a + m * g.lda; };
   configure_tiles();
@@ -203,13 +203,14 @@ void qs8_gemm_32x64c4_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0,
       for (int64_t m = mg; m < mg1; m += 2 * kRows) {
         const int8_t* a0 = rows_at(m);
         const int8_t* a1 = rows_at(std::min(m + kRows, m1 - 1));
-        if (steps == 0) std::memset(s.acc, 0, sizeof(s.acc));
-        if (steps > 0 && mg1 - m > kRows) {
-          pass<true>(a0, a1, g.lda, panel, 0, 0, steps, s.acc, true, pf);
-          pass<true>(a0, a1, g.lda, panel, 2, 0, steps, s.acc, true, pf);
-        } else if (steps > 0) {
-          pass<false>(a0, a0, g.lda, panel, 0, 0, steps, s.acc, true, pf);
-          pass<false>(a0, a0, g.lda, panel, 2, 0, steps, s.acc, true, pf);
+        if (steps == 0) {
+          std::memset(s.acc, 0, sizeof(s.acc));
+        } else if (mg1 - m > kRows) {
+          pass<true>(a0, a1, g.lda, panel, 0, steps, s.acc, pf);
+          pass<true>(a0, a1, g.lda, panel, 2, steps, s.acc, pf);
+        } else {
+          pass<false>(a0, a0, g.lda, panel, 0, steps, s.acc, pf);
+          pass<false>(a0, a0, g.lda, panel, 2, steps, s.acc, pf);
         }
         finish(g, a0, a1, m, std::min<int64_t>(2 * kRows, mg1 - m), p, panel, s.acc);
       }

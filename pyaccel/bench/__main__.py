@@ -18,7 +18,9 @@ from pyaccel.bench import binary, block_sparse, common, dwconv, int8, minilm, sp
 CAP_VARS = ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
 BASELINE_ISA_CAPS = {"avx2": dict(zip(CAP_VARS, ("AVX2", "AVX2", "AVX2", "avx2"))),
                      # an AVX-VNNI CPU: oneDNN has an AVX2 + VNNI level, FBGEMM, MKL's sgemm and ATen do not
-                     "avx_vnni": dict(zip(CAP_VARS, ("AVX2", "AVX2_VNNI", "AVX2", "avx2")))}
+                     "avx_vnni": dict(zip(CAP_VARS, ("AVX2", "AVX2_VNNI", "AVX2", "avx2"))),
+                     # pyaccel below its AMX level on an AMX CPU: oneDNN (bf16 matmul, int8) without AMX too
+                     "avx512_icl": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}}
 
 
 def baseline_isa_caps(isa: str, detected: str, environ) -> dict:
@@ -144,9 +146,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fp32-peak", type=float, default=None,
                     help="fp32 FMA peak (GFLOP/s) for the block-sparse %% column; default: measured at start")
     ap.add_argument("--baselines-native-isa", action="store_true",
-                    help="when pyaccel is capped below the CPU's ISA (PYACCEL_CPU_ISA=avx2 or avx_vnni), leave "
-                         "torch's baselines at the CPU's full ISA; by default they are capped at AVX2 too "
-                         "(oneDNN at AVX2_VNNI under avx_vnni) "
+                    help="when pyaccel is capped below the CPU's ISA (PYACCEL_CPU_ISA=avx2 or avx_vnni, or "
+                         "avx512_icl on an AMX CPU), leave torch's baselines at the CPU's full ISA; by default "
+                         "they are capped at AVX2 too (oneDNN at AVX2_VNNI under avx_vnni; under avx512_icl "
+                         "only oneDNN, at AVX512_CORE_BF16: no AMX) "
                          "(FBGEMM_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, "
                          "ATEN_CPU_CAPABILITY; unless already set). ONNX Runtime is never capped")
     ap.add_argument("--tune-malloc", action="store_true",

@@ -41,20 +41,39 @@ def amx():
         yield
 
 
+def _operands(m, k, n, gen):
+    """Random int8 operands whose sums stay below 2**24 in magnitude, so the
+    kernel's fp32 output (float of the int32 sum) is the exact integer:
+    full-range values up to k = 1040, [-63, 63] beyond (63 * 63 * 4100 < 2**24)."""
+    if k <= 1040:
+        return _rand_int8((m, k), gen), _rand_int8((n, k), gen)
+    lo = lambda shape: torch.randint(-63, 64, shape, generator=gen, dtype=torch.int8)  # noqa: E731
+    return lo((m, k)), lo((n, k))
+
+
 @pytest.mark.parametrize("m", M_GRID)
 def test_accumulators_exact_grid(amx, gen, m):
     for k in K_GRID:
         for n in N_GRID:
-            q, w = _rand_int8((m, k), gen), _rand_int8((n, k), gen)
-            # the kernel's fp32 output is float(exact int32 sum), rounded to nearest as .float() rounds
+            q, w = _operands(m, k, n, gen)
             acc = native_acc(q, w)
             ref = reference.int8_matmul_exact(q, w)
             assert torch.equal(acc, ref.float()), f"m={m} k={k} n={n}"
 
 
+@pytest.mark.parametrize("k", [4, 60, 68, 132, 1028])
+@pytest.mark.parametrize("m", [8, 40, 300])
+def test_panel_ranges_with_k_tails(amx, gen, m, k):
+    """N = 1100 (18 panels): with 2 threads each call takes a range of 4 panels
+    (the last a shorter one); k below one step and with tails of 1 - 15 groups."""
+    q, w = _operands(m, k, 1100, gen)
+    assert torch.equal(native_acc(q, w), reference.int8_matmul_exact(q, w).float())
+
+
 def test_extreme_values_exact(amx):
-    """u8 activations 0x01 / 0xFF (q = -127 / 127) against w = -127 / 127, k past many steps."""
-    for m, k, n in [(33, 4096, 65), (16, 132, 64)]:
+    """u8 activations 0x01 / 0xFF (q = -127 / 127) against w = -127 / 127, k
+    past many steps, sums up to 127 * 127 * 1028 < 2**24 (exact in fp32)."""
+    for m, k, n in [(33, 1028, 65), (16, 132, 64), (300, 1024, 130)]:
         for qv, wv in [(127, 127), (-127, 127), (127, -127), (-127, -127)]:
             q = torch.full((m, k), qv, dtype=torch.int8)
             w = torch.full((n, k), wv, dtype=torch.int8)
@@ -106,12 +125,35 @@ def test_strided_bf16_and_batched_inputs(amx, gen):
 
 
 def test_other_amx_code_on_the_same_threads(amx, gen):
-    """oneDNN's AMX-BF16 matmul loads its own tile configuration on the same
-    threads between pyaccel's calls: each pyaccel call loads its own."""
+    """oneDNN's bf16 matmul (AMX-BF16 on these CPUs) loads its own tile
+    configuration on the same threads between pyaccel's calls: each pyaccel
+    call loads its own and releases the tiles, so both keep their results."""
     mod = Int8Linear.from_float(torch.nn.Linear(512, 256))
     x = torch.randn(64, 512, generator=gen)
     ref = mod(x)
     a = torch.randn(256, 512, generator=gen).to(torch.bfloat16)
+    ref_bf16 = a @ a.T
     for _ in range(3):
-        _ = a @ a.T  # torch bf16 GEMM (AMX where oneDNN uses it)
+        assert torch.equal(a @ a.T, ref_bf16)
         assert torch.equal(mod(x), ref)
+        assert torch.equal(a @ a.T, ref_bf16)
+
+
+@pytest.mark.parametrize("n_batch,hw", [(1, 7), (2, 13), (3, 10)])
+def test_fused_dws_int8_stage_equals_the_vnni_level(amx, gen, n_batch, hw):
+    """The fused depthwise-separable conv's int8 pointwise stage runs the AMX
+    kernel per panel over bands of pixels (short row blocks included): the
+    same outputs, bit for bit, as at avx512_icl."""
+    import pyaccel
+
+    torch.manual_seed(1)
+    m = torch.nn.Sequential(torch.nn.Conv2d(72, 72, 3, 1, 1, groups=72), torch.nn.BatchNorm2d(72),
+                            torch.nn.ReLU(), torch.nn.Conv2d(72, 136, 1), torch.nn.BatchNorm2d(136),
+                            torch.nn.ReLU()).eval()
+    fused = pyaccel.patch(m, quantize="int8").model
+    x = torch.randn(n_batch, 72, hw, hw, generator=gen).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y_amx = fused(x)
+        with _native.isa_cap("avx512_icl"):
+            y_icl = fused(x)
+    assert torch.equal(y_amx, y_icl)
