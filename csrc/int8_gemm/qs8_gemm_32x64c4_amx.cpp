@@ -25,8 +25,8 @@
 // int32 sums, so the same outputs).
 //
 // The OS must grant the process the AMX tile state first (Linux:
-// arch_prctl(ARCH_REQ_XCOMP_PERM), done once by cpu_features.cpp, which only
-// reports AMX usable when that succeeded). Each call loads its own tile
+// arch_prctl(ARCH_REQ_XCOMP_PERM)); cpu_features.cpp asks once, when the
+// level is first selected, and the level is only selected when granted. Each call loads its own tile
 // configuration and releases the tiles at the end, so other AMX code on the
 // thread (oneDNN's) never sees ours and we never rely on theirs.
 #include <immintrin.h>
