@@ -146,4 +146,5 @@ def test_amx_permission_is_asked_only_where_the_level_may_run(tmp_path):
             "m = Int8Linear.from_float(torch.nn.Linear(64, 64)); m(torch.randn(16, 64))\n"
             "i = pyaccel.backend_info(); print(i.cpu_isa, i.amx_permission)")
     assert _run(code, tmp_path, PYACCEL_CPU_ISA="avx512_icl") == "avx512_icl not asked"
-    assert _run(code, tmp_path, PYACCEL_CPU_ISA="avx512_amx") == "avx512_amx granted"
+    # (an OS without the request, e.g. Linux < 5.16, refuses: the level then falls back)
+    assert _run(code, tmp_path, PYACCEL_CPU_ISA="avx512_amx") in ("avx512_amx granted", "avx512_icl refused")
