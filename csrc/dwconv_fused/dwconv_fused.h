@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "common/cpu_features.h"
+#include "common/line_prefetch.h"
 
 namespace pyaccel {
 namespace dws {
@@ -86,18 +87,7 @@ using DwFn = void (*)(const Problem& pr, int64_t p0, int64_t p1, float* t, int64
 using PwFn = void (*)(const Problem& pr, const float* t, int64_t ldt, int64_t p0, int64_t p1, int64_t q0,
                       int64_t q1);
 
-// Cache lines [p, end) prefetched into L2 in `steps` steps of equal size (the
-// next work item's input rows, Problem::pf).
-struct LinePrefetch {
-  const char* p;
-  const char* end;
-  int64_t per_step;  // lines a step issues
-  LinePrefetch(const char* begin, const char* stop, int64_t steps)
-      : p(begin), end(stop), per_step(begin ? ((stop - begin) / 64 + steps - 1) / steps : 0) {}
-  void step() {
-    for (int64_t i = 0; i < per_step && p < end; ++i, p += 64) __builtin_prefetch(p, 0, 2);
-  }
-};
+// LinePrefetch (common/line_prefetch.h): the next work item's input rows, Problem::pf.
 
 // act2 in place over y rows [0, rows) x columns [c0, c1), ldy floats apart (the int8 stage's epilogue).
 using ActFn = void (*)(float* y, int64_t ldy, int64_t rows, int64_t c0, int64_t c1, const PackedHeader& h);

@@ -35,6 +35,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/line_prefetch.h"
 #include "int8_gemm/epilogue_avx512.h"
 #include "int8_gemm/int8_gemm.h"
 
@@ -72,24 +73,13 @@ inline void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-// Lines of the next panel pulled into L2 a few per k step, so that the
-// weights stream from memory while the current panel's tiles compute.
-struct Prefetch {
-  const char* p = nullptr;
-  const char* end = nullptr;
-  int64_t lines = 0;  // per step
-  inline void step() {
-    for (int64_t i = 0; i < lines && p < end; ++i, p += 64) _mm_prefetch(p, _MM_HINT_T1);
-  }
-};
-
 // One tile pass: the int32 sums of row blocks a0 (rows 0-15) and a1 (rows
 // 16-31; TwoBlocks false: none) x channels [16 * cb, 16 * cb + 32) of the
 // panel over all `steps` k steps (64 k each), stored to acc [32][64] int32
 // (row stride kPanel).
 template <bool TwoBlocks>
 inline void pass(const int8_t* a0, const int8_t* a1, int64_t lda, const int8_t* panel, int cb, int64_t steps,
-                 int32_t* acc, Prefetch& pf) {
+                 int32_t* acc, LinePrefetch& pf) {
   compiler_barrier();  // finish()'s plain loads and stores of acc before the tile stores below
   constexpr int64_t ldc = kPanel * sizeof(int32_t);
   int32_t* c0 = acc + cb * 16;
@@ -193,13 +183,10 @@ void qs8_gemm_32x64c4_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0,
     const int64_t blocks = (mg1 - mg + 2 * kRows - 1) / (2 * kRows);
     for (int64_t p = p0; p < p1; ++p) {
       const int8_t* panel = g.w + p * groups * kPanelBytes;
-      Prefetch pf;
-      if (p + 1 < p1 && steps > 0) {
-        const int64_t bytes = groups * kPanelBytes, total_steps = blocks * 2 * steps;
-        pf.p = reinterpret_cast<const char*>(panel + bytes);
-        pf.end = pf.p + bytes;
-        pf.lines = (bytes / 64 + total_steps - 1) / total_steps;
-      }
+      // the next panel into L2, spread over this panel's k steps
+      const int64_t bytes = groups * kPanelBytes;
+      const char* next = p + 1 < p1 ? reinterpret_cast<const char*>(panel + bytes) : nullptr;
+      LinePrefetch pf = next ? LinePrefetch(next, next + bytes, blocks * 2 * steps) : LinePrefetch();
       for (int64_t m = mg; m < mg1; m += 2 * kRows) {
         const int8_t* a0 = rows_at(m);
         const int8_t* a1 = rows_at(std::min(m + kRows, m1 - 1));
