@@ -68,6 +68,8 @@ py::dict cpu_info() {
   d["selected_isa"] = isa_name(selected_isa());
   d["amx_permission"] = amx_permission();  // asked for when the AMX level is first selected
   d["omp_max_threads"] = max_threads();
+  d["intel"] = f.intel;  // CPUID vendor GenuineIntel
+  d["tuning"] = tuning_name(cpu_tuning());  // which core family's kernel variants run (set_cpu_tuning)
   return d;
 }
 
@@ -191,6 +193,7 @@ py::dict kernel_params() {
   py::dict e = tile_params(ks.name, ks.mr, sparse24::kPanel, 4 * sparse24::kBlockGroups, ks.row_path_rows);
   e["cols_from_rows"] = ks.cols ? ks.cols_from_rows : 0;  // the column kernel from this many rows (0: none)
   e["cols_nr"] = ks.cols_nr;
+  e["cols_name"] = ks.cols ? ks.cols_name : "";  // the column kernel (AVX2: the variant of the CPU tuning)
   // the column kernel's k-blocks (see cols_kc_groups): whole K up to the first, blocks of about the second
   e["cols_whole_k_groups"] = ks.cols_kc_max > 0 ? ks.cols_kc_max : sparse24::kColsWholeKGroups;
   e["cols_k_block_groups"] = ks.cols_kc_max > 0 ? ks.cols_kc_max : sparse24::kColsKBlockGroups;
@@ -684,6 +687,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_isa_cap", &set_isa_cap, py::arg("name"),
         "Cap the ISA (avx512_icl|avx512_vnni|avx512|avx_vnni|avx2|portable, '' = none); returns False for an unknown name");
   m.def("selected_isa", [] { return std::string(isa_name(selected_isa())); });
+  m.def("set_cpu_tuning", &set_cpu_tuning, py::arg("name"),
+        "Take the kernel variants tuned for 'intel' or 'amd' cores where an op has both ('' = the CPU vendor's); "
+        "returns False for an unknown name");
   m.def("set_torch_refs", &set_torch_refs, py::arg("tensor"), py::arg("empty"), py::arg("float32"),
         py::arg("bfloat16"), py::arg("get_default_dtype"), py::arg("get_num_threads"), py::arg("get_tracing_state"),
         py::arg("int64") = py::none(),

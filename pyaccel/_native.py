@@ -42,14 +42,17 @@ else:
         _C = None
         _load_error = f"{type(exc).__name__}: {exc}"
 
-_env_isa = os.environ.get("PYACCEL_CPU_ISA", "")
-if _env_isa and _env_isa.lower() not in ISA_LADDER:
-    warnings.warn(
-        f"PYACCEL_CPU_ISA={_env_isa!r} is not one of {ISA_LADDER}; ignored",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+TUNINGS = ("intel", "amd")
+"""Core families some ops have kernel variants for (one ISA level, different
+port layouts): ``intel`` (Golden Cove and the like: shuffles and scalar ALU ops
+share the FMA ports) and ``amd`` (Zen 3 / Zen 4). The CPU's vendor picks one
+(``amd`` for any non-Intel CPU); ``PYACCEL_CPU_TUNING`` or :func:`cpu_tuning`
+override it."""
 
+for _var, _allowed in (("PYACCEL_CPU_ISA", ISA_LADDER), ("PYACCEL_CPU_TUNING", TUNINGS)):
+    _value = os.environ.get(_var, "")
+    if _value and _value.lower() not in _allowed:  # the native library ignores it too
+        warnings.warn(f"{_var}={_value!r} is not one of {_allowed}; ignored", RuntimeWarning, stacklevel=2)
 
 def lib():
     """The native module, or None when it is unavailable (see :func:`load_error`)."""
@@ -101,3 +104,25 @@ def isa_cap(name: str) -> Iterator[str]:
         yield selected_isa()
     finally:
         _C.set_isa_cap(prev)
+
+
+def set_cpu_tuning(name: str) -> None:
+    """Take the kernel variants tuned for core family `name` ('intel' or 'amd';
+    '' goes back to the CPU vendor's). Mainly for tests and benchmarks: both
+    variants are correct on any CPU of their ISA level."""
+    if name and name.lower() not in TUNINGS:
+        raise ValueError(f"tuning: expected one of {TUNINGS} or '', got {name!r}")
+    if _C is None:
+        raise RuntimeError(f"pyaccel native library not loaded ({_load_error})")
+    _C.set_cpu_tuning(name.lower())
+
+
+@contextlib.contextmanager
+def cpu_tuning(name: str) -> Iterator[str]:
+    """Run a block with the kernel variants of core family `name`; yields it."""
+    prev = _C.cpu_info()["tuning"] if _C is not None else ""
+    set_cpu_tuning(name)
+    try:
+        yield _C.cpu_info()["tuning"]
+    finally:
+        _C.set_cpu_tuning(prev)

@@ -31,6 +31,11 @@ class BackendInfo:
         amx_permission: the OS's grant of the AMX tile state to this process:
             "granted", "refused" or "not asked" (asked when the avx512_amx level
             is first selected); None without the native library.
+        cpu_tuning: the core family whose kernel variants run where an op has
+            two of one ISA level ("intel" or "amd"; see ``pyaccel._native.TUNINGS``):
+            the CPU's vendor's unless PYACCEL_CPU_TUNING or
+            ``pyaccel._native.cpu_tuning`` says otherwise; None without the library.
+        cpu_intel: the CPU's vendor is Intel (CPUID "GenuineIntel").
         backend_override: value of PYACCEL_BACKEND, or None.
         int8_kernel: the int8 GEMM micro-kernel in use.
         kernels: every op family's CPU micro-kernel in use now (int8, int8_a7,
@@ -59,6 +64,8 @@ class BackendInfo:
     isa_cap: Optional[str] = None
     vex_vnni_built: bool = False
     amx_permission: Optional[str] = None
+    cpu_tuning: Optional[str] = None
+    cpu_intel: bool = False
 
     def _override_text(self) -> str:
         env = self.isa_override
@@ -79,6 +86,8 @@ class BackendInfo:
             f"CPU ISA in use           : {self.cpu_isa} (detected {self.cpu_isa_detected}; "
             f"{self._override_text()})",
             f"int8 GEMM kernel         : {self.int8_kernel or 'reference (PyTorch)'}",
+            *([f"CPU tuning               : {self.cpu_tuning} (vendor {'Intel' if self.cpu_intel else 'not Intel'}; "
+               f"PYACCEL_CPU_TUNING={os.environ.get('PYACCEL_CPU_TUNING') or 'unset'})"] if self.cpu_tuning else []),
             *(f"{(op + ' kernel'):<25}: {name}" for op, name in self.kernels.items() if op != "int8"),
             f"CPU features             : {feats}",
             f"threads                  : {self.threads}",
@@ -113,7 +122,8 @@ def backend_info() -> BackendInfo:
     if C is not None:
         info = C.cpu_info()
         # CPU (and OS) flags only: *_built say how the library was built, not what the CPU has
-        feats = {k: v for k, v in info.items() if isinstance(v, bool) and not k.endswith("_built")}
+        feats = {k: v for k, v in info.items()
+                 if isinstance(v, bool) and not k.endswith("_built") and k != "intel"}
         isa, detected, kernel = info["selected_isa"], info["detected_isa"], C.int8_kernel_name()
         cap = info["isa_cap"]  # avx512_amx, the top level, when no cap is set
         kernels = {op: p["name"] for op, p in C.kernel_params().items()}
@@ -132,6 +142,8 @@ def backend_info() -> BackendInfo:
         isa_cap=cap,
         vex_vnni_built=bool(C is not None and info.get("avx_vnni_vex_built")),
         amx_permission=info.get("amx_permission") if C is not None else None,
+        cpu_tuning=info.get("tuning") if C is not None else None,
+        cpu_intel=bool(C is not None and info.get("intel")),
         threads=torch.get_num_threads(),
         triton_version=_triton_version(),
         cuda_device=cuda,

@@ -38,6 +38,16 @@ def isa(request):
         yield name
 
 
+@pytest.fixture(params=_native.TUNINGS)
+def tuning(request):
+    """Runs the test once per core family's kernel variants (both run on any CPU)."""
+    if not _native.available():
+        pytest.skip(f"native library not loaded: {_native.load_error()}")
+    with _native.cpu_tuning(request.param) as used:
+        assert used == request.param
+        yield used
+
+
 @pytest.fixture
 def gen():
     """A seeded generator, different per test (fresh random data, reproducible)."""

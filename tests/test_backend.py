@@ -148,3 +148,24 @@ def test_amx_permission_is_asked_only_where_the_level_may_run(tmp_path):
     assert _run(code, tmp_path, PYACCEL_CPU_ISA="avx512_icl") == "avx512_icl not asked"
     # (an OS without the request, e.g. Linux < 5.16, refuses: the level then falls back)
     assert _run(code, tmp_path, PYACCEL_CPU_ISA="avx512_amx") in ("avx512_amx granted", "avx512_icl refused")
+
+
+@pytest.mark.parametrize("env,expected", [("amd", "amd"), ("INTEL", "intel"), ("zen9", None)])
+def test_cpu_tuning_env_override(tmp_path, env, expected):
+    """PYACCEL_CPU_TUNING picks the core family's kernel variants (an unknown
+    value warns and leaves the vendor's); the AVX2 2:4 column kernel follows it."""
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "import pyaccel; from pyaccel import _native\n"
+            "i = pyaccel.backend_info(); print(i.cpu_tuning, i.cpu_intel)\n"
+            "print(_native.lib().kernel_params()['sparse24']['cols_name'])")
+    e = dict(os.environ, PYACCEL_CPU_TUNING=env, PYACCEL_CPU_ISA="avx2")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (tuning, intel), cols = r.stdout.split("\n")[0].split(), r.stdout.split("\n")[1]
+    vendor = "intel" if intel == "True" else "amd"
+    assert tuning == (expected or vendor)
+    assert intel == str(_native.lib().cpu_info()["intel"])
+    if expected is None:
+        assert "PYACCEL_CPU_TUNING='zen9' is not one of" in r.stderr
+    if _native.isa_supported("avx2"):
+        assert cols == {"intel": "s24_gemm_cols_2x48_avx2", "amd": "s24_gemm_cols_4x16_avx2"}[tuning]

@@ -43,6 +43,8 @@ bool request_amx_permission() {
 CpuFeatures detect() {
   CpuFeatures f;
   unsigned a, b, c, d;
+  if (__get_cpuid(0, &a, &b, &c, &d))  // vendor string in EBX, EDX, ECX: "Genu" "ineI" "ntel"
+    f.intel = b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   const bool osxsave = (c >> 27) & 1;
   bool os_amx = false;
@@ -92,7 +94,47 @@ void init_cap_from_env() {
   });
 }
 
+std::atomic<int> g_tuning{-1};  // -1: the vendor's (after PYACCEL_CPU_TUNING); else a Tuning value
+std::once_flag g_tuning_env_once;
+
+bool parse_tuning(std::string name, int* out) {
+  for (char& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  if (name == "intel") *out = static_cast<int>(Tuning::kIntel);
+  else if (name == "amd") *out = static_cast<int>(Tuning::kAmd);
+  else if (name.empty()) *out = -1;
+  else return false;
+  return true;
+}
+
+void init_tuning_from_env() {
+  std::call_once(g_tuning_env_once, [] {
+    int t = -1;
+    if (const char* env = std::getenv("PYACCEL_CPU_TUNING")) {
+      if (!parse_tuning(env, &t)) t = -1;  // unknown names: ignored (Python warns)
+    }
+    g_tuning.store(t);
+  });
+}
+
 }  // namespace
+
+Tuning cpu_tuning() {
+  init_tuning_from_env();
+  const int t = g_tuning.load();
+  if (t >= 0) return static_cast<Tuning>(t);
+  return cpu_features().intel ? Tuning::kIntel : Tuning::kAmd;
+}
+
+bool set_cpu_tuning(const std::string& name) {
+  init_tuning_from_env();
+  int t;
+  if (!parse_tuning(name, &t)) return false;
+  g_tuning.store(t);
+  g_generation.fetch_add(1);
+  return true;
+}
+
+const char* tuning_name(Tuning t) { return t == Tuning::kIntel ? "intel" : "amd"; }
 
 const CpuFeatures& cpu_features() {
   static const CpuFeatures f = detect();

@@ -34,6 +34,7 @@ struct CpuFeatures {
        avxvnni = false,  // AVX-VNNI: CPUID.(7,1):EAX[4], VEX-encoded vpdpbusd on xmm/ymm
        amx_int8 = false;  // AMX-TILE + AMX-INT8 (CPUID.(7,0):EDX[24, 25]), XCR0 tile state (bits 17, 18)
                           // and the AMX build; the process's permission is asked for separately (isa_usable)
+  bool intel = false;     // CPUID vendor "GenuineIntel"
 };
 
 // What CPUID (and XGETBV: the OS must save the registers) reports. Cached.
@@ -65,8 +66,21 @@ Isa isa_cap();
 // name: "avx512_amx" | "avx512_icl" | "avx512_vnni" | "avx512" | "avx_vnni" | "avx2" | "portable" | "" (no cap).
 // Returns false (and changes nothing) for an unknown name.
 bool set_isa_cap(const std::string& name);
-// Bumped whenever the cap changes, so dispatch tables know to re-select.
+// Bumped whenever the cap or the tuning changes, so dispatch tables know to re-select.
 int isa_generation();
+
+// Which core family's variant to take where an op has two kernels of one ISA
+// level, tuned for different port layouts. kIntel: Intel cores (Golden Cove
+// and the like), where vector shuffles and scalar ALU ops issue on the same
+// ports as the FMAs; kAmd: Zen 3 / Zen 4, whose FP pipes are apart from the
+// integer ALUs. Starts from the CPU's vendor (kAmd for any non-Intel CPU),
+// overridden by PYACCEL_CPU_TUNING=intel|amd or set_cpu_tuning().
+enum class Tuning : int { kAmd = 0, kIntel = 1 };
+Tuning cpu_tuning();
+// "intel" | "amd" | "" (back to the vendor's). Returns false (and changes
+// nothing) for an unknown name.
+bool set_cpu_tuning(const std::string& name);
+const char* tuning_name(Tuning t);
 
 // The AMX kernels exist only where the compiler knows AMX (PYACCEL_AMX_BUILT,
 // set by CMake); without them the level is never detected.

@@ -15,19 +15,27 @@ namespace pyaccel {
 namespace sparse24 {
 namespace {
 
-// AVX2 column kernel: k-blocks of <= 64 groups (16 KiB of a slab's lines, in
-// L1 while the tiles of a pass reuse them). Zen 4 capped at AVX2, 2 threads,
-// interleaved: 1.15 - 1.24x over whole K (<= 512 groups) or blocks of 128 at
-// M = 32 and 128 on 1536x384, 384x1536 and 1024x4096; 96-group blocks ran
-// like whole K.
+// AVX2 column kernels: k-blocks of <= 64 groups for the 4 x 16 tile (16 KiB of
+// a slab's lines, in L1 while the tiles of a pass reuse them; Zen 4 capped at
+// AVX2, 2 threads, interleaved: 1.15 - 1.24x over whole K (<= 512 groups) or
+// blocks of 128 at M = 32 and 128 on 1536x384, 384x1536 and 1024x4096;
+// 96-group blocks ran like whole K), <= 32 for the 2 x 48 tile (its 3 slabs'
+// lines: 24 KiB; on a Golden Cove core 1.1 - 1.2x over 64 at 128 rows).
 constexpr int kAvx2ColsKcGroups = 64;
+constexpr int kAvx2Cols2x48KcGroups = 32;
+constexpr int kIntel = static_cast<int>(Tuning::kIntel), kAmd = static_cast<int>(Tuning::kAmd);
 
 const Kernel kLadder[] = {
     {Isa::kAvx512, "s24_gemm_4x32_avx512", 4, s24_gemm_4x32_avx512, s24_gemm_cols_avx512, s24_pack_xt_avx512,
      cols_part_avx512, 8, 16, "s24_gemm_cols_avx512"},
-    // AVX2 from 32 rows: at 16 rows it measured 0.86 - 1.04x the row kernel (Zen 4, ymm)
-    {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2, s24_gemm_cols_avx2, s24_pack_xt_avx2, cols_part_avx2, 4,
-     32, "s24_gemm_cols_avx2", kAvx2RowPathRows, kAvx2ColsKcGroups},
+    // AVX2, Intel cores: the 2 x 48 column tile from 24 rows: at 16 rows it measured
+    // 0.94 - 1.06x the row kernel, at 24 1.01 - 1.23x (Golden Cove capped at AVX2, 2 threads)
+    {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2, s24_gemm_cols_2x48_avx2, s24_pack_xt_avx2,
+     cols_part_avx2, 4, 24, "s24_gemm_cols_2x48_avx2", kAvx2RowPathRows, kAvx2Cols2x48KcGroups, kIntel},
+    // AVX2, other cores: the 4 x 16 column tile from 32 rows: at 16 rows it
+    // measured 0.86 - 1.04x the row kernel (Zen 4, ymm)
+    {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2, s24_gemm_cols_4x16_avx2, s24_pack_xt_avx2,
+     cols_part_avx2, 4, 32, "s24_gemm_cols_4x16_avx2", kAvx2RowPathRows, kAvx2ColsKcGroups, kAmd},
     {Isa::kPortable, "s24_gemm_1x16_scalar", 1, s24_gemm_1x16_scalar, nullptr, nullptr, nullptr, 0, 0, nullptr},
 };
 
@@ -94,7 +102,8 @@ constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
 }  // namespace
 
 const Kernel& select_kernel() {
-  return g_choice.get(kLadder, [](const Kernel& k) { return k.isa; });
+  return g_choice.get(kLadder, [](const Kernel& k) { return k.isa; },
+                      [](const Kernel& k) { return k.tuning < 0 || k.tuning == static_cast<int>(cpu_tuning()); });
 }
 
 void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const uint8_t* packed,

@@ -91,7 +91,8 @@ using ColsPartFn = int64_t (*)(int64_t m, int64_t tiles);
 // slabs [s0, s1) of xt from x ([m, k] fp32 or bf16, row stride ldx)
 using PackXtFn = void (*)(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t kp,
                           float* xt, int64_t s0, int64_t s1);  // slab s at xt + s * slab_floats(kp)
-// AVX-512: row tiles of up to 3 slabs x 8 channels; AVX2: 1 slab x 4 channels
+// AVX-512: row tiles of up to 3 slabs x 8 channels; AVX2: 1 slab x 4 channels (the 2 x 48 tile
+// needs no more: 2 channels x rows padded to 8)
 inline int64_t cols_part_avx512(int64_t m, int64_t tiles) { return ((m + 15) / 16 + 2) / 3 * tiles * 8 * 3 * 16; }
 inline int64_t cols_part_avx2(int64_t m, int64_t tiles) { return (m + 15) / 16 * tiles * 4 * 16; }
 
@@ -110,6 +111,9 @@ struct Kernel {
   // the column kernel's k-blocks: at most this many groups (0: kColsWholeKGroups whole,
   // else blocks of about kColsKBlockGroups; see cols_kc_groups)
   int cols_kc_max = 0;
+  // -1: any core; else the core family (a Tuning value) this entry is tuned for:
+  // an entry of another family is skipped (see cpu_tuning())
+  int tuning = -1;
 };
 
 // The AVX2 row kernel's row path (whole 16-channel panel per row) serves
@@ -129,7 +133,8 @@ void s24_gemm_4x8_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void s24_gemm_4x32_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void s24_gemm_cols_avx512(const ColsArgs&, int64_t, int64_t, float*);
 void s24_pack_xt_avx512(const void*, int64_t, bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
-void s24_gemm_cols_avx2(const ColsArgs&, int64_t, int64_t, float*);
+void s24_gemm_cols_4x16_avx2(const ColsArgs&, int64_t, int64_t, float*);
+void s24_gemm_cols_2x48_avx2(const ColsArgs&, int64_t, int64_t, float*);
 void s24_pack_xt_avx2(const void*, int64_t, bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
 
 }  // namespace sparse24

@@ -124,12 +124,15 @@ def test_bf16_strided_batched_and_empty(isa, gen, dtype):
 
 
 # the column kernel: slab counts 1 - 10, a partial last slab, row tiles of
-# 1 / 2 / 3 slabs, channels not a multiple of 8 (a tile past n), K past one
-# k-block (partial sums between blocks, an uneven last block: AVX2 blocks K at 64
-# groups, so k = 333 runs 44 + 40 there; AVX-512 at 128 from 512, k = 2100)
-@pytest.mark.parametrize("m", [16, 23, 32, 47, 48, 64, 100, 145])
+# 1 / 2 / 3 slabs (AVX2 on Intel: 3 - 6 half slabs, 56 rows -> 4, 3 and
+# 145 rows = 19 halves -> 5, 5, 5, 4), channels not a multiple of 8 (a tile past n; odd n: a 2-channel
+# tile with one channel), K past one k-block (partial sums between blocks, an
+# uneven last block: AVX2 blocks K at 64 groups (32 on Intel), so k = 333 runs
+# 44 + 40 there (28 + 28 + 28 there); AVX-512 at 128 from 512, k = 2100); both
+# core families' variants (tuning)
+@pytest.mark.parametrize("m", [16, 23, 24, 32, 40, 47, 48, 56, 64, 100, 145])
 @pytest.mark.parametrize("n,k", [(8, 16), (9, 100), (44, 333), (24, 2100)])
-def test_many_rows_column_kernel(isa, gen, m, n, k):
+def test_many_rows_column_kernel(isa, tuning, gen, m, n, k):
     w = _sparse_weight(n, k, gen)
     vals, meta = _canon(w)
     b = torch.randn(n, generator=gen)
@@ -147,7 +150,21 @@ def test_many_rows_column_kernel(isa, gen, m, n, k):
     assert ((yb.float() - ref).abs() <= tol).all()
 
 
-def test_column_kernel_in_several_passes(isa, gen):
+def test_avx2_column_kernel_follows_the_tuning():
+    """At the avx2 level the column kernel is the 2 x 48 tile for Intel cores and
+    the 4 x 16 tile for AMD ones, whatever the CPU; the choice follows changes."""
+    if not _native.isa_supported("avx2"):
+        pytest.skip("this CPU lacks avx2")
+    with _native.isa_cap("avx2"):
+        for tuning, name in (("intel", "s24_gemm_cols_2x48_avx2"), ("amd", "s24_gemm_cols_4x16_avx2"),
+                             ("intel", "s24_gemm_cols_2x48_avx2")):
+            with _native.cpu_tuning(tuning):
+                assert _native.lib().kernel_params()["sparse24"]["cols_name"] == name
+    with pytest.raises(ValueError, match="tuning"):
+        _native.set_cpu_tuning("zen")
+
+
+def test_column_kernel_in_several_passes(isa, tuning, gen):
     """Batches past ~8 MiB of x run the column kernel in balanced passes of rows
     (here K = 4100: passes of <= 496 rows -> 336 + 336 + 328)."""
     n, k, m = 20, 4100, 1000
@@ -161,15 +178,16 @@ def test_column_kernel_in_several_passes(isa, gen):
 
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(0, 70), n=st.integers(1, 80), k=st.integers(1, 300),
-       isa_name=st.sampled_from(_native.ISA_LADDER), seed=st.integers(0, 2**31 - 1))
-def test_property_random_shapes(m, n, k, isa_name, seed):
+       isa_name=st.sampled_from(_native.ISA_LADDER), tuning=st.sampled_from(_native.TUNINGS),
+       seed=st.integers(0, 2**31 - 1))
+def test_property_random_shapes(m, n, k, isa_name, tuning, seed):
     if not _native.isa_supported(isa_name):
         isa_name = "portable"
     g = torch.Generator().manual_seed(seed)
     w = _sparse_weight(n, k, g, zero_groups=bool(seed % 2))
     vals, meta = _canon(w)
     x = torch.randn(m, k, generator=g)
-    with _native.isa_cap(isa_name):
+    with _native.isa_cap(isa_name), _native.cpu_tuning(tuning):
         y = torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, None, None)
     assert_close_k(y, x, w)
 
