@@ -201,6 +201,11 @@ py::dict kernel_params() {
   const sparse24_int8::Kernel& kq = sparse24_int8::select_kernel();
   e = tile_params(kq.name, kq.mr, sparse24_int8::kPanel, sparse24_int8::kQuadInputs, kq.row_path_rows);
   e["dense_from_rows"] = kq.dense_from_rows;  // the modules switch to dense int8 from here (0: never)
+  // ... and back to the 2:4 kernel from here (0: never), on layers of >= big_layer_weights weights / smaller ones
+  e["sparse_from_rows_big"] = kq.sparse_from_rows_big;
+  e["sparse_from_rows_small"] = kq.sparse_from_rows_small;
+  e["dense_from_rows_small"] = kq.dense_from_rows_small > 0 ? kq.dense_from_rows_small : kq.dense_from_rows;
+  e["big_layer_weights"] = sparse24_int8::kBigLayerWeights;
   d["sparse24_int8"] = e;
   const block_sparse::Kernel& kb = block_sparse::select_kernel();
   e = tile_params(kb.name, kb.mr, block_sparse::kChannelPad, 1, 0);  // nr: block rows are padded to it
@@ -372,9 +377,8 @@ class LinearPlan {
   // The eager fast path, what PackedModule._run_plan does in Python, ~0.8 µs
   // cheaper per call (1.9 vs 2.7 µs with a 32x32 layer's kernel): y = layer(x) into a fresh tensor for a plain CPU
   // fp32/bf16 torch.Tensor of rows -- 2-D with unit stride along k, or
-  // contiguous N-D with N > 2 -- of fewer than row_limit() rows (a 2:4 int8
-  // plan with a dense plan attached runs the rows from there on with that
-  // one); None for anything else (the caller then takes its general path).
+  // contiguous N-D with N > 2 -- unless switches(m) (a 2:4 int8 plan with a
+  // dense plan attached runs the rows where dense wins with that one); None for anything else (the caller then takes its general path).
   // Declines (None) too when x requires grad (the module's autograd op runs
   // instead), under torch.jit.trace (which records only torch ops), and when
   // the plan is stale.
@@ -411,10 +415,12 @@ class LinearPlan {
     }
     const LinearPlan* target = this;
     py::object hold;  // keeps the dense plan alive while it runs without the GIL
-    if (m >= row_limit()) {
-      // a 2:4 int8 plan past the kernel's switch point runs the dense int8
-      // plan the module attached (dense), when it has one and it is current
-      if (!dense_ || m >= dense_->max_rows || dense_->stale()) return py::none();
+    if (switches(m)) {
+      // a 2:4 int8 plan where its kernel says dense int8 wins runs the dense
+      // int8 plan the module attached (dense), when it has one. No staleness
+      // check of its own: it was packed from this plan's buffers, and this
+      // plan is current (checked above); its packing belongs to the module.
+      if (!dense_ || m >= dense_->max_rows) return py::none();
       target = dense_;
       hold = dense_obj_;
     }
@@ -448,7 +454,7 @@ class LinearPlan {
   // the plan was made.
   bool stale() const { return watch_.stale(); }
 
-  // The dense int8 plan a 2:4 int8 plan's forward runs from row_limit() rows
+  // The dense int8 plan a 2:4 int8 plan's forward runs where switches(m)
   // (None: forward declines those rows and the module switches in Python).
   // It must be the same layer's: an 'int8' plan of the same n and k over the
   // same weight scales and bias.
@@ -473,15 +479,14 @@ class LinearPlan {
 
   // forward() declines calls of this many rows or more (a module whose
   // kernel loses to another there switches in Python; a 2:4 int8 plan with a
-  // dense plan switches itself, see row_limit() and dense())
+  // dense plan switches itself, see switches() and dense())
   int64_t max_rows = INT64_MAX;
-  // max_rows, or for a 2:4 int8 plan the row count from which the kernel
-  // selected now says dense int8 beats it (read per call: the ISA cap may
-  // have changed since the plan was made)
-  int64_t row_limit() const {
-    if (kind_ != Kind::kSparse24Int8) return max_rows;
-    const int rows = sparse24_int8::select_kernel().dense_from_rows;
-    return rows > 0 ? std::min<int64_t>(rows, max_rows) : max_rows;
+  // True when forward does not run m rows itself: m >= max_rows, or for a 2:4
+  // int8 plan where the kernel selected now says dense int8 wins (read per
+  // call: the ISA cap may have changed since the plan was made)
+  bool switches(int64_t m) const {
+    if (m >= max_rows) return true;
+    return kind_ == Kind::kSparse24Int8 && sparse24_int8::dense_wins(m, n_, k_);
   }
 
   void run(uintptr_t x, int64_t ldx, bool bf16, int64_t m, uintptr_t y, int nthreads) const {
@@ -761,6 +766,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("s24_packed_nbytes", &sparse24::packed_nbytes, py::arg("n"), py::arg("k"));
   def_pack24(m, "s24_pack", &sparse24::packed_nbytes, &sparse24::pack, "out: wrong size for the packed 2:4 weight");
   m.def("s24i8_kernel_name", [] { return std::string(sparse24_int8::select_kernel().name); });
+  m.def("s24i8_dense_wins", &sparse24_int8::dense_wins, py::arg("m"), py::arg("n"), py::arg("k"),
+        "True when the selected 2:4 int8 kernel says dense int8 is faster at m rows of an n x k layer");
   m.def("s24i8_dense_from_rows", [] { return sparse24_int8::select_kernel().dense_from_rows; },
         "rows from which the dense int8 kernel beats the selected 2:4 int8 kernel (0: never)");
   m.def("s24i8_packed_nbytes", &sparse24_int8::packed_nbytes, py::arg("n"), py::arg("k"));

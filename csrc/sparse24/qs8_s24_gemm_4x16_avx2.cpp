@@ -24,16 +24,6 @@ namespace pyaccel {
 namespace sparse24_int8 {
 namespace {
 
-// 8 channels' position dwords (pos_dw >> 8 j holds pair j's byte in bits 0-7)
-// -> 8 vpshufb control dwords [i0, i1, 4 + j0, 4 + j1].
-inline __m256i control8(__m256i t) {
-  __m256i c = _mm256_and_si256(t, _mm256_set1_epi32(3));
-  c = _mm256_or_si256(c, _mm256_and_si256(_mm256_slli_epi32(t, 6), _mm256_set1_epi32(0x300)));
-  c = _mm256_or_si256(c, _mm256_and_si256(_mm256_slli_epi32(t, 12), _mm256_set1_epi32(0x30000)));
-  c = _mm256_or_si256(c, _mm256_and_si256(_mm256_slli_epi32(t, 18), _mm256_set1_epi32(0x3000000)));
-  return _mm256_or_si256(c, _mm256_set1_epi32(0x04040000));
-}
-
 // int8_gemm's AVX2 epilogue (split_scale's products, bias, fp32 or bf16 out)
 inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t n0) {
   int8_gemm::avx2_tile::store8(epilogue_args(g), acc, sa, m, n0);
@@ -42,6 +32,7 @@ inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t 
 // The multiply of 8 channels x 4 gathered activations x (int8 activations,
 // sign trick)
 struct SignMul {
+  static constexpr int kOctetRows = 0;  // the 4 x 16 tile
   static void madd(__m256i& c, __m256i x, __m256i w, __m256i ones) {
     c = _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x)), ones));
   }
@@ -50,23 +41,40 @@ struct SignMul {
 // (u8 activations q ^ 0x80, vpdpbusd; Vex: the AVX-VNNI encoding, else EVEX)
 template <bool Vex>
 struct VnniMul {
+  static constexpr int kOctetRows = 12;  // the 12 x 8 tile
   static void madd(__m256i& c, __m256i x, __m256i w, __m256i) { dpbusd_ymm<Vex>(c, x, w); }
   static __m256i finish(const GemmArgs& g, __m256i acc, int64_t n0) {
     return _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.comp + n0)));
   }
 };
 
-// The panel's vpshufb control dwords (control8 of each pair's position
-// bytes), ctrl[(4 qb + j) * 4 + v] for channels 8v .. 8v + 8: decoded once a
-// call and panel, then read by every row tile (decoding in the tile cost two
-// control8 a pair and half-panel per 4 rows).
+// The panel's vpshufb control dwords, the gather indices [i0, i1, 4 + j0,
+// 4 + j1] of each pair's position byte: ctrl[(4 qb + j) * 4 + v] for channels
+// 8v .. 8v + 8, decoded once a call and panel, then read by every row tile.
+// 6 ops per pair and 8 channels: vpshufb copies pair j's byte b into bytes
+// 0 - 1 of each dword and b >> 4 (from a copy of the positions shifted once a
+// quad) into bytes 2 - 3; one AND leaves [i0, 4 * i1, j0, 4 * j1], one
+// vpmaddubsw with [1, 64] per word makes them [i0, i1, j0, j1], one OR adds
+// the second group's 4. (Shifting and masking each field took 12.)
 void panel_controls(const GemmArgs& g, int64_t p, __m256i* ctrl) {
   const uint8_t* b = g.w + p * g.quads * kQuadBytes;
+  const __m256i fields = _mm256_set1_epi32(0x0C030C03), scale = _mm256_set1_epi16(0x4001);
+  const __m256i plus4 = _mm256_set1_epi32(0x04040000);
   for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes) {
-    __m256i pos[4];
-    for (int v = 0; v < 4; ++v) pos[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQuadPosOffset + 32 * v));
-    for (int j = 0; j < kQuadPairs; ++j)
-      for (int v = 0; v < 4; ++v) ctrl[(4 * qb + j) * 4 + v] = control8(_mm256_srli_epi32(pos[v], 8 * j));
+    for (int v = 0; v < 4; ++v) {
+      const __m256i pos = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQuadPosOffset + 32 * v));
+      const __m256i hi = _mm256_srli_epi16(pos, 4);  // byte j's low nibble: b >> 4 (high nibble: junk)
+#pragma GCC unroll 4
+      for (int j = 0; j < kQuadPairs; ++j) {
+        // byte j of each dword into bytes 0, 1 (from pos) and 2, 3 (from hi)
+        const __m256i pick = _mm256_add_epi8(_mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
+                                                              0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12),
+                                             _mm256_set1_epi8(static_cast<char>(j)));
+        const __m256i t = _mm256_blend_epi16(_mm256_shuffle_epi8(pos, pick), _mm256_shuffle_epi8(hi, pick), 0xAA);
+        ctrl[(4 * qb + j) * 4 + v] =
+            _mm256_or_si256(_mm256_maddubs_epi16(_mm256_and_si256(t, fields), scale), plus4);
+      }
+    }
   }
 }
 
@@ -101,9 +109,51 @@ inline void tile(const GemmArgs& g, const __m256i* ctrl, int64_t m, int64_t p, i
   }
 }
 
+// ---- AVX-VNNI: 12 rows x 8 channels ------------------------------------------
+// Per pair of groups one control and one value register serve 12 rows: per
+// row a broadcast load, one vpshufb and one vpdpbusd. 12 accumulators (ymm
+// vpdpbusd has a latency of 5 at 2 a cycle on Golden Cove: 10 chains keep it
+// busy), named variables (GCC keeps an array of them on the stack).
+#define S24V_ALL(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7) OP(8) OP(9) OP(10) OP(11)
+#define S24V_DECL(r) __m256i c##r = _mm256_setzero_si256();
+#define S24V_ROW(r)                                                                          \
+  if (MR > r) {                                                                              \
+    const __m256i ab = _mm256_set1_epi64x(load_u64(a0 + (r) * g.lda + kQuadInputs * qb + 8 * j)); \
+    Mul::madd(c##r, _mm256_shuffle_epi8(ab, k), v, ones);                                    \
+  }
+#define S24V_STORE(r) \
+  if (MR > r) store8(g, Mul::finish(g, c##r, n0), g.a_scale[m + r], m + r, n0);
+
+inline int64_t load_u64(const uint8_t* p) {
+  int64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+// MR rows (<= 12) x channels 8 * oct .. 8 * oct + 8 of panel p
+template <class Mul, int MR>
+inline void tile_octet(const GemmArgs& g, const __m256i* ctrl, int64_t m, int64_t p, int oct) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  S24V_ALL(S24V_DECL)
+  const uint8_t* a0 = g.a + m * g.lda;
+  const uint8_t* b = g.w + p * g.quads * kQuadBytes + kQuadValOffset + 32 * oct;
+  const __m256i* cq = ctrl + oct;
+  for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes, cq += 4 * kQuadPairs) {
+#pragma GCC unroll 4
+    for (int j = 0; j < kQuadPairs; ++j) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j * kPairBytes));
+      const __m256i k = _mm256_load_si256(cq + 4 * j);
+      S24V_ALL(S24V_ROW)
+    }
+  }
+  const int64_t n0 = p * kPanel + 8 * oct;
+  S24V_ALL(S24V_STORE)
+}
+
 // ---- one row (M = 1) -----------------------------------------------------------
-// At one row control8 is most of the work (24 of 37 ops per 16 channels and
-// pair of groups); the path below needs 24 in all. Measured on Zen 4 capped at AVX2,
+// At one row the control decoding is most of the work (24 of 37 ops per 16
+// channels and pair of groups with the 12-op decoding panel_controls had
+// before); the path below needs 24 in all. Measured on Zen 4 capped at AVX2,
 // interleaved with the 4-row tile at M = 1: 1.0 - 1.35x (hot and streamed,
 // the four issue-3 shapes). It decodes a control in 4 ops: pshufb copies pair j's
 // byte b into all four bytes of the channel's dword, one AND keeps b's two
@@ -186,8 +236,14 @@ inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t 
   __m256i* ctrl = &t_ctrl.data()->v;
   for (int64_t p = p0; p < p1; ++p) {
     panel_controls(g, p, ctrl);
-    for (int half = 0; half < 2 && p * kPanel + 16 * half < g.n; ++half)
-      int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<Mul, h()>(g, ctrl, m, p, half); });
+    if (Mul::kOctetRows > 0 && m1 - m0 >= Mul::kOctetRows) {
+      for (int oct = 0; oct < 4 && p * kPanel + 8 * oct < g.n; ++oct)
+        int8_gemm::for_each_row_tile<Mul::kOctetRows>(
+            m0, m1, [&](int64_t m, auto h) { tile_octet<Mul, h()>(g, ctrl, m, p, oct); });
+    } else {
+      for (int half = 0; half < 2 && p * kPanel + 16 * half < g.n; ++half)
+        int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<Mul, h()>(g, ctrl, m, p, half); });
+    }
   }
 }
 

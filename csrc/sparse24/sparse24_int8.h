@@ -86,8 +86,18 @@ struct Kernel {
   // (0: never); measured, see README.md. The modules switch there.
   int dense_from_rows;
   int row_path_rows = 0;  // calls of up to this many rows take the kernel's one-row path (0: none)
+  // ... until this many rows, from which this kernel wins again (0: never):
+  // on layers of at least kBigLayerWeights weights, and on smaller ones
+  int sparse_from_rows_big = 0, sparse_from_rows_small = 0;
+  // on layers of fewer than kBigLayerWeights weights dense int8 wins from this
+  // many rows instead of dense_from_rows (0: the same)
+  int dense_from_rows_small = 0;
 };
+constexpr int64_t kBigLayerWeights = int64_t(1) << 22;
 const Kernel& select_kernel();
+// True when the selected kernel says dense int8 beats it at m rows of an
+// n x k layer (the modules run their dense int8 plan then).
+bool dense_wins(int64_t m, int64_t n, int64_t k);
 
 void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const uint8_t* packed,
             const float* w_scale, const float* bias, void* y, int64_t ldy, bool y_bf16, int nthreads);

@@ -184,8 +184,13 @@ class PackedModule(nn.Module):
         return plan
 
     # From this many rows on, _run_plan calls _switch_plan() instead (a subclass
-    # whose kernel loses to another at many rows sets both).
+    # whose kernel loses to another at many rows sets both, or overrides
+    # _switches for a window of row counts).
     _switch_rows = 1 << 62
+
+    def _switches(self, m: int) -> bool:
+        """True when _run_plan runs m rows with _switch_plan()."""
+        return m >= self._switch_rows
 
     def _switch_plan(self):  # pragma: no cover - only with _switch_rows set
         raise NotImplementedError
@@ -196,7 +201,7 @@ class PackedModule(nn.Module):
         N-D -- into a fresh y of x's dtype; None when x needs the general path.
         The native LinearPlan.forward does the same at ~1.9 instead of ~2.7 µs
         (a 32x32 layer) and runs first; this one serves the rows it declines
-        for the plan switch (_switch_rows: until a 2:4 int8 module attaches
+        for the plan switch (_switches: until a 2:4 int8 module attaches
         its dense plan to the native one, which then switches itself).
         Callers have checked that x is a plain tensor that needs no autograd
         or tracing and that the plan is not stale."""
@@ -220,7 +225,7 @@ class PackedModule(nn.Module):
             return None
         if not y.is_cpu:  # a default-device context (torch.device("meta"), ...)
             return None
-        if m >= self._switch_rows:
+        if self._switches(m):
             plan = self._switch_plan()
         plan(x.data_ptr(), ldx, dt is _BF16, m, y.data_ptr(), _get_num_threads())
         return y
@@ -241,7 +246,7 @@ class PackedModule(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         plan = self._plan
         if plan is not None and not _is_compiling():
-            y = plan.forward(x)  # native: 2-D and contiguous N-D rows (below _switch_rows, or any with a dense plan)
+            y = plan.forward(x)  # native: 2-D and contiguous N-D rows (unless _switches(m), or any with a dense plan)
             if y is not None:
                 return y
         return self._general(x)

@@ -188,17 +188,16 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
             if self._plan is not None:  # the native plan reads the kernel's switch point per call itself
                 self._plan.max_rows = PackedLinear._switch_rows
 
-    @property
-    def _switch_rows(self) -> int:
-        """From how many rows the 2:4 int8 kernel selected now loses to the dense
-        int8 kernel (the AVX-512 VNNI one without VBMI: 8; the AVX-VNNI one: 2;
-        the ICL one against the AMX dense kernel: 9),
-        so the module switches to that one, on a dense packing built on first
-        use (about 1.6x the sparse weight memory). Read per call: the ISA cap
+    def _switches(self, m: int) -> bool:
+        """True where the 2:4 int8 kernel selected now loses to the dense int8
+        kernel at m rows of this layer (the AVX-512 VNNI one without VBMI: from
+        8 rows; the AVX-VNNI one: 2 - 23 rows on layers of >= 4 Mi weights,
+        1 - 63 on smaller ones; the ICL one against the AMX dense kernel: from
+        9), so the module runs that one, on a dense packing built on first use
+        (about 1.6x the sparse weight memory). Asked per call: the ISA cap
         (PYACCEL_CPU_ISA, pyaccel._native.isa_cap) may change after packing."""
         C = _native.lib()
-        rows = C.s24i8_dense_from_rows() if C is not None else 0
-        return rows if rows > 0 else PackedLinear._switch_rows
+        return C is not None and C.s24i8_dense_wins(m, self.out_features, self.in_features)
 
     def _switch_plan(self):
         """Native plan of the dense int8 kernel over a dense packing (built once)."""
@@ -225,9 +224,14 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
 
     def backend(self) -> str:
         name = self._backend_name(self.values.device, "s24i8_kernel_name")
-        rows = self._switch_rows
-        if name.startswith("cpu/") and name != "cpu/reference" and rows < PackedLinear._switch_rows:
-            name = f"{name[:-1]}; dense {_native.lib().int8_kernel_name()} from {rows} rows)"
+        if name.startswith("cpu/") and name != "cpu/reference":
+            p = _native.lib().kernel_params()["sparse24_int8"]
+            if p["dense_from_rows"] > 0:
+                big = self.out_features * self.in_features >= p["big_layer_weights"]
+                again = p["sparse_from_rows_big" if big else "sparse_from_rows_small"]
+                start = p["dense_from_rows" if big else "dense_from_rows_small"]
+                rows = f"{start} - {again - 1} rows" if again > 0 else f"{start} rows on"
+                name = f"{name[:-1]}; dense {_native.lib().int8_kernel_name()} at {rows})"
         return name
 
     def extra_repr(self) -> str:

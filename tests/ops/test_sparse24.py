@@ -262,7 +262,9 @@ def _int8_24(n, k, gen):
     return q.values, sw.values.to(torch.int8), sw.meta, q.scale
 
 
-@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 13, 40])
+# rows around the row path (1 - 2), the 4- and 6-row tiles and the AVX-VNNI
+# 12 x 8 tile (from 12 rows: 13 -> 7 + 6, 25 -> 9 + 8 + 8, 35 -> 12 + 12 + 11)
+@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 11, 12, 13, 25, 35, 40])
 @pytest.mark.parametrize("n,k", NK_GRID)
 def test_int8_kernel_exact(isa, gen, m, n, k):
     """Integer accumulators exact: outputs equal the dense int8 reference to an ulp."""
