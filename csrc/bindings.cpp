@@ -204,7 +204,6 @@ py::dict kernel_params() {
   // ... and back to the 2:4 kernel from here (0: never), on layers of >= big_layer_weights weights / smaller ones
   e["sparse_from_rows_big"] = kq.sparse_from_rows_big;
   e["sparse_from_rows_small"] = kq.sparse_from_rows_small;
-  e["dense_from_rows_small"] = kq.dense_from_rows_small > 0 ? kq.dense_from_rows_small : kq.dense_from_rows;
   e["big_layer_weights"] = sparse24_int8::kBigLayerWeights;
   d["sparse24_int8"] = e;
   const block_sparse::Kernel& kb = block_sparse::select_kernel();

@@ -262,8 +262,7 @@ def _grid(params) -> tuple:
     """Rows, (out, in) pairs crossing the selected kernel's tiles and switches."""
     mr, nr, kr = params["mr"], params["nr"], params["kr"]
     ms = {0, 1, 2, mr - 1, mr, mr + 1, 2 * mr + 1, 37}
-    for key in ("row_path_rows", "cols_from_rows", "dense_from_rows", "dense_from_rows_small",
-                "sparse_from_rows_small"):
+    for key in ("row_path_rows", "cols_from_rows", "dense_from_rows", "sparse_from_rows_small"):
         t = params.get(key, 0)
         if t > 0:
             ms |= {t - 1, t, t + 1}

@@ -172,7 +172,7 @@ def test_sparse_int8_switches_to_dense_where_the_kernel_says(isa, gen):
         assert mod._plan.dense is mod._dense[0]
         y_native = mod._plan.forward(x)
         assert y_native is not None and torch.equal(y_native, y_all)
-    y_rows = torch.cat([mod(x[i:i + 1]) for i in range(x.shape[0])])  # 1 row: the sparse kernel (avx_vnni: dense here)
+    y_rows = torch.cat([mod(x[i:i + 1]) for i in range(x.shape[0])])  # 1 row: always the sparse kernel
     assert torch.equal(y_all, y_rows)
     assert torch.equal(mod(x.view(1, -1, 72)).view(-1, 40), y_all)  # 3-D input, same fast path
     # the AVX-VNNI kernel wins again at many rows (24 on layers of >= 4 Mi weights, 64 below):
@@ -180,11 +180,9 @@ def test_sparse_int8_switches_to_dense_where_the_kernel_says(isa, gen):
     p = _native.lib().kernel_params()["sparse24_int8"]
     big, small = p["sparse_from_rows_big"], p["sparse_from_rows_small"]
     assert (big, small, p["big_layer_weights"]) == ((24, 64, 1 << 22) if isa == "avx_vnni" else (0, 0, 1 << 22))
-    rows_small = p["dense_from_rows_small"]
-    assert rows_small == (1 if isa == "avx_vnni" else rows)
     wins = _native.lib().s24i8_dense_wins
     for m in range(1, 70):
-        assert wins(m, 40, 72) == (0 < rows_small <= m and (small == 0 or m < small)), m
+        assert wins(m, 40, 72) == (0 < rows <= m and (small == 0 or m < small)), m
         assert wins(m, 2048, 2048) == (0 < rows <= m and (big == 0 or m < big)), m
     if small:
         x = torch.randn(small, 72, generator=gen)

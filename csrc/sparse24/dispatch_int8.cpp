@@ -27,8 +27,8 @@ const Entry kLadder[] = {
     {{Isa::kAvx512Vnni, "qs8_s24_gemm_6x32_avx512vnni", 6, 0x80, qs8_s24_gemm_6x32_avx512vnni, 8},
      int8_gemm::quantize_rows_avx512},
     // AVX-VNNI: dense int8 at 2 - 23 rows on layers of >= 4 Mi weights, at
-    // 1 - 63 rows on smaller ones (README.md)
-    {{Isa::kAvxVnni, "qs8_s24_gemm_4x16_avxvnni", 12, 0x80, qs8_s24_gemm_4x16_avxvnni, 2, 1, 24, 64, 1},
+    // 2 - 63 rows on smaller ones (README.md)
+    {{Isa::kAvxVnni, "qs8_s24_gemm_4x16_avxvnni", 12, 0x80, qs8_s24_gemm_4x16_avxvnni, 2, 1, 24, 64},
      int8_gemm::quantize_rows_avx2},
     {{Isa::kAvx2, "qs8_s24_gemm_4x16_avx2", 4, 0x00, qs8_s24_gemm_4x16_avx2, 0, 1}, int8_gemm::quantize_rows_avx2},
     {{Isa::kPortable, "qs8_s24_gemm_1x32_scalar", 1, 0x00, qs8_s24_gemm_1x32_scalar, 0},
@@ -49,11 +49,9 @@ const Kernel& select_kernel() { return select_entry().kernel; }
 
 bool dense_wins(int64_t m, int64_t n, int64_t k) {
   const Kernel& kern = select_kernel();
-  if (kern.dense_from_rows <= 0) return false;
-  const bool big = n * k >= kBigLayerWeights;
-  const int from = !big && kern.dense_from_rows_small > 0 ? kern.dense_from_rows_small : kern.dense_from_rows;
-  const int again = big ? kern.sparse_from_rows_big : kern.sparse_from_rows_small;
-  return m >= from && (again <= 0 || m < again);
+  if (kern.dense_from_rows <= 0 || m < kern.dense_from_rows) return false;
+  const int again = n * k >= kBigLayerWeights ? kern.sparse_from_rows_big : kern.sparse_from_rows_small;
+  return again <= 0 || m < again;
 }
 
 void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const uint8_t* packed,

@@ -89,9 +89,6 @@ struct Kernel {
   // ... until this many rows, from which this kernel wins again (0: never):
   // on layers of at least kBigLayerWeights weights, and on smaller ones
   int sparse_from_rows_big = 0, sparse_from_rows_small = 0;
-  // on layers of fewer than kBigLayerWeights weights dense int8 wins from this
-  // many rows instead of dense_from_rows (0: the same)
-  int dense_from_rows_small = 0;
 };
 constexpr int64_t kBigLayerWeights = int64_t(1) << 22;
 const Kernel& select_kernel();

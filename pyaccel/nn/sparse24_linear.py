@@ -192,7 +192,7 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
         """True where the 2:4 int8 kernel selected now loses to the dense int8
         kernel at m rows of this layer (the AVX-512 VNNI one without VBMI: from
         8 rows; the AVX-VNNI one: 2 - 23 rows on layers of >= 4 Mi weights,
-        1 - 63 on smaller ones; the ICL one against the AMX dense kernel: from
+        2 - 63 on smaller ones; the ICL one against the AMX dense kernel: from
         9), so the module runs that one, on a dense packing built on first use
         (about 1.6x the sparse weight memory). Asked per call: the ISA cap
         (PYACCEL_CPU_ISA, pyaccel._native.isa_cap) may change after packing."""
@@ -229,7 +229,7 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
             if p["dense_from_rows"] > 0:
                 big = self.out_features * self.in_features >= p["big_layer_weights"]
                 again = p["sparse_from_rows_big" if big else "sparse_from_rows_small"]
-                start = p["dense_from_rows" if big else "dense_from_rows_small"]
+                start = p["dense_from_rows"]
                 rows = f"{start} - {again - 1} rows" if again > 0 else f"{start} rows on"
                 name = f"{name[:-1]}; dense {_native.lib().int8_kernel_name()} at {rows})"
         return name
