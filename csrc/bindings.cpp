@@ -70,6 +70,7 @@ py::dict cpu_info() {
   d["omp_max_threads"] = max_threads();
   d["intel"] = f.intel;  // CPUID vendor GenuineIntel
   d["tuning"] = tuning_name(cpu_tuning());  // which core family's kernel variants run (set_cpu_tuning)
+  d["tuning_override"] = tuning_override();  // the explicit setting, "" for the vendor's
   return d;
 }
 
@@ -200,7 +201,7 @@ py::dict kernel_params() {
   d["sparse24"] = e;
   const sparse24_int8::Kernel& kq = sparse24_int8::select_kernel();
   e = tile_params(kq.name, kq.mr, sparse24_int8::kPanel, sparse24_int8::kQuadInputs, kq.row_path_rows);
-  e["dense_from_rows"] = kq.dense_from_rows;  // the modules switch to dense int8 from here (0: never)
+  e["dense_from_rows"] = kq.dense_from_rows;  // the modules switch to dense int8 from here (0: never) ...
   // ... and back to the 2:4 kernel from here (0: never), on layers of >= big_layer_weights weights / smaller ones
   e["sparse_from_rows_big"] = kq.sparse_from_rows_big;
   e["sparse_from_rows_small"] = kq.sparse_from_rows_small;
@@ -768,7 +769,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("s24i8_dense_wins", &sparse24_int8::dense_wins, py::arg("m"), py::arg("n"), py::arg("k"),
         "True when the selected 2:4 int8 kernel says dense int8 is faster at m rows of an n x k layer");
   m.def("s24i8_dense_from_rows", [] { return sparse24_int8::select_kernel().dense_from_rows; },
-        "rows from which the dense int8 kernel beats the selected 2:4 int8 kernel (0: never)");
+        "rows from which the dense int8 kernel beats the selected 2:4 int8 kernel (0: never), up to the "
+        "kernel_params()['sparse24_int8'] sparse_from_rows_* (see s24i8_dense_wins)");
   m.def("s24i8_packed_nbytes", &sparse24_int8::packed_nbytes, py::arg("n"), py::arg("k"));
   def_pack24(m, "s24i8_pack", &sparse24_int8::packed_nbytes, &sparse24_int8::pack,
              "out: wrong size for the packed 2:4 int8 weight");

@@ -108,8 +108,8 @@ def isa_cap(name: str) -> Iterator[str]:
 
 def set_cpu_tuning(name: str) -> None:
     """Take the kernel variants tuned for core family `name` ('intel' or 'amd';
-    '' goes back to the CPU vendor's). Mainly for tests and benchmarks: both
-    variants are correct on any CPU of their ISA level."""
+    '' goes back to the CPU vendor's). Process-wide (not per thread). Mainly for
+    tests and benchmarks: both variants are correct on any CPU of their ISA level."""
     if name and name.lower() not in TUNINGS:
         raise ValueError(f"tuning: expected one of {TUNINGS} or '', got {name!r}")
     if _C is None:
@@ -119,8 +119,10 @@ def set_cpu_tuning(name: str) -> None:
 
 @contextlib.contextmanager
 def cpu_tuning(name: str) -> Iterator[str]:
-    """Run a block with the kernel variants of core family `name`; yields it."""
-    prev = _C.cpu_info()["tuning"] if _C is not None else ""
+    """Run a block with the kernel variants of core family `name`; yields it.
+    Process-wide, like :func:`isa_cap`: other threads see the setting too.
+    Afterwards the previous setting (an explicit one, or the vendor's) applies."""
+    prev = _C.cpu_info()["tuning_override"] if _C is not None else ""
     set_cpu_tuning(name)
     try:
         yield _C.cpu_info()["tuning"]

@@ -169,3 +169,12 @@ def test_cpu_tuning_env_override(tmp_path, env, expected):
         assert "PYACCEL_CPU_TUNING='zen9' is not one of" in r.stderr
     if _native.isa_supported("avx2"):
         assert cols == {"intel": "s24_gemm_cols_2x48_avx2", "amd": "s24_gemm_cols_4x16_avx2"}[tuning]
+
+
+def test_cpu_tuning_block_restores_the_vendor_default():
+    """cpu_tuning() leaves no explicit setting behind where there was none."""
+    info = _native.lib().cpu_info
+    before = info()["tuning_override"]
+    with _native.cpu_tuning("amd"), _native.cpu_tuning("intel"):
+        assert info()["tuning"] == "intel" and info()["tuning_override"] == "intel"
+    assert info()["tuning_override"] == before

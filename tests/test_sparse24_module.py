@@ -185,9 +185,19 @@ def test_sparse_int8_switches_to_dense_where_the_kernel_says(isa, gen):
         assert wins(m, 40, 72) == (0 < rows <= m and (small == 0 or m < small)), m
         assert wins(m, 2048, 2048) == (0 < rows <= m and (big == 0 or m < big)), m
     if small:
-        x = torch.randn(small, 72, generator=gen)
-        y_many = mod._plan.forward(x)
-        assert y_many is not None and torch.equal(y_many, torch.cat([mod(x[i:i + 1]) for i in range(small)]))
+        # a sentinel dense plan (other weights, same scales and bias) shows which kernel ran
+        from pyaccel.formats.int8 import pack_int8_weight
+
+        other = pack_int8_weight(-mod.dense_int8_weight())
+        sentinel = mod._make_plan("int8", other, mod.weight_scale)
+        sentinel.max_rows = 1 << 62
+        mod._plan.dense = sentinel
+        for m, dense in ((rows, True), (small - 1, True), (small, False), (small + 7, False)):
+            x = torch.randn(m, 72, generator=gen)
+            y_plan = mod._plan.forward(x)
+            y_sparse = torch.cat([mod._plan.forward(x[i:i + 1]) for i in range(m)])  # 1 row: the 2:4 kernel
+            assert y_plan is not None and torch.equal(y_plan, y_sparse) != dense, m
+        mod._plan.dense = mod._dense[0]
 
 
 @pytest.mark.skipif(not _native.available(), reason="native library not loaded")

@@ -136,6 +136,12 @@ bool set_cpu_tuning(const std::string& name) {
 
 const char* tuning_name(Tuning t) { return t == Tuning::kIntel ? "intel" : "amd"; }
 
+const char* tuning_override() {
+  init_tuning_from_env();
+  const int t = g_tuning.load();
+  return t < 0 ? "" : tuning_name(static_cast<Tuning>(t));
+}
+
 const CpuFeatures& cpu_features() {
   static const CpuFeatures f = detect();
   return f;

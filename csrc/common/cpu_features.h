@@ -81,6 +81,8 @@ Tuning cpu_tuning();
 // nothing) for an unknown name.
 bool set_cpu_tuning(const std::string& name);
 const char* tuning_name(Tuning t);
+// The explicit setting in effect ("intel", "amd"), or "" when the vendor's applies.
+const char* tuning_override();
 
 // The AMX kernels exist only where the compiler knows AMX (PYACCEL_AMX_BUILT,
 // set by CMake); without them the level is never detected.

@@ -26,8 +26,11 @@ class LadderChoice {
   template <size_t N, typename IsaOf, typename Fits>
   const Entry& get(const Entry (&ladder)[N], IsaOf isa_of, Fits fits) {
     const int gen = isa_generation();
-    const Entry* e = entry_.load(std::memory_order_acquire);
-    if (e && generation_.load(std::memory_order_acquire) == gen) return *e;
+    // generation first: seeing the stored generation makes the entry stored
+    // before it visible, so a current generation never pairs with an older entry
+    if (generation_.load(std::memory_order_acquire) == gen) {
+      if (const Entry* e = entry_.load(std::memory_order_acquire)) return *e;
+    }
     std::lock_guard<std::mutex> lock(mutex_);
     const Isa isa = selected_isa();
     const Entry* chosen = &ladder[N - 1];

@@ -236,14 +236,16 @@ inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t 
   __m256i* ctrl = &t_ctrl.data()->v;
   for (int64_t p = p0; p < p1; ++p) {
     panel_controls(g, p, ctrl);
-    if (Mul::kOctetRows > 0 && m1 - m0 >= Mul::kOctetRows) {
-      for (int oct = 0; oct < 4 && p * kPanel + 8 * oct < g.n; ++oct)
-        int8_gemm::for_each_row_tile<Mul::kOctetRows>(
-            m0, m1, [&](int64_t m, auto h) { tile_octet<Mul, h()>(g, ctrl, m, p, oct); });
-    } else {
-      for (int half = 0; half < 2 && p * kPanel + 16 * half < g.n; ++half)
-        int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<Mul, h()>(g, ctrl, m, p, half); });
+    if constexpr (Mul::kOctetRows > 0) {
+      if (m1 - m0 >= Mul::kOctetRows) {
+        for (int oct = 0; oct < 4 && p * kPanel + 8 * oct < g.n; ++oct)
+          int8_gemm::for_each_row_tile<Mul::kOctetRows>(
+              m0, m1, [&](int64_t m, auto h) { tile_octet<Mul, h()>(g, ctrl, m, p, oct); });
+        continue;
+      }
     }
+    for (int half = 0; half < 2 && p * kPanel + 16 * half < g.n; ++half)
+      int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<Mul, h()>(g, ctrl, m, p, half); });
   }
 }
 

@@ -257,9 +257,9 @@ void s24_gemm_cols_4x16_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* p
 
 // Channel tiles are 4 channels here too ([t0, t1) counts quarter panels, as
 // the driver and cols_part_avx2 expect), each run as two 2-channel tiles. Row
-// tiles: up to 6 half slabs, heights balanced (16 halves -> 6, 5, 5); from the
-// 24 rows the ladder sets, every height is 3 - 6 (tile2<1>, tile2<2> only
-// below that).
+// tiles: up to 6 half slabs, heights balanced (16 halves -> 6, 5, 5). Heights
+// 1 - 2 occur only in a pass of <= 16 rows (K past ~130k inputs: the driver's
+// passes of <= 8 MiB of transposed x).
 void s24_gemm_cols_2x48_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* part) {
   const int64_t halves = (a.m + 7) / 8;
   const int64_t tiles_n = (a.n + 3) / 4;

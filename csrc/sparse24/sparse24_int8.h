@@ -83,7 +83,8 @@ struct Kernel {
   uint8_t a_xor;
   GemmFn gemm;
   // From this many rows on the dense int8 kernel is faster than this one
-  // (0: never); measured, see README.md. The modules switch there.
+  // (0: never), up to the sparse_from_rows_* below; measured, see README.md.
+  // The modules switch there (dense_wins).
   int dense_from_rows;
   int row_path_rows = 0;  // calls of up to this many rows take the kernel's one-row path (0: none)
   // ... until this many rows, from which this kernel wins again (0: never):

@@ -192,7 +192,7 @@ class PackedModule(nn.Module):
         """True when _run_plan runs m rows with _switch_plan()."""
         return m >= self._switch_rows
 
-    def _switch_plan(self):  # pragma: no cover - only with _switch_rows set
+    def _switch_plan(self):  # pragma: no cover - only where _switches can be true
         raise NotImplementedError
 
     def _run_plan(self, plan, x):

@@ -204,9 +204,15 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
         if self._dense is None:
             from pyaccel.formats.int8 import pack_int8_weight
 
+            plan0 = self._plan
             packed = pack_int8_weight(self.dense_int8_weight())
             plan = self._make_plan("int8", packed, self.weight_scale)
-            # packing released the GIL: another thread may have built and attached one meanwhile
+            # packing released the GIL: another thread may have built and attached one
+            # meanwhile, or edited the weights and repacked (then this packing is of the
+            # old weights: use it for this call only, keep and attach nothing)
+            current = self._plan is plan0 and (plan0 is None or not plan0.stale())
+            if not current:
+                return plan
             if self._dense is None:
                 self._dense = (plan, packed)
                 if self._plan is not None and plan is not None:

@@ -164,6 +164,23 @@ def test_avx2_column_kernel_follows_the_tuning():
         _native.set_cpu_tuning("zen")
 
 
+def test_column_kernel_short_passes(tuning, gen):
+    """K past ~130k inputs: the driver's passes hold <= 16 rows, so the Intel
+    AVX2 column tile runs row tiles of 1 and 2 half slabs (24 rows -> 16 + 8)."""
+    if not _native.isa_supported("avx2"):
+        pytest.skip("this CPU lacks avx2")
+    n, k = 6, 140001
+    w = _sparse_weight(n, k, gen)
+    vals, meta = _canon(w)
+    b = torch.randn(n, generator=gen)
+    packed = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k))
+    for m in (24, 40):
+        x = torch.randn(m, k, generator=gen)
+        with _native.isa_cap("avx2"):
+            y = torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, b, packed)
+        assert_close_k(y, x, w, b)
+
+
 def test_column_kernel_in_several_passes(isa, tuning, gen):
     """Batches past ~8 MiB of x run the column kernel in balanced passes of rows
     (here K = 4100: passes of <= 496 rows -> 336 + 336 + 328)."""
@@ -263,7 +280,8 @@ def _int8_24(n, k, gen):
 
 
 # rows around the row path (1 - 2), the 4- and 6-row tiles and the AVX-VNNI
-# 12 x 8 tile (from 12 rows: 13 -> 7 + 6, 25 -> 9 + 8 + 8, 35 -> 12 + 12 + 11)
+# 12 x 8 tile (from 12 rows; one call of 13 rows runs 7 + 6, of 25 9 + 8 + 8, of 35
+# 12 + 12 + 11; with 2 threads rows go in chunks of 12 and the rest, 25 -> 12 + 12 + 1)
 @pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 11, 12, 13, 25, 35, 40])
 @pytest.mark.parametrize("n,k", NK_GRID)
 def test_int8_kernel_exact(isa, gen, m, n, k):
