@@ -51,7 +51,7 @@ override it."""
 
 for _var, _allowed in (("PYACCEL_CPU_ISA", ISA_LADDER), ("PYACCEL_CPU_TUNING", TUNINGS)):
     _value = os.environ.get(_var, "")
-    if _value and _value.lower() not in _allowed:  # the native library ignores it too
+    if _value and _value.strip().lower() not in _allowed:  # the native library ignores it too
         warnings.warn(f"{_var}={_value!r} is not one of {_allowed}; ignored", RuntimeWarning, stacklevel=2)
 
 def lib():
@@ -80,6 +80,8 @@ def set_isa_cap(name: str) -> None:
     in use; ``avx_vnni`` on a CPU without VNNI gives ``avx2``). Mainly for
     tests and benchmarks.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"isa: expected a str (one of {ISA_LADDER} or ''), got {type(name).__name__}")
     if name and name.lower() not in ISA_LADDER:
         raise ValueError(f"isa: expected one of {ISA_LADDER} or '', got {name!r}")
     name = name.lower()
@@ -110,6 +112,8 @@ def set_cpu_tuning(name: str) -> None:
     """Take the kernel variants tuned for core family `name` ('intel' or 'amd';
     '' goes back to the CPU vendor's). Process-wide (not per thread). Mainly for
     tests and benchmarks: both variants are correct on any CPU of their ISA level."""
+    if not isinstance(name, str):
+        raise TypeError(f"tuning: expected a str (one of {TUNINGS} or ''), got {type(name).__name__}")
     if name and name.lower() not in TUNINGS:
         raise ValueError(f"tuning: expected one of {TUNINGS} or '', got {name!r}")
     if _C is None:

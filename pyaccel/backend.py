@@ -70,13 +70,23 @@ class BackendInfo:
     def _override_text(self) -> str:
         env = self.isa_override
         if not env:
+            if self.native_loaded and self.isa_cap and self.isa_cap != _native.ISA_LADDER[0]:
+                return f"PYACCEL_CPU_ISA=unset; cap {self.isa_cap} set at run time (pyaccel._native.isa_cap)"
             return "PYACCEL_CPU_ISA=unset"
-        if env.lower() not in _native.ISA_LADDER:
+        if env.strip().lower() not in _native.ISA_LADDER:
             return f"PYACCEL_CPU_ISA={env}: ignored, not one of {', '.join(_native.ISA_LADDER)}"
-        if self.native_loaded and (self.isa_cap or _native.ISA_LADDER[0]) != env.lower():
+        if self.native_loaded and (self.isa_cap or _native.ISA_LADDER[0]) != env.strip().lower():
             return (f"PYACCEL_CPU_ISA={env}: not in effect (read once, at the library's first use; "
                     f"cap now {self.isa_cap or 'none'})")
         return f"PYACCEL_CPU_ISA={env}"
+
+    def _tuning_text(self) -> str:
+        env = os.environ.get("PYACCEL_CPU_TUNING")
+        if not env:
+            return "PYACCEL_CPU_TUNING=unset"
+        if env.strip().lower() not in _native.TUNINGS:
+            return f"PYACCEL_CPU_TUNING={env}: ignored, not one of {', '.join(_native.TUNINGS)}"
+        return f"PYACCEL_CPU_TUNING={env}"
 
     def __str__(self) -> str:
         native = "loaded" if self.native_loaded else f"NOT loaded ({self.native_error})"
@@ -87,7 +97,7 @@ class BackendInfo:
             f"{self._override_text()})",
             f"int8 GEMM kernel         : {self.int8_kernel or 'reference (PyTorch)'}",
             *([f"CPU tuning               : {self.cpu_tuning} (vendor {'Intel' if self.cpu_intel else 'not Intel'}; "
-               f"PYACCEL_CPU_TUNING={os.environ.get('PYACCEL_CPU_TUNING') or 'unset'})"] if self.cpu_tuning else []),
+               f"{self._tuning_text()})"] if self.cpu_tuning else []),
             *(f"{(op + ' kernel'):<25}: {name}" for op, name in self.kernels.items() if op != "int8"),
             f"CPU features             : {feats}",
             f"threads                  : {self.threads}",

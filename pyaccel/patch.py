@@ -580,7 +580,10 @@ def patch(
                            shared_with=first.path if first.path != path else None)
         report.entries.append(entry)
         if isinstance(first.plan, str):
-            entry.reason = first.plan
+            # advice to quantize does not hold for a tied weight (it stays as is whatever
+            # the options): say that instead
+            tied = _tied_reason(mod, path, owners) if "quantize='int8'" in first.plan else None
+            entry.reason = tied or first.plan
             continue
         try:
             why = selection_reason(mod, path, include, exclude, filter_fn)

@@ -178,3 +178,22 @@ def test_cpu_tuning_block_restores_the_vendor_default():
     with _native.cpu_tuning("amd"), _native.cpu_tuning("intel"):
         assert info()["tuning"] == "intel" and info()["tuning_override"] == "intel"
     assert info()["tuning_override"] == before
+
+
+def test_backend_info_names_run_time_caps_and_ignored_tunings(monkeypatch):
+    """A cap set with isa_cap() and an unknown PYACCEL_CPU_TUNING are said so;
+    non-str names are a TypeError; blanks around an environment value are dropped."""
+    monkeypatch.delenv("PYACCEL_CPU_ISA", raising=False)
+    with _native.isa_cap("portable"):
+        assert "cap portable set at run time" in str(pyaccel.backend_info())
+    monkeypatch.setenv("PYACCEL_CPU_TUNING", "zen3")
+    assert "PYACCEL_CPU_TUNING=zen3: ignored" in str(pyaccel.backend_info())
+    for fn in (_native.set_cpu_tuning, _native.set_isa_cap):
+        with pytest.raises(TypeError, match="expected a str"):
+            fn(None)
+
+
+def test_blanks_around_environment_values(tmp_path):
+    out = _run("import warnings; warnings.simplefilter('error')\n"
+               "import pyaccel; print(pyaccel.backend_info().cpu_tuning)", tmp_path, PYACCEL_CPU_TUNING=" AMD ")
+    assert out == "amd"

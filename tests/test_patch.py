@@ -126,3 +126,19 @@ def test_layer_the_kernels_cannot_take_is_left_with_reason():
     assert net[0] is wide
     assert "exceeds" in report.skipped[0].reason
     assert type(net[1]) is Int8Linear
+
+
+def test_tied_output_layer_reason_does_not_advise_quantizing():
+    """A float layer tied to an embedding stays as is whatever the options: the
+    report says so instead of suggesting quantize='int8' (which would skip it too)."""
+    import pyaccel
+
+    emb = torch.nn.Embedding(50, 64)
+    head = torch.nn.Linear(64, 50, bias=False)
+    head.weight = emb.weight
+    for q in (None, "int8"):
+        m = torch.nn.Sequential(emb, head)
+        r = pyaccel.patch(m, quantize=q) if q else pyaccel.patch(m)
+        by_path = {e.path: e.reason for e in r.entries}
+        assert "tied to 0's" in by_path["1"] and "quantize" not in by_path["1"], by_path
+        assert by_path["0"] == "no pyaccel kernel for Embedding"

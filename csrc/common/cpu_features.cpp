@@ -97,8 +97,16 @@ void init_cap_from_env() {
 std::atomic<int> g_tuning{-1};  // -1: the vendor's (after PYACCEL_CPU_TUNING); else a Tuning value
 std::once_flag g_tuning_env_once;
 
-bool parse_tuning(std::string name, int* out) {
+// lower case, surrounding blanks dropped (environment values: " AMD " means amd)
+std::string normalized(const std::string& raw) {
+  const auto first = raw.find_first_not_of(" \t"), last = raw.find_last_not_of(" \t");
+  std::string name = first == std::string::npos ? std::string() : raw.substr(first, last - first + 1);
   for (char& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return name;
+}
+
+bool parse_tuning(const std::string& raw, int* out) {
+  const std::string name = normalized(raw);
   if (name == "intel") *out = static_cast<int>(Tuning::kIntel);
   else if (name == "amd") *out = static_cast<int>(Tuning::kAmd);
   else if (name.empty()) *out = -1;
@@ -220,8 +228,7 @@ const char* isa_name(Isa isa) {
 }
 
 bool parse_isa(const std::string& raw, Isa* out) {
-  std::string name = raw;  // case-insensitive: PYACCEL_CPU_ISA=AVX2 means avx2
-  for (char& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  const std::string name = normalized(raw);  // case-insensitive: PYACCEL_CPU_ISA=AVX2 means avx2
   if (name == "avx512_amx") { *out = Isa::kAvx512Amx; return true; }
   if (name == "avx512_icl") { *out = Isa::kAvx512Icl; return true; }
   if (name == "avx512_vnni") { *out = Isa::kAvx512Vnni; return true; }
