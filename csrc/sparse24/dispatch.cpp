@@ -87,7 +87,7 @@ void linear_cols(const Kernel& kern, const PackedHeader& h, const uint8_t* w, co
         slabs, tiles, nthreads,
         [&](int64_t s0, int64_t s1) { kern.pack_xt(xc, ldx, x_bf16, rows, k, kp, xt, s0, s1); },
         [&](int64_t t0, int64_t t1) {
-          float* part = kc < h.groups_pad ? aligned_scratch(t_part, kern.cols_part(rows, t1 - t0)) : nullptr;
+          float* part = aligned_scratch(t_part, kern.cols_part(rows, t1 - t0));
           kern.cols(a, t0, t1, part);
         },
         // 4 dynamic items per thread: with a busy process on one of 2 cores

@@ -13,7 +13,9 @@
 //
 // 2 x 48 (s24_gemm_cols_2x48_avx2, Intel): 2 channels x up to 6 half slabs
 // (48 rows) = 12 accumulators; each kept weight is a vbroadcastss load
-// (a load port, no shuffle) and feeds up to 6 FMAs. On Intel cores the
+// (a load port, no shuffle) and feeds up to 6 FMAs. The tiles leave their sums
+// in the `part` scratch; a row tile's outputs go to y 8 channels at a time
+// (store_row_tile), interleaved with the next tiles' work. On Intel cores the
 // vpermilps and the scalar position decoding of the 4 x 16 tile issue on the
 // FMA ports (0, 1, 5); here one decode serves 12 FMAs instead of 4 and there
 // is no shuffle. Measured on Golden Cove cores (a Sapphire Rapids Xeon capped
@@ -121,31 +123,39 @@ inline void tile(const ColsArgs& a, int64_t t, int64_t s, int64_t gb, int64_t ge
 
 // ---- 2 channels x up to 48 rows (Intel) --------------------------------------
 
-// channels n0, n0 + 1 (c0, c1) for 8 rows from row m, bias added
-inline void store_rows8x2(const ColsArgs& a, __m256 c0, __m256 c1, int64_t m, int64_t n0) {
-  const bool two = n0 + 1 < a.n;
-  const float b0 = a.bias ? a.bias[n0] : 0.f, b1 = a.bias && two ? a.bias[n0 + 1] : 0.f;
-  const __m256 bias = _mm256_setr_ps(b0, b1, b0, b1, b0, b1, b0, b1);
-  // lo: rows 0, 1 | 4, 5 as (c0, c1) pairs; hi: rows 2, 3 | 6, 7
-  const __m256 lo = _mm256_add_ps(_mm256_unpacklo_ps(c0, c1), bias);
-  const __m256 hi = _mm256_add_ps(_mm256_unpackhi_ps(c0, c1), bias);
-  alignas(32) float pairs[16];
-  _mm256_store_ps(pairs, lo);
-  _mm256_store_ps(pairs + 8, hi);
-  static constexpr int kAt[8] = {0, 2, 8, 10, 4, 6, 12, 14};  // row r's pair in `pairs`
-  const int rows = a.m - m < 8 ? static_cast<int>(a.m - m) : 8;
-  for (int r = 0; r < rows; ++r) {
-    const float* v = pairs + kAt[r];
-    if (a.y_bf16) {
-      uint16_t* y = static_cast<uint16_t*>(a.y) + (m + r) * a.ldy + n0;
-      y[0] = int8_gemm::fp32_to_bf16(v[0]);
-      if (two) y[1] = int8_gemm::fp32_to_bf16(v[1]);
-    } else {
-      float* y = static_cast<float*>(a.y) + (m + r) * a.ldy + n0;
-      if (two) {
-        std::memcpy(y, v, 8);
-      } else {
-        y[0] = v[0];
+// y for the half slabs [h0, h0 + H) of a row tile and channels [2 u0, 2 u1)
+// (clipped to n), bias added, from the tile sums in `sums` (unit u0 + i at
+// sums + 16 H i: [half][channel][8 rows]): 8 channels at a time, transposed
+// 8 x 8 into rows, one 32-byte store per row.
+inline void store_row_tile(const ColsArgs& a, const float* sums, int64_t h0, int64_t H, int64_t u0, int64_t u1) {
+  const int64_t n_end = a.n < 2 * u1 ? a.n : 2 * u1;
+  for (int64_t n0 = 2 * u0; n0 < n_end; n0 += 8) {
+    const int cols = n_end - n0 < 8 ? static_cast<int>(n_end - n0) : 8;
+    alignas(32) float b[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (a.bias) std::memcpy(b, a.bias + n0, 4 * cols);
+    const __m256 bias = _mm256_load_ps(b);
+    const float* unit = sums + (n0 - 2 * u0) / 2 * 16 * H;  // channels n0, n0 + 1
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t m = (h0 + h) * 8;
+      __m256 r[8];
+      for (int c = 0; c < 8; ++c)
+        r[c] = c < cols ? _mm256_load_ps(unit + (c >> 1) * 16 * H + (2 * h + (c & 1)) * 8) : _mm256_setzero_ps();
+      transpose8x8(r);  // r[i]: row m + i, channels n0 .. n0 + 8
+      const int rows = a.m - m < 8 ? static_cast<int>(a.m - m) : 8;
+      for (int i = 0; i < rows; ++i) {
+        const __m256 v = _mm256_add_ps(r[i], bias);
+        if (!a.y_bf16 && cols == 8) {
+          _mm256_storeu_ps(static_cast<float*>(a.y) + (m + i) * a.ldy + n0, v);
+          continue;
+        }
+        alignas(32) float t[8];
+        _mm256_store_ps(t, v);
+        for (int c = 0; c < cols; ++c) {
+          if (a.y_bf16)
+            static_cast<uint16_t*>(a.y)[(m + i) * a.ldy + n0 + c] = int8_gemm::fp32_to_bf16(t[c]);
+          else
+            static_cast<float*>(a.y)[(m + i) * a.ldy + n0 + c] = t[c];
+        }
       }
     }
   }
@@ -158,17 +168,15 @@ inline void store_rows8x2(const ColsArgs& a, __m256 c0, __m256 c1, int64_t m, in
   __m256 a##h##c = (H <= h || first) ? _mm256_setzero_ps() : _mm256_load_ps(part + (2 * h + c) * 8);
 #define S24D_SAVE(h, c) \
   if (H > h) _mm256_store_ps(part + (2 * h + c) * 8, a##h##c);
-#define S24D_STORE(h, c) \
-  if (H > h && c == 0 && (h0 + h) * 8 < a.m) store_rows8x2(a, a##h##0, a##h##1, (h0 + h) * 8, n0);
 #define S24D_FMA(h, c, w, o) \
   if (H > h) fma231(a##h##c, w, x##h + j * 256 + (o));
 // channel c, group j: the offsets 64 * i0 = byte & 0xC0 and 64 * i1 = 4 * (byte & 0x30)
 #define S24D_CHANNEL(c)                                                                            \
   {                                                                                                \
-    const uint32_t pb = blk[pos_at(j) + lane + c];                                                 \
+    const uint32_t pb = pp[pos_at(j) + c];                                                         \
     const uint64_t o0 = pb & 0xC0u, o1 = 4 * (pb & 0x30u);                                         \
-    const __m256 w0 = _mm256_broadcast_ss(reinterpret_cast<const float*>(blk + v0_at(j)) + lane + c); \
-    const __m256 w1 = _mm256_broadcast_ss(reinterpret_cast<const float*>(blk + v1_at(j)) + lane + c); \
+    const __m256 w0 = _mm256_broadcast_ss(vp + v0_at(j) / 4 + c);                                 \
+    const __m256 w1 = _mm256_broadcast_ss(vp + v1_at(j) / 4 + c);                                  \
     S24D_FMA(0, c, w0, o0) S24D_FMA(1, c, w0, o0) S24D_FMA(2, c, w0, o0)                           \
     S24D_FMA(3, c, w0, o0) S24D_FMA(4, c, w0, o0) S24D_FMA(5, c, w0, o0)                           \
     S24D_FMA(0, c, w1, o1) S24D_FMA(1, c, w1, o1) S24D_FMA(2, c, w1, o1)                           \
@@ -176,15 +184,17 @@ inline void store_rows8x2(const ColsArgs& a, __m256 c0, __m256 c1, int64_t m, in
   }
 
 // channels 2u, 2u + 1 x half slabs [h0, h0 + H), groups [gb, ge); `part`: this
-// tile's partial sums between k-blocks (2 * H * 8 floats)
+// tile's sums (2 * H * 8 floats), added to unless `first`
 template <int H>
-inline void tile2(const ColsArgs& a, int64_t u, int64_t h0, int64_t gb, int64_t ge, bool first, bool last,
-                  float* part) {
+inline void tile2(const ColsArgs& a, int64_t u, int64_t h0, int64_t gb, int64_t ge, bool first, float* part) {
   S24D_ALL(S24D_DECL)
   const int64_t blocks = a.groups_pad / kBlockGroups;
-  const int64_t lane = (u & 7) * 2, n0 = 2 * u;
-  const uint8_t* blk = a.w + ((u >> 3) * blocks + gb / kBlockGroups) * kBlockBytes;
-  const uint8_t* const blk_end = blk + (ge - gb) / kBlockGroups * kBlockBytes;
+  const int64_t lane = (u & 7) * 2;
+  const uint8_t* const blk = a.w + ((u >> 3) * blocks + gb / kBlockGroups) * kBlockBytes;
+  // the channel's position bytes and values in each block
+  const uint8_t* pp = blk + lane;
+  const uint8_t* const pp_end = pp + (ge - gb) / kBlockGroups * kBlockBytes;
+  const float* vp = reinterpret_cast<const float*>(blk) + lane;
   // half slab h's lines: slab (h0 + h) / 2, +32 bytes for an odd half (rows 8 - 15)
   auto half = [&](int h) {
     const int64_t hh = h0 + (h < H ? h : 0);
@@ -192,18 +202,14 @@ inline void tile2(const ColsArgs& a, int64_t u, int64_t h0, int64_t gb, int64_t 
   };
   const char *x0 = half(0), *x1 = half(1), *x2 = half(2), *x3 = half(3), *x4 = half(4), *x5 = half(5);
   constexpr int64_t kStep = kBlockGroups * 4 * 64;
-  for (; blk < blk_end; blk += kBlockBytes) {
+  for (; pp < pp_end; pp += kBlockBytes, vp += kBlockBytes / 4) {
 #pragma GCC unroll 4
     for (int j = 0; j < kBlockGroups; ++j) {
       S24D_CHANNEL(0) S24D_CHANNEL(1)
     }
     x0 += kStep, x1 += kStep, x2 += kStep, x3 += kStep, x4 += kStep, x5 += kStep;
   }
-  if (last) {
-    S24D_ALL(S24D_STORE)
-  } else {
-    S24D_ALL(S24D_SAVE)
-  }
+  S24D_ALL(S24D_SAVE)
 }
 
 }  // namespace
@@ -274,15 +280,23 @@ void s24_gemm_cols_2x48_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* p
     int64_t h0 = 0;
     for (int64_t rt = 0; rt < row_tiles; ++rt) {
       const int64_t h = halves / row_tiles + (rt < halves % row_tiles ? 1 : 0);
+      float* const sums = p;
       for (int64_t u = 2 * t0; u < units_end; ++u, p += 16 * h) {
+        // each 8 channels' rows leave as soon as their 4 tiles are done, so
+        // that the stores drain while the next tiles compute
+        if (last && u > 2 * t0 && (u - 2 * t0) % 4 == 0) store_row_tile(a, p - 64 * h, h0, h, u - 4, u);
         switch (h) {
-          case 6: tile2<6>(a, u, h0, gb, ge, first, last, p); break;
-          case 5: tile2<5>(a, u, h0, gb, ge, first, last, p); break;
-          case 4: tile2<4>(a, u, h0, gb, ge, first, last, p); break;
-          case 3: tile2<3>(a, u, h0, gb, ge, first, last, p); break;
-          case 2: tile2<2>(a, u, h0, gb, ge, first, last, p); break;
-          default: tile2<1>(a, u, h0, gb, ge, first, last, p);
+          case 6: tile2<6>(a, u, h0, gb, ge, first, p); break;
+          case 5: tile2<5>(a, u, h0, gb, ge, first, p); break;
+          case 4: tile2<4>(a, u, h0, gb, ge, first, p); break;
+          case 3: tile2<3>(a, u, h0, gb, ge, first, p); break;
+          case 2: tile2<2>(a, u, h0, gb, ge, first, p); break;
+          default: tile2<1>(a, u, h0, gb, ge, first, p);
         }
+      }
+      if (last) {
+        const int64_t u0 = units_end - ((units_end - 2 * t0 - 1) % 4 + 1);  // the last (partial) 8 channels
+        store_row_tile(a, sums + (u0 - 2 * t0) * 16 * h, h0, h, u0, units_end);
       }
       h0 += h;
     }

@@ -126,12 +126,13 @@ def test_bf16_strided_batched_and_empty(isa, gen, dtype):
 # the column kernel: slab counts 1 - 10, a partial last slab, row tiles of
 # 1 / 2 / 3 slabs (AVX2 on Intel: 3 - 6 half slabs, 56 rows -> 4, 3 and
 # 145 rows = 19 halves -> 5, 5, 5, 4), channels not a multiple of 8 (a tile past n; odd n: a 2-channel
-# tile with one channel), K past one k-block (partial sums between blocks, an
+# tile with one channel; n = 150: the Intel tile's rows leave 8 channels at a time, from items
+# of channel tiles that start and end off those 8-channel steps), K past one k-block (partial sums between blocks, an
 # uneven last block: AVX2 blocks K at 64 groups (32 on Intel), so k = 333 runs
 # 44 + 40 there (28 + 28 + 28 there); AVX-512 at 128 from 512, k = 2100); both
 # core families' variants (tuning)
 @pytest.mark.parametrize("m", [16, 23, 24, 32, 40, 47, 48, 56, 64, 100, 145])
-@pytest.mark.parametrize("n,k", [(8, 16), (9, 100), (44, 333), (24, 2100)])
+@pytest.mark.parametrize("n,k", [(8, 16), (9, 100), (44, 333), (24, 2100), (150, 260)])
 def test_many_rows_column_kernel(isa, tuning, gen, m, n, k):
     w = _sparse_weight(n, k, gen)
     vals, meta = _canon(w)
