@@ -183,33 +183,39 @@ inline void store_row_tile(const ColsArgs& a, const float* sums, int64_t h0, int
     S24D_FMA(3, c, w1, o1) S24D_FMA(4, c, w1, o1) S24D_FMA(5, c, w1, o1)                           \
   }
 
-// channels 2u, 2u + 1 x half slabs [h0, h0 + H), groups [gb, ge); `part`: this
-// tile's sums (2 * H * 8 floats), added to unless `first`
+// 2-channel tiles u0 .. u1 (channels 2u, 2u + 1) x half slabs [h0, h0 + H),
+// groups [gb, ge); `part`: their sums (2 * H * 8 floats a tile, in order),
+// added to unless `first`
 template <int H>
-inline void tile2(const ColsArgs& a, int64_t u, int64_t h0, int64_t gb, int64_t ge, bool first, float* part) {
-  S24D_ALL(S24D_DECL)
+inline void tile2(const ColsArgs& a, int64_t u0, int64_t u1, int64_t h0, int64_t gb, int64_t ge, bool first,
+                  float* part) {
   const int64_t blocks = a.groups_pad / kBlockGroups;
-  const int64_t lane = (u & 7) * 2;
-  const uint8_t* const blk = a.w + ((u >> 3) * blocks + gb / kBlockGroups) * kBlockBytes;
-  // the channel's position bytes and values in each block
-  const uint8_t* pp = blk + lane;
-  const uint8_t* const pp_end = pp + (ge - gb) / kBlockGroups * kBlockBytes;
-  const float* vp = reinterpret_cast<const float*>(blk) + lane;
   // half slab h's lines: slab (h0 + h) / 2, +32 bytes for an odd half (rows 8 - 15)
   auto half = [&](int h) {
     const int64_t hh = h0 + (h < H ? h : 0);
     return reinterpret_cast<const char*>(a.xt + (hh >> 1) * slab_floats(a.kp) + gb * 4 * 16) + 32 * (hh & 1);
   };
-  const char *x0 = half(0), *x1 = half(1), *x2 = half(2), *x3 = half(3), *x4 = half(4), *x5 = half(5);
+  const char *const b0 = half(0), *const b1 = half(1), *const b2 = half(2), *const b3 = half(3),
+             *const b4 = half(4), *const b5 = half(5);
   constexpr int64_t kStep = kBlockGroups * 4 * 64;
-  for (; pp < pp_end; pp += kBlockBytes, vp += kBlockBytes / 4) {
+  for (int64_t u = u0; u < u1; ++u, part += 16 * H) {
+    S24D_ALL(S24D_DECL)
+    const int64_t lane = (u & 7) * 2;
+    const uint8_t* const blk = a.w + ((u >> 3) * blocks + gb / kBlockGroups) * kBlockBytes;
+    // the channel's position bytes and values in each block
+    const uint8_t* pp = blk + lane;
+    const uint8_t* const pp_end = pp + (ge - gb) / kBlockGroups * kBlockBytes;
+    const float* vp = reinterpret_cast<const float*>(blk) + lane;
+    const char *x0 = b0, *x1 = b1, *x2 = b2, *x3 = b3, *x4 = b4, *x5 = b5;
+    for (; pp < pp_end; pp += kBlockBytes, vp += kBlockBytes / 4) {
 #pragma GCC unroll 4
-    for (int j = 0; j < kBlockGroups; ++j) {
-      S24D_CHANNEL(0) S24D_CHANNEL(1)
+      for (int j = 0; j < kBlockGroups; ++j) {
+        S24D_CHANNEL(0) S24D_CHANNEL(1)
+      }
+      x0 += kStep, x1 += kStep, x2 += kStep, x3 += kStep, x4 += kStep, x5 += kStep;
     }
-    x0 += kStep, x1 += kStep, x2 += kStep, x3 += kStep, x4 += kStep, x5 += kStep;
+    S24D_ALL(S24D_SAVE)
   }
-  S24D_ALL(S24D_SAVE)
 }
 
 }  // namespace
@@ -280,23 +286,19 @@ void s24_gemm_cols_2x48_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* p
     int64_t h0 = 0;
     for (int64_t rt = 0; rt < row_tiles; ++rt) {
       const int64_t h = halves / row_tiles + (rt < halves % row_tiles ? 1 : 0);
-      float* const sums = p;
-      for (int64_t u = 2 * t0; u < units_end; ++u, p += 16 * h) {
-        // each 8 channels' rows leave as soon as their 4 tiles are done, so
-        // that the stores drain while the next tiles compute
-        if (last && u > 2 * t0 && (u - 2 * t0) % 4 == 0) store_row_tile(a, p - 64 * h, h0, h, u - 4, u);
+      // 4 units (8 channels) a call; each 8 channels' rows leave as soon as
+      // their tiles are done, so that the stores drain while the next tiles compute
+      for (int64_t u = 2 * t0; u < units_end; u += 4, p += 64 * h) {
+        const int64_t ue = u + 4 < units_end ? u + 4 : units_end;
         switch (h) {
-          case 6: tile2<6>(a, u, h0, gb, ge, first, p); break;
-          case 5: tile2<5>(a, u, h0, gb, ge, first, p); break;
-          case 4: tile2<4>(a, u, h0, gb, ge, first, p); break;
-          case 3: tile2<3>(a, u, h0, gb, ge, first, p); break;
-          case 2: tile2<2>(a, u, h0, gb, ge, first, p); break;
-          default: tile2<1>(a, u, h0, gb, ge, first, p);
+          case 6: tile2<6>(a, u, ue, h0, gb, ge, first, p); break;
+          case 5: tile2<5>(a, u, ue, h0, gb, ge, first, p); break;
+          case 4: tile2<4>(a, u, ue, h0, gb, ge, first, p); break;
+          case 3: tile2<3>(a, u, ue, h0, gb, ge, first, p); break;
+          case 2: tile2<2>(a, u, ue, h0, gb, ge, first, p); break;
+          default: tile2<1>(a, u, ue, h0, gb, ge, first, p);
         }
-      }
-      if (last) {
-        const int64_t u0 = units_end - ((units_end - 2 * t0 - 1) % 4 + 1);  // the last (partial) 8 channels
-        store_row_tile(a, sums + (u0 - 2 * t0) * 16 * h, h0, h, u0, units_end);
+        if (last) store_row_tile(a, p, h0, h, u, ue);
       }
       h0 += h;
     }
