@@ -59,18 +59,6 @@ void widen_rows(const int8_t* a, int64_t lda, int64_t rows, int64_t k_pad, int16
   }
 }
 
-// y[m, n0 .. n0 + 8) from the int32 sums acc, all 8 channels valid
-// (avx2_tile::scale8 with the channel scales vw and bias vb already in
-// registers; store8 loads them per row).
-inline void store_full8(const GemmArgs& g, __m256i acc, __m256 vw, __m256 vb, int64_t m, int64_t n0) {
-  const __m256 v = avx2_tile::scale8(g, acc, g.a_scale[m], vw, vb);
-  if (g.c_bf16)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(g.c) + m * g.ldc + n0),
-                     avx2_tile::cvt_fp32_bf16(v));
-  else
-    _mm256_storeu_ps(static_cast<float*>(g.c) + m * g.ldc + n0, v);
-}
-
 // c += vpmaddwd(w, a) (inline asm: with intrinsics GCC keeps the 12
 // accumulators of the 6-row tile on the stack).
 inline void madd_w16(__m256i& c, __m256i w, __m256i a) {
@@ -91,12 +79,12 @@ inline void madd_w16(__m256i& c, __m256i w, __m256i a) {
   }
 // lanes (c0 c1 c4 c5 | c2 c3 c6 c7) -> (c0 .. c7), then the epilogue: with all
 // 8 channels valid the channel scales and bias are loaded once per tile
-// (store_full8), else avx2_tile::store8 (partial last group).
+// (avx2_tile::store_full8), else avx2_tile::store8 (partial last group).
 #define PYACCEL_W16_STORE(r)                                                                  \
   if constexpr (MR > r) {                                                                     \
     const __m256i v = _mm256_permute4x64_epi64(_mm256_hadd_epi32(c##r##0, c##r##1), 0xD8);     \
     if (full)                                                                                 \
-      store_full8(g, v, vw, vb, m + r, n0);                                                   \
+      avx2_tile::store_full8(g, v, g.a_scale[m + r], vw, vb, m + r, n0);                      \
     else                                                                                      \
       avx2_tile::store8(g, v, g.a_scale[m + r], m + r, n0);                                   \
   }

@@ -48,9 +48,28 @@ inline __m256 scale8(const GemmArgs& g, __m256i acc, float sa, __m256 vw, __m256
   return g.bias ? _mm256_add_ps(v, vb) : v;
 }
 
+// store8 with the 8 channels' scales vw and bias vb already in registers
+// (all 8 channels valid)
+inline void store_full8(const GemmArgs& g, __m256i acc, float sa, __m256 vw, __m256 vb, int64_t m, int64_t n0) {
+  const __m256 v = scale8(g, acc, sa, vw, vb);
+  if (g.c_bf16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(g.c) + m * g.ldc + n0), cvt_fp32_bf16(v));
+  else
+    _mm256_storeu_ps(static_cast<float*>(g.c) + m * g.ldc + n0, v);
+}
+
+// One row's 8 channels n0 .. (clipped to n). All 8 valid: straight vector
+// loads of the scales and bias (copying them with a variable-length memcpy, a
+// library call, made the epilogue cost as much as the multiplies of a K = 384
+// tile); fewer: through zero-padded copies.
 inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t n0) {
   const int64_t left = g.n - n0;
   if (left <= 0) return;
+  if (left >= 8) {
+    const __m256 vb = g.bias ? _mm256_loadu_ps(g.bias + n0) : _mm256_setzero_ps();
+    store_full8(g, acc, sa, _mm256_loadu_ps(g.w_scale + n0), vb, m, n0);
+    return;
+  }
   alignas(32) float tmp[8];
   alignas(32) float ws[8] = {0}, bs[8] = {0};
   const int cnt = left >= 8 ? 8 : static_cast<int>(left);

@@ -16,6 +16,11 @@ namespace {
 inline void store8(const GemmArgs& g, __m256 v, int64_t m, int64_t n0) {
   const int64_t left = g.n - n0;
   if (left <= 0) return;
+  if (left >= 8 && !g.y_bf16) {  // the common case: one vector add and store
+    const __m256 b = g.bias ? _mm256_loadu_ps(g.bias + n0) : _mm256_setzero_ps();
+    _mm256_storeu_ps(static_cast<float*>(g.y) + m * g.ldy + n0, g.bias ? _mm256_add_ps(v, b) : v);
+    return;
+  }
   const int cnt = left >= 8 ? 8 : static_cast<int>(left);
   alignas(32) float t[8];
   _mm256_store_ps(t, v);
