@@ -90,17 +90,12 @@ inline void tile(const GemmArgsI8& g, int64_t m, int64_t r, int ch0) {
       }
     }
   }
-  const int64_t end = std::min<int64_t>(r * g.bh + g.bh, g.n);
+  // the block row's channels end at `end` (store8 writes none past it)
+  const int64_t end = std::min<int64_t>(r * g.bh + g.bh, g.n), n0 = r * g.bh + ch0;
+  const int8_gemm::GemmArgs e = epilogue_args(g, end);
   for (int i = 0; i < R; ++i) {
-    alignas(32) int32_t t[16];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t), acc[i][0]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t + 8), acc[i][1]);
-    const int8_gemm::ScaleSplit s = int8_gemm::split_scale(g.a_scale[m + i]);
-    for (int c = 0; c < 16 && r * g.bh + ch0 + c < end; ++c) {
-      const int64_t n = r * g.bh + ch0 + c;
-      int8_gemm::store_output(g.y, g.ldy, g.y_bf16, g.bias, m + i, n,
-                              (static_cast<float>(t[c]) * s.lo) * (s.hi * g.w_scale[n]));
-    }
+    int8_gemm::avx2_tile::store8(e, acc[i][0], g.a_scale[m + i], m + i, n0);
+    int8_gemm::avx2_tile::store8(e, acc[i][1], g.a_scale[m + i], m + i, n0 + 8);
   }
 }
 

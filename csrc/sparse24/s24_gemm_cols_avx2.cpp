@@ -131,9 +131,14 @@ inline void store_row_tile(const ColsArgs& a, const float* sums, int64_t h0, int
   const int64_t n_end = a.n < 2 * u1 ? a.n : 2 * u1;
   for (int64_t n0 = 2 * u0; n0 < n_end; n0 += 8) {
     const int cols = n_end - n0 < 8 ? static_cast<int>(n_end - n0) : 8;
-    alignas(32) float b[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (a.bias) std::memcpy(b, a.bias + n0, 4 * cols);
-    const __m256 bias = _mm256_load_ps(b);
+    __m256 bias = _mm256_setzero_ps();
+    if (a.bias && cols == 8) {
+      bias = _mm256_loadu_ps(a.bias + n0);
+    } else if (a.bias) {
+      alignas(32) float b[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int c = 0; c < cols; ++c) b[c] = a.bias[n0 + c];
+      bias = _mm256_load_ps(b);
+    }
     const float* unit = sums + (n0 - 2 * u0) / 2 * 16 * H;  // channels n0, n0 + 1
     for (int64_t h = 0; h < H; ++h) {
       const int64_t m = (h0 + h) * 8;
