@@ -164,7 +164,8 @@ def test_sparse_int8_switches_to_dense_where_the_kernel_says(isa, gen):
     mod = Sparse24Int8Linear.from_float(lin)
     rows = _native.lib().s24i8_dense_from_rows()
     assert rows == {"avx512_amx": 9, "avx512_vnni": 8, "avx_vnni": 2}.get(isa, 0)
-    x = torch.randn(3 * max(rows, 8) + 1, 72, generator=gen)
+    # rows inside the switch window: from `rows` on (AVX-VNNI: up to 7 on this small layer)
+    x = torch.randn(rows + 5 if isa == "avx_vnni" else 3 * max(rows, 8) + 1, 72, generator=gen)
     y_all = mod(x)
     assert (mod._dense is not None) == (rows > 0)
     if rows > 0:
@@ -175,11 +176,11 @@ def test_sparse_int8_switches_to_dense_where_the_kernel_says(isa, gen):
     y_rows = torch.cat([mod(x[i:i + 1]) for i in range(x.shape[0])])  # 1 row: always the sparse kernel
     assert torch.equal(y_all, y_rows)
     assert torch.equal(mod(x.view(1, -1, 72)).view(-1, 40), y_all)  # 3-D input, same fast path
-    # the AVX-VNNI kernel wins again at many rows (24 on layers of >= 4 Mi weights, 64 below):
+    # the AVX-VNNI kernel wins again at many rows (14 on layers of >= 4 Mi weights, 8 below):
     # past that window the native forward runs the 2:4 kernel, with the same integers
     p = _native.lib().kernel_params()["sparse24_int8"]
     big, small = p["sparse_from_rows_big"], p["sparse_from_rows_small"]
-    assert (big, small, p["big_layer_weights"]) == ((24, 64, 1 << 22) if isa == "avx_vnni" else (0, 0, 1 << 22))
+    assert (big, small, p["big_layer_weights"]) == ((14, 8, 1 << 22) if isa == "avx_vnni" else (0, 0, 1 << 22))
     wins = _native.lib().s24i8_dense_wins
     for m in range(1, 70):
         assert wins(m, 40, 72) == (0 < rows <= m and (small == 0 or m < small)), m
@@ -212,7 +213,7 @@ def test_sparse_int8_dense_plan_is_dropped_with_the_packing(gen):
     with torch.no_grad():
         lin.weight.mul_(s24.mask_24(lin.weight))
     mod = Sparse24Int8Linear.from_float(lin)
-    x = torch.randn(20, 72, generator=gen)
+    x = torch.randn(5, 72, generator=gen)  # inside the avx_vnni switch window of this small layer (2 - 7 rows)
     with _native.isa_cap("avx_vnni"):
         if _native.lib().s24i8_dense_from_rows() == 0:
             pytest.skip("no 2:4 int8 kernel here switches to dense (this CPU lacks AVX-512 VNNI and AVX-VNNI)")

@@ -191,8 +191,8 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
     def _switches(self, m: int) -> bool:
         """True where the 2:4 int8 kernel selected now loses to the dense int8
         kernel at m rows of this layer (the AVX-512 VNNI one without VBMI: from
-        8 rows; the AVX-VNNI one: 2 - 23 rows on layers of >= 4 Mi weights,
-        2 - 63 on smaller ones; the ICL one against the AMX dense kernel: from
+        8 rows; the AVX-VNNI one: 2 - 13 rows on layers of >= 4 Mi weights,
+        2 - 7 on smaller ones; the ICL one against the AMX dense kernel: from
         9), so the module runs that one, on a dense packing built on first use
         (about 1.6x the sparse weight memory). Asked per call: the ISA cap
         (PYACCEL_CPU_ISA, pyaccel._native.isa_cap) may change after packing."""
