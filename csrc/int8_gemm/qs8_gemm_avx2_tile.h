@@ -58,10 +58,8 @@ inline void store_full8(const GemmArgs& g, __m256i acc, float sa, __m256 vw, __m
     _mm256_storeu_ps(static_cast<float*>(g.c) + m * g.ldc + n0, v);
 }
 
-// One row's 8 channels n0 .. (clipped to n). All 8 valid: straight vector
-// loads of the scales and bias (copying them with a variable-length memcpy, a
-// library call, made the epilogue cost as much as the multiplies of a K = 384
-// tile); fewer: through zero-padded copies.
+// One row's 8 channels n0 .. (clipped to n): all 8 valid, straight vector
+// loads of the scales and bias; fewer, through zero-padded copies.
 inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t n0) {
   const int64_t left = g.n - n0;
   if (left <= 0) return;
@@ -70,30 +68,19 @@ inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t 
     store_full8(g, acc, sa, _mm256_loadu_ps(g.w_scale + n0), vb, m, n0);
     return;
   }
-  alignas(32) float tmp[8];
+  const int cnt = static_cast<int>(left);
   alignas(32) float ws[8] = {0}, bs[8] = {0};
-  const int cnt = left >= 8 ? 8 : static_cast<int>(left);
   std::memcpy(ws, g.w_scale + n0, cnt * 4);
   if (g.bias) std::memcpy(bs, g.bias + n0, cnt * 4);
   const __m256 v = scale8(g, acc, sa, _mm256_load_ps(ws), _mm256_load_ps(bs));
   if (g.c_bf16) {
-    uint16_t* c = static_cast<uint16_t*>(g.c) + m * g.ldc + n0;
-    const __m128i h = cvt_fp32_bf16(v);
-    if (cnt == 8) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(c), h);
-    } else {
-      alignas(16) uint16_t th[8];
-      _mm_store_si128(reinterpret_cast<__m128i*>(th), h);
-      std::memcpy(c, th, cnt * 2);
-    }
+    alignas(16) uint16_t th[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(th), cvt_fp32_bf16(v));
+    std::memcpy(static_cast<uint16_t*>(g.c) + m * g.ldc + n0, th, cnt * 2);
   } else {
-    float* c = static_cast<float*>(g.c) + m * g.ldc + n0;
-    if (cnt == 8) {
-      _mm256_storeu_ps(c, v);
-    } else {
-      _mm256_store_ps(tmp, v);
-      std::memcpy(c, tmp, cnt * 4);
-    }
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    std::memcpy(static_cast<float*>(g.c) + m * g.ldc + n0, tmp, cnt * 4);
   }
 }
 

@@ -188,7 +188,7 @@ inline void store_row_tile(const ColsArgs& a, const float* sums, int64_t h0, int
     S24D_FMA(3, c, w1, o1) S24D_FMA(4, c, w1, o1) S24D_FMA(5, c, w1, o1)                           \
   }
 
-// 2-channel tiles u0 .. u1 (channels 2u, 2u + 1) x half slabs [h0, h0 + H),
+// 2-channel tiles [u0, u1) (channels 2u, 2u + 1) x half slabs [h0, h0 + H),
 // groups [gb, ge); `part`: their sums (2 * H * 8 floats a tile, in order),
 // added to unless `first`
 template <int H>
@@ -276,7 +276,9 @@ void s24_gemm_cols_4x16_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* p
 // the driver and cols_part_avx2 expect), each run as two 2-channel tiles. Row
 // tiles: up to 6 half slabs, heights balanced (16 halves -> 6, 5, 5). Heights
 // 1 - 2 occur only in a pass of <= 16 rows (K past ~130k inputs: the driver's
-// passes of <= 8 MiB of transposed x).
+// passes of <= 8 MiB of transposed x). `part` holds every 2-channel tile's
+// 2 x h x 8 sums, row tile by row tile: 16 x halves floats per tile, within
+// cols_part_avx2's 64 per 4 channels and 16 rows.
 void s24_gemm_cols_2x48_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* part) {
   const int64_t halves = (a.m + 7) / 8;
   const int64_t tiles_n = (a.n + 3) / 4;
@@ -293,7 +295,7 @@ void s24_gemm_cols_2x48_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* p
       const int64_t h = halves / row_tiles + (rt < halves % row_tiles ? 1 : 0);
       // 4 units (8 channels) a call; each 8 channels' rows leave as soon as
       // their tiles are done, so that the stores drain while the next tiles compute
-      for (int64_t u = 2 * t0; u < units_end; u += 4, p += 64 * h) {
+      for (int64_t u = 2 * t0; u < units_end;) {
         const int64_t ue = u + 4 < units_end ? u + 4 : units_end;
         switch (h) {
           case 6: tile2<6>(a, u, ue, h0, gb, ge, first, p); break;
@@ -304,6 +306,8 @@ void s24_gemm_cols_2x48_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* p
           default: tile2<1>(a, u, ue, h0, gb, ge, first, p);
         }
         if (last) store_row_tile(a, p, h0, h, u, ue);
+        p += 16 * h * (ue - u);  // 2 * h * 8 floats a tile: cols_part_avx2 per 4 channels and 16 rows
+        u = ue;
       }
       h0 += h;
     }

@@ -286,6 +286,29 @@ def test_int8_kernels_match_reference(isa, gen, block):
 
 
 @needs_native
+@pytest.mark.parametrize("block", [(12, 8), (20, 4), (16, 16), (17, 3), (1, 4)])
+def test_int8_same_bits_on_every_level(gen, block):
+    """One int8 checkpoint gives the same bits at every ISA level: exact
+    integer sums and the same epilogue arithmetic (block rows of 12 / 20
+    channels end in a full 8 plus a partial group; bias or none; fp32 and
+    bf16 activations and outputs)."""
+    bh, bw = block
+    n, k = 5 * bh + 3, 7 * bw + 1
+    bsw, scale = bsf.quantize_blocks(bsf.compress(_weight(n, k, block, 0.5, gen), block))
+    levels = [lv for lv in _native.ISA_LADDER if _native.isa_supported(lv)]
+    for bias in (None, torch.randn(n, generator=gen)):
+        for dtype in (torch.float32, torch.bfloat16):
+            for m in (1, 2, 5, 13, 40):
+                x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+                outs = {}
+                for lv in levels:
+                    with _native.isa_cap(lv):
+                        outs[lv] = _run_int8(x, bsw, scale, bias)
+                for lv, y in outs.items():
+                    assert torch.equal(y, outs[levels[0]]), (block, lv, levels[0], m, dtype, bias is None)
+
+
+@needs_native
 @pytest.mark.parametrize("block", [(1, 4), (2, 8), (8, 4), (3, 6)])
 def test_int8_small_block_slab_kernel(isa, gen, block):
     """int8 blocks of <= 8 rows with bw % 4 == 0 keep compact values: from 2

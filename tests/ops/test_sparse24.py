@@ -133,7 +133,17 @@ def test_bf16_strided_batched_and_empty(isa, gen, dtype):
 # core families' variants (tuning)
 @pytest.mark.parametrize("m", [16, 23, 24, 32, 40, 47, 48, 56, 64, 100, 145])
 @pytest.mark.parametrize("n,k", [(8, 16), (9, 100), (44, 333), (24, 2100), (150, 260)])
-def test_many_rows_column_kernel(isa, tuning, gen, m, n, k):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_rows_column_kernel(isa, tuning, gen, m, n, k, threads):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_many_rows(gen, m, n, k)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _check_many_rows(gen, m, n, k):
     w = _sparse_weight(n, k, gen)
     vals, meta = _canon(w)
     b = torch.randn(n, generator=gen)
@@ -192,6 +202,44 @@ def test_column_kernel_in_several_passes(isa, tuning, gen):
     x = torch.randn(m, k, generator=gen)
     y = torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, b, s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k)))
     assert_close_k(y, x, w, b)
+
+
+_FRESH_PROCESS_CASES = """
+import sys, torch
+from pyaccel import _native, reference
+from pyaccel.formats import sparse24 as s24
+torch.set_num_threads(int(sys.argv[1]))
+g = torch.Generator().manual_seed(0)
+for m, n, k in ((96, 4, 16), (1000, 12, 333), (100, 20, 256), (145, 44, 333)):
+    w = torch.randn(n, k, generator=g)
+    w = w * s24.mask_24(w)
+    sw = s24.compress(w)
+    x = torch.randn(m, k, generator=g)
+    y = torch.ops.pyaccel.sparse24_linear(x, sw.values, sw.meta, k, None, s24.pack_sparse24(sw))
+    ref = reference.sparse24_linear(x, sw.values, sw.meta, k, None)
+    tol = 4 * torch.finfo(torch.float32).eps * (x.abs() @ w.abs().t()) + 1e-30
+    assert ((y - ref).abs() <= tol).all(), (m, n, k)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("level,tuning_name", [("avx2", "intel"), ("avx2", "amd"), ("avx512", "intel")])
+def test_column_kernel_scratch_in_a_fresh_process(level, tuning_name, threads, tmp_path):
+    """The column kernels' partial-sum scratch is sized per call (it grows and
+    never shrinks per thread, so earlier tests can hide an undersized one):
+    odd channel-tile counts past 48 rows, in a process of their own (the
+    column kernels: AVX2 per tuning, AVX-512)."""
+    import os
+    import subprocess
+    import sys
+
+    if not _native.isa_supported(level):
+        pytest.skip(f"this CPU lacks {level}")
+    env = dict(os.environ, PYACCEL_CPU_ISA=level, PYACCEL_CPU_TUNING=tuning_name, MALLOC_CHECK_="3")
+    r = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_CASES, str(threads)], env=env, capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
 
 
 @settings(max_examples=25, deadline=None)
