@@ -13,9 +13,10 @@
 //
 // 2 x 48 (s24_gemm_cols_2x48_avx2, Intel): 2 channels x up to 6 half slabs
 // (48 rows) = 12 accumulators; each kept weight is a vbroadcastss load
-// (a load port, no shuffle) and feeds up to 6 FMAs. The tiles leave their sums
-// in the `part` scratch; a row tile's outputs go to y 8 channels at a time
-// (store_row_tile), interleaved with the next tiles' work. On Intel cores the
+// (a load port, no shuffle) and feeds up to 6 FMAs. A call runs 4 tiles (8
+// channels), whose sums stay in the `part` scratch; on the last k-block their
+// rows go to y right after the call (store_row_tile), before the next 8
+// channels compute. On Intel cores the
 // vpermilps and the scalar position decoding of the 4 x 16 tile issue on the
 // FMA ports (0, 1, 5); here one decode serves 12 FMAs instead of 4 and there
 // is no shuffle. Measured on Golden Cove cores (a Sapphire Rapids Xeon capped
