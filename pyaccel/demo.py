@@ -11,6 +11,7 @@ from torch import nn
 
 import pyaccel
 import pyaccel.prune
+from pyaccel.bench.baselines import cap_baselines
 from pyaccel.bench.timing import interleaved
 
 
@@ -81,9 +82,16 @@ def main(argv=None) -> int:
     ap.add_argument("--image", type=int, default=224, help="MobileNetV1 input size")
     ap.add_argument("--mobilenet-width", type=float, default=1.0, help="MobileNetV1 width multiplier")
     ap.add_argument("--no-binary", action="store_true", help="skip the binary network (digits BNN) part")
+    ap.add_argument("--baselines-native-isa", action="store_true",
+                    help="when pyaccel runs below the CPU's ISA (PYACCEL_CPU_ISA=avx2 on an AVX-512 CPU, ...), "
+                         "leave torch (torch.ao's FBGEMM, MKL, oneDNN) at the CPU's full ISA; by default it is "
+                         "capped at pyaccel's level, as in python -m pyaccel.bench")
     args = ap.parse_args(argv)
 
-    print(pyaccel.backend_info(), "\n")
+    info = pyaccel.backend_info()
+    print(info, "\n")
+    # before torch's first quantized op, convolution or matmul: each library reads its cap once
+    print(f"baselines: {cap_baselines(info, native=args.baselines_native_isa)}\n")
     model = build_model()
     x = torch.randn(args.tokens, 768)
     with torch.inference_mode():

@@ -10,6 +10,7 @@ def test_demo_runs(capsys):
     assert demo.main(["--budget", "0.05", "--tokens", "2", "--image", "64", "--mobilenet-width", "0.25"]) == 0
     out = capsys.readouterr().out
     assert "pyaccel int8" in out and "2:4 pyaccel (Sparse24Linear)" in out
+    assert "baselines: torch " in out  # capped, as the environment sets it, or at the CPU's full ISA
     assert "13 depthwise-separable blocks fused" in out
     assert "identical predictions: True" in out or "binary network demo skipped" in out
 
@@ -44,6 +45,28 @@ def test_bench_caps_baselines_at_pyaccels_isa():
     assert bench_main.baseline_isa_caps("avx512_icl", "avx512_amx", {}) == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
     assert bench_main.baseline_isa_caps("portable", "avx512_icl", {}) == {}  # no cap for that level
     assert bench_main.baseline_isa_caps("avx2", "avx512_icl", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}) == {}
+
+
+def test_cap_baselines_sets_the_caps_and_names_them():
+    """The bench and the demo cap torch at pyaccel's level through cap_baselines:
+    PYACCEL_CPU_ISA=avx2 on an AVX-512 CPU must not time torch.ao's AVX-512 FBGEMM."""
+    from types import SimpleNamespace
+
+    from pyaccel.bench.baselines import cap_baselines
+
+    env = {}
+    text = cap_baselines(SimpleNamespace(cpu_isa="avx2", cpu_isa_detected="avx512_icl"), environ=env)
+    assert env["FBGEMM_ENABLE_INSTRUCTIONS"] == "AVX2" and env["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
+    assert text.startswith("torch capped at avx2 (") and "FBGEMM_ENABLE_INSTRUCTIONS=AVX2" in text
+    env = {}
+    text = cap_baselines(SimpleNamespace(cpu_isa="avx2", cpu_isa_detected="avx512_icl"), native=True, environ=env)
+    assert env == {} and text == "torch at the CPU's full ISA (avx512_icl)"
+    env = {"ONEDNN_MAX_CPU_ISA": "AVX2"}  # the user's caps win and are named
+    text = cap_baselines(SimpleNamespace(cpu_isa="avx2", cpu_isa_detected="avx512_icl"), environ=env)
+    assert env == {"ONEDNN_MAX_CPU_ISA": "AVX2"} and text == "torch as your environment sets it (ONEDNN_MAX_CPU_ISA=AVX2)"
+    env = {}
+    assert cap_baselines(SimpleNamespace(cpu_isa="avx2", cpu_isa_detected="avx2"), environ=env).endswith("(avx2)")
+    assert env == {}
 
 
 def test_bench_header_names_the_core_behind_a_generic_model_name():

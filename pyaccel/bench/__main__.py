@@ -11,26 +11,8 @@ import torch
 
 import pyaccel
 from pyaccel.bench import binary, block_sparse, common, dwconv, int8, minilm, sparse24
-
-# Environment caps of torch's bundled libraries, each read once, at its first use:
-# FBGEMM (torch.ao quantized linear / conv), oneDNN (fp32 conv), MKL (sgemm),
-# ATen's own vectorized kernels. ONNX Runtime's MLAS has no such cap.
-CAP_VARS = ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
-BASELINE_ISA_CAPS = {"avx2": dict(zip(CAP_VARS, ("AVX2", "AVX2", "AVX2", "avx2"))),
-                     # an AVX-VNNI CPU: oneDNN has an AVX2 + VNNI level, FBGEMM, MKL's sgemm and ATen do not
-                     "avx_vnni": dict(zip(CAP_VARS, ("AVX2", "AVX2_VNNI", "AVX2", "avx2"))),
-                     # pyaccel below its AMX level on an AMX CPU: oneDNN (bf16 matmul, int8) without AMX too
-                     "avx512_icl": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}}
-
-
-def baseline_isa_caps(isa: str, detected: str, environ) -> dict:
-    """Variables that cap torch's baselines at pyaccel's ISA `isa` when pyaccel
-    runs below the CPU's (`detected`, e.g. PYACCEL_CPU_ISA=avx2 on AVX-512): {}
-    at the native level, at levels without a cap, and when `environ` already
-    sets any of them (the user's caps win)."""
-    if isa == detected or any(k in environ for k in CAP_VARS):
-        return {}
-    return dict(BASELINE_ISA_CAPS.get(isa, {}))
+# the caps live in baselines (shared with the demo); re-exported here
+from pyaccel.bench.baselines import CAP_VARS, BASELINE_ISA_CAPS, baseline_isa_caps, cap_baselines  # noqa: F401
 
 
 def measured_peaks(threads: int):
@@ -163,15 +145,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     info = pyaccel.backend_info()
     # before torch's first quantized op / conv / matmul: each library reads its cap once
-    caps = {} if args.baselines_native_isa else baseline_isa_caps(info.cpu_isa, info.cpu_isa_detected, os.environ)
-    os.environ.update(caps)
-    user_caps = {k: os.environ[k] for k in CAP_VARS if k in os.environ and k not in caps}
-    if caps:
-        base = f"torch capped at {info.cpu_isa} ({', '.join(f'{k}={v}' for k, v in caps.items())})"
-    elif user_caps:
-        base = f"torch as your environment sets it ({', '.join(f'{k}={v}' for k, v in user_caps.items())})"
-    else:
-        base = f"torch at the CPU's full ISA ({info.cpu_isa_detected})"
+    base = cap_baselines(info, native=args.baselines_native_isa)
     g8, mix8, g32, mix32 = measured_peaks(torch.get_num_threads())
     src8 = "given" if args.peak_gops else f"measured now: {mix8}"
     src32 = "given" if args.fp32_peak else f"measured now: {mix32}"

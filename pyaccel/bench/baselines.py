@@ -12,6 +12,43 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
+# Environment caps of torch's bundled libraries, each read once, at its first use:
+# FBGEMM (torch.ao quantized linear / conv), oneDNN (fp32 conv), MKL (sgemm),
+# ATen's own vectorized kernels. ONNX Runtime's MLAS has no such cap.
+CAP_VARS = ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+BASELINE_ISA_CAPS = {"avx2": dict(zip(CAP_VARS, ("AVX2", "AVX2", "AVX2", "avx2"))),
+                     # an AVX-VNNI CPU: oneDNN has an AVX2 + VNNI level, FBGEMM, MKL's sgemm and ATen do not
+                     "avx_vnni": dict(zip(CAP_VARS, ("AVX2", "AVX2_VNNI", "AVX2", "avx2"))),
+                     # pyaccel below its AMX level on an AMX CPU: oneDNN (bf16 matmul, int8) without AMX too
+                     "avx512_icl": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}}
+
+
+def baseline_isa_caps(isa: str, detected: str, environ) -> dict:
+    """Variables that cap torch's baselines at pyaccel's ISA `isa` when pyaccel
+    runs below the CPU's (`detected`, e.g. PYACCEL_CPU_ISA=avx2 on AVX-512): {}
+    at the native level, at levels without a cap, and when `environ` already
+    sets any of them (the user's caps win)."""
+    if isa == detected or any(k in environ for k in CAP_VARS):
+        return {}
+    return dict(BASELINE_ISA_CAPS.get(isa, {}))
+
+
+def cap_baselines(info, native: bool = False, environ=None) -> str:
+    """Cap torch's baselines at the ISA level pyaccel runs at (`info`:
+    pyaccel.backend_info()) by setting baseline_isa_caps() in `environ`
+    (os.environ by default) unless `native`; call it before torch's first
+    quantized op, convolution or matmul. Returns the description the bench and
+    demo headers print."""
+    environ = os.environ if environ is None else environ
+    caps = {} if native else baseline_isa_caps(info.cpu_isa, info.cpu_isa_detected, environ)
+    environ.update(caps)
+    user_caps = {k: environ[k] for k in CAP_VARS if k in environ and k not in caps}
+    if caps:
+        return f"torch capped at {info.cpu_isa} ({', '.join(f'{k}={v}' for k, v in caps.items())})"
+    if user_caps:
+        return f"torch as your environment sets it ({', '.join(f'{k}={v}' for k, v in user_caps.items())})"
+    return f"torch at the CPU's full ISA ({info.cpu_isa_detected})"
+
 
 def torch_ao_dynamic(linear: nn.Linear) -> nn.Module:
     """torch.ao.quantization.quantize_dynamic with the x86 (fbgemm) engine."""
