@@ -99,6 +99,18 @@ void linear_cols(const Kernel& kern, const PackedHeader& h, const uint8_t* w, co
 
 constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
 
+// Row split (column kernels): from kRowSplitRows rows per thread, on packed
+// weights of at most kRowSplitMaxBytes, the rows go in chunks (whole 8-row
+// halves, a multiple of nthreads chunks of >= ~kRowSplitChunkRows rows, at most
+// 4 per thread, handed out dynamically), each run over all channels on one
+// thread with its own transposed x, which stays in that core's caches. Split
+// by channels instead, every item re-reads all of x, half of it transposed by
+// the other core. Each output's sums are the same either way (same bits).
+// Larger weights keep the channel split: every chunk re-reads all of them.
+constexpr int64_t kRowSplitRows = 48;
+constexpr int64_t kRowSplitMaxBytes = int64_t(16) << 20;
+constexpr int64_t kRowSplitChunkRows = 96;
+
 }  // namespace
 
 const Kernel& select_kernel() {
@@ -115,6 +127,20 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
   const int64_t kp = h.groups_pad * 4;
   if (m * h.n_pad * kp < kMinParallelMacs) nthreads = 1;  // dense-equivalent work, as int8_gemm
   if (use_cols(kern, m)) {
+    const int64_t wbytes = h.n_pad * h.groups_pad * (2 * 4 + 1);
+    if (nthreads > 1 && m >= kRowSplitRows * nthreads && wbytes <= kRowSplitMaxBytes) {
+      const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
+      const int64_t chunks = nthreads * std::min<int64_t>(4, std::max<int64_t>(1, m / (kRowSplitChunkRows * nthreads)));
+      parallel_two_phase(
+          0, (m + 7) / 8, nthreads, [](int64_t, int64_t) {},
+          [&](int64_t h0, int64_t h1) {
+            const int64_t r0 = 8 * h0, r1 = std::min<int64_t>(m, 8 * h1);
+            linear_cols(kern, h, packed + h.data_offset, static_cast<const char*>(x) + r0 * ldx * xsize, ldx,
+                        x_bf16, r1 - r0, k, bias, static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, 1);
+          },
+          chunks);
+      return;
+    }
     linear_cols(kern, h, packed + h.data_offset, x, ldx, x_bf16, m, k, bias, y, ldy, y_bf16, nthreads);
     return;
   }

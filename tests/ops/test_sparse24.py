@@ -192,16 +192,51 @@ def test_column_kernel_short_passes(tuning, gen):
         assert_close_k(y, x, w, b)
 
 
-def test_column_kernel_in_several_passes(isa, tuning, gen):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_column_kernel_in_several_passes(isa, tuning, gen, threads):
     """Batches past ~8 MiB of x run the column kernel in balanced passes of rows
-    (here K = 4100: passes of <= 496 rows -> 336 + 336 + 328)."""
-    n, k, m = 20, 4100, 1000
+    (here K = 4100: passes of <= 496 rows; one thread: 336 + 336 + 328; two:
+    the row split's 4 chunks of 250 rows, one pass each, as 1100 rows -> 4 x 275)."""
+    n, k = 20, 4100
     w = _sparse_weight(n, k, gen)
     vals, meta = _canon(w)
     b = torch.randn(n, generator=gen)
-    x = torch.randn(m, k, generator=gen)
-    y = torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, b, s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k)))
-    assert_close_k(y, x, w, b)
+    packed = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (1000, 1100):
+            x = torch.randn(m, k, generator=gen)
+            y = torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, b, packed)
+            assert_close_k(y, x, w, b)
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("m", [96, 97, 100, 191, 200, 383, 777])
+def test_column_kernel_row_split_same_bits(isa, tuning, gen, m):
+    """From 48 rows per thread (packed weights <= 16 MiB) the driver splits the
+    rows over the threads -- chunks of whole 8-row halves, each over all
+    channels with its own transposed x -- instead of the channels: the bits of
+    every output must not change (one thread never splits). Odd row counts
+    leave a partial half in the last chunk; bf16 in and out; strided rows."""
+    n, k = 150, 333
+    w = _sparse_weight(n, k, gen)
+    vals, meta = _canon(w)
+    b = torch.randn(n, generator=gen)
+    packed = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k))
+    x = torch.randn(m, k + 5, generator=gen)[:, 3:k + 3]
+    prev = torch.get_num_threads()
+    try:
+        out = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out[threads] = (torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, b, packed),
+                            torch.ops.pyaccel.sparse24_linear(x.to(torch.bfloat16), vals, meta, k, b, packed))
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(out[1][0], out[2][0]) and torch.equal(out[1][1], out[2][1])
+    assert_close_k(out[2][0], x, w, b)
 
 
 _FRESH_PROCESS_CASES = """
