@@ -124,13 +124,31 @@ inline void tile(const ColsArgs& a, int64_t t, int64_t s, int64_t gb, int64_t ge
 
 // ---- 2 channels x up to 48 rows (Intel) --------------------------------------
 
-// y for the half slabs [h0, h0 + H) of a row tile and channels [2 u0, 2 u1)
-// (clipped to n), bias added, from the tile sums in `sums` (unit u0 + i at
-// sums + 16 H i: [half][channel][8 rows]): 8 channels at a time, transposed
-// 8 x 8 into rows, one 32-byte store per row.
-inline void store_row_tile(const ColsArgs& a, const float* sums, int64_t h0, int64_t H, int64_t u0, int64_t u1) {
-  const int64_t n_end = a.n < 2 * u1 ? a.n : 2 * u1;
-  for (int64_t n0 = 2 * u0; n0 < n_end; n0 += 8) {
+// Where channel `lane` of panel `panel` keeps its position bytes (pp, one per
+// group at pos_at(j) of each block, up to pp_end) and values (vp: v0_at(j) / 4,
+// v1_at(j) / 4) over the blocks of groups [gb, ge).
+struct ChannelStream {
+  const uint8_t* pp;
+  const uint8_t* pp_end;
+  const float* vp;
+  ChannelStream(const ColsArgs& a, int64_t panel, int64_t lane, int64_t gb, int64_t ge) {
+    const uint8_t* const blk = a.w + (panel * (a.groups_pad / kBlockGroups) + gb / kBlockGroups) * kBlockBytes;
+    pp = blk + lane;
+    pp_end = pp + (ge - gb) / kBlockGroups * kBlockBytes;
+    vp = reinterpret_cast<const float*>(blk) + lane;
+  }
+  void next() { pp += kBlockBytes, vp += kBlockBytes / 4; }
+};
+
+// y for the half slabs [h0, h0 + H) of a row tile and channels [c0, c1)
+// (clipped to n), bias added, from the tile sums in `sums`:
+// 2-channel tiles (OneChannel false: unit i at sums + 16 H i, [half][channel][8
+// rows]) or 1-channel ones (channel c0 + i at sums + 8 H i, [half][8 rows]).
+// 8 channels at a time, transposed 8 x 8 into rows, one 32-byte store per row.
+template <bool OneChannel>
+inline void store_row_tile(const ColsArgs& a, const float* sums, int64_t h0, int64_t H, int64_t c0, int64_t c1) {
+  const int64_t n_end = a.n < c1 ? a.n : c1;
+  for (int64_t n0 = c0; n0 < n_end; n0 += 8) {
     const int cols = n_end - n0 < 8 ? static_cast<int>(n_end - n0) : 8;
     __m256 bias = _mm256_setzero_ps();
     if (a.bias && cols == 8) {
@@ -140,12 +158,14 @@ inline void store_row_tile(const ColsArgs& a, const float* sums, int64_t h0, int
       for (int c = 0; c < cols; ++c) b[c] = a.bias[n0 + c];
       bias = _mm256_load_ps(b);
     }
-    const float* unit = sums + (n0 - 2 * u0) / 2 * 16 * H;  // channels n0, n0 + 1
+    const float* first = sums + (n0 - c0) * 8 * H;  // channel n0's sums (either layout)
     for (int64_t h = 0; h < H; ++h) {
       const int64_t m = (h0 + h) * 8;
       __m256 r[8];
-      for (int c = 0; c < 8; ++c)
-        r[c] = c < cols ? _mm256_load_ps(unit + (c >> 1) * 16 * H + (2 * h + (c & 1)) * 8) : _mm256_setzero_ps();
+      for (int c = 0; c < 8; ++c) {
+        const int64_t at = OneChannel ? c * 8 * H + h * 8 : (c >> 1) * 16 * H + (2 * h + (c & 1)) * 8;
+        r[c] = c < cols ? _mm256_load_ps(first + at) : _mm256_setzero_ps();
+      }
       transpose8x8(r);  // r[i]: row m + i, channels n0 .. n0 + 8
       const int rows = a.m - m < 8 ? static_cast<int>(a.m - m) : 8;
       for (int i = 0; i < rows; ++i) {
@@ -195,7 +215,6 @@ inline void store_row_tile(const ColsArgs& a, const float* sums, int64_t h0, int
 template <int H>
 inline void tile2(const ColsArgs& a, int64_t u0, int64_t u1, int64_t h0, int64_t gb, int64_t ge, bool first,
                   float* part) {
-  const int64_t blocks = a.groups_pad / kBlockGroups;
   // half slab h's lines: slab (h0 + h) / 2, +32 bytes for an odd half (rows 8 - 15)
   auto half = [&](int h) {
     const int64_t hh = h0 + (h < H ? h : 0);
@@ -206,12 +225,10 @@ inline void tile2(const ColsArgs& a, int64_t u0, int64_t u1, int64_t h0, int64_t
   constexpr int64_t kStep = kBlockGroups * 4 * 64;
   for (int64_t u = u0; u < u1; ++u, part += 16 * H) {
     S24D_ALL(S24D_DECL)
-    const int64_t lane = (u & 7) * 2;
-    const uint8_t* const blk = a.w + ((u >> 3) * blocks + gb / kBlockGroups) * kBlockBytes;
-    // the channel's position bytes and values in each block
-    const uint8_t* pp = blk + lane;
-    const uint8_t* const pp_end = pp + (ge - gb) / kBlockGroups * kBlockBytes;
-    const float* vp = reinterpret_cast<const float*>(blk) + lane;
+    const ChannelStream cs(a, u >> 3, (u & 7) * 2, gb, ge);
+    const uint8_t* pp = cs.pp;
+    const uint8_t* const pp_end = cs.pp_end;
+    const float* vp = cs.vp;
     const char *x0 = b0, *x1 = b1, *x2 = b2, *x3 = b3, *x4 = b4, *x5 = b5;
     for (; pp < pp_end; pp += kBlockBytes, vp += kBlockBytes / 4) {
 #pragma GCC unroll 4
@@ -221,6 +238,65 @@ inline void tile2(const ColsArgs& a, int64_t u0, int64_t u1, int64_t h0, int64_t
       x0 += kStep, x1 += kStep, x2 += kStep, x3 += kStep, x4 += kStep, x5 += kStep;
     }
     S24D_ALL(S24D_SAVE)
+  }
+}
+
+// ---- 1 channel x 7 - 10 half slabs (Intel, row tiles past 48 rows) -----------
+// One decoded position serves H FMAs (8 at 64 rows, where 2-channel tiles of
+// 4 + 4 halves give 4): H accumulators, each kept weight a vbroadcastss and H
+// memory-operand FMAs. Half h of the tile is half slab h0 + h: slab
+// (h0 + h) / 2, +32 bytes when h0 + h is odd (Odd = h0 & 1), so 6 slab bases
+// serve all 10 halves.
+#define S24E_ALL(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7) OP(8) OP(9)
+#define S24E_DECL(h) __m256 c##h = (H <= h || first) ? _mm256_setzero_ps() : _mm256_load_ps(part + h * 8);
+#define S24E_SAVE(h) \
+  if (H > h) _mm256_store_ps(part + h * 8, c##h);
+// half h's slab pointer, picked at compile time (named variables: GCC kept
+// an array of them in a vector register and extracted them every block)
+#define S24E_X(h)                                                                                     \
+  ((h + Odd) / 2 == 0 ? x0 : (h + Odd) / 2 == 1 ? x1 : (h + Odd) / 2 == 2 ? x2 : (h + Odd) / 2 == 3 ? x3 \
+   : (h + Odd) / 2 == 4 ? x4 : x5)
+#define S24E_FMA(h, w, o) \
+  if (H > h) fma231(c##h, w, S24E_X(h) + j * 256 + 32 * ((h + Odd) & 1) + (o));
+
+// channels [c0, c1) x half slabs [h0, h0 + H) (h0 & 1 == Odd), groups [gb, ge);
+// `part`: 8 * H sums per channel, in order, added to unless `first`
+template <int H, int Odd>
+inline void tile1(const ColsArgs& a, int64_t c0, int64_t c1, int64_t h0, int64_t gb, int64_t ge, bool first,
+                  float* part) {
+  static_assert(H >= 1 && H <= 10, "1 - 10 half slabs");
+  constexpr int kSlabs = (H + Odd + 1) / 2;
+  auto slab = [&](int i) {
+    return reinterpret_cast<const char*>(a.xt + ((h0 >> 1) + (i < kSlabs ? i : 0)) * slab_floats(a.kp) + gb * 4 * 16);
+  };
+  const char *const b0 = slab(0), *const b1 = slab(1), *const b2 = slab(2), *const b3 = slab(3),
+             *const b4 = slab(4), *const b5 = slab(5);
+  constexpr int64_t kStep = kBlockGroups * 4 * 64;
+  for (int64_t c = c0; c < c1; ++c, part += 8 * H) {
+    S24E_ALL(S24E_DECL)
+    const char *x0 = b0, *x1 = b1, *x2 = b2, *x3 = b3, *x4 = b4, *x5 = b5;
+    for (ChannelStream cs(a, c / kPanel, c & (kPanel - 1), gb, ge); cs.pp < cs.pp_end; cs.next()) {
+      const uint8_t* const pp = cs.pp;
+      const float* const vp = cs.vp;
+#pragma GCC unroll 4
+      for (int j = 0; j < kBlockGroups; ++j) {
+        const uint32_t pb = pp[pos_at(j)];
+        const uint64_t o0 = pb & 0xC0u, o1 = 4 * (pb & 0x30u);
+        const __m256 w0 = _mm256_broadcast_ss(vp + v0_at(j) / 4);
+        const __m256 w1 = _mm256_broadcast_ss(vp + v1_at(j) / 4);
+        S24E_FMA(0, w0, o0) S24E_FMA(1, w0, o0) S24E_FMA(2, w0, o0) S24E_FMA(3, w0, o0) S24E_FMA(4, w0, o0)
+        S24E_FMA(5, w0, o0) S24E_FMA(6, w0, o0) S24E_FMA(7, w0, o0) S24E_FMA(8, w0, o0) S24E_FMA(9, w0, o0)
+        S24E_FMA(0, w1, o1) S24E_FMA(1, w1, o1) S24E_FMA(2, w1, o1) S24E_FMA(3, w1, o1) S24E_FMA(4, w1, o1)
+        S24E_FMA(5, w1, o1) S24E_FMA(6, w1, o1) S24E_FMA(7, w1, o1) S24E_FMA(8, w1, o1) S24E_FMA(9, w1, o1)
+      }
+      x0 += kStep;
+      if (kSlabs > 1) x1 += kStep;
+      if (kSlabs > 2) x2 += kStep;
+      if (kSlabs > 3) x3 += kStep;
+      if (kSlabs > 4) x4 += kStep;
+      if (kSlabs > 5) x5 += kStep;
+    }
+    S24E_ALL(S24E_SAVE)
   }
 }
 
@@ -274,18 +350,24 @@ void s24_gemm_cols_4x16_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* p
 }
 
 // Channel tiles are 4 channels here too ([t0, t1) counts quarter panels, as
-// the driver and cols_part_avx2 expect), each run as two 2-channel tiles. Row
-// tiles: up to 6 half slabs, heights balanced (16 halves -> 6, 5, 5). Heights
+// the driver and cols_part_avx2 expect). Row tiles, heights balanced: up to 6
+// half slabs run as 2-channel tiles (tile2); past 6 halves, tiles of up to 10,
+// those of 7 - 10 halves as 1-channel tiles (tile1: 16 halves -> 8 + 8, 14 ->
+// 7 + 7, 12 -> 6 + 6 as 2-channel tiles). Measured on Golden Cove (one
+// thread, kernel alone, K = 384 - 1536): 1-channel tiles of 8 + 8 halves ran
+// 1.05 - 1.07x the 2-channel 6 + 5 + 5 at 128 rows, 8 halves 1.07 - 1.10x
+// 4 + 4 at 64 rows; 12 halves as one 1-channel tile 0.96x 6 + 6. Heights
 // 1 - 2 occur only in a pass of <= 16 rows (K past ~130k inputs: the driver's
-// passes of <= 8 MiB of transposed x). `part` holds every 2-channel tile's
-// 2 x h x 8 sums, row tile by row tile: 16 x halves floats per tile, within
-// cols_part_avx2's 64 per 4 channels and 16 rows.
+// passes of <= 8 MiB of transposed x). `part` holds every tile's sums, row
+// tile by row tile: 8 x halves floats per channel, within cols_part_avx2's 64
+// per 4 channels and 16 rows.
 void s24_gemm_cols_2x48_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* part) {
   const int64_t halves = (a.m + 7) / 8;
   const int64_t tiles_n = (a.n + 3) / 4;
   if (t1 > tiles_n) t1 = tiles_n;
   const int64_t units_end = (a.n + 1) / 2 < 2 * t1 ? (a.n + 1) / 2 : 2 * t1;  // 2-channel tiles
-  const int64_t row_tiles = (halves + 5) / 6;
+  const int64_t c_end = a.n < 4 * t1 ? a.n : 4 * t1;                            // 1-channel tiles
+  const int64_t row_tiles = halves <= 6 ? 1 : (halves + 9) / 10;
   const int64_t kcg = a.kc_groups;
   for (int64_t gb = 0; gb < a.groups_pad; gb += kcg) {
     const int64_t ge = gb + kcg < a.groups_pad ? gb + kcg : a.groups_pad;
@@ -294,21 +376,40 @@ void s24_gemm_cols_2x48_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* p
     int64_t h0 = 0;
     for (int64_t rt = 0; rt < row_tiles; ++rt) {
       const int64_t h = halves / row_tiles + (rt < halves % row_tiles ? 1 : 0);
-      // 4 units (8 channels) a call; each 8 channels' rows leave as soon as
-      // their tiles are done, so that the stores drain while the next tiles compute
-      for (int64_t u = 2 * t0; u < units_end;) {
-        const int64_t ue = u + 4 < units_end ? u + 4 : units_end;
-        switch (h) {
-          case 6: tile2<6>(a, u, ue, h0, gb, ge, first, p); break;
-          case 5: tile2<5>(a, u, ue, h0, gb, ge, first, p); break;
-          case 4: tile2<4>(a, u, ue, h0, gb, ge, first, p); break;
-          case 3: tile2<3>(a, u, ue, h0, gb, ge, first, p); break;
-          case 2: tile2<2>(a, u, ue, h0, gb, ge, first, p); break;
-          default: tile2<1>(a, u, ue, h0, gb, ge, first, p);
+      // 8 channels a call; their rows leave as soon as their tiles are done,
+      // so that the stores drain while the next tiles compute
+      if (h >= 7) {
+        for (int64_t c = 4 * t0; c < c_end;) {
+          const int64_t ce = c + 8 < c_end ? c + 8 : c_end;
+          // (the taller tiles come first, so a 10-half tile never starts at an odd half)
+          switch (h * 2 + (h0 & 1)) {
+            case 14: tile1<7, 0>(a, c, ce, h0, gb, ge, first, p); break;
+            case 15: tile1<7, 1>(a, c, ce, h0, gb, ge, first, p); break;
+            case 16: tile1<8, 0>(a, c, ce, h0, gb, ge, first, p); break;
+            case 17: tile1<8, 1>(a, c, ce, h0, gb, ge, first, p); break;
+            case 18: tile1<9, 0>(a, c, ce, h0, gb, ge, first, p); break;
+            case 19: tile1<9, 1>(a, c, ce, h0, gb, ge, first, p); break;
+            default: tile1<10, 0>(a, c, ce, h0, gb, ge, first, p);
+          }
+          if (last) store_row_tile<true>(a, p, h0, h, c, ce);
+          p += 8 * h * (ce - c);
+          c = ce;
         }
-        if (last) store_row_tile(a, p, h0, h, u, ue);
-        p += 16 * h * (ue - u);  // 2 * h * 8 floats a tile: cols_part_avx2 per 4 channels and 16 rows
-        u = ue;
+      } else {
+        for (int64_t u = 2 * t0; u < units_end;) {
+          const int64_t ue = u + 4 < units_end ? u + 4 : units_end;
+          switch (h) {
+            case 6: tile2<6>(a, u, ue, h0, gb, ge, first, p); break;
+            case 5: tile2<5>(a, u, ue, h0, gb, ge, first, p); break;
+            case 4: tile2<4>(a, u, ue, h0, gb, ge, first, p); break;
+            case 3: tile2<3>(a, u, ue, h0, gb, ge, first, p); break;
+            case 2: tile2<2>(a, u, ue, h0, gb, ge, first, p); break;
+            default: tile2<1>(a, u, ue, h0, gb, ge, first, p);
+          }
+          if (last) store_row_tile<false>(a, p, h0, h, 2 * u, 2 * ue);
+          p += 16 * h * (ue - u);  // 2 * h * 8 floats a tile
+          u = ue;
+        }
       }
       h0 += h;
     }

@@ -123,15 +123,18 @@ def test_bf16_strided_batched_and_empty(isa, gen, dtype):
         assert ((y.float() - ref.float()).abs() <= tol).all()
 
 
-# the column kernel: slab counts 1 - 10, a partial last slab, row tiles of
-# 1 / 2 / 3 slabs (AVX2 on Intel: 3 - 6 half slabs, 56 rows -> 4, 3 and
-# 145 rows = 19 halves -> 5, 5, 5, 4), channels not a multiple of 8 (a tile past n; odd n: a 2-channel
-# tile with one channel; n = 150: the Intel tile's rows leave 8 channels at a time, from items
-# of channel tiles that start and end off those 8-channel steps), K past one k-block (partial sums between blocks, an
-# uneven last block: AVX2 blocks K at 64 groups (32 on Intel), so k = 333 runs
-# 44 + 40 there (28 + 28 + 28 there); AVX-512 at 128 from 512, k = 2100); both
-# core families' variants (tuning)
-@pytest.mark.parametrize("m", [16, 23, 24, 32, 40, 47, 48, 56, 64, 100, 145])
+# the column kernel: slab counts 1 - 14, a partial last slab, row tiles of
+# 1 / 2 / 3 slabs (AVX2 on Intel: 1 - 6 half slabs as 2-channel tiles, 7 - 10
+# as 1-channel tiles, either starting at an odd half: 56 rows -> 7 halves,
+# 100 -> 13 = 7 + 6, 112 -> 7 + 7, 136 -> 9 + 8, 145 -> 10 + 9, 216 -> 9 + 9 + 9;
+# with 2 threads from 96 rows, the row split's chunks of 44 - 112 rows),
+# channels not a multiple of 8 (a tile past n; odd n: a 2-channel tile with one
+# channel; n = 150: the Intel tile's rows leave 8 channels at a time, from items
+# of channel tiles that start and end off those 8-channel steps), K past one
+# k-block (partial sums between blocks, an uneven last block: AVX2 blocks K at
+# 64 groups (32 on Intel), so k = 333 runs 44 + 40 there (28 + 28 + 28 there);
+# AVX-512 at 128 from 512, k = 2100); both core families' variants (tuning)
+@pytest.mark.parametrize("m", [16, 23, 24, 32, 40, 47, 48, 56, 64, 100, 112, 136, 145, 216])
 @pytest.mark.parametrize("n,k", [(8, 16), (9, 100), (44, 333), (24, 2100), (150, 260)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_many_rows_column_kernel(isa, tuning, gen, m, n, k, threads):
