@@ -100,10 +100,12 @@ void linear_cols(const Kernel& kern, const PackedHeader& h, const uint8_t* w, co
 constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
 
 // Row split (column kernels): from kRowSplitRows rows per thread, on packed
-// weights of at most kRowSplitMaxBytes, the rows go in chunks (whole 8-row
-// halves, a multiple of nthreads chunks of >= ~kRowSplitChunkRows rows, at most
-// 4 per thread, handed out dynamically), each run over all channels on one
-// thread with its own transposed x, which stays in that core's caches. Split
+// weights of at most kRowSplitMaxBytes, the rows go in chunks of whole 8-row
+// halves, handed out dynamically: nthreads chunks below 2 kRowSplitChunkRows
+// rows a thread (48 - 191 rows each), else a multiple of nthreads chunks of
+// >= kRowSplitChunkRows rows, at most 4 per thread. Each chunk runs over all
+// channels on one thread with its own transposed x, which stays in that core's
+// caches (in the row passes of linear_cols when it is large). Split
 // by channels instead, every item re-reads all of x, half of it transposed by
 // the other core. Each output's sums are the same either way (same bits).
 // Larger weights keep the channel split: every chunk re-reads all of them.

@@ -197,18 +197,19 @@ def test_column_kernel_short_passes(tuning, gen):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_column_kernel_in_several_passes(isa, tuning, gen, threads):
-    """Batches past ~8 MiB of x run the column kernel in balanced passes of rows
-    (here K = 4100: passes of <= 496 rows; one thread: 336 + 336 + 328; two:
-    the row split's 4 chunks of 250 rows, one pass each, as 1100 rows -> 4 x 275)."""
-    n, k = 20, 4100
-    w = _sparse_weight(n, k, gen)
-    vals, meta = _canon(w)
-    b = torch.randn(n, generator=gen)
-    packed = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k))
+    """Batches past ~8 MiB of x run the column kernel in balanced passes of rows:
+    K = 4100, passes of <= 496 rows (one thread, 1000 rows: 336 + 336 + 328;
+    two threads: the row split's 8 chunks of 120 - 128 rows, one pass each);
+    K = 40000, passes of <= 48 rows (one thread, 200 rows: 4 x 48 + 8; two
+    threads: chunks of 96 and 104 rows, in passes of 48 + 48 and 48 + 48 + 8)."""
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for m in (1000, 1100):
+        for n, k, m in ((20, 4100, 1000), (12, 40000, 200)):
+            w = _sparse_weight(n, k, gen)
+            vals, meta = _canon(w)
+            b = torch.randn(n, generator=gen)
+            packed = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k))
             x = torch.randn(m, k, generator=gen)
             y = torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, b, packed)
             assert_close_k(y, x, w, b)
