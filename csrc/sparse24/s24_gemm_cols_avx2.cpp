@@ -302,35 +302,63 @@ inline void tile1(const ColsArgs& a, int64_t c0, int64_t c1, int64_t h0, int64_t
 
 }  // namespace
 
+namespace {
+
+// A block of 16 rows x 8 inputs at the edge of x (rows past m, inputs past k:
+// zeros) or in bf16: element by element into a buffer, then as pack_block.
+__attribute__((noinline)) void pack_edge_block(const void* x, int64_t ldx, bool x_bf16, int64_t row0, int64_t rows,
+                                               int64_t cols, int64_t k0, float* out) {
+  alignas(32) float buf[8];
+  for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h+8 -> lines [k0 .. k0+8)[8h .. 8h+8)
+    __m256 r[8];
+    for (int i = 0; i < 8; ++i) {
+      const int64_t row = 8 * h + i;
+      if (row >= rows || cols == 0) {
+        r[i] = _mm256_setzero_ps();
+        continue;
+      }
+      if (cols == 8 && !x_bf16) {
+        r[i] = _mm256_loadu_ps(static_cast<const float*>(x) + (row0 + row) * ldx + k0);
+        continue;
+      }
+      for (int c = 0; c < 8; ++c) {
+        float v = 0.f;
+        if (c < cols && x_bf16) {
+          const uint32_t u = uint32_t(static_cast<const uint16_t*>(x)[(row0 + row) * ldx + k0 + c]) << 16;
+          std::memcpy(&v, &u, 4);
+        } else if (c < cols) {
+          v = static_cast<const float*>(x)[(row0 + row) * ldx + k0 + c];
+        }
+        buf[c] = v;
+      }
+      r[i] = _mm256_load_ps(buf);
+    }
+    transpose8x8(r);
+    for (int c = 0; c < 8; ++c) _mm256_store_ps(out + c * 16 + 8 * h, r[c]);
+  }
+}
+
+// 16 whole fp32 rows x 8 inputs (x at the block's first element): two 8 x 8
+// transposes in registers into the 8 lines' halves.
+inline void pack_block(const float* x, int64_t ldx, float* out) {
+  for (int h = 0; h < 2; ++h, x += 8 * ldx) {
+    __m256 r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(x + i * ldx);
+    transpose8x8(r);
+    for (int c = 0; c < 8; ++c) _mm256_store_ps(out + c * 16 + 8 * h, r[c]);
+  }
+}
+
+}  // namespace
+
 void s24_pack_xt_avx2(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t kp, float* xt,
                       int64_t s0, int64_t s1) {
-  for_each_xt_block<8>(m, k, kp, xt, s0, s1, [&](int64_t row0, int64_t rows, int64_t cols, int64_t k0, float* out) {
-    alignas(32) float buf[8];
-    for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h+8 -> lines [k0 .. k0+8)[8h .. 8h+8)
-      __m256 r[8];
-      for (int i = 0; i < 8; ++i) {
-        const int64_t row = 8 * h + i;
-        if (row >= rows || cols == 0) {
-          r[i] = _mm256_setzero_ps();
-        } else if (cols == 8 && !x_bf16) {
-          r[i] = _mm256_loadu_ps(static_cast<const float*>(x) + (row0 + row) * ldx + k0);
-        } else {
-          for (int c = 0; c < 8; ++c) {
-            float v = 0.f;
-            if (c < cols && x_bf16) {
-              const uint32_t u = uint32_t(static_cast<const uint16_t*>(x)[(row0 + row) * ldx + k0 + c]) << 16;
-              std::memcpy(&v, &u, 4);
-            } else if (c < cols) {
-              v = static_cast<const float*>(x)[(row0 + row) * ldx + k0 + c];
-            }
-            buf[c] = v;
-          }
-          r[i] = _mm256_load_ps(buf);
-        }
-      }
-      transpose8x8(r);
-      for (int c = 0; c < 8; ++c) _mm256_store_ps(out + c * 16 + 8 * h, r[c]);
-    }
+  const float* const xf = static_cast<const float*>(x);
+  for_each_xt_block<8>(m, k, kp, xt, s0, s1, [=](int64_t row0, int64_t rows, int64_t cols, int64_t k0, float* out) {
+    if (rows == 16 && cols == 8 && !x_bf16)
+      pack_block(xf + row0 * ldx + k0, ldx, out);
+    else
+      pack_edge_block(x, ldx, x_bf16, row0, rows, cols, k0, out);
   });
 }
 
