@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _helpers import num_threads
 from pyaccel import _native, reference
 from pyaccel.formats import sparse24 as s24
 
@@ -44,6 +45,14 @@ def assert_close_k(y, x, w, bias=None):
 def _canon(w):
     sw = s24.compress(w)
     return sw.values.float(), sw.meta
+
+
+def _layer(n, k, gen):
+    """A random 2:4 layer: dense w, canonical values / meta, bias, packing."""
+    w = _sparse_weight(n, k, gen)
+    vals, meta = _canon(w)
+    b = torch.randn(n, generator=gen)
+    return w, vals, meta, b, s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k))
 
 
 # ---- format -------------------------------------------------------------------------
@@ -94,10 +103,7 @@ def test_a_row_is_the_same_alone_or_in_a_batch(isa, gen, m):
     the same bits whichever row path or tile height it takes, so the result
     cannot move with the thread split (which changes with machine load)."""
     n, k = 40, 300
-    w = _sparse_weight(n, k, gen)
-    vals, meta = _canon(w)
-    b = torch.randn(n, generator=gen)
-    packed = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k))
+    w, vals, meta, b, packed = _layer(n, k, gen)
     x = torch.randn(m, k, generator=gen)
     y = torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, b, packed)
     for i in range(m):
@@ -138,19 +144,12 @@ def test_bf16_strided_batched_and_empty(isa, gen, dtype):
 @pytest.mark.parametrize("n,k", [(8, 16), (9, 100), (44, 333), (24, 2100), (150, 260)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_many_rows_column_kernel(isa, tuning, gen, m, n, k, threads):
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         _check_many_rows(gen, m, n, k)
-    finally:
-        torch.set_num_threads(prev)
 
 
 def _check_many_rows(gen, m, n, k):
-    w = _sparse_weight(n, k, gen)
-    vals, meta = _canon(w)
-    b = torch.randn(n, generator=gen)
-    packed = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k))
+    w, vals, meta, b, packed = _layer(n, k, gen)
     x = torch.randn(m, k + 3, generator=gen)[:, 2:k + 2]  # strided rows
     y = torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, b, packed)
     assert_close_k(y, x, w, b)
@@ -202,19 +201,12 @@ def test_column_kernel_in_several_passes(isa, tuning, gen, threads):
     two threads: the row split's 8 chunks of 120 - 128 rows, one pass each);
     K = 40000, passes of <= 48 rows (one thread, 200 rows: 4 x 48 + 8; two
     threads: chunks of 96 and 104 rows, in passes of 48 + 48 and 48 + 48 + 8)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         for n, k, m in ((20, 4100, 1000), (12, 40000, 200)):
-            w = _sparse_weight(n, k, gen)
-            vals, meta = _canon(w)
-            b = torch.randn(n, generator=gen)
-            packed = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k))
+            w, vals, meta, b, packed = _layer(n, k, gen)
             x = torch.randn(m, k, generator=gen)
             y = torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, b, packed)
             assert_close_k(y, x, w, b)
-    finally:
-        torch.set_num_threads(prev)
 
 
 @pytest.mark.parametrize("m", [96, 97, 100, 191, 200, 383, 777])
@@ -225,20 +217,13 @@ def test_column_kernel_row_split_same_bits(isa, tuning, gen, m):
     every output must not change (one thread never splits). Odd row counts
     leave a partial half in the last chunk; bf16 in and out; strided rows."""
     n, k = 150, 333
-    w = _sparse_weight(n, k, gen)
-    vals, meta = _canon(w)
-    b = torch.randn(n, generator=gen)
-    packed = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k))
+    w, vals, meta, b, packed = _layer(n, k, gen)
     x = torch.randn(m, k + 5, generator=gen)[:, 3:k + 3]
-    prev = torch.get_num_threads()
-    try:
-        out = {}
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    out = {}
+    for threads in (1, 2):
+        with num_threads(threads):
             out[threads] = (torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, b, packed),
                             torch.ops.pyaccel.sparse24_linear(x.to(torch.bfloat16), vals, meta, k, b, packed))
-    finally:
-        torch.set_num_threads(prev)
     assert torch.equal(out[1][0], out[2][0]) and torch.equal(out[1][1], out[2][1])
     assert_close_k(out[2][0], x, w, b)
 
