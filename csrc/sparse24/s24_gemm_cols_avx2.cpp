@@ -21,11 +21,13 @@
 // FMA ports (0, 1, 5); here one decode serves 12 FMAs instead of 4 and there
 // is no shuffle. Measured on Golden Cove cores (a Sapphire Rapids Xeon capped
 // at AVX2, modules, interleaved): 1.05 - 1.17x the 4 x 16 tile at 32 - 128
-// rows on 2 threads, 1.09 - 1.24x on one (the four suite shapes).
+// rows on 2 threads, 1.09 - 1.24x on one (the four suite shapes). Row tiles
+// of 7 - 10 half slabs (past 48 rows) run as 1-channel tiles instead (tile1:
+// one decode feeds 14 - 20 FMAs; see s24_gemm_cols_2x48_avx2).
 //
 // The row-tile AVX2 kernel (s24_gemm_4x8_avx2) needs a permute per FMA and
 // chains two FMAs per accumulator and group; these have no permute on the x
-// side and 8 or 12 independent accumulators.
+// side and 7 - 12 independent accumulators.
 #include <immintrin.h>
 
 #include <cstring>
