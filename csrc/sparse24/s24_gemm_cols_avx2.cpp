@@ -355,13 +355,7 @@ inline void pack_block(const float* x, int64_t ldx, float* out) {
 
 void s24_pack_xt_avx2(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t kp, float* xt,
                       int64_t s0, int64_t s1) {
-  const float* const xf = static_cast<const float*>(x);
-  for_each_xt_block<8>(m, k, kp, xt, s0, s1, [=](int64_t row0, int64_t rows, int64_t cols, int64_t k0, float* out) {
-    if (rows == 16 && cols == 8 && !x_bf16)
-      pack_block(xf + row0 * ldx + k0, ldx, out);
-    else
-      pack_edge_block(x, ldx, x_bf16, row0, rows, cols, k0, out);
-  });
+  pack_xt_blocks<8>(x, ldx, x_bf16, m, k, kp, xt, s0, s1, pack_block, pack_edge_block);
 }
 
 // Channel tiles here are 4 channels: [t0, t1) counts quarter panels.

@@ -150,26 +150,44 @@ inline void tile(const ColsArgs& a, int64_t t, int64_t s0, int64_t gb, int64_t g
 
 }  // namespace
 
-void s24_pack_xt_avx512(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t kp, float* xt,
-                        int64_t s0, int64_t s1) {
-  for_each_xt_block<16>(m, k, kp, xt, s0, s1, [&](int64_t row0, int64_t rows, int64_t cols, int64_t k0, float* out) {
-    const __mmask16 mask = cols >= 16 ? __mmask16(0xffff) : __mmask16((1u << cols) - 1);
-    __m512 r[16];
-    for (int i = 0; i < 16; ++i) {
-      r[i] = _mm512_setzero_ps();
-      if (i < rows && cols > 0) {
-        if (x_bf16) {
-          const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(x) + (row0 + i) * ldx + k0);
-          r[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-        } else {
-          r[i] = _mm512_maskz_loadu_ps(mask, static_cast<const float*>(x) + (row0 + i) * ldx + k0);
-        }
+namespace {
+
+// A block of 16 rows x 16 inputs at the edge of x (rows past m, inputs past
+// k: zeros) or in bf16: masked loads, then as pack_block.
+__attribute__((noinline)) void pack_edge_block(const void* x, int64_t ldx, bool x_bf16, int64_t row0, int64_t rows,
+                                               int64_t cols, int64_t k0, float* out) {
+  const __mmask16 mask = cols >= 16 ? __mmask16(0xffff) : __mmask16((1u << cols) - 1);
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) {
+    r[i] = _mm512_setzero_ps();
+    if (i < rows && cols > 0) {
+      if (x_bf16) {
+        const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(x) + (row0 + i) * ldx + k0);
+        r[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      } else {
+        r[i] = _mm512_maskz_loadu_ps(mask, static_cast<const float*>(x) + (row0 + i) * ldx + k0);
       }
     }
-    __m512 c[16];
-    transpose16x16(r, c);
-    for (int q = 0; q < 16; ++q) _mm512_store_ps(out + q * 16, c[q]);
-  });
+  }
+  __m512 c[16];
+  transpose16x16(r, c);
+  for (int q = 0; q < 16; ++q) _mm512_store_ps(out + q * 16, c[q]);
+}
+
+// 16 whole fp32 rows x 16 inputs (x at the block's first element): one 16 x 16
+// transpose in registers into the 16 lines.
+inline void pack_block(const float* x, int64_t ldx, float* out) {
+  __m512 r[16], c[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(x + i * ldx);
+  transpose16x16(r, c);
+  for (int q = 0; q < 16; ++q) _mm512_store_ps(out + q * 16, c[q]);
+}
+
+}  // namespace
+
+void s24_pack_xt_avx512(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t kp, float* xt,
+                        int64_t s0, int64_t s1) {
+  pack_xt_blocks<16>(x, ldx, x_bf16, m, k, kp, xt, s0, s1, pack_block, pack_edge_block);
 }
 
 void s24_gemm_cols_avx512(const ColsArgs& a, int64_t t0, int64_t t1, float* part) {

@@ -38,6 +38,21 @@ inline void for_each_xt_block(int64_t m, int64_t k, int64_t kp, float* xt, int64
   }
 }
 
+// The ISA files' x transposition: whole fp32 blocks (16 rows x KB inputs) go
+// to full(x at the block's first element, ldx, out), the others (rows past m,
+// inputs past k, bf16) to edge(x, ldx, x_bf16, row0, rows, cols, k0, out), kept
+// out of line so that the loop over blocks inlines the whole-block path.
+template <int KB, typename Full, typename Edge>
+inline void pack_xt_blocks(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t kp, float* xt,
+                           int64_t s0, int64_t s1, const Full& full, const Edge& edge) {
+  const float* const xf = static_cast<const float*>(x);
+  for_each_xt_block<KB>(m, k, kp, xt, s0, s1, [&](int64_t row0, int64_t rows, int64_t cols, int64_t k0, float* out) {
+    if (rows == 16 && cols == KB && !x_bf16)
+      full(xf + row0 * ldx + k0, ldx, out);
+    else
+      edge(x, ldx, x_bf16, row0, rows, cols, k0, out);
+  });
+}
 }  // namespace
 }  // namespace sparse24
 }  // namespace pyaccel
