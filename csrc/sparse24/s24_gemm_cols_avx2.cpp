@@ -302,9 +302,12 @@ inline void tile1(const ColsArgs& a, int64_t c0, int64_t c1, int64_t h0, int64_t
   }
 }
 
-}  // namespace
-
-namespace {
+// rows 8h .. 8h + 8 of a 16-row block (r[i]: row 8h + i, 8 inputs) into the
+// halves [8h, 8h + 8) of the block's 8 lines
+inline void store_transposed_half(__m256 r[8], int h, float* out) {
+  transpose8x8(r);
+  for (int c = 0; c < 8; ++c) _mm256_store_ps(out + c * 16 + 8 * h, r[c]);
+}
 
 // A block of 16 rows x 8 inputs at the edge of x (rows past m, inputs past k:
 // zeros) or in bf16: element by element into a buffer, then as pack_block.
@@ -335,8 +338,7 @@ __attribute__((noinline)) void pack_edge_block(const void* x, int64_t ldx, bool 
       }
       r[i] = _mm256_load_ps(buf);
     }
-    transpose8x8(r);
-    for (int c = 0; c < 8; ++c) _mm256_store_ps(out + c * 16 + 8 * h, r[c]);
+    store_transposed_half(r, h, out);
   }
 }
 
@@ -346,8 +348,7 @@ inline void pack_block(const float* x, int64_t ldx, float* out) {
   for (int h = 0; h < 2; ++h, x += 8 * ldx) {
     __m256 r[8];
     for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(x + i * ldx);
-    transpose8x8(r);
-    for (int c = 0; c < 8; ++c) _mm256_store_ps(out + c * 16 + 8 * h, r[c]);
+    store_transposed_half(r, h, out);
   }
 }
 

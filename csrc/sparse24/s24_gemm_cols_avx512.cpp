@@ -148,9 +148,12 @@ inline void tile(const ColsArgs& a, int64_t t, int64_t s0, int64_t gb, int64_t g
   }
 }
 
-}  // namespace
-
-namespace {
+// a block's 16 rows (r[i]: row i, 16 inputs) into its 16 lines
+inline void store_transposed(const __m512 r[16], float* out) {
+  __m512 c[16];
+  transpose16x16(r, c);
+  for (int q = 0; q < 16; ++q) _mm512_store_ps(out + q * 16, c[q]);
+}
 
 // A block of 16 rows x 16 inputs at the edge of x (rows past m, inputs past
 // k: zeros) or in bf16: masked loads, then as pack_block.
@@ -169,18 +172,15 @@ __attribute__((noinline)) void pack_edge_block(const void* x, int64_t ldx, bool 
       }
     }
   }
-  __m512 c[16];
-  transpose16x16(r, c);
-  for (int q = 0; q < 16; ++q) _mm512_store_ps(out + q * 16, c[q]);
+  store_transposed(r, out);
 }
 
 // 16 whole fp32 rows x 16 inputs (x at the block's first element): one 16 x 16
 // transpose in registers into the 16 lines.
 inline void pack_block(const float* x, int64_t ldx, float* out) {
-  __m512 r[16], c[16];
+  __m512 r[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(x + i * ldx);
-  transpose16x16(r, c);
-  for (int q = 0; q < 16; ++q) _mm512_store_ps(out + q * 16, c[q]);
+  store_transposed(r, out);
 }
 
 }  // namespace
