@@ -89,16 +89,17 @@ def test_nonfinite_rows_give_nan_not_garbage(isa, gen, dtype, k):
     assert torch.equal(y[[0, 2]], reference.int8_linear(x, w.values, w.scale, torch.zeros(9))[[0, 2]])
 
 
-@pytest.mark.parametrize("where", [0, 15, 16, 63, 64, 100, 130, 199])
+@pytest.mark.parametrize("where", [0, 15, 16, 31, 32, 63, 64, 100, 130, 191, 192, 199, 200, 202])
 def test_a_lone_nan_is_caught_anywhere(isa, where):
     """A NaN escapes the running maxima; it must still mark its row -- also in
-    a row of zeros (amax 0) and next to the row maximum."""
-    x = torch.zeros(3, 200)
+    a row of zeros (amax 0) and next to the row maximum. K = 203: 32-value
+    steps, an 8-value step and a scalar tail."""
+    x = torch.zeros(3, 203)
     x[0, where] = float("nan")
-    x[1] = torch.linspace(-2, 3, 200)
+    x[1] = torch.linspace(-2, 3, 203)
     x[1, where] = float("nan")
     x[2, where] = float("nan")
-    x[2, (where + 1) % 200] = 1e30
+    x[2, (where + 1) % 203] = 1e30
     q, s = torch.ops.pyaccel.quantize_per_row(x)
     qr, sr = reference.quantize_per_row(x)
     assert torch.isnan(s).all() and torch.isnan(sr).all()
