@@ -26,7 +26,8 @@ const Kernel kLadder[] = {
      qs8_gemm_4x64c4_avx512bw},
     {Isa::kAvxVnni, "qs8_gemm_6x16c4_avxvnni", 6, 0x80, quantize_rows_avx2, qs8_gemm_6x16c4_avxvnni,
      kAvxVnniRowPathRows},
-    {Isa::kAvx2, "qs8_gemm_6x8c4_avx2", 6, 0x00, quantize_rows_avx2, qs8_gemm_6x8c4_avx2, kAvx2RowPathRows},
+    {Isa::kAvx2, "qs8_gemm_6x8c4_avx2", 6, 0x00, quantize_rows_avx2, qs8_gemm_6x8c4_avx2, kAvx2RowPathRows, kQmax8,
+     false, widen_rows_avx2},
     {Isa::kPortable, "qs8_gemm_1x64c4_scalar", 1, 0x00, quantize_rows_scalar,
      qs8_gemm_1x64c4_scalar},
 };
@@ -57,6 +58,7 @@ LadderChoice<Kernel> g_choice, g_choice7;
 struct Scratch {
   std::vector<int8_t> q;
   std::vector<float> scale;
+  std::vector<int16_t> a16;
 };
 thread_local Scratch t_scratch;
 
@@ -101,15 +103,16 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
   // Below ~0.5M multiply-adds a fork/join (2-3 us) costs more than it saves.
   if (m * h.n_pad * h.k_pad < kMinParallelMacs) nthreads = 1;
   const size_t ysize = y_bf16 ? 2 : 4;
-  quantized_passes(kern.quantize, kern.a_zero, kern.qmax, kern.mr, x, ldx, x_bf16, m, k, h.k_pad, nthreads,
-                   [&](const int8_t* q, const float* qs, int64_t lda, int64_t r0, int64_t rows) {
-                     GemmArgs g{q, lda, qs,
-                                reinterpret_cast<const int8_t*>(packed + h.data_offset),
-                                reinterpret_cast<const int32_t*>(packed + h.comp_offset),
-                                w_scale, bias, static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n,
-                                h.k_pad};
-                     run_gemm(kern, g, h.n_pad, nthreads);
-                   });
+  const WidenRowsFn widen = m > kern.row_path_rows ? kern.widen : nullptr;
+  quantized_passes16(kern.quantize, widen, kern.a_zero, kern.qmax, kern.mr, x, ldx, x_bf16, m, k, h.k_pad, nthreads,
+                     [&](const int8_t* q, const float* qs, int64_t lda, const int16_t* a16, int64_t r0, int64_t rows) {
+                       GemmArgs g{q, lda, qs,
+                                  reinterpret_cast<const int8_t*>(packed + h.data_offset),
+                                  reinterpret_cast<const int32_t*>(packed + h.comp_offset),
+                                  w_scale, bias, static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n,
+                                  h.k_pad, a16, a16_stride(h.k_pad)};
+                       run_gemm(kern, g, h.n_pad, nthreads);
+                     });
 }
 
 QuantScratch quant_scratch(int64_t rows, int64_t lda) {
@@ -117,6 +120,12 @@ QuantScratch quant_scratch(int64_t rows, int64_t lda) {
   if (s.q.size() < static_cast<size_t>(rows * lda)) s.q.resize(rows * lda);
   if (s.scale.size() < static_cast<size_t>(rows)) s.scale.resize(rows);
   return {s.q.data(), s.scale.data()};
+}
+
+int16_t* a16_scratch(int64_t rows, int64_t ld16) {
+  Scratch& s = t_scratch;
+  if (s.a16.size() < static_cast<size_t>(rows * ld16)) s.a16.resize(rows * ld16);
+  return s.a16.data();
 }
 
 void gemm_prequantized(const int8_t* q, int64_t lda, const float* q_scale, int64_t m,

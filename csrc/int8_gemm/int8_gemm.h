@@ -98,9 +98,15 @@ struct GemmArgs {
   int64_t ldc;
   bool c_bf16;
   int64_t m, n, k_pad;
+  // Kernels with Kernel::widen only: the same rows' activations widened to
+  // int16 (row stride ld16), or nullptr (the kernel then widens them itself).
+  const int16_t* a16 = nullptr;
+  int64_t ld16 = 0;
 };
 // Computes rows [m0, m1) for panels [p0, p1).
 using GemmFn = void (*)(const GemmArgs& args, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
+// rows x k_pad quantized activations (row stride lda) -> int16 (row stride ld16).
+using WidenRowsFn = void (*)(const int8_t* a, int64_t lda, int64_t rows, int64_t k_pad, int16_t* out, int64_t ld16);
 // The epilogues' arguments taken from another op's argument struct with the
 // same field names (w_scale, bias, y, ldy, y_bf16), for channels [0, n).
 template <typename G>
@@ -125,6 +131,10 @@ struct Kernel {
   int row_path_rows = 0;  // calls of up to this many rows take the kernel's one-row path (0: none)
   int qmax = kQmax8;      // activations in [-qmax, qmax]: 127, or 63 in the 7-bit ladder
   bool panel_ranges = false;  // calls get ranges of panels (the AMX kernel keeps its rows in L2 across them)
+  // Tiles that multiply int16 activations (the 8-bit AVX2 kernel): the drivers
+  // widen each call's rows once with this (GemmArgs::a16) where the call has
+  // more than row_path_rows rows, instead of every panel's tiles widening them.
+  WidenRowsFn widen = nullptr;
 };
 
 // The 8-bit AVX2 kernel's row path (whole panel per row, in address order)
@@ -157,33 +167,56 @@ const Kernel& select_kernel(int act_bits = 8);
 // fall in the same L1 set.
 inline int64_t a_stride(int64_t k_pad) { return k_pad % 1024 == 0 ? k_pad + 64 : k_pad; }
 
+// Row stride (int16 elements) of widened activations: k_pad, plus 32 when a
+// row is a multiple of 2 KiB, so the 6 rows a tile broadcasts from do not
+// share L1 sets.
+inline int64_t a16_stride(int64_t k_pad) { return (2 * k_pad) % 2048 == 0 ? k_pad + 32 : k_pad; }
+
 // This thread's scratch for rows x lda quantized activations and their scales
-// (grown on demand, reused: large calls do not page-fault a fresh buffer).
+// (grown on demand, reused: large calls do not page-fault a fresh buffer), and
+// for rows x ld16 widened ones (Kernel::widen).
 struct QuantScratch {
   int8_t* q;
   float* scale;
 };
 QuantScratch quant_scratch(int64_t rows, int64_t lda);
+int16_t* a16_scratch(int64_t rows, int64_t ld16);
+void widen_rows_avx2(const int8_t* a, int64_t lda, int64_t rows, int64_t k_pad, int16_t* out, int64_t ld16);
 
 // The int8 GEMMs' activation side (int8_gemm and sparse24_int8): x [m, k]
 // quantized per row into scratch of row stride a_stride(k_pad), in row passes
 // of <= ~8 MiB so that the scratch stays bounded for any batch (the weights
 // are re-read once per pass); gemm(q, q_scale, lda, r0, rows) then runs the
 // pass's rows [r0, r0 + rows).
+// With widen (non-null), the threads also widen the rows they quantized into
+// int16 scratch of row stride a16_stride(k_pad), and gemm gets it:
+// gemm(q, q_scale, lda, a16, r0, rows) (a16 nullptr without widen).
 template <typename Gemm>
-void quantized_passes(QuantizeRowsFn quantize, uint8_t a_zero, int qmax, int64_t mr, const void* x, int64_t ldx,
-                      bool x_bf16, int64_t m, int64_t k, int64_t k_pad, int nthreads, const Gemm& gemm) {
-  const int64_t lda = a_stride(k_pad);
+void quantized_passes16(QuantizeRowsFn quantize, WidenRowsFn widen, uint8_t a_zero, int qmax, int64_t mr,
+                        const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t k_pad, int nthreads,
+                        const Gemm& gemm) {
+  const int64_t lda = a_stride(k_pad), ld16 = a16_stride(k_pad);
   const size_t xsize = x_bf16 ? 2 : 4;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));  // >= ~16K values per thread
   for_each_row_pass(m, lda, kRowPassBytes, 6 * mr, [&](int64_t r0, int64_t r1) {
     const QuantScratch s = quant_scratch(r1 - r0, lda);
+    int16_t* a16 = widen ? a16_scratch(r1 - r0, ld16) : nullptr;
     const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;
     parallel_for(r1 - r0, grain, nthreads, [&](int64_t m0, int64_t m1) {
       quantize(xr, ldx, x_bf16, m0, m1, k, k_pad, lda, a_zero, qmax, s.q, s.scale);
+      if (widen) widen(s.q + m0 * lda, lda, m1 - m0, k_pad, a16 + m0 * ld16, ld16);
     });
-    gemm(s.q, s.scale, lda, r0, r1 - r0);
+    gemm(s.q, s.scale, lda, static_cast<const int16_t*>(a16), r0, r1 - r0);
   });
+}
+
+template <typename Gemm>
+void quantized_passes(QuantizeRowsFn quantize, uint8_t a_zero, int qmax, int64_t mr, const void* x, int64_t ldx,
+                      bool x_bf16, int64_t m, int64_t k, int64_t k_pad, int nthreads, const Gemm& gemm) {
+  quantized_passes16(quantize, nullptr, a_zero, qmax, mr, x, ldx, x_bf16, m, k, k_pad, nthreads,
+                     [&](const int8_t* q, const float* qs, int64_t lda, const int16_t*, int64_t r0, int64_t rows) {
+                       gemm(q, qs, lda, r0, rows);
+                     });
 }
 
 // 8-bit activations (the other int8 families' drivers call this one).

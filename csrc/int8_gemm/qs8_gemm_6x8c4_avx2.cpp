@@ -1,8 +1,9 @@
 // int8 GEMM micro-kernels, AVX2, 8-bit activations (q in [-127, 127]).
 //
 // More rows than the row path takes (kAvx2RowPathRows): a 6-row x 8-channel tile on int16
-// operands. Each call widens its rows' activations to int16 once (a block of
-// rows at a time, L2-sized), each k group's 8 x 4 weights are sign-extended
+// operands. The activations come widened to int16 by the driver, once per call
+// (GemmArgs::a16, Kernel::widen), or each panel widens them (a block of rows
+// at a time, L2-sized) for callers that pass none; each k group's 8 x 4 weights are sign-extended
 // in registers (two vpmovsxbw), and one vpmaddwd multiplies 4 channels x 4 k
 // (16 products, exact int32 pair sums) followed by one vpaddd: 4
 // instructions per 32 products, 2 of them multiplies, against the sign
@@ -35,29 +36,12 @@ struct SignStep {
   static __m256i finish(const GemmArgs&, __m256i acc, int64_t) { return acc; }
 };
 
-// Row stride (int16 elements) of widened activations: k_pad, plus 32 when a
-// row is a multiple of 2 KiB, so the 6 rows a tile broadcasts from do not
-// share L1 sets.
-inline int64_t a16_stride(int64_t k_pad) { return (2 * k_pad) % 2048 == 0 ? k_pad + 32 : k_pad; }
-
 // Widened activations of up to this many bytes per block of rows (L2-resident
 // while the 8 channel groups of a panel run over them).
 constexpr int64_t kA16BlockBytes = 192 << 10;
 
+// The kernel's own widening scratch, for callers that pass no GemmArgs::a16.
 thread_local std::vector<int16_t> t_a16;
-
-// rows x k_pad int8 (row stride lda) -> int16 (row stride ld16); k_pad % 4 == 0.
-void widen_rows(const int8_t* a, int64_t lda, int64_t rows, int64_t k_pad, int16_t* out, int64_t ld16) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const int8_t* src = a + r * lda;
-    int16_t* dst = out + r * ld16;
-    int64_t i = 0;
-    for (; i + 16 <= k_pad; i += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-    for (; i < k_pad; ++i) dst[i] = src[i];
-  }
-}
 
 // c += vpmaddwd(w, a) (inline asm: with intrinsics GCC keeps the 12
 // accumulators of the 6-row tile on the stack).
@@ -155,17 +139,19 @@ inline void tile_w16(const GemmArgs& g, const int16_t* ak16, int64_t ld16, int64
 #undef PYACCEL_W16_STORE
 
 // Rows [m0, m1) x one panel on the int16 tile: rows in L2-sized blocks, each
-// widened once and run by the panel's 8 channel groups in turn.
+// run by the panel's 8 channel groups in turn. The rows come widened
+// (g.a16: the driver widened the call's rows once) or are widened here, a
+// block at a time (each panel then widens them again).
 void gemm_w16(const GemmArgs& g, int64_t m0, int64_t m1, const int8_t* panel, int64_t p) {
   avx2_tile::NextPanelLines pf(g, panel, p);  // the tiles' prefetch of the next panel
-  const int64_t ld16 = a16_stride(g.k_pad);
+  const int64_t ld16 = g.a16 ? g.ld16 : a16_stride(g.k_pad);
   int64_t block = kA16BlockBytes / (2 * ld16) / 6 * 6;
   if (block < 6) block = 6;
-  if (t_a16.size() < static_cast<size_t>(block * ld16)) t_a16.resize(block * ld16);
-  int16_t* a16 = t_a16.data();
+  if (!g.a16 && t_a16.size() < static_cast<size_t>(block * ld16)) t_a16.resize(block * ld16);
   for (int64_t mb = m0; mb < m1; mb += block) {
     const int64_t me = mb + block < m1 ? mb + block : m1;
-    widen_rows(g.a + mb * g.lda, g.lda, me - mb, g.k_pad, a16, ld16);
+    const int16_t* a16 = g.a16 ? g.a16 + mb * ld16 : t_a16.data();
+    if (!g.a16) widen_rows_avx2(g.a + mb * g.lda, g.lda, me - mb, g.k_pad, t_a16.data(), ld16);
     for (int j = 0; j < kPanel / 8; ++j) {
       const int64_t n0 = p * kPanel + 8 * j;
       if (n0 >= g.n) break;
@@ -177,6 +163,19 @@ void gemm_w16(const GemmArgs& g, int64_t m0, int64_t m1, const int8_t* panel, in
 }
 
 }  // namespace
+
+// rows x k_pad int8 (row stride lda) -> int16 (row stride ld16); k_pad % 4 == 0.
+void widen_rows_avx2(const int8_t* a, int64_t lda, int64_t rows, int64_t k_pad, int16_t* out, int64_t ld16) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* src = a + r * lda;
+    int16_t* dst = out + r * ld16;
+    int64_t i = 0;
+    for (; i + 16 <= k_pad; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    for (; i < k_pad; ++i) dst[i] = src[i];
+  }
+}
 
 void qs8_gemm_6x8c4_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const int64_t groups = g.k_pad / kKGroup;
