@@ -103,8 +103,8 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
   // Below ~0.5M multiply-adds a fork/join (2-3 us) costs more than it saves.
   if (m * h.n_pad * h.k_pad < kMinParallelMacs) nthreads = 1;
   const size_t ysize = y_bf16 ? 2 : 4;
-  const WidenRowsFn widen = m > kern.row_path_rows ? kern.widen : nullptr;
-  quantized_passes16(kern.quantize, widen, kern.a_zero, kern.qmax, kern.mr, x, ldx, x_bf16, m, k, h.k_pad, nthreads,
+  quantized_passes16(kern.quantize, kern.widen, kern.row_path_rows, kern.a_zero, kern.qmax, kern.mr, x, ldx, x_bf16,
+                     m, k, h.k_pad, nthreads,
                      [&](const int8_t* q, const float* qs, int64_t lda, const int16_t* a16, int64_t r0, int64_t rows) {
                        GemmArgs g{q, lda, qs,
                                   reinterpret_cast<const int8_t*>(packed + h.data_offset),

@@ -189,22 +189,25 @@ void widen_rows_avx2(const int8_t* a, int64_t lda, int64_t rows, int64_t k_pad, 
 // are re-read once per pass); gemm(q, q_scale, lda, r0, rows) then runs the
 // pass's rows [r0, r0 + rows).
 // With widen (non-null), the threads also widen the rows they quantized into
-// int16 scratch of row stride a16_stride(k_pad), and gemm gets it:
-// gemm(q, q_scale, lda, a16, r0, rows) (a16 nullptr without widen).
+// int16 scratch of row stride a16_stride(k_pad) (counted in the pass's
+// scratch), and gemm gets it: gemm(q, q_scale, lda, a16, r0, rows); a16 is
+// nullptr without widen and in passes of no more than widen_min_rows rows
+// (which the kernel runs on its one-row path).
 template <typename Gemm>
-void quantized_passes16(QuantizeRowsFn quantize, WidenRowsFn widen, uint8_t a_zero, int qmax, int64_t mr,
-                        const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t k_pad, int nthreads,
-                        const Gemm& gemm) {
+void quantized_passes16(QuantizeRowsFn quantize, WidenRowsFn widen, int64_t widen_min_rows, uint8_t a_zero, int qmax,
+                        int64_t mr, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t k_pad,
+                        int nthreads, const Gemm& gemm) {
   const int64_t lda = a_stride(k_pad), ld16 = a16_stride(k_pad);
   const size_t xsize = x_bf16 ? 2 : 4;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));  // >= ~16K values per thread
-  for_each_row_pass(m, lda, kRowPassBytes, 6 * mr, [&](int64_t r0, int64_t r1) {
+  for_each_row_pass(m, lda + (widen ? 2 * ld16 : 0), kRowPassBytes, 6 * mr, [&](int64_t r0, int64_t r1) {
     const QuantScratch s = quant_scratch(r1 - r0, lda);
-    int16_t* a16 = widen ? a16_scratch(r1 - r0, ld16) : nullptr;
+    const WidenRowsFn wid = r1 - r0 > widen_min_rows ? widen : nullptr;
+    int16_t* a16 = wid ? a16_scratch(r1 - r0, ld16) : nullptr;
     const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;
     parallel_for(r1 - r0, grain, nthreads, [&](int64_t m0, int64_t m1) {
       quantize(xr, ldx, x_bf16, m0, m1, k, k_pad, lda, a_zero, qmax, s.q, s.scale);
-      if (widen) widen(s.q + m0 * lda, lda, m1 - m0, k_pad, a16 + m0 * ld16, ld16);
+      if (wid) wid(s.q + m0 * lda, lda, m1 - m0, k_pad, a16 + m0 * ld16, ld16);
     });
     gemm(s.q, s.scale, lda, static_cast<const int16_t*>(a16), r0, r1 - r0);
   });
@@ -213,7 +216,7 @@ void quantized_passes16(QuantizeRowsFn quantize, WidenRowsFn widen, uint8_t a_ze
 template <typename Gemm>
 void quantized_passes(QuantizeRowsFn quantize, uint8_t a_zero, int qmax, int64_t mr, const void* x, int64_t ldx,
                       bool x_bf16, int64_t m, int64_t k, int64_t k_pad, int nthreads, const Gemm& gemm) {
-  quantized_passes16(quantize, nullptr, a_zero, qmax, mr, x, ldx, x_bf16, m, k, k_pad, nthreads,
+  quantized_passes16(quantize, nullptr, 0, a_zero, qmax, mr, x, ldx, x_bf16, m, k, k_pad, nthreads,
                      [&](const int8_t* q, const float* qs, int64_t lda, const int16_t*, int64_t r0, int64_t rows) {
                        gemm(q, qs, lda, r0, rows);
                      });

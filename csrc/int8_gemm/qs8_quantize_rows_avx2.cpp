@@ -93,7 +93,7 @@ void quantize_rows_avx2(const void* x, int64_t ldx, bool x_bf16, int64_t m0, int
       const __m256i c = conv(i);
       const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
       const __m128i w8 = _mm_packs_epi16(w16, w16);
-      vbad = _mm256_or_si256(vbad, _mm256_castsi128_si256(_mm_cmpeq_epi8(w8, _mm256_castsi256_si128(minus128))));
+      vbad = _mm256_or_si256(vbad, _mm256_zextsi128_si256(_mm_cmpeq_epi8(w8, _mm256_castsi256_si128(minus128))));
       _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + i), _mm_add_epi8(w8, _mm256_castsi256_si128(zp)));
     }
     for (; i < k; ++i) {

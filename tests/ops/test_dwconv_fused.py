@@ -381,7 +381,8 @@ def test_int8_pointwise_matches_reference_and_sqnr(isa, gen):
     from pyaccel.nn import FusedDWSeparableInt8Conv2d
 
     for c, co, k, s, hw, n in [(32, 64, 3, 1, (13, 14), 2), (17, 33, 3, 2, (11, 11), 1), (100, 70, 5, 1, (9, 9), 1),
-                               (64, 200, 3, 1, (14, 14), 1), (1, 1, 3, 1, (3, 3), 1), (512, 64, 3, 1, (14, 14), 1)]:
+                               (64, 200, 3, 1, (14, 14), 1), (1, 1, 3, 1, (3, 3), 1), (512, 64, 3, 1, (14, 14), 1),
+                               (1024, 64, 3, 1, (7, 7), 1)]:  # 1024: quantized row stride != k_pad
         f = _random_module(c, co, k, s, act1="relu6", act2="hardswish", gen=gen)
         q = FusedDWSeparableInt8Conv2d.from_float(f)
         x = torch.randn(n, c, *hw, generator=gen)

@@ -91,7 +91,8 @@ def test_accumulator_overflow_boundary(isa):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_matches_reference(isa, gen, dtype, bias):
-    for m, n, k in [(1, 64, 64), (7, 65, 257), (13, 130, 1030), (50, 17, 5), (31, 72, 300)]:
+    # K = 2048: the quantized rows' stride (k_pad + 64) and the widened ones' (k_pad + 32) differ
+    for m, n, k in [(1, 64, 64), (7, 65, 257), (13, 130, 1030), (50, 17, 5), (31, 72, 300), (9, 70, 2048)]:
         w = quantize_weight_per_channel(torch.randn(n, k, generator=gen))
         b = torch.randn(n, generator=gen) if bias else None
         x = torch.randn(m, k, generator=gen).to(dtype)
@@ -196,7 +197,8 @@ def test_k_past_int32_safe_limit_is_refused():
 
 def test_large_batches_run_in_row_passes(isa, gen):
     """Quantized activations are kept per thread for <= ~8 MiB of rows at a
-    time: larger batches run in passes (K = 4096: <= 2016 rows each), with
+    time: larger batches run in passes (K = 4096: <= 2016 rows each; <= 648
+    at avx2, whose int16 copy of the activations counts too), with
     results identical to calling the layer on slices (integer arithmetic and a
     per-row epilogue)."""
     from torch import nn
