@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils.parametrize import is_parametrized
 
-from pyaccel import _native
+from pyaccel import _native, ops
 from pyaccel._linear_source import (
     SourceSkip,
     deepcopy_model,
@@ -493,6 +493,8 @@ def patch(
             ones; 2:4 and block-sparse int8 layers keep 8-bit activations).
             7 is the opt-in faster mode on AVX2-only CPUs (1.4 - 1.6x at 32+
             rows there) at ~5.5 dB lower SQNR (Int8Linear's docstring, README).
+            ValueError for other values (7.0 included); a UserWarning when no
+            such Int8Linear was built (act_bits then changed nothing).
         binary_handoff: False (default) keeps float activations between binary
             layers. True: adjacent XnorConv2d layers in an nn.Sequential (a
             BatchNorm / activation between them folded) hand packed signs to
@@ -535,8 +537,7 @@ def patch(
     given = model
     if not inplace:
         model = deepcopy_model(model)
-    if act_bits not in (8, 7) or isinstance(act_bits, bool):
-        raise ValueError(f"act_bits: expected 8 or 7, got {act_bits!r}")
+    ops.check_act_bits(act_bits)
     ctx = _Context(quantize=quantize, block_sparse=block_sparse, act_bits=act_bits)
     report = PatchReport(model=model)
     # modules an earlier patch put in (reported as such; not those this call swaps in)
@@ -628,6 +629,11 @@ def patch(
         warnings.warn("patch: chains in the model's own forward were fused through torch.fx into a new "
                       "GraphModule; the model passed in has none of those (only fusions inside nn.Sequential "
                       "and single-module swaps happen in place): use report.model", UserWarning, stacklevel=2)
+    if act_bits != 8 and not any(isinstance(m, Int8Linear) and m.act_bits == act_bits
+                                 for m in report.model.modules()):
+        warnings.warn(f"patch: act_bits={act_bits} had no effect: no dense Int8Linear was built (it applies to "
+                      "float layers quantized with quantize='int8' and to torch.ao quantized Linear layers)",
+                      UserWarning, stacklevel=2)
     return report
 
 

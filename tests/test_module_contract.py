@@ -851,7 +851,7 @@ CONV_CASES = [
         bad_values=lambda m: {"dw_weight": _nan_weight(m.dw_weight), "pw_weight": _nan_weight(m.pw_weight)},
         ctor_args=lambda m: (m.in_channels, m.out_channels, m.geometry.kernel, m.geometry.stride,
                              m.geometry.padding, m.geometry.dilation, m.act1, m.act2),
-        edit_name="pw_weight",
+        edit_name="pw_weight", unbatched=True,
     ),
     ConvContractCase(
         "FusedDWSeparableConv2d-k5s2-tf_same", FusedDWSeparableConv2d, "dws",
@@ -860,7 +860,7 @@ CONV_CASES = [
         bad_values=lambda m: {"dw_weight": _nan_weight(m.dw_weight)},
         ctor_args=lambda m: (m.in_channels, m.out_channels, m.geometry.kernel, m.geometry.stride,
                              m.geometry.padding, m.geometry.dilation, m.act1, m.act2),
-        edit_name="dw_weight",
+        edit_name="dw_weight", unbatched=True,
     ),
     ConvContractCase(
         "FusedDWSeparableInt8Conv2d", FusedDWSeparableInt8Conv2d, "dws",
@@ -869,7 +869,7 @@ CONV_CASES = [
         bad_values=lambda m: {"pw_weight_int8": _minus_128(m.pw_weight_int8), "pw_scale": _nan_scale(m.pw_scale)},
         ctor_args=lambda m: (m.in_channels, m.out_channels, m.geometry.kernel, m.geometry.stride,
                              m.geometry.padding, m.geometry.dilation, m.act1, m.act2),
-        edit_name="dw_weight", rel=2e-2,
+        edit_name="dw_weight", rel=2e-2, unbatched=True,
         grad_reference=lambda m, x: reference.dws_conv2d(  # activation quantization passes gradients straight
             x, m.dw_weight, m.dw_bias, (m.pw_weight_int8.float() * m.pw_scale[:, None])[..., None, None], m.bias,
             m.geometry.stride, m.geometry.dilation, m.geometry.pads(x.shape[-2], x.shape[-1]), m.act1, m.act2),

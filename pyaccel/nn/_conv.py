@@ -264,7 +264,8 @@ class PackedConv2d(PackedModule):
             raise TypeError(f"x: expected float32 or bfloat16, got {x.dtype} ({type(self).__name__} computes in "
                             "fp32; its buffers stay fp32 under .double() / .half())")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x: expected [N, {self.in_channels}, H, W], got shape {tuple(x.shape)}")
+            raise ValueError(f"x: expected [N, {self.in_channels}, H, W] (or unbatched [{self.in_channels}, H, W]), "
+                             f"got shape {tuple(x.shape)}")
         self.geometry.out_size(x.shape[2], x.shape[3])
 
     def out_shape(self, x_shape) -> Tuple[int, int, int, int]:
@@ -309,6 +310,8 @@ class PackedConv2d(PackedModule):
         return self._packed is not None
 
     def _general(self, x) -> Tensor:
+        if isinstance(x, Tensor) and x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d takes it
+            return self._general(x.unsqueeze(0)).squeeze(0)
         if type(x) is not Tensor:
             if _fx_proxy(x):  # torch.fx: a leaf call_module node
                 tracer = x.tracer
@@ -328,5 +331,6 @@ class PackedConv2d(PackedModule):
     def forward(self, x: Tensor) -> Tensor:
         """x [N, C, H, W] (float32 or bfloat16, NCHW or channels_last) -> y [N,
         Cout, OH, OW] in x's dtype and memory format (the class docstring gives
-        OH, OW and the errors)."""
+        OH, OW and the errors); an unbatched x [C, H, W] gives y [Cout, OH, OW],
+        as nn.Conv2d does."""
         return self._general(x)

@@ -44,8 +44,9 @@ class FusedDWSeparableConv2d(PackedConv2d):
     [C, 1, kh, kw], dw_bias [C], pw_weight [Cout, C, 1, 1], bias [Cout] or
     None. Non-finite weights are refused (ValueError naming the buffer).
 
-    Input [N, C, H, W] float32 or bfloat16, NCHW or channels_last; output
-    [N, Cout, OH, OW] in the input's dtype and memory format, OH = (H + pad
+    Input [N, C, H, W] float32 or bfloat16, NCHW or channels_last (or
+    unbatched [C, H, W], as nn.Conv2d takes it); output [N, Cout, OH, OW]
+    ([Cout, OH, OW]) in the input's dtype and memory format, OH = (H + pad
     top + pad bottom - dilation * (kh - 1) - 1) // stride + 1 (OW alike;
     "tf_same": ceil(H / stride)). TypeError / ValueError naming ``x`` for
     other inputs (float64 / float16 included: ``.double()`` / ``.half()`` keep

@@ -341,7 +341,9 @@ def test_bad_arguments_name_themselves(gen):
     with pytest.raises(ValueError, match="x"):
         m(torch.randn(1, 9, 5, 5))
     with pytest.raises(ValueError, match="x"):
-        m(torch.randn(8, 5, 5))
+        m(torch.randn(8, 5))
+    with pytest.raises(ValueError, match="x"):
+        m(torch.randn(9, 5, 5))  # unbatched [C, H, W] is taken, with the right C
     with pytest.raises(ValueError, match="x"):
         FusedDWSeparableConv2d(8, 8, 5, padding=0)(torch.randn(1, 8, 3, 3))
     with pytest.raises(ValueError, match="padding"):

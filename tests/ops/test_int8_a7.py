@@ -183,7 +183,7 @@ def test_module_mode_and_state_dict(gen):
 
 def test_bad_act_bits_names_the_argument(gen):
     lin = _lin(gen=gen)
-    for bad in (6, 16, True, "7"):
+    for bad in (6, 16, True, "7", 7.0):
         with pytest.raises(ValueError, match="act_bits"):
             Int8Linear.from_float(lin, act_bits=bad)
         with pytest.raises(ValueError, match="act_bits"):
@@ -205,6 +205,19 @@ def test_op_path_and_patch(gen):
     m = mods[0]
     assert torch.equal(m(x), torch.ops.pyaccel.int8_linear(x, m.weight_int8, m.weight_scale, m.bias, m._packed, 7))
     assert torch.equal(m(x), m._checked_op(x))
+
+
+def test_patch_warns_when_act_bits_changes_nothing(gen):
+    """act_bits=7 applies to the dense Int8Linear layers patch builds; without
+    quantize='int8' (and no torch.ao layers) it would silently do nothing."""
+    import warnings
+
+    with pytest.warns(UserWarning, match="act_bits=7 had no effect"):
+        pyaccel.patch(nn.Sequential(_lin(gen=gen)), act_bits=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pyaccel.patch(nn.Sequential(_lin(gen=gen)), quantize="int8", act_bits=7)
+        pyaccel.patch(nn.Sequential(_lin(gen=gen)))
 
 
 @needs_native
