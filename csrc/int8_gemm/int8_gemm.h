@@ -132,8 +132,8 @@ struct Kernel {
   int qmax = kQmax8;      // activations in [-qmax, qmax]: 127, or 63 in the 7-bit ladder
   bool panel_ranges = false;  // calls get ranges of panels (the AMX kernel keeps its rows in L2 across them)
   // Tiles that multiply int16 activations (the 8-bit AVX2 kernel): the drivers
-  // widen each call's rows once with this (GemmArgs::a16) where the call has
-  // more than row_path_rows rows, instead of every panel's tiles widening them.
+  // widen each row pass of more than row_path_rows rows once with this
+  // (GemmArgs::a16), instead of every panel's tiles widening them.
   WidenRowsFn widen = nullptr;
 };
 
