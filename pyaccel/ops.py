@@ -13,6 +13,7 @@ call :func:`int8_linear_cpu` directly in eager mode and go through
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -31,10 +32,12 @@ def _desc(t) -> str:
 
 
 def check_act_bits(act_bits) -> None:
-    """ValueError unless act_bits is the int 8 (activations in [-127, 127]) or
-    7 ([-63, 63]) (a bool or a float such as 7.0 is refused, as a string is)."""
-    if not isinstance(act_bits, int) or isinstance(act_bits, bool) or act_bits not in reference.ACT_QMAX:
-        raise ValueError(f"act_bits: expected the int 8 or 7, got {act_bits!r}")
+    """ValueError unless act_bits is the integer 8 (activations in [-127, 127])
+    or 7 ([-63, 63]): Python or NumPy ints; a bool, a float such as 7.0 or a
+    string is refused. Callers store int(act_bits)."""
+    if (not isinstance(act_bits, numbers.Integral) or isinstance(act_bits, bool)
+            or int(act_bits) not in reference.ACT_QMAX):
+        raise ValueError(f"act_bits: expected the integer 8 or 7, got {act_bits!r}")
 
 
 def check_int8_linear_args(x, w_int8, w_scale, bias, packed=None, act_bits=8) -> None:

@@ -538,6 +538,7 @@ def patch(
     if not inplace:
         model = deepcopy_model(model)
     ops.check_act_bits(act_bits)
+    act_bits = int(act_bits)
     ctx = _Context(quantize=quantize, block_sparse=block_sparse, act_bits=act_bits)
     report = PatchReport(model=model)
     # modules an earlier patch put in (reported as such; not those this call swaps in)

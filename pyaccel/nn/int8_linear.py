@@ -74,7 +74,7 @@ class Int8Linear(PackedLinear):
     @act_bits.setter
     def act_bits(self, bits: int) -> None:
         ops.check_act_bits(bits)
-        self.__dict__["_act_bits"] = bits
+        self.__dict__["_act_bits"] = int(bits)
         if "_plan" in self.__dict__:
             self._repack()
 

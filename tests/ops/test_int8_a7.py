@@ -10,6 +10,7 @@ and no bias y = float(acc).
 """
 import io
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -188,6 +189,8 @@ def test_bad_act_bits_names_the_argument(gen):
             Int8Linear.from_float(lin, act_bits=bad)
         with pytest.raises(ValueError, match="act_bits"):
             pyaccel.patch(nn.Sequential(_lin(gen=gen)), quantize="int8", act_bits=bad)
+    m7 = Int8Linear.from_float(lin, act_bits=np.int64(7))  # a NumPy integer is taken, stored as int
+    assert m7.act_bits == 7 and type(m7.act_bits) is int
     m = Int8Linear.from_float(lin)
     with pytest.raises(ValueError, match="act_bits"):
         m.act_bits = 5
