@@ -39,7 +39,6 @@ constexpr int64_t kPrefetchMinBytes = int64_t(4) << 20;
 thread_local std::vector<float> t_buf;
 thread_local std::vector<int8_t> t_q;
 thread_local std::vector<float> t_qscale;
-thread_local std::vector<int16_t> t_a16;  // widened band activations (int8_gemm::Kernel::widen)
 
 float* band_buffer(int64_t floats) {
   if (t_buf.size() < static_cast<size_t>(floats + 16)) t_buf.resize(floats + 16);
@@ -192,9 +191,9 @@ void forward_int8(const float* x, int64_t batch, int64_t h, int64_t w, int64_t c
       int8_gemm::GemmArgs g{q, lda, t_qscale.data(), wq, comp, w_scale, bias, yb, n, false, rows, n, h8.k_pad};
       if (k8.widen && rows > k8.row_path_rows) {  // int16 tiles: widen the band once for all its panels
         g.ld16 = int8_gemm::a16_stride(h8.k_pad);
-        if (t_a16.size() < static_cast<size_t>(rows * g.ld16)) t_a16.resize(rows * g.ld16);
-        k8.widen(q, lda, rows, h8.k_pad, t_a16.data(), g.ld16);
-        g.a16 = t_a16.data();
+        int16_t* a16 = int8_gemm::a16_scratch(rows, g.ld16);  // this thread's, as the linear driver's
+        k8.widen(q, lda, rows, h8.k_pad, a16, g.ld16);
+        g.a16 = a16;
       }
       const int64_t q0 = panels * s / bp.splits, q1 = panels * (s + 1) / bp.splits;
       if (q0 >= q1) continue;
