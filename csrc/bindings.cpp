@@ -775,6 +775,14 @@ PYBIND11_MODULE(_C, m) {
   def_pack24(m, "s24i8_pack", &sparse24_int8::packed_nbytes, &sparse24_int8::pack,
              "out: wrong size for the packed 2:4 int8 weight");
   m.def("int8_packed_nbytes", &int8_gemm::packed_nbytes, py::arg("n"), py::arg("k"));
+  m.def(
+      "int8_packed_nbytes_for",
+      [](uintptr_t w, int64_t ldw, int64_t n, int64_t k) {
+        return int8_gemm::packed_nbytes_for(ptr<const int8_t>(w), ldw, n, k);
+      },
+      "bytes of the packing of int8 w [n, k] (row stride ldw) for the selected kernel: with a pair-safe "
+      "section where the 8-bit AVX2 kernel runs and w qualifies (int8_gemm.h, PsHeader)",
+      py::arg("w"), py::arg("ldw"), py::arg("n"), py::arg("k"));
   m.def("bsr_kernel_name", [] { return std::string(block_sparse::select_kernel().name); });
   m.def("bsr_int8_kernel_name", [] { return std::string(block_sparse::select_kernel_int8().name); });
   m.def("bsr_int8_packed_nbytes", &block_sparse::packed_nbytes_int8, py::arg("n"), py::arg("k"), py::arg("bh"),
@@ -829,10 +837,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "int8_pack",
       [](uintptr_t w, int64_t ldw, int64_t n, int64_t k, uintptr_t out, int64_t out_nbytes) {
-        if (out_nbytes != int8_gemm::packed_nbytes(n, k))
+        // out_nbytes: int8_packed_nbytes, or int8_packed_nbytes_for where it adds a pair-safe section
+        const bool with_ps = out_nbytes != int8_gemm::packed_nbytes(n, k);
+        if (with_ps && out_nbytes != int8_gemm::packed_nbytes_ps(ptr<const int8_t>(w), ldw, n, k))
           throw py::value_error("out: wrong size for the packed weight");
         py::gil_scoped_release nogil;
-        int8_gemm::pack_weights(ptr<const int8_t>(w), ldw, n, k, ptr<uint8_t>(out));
+        int8_gemm::pack_weights(ptr<const int8_t>(w), ldw, n, k, ptr<uint8_t>(out), with_ps);
       },
       py::arg("w"), py::arg("ldw"), py::arg("n"), py::arg("k"), py::arg("out"),
       py::arg("out_nbytes"));

@@ -87,6 +87,8 @@ void fill_empty_k(void* y, int64_t ldy, bool y_bf16, int64_t m, int64_t n, const
 
 }  // namespace
 
+bool wants_pair_safe() { return select_kernel(8).gemm == qs8_gemm_6x8c4_avx2; }
+
 const Kernel& select_kernel(int act_bits) {
   const auto isa_of = [](const Kernel& k) { return k.isa; };
   return act_bits == 7 ? g_choice7.get(kLadder7, isa_of) : g_choice.get(kLadder, isa_of);
@@ -102,6 +104,8 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
   if (h.k_pad == 0) return fill_empty_k(y, ldy, y_bf16, m, h.n, bias);
   // Below ~0.5M multiply-adds a fork/join (2-3 us) costs more than it saves.
   if (m * h.n_pad * h.k_pad < kMinParallelMacs) nthreads = 1;
+  if (h.ps_offset && kern.gemm == qs8_gemm_6x8c4_avx2 && m > kern.row_path_rows)
+    return linear_ps_avx2(kern, x, ldx, x_bf16, m, k, packed, w_scale, bias, y, ldy, y_bf16, nthreads);
   const size_t ysize = y_bf16 ? 2 : 4;
   quantized_passes16(kern.quantize, kern.widen, kern.row_path_rows, kern.a_zero, kern.qmax, kern.mr, x, ldx, x_bf16,
                      m, k, h.k_pad, nthreads,

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common/cpu_features.h"
@@ -38,16 +39,65 @@ struct PackedHeader {
   int64_t n_pad, k_pad;  // n rounded up to kPanel, k rounded up to kKGroup
   int64_t comp_offset;   // int32[n_pad]: 128 * sum_k w[n, k] (for u8 activations)
   int64_t data_offset;   // int8 panels
-  int64_t reserved;
+  int64_t ps_offset;     // the pair-safe section (PsHeader) right after the panels, or 0: none
 };
 static_assert(sizeof(PackedHeader) == 64, "header must stay 64 bytes");
 
+// The pair-safe section: an optional second copy of the weights for the 8-bit
+// AVX2 tile (qs8_gemm_4x16c4ps_avx2.cpp), split as w = s + r where every
+// vpmaddubsw pair of s -- (w[n, 2j], w[n, 2j + 1]) -- has its positive parts
+// and its negative parts each summing to at most 128 in magnitude, so that
+// u0 * s0 + u1 * s1 with u in [0, 255] never leaves int16 (255 * 128 = 32640).
+// Where a pair's same-sign weights sum past that, s keeps w[n, 2j] and the
+// part of w[n, 2j + 1] that fits; the rest, r = w - s at k = 2j + 1, is a
+// sparse residual entry (about 1 - 3 % of the weights of trained layers and
+// 0.4 % of Gaussian ones). Layout, offsets from the buffer start:
+//   [PsHeader: 64 B][lane: int32 x (n_pad + 1)][ek: int32 x E][er: int32 x E]
+//   (zero-padded to 64 B)[panels of s: int8 x n_pad x k_pad, NR64K4]
+// Channel c's entries are [lane[c], lane[c + 1]), by ascending k; ek = k,
+// er = r as an int32 whose high int16 is 0 (vpmaddwd's operand).
+constexpr uint32_t kPsMagic = 0x53504951u;  // "QIPS"
+struct PsHeader {
+  uint32_t magic;
+  int32_t reserved0;
+  int64_t entries;  // E
+  int64_t lane_offset, ek_offset, er_offset, panels_offset;
+  int64_t total;  // bytes of the section, this header included
+  int64_t reserved1;
+};
+static_assert(sizeof(PsHeader) == 64, "header must stay 64 bytes");
+
+// Bytes of the packing without / with the pair-safe section (w, ldw: as for pack_weights).
 int64_t packed_nbytes(int64_t n, int64_t k);
-// w: int8 [n, k] with row stride ldw; out: packed_nbytes(n, k) bytes, 64-byte aligned.
-void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* out);
-// Returns nullptr if the buffer is a valid NR64K4 packing of an [n, k] weight,
-// else a message saying what is wrong.
+int64_t packed_nbytes_ps(const int8_t* w, int64_t ldw, int64_t n, int64_t k);
+// Residual entries of w's pair-safe split.
+int64_t ps_entries(const int8_t* w, int64_t ldw, int64_t n, int64_t k);
+// A pair-safe section is built for weights with at most this fraction of
+// residual entries: each entry costs about as much as 4 columns of the tile's
+// work, so uniformly distributed weights (12 % entries, PyTorch's nn.Linear
+// initialization) run slower than on the int16 tile while trained and
+// Gaussian ones (0.2 - 1.4 %) run 1.1 - 1.35x faster (measured, Golden Cove
+// capped at AVX2, 2 threads: 4096^2 and 1536x384 at M = 128 break even near
+// 3 %).
+constexpr double kPsMaxEntryFraction = 0.02;
+// Whether the selected 8-bit kernel reads a pair-safe section (the int8
+// packers add one then, where w's entries stay within kPsMaxEntryFraction).
+bool wants_pair_safe();
+// packed_nbytes_ps where the selected kernel reads a pair-safe section and w
+// qualifies, else packed_nbytes.
+int64_t packed_nbytes_for(const int8_t* w, int64_t ldw, int64_t n, int64_t k);
+// w: int8 [n, k] with row stride ldw; out: packed_nbytes(n, k) bytes (or
+// packed_nbytes_ps with with_ps), 64-byte aligned.
+void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* out, bool with_ps = false);
+// Returns nullptr if the buffer is a valid NR64K4 packing of an [n, k] weight
+// (with or without a pair-safe section), else a message saying what is wrong.
 const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k);
+// The pair-safe section of a checked packing, or nullptr.
+inline const PsHeader* ps_section(const uint8_t* packed) {
+  int64_t off;
+  std::memcpy(&off, packed + offsetof(PackedHeader, ps_offset), sizeof(off));
+  return off ? reinterpret_cast<const PsHeader*>(packed + off) : nullptr;
+}
 
 // ---- kernels ----------------------------------------------------------------
 // Quantize rows [m0, m1) of x (fp32, or bf16 if x_bf16) to q in [-qmax, qmax]
@@ -102,6 +152,12 @@ struct GemmArgs {
   // int16 (row stride ld16), or nullptr (the kernel then widens them itself).
   const int16_t* a16 = nullptr;
   int64_t ld16 = 0;
+  // The pair-safe tile only: the rows' u = q + 128 as int16, column-major
+  // (row m, column k at ut[k * ldt + m]), and, per panel, its residual sums
+  // (row m, channel n at corr[m * 64 + n % 64]).
+  const int16_t* ut = nullptr;
+  int64_t ldt = 0;
+  const int32_t* corr = nullptr;
 };
 // Computes rows [m0, m1) for panels [p0, p1).
 using GemmFn = void (*)(const GemmArgs& args, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
@@ -255,6 +311,11 @@ void quantize_rows_avx512(const void*, int64_t, bool, int64_t, int64_t, int64_t,
 void qs8_gemm_1x64c4_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_6x8c4_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_4x16c4u7_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+// The 8-bit AVX2 kernel's pair-safe path: linear() hands it calls of more than
+// kAvx2RowPathRows rows on packings with a pair-safe section.
+void linear_ps_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
+                    const uint8_t* packed, const float* w_scale, const float* bias, void* y, int64_t ldy,
+                    bool y_bf16, int nthreads);
 // AVX-VNNI level: the VEX build where the CPU has AVX-VNNI, else its EVEX twin
 // (qs8_gemm_6x16c4_avxvnni.cpp); the two are exported for the encoding test.
 void qs8_gemm_6x16c4_avxvnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);

@@ -7,6 +7,7 @@
 // w[64p+c, 4g .. 4g+3] at bytes [4c, 4c+4). One 512-bit load thus gives 16
 // channels x 4 k values, exactly the operand of vpdpbusd; a 256-bit load gives
 // 8 channels for the AVX2 kernel. Padding (n -> n_pad, k -> k_pad) is zero.
+// An optional pair-safe section follows (PsHeader, int8_gemm.h).
 #include <cstring>
 
 #include "common/packed_header.h"
@@ -15,40 +16,134 @@
 namespace pyaccel {
 namespace int8_gemm {
 
+namespace {
+
+// The pair-safe value of w1 in the vpmaddubsw pair (w0, w1) (see PsHeader).
+inline int ps_value(int w0, int w1) {
+  if (w0 > 0 && w1 > 0 && w0 + w1 > 128) return 128 - w0;
+  if (w0 < 0 && w1 < 0 && w0 + w1 < -128) return -128 - w0;
+  return w1;
+}
+
+// Where each part of a pair-safe section of E entries lies (offsets from its start).
+PsHeader ps_layout(int64_t n_pad, int64_t k_pad, int64_t entries) {
+  PsHeader p{};
+  p.magic = kPsMagic;
+  p.entries = entries;
+  p.lane_offset = sizeof(PsHeader);
+  p.ek_offset = p.lane_offset + 4 * (n_pad + 1);
+  p.er_offset = p.ek_offset + 4 * entries;
+  p.panels_offset = round_up(p.er_offset + 4 * entries, 64);
+  p.total = p.panels_offset + n_pad * k_pad;
+  return p;
+}
+
+// Panels of w (or of its pair-safe part) into data (n_pad x k_pad, zeroed here).
+void write_panels(const int8_t* w, int64_t ldw, int64_t n, int64_t k, int64_t n_pad, int64_t k_pad, bool pair_safe,
+                  int8_t* data) {
+  std::memset(data, 0, static_cast<size_t>(n_pad * k_pad));
+  const int64_t groups = k_pad / kKGroup;
+  for (int64_t c = 0; c < n; ++c) {
+    const int8_t* row = w + c * ldw;
+    int8_t* panel = data + (c / kPanel) * groups * kPanel * kKGroup;
+    const int64_t lane = (c % kPanel) * kKGroup;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      int v = row[kk];
+      if (pair_safe && kk % 2 == 1) v = ps_value(row[kk - 1], v);
+      panel[(kk / kKGroup) * kPanel * kKGroup + lane + kk % kKGroup] = static_cast<int8_t>(v);
+    }
+  }
+}
+
+}  // namespace
+
+int64_t ps_entries(const int8_t* w, int64_t ldw, int64_t n, int64_t k) {
+  int64_t e = 0;
+  for (int64_t c = 0; c < n; ++c)
+    for (int64_t kk = 0; kk + 1 < k; kk += 2) e += ps_value(w[c * ldw + kk], w[c * ldw + kk + 1]) != w[c * ldw + kk + 1];
+  return e;
+}
+
+int64_t packed_nbytes_for(const int8_t* w, int64_t ldw, int64_t n, int64_t k) {
+  if (!wants_pair_safe() || n < 1 || k < 1) return packed_nbytes(n, k);
+  const int64_t e = ps_entries(w, ldw, n, k);
+  if (static_cast<double>(e) > kPsMaxEntryFraction * static_cast<double>(n) * static_cast<double>(k))
+    return packed_nbytes(n, k);
+  return packed_nbytes(n, k) + ps_layout(round_up(n, kPanel), round_up(k, kKGroup), e).total;
+}
+
 int64_t packed_nbytes(int64_t n, int64_t k) {
   const int64_t n_pad = round_up(n, kPanel), k_pad = round_up(k, kKGroup);
   return static_cast<int64_t>(sizeof(PackedHeader)) + n_pad * 4 + n_pad * k_pad;
 }
 
-void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* out) {
+int64_t packed_nbytes_ps(const int8_t* w, int64_t ldw, int64_t n, int64_t k) {
+  const int64_t n_pad = round_up(n, kPanel), k_pad = round_up(k, kKGroup);
+  return packed_nbytes(n, k) + ps_layout(n_pad, k_pad, ps_entries(w, ldw, n, k)).total;
+}
+
+void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* out, bool with_ps) {
   PackedHeader h = new_packed_header<PackedHeader>(kMagic, kLayoutNR64K4, n, k, kPanel);
   h.k_pad = round_up(k, kKGroup);
   h.comp_offset = sizeof(PackedHeader);
   h.data_offset = h.comp_offset + h.n_pad * 4;
+  h.ps_offset = with_ps ? packed_nbytes(n, k) : 0;
   std::memcpy(out, &h, sizeof(h));
   int32_t* comp = reinterpret_cast<int32_t*>(out + h.comp_offset);
-  int8_t* data = reinterpret_cast<int8_t*>(out + h.data_offset);
-  std::memset(data, 0, static_cast<size_t>(h.n_pad * h.k_pad));
-  const int64_t groups = h.k_pad / kKGroup;
+  write_panels(w, ldw, n, k, h.n_pad, h.k_pad, false, reinterpret_cast<int8_t*>(out + h.data_offset));
   for (int64_t c = 0; c < h.n_pad; ++c) {
     int64_t sum = 0;
-    if (c < n) {
-      const int8_t* row = w + c * ldw;
-      int8_t* panel = data + (c / kPanel) * groups * kPanel * kKGroup;
-      const int64_t lane = (c % kPanel) * kKGroup;
-      for (int64_t kk = 0; kk < k; ++kk) {
-        panel[(kk / kKGroup) * kPanel * kKGroup + lane + kk % kKGroup] = row[kk];
-        sum += row[kk];
-      }
-    }
+    for (int64_t kk = 0; c < n && kk < k; ++kk) sum += w[c * ldw + kk];
     // wraps modulo 2^32 like the kernel's int32 accumulators, so acc - comp
     // is exact whenever the true dot product fits in int32
     comp[c] = static_cast<int32_t>(static_cast<uint32_t>(128 * sum));
   }
+  if (!with_ps) return;
+  uint8_t* sec = out + h.ps_offset;
+  const PsHeader p = ps_layout(h.n_pad, h.k_pad, ps_entries(w, ldw, n, k));
+  std::memset(sec, 0, static_cast<size_t>(p.panels_offset));
+  std::memcpy(sec, &p, sizeof(p));
+  int32_t* lane = reinterpret_cast<int32_t*>(sec + p.lane_offset);
+  int32_t* ek = reinterpret_cast<int32_t*>(sec + p.ek_offset);
+  int32_t* er = reinterpret_cast<int32_t*>(sec + p.er_offset);
+  int64_t e = 0;
+  for (int64_t c = 0; c < h.n_pad; ++c) {
+    lane[c] = static_cast<int32_t>(e);
+    for (int64_t kk = 1; c < n && kk < k; kk += 2) {
+      const int w0 = w[c * ldw + kk - 1], w1 = w[c * ldw + kk], r = w1 - ps_value(w0, w1);
+      if (r == 0) continue;
+      ek[e] = static_cast<int32_t>(kk);
+      er[e] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(r)));
+      ++e;
+    }
+  }
+  lane[h.n_pad] = static_cast<int32_t>(e);
+  write_panels(w, ldw, n, k, h.n_pad, h.k_pad, true, reinterpret_cast<int8_t*>(sec + p.panels_offset));
 }
 
 const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k) {
-  return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, kLayoutNR64K4, packed_nbytes(n, k));
+  const int64_t base = packed_nbytes(n, k);
+  if (buf == nullptr || nbytes < static_cast<int64_t>(sizeof(PackedHeader)))
+    return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, kLayoutNR64K4, base);
+  PackedHeader h;
+  std::memcpy(&h, buf, sizeof(h));
+  if (h.ps_offset == 0 || h.magic != kMagic || h.layout != kLayoutNR64K4 || h.n != n || h.k != k)
+    return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, kLayoutNR64K4, base);
+  // with a pair-safe section: right after the panels, its layout what its entry count implies
+  if (h.ps_offset != base || nbytes < base + static_cast<int64_t>(sizeof(PsHeader)))
+    return "packed weight has the wrong size";
+  PsHeader p;
+  std::memcpy(&p, buf + base, sizeof(p));
+  const int64_t n_pad = round_up(n, kPanel), k_pad = round_up(k, kKGroup);
+  if (p.magic != kPsMagic || p.entries < 0 || p.entries > n_pad * k_pad / 2)
+    return "packed weight has a damaged pair-safe section";
+  const PsHeader want = ps_layout(n_pad, k_pad, p.entries);
+  if (std::memcmp(&p, &want, sizeof(p)) != 0) return "packed weight has a damaged pair-safe section";
+  if (nbytes != base + p.total) return "packed weight has the wrong size";
+  int32_t last;
+  std::memcpy(&last, buf + base + p.lane_offset + 4 * n_pad, 4);
+  if (last != p.entries) return "packed weight has a damaged pair-safe section";
+  return nullptr;
 }
 
 }  // namespace int8_gemm

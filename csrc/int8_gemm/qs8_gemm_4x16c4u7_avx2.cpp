@@ -19,18 +19,8 @@ struct U7Step {
   static constexpr int64_t kRowPathRows = kAvx2U7RowPathRows;
   static constexpr int kTileRows = 4;  // the step's temporary and ones leave room for 8 accumulators
   static __m256i weights(const int8_t* b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)); }
-  // c += w * u for 8 channels x 4 k: vpmaddubsw + vpmaddwd + vpaddd. Inline
-  // asm for the same reason as the 8-bit kernel's step (GCC copies
-  // accumulators around the intrinsics); w in a register or in memory ("xm").
-  static void madd(__m256i& c, const __m256i& w, __m256i u, __m256i ones) {
-    __m256i t;
-    __asm__(
-        "vpmaddubsw %[w], %[u], %[t]\n\t"
-        "vpmaddwd %[ones], %[t], %[t]\n\t"
-        "vpaddd %[t], %[c], %[c]"
-        : [c] "+x"(c), [t] "=&x"(t)
-        : [w] "xm"(w), [u] "x"(u), [ones] "x"(ones));
-  }
+  // c += w * u: u in [1, 127] keeps every pair sum in int16 (avx2_tile::maddubs_step)
+  static void madd(__m256i& c, const __m256i& w, __m256i u, __m256i ones) { avx2_tile::maddubs_step(c, w, u, ones); }
   static void step(__m256i& c, __m256i w, __m256i u, const int8_t*, __m256i ones) { madd(c, w, u, ones); }
   static __m256i row_a(__m256i u) { return u; }
   // Row path: the weights straight from memory (one load per step, in address order).
@@ -38,7 +28,7 @@ struct U7Step {
     madd(c, *reinterpret_cast<const __m256i*>(b), u, ones);
   }
   // acc - 64 * sum_k w[n, k] for channels [n0, n0 + 8) (comp holds n_pad entries).
-  static __m256i finish(const GemmArgs& g, __m256i acc, int64_t n0) {
+  static __m256i finish(const GemmArgs& g, __m256i acc, int64_t, int64_t n0) {
     const __m256i comp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.comp + n0));
     return _mm256_sub_epi32(acc, _mm256_srai_epi32(comp, 1));
   }

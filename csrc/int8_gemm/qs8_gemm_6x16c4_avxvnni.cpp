@@ -45,7 +45,7 @@ struct VnniStep {
     madd(c, *reinterpret_cast<const __m256i*>(b), a);
   }
   // acc - 128 * sum_k w[n, k] for channels [n0, n0 + 8) (comp holds n_pad entries).
-  static __m256i finish(const GemmArgs& g, __m256i acc, int64_t n0) {
+  static __m256i finish(const GemmArgs& g, __m256i acc, int64_t, int64_t n0) {
     return _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.comp + n0)));
   }
 };

@@ -33,7 +33,7 @@ struct SignStep {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
     c = _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(ra.abs, _mm256_sign_epi8(w, ra.sgn)), ones));
   }
-  static __m256i finish(const GemmArgs&, __m256i acc, int64_t) { return acc; }
+  static __m256i finish(const GemmArgs&, __m256i acc, int64_t, int64_t) { return acc; }
 };
 
 // Widened activations of up to this many bytes per block of rows (L2-resident

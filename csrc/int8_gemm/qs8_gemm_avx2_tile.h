@@ -5,7 +5,8 @@
 //   S::step(c, wr, a, b, ones)     c += w * a for 8 channels x 4 k (a: broadcast activations)
 //   S::row_a(a)                    per-k-group form of a row's activations (row path)
 //   S::row_step(c, ra, b, ones)    row path: c += w(at b) * a
-//   S::finish(g, acc, n0)          int32 correction before the epilogue (encoding offset)
+//   S::finish(g, acc, m, n0)       int32 correction of row m, channels [n0, n0 + 8), before
+//                                  the epilogue (encoding offset, pair-safe correction)
 //   S::kRowPathRows                calls of up to this many rows take the row path
 //   S::kTileRows                   rows of the tile (4, or 6 where the step needs no
 //                                  temporaries: 12 accumulators + 2 weights + 1 broadcast)
@@ -37,6 +38,21 @@ inline __m128i cvt_fp32_bf16(__m256 v) {
   // pack 8 x u32 (< 65536) into 8 x u16
   const __m128i lo = _mm256_castsi256_si128(r), hi = _mm256_extracti128_si256(r, 1);
   return _mm_packus_epi32(lo, hi);
+}
+
+// c += w * u for 8 channels x 4 k with u unsigned (vpmaddubsw's first
+// operand) and every int16 pair sum u0 * w0 + u1 * w1 in range (the caller's
+// encoding guarantees it): vpmaddubsw + vpmaddwd + vpaddd, the 3-instruction
+// budget. Inline asm: with the intrinsics GCC copies accumulators around the
+// step; w in a register or in memory ("xm").
+inline void maddubs_step(__m256i& c, const __m256i& w, __m256i u, __m256i ones) {
+  __m256i t;
+  __asm__(
+      "vpmaddubsw %[w], %[u], %[t]\n\t"
+      "vpmaddwd %[ones], %[t], %[t]\n\t"
+      "vpaddd %[t], %[c], %[c]"
+      : [c] "+x"(c), [t] "=&x"(t)
+      : [w] "xm"(w), [u] "x"(u), [ones] "x"(ones));
 }
 
 // float(acc) * sa * w_scale (+ bias) for 8 channels, in split_scale's order
@@ -93,8 +109,8 @@ inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t 
 #define PYACCEL_AVX2_ROW_STORE(r)                                \
   if constexpr (MR > r) {                                        \
     const float sa = g.a_scale[m + r];                           \
-    store8(g, S::finish(g, c##r##0, n0), sa, m + r, n0);         \
-    store8(g, S::finish(g, c##r##1, n0 + 8), sa, m + r, n0 + 8); \
+    store8(g, S::finish(g, c##r##0, m + r, n0), sa, m + r, n0);         \
+    store8(g, S::finish(g, c##r##1, m + r, n0 + 8), sa, m + r, n0 + 8); \
   }
 
 // Where each tile of panel p prefetches: the tiles read a panel 32 or 64 of
@@ -179,7 +195,7 @@ inline void tile_row(const GemmArgs& g, int64_t m, const int8_t* panel, int64_t 
   }
   const float sa = g.a_scale[m];
   const __m256i acc[8] = {c0, c1, c2, c3, c4, c5, c6, c7};
-  for (int v = 0; v < 8; ++v) store8(g, S::finish(g, acc[v], n0 + 8 * v), sa, m, n0 + 8 * v);
+  for (int v = 0; v < 8; ++v) store8(g, S::finish(g, acc[v], m, n0 + 8 * v), sa, m, n0 + 8 * v);
 }
 
 // Rows [m0, m1) x panels [p0, p1): up to S::kRowPathRows rows the row path,

@@ -107,7 +107,7 @@ def pack_int8_weight(values: torch.Tensor) -> Optional[torch.Tensor]:
     if v.stride(-1) != 1:
         v = v.contiguous()
     n, k = v.shape
-    nbytes = C.int8_packed_nbytes(n, k)
+    nbytes = C.int8_packed_nbytes_for(v.data_ptr(), v.stride(0), n, k)
     out = packed_buffer(nbytes)
     C.int8_pack(v.data_ptr(), v.stride(0), n, k, out.data_ptr(), nbytes)
     return out

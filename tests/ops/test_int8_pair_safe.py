@@ -1,0 +1,251 @@
+"""The 8-bit AVX2 kernel's pair-safe path (csrc/int8_gemm/qs8_gemm_4x16c4ps_avx2.cpp)
+against the exact integer reference.
+
+Facts the grids come from: the path serves calls of more than 4 rows
+(kAvx2RowPathRows) on packings with a pair-safe section, which pack_int8_weight
+builds at the avx2 level when at most 2 % of the weights become residual
+entries; the tile is 4 rows x 16 channels over 64-channel panels, k in groups
+of 4 whose vpmaddubsw pairs are (k even, k + 1); the activations are
+transposed in 16-row blocks and the residual sums run 64 rows (4 blocks) at a
+time per 8 channels; threads take row chunks in multiples of 16; row passes of
+~8 MiB. A pair of same-sign weights whose magnitudes sum past 128 is split
+(128 exactly stays whole), and u = q + 128 reaches 1 and 255 when |q| = 127:
+the extreme pairs and extreme activations below hit every saturation edge of
+vpmaddubsw. Integer results must match exactly.
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyaccel import _native, reference
+from pyaccel.formats.int8 import pack_int8_weight
+
+M_GRID = [5, 6, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 80, 129]
+N_GRID = [1, 8, 9, 16, 17, 63, 64, 65, 130]
+K_GRID = [1, 2, 3, 4, 5, 63, 255, 257, 1030]
+# same-sign pairs around the split edge: sums of 128 stay whole, 129 and more split
+EDGE_PAIRS = [(127, 127), (-127, -127), (64, 64), (-64, -64), (65, 64), (-64, -65), (127, 2), (-2, -127),
+              (127, 1), (1, 127), (-127, -1), (127, -127), (100, 29), (-100, -28)]
+
+
+@pytest.fixture
+def avx2():
+    if not _native.available():
+        pytest.skip(f"native library not loaded: {_native.load_error()}")
+    if not _native.isa_supported("avx2"):
+        pytest.skip("this CPU lacks avx2")
+    with _native.isa_cap("avx2") as used:
+        assert used == "avx2"
+        yield
+
+
+def expected_entries(w: torch.Tensor) -> int:
+    """Residual entries of the pair-safe split: same-sign pairs (k even, k + 1)
+    whose magnitudes sum past 128."""
+    w = w.to(torch.int32)
+    if w.shape[1] % 2:
+        w = torch.nn.functional.pad(w, (0, 1))
+    a, b = w[:, 0::2], w[:, 1::2]
+    return int((((a > 0) & (b > 0) & (a + b > 128)) | ((a < 0) & (b < 0) & (a + b < -128))).sum())
+
+
+def has_section(packed: torch.Tensor, n: int, k: int) -> bool:
+    return packed.numel() > _native.lib().int8_packed_nbytes(n, k)
+
+
+def edge_weight(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """int8 [n, k]: small Gaussian values (no pair to split), about 1.2 % of
+    the pairs replaced by edge pairs, the split ones capped at the 2 % entry
+    limit (so the packing keeps its section), +-127 in every row."""
+    w = (torch.randn(n, k, generator=gen) * 12).round().clamp(-60, 60).to(torch.int8)
+    budget = int(0.02 * n * k)
+    for c in range(n):
+        for j in range(0, k - 1, 2):
+            if torch.rand((), generator=gen) < 0.012:
+                a, b = EDGE_PAIRS[int(torch.randint(len(EDGE_PAIRS), (), generator=gen))]
+                if a * b > 0 and abs(a + b) > 128:
+                    if budget == 0:
+                        continue
+                    budget -= 1
+                w[c, j], w[c, j + 1] = a, b
+        pos = int(torch.randint(k, (), generator=gen))
+        if w[c, pos] * (1 if c % 2 else -1) < 64:  # +-127 here, without making its pair one to split
+            if pos ^ 1 < k:
+                w[c, pos ^ 1] = 0
+            w[c, pos] = 127 if c % 2 else -127
+    return w
+
+
+def edge_activations(m: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """fp32 [m, k] of integers whose rows have max |x| = 127, so q = x and the
+    scale is 1: mostly +-127 (u = 255 or 1), some random values."""
+    x = torch.where(torch.rand(m, k, generator=gen) < 0.7,
+                    torch.where(torch.rand(m, k, generator=gen) < 0.5, 127.0, -127.0),
+                    torch.randint(-127, 128, (m, k), generator=gen).float())
+    x[:, 0] = 127.0
+    return x
+
+
+def run_exact(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    n = w.shape[0]
+    return torch.ops.pyaccel.int8_linear(x, w, torch.ones(n), None, packed)
+
+
+@pytest.mark.parametrize("m", M_GRID)
+@pytest.mark.parametrize("n", N_GRID)
+def test_pair_safe_exact_grid(avx2, gen, m, n):
+    for k in K_GRID:
+        w = edge_weight(n, k, gen)
+        packed = pack_int8_weight(w)
+        assert has_section(packed, n, k), (n, k)
+        x = edge_activations(m, k, gen)
+        # scale 1 and |acc| <= 127 * 127 * 1030 < 2**24: y is the exact integer
+        y = run_exact(x, w, packed)
+        ref = reference.int8_matmul_exact(x.to(torch.int8), w).float()
+        assert torch.equal(y, ref), f"k={k}: first mismatch at {(y - ref).nonzero()[0].tolist()}"
+
+
+def test_section_holds_one_entry_per_split_pair(avx2, gen):
+    """The section's size is what its entry count implies (header, lane table,
+    8 bytes an entry, panels), and that count is the split rule's: pairs of
+    128 stay whole, 129 split."""
+    C = _native.lib()
+    n, k = 64, 256
+    w = (torch.randn(n, k, generator=gen) * 10).round().clamp(-127, 127).to(torch.int8)
+    for i, (a, b) in enumerate(EDGE_PAIRS):
+        w[i, 2 * i:2 * i + 2] = torch.tensor([a, b], dtype=torch.int8)
+    split = [(a, b) for a, b in EDGE_PAIRS if a * b > 0 and abs(a + b) > 128]
+    assert (64, 64) not in split and (127, 1) not in split and (65, 64) in split and (-64, -65) in split
+    n_pad, k_pad = 64, 256
+    for extra in range(3):
+        w[40 + extra, 100:102] = torch.tensor([127, 127], dtype=torch.int8)
+        e = expected_entries(w)
+        section = 64 + (4 * (n_pad + 1) + 8 * e + 63) // 64 * 64 + n_pad * k_pad
+        assert C.int8_packed_nbytes_for(w.data_ptr(), k, n, k) == C.int8_packed_nbytes(n, k) + section
+
+
+def test_threshold_decides_the_section(avx2, gen):
+    """Gaussian weights (few residual entries) get a section; uniformly
+    distributed ones (~12 % entries, more than the 2 % limit) do not and run on
+    the int16 tile -- with the same results."""
+    n, k = 96, 300
+    gauss = (torch.randn(n, k, generator=gen) * 30).round().clamp(-127, 127).to(torch.int8)
+    unif = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    assert expected_entries(gauss) <= 0.02 * n * k < expected_entries(unif)
+    x = edge_activations(20, k, gen)
+    for w, want in ((gauss, True), (unif, False)):
+        packed = pack_int8_weight(w)
+        assert has_section(packed, n, k) == want
+        assert torch.equal(run_exact(x, w, packed), reference.int8_matmul_exact(x.to(torch.int8), w).float())
+
+
+def test_same_outputs_with_and_without_the_section_and_on_every_isa(avx2, gen):
+    """One weight, packed with and without a section at avx2 and as every other
+    level packs it, run at every level this CPU has: bit-identical fp32 and
+    bf16 outputs (real scales, bias, rows that are not integers)."""
+    C = _native.lib()
+    n, k = 130, 515
+    w = edge_weight(n, k, gen)
+    scale = torch.rand(n, generator=gen) * 1e-2 + 1e-3
+    bias = torch.randn(n, generator=gen)
+    plain = torch.empty(C.int8_packed_nbytes(n, k), dtype=torch.uint8)
+    C.int8_pack(w.data_ptr(), k, n, k, plain.data_ptr(), plain.numel())
+    with_ps = pack_int8_weight(w)
+    assert has_section(with_ps, n, k)
+    outs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(37, k, generator=gen) * 3).to(dtype)
+        for name in _native.ISA_LADDER:
+            if not _native.isa_supported(name) or name == "avx512_amx":
+                continue
+            with _native.isa_cap(name):
+                for label, p in (("section", with_ps), ("plain", plain), ("own", pack_int8_weight(w))):
+                    outs[(dtype, name, label)] = torch.ops.pyaccel.int8_linear(x, w, scale, bias, p)
+        ref = reference.int8_linear(x, w, scale, bias)
+        first = outs[(dtype, "avx2", "section")]
+        for key, y in outs.items():
+            if key[0] == dtype:
+                assert torch.equal(y, first), key
+        tol = torch.finfo(dtype).eps * ref.abs().float().clamp_min(1e-30)
+        assert ((first.float() - ref.float()).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_passes_and_threads(avx2, gen, threads):
+    """K = 4096: ~680 rows a row pass, so 1500 rows run in 3 passes; chunks of
+    16 rows over 2 threads, a last pass whose row count is no multiple of 16."""
+    n, k, m = 72, 4096, 1500
+    w = (torch.randn(n, k, generator=gen) * 25).round().clamp(-127, 127).to(torch.int8)
+    w[:, :8] = torch.tensor([127, 127, -127, -127, 127, 2, -1, -127], dtype=torch.int8)
+    packed = pack_int8_weight(w)
+    assert has_section(packed, n, k)
+    x = torch.randint(-127, 128, (m, k), generator=gen).float()
+    x[:, 0] = 127.0
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = torch.ops.pyaccel.int8_linear(x, w, torch.ones(n), None, packed)
+    finally:
+        torch.set_num_threads(prev)
+    ref = reference.int8_matmul_exact(x.to(torch.int8), w).double()
+    # |acc| < 2**31 but beyond 2**24: the fp32 output is the rounded integer
+    assert torch.equal(y.double(), ref.float().double())
+
+
+def test_nonfinite_and_tiny_rows(avx2, gen):
+    """Rows with inf / NaN give NaN rows, tiny rows are lifted, as on every path."""
+    n, k, m = 70, 260, 23
+    w = edge_weight(n, k, gen)
+    scale = torch.rand(n, generator=gen) + 0.5
+    x = torch.randn(m, k, generator=gen)
+    x[3, 7] = float("nan")
+    x[9, 0] = float("inf")
+    x[12] *= 1e-30
+    x[13] *= 3e-39  # subnormal inputs
+    y = torch.ops.pyaccel.int8_linear(x, w, scale, None, pack_int8_weight(w))
+    ref = reference.int8_linear(x, w, scale, None)
+    assert torch.isnan(y[3]).all() and torch.isnan(y[9]).all()
+    ok = ~torch.isnan(ref)
+    tol = torch.finfo(torch.float32).eps * ref[ok].abs().clamp_min(1e-38)
+    assert ((y[ok] - ref[ok]).abs() <= tol).all()
+
+
+def test_damaged_section_is_refused(avx2, gen):
+    C = _native.lib()
+    n, k = 64, 64
+    w = edge_weight(n, k, gen)
+    packed = pack_int8_weight(w)
+    assert has_section(packed, n, k)
+    assert C.int8_check_packed(packed.data_ptr(), packed.numel(), n, k) is None
+    base = C.int8_packed_nbytes(n, k)
+    bad_magic = packed.clone()
+    bad_magic[base] ^= 1
+    assert "pair-safe" in C.int8_check_packed(bad_magic.data_ptr(), bad_magic.numel(), n, k)
+    bad_count = packed.clone()
+    bad_count[base + 8] += 1  # entries
+    assert "pair-safe" in C.int8_check_packed(bad_count.data_ptr(), bad_count.numel(), n, k)
+    short = packed[:-64].clone()
+    assert "size" in C.int8_check_packed(short.data_ptr(), short.numel(), n, k)
+    x = torch.randn(8, k, generator=gen)
+    with pytest.raises(ValueError, match="packed_weight"):
+        torch.ops.pyaccel.int8_linear(x, w, torch.ones(n), None, bad_magic)
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(5, 70), n=st.integers(1, 140), k=st.integers(1, 600),
+       frac=st.floats(0.0, 0.04), seed=st.integers(0, 2**31 - 1))
+def test_property_random_shapes(m, n, k, frac, seed):
+    if not _native.available() or not _native.isa_supported("avx2"):
+        pytest.skip("needs the native library and avx2")
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 20).round().clamp(-127, 127).to(torch.int8)
+    pick = torch.rand(n, k, generator=g) < frac
+    w[pick] = torch.where(torch.rand(int(pick.sum()), generator=g) < 0.5, 127, -127).to(torch.int8)
+    x = torch.randint(-127, 128, (m, k), generator=g).float()
+    x[:, 0] = 127.0
+    with _native.isa_cap("avx2"):
+        packed = pack_int8_weight(w)
+        assert has_section(packed, n, k) == (expected_entries(w) <= 0.02 * n * k)
+        y = run_exact(x, w, packed)
+    assert torch.equal(y, reference.int8_matmul_exact(x.to(torch.int8), w).float())
