@@ -152,10 +152,10 @@ struct GemmArgs {
   // int16 (row stride ld16), or nullptr (the kernel then widens them itself).
   const int16_t* a16 = nullptr;
   int64_t ld16 = 0;
-  // The pair-safe tile only: the rows' u = q + 128 as int16, column-major
-  // (row m, column k at ut[k * ldt + m]), and, per panel, its residual sums
-  // (row m, channel n at corr[m * 64 + n % 64]).
-  const int16_t* ut = nullptr;
+  // The pair-safe tile only: the rows' bytes u = q + 128, column-major (row
+  // m, column k at ut[k * ldt + m]), and, per panel, its residual sums (row
+  // m, channel n at corr[m * 64 + n % 64]).
+  const uint8_t* ut = nullptr;
   int64_t ldt = 0;
   const int32_t* corr = nullptr;
 };

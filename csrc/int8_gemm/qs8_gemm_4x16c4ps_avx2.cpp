@@ -10,9 +10,9 @@
 // u0 * s0 + u1 * s1 lies in [-32640, 32640] and the 4x16 tile of the 7-bit
 // kernel (qs8_gemm_avx2_tile.h) multiplies s exactly; the sparse residual r
 // (one entry per offending pair) is multiplied separately, per panel, from
-// the activations transposed to int16 columns: per entry and 16 rows two
-// vpmaddwd (r in the low / high int16 of the broadcast: the even / odd rows'
-// exact products) and two vpaddd. The tile's epilogue adds the
+// the activations transposed to columns: per entry and 16 rows one
+// vpmovzxbw, two vpmaddwd (r in the low / high int16 of the broadcast: the
+// even / odd rows' exact products) and two vpaddd. The tile's epilogue adds the
 // residual sums and subtracts comp = 128 * sum_k w, leaving sum_k q * w
 // exactly, the integer every other kernel computes.
 #include <algorithm>
@@ -46,28 +46,48 @@ struct Residuals {
   const int32_t *lane, *ek, *er;
 };
 
-// Rows [0, rows) of encoded activations (row stride lda) -> their bytes as
-// int16, column-major: ut[k * ldt + m] (GemmArgs::ut, ldt a multiple of 16;
-// rows up to the next multiple of 16 repeat the last one).
-void transpose_rows(const int8_t* q, int64_t lda, int64_t rows, int64_t k_pad, int16_t* ut, int64_t ldt) {
-  const __m256i low = _mm256_set1_epi32(0xff);
+// 16 rows (r[i] + k) x 32 bytes -> dst[(k + j) * ldt + i], j < 32: a 16 x 16
+// byte transpose in each 128-bit lane (4 rounds of unpacks: the low lane
+// holds k .. k + 15, the high lane k + 16 .. k + 31).
+inline void transpose16x32(const int8_t* const r[16], int64_t k, uint8_t* dst, int64_t ldt) {
+  __m256i a[16], t[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r[i] + k));
+  for (int i = 0; i < 8; ++i) {  // t[i]: (row 2i, 2i+1) byte pairs of k 0-7; t[i + 8]: of k 8-15
+    t[i] = _mm256_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
+    t[i + 8] = _mm256_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {  // a[h/2 + i]: rows 4i .. 4i+3 of k h/2 .. h/2+3; a[h/2 + 4 + i]: of k h/2+4 ..
+      a[h + i] = _mm256_unpacklo_epi16(t[h + 2 * i], t[h + 2 * i + 1]);
+      a[h + 4 + i] = _mm256_unpackhi_epi16(t[h + 2 * i], t[h + 2 * i + 1]);
+    }
+  for (int q = 0; q < 16; q += 4)
+    for (int i = 0; i < 2; ++i) {  // t[q + i]: rows 8i .. 8i+7 of k q, q+1; t[q + 2 + i]: of k q+2, q+3
+      t[q + i] = _mm256_unpacklo_epi32(a[q + 2 * i], a[q + 2 * i + 1]);
+      t[q + 2 + i] = _mm256_unpackhi_epi32(a[q + 2 * i], a[q + 2 * i + 1]);
+    }
+  for (int q = 0; q < 16; q += 4) {
+    const __m256i col[4] = {_mm256_unpacklo_epi64(t[q], t[q + 1]), _mm256_unpackhi_epi64(t[q], t[q + 1]),
+                            _mm256_unpacklo_epi64(t[q + 2], t[q + 3]), _mm256_unpackhi_epi64(t[q + 2], t[q + 3])};
+    for (int j = 0; j < 4; ++j) {  // col[j]: the 16 rows of k + q + j (low lane) and of k + 16 + q + j (high)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (k + q + j) * ldt), _mm256_castsi256_si128(col[j]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (k + 16 + q + j) * ldt), _mm256_extracti128_si256(col[j], 1));
+    }
+  }
+}
+
+// Rows [0, rows) of encoded activations (row stride lda) -> their bytes,
+// column-major: ut[k * ldt + m] (GemmArgs::ut, ldt a multiple of 64; rows up
+// to the next multiple of 16 repeat the last one).
+void transpose_rows(const int8_t* q, int64_t lda, int64_t rows, int64_t k_pad, uint8_t* ut, int64_t ldt) {
   for (int64_t b = 0; b * 16 < rows; ++b) {
     const int8_t* r[16];
     for (int i = 0; i < 16; ++i) r[i] = q + (16 * b + std::min<int64_t>(i, rows - 16 * b - 1)) * lda;
-    int16_t* dst = ut + 16 * b;
-    for (int64_t k = 0; k < k_pad; k += kKGroup) {
-      alignas(32) int32_t v4[16];
-      for (int i = 0; i < 16; ++i) std::memcpy(&v4[i], r[i] + k, 4);
-      const __m256i v0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(v4));
-      const __m256i v1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(v4 + 8));
-      for (int j = 0; j < kKGroup; ++j) {
-        const __m256i c = _mm256_set1_epi64x(8 * j);
-        const __m256i lo = _mm256_and_si256(_mm256_srl_epi32(v0, _mm256_castsi256_si128(c)), low);
-        const __m256i hi = _mm256_and_si256(_mm256_srl_epi32(v1, _mm256_castsi256_si128(c)), low);
-        // packus interleaves the 128-bit halves: (lo0 hi0 lo1 hi1) -> rows 0-3 8-11 4-7 12-15; 0xD8 restores the order
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (k + j) * ldt),
-                            _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8));
-      }
+    uint8_t* dst = ut + 16 * b;
+    int64_t k = 0;
+    for (; k + 32 <= k_pad; k += 32) transpose16x32(r, k, dst, ldt);
+    for (; k < k_pad; ++k) {
+      for (int i = 0; i < 16; ++i) dst[k * ldt + i] = static_cast<uint8_t>(r[i][k]);
     }
   }
 }
@@ -77,15 +97,15 @@ void transpose_rows(const int8_t* q, int64_t lda, int64_t rows, int64_t k_pad, i
 // + 2 i + h in lane i (vpmaddwd with (r, 0) takes the even rows of an int16
 // vector, with (0, r) the odd ones).
 template <int NB>
-void group_residuals(const Residuals& res, const int16_t* ut, int64_t ldt, int64_t mb, int64_t c0, __m256i t[8][8]) {
+void group_residuals(const Residuals& res, const uint8_t* ut, int64_t ldt, int64_t mb, int64_t c0, __m256i t[8][8]) {
   for (int j = 0; j < 8; ++j) {
     __m256i acc[2 * NB];
     for (int v = 0; v < 2 * NB; ++v) acc[v] = _mm256_setzero_si256();
     for (int32_t e = res.lane[c0 + j]; e < res.lane[c0 + j + 1]; ++e) {
       const __m256i r_even = _mm256_set1_epi32(res.er[e]), r_odd = _mm256_slli_epi32(r_even, 16);
-      const int16_t* x = ut + static_cast<int64_t>(res.ek[e]) * ldt + mb;
+      const uint8_t* x = ut + static_cast<int64_t>(res.ek[e]) * ldt + mb;
       for (int b = 0; b < NB; ++b) {
-        const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * b));
+        const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 16 * b)));
         acc[2 * b] = _mm256_add_epi32(acc[2 * b], _mm256_madd_epi16(u, r_even));
         acc[2 * b + 1] = _mm256_add_epi32(acc[2 * b + 1], _mm256_madd_epi16(u, r_odd));
       }
@@ -97,7 +117,7 @@ void group_residuals(const Residuals& res, const int16_t* ut, int64_t ldt, int64
 // Residual sums of rows [m0, m1) (m0 a multiple of 16, ut's column index) x
 // panel p's 64 channels: corr[(m - m0) * 64 + c] = sum over channel 64p + c's
 // entries of u[m, k] * r.
-void panel_residuals(const Residuals& res, const int16_t* ut, int64_t ldt, int64_t m0, int64_t m1, int64_t p,
+void panel_residuals(const Residuals& res, const uint8_t* ut, int64_t ldt, int64_t m0, int64_t m1, int64_t p,
                      int32_t* corr) {
   for (int64_t mb = m0; mb < m1; mb += 64) {
     const int nb = static_cast<int>(std::min<int64_t>(4, (m1 - mb + 15) / 16));
@@ -124,7 +144,7 @@ void panel_residuals(const Residuals& res, const int16_t* ut, int64_t ldt, int64
 }
 
 thread_local std::vector<int32_t> t_corr;
-thread_local std::vector<int16_t> t_ut;
+thread_local std::vector<uint8_t> t_ut;
 
 // Rows [m0, m1) (m0 a multiple of 16) x panels [p0, p1) on the pair-safe panels.
 void gemm_ps(const GemmArgs& g0, const Residuals& res, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
@@ -162,13 +182,14 @@ void linear_ps_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16,
                       reinterpret_cast<const int32_t*>(sec + ps.er_offset)};
   const int64_t k_pad = h.k_pad, lda = a_stride(k_pad);
   const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
-  // >= ~16K values per thread, in whole 16-row blocks of the transposed copy
-  const int64_t grain = round_up(std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), 16);
-  for_each_row_pass(m, lda + 2 * k_pad, kRowPassBytes, 48, [&](int64_t r0, int64_t r1) {
-    const int64_t rows = r1 - r0, ldt = round_up(rows, 16);
+  // >= ~16K values per thread, in whole 64-row blocks of the transposed copy
+  // (no cache line of it written by two threads)
+  const int64_t grain = round_up(std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), 64);
+  for_each_row_pass(m, lda + k_pad, kRowPassBytes, 64, [&](int64_t r0, int64_t r1) {
+    const int64_t rows = r1 - r0, ldt = round_up(rows, 64);
     const QuantScratch s = quant_scratch(rows, lda);
     if (t_ut.size() < static_cast<size_t>(ldt * k_pad)) t_ut.resize(ldt * k_pad);
-    int16_t* ut = t_ut.data();
+    uint8_t* ut = t_ut.data();
     const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;
     parallel_for(rows, grain, nthreads, [&](int64_t a0, int64_t a1) {
       kern.quantize(xr, ldx, x_bf16, a0, a1, k, k_pad, lda, 0x80, kQmax8, s.q, s.scale);
