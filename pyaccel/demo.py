@@ -29,8 +29,15 @@ class MLPBlock(nn.Module):
 
 
 def build_model(d: int = 768, hidden: int = 3072, blocks: int = 4) -> nn.Module:
+    """The demo's model, weights N(0, 0.02) (BERT / GPT-2 checkpoints' initialization, bell-shaped as
+    trained layers are; see pyaccel.bench.common.WEIGHTS)."""
     torch.manual_seed(0)
-    return nn.Sequential(*[MLPBlock(d, hidden) for _ in range(blocks)], nn.Linear(d, 256)).eval()
+    model = nn.Sequential(*[MLPBlock(d, hidden) for _ in range(blocks)], nn.Linear(d, 256)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, 0.02)
+    return model
 
 
 def mobilenet_v1(width: float = 1.0, classes: int = 1000) -> nn.Sequential:
@@ -93,6 +100,8 @@ def main(argv=None) -> int:
     # before torch's first quantized op, convolution or matmul: each library reads its cap once
     print(f"baselines: {cap_baselines(info, native=args.baselines_native_isa)}\n")
     model = build_model()
+    print(f"model: 4 transformer MLP blocks (768 -> 3072 -> 768) and a 768 -> 256 head, weights N(0, 0.02); "
+          f"{args.tokens} tokens\n")
     x = torch.randn(args.tokens, 768)
     with torch.inference_mode():
         ref = model(x)

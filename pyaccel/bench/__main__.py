@@ -31,9 +31,9 @@ def exact_int8_ceiling(threads: int):
     """(GOP/s, mix) of the cheapest instruction mix that multiplies any 8-bit
     operands exactly at the ISA level pyaccel runs at, where it differs from
     the %-of-peak mix (AVX2, AVX-512 BW: int16 vpmaddwd + vpaddd; the
-    3-instruction u8 x s8 mix saturates on 8-bit activations, so only 7-bit
-    kernels such as torch.ao's reduce_range or pyaccel's act_bits=7 can issue
-    it); else None."""
+    3-instruction u8 x s8 mix saturates on 8-bit activations, so it serves
+    7-bit activations -- torch.ao's reduce_range, pyaccel's act_bits=7 -- and
+    pyaccel's pair-safe split weights); else None."""
     from pyaccel import _native
     lib = _native.lib()
     g, mix = lib.measure_peak("int8_exact", threads)
@@ -119,6 +119,10 @@ def main(argv=None) -> int:
                          "on this machine, at the ISA level pyaccel runs at")
     ap.add_argument("--budget", type=float, default=None, help="seconds of timing per row")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
+    ap.add_argument("--weights", choices=common.WEIGHTS, default="normal",
+                    help="weight distribution of the int8 and 2:4 suites' layers: normal = N(0, 0.02), as "
+                         "transformer checkpoints are initialized and trained layers roughly are; uniform = "
+                         "nn.Linear's default init (the AVX2 8-bit int8 path runs its int16 tile on it)")
     ap.add_argument("--markdown", default=None, help="also write the results as a markdown table here")
     ap.add_argument("--suite", default="int8,sparse24,block_sparse,minilm,dwconv,binary",
                     help="comma-separated: int8, sparse24, block_sparse, minilm, dwconv, binary")
@@ -163,8 +167,11 @@ def main(argv=None) -> int:
                                   "(pyaccel.tune_malloc)" if tuned else "tune_malloc found no glibc: unchanged"))
     exact = exact_int8_ceiling(torch.get_num_threads())
     if exact:
-        head.append(f"exact 8-bit ceiling at this ISA: {exact[0]:.0f} GOP/s (measured now: {exact[1]}; "
-                    f"the 3-instruction u8 x s8 mix saturates on 8-bit activations: only 7-bit kernels issue it)")
+        head.append(f"int16 exact ceiling at this ISA: {exact[0]:.0f} GOP/s (measured now: {exact[1]}): the "
+                    f"8-bit kernel's int16 tile; its pair-safe path issues the 3-instruction u8 x s8 mix on "
+                    f"8-bit activations where the weights allow (<= 2 % residual entries)")
+    head.append(f"weights of the int8 / 2:4 suites' layers: {args.weights} "
+                f"({'N(0, 0.02)' if args.weights == 'normal' else 'nn.Linear default, U(-1/sqrt(K), 1/sqrt(K))'})")
     mem = int8.memory_read_gbs()
     head.append(f"DRAM read bandwidth (torch sum over 256 MB, this run): {mem:.1f} GB/s")
     print("\n".join(head))
@@ -176,16 +183,16 @@ def main(argv=None) -> int:
         shapes, ms = (((1024, 1024),), (1, 32)) if args.quick else (((4096, 4096), (1024, 4096)), (1, 8, 32, 128, 512))
         print("\n== int8 linear (y = x Wᵀ + b; activation quantization and epilogue included) ==")
         print(common.HEADER)
-        rows += int8.run(shapes, ms, budget_s=budget, with_ort=not args.no_ort, streamed=True)
+        rows += int8.run(shapes, ms, budget_s=budget, with_ort=not args.no_ort, streamed=True, weights=args.weights)
         guard.mark("int8")
     if "sparse24" in suites:
         shapes, ms = (((1024, 1024),), (1, 32)) if args.quick else (sparse24.SHAPES, (1, 8, 32, 128))
         print("\n== 2:4 sparse linear, fp32 values (GOP/s counts the dense-equivalent 2·M·N·K) ==")
         print(common.HEADER)
-        rows += sparse24.run(shapes, ms, budget_s=budget, streamed=True)
+        rows += sparse24.run(shapes, ms, budget_s=budget, streamed=True, weights=args.weights)
         print("\n== 2:4 sparse + int8 vs pyaccel's dense int8 (same pruned layer) ==")
         print(common.HEADER)
-        rows += sparse24.run_int8(shapes, ms, budget_s=budget, streamed=True)
+        rows += sparse24.run_int8(shapes, ms, budget_s=budget, streamed=True, weights=args.weights)
         guard.mark("sparse24")
     decisions = []
     if "block_sparse" in suites:

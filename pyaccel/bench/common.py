@@ -16,6 +16,27 @@ from pyaccel.bench.timing import Timing, interleaved
 STREAM_BYTES = 192e6
 
 
+# Weight distributions of the synthetic layers (--weights). "normal":
+# N(0, 0.02), the initialization of BERT / GPT-2 style checkpoints and close to
+# how trained layers' weights are distributed (bell-shaped); "uniform":
+# nn.Linear's default U(-1/sqrt(K), 1/sqrt(K)), flat up to its edges as no
+# trained layer is. The 8-bit AVX2 int8 path depends on it: its pair-safe
+# split leaves ~0.4 - 1.4 % residual entries on normal weights and ~12 % on
+# uniform ones, which then run the int16 tile (csrc/int8_gemm/README.md).
+WEIGHTS = ("normal", "uniform")
+
+
+def make_linear(k: int, n: int, weights: str = "normal") -> torch.nn.Linear:
+    """A float nn.Linear(k, n) with weights drawn as WEIGHTS describes (bias: nn.Linear's default)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights: expected one of {WEIGHTS}, got {weights!r}")
+    lin = torch.nn.Linear(k, n)
+    if weights == "normal":
+        with torch.no_grad():
+            lin.weight.normal_(0.0, 0.02)
+    return lin
+
+
 @dataclasses.dataclass
 class Row:
     suite: str

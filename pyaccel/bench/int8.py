@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyaccel.bench import baselines
-from pyaccel.bench.common import FLOOR, Row, floor_copies, measure_layer
+from pyaccel.bench.common import FLOOR, Row, floor_copies, make_linear, measure_layer
 from pyaccel.bench.timing import interleaved
 from pyaccel.nn import Int8Linear
 
@@ -54,7 +54,9 @@ def _candidates(lin: nn.Linear, x: torch.Tensor, threads: int, copies: int, with
 
 
 def run(shapes=((4096, 4096), (1024, 4096)), ms=(1, 8, 32, 128, 512), threads: Optional[int] = None,
-        budget_s: float = 2.0, with_ort: bool = True, streamed: bool = True, log=print) -> List[Row]:
+        budget_s: float = 2.0, with_ort: bool = True, streamed: bool = True, log=print,
+        weights: str = "normal") -> List[Row]:
+    """Rows of the int8 suite; weights: common.WEIGHTS."""
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
@@ -63,7 +65,7 @@ def run(shapes=((4096, 4096), (1024, 4096)), ms=(1, 8, 32, 128, 512), threads: O
     ratio_to = {"×fp32": "torch fp32", "×torch.ao": "torch.ao int8", "×ORT": "onnxruntime int8",
                 "×floor": FLOOR}  # floor time / ours: the share of the floor's read rate we reach
     for n, k in shapes:
-        lin = nn.Linear(k, n).eval()
+        lin = make_linear(k, n, weights).eval()
         rows += measure_layer(
             "int8", lin.weight.detach(), lin.bias.detach(), ms, streamed, n * k,
             lambda x, copies, lin=lin, nk=n * k: (_candidates(lin, x, threads, copies, with_ort),

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyaccel.bench.common import Row, measure_layer
+from pyaccel.bench.common import Row, make_linear, measure_layer
 from pyaccel.formats import sparse24 as s24
 from pyaccel.nn import Int8Linear, Sparse24Int8Linear, Sparse24Linear
 
@@ -35,12 +35,13 @@ def _int8_candidates(lin: nn.Linear, x: torch.Tensor, copies: int):
 
 
 def run_int8(shapes=SHAPES, ms=(1, 8, 32, 128), budget_s: float = 2.0, streamed: bool = True,
-             log=print) -> List[Row]:
-    """2:4 + int8 against pyaccel's own dense int8 on the same (pruned) layer."""
+             log=print, weights: str = "normal") -> List[Row]:
+    """2:4 + int8 against pyaccel's own dense int8 on the same (pruned) layer;
+    weights: common.WEIGHTS."""
     torch.manual_seed(0)
     rows: List[Row] = []
     for n, k in shapes:
-        lin = nn.Linear(k, n)
+        lin = make_linear(k, n, weights)
         with torch.no_grad():
             lin.weight.mul_(s24.mask_24(lin.weight))
 
@@ -52,12 +53,14 @@ def run_int8(shapes=SHAPES, ms=(1, 8, 32, 128), budget_s: float = 2.0, streamed:
     return rows
 
 
-def run(shapes=SHAPES, ms=(1, 8, 32, 128), budget_s: float = 2.0, streamed: bool = True, log=print) -> List[Row]:
+def run(shapes=SHAPES, ms=(1, 8, 32, 128), budget_s: float = 2.0, streamed: bool = True, log=print,
+        weights: str = "normal") -> List[Row]:
+    """2:4 fp32 against dense torch on the same (pruned) layer; weights: common.WEIGHTS."""
     torch.manual_seed(0)
     rows: List[Row] = []
     ratio_to = {"×fp32 dense": "torch fp32 dense (masked)", "×bf16 dense": "torch bf16 dense (masked)"}
     for n, k in shapes:
-        lin = nn.Linear(k, n)
+        lin = make_linear(k, n, weights)
         w = (lin.weight * s24.mask_24(lin.weight)).detach()
         b = lin.bias.detach()
 
