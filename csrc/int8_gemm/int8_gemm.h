@@ -67,6 +67,21 @@ struct PsHeader {
 };
 static_assert(sizeof(PsHeader) == 64, "header must stay 64 bytes");
 
+// The pair-safe value of w1 in the vpmaddubsw pair (w0, w1); w1 minus it is
+// the pair's residual entry (0: none).
+inline int ps_value(int w0, int w1) {
+  if (w0 > 0 && w1 > 0 && w0 + w1 > 128) return 128 - w0;
+  if (w0 < 0 && w1 < 0 && w0 + w1 < -128) return -128 - w0;
+  return w1;
+}
+// Where each part of a pair-safe section lies (offsets from its start) for
+// n_pad channels, `entries` residual entries and panel_bytes of split
+// weights (the 2:4 int8 packing adds the same kind of section to its own).
+PsHeader ps_layout(int64_t n_pad, int64_t entries, int64_t panel_bytes);
+// Validates the section at buf + offset of a packing of nbytes whose part
+// before it has offset bytes (n_pad channels, panel_bytes of split weights):
+// nullptr, or what is wrong.
+const char* check_ps_section(const uint8_t* buf, int64_t nbytes, int64_t offset, int64_t n_pad, int64_t panel_bytes);
 // Bytes of the packing without / with the pair-safe section (w, ldw: as for pack_weights).
 int64_t packed_nbytes(int64_t n, int64_t k);
 int64_t packed_nbytes_ps(const int8_t* w, int64_t ldw, int64_t n, int64_t k);

@@ -18,26 +18,6 @@ namespace int8_gemm {
 
 namespace {
 
-// The pair-safe value of w1 in the vpmaddubsw pair (w0, w1) (see PsHeader).
-inline int ps_value(int w0, int w1) {
-  if (w0 > 0 && w1 > 0 && w0 + w1 > 128) return 128 - w0;
-  if (w0 < 0 && w1 < 0 && w0 + w1 < -128) return -128 - w0;
-  return w1;
-}
-
-// Where each part of a pair-safe section of E entries lies (offsets from its start).
-PsHeader ps_layout(int64_t n_pad, int64_t k_pad, int64_t entries) {
-  PsHeader p{};
-  p.magic = kPsMagic;
-  p.entries = entries;
-  p.lane_offset = sizeof(PsHeader);
-  p.ek_offset = p.lane_offset + 4 * (n_pad + 1);
-  p.er_offset = p.ek_offset + 4 * entries;
-  p.panels_offset = round_up(p.er_offset + 4 * entries, 64);
-  p.total = p.panels_offset + n_pad * k_pad;
-  return p;
-}
-
 // Panels of w (or of its pair-safe part) into data (n_pad x k_pad, zeroed here).
 void write_panels(const int8_t* w, int64_t ldw, int64_t n, int64_t k, int64_t n_pad, int64_t k_pad, bool pair_safe,
                   int8_t* data) {
@@ -64,12 +44,40 @@ int64_t ps_entries(const int8_t* w, int64_t ldw, int64_t n, int64_t k) {
   return e;
 }
 
+PsHeader ps_layout(int64_t n_pad, int64_t entries, int64_t panel_bytes) {
+  PsHeader p{};
+  p.magic = kPsMagic;
+  p.entries = entries;
+  p.lane_offset = sizeof(PsHeader);
+  p.ek_offset = p.lane_offset + 4 * (n_pad + 1);
+  p.er_offset = p.ek_offset + 4 * entries;
+  p.panels_offset = round_up(p.er_offset + 4 * entries, 64);
+  p.total = p.panels_offset + panel_bytes;
+  return p;
+}
+
+const char* check_ps_section(const uint8_t* buf, int64_t nbytes, int64_t offset, int64_t n_pad, int64_t panel_bytes) {
+  if (nbytes < offset + static_cast<int64_t>(sizeof(PsHeader))) return "packed weight has the wrong size";
+  PsHeader p;
+  std::memcpy(&p, buf + offset, sizeof(p));
+  if (p.magic != kPsMagic || p.entries < 0 || p.entries > panel_bytes)
+    return "packed weight has a damaged pair-safe section";
+  const PsHeader want = ps_layout(n_pad, p.entries, panel_bytes);
+  if (std::memcmp(&p, &want, sizeof(p)) != 0) return "packed weight has a damaged pair-safe section";
+  if (nbytes != offset + p.total) return "packed weight has the wrong size";
+  int32_t last;
+  std::memcpy(&last, buf + offset + p.lane_offset + 4 * n_pad, 4);
+  if (last != p.entries) return "packed weight has a damaged pair-safe section";
+  return nullptr;
+}
+
 int64_t packed_nbytes_for(const int8_t* w, int64_t ldw, int64_t n, int64_t k) {
   if (!wants_pair_safe() || n < 1 || k < 1) return packed_nbytes(n, k);
   const int64_t e = ps_entries(w, ldw, n, k);
   if (static_cast<double>(e) > kPsMaxEntryFraction * static_cast<double>(n) * static_cast<double>(k))
     return packed_nbytes(n, k);
-  return packed_nbytes(n, k) + ps_layout(round_up(n, kPanel), round_up(k, kKGroup), e).total;
+  const int64_t n_pad = round_up(n, kPanel);
+  return packed_nbytes(n, k) + ps_layout(n_pad, e, n_pad * round_up(k, kKGroup)).total;
 }
 
 int64_t packed_nbytes(int64_t n, int64_t k) {
@@ -79,7 +87,7 @@ int64_t packed_nbytes(int64_t n, int64_t k) {
 
 int64_t packed_nbytes_ps(const int8_t* w, int64_t ldw, int64_t n, int64_t k) {
   const int64_t n_pad = round_up(n, kPanel), k_pad = round_up(k, kKGroup);
-  return packed_nbytes(n, k) + ps_layout(n_pad, k_pad, ps_entries(w, ldw, n, k)).total;
+  return packed_nbytes(n, k) + ps_layout(n_pad, ps_entries(w, ldw, n, k), n_pad * k_pad).total;
 }
 
 void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* out, bool with_ps) {
@@ -100,7 +108,7 @@ void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* o
   }
   if (!with_ps) return;
   uint8_t* sec = out + h.ps_offset;
-  const PsHeader p = ps_layout(h.n_pad, h.k_pad, ps_entries(w, ldw, n, k));
+  const PsHeader p = ps_layout(h.n_pad, ps_entries(w, ldw, n, k), h.n_pad * h.k_pad);
   std::memset(sec, 0, static_cast<size_t>(p.panels_offset));
   std::memcpy(sec, &p, sizeof(p));
   int32_t* lane = reinterpret_cast<int32_t*>(sec + p.lane_offset);
@@ -130,20 +138,9 @@ const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t 
   if (h.ps_offset == 0 || h.magic != kMagic || h.layout != kLayoutNR64K4 || h.n != n || h.k != k)
     return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, kLayoutNR64K4, base);
   // with a pair-safe section: right after the panels, its layout what its entry count implies
-  if (h.ps_offset != base || nbytes < base + static_cast<int64_t>(sizeof(PsHeader)))
-    return "packed weight has the wrong size";
-  PsHeader p;
-  std::memcpy(&p, buf + base, sizeof(p));
-  const int64_t n_pad = round_up(n, kPanel), k_pad = round_up(k, kKGroup);
-  if (p.magic != kPsMagic || p.entries < 0 || p.entries > n_pad * k_pad / 2)
-    return "packed weight has a damaged pair-safe section";
-  const PsHeader want = ps_layout(n_pad, k_pad, p.entries);
-  if (std::memcmp(&p, &want, sizeof(p)) != 0) return "packed weight has a damaged pair-safe section";
-  if (nbytes != base + p.total) return "packed weight has the wrong size";
-  int32_t last;
-  std::memcpy(&last, buf + base + p.lane_offset + 4 * n_pad, 4);
-  if (last != p.entries) return "packed weight has a damaged pair-safe section";
-  return nullptr;
+  if (h.ps_offset != base) return "packed weight has the wrong size";
+  const int64_t n_pad = round_up(n, kPanel);
+  return check_ps_section(buf, nbytes, base, n_pad, n_pad * round_up(k, kKGroup));
 }
 
 }  // namespace int8_gemm

@@ -1,0 +1,133 @@
+// The AVX2 pair-safe paths' residual side (int8_gemm.h, PsHeader), shared by
+// the dense int8 kernel (qs8_gemm_4x16c4ps_avx2.cpp) and the 2:4 int8 one
+// (sparse24/qs8_s24_gemm_4x16_avx2.cpp): activations transposed to byte
+// columns once a row pass, residual sums per panel and row chunk. Include only
+// from sources compiled with the AVX2 flags.
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "common/transpose_avx2.h"
+#include "int8_gemm/int8_gemm.h"
+
+namespace pyaccel {
+namespace int8_gemm {
+namespace pair_safe {
+
+// The residual entries of a packing (PsHeader).
+struct Residuals {
+  const int32_t *lane, *ek, *er;
+};
+
+// 16 rows (r[i] + k) x 32 bytes -> dst[(k + j) * ldt + i], j < 32: a 16 x 16
+// byte transpose in each 128-bit lane (4 rounds of unpacks: the low lane
+// holds k .. k + 15, the high lane k + 16 .. k + 31).
+inline void transpose16x32(const int8_t* const r[16], int64_t k, uint8_t* dst, int64_t ldt) {
+  __m256i a[16], t[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r[i] + k));
+  for (int i = 0; i < 8; ++i) {  // t[i]: (row 2i, 2i+1) byte pairs of k 0-7; t[i + 8]: of k 8-15
+    t[i] = _mm256_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
+    t[i + 8] = _mm256_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {  // a[h + i]: rows 4i .. 4i+3 of k h .. h+3; a[h + 4 + i]: of k h+4 .. h+7
+      a[h + i] = _mm256_unpacklo_epi16(t[h + 2 * i], t[h + 2 * i + 1]);
+      a[h + 4 + i] = _mm256_unpackhi_epi16(t[h + 2 * i], t[h + 2 * i + 1]);
+    }
+  for (int q = 0; q < 16; q += 4)
+    for (int i = 0; i < 2; ++i) {  // t[q + i]: rows 8i .. 8i+7 of k q, q+1; t[q + 2 + i]: of k q+2, q+3
+      t[q + i] = _mm256_unpacklo_epi32(a[q + 2 * i], a[q + 2 * i + 1]);
+      t[q + 2 + i] = _mm256_unpackhi_epi32(a[q + 2 * i], a[q + 2 * i + 1]);
+    }
+  for (int q = 0; q < 16; q += 4) {
+    const __m256i col[4] = {_mm256_unpacklo_epi64(t[q], t[q + 1]), _mm256_unpackhi_epi64(t[q], t[q + 1]),
+                            _mm256_unpacklo_epi64(t[q + 2], t[q + 3]), _mm256_unpackhi_epi64(t[q + 2], t[q + 3])};
+    for (int j = 0; j < 4; ++j) {  // col[j]: the 16 rows of k + q + j (low lane) and of k + 16 + q + j (high)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (k + q + j) * ldt), _mm256_castsi256_si128(col[j]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (k + 16 + q + j) * ldt), _mm256_extracti128_si256(col[j], 1));
+    }
+  }
+}
+
+// Rows [0, rows) of encoded activations (row stride lda) -> their bytes,
+// column-major: ut[k * ldt + m] (GemmArgs::ut, ldt a multiple of 64; rows up
+// to the next multiple of 16 repeat the last one).
+inline void transpose_rows(const int8_t* q, int64_t lda, int64_t rows, int64_t k_pad, uint8_t* ut, int64_t ldt) {
+  for (int64_t b = 0; b * 16 < rows; ++b) {
+    const int8_t* r[16];
+    for (int i = 0; i < 16; ++i) r[i] = q + (16 * b + std::min<int64_t>(i, rows - 16 * b - 1)) * lda;
+    uint8_t* dst = ut + 16 * b;
+    int64_t k = 0;
+    for (; k + 32 <= k_pad; k += 32) transpose16x32(r, k, dst, ldt);
+    for (; k < k_pad; ++k) {
+      for (int i = 0; i < 16; ++i) dst[k * ldt + i] = static_cast<uint8_t>(r[i][k]);
+    }
+  }
+}
+
+// Residual sums of NB 16-row blocks from row mb (ut's column index) for the
+// 8 channels c0 .. c0 + 7 into t[j][2 * b + h]: channel c0 + j, rows mb + 16 b
+// + 2 i + h in lane i (vpmaddwd with (r, 0) takes the even rows of an int16
+// vector, with (0, r) the odd ones).
+template <int NB>
+inline void group_residuals(const Residuals& res, const uint8_t* ut, int64_t ldt, int64_t mb, int64_t c0, __m256i t[8][8]) {
+  for (int j = 0; j < 8; ++j) {
+    __m256i acc[2 * NB];
+    for (int v = 0; v < 2 * NB; ++v) acc[v] = _mm256_setzero_si256();
+    for (int32_t e = res.lane[c0 + j]; e < res.lane[c0 + j + 1]; ++e) {
+      const __m256i r_even = _mm256_set1_epi32(res.er[e]), r_odd = _mm256_slli_epi32(r_even, 16);
+      const uint8_t* x = ut + static_cast<int64_t>(res.ek[e]) * ldt + mb;
+      for (int b = 0; b < NB; ++b) {
+        const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 16 * b)));
+        acc[2 * b] = _mm256_add_epi32(acc[2 * b], _mm256_madd_epi16(u, r_even));
+        acc[2 * b + 1] = _mm256_add_epi32(acc[2 * b + 1], _mm256_madd_epi16(u, r_odd));
+      }
+    }
+    for (int v = 0; v < 2 * NB; ++v) t[j][v] = acc[v];
+  }
+}
+
+// Residual sums of rows [m0, m1) (m0 a multiple of 16, ut's column index) x
+// the Panel channels from c_first: corr[(m - m0) * Panel + c] = sum over
+// channel c_first + c's entries of u[m, k] * r.
+template <int Panel>
+inline void panel_residuals(const Residuals& res, const uint8_t* ut, int64_t ldt, int64_t m0, int64_t m1,
+                     int64_t c_first, int32_t* corr) {
+  for (int64_t mb = m0; mb < m1; mb += 64) {
+    const int nb = static_cast<int>(std::min<int64_t>(4, (m1 - mb + 15) / 16));
+    for (int cg = 0; cg < Panel / 8; ++cg) {
+      const int64_t c0 = c_first + cg * 8;
+      __m256i t[8][8];
+      switch (nb) {
+        case 1: group_residuals<1>(res, ut, ldt, mb, c0, t); break;
+        case 2: group_residuals<2>(res, ut, ldt, mb, c0, t); break;
+        case 3: group_residuals<3>(res, ut, ldt, mb, c0, t); break;
+        default: group_residuals<4>(res, ut, ldt, mb, c0, t); break;
+      }
+      for (int v = 0; v < 2 * nb; ++v) {
+        __m256 rows[8];
+        for (int j = 0; j < 8; ++j) rows[j] = _mm256_castsi256_ps(t[j][v]);
+        transpose8x8(rows);  // rows[i]: row mb + 16 (v / 2) + 2 i + v % 2, channels c0 .. c0 + 7
+        for (int i = 0; i < 8; ++i) {
+          const int64_t m = mb + 16 * (v / 2) + 2 * i + v % 2;
+          if (m < m1) _mm256_storeu_ps(reinterpret_cast<float*>(corr + (m - m0) * Panel + cg * 8), rows[i]);
+        }
+      }
+    }
+  }
+}
+
+// A section's residual entries (offsets from its PsHeader).
+inline Residuals residuals_of(const uint8_t* sec) {
+  PsHeader ps;
+  std::memcpy(&ps, sec, sizeof(ps));
+  return {reinterpret_cast<const int32_t*>(sec + ps.lane_offset), reinterpret_cast<const int32_t*>(sec + ps.ek_offset),
+          reinterpret_cast<const int32_t*>(sec + ps.er_offset)};
+}
+
+}  // namespace pair_safe
+}  // namespace int8_gemm
+}  // namespace pyaccel
