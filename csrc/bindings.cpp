@@ -643,7 +643,7 @@ class BinaryConvPlan {
   py::object s_permute_, s_contiguous_, s_view_, nchw_;
 };
 
-// The two 2:4 packers (fp32 or int8 values + one position byte per group).
+// The 2:4 fp32 packer (values + one position byte per group).
 template <typename V>
 void def_pack24(py::module_& m, const char* name, int64_t (*nbytes)(int64_t, int64_t),
                 void (*pack)(const V*, int64_t, const uint8_t*, int64_t, int64_t, int64_t, uint8_t*),
@@ -772,8 +772,29 @@ PYBIND11_MODULE(_C, m) {
         "rows from which the dense int8 kernel beats the selected 2:4 int8 kernel (0: never), up to the "
         "kernel_params()['sparse24_int8'] sparse_from_rows_* (see s24i8_dense_wins)");
   m.def("s24i8_packed_nbytes", &sparse24_int8::packed_nbytes, py::arg("n"), py::arg("k"));
-  def_pack24(m, "s24i8_pack", &sparse24_int8::packed_nbytes, &sparse24_int8::pack,
-             "out: wrong size for the packed 2:4 int8 weight");
+  m.def(
+      "s24i8_packed_nbytes_for",
+      [](uintptr_t values, int64_t ldv, uintptr_t pos, int64_t ldp, int64_t n, int64_t k) {
+        return sparse24_int8::packed_nbytes_for(ptr<const int8_t>(values), ldv, ptr<const uint8_t>(pos), ldp, n, k);
+      },
+      "bytes of the 2:4 int8 packing for the selected kernel: with a pair-safe section where the AVX2 kernel "
+      "runs and the values qualify (sparse24_int8.h)",
+      py::arg("values"), py::arg("ldv"), py::arg("pos"), py::arg("ldp"), py::arg("n"), py::arg("k"));
+  m.def(
+      "s24i8_pack",
+      [](uintptr_t values, int64_t ldv, uintptr_t pos, int64_t ldp, int64_t n, int64_t k, uintptr_t out,
+         int64_t out_nbytes) {
+        // out_nbytes: s24i8_packed_nbytes, or s24i8_packed_nbytes_for where it adds a pair-safe section
+        if (out_nbytes != sparse24_int8::packed_nbytes(n, k) &&
+            out_nbytes != sparse24_int8::packed_nbytes_for(ptr<const int8_t>(values), ldv, ptr<const uint8_t>(pos),
+                                                           ldp, n, k))
+          throw py::value_error("out: wrong size for the packed 2:4 int8 weight");
+        py::gil_scoped_release nogil;
+        sparse24_int8::pack(ptr<const int8_t>(values), ldv, ptr<const uint8_t>(pos), ldp, n, k, ptr<uint8_t>(out),
+                            out_nbytes);
+      },
+      py::arg("values"), py::arg("ldv"), py::arg("pos"), py::arg("ldp"), py::arg("n"), py::arg("k"),
+      py::arg("out"), py::arg("out_nbytes"));
   m.def("int8_packed_nbytes", &int8_gemm::packed_nbytes, py::arg("n"), py::arg("k"));
   m.def(
       "int8_packed_nbytes_for",

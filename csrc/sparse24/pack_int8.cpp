@@ -10,37 +10,102 @@ int64_t packed_nbytes(int64_t n, int64_t k) {
   return static_cast<int64_t>(sizeof(PackedHeader)) + n_pad * 4 + (n_pad / kPanel) * quads * kQuadBytes;
 }
 
+namespace {
+
+// The quads of panel data (zeroed here); pair_safe: v1 replaced by its pair-safe value.
+void write_quads(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int64_t n, int64_t k,
+                 int64_t n_pad, int64_t quads, bool pair_safe, uint8_t* data) {
+  const int64_t groups = (k + 3) / 4;
+  std::memset(data, 0, static_cast<size_t>((n_pad / kPanel) * quads * kQuadBytes));
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t p = c / kPanel, lane = c % kPanel;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t pair = g / 2, half = g % 2;
+      const int64_t quad = pair / kQuadPairs, j = pair % kQuadPairs;
+      uint8_t* blk = data + (p * quads + quad) * kQuadBytes;
+      const int8_t v0 = values[c * ldv + 2 * g];
+      int v1 = values[c * ldv + 2 * g + 1];
+      if (pair_safe) v1 = int8_gemm::ps_value(v0, v1);
+      blk[kQuadValOffset + j * kPairBytes + lane * 4 + 2 * half] = static_cast<uint8_t>(v0);
+      blk[kQuadValOffset + j * kPairBytes + lane * 4 + 2 * half + 1] = static_cast<uint8_t>(v1);
+      blk[kQuadPosOffset + lane * 4 + j] |= static_cast<uint8_t>((pos[c * ldp + g] & 0xF) << (4 * half));
+    }
+  }
+}
+
+int64_t ps_entries(const int8_t* values, int64_t ldv, int64_t n, int64_t k) {
+  int64_t e = 0;
+  for (int64_t c = 0; c < n; ++c)
+    for (int64_t g = 0; g < (k + 3) / 4; ++g)
+      e += int8_gemm::ps_value(values[c * ldv + 2 * g], values[c * ldv + 2 * g + 1]) != values[c * ldv + 2 * g + 1];
+  return e;
+}
+
+int64_t quad_bytes(int64_t n_pad, int64_t k) { return (n_pad / kPanel) * ((k + kQuadInputs - 1) / kQuadInputs) * kQuadBytes; }
+
+}  // namespace
+
+int64_t packed_nbytes_for(const int8_t* values, int64_t ldv, const uint8_t*, int64_t, int64_t n, int64_t k) {
+  if (select_kernel().gemm != qs8_s24_gemm_4x16_avx2 || n < 1 || k < 1) return packed_nbytes(n, k);
+  const int64_t e = ps_entries(values, ldv, n, k);
+  if (static_cast<double>(e) > kPsMaxEntryFraction * 2.0 * static_cast<double>(n * ((k + 3) / 4)))
+    return packed_nbytes(n, k);
+  const int64_t n_pad = round_up(n, kPanel);
+  return packed_nbytes(n, k) + int8_gemm::ps_layout(n_pad, e, quad_bytes(n_pad, k)).total;
+}
+
 void pack(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int64_t n, int64_t k,
-          uint8_t* out) {
+          uint8_t* out, int64_t out_nbytes) {
   PackedHeader h = new_packed_header<PackedHeader>(kMagic, kLayoutP32Q4, n, k, kPanel);
   const int64_t groups = (k + 3) / 4;
   h.quads = (k + kQuadInputs - 1) / kQuadInputs;
   h.comp_offset = sizeof(PackedHeader);
   h.data_offset = h.comp_offset + h.n_pad * 4;
+  const bool with_ps = out_nbytes > packed_nbytes(n, k);
+  h.ps_offset = with_ps ? packed_nbytes(n, k) : 0;
   std::memcpy(out, &h, sizeof(h));
   int32_t* comp = reinterpret_cast<int32_t*>(out + h.comp_offset);
-  uint8_t* data = out + h.data_offset;
   std::memset(comp, 0, h.n_pad * 4);
-  std::memset(data, 0, static_cast<size_t>((h.n_pad / kPanel) * h.quads * kQuadBytes));
   for (int64_t c = 0; c < n; ++c) {
-    const int64_t p = c / kPanel, lane = c % kPanel;
     int64_t sum = 0;
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t pair = g / 2, half = g % 2;
-      const int64_t quad = pair / kQuadPairs, j = pair % kQuadPairs;
-      uint8_t* blk = data + (p * h.quads + quad) * kQuadBytes;
-      const int8_t v0 = values[c * ldv + 2 * g], v1 = values[c * ldv + 2 * g + 1];
-      blk[kQuadValOffset + j * kPairBytes + lane * 4 + 2 * half] = static_cast<uint8_t>(v0);
-      blk[kQuadValOffset + j * kPairBytes + lane * 4 + 2 * half + 1] = static_cast<uint8_t>(v1);
-      blk[kQuadPosOffset + lane * 4 + j] |= static_cast<uint8_t>((pos[c * ldp + g] & 0xF) << (4 * half));
-      sum += v0 + v1;
-    }
+    for (int64_t g = 0; g < groups; ++g) sum += values[c * ldv + 2 * g] + values[c * ldv + 2 * g + 1];
     comp[c] = static_cast<int32_t>(static_cast<uint32_t>(128 * sum));
   }
+  write_quads(values, ldv, pos, ldp, n, k, h.n_pad, h.quads, false, out + h.data_offset);
+  if (!with_ps) return;
+  uint8_t* sec = out + h.ps_offset;
+  const int8_gemm::PsHeader p = int8_gemm::ps_layout(h.n_pad, ps_entries(values, ldv, n, k), quad_bytes(h.n_pad, k));
+  std::memset(sec, 0, static_cast<size_t>(p.panels_offset));
+  std::memcpy(sec, &p, sizeof(p));
+  int32_t* lane = reinterpret_cast<int32_t*>(sec + p.lane_offset);
+  int32_t* ek = reinterpret_cast<int32_t*>(sec + p.ek_offset);
+  int32_t* er = reinterpret_cast<int32_t*>(sec + p.er_offset);
+  int64_t e = 0;
+  for (int64_t c = 0; c < h.n_pad; ++c) {
+    lane[c] = static_cast<int32_t>(e);
+    for (int64_t g = 0; c < n && g < groups; ++g) {
+      const int v0 = values[c * ldv + 2 * g], v1 = values[c * ldv + 2 * g + 1];
+      const int r = v1 - int8_gemm::ps_value(v0, v1);
+      if (r == 0) continue;
+      ek[e] = static_cast<int32_t>(4 * g + ((pos[c * ldp + g] >> 2) & 3));  // the input v1 multiplies
+      er[e] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(r)));
+      ++e;
+    }
+  }
+  lane[h.n_pad] = static_cast<int32_t>(e);
+  write_quads(values, ldv, pos, ldp, n, k, h.n_pad, h.quads, true, sec + p.panels_offset);
 }
 
 const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k) {
-  return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, kLayoutP32Q4, packed_nbytes(n, k));
+  const int64_t base = packed_nbytes(n, k);
+  PackedHeader h{};
+  if (buf != nullptr && nbytes >= static_cast<int64_t>(sizeof(PackedHeader))) std::memcpy(&h, buf, sizeof(h));
+  if (h.ps_offset == 0 || h.magic != kMagic || h.layout != kLayoutP32Q4 || h.n != n || h.k != k)
+    return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, kLayoutP32Q4, base);
+  // with a pair-safe section: right after the quads, its layout what its entry count implies
+  if (h.ps_offset != base) return "packed weight has the wrong size";
+  const int64_t n_pad = round_up(n, kPanel);
+  return int8_gemm::check_ps_section(buf, nbytes, base, n_pad, quad_bytes(n_pad, k));
 }
 
 }  // namespace sparse24_int8

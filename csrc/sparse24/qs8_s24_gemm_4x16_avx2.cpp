@@ -17,7 +17,11 @@
 
 #include "common/cpu_features.h"
 #include "common/vnni_ymm.h"
-#include "int8_gemm/qs8_gemm_avx2_tile.h"  // avx2_tile::store8
+#include "common/packed_header.h"
+#include "common/parallel.h"
+#include "common/row_passes.h"
+#include "int8_gemm/pair_safe_avx2.h"
+#include "int8_gemm/qs8_gemm_avx2_tile.h"  // avx2_tile::store8, maddubs_step
 #include "sparse24/sparse24_int8.h"
 
 namespace pyaccel {
@@ -36,15 +40,28 @@ struct SignMul {
   static void madd(__m256i& c, __m256i x, __m256i w, __m256i ones) {
     c = _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x)), ones));
   }
-  static __m256i finish(const GemmArgs&, __m256i acc, int64_t) { return acc; }
+  static __m256i finish(const GemmArgs&, __m256i acc, int64_t, int64_t) { return acc; }
 };
 // (u8 activations q ^ 0x80, vpdpbusd; Vex: the AVX-VNNI encoding, else EVEX)
 template <bool Vex>
 struct VnniMul {
   static constexpr int kOctetRows = 12;  // the 12 x 8 tile
   static void madd(__m256i& c, __m256i x, __m256i w, __m256i) { dpbusd_ymm<Vex>(c, x, w); }
-  static __m256i finish(const GemmArgs& g, __m256i acc, int64_t n0) {
+  static __m256i finish(const GemmArgs& g, __m256i acc, int64_t, int64_t n0) {
     return _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.comp + n0)));
+  }
+};
+
+// (u8 activations q ^ 0x80 times the pair-safe values of a packing's
+// section: vpmaddubsw's int16 pair sums stay in range, int8_gemm.h PsHeader;
+// the epilogue adds the residual sums and subtracts comp)
+struct PsMul {
+  static constexpr int kOctetRows = 0;  // the 4 x 16 tile
+  static void madd(__m256i& c, __m256i x, __m256i w, __m256i ones) { int8_gemm::avx2_tile::maddubs_step(c, w, x, ones); }
+  static __m256i finish(const GemmArgs& g, __m256i acc, int64_t m, int64_t n0) {
+    const __m256i comp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.comp + n0));
+    const __m256i corr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.corr + m * kPanel + n0 % kPanel));
+    return _mm256_sub_epi32(_mm256_add_epi32(acc, corr), comp);
   }
 };
 
@@ -104,8 +121,8 @@ inline void tile(const GemmArgs& g, const __m256i* ctrl, int64_t m, int64_t p, i
   }
   const int64_t n0 = p * kPanel + 16 * half;
   for (int r = 0; r < MR; ++r) {
-    store8(g, Mul::finish(g, c[r][0], n0), g.a_scale[m + r], m + r, n0);
-    store8(g, Mul::finish(g, c[r][1], n0 + 8), g.a_scale[m + r], m + r, n0 + 8);
+    store8(g, Mul::finish(g, c[r][0], m + r, n0), g.a_scale[m + r], m + r, n0);
+    store8(g, Mul::finish(g, c[r][1], m + r, n0 + 8), g.a_scale[m + r], m + r, n0 + 8);
   }
 }
 
@@ -122,7 +139,7 @@ inline void tile(const GemmArgs& g, const __m256i* ctrl, int64_t m, int64_t p, i
     Mul::madd(c##r, _mm256_shuffle_epi8(ab, k), v, ones);                                    \
   }
 #define S24V_STORE(r) \
-  if (MR > r) store8(g, Mul::finish(g, c##r, n0), g.a_scale[m + r], m + r, n0);
+  if (MR > r) store8(g, Mul::finish(g, c##r, m + r, n0), g.a_scale[m + r], m + r, n0);
 
 inline int64_t load_u64(const uint8_t* p) {
   int64_t v;
@@ -211,7 +228,7 @@ inline void tile_row(const GemmArgs& g, const int8_t* lanes, int64_t m, int64_t 
     }
   }
   for (int v = 0; v < 4 && p * kPanel + 8 * v < g.n; ++v)
-    store8(g, Mul::finish(g, c[v], p * kPanel + 8 * v), g.a_scale[m], m, p * kPanel + 8 * v);
+    store8(g, Mul::finish(g, c[v], m, p * kPanel + 8 * v), g.a_scale[m], m, p * kPanel + 8 * v);
 }
 
 thread_local std::vector<int8_t> t_lanes;
@@ -249,7 +266,58 @@ inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t 
   }
 }
 
+thread_local std::vector<int32_t> t_corr;
+thread_local std::vector<uint8_t> t_ut;
+
+// Rows [m0, m1) (m0 a multiple of 16) x panel p on a pair-safe section's
+// quads: the panel's residual sums, then the 4 x 16 tiles.
+void gemm_ps(const GemmArgs& g0, const int8_gemm::pair_safe::Residuals& res, const uint8_t* ut, int64_t ldt,
+             int64_t m0, int64_t m1, int64_t p) {
+  if (t_corr.size() < static_cast<size_t>((m1 - m0) * kPanel)) t_corr.resize((m1 - m0) * kPanel);
+  int8_gemm::pair_safe::panel_residuals<kPanel>(res, ut, ldt, m0, m1, p * kPanel, t_corr.data());
+  GemmArgs g = g0;
+  // finish() indexes corr by the absolute row m
+  g.corr = reinterpret_cast<const int32_t*>(reinterpret_cast<uintptr_t>(t_corr.data()) - m0 * kPanel * 4);
+  const int64_t words = g.quads * kQuadPairs * 4;
+  if (t_ctrl.size() < static_cast<size_t>(words)) t_ctrl.resize(words);
+  __m256i* ctrl = &t_ctrl.data()->v;
+  panel_controls(g, p, ctrl);
+  for (int half = 0; half < 2 && p * kPanel + 16 * half < g.n; ++half)
+    int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<PsMul, h()>(g, ctrl, m, p, half); });
+}
+
 }  // namespace
+
+void linear_ps_avx2(int8_gemm::QuantizeRowsFn quantize, const void* x, int64_t ldx, bool x_bf16, int64_t m,
+                    int64_t k, const uint8_t* packed, const float* w_scale, const float* bias, void* y, int64_t ldy,
+                    bool y_bf16, int nthreads) {
+  PackedHeader h;
+  std::memcpy(&h, packed, sizeof(h));
+  const uint8_t* sec = packed + h.ps_offset;
+  int8_gemm::PsHeader ps;
+  std::memcpy(&ps, sec, sizeof(ps));
+  const auto res = int8_gemm::pair_safe::residuals_of(sec);
+  const int64_t k_pad = kQuadInputs * h.quads, lda = int8_gemm::a_stride(k_pad);
+  const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
+  // >= ~16K values per thread, in whole 64-row blocks of the transposed copy
+  const int64_t grain = round_up(std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), 64);
+  for_each_row_pass(m, lda + k_pad, kRowPassBytes, 64, [&](int64_t r0, int64_t r1) {
+    const int64_t rows = r1 - r0, ldt = round_up(rows, 64);
+    const int8_gemm::QuantScratch s = int8_gemm::quant_scratch(rows, lda);
+    if (t_ut.size() < static_cast<size_t>(ldt * k_pad)) t_ut.resize(ldt * k_pad);
+    uint8_t* ut = t_ut.data();
+    const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;
+    parallel_for(rows, grain, nthreads, [&](int64_t a0, int64_t a1) {
+      quantize(xr, ldx, x_bf16, a0, a1, k, k_pad, lda, 0x80, int8_gemm::kQmax8, s.q, s.scale);
+      int8_gemm::pair_safe::transpose_rows(s.q + a0 * lda, lda, a1 - a0, k_pad, ut + a0, ldt);
+    });
+    GemmArgs g{reinterpret_cast<const uint8_t*>(s.q), lda, s.scale, sec + ps.panels_offset,
+               reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
+               static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.quads};
+    parallel_units_rows(h.n_pad / kPanel, rows, 16, nthreads,
+                        [&](int64_t p, int64_t a0, int64_t a1) { gemm_ps(g, res, ut, ldt, a0, a1, p); });
+  });
+}
 
 void qs8_s24_gemm_4x16_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   gemm<SignMul>(g, m0, m1, p0, p1);

@@ -46,15 +46,27 @@ struct PackedHeader {
   int64_t n, k;
   int64_t n_pad, quads;  // quads = ceil(k / 32)
   int64_t comp_offset, data_offset;
-  int64_t reserved;
+  int64_t ps_offset;  // a pair-safe section (int8_gemm::PsHeader) right after the quads, or 0: none
 };
 static_assert(sizeof(PackedHeader) == 64, "header must stay 64 bytes");
 
 int64_t packed_nbytes(int64_t n, int64_t k);
+// With a pair-safe section (as int8_gemm's, PsHeader): where the selected
+// kernel is the AVX2 one, a copy of the quads whose vpmaddubsw pairs -- a
+// group's two values (v0, v1) -- are split by int8_gemm::ps_value, plus the
+// residual entries (k = 4g + i1), when they are at most kPsMaxEntryFraction
+// of the stored values; else packed_nbytes. A group keeps its two largest
+// magnitudes, so same-sign pairs past 128 are common: ~5 % of the values of
+// a pruned Gaussian layer (0.4 - 1.4 % in dense int8). The sign-trick tile
+// the section replaces issues 6 instructions per 32 products against 4, so
+// the limit is higher than dense int8's.
+constexpr double kPsMaxEntryFraction = 0.08;
+int64_t packed_nbytes_for(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int64_t n, int64_t k);
 // values: int8 [n, 2*ceil(k/4)] (row stride ldv), in [-127, 127]; pos: one byte per group
-// (i0 | i1 << 2), [n, ceil(k/4)] (row stride ldp).
+// (i0 | i1 << 2), [n, ceil(k/4)] (row stride ldp). out_nbytes: packed_nbytes,
+// or packed_nbytes_for where that adds the pair-safe section (then written).
 void pack(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int64_t n, int64_t k,
-          uint8_t* out);
+          uint8_t* out, int64_t out_nbytes);
 const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k);
 
 struct GemmArgs {
@@ -69,6 +81,8 @@ struct GemmArgs {
   int64_t ldy;
   bool y_bf16;
   int64_t m, n, quads;
+  // the pair-safe tile only: row m's residual sums of channel n at corr[m * 32 + n % 32]
+  const int32_t* corr = nullptr;
 };
 // Rows [m0, m1) x panels [p0, p1).
 using GemmFn = void (*)(const GemmArgs&, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
@@ -92,6 +106,14 @@ struct Kernel {
   int sparse_from_rows_big = 0, sparse_from_rows_small = 0;
 };
 constexpr int64_t kBigLayerWeights = int64_t(1) << 22;
+// The AVX2 kernel's pair-safe path runs calls of at least this many rows (on
+// layers of at least kBigLayerWeights weights / smaller ones); fewer take the
+// sign-trick tile, whose per-call work is smaller (no transposition, no
+// residual sums over 16-row blocks). Measured, Golden Cove capped at AVX2, 2
+// threads, pruned N(0, 0.02) layers (~5 % residual entries), M = 8 - 48: the
+// pair-safe path ahead from 12 - 16 rows on 4096^2 and 1024x4096, from 32 -
+// 48 on 1536x384 and 384x1536.
+constexpr int64_t kPsMinRowsBig = 16, kPsMinRowsSmall = 40;
 const Kernel& select_kernel();
 // True when the selected kernel says dense int8 beats it at m rows of an
 // n x k layer (the modules run their dense int8 plan then).
@@ -102,6 +124,11 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
 
 void qs8_s24_gemm_1x32_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_s24_gemm_4x16_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+// The AVX2 kernel's pair-safe path: linear() hands it calls of at least
+// kPsMinRows* rows on packings with a pair-safe section (quantize: the AVX2 quantizer).
+void linear_ps_avx2(int8_gemm::QuantizeRowsFn quantize, const void* x, int64_t ldx, bool x_bf16, int64_t m,
+                    int64_t k, const uint8_t* packed, const float* w_scale, const float* bias, void* y, int64_t ldy,
+                    bool y_bf16, int nthreads);
 // AVX-VNNI level: the VEX build where the CPU has AVX-VNNI, else its EVEX twin
 // (qs8_s24_gemm_4x16_avx2.cpp); the two are exported for the encoding test.
 void qs8_s24_gemm_4x16_avxvnni(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);

@@ -150,7 +150,7 @@ def pack_sparse24_int8(values: torch.Tensor, meta: torch.Tensor, k: int):
     vals = values.detach().to("cpu", torch.int8).contiguous()
     n = vals.shape[0]
     pb = position_bytes(Sparse24Weight(vals, meta.detach().cpu(), k))
-    nbytes = C.s24i8_packed_nbytes(n, k)
+    nbytes = C.s24i8_packed_nbytes_for(vals.data_ptr(), vals.stride(0), pb.data_ptr(), pb.stride(0), n, k)
     out = packed_buffer(nbytes)
     C.s24i8_pack(vals.data_ptr(), vals.stride(0), pb.data_ptr(), pb.stride(0), n, k, out.data_ptr(), nbytes)
     return out

@@ -249,3 +249,135 @@ def test_property_random_shapes(m, n, k, frac, seed):
         assert has_section(packed, n, k) == (expected_entries(w) <= 0.02 * n * k)
         y = run_exact(x, w, packed)
     assert torch.equal(y, reference.int8_matmul_exact(x.to(torch.int8), w).float())
+
+
+# ---- 2:4 int8 (csrc/sparse24/qs8_s24_gemm_4x16_avx2.cpp, linear_ps_avx2) --------------
+# The pair is a group's two kept values; the path serves calls of >= 40 rows on
+# layers under 4 Mi weights and >= 16 on bigger ones (kPsMinRows*), 32-channel
+# panels, quads of 32 inputs, the same 16-row blocks and 64-row residual groups.
+S24_M_GRID = [40, 41, 47, 63, 64, 65, 100, 129]
+S24_NK_GRID = [(1, 4), (31, 5), (32, 32), (33, 33), (64, 255), (65, 64), (130, 1030)]
+
+
+def edge_weight_24(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Dense int8 [n, k] with 2 nonzeros in every group of 4 (a trailing part
+    group: up to 2): small values, ~5 % of the groups an edge pair (the split
+    ones capped at 8 % of the kept values), and a +-127 in every row."""
+    groups = (k + 3) // 4
+    dense = torch.zeros(n, groups * 4, dtype=torch.int8)
+    budget = int(0.08 * 2 * n * groups)
+    for c in range(n):
+        for g in range(groups):
+            width = min(4, k - 4 * g)
+            idx = sorted(torch.randperm(width, generator=gen)[:2].tolist())
+            a, b = (int(v) for v in torch.randint(1, 41, (2,), generator=gen) * torch.where(
+                torch.rand(2, generator=gen) < 0.5, -1, 1))
+            if g == 0:
+                a, b = (127, -5) if c % 2 else (-127, 5)
+            elif torch.rand((), generator=gen) < 0.05:
+                a, b = EDGE_PAIRS[int(torch.randint(len(EDGE_PAIRS), (), generator=gen))]
+                if a * b > 0 and abs(a + b) > 128:
+                    if budget == 0:
+                        continue
+                    budget -= 1
+            dense[c, 4 * g + idx[0]] = a
+            if len(idx) > 1:
+                dense[c, 4 * g + idx[1]] = b
+    return dense[:, :k].contiguous()
+
+
+def pack24(dense: torch.Tensor):
+    from pyaccel.formats import sparse24 as s24
+
+    sw = s24.compress(dense.float())
+    vals, meta = sw.values.to(torch.int8), sw.meta
+    return vals, meta, s24.pack_sparse24_int8(vals, meta, dense.shape[1])
+
+
+def s24_section(packed: torch.Tensor, n: int, k: int) -> bool:
+    return packed.numel() > _native.lib().s24i8_packed_nbytes(n, k)
+
+
+def run24(x, dense, vals, meta, packed, scale=None, bias=None):
+    n, k = dense.shape
+    return torch.ops.pyaccel.sparse24_int8_linear(x, vals, meta, k, torch.ones(n) if scale is None else scale,
+                                                  bias, packed)
+
+
+@pytest.mark.parametrize("m", S24_M_GRID)
+@pytest.mark.parametrize("n,k", S24_NK_GRID)
+def test_s24_pair_safe_exact_grid(avx2, gen, m, n, k):
+    dense = edge_weight_24(n, k, gen)
+    vals, meta, packed = pack24(dense)
+    assert s24_section(packed, n, k)
+    x = edge_activations(m, k, gen)
+    y = run24(x, dense, vals, meta, packed)
+    ref = reference.int8_matmul_exact(x.to(torch.int8), dense).float()
+    assert torch.equal(y, ref), f"first mismatch at {(y - ref).nonzero()[0].tolist()}"
+
+
+@pytest.mark.parametrize("m", [15, 16, 17, 33])
+def test_s24_pair_safe_big_layer_rows(avx2, gen, m):
+    """A layer of 4 Mi weights takes the path from 16 rows; 15 stay on the sign-trick tile."""
+    n, k = 1024, 4096
+    dense = (torch.randn(n, k, generator=gen) * 30).round().clamp(-127, 127)
+    from pyaccel.formats import sparse24 as s24
+    dense = (dense * s24.mask_24(dense)).to(torch.int8)
+    dense[:, :4] = torch.tensor([127, 127, 0, 0], dtype=torch.int8)
+    vals, meta, packed = pack24(dense)
+    assert s24_section(packed, n, k)
+    x = torch.randint(-127, 128, (m, k), generator=gen).float()
+    x[:, 0] = 127.0
+    y = run24(x, dense, vals, meta, packed)
+    assert torch.equal(y.double(), reference.int8_matmul_exact(x.to(torch.int8), dense).float().double())
+
+
+def test_s24_same_outputs_with_and_without_the_section(avx2, gen):
+    C = _native.lib()
+    n, k = 70, 300
+    dense = edge_weight_24(n, k, gen)
+    vals, meta, with_ps = pack24(dense)
+    assert s24_section(with_ps, n, k)
+    from pyaccel.formats import sparse24 as s24
+    pb = s24.position_bytes(s24.Sparse24Weight(vals, meta, k))
+    plain = torch.empty(C.s24i8_packed_nbytes(n, k), dtype=torch.uint8)
+    C.s24i8_pack(vals.data_ptr(), vals.stride(0), pb.data_ptr(), pb.stride(0), n, k, plain.data_ptr(), plain.numel())
+    scale = torch.rand(n, generator=gen) * 1e-2 + 1e-3
+    bias = torch.randn(n, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(45, k, generator=gen) * 3).to(dtype)
+        outs = {}
+        for name in _native.ISA_LADDER:
+            if not _native.isa_supported(name) or name == "avx512_amx":
+                continue
+            with _native.isa_cap(name):
+                for label, p in (("section", with_ps), ("plain", plain)):
+                    outs[(name, label)] = run24(x, dense, vals, meta, p, scale, bias)
+        first = outs[("avx2", "section")]
+        for key, y in outs.items():
+            assert torch.equal(y, first), key
+        ref = reference.int8_linear(x, dense, scale, bias)
+        tol = torch.finfo(dtype).eps * ref.abs().float().clamp_min(1e-30)
+        assert ((first.float() - ref.float()).abs() <= tol).all()
+
+
+def test_s24_threshold_and_damaged_section(avx2, gen):
+    """Values with more than 8 % residual entries get no section; a damaged one is refused."""
+    C = _native.lib()
+    n, k = 64, 256
+    full = torch.full((n, k), 120, dtype=torch.int8)
+    full[:, 2::4] = 0
+    full[:, 3::4] = 0  # every group keeps (120, 120): one entry per group, 50 % of the values
+    _, _, packed = pack24(full)
+    assert not s24_section(packed, n, k)
+    dense = edge_weight_24(n, k, gen)
+    vals, meta, packed = pack24(dense)
+    assert s24_section(packed, n, k)
+    base = C.s24i8_packed_nbytes(n, k)
+    bad = packed.clone()
+    bad[base] ^= 1
+    x = torch.randn(48, k, generator=gen)
+    with pytest.raises(ValueError, match="pair-safe"):
+        run24(x, dense, vals, meta, bad)
+    with pytest.raises(ValueError, match="size"):
+        run24(x, dense, vals, meta, packed[:-64].clone())
