@@ -78,6 +78,35 @@ inline int ps_value(int w0, int w1) {
 // n_pad channels, `entries` residual entries and panel_bytes of split
 // weights (the 2:4 int8 packing adds the same kind of section to its own).
 PsHeader ps_layout(int64_t n_pad, int64_t entries, int64_t panel_bytes);
+// Writes a pair-safe section of `entries` residual entries at sec (header,
+// lane table, entries; the caller then writes panel_bytes of split weights at
+// sec + the returned PsHeader's panels_offset). pairs(c, emit) calls emit(k,
+// w0, w1) for each vpmaddubsw pair of channel c < n (k: the input w1
+// multiplies), in ascending k.
+template <typename Pairs>
+PsHeader write_ps_section(uint8_t* sec, int64_t n, int64_t n_pad, int64_t entries, int64_t panel_bytes,
+                          const Pairs& pairs) {
+  const PsHeader p = ps_layout(n_pad, entries, panel_bytes);
+  std::memset(sec, 0, static_cast<size_t>(p.panels_offset));
+  std::memcpy(sec, &p, sizeof(p));
+  int32_t* lane = reinterpret_cast<int32_t*>(sec + p.lane_offset);
+  int32_t* ek = reinterpret_cast<int32_t*>(sec + p.ek_offset);
+  int32_t* er = reinterpret_cast<int32_t*>(sec + p.er_offset);
+  int64_t e = 0;
+  for (int64_t c = 0; c < n_pad; ++c) {
+    lane[c] = static_cast<int32_t>(e);
+    if (c >= n) continue;
+    pairs(c, [&](int64_t k, int w0, int w1) {
+      const int r = w1 - ps_value(w0, w1);
+      if (r == 0) return;
+      ek[e] = static_cast<int32_t>(k);
+      er[e] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(r)));
+      ++e;
+    });
+  }
+  lane[n_pad] = static_cast<int32_t>(e);
+  return p;
+}
 // Validates the section at buf + offset of a packing of nbytes whose part
 // before it has offset bytes (n_pad channels, panel_bytes of split weights):
 // nullptr, or what is wrong.

@@ -108,24 +108,11 @@ void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* o
   }
   if (!with_ps) return;
   uint8_t* sec = out + h.ps_offset;
-  const PsHeader p = ps_layout(h.n_pad, ps_entries(w, ldw, n, k), h.n_pad * h.k_pad);
-  std::memset(sec, 0, static_cast<size_t>(p.panels_offset));
-  std::memcpy(sec, &p, sizeof(p));
-  int32_t* lane = reinterpret_cast<int32_t*>(sec + p.lane_offset);
-  int32_t* ek = reinterpret_cast<int32_t*>(sec + p.ek_offset);
-  int32_t* er = reinterpret_cast<int32_t*>(sec + p.er_offset);
-  int64_t e = 0;
-  for (int64_t c = 0; c < h.n_pad; ++c) {
-    lane[c] = static_cast<int32_t>(e);
-    for (int64_t kk = 1; c < n && kk < k; kk += 2) {
-      const int w0 = w[c * ldw + kk - 1], w1 = w[c * ldw + kk], r = w1 - ps_value(w0, w1);
-      if (r == 0) continue;
-      ek[e] = static_cast<int32_t>(kk);
-      er[e] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(r)));
-      ++e;
-    }
-  }
-  lane[h.n_pad] = static_cast<int32_t>(e);
+  const PsHeader p = write_ps_section(sec, n, h.n_pad, ps_entries(w, ldw, n, k), h.n_pad * h.k_pad,
+                                      [&](int64_t c, const auto& emit) {
+                                        for (int64_t kk = 1; kk < k; kk += 2)
+                                          emit(kk, w[c * ldw + kk - 1], w[c * ldw + kk]);
+                                      });
   write_panels(w, ldw, n, k, h.n_pad, h.k_pad, true, reinterpret_cast<int8_t*>(sec + p.panels_offset));
 }
 

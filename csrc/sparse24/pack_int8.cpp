@@ -74,25 +74,11 @@ void pack(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, in
   write_quads(values, ldv, pos, ldp, n, k, h.n_pad, h.quads, false, out + h.data_offset);
   if (!with_ps) return;
   uint8_t* sec = out + h.ps_offset;
-  const int8_gemm::PsHeader p = int8_gemm::ps_layout(h.n_pad, ps_entries(values, ldv, n, k), quad_bytes(h.n_pad, k));
-  std::memset(sec, 0, static_cast<size_t>(p.panels_offset));
-  std::memcpy(sec, &p, sizeof(p));
-  int32_t* lane = reinterpret_cast<int32_t*>(sec + p.lane_offset);
-  int32_t* ek = reinterpret_cast<int32_t*>(sec + p.ek_offset);
-  int32_t* er = reinterpret_cast<int32_t*>(sec + p.er_offset);
-  int64_t e = 0;
-  for (int64_t c = 0; c < h.n_pad; ++c) {
-    lane[c] = static_cast<int32_t>(e);
-    for (int64_t g = 0; c < n && g < groups; ++g) {
-      const int v0 = values[c * ldv + 2 * g], v1 = values[c * ldv + 2 * g + 1];
-      const int r = v1 - int8_gemm::ps_value(v0, v1);
-      if (r == 0) continue;
-      ek[e] = static_cast<int32_t>(4 * g + ((pos[c * ldp + g] >> 2) & 3));  // the input v1 multiplies
-      er[e] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(r)));
-      ++e;
-    }
-  }
-  lane[h.n_pad] = static_cast<int32_t>(e);
+  const int8_gemm::PsHeader p = int8_gemm::write_ps_section(
+      sec, n, h.n_pad, ps_entries(values, ldv, n, k), quad_bytes(h.n_pad, k), [&](int64_t c, const auto& emit) {
+        for (int64_t g = 0; g < groups; ++g)  // v1 multiplies input 4g + i1
+          emit(4 * g + ((pos[c * ldp + g] >> 2) & 3), values[c * ldv + 2 * g], values[c * ldv + 2 * g + 1]);
+      });
   write_quads(values, ldv, pos, ldp, n, k, h.n_pad, h.quads, true, sec + p.panels_offset);
 }
 
