@@ -187,7 +187,10 @@ py::dict tile_params(const char* name, int mr, int nr, int64_t kr, int row_path_
 py::dict kernel_params() {
   py::dict d;
   const int8_gemm::Kernel& ki = int8_gemm::select_kernel();
-  d["int8"] = tile_params(ki.name, ki.mr, int8_gemm::kPanel, int8_gemm::kKGroup, ki.row_path_rows);
+  py::dict e8 = tile_params(ki.name, ki.mr, int8_gemm::kPanel, int8_gemm::kKGroup, ki.row_path_rows);
+  // packings get a pair-safe section at this level where at most this fraction of their weights are residual entries
+  e8["pair_safe_max_entry_fraction"] = int8_gemm::wants_pair_safe() ? int8_gemm::kPsMaxEntryFraction : 0.0;
+  d["int8"] = e8;
   const int8_gemm::Kernel& k7 = int8_gemm::select_kernel(7);  // the opt-in 7-bit activation mode
   d["int8_a7"] = tile_params(k7.name, k7.mr, int8_gemm::kPanel, int8_gemm::kKGroup, k7.row_path_rows);
   const sparse24::Kernel& ks = sparse24::select_kernel();
@@ -206,6 +209,9 @@ py::dict kernel_params() {
   e["sparse_from_rows_big"] = kq.sparse_from_rows_big;
   e["sparse_from_rows_small"] = kq.sparse_from_rows_small;
   e["big_layer_weights"] = sparse24_int8::kBigLayerWeights;
+  // the AVX2 kernel's pair-safe path from this many rows (packings with a section)
+  e["pair_safe_from_rows_big"] = sparse24_int8::kPsMinRowsBig;
+  e["pair_safe_from_rows_small"] = sparse24_int8::kPsMinRowsSmall;
   d["sparse24_int8"] = e;
   const block_sparse::Kernel& kb = block_sparse::select_kernel();
   e = tile_params(kb.name, kb.mr, block_sparse::kChannelPad, 1, 0);  // nr: block rows are padded to it

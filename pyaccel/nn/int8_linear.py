@@ -210,6 +210,11 @@ class Int8Linear(PackedLinear):
             from pyaccel import _native
 
             name = f"{name.split(' (')[0]} ({_native.lib().int8_kernel_name(7)})"
+        elif name.startswith("cpu/avx2 ") and self._packed is not None:
+            from pyaccel import _native
+
+            if self._packed.numel() > _native.lib().int8_packed_nbytes(self.out_features, self.in_features):
+                name = f"{name[:-1]}; pair-safe qs8_gemm_4x16c4ps_avx2 from 5 rows)"
         return name
 
     def extra_repr(self) -> str:

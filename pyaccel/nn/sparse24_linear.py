@@ -238,6 +238,10 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
                 start = p["dense_from_rows"]
                 rows = f"{start} - {again - 1} rows" if again > 0 else f"{start} rows on"
                 name = f"{name[:-1]}; dense {_native.lib().int8_kernel_name()} at {rows})"
+            elif (name.startswith("cpu/avx2 ") and self._packed is not None
+                  and self._packed.numel() > _native.lib().s24i8_packed_nbytes(self.out_features, self.in_features)):
+                big = self.out_features * self.in_features >= p["big_layer_weights"]
+                name = f"{name[:-1]}; pair-safe values from {p['pair_safe_from_rows_big' if big else 'pair_safe_from_rows_small']} rows)"
         return name
 
     def extra_repr(self) -> str:

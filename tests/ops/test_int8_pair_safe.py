@@ -381,3 +381,23 @@ def test_s24_threshold_and_damaged_section(avx2, gen):
         run24(x, dense, vals, meta, bad)
     with pytest.raises(ValueError, match="size"):
         run24(x, dense, vals, meta, packed[:-64].clone())
+
+
+def test_modules_say_when_they_run_pair_safe(avx2, gen):
+    """backend() names the pair-safe path where the packing has a section, and only there."""
+    from pyaccel.formats import sparse24 as s24
+    from pyaccel.nn import Int8Linear, Sparse24Int8Linear
+
+    lin = torch.nn.Linear(300, 96)
+    assert "pair-safe" not in Int8Linear.from_float(lin).backend()  # nn.Linear's uniform init: ~12 % entries
+    with torch.no_grad():
+        lin.weight.normal_(0.0, 0.02, generator=gen)
+    mod = Int8Linear.from_float(lin)
+    assert "pair-safe qs8_gemm_4x16c4ps_avx2 from 5 rows" in mod.backend()
+    assert _native.lib().kernel_params()["int8"]["pair_safe_max_entry_fraction"] == 0.02
+    with torch.no_grad():
+        lin.weight.mul_(s24.mask_24(lin.weight))
+    assert "pair-safe values from 40 rows" in Sparse24Int8Linear.from_float(lin).backend()
+    x = torch.randn(7, 300, generator=gen)
+    ref = reference.int8_linear(x, mod.weight_int8, mod.weight_scale, mod.bias)
+    assert ((mod(x) - ref).abs() <= torch.finfo(torch.float32).eps * ref.abs()).all()
