@@ -790,10 +790,10 @@ PYBIND11_MODULE(_C, m) {
       "s24i8_pack",
       [](uintptr_t values, int64_t ldv, uintptr_t pos, int64_t ldp, int64_t n, int64_t k, uintptr_t out,
          int64_t out_nbytes) {
-        // out_nbytes: s24i8_packed_nbytes, or s24i8_packed_nbytes_for where it adds a pair-safe section
+        // out_nbytes: s24i8_packed_nbytes, or that plus a pair-safe section (s24i8_packed_nbytes_for's size
+        // where it adds one)
         if (out_nbytes != sparse24_int8::packed_nbytes(n, k) &&
-            out_nbytes != sparse24_int8::packed_nbytes_for(ptr<const int8_t>(values), ldv, ptr<const uint8_t>(pos),
-                                                           ldp, n, k))
+            out_nbytes != sparse24_int8::packed_nbytes_ps(ptr<const int8_t>(values), ldv, n, k))
           throw py::value_error("out: wrong size for the packed 2:4 int8 weight");
         py::gil_scoped_release nogil;
         sparse24_int8::pack(ptr<const int8_t>(values), ldv, ptr<const uint8_t>(pos), ldp, n, k, ptr<uint8_t>(out),

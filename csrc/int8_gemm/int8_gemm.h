@@ -108,9 +108,13 @@ PsHeader write_ps_section(uint8_t* sec, int64_t n, int64_t n_pad, int64_t entrie
   return p;
 }
 // Validates the section at buf + offset of a packing of nbytes whose part
-// before it has offset bytes (n_pad channels, panel_bytes of split weights):
+// before it has offset bytes (n_pad channels, panel_bytes of split weights,
+// entries' k below k_limit): its layout, a lane table that starts at 0 and
+// never decreases, every ek < k_limit and every er's high int16 0 (the
+// kernels index with them: one pass over the entries, vectorized).
 // nullptr, or what is wrong.
-const char* check_ps_section(const uint8_t* buf, int64_t nbytes, int64_t offset, int64_t n_pad, int64_t panel_bytes);
+const char* check_ps_section(const uint8_t* buf, int64_t nbytes, int64_t offset, int64_t n_pad, int64_t panel_bytes,
+                             int64_t k_limit);
 // Bytes of the packing without / with the pair-safe section (w, ldw: as for pack_weights).
 int64_t packed_nbytes(int64_t n, int64_t k);
 int64_t packed_nbytes_ps(const int8_t* w, int64_t ldw, int64_t n, int64_t k);

@@ -56,7 +56,8 @@ PsHeader ps_layout(int64_t n_pad, int64_t entries, int64_t panel_bytes) {
   return p;
 }
 
-const char* check_ps_section(const uint8_t* buf, int64_t nbytes, int64_t offset, int64_t n_pad, int64_t panel_bytes) {
+const char* check_ps_section(const uint8_t* buf, int64_t nbytes, int64_t offset, int64_t n_pad, int64_t panel_bytes,
+                             int64_t k_limit) {
   if (nbytes < offset + static_cast<int64_t>(sizeof(PsHeader))) return "packed weight has the wrong size";
   PsHeader p;
   std::memcpy(&p, buf + offset, sizeof(p));
@@ -65,9 +66,15 @@ const char* check_ps_section(const uint8_t* buf, int64_t nbytes, int64_t offset,
   const PsHeader want = ps_layout(n_pad, p.entries, panel_bytes);
   if (std::memcmp(&p, &want, sizeof(p)) != 0) return "packed weight has a damaged pair-safe section";
   if (nbytes != offset + p.total) return "packed weight has the wrong size";
-  int32_t last;
-  std::memcpy(&last, buf + offset + p.lane_offset + 4 * n_pad, 4);
-  if (last != p.entries) return "packed weight has a damaged pair-safe section";
+  // the tables as the kernels read them (4-byte aligned: the section starts on a 64-byte boundary)
+  const int32_t* lane = reinterpret_cast<const int32_t*>(buf + offset + p.lane_offset);
+  const int32_t* ek = reinterpret_cast<const int32_t*>(buf + offset + p.ek_offset);
+  const int32_t* er = reinterpret_cast<const int32_t*>(buf + offset + p.er_offset);
+  uint32_t bad = lane[0] != 0 || lane[n_pad] != p.entries;
+  for (int64_t c = 0; c < n_pad; ++c) bad |= lane[c + 1] < lane[c];
+  for (int64_t e = 0; e < p.entries; ++e)
+    bad |= (static_cast<uint32_t>(ek[e]) >= static_cast<uint64_t>(k_limit)) | (static_cast<uint32_t>(er[e]) >> 16);
+  if (bad) return "packed weight has a damaged pair-safe section";
   return nullptr;
 }
 
@@ -127,7 +134,7 @@ const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t 
   // with a pair-safe section: right after the panels, its layout what its entry count implies
   if (h.ps_offset != base) return "packed weight has the wrong size";
   const int64_t n_pad = round_up(n, kPanel);
-  return check_ps_section(buf, nbytes, base, n_pad, n_pad * round_up(k, kKGroup));
+  return check_ps_section(buf, nbytes, base, n_pad, n_pad * round_up(k, kKGroup), round_up(k, kKGroup));
 }
 
 }  // namespace int8_gemm

@@ -83,7 +83,8 @@ void linear_ps_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16,
   // >= ~16K values per thread, in whole 64-row blocks of the transposed copy
   // (no cache line of it written by two threads)
   const int64_t grain = round_up(std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), 64);
-  for_each_row_pass(m, lda + k_pad, kRowPassBytes, 64, [&](int64_t r0, int64_t r1) {
+  // per row: its quantized bytes, its transposed copy, its residual sums of a panel (t_corr)
+  for_each_row_pass(m, lda + k_pad + 4 * kPanel, kRowPassBytes, 64, [&](int64_t r0, int64_t r1) {
     const int64_t rows = r1 - r0, ldt = round_up(rows, 64);
     const QuantScratch s = quant_scratch(rows, lda);
     if (t_ut.size() < static_cast<size_t>(ldt * k_pad)) t_ut.resize(ldt * k_pad);

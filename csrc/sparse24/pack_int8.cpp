@@ -45,6 +45,11 @@ int64_t quad_bytes(int64_t n_pad, int64_t k) { return (n_pad / kPanel) * ((k + k
 
 }  // namespace
 
+int64_t packed_nbytes_ps(const int8_t* values, int64_t ldv, int64_t n, int64_t k) {
+  const int64_t n_pad = round_up(n, kPanel);
+  return packed_nbytes(n, k) + int8_gemm::ps_layout(n_pad, ps_entries(values, ldv, n, k), quad_bytes(n_pad, k)).total;
+}
+
 int64_t packed_nbytes_for(const int8_t* values, int64_t ldv, const uint8_t*, int64_t, int64_t n, int64_t k) {
   if (select_kernel().gemm != qs8_s24_gemm_4x16_avx2 || n < 1 || k < 1) return packed_nbytes(n, k);
   const int64_t e = ps_entries(values, ldv, n, k);
@@ -91,7 +96,8 @@ const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t 
   // with a pair-safe section: right after the quads, its layout what its entry count implies
   if (h.ps_offset != base) return "packed weight has the wrong size";
   const int64_t n_pad = round_up(n, kPanel);
-  return int8_gemm::check_ps_section(buf, nbytes, base, n_pad, quad_bytes(n_pad, k));
+  return int8_gemm::check_ps_section(buf, nbytes, base, n_pad, quad_bytes(n_pad, k),
+                                     kQuadInputs * ((k + kQuadInputs - 1) / kQuadInputs));
 }
 
 }  // namespace sparse24_int8

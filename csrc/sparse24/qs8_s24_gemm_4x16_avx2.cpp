@@ -301,7 +301,8 @@ void linear_ps_avx2(int8_gemm::QuantizeRowsFn quantize, const void* x, int64_t l
   const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
   // >= ~16K values per thread, in whole 64-row blocks of the transposed copy
   const int64_t grain = round_up(std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), 64);
-  for_each_row_pass(m, lda + k_pad, kRowPassBytes, 64, [&](int64_t r0, int64_t r1) {
+  // per row: its quantized bytes, its transposed copy, its residual sums of a panel (t_corr)
+  for_each_row_pass(m, lda + k_pad + 4 * kPanel, kRowPassBytes, 64, [&](int64_t r0, int64_t r1) {
     const int64_t rows = r1 - r0, ldt = round_up(rows, 64);
     const int8_gemm::QuantScratch s = int8_gemm::quant_scratch(rows, lda);
     if (t_ut.size() < static_cast<size_t>(ldt * k_pad)) t_ut.resize(ldt * k_pad);

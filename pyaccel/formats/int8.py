@@ -96,8 +96,13 @@ def from_torch_ao_dynamic_linear(module: torch.nn.Module) -> Int8Weight:
     return Int8Weight(vals.to(torch.int8).contiguous(), scale.contiguous(), notes)
 
 
-def pack_int8_weight(values: torch.Tensor) -> Optional[torch.Tensor]:
-    """Pack int8 [N, K] for the native CPU kernels; None without the native library."""
+def pack_int8_weight(values: torch.Tensor, pair_safe: bool = True) -> Optional[torch.Tensor]:
+    """Pack int8 [N, K] for the native CPU kernels; None without the native library.
+
+    pair_safe: add the pair-safe section where the selected 8-bit kernel reads
+    one (AVX2, weights with <= 2 % residual entries: csrc/int8_gemm/README.md);
+    False for packings only 7-bit activations or the fused conv's int8 stage
+    read (they never use it)."""
     C = _native.lib()
     if C is None:
         return None
@@ -107,7 +112,7 @@ def pack_int8_weight(values: torch.Tensor) -> Optional[torch.Tensor]:
     if v.stride(-1) != 1:
         v = v.contiguous()
     n, k = v.shape
-    nbytes = C.int8_packed_nbytes_for(v.data_ptr(), v.stride(0), n, k)
+    nbytes = C.int8_packed_nbytes_for(v.data_ptr(), v.stride(0), n, k) if pair_safe else C.int8_packed_nbytes(n, k)
     out = packed_buffer(nbytes)
     C.int8_pack(v.data_ptr(), v.stride(0), n, k, out.data_ptr(), nbytes)
     return out

@@ -91,7 +91,7 @@ class FusedDWSeparableInt8Conv2d(FusedDWSeparableConv2d):
                 self.bias is not None and not self.bias.is_contiguous()):
             return
         self._packed = self._pack_dws(C, None, None, 0)  # the depthwise part alone
-        self._packed_pw = pack_int8_weight(self.pw_weight_int8)
+        self._packed_pw = pack_int8_weight(self.pw_weight_int8, pair_safe=False)  # its int8 stage reads the plain panels
         self._packed_isa = _native.selected_isa()
 
     def _native_nhwc_into(self, xn: Tensor, y: Tensor, pad_t: int, pad_l: int) -> None:

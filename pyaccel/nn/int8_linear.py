@@ -151,7 +151,7 @@ class Int8Linear(PackedLinear):
 
     def _pack(self) -> None:
         if self.weight_int8.device.type == "cpu" and _native.available():
-            self._packed = pack_int8_weight(self.weight_int8)
+            self._packed = pack_int8_weight(self.weight_int8, pair_safe=self.act_bits == 8)
             self._plan = self._make_plan("int8_a7" if self.act_bits == 7 else "int8", self._packed,
                                          self.weight_scale)
 

@@ -227,6 +227,17 @@ def test_damaged_section_is_refused(avx2, gen):
     assert "pair-safe" in C.int8_check_packed(bad_count.data_ptr(), bad_count.numel(), n, k)
     short = packed[:-64].clone()
     assert "size" in C.int8_check_packed(short.data_ptr(), short.numel(), n, k)
+    # the tables the kernel indexes with: lane (n_pad + 1 int32 after the 64-byte section header), ek, er
+    entries = int(packed[base + 8:base + 16].view(torch.int64))
+    assert entries > 0
+    lane_at, ek_at = base + 64, base + 64 + 4 * 65
+    er_at = ek_at + 4 * entries
+    for at, value in ((lane_at + 4, 1 << 30), (lane_at, 1), (ek_at, 1 << 28), (ek_at, -1), (er_at, 1 << 16)):
+        bad = packed.clone()
+        bad[at:at + 4].view(torch.int32)[0] = value
+        assert "pair-safe" in C.int8_check_packed(bad.data_ptr(), bad.numel(), n, k), (at, value)
+        with pytest.raises(ValueError, match="pair-safe"):
+            torch.ops.pyaccel.int8_linear(torch.randn(64, k), w, torch.ones(n), None, bad)
     x = torch.randn(8, k, generator=gen)
     with pytest.raises(ValueError, match="packed_weight"):
         torch.ops.pyaccel.int8_linear(x, w, torch.ones(n), None, bad_magic)
@@ -381,6 +392,29 @@ def test_s24_threshold_and_damaged_section(avx2, gen):
         run24(x, dense, vals, meta, bad)
     with pytest.raises(ValueError, match="size"):
         run24(x, dense, vals, meta, packed[:-64].clone())
+    entries = int(packed[base + 8:base + 16].view(torch.int64))
+    ek_at = base + 64 + 4 * 65
+    for at, value in ((base + 64 + 4, 1 << 30), (ek_at, 256), (ek_at + 4 * entries, -1)):
+        bad = packed.clone()
+        bad[at:at + 4].view(torch.int32)[0] = value
+        with pytest.raises(ValueError, match="pair-safe"):
+            run24(x, dense, vals, meta, bad)
+
+
+def test_no_section_where_no_kernel_reads_it(avx2, gen):
+    """7-bit modules and the fused conv's int8 stage never read a section: none is built for them."""
+    from pyaccel.nn import Int8Linear
+
+    lin = torch.nn.Linear(256, 128)
+    with torch.no_grad():
+        lin.weight.normal_(0.0, 0.02, generator=gen)
+    m8, m7 = Int8Linear.from_float(lin), Int8Linear.from_float(lin, act_bits=7)
+    assert has_section(m8._packed, 128, 256) and not has_section(m7._packed, 128, 256)
+    m8.act_bits = 7  # switching repacks without it, and back with it
+    assert not has_section(m8._packed, 128, 256)
+    m8.act_bits = 8
+    assert has_section(m8._packed, 128, 256)
+    assert not has_section(pack_int8_weight(m8.weight_int8, pair_safe=False), 128, 256)
 
 
 def test_modules_say_when_they_run_pair_safe(avx2, gen):
