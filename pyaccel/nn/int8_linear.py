@@ -213,8 +213,13 @@ class Int8Linear(PackedLinear):
         elif name.startswith("cpu/avx2 ") and self._packed is not None:
             from pyaccel import _native
 
-            if self._packed.numel() > _native.lib().int8_packed_nbytes(self.out_features, self.in_features):
+            C = _native.lib()
+            if self._packed.numel() > C.int8_packed_nbytes(self.out_features, self.in_features):
                 name = f"{name[:-1]}; pair-safe qs8_gemm_4x16c4ps_avx2 from 5 rows)"
+            elif C.kernel_params()["int8"]["pair_safe_max_entry_fraction"] > 0:
+                name = (f"{name[:-1]}; int16 tile: the pair-safe split would leave more than "
+                        f"{C.kernel_params()['int8']['pair_safe_max_entry_fraction']:.0%} residual entries on "
+                        f"these weights)")
         return name
 
     def extra_repr(self) -> str:
