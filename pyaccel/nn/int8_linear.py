@@ -214,12 +214,17 @@ class Int8Linear(PackedLinear):
             from pyaccel import _native
 
             C = _native.lib()
-            if self._packed.numel() > C.int8_packed_nbytes(self.out_features, self.in_features):
+            n, k = self.out_features, self.in_features
+            if self._packed.numel() > C.int8_packed_nbytes(n, k):
                 name = f"{name[:-1]}; pair-safe qs8_gemm_4x16c4ps_avx2 from 5 rows)"
             elif C.kernel_params()["int8"]["pair_safe_max_entry_fraction"] > 0:
-                name = (f"{name[:-1]}; int16 tile: the pair-safe split would leave more than "
-                        f"{C.kernel_params()['int8']['pair_safe_max_entry_fraction']:.0%} residual entries on "
-                        f"these weights)")
+                w = self.weight_int8.detach().contiguous()
+                if C.int8_packed_nbytes_for(w.data_ptr(), k, n, k) > C.int8_packed_nbytes(n, k):
+                    why = "packed at another ISA level; re-create or reload the module here to split its weights"
+                else:
+                    frac = C.kernel_params()["int8"]["pair_safe_max_entry_fraction"]
+                    why = f"splitting these weights would leave more than {frac:.0%} residual entries"
+                name = f"{name[:-1]}; int16 tile: {why})"
         return name
 
     def extra_repr(self) -> str:

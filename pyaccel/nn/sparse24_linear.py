@@ -238,10 +238,20 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
                 start = p["dense_from_rows"]
                 rows = f"{start} - {again - 1} rows" if again > 0 else f"{start} rows on"
                 name = f"{name[:-1]}; dense {_native.lib().int8_kernel_name()} at {rows})"
-            elif (name.startswith("cpu/avx2 ") and self._packed is not None
-                  and self._packed.numel() > _native.lib().s24i8_packed_nbytes(self.out_features, self.in_features)):
-                big = self.out_features * self.in_features >= p["big_layer_weights"]
-                name = f"{name[:-1]}; pair-safe values from {p['pair_safe_from_rows_big' if big else 'pair_safe_from_rows_small']} rows)"
+            elif name.startswith("cpu/avx2 ") and self._packed is not None:
+                C, n, k = _native.lib(), self.out_features, self.in_features
+                if self._packed.numel() > C.s24i8_packed_nbytes(n, k):
+                    rows = p["pair_safe_from_rows_big" if n * k >= p["big_layer_weights"] else "pair_safe_from_rows_small"]
+                    name = f"{name[:-1]}; pair-safe values from {rows} rows)"
+                else:
+                    v = self.values.detach().contiguous()
+                    pb = s24.position_bytes(s24.Sparse24Weight(v, self.metadata.detach(), k))
+                    if C.s24i8_packed_nbytes_for(v.data_ptr(), v.stride(0), pb.data_ptr(), pb.stride(0), n, k) > \
+                            C.s24i8_packed_nbytes(n, k):
+                        why = "packed at another ISA level; re-create or reload the module here to split its values"
+                    else:
+                        why = "splitting these values would leave more than 8% residual entries"
+                    name = f"{name[:-1]}; sign-trick tile: {why})"
         return name
 
     def extra_repr(self) -> str:

@@ -424,15 +424,25 @@ def test_modules_say_when_they_run_pair_safe(avx2, gen):
 
     lin = torch.nn.Linear(300, 96)
     # nn.Linear's uniform init: ~12 % entries, no section, and the reason said
-    assert "int16 tile: the pair-safe split would leave more than 2% residual" in Int8Linear.from_float(lin).backend()
+    b = Int8Linear.from_float(lin).backend()
+    assert "int16 tile: splitting these weights would leave more than 2% residual entries" in b
+    assert "pair-safe" not in b
     with torch.no_grad():
         lin.weight.normal_(0.0, 0.02, generator=gen)
     mod = Int8Linear.from_float(lin)
     assert "pair-safe qs8_gemm_4x16c4ps_avx2 from 5 rows" in mod.backend()
+    if _native.isa_supported("avx512_vnni"):  # packed at another level: the int16 tile, and why
+        with _native.isa_cap("avx512_vnni"):
+            other = Int8Linear.from_float(lin)
+        assert "int16 tile: packed at another ISA level" in other.backend()
     assert _native.lib().kernel_params()["int8"]["pair_safe_max_entry_fraction"] == 0.02
     with torch.no_grad():
         lin.weight.mul_(s24.mask_24(lin.weight))
     assert "pair-safe values from 40 rows" in Sparse24Int8Linear.from_float(lin).backend()
+    flat = torch.nn.Linear(300, 96)
+    flat.weight.data = torch.where(torch.arange(300) % 4 < 2, 1.0, 0.0).expand(96, 300).clone()
+    assert "sign-trick tile: splitting these values would leave more than 8%" in \
+        Sparse24Int8Linear.from_float(flat).backend()
     x = torch.randn(7, 300, generator=gen)
     ref = reference.int8_linear(x, mod.weight_int8, mod.weight_scale, mod.bias)
     assert ((mod(x) - ref).abs() <= torch.finfo(torch.float32).eps * ref.abs()).all()
