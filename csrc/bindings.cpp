@@ -378,6 +378,15 @@ class LinearPlan {
     if (err) throw py::value_error(std::string("packed_weight: ") + err);
     if (kind_ != Kind::kSparse24 && kind_ != Kind::kBlockSparse && !w_scale)
       throw py::value_error("w_scale: null pointer");
+    sections_ = reads_sections(kind_);
+  }
+
+  // Whether the level in use reads pair-safe sections for this kind of plan
+  // (int8_gemm.h, PsHeader): the int8 and 2:4 int8 AVX2 kernels.
+  static bool reads_sections(Kind k) {
+    if (k == Kind::kInt8) return int8_gemm::wants_pair_safe();
+    if (k == Kind::kSparse24Int8) return sparse24_int8::wants_pair_safe();
+    return false;
   }
 
   // The eager fast path, what PackedModule._run_plan does in Python, ~0.8 µs
@@ -457,8 +466,9 @@ class LinearPlan {
   }
 
   // True when a watched tensor's data pointer or version counter moved since
-  // the plan was made.
-  bool stale() const { return watch_.stale(); }
+  // the plan was made, or when an ISA-cap change crossed into or out of a
+  // level that reads pair-safe sections (the packing gets or drops one on repack).
+  bool stale() const { return watch_.stale() || reads_sections(kind_) != sections_; }
 
   // The dense int8 plan a 2:4 int8 plan's forward runs where switches(m)
   // (None: forward declines those rows and the module switches in Python).
@@ -526,6 +536,7 @@ class LinearPlan {
 
  private:
   Kind kind_ = Kind::kInt8;
+  bool sections_ = false;  // reads_sections(kind_) when made
   uintptr_t packed_;
   int64_t n_, k_;
   uintptr_t w_scale_, bias_;
@@ -802,6 +813,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("values"), py::arg("ldv"), py::arg("pos"), py::arg("ldp"), py::arg("n"), py::arg("k"),
       py::arg("out"), py::arg("out_nbytes"));
   m.def("int8_packed_nbytes", &int8_gemm::packed_nbytes, py::arg("n"), py::arg("k"));
+  m.def(
+      "pair_safe_levels", [] { return py::make_tuple(int8_gemm::wants_pair_safe(), sparse24_int8::wants_pair_safe()); },
+      "(int8, sparse24_int8): whether the level in use reads pair-safe sections (the modules repack when it changes)");
   m.def(
       "int8_packed_nbytes_for",
       [](uintptr_t w, int64_t ldw, int64_t n, int64_t k) {

@@ -61,6 +61,8 @@ int64_t packed_nbytes(int64_t n, int64_t k);
 // the section replaces issues 6 instructions per 32 products against 4, so
 // the limit is higher than dense int8's.
 constexpr double kPsMaxEntryFraction = 0.08;
+// Whether the selected kernel reads pair-safe sections (the AVX2 one).
+bool wants_pair_safe();
 // ... with the section whatever the kernel and the entries
 int64_t packed_nbytes_ps(const int8_t* values, int64_t ldv, int64_t n, int64_t k);
 int64_t packed_nbytes_for(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int64_t n, int64_t k);

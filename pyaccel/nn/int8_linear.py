@@ -149,6 +149,15 @@ class Int8Linear(PackedLinear):
                 or _checks.int8_values_error("weight_int8", t["weight_int8"])
                 or _checks.scale_error("weight_scale", t["weight_scale"]))
 
+    def _signature(self) -> tuple:
+        """PackedModule's, plus whether the level in use reads pair-safe sections
+        (8-bit mode): an ISA-cap change across the AVX2 level repacks, with or
+        without the section."""
+        sig = super()._signature()
+        if self.act_bits == 8 and _native.available():
+            sig += (_native.lib().pair_safe_levels()[0],)
+        return sig
+
     def _pack(self) -> None:
         if self.weight_int8.device.type == "cpu" and _native.available():
             self._packed = pack_int8_weight(self.weight_int8, pair_safe=self.act_bits == 8)
@@ -220,7 +229,7 @@ class Int8Linear(PackedLinear):
             elif C.kernel_params()["int8"]["pair_safe_max_entry_fraction"] > 0:
                 w = self.weight_int8.detach().contiguous()
                 if C.int8_packed_nbytes_for(w.data_ptr(), k, n, k) > C.int8_packed_nbytes(n, k):
-                    why = "packed at another ISA level; re-create or reload the module here to split its weights"
+                    why = "packed at another ISA level; the next call repacks with the split weights"
                 else:
                     frac = C.kernel_params()["int8"]["pair_safe_max_entry_fraction"]
                     why = f"splitting these weights would leave more than {frac:.0%} residual entries"

@@ -181,6 +181,14 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
                 or _checks.int8_values_error("values", t["values"])
                 or _checks.scale_error("weight_scale", t["weight_scale"]))
 
+    def _signature(self) -> tuple:
+        """PackedModule's, plus whether the level in use reads pair-safe
+        sections: an ISA-cap change across the AVX2 level repacks."""
+        sig = super()._signature()
+        if _native.available():
+            sig += (_native.lib().pair_safe_levels()[1],)
+        return sig
+
     def _pack(self) -> None:
         if self.values.device.type == "cpu" and _native.available():
             self._packed = s24.pack_sparse24_int8(self.values, self.metadata, self.in_features)
@@ -248,7 +256,7 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
                     pb = s24.position_bytes(s24.Sparse24Weight(v, self.metadata.detach(), k))
                     if C.s24i8_packed_nbytes_for(v.data_ptr(), v.stride(0), pb.data_ptr(), pb.stride(0), n, k) > \
                             C.s24i8_packed_nbytes(n, k):
-                        why = "packed at another ISA level; re-create or reload the module here to split its values"
+                        why = "packed at another ISA level; the next call repacks with the split values"
                     else:
                         why = "splitting these values would leave more than 8% residual entries"
                     name = f"{name[:-1]}; sign-trick tile: {why})"

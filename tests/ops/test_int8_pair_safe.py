@@ -446,3 +446,40 @@ def test_modules_say_when_they_run_pair_safe(avx2, gen):
     x = torch.randn(7, 300, generator=gen)
     ref = reference.int8_linear(x, mod.weight_int8, mod.weight_scale, mod.bias)
     assert ((mod(x) - ref).abs() <= torch.finfo(torch.float32).eps * ref.abs()).all()
+
+
+def test_isa_cap_change_repacks_with_or_without_the_section(gen):
+    """A module packed at another level gets the section at its next call at
+    avx2 (and drops it back there), on the native fast path and the Python one;
+    outputs identical throughout."""
+    if not _native.available() or not _native.isa_supported("avx2") or not _native.isa_supported("avx512_vnni"):
+        pytest.skip("needs the native library, avx2 and avx512_vnni")
+    from pyaccel.formats import sparse24 as s24
+    from pyaccel.nn import Int8Linear, Sparse24Int8Linear
+
+    lin = torch.nn.Linear(256, 128)
+    with torch.no_grad():
+        lin.weight.normal_(0.0, 0.02, generator=gen)
+    x = torch.randn(48, 256, generator=gen)
+    with _native.isa_cap("avx512_vnni"):
+        mod = Int8Linear.from_float(lin)
+        y0 = mod(x)
+    assert not has_section(mod._packed, 128, 256)
+    with _native.isa_cap("avx2"):
+        assert "int16 tile: packed at another ISA level" in mod.backend()
+        y1 = mod(x)
+        assert has_section(mod._packed, 128, 256) and "pair-safe" in mod.backend()
+        y2 = mod(x.t().contiguous().t())  # column-strided: the Python path
+    with _native.isa_cap("avx512_vnni"):
+        y3 = mod(x)
+        assert not has_section(mod._packed, 128, 256)
+    assert torch.equal(y0, y1) and torch.equal(y0, y2) and torch.equal(y0, y3)
+    with torch.no_grad():
+        lin.weight.mul_(s24.mask_24(lin.weight))
+    with _native.isa_cap("avx512_vnni"):
+        sp = Sparse24Int8Linear.from_float(lin)
+        z0 = sp(x)
+    with _native.isa_cap("avx2"):
+        z1 = sp(x)
+        assert s24_section(sp._packed, 128, 256)
+    assert torch.equal(z0, z1)
