@@ -9,7 +9,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
+#include "common/packed_header.h"
+#include "common/parallel.h"
+#include "common/row_passes.h"
 #include "common/transpose_avx2.h"
 #include "int8_gemm/int8_gemm.h"
 
@@ -120,12 +124,44 @@ inline void panel_residuals(const Residuals& res, const uint8_t* ut, int64_t ldt
   }
 }
 
-// A section's residual entries (offsets from its PsHeader).
-inline Residuals residuals_of(const uint8_t* sec) {
+// A section's residual entries and split weights (offsets from its PsHeader).
+struct Section {
+  Residuals res;
+  const uint8_t* panels;
+};
+inline Section section_of(const uint8_t* sec) {
   PsHeader ps;
   std::memcpy(&ps, sec, sizeof(ps));
-  return {reinterpret_cast<const int32_t*>(sec + ps.lane_offset), reinterpret_cast<const int32_t*>(sec + ps.ek_offset),
-          reinterpret_cast<const int32_t*>(sec + ps.er_offset)};
+  return {{reinterpret_cast<const int32_t*>(sec + ps.lane_offset), reinterpret_cast<const int32_t*>(sec + ps.ek_offset),
+           reinterpret_cast<const int32_t*>(sec + ps.er_offset)},
+          sec + ps.panels_offset};
+}
+
+// The pair-safe drivers' activation side: x [m, k] quantized per row (u = q +
+// 128 into k_pad columns) and transposed to byte columns, in row passes of
+// <= ~8 MiB (each row: its bytes, its transposed copy and panel_width int32
+// residual sums); gemm(q, q_scale, lda, ut, ldt, r0, rows) then runs the
+// pass. Threads quantize and transpose whole 64-row blocks (no cache line of
+// the transposed copy written by two threads).
+template <typename Gemm>
+void transposed_passes(QuantizeRowsFn quantize, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
+                       int64_t k_pad, int64_t panel_width, int nthreads, const Gemm& gemm) {
+  thread_local std::vector<uint8_t> t_ut;
+  const int64_t lda = a_stride(k_pad);
+  const size_t xsize = x_bf16 ? 2 : 4;
+  const int64_t grain = round_up(std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), 64);  // >= ~16K values
+  for_each_row_pass(m, lda + k_pad + 4 * panel_width, kRowPassBytes, 64, [&](int64_t r0, int64_t r1) {
+    const int64_t rows = r1 - r0, ldt = round_up(rows, 64);
+    const QuantScratch s = quant_scratch(rows, lda);
+    if (t_ut.size() < static_cast<size_t>(ldt * k_pad)) t_ut.resize(ldt * k_pad);
+    uint8_t* ut = t_ut.data();
+    const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;
+    parallel_for(rows, grain, nthreads, [&](int64_t a0, int64_t a1) {
+      quantize(xr, ldx, x_bf16, a0, a1, k, k_pad, lda, 0x80, kQmax8, s.q, s.scale);
+      transpose_rows(s.q + a0 * lda, lda, a1 - a0, k_pad, ut + a0, ldt);
+    });
+    gemm(s.q, s.scale, lda, static_cast<const uint8_t*>(ut), ldt, r0, rows);
+  });
 }
 
 }  // namespace pair_safe

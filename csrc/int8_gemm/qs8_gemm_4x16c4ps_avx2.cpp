@@ -44,7 +44,6 @@ struct PsStep {
 using pair_safe::Residuals;
 
 thread_local std::vector<int32_t> t_corr;
-thread_local std::vector<uint8_t> t_ut;
 
 // Rows [m0, m1) (m0 a multiple of 16) x panels [p0, p1) on the pair-safe panels.
 void gemm_ps(const GemmArgs& g0, const Residuals& res, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
@@ -74,34 +73,19 @@ void linear_ps_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16,
                     bool y_bf16, int nthreads) {
   PackedHeader h;
   std::memcpy(&h, packed, sizeof(h));
-  PsHeader ps;
-  std::memcpy(&ps, packed + h.ps_offset, sizeof(ps));
-  const uint8_t* sec = packed + h.ps_offset;
-  const Residuals res = pair_safe::residuals_of(sec);
-  const int64_t k_pad = h.k_pad, lda = a_stride(k_pad);
-  const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
-  // >= ~16K values per thread, in whole 64-row blocks of the transposed copy
-  // (no cache line of it written by two threads)
-  const int64_t grain = round_up(std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), 64);
-  // per row: its quantized bytes, its transposed copy, its residual sums of a panel (t_corr)
-  for_each_row_pass(m, lda + k_pad + 4 * kPanel, kRowPassBytes, 64, [&](int64_t r0, int64_t r1) {
-    const int64_t rows = r1 - r0, ldt = round_up(rows, 64);
-    const QuantScratch s = quant_scratch(rows, lda);
-    if (t_ut.size() < static_cast<size_t>(ldt * k_pad)) t_ut.resize(ldt * k_pad);
-    uint8_t* ut = t_ut.data();
-    const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;
-    parallel_for(rows, grain, nthreads, [&](int64_t a0, int64_t a1) {
-      kern.quantize(xr, ldx, x_bf16, a0, a1, k, k_pad, lda, 0x80, kQmax8, s.q, s.scale);
-      pair_safe::transpose_rows(s.q + a0 * lda, lda, a1 - a0, k_pad, ut + a0, ldt);
-    });
-    GemmArgs g{s.q, lda, s.scale, reinterpret_cast<const int8_t*>(sec + ps.panels_offset),
-               reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
-               static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, k_pad};
-    g.ut = ut;
-    g.ldt = ldt;
-    parallel_units_rows(h.n_pad / kPanel, rows, 16, nthreads,
-                        [&](int64_t p, int64_t a0, int64_t a1) { gemm_ps(g, res, a0, a1, p, p + 1); });
-  });
+  const pair_safe::Section sec = pair_safe::section_of(packed + h.ps_offset);
+  const size_t ysize = y_bf16 ? 2 : 4;
+  pair_safe::transposed_passes(
+      kern.quantize, x, ldx, x_bf16, m, k, h.k_pad, kPanel, nthreads,
+      [&](const int8_t* q, const float* qs, int64_t lda, const uint8_t* ut, int64_t ldt, int64_t r0, int64_t rows) {
+        GemmArgs g{q, lda, qs, reinterpret_cast<const int8_t*>(sec.panels),
+                   reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
+                   static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.k_pad};
+        g.ut = ut;
+        g.ldt = ldt;
+        parallel_units_rows(h.n_pad / kPanel, rows, 16, nthreads,
+                            [&](int64_t p, int64_t a0, int64_t a1) { gemm_ps(g, sec.res, a0, a1, p, p + 1); });
+      });
 }
 
 }  // namespace int8_gemm

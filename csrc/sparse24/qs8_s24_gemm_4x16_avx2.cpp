@@ -19,7 +19,6 @@
 #include "common/vnni_ymm.h"
 #include "common/packed_header.h"
 #include "common/parallel.h"
-#include "common/row_passes.h"
 #include "int8_gemm/pair_safe_avx2.h"
 #include "int8_gemm/qs8_gemm_avx2_tile.h"  // avx2_tile::store8, maddubs_step
 #include "sparse24/sparse24_int8.h"
@@ -267,7 +266,6 @@ inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t 
 }
 
 thread_local std::vector<int32_t> t_corr;
-thread_local std::vector<uint8_t> t_ut;
 
 // Rows [m0, m1) (m0 a multiple of 16) x panel p on a pair-safe section's
 // quads: the panel's residual sums, then the 4 x 16 tiles.
@@ -293,31 +291,17 @@ void linear_ps_avx2(int8_gemm::QuantizeRowsFn quantize, const void* x, int64_t l
                     bool y_bf16, int nthreads) {
   PackedHeader h;
   std::memcpy(&h, packed, sizeof(h));
-  const uint8_t* sec = packed + h.ps_offset;
-  int8_gemm::PsHeader ps;
-  std::memcpy(&ps, sec, sizeof(ps));
-  const auto res = int8_gemm::pair_safe::residuals_of(sec);
-  const int64_t k_pad = kQuadInputs * h.quads, lda = int8_gemm::a_stride(k_pad);
-  const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
-  // >= ~16K values per thread, in whole 64-row blocks of the transposed copy
-  const int64_t grain = round_up(std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), 64);
-  // per row: its quantized bytes, its transposed copy, its residual sums of a panel (t_corr)
-  for_each_row_pass(m, lda + k_pad + 4 * kPanel, kRowPassBytes, 64, [&](int64_t r0, int64_t r1) {
-    const int64_t rows = r1 - r0, ldt = round_up(rows, 64);
-    const int8_gemm::QuantScratch s = int8_gemm::quant_scratch(rows, lda);
-    if (t_ut.size() < static_cast<size_t>(ldt * k_pad)) t_ut.resize(ldt * k_pad);
-    uint8_t* ut = t_ut.data();
-    const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;
-    parallel_for(rows, grain, nthreads, [&](int64_t a0, int64_t a1) {
-      quantize(xr, ldx, x_bf16, a0, a1, k, k_pad, lda, 0x80, int8_gemm::kQmax8, s.q, s.scale);
-      int8_gemm::pair_safe::transpose_rows(s.q + a0 * lda, lda, a1 - a0, k_pad, ut + a0, ldt);
-    });
-    GemmArgs g{reinterpret_cast<const uint8_t*>(s.q), lda, s.scale, sec + ps.panels_offset,
-               reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
-               static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.quads};
-    parallel_units_rows(h.n_pad / kPanel, rows, 16, nthreads,
-                        [&](int64_t p, int64_t a0, int64_t a1) { gemm_ps(g, res, ut, ldt, a0, a1, p); });
-  });
+  const int8_gemm::pair_safe::Section sec = int8_gemm::pair_safe::section_of(packed + h.ps_offset);
+  const size_t ysize = y_bf16 ? 2 : 4;
+  int8_gemm::pair_safe::transposed_passes(
+      quantize, x, ldx, x_bf16, m, k, kQuadInputs * h.quads, kPanel, nthreads,
+      [&](const int8_t* q, const float* qs, int64_t lda, const uint8_t* ut, int64_t ldt, int64_t r0, int64_t rows) {
+        GemmArgs g{reinterpret_cast<const uint8_t*>(q), lda, qs, sec.panels,
+                   reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
+                   static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.quads};
+        parallel_units_rows(h.n_pad / kPanel, rows, 16, nthreads,
+                            [&](int64_t p, int64_t a0, int64_t a1) { gemm_ps(g, sec.res, ut, ldt, a0, a1, p); });
+      });
 }
 
 void qs8_s24_gemm_4x16_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
