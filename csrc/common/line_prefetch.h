@@ -19,4 +19,25 @@ struct LinePrefetch {
   }
 };
 
+// Consecutive chunks of chunk_bytes of the panel_bytes at `next` (the panel
+// a kernel's thread most likely runs next), wrapping to its start: each tile
+// of the current panel takes one and prefetches it as it goes, so the first
+// tiles cover the next panel and later ones re-touch the same lines.
+class PanelChunks {
+ public:
+  PanelChunks(const void* next, int64_t panel_bytes, int64_t chunk_bytes)
+      : next_(static_cast<const char*>(next)), panel_bytes_(panel_bytes), chunk_bytes_(chunk_bytes) {}
+  const char* take() {
+    if (off_ + chunk_bytes_ > panel_bytes_) off_ = 0;
+    const char* r = next_ + off_;
+    off_ += chunk_bytes_;
+    return r;
+  }
+
+ private:
+  const char* next_;
+  int64_t panel_bytes_, chunk_bytes_;
+  int64_t off_ = 0;
+};
+
 }  // namespace pyaccel

@@ -20,6 +20,7 @@
 
 #include <cstring>
 
+#include "common/line_prefetch.h"
 #include "common/row_tiles.h"
 #include "common/tile_rows.h"
 #include "int8_gemm/int8_gemm.h"
@@ -122,21 +123,13 @@ inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t 
 class NextPanelLines {
  public:
   NextPanelLines(const GemmArgs& g, const int8_t* panel, int64_t p)
-      : panel_bytes_(g.k_pad * kPanel),
-        tile_lines_(g.k_pad / kKGroup * 64),
-        next_(p + 1 < (g.n + kPanel - 1) / kPanel ? panel + panel_bytes_ : panel) {}
-  // the next tile's first line (it prefetches tile_lines_ / 64 of them, 64 bytes apart)
-  const int8_t* take() {
-    if (off_ + tile_lines_ > panel_bytes_) off_ = 0;
-    const int8_t* r = next_ + off_;
-    off_ += tile_lines_;
-    return r;
-  }
+      : chunks_(p + 1 < (g.n + kPanel - 1) / kPanel ? panel + g.k_pad * kPanel : panel, g.k_pad * kPanel,
+                g.k_pad / kKGroup * 64) {}
+  // the next tile's first line (it prefetches k_pad / kKGroup of them, 64 bytes apart)
+  const int8_t* take() { return reinterpret_cast<const int8_t*>(chunks_.take()); }
 
  private:
-  int64_t panel_bytes_, tile_lines_;
-  const int8_t* next_;
-  int64_t off_ = 0;
+  PanelChunks chunks_;
 };
 
 // Rows [m, m + MR) x 16 channels (a quarter of a packed panel: 64 of every 256

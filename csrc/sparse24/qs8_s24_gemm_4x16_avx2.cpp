@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/cpu_features.h"
+#include "common/line_prefetch.h"
 #include "common/vnni_ymm.h"
 #include "common/packed_header.h"
 #include "common/parallel.h"
@@ -94,36 +95,67 @@ void panel_controls(const GemmArgs& g, int64_t p, __m256i* ctrl) {
   }
 }
 
+// Where each row tile of panel p prefetches: as int8_gemm's
+// avx2_tile::NextPanelLines, kPfLines lines a quad of the next panel (the one
+// this thread most likely runs next) into L2, in address order; later tiles
+// wrap. The tiles read half of each 128-byte pair block at a time, which the
+// hardware prefetchers follow poorly from L3 / DRAM. The last panel
+// prefetches itself.
+constexpr int kPfLines = 3;
+inline PanelChunks next_panel_lines(const GemmArgs& g, int64_t p) {
+  const int64_t panel_bytes = g.quads * kQuadBytes;
+  return PanelChunks(g.w + (p + 1 < (g.n + kPanel - 1) / kPanel ? p + 1 : p) * panel_bytes, panel_bytes,
+                     g.quads * kPfLines * 64);
+}
+
+inline int64_t load_u64(const uint8_t* p) {
+  int64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+// Rows [m, m + MR) x 16 channels (half of panel p). Named accumulators and
+// row pointers: as arrays GCC kept the accumulators on the stack (a load and
+// a store each per quad).
+#define S24_ROW(r)                                                  \
+  if constexpr (MR > r) {                                           \
+    const __m256i ab = _mm256_set1_epi64x(load_u64(a##r + off));    \
+    Mul::madd(c##r##0, _mm256_shuffle_epi8(ab, k0), v0, ones);      \
+    Mul::madd(c##r##1, _mm256_shuffle_epi8(ab, k1), v1, ones);      \
+  }
+#define S24_STORE(r)                                                                              \
+  if constexpr (MR > r) {                                                                         \
+    store8(g, Mul::finish(g, c##r##0, m + r, n0), g.a_scale[m + r], m + r, n0);                   \
+    store8(g, Mul::finish(g, c##r##1, m + r, n0 + 8), g.a_scale[m + r], m + r, n0 + 8);           \
+  }
 template <class Mul, int MR>
-inline void tile(const GemmArgs& g, const __m256i* ctrl, int64_t m, int64_t p, int half) {
+inline void tile(const GemmArgs& g, const __m256i* ctrl, int64_t m, int64_t p, int half, const char* pf) {
+  static_assert(MR >= 1 && MR <= 4, "tile rows");
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i c[MR][2];
-  for (int r = 0; r < MR; ++r) c[r][0] = c[r][1] = _mm256_setzero_si256();
-  const uint8_t* b = g.w + p * g.quads * kQuadBytes + 64 * half;  // channels 16 * half ..
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+          c31 = c00;
+  const uint8_t* a0 = g.a + m * g.lda;
+  const uint8_t* a1 = MR > 1 ? a0 + g.lda : a0;
+  const uint8_t* a2 = MR > 2 ? a0 + 2 * g.lda : a0;
+  const uint8_t* a3 = MR > 3 ? a0 + 3 * g.lda : a0;
+  const uint8_t* b = g.w + p * g.quads * kQuadBytes + kQuadValOffset + 64 * half;  // channels 16 * half ..
   const __m256i* cq = ctrl + 2 * half;
-  for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes, cq += 4 * kQuadPairs) {
+  for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes, cq += 4 * kQuadPairs, pf += kPfLines * 64) {
+    for (int l = 0; l < kPfLines; ++l) _mm_prefetch(pf + 64 * l, _MM_HINT_T1);
 #pragma GCC unroll 4
     for (int j = 0; j < kQuadPairs; ++j) {
-      const uint8_t* bj = b + kQuadValOffset + j * kPairBytes;
-      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj));
-      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj + 32));
+      const int64_t off = kQuadInputs * qb + 8 * j;
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j * kPairBytes));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j * kPairBytes + 32));
       const __m256i k0 = _mm256_load_si256(cq + 4 * j), k1 = _mm256_load_si256(cq + 4 * j + 1);
-#pragma GCC unroll 4
-      for (int r = 0; r < MR; ++r) {
-        int64_t a8;
-        std::memcpy(&a8, g.a + (m + r) * g.lda + kQuadInputs * qb + 8 * j, 8);
-        const __m256i ab = _mm256_set1_epi64x(a8);
-        Mul::madd(c[r][0], _mm256_shuffle_epi8(ab, k0), v0, ones);
-        Mul::madd(c[r][1], _mm256_shuffle_epi8(ab, k1), v1, ones);
-      }
+      S24_ROW(0) S24_ROW(1) S24_ROW(2) S24_ROW(3)
     }
   }
   const int64_t n0 = p * kPanel + 16 * half;
-  for (int r = 0; r < MR; ++r) {
-    store8(g, Mul::finish(g, c[r][0], m + r, n0), g.a_scale[m + r], m + r, n0);
-    store8(g, Mul::finish(g, c[r][1], m + r, n0 + 8), g.a_scale[m + r], m + r, n0 + 8);
-  }
+  S24_STORE(0) S24_STORE(1) S24_STORE(2) S24_STORE(3)
 }
+#undef S24_ROW
+#undef S24_STORE
 
 // ---- AVX-VNNI: 12 rows x 8 channels ------------------------------------------
 // Per pair of groups one control and one value register serve 12 rows: per
@@ -139,12 +171,6 @@ inline void tile(const GemmArgs& g, const __m256i* ctrl, int64_t m, int64_t p, i
   }
 #define S24V_STORE(r) \
   if (MR > r) store8(g, Mul::finish(g, c##r, m + r, n0), g.a_scale[m + r], m + r, n0);
-
-inline int64_t load_u64(const uint8_t* p) {
-  int64_t v;
-  std::memcpy(&v, p, 8);
-  return v;
-}
 
 // MR rows (<= 12) x channels 8 * oct .. 8 * oct + 8 of panel p
 template <class Mul, int MR>
@@ -260,8 +286,9 @@ inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t 
         continue;
       }
     }
+    PanelChunks pf = next_panel_lines(g, p);
     for (int half = 0; half < 2 && p * kPanel + 16 * half < g.n; ++half)
-      int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<Mul, h()>(g, ctrl, m, p, half); });
+      int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<Mul, h()>(g, ctrl, m, p, half, pf.take()); });
   }
 }
 
@@ -280,8 +307,10 @@ void gemm_ps(const GemmArgs& g0, const int8_gemm::pair_safe::Residuals& res, con
   if (t_ctrl.size() < static_cast<size_t>(words)) t_ctrl.resize(words);
   __m256i* ctrl = &t_ctrl.data()->v;
   panel_controls(g, p, ctrl);
+  PanelChunks pf = next_panel_lines(g, p);
   for (int half = 0; half < 2 && p * kPanel + 16 * half < g.n; ++half)
-    int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<PsMul, h()>(g, ctrl, m, p, half); });
+    int8_gemm::for_each_row_tile<4>(m0, m1,
+                                    [&](int64_t m, auto h) { tile<PsMul, h()>(g, ctrl, m, p, half, pf.take()); });
 }
 
 }  // namespace
