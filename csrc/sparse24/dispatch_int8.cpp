@@ -63,8 +63,7 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
   std::memcpy(&h, packed, sizeof(h));
   const int64_t k_pad = kQuadInputs * h.quads;
   if (m * h.n_pad * k_pad < kMinParallelMacs) nthreads = 1;  // dense-equivalent work, as int8_gemm
-  if (h.ps_offset && kern.gemm == qs8_s24_gemm_4x16_avx2 &&
-      m >= (h.n * h.k >= kBigLayerWeights ? kPsMinRowsBig : kPsMinRowsSmall))
+  if (h.ps_offset && kern.gemm == qs8_s24_gemm_4x16_avx2 && m >= ps_min_rows(h.n, h.k))
     return linear_ps_avx2(e.quantize, x, ldx, x_bf16, m, k, packed, w_scale, bias, y, ldy, y_bf16, nthreads);
   const size_t ysize = y_bf16 ? 2 : 4;
   int8_gemm::quantized_passes(

@@ -110,14 +110,18 @@ struct Kernel {
   int sparse_from_rows_big = 0, sparse_from_rows_small = 0;
 };
 constexpr int64_t kBigLayerWeights = int64_t(1) << 22;
-// The AVX2 kernel's pair-safe path runs calls of at least this many rows (on
-// layers of at least kBigLayerWeights weights / smaller ones); fewer take the
-// sign-trick tile, whose per-call work is smaller (no transposition, no
-// residual sums over 16-row blocks). Measured, Golden Cove capped at AVX2, 2
-// threads, pruned N(0, 0.02) layers (~5 % residual entries), M = 8 - 48: the
-// pair-safe path ahead from 12 - 16 rows on 4096^2 and 1024x4096, from 32 -
-// 48 on 1536x384 and 384x1536.
-constexpr int64_t kPsMinRowsBig = 16, kPsMinRowsSmall = 40;
+// The AVX2 kernel's pair-safe path runs calls of at least ps_min_rows(n, k)
+// rows (packings with a section); fewer take the sign-trick tile, whose
+// per-call work is smaller (no transposition, no residual sums over 16-row
+// blocks, one parallel region less). Measured, Golden Cove capped at AVX2, 2
+// threads, pruned N(0, 0.02) layers (1.6 - 5 % residual entries), M = 5 - 48:
+// the pair-safe path ahead from 6 - 8 rows on 4096^2, 10 - 12 on 1024x4096,
+// 24 - 32 on 1536x384 and 384x1536.
+constexpr int64_t kHugeLayerWeights = int64_t(1) << 24;
+constexpr int64_t kPsMinRowsHuge = 8, kPsMinRowsBig = 12, kPsMinRowsSmall = 32;
+inline int64_t ps_min_rows(int64_t n, int64_t k) {
+  return n * k >= kHugeLayerWeights ? kPsMinRowsHuge : n * k >= kBigLayerWeights ? kPsMinRowsBig : kPsMinRowsSmall;
+}
 const Kernel& select_kernel();
 // True when the selected kernel says dense int8 beats it at m rows of an
 // n x k layer (the modules run their dense int8 plan then).
@@ -129,7 +133,7 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
 void qs8_s24_gemm_1x32_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_s24_gemm_4x16_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 // The AVX2 kernel's pair-safe path: linear() hands it calls of at least
-// kPsMinRows* rows on packings with a pair-safe section (quantize: the AVX2 quantizer).
+// ps_min_rows rows on packings with a pair-safe section (quantize: the AVX2 quantizer).
 void linear_ps_avx2(int8_gemm::QuantizeRowsFn quantize, const void* x, int64_t ldx, bool x_bf16, int64_t m,
                     int64_t k, const uint8_t* packed, const float* w_scale, const float* bias, void* y, int64_t ldy,
                     bool y_bf16, int nthreads);

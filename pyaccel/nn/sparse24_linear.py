@@ -249,7 +249,9 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
             elif name.startswith("cpu/avx2 ") and self._packed is not None:
                 C, n, k = _native.lib(), self.out_features, self.in_features
                 if self._packed.numel() > C.s24i8_packed_nbytes(n, k):
-                    rows = p["pair_safe_from_rows_big" if n * k >= p["big_layer_weights"] else "pair_safe_from_rows_small"]
+                    size = ("huge" if n * k >= p["huge_layer_weights"] else
+                            "big" if n * k >= p["big_layer_weights"] else "small")
+                    rows = p[f"pair_safe_from_rows_{size}"]
                     name = f"{name[:-1]}; pair-safe values from {rows} rows)"
                 else:
                     v = self.values.detach().contiguous()
