@@ -72,6 +72,7 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
         GemmArgs g{reinterpret_cast<const uint8_t*>(q), lda, qs, packed + h.data_offset,
                    reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
                    static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.quads};
+        g.ctrl = ctrl_table(packed);
         // units: 32-channel panels (one sequential stream of weight bytes each)
         const int64_t panels = h.n_pad / kPanel;
         if (rows <= kern.mr) {

@@ -65,35 +65,46 @@ struct PsMul {
   }
 };
 
-// The panel's vpshufb control dwords, the gather indices [i0, i1, 4 + j0,
-// 4 + j1] of each pair's position byte: ctrl[(4 qb + j) * 4 + v] for channels
-// 8v .. 8v + 8, decoded once a call and panel, then read by every row tile.
-// 6 ops per pair and 8 channels: vpshufb copies pair j's byte b into bytes
-// 0 - 1 of each dword and b >> 4 (from a copy of the positions shifted once a
-// quad) into bytes 2 - 3; one AND leaves [i0, 4 * i1, j0, 4 * j1], one
-// vpmaddubsw with [1, 64] per word makes them [i0, i1, j0, j1], one OR adds
-// the second group's 4. (Shifting and masking each field took 12.)
-void panel_controls(const GemmArgs& g, int64_t p, __m256i* ctrl) {
+// The panel's control table (sparse24_int8.h, layout 5) decoded from its
+// position bytes, for packings without one: per pair and 8 channels, 6 ops
+// make the control dwords [i0, i1, 4 + j0, 4 + j1]: vpshufb copies pair j's
+// byte b into bytes 0 - 1 of each dword and b >> 4 (from a copy of the
+// positions shifted once a quad) into bytes 2 - 3; one AND leaves [i0, 4 *
+// i1, j0, 4 * j1], one vpmaddubsw with [1, 64] per word makes them [i0, i1,
+// j0, j1], one OR adds the second group's 4. Then one shift and one OR per
+// two octets put the second octet's indices into the high nibbles.
+void panel_controls(const GemmArgs& g, int64_t p, uint8_t* ctrl) {
   const uint8_t* b = g.w + p * g.quads * kQuadBytes;
   const __m256i fields = _mm256_set1_epi32(0x0C030C03), scale = _mm256_set1_epi16(0x4001);
   const __m256i plus4 = _mm256_set1_epi32(0x04040000);
-  for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes) {
+  for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes, ctrl += kCtrlQuadBytes) {
+    __m256i pos[4], hi[4];
     for (int v = 0; v < 4; ++v) {
-      const __m256i pos = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQuadPosOffset + 32 * v));
-      const __m256i hi = _mm256_srli_epi16(pos, 4);  // byte j's low nibble: b >> 4 (high nibble: junk)
+      pos[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQuadPosOffset + 32 * v));
+      hi[v] = _mm256_srli_epi16(pos[v], 4);  // byte j's low nibble: b >> 4 (high nibble: junk)
+    }
 #pragma GCC unroll 4
-      for (int j = 0; j < kQuadPairs; ++j) {
-        // byte j of each dword into bytes 0, 1 (from pos) and 2, 3 (from hi)
-        const __m256i pick = _mm256_add_epi8(_mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
-                                                              0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12),
-                                             _mm256_set1_epi8(static_cast<char>(j)));
-        const __m256i t = _mm256_blend_epi16(_mm256_shuffle_epi8(pos, pick), _mm256_shuffle_epi8(hi, pick), 0xAA);
-        ctrl[(4 * qb + j) * 4 + v] =
-            _mm256_or_si256(_mm256_maddubs_epi16(_mm256_and_si256(t, fields), scale), plus4);
+    for (int j = 0; j < kQuadPairs; ++j) {
+      // byte j of each dword into bytes 0, 1 (from pos) and 2, 3 (from hi)
+      const __m256i pick = _mm256_add_epi8(_mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
+                                                            0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12),
+                                           _mm256_set1_epi8(static_cast<char>(j)));
+      __m256i c[4];
+      for (int v = 0; v < 4; ++v) {
+        const __m256i t = _mm256_blend_epi16(_mm256_shuffle_epi8(pos[v], pick), _mm256_shuffle_epi8(hi[v], pick), 0xAA);
+        c[v] = _mm256_or_si256(_mm256_maddubs_epi16(_mm256_and_si256(t, fields), scale), plus4);
       }
+      for (int h = 0; h < 2; ++h)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ctrl + j * kCtrlPairBytes + h * kCtrlHalfBytes),
+                            _mm256_or_si256(c[2 * h], _mm256_slli_epi16(c[2 * h + 1], 4)));
     }
   }
 }
+
+// The control pair (low nibbles, high nibbles) of a table's 32 bytes at t:
+// the gather controls of octets 2h and 2h + 1.
+inline __m256i ctrl_lo(const uint8_t* t) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t)); }
+inline __m256i ctrl_hi(__m256i lo) { return _mm256_srli_epi16(lo, 4); }
 
 // Where each row tile of panel p prefetches: as int8_gemm's
 // avx2_tile::NextPanelLines, kPfLines lines a quad of the next panel (the one
@@ -106,6 +117,13 @@ inline PanelChunks next_panel_lines(const GemmArgs& g, int64_t p) {
   const int64_t panel_bytes = g.quads * kQuadBytes;
   return PanelChunks(g.w + (p + 1 < (g.n + kPanel - 1) / kPanel ? p + 1 : p) * panel_bytes, panel_bytes,
                      g.quads * kPfLines * 64);
+}
+// ... and one line a quad of the next panel's control table (packings with one;
+// else the tiles prefetch their own panel's scratch table, already in L1 / L2)
+inline PanelChunks next_ctrl_lines(const GemmArgs& g, int64_t p, const uint8_t* cp) {
+  const int64_t panel_bytes = g.quads * kCtrlQuadBytes;
+  const uint8_t* next = g.ctrl && p + 1 < (g.n + kPanel - 1) / kPanel ? g.ctrl + (p + 1) * panel_bytes : cp;
+  return PanelChunks(next, panel_bytes, g.quads * 64);
 }
 
 inline int64_t load_u64(const uint8_t* p) {
@@ -129,7 +147,8 @@ inline int64_t load_u64(const uint8_t* p) {
     store8(g, Mul::finish(g, c##r##1, m + r, n0 + 8), g.a_scale[m + r], m + r, n0 + 8);           \
   }
 template <class Mul, int MR>
-inline void tile(const GemmArgs& g, const __m256i* ctrl, int64_t m, int64_t p, int half, const char* pf) {
+inline void tile(const GemmArgs& g, const uint8_t* cp, int64_t m, int64_t p, int half, const char* pf,
+                 const char* pfc) {
   static_assert(MR >= 1 && MR <= 4, "tile rows");
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
@@ -139,15 +158,17 @@ inline void tile(const GemmArgs& g, const __m256i* ctrl, int64_t m, int64_t p, i
   const uint8_t* a2 = MR > 2 ? a0 + 2 * g.lda : a0;
   const uint8_t* a3 = MR > 3 ? a0 + 3 * g.lda : a0;
   const uint8_t* b = g.w + p * g.quads * kQuadBytes + kQuadValOffset + 64 * half;  // channels 16 * half ..
-  const __m256i* cq = ctrl + 2 * half;
-  for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes, cq += 4 * kQuadPairs, pf += kPfLines * 64) {
+  const uint8_t* t = cp + kCtrlHalfBytes * half;
+  for (int64_t qb = 0; qb < g.quads;
+       ++qb, b += kQuadBytes, t += kCtrlQuadBytes, pf += kPfLines * 64, pfc += 64) {
     for (int l = 0; l < kPfLines; ++l) _mm_prefetch(pf + 64 * l, _MM_HINT_T1);
+    _mm_prefetch(pfc, _MM_HINT_T1);
 #pragma GCC unroll 4
     for (int j = 0; j < kQuadPairs; ++j) {
       const int64_t off = kQuadInputs * qb + 8 * j;
       const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j * kPairBytes));
       const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j * kPairBytes + 32));
-      const __m256i k0 = _mm256_load_si256(cq + 4 * j), k1 = _mm256_load_si256(cq + 4 * j + 1);
+      const __m256i k0 = ctrl_lo(t + j * kCtrlPairBytes), k1 = ctrl_hi(k0);
       S24_ROW(0) S24_ROW(1) S24_ROW(2) S24_ROW(3)
     }
   }
@@ -174,17 +195,18 @@ inline void tile(const GemmArgs& g, const __m256i* ctrl, int64_t m, int64_t p, i
 
 // MR rows (<= 12) x channels 8 * oct .. 8 * oct + 8 of panel p
 template <class Mul, int MR>
-inline void tile_octet(const GemmArgs& g, const __m256i* ctrl, int64_t m, int64_t p, int oct) {
+inline void tile_octet(const GemmArgs& g, const uint8_t* cp, int64_t m, int64_t p, int oct) {
   const __m256i ones = _mm256_set1_epi16(1);
   S24V_ALL(S24V_DECL)
   const uint8_t* a0 = g.a + m * g.lda;
   const uint8_t* b = g.w + p * g.quads * kQuadBytes + kQuadValOffset + 32 * oct;
-  const __m256i* cq = ctrl + oct;
-  for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes, cq += 4 * kQuadPairs) {
+  const uint8_t* t = cp + kCtrlHalfBytes * (oct / 2);
+  const __m128i nibble = _mm_cvtsi32_si128(4 * (oct % 2));  // octet 2h + 1: the high nibbles
+  for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes, t += kCtrlQuadBytes) {
 #pragma GCC unroll 4
     for (int j = 0; j < kQuadPairs; ++j) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j * kPairBytes));
-      const __m256i k = _mm256_load_si256(cq + 4 * j);
+      const __m256i k = _mm256_srl_epi16(ctrl_lo(t + j * kCtrlPairBytes), nibble);
       S24V_ALL(S24V_ROW)
     }
   }
@@ -256,39 +278,78 @@ inline void tile_row(const GemmArgs& g, const int8_t* lanes, int64_t m, int64_t 
     store8(g, Mul::finish(g, c[v], m, p * kPanel + 8 * v), g.a_scale[m], m, p * kPanel + 8 * v);
 }
 
+// One row x one whole panel from the control table: per pair of groups one
+// broadcast of the row's 8 inputs, two table loads and two shifts serve the 4
+// octets, then per octet one vpshufb and the multiply (Mul). Named
+// accumulators (as an array GCC kept them on the stack).
+template <class Mul>
+inline void tile_row_table(const GemmArgs& g, const uint8_t* cp, int64_t m, int64_t p) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;
+  const uint8_t* a = g.a + m * g.lda;
+  const uint8_t* b = g.w + p * g.quads * kQuadBytes + kQuadValOffset;
+  const uint8_t* t = cp;
+  for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes, t += kCtrlQuadBytes) {
+#pragma GCC unroll 4
+    for (int j = 0; j < kQuadPairs; ++j) {
+      const __m256i ab = _mm256_set1_epi64x(load_u64(a + kQuadInputs * qb + 8 * j));
+      const __m256i k0 = ctrl_lo(t + j * kCtrlPairBytes), k2 = ctrl_lo(t + j * kCtrlPairBytes + kCtrlHalfBytes);
+      const uint8_t* bj = b + j * kPairBytes;
+      Mul::madd(c0, _mm256_shuffle_epi8(ab, k0), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj)), ones);
+      Mul::madd(c1, _mm256_shuffle_epi8(ab, ctrl_hi(k0)), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj + 32)),
+                ones);
+      Mul::madd(c2, _mm256_shuffle_epi8(ab, k2), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj + 64)), ones);
+      Mul::madd(c3, _mm256_shuffle_epi8(ab, ctrl_hi(k2)), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj + 96)),
+                ones);
+    }
+  }
+  const __m256i acc[4] = {c0, c1, c2, c3};
+  for (int v = 0; v < 4 && p * kPanel + 8 * v < g.n; ++v)
+    store8(g, Mul::finish(g, acc[v], m, p * kPanel + 8 * v), g.a_scale[m], m, p * kPanel + 8 * v);
+}
+
 thread_local std::vector<int8_t> t_lanes;
-// panel_controls' table (a struct: a vector of __m256i drops the type's
-// attributes, with a warning)
-struct alignas(32) Ctrl {
-  __m256i v;
-};
-thread_local std::vector<Ctrl> t_ctrl;
+thread_local std::vector<uint8_t> t_ctrl;
+
+// Panel p's control table: the packing's (layout 5), else decoded into this
+// thread's scratch.
+inline const uint8_t* panel_table(const GemmArgs& g, int64_t p) {
+  if (g.ctrl) return g.ctrl + p * g.quads * kCtrlQuadBytes;
+  const size_t bytes = static_cast<size_t>(g.quads * kCtrlQuadBytes);
+  if (t_ctrl.size() < bytes) t_ctrl.resize(bytes);
+  panel_controls(g, p, t_ctrl.data());
+  return t_ctrl.data();
+}
 
 template <class Mul>
 inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   if (m1 - m0 == 1) {
+    // from the table on layers under kBigLayerWeights; bigger ones, bound by
+    // streaming the weights at one row, skip its 40 % more bytes
+    if (g.ctrl && g.n * kQuadInputs * g.quads < kBigLayerWeights) {
+      for (int64_t p = p0; p < p1; ++p) tile_row_table<Mul>(g, panel_table(g, p), m0, p);
+      return;
+    }
     const int64_t groups = 8 * g.quads;
     if (t_lanes.size() < static_cast<size_t>(16 * groups)) t_lanes.resize(16 * groups);
     build_lanes(reinterpret_cast<const int8_t*>(g.a + m0 * g.lda), groups, t_lanes.data());
     for (int64_t p = p0; p < p1; ++p) tile_row<Mul>(g, t_lanes.data(), m0, p);
     return;
   }
-  const int64_t words = g.quads * kQuadPairs * 4;
-  if (t_ctrl.size() < static_cast<size_t>(words)) t_ctrl.resize(words);
-  __m256i* ctrl = &t_ctrl.data()->v;
   for (int64_t p = p0; p < p1; ++p) {
-    panel_controls(g, p, ctrl);
+    const uint8_t* cp = panel_table(g, p);
     if constexpr (Mul::kOctetRows > 0) {
       if (m1 - m0 >= Mul::kOctetRows) {
         for (int oct = 0; oct < 4 && p * kPanel + 8 * oct < g.n; ++oct)
           int8_gemm::for_each_row_tile<Mul::kOctetRows>(
-              m0, m1, [&](int64_t m, auto h) { tile_octet<Mul, h()>(g, ctrl, m, p, oct); });
+              m0, m1, [&](int64_t m, auto h) { tile_octet<Mul, h()>(g, cp, m, p, oct); });
         continue;
       }
     }
-    PanelChunks pf = next_panel_lines(g, p);
+    PanelChunks pf = next_panel_lines(g, p), pfc = next_ctrl_lines(g, p, cp);
     for (int half = 0; half < 2 && p * kPanel + 16 * half < g.n; ++half)
-      int8_gemm::for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { tile<Mul, h()>(g, ctrl, m, p, half, pf.take()); });
+      int8_gemm::for_each_row_tile<4>(
+          m0, m1, [&](int64_t m, auto h) { tile<Mul, h()>(g, cp, m, p, half, pf.take(), pfc.take()); });
   }
 }
 
@@ -303,14 +364,11 @@ void gemm_ps(const GemmArgs& g0, const int8_gemm::pair_safe::Residuals& res, con
   GemmArgs g = g0;
   // finish() indexes corr by the absolute row m
   g.corr = reinterpret_cast<const int32_t*>(reinterpret_cast<uintptr_t>(t_corr.data()) - m0 * kPanel * 4);
-  const int64_t words = g.quads * kQuadPairs * 4;
-  if (t_ctrl.size() < static_cast<size_t>(words)) t_ctrl.resize(words);
-  __m256i* ctrl = &t_ctrl.data()->v;
-  panel_controls(g, p, ctrl);
-  PanelChunks pf = next_panel_lines(g, p);
+  const uint8_t* cp = panel_table(g, p);
+  PanelChunks pf = next_panel_lines(g, p), pfc = next_ctrl_lines(g, p, cp);
   for (int half = 0; half < 2 && p * kPanel + 16 * half < g.n; ++half)
-    int8_gemm::for_each_row_tile<4>(m0, m1,
-                                    [&](int64_t m, auto h) { tile<PsMul, h()>(g, ctrl, m, p, half, pf.take()); });
+    int8_gemm::for_each_row_tile<4>(
+        m0, m1, [&](int64_t m, auto h) { tile<PsMul, h()>(g, cp, m, p, half, pf.take(), pfc.take()); });
 }
 
 }  // namespace
@@ -328,6 +386,7 @@ void linear_ps_avx2(int8_gemm::QuantizeRowsFn quantize, const void* x, int64_t l
         GemmArgs g{reinterpret_cast<const uint8_t*>(q), lda, qs, sec.panels,
                    reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
                    static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.quads};
+        g.ctrl = ctrl_table(packed);
         parallel_units_rows(h.n_pad / kPanel, rows, 16, nthreads,
                             [&](int64_t p, int64_t a0, int64_t a1) { gemm_ps(g, sec.res, ut, ldt, a0, a1, p); });
       });

@@ -39,6 +39,21 @@ constexpr int64_t kQuadValOffset = kPanel * 4;                            // 128
 constexpr int64_t kQuadBytes = kQuadValOffset + kQuadPairs * kPairBytes;  // 640
 constexpr uint32_t kMagic = 0x38493253u;  // "S2I8"
 constexpr int32_t kLayoutP32Q4 = 4;  // 3: positions after the values
+// Layout 5: layout 4 plus, right after the quads, the AVX2 kernel's control
+// table (what the packers add where that kernel is selected): per panel,
+// quad, pair j and half h (channels 16h .. 16h + 15), 32 bytes whose dword c
+// (c < 8) holds in its bytes' low nibbles the vpshufb indices [i0, i1, 4 + j0,
+// 4 + j1] of channel 16h + c -- its two groups' kept inputs within the pair's
+// 8 -- and in their high nibbles those of channel 16h + 8 + c. Indices are <=
+// 7, so bit 7 stays clear and one vpsrlw by 4 brings the high nibbles down:
+// one load gives the gather controls of 16 channels, which the kernel
+// otherwise decodes from the position bytes (6 - 7 instructions per pair and
+// 8 channels). 256 bytes a quad and panel: 1.4x the bytes of the positions
+// and values together.
+constexpr int32_t kLayoutP32Q4Ctrl = 5;
+constexpr int64_t kCtrlHalfBytes = 32;
+constexpr int64_t kCtrlPairBytes = 2 * kCtrlHalfBytes;
+constexpr int64_t kCtrlQuadBytes = kQuadPairs * kCtrlPairBytes;  // 256
 
 struct PackedHeader {
   uint32_t magic;
@@ -46,11 +61,15 @@ struct PackedHeader {
   int64_t n, k;
   int64_t n_pad, quads;  // quads = ceil(k / 32)
   int64_t comp_offset, data_offset;
-  int64_t ps_offset;  // a pair-safe section (int8_gemm::PsHeader) right after the quads, or 0: none
+  int64_t ps_offset;  // a pair-safe section (int8_gemm::PsHeader) after the quads (layout 5: after the
+                      // control table), or 0: none
 };
 static_assert(sizeof(PackedHeader) == 64, "header must stay 64 bytes");
 
-int64_t packed_nbytes(int64_t n, int64_t k);
+int64_t packed_nbytes(int64_t n, int64_t k);  // layout 4
+int64_t ctrl_nbytes(int64_t n, int64_t k);    // layout 5's control table
+// The control table of a packing (layout 5), or nullptr (layout 4).
+const uint8_t* ctrl_table(const uint8_t* packed);
 // With a pair-safe section (as int8_gemm's, PsHeader): where the selected
 // kernel is the AVX2 one, a copy of the quads whose vpmaddubsw pairs -- a
 // group's two values (v0, v1) -- are split by int8_gemm::ps_value, plus the
@@ -61,14 +80,18 @@ int64_t packed_nbytes(int64_t n, int64_t k);
 // the section replaces issues 6 instructions per 32 products against 4, so
 // the limit is higher than dense int8's.
 constexpr double kPsMaxEntryFraction = 0.08;
-// Whether the selected kernel reads pair-safe sections (the AVX2 one).
+// Whether the selected kernel reads control tables and pair-safe sections (the AVX2 one).
 bool wants_pair_safe();
-// ... with the section whatever the kernel and the entries
+// Bytes with the control table (layout 5), and with the table and the
+// pair-safe section, whatever the kernel and the entries.
+int64_t packed_nbytes_ctrl(int64_t n, int64_t k);
 int64_t packed_nbytes_ps(const int8_t* values, int64_t ldv, int64_t n, int64_t k);
+// packed_nbytes_ps where the selected kernel is the AVX2 one and the values
+// qualify, else packed_nbytes_ctrl there, else packed_nbytes.
 int64_t packed_nbytes_for(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int64_t n, int64_t k);
 // values: int8 [n, 2*ceil(k/4)] (row stride ldv), in [-127, 127]; pos: one byte per group
 // (i0 | i1 << 2), [n, ceil(k/4)] (row stride ldp). out_nbytes: packed_nbytes,
-// or packed_nbytes_for where that adds the pair-safe section (then written).
+// packed_nbytes_ctrl or packed_nbytes_ps (the parts it adds are written).
 void pack(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int64_t n, int64_t k,
           uint8_t* out, int64_t out_nbytes);
 const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k);
@@ -87,6 +110,8 @@ struct GemmArgs {
   int64_t m, n, quads;
   // the pair-safe tile only: row m's residual sums of channel n at corr[m * 32 + n % 32]
   const int32_t* corr = nullptr;
+  // the AVX2 / AVX-VNNI kernels: the packing's control table (layout 5), or nullptr: decoded per call
+  const uint8_t* ctrl = nullptr;
 };
 // Rows [m0, m1) x panels [p0, p1).
 using GemmFn = void (*)(const GemmArgs&, int64_t m0, int64_t m1, int64_t p0, int64_t p1);

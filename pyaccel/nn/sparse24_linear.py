@@ -248,7 +248,7 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
                 name = f"{name[:-1]}; dense {_native.lib().int8_kernel_name()} at {rows})"
             elif name.startswith("cpu/avx2 ") and self._packed is not None:
                 C, n, k = _native.lib(), self.out_features, self.in_features
-                if self._packed.numel() > C.s24i8_packed_nbytes(n, k):
+                if C.s24i8_packing_parts(self._packed.data_ptr(), self._packed.numel(), n, k)[1]:
                     size = ("huge" if n * k >= p["huge_layer_weights"] else
                             "big" if n * k >= p["big_layer_weights"] else "small")
                     rows = p[f"pair_safe_from_rows_{size}"]
@@ -257,7 +257,7 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
                     v = self.values.detach().contiguous()
                     pb = s24.position_bytes(s24.Sparse24Weight(v, self.metadata.detach(), k))
                     if C.s24i8_packed_nbytes_for(v.data_ptr(), v.stride(0), pb.data_ptr(), pb.stride(0), n, k) > \
-                            C.s24i8_packed_nbytes(n, k):
+                            C.s24i8_packed_nbytes_ctrl(n, k):
                         why = "packed at another ISA level; the next call repacks with the split values"
                     else:
                         why = "splitting these values would leave more than 8% residual entries"

@@ -307,7 +307,10 @@ def pack24(dense: torch.Tensor):
 
 
 def s24_section(packed: torch.Tensor, n: int, k: int) -> bool:
-    return packed.numel() > _native.lib().s24i8_packed_nbytes(n, k)
+    """Whether the packing has a pair-safe section (it then has the control table too)."""
+    ctrl, pair_safe = _native.lib().s24i8_packing_parts(packed.data_ptr(), packed.numel(), n, k)
+    assert ctrl or not pair_safe
+    return pair_safe
 
 
 def run24(x, dense, vals, meta, packed, scale=None, bias=None):
@@ -386,7 +389,7 @@ def test_s24_threshold_and_damaged_section(avx2, gen):
     dense = edge_weight_24(n, k, gen)
     vals, meta, packed = pack24(dense)
     assert s24_section(packed, n, k)
-    base = C.s24i8_packed_nbytes(n, k)
+    base = C.s24i8_packed_nbytes_ctrl(n, k)  # the section follows the control table
     bad = packed.clone()
     bad[base] ^= 1
     x = torch.randn(48, k, generator=gen)

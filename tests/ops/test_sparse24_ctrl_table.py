@@ -1,0 +1,187 @@
+"""The 2:4 int8 AVX2 kernel's control table (csrc/sparse24/sparse24_int8.h,
+layout 5) against its documented layout and the exact integer reference.
+
+Facts the grids come from: the packers add the table where the AVX2 kernel
+is selected; panels of 32 channels in two halves of 16, whose octets 2h and
+2h + 1 share 32 bytes (low and high nibbles); quads of 4 pairs of groups (32
+inputs). The kernel reads the table at one row (the row path), in its 4 x 16
+tiles from 2 rows, in the AVX-VNNI level's 12 x 8 octet tiles from 12 rows
+and on the pair-safe path (from 32 rows on layers under 4 Mi weights);
+packings without a table (layout 4, e.g. made at another ISA level) are
+decoded per call into the same form. Every combination must give the same
+integers as the reference.
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyaccel import _native, reference
+from pyaccel.formats import sparse24 as s24
+
+M_GRID = [1, 2, 3, 4, 5, 7, 8, 12, 13, 31, 32, 33]
+NK_GRID = [(1, 4), (8, 33), (17, 64), (40, 72), (70, 300), (33, 1030)]
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(2024)
+
+
+def needs(level: str):
+    if not _native.available():
+        pytest.skip(f"native library not loaded: {_native.load_error()}")
+    if not _native.isa_supported(level):
+        pytest.skip(f"this CPU lacks {level}")
+
+
+def weight_24(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """int8 [n, k], 2 random nonzeros in [-127, 127] in every group of 4 (some
+    pairs past the pair-safe split edge), a +-127 in every row."""
+    groups = (k + 3) // 4
+    w = torch.randint(-127, 128, (n, groups * 4), generator=gen).float()
+    w[w == 0] = 1
+    keep = torch.rand(n, groups, 4, generator=gen).argsort(dim=2)[:, :, :2]
+    mask = torch.zeros(n, groups, 4).scatter_(2, keep, 1.0).view(n, -1)
+    w = (w * mask)[:, :k]
+    w[:, 0] = torch.where(torch.arange(n) % 2 == 0, 127.0, -127.0)
+    if k > 1:
+        w[:, 1] = 0
+    if k > 2:
+        w[:, 2] = 5
+    if k > 3:
+        w[:, 3] = 0
+    return w.to(torch.int8)
+
+
+def activations(m: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Integers with max |x| = 127 per row (q = x, scale 1), mostly +-127."""
+    x = torch.where(torch.rand(m, k, generator=gen) < 0.6,
+                    torch.where(torch.rand(m, k, generator=gen) < 0.5, 127.0, -127.0),
+                    torch.randint(-127, 128, (m, k), generator=gen).float())
+    x[:, 0] = 127.0
+    return x
+
+
+def packings(dense: torch.Tensor):
+    """(values, metadata, {name: packing}): the packer's own at the current
+    level, and layout 4 / layout 5 without a section made explicitly."""
+    C = _native.lib()
+    n, k = dense.shape
+    sw = s24.compress(dense.float())
+    vals, meta = sw.values.to(torch.int8), sw.meta
+    pb = s24.position_bytes(s24.Sparse24Weight(vals, meta, k))
+    out = {"packer": s24.pack_sparse24_int8(vals, meta, k)}
+    for name, nbytes in (("plain", C.s24i8_packed_nbytes(n, k)), ("table", C.s24i8_packed_nbytes_ctrl(n, k))):
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        C.s24i8_pack(vals.data_ptr(), vals.stride(0), pb.data_ptr(), pb.stride(0), n, k, buf.data_ptr(), nbytes)
+        out[name] = buf
+    return vals, meta, pb, out
+
+
+def run(x, vals, meta, k, packed):
+    n = vals.shape[0]
+    return torch.ops.pyaccel.sparse24_int8_linear(x, vals, meta, k, torch.ones(n), None, packed)
+
+
+def expected_table(pb: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The layout-5 table built from the position bytes (nibble i0 | i1 << 2)
+    as sparse24_int8.h documents it."""
+    panels, quads = (n + 31) // 32, (k + 31) // 32
+    t = torch.zeros(panels, quads, 4, 2, 8, 4, dtype=torch.int64)  # panel, quad, pair j, half h, c % 8, byte
+    for c in range(n):
+        p, lane = divmod(c, 32)
+        h, shift, c8 = lane // 16, 4 * ((lane // 8) % 2), lane % 8
+        for g in range((k + 3) // 4):
+            pair, half = divmod(g, 2)
+            quad, j = divmod(pair, 4)
+            nib = int(pb[c, g]) & 15
+            t[p, quad, j, h, c8, 2 * half] |= (4 * half + (nib & 3)) << shift
+            t[p, quad, j, h, c8, 2 * half + 1] |= (4 * half + (nib >> 2)) << shift
+    return t.flatten().to(torch.uint8)
+
+
+@pytest.mark.parametrize("n,k", NK_GRID + [(64, 256), (96, 40)])
+def test_table_bytes_follow_the_layout(gen, n, k):
+    needs("avx2")
+    C = _native.lib()
+    with _native.isa_cap("avx2"):
+        vals, meta, pb, packs = packings(weight_24(n, k, gen))
+    for name in ("packer", "table"):
+        ctrl, _ = C.s24i8_packing_parts(packs[name].data_ptr(), packs[name].numel(), n, k)
+        assert ctrl, name
+        base = C.s24i8_packed_nbytes(n, k)
+        table = packs[name][base:C.s24i8_packed_nbytes_ctrl(n, k)]
+        assert torch.equal(table, expected_table(pb, n, k)), name
+    assert C.s24i8_packing_parts(packs["plain"].data_ptr(), packs["plain"].numel(), n, k) == (False, False)
+
+
+@pytest.mark.parametrize("level", ["avx2", "avx_vnni"])
+@pytest.mark.parametrize("n,k", NK_GRID)
+@pytest.mark.parametrize("m", M_GRID)
+def test_same_integers_with_and_without_the_table(gen, level, n, k, m):
+    needs(level)
+    check_all_packings(m, n, k, level, gen)
+
+
+def check_all_packings(m: int, n: int, k: int, level: str, gen: torch.Generator):
+    """Each packing made at avx2 (the packer's, layout 4, layout 5), run at `level`, equals the reference."""
+    dense = weight_24(n, k, gen)
+    with _native.isa_cap("avx2"):
+        vals, meta, _, packs = packings(dense)
+    x = activations(m, k, gen)
+    ref = reference.int8_matmul_exact(x.to(torch.int8), dense).float()
+    with _native.isa_cap(level):
+        for name, packed in packs.items():
+            y = run(x, vals, meta, k, packed)
+            assert torch.equal(y, ref), (name, f"first mismatch at {(y - ref).nonzero()[0].tolist()}")
+
+
+def test_other_levels_pack_no_table(gen):
+    needs("avx2")
+    C = _native.lib()
+    n, k = 40, 72
+    dense = weight_24(n, k, gen)
+    for level in _native.ISA_LADDER:
+        if not _native.isa_supported(level):
+            continue
+        with _native.isa_cap(level):
+            _, _, _, packs = packings(dense)
+            ctrl, _ = C.s24i8_packing_parts(packs["packer"].data_ptr(), packs["packer"].numel(), n, k)
+            assert ctrl == (_native.lib().s24i8_kernel_name() == "qs8_s24_gemm_4x16_avx2"), level
+
+
+def test_damaged_table_packings_are_refused(gen):
+    needs("avx2")
+    n, k = 40, 72
+    dense = weight_24(n, k, gen)
+    with _native.isa_cap("avx2"):
+        vals, meta, _, packs = packings(dense)
+        x = activations(3, k, gen)
+        table = packs["table"]
+        with pytest.raises(ValueError, match="size"):
+            run(x, vals, meta, k, table[:-32].clone())
+        with pytest.raises(ValueError, match="size"):  # layout 4 with the table's bytes
+            bad = table.clone()
+            bad[4:8].view(torch.int32)[0] = 4
+            run(x, vals, meta, k, bad)
+        with pytest.raises(ValueError, match="layout"):
+            bad = table.clone()
+            bad[4:8].view(torch.int32)[0] = 6
+            run(x, vals, meta, k, bad)
+        with pytest.raises(ValueError, match="out"):  # the packer takes only its three sizes
+            C = _native.lib()
+            pb = s24.position_bytes(s24.Sparse24Weight(vals, meta, k))
+            buf = torch.empty(C.s24i8_packed_nbytes_ctrl(n, k) + 64, dtype=torch.uint8)
+            C.s24i8_pack(vals.data_ptr(), vals.stride(0), pb.data_ptr(), pb.stride(0), n, k, buf.data_ptr(),
+                         buf.numel())
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 40), n=st.integers(1, 80), k=st.integers(1, 300), seed=st.integers(0, 2**31 - 1),
+       level=st.sampled_from(["avx2", "avx_vnni"]))
+def test_property_random_shapes(m, n, k, seed, level):
+    needs("avx2")
+    if not _native.isa_supported(level):
+        level = "avx2"
+    check_all_packings(m, n, k, level, torch.Generator().manual_seed(seed))
