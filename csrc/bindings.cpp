@@ -384,12 +384,13 @@ class LinearPlan {
     sections_ = reads_sections(kind_);
   }
 
-  // Whether the level in use reads pair-safe sections for this kind of plan
-  // (int8_gemm.h, PsHeader): the int8 and 2:4 int8 AVX2 kernels.
-  static bool reads_sections(Kind k) {
-    if (k == Kind::kInt8) return int8_gemm::wants_pair_safe();
-    if (k == Kind::kSparse24Int8) return sparse24_int8::wants_pair_safe();
-    return false;
+  // Which optional parts of its packing the level in use reads for this kind
+  // of plan (0: none): the int8 AVX2 kernel's pair-safe section (int8_gemm.h,
+  // PsHeader), the 2:4 int8 kernels' sparse24_int8::wanted_parts().
+  static int reads_sections(Kind k) {
+    if (k == Kind::kInt8) return int8_gemm::wants_pair_safe() ? 1 : 0;
+    if (k == Kind::kSparse24Int8) return sparse24_int8::wanted_parts();
+    return 0;
   }
 
   // The eager fast path, what PackedModule._run_plan does in Python, ~0.8 µs
@@ -539,7 +540,7 @@ class LinearPlan {
 
  private:
   Kind kind_ = Kind::kInt8;
-  bool sections_ = false;  // reads_sections(kind_) when made
+  int sections_ = 0;  // reads_sections(kind_) when made
   uintptr_t packed_;
   int64_t n_, k_;
   uintptr_t w_scale_, bias_;
@@ -830,8 +831,11 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out"), py::arg("out_nbytes"));
   m.def("int8_packed_nbytes", &int8_gemm::packed_nbytes, py::arg("n"), py::arg("k"));
   m.def(
-      "pair_safe_levels", [] { return py::make_tuple(int8_gemm::wants_pair_safe(), sparse24_int8::wants_pair_safe()); },
-      "(int8, sparse24_int8): whether the level in use reads pair-safe sections (the modules repack when it changes)");
+      "pair_safe_levels",
+      [] { return py::make_tuple(int8_gemm::wants_pair_safe(), sparse24_int8::wanted_parts()); },
+      "(int8, sparse24_int8): whether the level in use reads pair-safe sections, and which parts the 2:4 int8 "
+      "packers add (0 none, 1 the control table, 2 the table and a pair-safe section): the modules repack when "
+      "either changes");
   m.def(
       "int8_packed_nbytes_for",
       [](uintptr_t w, int64_t ldw, int64_t n, int64_t k) {

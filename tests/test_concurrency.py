@@ -131,9 +131,9 @@ def test_replacing_the_dense_plan_while_it_runs(gen):
     from pyaccel.formats.int8 import pack_int8_weight
 
     with _native.isa_cap("avx_vnni"):
-        mod = _switching_module(2048)
-        x = torch.randn(12, 2048, generator=gen)  # rows where dense wins (avx_vnni, 4 Mi weights: 2 - 13)
-        assert _native.lib().s24i8_dense_wins(12, 2048, 2048)
+        mod = _switching_module(1024)
+        x = torch.randn(5, 1024, generator=gen)  # rows where dense wins (avx_vnni, under 4 Mi weights: 2 - 7)
+        assert _native.lib().s24i8_dense_wins(5, 1024, 1024)
         ref = mod(x).clone()
         plan = mod._plan
         mod._dense = None  # only plan.dense holds it now

@@ -176,11 +176,11 @@ def test_sparse_int8_switches_to_dense_where_the_kernel_says(isa, gen):
     y_rows = torch.cat([mod(x[i:i + 1]) for i in range(x.shape[0])])  # 1 row: always the sparse kernel
     assert torch.equal(y_all, y_rows)
     assert torch.equal(mod(x.view(1, -1, 72)).view(-1, 40), y_all)  # 3-D input, same fast path
-    # the AVX-VNNI kernel wins again at many rows (14 on layers of >= 4 Mi weights, 8 below):
+    # the AVX-VNNI kernel wins again at many rows (8 on layers under 4 Mi weights; bigger ones never switch):
     # past that window the native forward runs the 2:4 kernel, with the same integers
     p = _native.lib().kernel_params()["sparse24_int8"]
     big, small = p["sparse_from_rows_big"], p["sparse_from_rows_small"]
-    assert (big, small, p["big_layer_weights"]) == ((14, 8, 1 << 22) if isa == "avx_vnni" else (0, 0, 1 << 22))
+    assert (big, small, p["big_layer_weights"]) == ((2, 8, 1 << 22) if isa == "avx_vnni" else (0, 0, 1 << 22))
     wins = _native.lib().s24i8_dense_wins
     for m in range(1, 70):
         assert wins(m, 40, 72) == (0 < rows <= m and (small == 0 or m < small)), m

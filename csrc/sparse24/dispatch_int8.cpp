@@ -26,9 +26,9 @@ const Entry kLadder[] = {
      int8_gemm::quantize_rows_avx512},
     {{Isa::kAvx512Vnni, "qs8_s24_gemm_6x32_avx512vnni", 6, 0x80, qs8_s24_gemm_6x32_avx512vnni, 8},
      int8_gemm::quantize_rows_avx512},
-    // AVX-VNNI: dense int8 at 2 - 13 rows on layers of >= 4 Mi weights, at
-    // 2 - 7 rows on smaller ones (README.md)
-    {{Isa::kAvxVnni, "qs8_s24_gemm_4x16_avxvnni", 12, 0x80, qs8_s24_gemm_4x16_avxvnni, 2, 1, 14, 8},
+    // AVX-VNNI: dense int8 at 2 - 7 rows on layers under 4 Mi weights, never
+    // on bigger ones (README.md)
+    {{Isa::kAvxVnni, "qs8_s24_gemm_4x16_avxvnni", 12, 0x80, qs8_s24_gemm_4x16_avxvnni, 2, 1, 2, 8},
      int8_gemm::quantize_rows_avx2},
     {{Isa::kAvx2, "qs8_s24_gemm_4x16_avx2", 4, 0x00, qs8_s24_gemm_4x16_avx2, 0, 1}, int8_gemm::quantize_rows_avx2},
     {{Isa::kPortable, "qs8_s24_gemm_1x32_scalar", 1, 0x00, qs8_s24_gemm_1x32_scalar, 0},

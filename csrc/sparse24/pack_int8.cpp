@@ -75,6 +75,7 @@ int64_t quad_bytes(int64_t n_pad, int64_t k) { return (n_pad / kPanel) * ((k + k
 }  // namespace
 
 bool wants_pair_safe() { return select_kernel().gemm == qs8_s24_gemm_4x16_avx2; }
+int wanted_parts() { return wants_pair_safe() ? 2 : select_kernel().gemm == qs8_s24_gemm_4x16_avxvnni ? 1 : 0; }
 
 int64_t packed_nbytes_ps(const int8_t* values, int64_t ldv, int64_t n, int64_t k) {
   const int64_t n_pad = round_up(n, kPanel);
@@ -83,7 +84,9 @@ int64_t packed_nbytes_ps(const int8_t* values, int64_t ldv, int64_t n, int64_t k
 }
 
 int64_t packed_nbytes_for(const int8_t* values, int64_t ldv, const uint8_t*, int64_t, int64_t n, int64_t k) {
-  if (!wants_pair_safe() || n < 1 || k < 1) return packed_nbytes(n, k);
+  const int parts = wanted_parts();
+  if (parts == 0 || n < 1 || k < 1) return packed_nbytes(n, k);
+  if (parts == 1) return packed_nbytes_ctrl(n, k);
   const int64_t e = ps_entries(values, ldv, n, k);
   if (static_cast<double>(e) > kPsMaxEntryFraction * 2.0 * static_cast<double>(n * ((k + 3) / 4)))
     return packed_nbytes_ctrl(n, k);

@@ -39,8 +39,9 @@ constexpr int64_t kQuadValOffset = kPanel * 4;                            // 128
 constexpr int64_t kQuadBytes = kQuadValOffset + kQuadPairs * kPairBytes;  // 640
 constexpr uint32_t kMagic = 0x38493253u;  // "S2I8"
 constexpr int32_t kLayoutP32Q4 = 4;  // 3: positions after the values
-// Layout 5: layout 4 plus, right after the quads, the AVX2 kernel's control
-// table (what the packers add where that kernel is selected): per panel,
+// Layout 5: layout 4 plus, right after the quads, the AVX2 and AVX-VNNI
+// kernels' control table (what the packers add where one of them is
+// selected, wanted_parts()): per panel,
 // quad, pair j and half h (channels 16h .. 16h + 15), 32 bytes whose dword c
 // (c < 8) holds in its bytes' low nibbles the vpshufb indices [i0, i1, 4 + j0,
 // 4 + j1] of channel 16h + c -- its two groups' kept inputs within the pair's
@@ -80,14 +81,19 @@ const uint8_t* ctrl_table(const uint8_t* packed);
 // the section replaces issues 6 instructions per 32 products against 4, so
 // the limit is higher than dense int8's.
 constexpr double kPsMaxEntryFraction = 0.08;
-// Whether the selected kernel reads control tables and pair-safe sections (the AVX2 one).
+// Whether the selected kernel reads pair-safe sections (the AVX2 one).
 bool wants_pair_safe();
+// What the packers add for the selected kernel: 0 nothing (layout 4), 1 the
+// control table (layout 5: the AVX-VNNI kernel), 2 the table and, where the
+// values qualify, a pair-safe section (the AVX2 kernel).
+int wanted_parts();
 // Bytes with the control table (layout 5), and with the table and the
 // pair-safe section, whatever the kernel and the entries.
 int64_t packed_nbytes_ctrl(int64_t n, int64_t k);
 int64_t packed_nbytes_ps(const int8_t* values, int64_t ldv, int64_t n, int64_t k);
-// packed_nbytes_ps where the selected kernel is the AVX2 one and the values
-// qualify, else packed_nbytes_ctrl there, else packed_nbytes.
+// By wanted_parts(): packed_nbytes_ps where the values qualify for a
+// section, packed_nbytes_ctrl where they do not or only the table is wanted,
+// else packed_nbytes.
 int64_t packed_nbytes_for(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int64_t n, int64_t k);
 // values: int8 [n, 2*ceil(k/4)] (row stride ldv), in [-127, 127]; pos: one byte per group
 // (i0 | i1 << 2), [n, ceil(k/4)] (row stride ldp). out_nbytes: packed_nbytes,

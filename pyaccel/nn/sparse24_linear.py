@@ -182,8 +182,9 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
                 or _checks.scale_error("weight_scale", t["weight_scale"]))
 
     def _signature(self) -> tuple:
-        """PackedModule's, plus whether the level in use reads pair-safe
-        sections: an ISA-cap change across the AVX2 level repacks."""
+        """PackedModule's, plus which optional parts the level in use reads
+        (the AVX-VNNI / AVX2 kernels' control table, the AVX2 one's pair-safe
+        section): an ISA-cap change that changes them repacks."""
         sig = super()._signature()
         if _native.available():
             sig += (_native.lib().pair_safe_levels()[1],)
@@ -199,8 +200,8 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
     def _switches(self, m: int) -> bool:
         """True where the 2:4 int8 kernel selected now loses to the dense int8
         kernel at m rows of this layer (the AVX-512 VNNI one without VBMI: from
-        8 rows; the AVX-VNNI one: 2 - 13 rows on layers of >= 4 Mi weights,
-        2 - 7 on smaller ones; the ICL one against the AMX dense kernel: from
+        8 rows; the AVX-VNNI one: 2 - 7 rows on layers under 4 Mi weights,
+        never on bigger ones; the ICL one against the AMX dense kernel: from
         9), so the module runs that one, on a dense packing built on first use
         (about 1.6x the sparse weight memory). Asked per call: the ISA cap
         (PYACCEL_CPU_ISA, pyaccel._native.isa_cap) may change after packing."""

@@ -1,8 +1,8 @@
 """The 2:4 int8 AVX2 kernel's control table (csrc/sparse24/sparse24_int8.h,
 layout 5) against its documented layout and the exact integer reference.
 
-Facts the grids come from: the packers add the table where the AVX2 kernel
-is selected; panels of 32 channels in two halves of 16, whose octets 2h and
+Facts the grids come from: the packers add the table where the AVX2 or
+the AVX-VNNI kernel is selected; panels of 32 channels in two halves of 16, whose octets 2h and
 2h + 1 share 32 bytes (low and high nibbles); quads of 4 pairs of groups (32
 inputs). The kernel reads the table at one row (the row path), in its 4 x 16
 tiles from 2 rows, in the AVX-VNNI level's 12 x 8 octet tiles from 12 rows
@@ -148,7 +148,8 @@ def test_other_levels_pack_no_table(gen):
         with _native.isa_cap(level):
             _, _, _, packs = packings(dense)
             ctrl, _ = C.s24i8_packing_parts(packs["packer"].data_ptr(), packs["packer"].numel(), n, k)
-            assert ctrl == (_native.lib().s24i8_kernel_name() == "qs8_s24_gemm_4x16_avx2"), level
+            assert ctrl == (_native.lib().s24i8_kernel_name() in ("qs8_s24_gemm_4x16_avx2",
+                                                                   "qs8_s24_gemm_4x16_avxvnni")), level
 
 
 def test_damaged_table_packings_are_refused(gen):
@@ -185,3 +186,29 @@ def test_property_random_shapes(m, n, k, seed, level):
     if not _native.isa_supported(level):
         level = "avx2"
     check_all_packings(m, n, k, level, torch.Generator().manual_seed(seed))
+
+
+def test_modules_repack_when_the_level_wants_other_parts(gen):
+    """A module packed where no table is read gets one at its next call at
+    avx_vnni, and the section too at avx2; outputs identical throughout."""
+    needs("avx_vnni")
+    if not _native.isa_supported("avx512_vnni"):
+        pytest.skip("needs avx512_vnni to pack without a table")
+    from pyaccel.nn import Sparse24Int8Linear
+
+    C = _native.lib()
+    lin = torch.nn.Linear(256, 96)
+    with torch.no_grad():
+        lin.weight.normal_(0.0, 0.02, generator=gen)
+        lin.weight.mul_(s24.mask_24(lin.weight))
+    x = torch.randn(40, 256, generator=gen)
+    parts = []
+    with _native.isa_cap("avx512_vnni"):
+        mod = Sparse24Int8Linear.from_float(lin)
+        y0 = mod(x)
+        parts.append(C.s24i8_packing_parts(mod._packed.data_ptr(), mod._packed.numel(), 96, 256))
+    for level in ("avx_vnni", "avx2", "avx_vnni"):
+        with _native.isa_cap(level):
+            assert torch.equal(mod(x), y0), level
+            parts.append(C.s24i8_packing_parts(mod._packed.data_ptr(), mod._packed.numel(), 96, 256))
+    assert parts == [(False, False), (True, False), (True, True), (True, False)]
