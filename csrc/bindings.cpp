@@ -794,7 +794,7 @@ PYBIND11_MODULE(_C, m) {
         "kernel_params()['sparse24_int8'] sparse_from_rows_* (see s24i8_dense_wins)");
   m.def("s24i8_packed_nbytes", &sparse24_int8::packed_nbytes, py::arg("n"), py::arg("k"));
   m.def("s24i8_packed_nbytes_ctrl", &sparse24_int8::packed_nbytes_ctrl, py::arg("n"), py::arg("k"),
-        "bytes of the 2:4 int8 packing with the AVX2 kernel's control table (layout 5), without a pair-safe section");
+        "bytes of the 2:4 int8 packing with the AVX2 / AVX-VNNI kernels' control table (layout 5), without a pair-safe section");
   m.def(
       "s24i8_packing_parts",
       [](uintptr_t packed, int64_t nbytes, int64_t n, int64_t k) {
@@ -804,7 +804,7 @@ PYBIND11_MODULE(_C, m) {
         std::memcpy(&h, ptr<const uint8_t>(packed), sizeof(h));
         return py::make_tuple(h.layout == sparse24_int8::kLayoutP32Q4Ctrl, h.ps_offset != 0);
       },
-      "(control table, pair-safe section): which of the AVX2 kernel's parts a valid 2:4 int8 packing has",
+      "(control table, pair-safe section): which optional parts (the AVX2 / AVX-VNNI kernels') a valid 2:4 int8 packing has",
       py::arg("packed"), py::arg("nbytes"), py::arg("n"), py::arg("k"));
   m.def(
       "s24i8_packed_nbytes_for",
@@ -818,7 +818,7 @@ PYBIND11_MODULE(_C, m) {
       "s24i8_pack",
       [](uintptr_t values, int64_t ldv, uintptr_t pos, int64_t ldp, int64_t n, int64_t k, uintptr_t out,
          int64_t out_nbytes) {
-        // out_nbytes: s24i8_packed_nbytes, that plus the AVX2 control table (s24i8_packed_nbytes_ctrl), or
+        // out_nbytes: s24i8_packed_nbytes, that plus the control table (s24i8_packed_nbytes_ctrl), or
         // plus the table and a pair-safe section (s24i8_packed_nbytes_for's size where it adds one)
         if (out_nbytes != sparse24_int8::packed_nbytes(n, k) && out_nbytes != sparse24_int8::packed_nbytes_ctrl(n, k) &&
             out_nbytes != sparse24_int8::packed_nbytes_ps(ptr<const int8_t>(values), ldv, n, k))

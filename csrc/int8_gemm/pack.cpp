@@ -123,7 +123,24 @@ void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* o
   write_panels(w, ldw, n, k, h.n_pad, h.k_pad, true, reinterpret_cast<int8_t*>(sec + p.panels_offset));
 }
 
+namespace {
+const char* check_parts(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k);
+}  // namespace
+
 const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k) {
+  if (const char* err = check_parts(buf, nbytes, n, k)) return err;
+  PackedHeader h;
+  std::memcpy(&h, buf, sizeof(h));
+  // the fields the kernels index with, as pack_weights writes them
+  const int64_t n_pad = round_up(n, kPanel);
+  if (h.n_pad != n_pad || h.k_pad != round_up(k, kKGroup) || h.comp_offset != static_cast<int64_t>(sizeof(h)) ||
+      h.data_offset != h.comp_offset + 4 * n_pad)
+    return "packed weight header is inconsistent (padded sizes or offsets)";
+  return nullptr;
+}
+
+namespace {
+const char* check_parts(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k) {
   const int64_t base = packed_nbytes(n, k);
   if (buf == nullptr || nbytes < static_cast<int64_t>(sizeof(PackedHeader)))
     return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, kLayoutNR64K4, base);
@@ -136,6 +153,7 @@ const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t 
   const int64_t n_pad = round_up(n, kPanel);
   return check_ps_section(buf, nbytes, base, n_pad, n_pad * round_up(k, kKGroup), round_up(k, kKGroup));
 }
+}  // namespace
 
 }  // namespace int8_gemm
 }  // namespace pyaccel

@@ -46,7 +46,16 @@ void pack(const float* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int
 }
 
 const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k) {
-  return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, kLayoutF32P16B4, packed_nbytes(n, k));
+  if (const char* err = check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, kLayoutF32P16B4,
+                                                          packed_nbytes(n, k)))
+    return err;
+  PackedHeader h;
+  std::memcpy(&h, buf, sizeof(h));
+  // the fields the kernels index with, as pack() writes them
+  if (h.n_pad != round_up(n, kPanel) || h.groups_pad != round_up((k + 3) / 4, kBlockGroups) ||
+      h.data_offset != static_cast<int64_t>(sizeof(PackedHeader)))
+    return "packed weight header is inconsistent (padded sizes or offsets)";
+  return nullptr;
 }
 
 }  // namespace sparse24

@@ -125,7 +125,16 @@ void pack(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, in
   write_quads(values, ldv, pos, ldp, n, k, h.n_pad, h.quads, true, sec + p.panels_offset);
 }
 
-const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k) {
+namespace {
+// The header fields the kernels index with, as pack() writes them.
+bool derived_fields_match(const PackedHeader& h, int64_t n, int64_t k) {
+  const int64_t n_pad = round_up(n, kPanel);
+  return h.n_pad == n_pad && h.quads == (k + kQuadInputs - 1) / kQuadInputs &&
+         h.comp_offset == static_cast<int64_t>(sizeof(PackedHeader)) && h.data_offset == h.comp_offset + 4 * n_pad;
+}
+
+// Magic, layout, shape and size (and the pair-safe section's own checks).
+const char* check_layout(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k) {
   PackedHeader h{};
   if (buf != nullptr && nbytes >= static_cast<int64_t>(sizeof(PackedHeader))) std::memcpy(&h, buf, sizeof(h));
   // layout 4, or 5 with the control table after the quads
@@ -138,6 +147,14 @@ const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t 
   const int64_t n_pad = round_up(n, kPanel);
   return int8_gemm::check_ps_section(buf, nbytes, base, n_pad, quad_bytes(n_pad, k),
                                      kQuadInputs * ((k + kQuadInputs - 1) / kQuadInputs));
+}
+}  // namespace
+
+const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k) {
+  if (const char* err = check_layout(buf, nbytes, n, k)) return err;
+  PackedHeader h;
+  std::memcpy(&h, buf, sizeof(h));
+  return derived_fields_match(h, n, k) ? nullptr : "packed weight header is inconsistent (padded sizes or offsets)";
 }
 
 }  // namespace sparse24_int8

@@ -49,8 +49,8 @@ constexpr int32_t kLayoutP32Q4 = 4;  // 3: positions after the values
 // 7, so bit 7 stays clear and one vpsrlw by 4 brings the high nibbles down:
 // one load gives the gather controls of 16 channels, which the kernel
 // otherwise decodes from the position bytes (6 - 7 instructions per pair and
-// 8 channels). 256 bytes a quad and panel: 1.4x the bytes of the positions
-// and values together.
+// 8 channels). 256 bytes a quad and panel: 40 % more than its 640 bytes of
+// positions and values.
 constexpr int32_t kLayoutP32Q4Ctrl = 5;
 constexpr int64_t kCtrlHalfBytes = 32;
 constexpr int64_t kCtrlPairBytes = 2 * kCtrlHalfBytes;
@@ -100,6 +100,9 @@ int64_t packed_nbytes_for(const int8_t* values, int64_t ldv, const uint8_t* pos,
 // packed_nbytes_ctrl or packed_nbytes_ps (the parts it adds are written).
 void pack(const int8_t* values, int64_t ldv, const uint8_t* pos, int64_t ldp, int64_t n, int64_t k,
           uint8_t* out, int64_t out_nbytes);
+// nullptr when buf (nbytes) is a packing of an n x k weight (layout 4 or 5,
+// with or without a pair-safe section, every header field the kernels read
+// as pack() writes it), else what is wrong.
 const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k);
 
 struct GemmArgs {
@@ -136,8 +139,9 @@ struct Kernel {
   // The modules switch there (dense_wins).
   int dense_from_rows;
   int row_path_rows = 0;  // calls of up to this many rows take the kernel's one-row path (0: none)
-  // ... until this many rows, from which this kernel wins again (0: never):
-  // on layers of at least kBigLayerWeights weights, and on smaller ones
+  // ... until this many rows, from which this kernel wins again (0: never;
+  // dense_from_rows or less: no window, never dense): on layers of at least
+  // kBigLayerWeights weights, and on smaller ones
   int sparse_from_rows_big = 0, sparse_from_rows_small = 0;
 };
 constexpr int64_t kBigLayerWeights = int64_t(1) << 22;

@@ -241,10 +241,9 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
         name = self._backend_name(self.values.device, "s24i8_kernel_name")
         if name.startswith("cpu/") and name != "cpu/reference":
             p = _native.lib().kernel_params()["sparse24_int8"]
-            if p["dense_from_rows"] > 0:
-                big = self.out_features * self.in_features >= p["big_layer_weights"]
-                again = p["sparse_from_rows_big" if big else "sparse_from_rows_small"]
-                start = p["dense_from_rows"]
+            big = self.out_features * self.in_features >= p["big_layer_weights"]
+            again, start = p["sparse_from_rows_big" if big else "sparse_from_rows_small"], p["dense_from_rows"]
+            if start > 0 and not 0 < again <= start:  # again <= start: an empty window (never dense here)
                 rows = f"{start} - {again - 1} rows" if again > 0 else f"{start} rows on"
                 name = f"{name[:-1]}; dense {_native.lib().int8_kernel_name()} at {rows})"
             elif name.startswith("cpu/avx2 ") and self._packed is not None:

@@ -1,4 +1,4 @@
-"""The 2:4 int8 AVX2 kernel's control table (csrc/sparse24/sparse24_int8.h,
+"""The 2:4 int8 AVX2 and AVX-VNNI kernels' control table (csrc/sparse24/sparse24_int8.h,
 layout 5) against its documented layout and the exact integer reference.
 
 Facts the grids come from: the packers add the table where the AVX2 or
@@ -212,3 +212,65 @@ def test_modules_repack_when_the_level_wants_other_parts(gen):
             assert torch.equal(mod(x), y0), level
             parts.append(C.s24i8_packing_parts(mod._packed.data_ptr(), mod._packed.numel(), 96, 256))
     assert parts == [(False, False), (True, False), (True, True), (True, False)]
+
+
+# header fields the kernels index with (byte offset in the 64-byte header, a wrong value)
+S24I8_FIELDS = {"n_pad": (24, 1 << 20), "quads": (32, 1_000_000), "quads small": (32, 1),
+                "comp_offset": (40, 1 << 40), "data_offset": (48, 1 << 40)}
+
+
+@pytest.mark.parametrize("field", sorted(S24I8_FIELDS))
+@pytest.mark.parametrize("kind", ["plain", "table", "packer"])
+def test_inconsistent_headers_are_refused(gen, field, kind):
+    """Magic, layout, shape and size right but a derived field wrong: refused
+    with a message, never read (a huge quads or data_offset crashed before)."""
+    needs("avx2")
+    n, k = 64, 256
+    with _native.isa_cap("avx2"):
+        vals, meta, _, packs = packings(weight_24(n, k, gen))
+        at, value = S24I8_FIELDS[field]
+        bad = packs[kind].clone()
+        bad[at:at + 8].view(torch.int64)[0] = value
+        with pytest.raises(ValueError, match="inconsistent"):
+            run(activations(3, k, gen), vals, meta, k, bad)
+
+
+def test_other_ops_refuse_inconsistent_headers(gen):
+    """The same check on the dense int8 and 2:4 fp32 packings."""
+    if not _native.available():
+        pytest.skip(f"native library not loaded: {_native.load_error()}")
+    from pyaccel.formats.int8 import pack_int8_weight
+
+    n, k = 64, 256
+    w = torch.randint(-127, 128, (n, k), generator=gen).to(torch.int8)
+    packed = pack_int8_weight(w)
+    x = torch.randn(3, k, generator=gen)
+    for at, value in ((24, 1 << 20), (32, 4), (40, 1 << 40), (48, 1 << 40)):  # n_pad, k_pad, comp, data
+        bad = packed.clone()
+        bad[at:at + 8].view(torch.int64)[0] = value
+        with pytest.raises(ValueError, match="inconsistent"):
+            torch.ops.pyaccel.int8_linear(x, w, torch.ones(n), None, bad)
+    dense = weight_24(n, k, gen).float()
+    sw = s24.compress(dense)
+    packed = s24.pack_sparse24(sw)
+    for at, value in ((24, 1 << 20), (32, 1 << 30), (40, 1 << 40)):  # n_pad, groups_pad, data_offset
+        bad = packed.clone()
+        bad[at:at + 8].view(torch.int64)[0] = value
+        with pytest.raises(ValueError, match="inconsistent"):
+            torch.ops.pyaccel.sparse24_linear(x, sw.values, sw.meta, k, None, bad)
+
+
+def test_backend_names_the_dense_window_only_where_there_is_one(gen):
+    """At avx_vnni the modules switch to dense int8 at 2 - 7 rows on layers
+    under 4 Mi weights and never on bigger ones: backend() says so."""
+    needs("avx_vnni")
+    from pyaccel.nn import Sparse24Int8Linear
+
+    with _native.isa_cap("avx_vnni"):
+        for n, k, note in ((256, 256, "at 2 - 7 rows"), (2048, 2048, None)):
+            lin = torch.nn.Linear(k, n)
+            with torch.no_grad():
+                lin.weight.mul_(s24.mask_24(lin.weight))
+            b = Sparse24Int8Linear.from_float(lin).backend()
+            assert (note in b) if note else ("dense" not in b), b
+            assert _native.lib().s24i8_dense_wins(2, n, k) == (note is not None)
