@@ -120,6 +120,11 @@ def test_native_forward_takes_or_declines(gen, kind):
         for what, x in _inputs(gen, dtype):
             y = plan.forward(x)
             takes = (x.dim() == 2 and x.stride(1) == 1) or (x.dim() > 2 and x.is_contiguous())
+            # a 2:4 int8 plan at rows where its kernel hands over to dense int8 (AVX-512 VNNI
+            # without VBMI, AVX-VNNI, AMX) declines until the module attaches its dense plan
+            rows = x.numel() // K
+            if kind == "sparse24_int8" and plan.dense is None and _native.lib().s24i8_dense_wins(rows, N, K):
+                takes = False
             if not takes:
                 assert y is None, what
                 continue
@@ -133,7 +138,8 @@ def test_native_forward_takes_or_declines(gen, kind):
     for what, bad in declined.items():
         assert plan.forward(bad) is None, what
     plan.max_rows = 4  # from 4 rows on the module switches kernels in Python
-    assert plan.forward(x) is None and plan.forward(x[:3]) is not None
+    few = x[:1] if kind == "sparse24_int8" else x[:3]  # (1 row: never in a 2:4 int8 kernel's dense window)
+    assert plan.forward(x) is None and plan.forward(few) is not None
 
 
 def test_native_forward_follows_the_default_dtype(gen):
