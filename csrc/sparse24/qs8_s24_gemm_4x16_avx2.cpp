@@ -1,6 +1,7 @@
 // 2:4 int8 GEMM, AVX2: 4 rows x 16 channels (half a panel, as two halves of 8).
-// Gather as in the VNNI kernel (vpshufb with per-channel control dwords,
-// decoded once a call and panel for all its row tiles), multiply with
+// Gather as in the VNNI kernel (vpshufb with per-channel control dwords, read
+// from the packing's control table -- layout 5 -- or, without one, decoded
+// once a call and panel for all its row tiles), multiply with
 // int8_gemm's AVX2 sign trick: |a| x (v with a's sign), so the int16 pair sums
 // of vpmaddubsw never saturate.
 //
