@@ -129,7 +129,7 @@ def int8_linear_cpu(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[T
     if C is None:
         return reference.int8_linear(x, w_int8, w_scale, bias, reference.ACT_QMAX[act_bits])
     if packed is None:
-        packed = pack_int8_weight(w_int8, pair_safe=act_bits == 8)
+        packed = pack_int8_weight(w_int8, pair_safe=act_bits == 8, name="w_int8")
     n, k = w_int8.shape
     return _native_linear("int8_a7" if act_bits == 7 else "int8", x, k, n, packed, w_scale, bias)
 
@@ -206,7 +206,8 @@ def int8_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tenso
 
     x: [..., K] float32/bfloat16; w_int8: [N, K] int8 in [-127, 127];
     w_scale: [N] float32; bias: [N] float32 or None; packed: the CPU packing of
-    w_int8 (pack_int8_weight) or None (CPU packs per call then: slow);
+    w_int8 (pack_int8_weight, which refuses -128) or None (CPU packs per call
+    then: slow, and ValueError when w_int8 holds -128);
     act_bits: 8 (activations in [-127, 127]) or 7 (the opt-in mode, [-63, 63];
     see Int8Linear). ValueError for any other act_bits.
     """
@@ -340,7 +341,9 @@ def sparse24_int8_linear_cpu(x, values, meta, k, w_scale, bias, packed):
 def sparse24_int8_linear(x: Tensor, values: Tensor, meta: Tensor, k: int, w_scale: Tensor,
                          bias: Optional[Tensor], packed: Optional[Tensor]) -> Tensor:
     """int8 linear (per-row dynamic activations) with a 2:4 int8 weight:
-    values int8 [N, 2G], meta uint8 [N, ceil(G/2)], w_scale fp32 [N]."""
+    values int8 [N, 2G] in [-127, 127], meta uint8 [N, ceil(G/2)], w_scale
+    fp32 [N]; packed: pack_sparse24_int8's buffer or None (CPU packs per call:
+    ValueError when values holds -128)."""
     check_sparse24_int8_args(x, values, meta, k, w_scale, bias, packed)
     return reference.sparse24_int8_linear(x, values, meta, k, w_scale, bias)
 

@@ -39,6 +39,13 @@ def int8_values_error(name: str, t: Tensor) -> Optional[str]:
     return None
 
 
+def require_int8_values(name: str, t: Tensor) -> None:
+    """ValueError (int8_values_error's message) when t holds -128."""
+    err = int8_values_error(name, t)
+    if err:
+        raise ValueError(err)
+
+
 def scale_error(name: str, t: Tensor) -> Optional[str]:
     if t.device.type != "meta" and t.numel() and not bool(torch.isfinite(t).all()):
         i = int((~torch.isfinite(t)).nonzero()[0])

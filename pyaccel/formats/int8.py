@@ -13,6 +13,7 @@ from typing import List, Optional
 import torch
 
 from pyaccel.formats._buffer import packed_buffer
+from pyaccel.formats._checks import require_int8_values
 from pyaccel import _native
 from pyaccel.reference import QMAX, quantize_rows_fp32
 
@@ -96,8 +97,10 @@ def from_torch_ao_dynamic_linear(module: torch.nn.Module) -> Int8Weight:
     return Int8Weight(vals.to(torch.int8).contiguous(), scale.contiguous(), notes)
 
 
-def pack_int8_weight(values: torch.Tensor, pair_safe: bool = True) -> Optional[torch.Tensor]:
+def pack_int8_weight(values: torch.Tensor, pair_safe: bool = True, name: str = "values") -> Optional[torch.Tensor]:
     """Pack int8 [N, K] for the native CPU kernels; None without the native library.
+    ValueError (naming `name`) when values holds -128: the AVX2 kernels negate
+    weights (sign trick), so the packings hold [-127, 127] only.
 
     pair_safe: add the pair-safe section where the selected 8-bit kernel reads
     one (AVX2, weights with <= 2 % residual entries: csrc/int8_gemm/README.md);
@@ -107,6 +110,7 @@ def pack_int8_weight(values: torch.Tensor, pair_safe: bool = True) -> Optional[t
     if C is None:
         return None
     v = values.detach()
+    require_int8_values(name, v)
     if v.device.type != "cpu":
         v = v.cpu()
     if v.stride(-1) != 1:

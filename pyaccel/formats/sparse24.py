@@ -141,8 +141,12 @@ def pack_sparse24(sw: Sparse24Weight):
 
 
 def pack_sparse24_int8(values: torch.Tensor, meta: torch.Tensor, k: int):
-    """Pack int8 2:4 values for the native kernels; None without the native library."""
+    """Pack int8 2:4 values for the native kernels; None without the native library.
+    ValueError when values holds -128 (the packings hold [-127, 127] only)."""
     from pyaccel import _native
+    from pyaccel.formats._checks import require_int8_values
+
+    require_int8_values("values", values.detach())
 
     C = _native.lib()
     if C is None:

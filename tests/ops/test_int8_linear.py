@@ -182,6 +182,24 @@ def test_bad_input_names_the_argument(gen):
         op(x, w.values, w.scale, None, torch.zeros(3, 3))
 
 
+@pytest.mark.parametrize("m", [1, 2, 7, 40])
+def test_minus_128_weight_is_refused(isa, gen, m):
+    """-128 has no int8 negation (the AVX2 sign trick computed rows 1 - 2 wrong
+    with it): packing refuses it, and so does the op when it packs per call;
+    the same weight clamped to -127 matches the reference at every ISA."""
+    w = quantize_weight_per_channel(torch.randn(24, 40, generator=gen))
+    vals = w.values.clone()
+    vals[5, 17] = -128
+    x = torch.randn(m, 40, generator=gen)
+    with pytest.raises(ValueError, match=r"w_int8: expected int8 values in \[-127, 127\], found -128 at index \(5, 17\)"):
+        torch.ops.pyaccel.int8_linear(x, vals, w.scale, None, None)
+    with pytest.raises(ValueError, match=r"values: expected int8 values in \[-127, 127\], found -128"):
+        pack_int8_weight(vals)
+    vals[5, 17] = -127
+    y = torch.ops.pyaccel.int8_linear(x, vals, w.scale, None, None)
+    assert torch.allclose(y, reference.int8_linear(x, vals, w.scale, None), rtol=1e-6, atol=1e-6)
+
+
 def test_k_past_int32_safe_limit_is_refused():
     from pyaccel.reference import INT8_MAX_K
 

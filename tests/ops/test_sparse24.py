@@ -352,6 +352,21 @@ def _int8_24(n, k, gen):
     return q.values, sw.values.to(torch.int8), sw.meta, q.scale
 
 
+@pytest.mark.parametrize("m", [1, 8, 40])
+def test_int8_minus_128_is_refused(isa, gen, m):
+    """The AVX2 kernels negate weights, so the 2:4 int8 packing refuses -128
+    (it gave wrong sums at every row count there); the op names `values` when
+    it packs per call."""
+    dense, vals, meta, scale = _int8_24(16, 64, gen)
+    vals = vals.clone()
+    vals[3, 9] = -128
+    x = torch.randn(m, 64, generator=gen)
+    with pytest.raises(ValueError, match=r"values: expected int8 values in \[-127, 127\], found -128 at index \(3, 9\)"):
+        torch.ops.pyaccel.sparse24_int8_linear(x, vals, meta, 64, scale, None, None)
+    with pytest.raises(ValueError, match=r"values: expected int8 values in \[-127, 127\]"):
+        s24.pack_sparse24_int8(vals, meta, 64)
+
+
 # rows around the row path (1 - 2), the 4- and 6-row tiles and the AVX-VNNI
 # 12 x 8 tile (from 12 rows; one call of 13 rows runs 7 + 6, of 25 9 + 8 + 8, of 35
 # 12 + 12 + 11; with 2 threads rows go in chunks of 12 and the rest, 25 -> 12 + 12 + 1)
