@@ -710,6 +710,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("late_team_trips", &late_team_trips,
         "how many times a team whose threads started late sent the kernels to one thread for "
         "kSerialSeconds (0.2 s) in this process (PYACCEL_LATE_TEAM_GUARD)");
+  m.def("serial_for_now", &serial_for_now,
+        "whether the late-team guard has the kernels on one thread right now (for tests of the teams)");
   m.def("set_isa_cap", &set_isa_cap, py::arg("name"),
         "Cap the ISA (avx512_icl|avx512_vnni|avx512|avx_vnni|avx2|portable, '' = none); returns False for an unknown name");
   m.def("selected_isa", [] { return std::string(isa_name(selected_isa())); });

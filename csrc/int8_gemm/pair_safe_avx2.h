@@ -7,6 +7,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
+#include <omp.h>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -60,15 +63,17 @@ inline void transpose16x32(const int8_t* const r[16], int64_t k, uint8_t* dst, i
 // column-major: ut[k * ldt + m] (GemmArgs::ut, ldt a multiple of 64; rows up
 // to the next multiple of 16 repeat the last one).
 inline void transpose_rows(const int8_t* q, int64_t lda, int64_t rows, int64_t k_pad, uint8_t* ut, int64_t ldt) {
-  for (int64_t b = 0; b * 16 < rows; ++b) {
-    const int8_t* r[16];
-    for (int i = 0; i < 16; ++i) r[i] = q + (16 * b + std::min<int64_t>(i, rows - 16 * b - 1)) * lda;
-    uint8_t* dst = ut + 16 * b;
+  for (int64_t b0 = 0; b0 * 16 < rows; b0 += 4) {
+    const int64_t b1 = std::min<int64_t>(b0 + 4, (rows + 15) / 16);
+    const int8_t* r[4][16];
+    for (int64_t b = b0; b < b1; ++b)
+      for (int i = 0; i < 16; ++i) r[b - b0][i] = q + (16 * b + std::min<int64_t>(i, rows - 16 * b - 1)) * lda;
     int64_t k = 0;
-    for (; k + 32 <= k_pad; k += 32) transpose16x32(r, k, dst, ldt);
-    for (; k < k_pad; ++k) {
-      for (int i = 0; i < 16; ++i) dst[k * ldt + i] = static_cast<uint8_t>(r[i][k]);
-    }
+    for (; k + 32 <= k_pad; k += 32)
+      for (int64_t b = b0; b < b1; ++b) transpose16x32(r[b - b0], k, ut + 16 * b, ldt);
+    for (; k < k_pad; ++k)
+      for (int64_t b = b0; b < b1; ++b)
+        for (int i = 0; i < 16; ++i) ut[k * ldt + 16 * b + i] = static_cast<uint8_t>(r[b - b0][i][k]);
   }
 }
 
@@ -104,6 +109,14 @@ inline void panel_residuals(const Residuals& res, const uint8_t* ut, int64_t ldt
     const int nb = static_cast<int>(std::min<int64_t>(4, (m1 - mb + 15) / 16));
     for (int cg = 0; cg < Panel / 8; ++cg) {
       const int64_t c0 = c_first + cg * 8;
+      if (cg + 1 < Panel / 8) {  // the next group's lines (the other core may hold them)
+        for (int32_t e = res.lane[c0 + 8]; e < res.lane[c0 + 16]; ++e) {
+          const uint8_t* x = ut + static_cast<int64_t>(res.ek[e]) * ldt + mb;
+          _mm_prefetch(reinterpret_cast<const char*>(x), _MM_HINT_T0);
+          if (nb > 1 && ((reinterpret_cast<uintptr_t>(x) + 16 * nb - 1) >> 6) != (reinterpret_cast<uintptr_t>(x) >> 6))
+            _mm_prefetch(reinterpret_cast<const char*>(x) + 16 * nb - 1, _MM_HINT_T0);
+        }
+      }
       __m256i t[8][8];
       switch (nb) {
         case 1: group_residuals<1>(res, ut, ldt, mb, c0, t); break;
@@ -162,6 +175,100 @@ void transposed_passes(QuantizeRowsFn quantize, const void* x, int64_t ldx, bool
     });
     gemm(s.q, s.scale, lda, static_cast<const uint8_t*>(ut), ldt, r0, rows);
   });
+}
+
+// One row pass of affine_passes as an item sees it: the pass's quantized rows
+// (q, qs, lda; rows [0, rows) are the call's rows [r0, r0 + rows)) and the
+// transposed bytes of the item's chunk, indexed by the pass row as the
+// residual code expects: ut[k * ldt + m] (ut points below the chunk's own
+// buffer by its first row).
+struct PassView {
+  const int8_t* q;
+  const float* qs;
+  int64_t lda;
+  const uint8_t* ut;
+  int64_t ldt, r0, rows;
+};
+
+// Rows per thread from which affine_passes splits a pass by rows.
+constexpr int64_t kAffineMinRows = 64;
+
+// transposed_passes for many rows: in each pass, one row chunk per thread
+// (multiples of 16 rows, balanced), each with its own transposed copy. A
+// thread quantizes and transposes its chunk, then runs the chunk's items --
+// item(view, unit, a0, a1) for every unit of [0, units) x sub-chunk of about
+// 64 rows, unit-major -- and then takes what is left of the other chunks'
+// items. Quiet cores thus read only rows they wrote themselves (the residual
+// sums' lines, the tiles' rows); a slow thread's items still go to the other.
+// No barrier: a thread waits only for a chunk it steals from to be ready.
+// Returns false (nothing done) when the pass would have fewer than
+// kAffineMinRows rows a thread: callers then use transposed_passes.
+template <typename Item>
+bool affine_passes(QuantizeRowsFn quantize, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
+                   int64_t k_pad, int64_t panel_width, int64_t units, int nthreads, const Item& item) {
+  const int nt = effective_threads(nthreads);
+  const int64_t lda = a_stride(k_pad);
+  const int64_t row_bytes = lda + k_pad + 4 * panel_width;
+  int64_t pass_cap = kRowPassBytes / row_bytes / 16 * 16;
+  if (nt < 2 || units < 1 || std::min<int64_t>(m, std::max<int64_t>(pass_cap, 16)) < kAffineMinRows * nt) return false;
+  thread_local std::vector<uint8_t> t_ut;
+  const size_t xsize = x_bf16 ? 2 : 4;
+  for_each_row_pass(m, row_bytes, kRowPassBytes, 16, [&](int64_t r0, int64_t r1) {
+    const int64_t rows = r1 - r0, blocks = (rows + 15) / 16;
+    // chunk c: 16-row blocks [blocks * c / nt, blocks * (c + 1) / nt); its
+    // transposed copy at ut_off[c], ldt of its own rows rounded to 64
+    std::vector<int64_t> row0(nt + 1), ut_off(nt + 1), subs(nt);
+    for (int c = 0; c <= nt; ++c) row0[c] = std::min<int64_t>(rows, 16 * (blocks * c / nt));
+    ut_off[0] = 0;
+    for (int c = 0; c < nt; ++c) {
+      ut_off[c + 1] = ut_off[c] + round_up(row0[c + 1] - row0[c], 64) * k_pad;
+      subs[c] = std::max<int64_t>(1, (row0[c + 1] - row0[c] + 32) / 64);
+    }
+    const QuantScratch s = quant_scratch(rows, lda);
+    if (t_ut.size() < static_cast<size_t>(ut_off[nt])) t_ut.resize(ut_off[nt]);
+    uint8_t* const ut = t_ut.data();
+    const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;
+    std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[nt]);
+    std::unique_ptr<std::atomic<int>[]> ready(new std::atomic<int>[nt]);
+    for (int c = 0; c < nt; ++c) next[c].store(0), ready[c].store(0);
+    std::atomic<int> claim{0};
+    auto view = [&](int c) {
+      const int64_t ldt = round_up(row0[c + 1] - row0[c], 64);
+      return PassView{s.q, s.scale, lda, ut + ut_off[c] - row0[c], ldt, r0, rows};
+    };
+    // chunk c's items from its counter, until none is left
+    auto run_items = [&](int c) {
+      const PassView v = view(c);
+      const int64_t n_sub = subs[c], crows = row0[c + 1] - row0[c], cblocks = crows / 16 + (crows % 16 != 0);
+      for (int64_t i = next[c].fetch_add(1); i < units * n_sub; i = next[c].fetch_add(1)) {
+        const int64_t u = i / n_sub, sb = i % n_sub;
+        const int64_t a0 = row0[c] + 16 * (cblocks * sb / n_sub);
+        const int64_t a1 = sb + 1 == n_sub ? row0[c + 1] : row0[c] + 16 * (cblocks * (sb + 1) / n_sub);
+        if (a0 < a1) item(v, u, a0, a1);
+      }
+    };
+    const double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(nt)
+    {
+      note_thread_start(t0);
+      int own = -1;
+      for (int c = claim.fetch_add(1); c < nt; c = claim.fetch_add(1)) {
+        quantize(xr, ldx, x_bf16, row0[c], row0[c + 1], k, k_pad, lda, 0x80, kQmax8, s.q, s.scale);
+        transpose_rows(s.q + row0[c] * lda, lda, row0[c + 1] - row0[c], k_pad, ut + ut_off[c],
+                       round_up(row0[c + 1] - row0[c], 64));
+        ready[c].store(1, std::memory_order_release);
+        run_items(c);
+        own = c;
+      }
+      for (int j = 1; j <= nt; ++j) {  // the other chunks' leftovers, next chunk first
+        const int c = (std::max(own, 0) + j) % nt;
+        if (next[c].load(std::memory_order_relaxed) >= units * subs[c]) continue;
+        while (!ready[c].load(std::memory_order_acquire)) _mm_pause();
+        run_items(c);
+      }
+    }
+  });
+  return true;
 }
 
 }  // namespace pair_safe

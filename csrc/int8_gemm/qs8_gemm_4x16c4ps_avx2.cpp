@@ -75,6 +75,21 @@ void linear_ps_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16,
   std::memcpy(&h, packed, sizeof(h));
   const pair_safe::Section sec = pair_safe::section_of(packed + h.ps_offset);
   const size_t ysize = y_bf16 ? 2 : 4;
+  auto pass_args = [&](const int8_t* q, const float* qs, int64_t lda, const uint8_t* ut, int64_t ldt, int64_t r0,
+                       int64_t rows) {
+    GemmArgs g{q, lda, qs, reinterpret_cast<const int8_t*>(sec.panels),
+               reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
+               static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.k_pad};
+    g.ut = ut;
+    g.ldt = ldt;
+    return g;
+  };
+  if (pair_safe::affine_passes(kern.quantize, x, ldx, x_bf16, m, k, h.k_pad, kPanel, h.n_pad / kPanel, nthreads,
+                               [&](const pair_safe::PassView& v, int64_t p, int64_t a0, int64_t a1) {
+                                 gemm_ps(pass_args(v.q, v.qs, v.lda, v.ut, v.ldt, v.r0, v.rows), sec.res, a0, a1, p,
+                                         p + 1);
+                               }))
+    return;
   pair_safe::transposed_passes(
       kern.quantize, x, ldx, x_bf16, m, k, h.k_pad, kPanel, nthreads,
       [&](const int8_t* q, const float* qs, int64_t lda, const uint8_t* ut, int64_t ldt, int64_t r0, int64_t rows) {

@@ -381,13 +381,23 @@ void linear_ps_avx2(int8_gemm::QuantizeRowsFn quantize, const void* x, int64_t l
   std::memcpy(&h, packed, sizeof(h));
   const int8_gemm::pair_safe::Section sec = int8_gemm::pair_safe::section_of(packed + h.ps_offset);
   const size_t ysize = y_bf16 ? 2 : 4;
-  int8_gemm::pair_safe::transposed_passes(
+  auto pass_args = [&](const int8_t* q, const float* qs, int64_t lda, int64_t r0, int64_t rows) {
+    GemmArgs g{reinterpret_cast<const uint8_t*>(q), lda, qs, sec.panels,
+               reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
+               static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.quads};
+    g.ctrl = ctrl_table(packed);
+    return g;
+  };
+  namespace ps = int8_gemm::pair_safe;
+  if (ps::affine_passes(quantize, x, ldx, x_bf16, m, k, kQuadInputs * h.quads, kPanel, h.n_pad / kPanel, nthreads,
+                        [&](const ps::PassView& v, int64_t p, int64_t a0, int64_t a1) {
+                          gemm_ps(pass_args(v.q, v.qs, v.lda, v.r0, v.rows), sec.res, v.ut, v.ldt, a0, a1, p);
+                        }))
+    return;
+  ps::transposed_passes(
       quantize, x, ldx, x_bf16, m, k, kQuadInputs * h.quads, kPanel, nthreads,
       [&](const int8_t* q, const float* qs, int64_t lda, const uint8_t* ut, int64_t ldt, int64_t r0, int64_t rows) {
-        GemmArgs g{reinterpret_cast<const uint8_t*>(q), lda, qs, sec.panels,
-                   reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
-                   static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.quads};
-        g.ctrl = ctrl_table(packed);
+        const GemmArgs g = pass_args(q, qs, lda, r0, rows);
         parallel_units_rows(h.n_pad / kPanel, rows, 16, nthreads,
                             [&](int64_t p, int64_t a0, int64_t a1) { gemm_ps(g, sec.res, ut, ldt, a0, a1, p); });
       });

@@ -13,6 +13,10 @@ time per 8 channels; threads take row chunks in multiples of 16; row passes of
 the extreme pairs and extreme activations below hit every saturation edge of
 vpmaddubsw. Integer results must match exactly.
 """
+import functools
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -191,6 +195,82 @@ def test_row_passes_and_threads(avx2, gen, threads):
     ref = reference.int8_matmul_exact(x.to(torch.int8), w).double()
     # |acc| < 2**31 but beyond 2**24: the fp32 output is the rounded integer
     assert torch.equal(y.double(), ref.float().double())
+
+
+# From 64 rows a thread, a row pass is cut into one chunk of 16-row blocks per
+# thread, each quantized, transposed and multiplied by its own thread (sub-items
+# of ~64 rows, the other chunks' leftovers taken last): rows around 64 x threads
+# and chunks that are no multiple of 16.
+AFFINE_M = [127, 128, 129, 191, 192, 200, 240, 257, 390]
+
+
+@functools.lru_cache(maxsize=1)
+def _affine_weights():
+    """One dense and one 2:4 edge weight (130 x 1030) for the row-chunk tests
+    (building them takes ~1 s; each test draws its own activations)."""
+    gen = torch.Generator().manual_seed(20261201)
+    w = edge_weight(130, 1030, gen)
+    dense24 = edge_weight_24(130, 1030, gen)
+    return w, pack_int8_weight(w), dense24, pack24(dense24)
+
+
+def _check_row_chunks(x, threads):
+    w, packed, dense24, (vals, meta, packed24) = _affine_weights()
+    assert has_section(packed, *w.shape) and s24_section(packed24, *dense24.shape)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = run_exact(x, w, packed)
+        y24 = run24(x, dense24, vals, meta, packed24)
+    finally:
+        torch.set_num_threads(prev)
+    ref = reference.int8_matmul_exact(x.to(torch.int8), w).float()
+    assert torch.equal(y, ref), f"first mismatch at {(y - ref).nonzero()[0].tolist()}"
+    ref24 = reference.int8_matmul_exact(x.to(torch.int8), dense24).float()
+    assert torch.equal(y24, ref24), f"2:4: first mismatch at {(y24 - ref24).nonzero()[0].tolist()}"
+
+
+@pytest.mark.parametrize("m", AFFINE_M)
+def test_row_chunks_per_thread(avx2, gen, m):
+    """2 threads, run while the late-team guard keeps no window open (it would
+    put the call on one thread: then run again)."""
+    import time
+
+    C = _native.lib()
+    x = edge_activations(m, 1030, gen)
+    for _ in range(10):
+        while C.serial_for_now():
+            time.sleep(0.05)
+        trips = C.late_team_trips()
+        _check_row_chunks(x, 2)
+        if C.late_team_trips() == trips and not C.serial_for_now():
+            return
+    pytest.skip("the late-team guard kept tripping (a busy machine): the 2-thread split did not run")
+
+
+def test_row_chunks_more_threads_than_cores(avx2, tmp_path):
+    """3 and 4 threads (on 2 cores here: late threads leave their chunks' items
+    to the others), in a process with the late-team guard off."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pyaccel import _native
+        import test_int8_pair_safe as t
+        with _native.isa_cap("avx2"):
+            gen = torch.Generator().manual_seed(7)
+            for threads in (3, 4):
+                for m in t.AFFINE_M:
+                    t._check_row_chunks(t.edge_activations(m, 1030, gen), threads)
+        print("ok", _native.lib().late_team_trips())
+    """)
+    env = dict(os.environ, PYACCEL_LATE_TEAM_GUARD="0")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["ok", "0"]
 
 
 def test_nonfinite_and_tiny_rows(avx2, gen):
