@@ -150,6 +150,13 @@ inline Section section_of(const uint8_t* sec) {
           sec + ps.panels_offset};
 }
 
+// The calling thread's transposed activations (one buffer for every driver
+// and pass kind: an inline function's thread_local is one object program-wide).
+inline std::vector<uint8_t>& ut_buffer() {
+  thread_local std::vector<uint8_t> v;
+  return v;
+}
+
 // The pair-safe drivers' activation side: x [m, k] quantized per row (u = q +
 // 128 into k_pad columns) and transposed to byte columns, in row passes of
 // <= ~8 MiB (each row: its bytes, its transposed copy and panel_width int32
@@ -159,7 +166,7 @@ inline Section section_of(const uint8_t* sec) {
 template <typename Gemm>
 void transposed_passes(QuantizeRowsFn quantize, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
                        int64_t k_pad, int64_t panel_width, int nthreads, const Gemm& gemm) {
-  thread_local std::vector<uint8_t> t_ut;
+  std::vector<uint8_t>& t_ut = ut_buffer();
   const int64_t lda = a_stride(k_pad);
   const size_t xsize = x_bf16 ? 2 : 4;
   const int64_t grain = round_up(std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), 64);  // >= ~16K values
@@ -200,18 +207,20 @@ constexpr int64_t kAffineMinRows = 64;
 // 64 rows, unit-major -- and then takes what is left of the other chunks'
 // items. Quiet cores thus read only rows they wrote themselves (the residual
 // sums' lines, the tiles' rows); a slow thread's items still go to the other.
-// No barrier: a thread waits only for a chunk it steals from to be ready.
-// Returns false (nothing done) when the pass would have fewer than
-// kAffineMinRows rows a thread: callers then use transposed_passes.
+// No barrier and no waiting: a thread takes items only from chunks already
+// prepared. Returns false (nothing done) when the passes would have fewer
+// than kAffineMinRows rows a thread: callers then use transposed_passes.
 template <typename Item>
 bool affine_passes(QuantizeRowsFn quantize, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
                    int64_t k_pad, int64_t panel_width, int64_t units, int nthreads, const Item& item) {
   const int nt = effective_threads(nthreads);
   const int64_t lda = a_stride(k_pad);
   const int64_t row_bytes = lda + k_pad + 4 * panel_width;
-  int64_t pass_cap = kRowPassBytes / row_bytes / 16 * 16;
-  if (nt < 2 || units < 1 || std::min<int64_t>(m, std::max<int64_t>(pass_cap, 16)) < kAffineMinRows * nt) return false;
-  thread_local std::vector<uint8_t> t_ut;
+  // the passes' row count as for_each_row_pass balances them (a short last pass is split all the same)
+  const int64_t cap = std::max<int64_t>(16, kRowPassBytes / row_bytes / 16 * 16);
+  const int64_t passes = (m + cap - 1) / cap, pass_rows = round_up((m + passes - 1) / passes, 16);
+  if (nt < 2 || units < 1 || std::min(m, pass_rows) < kAffineMinRows * nt) return false;
+  std::vector<uint8_t>& t_ut = ut_buffer();
   const size_t xsize = x_bf16 ? 2 : 4;
   for_each_row_pass(m, row_bytes, kRowPassBytes, 16, [&](int64_t r0, int64_t r1) {
     const int64_t rows = r1 - r0, blocks = (rows + 15) / 16;
@@ -260,11 +269,12 @@ bool affine_passes(QuantizeRowsFn quantize, const void* x, int64_t ldx, bool x_b
         run_items(c);
         own = c;
       }
-      for (int j = 1; j <= nt; ++j) {  // the other chunks' leftovers, next chunk first
+      // the other chunks' leftovers, next chunk first; one not yet prepared is
+      // left to its owner, which runs all its items once it is
+      for (int j = 1; j <= nt; ++j) {
         const int c = (std::max(own, 0) + j) % nt;
-        if (next[c].load(std::memory_order_relaxed) >= units * subs[c]) continue;
-        while (!ready[c].load(std::memory_order_acquire)) _mm_pause();
-        run_items(c);
+        if (next[c].load(std::memory_order_relaxed) < units * subs[c] && ready[c].load(std::memory_order_acquire))
+          run_items(c);
       }
     }
   });
