@@ -51,6 +51,18 @@ void parallel_two_phase(int64_t n1, int64_t n2, int nthreads, const Fn1& fn1, co
 template <typename Fn>
 void parallel_units_rows(int64_t units, int64_t m, int64_t mr, int nthreads, const Fn& fn);
 
+// Rows [0, m) cut into nt chunks of whole `align`-row blocks (balanced), one
+// a thread: each thread claims a chunk, runs prep(c, r0, r1) on it (e.g.
+// quantizes those rows into shared scratch), then item(c, u, a0, a1) for the
+// chunk's units [0, units) x sub-chunks of about sub_rows rows (unit-major,
+// sub-chunk boundaries on whole blocks), then the leftovers of chunks other
+// threads have already prepared. A thread thus reads the rows it wrote itself
+// unless it steals. No barrier and no waiting; a team smaller than nt claims
+// every chunk between its threads. nt: the thread count to use (>= 1).
+template <typename Prep, typename Item>
+void parallel_row_chunks(int64_t m, int64_t align, int64_t units, int64_t sub_rows, int nt, const Prep& prep,
+                         const Item& item);
+
 // Every team thread first runs prep() once -- its own copy of some small
 // preparation (e.g. quantized activations in its thread-local scratch), so
 // that no thread writes cache lines another one reads -- then items of
@@ -65,6 +77,8 @@ void parallel_private_prep(int64_t n, int nthreads, int64_t items, const Prep& p
 #include <omp.h>
 
 #include <atomic>
+#include <memory>
+#include <vector>
 
 #include <algorithm>
 
@@ -190,6 +204,54 @@ void parallel_units_rows(int64_t units, int64_t m, int64_t mr, int nthreads, con
       t += c1 - c0;
     }
   });
+}
+
+template <typename Prep, typename Item>
+void parallel_row_chunks(int64_t m, int64_t align, int64_t units, int64_t sub_rows, int nt, const Prep& prep,
+                         const Item& item) {
+  if (m <= 0 || units <= 0) return;
+  if (nt < 1) nt = 1;
+  const int64_t blocks = (m + align - 1) / align;
+  std::vector<int64_t> row0(nt + 1), subs(nt);
+  for (int c = 0; c <= nt; ++c) row0[c] = std::min<int64_t>(m, align * (blocks * c / nt));
+  for (int c = 0; c < nt; ++c) subs[c] = std::max<int64_t>(1, (row0[c + 1] - row0[c] + sub_rows / 2) / sub_rows);
+  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[nt]);
+  std::unique_ptr<std::atomic<int>[]> ready(new std::atomic<int>[nt]);
+  for (int c = 0; c < nt; ++c) next[c].store(0), ready[c].store(0);
+  std::atomic<int> claim{0};
+  // chunk c's items from its counter, until none is left
+  auto run_items = [&](int c) {
+    const int64_t n_sub = subs[c], crows = row0[c + 1] - row0[c], cblocks = (crows + align - 1) / align;
+    for (int64_t i = next[c].fetch_add(1); i < units * n_sub; i = next[c].fetch_add(1)) {
+      const int64_t u = i / n_sub, sb = i % n_sub;
+      const int64_t a0 = row0[c] + align * (cblocks * sb / n_sub);
+      const int64_t a1 = sb + 1 == n_sub ? row0[c + 1] : row0[c] + align * (cblocks * (sb + 1) / n_sub);
+      if (a0 < a1) item(c, u, a0, a1);
+    }
+  };
+  auto body = [&] {
+    int own = -1;
+    for (int c = claim.fetch_add(1); c < nt; c = claim.fetch_add(1)) {
+      if (row0[c] < row0[c + 1]) prep(c, row0[c], row0[c + 1]);
+      ready[c].store(1, std::memory_order_release);
+      run_items(c);
+      own = c;
+    }
+    // the other chunks' leftovers, next chunk first; one not yet prepared is
+    // left to its owner, which runs all its items once it is
+    for (int j = 1; j <= nt; ++j) {
+      const int c = (std::max(own, 0) + j) % nt;
+      if (next[c].load(std::memory_order_relaxed) < units * subs[c] && ready[c].load(std::memory_order_acquire))
+        run_items(c);
+    }
+  };
+  if (nt == 1) return body();
+  const double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(nt)
+  {
+    note_thread_start(t0);
+    body();
+  }
 }
 
 }  // namespace pyaccel

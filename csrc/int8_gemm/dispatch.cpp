@@ -107,6 +107,22 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
   if (h.ps_offset && kern.gemm == qs8_gemm_6x8c4_avx2 && m > kern.row_path_rows)
     return linear_ps_avx2(kern, x, ldx, x_bf16, m, k, packed, w_scale, bias, y, ldy, y_bf16, nthreads);
   const size_t ysize = y_bf16 ? 2 : 4;
+  auto args = [&](const int8_t* q, const float* qs, int64_t lda, const int16_t* a16, int64_t r0, int64_t rows) {
+    return GemmArgs{q, lda, qs, reinterpret_cast<const int8_t*>(packed + h.data_offset),
+                    reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
+                    static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.k_pad, a16,
+                    a16_stride(h.k_pad)};
+  };
+  // many rows: each thread multiplies the rows it quantized (one panel a call
+  // at a time; the AMX kernel takes ranges of panels and keeps the split below)
+  if (!kern.panel_ranges &&
+      row_chunk_passes(kern.quantize, kern.widen, kern.row_path_rows, kern.a_zero, kern.qmax, kern.mr, x, ldx, x_bf16,
+                       m, k, h.k_pad, h.n_pad / kPanel, nthreads,
+                       [&](const int8_t* q, const float* qs, int64_t lda, const int16_t* a16, int64_t r0,
+                           int64_t rows, int64_t p, int64_t a0, int64_t a1) {
+                         kern.gemm(args(q, qs, lda, a16, r0, rows), a0, a1, p, p + 1);
+                       }))
+    return;
   quantized_passes16(kern.quantize, kern.widen, kern.row_path_rows, kern.a_zero, kern.qmax, kern.mr, x, ldx, x_bf16,
                      m, k, h.k_pad, nthreads,
                      [&](const int8_t* q, const float* qs, int64_t lda, const int16_t* a16, int64_t r0, int64_t rows) {

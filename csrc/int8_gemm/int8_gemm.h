@@ -317,6 +317,47 @@ void quantized_passes16(QuantizeRowsFn quantize, WidenRowsFn widen, int64_t wide
   });
 }
 
+// Rows per thread from which row_chunk_passes splits a pass by rows.
+constexpr int64_t kRowChunkMinRows = 64;
+
+// quantized_passes16 for many rows: in each pass, one chunk of whole mr-row
+// tiles per thread (parallel_row_chunks): a thread quantizes (and widens) its
+// own chunk and runs item(q, q_scale, lda, a16, r0, rows, unit, a0, a1) --
+// units [0, units) x sub-chunks of ~64 rows of that chunk, pass rows [a0, a1) --
+// before the leftovers of other chunks: on quiet cores each reads only the
+// rows it wrote. Returns false (nothing done) when the passes would have
+// fewer than kRowChunkMinRows rows a thread.
+template <typename Item>
+bool row_chunk_passes(QuantizeRowsFn quantize, WidenRowsFn widen, int64_t widen_min_rows, uint8_t a_zero, int qmax,
+                      int64_t mr, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t k_pad,
+                      int64_t units, int nthreads, const Item& item) {
+  const int nt = effective_threads(nthreads);
+  const int64_t lda = a_stride(k_pad), ld16 = a16_stride(k_pad);
+  const int64_t row_bytes = lda + (widen ? 2 * ld16 : 0), multiple = 6 * mr;
+  // the passes' row count as for_each_row_pass balances them
+  const int64_t cap = std::max<int64_t>(multiple, kRowPassBytes / row_bytes / multiple * multiple);
+  const int64_t passes = (m + cap - 1) / cap;
+  const int64_t pass_rows = ((m + passes - 1) / passes + multiple - 1) / multiple * multiple;
+  if (nt < 2 || units < 1 || std::min(m, pass_rows) < kRowChunkMinRows * nt) return false;
+  const size_t xsize = x_bf16 ? 2 : 4;
+  for_each_row_pass(m, row_bytes, kRowPassBytes, multiple, [&](int64_t r0, int64_t r1) {
+    const QuantScratch s = quant_scratch(r1 - r0, lda);
+    const WidenRowsFn wid = r1 - r0 > widen_min_rows ? widen : nullptr;
+    int16_t* a16 = wid ? a16_scratch(r1 - r0, ld16) : nullptr;
+    const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;
+    parallel_row_chunks(
+        r1 - r0, mr, units, 64, nt,
+        [&](int, int64_t a0, int64_t a1) {
+          quantize(xr, ldx, x_bf16, a0, a1, k, k_pad, lda, a_zero, qmax, s.q, s.scale);
+          if (wid) wid(s.q + a0 * lda, lda, a1 - a0, k_pad, a16 + a0 * ld16, ld16);
+        },
+        [&](int, int64_t u, int64_t a0, int64_t a1) {
+          item(s.q, s.scale, lda, static_cast<const int16_t*>(a16), r0, r1 - r0, u, a0, a1);
+        });
+  });
+  return true;
+}
+
 template <typename Gemm>
 void quantized_passes(QuantizeRowsFn quantize, uint8_t a_zero, int qmax, int64_t mr, const void* x, int64_t ldx,
                       bool x_bf16, int64_t m, int64_t k, int64_t k_pad, int nthreads, const Gemm& gemm) {

@@ -224,59 +224,29 @@ bool affine_passes(QuantizeRowsFn quantize, const void* x, int64_t ldx, bool x_b
   const size_t xsize = x_bf16 ? 2 : 4;
   for_each_row_pass(m, row_bytes, kRowPassBytes, 16, [&](int64_t r0, int64_t r1) {
     const int64_t rows = r1 - r0, blocks = (rows + 15) / 16;
-    // chunk c: 16-row blocks [blocks * c / nt, blocks * (c + 1) / nt); its
-    // transposed copy at ut_off[c], ldt of its own rows rounded to 64
-    std::vector<int64_t> row0(nt + 1), ut_off(nt + 1), subs(nt);
-    for (int c = 0; c <= nt; ++c) row0[c] = std::min<int64_t>(rows, 16 * (blocks * c / nt));
-    ut_off[0] = 0;
-    for (int c = 0; c < nt; ++c) {
-      ut_off[c + 1] = ut_off[c] + round_up(row0[c + 1] - row0[c], 64) * k_pad;
-      subs[c] = std::max<int64_t>(1, (row0[c + 1] - row0[c] + 32) / 64);
-    }
+    // chunk c (parallel_row_chunks' split: 16-row blocks [blocks * c / nt,
+    // blocks * (c + 1) / nt)) keeps its transposed copy at ut_off[c], ldt of
+    // its own rows rounded to 64
+    std::vector<int64_t> ut_off(nt + 1, 0);
+    for (int c = 0; c < nt; ++c)
+      ut_off[c + 1] = ut_off[c] + round_up(std::min<int64_t>(rows, 16 * (blocks * (c + 1) / nt)) -
+                                               std::min<int64_t>(rows, 16 * (blocks * c / nt)), 64) * k_pad;
     const QuantScratch s = quant_scratch(rows, lda);
     if (t_ut.size() < static_cast<size_t>(ut_off[nt])) t_ut.resize(ut_off[nt]);
     uint8_t* const ut = t_ut.data();
     const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;
-    std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[nt]);
-    std::unique_ptr<std::atomic<int>[]> ready(new std::atomic<int>[nt]);
-    for (int c = 0; c < nt; ++c) next[c].store(0), ready[c].store(0);
-    std::atomic<int> claim{0};
-    auto view = [&](int c) {
-      const int64_t ldt = round_up(row0[c + 1] - row0[c], 64);
-      return PassView{s.q, s.scale, lda, ut + ut_off[c] - row0[c], ldt, r0, rows};
-    };
-    // chunk c's items from its counter, until none is left
-    auto run_items = [&](int c) {
-      const PassView v = view(c);
-      const int64_t n_sub = subs[c], crows = row0[c + 1] - row0[c], cblocks = crows / 16 + (crows % 16 != 0);
-      for (int64_t i = next[c].fetch_add(1); i < units * n_sub; i = next[c].fetch_add(1)) {
-        const int64_t u = i / n_sub, sb = i % n_sub;
-        const int64_t a0 = row0[c] + 16 * (cblocks * sb / n_sub);
-        const int64_t a1 = sb + 1 == n_sub ? row0[c + 1] : row0[c] + 16 * (cblocks * (sb + 1) / n_sub);
-        if (a0 < a1) item(v, u, a0, a1);
-      }
-    };
-    const double t0 = omp_get_wtime();
-#pragma omp parallel num_threads(nt)
-    {
-      note_thread_start(t0);
-      int own = -1;
-      for (int c = claim.fetch_add(1); c < nt; c = claim.fetch_add(1)) {
-        quantize(xr, ldx, x_bf16, row0[c], row0[c + 1], k, k_pad, lda, 0x80, kQmax8, s.q, s.scale);
-        transpose_rows(s.q + row0[c] * lda, lda, row0[c + 1] - row0[c], k_pad, ut + ut_off[c],
-                       round_up(row0[c + 1] - row0[c], 64));
-        ready[c].store(1, std::memory_order_release);
-        run_items(c);
-        own = c;
-      }
-      // the other chunks' leftovers, next chunk first; one not yet prepared is
-      // left to its owner, which runs all its items once it is
-      for (int j = 1; j <= nt; ++j) {
-        const int c = (std::max(own, 0) + j) % nt;
-        if (next[c].load(std::memory_order_relaxed) < units * subs[c] && ready[c].load(std::memory_order_acquire))
-          run_items(c);
-      }
-    }
+    std::vector<int64_t> first(nt, 0), ldt(nt, 64);  // each chunk's first row and ldt, set by its prep
+    parallel_row_chunks(
+        rows, 16, units, 64, nt,
+        [&](int c, int64_t a0, int64_t a1) {
+          first[c] = a0;
+          ldt[c] = round_up(a1 - a0, 64);
+          quantize(xr, ldx, x_bf16, a0, a1, k, k_pad, lda, 0x80, kQmax8, s.q, s.scale);
+          transpose_rows(s.q + a0 * lda, lda, a1 - a0, k_pad, ut + ut_off[c], ldt[c]);
+        },
+        [&](int c, int64_t u, int64_t a0, int64_t a1) {
+          item(PassView{s.q, s.scale, lda, ut + ut_off[c] - first[c], ldt[c], r0, rows}, u, a0, a1);
+        });
   });
   return true;
 }

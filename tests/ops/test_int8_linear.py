@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _helpers import on_threads_unguarded
 from pyaccel import _native, reference
 from pyaccel.formats.int8 import pack_int8_weight, quantize_weight_per_channel
 
@@ -198,6 +199,24 @@ def test_minus_128_weight_is_refused(isa, gen, m):
     vals[5, 17] = -127
     y = torch.ops.pyaccel.int8_linear(x, vals, w.scale, None, None)
     assert torch.allclose(y, reference.int8_linear(x, vals, w.scale, None), rtol=1e-6, atol=1e-6)
+
+
+# From 64 rows a thread each thread quantizes its own chunk of 16-row blocks
+# and multiplies it (row_chunk_passes; the AMX level keeps its panel ranges):
+# rows around 64 x 2 threads, chunks that are no multiple of 16, both ladders.
+@pytest.mark.parametrize("act_bits", [8, 7])
+@pytest.mark.parametrize("m", [127, 128, 129, 192, 240, 257, 390])
+def test_row_chunks_per_thread_are_exact(isa, gen, m, act_bits):
+    qmax = 127 if act_bits == 8 else 63
+    n, k = 130, 1030
+    w = _rand_int8((n, k), gen)
+    packed = pack_int8_weight(w, pair_safe=act_bits == 8)
+    # integer rows whose max |x| is qmax: quantization is the identity, the output the exact integer
+    x = torch.randint(-qmax, qmax + 1, (m, k), generator=gen).float()
+    x[:, 0] = qmax
+    y = on_threads_unguarded(2, lambda: torch.ops.pyaccel.int8_linear(x, w, torch.ones(n), None, packed, act_bits))
+    ref = reference.int8_matmul_exact(x.to(torch.int8), w).float()
+    assert torch.equal(y, ref), f"first mismatch at {(y - ref).nonzero()[0].tolist()}"
 
 
 def test_k_past_int32_safe_limit_is_refused():

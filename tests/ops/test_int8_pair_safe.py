@@ -22,6 +22,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _helpers import num_threads, on_threads_unguarded
 from pyaccel import _native, reference
 from pyaccel.formats.int8 import pack_int8_weight
 
@@ -214,16 +215,16 @@ def _affine_weights():
     return w, pack_int8_weight(w), dense24, pack24(dense24)
 
 
-def _check_row_chunks(x, threads):
+def _check_row_chunks(x, threads=None):
+    """Exact dense and 2:4 int8 results on x (threads: torch's, or this many)."""
     w, packed, dense24, (vals, meta, packed24) = _affine_weights()
     assert has_section(packed, *w.shape) and s24_section(packed24, *dense24.shape)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        y = run_exact(x, w, packed)
-        y24 = run24(x, dense24, vals, meta, packed24)
-    finally:
-        torch.set_num_threads(prev)
+    run = lambda: (run_exact(x, w, packed), run24(x, dense24, vals, meta, packed24))  # noqa: E731
+    if threads is None:
+        y, y24 = run()
+    else:
+        with num_threads(threads):
+            y, y24 = run()
     ref = reference.int8_matmul_exact(x.to(torch.int8), w).float()
     assert torch.equal(y, ref), f"first mismatch at {(y - ref).nonzero()[0].tolist()}"
     ref24 = reference.int8_matmul_exact(x.to(torch.int8), dense24).float()
@@ -232,20 +233,9 @@ def _check_row_chunks(x, threads):
 
 @pytest.mark.parametrize("m", AFFINE_M)
 def test_row_chunks_per_thread(avx2, gen, m):
-    """2 threads, run while the late-team guard keeps no window open (it would
-    put the call on one thread: then run again)."""
-    import time
-
-    C = _native.lib()
+    """2 threads, while the late-team guard keeps no window open."""
     x = edge_activations(m, 1030, gen)
-    for _ in range(10):
-        while C.serial_for_now():
-            time.sleep(0.05)
-        trips = C.late_team_trips()
-        _check_row_chunks(x, 2)
-        if C.late_team_trips() == trips and not C.serial_for_now():
-            return
-    pytest.skip("the late-team guard kept tripping (a busy machine): the 2-thread split did not run")
+    on_threads_unguarded(2, lambda: _check_row_chunks(x))
 
 
 def test_row_chunks_more_threads_than_cores(avx2, tmp_path):
@@ -257,7 +247,7 @@ def test_row_chunks_more_threads_than_cores(avx2, tmp_path):
 
     code = textwrap.dedent(f"""
         import sys, torch
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parent.parent)!r}]
         from pyaccel import _native
         import test_int8_pair_safe as t
         with _native.isa_cap("avx2"):
