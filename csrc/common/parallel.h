@@ -63,6 +63,14 @@ template <typename Prep, typename Item>
 void parallel_row_chunks(int64_t m, int64_t align, int64_t units, int64_t sub_rows, int nt, const Prep& prep,
                          const Item& item);
 
+// Chunk c's first row in parallel_row_chunks' split (c = nt: m), for callers
+// that size per-chunk scratch.
+inline int64_t row_chunk_start(int64_t m, int64_t align, int nt, int c) {
+  const int64_t blocks = (m + align - 1) / align;
+  const int64_t r = align * (blocks * c / nt);
+  return r < m ? r : m;
+}
+
 // Every team thread first runs prep() once -- its own copy of some small
 // preparation (e.g. quantized activations in its thread-local scratch), so
 // that no thread writes cache lines another one reads -- then items of
@@ -211,9 +219,8 @@ void parallel_row_chunks(int64_t m, int64_t align, int64_t units, int64_t sub_ro
                          const Item& item) {
   if (m <= 0 || units <= 0) return;
   if (nt < 1) nt = 1;
-  const int64_t blocks = (m + align - 1) / align;
   std::vector<int64_t> row0(nt + 1), subs(nt);
-  for (int c = 0; c <= nt; ++c) row0[c] = std::min<int64_t>(m, align * (blocks * c / nt));
+  for (int c = 0; c <= nt; ++c) row0[c] = row_chunk_start(m, align, nt, c);
   for (int c = 0; c < nt; ++c) subs[c] = std::max<int64_t>(1, (row0[c + 1] - row0[c] + sub_rows / 2) / sub_rows);
   std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[nt]);
   std::unique_ptr<std::atomic<int>[]> ready(new std::atomic<int>[nt]);

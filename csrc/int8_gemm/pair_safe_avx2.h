@@ -223,14 +223,13 @@ bool affine_passes(QuantizeRowsFn quantize, const void* x, int64_t ldx, bool x_b
   std::vector<uint8_t>& t_ut = ut_buffer();
   const size_t xsize = x_bf16 ? 2 : 4;
   for_each_row_pass(m, row_bytes, kRowPassBytes, 16, [&](int64_t r0, int64_t r1) {
-    const int64_t rows = r1 - r0, blocks = (rows + 15) / 16;
-    // chunk c (parallel_row_chunks' split: 16-row blocks [blocks * c / nt,
-    // blocks * (c + 1) / nt)) keeps its transposed copy at ut_off[c], ldt of
-    // its own rows rounded to 64
+    const int64_t rows = r1 - r0;
+    // chunk c of parallel_row_chunks' split keeps its transposed copy at
+    // ut_off[c], ldt of its own rows rounded to 64
     std::vector<int64_t> ut_off(nt + 1, 0);
     for (int c = 0; c < nt; ++c)
-      ut_off[c + 1] = ut_off[c] + round_up(std::min<int64_t>(rows, 16 * (blocks * (c + 1) / nt)) -
-                                               std::min<int64_t>(rows, 16 * (blocks * c / nt)), 64) * k_pad;
+      ut_off[c + 1] =
+          ut_off[c] + round_up(row_chunk_start(rows, 16, nt, c + 1) - row_chunk_start(rows, 16, nt, c), 64) * k_pad;
     const QuantScratch s = quant_scratch(rows, lda);
     if (t_ut.size() < static_cast<size_t>(ut_off[nt])) t_ut.resize(ut_off[nt]);
     uint8_t* const ut = t_ut.data();

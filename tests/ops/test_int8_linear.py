@@ -201,8 +201,9 @@ def test_minus_128_weight_is_refused(isa, gen, m):
     assert torch.allclose(y, reference.int8_linear(x, vals, w.scale, None), rtol=1e-6, atol=1e-6)
 
 
-# From 64 rows a thread each thread quantizes its own chunk of 16-row blocks
-# and multiplies it (row_chunk_passes; the AMX level keeps its panel ranges):
+# From 64 rows a thread each thread quantizes its own chunk of whole row tiles
+# (the kernel's mr rows) and multiplies it (row_chunk_passes; the AMX level
+# keeps its panel ranges):
 # rows around 64 x 2 threads, chunks that are no multiple of 16, both ladders.
 @pytest.mark.parametrize("act_bits", [8, 7])
 @pytest.mark.parametrize("m", [127, 128, 129, 192, 240, 257, 390])
