@@ -12,13 +12,19 @@ constexpr int64_t kRowPassBytes = int64_t(8) << 20;
 // Calls fn(r0, r1) over [0, m) in balanced passes of at most ~budget_bytes of
 // scratch (row_bytes per row), each a multiple of `multiple` rows except the
 // last, and at least `multiple` rows.
-template <typename Fn>
-void for_each_row_pass(int64_t m, int64_t row_bytes, int64_t budget_bytes, int64_t multiple, const Fn& fn) {
+// The rows of each pass but the last that for_each_row_pass makes (m > 0).
+inline int64_t row_pass_rows(int64_t m, int64_t row_bytes, int64_t budget_bytes, int64_t multiple) {
   int64_t cap = budget_bytes / (row_bytes > 0 ? row_bytes : 1) / multiple * multiple;
   if (cap < multiple) cap = multiple;
   const int64_t passes = (m + cap - 1) / cap;
-  int64_t rows = (m + passes - 1) / passes;
-  rows = (rows + multiple - 1) / multiple * multiple;
+  const int64_t rows = (m + passes - 1) / passes;
+  return (rows + multiple - 1) / multiple * multiple;
+}
+
+template <typename Fn>
+void for_each_row_pass(int64_t m, int64_t row_bytes, int64_t budget_bytes, int64_t multiple, const Fn& fn) {
+  if (m <= 0) return;
+  const int64_t rows = row_pass_rows(m, row_bytes, budget_bytes, multiple);
   for (int64_t r0 = 0; r0 < m; r0 += rows) fn(r0, r0 + rows < m ? r0 + rows : m);
 }
 

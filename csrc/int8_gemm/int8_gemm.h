@@ -334,11 +334,9 @@ bool row_chunk_passes(QuantizeRowsFn quantize, WidenRowsFn widen, int64_t widen_
   const int nt = effective_threads(nthreads);
   const int64_t lda = a_stride(k_pad), ld16 = a16_stride(k_pad);
   const int64_t row_bytes = lda + (widen ? 2 * ld16 : 0), multiple = 6 * mr;
-  // the passes' row count as for_each_row_pass balances them
-  const int64_t cap = std::max<int64_t>(multiple, kRowPassBytes / row_bytes / multiple * multiple);
-  const int64_t passes = (m + cap - 1) / cap;
-  const int64_t pass_rows = ((m + passes - 1) / passes + multiple - 1) / multiple * multiple;
-  if (nt < 2 || units < 1 || std::min(m, pass_rows) < kRowChunkMinRows * nt) return false;
+  if (nt < 2 || units < 1 || m <= 0 ||
+      std::min(m, row_pass_rows(m, row_bytes, kRowPassBytes, multiple)) < kRowChunkMinRows * nt)
+    return false;
   const size_t xsize = x_bf16 ? 2 : 4;
   for_each_row_pass(m, row_bytes, kRowPassBytes, multiple, [&](int64_t r0, int64_t r1) {
     const QuantScratch s = quant_scratch(r1 - r0, lda);

@@ -7,9 +7,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
-#include <memory>
-#include <omp.h>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -216,10 +213,10 @@ bool affine_passes(QuantizeRowsFn quantize, const void* x, int64_t ldx, bool x_b
   const int nt = effective_threads(nthreads);
   const int64_t lda = a_stride(k_pad);
   const int64_t row_bytes = lda + k_pad + 4 * panel_width;
-  // the passes' row count as for_each_row_pass balances them (a short last pass is split all the same)
-  const int64_t cap = std::max<int64_t>(16, kRowPassBytes / row_bytes / 16 * 16);
-  const int64_t passes = (m + cap - 1) / cap, pass_rows = round_up((m + passes - 1) / passes, 16);
-  if (nt < 2 || units < 1 || std::min(m, pass_rows) < kAffineMinRows * nt) return false;
+  // (a short last pass is split all the same)
+  if (nt < 2 || units < 1 || m <= 0 ||
+      std::min(m, row_pass_rows(m, row_bytes, kRowPassBytes, 16)) < kAffineMinRows * nt)
+    return false;
   std::vector<uint8_t>& t_ut = ut_buffer();
   const size_t xsize = x_bf16 ? 2 : 4;
   for_each_row_pass(m, row_bytes, kRowPassBytes, 16, [&](int64_t r0, int64_t r1) {
