@@ -126,12 +126,7 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
   quantized_passes16(kern.quantize, kern.widen, kern.row_path_rows, kern.a_zero, kern.qmax, kern.mr, x, ldx, x_bf16,
                      m, k, h.k_pad, nthreads,
                      [&](const int8_t* q, const float* qs, int64_t lda, const int16_t* a16, int64_t r0, int64_t rows) {
-                       GemmArgs g{q, lda, qs,
-                                  reinterpret_cast<const int8_t*>(packed + h.data_offset),
-                                  reinterpret_cast<const int32_t*>(packed + h.comp_offset),
-                                  w_scale, bias, static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n,
-                                  h.k_pad, a16, a16_stride(h.k_pad)};
-                       run_gemm(kern, g, h.n_pad, nthreads);
+                       run_gemm(kern, args(q, qs, lda, a16, r0, rows), h.n_pad, nthreads);
                      });
 }
 

@@ -93,11 +93,7 @@ void linear_ps_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16,
   pair_safe::transposed_passes(
       kern.quantize, x, ldx, x_bf16, m, k, h.k_pad, kPanel, nthreads,
       [&](const int8_t* q, const float* qs, int64_t lda, const uint8_t* ut, int64_t ldt, int64_t r0, int64_t rows) {
-        GemmArgs g{q, lda, qs, reinterpret_cast<const int8_t*>(sec.panels),
-                   reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
-                   static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.k_pad};
-        g.ut = ut;
-        g.ldt = ldt;
+        const GemmArgs g = pass_args(q, qs, lda, ut, ldt, r0, rows);
         parallel_units_rows(h.n_pad / kPanel, rows, 16, nthreads,
                             [&](int64_t p, int64_t a0, int64_t a1) { gemm_ps(g, sec.res, a0, a1, p, p + 1); });
       });
