@@ -232,7 +232,18 @@ inline void tile2(const ColsArgs& a, int64_t u0, int64_t u1, int64_t h0, int64_t
     const uint8_t* const pp_end = cs.pp_end;
     const float* vp = cs.vp;
     const char *x0 = b0, *x1 = b1, *x2 = b2, *x3 = b3, *x4 = b4, *x5 = b5;
-    for (; pp < pp_end; pp += kBlockBytes, vp += kBlockBytes / 4) {
+    // as in tile1: the second half of a panel pulls the next one's blocks into
+    // L1, unit u0 + i lines 2i and 2i + 1 (and line 8) of each block
+    const bool pf = (u0 & 7) == 4 && 2 * u0 + 8 < a.n;
+    const char* pfl = reinterpret_cast<const char*>(a.w) +
+                      ((u0 / 8 + 1) * (a.groups_pad / kBlockGroups) + gb / kBlockGroups) * kBlockBytes +
+                      128 * (u - u0);
+    for (; pp < pp_end; pp += kBlockBytes, vp += kBlockBytes / 4, pfl += kBlockBytes) {
+      if (pf) {
+        _mm_prefetch(pfl, _MM_HINT_T0);
+        _mm_prefetch(pfl + 64, _MM_HINT_T0);
+        if (u == u0) _mm_prefetch(pfl + 512, _MM_HINT_T0);
+      }
 #pragma GCC unroll 4
       for (int j = 0; j < kBlockGroups; ++j) {
         S24D_CHANNEL(0) S24D_CHANNEL(1)
@@ -274,12 +285,24 @@ inline void tile1(const ColsArgs& a, int64_t c0, int64_t c1, int64_t h0, int64_t
   const char *const b0 = slab(0), *const b1 = slab(1), *const b2 = slab(2), *const b3 = slab(3),
              *const b4 = slab(4), *const b5 = slab(5);
   constexpr int64_t kStep = kBlockGroups * 4 * 64;
+  // (the accumulators c0 .. c9 hide the argument c0 inside the loop)
+  const int64_t call0 = c0;
+  const char* const next_panel = reinterpret_cast<const char*>(a.w) +
+                                 ((c0 / kPanel + 1) * (a.groups_pad / kBlockGroups) + gb / kBlockGroups) * kBlockBytes;
   for (int64_t c = c0; c < c1; ++c, part += 8 * H) {
     S24E_ALL(S24E_DECL)
     const char *x0 = b0, *x1 = b1, *x2 = b2, *x3 = b3, *x4 = b4, *x5 = b5;
-    for (ChannelStream cs(a, c / kPanel, c & (kPanel - 1), gb, ge); cs.pp < cs.pp_end; cs.next()) {
+    // the second half of a panel pulls the next panel's blocks into L1: its
+    // channel c0 + i the block's line i (and line 8), block by block
+    const bool pf = (call0 & (kPanel - 1)) == kPanel / 2 && call0 + kPanel / 2 < a.n;
+    const char* pfl = next_panel + 64 * (c - call0);
+    for (ChannelStream cs(a, c / kPanel, c & (kPanel - 1), gb, ge); cs.pp < cs.pp_end; cs.next(), pfl += kBlockBytes) {
       const uint8_t* const pp = cs.pp;
       const float* const vp = cs.vp;
+      if (pf) {
+        _mm_prefetch(pfl, _MM_HINT_T0);
+        if (c == call0) _mm_prefetch(pfl + 512, _MM_HINT_T0);
+      }
 #pragma GCC unroll 4
       for (int j = 0; j < kBlockGroups; ++j) {
         const uint32_t pb = pp[pos_at(j)];
