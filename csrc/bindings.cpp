@@ -192,7 +192,15 @@ py::dict kernel_params() {
   e8["pair_safe_max_entry_fraction"] = int8_gemm::wants_pair_safe() ? int8_gemm::kPsMaxEntryFraction : 0.0;
   d["int8"] = e8;
   const int8_gemm::Kernel& k7 = int8_gemm::select_kernel(7);  // the opt-in 7-bit activation mode
-  d["int8_a7"] = tile_params(k7.name, k7.mr, int8_gemm::kPanel, int8_gemm::kKGroup, k7.row_path_rows);
+  py::dict e7 = tile_params(k7.name, k7.mr, int8_gemm::kPanel, int8_gemm::kKGroup, k7.row_path_rows);
+  // packings get a quad-safe section at this level where at most this fraction of their weights are residual
+  // entries; the quad-safe path then serves calls of at least quad_safe_from_rows rows (from
+  // quad_safe_from_rows_huge on layers of at least quad_safe_huge_weights weights)
+  e7["quad_safe_max_entry_fraction"] = int8_gemm::wants_quad_safe() ? int8_gemm::kPsMaxEntryFraction : 0.0;
+  e7["quad_safe_from_rows"] = int8_gemm::kQsMinRows;
+  e7["quad_safe_from_rows_huge"] = int8_gemm::kQsMinRowsHuge;
+  e7["quad_safe_huge_weights"] = int8_gemm::kQsHugeWeights;
+  d["int8_a7"] = e7;
   const sparse24::Kernel& ks = sparse24::select_kernel();
   py::dict e = tile_params(ks.name, ks.mr, sparse24::kPanel, 4 * sparse24::kBlockGroups, ks.row_path_rows);
   e["cols_from_rows"] = ks.cols ? ks.cols_from_rows : 0;  // the column kernel from this many rows (0: none)
@@ -385,10 +393,11 @@ class LinearPlan {
   }
 
   // Which optional parts of its packing the level in use reads for this kind
-  // of plan (0: none): the int8 AVX2 kernel's pair-safe section (int8_gemm.h,
-  // PsHeader), the 2:4 int8 kernels' sparse24_int8::wanted_parts().
+  // of plan (0: none): the int8 AVX2 kernels' pair-safe / quad-safe sections
+  // (int8_gemm.h, PsHeader), the 2:4 int8 kernels' sparse24_int8::wanted_parts().
   static int reads_sections(Kind k) {
     if (k == Kind::kInt8) return int8_gemm::wants_pair_safe() ? 1 : 0;
+    if (k == Kind::kInt8A7) return int8_gemm::wants_quad_safe() ? 1 : 0;
     if (k == Kind::kSparse24Int8) return sparse24_int8::wanted_parts();
     return 0;
   }
@@ -834,18 +843,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_packed_nbytes", &int8_gemm::packed_nbytes, py::arg("n"), py::arg("k"));
   m.def(
       "pair_safe_levels",
-      [] { return py::make_tuple(int8_gemm::wants_pair_safe(), sparse24_int8::wanted_parts()); },
-      "(int8, sparse24_int8): whether the level in use reads pair-safe sections, and which parts the 2:4 int8 "
-      "packers add (0 none, 1 the control table, 2 the table and a pair-safe section): the modules repack when "
-      "either changes");
+      [] {
+        return py::make_tuple(int8_gemm::wants_pair_safe(), sparse24_int8::wanted_parts(),
+                              int8_gemm::wants_quad_safe());
+      },
+      "(int8, sparse24_int8, int8 7-bit): whether the level in use reads pair-safe sections, which parts the 2:4 "
+      "int8 packers add (0 none, 1 the control table, 2 the table and a pair-safe section), and whether the 7-bit "
+      "level reads quad-safe sections: the modules repack when theirs changes");
   m.def(
       "int8_packed_nbytes_for",
-      [](uintptr_t w, int64_t ldw, int64_t n, int64_t k) {
-        return int8_gemm::packed_nbytes_for(ptr<const int8_t>(w), ldw, n, k);
+      [](uintptr_t w, int64_t ldw, int64_t n, int64_t k, int act_bits) {
+        if (act_bits != 8 && act_bits != 7) throw py::value_error("act_bits: expected 8 or 7");
+        return int8_gemm::packed_nbytes_for(ptr<const int8_t>(w), ldw, n, k, act_bits);
       },
-      "bytes of the packing of int8 w [n, k] (row stride ldw) for the selected kernel: with a pair-safe "
-      "section where the 8-bit AVX2 kernel runs and w qualifies (int8_gemm.h, PsHeader)",
-      py::arg("w"), py::arg("ldw"), py::arg("n"), py::arg("k"));
+      "bytes of the packing of int8 w [n, k] (row stride ldw) for the selected act_bits kernel: with a pair-safe "
+      "(8) or quad-safe (7) section where the AVX2 kernel runs and w qualifies (int8_gemm.h, PsHeader)",
+      py::arg("w"), py::arg("ldw"), py::arg("n"), py::arg("k"), py::arg("act_bits") = 8);
   m.def("bsr_kernel_name", [] { return std::string(block_sparse::select_kernel().name); });
   m.def("bsr_int8_kernel_name", [] { return std::string(block_sparse::select_kernel_int8().name); });
   m.def("bsr_int8_packed_nbytes", &block_sparse::packed_nbytes_int8, py::arg("n"), py::arg("k"), py::arg("bh"),
@@ -899,16 +912,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("nnzb"), py::arg("out"), py::arg("out_nbytes"));
   m.def(
       "int8_pack",
-      [](uintptr_t w, int64_t ldw, int64_t n, int64_t k, uintptr_t out, int64_t out_nbytes) {
-        // out_nbytes: int8_packed_nbytes, or int8_packed_nbytes_for where it adds a pair-safe section
+      [](uintptr_t w, int64_t ldw, int64_t n, int64_t k, uintptr_t out, int64_t out_nbytes, int act_bits) {
+        if (act_bits != 8 && act_bits != 7) throw py::value_error("act_bits: expected 8 or 7");
+        // out_nbytes: int8_packed_nbytes, or int8_packed_nbytes_for where it adds the section act_bits'
+        // AVX2 path reads (pair-safe for 8, quad-safe for 7)
         const bool with_ps = out_nbytes != int8_gemm::packed_nbytes(n, k);
-        if (with_ps && out_nbytes != int8_gemm::packed_nbytes_ps(ptr<const int8_t>(w), ldw, n, k))
+        if (with_ps && out_nbytes != int8_gemm::packed_nbytes_ps(ptr<const int8_t>(w), ldw, n, k, act_bits))
           throw py::value_error("out: wrong size for the packed weight");
         py::gil_scoped_release nogil;
-        int8_gemm::pack_weights(ptr<const int8_t>(w), ldw, n, k, ptr<uint8_t>(out), with_ps);
+        int8_gemm::pack_weights(ptr<const int8_t>(w), ldw, n, k, ptr<uint8_t>(out), with_ps, act_bits);
       },
       py::arg("w"), py::arg("ldw"), py::arg("n"), py::arg("k"), py::arg("out"),
-      py::arg("out_nbytes"));
+      py::arg("out_nbytes"), py::arg("act_bits") = 8);
   m.def(
       "int8_check_packed",
       [](uintptr_t packed, int64_t nbytes, int64_t n, int64_t k) -> py::object {

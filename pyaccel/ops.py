@@ -129,7 +129,7 @@ def int8_linear_cpu(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[T
     if C is None:
         return reference.int8_linear(x, w_int8, w_scale, bias, reference.ACT_QMAX[act_bits])
     if packed is None:
-        packed = pack_int8_weight(w_int8, pair_safe=act_bits == 8, name="w_int8")
+        packed = pack_int8_weight(w_int8, name="w_int8", act_bits=act_bits)
     n, k = w_int8.shape
     return _native_linear("int8_a7" if act_bits == 7 else "int8", x, k, n, packed, w_scale, bias)
 

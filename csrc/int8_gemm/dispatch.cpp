@@ -88,6 +88,7 @@ void fill_empty_k(void* y, int64_t ldy, bool y_bf16, int64_t m, int64_t n, const
 }  // namespace
 
 bool wants_pair_safe() { return select_kernel(8).gemm == qs8_gemm_6x8c4_avx2; }
+bool wants_quad_safe() { return select_kernel(7).gemm == qs8_gemm_4x16c4u7_avx2; }
 
 const Kernel& select_kernel(int act_bits) {
   const auto isa_of = [](const Kernel& k) { return k.isa; };
@@ -104,8 +105,14 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
   if (h.k_pad == 0) return fill_empty_k(y, ldy, y_bf16, m, h.n, bias);
   // Below ~0.5M multiply-adds a fork/join (2-3 us) costs more than it saves.
   if (m * h.n_pad * h.k_pad < kMinParallelMacs) nthreads = 1;
-  if (h.ps_offset && kern.gemm == qs8_gemm_6x8c4_avx2 && m > kern.row_path_rows)
-    return linear_ps_avx2(kern, x, ldx, x_bf16, m, k, packed, w_scale, bias, y, ldy, y_bf16, nthreads);
+  // the AVX2 paths for packings with the section their activation mode reads
+  if (h.ps_offset && m > kern.row_path_rows) {
+    const int32_t kind = ps_kind(packed);
+    if (kind == kPsPair && kern.gemm == qs8_gemm_6x8c4_avx2)
+      return linear_ps_avx2(kern, x, ldx, x_bf16, m, k, packed, w_scale, bias, y, ldy, y_bf16, nthreads);
+    if (kind == kPsQuad && kern.gemm == qs8_gemm_4x16c4u7_avx2 && m >= qs_min_rows(h.n, h.k))
+      return linear_qs_avx2(kern, x, ldx, x_bf16, m, k, packed, w_scale, bias, y, ldy, y_bf16, nthreads);
+  }
   const size_t ysize = y_bf16 ? 2 : 4;
   auto args = [&](const int8_t* q, const float* qs, int64_t lda, const int16_t* a16, int64_t r0, int64_t rows) {
     return GemmArgs{q, lda, qs, reinterpret_cast<const int8_t*>(packed + h.data_offset),

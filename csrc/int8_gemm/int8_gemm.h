@@ -56,10 +56,24 @@ static_assert(sizeof(PackedHeader) == 64, "header must stay 64 bytes");
 //   (zero-padded to 64 B)[panels of s: int8 x n_pad x k_pad, NR64K4]
 // Channel c's entries are [lane[c], lane[c + 1]), by ascending k; ek = k,
 // er = r as an int32 whose high int16 is 0 (vpmaddwd's operand).
+//
+// The quad-safe section (kind kPsQuad) has the same layout for the 7-bit
+// AVX2 path (qs8_gemm_4x16c4qs_avx2.cpp), whose tile adds two vpmaddubsw
+// results in int16 before one vpmaddwd: u in [1, 127] (q + 64) times the
+// quad of s at k = 8j + 2p + {0, 1} and 8j + 4 + 2p + {0, 1} (pair p of
+// groups 2j and 2j + 1) stays in int16 when the quad's positive parts and its
+// negative parts each sum to at most kQsLimit in magnitude (127 * 258 =
+// 32766). qs_split keeps each quad's values in k order as far as they fit;
+// the rest are residual entries (0.02 % of N(0, sigma) weights at K = 4096,
+// 0.24 % at K = 384). Groups past the last whole pair of groups (k_pad / 4
+// odd) are not split: their pair sums are at most 2 * 127 * 127.
 constexpr uint32_t kPsMagic = 0x53504951u;  // "QIPS"
+constexpr int32_t kPsPair = 0;  // the 8-bit AVX2 path's split (PsHeader::kind)
+constexpr int32_t kPsQuad = 1;  // the 7-bit AVX2 path's split
+constexpr int kQsLimit = 258;
 struct PsHeader {
   uint32_t magic;
-  int32_t reserved0;
+  int32_t kind;  // kPsPair or kPsQuad
   int64_t entries;  // E
   int64_t lane_offset, ek_offset, er_offset, panels_offset;
   int64_t total;  // bytes of the section, this header included
@@ -74,19 +88,35 @@ inline int ps_value(int w0, int w1) {
   if (w0 < 0 && w1 < 0 && w0 + w1 < -128) return -128 - w0;
   return w1;
 }
-// Where each part of a pair-safe section lies (offsets from its start) for
-// n_pad channels, `entries` residual entries and panel_bytes of split
-// weights (the 2:4 int8 packing adds the same kind of section to its own).
-PsHeader ps_layout(int64_t n_pad, int64_t entries, int64_t panel_bytes);
+// The quad-safe split of the 8 weights w[8j .. 8j + 8) of a channel (k
+// order; zeros past k): s[i] keeps w[i] as far as its quad's same-sign sum
+// stays within kQsLimit (the quads' members in k order), w - s is residual.
+inline void qs_split(const int w[8], int s[8]) {
+  for (int p = 0; p < 2; ++p) {
+    int pos = 0, neg = 0;
+    for (const int i : {2 * p, 2 * p + 1, 2 * p + 4, 2 * p + 5}) {
+      const int v = w[i];
+      s[i] = v > 0 ? std::min(v, kQsLimit - pos) : std::max(v, -kQsLimit - neg);
+      if (v > 0) pos += s[i];
+      else neg += s[i];
+    }
+  }
+}
+// Where each part of a pair-safe (or quad-safe) section lies (offsets from
+// its start) for n_pad channels, `entries` residual entries and panel_bytes
+// of split weights (the 2:4 int8 packing adds the same kind of section to its own).
+PsHeader ps_layout(int64_t n_pad, int64_t entries, int64_t panel_bytes, int32_t kind = kPsPair);
 // Writes a pair-safe section of `entries` residual entries at sec (header,
 // lane table, entries; the caller then writes panel_bytes of split weights at
 // sec + the returned PsHeader's panels_offset). pairs(c, emit) calls emit(k,
 // w0, w1) for each vpmaddubsw pair of channel c < n (k: the input w1
 // multiplies), in ascending k.
-template <typename Pairs>
-PsHeader write_ps_section(uint8_t* sec, int64_t n, int64_t n_pad, int64_t entries, int64_t panel_bytes,
-                          const Pairs& pairs) {
-  const PsHeader p = ps_layout(n_pad, entries, panel_bytes);
+// The general form: residuals(c, emit) calls emit(k, r) for each nonzero
+// residual r of channel c < n, in ascending k.
+template <typename Residuals>
+PsHeader write_section(uint8_t* sec, int64_t n, int64_t n_pad, int64_t entries, int64_t panel_bytes, int32_t kind,
+                       const Residuals& residuals) {
+  const PsHeader p = ps_layout(n_pad, entries, panel_bytes, kind);
   std::memset(sec, 0, static_cast<size_t>(p.panels_offset));
   std::memcpy(sec, &p, sizeof(p));
   int32_t* lane = reinterpret_cast<int32_t*>(sec + p.lane_offset);
@@ -96,9 +126,7 @@ PsHeader write_ps_section(uint8_t* sec, int64_t n, int64_t n_pad, int64_t entrie
   for (int64_t c = 0; c < n_pad; ++c) {
     lane[c] = static_cast<int32_t>(e);
     if (c >= n) continue;
-    pairs(c, [&](int64_t k, int w0, int w1) {
-      const int r = w1 - ps_value(w0, w1);
-      if (r == 0) return;
+    residuals(c, [&](int64_t k, int r) {
       ek[e] = static_cast<int32_t>(k);
       er[e] = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(r)));
       ++e;
@@ -107,19 +135,32 @@ PsHeader write_ps_section(uint8_t* sec, int64_t n, int64_t n_pad, int64_t entrie
   lane[n_pad] = static_cast<int32_t>(e);
   return p;
 }
+template <typename Pairs>
+PsHeader write_ps_section(uint8_t* sec, int64_t n, int64_t n_pad, int64_t entries, int64_t panel_bytes,
+                          const Pairs& pairs) {
+  return write_section(sec, n, n_pad, entries, panel_bytes, kPsPair, [&](int64_t c, const auto& emit) {
+    pairs(c, [&](int64_t k, int w0, int w1) {
+      const int r = w1 - ps_value(w0, w1);
+      if (r != 0) emit(k, r);
+    });
+  });
+}
 // Validates the section at buf + offset of a packing of nbytes whose part
 // before it has offset bytes (n_pad channels, panel_bytes of split weights,
 // entries' k below k_limit): its layout, a lane table that starts at 0 and
 // never decreases, every ek < k_limit and every er's high int16 0 (the
 // kernels index with them: one pass over the entries, vectorized).
 // nullptr, or what is wrong.
+// allow_quad: a quad-safe section passes too (int8_gemm's packings; the 2:4
+// int8 ones hold pair-safe sections only).
 const char* check_ps_section(const uint8_t* buf, int64_t nbytes, int64_t offset, int64_t n_pad, int64_t panel_bytes,
-                             int64_t k_limit);
-// Bytes of the packing without / with the pair-safe section (w, ldw: as for pack_weights).
+                             int64_t k_limit, bool allow_quad = false);
+// Bytes of the packing without / with the section of act_bits' AVX2 path (8:
+// pair-safe, 7: quad-safe; w, ldw: as for pack_weights).
 int64_t packed_nbytes(int64_t n, int64_t k);
-int64_t packed_nbytes_ps(const int8_t* w, int64_t ldw, int64_t n, int64_t k);
-// Residual entries of w's pair-safe split.
-int64_t ps_entries(const int8_t* w, int64_t ldw, int64_t n, int64_t k);
+int64_t packed_nbytes_ps(const int8_t* w, int64_t ldw, int64_t n, int64_t k, int act_bits = 8);
+// Residual entries of w's pair-safe split (act_bits 8) or quad-safe one (7).
+int64_t ps_entries(const int8_t* w, int64_t ldw, int64_t n, int64_t k, int act_bits = 8);
 // A pair-safe section is built for weights with at most this fraction of
 // residual entries: each entry costs about as much as 4 columns of the tile's
 // work, so uniformly distributed weights (12 % entries, PyTorch's nn.Linear
@@ -131,12 +172,15 @@ constexpr double kPsMaxEntryFraction = 0.02;
 // Whether the selected 8-bit kernel reads a pair-safe section (the int8
 // packers add one then, where w's entries stay within kPsMaxEntryFraction).
 bool wants_pair_safe();
-// packed_nbytes_ps where the selected kernel reads a pair-safe section and w
+// Whether the selected 7-bit kernel reads a quad-safe section.
+bool wants_quad_safe();
+// packed_nbytes_ps where the selected act_bits kernel reads a section and w
 // qualifies, else packed_nbytes.
-int64_t packed_nbytes_for(const int8_t* w, int64_t ldw, int64_t n, int64_t k);
+int64_t packed_nbytes_for(const int8_t* w, int64_t ldw, int64_t n, int64_t k, int act_bits = 8);
 // w: int8 [n, k] with row stride ldw; out: packed_nbytes(n, k) bytes (or
-// packed_nbytes_ps with with_ps), 64-byte aligned.
-void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* out, bool with_ps = false);
+// packed_nbytes_ps(..., act_bits) with with_ps), 64-byte aligned.
+void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* out, bool with_ps = false,
+                  int act_bits = 8);
 // Returns nullptr if the buffer is a valid NR64K4 packing of an [n, k] weight
 // (with or without a pair-safe section), else a message saying what is wrong.
 const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k);
@@ -145,6 +189,14 @@ inline const PsHeader* ps_section(const uint8_t* packed) {
   int64_t off;
   std::memcpy(&off, packed + offsetof(PackedHeader, ps_offset), sizeof(off));
   return off ? reinterpret_cast<const PsHeader*>(packed + off) : nullptr;
+}
+// The kind of a checked packing's section (kPsPair, kPsQuad), or -1: none.
+inline int32_t ps_kind(const uint8_t* packed) {
+  const PsHeader* p = ps_section(packed);
+  if (!p) return -1;
+  int32_t kind;
+  std::memcpy(&kind, reinterpret_cast<const uint8_t*>(p) + offsetof(PsHeader, kind), sizeof(kind));
+  return kind;
 }
 
 // ---- kernels ----------------------------------------------------------------
@@ -398,6 +450,21 @@ void quantize_rows_avx512(const void*, int64_t, bool, int64_t, int64_t, int64_t,
 void qs8_gemm_1x64c4_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_6x8c4_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_4x16c4u7_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+// The 7-bit AVX2 kernel's quad-safe path: linear() hands it calls of at
+// least qs_min_rows(n, k) rows on packings with a quad-safe section; fewer
+// rows take the 7-bit kernel on the plain panels. Below those row counts the
+// transposition and the residual sums (and their second pass over the
+// panels' rows) cost what the tile saves (measured, Golden Cove capped at
+// AVX2, 2 threads, modules, against the 7-bit tile: 4096^2 x1.00 / 1.03 /
+// 1.06 at 5 / 8 / 16 rows, 1024x4096 x0.99 / 1.03 / 1.17 at 16 / 24 / 32,
+// MiniLM's 1536x384 and 384x1536 x0.95 at 16 rows and x1.00 - 1.02 at 32).
+constexpr int64_t kQsMinRows = 24;
+constexpr int64_t kQsMinRowsHuge = 12;
+constexpr int64_t kQsHugeWeights = int64_t(16) << 20;
+inline int64_t qs_min_rows(int64_t n, int64_t k) { return n * k >= kQsHugeWeights ? kQsMinRowsHuge : kQsMinRows; }
+void linear_qs_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
+                    const uint8_t* packed, const float* w_scale, const float* bias, void* y, int64_t ldy,
+                    bool y_bf16, int nthreads);
 // The 8-bit AVX2 kernel's pair-safe path: linear() hands it calls of more than
 // kAvx2RowPathRows rows on packings with a pair-safe section.
 void linear_ps_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,

@@ -155,14 +155,15 @@ inline std::vector<uint8_t>& ut_buffer() {
 }
 
 // The pair-safe drivers' activation side: x [m, k] quantized per row (u = q +
-// 128 into k_pad columns) and transposed to byte columns, in row passes of
+// a_zero, q in [-qmax, qmax], into k_pad columns: 0x80 and 127 for the 8-bit
+// paths, 0x40 and 63 for the 7-bit quad-safe one) and transposed to byte columns, in row passes of
 // <= ~8 MiB (each row: its bytes, its transposed copy and panel_width int32
 // residual sums); gemm(q, q_scale, lda, ut, ldt, r0, rows) then runs the
 // pass. Threads quantize and transpose whole 64-row blocks (no cache line of
 // the transposed copy written by two threads).
 template <typename Gemm>
-void transposed_passes(QuantizeRowsFn quantize, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
-                       int64_t k_pad, int64_t panel_width, int nthreads, const Gemm& gemm) {
+void transposed_passes(QuantizeRowsFn quantize, uint8_t a_zero, int qmax, const void* x, int64_t ldx, bool x_bf16,
+                       int64_t m, int64_t k, int64_t k_pad, int64_t panel_width, int nthreads, const Gemm& gemm) {
   std::vector<uint8_t>& t_ut = ut_buffer();
   const int64_t lda = a_stride(k_pad);
   const size_t xsize = x_bf16 ? 2 : 4;
@@ -174,7 +175,7 @@ void transposed_passes(QuantizeRowsFn quantize, const void* x, int64_t ldx, bool
     uint8_t* ut = t_ut.data();
     const void* xr = static_cast<const char*>(x) + r0 * ldx * xsize;
     parallel_for(rows, grain, nthreads, [&](int64_t a0, int64_t a1) {
-      quantize(xr, ldx, x_bf16, a0, a1, k, k_pad, lda, 0x80, kQmax8, s.q, s.scale);
+      quantize(xr, ldx, x_bf16, a0, a1, k, k_pad, lda, a_zero, qmax, s.q, s.scale);
       transpose_rows(s.q + a0 * lda, lda, a1 - a0, k_pad, ut + a0, ldt);
     });
     gemm(s.q, s.scale, lda, static_cast<const uint8_t*>(ut), ldt, r0, rows);
@@ -208,7 +209,7 @@ constexpr int64_t kAffineMinRows = 64;
 // prepared. Returns false (nothing done) when the passes would have fewer
 // than kAffineMinRows rows a thread: callers then use transposed_passes.
 template <typename Item>
-bool affine_passes(QuantizeRowsFn quantize, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
+bool affine_passes(QuantizeRowsFn quantize, uint8_t a_zero, int qmax, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
                    int64_t k_pad, int64_t panel_width, int64_t units, int nthreads, const Item& item) {
   const int nt = effective_threads(nthreads);
   const int64_t lda = a_stride(k_pad);
@@ -237,7 +238,7 @@ bool affine_passes(QuantizeRowsFn quantize, const void* x, int64_t ldx, bool x_b
         [&](int c, int64_t a0, int64_t a1) {
           first[c] = a0;
           ldt[c] = round_up(a1 - a0, 64);
-          quantize(xr, ldx, x_bf16, a0, a1, k, k_pad, lda, 0x80, kQmax8, s.q, s.scale);
+          quantize(xr, ldx, x_bf16, a0, a1, k, k_pad, lda, a_zero, qmax, s.q, s.scale);
           transpose_rows(s.q + a0 * lda, lda, a1 - a0, k_pad, ut + ut_off[c], ldt[c]);
         },
         [&](int c, int64_t u, int64_t a0, int64_t a1) {

@@ -84,14 +84,14 @@ void linear_ps_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16,
     g.ldt = ldt;
     return g;
   };
-  if (pair_safe::affine_passes(kern.quantize, x, ldx, x_bf16, m, k, h.k_pad, kPanel, h.n_pad / kPanel, nthreads,
+  if (pair_safe::affine_passes(kern.quantize, 0x80, kQmax8, x, ldx, x_bf16, m, k, h.k_pad, kPanel, h.n_pad / kPanel, nthreads,
                                [&](const pair_safe::PassView& v, int64_t p, int64_t a0, int64_t a1) {
                                  gemm_ps(pass_args(v.q, v.qs, v.lda, v.ut, v.ldt, v.r0, v.rows), sec.res, a0, a1, p,
                                          p + 1);
                                }))
     return;
   pair_safe::transposed_passes(
-      kern.quantize, x, ldx, x_bf16, m, k, h.k_pad, kPanel, nthreads,
+      kern.quantize, 0x80, kQmax8, x, ldx, x_bf16, m, k, h.k_pad, kPanel, nthreads,
       [&](const int8_t* q, const float* qs, int64_t lda, const uint8_t* ut, int64_t ldt, int64_t r0, int64_t rows) {
         const GemmArgs g = pass_args(q, qs, lda, ut, ldt, r0, rows);
         parallel_units_rows(h.n_pad / kPanel, rows, 16, nthreads,

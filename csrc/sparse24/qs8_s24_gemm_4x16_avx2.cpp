@@ -389,13 +389,13 @@ void linear_ps_avx2(int8_gemm::QuantizeRowsFn quantize, const void* x, int64_t l
     return g;
   };
   namespace ps = int8_gemm::pair_safe;
-  if (ps::affine_passes(quantize, x, ldx, x_bf16, m, k, kQuadInputs * h.quads, kPanel, h.n_pad / kPanel, nthreads,
-                        [&](const ps::PassView& v, int64_t p, int64_t a0, int64_t a1) {
+  if (ps::affine_passes(quantize, 0x80, int8_gemm::kQmax8, x, ldx, x_bf16, m, k, kQuadInputs * h.quads, kPanel,
+                        h.n_pad / kPanel, nthreads, [&](const ps::PassView& v, int64_t p, int64_t a0, int64_t a1) {
                           gemm_ps(pass_args(v.q, v.qs, v.lda, v.r0, v.rows), sec.res, v.ut, v.ldt, a0, a1, p);
                         }))
     return;
   ps::transposed_passes(
-      quantize, x, ldx, x_bf16, m, k, kQuadInputs * h.quads, kPanel, nthreads,
+      quantize, 0x80, int8_gemm::kQmax8, x, ldx, x_bf16, m, k, kQuadInputs * h.quads, kPanel, nthreads,
       [&](const int8_t* q, const float* qs, int64_t lda, const uint8_t* ut, int64_t ldt, int64_t r0, int64_t rows) {
         const GemmArgs g = pass_args(q, qs, lda, r0, rows);
         parallel_units_rows(h.n_pad / kPanel, rows, 16, nthreads,

@@ -97,15 +97,17 @@ def from_torch_ao_dynamic_linear(module: torch.nn.Module) -> Int8Weight:
     return Int8Weight(vals.to(torch.int8).contiguous(), scale.contiguous(), notes)
 
 
-def pack_int8_weight(values: torch.Tensor, pair_safe: bool = True, name: str = "values") -> Optional[torch.Tensor]:
+def pack_int8_weight(values: torch.Tensor, pair_safe: bool = True, name: str = "values",
+                     act_bits: int = 8) -> Optional[torch.Tensor]:
     """Pack int8 [N, K] for the native CPU kernels; None without the native library.
     ValueError (naming `name`) when values holds -128: the AVX2 kernels negate
     weights (sign trick), so the packings hold [-127, 127] only.
 
-    pair_safe: add the pair-safe section where the selected 8-bit kernel reads
-    one (AVX2, weights with <= 2 % residual entries: csrc/int8_gemm/README.md);
-    False for packings only 7-bit activations or the fused conv's int8 stage
-    read (they never use it)."""
+    pair_safe: add the section that act_bits' AVX2 kernel reads where the
+    selected kernel is that one and the weights qualify (<= 2 % residual
+    entries: csrc/int8_gemm/README.md): pair-safe for 8-bit activations,
+    quad-safe for the 7-bit mode (act_bits=7). False for packings only the
+    fused conv's int8 stage reads (it never uses one)."""
     C = _native.lib()
     if C is None:
         return None
@@ -116,7 +118,8 @@ def pack_int8_weight(values: torch.Tensor, pair_safe: bool = True, name: str = "
     if v.stride(-1) != 1:
         v = v.contiguous()
     n, k = v.shape
-    nbytes = C.int8_packed_nbytes_for(v.data_ptr(), v.stride(0), n, k) if pair_safe else C.int8_packed_nbytes(n, k)
+    nbytes = (C.int8_packed_nbytes_for(v.data_ptr(), v.stride(0), n, k, act_bits) if pair_safe
+              else C.int8_packed_nbytes(n, k))
     out = packed_buffer(nbytes)
-    C.int8_pack(v.data_ptr(), v.stride(0), n, k, out.data_ptr(), nbytes)
+    C.int8_pack(v.data_ptr(), v.stride(0), n, k, out.data_ptr(), nbytes, act_bits)
     return out

@@ -150,17 +150,17 @@ class Int8Linear(PackedLinear):
                 or _checks.scale_error("weight_scale", t["weight_scale"]))
 
     def _signature(self) -> tuple:
-        """PackedModule's, plus whether the level in use reads pair-safe sections
-        (8-bit mode): an ISA-cap change across the AVX2 level repacks, with or
-        without the section."""
+        """PackedModule's, plus whether the level in use reads the section of
+        this activation mode (pair-safe for 8-bit, quad-safe for 7-bit): an
+        ISA-cap change across the AVX2 level repacks, with or without it."""
         sig = super()._signature()
-        if self.act_bits == 8 and _native.available():
-            sig += (_native.lib().pair_safe_levels()[0],)
+        if _native.available():
+            sig += (_native.lib().pair_safe_levels()[0 if self.act_bits == 8 else 2],)
         return sig
 
     def _pack(self) -> None:
         if self.weight_int8.device.type == "cpu" and _native.available():
-            self._packed = pack_int8_weight(self.weight_int8, pair_safe=self.act_bits == 8)
+            self._packed = pack_int8_weight(self.weight_int8, act_bits=self.act_bits)
             self._plan = self._make_plan("int8_a7" if self.act_bits == 7 else "int8", self._packed,
                                          self.weight_scale)
 
@@ -219,22 +219,33 @@ class Int8Linear(PackedLinear):
             from pyaccel import _native
 
             name = f"{name.split(' (')[0]} ({_native.lib().int8_kernel_name(7)})"
-        elif name.startswith("cpu/avx2 ") and self._packed is not None:
-            from pyaccel import _native
-
-            C = _native.lib()
-            n, k = self.out_features, self.in_features
-            if self._packed.numel() > C.int8_packed_nbytes(n, k):
-                name = f"{name[:-1]}; pair-safe qs8_gemm_4x16c4ps_avx2 from 5 rows)"
-            elif C.kernel_params()["int8"]["pair_safe_max_entry_fraction"] > 0:
-                w = self.weight_int8.detach().contiguous()
-                if C.int8_packed_nbytes_for(w.data_ptr(), k, n, k) > C.int8_packed_nbytes(n, k):
-                    why = "packed at another ISA level; the next call repacks with the split weights"
-                else:
-                    frac = C.kernel_params()["int8"]["pair_safe_max_entry_fraction"]
-                    why = f"splitting these weights would leave more than {frac:.0%} residual entries"
-                name = f"{name[:-1]}; int16 tile: {why})"
+        if name.startswith("cpu/avx2 ") and self._packed is not None:
+            name = self._split_path(name)
         return name
+
+    def _split_path(self, name: str) -> str:
+        """backend() at the AVX2 level: whether the pair-safe (8-bit) or
+        quad-safe (7-bit) path runs, from how many rows, or why not."""
+        from pyaccel import _native
+
+        C = _native.lib()
+        n, k = self.out_features, self.in_features
+        params = C.kernel_params()["int8" if self.act_bits == 8 else "int8_a7"]
+        frac = params["pair_safe_max_entry_fraction" if self.act_bits == 8 else "quad_safe_max_entry_fraction"]
+        if self._packed.numel() > C.int8_packed_nbytes(n, k):
+            if self.act_bits == 8:
+                return f"{name[:-1]}; pair-safe qs8_gemm_4x16c4ps_avx2 from 5 rows)"
+            rows = params["quad_safe_from_rows_huge" if n * k >= params["quad_safe_huge_weights"]
+                          else "quad_safe_from_rows"]
+            return f"{name[:-1]}; quad-safe qs8_gemm_4x16c4qs_avx2 from {rows} rows)"
+        if frac == 0:
+            return name
+        w = self.weight_int8.detach().contiguous()
+        if C.int8_packed_nbytes_for(w.data_ptr(), k, n, k, self.act_bits) > C.int8_packed_nbytes(n, k):
+            why = "packed at another ISA level; the next call repacks with the split weights"
+        else:
+            why = f"splitting these weights would leave more than {frac:.0%} residual entries"
+        return f"{name[:-1]}; {'int16 tile' if self.act_bits == 8 else 'unsplit tile'}: {why})"
 
     def extra_repr(self) -> str:
         bits = ", act_bits=7" if self.act_bits == 7 else ""

@@ -476,19 +476,22 @@ def test_s24_threshold_and_damaged_section(avx2, gen):
             run24(x, dense, vals, meta, bad)
 
 
-def test_no_section_where_no_kernel_reads_it(avx2, gen):
-    """7-bit modules and the fused conv's int8 stage never read a section: none is built for them."""
+def test_each_mode_packs_its_own_section(avx2, gen):
+    """8-bit modules pack the pair-safe section, 7-bit ones the quad-safe one
+    (test_int8_quad_safe.py); switching the mode repacks; the fused conv's int8
+    stage reads none, and none is built for it."""
     from pyaccel.nn import Int8Linear
 
     lin = torch.nn.Linear(256, 128)
     with torch.no_grad():
         lin.weight.normal_(0.0, 0.02, generator=gen)
     m8, m7 = Int8Linear.from_float(lin), Int8Linear.from_float(lin, act_bits=7)
-    assert has_section(m8._packed, 128, 256) and not has_section(m7._packed, 128, 256)
-    m8.act_bits = 7  # switching repacks without it, and back with it
-    assert not has_section(m8._packed, 128, 256)
+    pair, quad = m8._packed.clone(), m7._packed.clone()
+    assert has_section(pair, 128, 256) and has_section(quad, 128, 256) and not torch.equal(pair, quad)
+    m8.act_bits = 7
+    assert torch.equal(m8._packed, quad)
     m8.act_bits = 8
-    assert has_section(m8._packed, 128, 256)
+    assert torch.equal(m8._packed, pair)
     assert not has_section(pack_int8_weight(m8.weight_int8, pair_safe=False), 128, 256)
 
 

@@ -1,0 +1,170 @@
+// int8 GEMM, AVX2, 7-bit activations (act_bits=7) on quad-safe weights: two
+// vpmaddubsw results added in int16 before one vpmaddwd, 5 instructions per
+// 64 products where the 7-bit kernel (qs8_gemm_4x16c4u7_avx2.cpp) issues 6,
+// of which 3 multiplies against 4.
+//
+// With u = q + 64 in [1, 127] (quantizer zero point 0x40) a vpmaddubsw pair
+// sum u0 * w0 + u1 * w1 stays within 2 * 127 * 127, but two of them added can
+// reach twice that. The packer splits w = s + r (a quad-safe section: PsHeader
+// kind kPsQuad, int8_gemm.h): in s, each quad -- pair p of k groups 2j and 2j
+// + 1, k = 8j + 2p + {0, 1} and 8j + 4 + 2p + {0, 1} -- has its positive parts
+// and its negative parts each summing to at most 258 in magnitude, so its four
+// products sum to within 127 * 258 = 32766 and vpaddw of the two pair sums is
+// exact. The sparse residual r is multiplied from the activations transposed
+// to byte columns, per panel, as on the 8-bit pair-safe path
+// (pair_safe_avx2.h); the epilogue adds those sums and subtracts 64 * sum_k w
+// (comp / 2), leaving sum_k q * w exactly, the integer every other kernel
+// computes. A last k group without a partner (k_pad / 4 odd) is not split and
+// takes the 3-instruction step.
+#include <algorithm>
+#include <vector>
+
+#include "common/packed_header.h"
+#include "int8_gemm/pair_safe_avx2.h"
+#include "int8_gemm/qs8_gemm_avx2_tile.h"
+
+namespace pyaccel {
+namespace int8_gemm {
+namespace {
+
+// acc + residual sums - 64 * sum_k w for row m, channels [n0, n0 + 8).
+inline __m256i finish(const GemmArgs& g, __m256i acc, int64_t m, int64_t n0) {
+  const __m256i comp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.comp + n0));
+  const __m256i corr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.corr + m * kPanel + n0 % kPanel));
+  return _mm256_sub_epi32(_mm256_add_epi32(acc, corr), _mm256_srai_epi32(comp, 1));
+}
+
+// c += the 8 channels' products with u0 (k group g, weights w0) and u1
+// (group g + 1, weights w1): both vpmaddubsw pair sums, added in int16 (exact
+// on quad-safe weights), one vpmaddwd and one vpaddd. Inline asm: with the
+// intrinsics GCC spilled accumulators and copied them between registers;
+// w1 in a register or in memory ("xm": the tile holds 3 of its 4 weight
+// vectors in registers, 16 ymm in all).
+inline void quad_step(__m256i& c, __m256i w0, const __m256i& w1, __m256i u0, __m256i u1, __m256i ones) {
+  __m256i t, s;
+  __asm__(
+      "vpmaddubsw %[w0], %[u0], %[t]\n\t"
+      "vpmaddubsw %[w1], %[u1], %[s]\n\t"
+      "vpaddw %[s], %[t], %[t]\n\t"
+      "vpmaddwd %[ones], %[t], %[t]\n\t"
+      "vpaddd %[t], %[c], %[c]"
+      : [c] "+x"(c), [t] "=&x"(t), [s] "=&x"(s)
+      : [w0] "x"(w0), [w1] "xm"(w1), [u0] "x"(u0), [u1] "x"(u1), [ones] "x"(ones));
+}
+
+#define PYACCEL_QS_ROW(r)                                                                   \
+  if constexpr (MR > r) {                                                                   \
+    const __m256i v0 = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(a##r + off));     \
+    const __m256i v1 = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(a##r + off + 4)); \
+    quad_step(c##r##0, wa0, wb0, v0, v1, ones);                                             \
+    quad_step(c##r##1, wa1, *wb1, v0, v1, ones);                                            \
+  }
+#define PYACCEL_QS_LAST(r)                                                              \
+  if constexpr (MR > r) {                                                               \
+    const __m256i v0 = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(a##r + off)); \
+    avx2_tile::maddubs_step(c##r##0, wa0, v0, ones);                                    \
+    avx2_tile::maddubs_step(c##r##1, wa1, v0, ones);                                    \
+  }
+#define PYACCEL_QS_STORE(r)                                                                 \
+  if constexpr (MR > r) {                                                                   \
+    const float sa = g.a_scale[m + r];                                                      \
+    avx2_tile::store8(g, finish(g, c##r##0, m + r, n0), sa, m + r, n0);                     \
+    avx2_tile::store8(g, finish(g, c##r##1, m + r, n0 + 8), sa, m + r, n0 + 8);             \
+  }
+
+// Rows [m, m + MR) x 16 channels (a quarter of a packed panel), MR <= 4: 8
+// accumulators, 3 of the two k groups' 4 weight vectors, ones, 2 broadcasts
+// and 2 temporaries fill the 16 ymm registers. pf: one line of the next panel per k
+// group to pull into L2 (avx2_tile::NextPanelLines).
+template <int MR>
+inline void quad_tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0, const int8_t* pf) {
+  const int64_t groups = g.k_pad / kKGroup, pairs = groups / 2;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+  const int8_t *a0 = g.a + m * g.lda, *a1 = a0 + (MR > 1 ? g.lda : 0), *a2 = a0 + (MR > 2 ? 2 * g.lda : 0),
+               *a3 = a0 + (MR > 3 ? 3 * g.lda : 0);
+  const int8_t* b = sub;
+  constexpr int64_t kGroupBytes = kPanel * kKGroup;
+  for (int64_t j = 0; j < pairs; ++j, b += 2 * kGroupBytes, pf += 128) {
+    const int64_t off = j * 2 * kKGroup;
+    _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(pf) + 64, _MM_HINT_T1);
+    const __m256i wa0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)),
+                  wa1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32)),
+                  wb0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kGroupBytes));
+    const __m256i* const wb1 = reinterpret_cast<const __m256i*>(b + kGroupBytes + 32);  // a memory operand
+    PYACCEL_QS_ROW(0) PYACCEL_QS_ROW(1) PYACCEL_QS_ROW(2) PYACCEL_QS_ROW(3)
+  }
+  if (groups % 2) {  // the last group: the 3-instruction step (not split)
+    const int64_t off = (groups - 1) * kKGroup;
+    _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
+    const __m256i wa0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)),
+                  wa1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32));
+    PYACCEL_QS_LAST(0) PYACCEL_QS_LAST(1) PYACCEL_QS_LAST(2) PYACCEL_QS_LAST(3)
+  }
+  PYACCEL_QS_STORE(0) PYACCEL_QS_STORE(1) PYACCEL_QS_STORE(2) PYACCEL_QS_STORE(3)
+}
+#undef PYACCEL_QS_ROW
+#undef PYACCEL_QS_LAST
+#undef PYACCEL_QS_STORE
+
+using pair_safe::Residuals;
+
+thread_local std::vector<int32_t> t_corr;
+
+// Rows [m0, m1) (m0 a multiple of 16) x panels [p0, p1) on the quad-safe panels.
+void gemm_qs(const GemmArgs& g0, const Residuals& res, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const int64_t groups = g0.k_pad / kKGroup;
+  if (t_corr.size() < static_cast<size_t>((m1 - m0) * kPanel)) t_corr.resize((m1 - m0) * kPanel);
+  GemmArgs g = g0;
+  // finish() indexes corr by the absolute row m
+  g.corr = reinterpret_cast<const int32_t*>(reinterpret_cast<uintptr_t>(t_corr.data()) - m0 * kPanel * 4);
+  for (int64_t p = p0; p < p1; ++p) {
+    pair_safe::panel_residuals<kPanel>(res, g.ut, g.ldt, m0, m1, p * kPanel, t_corr.data());
+    const int8_t* panel = g.w + p * groups * kPanel * kKGroup;
+    avx2_tile::NextPanelLines pf(g, panel, p);
+    for (int s = 0; s < kPanel / 16; ++s) {
+      const int64_t n0 = p * kPanel + 16 * s;
+      if (n0 >= g.n) break;
+      const int8_t* sub = panel + 16 * s * kKGroup;
+      for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { quad_tile<h()>(g, m, sub, n0, pf.take()); });
+    }
+  }
+}
+
+}  // namespace
+
+void linear_qs_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
+                    const uint8_t* packed, const float* w_scale, const float* bias, void* y, int64_t ldy,
+                    bool y_bf16, int nthreads) {
+  PackedHeader h;
+  std::memcpy(&h, packed, sizeof(h));
+  const pair_safe::Section sec = pair_safe::section_of(packed + h.ps_offset);
+  const size_t ysize = y_bf16 ? 2 : 4;
+  auto pass_args = [&](const int8_t* q, const float* qs, int64_t lda, const uint8_t* ut, int64_t ldt, int64_t r0,
+                       int64_t rows) {
+    GemmArgs g{q, lda, qs, reinterpret_cast<const int8_t*>(sec.panels),
+               reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
+               static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.k_pad};
+    g.ut = ut;
+    g.ldt = ldt;
+    return g;
+  };
+  if (pair_safe::affine_passes(kern.quantize, kern.a_zero, kern.qmax, x, ldx, x_bf16, m, k, h.k_pad, kPanel,
+                               h.n_pad / kPanel, nthreads,
+                               [&](const pair_safe::PassView& v, int64_t p, int64_t a0, int64_t a1) {
+                                 gemm_qs(pass_args(v.q, v.qs, v.lda, v.ut, v.ldt, v.r0, v.rows), sec.res, a0, a1, p,
+                                         p + 1);
+                               }))
+    return;
+  pair_safe::transposed_passes(
+      kern.quantize, kern.a_zero, kern.qmax, x, ldx, x_bf16, m, k, h.k_pad, kPanel, nthreads,
+      [&](const int8_t* q, const float* qs, int64_t lda, const uint8_t* ut, int64_t ldt, int64_t r0, int64_t rows) {
+        const GemmArgs g = pass_args(q, qs, lda, ut, ldt, r0, rows);
+        parallel_units_rows(h.n_pad / kPanel, rows, 16, nthreads,
+                            [&](int64_t p, int64_t a0, int64_t a1) { gemm_qs(g, sec.res, a0, a1, p, p + 1); });
+      });
+}
+
+}  // namespace int8_gemm
+}  // namespace pyaccel
