@@ -19,9 +19,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "common/packed_header.h"
-#include "int8_gemm/pair_safe_avx2.h"
-#include "int8_gemm/qs8_gemm_avx2_tile.h"
+#include "int8_gemm/split_linear_avx2.h"
 
 namespace pyaccel {
 namespace int8_gemm {
@@ -108,62 +106,19 @@ inline void quad_tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n
 #undef PYACCEL_QS_LAST
 #undef PYACCEL_QS_STORE
 
-using pair_safe::Residuals;
-
-thread_local std::vector<int32_t> t_corr;
-
-// Rows [m0, m1) (m0 a multiple of 16) x panels [p0, p1) on the quad-safe panels.
-void gemm_qs(const GemmArgs& g0, const Residuals& res, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  const int64_t groups = g0.k_pad / kKGroup;
-  if (t_corr.size() < static_cast<size_t>((m1 - m0) * kPanel)) t_corr.resize((m1 - m0) * kPanel);
-  GemmArgs g = g0;
-  // finish() indexes corr by the absolute row m
-  g.corr = reinterpret_cast<const int32_t*>(reinterpret_cast<uintptr_t>(t_corr.data()) - m0 * kPanel * 4);
-  for (int64_t p = p0; p < p1; ++p) {
-    pair_safe::panel_residuals<kPanel>(res, g.ut, g.ldt, m0, m1, p * kPanel, t_corr.data());
-    const int8_t* panel = g.w + p * groups * kPanel * kKGroup;
-    avx2_tile::NextPanelLines pf(g, panel, p);
-    for (int s = 0; s < kPanel / 16; ++s) {
-      const int64_t n0 = p * kPanel + 16 * s;
-      if (n0 >= g.n) break;
-      const int8_t* sub = panel + 16 * s * kKGroup;
-      for_each_row_tile<4>(m0, m1, [&](int64_t m, auto h) { quad_tile<h()>(g, m, sub, n0, pf.take()); });
-    }
-  }
-}
-
 }  // namespace
 
 void linear_qs_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
                     const uint8_t* packed, const float* w_scale, const float* bias, void* y, int64_t ldy,
                     bool y_bf16, int nthreads) {
-  PackedHeader h;
-  std::memcpy(&h, packed, sizeof(h));
-  const pair_safe::Section sec = pair_safe::section_of(packed + h.ps_offset);
-  const size_t ysize = y_bf16 ? 2 : 4;
-  auto pass_args = [&](const int8_t* q, const float* qs, int64_t lda, const uint8_t* ut, int64_t ldt, int64_t r0,
-                       int64_t rows) {
-    GemmArgs g{q, lda, qs, reinterpret_cast<const int8_t*>(sec.panels),
-               reinterpret_cast<const int32_t*>(packed + h.comp_offset), w_scale, bias,
-               static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.k_pad};
-    g.ut = ut;
-    g.ldt = ldt;
-    return g;
-  };
-  if (pair_safe::affine_passes(kern.quantize, kern.a_zero, kern.qmax, x, ldx, x_bf16, m, k, h.k_pad, kPanel,
-                               h.n_pad / kPanel, nthreads,
-                               [&](const pair_safe::PassView& v, int64_t p, int64_t a0, int64_t a1) {
-                                 gemm_qs(pass_args(v.q, v.qs, v.lda, v.ut, v.ldt, v.r0, v.rows), sec.res, a0, a1, p,
-                                         p + 1);
-                               }))
-    return;
-  pair_safe::transposed_passes(
-      kern.quantize, kern.a_zero, kern.qmax, x, ldx, x_bf16, m, k, h.k_pad, kPanel, nthreads,
-      [&](const int8_t* q, const float* qs, int64_t lda, const uint8_t* ut, int64_t ldt, int64_t r0, int64_t rows) {
-        const GemmArgs g = pass_args(q, qs, lda, ut, ldt, r0, rows);
-        parallel_units_rows(h.n_pad / kPanel, rows, 16, nthreads,
-                            [&](int64_t p, int64_t a0, int64_t a1) { gemm_qs(g, sec.res, a0, a1, p, p + 1); });
-      });
+  split_linear::linear(kern.quantize, kern.a_zero, kern.qmax, x, ldx, x_bf16, m, k, packed, w_scale, bias, y, ldy, y_bf16,
+                       nthreads,
+                       [](const GemmArgs& g, const pair_safe::Residuals& res, int64_t m0, int64_t m1, int64_t p0,
+                          int64_t p1) {
+                         split_linear::gemm<4>(g, res, m0, m1, p0, p1,
+                                                      [](const GemmArgs& g, int64_t m, auto h, const int8_t* sub,
+                                                         int64_t n0, const int8_t* pf) { quad_tile<h()>(g, m, sub, n0, pf); });
+                       });
 }
 
 }  // namespace int8_gemm
