@@ -40,6 +40,24 @@ def on_threads_unguarded(n: int, fn, tries: int = 10):
     pytest.skip(f"the late-team guard kept tripping (a busy machine): the {n}-thread split did not run")
 
 
+def run_unguarded_script(body: str, test_file: str, cwd) -> None:
+    """Runs body (dedented Python; the test's own module importable by name,
+    tests/ on the path) in a fresh process with the late-team guard off, for
+    tests that run more threads than cores: the guard would otherwise put
+    the calls on one thread. body must end by printing
+    "ok", _native.lib().late_team_trips(); the guard must not have fired."""
+    import textwrap
+    from pathlib import Path
+
+    here = Path(test_file).parent
+    code = (f"import sys\nsys.path[:0] = [{str(here)!r}, {str(Path(__file__).parent)!r}]\n"
+            + textwrap.dedent(body))
+    env = dict(os.environ, PYACCEL_LATE_TEAM_GUARD="0")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["ok", "0"]
+
+
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.detach().double(), out.detach().double()
     return float(20 * torch.log10(ref.norm() / (ref - out).norm().clamp_min(1e-300)))

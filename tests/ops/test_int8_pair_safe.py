@@ -14,15 +14,13 @@ the extreme pairs and extreme activations below hit every saturation edge of
 vpmaddubsw. Integer results must match exactly.
 """
 import functools
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _helpers import num_threads, on_threads_unguarded
+from _helpers import num_threads, on_threads_unguarded, run_unguarded_script
 from pyaccel import _native, reference
 from pyaccel.formats.int8 import pack_int8_weight
 
@@ -241,13 +239,8 @@ def test_row_chunks_per_thread(avx2, gen, m):
 def test_row_chunks_more_threads_than_cores(avx2, tmp_path):
     """3 and 4 threads (on 2 cores here: late threads leave their chunks' items
     to the others), in a process with the late-team guard off."""
-    import subprocess
-    import sys
-    import textwrap
-
-    code = textwrap.dedent(f"""
-        import sys, torch
-        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parent.parent)!r}]
+    run_unguarded_script("""
+        import torch
         from pyaccel import _native
         import test_int8_pair_safe as t
         with _native.isa_cap("avx2"):
@@ -256,11 +249,7 @@ def test_row_chunks_more_threads_than_cores(avx2, tmp_path):
                 for m in t.AFFINE_M:
                     t._check_row_chunks(t.edge_activations(m, 1030, gen), threads)
         print("ok", _native.lib().late_team_trips())
-    """)
-    env = dict(os.environ, PYACCEL_LATE_TEAM_GUARD="0")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split() == ["ok", "0"]
+    """, __file__, tmp_path)
 
 
 def test_nonfinite_and_tiny_rows(avx2, gen):

@@ -16,15 +16,13 @@ hit the int16 edge of the vpaddw of two vpmaddubsw pair sums (127 * 258 =
 rows at a time per 8 channels, threads take row chunks in multiples of 16
 from 64 rows a thread. Integer results must match exactly.
 """
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _helpers import num_threads, on_threads_unguarded
+from _helpers import num_threads, on_threads_unguarded, run_unguarded_script
 from pyaccel import _native, reference
 from pyaccel.formats.int8 import pack_int8_weight
 
@@ -289,13 +287,8 @@ def test_row_chunks_per_thread(avx2, gen, m):
 
 def test_row_chunks_more_threads_than_cores(avx2, tmp_path):
     """3 and 4 threads, in a process with the late-team guard off."""
-    import subprocess
-    import sys
-    import textwrap
-
-    code = textwrap.dedent(f"""
-        import sys, torch
-        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parent.parent)!r}]
+    run_unguarded_script("""
+        import torch
         from pyaccel import _native
         from _helpers import num_threads
         import test_int8_quad_safe as t
@@ -310,11 +303,7 @@ def test_row_chunks_more_threads_than_cores(avx2, tmp_path):
                         y = t.run_exact(x, w, packed)
                     assert torch.equal(y, t.exact_ref(x, w)), (threads, m)
         print("ok", _native.lib().late_team_trips())
-    """)
-    env = dict(os.environ, PYACCEL_LATE_TEAM_GUARD="0")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split() == ["ok", "0"]
+    """, __file__, tmp_path)
 
 
 def test_nonfinite_and_tiny_rows(avx2, gen):
