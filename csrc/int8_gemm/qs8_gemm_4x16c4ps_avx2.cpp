@@ -15,8 +15,6 @@
 // even / odd rows' exact products) and two vpaddd. The tile's epilogue adds the
 // residual sums and subtracts comp = 128 * sum_k w, leaving sum_k q * w
 // exactly, the integer every other kernel computes.
-#include <algorithm>
-#include <vector>
 
 #include "int8_gemm/split_linear_avx2.h"
 

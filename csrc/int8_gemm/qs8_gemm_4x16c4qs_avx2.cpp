@@ -16,8 +16,6 @@
 // (comp / 2), leaving sum_k q * w exactly, the integer every other kernel
 // computes. A last k group without a partner (k_pad / 4 odd) is not split and
 // takes the 3-instruction step.
-#include <algorithm>
-#include <vector>
 
 #include "int8_gemm/split_linear_avx2.h"
 
