@@ -21,7 +21,10 @@
 // FMA ports (0, 1, 5); here one decode serves 12 FMAs instead of 4 and there
 // is no shuffle. Measured on Golden Cove cores (a Sapphire Rapids Xeon capped
 // at AVX2, modules, interleaved): 1.05 - 1.17x the 4 x 16 tile at 32 - 128
-// rows on 2 threads, 1.09 - 1.24x on one (the four suite shapes). Row tiles
+// rows on 2 threads, 1.09 - 1.24x on one (the four suite shapes). Tiles of
+// 2, 4 or 6 halves from an even half address x as [slab pointer +
+// displacement], one pointer per slab and kept weight (S24_SLAB_PTRS); the
+// others, and the 1-channel tiles, as [slab + offset + displacement]. Row tiles
 // of 7 - 10 half slabs (past 48 rows) run as 1-channel tiles instead (tile1:
 // one decode feeds 14 - 20 FMAs; see s24_gemm_cols_2x48_avx2).
 //
@@ -124,6 +127,46 @@ inline void tile(const ColsArgs& a, int64_t t, int64_t s, int64_t gb, int64_t ge
   }
 }
 
+// The slab pointers of one kept weight where `pin` (a 2-channel tile of whole
+// slabs): q##i = x##i + o, each held in a register (the asm), so that the
+// weight's FMAs address [q##i + displacement] (with x##i + o as the address
+// GCC emits base + index operands, which Golden Cove unlaminates: two
+// fused-domain uops per FMA). Otherwise q##i = x##i and the FMAs add o.
+template <int Slabs>
+inline void pin_slab_ptrs(const char*& q0, const char*& q1, const char*& q2, const char*& q3, const char*& q4,
+                          const char*& q5) {
+  if (Slabs > 0) asm("" : "+r"(q0));
+  if (Slabs > 1) asm("" : "+r"(q1));
+  if (Slabs > 2) asm("" : "+r"(q2));
+  if (Slabs > 3) asm("" : "+r"(q3));
+  if (Slabs > 4) asm("" : "+r"(q4));
+  if (Slabs > 5) asm("" : "+r"(q5));
+}
+#define S24_SLAB_PTRS(pin, slabs, q, o)                                                                      \
+  const char *q##0 = x0 + ((pin) ? (o) : 0), *q##1 = x1 + ((pin) ? (o) : 0), *q##2 = x2 + ((pin) ? (o) : 0), \
+             *q##3 = x3 + ((pin) ? (o) : 0), *q##4 = x4 + ((pin) ? (o) : 0), *q##5 = x5 + ((pin) ? (o) : 0);  \
+  pin_slab_ptrs<(pin) ? (slabs) : 0>(q##0, q##1, q##2, q##3, q##4, q##5);
+
+// Half h of a tile that starts at an even (Odd 0) or odd half slab: slab
+// pointer q##((h + Odd) / 2), picked at compile time (named variables: GCC
+// kept an array of them in a vector register and extracted them every block)
+#define S24_X(h, q)                                                                                       \
+  ((h + Odd) / 2 == 0 ? q##0 : (h + Odd) / 2 == 1 ? q##1 : (h + Odd) / 2 == 2 ? q##2 : (h + Odd) / 2 == 3 \
+   ? q##3 : (h + Odd) / 2 == 4 ? q##4 : q##5)
+
+// the first `Slabs` slab pointers one k-block on
+template <int Slabs>
+inline void next_k_block(const char*& x0, const char*& x1, const char*& x2, const char*& x3, const char*& x4,
+                         const char*& x5) {
+  constexpr int64_t kStep = kBlockGroups * 4 * 64;
+  x0 += kStep;
+  if (Slabs > 1) x1 += kStep;
+  if (Slabs > 2) x2 += kStep;
+  if (Slabs > 3) x3 += kStep;
+  if (Slabs > 4) x4 += kStep;
+  if (Slabs > 5) x5 += kStep;
+}
+
 // ---- 2 channels x up to 48 rows (Intel) --------------------------------------
 
 // Where channel `lane` of panel `panel` keeps its position bytes (pp, one per
@@ -196,8 +239,10 @@ inline void store_row_tile(const ColsArgs& a, const float* sums, int64_t h0, int
   __m256 a##h##c = (H <= h || first) ? _mm256_setzero_ps() : _mm256_load_ps(part + (2 * h + c) * 8);
 #define S24D_SAVE(h, c) \
   if (H > h) _mm256_store_ps(part + (2 * h + c) * 8, a##h##c);
-#define S24D_FMA(h, c, w, o) \
-  if (H > h) fma231(a##h##c, w, x##h + j * 256 + (o));
+// half h of the row tile: slab (h0 + h) / 2 (pointer q##i, picked by
+// S24_X), +32 bytes when h0 + h is odd (Odd = h0 & 1)
+#define S24D_FMA(h, c, w, q, o) \
+  if (H > h) fma231(a##h##c, w, S24_X(h, q) + j * 256 + 32 * ((h + Odd) & 1) + (kPin ? 0 : (o)));
 // channel c, group j: the offsets 64 * i0 = byte & 0xC0 and 64 * i1 = 4 * (byte & 0x30)
 #define S24D_CHANNEL(c)                                                                            \
   {                                                                                                \
@@ -205,26 +250,29 @@ inline void store_row_tile(const ColsArgs& a, const float* sums, int64_t h0, int
     const uint64_t o0 = pb & 0xC0u, o1 = 4 * (pb & 0x30u);                                         \
     const __m256 w0 = _mm256_broadcast_ss(vp + v0_at(j) / 4 + c);                                 \
     const __m256 w1 = _mm256_broadcast_ss(vp + v1_at(j) / 4 + c);                                  \
-    S24D_FMA(0, c, w0, o0) S24D_FMA(1, c, w0, o0) S24D_FMA(2, c, w0, o0)                           \
-    S24D_FMA(3, c, w0, o0) S24D_FMA(4, c, w0, o0) S24D_FMA(5, c, w0, o0)                           \
-    S24D_FMA(0, c, w1, o1) S24D_FMA(1, c, w1, o1) S24D_FMA(2, c, w1, o1)                           \
-    S24D_FMA(3, c, w1, o1) S24D_FMA(4, c, w1, o1) S24D_FMA(5, c, w1, o1)                           \
+    S24_SLAB_PTRS(kPin, kSlabs, e##c, o0) S24_SLAB_PTRS(kPin, kSlabs, f##c, o1)                    \
+    S24D_FMA(0, c, w0, e##c, o0) S24D_FMA(1, c, w0, e##c, o0) S24D_FMA(2, c, w0, e##c, o0)         \
+    S24D_FMA(3, c, w0, e##c, o0) S24D_FMA(4, c, w0, e##c, o0) S24D_FMA(5, c, w0, e##c, o0)         \
+    S24D_FMA(0, c, w1, f##c, o1) S24D_FMA(1, c, w1, f##c, o1) S24D_FMA(2, c, w1, f##c, o1)         \
+    S24D_FMA(3, c, w1, f##c, o1) S24D_FMA(4, c, w1, f##c, o1) S24D_FMA(5, c, w1, f##c, o1)         \
   }
 
-// 2-channel tiles [u0, u1) (channels 2u, 2u + 1) x half slabs [h0, h0 + H),
-// groups [gb, ge); `part`: their sums (2 * H * 8 floats a tile, in order),
-// added to unless `first`
-template <int H>
+// 2-channel tiles [u0, u1) (channels 2u, 2u + 1) x half slabs [h0, h0 + H)
+// (h0 & 1 == Odd), groups [gb, ge); `part`: their sums (2 * H * 8 floats a
+// tile, in order), added to unless `first`
+template <int H, int Odd>
 inline void tile2(const ColsArgs& a, int64_t u0, int64_t u1, int64_t h0, int64_t gb, int64_t ge, bool first,
                   float* part) {
-  // half slab h's lines: slab (h0 + h) / 2, +32 bytes for an odd half (rows 8 - 15)
-  auto half = [&](int h) {
-    const int64_t hh = h0 + (h < H ? h : 0);
-    return reinterpret_cast<const char*>(a.xt + (hh >> 1) * slab_floats(a.kp) + gb * 4 * 16) + 32 * (hh & 1);
+  static_assert(H >= 1 && H <= 6, "1 - 6 half slabs");
+  constexpr int kSlabs = (H + Odd + 1) / 2;
+  // whole slabs (even H from an even half): one pointer per slab and weight, H
+  // / 2 adds for H FMAs; otherwise base + index operands
+  constexpr bool kPin = Odd == 0 && H % 2 == 0;
+  auto slab = [&](int i) {
+    return reinterpret_cast<const char*>(a.xt + ((h0 >> 1) + (i < kSlabs ? i : 0)) * slab_floats(a.kp) + gb * 4 * 16);
   };
-  const char *const b0 = half(0), *const b1 = half(1), *const b2 = half(2), *const b3 = half(3),
-             *const b4 = half(4), *const b5 = half(5);
-  constexpr int64_t kStep = kBlockGroups * 4 * 64;
+  const char *const b0 = slab(0), *const b1 = slab(1), *const b2 = slab(2), *const b3 = slab(3),
+             *const b4 = slab(4), *const b5 = slab(5);
   for (int64_t u = u0; u < u1; ++u, part += 16 * H) {
     S24D_ALL(S24D_DECL)
     const ChannelStream cs(a, u >> 3, (u & 7) * 2, gb, ge);
@@ -248,10 +296,21 @@ inline void tile2(const ColsArgs& a, int64_t u0, int64_t u1, int64_t h0, int64_t
       for (int j = 0; j < kBlockGroups; ++j) {
         S24D_CHANNEL(0) S24D_CHANNEL(1)
       }
-      x0 += kStep, x1 += kStep, x2 += kStep, x3 += kStep, x4 += kStep, x5 += kStep;
+      next_k_block<kSlabs>(x0, x1, x2, x3, x4, x5);
     }
     S24D_ALL(S24D_SAVE)
   }
+}
+
+// tile2 for a row tile at half slab h0 (odd only as the 6-half tile after a
+// 7-half one: 13 halves)
+template <int H>
+inline void tile2_at(const ColsArgs& a, int64_t u0, int64_t u1, int64_t h0, int64_t gb, int64_t ge, bool first,
+                     float* part) {
+  if (h0 & 1)
+    tile2<H, 1>(a, u0, u1, h0, gb, ge, first, part);
+  else
+    tile2<H, 0>(a, u0, u1, h0, gb, ge, first, part);
 }
 
 // ---- 1 channel x 7 - 10 half slabs (Intel, row tiles past 48 rows) -----------
@@ -264,13 +323,8 @@ inline void tile2(const ColsArgs& a, int64_t u0, int64_t u1, int64_t h0, int64_t
 #define S24E_DECL(h) __m256 c##h = (H <= h || first) ? _mm256_setzero_ps() : _mm256_load_ps(part + h * 8);
 #define S24E_SAVE(h) \
   if (H > h) _mm256_store_ps(part + h * 8, c##h);
-// half h's slab pointer, picked at compile time (named variables: GCC kept
-// an array of them in a vector register and extracted them every block)
-#define S24E_X(h)                                                                                     \
-  ((h + Odd) / 2 == 0 ? x0 : (h + Odd) / 2 == 1 ? x1 : (h + Odd) / 2 == 2 ? x2 : (h + Odd) / 2 == 3 ? x3 \
-   : (h + Odd) / 2 == 4 ? x4 : x5)
 #define S24E_FMA(h, w, o) \
-  if (H > h) fma231(c##h, w, S24E_X(h) + j * 256 + 32 * ((h + Odd) & 1) + (o));
+  if (H > h) fma231(c##h, w, S24_X(h, x) + j * 256 + 32 * ((h + Odd) & 1) + (o));
 
 // channels [c0, c1) x half slabs [h0, h0 + H) (h0 & 1 == Odd), groups [gb, ge);
 // `part`: 8 * H sums per channel, in order, added to unless `first`
@@ -284,7 +338,6 @@ inline void tile1(const ColsArgs& a, int64_t c0, int64_t c1, int64_t h0, int64_t
   };
   const char *const b0 = slab(0), *const b1 = slab(1), *const b2 = slab(2), *const b3 = slab(3),
              *const b4 = slab(4), *const b5 = slab(5);
-  constexpr int64_t kStep = kBlockGroups * 4 * 64;
   // (the accumulators c0 .. c9 hide the argument c0 inside the loop)
   const int64_t call0 = c0;
   const char* const next_panel = reinterpret_cast<const char*>(a.w) +
@@ -314,12 +367,7 @@ inline void tile1(const ColsArgs& a, int64_t c0, int64_t c1, int64_t h0, int64_t
         S24E_FMA(0, w1, o1) S24E_FMA(1, w1, o1) S24E_FMA(2, w1, o1) S24E_FMA(3, w1, o1) S24E_FMA(4, w1, o1)
         S24E_FMA(5, w1, o1) S24E_FMA(6, w1, o1) S24E_FMA(7, w1, o1) S24E_FMA(8, w1, o1) S24E_FMA(9, w1, o1)
       }
-      x0 += kStep;
-      if (kSlabs > 1) x1 += kStep;
-      if (kSlabs > 2) x2 += kStep;
-      if (kSlabs > 3) x3 += kStep;
-      if (kSlabs > 4) x4 += kStep;
-      if (kSlabs > 5) x5 += kStep;
+      next_k_block<kSlabs>(x0, x1, x2, x3, x4, x5);
     }
     S24E_ALL(S24E_SAVE)
   }
@@ -447,12 +495,12 @@ void s24_gemm_cols_2x48_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* p
         for (int64_t u = 2 * t0; u < units_end;) {
           const int64_t ue = u + 4 < units_end ? u + 4 : units_end;
           switch (h) {
-            case 6: tile2<6>(a, u, ue, h0, gb, ge, first, p); break;
-            case 5: tile2<5>(a, u, ue, h0, gb, ge, first, p); break;
-            case 4: tile2<4>(a, u, ue, h0, gb, ge, first, p); break;
-            case 3: tile2<3>(a, u, ue, h0, gb, ge, first, p); break;
-            case 2: tile2<2>(a, u, ue, h0, gb, ge, first, p); break;
-            default: tile2<1>(a, u, ue, h0, gb, ge, first, p);
+            case 6: tile2_at<6>(a, u, ue, h0, gb, ge, first, p); break;
+            case 5: tile2_at<5>(a, u, ue, h0, gb, ge, first, p); break;
+            case 4: tile2_at<4>(a, u, ue, h0, gb, ge, first, p); break;
+            case 3: tile2_at<3>(a, u, ue, h0, gb, ge, first, p); break;
+            case 2: tile2_at<2>(a, u, ue, h0, gb, ge, first, p); break;
+            default: tile2_at<1>(a, u, ue, h0, gb, ge, first, p);
           }
           if (last) store_row_tile<false>(a, p, h0, h, 2 * u, 2 * ue);
           p += 16 * h * (ue - u);  // 2 * h * 8 floats a tile
