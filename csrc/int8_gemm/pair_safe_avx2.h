@@ -57,7 +57,7 @@ inline void transpose16x32(const int8_t* const r[16], int64_t k, uint8_t* dst, i
 }
 
 // Rows [0, rows) of encoded activations (row stride lda) -> their bytes,
-// column-major: ut[k * ldt + m] (GemmArgs::ut, ldt a multiple of 64; rows up
+// column-major: ut[k * ldt + m] (GemmArgs::ut, ldt a multiple of 16; rows up
 // to the next multiple of 16 repeat the last one).
 inline void transpose_rows(const int8_t* q, int64_t lda, int64_t rows, int64_t k_pad, uint8_t* ut, int64_t ldt) {
   for (int64_t b0 = 0; b0 * 16 < rows; b0 += 4) {
@@ -169,7 +169,10 @@ void transposed_passes(QuantizeRowsFn quantize, uint8_t a_zero, int qmax, const 
   const size_t xsize = x_bf16 ? 2 : 4;
   const int64_t grain = round_up(std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), 64);  // >= ~16K values
   for_each_row_pass(m, lda + k_pad + 4 * panel_width, kRowPassBytes, 64, [&](int64_t r0, int64_t r1) {
-    const int64_t rows = r1 - r0, ldt = round_up(rows, 64);
+    // a pass one thread transposes alone (rows <= grain: parallel_for's one
+    // chunk) keeps its columns 16-row padded; threads that share one write
+    // whole 64-row blocks of columns 64 bytes apart (no line of ut written by two)
+    const int64_t rows = r1 - r0, ldt = round_up(rows, rows <= grain ? 16 : 64);
     const QuantScratch s = quant_scratch(rows, lda);
     if (t_ut.size() < static_cast<size_t>(ldt * k_pad)) t_ut.resize(ldt * k_pad);
     uint8_t* ut = t_ut.data();
