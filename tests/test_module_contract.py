@@ -578,10 +578,14 @@ def test_data_swap_is_seen_by_every_path(isa, gen, case):
 def test_valid_in_place_weight_edit_is_seen(gen, case):
     mod = case.build(40, 24, True, gen)
     x = torch.randn(5, 40, generator=gen)
+    _check_valid_edit_is_seen(mod, case, x)
+
+
+def _check_valid_edit_is_seen(mod, case, x):
+    """Edit mod's weights in place (valid values); the next call must see it."""
     before = mod(x)
-    name = _edit_name(mod)
     with torch.no_grad():
-        t = getattr(mod, name)
+        t = getattr(mod, _edit_name(mod))
         if t.dtype == torch.int64:  # packed binary weights: negate every weight
             t.copy_(_scaled(t, mod))
         else:
@@ -589,6 +593,28 @@ def test_valid_in_place_weight_edit_is_seen(gen, case):
     after = mod(x)
     assert not torch.equal(after, before)
     assert_matches_reference(after, case.reference(mod, x), x, mod)
+
+
+@needs_native
+def test_in_place_edits_are_seen_in_inference_mode(gen, case):
+    """Built, loaded (assign=True) and edited under torch.inference_mode, whose
+    tensors have no version counter: the module keeps normal copies, so a valid
+    in-place edit is seen and an invalid one refused at the next call."""
+    x = torch.randn(5, 40, generator=gen)
+    with torch.inference_mode():
+        mod = case.build(40, 24, True, gen)
+        assert not any(getattr(mod, n).is_inference() for n in mod.WEIGHT_NAMES if getattr(mod, n) is not None)
+        loaded = copy.deepcopy(mod)
+        loaded.load_state_dict({k: v.clone() for k, v in mod.state_dict().items()}, assign=True)
+        for m in (mod, loaded):
+            _check_valid_edit_is_seen(m, case, x)
+            for bad_name, bad in case.bad_values(m).items():
+                if bad_name in m._READ_IN_PLACE:
+                    continue
+                edited = copy.deepcopy(m)
+                getattr(edited, bad_name).copy_(bad)
+                with pytest.raises(ValueError, match=bad_name):
+                    edited(x)
 
 
 def test_invalid_canonical_values_are_refused(gen, case):
@@ -1057,6 +1083,21 @@ def test_conv_state_changed_behind_the_module(isa, gen, ccase):
     assert_conv_close(mod(x), ccase.reference(mod, x.double()).float(), ".data swap", rel=ccase.rel)
     mod.register_buffer("bias", torch.ones(12))
     assert_conv_close(mod(x), ccase.reference(mod, x.double()).float(), "register_buffer", rel=ccase.rel)
+
+
+@needs_native
+def test_conv_in_place_edits_are_seen_in_inference_mode(gen, ccase):
+    """As test_in_place_edits_are_seen_in_inference_mode, for the conv modules."""
+    x = _cx(gen, 16)
+    with torch.inference_mode():
+        mod = ccase.build(16, 12, gen)
+        before = mod(x)
+        t = getattr(mod, ccase.edit_name)
+        assert not t.is_inference()
+        t.copy_(_scaled(t, mod))
+        after = mod(x)
+    assert not torch.equal(after, before)
+    assert_conv_close(after, ccase.reference(mod, x.double()).float(), "in-place edit", rel=ccase.rel)
 
 
 def test_conv_invalid_canonical_values_are_refused(gen, ccase):

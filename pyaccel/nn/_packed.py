@@ -98,16 +98,29 @@ class PackedModule(nn.Module):
         of weights, device or state; done automatically)."""
         for name in self._DERIVED:
             setattr(self, name, None)
+        self._track_versions()
         self._sig = self._signature()
         self._invalid = self._canonical_error(self._canonical())
         if self._invalid is None:
             self._pack()
 
+    def _track_versions(self) -> None:
+        """Replace each canonical buffer that is an inference tensor (made under
+        torch.inference_mode: no version counter) by a normal copy, whose
+        in-place edits -- inside inference mode too -- bump its counter, so
+        that the next call sees them (repacks, or refuses an invalid value)."""
+        for name in self.WEIGHT_NAMES:
+            t = self._buffers.get(name)
+            if t is not None and t.is_inference():
+                with torch.inference_mode(False):
+                    self._buffers[name] = t.clone()
+
     def _signature(self) -> tuple:
         """Identity, data pointer, version counter and shape of every canonical
         buffer: differs from the one recorded at packing time after any
         assignment, .data swap (a same-pointer view included) or in-place edit
-        (inference tensors have no counter)."""
+        (_track_versions keeps inference tensors out of the canonical buffers:
+        they have no counter)."""
         sig = []
         for name in sorted(self.WEIGHT_NAMES):
             t = self._buffers.get(name)
