@@ -86,6 +86,17 @@ def sparse24_padding_error(name: str, values: Tensor, meta: Tensor, k: int) -> O
     return None
 
 
+def require_sparse24_format(values: Tensor, meta: Tensor, k: int, values_name: str = "values",
+                            meta_name: str = "meta") -> None:
+    """ValueError naming the argument when meta holds a group without two
+    distinct positions, or values a non-zero weight past k (see
+    sparse24_meta_error, sparse24_padding_error)."""
+    err = (sparse24_meta_error(meta_name, meta, (k + 3) // 4)
+           or sparse24_padding_error(values_name, values, meta, k))
+    if err:
+        raise ValueError(err)
+
+
 def same_device_error(tensors: dict) -> Optional[str]:
     ts = {k: t for k, t in tensors.items() if isinstance(t, Tensor)}
     devs = {t.device for t in ts.values()}

@@ -125,9 +125,13 @@ def position_bytes(sw: Sparse24Weight) -> torch.Tensor:
 
 
 def pack_sparse24(sw: Sparse24Weight):
-    """Pack for the native CPU kernels (fp32 values); None without the native library."""
+    """Pack for the native CPU kernels (fp32 values); None without the native library.
+    ValueError when meta holds a group without two distinct positions, or the
+    values a non-zero weight past k."""
     from pyaccel import _native
+    from pyaccel.formats._checks import require_sparse24_format
 
+    require_sparse24_format(sw.values.detach(), sw.meta.detach(), sw.shape[1])
     C = _native.lib()
     if C is None:
         return None
@@ -142,11 +146,13 @@ def pack_sparse24(sw: Sparse24Weight):
 
 def pack_sparse24_int8(values: torch.Tensor, meta: torch.Tensor, k: int):
     """Pack int8 2:4 values for the native kernels; None without the native library.
-    ValueError when values holds -128 (the packings hold [-127, 127] only)."""
+    ValueError when values holds -128 (the packings hold [-127, 127] only), meta
+    a group without two distinct positions, or the values a non-zero weight past k."""
     from pyaccel import _native
-    from pyaccel.formats._checks import require_int8_values
+    from pyaccel.formats._checks import require_int8_values, require_sparse24_format
 
     require_int8_values("values", values.detach())
+    require_sparse24_format(values.detach(), meta.detach(), k)
 
     C = _native.lib()
     if C is None:

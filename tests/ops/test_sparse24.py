@@ -299,6 +299,53 @@ def test_opcheck_and_errors(gen):
         op(x, vals, meta, 40, None, torch.zeros_like(p))
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_malformed_canonical_form_is_refused_by_the_ops_and_packers(gen, int8):
+    """A group of meta without two distinct positions (the kernels would add
+    both values where the reference keeps one) or a non-zero value past k: the
+    ops (packed=None) and the packers raise ValueError naming the argument."""
+    k = 38  # the last group has 2 real inputs: positions 2, 3 are padding
+    w = _sparse_weight(24, k, gen)
+    vals, meta = _canon(w)
+    x = torch.randn(3, k, generator=gen)
+    if int8:
+        _, vals, meta, scale = _int8_24(24, k, gen)
+    vals[vals == 0] = 1  # every kept value non-zero (padding edits below must show)
+
+    def run(v, m):
+        if int8:
+            torch.ops.pyaccel.sparse24_int8_linear(x, v, m, k, scale, None, None)
+        else:
+            torch.ops.pyaccel.sparse24_linear(x, v, m, k, None, None)
+
+    def pack(v, m):
+        return s24.pack_sparse24_int8(v, m, k) if int8 else s24.pack_sparse24(s24.Sparse24Weight(v, m, k))
+
+    vals_ok = vals.clone()
+    g = (k + 3) // 4 - 1
+    last = meta[:, g // 2].clone()
+    vals_ok[:, 2 * g: 2 * g + 2] = 0  # the last group: values at padding positions would be refused
+    run(vals_ok, meta)
+    for byte, what in ((0x00, r"meta: group 0 of row 5 has positions \(0, 0\)"),
+                       (0x0F, r"meta: group 0 of row 5 has positions \(3, 3\)"),
+                       (0x01, r"meta: group 0 of row 5 has positions \(1, 0\)")):
+        bad = meta.clone()
+        bad[5, 0] = (bad[5, 0] & 0xF0) | byte
+        with pytest.raises(ValueError, match=what):
+            run(vals_ok, bad)
+        with pytest.raises(ValueError, match=what):
+            pack(vals_ok, bad)
+    # a non-zero value at a padding position of the last group: positions (2, 3) there
+    pad = meta.clone()
+    pad[:, g // 2] = (last & 0x0F) | (0xE << 4) if g % 2 else (last & 0xF0) | 0xE
+    vals_pad = vals_ok.clone()
+    vals_pad[7, 2 * g] = 1
+    with pytest.raises(ValueError, match=r"values: row 7 holds a non-zero weight past in_features = 38"):
+        run(vals_pad, pad)
+    with pytest.raises(ValueError, match=r"values: row 7"):
+        pack(vals_pad, pad)
+
+
 def test_packed_buffers_of_older_layouts_are_rejected(gen):
     """A packed buffer of a previous layout (fp32: 2, values before positions;
     int8: 3, positions after the values) is refused by name, never misread."""
