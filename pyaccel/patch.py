@@ -325,6 +325,18 @@ def _patterns(p: Optional[Union[str, Sequence[str]]]) -> Optional[Sequence[str]]
     return [p] if isinstance(p, str) else p
 
 
+def check_selection_args(filter_fn, include, exclude) -> None:
+    """TypeError naming the argument unless filter_fn is None or a callable and
+    include / exclude are None, a pattern string or a sequence of them."""
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn: expected a callable (module, path) -> bool, got {type(filter_fn).__name__}")
+    for name, p in (("include", include), ("exclude", exclude)):
+        if p is None or isinstance(p, str):
+            continue
+        if not isinstance(p, (list, tuple)) or not all(isinstance(q, str) for q in p):
+            raise TypeError(f"{name}: expected None, an fnmatch pattern string or a list of them, got {p!r}")
+
+
 def selection_reason(mod: nn.Module, path: str, include, exclude, filter_fn) -> Optional[str]:
     """Why the user's filters leave `mod` out, or None when it is selected."""
     inc, exc = _patterns(include), _patterns(exclude)
@@ -532,8 +544,7 @@ def patch(
         raise ValueError(f"quantize: expected one of {QUANTIZE_MODES}, got {quantize!r}")
     if block_sparse not in BLOCK_SPARSE_MODES:
         raise ValueError(f"block_sparse: expected one of {BLOCK_SPARSE_MODES}, got {block_sparse!r}")
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"filter_fn: expected a callable (module, path) -> bool, got {type(filter_fn).__name__}")
+    check_selection_args(filter_fn, include, exclude)
     given = model
     if not inplace:
         model = deepcopy_model(model)
@@ -553,6 +564,7 @@ def patch(
     seen: Dict[int, _Seen] = {}
     skip_inside: set = set()  # paths whose descendants are not looked at
     replacements: List[Tuple[str, nn.Module]] = []
+    trainable: List[str] = []  # swapped layers that were in training mode with trainable weights
     owners = _param_owners(model)
     for path, mod in list(model.named_modules(remove_duplicate=False)):
         if _inside(path, skip_inside):
@@ -611,6 +623,8 @@ def patch(
             entry.backend += "; " + "; ".join(notes)
         replacements.append((path, new))
         skip_inside.add(path)
+        if mod.training and any(p.requires_grad for p in mod.parameters()):
+            trainable.append(path or "<root>")
     for path, new in replacements:
         if path == "":
             report.model = new
@@ -630,6 +644,11 @@ def patch(
         warnings.warn("patch: chains in the model's own forward were fused through torch.fx into a new "
                       "GraphModule; the model passed in has none of those (only fusions inside nn.Sequential "
                       "and single-module swaps happen in place): use report.model", UserWarning, stacklevel=2)
+    if trainable:
+        warnings.warn(f"patch: {len(trainable)} layer(s) in training mode with trainable weights were swapped "
+                      f"({', '.join(trainable[:3])}{', ...' if len(trainable) > 3 else ''}): the inference "
+                      "modules hold their weights as buffers (gradients reach the inputs, not the weights); "
+                      "train first, then patch", UserWarning, stacklevel=2)
     if act_bits != 8 and not any(isinstance(m, Int8Linear) and m.act_bits == act_bits
                                  for m in report.model.modules()):
         warnings.warn(f"patch: act_bits={act_bits} had no effect: no dense Int8Linear was built (it applies to "

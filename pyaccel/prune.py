@@ -22,7 +22,7 @@ from torch.nn.utils import prune as _torch_prune
 
 from pyaccel._linear_source import hf_conv1d_type, module_hooks, read_tensor
 from pyaccel.formats.sparse24 import mask_24
-from pyaccel.patch import _param_owners, selection_reason, tied_owner
+from pyaccel.patch import _param_owners, check_selection_args, selection_reason, tied_owner
 
 MIN_IN_FEATURES = 8
 
@@ -64,6 +64,7 @@ def _choose(model, filter_fn, include, exclude, min_in: int, what: str) -> List[
     anything is pruned, for a chosen layer torch's prune cannot take)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    check_selection_args(filter_fn, include, exclude)
     chosen: List[Tuple[str, nn.Module, str]] = []
     seen = set()
     owners = _param_owners(model)

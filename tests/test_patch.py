@@ -7,6 +7,7 @@ from torch import nn
 
 import pyaccel
 from pyaccel.nn import Int8Linear
+from pyaccel.prune import prune_24
 
 from _helpers import sqnr_db
 
@@ -105,6 +106,27 @@ def test_bad_arguments():
         pyaccel.patch(nn.Linear(2, 2), quantize="int4")
     with pytest.raises(TypeError, match="filter_fn: expected a callable"):
         pyaccel.patch(nn.Linear(2, 2), filter_fn=3)
+    for name, bad in (("include", 3), ("exclude", ["0", 1]), ("include", {"0"})):
+        with pytest.raises(TypeError, match=f"{name}: expected None, an fnmatch pattern string or a list"):
+            pyaccel.patch(nn.Linear(2, 2), **{name: bad})
+        with pytest.raises(TypeError, match=f"{name}: expected None"):
+            prune_24(nn.Linear(8, 2), **{name: bad})
+    pyaccel.patch(nn.Sequential(nn.Linear(2, 2)), include=("0",), exclude=[])  # tuples and lists are fine
+
+
+def test_layers_in_training_mode_are_swapped_with_a_warning():
+    """A trainable layer in training mode becomes an inference module (weights
+    as buffers): patch says so; in eval mode, or with frozen weights, it does not."""
+    net = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) in training mode with trainable weights .*\(0, 2\)"):
+        pyaccel.patch(copy.deepcopy(net), quantize="int8")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pyaccel.patch(copy.deepcopy(net).eval(), quantize="int8")
+        frozen = copy.deepcopy(net).requires_grad_(False)
+        pyaccel.patch(frozen, quantize="int8")
 
 
 def test_model_that_cannot_be_accelerated_is_left_as_is():

@@ -99,7 +99,7 @@ def patch_decisions(shape=(4096, 4096), sparsities=(0.5, 0.6), block=(32, 32), m
         with torch.no_grad():
             lin.weight.mul_(bsf.block_mask(lin.weight, block, sp))
         w = lin.weight.detach().clone()
-        report = pyaccel.patch(torch.nn.Sequential(lin), inplace=False)
+        report = pyaccel.patch(torch.nn.Sequential(lin).eval(), inplace=False)
         e = report.entries[0]
         res = {"sparsity": sp, "swapped": e.swapped, "what": e.backend if e.swapped else e.reason}
         if e.swapped:
