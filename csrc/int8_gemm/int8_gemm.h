@@ -455,12 +455,13 @@ void qs8_gemm_4x16c4u7_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t)
 // rows take the 7-bit kernel on the plain panels. Below those row counts the
 // transposition and the residual sums (and their second pass over the
 // panels' rows) cost what the tile saves (measured, Golden Cove capped at
-// AVX2, 2 threads, modules, against the 7-bit tile: 4096^2 x1.00 / 1.03 /
-// 1.06 at 5 / 8 / 16 rows, 1024x4096 x0.99 / 1.03 / 1.17 at 16 / 24 / 32,
-// MiniLM's 1536x384 and 384x1536 x0.95 at 16 rows and x1.00 - 1.02 at 32).
+// AVX2, 2 threads, modules, against the 7-bit tile, with the 16-row columns
+// of a one-thread transposition: 4096^2 x1.01 / 1.05 at 5 / 8 rows, 1024x4096
+// x0.99 / 1.03 / 1.05 at 5 / 8 / 12 - 20; MiniLM's 1536x384 and 384x1536
+// x0.92 / 0.97 at 8 rows, x0.98 / 1.03 at 16, x1.02 at 24).
 constexpr int64_t kQsMinRows = 24;
-constexpr int64_t kQsMinRowsHuge = 12;
-constexpr int64_t kQsHugeWeights = int64_t(16) << 20;
+constexpr int64_t kQsMinRowsHuge = 8;
+constexpr int64_t kQsHugeWeights = int64_t(4) << 20;
 inline int64_t qs_min_rows(int64_t n, int64_t k) { return n * k >= kQsHugeWeights ? kQsMinRowsHuge : kQsMinRows; }
 void linear_qs_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
                     const uint8_t* packed, const float* w_scale, const float* bias, void* y, int64_t ldy,
