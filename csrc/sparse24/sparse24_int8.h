@@ -149,11 +149,12 @@ constexpr int64_t kBigLayerWeights = int64_t(1) << 22;
 // rows (packings with a section); fewer take the sign-trick tile, whose
 // per-call work is smaller (no transposition, no residual sums over 16-row
 // blocks, one parallel region less). Measured, Golden Cove capped at AVX2, 2
-// threads, pruned N(0, 0.02) layers (1.6 - 5 % residual entries), M = 5 - 48:
-// the pair-safe path ahead from 6 - 8 rows on 4096^2, 10 - 12 on 1024x4096,
-// 24 - 32 on 1536x384 and 384x1536.
+// threads, pruned N(0, 0.02) layers (1.6 - 5 % residual entries), with the
+// 16-row columns of a one-thread transposition: the pair-safe path x0.97 /
+// 1.14 at 4 / 6 rows on 4096^2, x1.04 / 1.16 at 6 / 8 on 1024x4096, x0.89 -
+// 0.93 / 1.12 - 1.13 at 8 / 16 on 1536x384 and 384x1536.
 constexpr int64_t kHugeLayerWeights = int64_t(1) << 24;
-constexpr int64_t kPsMinRowsHuge = 8, kPsMinRowsBig = 12, kPsMinRowsSmall = 32;
+constexpr int64_t kPsMinRowsHuge = 6, kPsMinRowsBig = 6, kPsMinRowsSmall = 16;
 inline int64_t ps_min_rows(int64_t n, int64_t k) {
   return n * k >= kHugeLayerWeights ? kPsMinRowsHuge : n * k >= kBigLayerWeights ? kPsMinRowsBig : kPsMinRowsSmall;
 }

@@ -322,11 +322,11 @@ def test_property_random_shapes(m, n, k, frac, seed):
 
 
 # ---- 2:4 int8 (csrc/sparse24/qs8_s24_gemm_4x16_avx2.cpp, linear_ps_avx2) --------------
-# The pair is a group's two kept values; the path serves calls of >= 32 rows on
-# layers under 4 Mi weights, >= 12 up to 16 Mi and >= 8 from there (ps_min_rows),
+# The pair is a group's two kept values; the path serves calls of >= 16 rows on
+# layers under 4 Mi weights and >= 6 from there (ps_min_rows),
 # 32-channel panels, quads of 32 inputs, the same 16-row blocks and 64-row
 # residual groups.
-S24_M_GRID = [32, 33, 41, 47, 63, 64, 65, 100, 129]
+S24_M_GRID = [16, 17, 32, 33, 41, 47, 63, 64, 65, 100, 129]
 S24_NK_GRID = [(1, 4), (31, 5), (32, 32), (33, 33), (64, 255), (65, 64), (130, 1030)]
 
 
@@ -390,11 +390,11 @@ def test_s24_pair_safe_exact_grid(avx2, gen, m, n, k):
     assert torch.equal(y, ref), f"first mismatch at {(y - ref).nonzero()[0].tolist()}"
 
 
-@pytest.mark.parametrize("n,k,m", [(1024, 4096, 11), (1024, 4096, 12), (1024, 4096, 13), (1024, 4096, 33),
-                                   (4096, 4096, 7), (4096, 4096, 8), (4096, 4096, 9)])
+@pytest.mark.parametrize("n,k,m", [(1024, 4096, 5), (1024, 4096, 6), (1024, 4096, 7), (1024, 4096, 33),
+                                   (4096, 4096, 5), (4096, 4096, 6), (4096, 4096, 9)])
 def test_s24_pair_safe_big_layer_rows(avx2, gen, n, k, m):
-    """Layers of 4 Mi weights take the path from 12 rows, of 16 Mi from 8; fewer
-    rows stay on the sign-trick tile: exact on both sides of the switch."""
+    """Layers of 4 Mi weights take the path from 6 rows; fewer rows stay on the
+    sign-trick tile: exact on both sides of the switch."""
     dense = (torch.randn(n, k, generator=gen) * 30).round().clamp(-127, 127)
     from pyaccel.formats import sparse24 as s24
     dense = (dense * s24.mask_24(dense)).to(torch.int8)
@@ -505,7 +505,7 @@ def test_modules_say_when_they_run_pair_safe(avx2, gen):
     assert _native.lib().kernel_params()["int8"]["pair_safe_max_entry_fraction"] == 0.02
     with torch.no_grad():
         lin.weight.mul_(s24.mask_24(lin.weight))
-    assert "pair-safe values from 32 rows" in Sparse24Int8Linear.from_float(lin).backend()
+    assert "pair-safe values from 16 rows" in Sparse24Int8Linear.from_float(lin).backend()
     flat = torch.nn.Linear(300, 96)
     flat.weight.data = torch.where(torch.arange(300) % 4 < 2, 1.0, 0.0).expand(96, 300).clone()
     assert "sign-trick tile: splitting these values would leave more than 8%" in \
