@@ -190,6 +190,11 @@ py::dict kernel_params() {
   py::dict e8 = tile_params(ki.name, ki.mr, int8_gemm::kPanel, int8_gemm::kKGroup, ki.row_path_rows);
   // packings get a pair-safe section at this level where at most this fraction of their weights are residual entries
   e8["pair_safe_max_entry_fraction"] = int8_gemm::wants_pair_safe() ? int8_gemm::kPsMaxEntryFraction : 0.0;
+  // the pair-safe path serves calls of at least pair_safe_from_rows rows (pair_safe_from_rows_huge on
+  // layers of at least pair_safe_huge_weights weights)
+  e8["pair_safe_from_rows"] = int8_gemm::kAvx2RowPathRows + 1;
+  e8["pair_safe_from_rows_huge"] = int8_gemm::ps8_min_rows(1, int8_gemm::kPs8FewRowsWeights);
+  e8["pair_safe_huge_weights"] = int8_gemm::kPs8FewRowsWeights;
   d["int8"] = e8;
   const int8_gemm::Kernel& k7 = int8_gemm::select_kernel(7);  // the opt-in 7-bit activation mode
   py::dict e7 = tile_params(k7.name, k7.mr, int8_gemm::kPanel, int8_gemm::kKGroup, k7.row_path_rows);

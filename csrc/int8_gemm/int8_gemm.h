@@ -466,8 +466,16 @@ inline int64_t qs_min_rows(int64_t n, int64_t k) { return n * k >= kQsHugeWeight
 void linear_qs_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
                     const uint8_t* packed, const float* w_scale, const float* bias, void* y, int64_t ldy,
                     bool y_bf16, int nthreads);
-// The 8-bit AVX2 kernel's pair-safe path: linear() hands it calls of more than
-// kAvx2RowPathRows rows on packings with a pair-safe section.
+// The 8-bit AVX2 kernel's pair-safe path: linear() hands it calls of at least
+// ps8_min_rows(n, k) rows on packings with a pair-safe section: more than
+// kAvx2RowPathRows, or 2 on layers of >= kPs8FewRowsWeights weights, where the
+// row path's pass over the weights per row costs more than the path's
+// transposition and residual sums (measured, Golden Cove capped at AVX2, 2
+// threads, modules, against the row path: 4096^2 x1.11 / 1.37 / 1.56 at 2 / 3
+// / 4 rows, 1024x4096 x1.02 / 1.24 / 1.35; MiniLM's 1536x384 and 384x1536
+// x0.64 - 0.65 at 2 rows, x0.85 - 0.87 at 4).
+constexpr int64_t kPs8FewRowsWeights = int64_t(4) << 20;
+inline int64_t ps8_min_rows(int64_t n, int64_t k) { return n * k >= kPs8FewRowsWeights ? 2 : kAvx2RowPathRows + 1; }
 void linear_ps_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
                     const uint8_t* packed, const float* w_scale, const float* bias, void* y, int64_t ldy,
                     bool y_bf16, int nthreads);

@@ -233,11 +233,10 @@ class Int8Linear(PackedLinear):
         params = C.kernel_params()["int8" if self.act_bits == 8 else "int8_a7"]
         frac = params["pair_safe_max_entry_fraction" if self.act_bits == 8 else "quad_safe_max_entry_fraction"]
         if self._packed.numel() > C.int8_packed_nbytes(n, k):
-            if self.act_bits == 8:
-                return f"{name[:-1]}; pair-safe qs8_gemm_4x16c4ps_avx2 from 5 rows)"
-            rows = params["quad_safe_from_rows_huge" if n * k >= params["quad_safe_huge_weights"]
-                          else "quad_safe_from_rows"]
-            return f"{name[:-1]}; quad-safe qs8_gemm_4x16c4qs_avx2 from {rows} rows)"
+            path = "pair_safe" if self.act_bits == 8 else "quad_safe"
+            rows = params[f"{path}_from_rows_huge" if n * k >= params[f"{path}_huge_weights"] else f"{path}_from_rows"]
+            kernel = "pair-safe qs8_gemm_4x16c4ps_avx2" if self.act_bits == 8 else "quad-safe qs8_gemm_4x16c4qs_avx2"
+            return f"{name[:-1]}; {kernel} from {rows} rows)"
         if frac == 0:
             return name
         w = self.weight_int8.detach().contiguous()

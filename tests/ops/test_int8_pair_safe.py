@@ -174,6 +174,24 @@ def test_same_outputs_with_and_without_the_section_and_on_every_isa(avx2, gen):
         assert ((first.float() - ref.float()).abs() <= tol).all()
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+def test_big_layer_few_rows(avx2, gen, m):
+    """Layers of >= 4 Mi weights take the path from 2 rows (pair_safe_from_rows_huge),
+    others from 5; one row stays on the row path: exact either way."""
+    n, k = 1024, 4096
+    params = _native.lib().kernel_params()["int8"]
+    assert params["pair_safe_huge_weights"] == n * k and params["pair_safe_from_rows_huge"] == 2
+    assert params["pair_safe_from_rows"] == 5
+    w = (torch.randn(n, k, generator=gen) * 25).round().clamp(-127, 127).to(torch.int8)
+    w[:, :8] = torch.tensor([127, 127, -127, -127, 127, 2, -1, -127], dtype=torch.int8)
+    packed = pack_int8_weight(w)
+    assert has_section(packed, n, k)
+    x = torch.randint(-127, 128, (m, k), generator=gen).float()
+    x[:, :2] = 127.0
+    y = torch.ops.pyaccel.int8_linear(x, w, torch.ones(n), None, packed)
+    assert torch.equal(y.double(), reference.int8_matmul_exact(x.to(torch.int8), w).float().double())
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_row_passes_and_threads(avx2, gen, threads):
     """K = 4096: ~680 rows a row pass, so 1500 rows run in 3 passes; chunks of
@@ -498,6 +516,10 @@ def test_modules_say_when_they_run_pair_safe(avx2, gen):
         lin.weight.normal_(0.0, 0.02, generator=gen)
     mod = Int8Linear.from_float(lin)
     assert "pair-safe qs8_gemm_4x16c4ps_avx2 from 5 rows" in mod.backend()
+    huge = torch.nn.Linear(4096, 1024)
+    with torch.no_grad():
+        huge.weight.normal_(0.0, 0.02, generator=gen)
+    assert "pair-safe qs8_gemm_4x16c4ps_avx2 from 2 rows" in Int8Linear.from_float(huge).backend()
     if _native.isa_supported("avx512_vnni"):  # packed at another level: the int16 tile, and why
         with _native.isa_cap("avx512_vnni"):
             other = Int8Linear.from_float(lin)
