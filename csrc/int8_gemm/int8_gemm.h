@@ -458,9 +458,11 @@ void qs8_gemm_4x16c4u7_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t)
 // AVX2, 2 threads, modules, against the 7-bit tile, with the 16-row columns
 // of a one-thread transposition: 4096^2 x1.01 / 1.05 at 5 / 8 rows, 1024x4096
 // x0.99 / 1.03 / 1.05 at 5 / 8 / 12 - 20; MiniLM's 1536x384 and 384x1536
-// x0.92 / 0.97 at 8 rows, x0.98 / 1.03 at 16, x1.02 at 24).
+// x0.92 / 0.97 at 8 rows, x0.98 / 1.03 at 16, x1.02 at 24). At 2 - 4 rows it
+// replaces the row path, which streams the weights once per row: against it
+// 4096^2 x1.21 / 1.45 / 1.63 at 2 / 3 / 4 rows, 1024x4096 x1.13 / 1.37 / 1.44.
 constexpr int64_t kQsMinRows = 24;
-constexpr int64_t kQsMinRowsHuge = 8;
+constexpr int64_t kQsMinRowsHuge = 2;
 constexpr int64_t kQsHugeWeights = int64_t(4) << 20;
 inline int64_t qs_min_rows(int64_t n, int64_t k) { return n * k >= kQsHugeWeights ? kQsMinRowsHuge : kQsMinRows; }
 void linear_qs_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,

@@ -2,7 +2,7 @@
 against the exact integer reference.
 
 Facts the grids come from: the path serves act_bits=7 calls of at least 24
-rows (8 on layers of >= 4 Mi weights: kernel_params()["int8_a7"]) on
+rows (2 on layers of >= 4 Mi weights: kernel_params()["int8_a7"]) on
 packings with a quad-safe section, which pack_int8_weight(act_bits=7) builds
 at the avx2 level when at most 2 % of the weights become residual entries.
 The tile is 4 rows x 16 channels over 64-channel panels and multiplies two k
@@ -176,12 +176,12 @@ def test_below_the_row_gate(avx2, gen, m):
     assert torch.equal(run_exact(x, w, packed), exact_ref(x, w))
 
 
-@pytest.mark.parametrize("m", [7, 8, 9])
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
 def test_huge_layer_rows(avx2, gen, m):
-    """Layers of 4 Mi weights take the path from 8 rows: exact on both sides."""
+    """Layers of 4 Mi weights take the path from 2 rows: exact on both sides."""
     n, k = 1024, 4096
     params = _native.lib().kernel_params()["int8_a7"]
-    assert params["quad_safe_from_rows_huge"] == 8 and params["quad_safe_huge_weights"] == n * k
+    assert params["quad_safe_from_rows_huge"] == 2 and params["quad_safe_huge_weights"] == n * k
     w = (torch.randn(n, k, generator=gen) * 25).round().clamp(-127, 127).to(torch.int8)
     w[:, :8] = torch.tensor([127, 127, 127, 127, 127, 127, 5, 0], dtype=torch.int8)
     packed = pack7(w)
