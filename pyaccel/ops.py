@@ -262,8 +262,6 @@ def check_sparse24_args(x, values, meta, k, bias, packed=None, values_dtype=torc
             raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {_desc(t)}")
     if packed is not None and (packed.dtype != torch.uint8 or packed.dim() != 1):
         raise TypeError(f"packed: expected a 1-D uint8 tensor from pack_sparse24, got {_desc(packed)}")
-    if packed is None:  # (a packing was validated when pack_sparse24 built it)
-        require_sparse24_format(values, meta, k)
 
 
 def sparse24_linear_cpu(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Optional[Tensor],
@@ -273,6 +271,7 @@ def sparse24_linear_cpu(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: O
 
     C = _native.lib()
     if C is None:
+        require_sparse24_format(values, meta, k)  # (pack_sparse24 checks the same)
         return reference.sparse24_linear(x, values, meta, k, bias)
     if packed is None:
         packed = pack_sparse24(Sparse24Weight(values, meta, k))
@@ -285,8 +284,9 @@ def sparse24_linear(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Optio
     """y = x @ W.T + bias, W 2:4-sparse in canonical form (values fp32 [N, 2G],
     meta uint8 [N, ceil(G/2)], G = ceil(k/4)); output in x's dtype. packed:
     pack_sparse24's buffer of these values and meta (trusted), or None: then
-    ValueError when a group of meta lacks two distinct positions or values
-    holds a non-zero weight past k."""
+    the CPU op packs and raises ValueError when a group of meta lacks two
+    distinct positions or values holds a non-zero weight past k (CUDA and the
+    fake kernel check shapes only: no device sync, no data-dependent guard)."""
     check_sparse24_args(x, values, meta, k, bias, packed)
     return reference.sparse24_linear(x, values, meta, k, bias)
 
@@ -337,6 +337,7 @@ def sparse24_int8_linear_cpu(x, values, meta, k, w_scale, bias, packed):
 
     C = _native.lib()
     if C is None:
+        require_sparse24_format(values, meta, k)  # (pack_sparse24_int8 checks the same)
         return reference.sparse24_int8_linear(x, values, meta, k, w_scale, bias)
     if packed is None:
         packed = pack_sparse24_int8(values, meta, k)
@@ -349,8 +350,9 @@ def sparse24_int8_linear(x: Tensor, values: Tensor, meta: Tensor, k: int, w_scal
     """int8 linear (per-row dynamic activations) with a 2:4 int8 weight:
     values int8 [N, 2G] in [-127, 127], meta uint8 [N, ceil(G/2)], w_scale
     fp32 [N]; packed: pack_sparse24_int8's buffer of these values and meta
-    (trusted), or None: then ValueError when values holds -128 or a non-zero
-    weight past k, or a group of meta lacks two distinct positions."""
+    (trusted), or None: then the CPU op packs and raises ValueError when values
+    holds -128 or a non-zero weight past k, or a group of meta lacks two
+    distinct positions (CUDA and the fake kernel check shapes only)."""
     check_sparse24_int8_args(x, values, meta, k, w_scale, bias, packed)
     return reference.sparse24_int8_linear(x, values, meta, k, w_scale, bias)
 

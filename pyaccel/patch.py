@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import warnings
+from collections.abc import Iterable
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -325,16 +326,23 @@ def _patterns(p: Optional[Union[str, Sequence[str]]]) -> Optional[Sequence[str]]
     return [p] if isinstance(p, str) else p
 
 
-def check_selection_args(filter_fn, include, exclude) -> None:
-    """TypeError naming the argument unless filter_fn is None or a callable and
-    include / exclude are None, a pattern string or a sequence of them."""
+def check_selection_args(filter_fn, include, exclude):
+    """(include, exclude) as None, a pattern string or a tuple of them (any
+    iterable of strings is taken once); TypeError naming the argument unless
+    filter_fn is None or a callable and include / exclude are None, a pattern
+    string or an iterable of pattern strings."""
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn: expected a callable (module, path) -> bool, got {type(filter_fn).__name__}")
+    out = []
     for name, p in (("include", include), ("exclude", exclude)):
-        if p is None or isinstance(p, str):
-            continue
-        if not isinstance(p, (list, tuple)) or not all(isinstance(q, str) for q in p):
-            raise TypeError(f"{name}: expected None, an fnmatch pattern string or a list of them, got {p!r}")
+        if p is not None and not isinstance(p, str):
+            if isinstance(p, (bytes, bytearray)) or not isinstance(p, Iterable):
+                raise TypeError(f"{name}: expected None, an fnmatch pattern string or a list of them, got {p!r}")
+            p = tuple(p)
+            if not all(isinstance(q, str) for q in p):
+                raise TypeError(f"{name}: expected None, an fnmatch pattern string or a list of them, got {p!r}")
+        out.append(p)
+    return tuple(out)
 
 
 def selection_reason(mod: nn.Module, path: str, include, exclude, filter_fn) -> Optional[str]:
@@ -544,7 +552,7 @@ def patch(
         raise ValueError(f"quantize: expected one of {QUANTIZE_MODES}, got {quantize!r}")
     if block_sparse not in BLOCK_SPARSE_MODES:
         raise ValueError(f"block_sparse: expected one of {BLOCK_SPARSE_MODES}, got {block_sparse!r}")
-    check_selection_args(filter_fn, include, exclude)
+    include, exclude = check_selection_args(filter_fn, include, exclude)
     given = model
     if not inplace:
         model = deepcopy_model(model)

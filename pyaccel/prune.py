@@ -64,7 +64,7 @@ def _choose(model, filter_fn, include, exclude, min_in: int, what: str) -> List[
     anything is pruned, for a chosen layer torch's prune cannot take)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    check_selection_args(filter_fn, include, exclude)
+    include, exclude = check_selection_args(filter_fn, include, exclude)
     chosen: List[Tuple[str, nn.Module, str]] = []
     seen = set()
     owners = _param_owners(model)

@@ -106,12 +106,15 @@ def test_bad_arguments():
         pyaccel.patch(nn.Linear(2, 2), quantize="int4")
     with pytest.raises(TypeError, match="filter_fn: expected a callable"):
         pyaccel.patch(nn.Linear(2, 2), filter_fn=3)
-    for name, bad in (("include", 3), ("exclude", ["0", 1]), ("include", {"0"})):
+    for name, bad in (("include", 3), ("exclude", ["0", 1]), ("include", b"0")):
         with pytest.raises(TypeError, match=f"{name}: expected None, an fnmatch pattern string or a list"):
             pyaccel.patch(nn.Linear(2, 2), **{name: bad})
         with pytest.raises(TypeError, match=f"{name}: expected None"):
             prune_24(nn.Linear(8, 2), **{name: bad})
-    pyaccel.patch(nn.Sequential(nn.Linear(2, 2)), include=("0",), exclude=[])  # tuples and lists are fine
+    # tuples, lists, sets and generators are fine (a generator is read once)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).eval()
+    report = pyaccel.patch(net, quantize="int8", include=(p for p in ["0", "1"]), exclude={"1"})
+    assert [e.path for e in report.swapped] == ["0"]
 
 
 def test_layers_in_training_mode_are_swapped_with_a_warning():

@@ -288,6 +288,12 @@ def test_opcheck_and_errors(gen):
     p = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, 40))
     x = torch.randn(3, 40, generator=gen)
     torch.library.opcheck(torch.ops.pyaccel.sparse24_linear.default, (x, vals, meta, 40, None, p))
+    # packed=None: the CPU op packs (and validates meta) at run time; the fake
+    # kernel checks shapes only (no data-dependent guard under tracing)
+    torch.library.opcheck(torch.ops.pyaccel.sparse24_linear.default, (x, vals, meta, 40, None, None))
+    compiled = torch.compile(lambda x, v, m: torch.ops.pyaccel.sparse24_linear(x, v, m, 40, None, None),
+                             fullgraph=True)
+    assert torch.equal(compiled(x, vals, meta), torch.ops.pyaccel.sparse24_linear(x, vals, meta, 40, None, p))
     op = torch.ops.pyaccel.sparse24_linear
     with pytest.raises(ValueError, match=r"x: expected last dimension K=40"):
         op(torch.randn(3, 41), vals, meta, 40, None, p)
@@ -449,8 +455,9 @@ def test_int8_bf16_batched_opcheck_errors(isa, gen):
     y = torch.ops.pyaccel.sparse24_int8_linear(x, vals, meta, 40, scale, None, p)
     assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 24)
     assert torch.equal(y, reference.int8_linear(x, dense, scale, None))
-    torch.library.opcheck(torch.ops.pyaccel.sparse24_int8_linear.default,
-                          (x.float(), vals, meta, 40, scale, None, p))
+    for packed in (p, None):  # None: packed (and validated) at run time, shapes only when faked
+        torch.library.opcheck(torch.ops.pyaccel.sparse24_int8_linear.default,
+                              (x.float(), vals, meta, 40, scale, None, packed))
     with pytest.raises(TypeError, match="values: expected a torch.int8 tensor"):
         torch.ops.pyaccel.sparse24_int8_linear(x, vals.float(), meta, 40, scale, None, p)
     with pytest.raises(ValueError, match=r"w_scale: expected float32 of shape \(24,\)"):
