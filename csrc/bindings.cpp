@@ -223,11 +223,9 @@ py::dict kernel_params() {
   e["sparse_from_rows_small"] = kq.sparse_from_rows_small;
   e["big_layer_weights"] = sparse24_int8::kBigLayerWeights;
   // the AVX2 kernel's pair-safe path from this many rows (packings with a section), on layers of
-  // >= huge_layer_weights weights / >= big_layer_weights / smaller ones
-  e["pair_safe_from_rows_huge"] = sparse24_int8::kPsMinRowsHuge;
+  // >= big_layer_weights weights / smaller ones
   e["pair_safe_from_rows_big"] = sparse24_int8::kPsMinRowsBig;
   e["pair_safe_from_rows_small"] = sparse24_int8::kPsMinRowsSmall;
-  e["huge_layer_weights"] = sparse24_int8::kHugeLayerWeights;
   d["sparse24_int8"] = e;
   const block_sparse::Kernel& kb = block_sparse::select_kernel();
   e = tile_params(kb.name, kb.mr, block_sparse::kChannelPad, 1, 0);  // nr: block rows are padded to it

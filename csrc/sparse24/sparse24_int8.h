@@ -153,11 +153,8 @@ constexpr int64_t kBigLayerWeights = int64_t(1) << 22;
 // 16-row columns of a one-thread transposition: the pair-safe path x0.97 /
 // 1.14 at 4 / 6 rows on 4096^2, x1.04 / 1.16 at 6 / 8 on 1024x4096, x0.89 -
 // 0.93 / 1.12 - 1.13 at 8 / 16 on 1536x384 and 384x1536.
-constexpr int64_t kHugeLayerWeights = int64_t(1) << 24;
-constexpr int64_t kPsMinRowsHuge = 6, kPsMinRowsBig = 6, kPsMinRowsSmall = 16;
-inline int64_t ps_min_rows(int64_t n, int64_t k) {
-  return n * k >= kHugeLayerWeights ? kPsMinRowsHuge : n * k >= kBigLayerWeights ? kPsMinRowsBig : kPsMinRowsSmall;
-}
+constexpr int64_t kPsMinRowsBig = 6, kPsMinRowsSmall = 16;
+inline int64_t ps_min_rows(int64_t n, int64_t k) { return n * k >= kBigLayerWeights ? kPsMinRowsBig : kPsMinRowsSmall; }
 const Kernel& select_kernel();
 // True when the selected kernel says dense int8 beats it at m rows of an
 // n x k layer (the modules run their dense int8 plan then).

@@ -249,9 +249,7 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
             elif name.startswith("cpu/avx2 ") and self._packed is not None:
                 C, n, k = _native.lib(), self.out_features, self.in_features
                 if C.s24i8_packing_parts(self._packed.data_ptr(), self._packed.numel(), n, k)[1]:
-                    size = ("huge" if n * k >= p["huge_layer_weights"] else
-                            "big" if n * k >= p["big_layer_weights"] else "small")
-                    rows = p[f"pair_safe_from_rows_{size}"]
+                    rows = p["pair_safe_from_rows_big" if n * k >= p["big_layer_weights"] else "pair_safe_from_rows_small"]
                     name = f"{name[:-1]}; pair-safe values from {rows} rows)"
                 else:
                     v = self.values.detach().contiguous()
