@@ -82,3 +82,39 @@ def test_bench_header_names_the_core_behind_a_generic_model_name():
     # other vendors: the numbers only
     assert bench_main._cpu_model(info("GenuineIntel", 6, 151, "Intel(R) Core(TM) i7-12700")) == \
         "Intel(R) Core(TM) i7-12700 (family 6, model 151, stepping 1)"
+
+
+def test_interleaved_keeps_each_rounds_times():
+    from pyaccel.bench.timing import interleaved
+
+    calls = {"a": 0, "b": 0}
+
+    def f(name):
+        def g():
+            calls[name] += 1
+        return g
+    t = interleaved({"a": f("a"), "b": f("b")}, min_rounds=5, max_rounds=5, budget_s=0, warmup=1, inner=4,
+                    first=True)
+    assert calls == {"a": 1 + 5 * 4, "b": 1 + 5 * 4}
+    for name in ("a", "b"):
+        assert t[name].n == 15 and len(t[name].rounds) == 5  # 3 timed calls a round, one median each
+        assert len(t[name + " [first]"].rounds) == 5
+
+
+def test_paired_ratio_pairs_rounds_not_medians():
+    from pyaccel.bench.timing import Timing, paired_ratio
+
+    def timing(rounds):
+        s = sorted(rounds)
+        return Timing(s[len(s) // 2], s[0], s[-1], len(s), tuple(rounds))
+    # the machine turned 3x slower during round 3 (after ours ran, before the
+    # baseline did): ours is 2x faster in every other round
+    base, ours = timing([2.0, 2.0, 6.0, 6.0, 6.0]), timing([1.0, 1.0, 1.0, 3.0, 3.0])
+    med, q1, q3 = paired_ratio(base, ours)
+    assert (med, q1) == (2.0, 2.0) and q3 > 2.0
+    assert base.median_s / ours.median_s == 6.0  # the ratio of medians pairs a slow phase with a fast one
+    med, q1, q3 = paired_ratio(timing([1.0, 2.0, 3.0, 4.0]), timing([1.0, 1.0, 1.0, 1.0]))
+    assert med == 2.5 and q1 < med < q3
+    # no per-round times (or a different count): the ratio of the medians, no spread
+    assert paired_ratio(Timing(4.0, 3.0, 5.0, 9), Timing(2.0, 1.0, 3.0, 9)) == (2.0, 2.0, 2.0)
+    assert paired_ratio(timing([4.0, 4.0]), timing([2.0, 2.0, 2.0])) == (2.0, 2.0, 2.0)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from pyaccel.bench.timing import Timing, interleaved
+from pyaccel.bench.timing import Timing, interleaved, paired_ratio
 
 # Rotated weight copies per streamed candidate: 6x a 32 MB L3. At 2 - 4x (96 MB)
 # the L3 still served part of a rotation when two candidates alternated
@@ -48,7 +48,10 @@ class Row:
     gops: Optional[float]  # dense-equivalent: 2*M*N*K / time (None for a memory floor)
     sqnr_db: Optional[float]
     weight_gbs: Optional[float] = None  # the candidate's own weight bytes / time
-    ratios: Dict[str, float] = dataclasses.field(default_factory=dict)  # baseline time / this time
+    # speed-ups: label -> median over the shared rounds of baseline time / this
+    # time (timing.paired_ratio), and the quartiles of those per-round ratios
+    ratios: Dict[str, float] = dataclasses.field(default_factory=dict)
+    ratio_iqr: Dict[str, Tuple[float, float]] = dataclasses.field(default_factory=dict)
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -87,7 +90,8 @@ def measure(suite: str, shape: str, m: int, n: int, k: int, mode: str, cands: Di
             ratio_to: Dict[str, str], budget_s: float, log=print) -> List[Row]:
     """Time `cands` (name -> callables over weight copies) interleaved; rows for each.
 
-    ratio_to: label -> baseline name; ours gets baseline_time / our_time under each label.
+    ratio_to: label -> baseline name; ours gets baseline_time / our_time under
+    each label, paired round by round (timing.paired_ratio), with its quartiles.
     """
     errs = {name: (sqnr_db(ref, fns[0]().float()) if ref is not None and not is_floor(name) else None)
             for name, fns in cands.items()}
@@ -100,7 +104,10 @@ def measure(suite: str, shape: str, m: int, n: int, k: int, mode: str, cands: Di
         if name in weight_bytes:
             r.weight_gbs = weight_bytes[name] / tm.median_s / 1e9
         if name == ours:
-            r.ratios = {label: t[b].median_s / tm.median_s for label, b in ratio_to.items() if b in t}
+            for label, b in ratio_to.items():
+                if b in t:
+                    med, q1, q3 = paired_ratio(t[b], tm)
+                    r.ratios[label], r.ratio_iqr[label] = med, (q1, q3)
         rows.append(r)
         log(format_row(r))
     return rows
@@ -132,21 +139,28 @@ def measure_layer(suite: str, w: torch.Tensor, b: torch.Tensor, ms: Sequence[int
     return rows
 
 
+def ratio_spread(r: Row, label: str) -> str:
+    """The quartiles of the per-round ratios behind r.ratios[label], as
+    ' (q1-q3)'; empty when they are one value (no per-round pairs)."""
+    q1, q3 = r.ratio_iqr.get(label, (None, None))
+    return "" if q1 is None or q1 == q3 else f" ({q1:.2f}-{q3:.2f})"
+
+
 def format_row(r: Row) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
-    ratios = "  ".join(f"{k} {v:.2f}" for k, v in r.ratios.items())
+    ratios = "  ".join(f"{k} {v:.2f}{ratio_spread(r, k)}" for k, v in r.ratios.items())
     return (f"{r.shape:>10} {r.m:>4} {r.mode:>8} {r.name:>26} {r.timing.median_s * 1e6:>10.1f} "
             f"±{r.timing.spread * 100:>4.0f}% {f(r.gops, '8.1f'):>8} {f(r.sqnr_db, '6.1f'):>6} "
             f"{f(r.weight_gbs, '6.1f'):>6}  {ratios}")
 
 
 HEADER = (f"{'W (NxK)':>10} {'M':>4} {'weights':>8} {'candidate':>26} {'median µs':>10} {'IQR':>6} "
-          f"{'GOP/s':>8} {'dB':>6} {'W GB/s':>6}  speed-ups of pyaccel")
+          f"{'GOP/s':>8} {'dB':>6} {'W GB/s':>6}  speed-ups of pyaccel: median (quartiles) of per-round ratios")
 
 
 def to_markdown(rows: List[Row], peak: Optional[float]) -> str:
-    out = ["| W (N×K) | M | weights | candidate | median µs | IQR | GOP/s | % peak | SQNR dB | W GB/s | speed-ups |",
+    out = ["| W (N×K) | M | weights | candidate | median µs | IQR | GOP/s | % peak | SQNR dB | W GB/s | speed-ups: per-round median (quartiles) |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, fmt):
@@ -154,7 +168,7 @@ def to_markdown(rows: List[Row], peak: Optional[float]) -> str:
     for r in rows:
         bold = "**" if r.ratios else ""
         pk = f"{100 * r.gops / peak:.0f}" if peak and r.gops is not None else ""
-        ratios = ", ".join(f"{k} {v:.2f}" for k, v in r.ratios.items())
+        ratios = ", ".join(f"{k} {v:.2f}{ratio_spread(r, k)}" for k, v in r.ratios.items())
         out.append(f"| {r.shape} | {r.m} | {r.mode} | {bold}{r.name}{bold} | {r.timing.median_s * 1e6:.1f} | "
                    f"±{r.timing.spread * 100:.0f}% | {f(r.gops, '.1f')} | {pk} | {f(r.sqnr_db, '.1f')} | "
                    f"{f(r.weight_gbs, '.1f')} | {ratios} |")
