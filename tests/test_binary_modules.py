@@ -184,6 +184,33 @@ def test_xnor_bad_inputs(gen):
         XnorConv2d.from_binary(nn.Conv2d(3, 3, 3))
 
 
+def test_xnor_conv_geometry_arguments(gen):
+    # strings as nn.Conv2d takes them: the same numbers, the same outputs
+    b, ref = _xconv(gen, c=20, oc=24, k=3, p=1)
+    for padding in ("same", (1, 1), 1):
+        m = XnorConv2d(20, 24, 3, padding=padding)
+        m.load_state_dict(ref.state_dict())
+        x = torch.randn(2, 20, 7, 6, generator=gen)
+        assert m.padding == (1, 1) and torch.equal(m(x), ref(x))
+    assert XnorConv2d(20, 24, (3, 5), padding="same", dilation=(1, 2)).padding == (1, 4)
+    assert XnorConv2d(20, 24, 3, padding="valid").padding == (0, 0)
+    with pytest.raises(ValueError, match="padding='same' needs stride 1"):
+        XnorConv2d(3, 5, 3, stride=2, padding="same")
+    with pytest.raises(ValueError, match="pads unevenly"):
+        XnorConv2d(3, 5, 2, padding="same")
+    with pytest.raises(ValueError, match="padding: expected 'same', 'valid'"):
+        XnorConv2d(3, 5, 3, padding="full")
+    # anything but an int or a pair of ints: refused by name, never truncated or cast
+    for arg, bad in (("kernel_size", "3"), ("kernel_size", (3, 3, 3)), ("stride", 1.5), ("stride", True),
+                     ("stride", (2.7, 1)), ("padding", (1, 1, 9)), ("dilation", (1, 1, 7)), ("dilation", None)):
+        kw = {"kernel_size": 3, arg: bad}
+        with pytest.raises(TypeError, match=f"{arg}: expected an int or a pair of ints"):
+            XnorConv2d(3, 5, **kw)
+    m = XnorConv2d(3, 5, 3)
+    with pytest.raises(TypeError, match="stride: expected an int or a pair of ints"):
+        m.stride = (1, 2, 3)
+
+
 # ---- patch ----------------------------------------------------------------------------------------
 def _bnn():
     torch.manual_seed(0)

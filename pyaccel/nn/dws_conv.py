@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from pyaccel import _native
 from pyaccel._pattern import ActKind, Activation, fold_bn
-from pyaccel.nn._conv import ConvGeometry, ConvSkip, PackedConv2d, TF_SAME, conv_geometry, conv_weights
+from pyaccel.nn._conv import ConvGeometry, ConvSkip, PackedConv2d, TF_SAME, _pair, conv_geometry, conv_weights
 
 
 def _act_params(a: Activation):
@@ -82,10 +82,11 @@ class FusedDWSeparableConv2d(PackedConv2d):
                 raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
             if v < 1:
                 raise ValueError(f"{name}: expected >= 1, got {v}")
-        if padding is None:  # "same"-sized output at stride 1 for odd windows
-            ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-            padding = ((ks[0] - 1) // 2 * (dilation if isinstance(dilation, int) else dilation[0]),
-                       (ks[1] - 1) // 2 * (dilation if isinstance(dilation, int) else dilation[1]))
+        # (TypeError naming the argument for anything but an int or a pair of ints)
+        kernel_size, stride, dilation = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(dilation,
+                                                                                                        "dilation")
+        if padding is None:  # "same"-sized output at stride 1 for odd windows (ConvGeometry checks the values)
+            padding = (max(kernel_size[0] - 1, 0) // 2 * dilation[0], max(kernel_size[1] - 1, 0) // 2 * dilation[1])
         self.geometry = ConvGeometry(kernel_size, stride, dilation, padding)
         self.act1, self.act2 = Activation.parse(act1), Activation.parse(act2)
         for a in (self.act1, self.act2):

@@ -31,7 +31,7 @@ from pyaccel import ops_binary as ob
 from pyaccel.nn._conv import in_format, is_channels_last
 from pyaccel.nn._packed import PackedModule, _fx_proxy, _grad_enabled, _hand_torch_to
 from pyaccel.formats import binary as bf
-from pyaccel.reference_binary import ACTIVATIONS, pair
+from pyaccel.reference_binary import ACTIVATIONS
 
 _is_compiling = torch.compiler.is_compiling
 _tracing_state = torch._C._get_tracing_state
@@ -258,7 +258,7 @@ class _XnorBase(PackedModule):
     def __setattr__(self, name, value):
         if name in self._GEOMETRY_ATTRS:
             if name in ("stride", "padding", "dilation", "kernel_size"):
-                value = pair(value)  # a tuple: nothing to mutate behind the plans' back
+                value = _geometry_pair(name, value)  # a tuple: nothing to mutate behind the plans' back
             self.__dict__["_plan"] = self.__dict__["_plans"] = None
         super().__setattr__(name, value)
         if name in self._GEOMETRY_ATTRS and "weight_bits" in self._buffers:
@@ -343,6 +343,34 @@ def _folded(layer: nn.Module, bn: Optional[nn.Module], act: Optional[nn.Module],
     return bits, scale, shift, slope, (a, lo, hi)
 
 
+def _geometry_pair(name: str, v) -> Tuple[int, int]:
+    """(h, w) from an int or a pair of ints (bools, floats, strings and other
+    lengths refused: TypeError naming `name`)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (int(v), int(v))
+    if (isinstance(v, (tuple, list)) and len(v) == 2
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
+        return (int(v[0]), int(v[1]))
+    raise TypeError(f"{name}: expected an int or a pair of ints, got {v!r}")
+
+
+def _string_padding(padding: str, kernel: Tuple[int, int], stride: Tuple[int, int],
+                    dilation: Tuple[int, int]) -> Tuple[int, int]:
+    """nn.Conv2d's string paddings as (ph, pw): 'valid' -> (0, 0); 'same' -> d * (k - 1) / 2
+    per side (stride 1 only, as torch; ValueError where that is not a whole number)."""
+    if padding == "valid":
+        return (0, 0)
+    if padding != "same":
+        raise ValueError(f"padding: expected 'same', 'valid', an int or a pair of ints, got {padding!r}")
+    if stride != (1, 1):
+        raise ValueError(f"padding='same' needs stride 1 (as in torch), got stride {stride}")
+    total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    if any(t % 2 or t < 0 for t in total):
+        raise ValueError(f"padding='same' with kernel {kernel} and dilation {dilation} pads unevenly; "
+                         f"no binary kernel for that")
+    return (total[0] // 2, total[1] // 2)
+
+
 def _check_int(name: str, v, low: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
@@ -355,7 +383,11 @@ class XnorConv2d(_XnorBase):
     """Binary conv for inference: ``act(conv(sign(x), w±1) * scale + bias)``.
 
     Args as nn.Conv2d (in_channels, out_channels, kernel_size, stride,
-    padding, dilation, groups, bias, padding_mode) with padding_mode 'zeros'
+    padding, dilation, groups, bias, padding_mode): kernel_size, stride,
+    dilation and padding are ints or pairs of ints (TypeError naming the
+    argument otherwise); padding 'valid' is 0 and 'same' (stride 1, as in
+    torch) is d * (k - 1) / 2 per side, stored as numbers (ValueError where
+    that is not whole: torch would pad unevenly); padding_mode 'zeros'
     (exact: the border correction makes padded taps count 0) or 'ones'
     (sign(x) padded with +1, as BinaryConv2d(binary_padding='ones') trains);
     act 'none' / 'relu' / 'hardtanh' (act_lo, act_hi) / 'prelu' (slope).
@@ -387,8 +419,12 @@ class XnorConv2d(_XnorBase):
         if padding_mode not in ob.PAD_CODES:
             raise ValueError(f"padding_mode: expected one of {tuple(ob.PAD_CODES)}, got {padding_mode!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.padding, self.dilation = (pair(kernel_size), pair(stride), pair(padding),
-                                                                      pair(dilation))
+        kernel_size, stride, dilation = (_geometry_pair("kernel_size", kernel_size), _geometry_pair("stride", stride),
+                                         _geometry_pair("dilation", dilation))
+        if isinstance(padding, str):
+            padding = _string_padding(padding, kernel_size, stride, dilation)
+        self.kernel_size, self.stride, self.padding, self.dilation = (kernel_size, stride,
+                                                                      _geometry_pair("padding", padding), dilation)
         if min(*self.kernel_size, *self.stride, *self.dilation) < 1 or min(self.padding) < 0:
             raise ValueError(f"kernel_size/stride/dilation: expected >= 1 and padding >= 0, got {self.kernel_size}, "
                              f"{self.stride}, {self.dilation}, {self.padding}")

@@ -350,6 +350,11 @@ def test_bad_arguments_name_themselves(gen):
         FusedDWSeparableConv2d(8, 8, 3, padding="same-ish")
     with pytest.raises(TypeError, match="in_channels"):
         FusedDWSeparableConv2d(8.0, 8)
+    for arg, bad in (("kernel_size", "3"), ("kernel_size", (3, 3, 3)), ("stride", 1.5), ("stride", True),
+                     ("dilation", (1, "2"))):
+        for cls in (FusedDWSeparableConv2d, pyaccel.nn.FusedDWSeparableInt8Conv2d):
+            with pytest.raises(TypeError, match=f"{arg}: expected an int or a pair of ints"):
+                cls(8, 8, **{arg: bad})
     with pytest.raises(ValueError, match="act"):
         FusedDWSeparableConv2d(8, 8, act1="gelu")
     with pytest.raises(ValueError, match="activation: expected one of nn.ReLU"):
