@@ -100,18 +100,45 @@ void linear_cols(const Kernel& kern, const PackedHeader& h, const uint8_t* w, co
 constexpr int64_t kMinParallelMacs = int64_t(1) << 19;
 
 // Row split (column kernels): from kRowSplitRows rows per thread, on packed
-// weights of at most kRowSplitMaxBytes, the rows go in chunks of whole 8-row
-// halves, handed out dynamically: nthreads chunks below 2 kRowSplitChunkRows
-// rows a thread (48 - 191 rows each), else a multiple of nthreads chunks of
-// >= kRowSplitChunkRows rows, at most 4 per thread. Each chunk runs over all
-// channels on one thread with its own transposed x, which stays in that core's
-// caches (in the row passes of linear_cols when it is large). Split
-// by channels instead, every item re-reads all of x, half of it transposed by
+// weights of at most kRowSplitMaxBytes, each thread takes one chunk of whole
+// 16-row slabs, transposes it, then runs it in kRowSplitUnits items of
+// channel tiles (all of K, all of the chunk's rows each), and then the
+// leftover items of the other chunks (parallel_row_chunks): a thread reads
+// the x it transposed itself, in its own core's caches, unless it steals, and
+// a thread whose core runs slower (seen on a KVM guest: 1.7 - 1.9x for one
+// vCPU in 5 of 6 calls) hands part of its chunk to the other. Split by
+// channels instead, every item re-reads all of x, half of it transposed by
 // the other core. Each output's sums are the same either way (same bits).
 // Larger weights keep the channel split: every chunk re-reads all of them.
 constexpr int64_t kRowSplitRows = 48;
 constexpr int64_t kRowSplitMaxBytes = int64_t(16) << 20;
-constexpr int64_t kRowSplitChunkRows = 96;
+constexpr int64_t kRowSplitUnits = 4;
+
+// linear_cols with the row split above (nt >= 2 threads).
+void linear_cols_rows(const Kernel& kern, const PackedHeader& h, const uint8_t* w, const void* x, int64_t ldx,
+                      bool x_bf16, int64_t m, int64_t k, const float* bias, void* y, int64_t ldy, bool y_bf16,
+                      int nt) {
+  const int64_t kp = h.groups_pad * 4, kc = cols_kc_groups(kern, h.groups_pad);
+  const int64_t tiles = (h.n + kern.cols_nr - 1) / kern.cols_nr, units = std::min<int64_t>(tiles, kRowSplitUnits);
+  const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
+  // passes of <= ~8 MiB of transposed x, as linear_cols; every thread reads
+  // the pass's slabs through xt (the calling thread's scratch)
+  for_each_row_pass(m, kp * 4, kRowPassBytes, 16, [&](int64_t r0, int64_t r1) {
+    const int64_t rows = r1 - r0;
+    const void* xc = static_cast<const char*>(x) + r0 * ldx * xsize;
+    float* xt = aligned_scratch(t_xt, (rows + 15) / 16 * slab_floats(kp));
+    parallel_row_chunks(
+        rows, 16, units, rows, nt,
+        [&](int, int64_t a0, int64_t a1) { kern.pack_xt(xc, ldx, x_bf16, rows, k, kp, xt, a0 / 16, (a1 + 15) / 16); },
+        [&](int, int64_t u, int64_t a0, int64_t a1) {
+          const int64_t t0 = tiles * u / units, t1 = tiles * (u + 1) / units;
+          const ColsArgs a{xt + a0 / 16 * slab_floats(kp), kp, w, bias,
+                           static_cast<char*>(y) + (r0 + a0) * ldy * ysize, ldy, y_bf16, a1 - a0, h.n,
+                           h.groups_pad, kc};
+          kern.cols(a, t0, t1, aligned_scratch(t_part, kern.cols_part(a1 - a0, t1 - t0)));
+        });
+  });
+}
 
 }  // namespace
 
@@ -131,17 +158,8 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const
   if (use_cols(kern, m)) {
     const int64_t wbytes = h.n_pad * h.groups_pad * (2 * 4 + 1);
     if (nthreads > 1 && m >= kRowSplitRows * nthreads && wbytes <= kRowSplitMaxBytes) {
-      const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
-      const int64_t chunks = nthreads * std::min<int64_t>(4, std::max<int64_t>(1, m / (kRowSplitChunkRows * nthreads)));
-      parallel_two_phase(
-          0, (m + 7) / 8, nthreads, [](int64_t, int64_t) {},
-          [&](int64_t h0, int64_t h1) {
-            const int64_t r0 = 8 * h0, r1 = std::min<int64_t>(m, 8 * h1);
-            linear_cols(kern, h, packed + h.data_offset, static_cast<const char*>(x) + r0 * ldx * xsize, ldx,
-                        x_bf16, r1 - r0, k, bias, static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, 1);
-          },
-          chunks);
-      return;
+      const int nt = effective_threads(nthreads);
+      if (nt > 1) return linear_cols_rows(kern, h, packed + h.data_offset, x, ldx, x_bf16, m, k, bias, y, ldy, y_bf16, nt);
     }
     linear_cols(kern, h, packed + h.data_offset, x, ldx, x_bf16, m, k, bias, y, ldy, y_bf16, nthreads);
     return;

@@ -133,7 +133,7 @@ def test_bf16_strided_batched_and_empty(isa, gen, dtype):
 # 1 / 2 / 3 slabs (AVX2 on Intel: 1 - 6 half slabs as 2-channel tiles, 7 - 10
 # as 1-channel tiles, either starting at an odd half: 56 rows -> 7 halves,
 # 100 -> 13 = 7 + 6, 112 -> 7 + 7, 136 -> 9 + 8, 145 -> 10 + 9, 216 -> 9 + 9 + 9;
-# with 2 threads from 96 rows, the row split's chunks of 44 - 112 rows),
+# with 2 threads from 96 rows, the row split's chunks of 48 - 112 rows),
 # channels not a multiple of 8 (a tile past n; odd n: a 2-channel tile with one
 # channel; n = 150: the Intel tile's rows leave 8 channels at a time, from items
 # of channel tiles that start and end off those 8-channel steps), K past one
@@ -198,9 +198,10 @@ def test_column_kernel_short_passes(tuning, gen):
 def test_column_kernel_in_several_passes(isa, tuning, gen, threads):
     """Batches past ~8 MiB of x run the column kernel in balanced passes of rows:
     K = 4100, passes of <= 496 rows (one thread, 1000 rows: 336 + 336 + 328;
-    two threads: the row split's 8 chunks of 120 - 128 rows, one pass each);
-    K = 40000, passes of <= 48 rows (one thread, 200 rows: 4 x 48 + 8; two
-    threads: chunks of 96 and 104 rows, in passes of 48 + 48 and 48 + 48 + 8)."""
+    two threads: the row split in passes of the same rows, each pass in two
+    chunks of whole 16-row slabs); K = 40000, passes of <= 48 rows (one
+    thread, 200 rows: 4 x 48 + 8; two threads: the same passes, each split
+    in two chunks)."""
     with num_threads(threads):
         for n, k, m in ((20, 4100, 1000), (12, 40000, 200)):
             w, vals, meta, b, packed = _layer(n, k, gen)
@@ -209,14 +210,17 @@ def test_column_kernel_in_several_passes(isa, tuning, gen, threads):
             assert_close_k(y, x, w, b)
 
 
+@pytest.mark.parametrize("n", [150, 9])
 @pytest.mark.parametrize("m", [96, 97, 100, 191, 200, 383, 777])
-def test_column_kernel_row_split_same_bits(isa, tuning, gen, m):
+def test_column_kernel_row_split_same_bits(isa, tuning, gen, m, n):
     """From 48 rows per thread (packed weights <= 16 MiB) the driver splits the
-    rows over the threads -- chunks of whole 8-row halves, each over all
-    channels with its own transposed x -- instead of the channels: the bits of
-    every output must not change (one thread never splits). Odd row counts
-    leave a partial half in the last chunk; bf16 in and out; strided rows."""
-    n, k = 150, 333
+    rows over the threads -- a chunk of whole 16-row slabs a thread, which it
+    transposes, in up to 4 items of channel tiles that the other thread may
+    take over (n = 9: one tile, one item a chunk) -- instead of the channels:
+    the bits of every output must not change (one thread never splits). Odd
+    row counts leave a partial slab in the last chunk; bf16 in and out;
+    strided rows."""
+    k = 333
     w, vals, meta, b, packed = _layer(n, k, gen)
     x = torch.randn(m, k + 5, generator=gen)[:, 3:k + 3]
     out = {}
