@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from pyaccel import _native
 from pyaccel import ops_binary as ob
-from pyaccel.nn._conv import in_format, is_channels_last
+from pyaccel.nn._conv import _pair, in_format, is_channels_last
 from pyaccel.nn._packed import PackedModule, _fx_proxy, _grad_enabled, _hand_torch_to
 from pyaccel.formats import binary as bf
 from pyaccel.reference_binary import ACTIVATIONS
@@ -82,13 +82,7 @@ def numeric_padding(conv: nn.Conv2d) -> Tuple[int, int]:
     p = conv.padding
     if not isinstance(p, str):
         return tuple(p)
-    if p == "valid":
-        return (0, 0)
-    total = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
-    if any(t % 2 for t in total):
-        raise ValueError(f"padding='same' with kernel {tuple(conv.kernel_size)} and dilation "
-                         f"{tuple(conv.dilation)} pads unevenly; no binary kernel for that")
-    return (total[0] // 2, total[1] // 2)
+    return _string_padding(p, tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation))
 
 
 _FLOAT_IN = (torch.float32, torch.bfloat16, torch.float16)
@@ -258,7 +252,7 @@ class _XnorBase(PackedModule):
     def __setattr__(self, name, value):
         if name in self._GEOMETRY_ATTRS:
             if name in ("stride", "padding", "dilation", "kernel_size"):
-                value = _geometry_pair(name, value)  # a tuple: nothing to mutate behind the plans' back
+                value = _pair(value, name)  # a tuple: nothing to mutate behind the plans' back
             self.__dict__["_plan"] = self.__dict__["_plans"] = None
         super().__setattr__(name, value)
         if name in self._GEOMETRY_ATTRS and "weight_bits" in self._buffers:
@@ -343,17 +337,6 @@ def _folded(layer: nn.Module, bn: Optional[nn.Module], act: Optional[nn.Module],
     return bits, scale, shift, slope, (a, lo, hi)
 
 
-def _geometry_pair(name: str, v) -> Tuple[int, int]:
-    """(h, w) from an int or a pair of ints (bools, floats, strings and other
-    lengths refused: TypeError naming `name`)."""
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (int(v), int(v))
-    if (isinstance(v, (tuple, list)) and len(v) == 2
-            and all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
-        return (int(v[0]), int(v[1]))
-    raise TypeError(f"{name}: expected an int or a pair of ints, got {v!r}")
-
-
 def _string_padding(padding: str, kernel: Tuple[int, int], stride: Tuple[int, int],
                     dilation: Tuple[int, int]) -> Tuple[int, int]:
     """nn.Conv2d's string paddings as (ph, pw): 'valid' -> (0, 0); 'same' -> d * (k - 1) / 2
@@ -419,12 +402,12 @@ class XnorConv2d(_XnorBase):
         if padding_mode not in ob.PAD_CODES:
             raise ValueError(f"padding_mode: expected one of {tuple(ob.PAD_CODES)}, got {padding_mode!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        kernel_size, stride, dilation = (_geometry_pair("kernel_size", kernel_size), _geometry_pair("stride", stride),
-                                         _geometry_pair("dilation", dilation))
+        kernel_size, stride, dilation = (_pair(kernel_size, "kernel_size"), _pair(stride, "stride"),
+                                         _pair(dilation, "dilation"))
         if isinstance(padding, str):
             padding = _string_padding(padding, kernel_size, stride, dilation)
         self.kernel_size, self.stride, self.padding, self.dilation = (kernel_size, stride,
-                                                                      _geometry_pair("padding", padding), dilation)
+                                                                      _pair(padding, "padding"), dilation)
         if min(*self.kernel_size, *self.stride, *self.dilation) < 1 or min(self.padding) < 0:
             raise ValueError(f"kernel_size/stride/dilation: expected >= 1 and padding >= 0, got {self.kernel_size}, "
                              f"{self.stride}, {self.dilation}, {self.padding}")
