@@ -24,6 +24,21 @@ def test_bench_quick_runs(tmp_path, capsys):
     assert re.search(r"late-team guard: (fired \d+ times in this run \(int8 \d+, sparse24 \d+\)|off)", text)
 
 
+def test_int8_bench_gives_the_7_bit_row_paired_speed_ups_too():
+    from pyaccel.bench import int8
+
+    rows = int8.run(shapes=((64, 96),), ms=(8,), threads=1, budget_s=0.01, with_ort=False, streamed=False,
+                    log=lambda *a: None)
+    by_name = {r.name: r for r in rows}
+    for name in ("pyaccel int8", int8.A7):
+        r = by_name[name]
+        assert set(r.ratios) == {"×fp32", "×torch.ao"}, name
+        for label, v in r.ratios.items():
+            q1, q3 = r.ratio_iqr[label]
+            assert 0 < q1 <= v <= q3, (name, label)
+    assert not by_name["torch.ao int8"].ratios  # baselines get none
+
+
 def test_bench_dwconv_quick_runs(tmp_path):
     from pyaccel.bench import dwconv
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -86,13 +86,15 @@ def rotating(fns: Sequence[Callable]) -> Callable:
 
 
 def measure(suite: str, shape: str, m: int, n: int, k: int, mode: str, cands: Dict[str, List[Callable]],
-            ref: Optional[torch.Tensor], ours: str, weight_bytes: Dict[str, int],
+            ref: Optional[torch.Tensor], ours: Union[str, Sequence[str]], weight_bytes: Dict[str, int],
             ratio_to: Dict[str, str], budget_s: float, log=print) -> List[Row]:
     """Time `cands` (name -> callables over weight copies) interleaved; rows for each.
 
-    ratio_to: label -> baseline name; ours gets baseline_time / our_time under
-    each label, paired round by round (timing.paired_ratio), with its quartiles.
+    ours: the candidate name (or names) that get speed-ups. ratio_to: label ->
+    baseline name; each of ours gets baseline_time / its_time under each label,
+    paired round by round (timing.paired_ratio), with its quartiles.
     """
+    ours = (ours,) if isinstance(ours, str) else tuple(ours)
     errs = {name: (sqnr_db(ref, fns[0]().float()) if ref is not None and not is_floor(name) else None)
             for name, fns in cands.items()}
     t = interleaved({name: rotating(fns) for name, fns in cands.items()}, budget_s=budget_s,
@@ -103,7 +105,7 @@ def measure(suite: str, shape: str, m: int, n: int, k: int, mode: str, cands: Di
                 errs[name])
         if name in weight_bytes:
             r.weight_gbs = weight_bytes[name] / tm.median_s / 1e9
-        if name == ours:
+        if name in ours:
             for label, b in ratio_to.items():
                 if b in t:
                     med, q1, q3 = paired_ratio(t[b], tm)
@@ -123,7 +125,7 @@ def cases(ms: Sequence[int], streamed: bool, weight_bytes: int):
 
 
 def measure_layer(suite: str, w: torch.Tensor, b: torch.Tensor, ms: Sequence[int], streamed: bool,
-                  weight_bytes: int, make_cands: Callable, ours: str, ratio_to: Dict[str, str],
+                  weight_bytes: int, make_cands: Callable, ours: Union[str, Sequence[str]], ratio_to: Dict[str, str],
                   budget_s: float, log=print) -> List[Row]:
     """Every case of one layer (weight w [N, K], bias b): fresh x, fp64 reference,
     candidates from make_cands(x, copies) -> (name -> callables, name -> weight bytes)."""

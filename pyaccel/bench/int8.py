@@ -70,7 +70,7 @@ def run(shapes=((4096, 4096), (1024, 4096)), ms=(1, 8, 32, 128, 512), threads: O
             "int8", lin.weight.detach(), lin.bias.detach(), ms, streamed, n * k,
             lambda x, copies, lin=lin, nk=n * k: (_candidates(lin, x, threads, copies, with_ort),
                                                   {"pyaccel int8": nk, A7: nk, FLOOR: nk}),
-            "pyaccel int8", ratio_to, budget_s, log)
+            ("pyaccel int8", A7), ratio_to, budget_s, log)
     return rows
 
 
