@@ -13,6 +13,14 @@ float32 [Cout] or None; stride, dilation [2]; padding [4] (top, bottom,
 left, right) or tf_same=True (TensorFlow "SAME", from the input size);
 act codes (pyaccel._pattern.ActKind) with [lo, hi] params (Hardtanh);
 packed: the native packing (uint8) or None.
+
+A packing bakes in the channel counts, window, stride, dilation, activations
+and which biases it holds: on the CPU, every call reads its header (O(1)) and
+raises ValueError starting with the argument's name (``packed: ...``,
+``packed_dw: ...``, ``packed_pw: ...``) with what the call expected and what
+the buffer holds when it was made for other parameters, is truncated or is no
+such packing. A valid packing made for another ISA's panel width is not an
+error: the call runs the reference (a module repacks for the ISA in use).
 """
 from __future__ import annotations
 
@@ -68,8 +76,40 @@ def check_dws_args(x, dw_weight, dw_bias, pw_weight, pw_bias, packed=None) -> No
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {_desc(t)} "
                              f"(move the module with .to({str(x.device)!r}))")
-    if packed is not None and (packed.dtype != torch.uint8 or packed.dim() != 1):
-        raise TypeError(f"packed: expected a 1-D uint8 tensor from the dws packing, got {_desc(packed)}")
+    check_packed_type("packed", packed)
+
+
+def check_packed_type(name: str, packed) -> None:
+    """TypeError naming `name` unless `packed` is None or a 1-D uint8 tensor."""
+    if packed is not None and (not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1):
+        raise TypeError(f"{name}: expected a 1-D uint8 tensor from the dws packing, got {_desc(packed)}")
+
+
+# PackedHeader.flags (csrc/dwconv_fused/dwconv_fused.h): the biases a packing was given
+HAS_DW_BIAS, HAS_PW_BIAS = 1, 2
+
+
+def _cpu_bytes(name: str, packed: Tensor) -> None:
+    if not packed.is_cpu or not packed.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous CPU tensor (the packing's bytes), got {_desc(packed)}")
+
+
+def check_dws_packing(name: str, packed: Tensor, c: int, cout: int, geo: ConvGeometry, a1: Activation,
+                      a2: Activation, flags: int) -> bool:
+    """ValueError naming `name` unless `packed` is a DWS1 packing made for
+    these channels, window, stride, dilation, activations and biases (header
+    only: csrc/dwconv_fused dws_packing_error). True when the selected kernel
+    takes it; False for a valid packing of another ISA's panel width (the
+    caller then runs the reference)."""
+    _cpu_bytes(name, packed)
+    C = _native.lib()
+    ptr, nbytes = packed.data_ptr(), packed.numel()
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.stride, geo.dilation
+    err = C.dws_packing_error(ptr, nbytes, c, cout, kh, kw, sh, sw, dh, dw, int(a1.kind), a1.lo, a1.hi,
+                              int(a2.kind), a2.lo, a2.hi, flags)
+    if err:
+        raise ValueError(f"{name}: {err}")
+    return C.dws_check_packed(ptr, nbytes, c, cout, kh, kw) is None
 
 
 def dws_native_nhwc(xn: Tensor, packed: Tensor, geo: ConvGeometry, c: int, cout: int) -> Tensor:
@@ -89,30 +129,14 @@ def _reference(x, dw_weight, dw_bias, pw_weight, pw_bias, geo, a1, a2):
                                 geo.pads(x.shape[-2], x.shape[-1]), a1, a2)
 
 
-def _packed_usable(packed: Optional[Tensor], c: int, cout: int, geo, a1: Activation, a2: Activation) -> bool:
-    """True when `packed` was packed for this shape, window and these
-    activations (the kernel takes stride, dilation and activations from the
-    packing's header, csrc/dwconv_fused/dwconv_fused.h PackedHeader)."""
-    C = _native.lib()
-    if packed is None or C is None or C.dws_check_packed(packed.data_ptr(), packed.numel(), c, cout,
-                                                         geo.kernel[0], geo.kernel[1]) is not None:
-        return False
-    i32 = packed[:96].view(torch.int32)
-    f32 = packed[:96].view(torch.float32)
-    sh, sw, dh, dw, k1, k2 = (int(v) for v in i32[11:17])
-    lo1, hi1, lo2, hi2 = (float(v) for v in f32[17:21])
-
-    def same(kind, lo, hi, a):
-        return kind == int(a.kind) and (a.kind != ActKind.HARDTANH or (lo, hi) == (a.lo, a.hi))
-    return ((sh, sw) == tuple(geo.stride) and (dh, dw) == tuple(geo.dilation)
-            and same(k1, lo1, hi1, a1) and same(k2, lo2, hi2, a2))
-
-
 @torch.library.custom_op("pyaccel::dws_conv2d", mutates_args=())
 def dws_conv2d(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], pw_weight: Tensor, pw_bias: Optional[Tensor],
                stride: List[int], dilation: List[int], padding: List[int], tf_same: bool, act1: int,
                act1_params: List[float], act2: int, act2_params: List[float], packed: Optional[Tensor]) -> Tensor:
-    """Fused depthwise-separable conv (see the module docstring)."""
+    """Fused depthwise-separable conv (see the module docstring). TypeError /
+    ValueError naming the bad argument; on the CPU, ValueError ``packed: ...``
+    when `packed` was made for other parameters (channels, window, stride,
+    dilation, activations, biases), is truncated or is no DWS1 packing."""
     raise NotImplementedError("no kernel for this device")  # pragma: no cover - per-device kernels below
 
 
@@ -130,7 +154,10 @@ def _run(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, dilation, padding, t
 
 def _cpu_kernel(x, dw_weight, dw_bias, pw_weight, pw_bias, geo, a1, a2, packed):
     c, cout = dw_weight.shape[0], pw_weight.shape[0]
-    if not _packed_usable(packed, c, cout, geo, a1, a2):
+    if packed is None or _native.lib() is None:
+        return None
+    flags = (HAS_DW_BIAS if dw_bias is not None else 0) | (HAS_PW_BIAS if pw_bias is not None else 0)
+    if not check_dws_packing("packed", packed, c, cout, geo, a1, a2, flags):
         return None
     if x.numel() == 0:
         return reference.dws_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias, geo.stride, geo.dilation,
@@ -202,8 +229,11 @@ dws_conv2d.register_autograd(_backward, setup_context=_setup)
 
 
 # ---- int8 pointwise stage -------------------------------------------------------------------
-def check_dws_int8_args(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias) -> None:
-    """TypeError/ValueError naming the bad argument of dws_conv2d_int8."""
+def check_dws_int8_args(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, packed_dw=None, packed_pw=None) -> None:
+    """TypeError/ValueError naming the bad argument of dws_conv2d_int8 (the
+    packings' types here; their headers in the CPU kernel)."""
+    check_packed_type("packed_dw", packed_dw)
+    check_packed_type("packed_pw", packed_pw)
     if not isinstance(pw_int8, Tensor) or pw_int8.dtype != torch.int8 or pw_int8.dim() != 2:
         raise TypeError(f"pw_int8: expected an int8 tensor [Cout, C], got {_desc(pw_int8)}")
     c = dw_weight.shape[0] if isinstance(dw_weight, Tensor) else None
@@ -235,22 +265,34 @@ def dws_conv2d_int8(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], pw_
                     pw_bias: Optional[Tensor], stride: List[int], dilation: List[int], padding: List[int],
                     tf_same: bool, act1: int, act1_params: List[float], act2: int, act2_params: List[float],
                     packed_dw: Optional[Tensor], packed_pw: Optional[Tensor]) -> Tensor:
-    """Fused depthwise-separable conv, int8 pointwise stage (reference.dws_conv2d_int8)."""
+    """Fused depthwise-separable conv, int8 pointwise stage (reference.dws_conv2d_int8).
+    packed_dw: the DWS1 packing of the depthwise part alone (Cout = 0, no
+    pointwise bias); packed_pw: pyaccel's int8 packing of pw_int8. On the
+    CPU, ValueError ``packed_dw: ...`` / ``packed_pw: ...`` when a packing was
+    made for other parameters (channels, window, stride, dilation,
+    activations; the pointwise weight's shape), is truncated or is no such
+    packing; the native kernel runs when both are given and valid for it."""
     raise NotImplementedError("no kernel for this device")  # pragma: no cover
 
 
 def _dws_int8_any(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, stride, dilation, padding, tf_same, act1,
                   act1_params, act2, act2_params, packed_dw, packed_pw):
-    check_dws_int8_args(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias)
+    check_dws_int8_args(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, packed_dw, packed_pw)
     geo = geometry_of(stride, dilation, padding, tf_same, dw_weight.shape[2:])
     oh, ow = geo.out_size(x.shape[2], x.shape[3])
     a1, a2 = act_from(act1, act1_params), act_from(act2, act2_params)
     c, cout = dw_weight.shape[0], pw_int8.shape[0]
     C = _native.lib()
-    if (x.is_cpu and C is not None and packed_dw is not None and packed_pw is not None and x.numel() > 0
-            and (pw_bias is None or pw_bias.is_contiguous()) and pw_scale.is_contiguous()
-            and C.dws_check_packed(packed_dw.data_ptr(), packed_dw.numel(), c, 0, geo.kernel[0], geo.kernel[1]) is None
-            and C.int8_check_packed(packed_pw.data_ptr(), packed_pw.numel(), cout, c) is None):
+    native = x.is_cpu and C is not None
+    if native and packed_dw is not None:  # the depthwise part alone: no pointwise channels, no pointwise bias
+        native = check_dws_packing("packed_dw", packed_dw, c, 0, geo, a1, a2, HAS_DW_BIAS if dw_bias is not None else 0)
+    if x.is_cpu and C is not None and packed_pw is not None:
+        _cpu_bytes("packed_pw", packed_pw)
+        err = C.dws_pw_packing_error(packed_pw.data_ptr(), packed_pw.numel(), cout, c)
+        if err:
+            raise ValueError(f"packed_pw: {err}")
+    if (native and packed_dw is not None and packed_pw is not None and x.numel() > 0
+            and (pw_bias is None or pw_bias.is_contiguous()) and pw_scale.is_contiguous()):
         xn, cl = to_nhwc(x.float())
         y = torch.empty(x.shape[0], oh, ow, cout)
         t, _, l, _ = geo.pads(x.shape[2], x.shape[3])
@@ -266,7 +308,7 @@ dws_conv2d_int8.register_kernel("cuda")(_dws_int8_any)  # the reference on CUDA 
 @dws_conv2d_int8.register_fake
 def _dws_int8_fake(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, stride, dilation, padding, tf_same, act1,
                    act1_params, act2, act2_params, packed_dw, packed_pw):
-    check_dws_int8_args(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias)
+    check_dws_int8_args(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, packed_dw, packed_pw)
     return _fake_out(x, pw_int8.shape[0], geometry_of(stride, dilation, padding, tf_same, dw_weight.shape[2:]))
 
 

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "dwconv_fused/dwconv_fused.h"
@@ -13,6 +14,28 @@ namespace py = pybind11;
 
 namespace pyaccel {
 namespace dws {
+namespace {
+
+// "" when `packed` is int8_gemm's packing of the [n, c] pointwise weight, else
+// why, with the shape the buffer holds when it is such a packing at all.
+std::string pw_packing_error(const uint8_t* packed, int64_t nbytes, int64_t n, int64_t c) {
+  const char* e = int8_gemm::check_packed(packed, nbytes, n, c);
+  if (e == nullptr) return "";
+  std::string s = std::string(e) + " (expected the int8 packing of a [" + std::to_string(n) + ", " +
+                  std::to_string(c) + "] pointwise weight";
+  int8_gemm::PackedHeader h;
+  if (packed != nullptr && nbytes >= static_cast<int64_t>(sizeof(h))) {
+    std::memcpy(&h, packed, sizeof(h));
+    if (h.magic == int8_gemm::kMagic)
+      s += ", the buffer holds one of [" + std::to_string(h.n) + ", " + std::to_string(h.k) + "] in " +
+           std::to_string(nbytes) + " bytes";
+    else
+      s += ", the buffer holds another format";
+  }
+  return s + ")";
+}
+
+}  // namespace
 
 void register_dws(py::module_& m) {
   m.def("dws_kernel_name", [] { return std::string(select_kernel().name); });
@@ -59,6 +82,27 @@ void register_dws(py::module_& m) {
       },
       py::arg("packed"), py::arg("nbytes"), py::arg("c"), py::arg("n"), py::arg("kh"), py::arg("kw"));
   m.def(
+      "dws_packing_error",
+      [](uintptr_t packed, int64_t nbytes, int64_t c, int64_t n, int kh, int kw, int sh, int sw, int dh, int dw,
+         int act1, float lo1, float hi1, int act2, float lo2, float hi2, int32_t flags) {
+        const PackingSpec want{c, n, kh, kw, sh, sw, dh, dw, ActParams{act1, lo1, hi1}, ActParams{act2, lo2, hi2},
+                               flags};
+        return packing_error(reinterpret_cast<const uint8_t*>(packed), nbytes, want);
+      },
+      "'' when the DWS1 packing at `packed` (nbytes) was made for these parameters by a kernel of any ISA "
+      "(flags: 1 depthwise bias, 2 pointwise bias given), else what the call expected and what the buffer "
+      "holds; header only",
+      py::arg("packed"), py::arg("nbytes"), py::arg("c"), py::arg("n"), py::arg("kh"), py::arg("kw"), py::arg("sh"),
+      py::arg("sw"), py::arg("dh"), py::arg("dw"), py::arg("act1"), py::arg("lo1"), py::arg("hi1"), py::arg("act2"),
+      py::arg("lo2"), py::arg("hi2"), py::arg("flags"));
+  m.def(
+      "dws_pw_packing_error",
+      [](uintptr_t packed, int64_t nbytes, int64_t n, int64_t c) {
+        return pw_packing_error(reinterpret_cast<const uint8_t*>(packed), nbytes, n, c);
+      },
+      "'' when `packed` is the int8 packing of the [n, c] pointwise weight, else why; header only",
+      py::arg("packed"), py::arg("nbytes"), py::arg("n"), py::arg("c"));
+  m.def(
       "dws_forward",
       [](uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c, uintptr_t packed, int64_t packed_nbytes,
          int64_t n, int kh, int kw, uintptr_t y, int64_t oh, int64_t ow, int64_t pad_t, int64_t pad_l, int nthreads) {
@@ -79,8 +123,8 @@ void register_dws(py::module_& m) {
          uintptr_t y, int64_t oh, int64_t ow, int64_t pad_t, int64_t pad_l, int nthreads) {
         if (const char* e = check_packed(reinterpret_cast<const uint8_t*>(packed_dw), dw_nbytes, c, 0, kh, kw))
           throw py::value_error(std::string("packed_dw: ") + e);
-        if (const char* e = int8_gemm::check_packed(reinterpret_cast<const uint8_t*>(packed_i8), i8_nbytes, n, c))
-          throw py::value_error(std::string("packed_pw: ") + e);
+        const std::string e = pw_packing_error(reinterpret_cast<const uint8_t*>(packed_i8), i8_nbytes, n, c);
+        if (!e.empty()) throw py::value_error("packed_pw: " + e);
         py::gil_scoped_release nogil;
         forward_int8(reinterpret_cast<const float*>(x), batch, h, w, c, reinterpret_cast<const uint8_t*>(packed_dw),
                      reinterpret_cast<const uint8_t*>(packed_i8), n, reinterpret_cast<const float*>(w_scale),

@@ -101,6 +101,12 @@ const Kernel& select_kernel() {
   return g_choice.get(kLadder, [](const Kernel& k) { return k.isa; });
 }
 
+bool is_panel_width(int nr) {
+  for (const Kernel& k : kLadder)
+    if (k.nr == nr) return true;
+  return false;
+}
+
 void forward(const float* x, int64_t batch, int64_t h, int64_t w, int64_t c, const uint8_t* packed, float* y,
              int64_t oh, int64_t ow, int64_t pad_t, int64_t pad_l, int nthreads) {
   if (batch <= 0 || oh <= 0 || ow <= 0) return;

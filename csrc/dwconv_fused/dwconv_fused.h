@@ -9,15 +9,19 @@
 // cache-resident buffer [band][c_pad] and feeds it straight into a
 // register-blocked GEMM as its K dimension: t never goes to memory.
 //
-// Packed layout "DWS1" (pack.cpp), 64-byte header, then (64-byte aligned):
+// Packed layout "DWS1" (pack.cpp), 96-byte header, then (64-byte aligned):
 //   Wd  fp32 [kh*kw][c_pad]        (taps major, channels contiguous, zero pad)
 //   bd  fp32 [c_pad]
 //   Wp  fp32 [n_pad / nr][c][nr]   (panels of nr output channels; zero pad)
 //   bp  fp32 [n_pad]
 // The layout tag is the panel width nr, which depends on the kernel the
 // ladder picked (32 on AVX-512, 16 below): a kernel refuses another one.
+// The header also records what the packing bakes in (channels, window,
+// stride, dilation, activations, which biases it holds): packing_error
+// compares it with what a call asks for.
 #pragma once
 #include <cstdint>
+#include <string>
 
 #include "common/cpu_features.h"
 #include "common/line_prefetch.h"
@@ -30,6 +34,9 @@ constexpr int kChannelPad = 16;           // c_pad = c rounded up to this
 
 // Activation codes (pyaccel/_pattern.py ActKind)
 enum Act : int32_t { kNone = 0, kRelu = 1, kRelu6 = 2, kHardswish = 3, kSilu = 4, kHardtanh = 5 };
+
+constexpr int32_t kHasDwBias = 1;
+constexpr int32_t kHasPwBias = 2;
 
 struct ActParams {
   int32_t kind;
@@ -45,7 +52,7 @@ struct PackedHeader {
   int32_t kh, kw, sh, sw, dh, dw;
   int32_t act1, act2;
   float lo1, hi1, lo2, hi2;
-  int32_t reserved;
+  int32_t flags;    // kHasDwBias | kHasPwBias: the biases pack() was given (else zeros)
   int64_t total_bytes;
 };
 static_assert(sizeof(PackedHeader) == 96, "header size");
@@ -123,6 +130,21 @@ void pack(const float* wd, const float* bd, const float* wp, const float* bp, in
           int sh, int sw, int dh, int dw, ActParams a1, ActParams a2, int nr, uint8_t* out);
 // nullptr when `packed` fits (c, n, kh, kw) and the selected kernel, else why.
 const char* check_packed(const uint8_t* packed, int64_t nbytes, int64_t c, int64_t n, int kh, int kw);
+
+// What a call asks of a packing: everything pack() bakes into it but the weight values.
+struct PackingSpec {
+  int64_t c, n;
+  int kh, kw, sh, sw, dh, dw;
+  ActParams a1, a2;
+  int32_t flags;  // kHasDwBias | kHasPwBias
+};
+// "" when `packed` is a DWS1 packing made for `want` by any kernel of this
+// build (check_packed then says whether the selected one takes its panel
+// width), else what differs: "expected ..., the buffer holds ...". Reads the
+// header only (O(1)).
+std::string packing_error(const uint8_t* packed, int64_t nbytes, const PackingSpec& want);
+// True when nr is the panel width of a kernel of this build (any ISA).
+bool is_panel_width(int nr);
 
 // x: NHWC fp32 [batch][h][w][c] contiguous; y: NHWC fp32 [batch][oh][ow][n].
 void forward(const float* x, int64_t batch, int64_t h, int64_t w, int64_t c, const uint8_t* packed, float* y,

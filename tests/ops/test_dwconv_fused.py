@@ -41,6 +41,7 @@ def _random_module(c, co, k=3, stride=1, padding=None, dilation=1, act1="relu6",
         m.dw_bias.copy_(torch.randn(c, generator=gen))
         m.pw_weight.copy_(torch.randn(m.pw_weight.shape, generator=gen) / c ** 0.5)
         m.bias.copy_(torch.randn(co, generator=gen))
+    m._refresh()  # repacked now: tests hand m._packed to the ops
     return m
 
 
@@ -185,17 +186,85 @@ def test_nan_propagates_through_every_activation(isa, gen, act):
     assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(ref).any(), f"{isa} {act}"
 
 
+def _op_with(m, x, packed, bias=True):
+    """torch.ops.pyaccel.dws_conv2d with m's weights and parameters but the packing `packed`."""
+    return torch.ops.pyaccel.dws_conv2d(x, m.dw_weight, m.dw_bias, m.pw_weight, m.bias if bias else None,
+                                        *m._op_geometry(), packed)
+
+
+# A packing made for other parameters than the call's (the kernel takes stride, dilation,
+# activations and channel counts from the header): the op says what differs.
+OTHER_PACKINGS = [
+    (dict(stride=2), r"packed: expected stride \(1, 1\), the buffer holds \(2, 2\)"),
+    (dict(dilation=2), r"packed: expected dilation \(1, 1\), the buffer holds \(2, 2\)"),
+    (dict(act1="silu"), r"packed: expected act1 relu, the buffer holds silu"),
+    (dict(act2=Activation(ActKind.HARDTANH, -0.5, 0.75)),
+     r"packed: expected act2 none, the buffer holds hardtanh\(-0.5, 0.75\)"),
+    (dict(c=24), r"packed: expected channels \(C, Cout\) \(16, 24\), the buffer holds \(24, 24\)"),
+    (dict(co=32), r"packed: expected channels \(C, Cout\) \(16, 24\), the buffer holds \(16, 32\)"),
+    (dict(k=5), r"packed: expected a window \(kh, kw\) \(3, 3\), the buffer holds \(5, 5\)"),
+]
+
+
 @needs_native
-def test_op_refuses_a_packing_of_other_geometry_or_activations(gen):
-    """The kernel takes stride, dilation and activations from the packing's header:
-    a packing made for another window or activation must not be used (the op
-    then computes from its weight arguments)."""
-    a = _random_module(16, 24, stride=1, act1="relu", gen=gen)
-    b = _random_module(16, 24, stride=2, act1="silu", gen=gen)
+@pytest.mark.parametrize("other, match", OTHER_PACKINGS)
+def test_op_raises_for_a_packing_of_other_parameters(isa, gen, other, match):
+    kw = dict(c=16, co=24, k=3, stride=1, dilation=1, act1="relu", act2="none")
+    m = _random_module(**kw, gen=gen)
+    o = _random_module(**{**kw, **other}, gen=gen)
     x = torch.randn(1, 16, 9, 9, generator=gen)
-    b._packed = a._packed  # what b._op hands the op is a's packing
-    y = b._op(x, b.bias)
-    assert_close(y, b, x, "packing of another module")
+    with pytest.raises(ValueError, match=match):
+        _op_with(m, x, o._packed)
+    assert_close(_op_with(m, x, m._packed), m, x, f"{isa}: its own packing")
+
+
+@needs_native
+def test_op_raises_for_a_bad_or_truncated_packing(gen):
+    m = _random_module(16, 24, gen=gen)
+    x = torch.randn(1, 16, 9, 9, generator=gen)
+    p = m._packed
+    with pytest.raises(ValueError, match=r"packed: expected \d+ bytes for this packing, the buffer has \d+ .*truncated"):
+        _op_with(m, x, p[:-64].clone())
+    with pytest.raises(ValueError, match=r"packed: expected a DWS1 packing \(at least its 96-byte header\), "
+                                         r"the buffer has 50 bytes"):
+        _op_with(m, x, p[:50].clone())
+    with pytest.raises(ValueError, match=r"packed: expected a DWS1 packing \(magic 0x31535744\), the buffer's magic"):
+        _op_with(m, x, torch.zeros(p.numel(), dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"packed: expected biases: the depthwise bias only, the buffer holds both"):
+        _op_with(m, x, p, bias=False)
+    with pytest.raises(ValueError, match="packed: expected a contiguous CPU tensor"):
+        _op_with(m, x, torch.stack([p, p], 1).reshape(-1)[::2])
+    with pytest.raises(TypeError, match="packed: expected a 1-D uint8 tensor"):
+        _op_with(m, x, p.view(torch.int32))
+
+
+def _other_panel_width_isas():
+    """(isa, other isa) whose dws kernels have different panel widths, both runnable here, or None."""
+    widths = {}
+    for isa in _native.ISA_LADDER:
+        if _native.isa_supported(isa):
+            with _native.isa_cap(isa):
+                widths.setdefault(_params()["nr"], isa)
+    return tuple(widths.values())[:2] if len(widths) > 1 else None
+
+
+@needs_native
+def test_op_takes_a_valid_packing_of_another_isa(gen):
+    """A packing made on another machine (another panel width) is valid: the op
+    runs the reference for it, exactly, and raises nothing."""
+    pair = _other_panel_width_isas()
+    if pair is None:
+        pytest.skip("one dws panel width on this CPU")
+    packer, runner = pair
+    with _native.isa_cap(packer):
+        m = _random_module(16, 24, stride=2, act1="hardswish", act2="relu6", gen=gen)
+    x = torch.randn(2, 16, 11, 10, generator=gen)
+    g = m.geometry
+    with _native.isa_cap(runner):
+        y = _op_with(m, x, m._packed)
+    ref = reference.dws_conv2d(x, m.dw_weight, m.dw_bias, m.pw_weight, m.bias, g.stride, g.dilation,
+                               g.pads(11, 10), m.act1, m.act2)
+    assert torch.equal(y, ref)
 
 
 @needs_native
@@ -426,6 +495,81 @@ def test_int8_pointwise_every_activation(isa, gen, act2):
     close = torch.isclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()).float().mean()
     assert close > 0.8, f"{isa} {act2}: only {close:.0%} equal to the reference to rounding"
     assert torch.equal(y, q._checked_op(x))
+
+
+def _int8_module(gen, c=16, co=24, **kw):
+    from pyaccel.nn import FusedDWSeparableInt8Conv2d
+
+    args = dict(k=3, stride=1, dilation=1, act1="relu", act2="none")
+    args.update(kw)
+    return FusedDWSeparableInt8Conv2d.from_float(_random_module(c, co, **args, gen=gen))
+
+
+def _int8_op_with(q, x, packed_dw, packed_pw):
+    return torch.ops.pyaccel.dws_conv2d_int8(x, q.dw_weight, q.dw_bias, q.pw_weight_int8, q.pw_scale, q.bias,
+                                             *q._op_geometry(), packed_dw, packed_pw)
+
+
+def _int8_ref(q, x):
+    g = q.geometry
+    return reference.dws_conv2d_int8(x, q.dw_weight, q.dw_bias, q.pw_weight_int8, q.pw_scale, q.bias, g.stride,
+                                     g.dilation, g.pads(x.shape[2], x.shape[3]), q.act1, q.act2)
+
+
+@needs_native
+@pytest.mark.parametrize("other, match", [
+    (dict(stride=2), r"packed_dw: expected stride \(1, 1\), the buffer holds \(2, 2\)"),
+    (dict(dilation=2), r"packed_dw: expected dilation \(1, 1\), the buffer holds \(2, 2\)"),
+    (dict(act1="relu6"), r"packed_dw: expected act1 relu, the buffer holds relu6"),
+    (dict(act2="hardswish"), r"packed_dw: expected act2 none, the buffer holds hardswish"),
+    (dict(c=32), r"packed_dw: expected channels \(C, Cout\) \(16, 0\), the buffer holds \(32, 0\)"),
+])
+def test_int8_op_raises_for_a_depthwise_packing_of_other_parameters(isa, gen, other, match):
+    """The int8 op took stride, dilation and activations from packed_dw's header
+    without comparing them with its arguments: a wrong answer, silently."""
+    q, o = _int8_module(gen), _int8_module(gen, **other)
+    x = torch.randn(1, 16, 9, 9, generator=gen)
+    with pytest.raises(ValueError, match=match):
+        _int8_op_with(q, x, o._packed, q._packed_pw)
+    y = _int8_op_with(q, x, q._packed, q._packed_pw)
+    assert torch.equal(y, q(x))
+
+
+@needs_native
+def test_int8_op_raises_for_a_bad_pointwise_or_truncated_packing(gen):
+    q = _int8_module(gen)
+    x = torch.randn(1, 16, 9, 9, generator=gen)
+    with pytest.raises(ValueError, match=r"packed_pw: .*expected the int8 packing of a \[24, 16\] pointwise weight, "
+                                         r"the buffer holds one of \[32, 16\]"):
+        _int8_op_with(q, x, q._packed, _int8_module(gen, co=32)._packed_pw)
+    with pytest.raises(ValueError, match=r"packed_pw: .*the buffer holds another format"):
+        _int8_op_with(q, x, q._packed, q._packed)
+    with pytest.raises(ValueError, match=r"packed_pw: .*wrong size"):
+        _int8_op_with(q, x, q._packed, q._packed_pw[:-64].clone())
+    with pytest.raises(ValueError, match=r"packed_dw: expected \d+ bytes for this packing, the buffer has \d+"):
+        _int8_op_with(q, x, q._packed[:-64].clone(), q._packed_pw)
+    f = _random_module(16, 24, act1="relu", act2="none", gen=gen)  # a packing with pointwise panels
+    with pytest.raises(ValueError, match=r"packed_dw: expected channels \(C, Cout\) \(16, 0\), the buffer holds "
+                                         r"\(16, 24\)"):
+        _int8_op_with(q, x, f._packed, q._packed_pw)
+    with pytest.raises(ValueError, match="packed_pw: .*16"):  # checked with packed_dw absent too
+        _int8_op_with(q, x, None, _int8_module(gen, c=24, co=24)._packed_pw)
+    with pytest.raises(TypeError, match="packed_dw: expected a 1-D uint8 tensor"):
+        _int8_op_with(q, x, q._packed.view(torch.int32), q._packed_pw)
+
+
+@needs_native
+def test_int8_op_takes_a_valid_packing_of_another_isa(gen):
+    pair = _other_panel_width_isas()
+    if pair is None:
+        pytest.skip("one dws panel width on this CPU")
+    packer, runner = pair
+    with _native.isa_cap(packer):
+        q = _int8_module(gen, stride=2, act1="hardswish", act2="relu6")
+    x = torch.randn(2, 16, 11, 10, generator=gen)
+    with _native.isa_cap(runner):
+        y = _int8_op_with(q, x, q._packed, q._packed_pw)
+    assert torch.equal(y, _int8_ref(q, x))
 
 
 def test_patch_quantize_int8_mobilenet(gen):
