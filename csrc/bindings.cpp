@@ -695,6 +695,20 @@ void def_pack24(py::module_& m, const char* name, int64_t (*nbytes)(int64_t, int
       py::arg("out"), py::arg("out_nbytes"));
 }
 
+// bsr_check_packed / bsr_int8_check_packed: '' when the buffer is the packing
+// (format of `check`) of an [n, k] weight of nnzb bh x bw blocks, else what differs.
+void def_bsr_check(py::module_& m, const char* name,
+                   std::string (*check)(const uint8_t*, int64_t, int64_t, int64_t, int, int, int64_t),
+                   const char* doc) {
+  m.def(
+      name,
+      [=](uintptr_t packed, int64_t nbytes, int64_t n, int64_t k, int bh, int bw, int64_t nnzb) {
+        return check(ptr<const uint8_t>(packed), nbytes, n, k, bh, bw, nnzb);
+      },
+      doc, py::arg("packed"), py::arg("nbytes"), py::arg("n"), py::arg("k"), py::arg("bh"), py::arg("bw"),
+      py::arg("nnzb"));
+}
+
 }  // namespace
 
 namespace pyaccel {
@@ -897,6 +911,9 @@ PYBIND11_MODULE(_C, m) {
       "pack validated canonical BSR int8 blocks (values [nnzb, bh, bw] in [-127, 127], int32 crow/col)",
       py::arg("values"), py::arg("crow"), py::arg("col"), py::arg("n"), py::arg("k"), py::arg("bh"), py::arg("bw"),
       py::arg("nnzb"), py::arg("out"), py::arg("out_nbytes"));
+  def_bsr_check(m, "bsr_int8_check_packed", &block_sparse::packing_error_int8,
+                "'' when `packed` (nbytes) is the BSR int8 packing of an [n, k] weight of nnzb bh x bw blocks, else "
+                "what the call expected and what the buffer holds; header only");
   m.def("bsr_packed_nbytes", &block_sparse::packed_nbytes, py::arg("n"), py::arg("k"), py::arg("bh"), py::arg("bw"),
         py::arg("nnzb"));
   m.def(
@@ -915,6 +932,9 @@ PYBIND11_MODULE(_C, m) {
       "pack validated canonical BSR fp32 blocks (values [nnzb, bh, bw], int32 crow/col) for the native kernels",
       py::arg("values"), py::arg("crow"), py::arg("col"), py::arg("n"), py::arg("k"), py::arg("bh"), py::arg("bw"),
       py::arg("nnzb"), py::arg("out"), py::arg("out_nbytes"));
+  def_bsr_check(m, "bsr_check_packed", &block_sparse::packing_error,
+                "'' when `packed` (nbytes) is the BSR fp32 packing of an [n, k] weight of nnzb bh x bw blocks, else "
+                "what the call expected and what the buffer holds; header only");
   m.def(
       "int8_pack",
       [](uintptr_t w, int64_t ldw, int64_t n, int64_t k, uintptr_t out, int64_t out_nbytes, int act_bits) {

@@ -5,6 +5,12 @@ fake implementations and autograd to x.
 
 Weights are in the canonical BSR form of :mod:`pyaccel.formats.block_sparse`:
 values [nnzb, bh, bw], int32 crow_indices [ceil(n/bh) + 1] and col_indices [nnzb].
+
+``packed`` (optional) is the native packing of that weight (pack_block_sparse /
+pack_block_sparse_int8). On the CPU every call reads its header (O(1)): a
+packing of another shape, block shape, number of kept blocks or value dtype,
+or a truncated one, raises ValueError ``packed: ...`` saying what the call
+expected and what the buffer holds. The packings do not depend on the ISA.
 """
 from __future__ import annotations
 
@@ -58,14 +64,29 @@ def check_block_sparse_args(x, values, crow_indices, col_indices, n, k, bias, pa
         raise TypeError(f"packed: expected a 1-D uint8 tensor from pack_block_sparse, got {_desc(packed)}")
 
 
+def check_bsr_packing(check, packed: Tensor, values: Tensor, n: int, k: int) -> None:
+    """ValueError ``packed: ...`` unless `packed` is a packing (the format of
+    `check`: _C.bsr_check_packed or _C.bsr_int8_check_packed) of an [n, k]
+    weight with values' block shape and number of kept blocks (header only)."""
+    if not packed.is_cpu or not packed.is_contiguous():
+        raise ValueError(f"packed: expected a contiguous CPU tensor (the packing's bytes), got {_desc(packed)}")
+    nnzb, bh, bw = values.shape
+    err = check(packed.data_ptr(), packed.numel(), n, k, bh, bw, nnzb)
+    if err:
+        raise ValueError(f"packed: {err}")
+
+
 def block_sparse_linear_cpu(x, values, crow_indices, col_indices, n, k, bias, packed):
-    """The native CPU BSR linear (arguments already checked)."""
+    """The native CPU BSR linear (arguments already checked; `packed` here)."""
     from pyaccel.formats.block_sparse import BlockSparseWeight, pack_block_sparse
 
-    if _native.lib() is None:
+    C = _native.lib()
+    if C is None:
         return reference.block_sparse_linear(x, values, crow_indices, col_indices, n, k, bias)
     if packed is None:
         packed = pack_block_sparse(BlockSparseWeight(values, crow_indices, col_indices, (n, k)))
+    else:
+        check_bsr_packing(C.bsr_check_packed, packed, values, n, k)
     return _native_linear("block_sparse", x, k, n, packed, None, bias)
 
 
@@ -81,7 +102,10 @@ def _triton():
 def block_sparse_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, n: int, k: int,
                         bias: Optional[Tensor], packed: Optional[Tensor]) -> Tensor:
     """y = x @ W.T + bias, W [n, k] block-sparse in canonical BSR form (values
-    fp32 [nnzb, bh, bw]); x [..., k] fp32/bf16, output in x's dtype."""
+    fp32 [nnzb, bh, bw]); x [..., k] fp32/bf16, output in x's dtype.
+    TypeError/ValueError naming the bad argument; on the CPU, ValueError
+    ``packed: ...`` when `packed` is not the fp32 packing of an [n, k] weight
+    of nnzb bh x bw blocks (or is truncated)."""
     check_block_sparse_args(x, values, crow_indices, col_indices, n, k, bias, packed)
     return reference.block_sparse_linear(x, values, crow_indices, col_indices, n, k, bias)
 
@@ -136,13 +160,16 @@ def check_block_sparse_int8_args(x, values, crow_indices, col_indices, n, k, w_s
 
 
 def block_sparse_int8_linear_cpu(x, values, crow_indices, col_indices, n, k, w_scale, bias, packed):
-    """The native CPU BSR int8 linear (arguments already checked)."""
+    """The native CPU BSR int8 linear (arguments already checked; `packed` here)."""
     from pyaccel.formats.block_sparse import BlockSparseWeight, pack_block_sparse_int8
 
-    if _native.lib() is None:
+    C = _native.lib()
+    if C is None:
         return reference.block_sparse_int8_linear(x, values, crow_indices, col_indices, n, k, w_scale, bias)
     if packed is None:
         packed = pack_block_sparse_int8(BlockSparseWeight(values, crow_indices, col_indices, (n, k)))
+    else:
+        check_bsr_packing(C.bsr_int8_check_packed, packed, values, n, k)
     return _native_linear("block_sparse_int8", x, k, n, packed, w_scale, bias)
 
 
@@ -151,7 +178,10 @@ def block_sparse_int8_linear(x: Tensor, values: Tensor, crow_indices: Tensor, co
                              w_scale: Tensor, bias: Optional[Tensor], packed: Optional[Tensor]) -> Tensor:
     """int8 linear (activations quantized per row at run time) with a
     block-sparse int8 weight: values int8 [nnzb, bh, bw] in [-127, 127],
-    w_scale fp32 [n]; x [..., k] fp32/bf16, output in x's dtype."""
+    w_scale fp32 [n]; x [..., k] fp32/bf16, output in x's dtype.
+    TypeError/ValueError naming the bad argument; on the CPU, ValueError
+    ``packed: ...`` when `packed` is not the int8 packing of an [n, k] weight
+    of nnzb bh x bw blocks (or is truncated)."""
     check_block_sparse_int8_args(x, values, crow_indices, col_indices, n, k, w_scale, bias, packed)
     return reference.block_sparse_int8_linear(x, values, crow_indices, col_indices, n, k, w_scale, bias)
 

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <string>
 #include <type_traits>
 
 #include "common/cpu_features.h"
@@ -101,6 +102,24 @@ void pack(const float* values, const int32_t* crow, const int32_t* col, int64_t 
           int64_t nnzb, uint8_t* out);
 // nullptr if buf is a valid packing of an [n, k] weight, else what is wrong.
 const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k);
+
+// What a packing of a given weight must hold: its format and what the layout
+// implies for the weight's shape, block shape and kept blocks.
+struct PackingFormat {
+  uint32_t magic;
+  int32_t layout;
+  int64_t bh_pad, data_offset, total;
+};
+// "" when buf (nbytes) is a packing in format f of an [n, k] weight of nnzb
+// kept bh x bw blocks, else what differs: "expected ..., the buffer holds
+// ...". Reads the header only (O(1)); the indices and values are the
+// packer's (checked when it packed them).
+std::string packing_error_for(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k, int bh, int bw,
+                              int64_t nnzb, const PackingFormat& f);
+// packing_error_for with the fp32 format (pack) / the int8 format (pack_int8).
+std::string packing_error(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k, int bh, int bw, int64_t nnzb);
+std::string packing_error_int8(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k, int bh, int bw,
+                               int64_t nnzb);
 
 struct GemmArgs {
   const float* x;  // [m, >= k] fp32, row stride ldx

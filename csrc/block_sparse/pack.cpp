@@ -16,7 +16,9 @@
 #include <algorithm>
 #include <climits>
 #include <functional>
+#include <cstdio>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "block_sparse/block_sparse.h"
@@ -178,6 +180,58 @@ const char* check_packed(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t 
   if (h.bh < 1 || h.bw < 1 || h.nnzb < 0) return "packed weight header is corrupt";
   const int32_t lay = layout_for(h.bh);
   return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagic, lay, layout(h.n, h.k, h.bh, h.bw, h.nnzb, lay).total);
+}
+
+namespace {
+
+const char* format_name(uint32_t magic) {
+  return magic == kMagic ? "BSR fp32 packing (pack_block_sparse)"
+                         : magic == kMagicI8 ? "BSR int8 packing (pack_block_sparse_int8)" : nullptr;
+}
+
+std::string dims(int64_t a, int64_t b, const char* sep) { return std::to_string(a) + sep + std::to_string(b); }
+
+}  // namespace
+
+std::string packing_error_for(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k, int bh, int bw,
+                              int64_t nnzb, const PackingFormat& f) {
+  const std::string want = format_name(f.magic);
+  const int64_t hb = sizeof(PackedHeader);
+  if (buf == nullptr || nbytes < hb)
+    return "expected a " + want + " (at least its " + std::to_string(hb) + "-byte header), the buffer has " +
+           std::to_string(buf == nullptr ? 0 : nbytes) + " bytes";
+  PackedHeader h;
+  std::memcpy(&h, buf, sizeof(h));
+  if (h.magic != f.magic) {
+    if (const char* other = format_name(h.magic)) return "expected a " + want + ", the buffer holds a " + other;
+    char m[32];
+    std::snprintf(m, sizeof(m), "0x%08x", h.magic);
+    return "expected a " + want + ", the buffer's magic is " + m;
+  }
+  if (h.n != n || h.k != k)
+    return "expected a [" + dims(n, k, ", ") + "] weight, the buffer holds [" + dims(h.n, h.k, ", ") + "]";
+  if (h.bh != bh || h.bw != bw)
+    return "expected " + dims(bh, bw, " x ") + " blocks, the buffer holds " + dims(h.bh, h.bw, " x ");
+  if (h.nnzb != nnzb)
+    return "expected " + std::to_string(nnzb) + " kept blocks, the buffer holds " + std::to_string(h.nnzb);
+  const int64_t nbr = (n + bh - 1) / bh;
+  if (h.layout != f.layout || h.bh_pad != f.bh_pad || h.nbr != nbr || h.n_pad != nbr * bh ||
+      h.data_offset != f.data_offset)
+    return "the buffer's header is inconsistent (layout tag, padding or offsets are not what the format implies)";
+  if (nbytes != f.total)
+    return "expected " + std::to_string(f.total) + " bytes for this packing, the buffer has " +
+           std::to_string(nbytes) + ": truncated or not made by the packer";
+  return "";
+}
+
+std::string packing_error(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k, int bh, int bw, int64_t nnzb) {
+  if (bh < 1 || bw < 1 || nnzb < 0)
+    return "expected blocks of at least 1 x 1 and nnzb >= 0, got " + std::to_string(bh) + " x " + std::to_string(bw) +
+           " and " + std::to_string(nnzb);
+  const int32_t lay = layout_for(bh);
+  const Layout l = layout(n, k, bh, bw, nnzb, lay);
+  return packing_error_for(buf, nbytes, n, k, bh, bw, nnzb,
+                           PackingFormat{kMagic, lay, l.bh_pad, l.data_offset, l.total});
 }
 
 }  // namespace block_sparse

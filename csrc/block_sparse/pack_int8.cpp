@@ -6,6 +6,7 @@
 //   compact blocks [nnzb][bh][bw] int8 (zero past n and k), read as one
 //   32-bit word per channel and group of 4 inputs
 #include <cstring>
+#include <string>
 
 #include "block_sparse/block_sparse.h"
 
@@ -80,6 +81,16 @@ const char* check_packed_int8(const uint8_t* buf, int64_t nbytes, int64_t n, int
   if (h.bh < 1 || h.bw < 1 || h.nnzb < 0) return "packed weight header is corrupt";
   return check_packed_header<PackedHeader>(buf, nbytes, n, k, kMagicI8, kLayoutI8K4,
                                            packed_nbytes_int8(h.n, h.k, h.bh, h.bw, h.nnzb));
+}
+
+std::string packing_error_int8(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k, int bh, int bw,
+                               int64_t nnzb) {
+  if (bh < 1 || bw < 1 || nnzb < 0)
+    return "expected blocks of at least 1 x 1 and nnzb >= 0, got " + std::to_string(bh) + " x " + std::to_string(bw) +
+           " and " + std::to_string(nnzb);
+  const Layout l = layout(n, bh, bw, nnzb);
+  return packing_error_for(buf, nbytes, n, k, bh, bw, nnzb,
+                           PackingFormat{kMagicI8, kLayoutI8K4, l.bh_pad, l.data_offset, l.total});
 }
 
 }  // namespace block_sparse

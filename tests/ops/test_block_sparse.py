@@ -252,6 +252,43 @@ def test_op_checks_name_the_argument(gen):
         op(x, bsw.values, bsw.crow_indices, bsw.col_indices, 32, 32, torch.zeros(3), None)
 
 
+@needs_native
+def test_op_raises_for_a_packing_of_another_weight(isa, gen):
+    """The op's check read only [n, k] from the packing's header: a packing of
+    other blocks (here of the same byte length) ran, silently wrong. Every
+    call now compares shape, block shape and kept blocks (header only)."""
+    n = k = 64
+    bsw = bsf.compress(_weight(n, k, (16, 16), 0.0, gen), (16, 16))
+    other = bsf.compress(_weight(n, k, (32, 8), 0.0, gen), (32, 8))
+    packed, other_packed = bsf.pack_block_sparse(bsw), bsf.pack_block_sparse(other)
+    assert packed.numel() == other_packed.numel() and bsw.values.shape[0] == other.values.shape[0]
+    x = torch.randn(3, k, generator=gen)
+
+    def op(p, values=bsw.values, crow=bsw.crow_indices, col=bsw.col_indices, shape=(n, k)):
+        return torch.ops.pyaccel.block_sparse_linear(x[:, :shape[1]], values, crow, col, *shape, None, p)
+
+    with pytest.raises(ValueError, match=r"packed: expected 16 x 16 blocks, the buffer holds 32 x 8"):
+        op(other_packed)
+    sparser = bsf.compress(_weight(n, k, (16, 16), 0.5, gen), (16, 16))
+    with pytest.raises(ValueError, match=r"packed: expected 16 kept blocks, the buffer holds \d+"):
+        op(bsf.pack_block_sparse(sparser))
+    wider = bsf.compress(_weight(n, 96, (16, 16), 0.0, gen), (16, 16))
+    with pytest.raises(ValueError, match=r"packed: expected a \[64, 64\] weight, the buffer holds \[64, 96\]"):
+        op(bsf.pack_block_sparse(wider))
+    q, _ = bsf.quantize_blocks(bsw)
+    with pytest.raises(ValueError, match=r"packed: expected a BSR fp32 packing \(pack_block_sparse\), the buffer "
+                                         r"holds a BSR int8 packing"):
+        op(bsf.pack_block_sparse_int8(q))
+    with pytest.raises(ValueError, match=r"packed: expected \d+ bytes for this packing, the buffer has \d+: truncated"):
+        op(packed[:-64].clone())
+    with pytest.raises(ValueError, match=r"packed: expected a BSR fp32 packing .*64-byte header.*the buffer has 10 "
+                                         r"bytes"):
+        op(packed[:10].clone())
+    with pytest.raises(ValueError, match="packed: expected a contiguous CPU tensor"):
+        op(torch.stack([packed, packed], 1).reshape(-1)[::2])
+    assert_close(op(packed), x, bsf.decompress(bsw), None, f"{isa}: its own packing")
+
+
 # ---- int8 values -------------------------------------------------------------------------
 def _run_int8(x, bsw, scale, bias=None):
     return torch.ops.pyaccel.block_sparse_int8_linear(x, bsw.values, bsw.crow_indices, bsw.col_indices,
@@ -377,6 +414,30 @@ def test_int8_pack_refuses_minus_128(gen):
     assert int(bsw.col_indices[last]) == 15
     bsw.values[last, 0, 3] = -128
     assert bsf.pack_block_sparse_int8(bsw) is not None
+
+
+@needs_native
+def test_int8_op_raises_for_a_packing_of_another_weight(isa, gen):
+    n = k = 64
+    bsw, scale = bsf.quantize_blocks(bsf.compress(_weight(n, k, (16, 16), 0.0, gen), (16, 16)))
+    other, _ = bsf.quantize_blocks(bsf.compress(_weight(n, k, (32, 8), 0.0, gen), (32, 8)))
+    x = torch.randn(3, k, generator=gen)
+
+    def op(p):
+        return torch.ops.pyaccel.block_sparse_int8_linear(x, bsw.values, bsw.crow_indices, bsw.col_indices, n, k,
+                                                          scale, None, p)
+
+    with pytest.raises(ValueError, match=r"packed: expected 16 x 16 blocks, the buffer holds 32 x 8"):
+        op(bsf.pack_block_sparse_int8(other))
+    fp32 = bsf.compress(_weight(n, k, (16, 16), 0.0, gen), (16, 16))
+    with pytest.raises(ValueError, match=r"packed: expected a BSR int8 packing \(pack_block_sparse_int8\), the "
+                                         r"buffer holds a BSR fp32 packing"):
+        op(bsf.pack_block_sparse(fp32))
+    packed = bsf.pack_block_sparse_int8(bsw)
+    with pytest.raises(ValueError, match=r"packed: expected \d+ bytes for this packing, the buffer has \d+: truncated"):
+        op(packed[:-1].clone())
+    ref = reference.block_sparse_int8_linear(x, bsw.values, bsw.crow_indices, bsw.col_indices, n, k, scale)
+    assert_epilogue_close(op(packed), ref, f"{isa}: its own packing")
 
 
 @needs_native
