@@ -141,8 +141,13 @@ def test_bsr_int8_round_trip_and_refusals(gen):
             BlockSparseInt8Linear.from_bsr(t, b, weight_scale=bad)
     with pytest.raises(ValueError, match="weight_scale: expected finite scales"):
         BlockSparseInt8Linear.from_bsr(t, b, weight_scale=torch.full((64,), float("nan")))
-    with pytest.warns(UserWarning, match="weight_scale is ignored"):  # float blocks get their own scales
+    with pytest.warns(UserWarning, match="weight_scale is ignored: torch.float32 blocks are quantized here"):
         BlockSparseInt8Linear.from_bsr(w.to_sparse_bsr((32, 32)), b, weight_scale=q.weight_scale * 9)
+    wi = (w * 4).round().to(torch.int16)  # integer blocks, but not int8: quantized like float ones
+    with pytest.warns(UserWarning, match=r"weight_scale is ignored: torch.int16 blocks \(an integer dtype, but not "
+                                         r"int8\) are quantized here"):
+        i16 = BlockSparseInt8Linear.from_bsr(wi.to_sparse_bsr((32, 32)), b, weight_scale=q.weight_scale)
+    assert torch.equal(i16(x), BlockSparseInt8Linear.from_bsr(wi.float().to_sparse_bsr((32, 32)), b)(x))
     with pytest.raises(ValueError, match="values: expected floating-point"):
         BlockSparseLinear.from_bsr(t, b)
     f = BlockSparseInt8Linear.from_bsr(w.to_sparse_bsr((32, 32)), b)  # float blocks: quantized

@@ -261,9 +261,10 @@ class BlockSparseInt8Linear(BlockSparseLinear):
         n, k = bsw.shape
         if bsw.values.dtype != torch.int8:
             if weight_scale is not None:
-                warnings.warn("weight_scale is ignored: floating-point blocks are quantized here, with scales "
-                              "computed per output channel (pass int8 blocks to keep given scales)", UserWarning,
-                              stacklevel=3)
+                dt = bsw.values.dtype
+                what = f"{dt} blocks" + ("" if dt.is_floating_point else " (an integer dtype, but not int8)")
+                warnings.warn(f"weight_scale is ignored: {what} are quantized here, with scales computed per "
+                              "output channel (pass int8 blocks to keep given scales)", UserWarning, stacklevel=3)
             bsw, weight_scale = bsf.quantize_blocks(bsw)
         elif weight_scale is None:
             raise ValueError("weight_scale: int8 values need their per-channel scales: pass weight_scale= "
