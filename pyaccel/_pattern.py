@@ -461,6 +461,16 @@ def _chain_from(gm, node, limit: int) -> List[Elem]:
     return out
 
 
+def _call_args_reason(node) -> str:
+    """Why a module call with other arguments than its input alone cannot head an fx fusion."""
+    if node.kwargs:
+        how = f"a keyword-argument call ({', '.join(f'{k}=...' for k in node.kwargs)})"
+    else:
+        how = f"a call with {len(node.args)} positional arguments"
+    return (f"{how}: fusion through torch.fx needs the input as the only positional argument "
+            "(call the module as module(x))")
+
+
 def find_fx_matches(gm: torch.fx.GraphModule, pats: Optional[List[ChainPattern]] = None
                     ) -> Tuple[List[Match], Dict[str, str]]:
     """(matches, {head path: reason}) in a traced model; each intermediate
@@ -475,8 +485,7 @@ def find_fx_matches(gm: torch.fx.GraphModule, pats: Optional[List[ChainPattern]]
             if pat.slots[0].accepts(e) is False:
                 continue
             if len(node.args) != 1 or node.kwargs:
-                reasons.setdefault(e.path, "called with keyword or extra arguments; fusion through torch.fx "
-                                           "needs the input as the only positional argument")
+                reasons.setdefault(e.path, _call_args_reason(node))
                 break
             chain = _chain_from(gm, node, len(pat.slots))
             r = match_at(pat, chain, 0)
