@@ -82,7 +82,7 @@ def check_dws_args(x, dw_weight, dw_bias, pw_weight, pw_bias, packed=None) -> No
 def check_packed_type(name: str, packed) -> None:
     """TypeError naming `name` unless `packed` is None or a 1-D uint8 tensor."""
     if packed is not None and (not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1):
-        raise TypeError(f"{name}: expected a 1-D uint8 tensor from the dws packing, got {_desc(packed)}")
+        raise TypeError(f"{name}: expected a 1-D uint8 tensor (a native packing) or None, got {_desc(packed)}")
 
 
 # PackedHeader.flags (csrc/dwconv_fused/dwconv_fused.h): the biases a packing was given
