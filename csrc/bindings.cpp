@@ -222,8 +222,6 @@ py::dict kernel_params() {
   e["sparse_from_rows_big"] = kq.sparse_from_rows_big;
   e["sparse_from_rows_small"] = kq.sparse_from_rows_small;
   e["big_layer_weights"] = sparse24_int8::kBigLayerWeights;
-  // the one-row path reads the control table where the packing with it takes at most this many bytes
-  e["row_table_max_bytes"] = llc_bytes() / sparse24_int8::kRowTableLlcShare;
   // the AVX2 kernel's pair-safe path from this many rows (packings with a section), on layers of
   // >= big_layer_weights weights / smaller ones
   e["pair_safe_from_rows_big"] = sparse24_int8::kPsMinRowsBig;

@@ -4,8 +4,6 @@
 #include <cctype>
 #include <atomic>
 #include <cstdlib>
-#include <fstream>
-#include <string>
 #include <mutex>
 #ifdef __linux__
 #include <sys/syscall.h>
@@ -150,37 +148,6 @@ const char* tuning_override() {
   init_tuning_from_env();
   const int t = g_tuning.load();
   return t < 0 ? "" : tuning_name(static_cast<Tuning>(t));
-}
-
-namespace {
-// The size of cpu0's highest-level cache from Linux's sysfs ("32768K"), or 0.
-int64_t sysfs_llc_bytes() {
-  int64_t best_level = 0, bytes = 0;
-  for (int i = 0; i < 8; ++i) {
-    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
-    std::ifstream level_file(dir + "level"), size_file(dir + "size");
-    int64_t level = 0, size = 0;
-    std::string unit;
-    if (!(level_file >> level) || !(size_file >> size)) continue;
-    size_file >> unit;
-    if (unit == "K") size <<= 10;
-    else if (unit == "M") size <<= 20;
-    if (level > best_level && size > 0) best_level = level, bytes = size;
-  }
-  return bytes;
-}
-}  // namespace
-
-int64_t llc_bytes() {
-  static const int64_t bytes = [] {
-    if (const int64_t b = sysfs_llc_bytes()) return b;
-    for (int name : {_SC_LEVEL3_CACHE_SIZE, _SC_LEVEL2_CACHE_SIZE}) {
-      const long v = sysconf(name);
-      if (v > 0) return static_cast<int64_t>(v);
-    }
-    return int64_t(8) << 20;
-  }();
-  return bytes;
 }
 
 const CpuFeatures& cpu_features() {

@@ -43,12 +43,6 @@ const CpuFeatures& cpu_features();
 // Best ISA this CPU supports.
 Isa detected_isa();
 
-// Bytes of the last-level cache cpu 0 shares with its neighbours: Linux's
-// sysfs (/sys/devices/system/cpu/cpu0/cache, the highest level), else glibc's
-// sysconf (which on AMD EPYC reports the whole socket's L3, not one CCX's),
-// else 8 MiB. Cached.
-int64_t llc_bytes();
-
 // True when this CPU can run kernels of level `isa`: isa <= detected_isa(),
 // for kAvxVnni also AVX-VNNI (with the VEX build present) or AVX-512 VNNI + VL,
 // for kAvx512Amx also the OS's grant of the tile state to the process, asked

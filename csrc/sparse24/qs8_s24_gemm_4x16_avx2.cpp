@@ -325,11 +325,9 @@ inline const uint8_t* panel_table(const GemmArgs& g, int64_t p) {
 template <class Mul>
 inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   if (m1 - m0 == 1) {
-    // from the table where the packing can stay in the last-level cache
-    // (sparse24_int8.h, kRowTableLlcShare); bigger layers, bound by streaming
-    // the weights at one row, skip its 40 % more bytes
-    const int64_t table_packing = (g.n + kPanel - 1) / kPanel * g.quads * (kQuadBytes + kCtrlQuadBytes);
-    if (g.ctrl && table_packing <= llc_bytes() / kRowTableLlcShare) {
+    // from the table on layers under kBigLayerWeights; bigger ones, bound by
+    // streaming the weights at one row, skip its 40 % more bytes
+    if (g.ctrl && g.n * kQuadInputs * g.quads < kBigLayerWeights) {
       for (int64_t p = p0; p < p1; ++p) tile_row_table<Mul>(g, panel_table(g, p), m0, p);
       return;
     }

@@ -145,12 +145,6 @@ struct Kernel {
   int sparse_from_rows_big = 0, sparse_from_rows_small = 0;
 };
 constexpr int64_t kBigLayerWeights = int64_t(1) << 22;
-// The one-row path of the AVX2 / AVX-VNNI kernels reads the control table
-// (layout 5) where the packing, table included, takes at most this share of
-// the last-level cache (llc_bytes() / kRowTableLlcShare): such a layer can stay
-// cached between calls, where decoding in the loop is the bound; bigger ones
-// always stream from DRAM, where the table's bytes are.
-constexpr int64_t kRowTableLlcShare = 2;
 // The AVX2 kernel's pair-safe path runs calls of at least ps_min_rows(n, k)
 // rows (packings with a section); fewer take the sign-trick tile, whose
 // per-call work is smaller (no transposition, no residual sums over 16-row

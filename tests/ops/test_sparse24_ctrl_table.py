@@ -124,24 +124,6 @@ def test_same_integers_with_and_without_the_table(gen, level, n, k, m):
     check_all_packings(m, n, k, level, gen)
 
 
-@pytest.mark.parametrize("level", ["avx2", "avx_vnni"])
-@pytest.mark.parametrize("m", [1, 2])
-def test_big_layers_read_the_table_at_one_row_where_it_fits_the_cache(gen, level, m):
-    """The one-row path reads the table where the packing with it takes at most
-    kernel_params()['sparse24_int8']['row_table_max_bytes'] (half the last-level
-    cache), whatever the layer's weight count: 1024 x 4096 (4 Mi weights, 3.5 MiB
-    with the table) is past the 4 Mi-weight line of the other switches."""
-    needs(level)
-    C = _native.lib()
-    n, k = 1024, 4096
-    params = C.kernel_params()["sparse24_int8"]
-    assert params["row_table_max_bytes"] > 0
-    if C.s24i8_packed_nbytes_ctrl(n, k) > params["row_table_max_bytes"]:
-        pytest.skip(f"this CPU's last-level cache ({2 * params['row_table_max_bytes']} bytes) is too small "
-                    "for the table path on this layer")
-    check_all_packings(m, n, k, level, gen)
-
-
 def check_all_packings(m: int, n: int, k: int, level: str, gen: torch.Generator):
     """Each packing made at avx2 (the packer's, layout 4, layout 5), run at `level`, equals the reference."""
     dense = weight_24(n, k, gen)
