@@ -694,17 +694,21 @@ void def_pack24(py::module_& m, const char* name, int64_t (*nbytes)(int64_t, int
 }
 
 // bsr_check_packed / bsr_int8_check_packed: '' when the buffer is the packing
-// (format of `check`) of an [n, k] weight of nnzb bh x bw blocks, else what differs.
+// (format of `check`) of an [n, k] weight of nnzb bh x bw blocks in the pattern
+// crow / col (int32, contiguous), else what differs.
 void def_bsr_check(py::module_& m, const char* name,
-                   std::string (*check)(const uint8_t*, int64_t, int64_t, int64_t, int, int, int64_t),
+                   std::string (*check)(const uint8_t*, int64_t, int64_t, int64_t, int, int, int64_t,
+                                        const int32_t*, const int32_t*),
                    const char* doc) {
   m.def(
       name,
-      [=](uintptr_t packed, int64_t nbytes, int64_t n, int64_t k, int bh, int bw, int64_t nnzb) {
-        return check(ptr<const uint8_t>(packed), nbytes, n, k, bh, bw, nnzb);
+      [=](uintptr_t packed, int64_t nbytes, int64_t n, int64_t k, int bh, int bw, int64_t nnzb, uintptr_t crow,
+          uintptr_t col) {
+        return check(ptr<const uint8_t>(packed), nbytes, n, k, bh, bw, nnzb, ptr<const int32_t>(crow),
+                     ptr<const int32_t>(col));
       },
       doc, py::arg("packed"), py::arg("nbytes"), py::arg("n"), py::arg("k"), py::arg("bh"), py::arg("bw"),
-      py::arg("nnzb"));
+      py::arg("nnzb"), py::arg("crow"), py::arg("col"));
 }
 
 }  // namespace
@@ -910,8 +914,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("values"), py::arg("crow"), py::arg("col"), py::arg("n"), py::arg("k"), py::arg("bh"), py::arg("bw"),
       py::arg("nnzb"), py::arg("out"), py::arg("out_nbytes"));
   def_bsr_check(m, "bsr_int8_check_packed", &block_sparse::packing_error_int8,
-                "'' when `packed` (nbytes) is the BSR int8 packing of an [n, k] weight of nnzb bh x bw blocks, else "
-                "what the call expected and what the buffer holds; header only");
+                "'' when `packed` (nbytes) is the BSR int8 packing of an [n, k] weight of nnzb bh x bw blocks in the "
+                "pattern crow [ceil(n / bh) + 1] / col [nnzb] (int32 pointers), else what the call expected and what "
+                "the buffer holds; reads the header, row pointers and column entries (O(n / bh + nnzb)), not the "
+                "values");
   m.def("bsr_packed_nbytes", &block_sparse::packed_nbytes, py::arg("n"), py::arg("k"), py::arg("bh"), py::arg("bw"),
         py::arg("nnzb"));
   m.def(
@@ -931,8 +937,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("values"), py::arg("crow"), py::arg("col"), py::arg("n"), py::arg("k"), py::arg("bh"), py::arg("bw"),
       py::arg("nnzb"), py::arg("out"), py::arg("out_nbytes"));
   def_bsr_check(m, "bsr_check_packed", &block_sparse::packing_error,
-                "'' when `packed` (nbytes) is the BSR fp32 packing of an [n, k] weight of nnzb bh x bw blocks, else "
-                "what the call expected and what the buffer holds; header only");
+                "'' when `packed` (nbytes) is the BSR fp32 packing of an [n, k] weight of nnzb bh x bw blocks in the "
+                "pattern crow [ceil(n / bh) + 1] / col [nnzb] (int32 pointers), else what the call expected and what "
+                "the buffer holds; reads the header, row pointers and column entries (O(n / bh + nnzb)), not the "
+                "values");
   m.def(
       "int8_pack",
       [](uintptr_t w, int64_t ldw, int64_t n, int64_t k, uintptr_t out, int64_t out_nbytes, int act_bits) {

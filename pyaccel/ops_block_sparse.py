@@ -7,10 +7,14 @@ Weights are in the canonical BSR form of :mod:`pyaccel.formats.block_sparse`:
 values [nnzb, bh, bw], int32 crow_indices [ceil(n/bh) + 1] and col_indices [nnzb].
 
 ``packed`` (optional) is the native packing of that weight (pack_block_sparse /
-pack_block_sparse_int8). On the CPU every call reads its header (O(1)): a
-packing of another shape, block shape, number of kept blocks or value dtype,
-or a truncated one, raises ValueError ``packed: ...`` saying what the call
-expected and what the buffer holds. The packings do not depend on the ISA.
+pack_block_sparse_int8). With the native library loaded, every CPU call
+reads its header and block pattern (row pointers and column entries,
+O(nbr + nnzb)): a packing of another shape, block shape, number of kept
+blocks, block pattern or value dtype, or a truncated one, raises ValueError
+``packed: ...`` saying what the call expected and what the buffer holds. The
+values are not compared: a packing of another weight with the same block
+pattern goes undetected. Without the native library the CPU kernel is the
+reference, which ignores ``packed``. The packings do not depend on the ISA.
 """
 from __future__ import annotations
 
@@ -64,14 +68,18 @@ def check_block_sparse_args(x, values, crow_indices, col_indices, n, k, bias, pa
         raise TypeError(f"packed: expected a 1-D uint8 tensor from pack_block_sparse, got {_desc(packed)}")
 
 
-def check_bsr_packing(check, packed: Tensor, values: Tensor, n: int, k: int) -> None:
+def check_bsr_packing(check, packed: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, n: int,
+                      k: int) -> None:
     """ValueError ``packed: ...`` unless `packed` is a packing (the format of
     `check`: _C.bsr_check_packed or _C.bsr_int8_check_packed) of an [n, k]
-    weight with values' block shape and number of kept blocks (header only)."""
+    weight with values' block shape and number of kept blocks, in the block
+    pattern crow_indices / col_indices (header, row pointers and column
+    entries: O(nbr + nnzb); the values are not compared)."""
     if not packed.is_cpu or not packed.is_contiguous():
         raise ValueError(f"packed: expected a contiguous CPU tensor (the packing's bytes), got {_desc(packed)}")
     nnzb, bh, bw = values.shape
-    err = check(packed.data_ptr(), packed.numel(), n, k, bh, bw, nnzb)
+    crow, col = crow_indices.contiguous(), col_indices.contiguous()
+    err = check(packed.data_ptr(), packed.numel(), n, k, bh, bw, nnzb, crow.data_ptr(), col.data_ptr())
     if err:
         raise ValueError(f"packed: {err}")
 
@@ -86,7 +94,7 @@ def block_sparse_linear_cpu(x, values, crow_indices, col_indices, n, k, bias, pa
     if packed is None:
         packed = pack_block_sparse(BlockSparseWeight(values, crow_indices, col_indices, (n, k)))
     else:
-        check_bsr_packing(C.bsr_check_packed, packed, values, n, k)
+        check_bsr_packing(C.bsr_check_packed, packed, values, crow_indices, col_indices, n, k)
     return _native_linear("block_sparse", x, k, n, packed, None, bias)
 
 
@@ -105,7 +113,8 @@ def block_sparse_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_ind
     fp32 [nnzb, bh, bw]); x [..., k] fp32/bf16, output in x's dtype.
     TypeError/ValueError naming the bad argument; on the CPU, ValueError
     ``packed: ...`` when `packed` is not the fp32 packing of an [n, k] weight
-    of nnzb bh x bw blocks (or is truncated)."""
+    of nnzb bh x bw blocks in this block pattern (or is truncated); the
+    packing's values are not compared with `values`."""
     check_block_sparse_args(x, values, crow_indices, col_indices, n, k, bias, packed)
     return reference.block_sparse_linear(x, values, crow_indices, col_indices, n, k, bias)
 
@@ -169,7 +178,7 @@ def block_sparse_int8_linear_cpu(x, values, crow_indices, col_indices, n, k, w_s
     if packed is None:
         packed = pack_block_sparse_int8(BlockSparseWeight(values, crow_indices, col_indices, (n, k)))
     else:
-        check_bsr_packing(C.bsr_int8_check_packed, packed, values, n, k)
+        check_bsr_packing(C.bsr_int8_check_packed, packed, values, crow_indices, col_indices, n, k)
     return _native_linear("block_sparse_int8", x, k, n, packed, w_scale, bias)
 
 
@@ -181,7 +190,8 @@ def block_sparse_int8_linear(x: Tensor, values: Tensor, crow_indices: Tensor, co
     w_scale fp32 [n]; x [..., k] fp32/bf16, output in x's dtype.
     TypeError/ValueError naming the bad argument; on the CPU, ValueError
     ``packed: ...`` when `packed` is not the int8 packing of an [n, k] weight
-    of nnzb bh x bw blocks (or is truncated)."""
+    of nnzb bh x bw blocks in this block pattern (or is truncated); the
+    packing's values are not compared with `values`."""
     check_block_sparse_int8_args(x, values, crow_indices, col_indices, n, k, w_scale, bias, packed)
     return reference.block_sparse_int8_linear(x, values, crow_indices, col_indices, n, k, w_scale, bias)
 

@@ -110,16 +110,19 @@ struct PackingFormat {
   int32_t layout;
   int64_t bh_pad, data_offset, total;
 };
-// "" when buf (nbytes) is a packing in format f of an [n, k] weight of nnzb
-// kept bh x bw blocks, else what differs: "expected ..., the buffer holds
-// ...". Reads the header only (O(1)); the indices and values are the
-// packer's (checked when it packed them).
+// "" when buf (nbytes) is a packing in format f of the [n, k] weight of nnzb
+// kept bh x bw blocks whose pattern is crow [nbr + 1] / col [nnzb] (canonical
+// BSR, int32), else what differs: "expected ..., the buffer holds ...".
+// Reads the header, then compares the packing's row pointers with crow and its
+// column entries (col * bw) with col: O(nbr + nnzb). The values are not
+// compared: a packing of another weight with the same pattern passes.
 std::string packing_error_for(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k, int bh, int bw,
-                              int64_t nnzb, const PackingFormat& f);
+                              int64_t nnzb, const int32_t* crow, const int32_t* col, const PackingFormat& f);
 // packing_error_for with the fp32 format (pack) / the int8 format (pack_int8).
-std::string packing_error(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k, int bh, int bw, int64_t nnzb);
+std::string packing_error(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k, int bh, int bw, int64_t nnzb,
+                          const int32_t* crow, const int32_t* col);
 std::string packing_error_int8(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k, int bh, int bw,
-                               int64_t nnzb);
+                               int64_t nnzb, const int32_t* crow, const int32_t* col);
 
 struct GemmArgs {
   const float* x;  // [m, >= k] fp32, row stride ldx

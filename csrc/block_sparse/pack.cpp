@@ -194,7 +194,7 @@ std::string dims(int64_t a, int64_t b, const char* sep) { return std::to_string(
 }  // namespace
 
 std::string packing_error_for(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k, int bh, int bw,
-                              int64_t nnzb, const PackingFormat& f) {
+                              int64_t nnzb, const int32_t* crow, const int32_t* col, const PackingFormat& f) {
   const std::string want = format_name(f.magic);
   const int64_t hb = sizeof(PackedHeader);
   if (buf == nullptr || nbytes < hb)
@@ -221,16 +221,30 @@ std::string packing_error_for(const uint8_t* buf, int64_t nbytes, int64_t n, int
   if (nbytes != f.total)
     return "expected " + std::to_string(f.total) + " bytes for this packing, the buffer has " +
            std::to_string(nbytes) + ": truncated or not made by the packer";
+  // The block pattern: the size check above puts rowptr [nbr + 1] and colk [nnzb]
+  // inside the buffer. Row by row, so that the first block row that differs is named;
+  // crow is the caller's (not validated per call): colk is read only within [0, nnzb).
+  const int32_t* rowptr = reinterpret_cast<const int32_t*>(buf + hb);
+  const int32_t* colk = rowptr + nbr + 1;
+  for (int64_t r = 0; r < nbr; ++r) {
+    bool same = rowptr[r] == crow[r] && rowptr[r + 1] == crow[r + 1];
+    const int64_t b0 = std::max<int64_t>(crow[r], 0), b1 = std::min<int64_t>(crow[r + 1], nnzb);
+    for (int64_t b = b0; same && b < b1; ++b) same = colk[b] == static_cast<int64_t>(col[b]) * bw;
+    if (!same)
+      return "expected the block pattern of crow_indices / col_indices, the buffer holds another (first difference "
+             "in block row " + std::to_string(r) + ")";
+  }
   return "";
 }
 
-std::string packing_error(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k, int bh, int bw, int64_t nnzb) {
+std::string packing_error(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k, int bh, int bw, int64_t nnzb,
+                          const int32_t* crow, const int32_t* col) {
   if (bh < 1 || bw < 1 || nnzb < 0)
     return "expected blocks of at least 1 x 1 and nnzb >= 0, got " + std::to_string(bh) + " x " + std::to_string(bw) +
            " and " + std::to_string(nnzb);
   const int32_t lay = layout_for(bh);
   const Layout l = layout(n, k, bh, bw, nnzb, lay);
-  return packing_error_for(buf, nbytes, n, k, bh, bw, nnzb,
+  return packing_error_for(buf, nbytes, n, k, bh, bw, nnzb, crow, col,
                            PackingFormat{kMagic, lay, l.bh_pad, l.data_offset, l.total});
 }
 

@@ -84,12 +84,12 @@ const char* check_packed_int8(const uint8_t* buf, int64_t nbytes, int64_t n, int
 }
 
 std::string packing_error_int8(const uint8_t* buf, int64_t nbytes, int64_t n, int64_t k, int bh, int bw,
-                               int64_t nnzb) {
+                               int64_t nnzb, const int32_t* crow, const int32_t* col) {
   if (bh < 1 || bw < 1 || nnzb < 0)
     return "expected blocks of at least 1 x 1 and nnzb >= 0, got " + std::to_string(bh) + " x " + std::to_string(bw) +
            " and " + std::to_string(nnzb);
   const Layout l = layout(n, bh, bw, nnzb);
-  return packing_error_for(buf, nbytes, n, k, bh, bw, nnzb,
+  return packing_error_for(buf, nbytes, n, k, bh, bw, nnzb, crow, col,
                            PackingFormat{kMagicI8, kLayoutI8K4, l.bh_pad, l.data_offset, l.total});
 }
 

@@ -256,7 +256,8 @@ def test_op_checks_name_the_argument(gen):
 def test_op_raises_for_a_packing_of_another_weight(isa, gen):
     """The op's check read only [n, k] from the packing's header: a packing of
     other blocks (here of the same byte length) ran, silently wrong. Every
-    call now compares shape, block shape and kept blocks (header only)."""
+    call now compares shape, block shape and kept blocks (and the block
+    pattern: test_op_raises_for_a_packing_of_another_block_pattern)."""
     n = k = 64
     bsw = bsf.compress(_weight(n, k, (16, 16), 0.0, gen), (16, 16))
     other = bsf.compress(_weight(n, k, (32, 8), 0.0, gen), (32, 8))
@@ -287,6 +288,50 @@ def test_op_raises_for_a_packing_of_another_weight(isa, gen):
     with pytest.raises(ValueError, match="packed: expected a contiguous CPU tensor"):
         op(torch.stack([packed, packed], 1).reshape(-1)[::2])
     assert_close(op(packed), x, bsf.decompress(bsw), None, f"{isa}: its own packing")
+
+
+def _pattern_weight(rows, gen, block=(16, 16)):
+    """A [64, 64] weight keeping, in block row r, the block columns rows[r]."""
+    w = torch.zeros(64, 64)
+    bh, bw = block
+    for r, cols in enumerate(rows):
+        for c in cols:
+            w[r * bh:(r + 1) * bh, c * bw:(c + 1) * bw] = torch.randn(bh, bw, generator=gen)
+    return w
+
+
+# Two patterns of 8 kept 16 x 16 blocks each: A and B differ from block row 2
+# on by columns only (same row pointers), A and C by the row pointers.
+_PATTERN_A = ([0, 1], [1, 2], [0, 3], [2, 3])
+_PATTERN_B = ([0, 1], [1, 2], [1, 3], [0, 2])
+_PATTERN_C = ([0, 1], [1, 2, 3], [0], [2, 3])
+
+
+@needs_native
+@pytest.mark.parametrize("other, row", [(_PATTERN_B, 2), (_PATTERN_C, 1)])
+def test_op_raises_for_a_packing_of_another_block_pattern(isa, gen, other, row):
+    """Same shape, block shape and kept-block count but other kept blocks: the
+    header check passed and the op computed with the packing's pattern,
+    silently wrong. Every call now compares the row pointers and columns."""
+    bsw = bsf.compress(_pattern_weight(_PATTERN_A, gen), (16, 16))
+    ob = bsf.compress(_pattern_weight(other, gen), (16, 16))
+    assert bsw.values.shape == ob.values.shape == (8, 16, 16)
+    x = torch.randn(3, 64, generator=gen)
+    args = (x, bsw.values, bsw.crow_indices, bsw.col_indices, 64, 64)
+    with pytest.raises(ValueError, match=rf"packed: expected the block pattern of crow_indices / col_indices, the "
+                                         rf"buffer holds another \(first difference in block row {row}\)"):
+        torch.ops.pyaccel.block_sparse_linear(*args, None, bsf.pack_block_sparse(ob))
+    q, scale = bsf.quantize_blocks(bsw)
+    qo, _ = bsf.quantize_blocks(ob)
+    with pytest.raises(ValueError, match=rf"packed: expected the block pattern .*block row {row}\)"):
+        torch.ops.pyaccel.block_sparse_int8_linear(x, q.values, q.crow_indices, q.col_indices, 64, 64, scale, None,
+                                                   bsf.pack_block_sparse_int8(qo))
+    # a strided view of the same indices is the same pattern
+    crow2 = torch.stack([bsw.crow_indices, bsw.crow_indices], 1)[:, 0]
+    assert not crow2.is_contiguous()
+    assert_close(torch.ops.pyaccel.block_sparse_linear(x, bsw.values, crow2, bsw.col_indices, 64, 64, None,
+                                                       bsf.pack_block_sparse(bsw)),
+                 x, bsf.decompress(bsw), None, f"{isa}: its own packing, strided crow_indices")
 
 
 # ---- int8 values -------------------------------------------------------------------------
