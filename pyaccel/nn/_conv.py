@@ -274,6 +274,10 @@ class PackedConv2d(PackedModule):
 
     _MAX_SHAPE_SPECS = 16
 
+    def _repack(self) -> None:
+        self.__dict__.pop("_shape_specs", None)  # output sizes and pads of the geometry packed before
+        super()._repack()
+
     def _native_nchw(self, x: Tensor) -> Tensor:
         """The native kernel on a CPU float x [N, C, H, W] (checked here, once
         per shape and strides): NHWC in (no copy for channels_last), the

@@ -52,7 +52,9 @@ class FusedDWSeparableConv2d(PackedConv2d):
     other inputs (float64 / float16 included: ``.double()`` / ``.half()`` keep
     this module's fp32 buffers, so call it with float32 or bfloat16). Autograd
     reaches the input (the weights are frozen buffers); train() changes
-    nothing.
+    nothing. ``act1`` / ``act2`` (as the constructor takes them) and
+    ``geometry`` (a ConvGeometry of the same window size) may be reassigned:
+    the module repacks.
 
     Build one with :meth:`from_modules` (what ``pyaccel.patch`` does).
     Method: depthwise-separable convolution (Howard et al., MobileNets, 2017);
@@ -88,10 +90,7 @@ class FusedDWSeparableConv2d(PackedConv2d):
         if padding is None:  # "same"-sized output at stride 1 for odd windows (ConvGeometry checks the values)
             padding = (max(kernel_size[0] - 1, 0) // 2 * dilation[0], max(kernel_size[1] - 1, 0) // 2 * dilation[1])
         self.geometry = ConvGeometry(kernel_size, stride, dilation, padding)
-        self.act1, self.act2 = Activation.parse(act1), Activation.parse(act2)
-        for a in (self.act1, self.act2):
-            if a.kind == ActKind.PRELU:
-                raise ValueError("act1/act2: PReLU is not supported by the fused kernel")
+        self.act1, self.act2 = act1, act2  # parsed and checked by __setattr__
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         kh, kw = self.geometry.kernel
         f32 = dict(dtype=torch.float32, device=device)
@@ -140,6 +139,24 @@ class FusedDWSeparableConv2d(PackedConv2d):
         return mod
 
     # ---- canonical buffers -----------------------------------------------------------
+    def _signature(self) -> tuple:
+        """The buffers' signature (PackedModule._signature) plus the geometry and
+        activations, which the packing bakes in: assigning ``geometry``,
+        ``act1`` or ``act2`` repacks at the next call (ConvGeometry and
+        Activation are frozen: only an assignment changes them)."""
+        return super()._signature() + (self.geometry, self.act1, self.act2)
+
+    _BAKED_IN = frozenset({"geometry", "act1", "act2"})
+
+    def __setattr__(self, name, value):
+        if name in ("act1", "act2"):
+            value = Activation.parse(value)  # a name, an Activation or None, as the constructor takes them
+            if value.kind == ActKind.PRELU:
+                raise ValueError(f"{name}: PReLU is not supported by the fused kernel")
+        super().__setattr__(name, value)
+        if name in self._BAKED_IN and "_plan" in self.__dict__:
+            self._repack()  # now, not at the next call: compiled code does not check _signature
+
     def _buffer_specs(self):
         """name -> (dtype, shape) of the canonical buffers."""
         c, n = self.in_channels, self.out_channels

@@ -505,6 +505,54 @@ def _int8_module(gen, c=16, co=24, **kw):
     return FusedDWSeparableInt8Conv2d.from_float(_random_module(c, co, **args, gen=gen))
 
 
+@needs_native
+@pytest.mark.parametrize("path", ["native", "autograd", "general", "compile"])
+@pytest.mark.parametrize("change", [
+    dict(act2=Activation.parse("relu")),
+    dict(act1="hardswish"),  # a name, as the constructor takes it
+    dict(geometry=ConvGeometry((3, 3), (2, 2), (1, 1), (1, 1, 1, 1))),
+], ids=["act2", "act1", "geometry"])
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_module_repacks_after_an_activation_or_geometry_assignment(gen, int8, change, path):
+    """act1, act2 and geometry are plain attributes the packing bakes in. After
+    `m.act2 = ...` the op paths raised 'packed: expected act2 relu, the buffer
+    holds none' (the user passed no packing) and the no-grad native path kept
+    the old activation, silently. They are in the repack signature now: every
+    path gives the new parameters' answer."""
+    m = _int8_module(gen) if int8 else _random_module(16, 24, act1="relu", act2="none", gen=gen)
+    x = torch.randn(2, 16, 9, 9, generator=gen)
+    m(x)  # packed for the old parameters
+    for name, v in change.items():
+        setattr(m, name, v)
+    if path == "native":
+        with torch.no_grad():
+            y = m(x)
+    elif path == "autograd":
+        y = m(x.clone().requires_grad_()).detach()
+    elif path == "general":  # a tensor subclass: the checked op
+        y = m(nn.Parameter(x.clone(), requires_grad=False)).detach()
+    else:
+        torch._dynamo.reset()
+        with torch.no_grad():
+            y = torch.compile(m, backend="eager")(x)
+    if int8:
+        ref = _int8_ref(m, x)
+        assert y.shape == ref.shape and (y - ref).abs().max() <= 2e-2 * ref.abs().max(), f"{path} {change}"
+    else:
+        assert_close(y, m, x, f"{path} {change}")
+
+
+def test_module_refuses_an_activation_assignment_the_kernel_lacks(gen):
+    m = _random_module(8, 8, act1="relu", act2="none", gen=gen)
+    x = torch.randn(1, 8, 5, 5, generator=gen)
+    y = m(x)
+    with pytest.raises(ValueError, match="act2: PReLU is not supported by the fused kernel"):
+        m.act2 = Activation(ActKind.PRELU, slope=torch.ones(1))
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        m.act1 = "gelu"
+    assert m.act1 == Activation(ActKind.RELU) and m.act2 == Activation() and torch.equal(m(x), y)
+
+
 def _int8_op_with(q, x, packed_dw, packed_pw):
     return torch.ops.pyaccel.dws_conv2d_int8(x, q.dw_weight, q.dw_bias, q.pw_weight_int8, q.pw_scale, q.bias,
                                              *q._op_geometry(), packed_dw, packed_pw)
