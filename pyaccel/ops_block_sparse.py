@@ -65,7 +65,8 @@ def check_block_sparse_args(x, values, crow_indices, col_indices, n, k, bias, pa
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {_desc(t)}")
     if packed is not None and (packed.dtype != torch.uint8 or packed.dim() != 1):
-        raise TypeError(f"packed: expected a 1-D uint8 tensor from pack_block_sparse, got {_desc(packed)}")
+        packer = "pack_block_sparse_int8" if values_dtype == torch.int8 else "pack_block_sparse"
+        raise TypeError(f"packed: expected a 1-D uint8 tensor from {packer}, got {_desc(packed)}")
 
 
 def check_bsr_packing(check, packed: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, n: int,

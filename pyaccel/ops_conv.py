@@ -15,12 +15,17 @@ act codes (pyaccel._pattern.ActKind) with [lo, hi] params (Hardtanh);
 packed: the native packing (uint8) or None.
 
 A packing bakes in the channel counts, window, stride, dilation, activations
-and which biases it holds: on the CPU, every call reads its header (O(1)) and
-raises ValueError starting with the argument's name (``packed: ...``,
+and which biases it holds: with the native library loaded, every CPU call
+reads its header (O(1); packed_pw, an int8 GEMM packing: its header and, if
+it has one, its pair-safe section's tables, O(Cout + entries)) and raises
+ValueError starting with the argument's name (``packed: ...``,
 ``packed_dw: ...``, ``packed_pw: ...``) with what the call expected and what
 the buffer holds when it was made for other parameters, is truncated or is no
-such packing. A valid packing made for another ISA's panel width is not an
-error: the call runs the reference (a module repacks for the ISA in use).
+such packing. Without the native library the CPU runs the reference, which
+ignores the packings. The weights' values are not compared: a packing of
+other weights of the same shapes and parameters goes undetected. A valid
+packing made for another ISA's panel width is not an error: the call runs the
+reference (a module repacks for the ISA in use).
 """
 from __future__ import annotations
 

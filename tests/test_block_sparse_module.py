@@ -148,6 +148,11 @@ def test_bsr_int8_round_trip_and_refusals(gen):
                                          r"int8\) are quantized here"):
         i16 = BlockSparseInt8Linear.from_bsr(wi.to_sparse_bsr((32, 32)), b, weight_scale=q.weight_scale)
     assert torch.equal(i16(x), BlockSparseInt8Linear.from_bsr(wi.float().to_sparse_bsr((32, 32)), b)(x))
+    wb = w > 0  # bool blocks: not called 'an integer dtype'
+    with pytest.warns(UserWarning, match=r"weight_scale is ignored: torch.bool blocks \(booleans, taken as 0 / 1\) "
+                                         r"are quantized here"):
+        bb = BlockSparseInt8Linear.from_bsr(wb.to_sparse_bsr((32, 32)), b, weight_scale=q.weight_scale)
+    assert torch.equal(bb(x), BlockSparseInt8Linear.from_bsr(wb.float().to_sparse_bsr((32, 32)), b)(x))
     with pytest.raises(ValueError, match="values: expected floating-point"):
         BlockSparseLinear.from_bsr(t, b)
     f = BlockSparseInt8Linear.from_bsr(w.to_sparse_bsr((32, 32)), b)  # float blocks: quantized

@@ -198,7 +198,7 @@ std::string packing_error_for(const uint8_t* buf, int64_t nbytes, int64_t n, int
   const std::string want = format_name(f.magic);
   const int64_t hb = sizeof(PackedHeader);
   if (buf == nullptr || nbytes < hb)
-    return "expected a " + want + " (at least its " + std::to_string(hb) + "-byte header), the buffer has " +
+    return "expected a " + want + ", at least its " + std::to_string(hb) + "-byte header; the buffer has " +
            std::to_string(buf == nullptr ? 0 : nbytes) + " bytes";
   PackedHeader h;
   std::memcpy(&h, buf, sizeof(h));

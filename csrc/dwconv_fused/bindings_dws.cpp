@@ -100,7 +100,9 @@ void register_dws(py::module_& m) {
       [](uintptr_t packed, int64_t nbytes, int64_t n, int64_t c) {
         return pw_packing_error(reinterpret_cast<const uint8_t*>(packed), nbytes, n, c);
       },
-      "'' when `packed` is the int8 packing of the [n, c] pointwise weight, else why; header only",
+      "'' when `packed` is the int8 packing of the [n, c] pointwise weight, else why: int8_gemm::check_packed, "
+      "which reads the header and, where the packing has a pair-safe section, scans that section's tables "
+      "(O(n + entries))",
       py::arg("packed"), py::arg("nbytes"), py::arg("n"), py::arg("c"));
   m.def(
       "dws_forward",

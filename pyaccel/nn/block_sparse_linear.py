@@ -262,7 +262,9 @@ class BlockSparseInt8Linear(BlockSparseLinear):
         if bsw.values.dtype != torch.int8:
             if weight_scale is not None:
                 dt = bsw.values.dtype
-                what = f"{dt} blocks" + ("" if dt.is_floating_point else " (an integer dtype, but not int8)")
+                what = f"{dt} blocks" + ("" if dt.is_floating_point else " (booleans, taken as 0 / 1)"
+                                         if dt == torch.bool else " (complex: the real part is taken)"
+                                         if dt.is_complex else " (an integer dtype, but not int8)")
                 warnings.warn(f"weight_scale is ignored: {what} are quantized here, with scales computed per "
                               "output channel (pass int8 blocks to keep given scales)", UserWarning, stacklevel=3)
             bsw, weight_scale = bsf.quantize_blocks(bsw)

@@ -481,6 +481,8 @@ def test_int8_op_raises_for_a_packing_of_another_weight(isa, gen):
     packed = bsf.pack_block_sparse_int8(bsw)
     with pytest.raises(ValueError, match=r"packed: expected \d+ bytes for this packing, the buffer has \d+: truncated"):
         op(packed[:-1].clone())
+    with pytest.raises(TypeError, match=r"packed: expected a 1-D uint8 tensor from pack_block_sparse_int8, got"):
+        op(packed[None])
     ref = reference.block_sparse_int8_linear(x, bsw.values, bsw.crow_indices, bsw.col_indices, n, k, scale)
     assert_epilogue_close(op(packed), ref, f"{isa}: its own packing")
 
