@@ -90,10 +90,6 @@ def check_packed_type(name: str, packed) -> None:
         raise TypeError(f"{name}: expected a 1-D uint8 tensor (a native packing) or None, got {_desc(packed)}")
 
 
-# PackedHeader.flags (csrc/dwconv_fused/dwconv_fused.h): the biases a packing was given
-HAS_DW_BIAS, HAS_PW_BIAS = 1, 2
-
-
 def _cpu_bytes(name: str, packed: Tensor) -> None:
     if not packed.is_cpu or not packed.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous CPU tensor (the packing's bytes), got {_desc(packed)}")
@@ -159,9 +155,11 @@ def _run(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, dilation, padding, t
 
 def _cpu_kernel(x, dw_weight, dw_bias, pw_weight, pw_bias, geo, a1, a2, packed):
     c, cout = dw_weight.shape[0], pw_weight.shape[0]
-    if packed is None or _native.lib() is None:
+    C = _native.lib()
+    if packed is None or C is None:
         return None
-    flags = (HAS_DW_BIAS if dw_bias is not None else 0) | (HAS_PW_BIAS if pw_bias is not None else 0)
+    # PackedHeader.flags (csrc/dwconv_fused/dwconv_fused.h): the biases a packing was given
+    flags = (C.HAS_DW_BIAS if dw_bias is not None else 0) | (C.HAS_PW_BIAS if pw_bias is not None else 0)
     if not check_dws_packing("packed", packed, c, cout, geo, a1, a2, flags):
         return None
     if x.numel() == 0:
@@ -290,7 +288,8 @@ def _dws_int8_any(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, stride, dil
     C = _native.lib()
     native = x.is_cpu and C is not None
     if native and packed_dw is not None:  # the depthwise part alone: no pointwise channels, no pointwise bias
-        native = check_dws_packing("packed_dw", packed_dw, c, 0, geo, a1, a2, HAS_DW_BIAS if dw_bias is not None else 0)
+        native = check_dws_packing("packed_dw", packed_dw, c, 0, geo, a1, a2,
+                                   C.HAS_DW_BIAS if dw_bias is not None else 0)
     if x.is_cpu and C is not None and packed_pw is not None:
         _cpu_bytes("packed_pw", packed_pw)
         err = C.dws_pw_packing_error(packed_pw.data_ptr(), packed_pw.numel(), cout, c)

@@ -38,6 +38,8 @@ std::string pw_packing_error(const uint8_t* packed, int64_t nbytes, int64_t n, i
 }  // namespace
 
 void register_dws(py::module_& m) {
+  m.attr("HAS_DW_BIAS") = kHasDwBias;  // PackedHeader.flags: the biases a packing was given
+  m.attr("HAS_PW_BIAS") = kHasPwBias;
   m.def("dws_kernel_name", [] { return std::string(select_kernel().name); });
   m.def("dws_params", [] {
     const Kernel& k = select_kernel();
@@ -90,8 +92,7 @@ void register_dws(py::module_& m) {
         return packing_error(reinterpret_cast<const uint8_t*>(packed), nbytes, want);
       },
       "'' when the DWS1 packing at `packed` (nbytes) was made for these parameters by a kernel of any ISA "
-      "(flags: 1 depthwise bias, 2 pointwise bias given), else what the call expected and what the buffer "
-      "holds; header only",
+      "(flags: HAS_DW_BIAS, HAS_PW_BIAS), else what the call expected and what the buffer holds; header only",
       py::arg("packed"), py::arg("nbytes"), py::arg("c"), py::arg("n"), py::arg("kh"), py::arg("kw"), py::arg("sh"),
       py::arg("sw"), py::arg("dh"), py::arg("dw"), py::arg("act1"), py::arg("lo1"), py::arg("hi1"), py::arg("act2"),
       py::arg("lo2"), py::arg("hi2"), py::arg("flags"));

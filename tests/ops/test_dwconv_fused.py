@@ -600,7 +600,8 @@ def test_int8_op_raises_for_a_bad_pointwise_or_truncated_packing(gen):
     with pytest.raises(ValueError, match=r"packed_dw: expected channels \(C, Cout\) \(16, 0\), the buffer holds "
                                          r"\(16, 24\)"):
         _int8_op_with(q, x, f._packed, q._packed_pw)
-    with pytest.raises(ValueError, match="packed_pw: .*16"):  # checked with packed_dw absent too
+    with pytest.raises(ValueError, match=r"packed_pw: .*expected the int8 packing of a \[24, 16\] pointwise weight, "
+                                         r"the buffer holds one of \[24, 24\]"):  # checked with packed_dw absent too
         _int8_op_with(q, x, None, _int8_module(gen, c=24, co=24)._packed_pw)
     with pytest.raises(TypeError, match="packed_dw: expected a 1-D uint8 tensor"):
         _int8_op_with(q, x, q._packed.view(torch.int32), q._packed_pw)
