@@ -162,9 +162,30 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
 }
 
 // One row of x on the compact blocks: per channel 8 of its block groups at a
-// time, the activation words gathered from the row at the blocks' columns
-// (vpgatherdd), the channel's weight words loaded (gathered for blocks of
+// time, the activation words read from the row at the blocks' columns
+// (scalar loads and inserts), the channel's weight words loaded (gathered for blocks of
 // several rows), the sign trick; 8 channels' sums to the epilogue together.
+// The activation words of up to 8 blocks of a channel (byte offsets cols[0 ..
+// left) into the row a) by scalar loads and inserts (vpgatherdd was the row
+// kernel's bound on Zen 5). Lanes past `left` repeat the last block's word;
+// their weights are zero.
+inline int32_t load32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline __m256i row_words8(const int8_t* a, const int32_t* cols, int left) {
+  __m128i v[2];
+  for (int h = 0; h < 2; ++h) {
+    int t[4];
+    for (int e = 0; e < 4; ++e) t[e] = std::min(4 * h + e, left - 1);
+    const __m128i w = _mm_cvtsi32_si128(load32(a + cols[t[0]]));
+    v[h] = _mm_insert_epi32(_mm_insert_epi32(_mm_insert_epi32(w, load32(a + cols[t[1]]), 1), load32(a + cols[t[2]]), 2),
+                            load32(a + cols[t[3]]), 3);
+  }
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(v[0]), v[1], 1);
+}
+
 template <class Mul, bool CONTIGUOUS>
 void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
   const int64_t gpb = g.bw4 / 4;
@@ -172,7 +193,7 @@ void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64
   const int64_t c_first = r0 * g.bh, c_last = std::min<int64_t>(r1 * g.bh, g.n);
   const int8_gemm::GemmArgs e = epilogue_args(g, c_last);
   for (int64_t m = m0; m < m1; ++m) {
-    const int* a = reinterpret_cast<const int*>(g.a + m * g.lda);
+    const int8_t* a = g.a + m * g.lda;
     alignas(32) int32_t sums[8] = {};
     int64_t c0 = c_first;
     int j = 0;
@@ -184,10 +205,7 @@ void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64
           for (int64_t b = b0; b < b1; b += 8) {
             const int left = static_cast<int>(std::min<int64_t>(8, b1 - b));
             const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lane);  // lanes of blocks that exist
-            const __m256i cols = _mm256_maskload_epi32(g.colk + b, k);
-            // byte offsets colk + 4q, read as 32-bit words: scale 1
-            const __m256i x = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), a,
-                                                          _mm256_add_epi32(cols, _mm256_set1_epi32(4 * q)), k, 1);
+            const __m256i x = row_words8(a + 4 * q, g.colk + b, left);
             __m256i w;
             if (CONTIGUOUS) {
               w = _mm256_maskload_epi32(g.w4 + b, k);
