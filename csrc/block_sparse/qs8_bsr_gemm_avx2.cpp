@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "block_sparse/block_sparse.h"
+#include "block_sparse/row_words.h"
 #include "common/cpu_features.h"
 #include "common/vnni_ymm.h"
 #include "common/transpose_avx2.h"
@@ -165,25 +166,10 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
 // time, the activation words read from the row at the blocks' columns
 // (scalar loads and inserts), the channel's weight words loaded (gathered for blocks of
 // several rows), the sign trick; 8 channels' sums to the epilogue together.
-// The activation words of up to 8 blocks of a channel (byte offsets cols[0 ..
-// left) into the row a) by scalar loads and inserts (vpgatherdd was the row
-// kernel's bound on Zen 5). Lanes past `left` repeat the last block's word;
-// their weights are zero.
-inline int32_t load32(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
+// The activation words of up to 8 blocks of a channel (row_words.h).
 inline __m256i row_words8(const int8_t* a, const int32_t* cols, int left) {
-  __m128i v[2];
-  for (int h = 0; h < 2; ++h) {
-    int t[4];
-    for (int e = 0; e < 4; ++e) t[e] = std::min(4 * h + e, left - 1);
-    const __m128i w = _mm_cvtsi32_si128(load32(a + cols[t[0]]));
-    v[h] = _mm_insert_epi32(_mm_insert_epi32(_mm_insert_epi32(w, load32(a + cols[t[1]]), 1), load32(a + cols[t[2]]), 2),
-                            load32(a + cols[t[3]]), 3);
-  }
-  return _mm256_inserti128_si256(_mm256_castsi128_si256(v[0]), v[1], 1);
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(row_words_quarter(a, cols, 0, left)),
+                                 row_words_quarter(a, cols, 1, left), 1);
 }
 
 template <class Mul, bool CONTIGUOUS>

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "block_sparse/block_sparse.h"
+#include "block_sparse/row_words.h"
 #include "common/transpose_avx512.h"
 #include "int8_gemm/epilogue_avx512.h"
 
@@ -256,21 +257,12 @@ void slab_rows(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m, i
   }
 }
 
-// The activation words of up to 16 blocks of a channel (byte offsets cols[0
-// .. left) into the row a) by scalar loads and inserts: vpgatherdd zmm took
-// ~44 cycles a gather on Zen 5 (perf, one thread, 1 x 4 blocks). Lanes past
-// `left` repeat the last block's word; their weights are zero.
+// The activation words of up to 16 blocks of a channel (row_words.h).
 inline __m512i row_words16(const int8_t* a, const int32_t* cols, int left) {
-  __m128i v[4];
-  for (int h = 0; h < 4; ++h) {
-    int t[4];
-    for (int e = 0; e < 4; ++e) t[e] = std::min(4 * h + e, left - 1);
-    const __m128i w = _mm_cvtsi32_si128(load32(a + cols[t[0]]));
-    v[h] = _mm_insert_epi32(_mm_insert_epi32(_mm_insert_epi32(w, load32(a + cols[t[1]]), 1), load32(a + cols[t[2]]), 2),
-                            load32(a + cols[t[3]]), 3);
-  }
-  const __m512i lo = _mm512_inserti32x4(_mm512_castsi128_si512(v[0]), v[1], 1);
-  return _mm512_inserti32x4(_mm512_inserti32x4(lo, v[2], 2), v[3], 3);
+  const __m512i lo = _mm512_inserti32x4(_mm512_castsi128_si512(row_words_quarter(a, cols, 0, left)),
+                                        row_words_quarter(a, cols, 1, left), 1);
+  return _mm512_inserti32x4(_mm512_inserti32x4(lo, row_words_quarter(a, cols, 2, left), 2),
+                            row_words_quarter(a, cols, 3, left), 3);
 }
 
 template <bool CONTIGUOUS>
