@@ -19,7 +19,11 @@ namespace block_sparse {
 // its own ISA flags (an inline function's one definition would be shared).
 static inline __m128i row_words_quarter(const int8_t* a, const int32_t* cols, int h, int left) {
   int32_t v[4];
-  for (int e = 0; e < 4; ++e) std::memcpy(&v[e], a + cols[std::min(4 * h + e, left - 1)], 4);
+  if (left >= 4 * h + 4) {  // every chunk but a channel's last
+    for (int e = 0; e < 4; ++e) std::memcpy(&v[e], a + cols[4 * h + e], 4);
+  } else {
+    for (int e = 0; e < 4; ++e) std::memcpy(&v[e], a + cols[std::min(4 * h + e, left - 1)], 4);
+  }
   return _mm_insert_epi32(_mm_insert_epi32(_mm_insert_epi32(_mm_cvtsi32_si128(v[0]), v[1], 1), v[2], 2), v[3], 3);
 }
 
