@@ -313,6 +313,61 @@ void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64
   }
 }
 
+// The row kernel for blocks of BH = 2, 4 or 8 rows x 4 inputs: per 16 blocks of
+// a block row one set of activation words serves its BH channels, and the
+// blocks' 16 x BH weight words come in BH loads, each channel's 16 picked
+// out by vpermt2d (from two registers at a time, masked moves joining them)
+// instead of a vpgatherdd each.
+template <int BH>
+void compact_rows_bh(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+  static_assert(BH == 2 || BH == 4 || BH == 8, "block rows");
+  constexpr int kSpan = 32 / BH;  // lanes one register pair serves
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i pick[BH];  // word t * BH + i of a register pair, for channel i
+  for (int i = 0; i < BH; ++i)
+    pick[i] = _mm512_and_si512(_mm512_add_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(BH)), _mm512_set1_epi32(i)),
+                               _mm512_set1_epi32(31));
+  const int64_t c_first = r0 * BH, c_last = std::min<int64_t>(r1 * BH, g.n);
+  const int8_gemm::GemmArgs e = epilogue_args(g, c_last);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* a = g.a + m * g.lda;
+    alignas(64) int32_t sums[16] = {};
+    int64_t c0 = c_first;
+    int j = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
+      __m512i acc[BH];
+      for (int i = 0; i < BH; ++i) acc[i] = _mm512_setzero_si512();
+      for (int64_t b = b0; b < b1; b += 16) {
+        const int left = static_cast<int>(std::min<int64_t>(16, b1 - b));
+        const __m512i x = row_words16(a, g.colk + b, left);
+        __m512i w[BH];  // the blocks' words in order; past the last block zero
+        for (int q = 0; q < BH; ++q) {
+          const int rem = left * BH - 16 * q;
+          const __mmask16 k = rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
+          w[q] = _mm512_maskz_loadu_epi32(k, g.w4 + b * BH + 16 * q);
+        }
+        for (int i = 0; i < BH; ++i) {
+          __m512i wi = _mm512_permutex2var_epi32(w[0], pick[i], w[1]);
+          for (int p = 1; p < BH / 2; ++p)
+            wi = _mm512_mask_mov_epi32(wi, __mmask16(((1u << kSpan) - 1) << (kSpan * p)),
+                                       _mm512_permutex2var_epi32(w[2 * p], pick[i], w[2 * p + 1]));
+          acc[i] = _mm512_dpbusd_epi32(acc[i], x, wi);
+        }
+      }
+      for (int i = 0; i < BH && r * BH + i < c_last; ++i) {
+        sums[j++] = _mm512_reduce_add_epi32(acc[i]) - g.comp[r * g.bh_pad + i];
+        if (j == 16) {
+          int8_gemm::avx512::store16(e, _mm512_load_si512(sums), g.a_scale[m], m, c0);
+          c0 += 16;
+          j = 0;
+        }
+      }
+    }
+    if (j > 0) int8_gemm::avx512::store16(e, _mm512_load_si512(sums), g.a_scale[m], m, c0);  // e.n = c_last
+  }
+}
+
 thread_local std::vector<int32_t> t_stage;
 
 template <typename V, int GPB>
@@ -425,10 +480,11 @@ void qs8_bsr_pack_groups_avx512(const int8_t* q, int64_t lda, int64_t m, int64_t
 }
 
 void qs8_bsr_rows_avx512vnni(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
-  if (g.bh == 1 && g.bw4 == 4)
-    compact_rows<true>(g, m0, m1, r0, r1);
-  else
-    compact_rows<false>(g, m0, m1, r0, r1);
+  if (g.bw4 == 4 && g.bh == 1) return compact_rows<true>(g, m0, m1, r0, r1);
+  if (g.bw4 == 4 && g.bh == 2) return compact_rows_bh<2>(g, m0, m1, r0, r1);
+  if (g.bw4 == 4 && g.bh == 4) return compact_rows_bh<4>(g, m0, m1, r0, r1);
+  if (g.bw4 == 4 && g.bh == 8) return compact_rows_bh<8>(g, m0, m1, r0, r1);
+  compact_rows<false>(g, m0, m1, r0, r1);
 }
 
 }  // namespace block_sparse

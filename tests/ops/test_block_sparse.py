@@ -349,7 +349,7 @@ def assert_epilogue_close(y, ref, what=""):
 
 
 @needs_native
-@pytest.mark.parametrize("block", [(1, 4), (4, 6), (16, 16), (17, 3), (32, 32), (64, 8)])
+@pytest.mark.parametrize("block", [(1, 4), (2, 4), (8, 4), (4, 6), (16, 16), (17, 3), (32, 32), (64, 8)])
 def test_int8_kernels_match_reference(isa, gen, block):
     bh, bw = block
     mr = _native.lib().kernel_params()["block_sparse_int8"]["mr"]
@@ -391,13 +391,15 @@ def test_int8_same_bits_on_every_level(gen, block):
 
 
 @needs_native
-@pytest.mark.parametrize("block", [(1, 4), (2, 8), (8, 4), (3, 6)])
+@pytest.mark.parametrize("block", [(1, 4), (2, 4), (4, 4), (2, 8), (8, 4), (3, 6)])
 def test_int8_small_block_slab_kernel(isa, gen, block):
     """int8 blocks of <= 8 rows with bw % 4 == 0 keep compact values: from 2
     rows of x the slab kernel (activations regrouped into slabs: AVX-512 VNNI
     16 rows, 8 up to m = 8, 4 / 2 / 1 slabs a pass; AVX2 8 rows, 2 / 1 a pass;
     runs of 16 block rows staged and flushed; k = 1101 cuts the last group),
-    one row the gather row kernel (VNNI, AVX2; portable: the padded blocks).
+    one row the row kernel (VNNI, AVX2; portable: the padded blocks; on
+    AVX-512 VNNI blocks of 2, 4 and 8 rows x 4 pick their weight words out of
+    BH loads by vpermt2d, 16 blocks a step: whole and partial steps here).
     n = 1100 with 2 threads at m = 8 / 12: one slab, which every thread
     quantizes and regroups for itself.
     Every row of a batch equals that row alone: the int32 sums are exact, the
