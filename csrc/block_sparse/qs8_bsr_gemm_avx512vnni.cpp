@@ -265,6 +265,24 @@ inline __m512i row_words16(const int8_t* a, const int32_t* cols, int left) {
                             row_words_quarter(a, cols, 3, left), 3);
 }
 
+// One row's channel sums, 16 at a time to the epilogue (channels from c0).
+struct RowSums16 {
+  const int8_gemm::GemmArgs& e;
+  float a_scale;
+  int64_t m, c0;
+  alignas(64) int32_t sums[16] = {};
+  int j = 0;
+  void push(int32_t v) {
+    sums[j++] = v;
+    if (j == 16) flush();
+  }
+  void flush() {  // e.n bounds the last group
+    if (j > 0) int8_gemm::avx512::store16(e, _mm512_load_si512(sums), a_scale, m, c0);
+    c0 += 16;
+    j = 0;
+  }
+};
+
 template <bool CONTIGUOUS>
 void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
   const int64_t gpb = g.bw4 / 4;
@@ -273,9 +291,7 @@ void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64
   const int8_gemm::GemmArgs e = epilogue_args(g, c_last);
   for (int64_t m = m0; m < m1; ++m) {
     const int8_t* a = g.a + m * g.lda;
-    alignas(64) int32_t sums[16] = {};
-    int64_t c0 = c_first;
-    int j = 0;
+    RowSums16 out{e, g.a_scale[m], m, c_first};
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
       for (int i = 0; i < g.bh && r * g.bh + i < c_last; ++i) {
@@ -301,15 +317,10 @@ void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64
               acc0 = _mm512_dpbusd_epi32(acc0, x, w);
           }
         }
-        sums[j++] = _mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)) - g.comp[r * g.bh_pad + i];
-        if (j == 16) {
-          int8_gemm::avx512::store16(e, _mm512_load_si512(sums), g.a_scale[m], m, c0);
-          c0 += 16;
-          j = 0;
-        }
+        out.push(_mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)) - g.comp[r * g.bh_pad + i]);
       }
     }
-    if (j > 0) int8_gemm::avx512::store16(e, _mm512_load_si512(sums), g.a_scale[m], m, c0);  // e.n = c_last
+    out.flush();
   }
 }
 
@@ -331,9 +342,7 @@ void compact_rows_bh(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, in
   const int8_gemm::GemmArgs e = epilogue_args(g, c_last);
   for (int64_t m = m0; m < m1; ++m) {
     const int8_t* a = g.a + m * g.lda;
-    alignas(64) int32_t sums[16] = {};
-    int64_t c0 = c_first;
-    int j = 0;
+    RowSums16 out{e, g.a_scale[m], m, c_first};
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
       __m512i acc[BH];
@@ -355,16 +364,10 @@ void compact_rows_bh(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, in
           acc[i] = _mm512_dpbusd_epi32(acc[i], x, wi);
         }
       }
-      for (int i = 0; i < BH && r * BH + i < c_last; ++i) {
-        sums[j++] = _mm512_reduce_add_epi32(acc[i]) - g.comp[r * g.bh_pad + i];
-        if (j == 16) {
-          int8_gemm::avx512::store16(e, _mm512_load_si512(sums), g.a_scale[m], m, c0);
-          c0 += 16;
-          j = 0;
-        }
-      }
+      for (int i = 0; i < BH && r * BH + i < c_last; ++i)
+        out.push(_mm512_reduce_add_epi32(acc[i]) - g.comp[r * g.bh_pad + i]);
     }
-    if (j > 0) int8_gemm::avx512::store16(e, _mm512_load_si512(sums), g.a_scale[m], m, c0);  // e.n = c_last
+    out.flush();
   }
 }
 
