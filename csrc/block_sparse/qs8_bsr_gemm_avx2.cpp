@@ -172,6 +172,29 @@ inline __m256i row_words8(const int8_t* a, const int32_t* cols, int left) {
                                  row_words_quarter(a, cols, 1, left), 1);
 }
 
+// One row's channel sums, 8 at a time to the epilogue (channels from c0).
+struct RowSums8 {
+  const int8_gemm::GemmArgs& e;
+  float a_scale;
+  int64_t m, c0;
+  alignas(32) int32_t sums[8] = {};
+  int j = 0;
+  void push(int32_t v) {
+    sums[j++] = v;
+    if (j == 8) flush();
+  }
+  void flush() {  // e.n bounds the last group
+    if (j > 0) int8_gemm::avx2_tile::store8(e, _mm256_load_si256(reinterpret_cast<const __m256i*>(sums)), a_scale, m, c0);
+    c0 += 8;
+    j = 0;
+  }
+};
+inline int32_t hsum8(__m256i t) {
+  __m128i h = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+  return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1)));
+}
+
 template <class Mul, bool CONTIGUOUS>
 void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
   const int64_t gpb = g.bw4 / 4;
@@ -180,9 +203,7 @@ void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64
   const int8_gemm::GemmArgs e = epilogue_args(g, c_last);
   for (int64_t m = m0; m < m1; ++m) {
     const int8_t* a = g.a + m * g.lda;
-    alignas(32) int32_t sums[8] = {};
-    int64_t c0 = c_first;
-    int j = 0;
+    RowSums8 out{e, g.a_scale[m], m, c_first};
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
       for (int i = 0; i < g.bh && r * g.bh + i < c_last; ++i) {
@@ -209,21 +230,65 @@ void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64
               acc0 = Mul::dot_a(acc0, x, w);
           }
         }
-        const __m256i t = _mm256_add_epi32(acc0, acc1);
-        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
-        sums[j++] = _mm_cvtsi128_si32(h) - (Mul::kVnni ? g.comp[r * g.bh_pad + i] : 0);
-        if (j == 8) {
-          int8_gemm::avx2_tile::store8(e, _mm256_load_si256(reinterpret_cast<const __m256i*>(sums)), g.a_scale[m], m,
-                                       c0);
-          c0 += 8;
-          j = 0;
-        }
+        out.push(hsum8(_mm256_add_epi32(acc0, acc1)) - (Mul::kVnni ? g.comp[r * g.bh_pad + i] : 0));
       }
     }
-    if (j > 0)  // e.n = c_last
-      int8_gemm::avx2_tile::store8(e, _mm256_load_si256(reinterpret_cast<const __m256i*>(sums)), g.a_scale[m], m, c0);
+    out.flush();
+  }
+}
+
+// The row kernel for blocks of BH = 2, 4 or 8 rows x 4 inputs: per 8 blocks
+// of a block row one set of activation words serves its BH channels, and
+// the blocks' 8 x BH weight words come in BH loads, transposed in registers
+// into one vector a channel (BH = 2: vshufps; 4: in-lane 4 x 4 unpacks; 8: an
+// 8 x 8 transpose); where that leaves the blocks out of order (2, 4) the
+// activation words are permuted to match once per step.
+template <class Mul, int BH>
+void compact_rows_bh(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
+  static_assert(BH == 2 || BH == 4 || BH == 8, "block rows");
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i order = BH == 2 ? _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7)   // blocks of the shuffled lanes
+                                : _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  // (BH = 4; unused at 8)
+  const int64_t c_first = r0 * BH, c_last = std::min<int64_t>(r1 * BH, g.n);
+  const int8_gemm::GemmArgs e = epilogue_args(g, c_last);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* a = g.a + m * g.lda;
+    RowSums8 out{e, g.a_scale[m], m, c_first};
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
+      __m256i acc[BH];
+      for (int i = 0; i < BH; ++i) acc[i] = _mm256_setzero_si256();
+      for (int64_t b = b0; b < b1; b += 8) {
+        const int left = static_cast<int>(std::min<int64_t>(8, b1 - b));
+        __m256i x = row_words8(a, g.colk + b, left);
+        __m256i w[BH];  // the blocks' words in order; past the last block zero
+        for (int q = 0; q < BH; ++q)
+          w[q] = _mm256_maskload_epi32(g.w4 + b * BH + 8 * q, _mm256_cmpgt_epi32(_mm256_set1_epi32(left * BH - 8 * q), lane));
+        if constexpr (BH == 2) {
+          x = _mm256_permutevar8x32_epi32(x, order);
+          const __m256 w0 = _mm256_castsi256_ps(w[0]), w1 = _mm256_castsi256_ps(w[1]);
+          w[0] = _mm256_castps_si256(_mm256_shuffle_ps(w0, w1, 0x88));  // word 0 of blocks 0 1 4 5 | 2 3 6 7
+          w[1] = _mm256_castps_si256(_mm256_shuffle_ps(w0, w1, 0xdd));  // word 1
+        } else if constexpr (BH == 4) {
+          x = _mm256_permutevar8x32_epi32(x, order);
+          const __m256i t0 = _mm256_unpacklo_epi32(w[0], w[1]), t1 = _mm256_unpackhi_epi32(w[0], w[1]);
+          const __m256i t2 = _mm256_unpacklo_epi32(w[2], w[3]), t3 = _mm256_unpackhi_epi32(w[2], w[3]);
+          w[0] = _mm256_unpacklo_epi64(t0, t2);  // word 0 of blocks 0 2 4 6 | 1 3 5 7
+          w[1] = _mm256_unpackhi_epi64(t0, t2);
+          w[2] = _mm256_unpacklo_epi64(t1, t3);
+          w[3] = _mm256_unpackhi_epi64(t1, t3);
+        } else {
+          __m256 t[8];
+          for (int q = 0; q < 8; ++q) t[q] = _mm256_castsi256_ps(w[q]);
+          transpose8x8(t);  // t[i]: word i of blocks 0 .. 7
+          for (int q = 0; q < 8; ++q) w[q] = _mm256_castps_si256(t[q]);
+        }
+        for (int i = 0; i < BH; ++i) acc[i] = Mul::dot_a(acc[i], x, w[i]);
+      }
+      for (int i = 0; i < BH && r * BH + i < c_last; ++i)
+        out.push(hsum8(acc[i]) - (Mul::kVnni ? g.comp[r * g.bh_pad + i] : 0));
+    }
+    out.flush();
   }
 }
 
@@ -272,10 +337,11 @@ inline void slabs(const GemmArgsI8& g, const int32_t* xg, int64_t sst, int64_t m
 
 template <class Mul>
 inline void rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
-  if (g.bh == 1 && g.bw4 == 4)
-    compact_rows<Mul, true>(g, m0, m1, r0, r1);
-  else
-    compact_rows<Mul, false>(g, m0, m1, r0, r1);
+  if (g.bw4 == 4 && g.bh == 1) return compact_rows<Mul, true>(g, m0, m1, r0, r1);
+  if (g.bw4 == 4 && g.bh == 2) return compact_rows_bh<Mul, 2>(g, m0, m1, r0, r1);
+  if (g.bw4 == 4 && g.bh == 4) return compact_rows_bh<Mul, 4>(g, m0, m1, r0, r1);
+  if (g.bw4 == 4 && g.bh == 8) return compact_rows_bh<Mul, 8>(g, m0, m1, r0, r1);
+  compact_rows<Mul, false>(g, m0, m1, r0, r1);
 }
 
 }  // namespace
