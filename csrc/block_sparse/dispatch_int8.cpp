@@ -66,7 +66,7 @@ void linear_int8(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, 
   const int32_t* comp = reinterpret_cast<const int32_t*>(packed + comp_offset);
   const int8_t* blocks = reinterpret_cast<const int8_t*>(packed + h.data_offset);
   const int32_t* w4 = kern.slabs ? compact_int8(packed) : nullptr;
-  // the compact row kernel gathers its activations: ~20x the time a MAC of the others
+  // the compact row kernels' per-word work (activation words by scalar loads): priced at 20x a MAC of the others
   const int64_t work = m * h.nnzb * h.bh * h.bw * (w4 && m < kCompactSlabRowsFrom && kern.rows ? 20 : 1);
   if (work < kMinParallelMacs) nthreads = 1;
   const size_t ysize = y_bf16 ? 2 : 4;

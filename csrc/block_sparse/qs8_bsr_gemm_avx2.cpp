@@ -9,7 +9,7 @@
 // then per slab line vpsignb (x takes w's signs), vpmaddubsw(|w|, .),
 // vpmaddwd with ones, vpaddd; 4 / 2 accumulator sets taken block by block.
 // Results staged per 16 block rows, moved by 8 x 8 transposes to int8_gemm's
-// AVX2 epilogue. One row of x: a gather row kernel (compact_rows).
+// AVX2 epilogue. One row of x: the row kernels (compact_rows, compact_rows_bh).
 //
 // The same kernels serve the AVX-VNNI level (qs8_bsr_*_avxvnni): one
 // vpdpbusd per group on uint8 activations (q ^ 0x80), the sums starting at
@@ -223,7 +223,7 @@ void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64
                   _mm256_set1_epi32(static_cast<int32_t>(i * gpb + q)));
               w = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), g.w4, wi, k, 4);
             }
-            // (lanes past the channel's blocks: x = w = 0, no product)
+            // (lanes past the channel's blocks: w = 0, no product; x repeats the last word)
             if ((b - b0) & 8)
               acc1 = Mul::dot_a(acc1, x, w);
             else

@@ -15,9 +15,10 @@
 //
 // One row of x on the compact blocks (the row kernel): per channel, 16 of its
 // block groups at a time, the activation words read from the row at the
-// blocks' columns (scalar loads and inserts) and the channel's weight words loaded (or
-// gathered for blocks of several rows), one vpdpbusd; 16 channels' sums go
-// to the epilogue together.
+// blocks' columns (scalar loads and inserts) and the channel's weight words loaded
+// (blocks of 2, 4, 8 rows x 4: picked out of the block row's loads by
+// vpermt2d, compact_rows_bh; other heights gather them), one vpdpbusd; 16
+// channels' sums go to the epilogue together.
 #include <immintrin.h>
 
 #include <type_traits>

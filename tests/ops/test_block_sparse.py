@@ -428,6 +428,28 @@ def test_int8_small_block_slab_kernel(isa, gen, block):
 
 
 @needs_native
+@pytest.mark.parametrize("block", [(1, 4), (2, 4), (4, 4), (8, 4)])
+def test_int8_row_kernel_block_counts_at_step_edges(isa, gen, block):
+    """The one-row kernels take a block row's blocks 16 (AVX-512) or 8 (AVX2)
+    at a time: block rows of exactly 0, 1, 7, 8, 9, 15, 16, 17 and 33 blocks,
+    the last block row cut by n, against the reference at M = 1."""
+    bh, bw = block
+    counts = [0, 1, 7, 8, 9, 15, 16, 17, 33]
+    kb = max(counts) + 2
+    n, k = bh * len(counts) - (bh > 1), bw * kb
+    mask = torch.zeros(len(counts), kb)
+    for r, c in enumerate(counts):
+        mask[r, torch.randperm(kb, generator=gen)[:c]] = 1
+    w = torch.randn(n, k, generator=gen) * mask.repeat_interleave(bh, 0)[:n].repeat_interleave(bw, 1)
+    bsw, scale = bsf.quantize_blocks(bsf.compress(w, block))
+    assert [int(v) for v in bsw.crow_indices.diff()] == counts
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(1, k, generator=gen) * 10
+    ref = reference.block_sparse_int8_linear(x, bsw.values, bsw.crow_indices, bsw.col_indices, n, k, scale, bias)
+    assert_epilogue_close(_run_int8(x, bsw, scale, bias), ref, f"{block}")
+
+
+@needs_native
 def test_int8_padding_entries_never_count(isa, gen):
     """Canonical padding past k and n may hold anything (a foreign checkpoint): never read."""
     n, k = 30, 37
