@@ -199,42 +199,35 @@ template <class Mul, bool CONTIGUOUS>
 void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
   const int64_t gpb = g.bw4 / 4;
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const int64_t c_first = r0 * g.bh, c_last = std::min<int64_t>(r1 * g.bh, g.n);
-  const int8_gemm::GemmArgs e = epilogue_args(g, c_last);
-  for (int64_t m = m0; m < m1; ++m) {
-    const int8_t* a = g.a + m * g.lda;
-    RowSums8 out{e, g.a_scale[m], m, c_first};
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
-      for (int i = 0; i < g.bh && r * g.bh + i < c_last; ++i) {
-        __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
-        for (int64_t q = 0; q < gpb; ++q) {
-          for (int64_t b = b0; b < b1; b += 8) {
-            const int left = static_cast<int>(std::min<int64_t>(8, b1 - b));
-            const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lane);  // lanes of blocks that exist
-            const __m256i x = row_words8(a + 4 * q, g.colk + b, left);
-            __m256i w;
-            if (CONTIGUOUS) {
-              w = _mm256_maskload_epi32(g.w4 + b, k);
-            } else {
-              const __m256i wi = _mm256_add_epi32(
-                  _mm256_mullo_epi32(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(b)), lane),
-                                     _mm256_set1_epi32(static_cast<int32_t>(g.bh * gpb))),
-                  _mm256_set1_epi32(static_cast<int32_t>(i * gpb + q)));
-              w = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), g.w4, wi, k, 4);
-            }
-            // (lanes past the channel's blocks: w = 0, no product; x repeats the last word)
-            if ((b - b0) & 8)
-              acc1 = Mul::dot_a(acc1, x, w);
-            else
-              acc0 = Mul::dot_a(acc0, x, w);
+  each_block_row<RowSums8>(g, m0, m1, r0, r1, [&](const int8_t* a, int64_t r, int64_t b0, int64_t b1, int nch,
+                                                  RowSums8& out) {
+    for (int i = 0; i < nch; ++i) {
+      __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+      for (int64_t q = 0; q < gpb; ++q) {
+        for (int64_t b = b0; b < b1; b += 8) {
+          const int left = static_cast<int>(std::min<int64_t>(8, b1 - b));
+          const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lane);  // lanes of blocks that exist
+          const __m256i x = row_words8(a + 4 * q, g.colk + b, left);
+          __m256i w;
+          if (CONTIGUOUS) {
+            w = _mm256_maskload_epi32(g.w4 + b, k);
+          } else {
+            const __m256i wi = _mm256_add_epi32(
+                _mm256_mullo_epi32(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(b)), lane),
+                                   _mm256_set1_epi32(static_cast<int32_t>(g.bh * gpb))),
+                _mm256_set1_epi32(static_cast<int32_t>(i * gpb + q)));
+            w = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), g.w4, wi, k, 4);
           }
+          // (lanes past the channel's blocks: w = 0, no product; x repeats the last word)
+          if ((b - b0) & 8)
+            acc1 = Mul::dot_a(acc1, x, w);
+          else
+            acc0 = Mul::dot_a(acc0, x, w);
         }
-        out.push(hsum8(_mm256_add_epi32(acc0, acc1)) - (Mul::kVnni ? g.comp[r * g.bh_pad + i] : 0));
       }
+      out.push(hsum8(_mm256_add_epi32(acc0, acc1)) - (Mul::kVnni ? g.comp[r * g.bh_pad + i] : 0));
     }
-    out.flush();
-  }
+  });
 }
 
 // The row kernel for blocks of BH = 2, 4 or 8 rows x 4 inputs: per 8 blocks
@@ -249,47 +242,39 @@ void compact_rows_bh(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, in
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i order = BH == 2 ? _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7)   // blocks of the shuffled lanes
                                 : _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  // (BH = 4; unused at 8)
-  const int64_t c_first = r0 * BH, c_last = std::min<int64_t>(r1 * BH, g.n);
-  const int8_gemm::GemmArgs e = epilogue_args(g, c_last);
-  for (int64_t m = m0; m < m1; ++m) {
-    const int8_t* a = g.a + m * g.lda;
-    RowSums8 out{e, g.a_scale[m], m, c_first};
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
-      __m256i acc[BH];
-      for (int i = 0; i < BH; ++i) acc[i] = _mm256_setzero_si256();
-      for (int64_t b = b0; b < b1; b += 8) {
-        const int left = static_cast<int>(std::min<int64_t>(8, b1 - b));
-        __m256i x = row_words8(a, g.colk + b, left);
-        __m256i w[BH];  // the blocks' words in order; past the last block zero
-        for (int q = 0; q < BH; ++q)
-          w[q] = _mm256_maskload_epi32(g.w4 + b * BH + 8 * q, _mm256_cmpgt_epi32(_mm256_set1_epi32(left * BH - 8 * q), lane));
-        if constexpr (BH == 2) {
-          x = _mm256_permutevar8x32_epi32(x, order);
-          const __m256 w0 = _mm256_castsi256_ps(w[0]), w1 = _mm256_castsi256_ps(w[1]);
-          w[0] = _mm256_castps_si256(_mm256_shuffle_ps(w0, w1, 0x88));  // word 0 of blocks 0 1 4 5 | 2 3 6 7
-          w[1] = _mm256_castps_si256(_mm256_shuffle_ps(w0, w1, 0xdd));  // word 1
-        } else if constexpr (BH == 4) {
-          x = _mm256_permutevar8x32_epi32(x, order);
-          const __m256i t0 = _mm256_unpacklo_epi32(w[0], w[1]), t1 = _mm256_unpackhi_epi32(w[0], w[1]);
-          const __m256i t2 = _mm256_unpacklo_epi32(w[2], w[3]), t3 = _mm256_unpackhi_epi32(w[2], w[3]);
-          w[0] = _mm256_unpacklo_epi64(t0, t2);  // word 0 of blocks 0 2 4 6 | 1 3 5 7
-          w[1] = _mm256_unpackhi_epi64(t0, t2);
-          w[2] = _mm256_unpacklo_epi64(t1, t3);
-          w[3] = _mm256_unpackhi_epi64(t1, t3);
-        } else {
-          __m256 t[8];
-          for (int q = 0; q < 8; ++q) t[q] = _mm256_castsi256_ps(w[q]);
-          transpose8x8(t);  // t[i]: word i of blocks 0 .. 7
-          for (int q = 0; q < 8; ++q) w[q] = _mm256_castps_si256(t[q]);
-        }
-        for (int i = 0; i < BH; ++i) acc[i] = Mul::dot_a(acc[i], x, w[i]);
+  each_block_row<RowSums8>(g, m0, m1, r0, r1, [&](const int8_t* a, int64_t r, int64_t b0, int64_t b1, int nch,
+                                                  RowSums8& out) {
+    __m256i acc[BH];
+    for (int i = 0; i < BH; ++i) acc[i] = _mm256_setzero_si256();
+    for (int64_t b = b0; b < b1; b += 8) {
+      const int left = static_cast<int>(std::min<int64_t>(8, b1 - b));
+      __m256i x = row_words8(a, g.colk + b, left);
+      __m256i w[BH];  // the blocks' words in order; past the last block zero
+      for (int q = 0; q < BH; ++q)
+        w[q] = _mm256_maskload_epi32(g.w4 + b * BH + 8 * q, _mm256_cmpgt_epi32(_mm256_set1_epi32(left * BH - 8 * q), lane));
+      if constexpr (BH == 2) {
+        x = _mm256_permutevar8x32_epi32(x, order);
+        const __m256 w0 = _mm256_castsi256_ps(w[0]), w1 = _mm256_castsi256_ps(w[1]);
+        w[0] = _mm256_castps_si256(_mm256_shuffle_ps(w0, w1, 0x88));  // word 0 of blocks 0 1 4 5 | 2 3 6 7
+        w[1] = _mm256_castps_si256(_mm256_shuffle_ps(w0, w1, 0xdd));  // word 1
+      } else if constexpr (BH == 4) {
+        x = _mm256_permutevar8x32_epi32(x, order);
+        const __m256i t0 = _mm256_unpacklo_epi32(w[0], w[1]), t1 = _mm256_unpackhi_epi32(w[0], w[1]);
+        const __m256i t2 = _mm256_unpacklo_epi32(w[2], w[3]), t3 = _mm256_unpackhi_epi32(w[2], w[3]);
+        w[0] = _mm256_unpacklo_epi64(t0, t2);  // word 0 of blocks 0 2 4 6 | 1 3 5 7
+        w[1] = _mm256_unpackhi_epi64(t0, t2);
+        w[2] = _mm256_unpacklo_epi64(t1, t3);
+        w[3] = _mm256_unpackhi_epi64(t1, t3);
+      } else {
+        __m256 t[8];
+        for (int q = 0; q < 8; ++q) t[q] = _mm256_castsi256_ps(w[q]);
+        transpose8x8(t);  // t[i]: word i of blocks 0 .. 7
+        for (int q = 0; q < 8; ++q) w[q] = _mm256_castps_si256(t[q]);
       }
-      for (int i = 0; i < BH && r * BH + i < c_last; ++i)
-        out.push(hsum8(acc[i]) - (Mul::kVnni ? g.comp[r * g.bh_pad + i] : 0));
+      for (int i = 0; i < BH; ++i) acc[i] = Mul::dot_a(acc[i], x, w[i]);
     }
-    out.flush();
-  }
+    for (int i = 0; i < nch; ++i) out.push(hsum8(acc[i]) - (Mul::kVnni ? g.comp[r * g.bh_pad + i] : 0));
+  });
 }
 
 template <class Mul, int GPB>

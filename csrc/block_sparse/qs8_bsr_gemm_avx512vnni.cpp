@@ -288,41 +288,34 @@ template <bool CONTIGUOUS>
 void compact_rows(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1) {
   const int64_t gpb = g.bw4 / 4;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const int64_t c_first = r0 * g.bh, c_last = std::min<int64_t>(r1 * g.bh, g.n);
-  const int8_gemm::GemmArgs e = epilogue_args(g, c_last);
-  for (int64_t m = m0; m < m1; ++m) {
-    const int8_t* a = g.a + m * g.lda;
-    RowSums16 out{e, g.a_scale[m], m, c_first};
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
-      for (int i = 0; i < g.bh && r * g.bh + i < c_last; ++i) {
-        __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
-        for (int64_t q = 0; q < gpb; ++q) {
-          for (int64_t b = b0; b < b1; b += 16) {
-            const int left = static_cast<int>(std::min<int64_t>(16, b1 - b));
-            const __mmask16 k = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-            const __m512i x = row_words16(a + 4 * q, g.colk + b, left);
-            __m512i w;
-            if (CONTIGUOUS) {
-              w = _mm512_maskz_loadu_epi32(k, g.w4 + b);
-            } else {
-              const __m512i wi = _mm512_add_epi32(
-                  _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(b)), lane),
-                                     _mm512_set1_epi32(static_cast<int32_t>(g.bh * gpb))),
-                  _mm512_set1_epi32(static_cast<int32_t>(i * gpb + q)));
-              w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, wi, g.w4, 4);
-            }
-            if ((b - b0) & 16)
-              acc1 = _mm512_dpbusd_epi32(acc1, x, w);
-            else
-              acc0 = _mm512_dpbusd_epi32(acc0, x, w);
+  each_block_row<RowSums16>(g, m0, m1, r0, r1, [&](const int8_t* a, int64_t r, int64_t b0, int64_t b1, int nch,
+                                                   RowSums16& out) {
+    for (int i = 0; i < nch; ++i) {
+      __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+      for (int64_t q = 0; q < gpb; ++q) {
+        for (int64_t b = b0; b < b1; b += 16) {
+          const int left = static_cast<int>(std::min<int64_t>(16, b1 - b));
+          const __mmask16 k = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+          const __m512i x = row_words16(a + 4 * q, g.colk + b, left);
+          __m512i w;
+          if (CONTIGUOUS) {
+            w = _mm512_maskz_loadu_epi32(k, g.w4 + b);
+          } else {
+            const __m512i wi = _mm512_add_epi32(
+                _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(b)), lane),
+                                   _mm512_set1_epi32(static_cast<int32_t>(g.bh * gpb))),
+                _mm512_set1_epi32(static_cast<int32_t>(i * gpb + q)));
+            w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, wi, g.w4, 4);
           }
+          if ((b - b0) & 16)
+            acc1 = _mm512_dpbusd_epi32(acc1, x, w);
+          else
+            acc0 = _mm512_dpbusd_epi32(acc0, x, w);
         }
-        out.push(_mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)) - g.comp[r * g.bh_pad + i]);
       }
+      out.push(_mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)) - g.comp[r * g.bh_pad + i]);
     }
-    out.flush();
-  }
+  });
 }
 
 // The row kernel for blocks of BH = 2, 4 or 8 rows x 4 inputs: per 16 blocks of
@@ -339,37 +332,29 @@ void compact_rows_bh(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, in
   for (int i = 0; i < BH; ++i)
     pick[i] = _mm512_and_si512(_mm512_add_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(BH)), _mm512_set1_epi32(i)),
                                _mm512_set1_epi32(31));
-  const int64_t c_first = r0 * BH, c_last = std::min<int64_t>(r1 * BH, g.n);
-  const int8_gemm::GemmArgs e = epilogue_args(g, c_last);
-  for (int64_t m = m0; m < m1; ++m) {
-    const int8_t* a = g.a + m * g.lda;
-    RowSums16 out{e, g.a_scale[m], m, c_first};
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b0 = g.rowptr[r], b1 = g.rowptr[r + 1];
-      __m512i acc[BH];
-      for (int i = 0; i < BH; ++i) acc[i] = _mm512_setzero_si512();
-      for (int64_t b = b0; b < b1; b += 16) {
-        const int left = static_cast<int>(std::min<int64_t>(16, b1 - b));
-        const __m512i x = row_words16(a, g.colk + b, left);
-        __m512i w[BH];  // the blocks' words in order; past the last block zero
-        for (int q = 0; q < BH; ++q) {
-          const int rem = left * BH - 16 * q;
-          const __mmask16 k = rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
-          w[q] = _mm512_maskz_loadu_epi32(k, g.w4 + b * BH + 16 * q);
-        }
-        for (int i = 0; i < BH; ++i) {
-          __m512i wi = _mm512_permutex2var_epi32(w[0], pick[i], w[1]);
-          for (int p = 1; p < BH / 2; ++p)
-            wi = _mm512_mask_mov_epi32(wi, __mmask16(((1u << kSpan) - 1) << (kSpan * p)),
-                                       _mm512_permutex2var_epi32(w[2 * p], pick[i], w[2 * p + 1]));
-          acc[i] = _mm512_dpbusd_epi32(acc[i], x, wi);
-        }
+  each_block_row<RowSums16>(g, m0, m1, r0, r1, [&](const int8_t* a, int64_t r, int64_t b0, int64_t b1, int nch,
+                                                   RowSums16& out) {
+    __m512i acc[BH];
+    for (int i = 0; i < BH; ++i) acc[i] = _mm512_setzero_si512();
+    for (int64_t b = b0; b < b1; b += 16) {
+      const int left = static_cast<int>(std::min<int64_t>(16, b1 - b));
+      const __m512i x = row_words16(a, g.colk + b, left);
+      __m512i w[BH];  // the blocks' words in order; past the last block zero
+      for (int q = 0; q < BH; ++q) {
+        const int rem = left * BH - 16 * q;
+        const __mmask16 k = rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
+        w[q] = _mm512_maskz_loadu_epi32(k, g.w4 + b * BH + 16 * q);
       }
-      for (int i = 0; i < BH && r * BH + i < c_last; ++i)
-        out.push(_mm512_reduce_add_epi32(acc[i]) - g.comp[r * g.bh_pad + i]);
+      for (int i = 0; i < BH; ++i) {
+        __m512i wi = _mm512_permutex2var_epi32(w[0], pick[i], w[1]);
+        for (int p = 1; p < BH / 2; ++p)
+          wi = _mm512_mask_mov_epi32(wi, __mmask16(((1u << kSpan) - 1) << (kSpan * p)),
+                                     _mm512_permutex2var_epi32(w[2 * p], pick[i], w[2 * p + 1]));
+        acc[i] = _mm512_dpbusd_epi32(acc[i], x, wi);
+      }
     }
-    out.flush();
-  }
+    for (int i = 0; i < nch; ++i) out.push(_mm512_reduce_add_epi32(acc[i]) - g.comp[r * g.bh_pad + i]);
+  });
 }
 
 thread_local std::vector<int32_t> t_stage;

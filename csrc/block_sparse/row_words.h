@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "block_sparse/block_sparse.h"
+
 namespace pyaccel {
 namespace block_sparse {
 
@@ -25,6 +27,24 @@ static inline __m128i row_words_quarter(const int8_t* a, const int32_t* cols, in
     for (int e = 0; e < 4; ++e) std::memcpy(&v[e], a + cols[std::min(4 * h + e, left - 1)], 4);
   }
   return _mm_insert_epi32(_mm_insert_epi32(_mm_insert_epi32(_mm_cvtsi32_si128(v[0]), v[1], 1), v[2], 2), v[3], 3);
+}
+
+// The one-row kernels' loop: for each row m of x in [m0, m1) and block row r
+// in [r0, r1), block_row(a, r, b0, b1, nch, out) pushes the sums of the block
+// row's first nch channels (those below n; its blocks are [b0, b1)) into out,
+// a Sums (the ISA's RowSums: {epilogue args, a_scale, m, first channel}),
+// which hands them to the epilogue in channel order.
+template <class Sums, class Fn>
+inline void each_block_row(const GemmArgsI8& g, int64_t m0, int64_t m1, int64_t r0, int64_t r1, const Fn& block_row) {
+  const int64_t c_first = r0 * g.bh, c_last = std::min<int64_t>(r1 * g.bh, g.n);
+  const int8_gemm::GemmArgs e = epilogue_args(g, c_last);
+  for (int64_t m = m0; m < m1; ++m) {
+    Sums out{e, g.a_scale[m], m, c_first};
+    for (int64_t r = r0; r < r1; ++r)
+      block_row(g.a + m * g.lda, r, g.rowptr[r], g.rowptr[r + 1],
+                static_cast<int>(std::min<int64_t>(g.bh, c_last - r * g.bh)), out);
+    out.flush();
+  }
 }
 
 }  // namespace block_sparse
