@@ -70,8 +70,8 @@ inline void quad_step(__m256i& c, __m256i w0, const __m256i& w1, __m256i u0, __m
 
 // Rows [m, m + MR) x 16 channels (a quarter of a packed panel), MR <= 4: 8
 // accumulators, 3 of the two k groups' 4 weight vectors, ones, 2 broadcasts
-// and 2 temporaries fill the 16 ymm registers. pf: one line of the next panel per k
-// group to pull into L2 (avx2_tile::NextPanelLines).
+// and 2 temporaries fill the 16 ymm registers. pf: the line of the next
+// quarter-panel to pull into L2 per k group (avx2_tile::next_quarter_lines).
 template <int MR>
 inline void quad_tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0, const int8_t* pf) {
   const int64_t groups = g.k_pad / kKGroup, pairs = groups / 2;
@@ -81,10 +81,10 @@ inline void quad_tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n
                *a3 = a0 + (MR > 3 ? 3 * g.lda : 0);
   const int8_t* b = sub;
   constexpr int64_t kGroupBytes = kPanel * kKGroup;
-  for (int64_t j = 0; j < pairs; ++j, b += 2 * kGroupBytes, pf += 128) {
+  for (int64_t j = 0; j < pairs; ++j, b += 2 * kGroupBytes, pf += 2 * kGroupBytes) {
     const int64_t off = j * 2 * kKGroup;
     _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(pf) + 64, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(pf) + kGroupBytes, _MM_HINT_T1);
     const __m256i wa0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)),
                   wa1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32)),
                   wb0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kGroupBytes));

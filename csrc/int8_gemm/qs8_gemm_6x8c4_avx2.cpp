@@ -80,8 +80,8 @@ inline void madd_w16(__m256i& c, __m256i w, __m256i a) {
 // activations broadcast as one 64-bit pattern, vpmaddwd -> per channel two
 // int32 partial sums (k0 + k1, k2 + k3), summed by vphaddd at the end. Every
 // pair sum is exact (|2 * 127 * 127| < 2^31), the int32 accumulators exact
-// as in every int8 kernel. pf: one line of the next panel per k group to pull
-// into L2 (avx2_tile::NextPanelLines).
+// as in every int8 kernel. pf: the line of the next quarter-panel to pull into
+// L2 per k group (avx2_tile::next_quarter_lines).
 template <int MR>
 inline void tile_w16(const GemmArgs& g, const int16_t* ak16, int64_t ld16, int64_t m, const int8_t* sub,
                      int64_t n0, const int8_t* pf) {
@@ -103,7 +103,7 @@ inline void tile_w16(const GemmArgs& g, const int16_t* ak16, int64_t ld16, int64
   "vpaddd %%ymm15, %[" c0 "], %[" c0 "]\n\t"   \
   "vpmaddwd %%ymm14, %%ymm13, %%ymm15\n\t"     \
   "vpaddd %%ymm15, %[" c1 "], %[" c1 "]\n\t"
-    for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup, ak += kKGroup, ak3 += kKGroup, pf += 64) {
+    for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup, ak += kKGroup, ak3 += kKGroup, pf += kPanel * kKGroup) {
       __asm__(
           "prefetcht1 (%[pf])\n\t"
           "vpmovsxbw (%[b]), %%ymm12\n\t"
@@ -122,7 +122,7 @@ inline void tile_w16(const GemmArgs& g, const int16_t* ak16, int64_t ld16, int64
     }
 #undef PYACCEL_W16_ASM_ROW
   } else {
-    for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup, ak += kKGroup, pf += 64) {
+    for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup, ak += kKGroup, pf += kPanel * kKGroup) {
       _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
       const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
       const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
@@ -143,7 +143,6 @@ inline void tile_w16(const GemmArgs& g, const int16_t* ak16, int64_t ld16, int64
 // (g.a16: the driver widened the call's rows once) or are widened here, a
 // block at a time (each panel then widens them again).
 void gemm_w16(const GemmArgs& g, int64_t m0, int64_t m1, const int8_t* panel, int64_t p) {
-  avx2_tile::NextPanelLines pf(g, panel, p);  // the tiles' prefetch of the next panel
   const int64_t ld16 = g.a16 ? g.ld16 : a16_stride(g.k_pad);
   int64_t block = kA16BlockBytes / (2 * ld16) / 6 * 6;
   if (block < 6) block = 6;
@@ -155,8 +154,10 @@ void gemm_w16(const GemmArgs& g, int64_t m0, int64_t m1, const int8_t* panel, in
     for (int j = 0; j < kPanel / 8; ++j) {
       const int64_t n0 = p * kPanel + 8 * j;
       if (n0 >= g.n) break;
+      // eighths 2s and 2s + 1 read quarter s's lines: both prefetch quarter s + 1's
+      const int8_t* pf = avx2_tile::next_quarter_lines(g, panel, p, j / 2);
       for_each_row_tile<6>(mb, me, [&](int64_t m, auto h) {
-        tile_w16<h()>(g, a16 + (m - mb) * ld16, ld16, m, panel + 8 * j * kKGroup, n0, pf.take());
+        tile_w16<h()>(g, a16 + (m - mb) * ld16, ld16, m, panel + 8 * j * kKGroup, n0, pf);
       });
     }
   }

@@ -20,7 +20,6 @@
 
 #include <cstring>
 
-#include "common/line_prefetch.h"
 #include "common/row_tiles.h"
 #include "common/tile_rows.h"
 #include "int8_gemm/int8_gemm.h"
@@ -114,28 +113,23 @@ inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t 
     store8(g, S::finish(g, c##r##1, m + r, n0 + 8), sa, m + r, n0 + 8); \
   }
 
-// Where each tile of panel p prefetches: the tiles read a panel 32 or 64 of
-// every 256 bytes at a time, which the hardware prefetchers follow poorly from
-// L3 / DRAM, so each pulls one line per k group of the next panel (the one
-// this thread most likely runs next) into L2, in address order. The first
-// tiles of a panel cover the next one; later ones re-touch the same lines
-// (their addresses wrap). The last panel prefetches itself.
-class NextPanelLines {
- public:
-  NextPanelLines(const GemmArgs& g, const int8_t* panel, int64_t p)
-      : chunks_(p + 1 < (g.n + kPanel - 1) / kPanel ? panel + g.k_pad * kPanel : panel, g.k_pad * kPanel,
-                g.k_pad / kKGroup * 64) {}
-  // the next tile's first line (it prefetches k_pad / kKGroup of them, 64 bytes apart)
-  const int8_t* take() { return reinterpret_cast<const int8_t*>(chunks_.take()); }
-
- private:
-  PanelChunks chunks_;
-};
+// What the tiles of 16-channel quarter s of panel p pull into L2
+// (prefetcht1), one line per k group as they go: the lines of the quarter
+// read next (s + 1, or the next panel's first; the last panel re-touches its
+// own), which are one cache line per k group, kPanel * kKGroup bytes apart.
+// The tiles read a panel 64 of every 256 bytes at a time, which the hardware
+// prefetchers follow poorly from L3 / DRAM. Prefetching one quarter ahead
+// keeps two quarters (2 x 16 KiB per 1024 k) in L2 rather than two whole
+// panels, which a 512 KiB L2 (Zen 2 / 3) does not hold at K = 4096.
+inline const int8_t* next_quarter_lines(const GemmArgs& g, const int8_t* panel, int64_t p, int s) {
+  if (s + 1 < kPanel / 16 && p * kPanel + 16 * (s + 1) < g.n) return panel + 16 * (s + 1) * kKGroup;
+  return p + 1 < (g.n + kPanel - 1) / kPanel ? panel + g.k_pad * kPanel : panel;
+}
 
 // Rows [m, m + MR) x 16 channels (a quarter of a packed panel: 64 of every 256
 // bytes per k group), MR <= S::kTileRows. 8 ymm accumulators + 2 weights +
-// temporaries fit the 16 ymm registers (12 + 2 + 1 at 6 rows). pf: one line of the next panel per k group to pull into L2
-// (see gemm).
+// temporaries fit the 16 ymm registers (12 + 2 + 1 at 6 rows). pf: the line of the
+// next quarter-panel to pull into L2 per k group (next_quarter_lines).
 template <class S, int MR>
 inline void tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0, const int8_t* pf) {
   const int64_t groups = g.k_pad / kKGroup;
@@ -146,7 +140,7 @@ inline void tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0, co
   PYACCEL_TILE_ROWS6(const int8_t, a, g.a + m * g.lda, g.lda);
   const int8_t* b = sub;
 #pragma GCC unroll 2
-  for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup, pf += 64) {
+  for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup, pf += kPanel * kKGroup) {
     const int64_t off = grp * kKGroup;
     _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
     const __m256i u0 = S::weights(b), u1 = S::weights(b + 32);
@@ -202,12 +196,12 @@ inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t 
       for (int64_t m = m0; m < m1; ++m) tile_row<S>(g, m, panel, p * kPanel);
       continue;
     }
-    NextPanelLines pf(g, panel, p);
     for (int s = 0; s < kPanel / 16; ++s) {
       const int64_t n0 = p * kPanel + 16 * s;
       if (n0 >= g.n) break;
       const int8_t* sub = panel + 16 * s * kKGroup;
-      for_each_row_tile<S::kTileRows>(m0, m1, [&](int64_t m, auto h) { tile<S, h()>(g, m, sub, n0, pf.take()); });
+      const int8_t* pf = next_quarter_lines(g, panel, p, s);
+      for_each_row_tile<S::kTileRows>(m0, m1, [&](int64_t m, auto h) { tile<S, h()>(g, m, sub, n0, pf); });
     }
   }
 }

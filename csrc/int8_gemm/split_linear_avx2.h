@@ -36,12 +36,12 @@ void gemm(const GemmArgs& g0, const pair_safe::Residuals& res, int64_t m0, int64
   for (int64_t p = p0; p < p1; ++p) {
     pair_safe::panel_residuals<kPanel>(res, g.ut, g.ldt, m0, m1, p * kPanel, corr.data());
     const int8_t* panel = g.w + p * groups * kPanel * kKGroup;
-    avx2_tile::NextPanelLines pf(g, panel, p);
     for (int s = 0; s < kPanel / 16; ++s) {
       const int64_t n0 = p * kPanel + 16 * s;
       if (n0 >= g.n) break;
       const int8_t* sub = panel + 16 * s * kKGroup;
-      for_each_row_tile<TileRows>(m0, m1, [&](int64_t m, auto h) { tile(g, m, h, sub, n0, pf.take()); });
+      const int8_t* pf = avx2_tile::next_quarter_lines(g, panel, p, s);
+      for_each_row_tile<TileRows>(m0, m1, [&](int64_t m, auto h) { tile(g, m, h, sub, n0, pf); });
     }
   }
 }
