@@ -325,9 +325,11 @@ inline const uint8_t* panel_table(const GemmArgs& g, int64_t p) {
 template <class Mul>
 inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   if (m1 - m0 == 1) {
-    // from the table on layers under kBigLayerWeights; bigger ones, bound by
-    // streaming the weights at one row, skip its 40 % more bytes
-    if (g.ctrl && g.n * kQuadInputs * g.quads < kBigLayerWeights) {
+    // from the packing's control table where it has one, on every layer
+    // size: decoding in the loop (the lanes path) costs less only while the
+    // weights stream from DRAM, where the table is 40 % more bytes (see
+    // README.md for both sides measured)
+    if (g.ctrl) {
       for (int64_t p = p0; p < p1; ++p) tile_row_table<Mul>(g, panel_table(g, p), m0, p);
       return;
     }
