@@ -107,10 +107,11 @@ void panel_controls(const GemmArgs& g, int64_t p, uint8_t* ctrl) {
 inline __m256i ctrl_lo(const uint8_t* t) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t)); }
 inline __m256i ctrl_hi(__m256i lo) { return _mm256_srli_epi16(lo, 4); }
 
-// Where each row tile of panel p prefetches: as int8_gemm's
-// avx2_tile::NextPanelLines, kPfLines lines a quad of the next panel (the one
-// this thread most likely runs next) into L2, in address order; later tiles
-// wrap. The tiles read half of each 128-byte pair block at a time, which the
+// Where each row tile of panel p prefetches: kPfLines lines a quad of the
+// next panel (the one this thread most likely runs next) into L2, in address
+// order; later tiles wrap. (A panel here is 80 KiB + 32 KiB of controls at K
+// = 4096, so two fit a 512 KiB L2; int8_gemm's 256 KiB panels prefetch one
+// quarter ahead instead, avx2_tile::next_quarter_lines.) The tiles read half of each 128-byte pair block at a time, which the
 // hardware prefetchers follow poorly from L3 / DRAM. The last panel
 // prefetches itself.
 constexpr int kPfLines = 3;
