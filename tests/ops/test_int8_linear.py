@@ -205,6 +205,7 @@ def test_minus_128_weight_is_refused(isa, gen, m):
 # (the kernel's mr rows) and multiplies it (row_chunk_passes; the AMX level
 # keeps its panel ranges):
 # rows around 64 x 2 threads, chunks that are no multiple of 16, both ladders.
+@pytest.mark.serial
 @pytest.mark.parametrize("act_bits", [8, 7])
 @pytest.mark.parametrize("m", [127, 128, 129, 192, 240, 257, 390])
 def test_row_chunks_per_thread_are_exact(isa, gen, m, act_bits):

@@ -247,6 +247,7 @@ def _check_row_chunks(x, threads=None):
     assert torch.equal(y24, ref24), f"2:4: first mismatch at {(y24 - ref24).nonzero()[0].tolist()}"
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("m", AFFINE_M)
 def test_row_chunks_per_thread(avx2, gen, m):
     """2 threads, while the late-team guard keeps no window open."""

@@ -269,6 +269,7 @@ def test_row_passes_and_threads(avx2, gen, threads):
 AFFINE_M = [127, 128, 129, 191, 200, 257, 390]
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("m", AFFINE_M)
 def test_row_chunks_per_thread(avx2, gen, m):
     """From 64 rows a thread each thread quantizes, transposes and multiplies
