@@ -168,7 +168,7 @@ def test_cpu_tuning_env_override(tmp_path, env, expected):
     if expected is None:
         assert "PYACCEL_CPU_TUNING='zen9' is not one of" in r.stderr
     if _native.isa_supported("avx2"):
-        assert cols == {"intel": "s24_gemm_cols_2x48_avx2", "amd": "s24_gemm_cols_4x16_avx2"}[tuning]
+        assert cols == {"intel": "s24_gemm_cols_2x48_avx2", "amd": "s24_gemm_cols_4x24_avx2"}[tuning]
 
 
 def test_cpu_tuning_block_restores_the_vendor_default():

@@ -15,8 +15,8 @@ namespace pyaccel {
 namespace sparse24 {
 namespace {
 
-// AVX2 column kernels: k-blocks of <= 64 groups for the 4 x 16 tile (16 KiB of
-// a slab's lines, in L1 while the tiles of a pass reuse them; Zen 4 capped at
+// AVX2 column kernels: k-blocks of <= 64 groups for the 4-channel tile (16 - 24
+// KiB of its row tile's half lines, in L1 while the channel tiles reuse them; Zen 4 capped at
 // AVX2, 2 threads, interleaved: 1.15 - 1.24x over whole K (<= 512 groups) or
 // blocks of 128 at M = 32 and 128 on 1536x384, 384x1536 and 1024x4096;
 // 96-group blocks ran like whole K), <= 32 for the 2 x 48 tile (its 3 slabs'
@@ -32,10 +32,10 @@ const Kernel kLadder[] = {
     // 0.94 - 1.06x the row kernel, at 24 1.01 - 1.23x (Golden Cove capped at AVX2, 2 threads)
     {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2, s24_gemm_cols_2x48_avx2, s24_pack_xt_avx2,
      cols_part_avx2, 4, 24, "s24_gemm_cols_2x48_avx2", kAvx2RowPathRows, kAvx2Cols2x48KcGroups, kIntel},
-    // AVX2, other cores: the 4 x 16 column tile from 32 rows: at 16 rows it
+    // AVX2, other cores: the 4-channel column tile from 32 rows: at 16 rows it
     // measured 0.86 - 1.04x the row kernel (Zen 4, ymm)
-    {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2, s24_gemm_cols_4x16_avx2, s24_pack_xt_avx2,
-     cols_part_avx2, 4, 32, "s24_gemm_cols_4x16_avx2", kAvx2RowPathRows, kAvx2ColsKcGroups, kAmd},
+    {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2, s24_gemm_cols_4x24_avx2, s24_pack_xt_avx2,
+     cols_part_avx2, 4, 32, "s24_gemm_cols_4x24_avx2", kAvx2RowPathRows, kAvx2ColsKcGroups, kAmd},
     {Isa::kPortable, "s24_gemm_1x16_scalar", 1, s24_gemm_1x16_scalar, nullptr, nullptr, nullptr, 0, 0, nullptr},
 };
 

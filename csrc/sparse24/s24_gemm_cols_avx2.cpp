@@ -5,11 +5,12 @@
 // input 4g + i as its memory operand, so the position only moves an address.
 // Two tiles, one per core family (cpu_tuning()):
 //
-// 4 x 16 (s24_gemm_cols_4x16_avx2, AMD): 4 channels (a quarter panel) x 16
-// rows = 8 accumulators; per kept weight one in-lane vpermilps spreads the
-// value from a 4-channel table and two FMAs take the two halves of the line.
-// 16 ymm registers hold the 8 accumulators, the 2 tables and the 2 spread
-// weights.
+// 4 x 24 (s24_gemm_cols_4x24_avx2, AMD): 4 channels (a quarter panel) x 3
+// half slabs (24 rows) = 12 accumulators; per kept weight one in-lane
+// vpermilps spreads the value from a 4-channel table and three FMAs take the
+// three half lines. 16 ymm registers hold the 12 accumulators, the 2 tables
+// and the 2 spread weights (GCC keeps 2 accumulators on the stack across the
+// 4 unrolled groups of a block).
 //
 // 2 x 48 (s24_gemm_cols_2x48_avx2, Intel): 2 channels x up to 6 half slabs
 // (48 rows) = 12 accumulators; each kept weight is a vbroadcastss load
@@ -17,10 +18,11 @@
 // channels), whose sums stay in the `part` scratch; on the last k-block their
 // rows go to y right after the call (store_row_tile), before the next 8
 // channels compute. On Intel cores the
-// vpermilps and the scalar position decoding of the 4 x 16 tile issue on the
+// vpermilps and the scalar position decoding of the 4-channel tile issue on the
 // FMA ports (0, 1, 5); here one decode serves 12 FMAs instead of 4 and there
 // is no shuffle. Measured on Golden Cove cores (a Sapphire Rapids Xeon capped
-// at AVX2, modules, interleaved): 1.05 - 1.17x the 4 x 16 tile at 32 - 128
+// at AVX2, modules, interleaved): 1.05 - 1.17x the 4 x 16 tile (the AMD tile
+// before it grew to 24 rows) at 32 - 128
 // rows on 2 threads, 1.09 - 1.24x on one (the four suite shapes). Tiles of
 // 2, 4 or 6 halves from an even half address x as [slab pointer +
 // displacement], one pointer per slab and kept weight (S24_SLAB_PTRS); the
@@ -77,37 +79,46 @@ inline void store_rows8(const ColsArgs& a, const __m256 acc[4], int64_t m, int64
   }
 }
 
-#define S24C2_ALL(OP) OP(0) OP(1) OP(2) OP(3)
-#define S24C2_DECL(c)                                                                  \
-  __m256 a##c##0 = first ? _mm256_setzero_ps() : _mm256_load_ps(part + (2 * c) * 8);   \
-  __m256 a##c##1 = first ? _mm256_setzero_ps() : _mm256_load_ps(part + (2 * c + 1) * 8);
-#define S24C2_SAVE(c)                                  \
-  _mm256_store_ps(part + (2 * c) * 8, a##c##0);        \
-  _mm256_store_ps(part + (2 * c + 1) * 8, a##c##1);
-// channel c, group j: x[4g + i0] * v0 + x[4g + i1] * v1 over 16 rows; the
-// position byte gives 64 * i0 = byte & 0xC0 and 16 * i1 = byte & 0x30
-#define S24C2_CHANNEL(c)                                              \
-  {                                                                   \
-    const uint32_t t = pw >> (8 * c);                                 \
-    const uint64_t o0 = t & 0xC0u, o1 = 4 * (t & 0x30u);              \
-    const __m256 w0 = _mm256_permute_ps(t0, (c & 3) * 0x55);          \
-    const __m256 w1 = _mm256_permute_ps(t1, (c & 3) * 0x55);          \
-    fma231(a##c##0, w0, x + j * 256 + o0);                            \
-    fma231(a##c##1, w0, x + j * 256 + o0 + 32);                       \
-    fma231(a##c##0, w1, x + j * 256 + o1);                            \
-    fma231(a##c##1, w1, x + j * 256 + o1 + 32);                       \
+// Accumulator a<h><c> of a tile of H half slabs x C channels: half slab h of
+// the row tile (rows 8h .. 8h + 8), channel c; its sums at part + (C h + c) * 8.
+#define S24_ACC_DECL(h, c, C) \
+  __m256 a##h##c = (H <= h || first) ? _mm256_setzero_ps() : _mm256_load_ps(part + ((C) * h + c) * 8);
+#define S24_ACC_SAVE(h, c, C) \
+  if (H > h) _mm256_store_ps(part + ((C) * h + c) * 8, a##h##c);
+#define S24Q_ALL(OP) \
+  OP(0, 0) OP(0, 1) OP(0, 2) OP(0, 3) OP(1, 0) OP(1, 1) OP(1, 2) OP(1, 3) OP(2, 0) OP(2, 1) OP(2, 2) OP(2, 3)
+#define S24Q_DECL(h, c) S24_ACC_DECL(h, c, 4)
+#define S24Q_SAVE(h, c) S24_ACC_SAVE(h, c, 4)
+// half h of the tile: slab (h + Odd) / 2 of the tile's two (x0, x1), +32 bytes
+// when h + Odd is odd
+#define S24Q_FMA(h, c, w, o) \
+  if (H > h) fma231(a##h##c, w, ((h + Odd) / 2 ? x1 : x0) + j * 256 + 32 * ((h + Odd) & 1) + (o));
+// channel c, group j: x[4g + i0] * v0 + x[4g + i1] * v1 over the tile's rows;
+// the position byte gives 64 * i0 = byte & 0xC0 and 64 * i1 = 4 * (byte & 0x30)
+#define S24Q_CHANNEL(c)                                                                                \
+  {                                                                                                    \
+    const uint32_t t = pw >> (8 * c);                                                                  \
+    const uint64_t o0 = t & 0xC0u, o1 = 4 * (t & 0x30u);                                               \
+    const __m256 w0 = _mm256_permute_ps(t0, (c & 3) * 0x55);                                           \
+    const __m256 w1 = _mm256_permute_ps(t1, (c & 3) * 0x55);                                           \
+    S24Q_FMA(0, c, w0, o0) S24Q_FMA(1, c, w0, o0) S24Q_FMA(2, c, w0, o0) S24Q_FMA(0, c, w1, o1)        \
+    S24Q_FMA(1, c, w1, o1) S24Q_FMA(2, c, w1, o1)                                                      \
   }
 
-// channels 4t .. 4t+4 (quarter t & 3 of panel t >> 2) x slab s, groups [gb, ge)
-inline void tile(const ColsArgs& a, int64_t t, int64_t s, int64_t gb, int64_t ge, bool first, bool last,
+// channels 4t .. 4t+4 (quarter t & 3 of panel t >> 2) x half slabs [h0, h0 +
+// H) (h0 & 1 == Odd), groups [gb, ge); `part`: the tile's 32 * H sums
+template <int H, int Odd>
+inline void tile(const ColsArgs& a, int64_t t, int64_t h0, int64_t gb, int64_t ge, bool first, bool last,
                  float* part) {
-  S24C2_ALL(S24C2_DECL)
+  static_assert(H >= 1 && H <= 3, "1 - 3 half slabs");
+  S24Q_ALL(S24Q_DECL)
   const int64_t blocks = a.groups_pad / kBlockGroups;
   const int64_t quarter = (t & 3) * 4;
   const uint8_t* blk = a.w + ((t >> 2) * blocks + gb / kBlockGroups) * kBlockBytes;
   const uint8_t* const blk_end = blk + (ge - gb) / kBlockGroups * kBlockBytes;
-  const char* x = reinterpret_cast<const char*>(a.xt + s * slab_floats(a.kp) + gb * 4 * 16);
-  for (; blk < blk_end; blk += kBlockBytes, x += kBlockGroups * 4 * 64) {
+  const char* x0 = reinterpret_cast<const char*>(a.xt + (h0 >> 1) * slab_floats(a.kp) + gb * 4 * 16);
+  const char* x1 = (H - 1 + Odd) / 2 ? x0 + slab_floats(a.kp) * 4 : x0;
+  for (; blk < blk_end; blk += kBlockBytes, x0 += kBlockGroups * 4 * 64, x1 += kBlockGroups * 4 * 64) {
 #pragma GCC unroll 4
     for (int j = 0; j < kBlockGroups; ++j) {
       uint32_t pw;
@@ -115,15 +126,16 @@ inline void tile(const ColsArgs& a, int64_t t, int64_t s, int64_t gb, int64_t ge
       __m256 t0 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(blk + v0_at(j)) + quarter / 4);
       __m256 t1 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(blk + v1_at(j)) + quarter / 4);
       asm("" : "+x"(t0), "+x"(t1));  // keep them tables, not broadcast loads per weight
-      S24C2_ALL(S24C2_CHANNEL)
+      S24Q_CHANNEL(0) S24Q_CHANNEL(1) S24Q_CHANNEL(2) S24Q_CHANNEL(3)
     }
   }
   if (last) {
-    const __m256 lo[4] = {a00, a10, a20, a30}, hi[4] = {a01, a11, a21, a31};
-    store_rows8(a, lo, s * 16, t * 4);
-    if (s * 16 + 8 < a.m) store_rows8(a, hi, s * 16 + 8, t * 4);
+    const __m256 r0[4] = {a00, a01, a02, a03}, r1[4] = {a10, a11, a12, a13}, r2[4] = {a20, a21, a22, a23};
+    const __m256* const rows[3] = {r0, r1, r2};
+    for (int h = 0; h < H; ++h)
+      if ((h0 + h) * 8 < a.m) store_rows8(a, rows[h], (h0 + h) * 8, t * 4);
   } else {
-    S24C2_ALL(S24C2_SAVE)
+    S24Q_ALL(S24Q_SAVE)
   }
 }
 
@@ -232,13 +244,11 @@ inline void store_row_tile(const ColsArgs& a, const float* sums, int64_t h0, int
   }
 }
 
-// Accumulators a<h><c>: half slab h of the row tile (rows 8h .. 8h + 8), channel c.
+// Accumulators a<h><c> (S24_ACC_DECL): up to 6 half slabs x 2 channels.
 #define S24D_ALL(OP) \
   OP(0, 0) OP(0, 1) OP(1, 0) OP(1, 1) OP(2, 0) OP(2, 1) OP(3, 0) OP(3, 1) OP(4, 0) OP(4, 1) OP(5, 0) OP(5, 1)
-#define S24D_DECL(h, c) \
-  __m256 a##h##c = (H <= h || first) ? _mm256_setzero_ps() : _mm256_load_ps(part + (2 * h + c) * 8);
-#define S24D_SAVE(h, c) \
-  if (H > h) _mm256_store_ps(part + (2 * h + c) * 8, a##h##c);
+#define S24D_DECL(h, c) S24_ACC_DECL(h, c, 2)
+#define S24D_SAVE(h, c) S24_ACC_SAVE(h, c, 2)
 // half h of the row tile: slab (h0 + h) / 2 (pointer q##i, picked by
 // S24_X), +32 bytes when h0 + h is odd (Odd = h0 & 1)
 #define S24D_FMA(h, c, w, q, o) \
@@ -430,18 +440,35 @@ void s24_pack_xt_avx2(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_
   pack_xt_blocks<8>(x, ldx, x_bf16, m, k, kp, xt, s0, s1, pack_block, pack_edge_block);
 }
 
-// Channel tiles here are 4 channels: [t0, t1) counts quarter panels.
-void s24_gemm_cols_4x16_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* part) {
-  const int64_t slabs = (a.m + 15) / 16;
+// Channel tiles here are 4 channels: [t0, t1) counts quarter panels. Row
+// tiles of 3 half slabs (24 rows, 12 accumulators), the last 4 halves as 2 +
+// 2 and the last 2 as one tile of 2 (one half alone only when the pass has 8
+// rows or fewer); tile (h0, t) keeps its 32 * h sums at part + 32 * (h0 *
+// tiles + h * (t - t0)).
+void s24_gemm_cols_4x24_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* part) {
+  const int64_t halves = (a.m + 7) / 8;
   const int64_t tiles_n = (a.n + 3) / 4;
   if (t1 > tiles_n) t1 = tiles_n;
+  const int64_t tiles = t1 - t0;
   const int64_t kcg = a.kc_groups;
   for (int64_t gb = 0; gb < a.groups_pad; gb += kcg) {
     const int64_t ge = gb + kcg < a.groups_pad ? gb + kcg : a.groups_pad;
     const bool first = gb == 0, last = ge == a.groups_pad;
-    float* p = part;
-    for (int64_t s = 0; s < slabs; ++s)
-      for (int64_t t = t0; t < t1; ++t, p += 64) tile(a, t, s, gb, ge, first, last, p);
+    for (int64_t h0 = 0; h0 < halves;) {
+      const int64_t left = halves - h0;
+      const int64_t h = left == 4 || left == 2 ? 2 : left == 1 ? 1 : 3;
+      for (int64_t t = t0; t < t1; ++t) {
+        float* const p = part + 32 * (h0 * tiles + h * (t - t0));
+        switch (h * 2 + (h0 & 1)) {
+          case 6: tile<3, 0>(a, t, h0, gb, ge, first, last, p); break;
+          case 7: tile<3, 1>(a, t, h0, gb, ge, first, last, p); break;
+          case 4: tile<2, 0>(a, t, h0, gb, ge, first, last, p); break;
+          case 5: tile<2, 1>(a, t, h0, gb, ge, first, last, p); break;
+          default: tile<1, 0>(a, t, h0, gb, ge, first, last, p);  // halves == 1: h0 == 0
+        }
+      }
+      h0 += h;
+    }
   }
 }
 

@@ -134,7 +134,7 @@ void s24_gemm_4x8_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void s24_gemm_4x32_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void s24_gemm_cols_avx512(const ColsArgs&, int64_t, int64_t, float*);
 void s24_pack_xt_avx512(const void*, int64_t, bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
-void s24_gemm_cols_4x16_avx2(const ColsArgs&, int64_t, int64_t, float*);
+void s24_gemm_cols_4x24_avx2(const ColsArgs&, int64_t, int64_t, float*);
 void s24_gemm_cols_2x48_avx2(const ColsArgs&, int64_t, int64_t, float*);
 void s24_pack_xt_avx2(const void*, int64_t, bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
 

@@ -165,11 +165,11 @@ def _check_many_rows(gen, m, n, k):
 
 def test_avx2_column_kernel_follows_the_tuning():
     """At the avx2 level the column kernel is the 2 x 48 tile for Intel cores and
-    the 4 x 16 tile for AMD ones, whatever the CPU; the choice follows changes."""
+    the 4 x 24 tile for AMD ones, whatever the CPU; the choice follows changes."""
     if not _native.isa_supported("avx2"):
         pytest.skip("this CPU lacks avx2")
     with _native.isa_cap("avx2"):
-        for tuning, name in (("intel", "s24_gemm_cols_2x48_avx2"), ("amd", "s24_gemm_cols_4x16_avx2"),
+        for tuning, name in (("intel", "s24_gemm_cols_2x48_avx2"), ("amd", "s24_gemm_cols_4x24_avx2"),
                              ("intel", "s24_gemm_cols_2x48_avx2")):
             with _native.cpu_tuning(tuning):
                 assert _native.lib().kernel_params()["sparse24"]["cols_name"] == name
