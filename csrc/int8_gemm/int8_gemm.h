@@ -473,11 +473,21 @@ void linear_qs_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16,
 // kAvx2RowPathRows, or 2 on layers of >= kPs8FewRowsWeights weights, where the
 // row path's pass over the weights per row costs more than the path's
 // transposition and residual sums (measured, Golden Cove capped at AVX2, 2
-// threads, modules, against the row path: 4096^2 x1.11 / 1.37 / 1.56 at 2 / 3
-// / 4 rows, 1024x4096 x1.02 / 1.24 / 1.35; MiniLM's 1536x384 and 384x1536
-// x0.64 - 0.65 at 2 rows, x0.85 - 0.87 at 4).
+// threads, modules, against the per-row passes the row path made then: 4096^2
+// x1.11 / 1.37 / 1.56 at 2 / 3 / 4 rows, 1024x4096 x1.02 / 1.24 / 1.35;
+// MiniLM's 1536x384 and 384x1536 x0.64 - 0.65 at 2 rows, x0.85 - 0.87 at 4).
+// On AMD cores (cpu_tuning()) the row path keeps up to kAvx2RowPathRows rows
+// on every layer: its k-blocked form (avx2_tile::tile_rows_kb) streams the
+// weights in address order while the rows compute, whereas the quarter tiles
+// read 64 of every 256 bytes, which DRAM serves slowly (Zen 3, 2 threads,
+// 4096^2, weights from DRAM: pair-safe x0.58 - x0.71 torch.ao at 2 - 4 rows,
+// the row path x1.00 - x1.12; an AVX2 read of 16 MB in that order ran 7 - 12
+// GB/s against 14 GB/s in address order).
 constexpr int64_t kPs8FewRowsWeights = int64_t(4) << 20;
-inline int64_t ps8_min_rows(int64_t n, int64_t k) { return n * k >= kPs8FewRowsWeights ? 2 : kAvx2RowPathRows + 1; }
+inline int64_t ps8_min_rows(int64_t n, int64_t k) {
+  if (cpu_tuning() == Tuning::kAmd) return kAvx2RowPathRows + 1;
+  return n * k >= kPs8FewRowsWeights ? 2 : kAvx2RowPathRows + 1;
+}
 void linear_ps_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
                     const uint8_t* packed, const float* w_scale, const float* bias, void* y, int64_t ldy,
                     bool y_bf16, int nthreads);

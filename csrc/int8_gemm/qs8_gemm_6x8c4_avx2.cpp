@@ -10,8 +10,8 @@
 // trick's 3 multiply-port instructions (vpsignb shares the multiply ports on
 // Zen 3 and Zen 4) -- and nothing can saturate.
 //
-// Up to kAvx2RowPathRows rows: a one-row path over whole panels (tiles:
-// qs8_gemm_avx2_tile.h) with the sign trick: |a| in the unsigned operand of
+// Up to kAvx2RowPathRows rows: a row path over whole panels in k-blocks
+// (avx2_tile::tile_rows_kb) with the sign trick: |a| in the unsigned operand of
 // vpmaddubsw, w carrying a's sign (vpsignb), so int16 pair sums never
 // saturate (<= 2*127*127).
 #include <vector>
@@ -22,7 +22,7 @@ namespace pyaccel {
 namespace int8_gemm {
 namespace {
 
-// The sign trick for the row path (avx2_tile::tile_row).
+// The sign trick for the row path (avx2_tile::tile_rows_kb).
 struct SignStep {
   // Row path: |a| as the unsigned operand, w with a's sign as the signed one.
   struct RowA {
@@ -163,6 +163,8 @@ void gemm_w16(const GemmArgs& g, int64_t m0, int64_t m1, const int8_t* panel, in
   }
 }
 
+static_assert(kAvx2RowPathRows <= avx2_tile::kRowsKbMaxRows, "tile_rows_kb's partial sums");
+
 }  // namespace
 
 // rows x k_pad int8 (row stride lda) -> int16 (row stride ld16); k_pad % 4 == 0.
@@ -183,7 +185,7 @@ void qs8_gemm_6x8c4_avx2(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, 
   for (int64_t p = p0; p < p1; ++p) {
     const int8_t* panel = g.w + p * groups * kPanel * kKGroup;
     if (m1 - m0 <= kAvx2RowPathRows) {
-      for (int64_t m = m0; m < m1; ++m) avx2_tile::tile_row<SignStep>(g, m, panel, p * kPanel);
+      avx2_tile::tile_rows_kb<SignStep>(g, m0, m1, panel, p * kPanel);
     } else {
       gemm_w16(g, m0, m1, panel, p);
     }

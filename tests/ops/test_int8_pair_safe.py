@@ -175,12 +175,15 @@ def test_same_outputs_with_and_without_the_section_and_on_every_isa(avx2, gen):
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
-def test_big_layer_few_rows(avx2, gen, m):
-    """Layers of >= 4 Mi weights take the path from 2 rows (pair_safe_from_rows_huge),
-    others from 5; one row stays on the row path: exact either way."""
+def test_big_layer_few_rows(avx2, tuning, gen, m):
+    """With the Intel tuning, layers of >= 4 Mi weights take the path from 2
+    rows (pair_safe_from_rows_huge), others from 5; with the AMD tuning every
+    layer from 5 (the row path's k-blocked stream keeps 2 - 4 rows); one row
+    stays on the row path: exact either way."""
     n, k = 1024, 4096
     params = _native.lib().kernel_params()["int8"]
-    assert params["pair_safe_huge_weights"] == n * k and params["pair_safe_from_rows_huge"] == 2
+    assert params["pair_safe_huge_weights"] == n * k
+    assert params["pair_safe_from_rows_huge"] == (2 if tuning == "intel" else 5)
     assert params["pair_safe_from_rows"] == 5
     w = (torch.randn(n, k, generator=gen) * 25).round().clamp(-127, 127).to(torch.int8)
     w[:, :8] = torch.tensor([127, 127, -127, -127, 127, 2, -1, -127], dtype=torch.int8)
@@ -520,7 +523,8 @@ def test_modules_say_when_they_run_pair_safe(avx2, gen):
     huge = torch.nn.Linear(4096, 1024)
     with torch.no_grad():
         huge.weight.normal_(0.0, 0.02, generator=gen)
-    assert "pair-safe qs8_gemm_4x16c4ps_avx2 from 2 rows" in Int8Linear.from_float(huge).backend()
+    from_rows = 2 if _native.lib().cpu_info()["tuning"] == "intel" else 5
+    assert f"pair-safe qs8_gemm_4x16c4ps_avx2 from {from_rows} rows" in Int8Linear.from_float(huge).backend()
     if _native.isa_supported("avx512_vnni"):  # packed at another level: the int16 tile, and why
         with _native.isa_cap("avx512_vnni"):
             other = Int8Linear.from_float(lin)
