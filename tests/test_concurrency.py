@@ -1,6 +1,7 @@
 """Modules called from several Python threads at once (the native calls run
 without the GIL, each with its own OpenMP team): every result must equal the
 one computed alone -- the kernels keep their scratch per calling thread."""
+import os
 import threading
 
 import pytest
@@ -162,6 +163,7 @@ def test_replacing_the_dense_plan_while_it_runs(gen):
         assert runs and not wrong
 
 
+@pytest.mark.serial
 def test_one_late_team_never_trips_the_guard(tmp_path):
     """The late-team guard counts teams, not threads: one call whose team of
     16 threads (on fewer cores) starts late opens no window by itself."""
@@ -182,6 +184,8 @@ def test_one_late_team_never_trips_the_guard(tmp_path):
                                  on.data_ptr(), 0, y.data_ptr(), 2048, False, 16)
         print(C.late_team_trips())
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = dict(os.environ, PYACCEL_LATE_TEAM_GUARD="1")  # on, whatever the test run set
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "0"

@@ -206,6 +206,8 @@ inline void tile_row(const GemmArgs& g, int64_t m, const int8_t* panel, int64_t 
 // ran x0.73 - x0.94 and the pair-safe quarter tiles x0.58 - x0.71.
 constexpr int64_t kRowsKbGroups = 64;
 constexpr int64_t kRowsKbMaxRows = 4;
+constexpr int kPanelLinesPerGroup = static_cast<int>(kPanel * kKGroup / 64);  // 64-byte lines
+static_assert(kPanelLinesPerGroup == 4, "tile_rows_kb issues 1, 2 or 4 lines a step");
 template <class S>
 inline void tile_rows_kb(const GemmArgs& g, int64_t m0, int64_t m1, const int8_t* panel, int64_t n0) {
   const int64_t groups = g.k_pad / kKGroup;
@@ -222,7 +224,8 @@ inline void tile_rows_kb(const GemmArgs& g, int64_t m0, int64_t m1, const int8_t
               c2 = kb ? _mm256_load_si256(sm + 2) : z, c3 = kb ? _mm256_load_si256(sm + 3) : z,
               c4 = kb ? _mm256_load_si256(sm + 4) : z, c5 = kb ? _mm256_load_si256(sm + 5) : z,
               c6 = kb ? _mm256_load_si256(sm + 6) : z, c7 = kb ? _mm256_load_si256(sm + 7) : z;
-      const int lines = static_cast<int>(kKGroup / rows + (r < kKGroup % rows ? 1 : 0));  // this row's share of 4
+      // this row's share of the group's lines
+      const int lines = static_cast<int>(kPanelLinesPerGroup / rows + (r < kPanelLinesPerGroup % rows ? 1 : 0));
       const int8_t* const a = g.a + (m0 + r) * g.lda;
       const int8_t* b = panel + kb * kPanel * kKGroup;
       for (int64_t grp = kb; grp < ke; ++grp, b += kPanel * kKGroup, pf += 64 * lines) {

@@ -92,8 +92,8 @@ using ColsPartFn = int64_t (*)(int64_t m, int64_t tiles);
 // slabs [s0, s1) of xt from x ([m, k] fp32 or bf16, row stride ldx)
 using PackXtFn = void (*)(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t kp,
                           float* xt, int64_t s0, int64_t s1);  // slab s at xt + s * slab_floats(kp)
-// AVX-512: row tiles of up to 3 slabs x 8 channels; AVX2: 1 slab x 4 channels (the 2 x 48 tile
-// needs no more: 2 channels x rows padded to 8)
+// AVX-512: row tiles of up to 3 slabs x 8 channels; AVX2: 16 floats a row slab and channel
+// (the 4 x 24 tile keeps 32 a half slab and 4 channels, the 2 x 48 tile 2 channels x rows padded to 8)
 inline int64_t cols_part_avx512(int64_t m, int64_t tiles) { return ((m + 15) / 16 + 2) / 3 * tiles * 8 * 3 * 16; }
 inline int64_t cols_part_avx2(int64_t m, int64_t tiles) { return (m + 15) / 16 * tiles * 4 * 16; }
 

@@ -93,7 +93,9 @@ def test_accumulator_overflow_boundary(isa):
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_matches_reference(isa, gen, dtype, bias):
     # K = 2048: the quantized rows' stride (k_pad + 64) and the widened ones' (k_pad + 32) differ
-    for m, n, k in [(1, 64, 64), (7, 65, 257), (13, 130, 1030), (50, 17, 5), (31, 72, 300), (9, 70, 2048)]:
+    # (2 - 4, *, > 256): the AVX2 row path's k-blocks, the last one partial
+    for m, n, k in [(1, 64, 64), (7, 65, 257), (13, 130, 1030), (50, 17, 5), (31, 72, 300), (9, 70, 2048),
+                    (3, 65, 300), (2, 130, 1030), (4, 9, 259)]:
         w = quantize_weight_per_channel(torch.randn(n, k, generator=gen))
         b = torch.randn(n, generator=gen) if bias else None
         x = torch.randn(m, k, generator=gen).to(dtype)

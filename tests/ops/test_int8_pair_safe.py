@@ -180,11 +180,12 @@ def test_big_layer_few_rows(avx2, tuning, gen, m):
     rows (pair_safe_from_rows_huge), others from 5; with the AMD tuning every
     layer from 5 (the row path's k-blocked stream keeps 2 - 4 rows); one row
     stays on the row path: exact either way."""
-    n, k = 1024, 4096
     params = _native.lib().kernel_params()["int8"]
-    assert params["pair_safe_huge_weights"] == n * k
+    assert params["pair_safe_huge_weights"] == 1024 * 4096
     assert params["pair_safe_from_rows_huge"] == (2 if tuning == "intel" else 5)
     assert params["pair_safe_from_rows"] == 5
+    # >= 4 Mi weights, a partial last panel (1000 channels) and k-block (4196 inputs)
+    n, k = 1000, 4196
     w = (torch.randn(n, k, generator=gen) * 25).round().clamp(-127, 127).to(torch.int8)
     w[:, :8] = torch.tensor([127, 127, -127, -127, 127, 2, -1, -127], dtype=torch.int8)
     packed = pack_int8_weight(w)
