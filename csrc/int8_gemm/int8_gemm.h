@@ -53,9 +53,16 @@ static_assert(sizeof(PackedHeader) == 64, "header must stay 64 bytes");
 // sparse residual entry (about 1 - 3 % of the weights of trained layers and
 // 0.4 % of Gaussian ones). Layout, offsets from the buffer start:
 //   [PsHeader: 64 B][lane: int32 x (n_pad + 1)][ek: int32 x E][er: int32 x E]
-//   (zero-padded to 64 B)[panels of s: int8 x n_pad x k_pad, NR64K4]
+//   (zero-padded to 64 B)[panels of s: int8 x n_pad x k_pad]
 // Channel c's entries are [lane[c], lane[c + 1]), by ascending k; ek = k,
 // er = r as an int32 whose high int16 is 0 (vpmaddwd's operand).
+// The panels of s come in PsHeader::panel_order: kPsPanels64, NR64K4 like the
+// packing's own panels (the quad-safe sections, and pair-safe ones packed
+// before kPsQuarters existed), or kPsQuarters (the pair-safe sections
+// pack_weights writes now): each 64-channel panel as its four 16-channel
+// quarters one after the other, each quarter k group by k group (16 channels
+// x 4 bytes = one 64-byte line per group), so that the 4 x 16 tile, which
+// runs over one quarter at a time, reads and prefetches it in address order.
 //
 // The quad-safe section (kind kPsQuad) has the same layout for the 7-bit
 // AVX2 path (qs8_gemm_4x16c4qs_avx2.cpp), whose tile adds two vpmaddubsw
@@ -71,13 +78,15 @@ constexpr uint32_t kPsMagic = 0x53504951u;  // "QIPS"
 constexpr int32_t kPsPair = 0;  // the 8-bit AVX2 path's split (PsHeader::kind)
 constexpr int32_t kPsQuad = 1;  // the 7-bit AVX2 path's split
 constexpr int kQsLimit = 258;
+constexpr int64_t kPsPanels64 = 0;  // PsHeader::panel_order: NR64K4 panels
+constexpr int64_t kPsQuarters = 1;  // 16-channel quarters, each in k order (int8_gemm packings, kind kPsPair)
 struct PsHeader {
   uint32_t magic;
   int32_t kind;  // kPsPair or kPsQuad
   int64_t entries;  // E
   int64_t lane_offset, ek_offset, er_offset, panels_offset;
   int64_t total;  // bytes of the section, this header included
-  int64_t reserved1;
+  int64_t panel_order;  // kPsPanels64 or kPsQuarters (0 in every section of older packings)
 };
 static_assert(sizeof(PsHeader) == 64, "header must stay 64 bytes");
 
@@ -151,8 +160,9 @@ PsHeader write_ps_section(uint8_t* sec, int64_t n, int64_t n_pad, int64_t entrie
 // never decreases, every ek < k_limit and every er's high int16 0 (the
 // kernels index with them: one pass over the entries, vectorized).
 // nullptr, or what is wrong.
-// allow_quad: a quad-safe section passes too (int8_gemm's packings; the 2:4
-// int8 ones hold pair-safe sections only).
+// allow_quad: an int8_gemm packing, where a quad-safe section and a pair-safe
+// one in kPsQuarters order pass too (the 2:4 int8 packings hold pair-safe
+// sections of NR64K4-ordered values only).
 const char* check_ps_section(const uint8_t* buf, int64_t nbytes, int64_t offset, int64_t n_pad, int64_t panel_bytes,
                              int64_t k_limit, bool allow_quad = false);
 // Bytes of the packing without / with the section of act_bits' AVX2 path (8:
@@ -258,6 +268,11 @@ struct GemmArgs {
   const uint8_t* ut = nullptr;
   int64_t ldt = 0;
   const int32_t* corr = nullptr;
+  // The split tiles only: whether g.w holds a pair-safe section's panels in
+  // kPsQuarters order (else NR64K4), and how far the tile's prefetch pointer
+  // moves per k group (0: one line, as the weights do).
+  bool w_quarters = false;
+  int64_t pf_step = 0;
 };
 // Computes rows [m0, m1) for panels [p0, p1).
 using GemmFn = void (*)(const GemmArgs& args, int64_t m0, int64_t m1, int64_t p0, int64_t p1);

@@ -43,17 +43,20 @@ void for_each_split_value(const int8_t* row, int64_t k, int64_t k_pad, int32_t k
 }
 
 // Panels of w (or of its split part: kind kPsPair or kPsQuad, -1 for w itself)
-// into data (n_pad x k_pad, zeroed here).
+// into data (n_pad x k_pad, zeroed here), in NR64K4 order or (quarters) in
+// the pair-safe section's kPsQuarters order.
 void write_panels(const int8_t* w, int64_t ldw, int64_t n, int64_t k, int64_t n_pad, int64_t k_pad, int32_t kind,
-                  int8_t* data) {
+                  int8_t* data, bool quarters = false) {
   std::memset(data, 0, static_cast<size_t>(n_pad * k_pad));
   const int64_t groups = k_pad / kKGroup;
+  // channel c's group stride and first byte in its panel
+  const int64_t width = quarters ? 16 : kPanel;
   for (int64_t c = 0; c < n; ++c) {
     const int8_t* row = w + c * ldw;
-    int8_t* panel = data + (c / kPanel) * groups * kPanel * kKGroup;
-    const int64_t lane = (c % kPanel) * kKGroup;
+    int8_t* base = data + (c / kPanel) * groups * kPanel * kKGroup + (c % kPanel) / width * width * k_pad +
+                   (c % width) * kKGroup;
     for_each_split_value(row, k, k_pad, kind, [&](int64_t kk, int v, int) {
-      panel[(kk / kKGroup) * kPanel * kKGroup + lane + kk % kKGroup] = static_cast<int8_t>(v);
+      base[(kk / kKGroup) * width * kKGroup + kk % kKGroup] = static_cast<int8_t>(v);
     });
   }
 }
@@ -89,7 +92,11 @@ const char* check_ps_section(const uint8_t* buf, int64_t nbytes, int64_t offset,
   if (p.magic != kPsMagic || p.entries < 0 || p.entries > panel_bytes ||
       (p.kind != kPsPair && (p.kind != kPsQuad || !allow_quad)))
     return "packed weight has a damaged pair-safe section";
-  const PsHeader want = ps_layout(n_pad, p.entries, panel_bytes, p.kind);
+  // panel order: NR64K4 everywhere; kPsQuarters in int8_gemm's pair-safe sections
+  if (p.panel_order != kPsPanels64 && (p.panel_order != kPsQuarters || !allow_quad || p.kind != kPsPair))
+    return "packed weight has a damaged pair-safe section";
+  PsHeader want = ps_layout(n_pad, p.entries, panel_bytes, p.kind);
+  want.panel_order = p.panel_order;
   if (std::memcmp(&p, &want, sizeof(p)) != 0) return "packed weight has a damaged pair-safe section";
   if (nbytes != offset + p.total) return "packed weight has the wrong size";
   // the tables as the kernels read them (4-byte aligned: the section starts on a 64-byte boundary)
@@ -148,7 +155,13 @@ void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* o
                                        if (r != 0) emit(kk, r);
                                      });
                                    });
-  write_panels(w, ldw, n, k, h.n_pad, h.k_pad, kind, reinterpret_cast<int8_t*>(sec + p.panels_offset));
+  const bool quarters = kind == kPsPair;
+  if (quarters) {
+    PsHeader q = p;
+    q.panel_order = kPsQuarters;
+    std::memcpy(sec, &q, sizeof(q));
+  }
+  write_panels(w, ldw, n, k, h.n_pad, h.k_pad, kind, reinterpret_cast<int8_t*>(sec + p.panels_offset), quarters);
 }
 
 namespace {

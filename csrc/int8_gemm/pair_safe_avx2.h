@@ -138,13 +138,14 @@ inline void panel_residuals(const Residuals& res, const uint8_t* ut, int64_t ldt
 struct Section {
   Residuals res;
   const uint8_t* panels;
+  int64_t panel_order;  // PsHeader::panel_order
 };
 inline Section section_of(const uint8_t* sec) {
   PsHeader ps;
   std::memcpy(&ps, sec, sizeof(ps));
   return {{reinterpret_cast<const int32_t*>(sec + ps.lane_offset), reinterpret_cast<const int32_t*>(sec + ps.ek_offset),
            reinterpret_cast<const int32_t*>(sec + ps.er_offset)},
-          sec + ps.panels_offset};
+          sec + ps.panels_offset, ps.panel_order};
 }
 
 // The calling thread's transposed activations (one buffer for every driver

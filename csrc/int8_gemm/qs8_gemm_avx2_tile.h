@@ -127,9 +127,11 @@ inline const int8_t* next_quarter_lines(const GemmArgs& g, const int8_t* panel, 
 }
 
 // Rows [m, m + MR) x 16 channels (a quarter of a packed panel: 64 of every 256
-// bytes per k group), MR <= S::kTileRows. 8 ymm accumulators + 2 weights +
-// temporaries fit the 16 ymm registers (12 + 2 + 1 at 6 rows). pf: the line of the
-// next quarter-panel to pull into L2 per k group (next_quarter_lines).
+// bytes per k group in NR64K4 order, 64 contiguous bytes per k group in a
+// pair-safe section's kPsQuarters order, g.w_quarters), MR <= S::kTileRows. 8
+// ymm accumulators + 2 weights + temporaries fit the 16 ymm registers (12 + 2
+// + 1 at 6 rows). pf: what to pull into L2 (prefetcht1), one prefetch per k
+// group, pf advancing g.pf_step bytes a group (0: as the weights).
 template <class S, int MR>
 inline void tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0, const int8_t* pf) {
   const int64_t groups = g.k_pad / kKGroup;
@@ -139,8 +141,10 @@ inline void tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0, co
           c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   PYACCEL_TILE_ROWS6(const int8_t, a, g.a + m * g.lda, g.lda);
   const int8_t* b = sub;
+  const int64_t stride = g.w_quarters ? 16 * kKGroup : kPanel * kKGroup;
+  const int64_t pf_step = g.pf_step ? g.pf_step : stride;
 #pragma GCC unroll 2
-  for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup, pf += kPanel * kKGroup) {
+  for (int64_t grp = 0; grp < groups; ++grp, b += stride, pf += pf_step) {
     const int64_t off = grp * kKGroup;
     _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
     const __m256i u0 = S::weights(b), u1 = S::weights(b + 32);

@@ -21,14 +21,27 @@ inline std::vector<int32_t>& corr_buffer() {
   return v;
 }
 
+// Of the row tiles over one quarter, the first kPfSpreadTiles (rounded down
+// to a power of 2) each prefetch an equal share of the next quarter; the rest
+// re-touch their own quarter.
+constexpr int64_t kPfSpreadTiles = 8;
+
 // Rows [m0, m1) (m0 a multiple of 16) x panels [p0, p1) on the section's
 // panels: per panel its residual sums (GemmArgs::corr, indexed by the
 // absolute row), then tile(g, m, h, sub, n0, pf) over its 16-channel quarters
-// in TileRows-row tiles (h: for_each_row_tile's row count constant).
+// in TileRows-row tiles (h: for_each_row_tile's row count constant). In
+// kPsQuarters order (g.w_quarters) a quarter and the next one (on into the
+// next panel) are contiguous, and the quarter's row tiles share the stream
+// that pulls the next one into L2: with T tiles (T a power of 2 up to
+// kPfSpreadTiles), tile t prefetches its t-th T-th, 64 / T bytes per k group,
+// so the stream runs the whole time the quarter computes rather than
+// during its first tile only (NR64K4 order: each tile prefetches the whole
+// next quarter, avx2_tile::next_quarter_lines).
 template <int TileRows, typename Tile>
 void gemm(const GemmArgs& g0, const pair_safe::Residuals& res, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
           const Tile& tile) {
   const int64_t groups = g0.k_pad / kKGroup;
+  const int64_t n_pad16 = (g0.n + 15) / 16 * 16;
   std::vector<int32_t>& corr = corr_buffer();
   if (corr.size() < static_cast<size_t>((m1 - m0) * kPanel)) corr.resize((m1 - m0) * kPanel);
   GemmArgs g = g0;
@@ -39,9 +52,27 @@ void gemm(const GemmArgs& g0, const pair_safe::Residuals& res, int64_t m0, int64
     for (int s = 0; s < kPanel / 16; ++s) {
       const int64_t n0 = p * kPanel + 16 * s;
       if (n0 >= g.n) break;
-      const int8_t* sub = panel + 16 * s * kKGroup;
-      const int8_t* pf = avx2_tile::next_quarter_lines(g, panel, p, s);
-      for_each_row_tile<TileRows>(m0, m1, [&](int64_t m, auto h) { tile(g, m, h, sub, n0, pf); });
+      if (!g.w_quarters) {
+        const int8_t* sub = panel + 16 * s * kKGroup;
+        const int8_t* pf = avx2_tile::next_quarter_lines(g, panel, p, s);
+        for_each_row_tile<TileRows>(m0, m1, [&](int64_t m, auto h) { tile(g, m, h, sub, n0, pf); });
+        continue;
+      }
+      const int64_t qbytes = 16 * g.k_pad;
+      const int8_t* sub = panel + s * qbytes;
+      // the next quarter; after the layer's last one, none (the tiles re-touch their own)
+      const bool next = n0 + 16 < n_pad16;
+      const int64_t tiles = (m1 - m0 + TileRows - 1) / TileRows;
+      int64_t share = 1;
+      while (next && share * 2 <= tiles && share * 2 <= kPfSpreadTiles) share *= 2;
+      int64_t t = 0;
+      for_each_row_tile<TileRows>(m0, m1, [&](int64_t m, auto h) {
+        GemmArgs gt = g;
+        const bool streams = next && t < share;
+        gt.pf_step = streams ? 64 / share : 64;
+        tile(gt, m, h, sub, n0, streams ? sub + qbytes + t * (qbytes / share) : sub);
+        ++t;
+      });
     }
   }
 }
@@ -65,6 +96,7 @@ void linear(QuantizeRowsFn quantize, uint8_t a_zero, int qmax, const void* x, in
                static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n, h.k_pad};
     g.ut = ut;
     g.ldt = ldt;
+    g.w_quarters = sec.panel_order == kPsQuarters;
     return g;
   };
   if (pair_safe::affine_passes(quantize, a_zero, qmax, x, ldx, x_bf16, m, k, h.k_pad, kPanel, h.n_pad / kPanel,

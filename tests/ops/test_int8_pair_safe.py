@@ -325,6 +325,50 @@ def test_damaged_section_is_refused(avx2, gen):
         torch.ops.pyaccel.int8_linear(x, w, torch.ones(n), None, bad_magic)
 
 
+def _section_header(packed: torch.Tensor, base: int) -> dict:
+    """The PsHeader fields (int8_gemm.h) of the section at byte base."""
+    f = packed[base + 8:base + 64].view(torch.int64).tolist()
+    return dict(kind=int(packed[base + 4:base + 8].view(torch.int32)), entries=f[0], panels_offset=f[4],
+                panel_order=f[6])
+
+
+@pytest.mark.parametrize("n, k", [(130, 515), (64, 1030), (17, 8)])
+def test_quarter_order_and_older_panel_order(avx2, gen, n, k):
+    """pack_weights writes the pair-safe panels in kPsQuarters order (each
+    16-channel quarter of a panel contiguous, k group by k group); a section
+    in NR64K4 order (what older packings hold) still runs, with the same
+    outputs; any other order, or a quad-safe kind in quarter order, is refused."""
+    C = _native.lib()
+    w = edge_weight(n, k, gen)
+    packed = pack_int8_weight(w)
+    base = C.int8_packed_nbytes(n, k)
+    hdr = _section_header(packed, base)
+    assert hdr["panel_order"] == 1 and hdr["kind"] == 0
+    n_pad, k_pad = -(-n // 64) * 64, -(-k // 4) * 4
+    at = base + hdr["panels_offset"]
+    quarters = packed[at:at + n_pad * k_pad].view(n_pad // 64, 4, k_pad // 4, 16, 4)
+    # quarter order -> NR64K4: [panel][quarter][group][16 ch][4 k] -> [panel][group][quarter][16 ch][4 k]
+    older = packed.clone()
+    older[at:at + n_pad * k_pad] = quarters.permute(0, 2, 1, 3, 4).reshape(-1)
+    older[base + 56:base + 64].view(torch.int64)[0] = 0
+    assert C.int8_check_packed(older.data_ptr(), older.numel(), n, k) is None
+    scale = torch.rand(n, generator=gen) * 1e-2 + 1e-3
+    for m in (5, 8, 9, 33, 70):
+        x = torch.randn(m, k, generator=gen) * 3
+        y = torch.ops.pyaccel.int8_linear(x, w, scale, None, packed)
+        assert torch.equal(y, torch.ops.pyaccel.int8_linear(x, w, scale, None, older)), m
+        x_exact = torch.randint(-127, 128, (m, k), generator=gen).float()
+        x_exact[:, 0] = 127.0
+        want = reference.int8_matmul_exact(x_exact.to(torch.int8), w).float()
+        for p in (packed, older):
+            assert torch.equal(torch.ops.pyaccel.int8_linear(x_exact, w, torch.ones(n), None, p), want), m
+    for order, kind in ((2, 0), (-1, 0), (1, 1)):
+        bad = packed.clone()
+        bad[base + 56:base + 64].view(torch.int64)[0] = order
+        bad[base + 4:base + 8].view(torch.int32)[0] = kind
+        assert "pair-safe" in C.int8_check_packed(bad.data_ptr(), bad.numel(), n, k), (order, kind)
+
+
 @settings(max_examples=40, deadline=None)
 @given(m=st.integers(5, 70), n=st.integers(1, 140), k=st.integers(1, 600),
        frac=st.floats(0.0, 0.04), seed=st.integers(0, 2**31 - 1))
