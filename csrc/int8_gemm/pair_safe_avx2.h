@@ -77,15 +77,23 @@ inline void transpose_rows(const int8_t* q, int64_t lda, int64_t rows, int64_t k
 // Residual sums of NB 16-row blocks from row mb (ut's column index) for the
 // 8 channels c0 .. c0 + 7 into t[j][2 * b + h]: channel c0 + j, rows mb + 16 b
 // + 2 i + h in lane i (vpmaddwd with (r, 0) takes the even rows of an int16
-// vector, with (0, r) the odd ones).
+// vector, with (0, r) the odd ones). With pf_end > 0 (one 16-row block, NB =
+// 1) each entry also prefetches (into L1) the column of the entry
+// kResidualPfAhead places on, up to entry pf_end - 1 (the panel's last).
+constexpr int64_t kResidualPfAhead = 8;
 template <int NB>
-inline void group_residuals(const Residuals& res, const uint8_t* ut, int64_t ldt, int64_t mb, int64_t c0, __m256i t[8][8]) {
+inline void group_residuals(const Residuals& res, const uint8_t* ut, int64_t ldt, int64_t mb, int64_t c0, __m256i t[8][8],
+                            int64_t pf_end = 0) {
   for (int j = 0; j < 8; ++j) {
     __m256i acc[2 * NB];
     for (int v = 0; v < 2 * NB; ++v) acc[v] = _mm256_setzero_si256();
     for (int32_t e = res.lane[c0 + j]; e < res.lane[c0 + j + 1]; ++e) {
       const __m256i r_even = _mm256_set1_epi32(res.er[e]), r_odd = _mm256_slli_epi32(r_even, 16);
       const uint8_t* x = ut + static_cast<int64_t>(res.ek[e]) * ldt + mb;
+      if (NB == 1 && pf_end > 0) {
+        const int64_t ahead = std::min<int64_t>(e + kResidualPfAhead, pf_end - 1);
+        _mm_prefetch(reinterpret_cast<const char*>(ut + static_cast<int64_t>(res.ek[ahead]) * ldt + mb), _MM_HINT_T0);
+      }
       for (int b = 0; b < NB; ++b) {
         const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 16 * b)));
         acc[2 * b] = _mm256_add_epi32(acc[2 * b], _mm256_madd_epi16(u, r_even));
@@ -106,7 +114,10 @@ inline void panel_residuals(const Residuals& res, const uint8_t* ut, int64_t ldt
     const int nb = static_cast<int>(std::min<int64_t>(4, (m1 - mb + 15) / 16));
     for (int cg = 0; cg < Panel / 8; ++cg) {
       const int64_t c0 = c_first + cg * 8;
-      if (cg + 1 < Panel / 8) {  // the next group's lines (the other core may hold them)
+      // the columns' lines the entries read (the other core may hold them):
+      // one 16-row block, each entry prefetches a later entry's; more, the
+      // next channel group's, before this group runs
+      if (nb > 1 && cg + 1 < Panel / 8) {
         for (int32_t e = res.lane[c0 + 8]; e < res.lane[c0 + 16]; ++e) {
           const uint8_t* x = ut + static_cast<int64_t>(res.ek[e]) * ldt + mb;
           _mm_prefetch(reinterpret_cast<const char*>(x), _MM_HINT_T0);
@@ -116,7 +127,7 @@ inline void panel_residuals(const Residuals& res, const uint8_t* ut, int64_t ldt
       }
       __m256i t[8][8];
       switch (nb) {
-        case 1: group_residuals<1>(res, ut, ldt, mb, c0, t); break;
+        case 1: group_residuals<1>(res, ut, ldt, mb, c0, t, res.lane[c_first + Panel]); break;
         case 2: group_residuals<2>(res, ut, ldt, mb, c0, t); break;
         case 3: group_residuals<3>(res, ut, ldt, mb, c0, t); break;
         default: group_residuals<4>(res, ut, ldt, mb, c0, t); break;
