@@ -15,13 +15,15 @@ namespace pyaccel {
 namespace sparse24 {
 namespace {
 
-// AVX2 column kernels: k-blocks of <= 64 groups for the 4-channel tile (16 - 24
-// KiB of its row tile's half lines, in L1 while the channel tiles reuse them; Zen 4 capped at
-// AVX2, 2 threads, interleaved: 1.15 - 1.24x over whole K (<= 512 groups) or
-// blocks of 128 at M = 32 and 128 on 1536x384, 384x1536 and 1024x4096;
-// 96-group blocks ran like whole K), <= 32 for the 2 x 48 tile (its 3 slabs'
+// AVX2 column kernels: k-blocks of <= 40 groups for the 4-channel AMD tile
+// (s24_gemm_cols_4x24_avx2: a 3-half row tile spans two slabs, so a k-block
+// is 2 x 40 x 256 B = 20 KiB of half lines, in L1 while the channel tiles
+// reuse them; at 64 groups it was 32 KiB, all of L1: Zen 3, 2 threads,
+// interleaved, 40 against 64 ran 1.16 - 1.19x at 48 - 128 rows on 384x1536,
+// 1.02 - 1.17x on 1536x384, 1024x4096 and 4096x4096 at 128 rows, the same at
+// 32 rows (one slab a tile)), <= 32 for the 2 x 48 tile (its 3 slabs'
 // lines: 24 KiB; on a Golden Cove core 1.1 - 1.2x over 64 at 128 rows).
-constexpr int kAvx2ColsKcGroups = 64;
+constexpr int kAvx2ColsKcGroups = 40;
 constexpr int kAvx2Cols2x48KcGroups = 32;
 constexpr int kIntel = static_cast<int>(Tuning::kIntel), kAmd = static_cast<int>(Tuning::kAmd);
 

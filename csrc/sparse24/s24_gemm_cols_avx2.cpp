@@ -424,10 +424,18 @@ __attribute__((noinline)) void pack_edge_block(const void* x, int64_t ldx, bool 
 }
 
 // 16 whole fp32 rows x 8 inputs (x at the block's first element): two 8 x 8
-// transposes in registers into the 8 lines' halves.
+// transposes in registers into the 8 lines' halves. A block that starts a
+// 64-byte line of x prefetches each row kPackPfLines lines on (16 row
+// streams, more than the hardware prefetchers follow: Zen 3, 128 x 1536 rows
+// transposed by 2 threads in 32 us instead of 39 - 47).
+constexpr int64_t kPackPfLines = 2;
 inline void pack_block(const float* x, int64_t ldx, float* out) {
+  const bool pf = (reinterpret_cast<uintptr_t>(x) & 63) == 0;
   for (int h = 0; h < 2; ++h, x += 8 * ldx) {
     __m256 r[8];
+    if (pf)
+      for (int i = 0; i < 8; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(x + i * ldx) + 64 * kPackPfLines, _MM_HINT_T0);
     for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(x + i * ldx);
     store_transposed_half(r, h, out);
   }
