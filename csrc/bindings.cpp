@@ -190,11 +190,11 @@ py::dict kernel_params() {
   py::dict e8 = tile_params(ki.name, ki.mr, int8_gemm::kPanel, int8_gemm::kKGroup, ki.row_path_rows);
   // packings get a pair-safe section at this level where at most this fraction of their weights are residual entries
   e8["pair_safe_max_entry_fraction"] = int8_gemm::wants_pair_safe() ? int8_gemm::kPsMaxEntryFraction : 0.0;
-  // the pair-safe path serves calls of at least pair_safe_from_rows rows (pair_safe_from_rows_huge on
-  // layers of at least pair_safe_huge_weights weights)
-  e8["pair_safe_from_rows"] = int8_gemm::kAvx2RowPathRows + 1;
-  e8["pair_safe_from_rows_huge"] = int8_gemm::ps8_min_rows(1, int8_gemm::kPs8FewRowsWeights);
-  e8["pair_safe_huge_weights"] = int8_gemm::kPs8FewRowsWeights;
+  // the pair-safe path serves calls of at least pair_safe_from_rows rows
+  e8["pair_safe_from_rows"] = int8_gemm::kPs8MinRows;
+  // the row path serves up to row_path_rows_huge rows on layers of at least row_path_huge_weights weights
+  e8["row_path_rows_huge"] = ki.row_path_rows_huge ? ki.row_path_rows_huge : ki.row_path_rows;
+  e8["row_path_huge_weights"] = int8_gemm::kRowPathHugeWeights;
   d["int8"] = e8;
   const int8_gemm::Kernel& k7 = int8_gemm::select_kernel(7);  // the opt-in 7-bit activation mode
   py::dict e7 = tile_params(k7.name, k7.mr, int8_gemm::kPanel, int8_gemm::kKGroup, k7.row_path_rows);
@@ -205,6 +205,8 @@ py::dict kernel_params() {
   e7["quad_safe_from_rows"] = int8_gemm::kQsMinRows;
   e7["quad_safe_from_rows_huge"] = int8_gemm::kQsMinRowsHuge;
   e7["quad_safe_huge_weights"] = int8_gemm::kQsHugeWeights;
+  e7["row_path_rows_huge"] = k7.row_path_rows_huge ? k7.row_path_rows_huge : k7.row_path_rows;
+  e7["row_path_huge_weights"] = int8_gemm::kRowPathHugeWeights;
   d["int8_a7"] = e7;
   const sparse24::Kernel& ks = sparse24::select_kernel();
   py::dict e = tile_params(ks.name, ks.mr, sparse24::kPanel, 4 * sparse24::kBlockGroups, ks.row_path_rows);

@@ -25,7 +25,7 @@ const Kernel kLadder[] = {
     {Isa::kAvx512, "qs8_gemm_4x64c4_avx512bw", 4, 0x00, quantize_rows_avx512,
      qs8_gemm_4x64c4_avx512bw},
     {Isa::kAvxVnni, "qs8_gemm_6x16c4_avxvnni", 6, 0x80, quantize_rows_avx2, qs8_gemm_6x16c4_avxvnni,
-     kAvxVnniRowPathRows},
+     kAvxVnniRowPathRows, kQmax8, false, nullptr, kRowPathRowsHuge},
     {Isa::kAvx2, "qs8_gemm_6x8c4_avx2", 6, 0x00, quantize_rows_avx2, qs8_gemm_6x8c4_avx2, kAvx2RowPathRows, kQmax8,
      false, widen_rows_avx2},
     {Isa::kPortable, "qs8_gemm_1x64c4_scalar", 1, 0x00, quantize_rows_scalar,
@@ -47,9 +47,9 @@ const Kernel kLadder7[] = {
     {Isa::kAvx512, "qs8_gemm_4x64c4_avx512bw", 4, 0x00, quantize_rows_avx512, qs8_gemm_4x64c4_avx512bw, 0,
      kQmax7},
     {Isa::kAvxVnni, "qs8_gemm_6x16c4_avxvnni", 6, 0x80, quantize_rows_avx2, qs8_gemm_6x16c4_avxvnni,
-     kAvxVnniRowPathRows, kQmax7},
+     kAvxVnniRowPathRows, kQmax7, false, nullptr, kRowPathRowsHuge},
     {Isa::kAvx2, "qs8_gemm_4x16c4u7_avx2", 4, 0x40, quantize_rows_avx2, qs8_gemm_4x16c4u7_avx2, kAvx2U7RowPathRows,
-     kQmax7},
+     kQmax7, false, nullptr, kRowPathRowsHuge},
     {Isa::kPortable, "qs8_gemm_1x64c4_scalar", 1, 0x00, quantize_rows_scalar, qs8_gemm_1x64c4_scalar, 0, kQmax7},
 };
 
@@ -108,7 +108,7 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
   // the AVX2 paths for packings with the section their activation mode reads
   if (h.ps_offset && m > 1) {
     const int32_t kind = ps_kind(packed);
-    if (kind == kPsPair && kern.gemm == qs8_gemm_6x8c4_avx2 && m >= ps8_min_rows(h.n, h.k))
+    if (kind == kPsPair && kern.gemm == qs8_gemm_6x8c4_avx2 && m >= kPs8MinRows)
       return linear_ps_avx2(kern, x, ldx, x_bf16, m, k, packed, w_scale, bias, y, ldy, y_bf16, nthreads);
     if (kind == kPsQuad && kern.gemm == qs8_gemm_4x16c4u7_avx2 && m >= qs_min_rows(h.n, h.k))
       return linear_qs_avx2(kern, x, ldx, x_bf16, m, k, packed, w_scale, bias, y, ldy, y_bf16, nthreads);

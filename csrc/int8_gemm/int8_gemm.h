@@ -306,23 +306,37 @@ struct Kernel {
   // widen each row pass of more than row_path_rows rows once with this
   // (GemmArgs::a16), instead of every panel's tiles widening them.
   WidenRowsFn widen = nullptr;
+  // and up to this many on layers of >= kRowPathHugeWeights weights (0: row_path_rows)
+  int row_path_rows_huge = 0;
 };
 
-// The 8-bit AVX2 kernel's row path (whole panel per row, in address order)
-// serves calls of up to this many rows; more rows take the 6x8 int16 tile
-// (measured, Zen 4 capped at AVX2, one core, interleaved: the tile 0.83x the
-// row path at 4 rows on 4096^2, 1.0 - 1.2x from 5 - 8 rows on 4096^2,
-// 1024x4096 and MiniLM's 384 / 1536 shapes).
+// The AVX2 and AVX-VNNI kernels' row path (avx2_tile::tile_rows_kb: whole
+// panels in k-blocks, in address order, with a prefetch stream) serves calls
+// of up to these many rows; more rows take the kernel's tile.
+// 8-bit AVX2: from 5 rows the 6x8 int16 tile (Zen 4 capped at AVX2, one
+// core: the tile 0.83x the row path at 4 rows on 4096^2, 1.0 - 1.2x from 5 -
+// 8 rows); its sign-trick step (4 instructions per 32 products) makes 5 - 8
+// rows slower on the row path (Golden Cove capped at AVX2, 2 threads,
+// 4096^2: x0.85 - x0.93 at 6 - 8 rows, weights hot).
 constexpr int64_t kAvx2RowPathRows = 4;
-// The same for the 7-bit AVX2 kernel, whose 4-row tile runs 1.2 - 1.5x its row
-// path from 8 rows on (measured, Zen 4 capped at AVX2, interleaved: 4096^2 and
-// 1024x4096 at 8, 12 and 16 rows; 1.05x the other way at 4 rows).
+// 7-bit AVX2 and AVX-VNNI: up to 4 rows, and up to kRowPathRowsHuge rows on
+// layers of >= kRowPathHugeWeights weights, whose quarter tiles read their
+// panels from L3 / DRAM 64 of every 256 bytes at a time (Golden Cove, 2
+// threads, interleaved with torch.ao capped at AVX2; weights cycled over
+// 24 copies, "cold", or one copy, "hot"). AVX-VNNI against its 6-row tile,
+// 4096^2: 2 / 4 / 6 / 8 rows cold 1.07 / 1.13 / 1.09 / 1.19 ms -> 0.61 /
+// 0.60 / 0.77 / 0.78, hot 0.49 / 0.47 / 0.49 / 0.63 -> 0.32 / 0.32 / 0.45 /
+// 0.52; 1024x4096 likewise (x1.4 - x2.0 cold); at 12 - 32 rows the tile is
+// 1.05 - 1.2x faster hot. 7-bit against the quad-safe path (which served 2
+// rows on such layers), 4096^2 2 / 4 / 6 / 8 rows: cold 1.16 / 1.13 /
+// 1.22 / 1.30 ms -> 0.65 / 0.62 / 0.78 / 0.96, hot 0.50 / 0.56 / 0.68 / 0.83
+// -> 0.32 / 0.43 / 0.62 / 0.85. On smaller layers (MiniLM's 1536x384 and
+// 384x1536, 1024^2) at 5 - 8 rows the tiles are 1.05 - 1.2x faster hot,
+// the row path 1.1 - 1.3x cold: left at 4 there.
 constexpr int64_t kAvx2U7RowPathRows = 4;
-// The same for the AVX-VNNI kernel: the one-row path for one row, the 6x16
-// tile from 2 (measured, Zen 4 at avx_vnni, EVEX, 2 threads, interleaved
-// against the AVX2 kernel: at 2 rows the tile ran 1.17 - 1.58x, the row path
-// 0.92 - 0.97x; 1024x4096, 4096^2 and MiniLM's 384 / 1536 shapes).
-constexpr int64_t kAvxVnniRowPathRows = 1;
+constexpr int64_t kAvxVnniRowPathRows = 4;
+constexpr int64_t kRowPathRowsHuge = 8;
+constexpr int64_t kRowPathHugeWeights = int64_t(4) << 20;
 // The AMX kernel hands calls of fewer rows than this to the AVX-512 VNNI
 // kernel (same activation encoding and exact sums: the same outputs).
 constexpr int64_t kAmxMinRows = 8;
@@ -473,36 +487,27 @@ void qs8_gemm_4x16c4u7_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t)
 // AVX2, 2 threads, modules, against the 7-bit tile, with the 16-row columns
 // of a one-thread transposition: 4096^2 x1.01 / 1.05 at 5 / 8 rows, 1024x4096
 // x0.99 / 1.03 / 1.05 at 5 / 8 / 12 - 20; MiniLM's 1536x384 and 384x1536
-// x0.92 / 0.97 at 8 rows, x0.98 / 1.03 at 16, x1.02 at 24). At 2 - 4 rows it
-// replaces the row path, which streams the weights once per row: against it
-// 4096^2 x1.21 / 1.45 / 1.63 at 2 / 3 / 4 rows, 1024x4096 x1.13 / 1.37 / 1.44.
+// x0.92 / 0.97 at 8 rows, x0.98 / 1.03 at 16, x1.02 at 24). On layers of
+// >= kQsHugeWeights weights it takes over from the k-blocked row path, which
+// serves up to kRowPathRowsHuge rows there (see kAvx2U7RowPathRows).
 constexpr int64_t kQsMinRows = 24;
-constexpr int64_t kQsMinRowsHuge = 2;
-constexpr int64_t kQsHugeWeights = int64_t(4) << 20;
+constexpr int64_t kQsMinRowsHuge = kRowPathRowsHuge + 1;
+constexpr int64_t kQsHugeWeights = kRowPathHugeWeights;
 inline int64_t qs_min_rows(int64_t n, int64_t k) { return n * k >= kQsHugeWeights ? kQsMinRowsHuge : kQsMinRows; }
 void linear_qs_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
                     const uint8_t* packed, const float* w_scale, const float* bias, void* y, int64_t ldy,
                     bool y_bf16, int nthreads);
-// The 8-bit AVX2 kernel's pair-safe path: linear() hands it calls of at least
-// ps8_min_rows(n, k) rows on packings with a pair-safe section: more than
-// kAvx2RowPathRows, or 2 on layers of >= kPs8FewRowsWeights weights, where the
-// row path's pass over the weights per row costs more than the path's
-// transposition and residual sums (measured, Golden Cove capped at AVX2, 2
-// threads, modules, against the per-row passes the row path made then: 4096^2
-// x1.11 / 1.37 / 1.56 at 2 / 3 / 4 rows, 1024x4096 x1.02 / 1.24 / 1.35;
-// MiniLM's 1536x384 and 384x1536 x0.64 - 0.65 at 2 rows, x0.85 - 0.87 at 4).
-// On AMD cores (cpu_tuning()) the row path keeps up to kAvx2RowPathRows rows
-// on every layer: its k-blocked form (avx2_tile::tile_rows_kb) streams the
-// weights in address order while the rows compute, whereas the quarter tiles
-// read 64 of every 256 bytes, which DRAM serves slowly (Zen 3, 2 threads,
-// 4096^2, weights from DRAM: pair-safe x0.58 - x0.71 torch.ao at 2 - 4 rows,
-// the row path x1.00 - x1.12; an AVX2 read of 16 MB in that order ran 7 - 12
-// GB/s against 14 GB/s in address order).
-constexpr int64_t kPs8FewRowsWeights = int64_t(4) << 20;
-inline int64_t ps8_min_rows(int64_t n, int64_t k) {
-  if (cpu_tuning() == Tuning::kAmd) return kAvx2RowPathRows + 1;
-  return n * k >= kPs8FewRowsWeights ? 2 : kAvx2RowPathRows + 1;
-}
+// The 8-bit AVX2 kernel's pair-safe path: linear() hands it calls of more
+// than kAvx2RowPathRows rows on packings with a pair-safe section; fewer take
+// the k-blocked row path, which streams the weights in address order while
+// the rows compute, whereas the quarter tiles read 64 of every 256 bytes,
+// which L3 and DRAM serve slowly. Weights from DRAM, 2 threads, against
+// torch.ao at 2 - 4 rows: Zen 3 4096^2 pair-safe x0.58 - x0.71, the row path
+// x1.00 - x1.12 (an AVX2 read of 16 MB in quarter order ran 7 - 12 GB/s
+// against 14 in address order); Golden Cove capped at AVX2 4096^2 x0.93 -
+// x0.98 -> x1.22 - x1.29, 1024x4096 x1.08 - x1.37 -> x1.54 - x1.76 (hot:
+// x0.96 - x1.28 against x1.01 - x1.35).
+constexpr int64_t kPs8MinRows = kAvx2RowPathRows + 1;
 void linear_ps_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
                     const uint8_t* packed, const float* w_scale, const float* bias, void* y, int64_t ldy,
                     bool y_bf16, int nthreads);

@@ -1,6 +1,6 @@
 // int8 GEMM micro-kernel, AVX2, 7-bit activations (the opt-in act_bits=7
-// mode): 4 rows x 16 channels, 4 k per step, and the one-row path over whole
-// panels (tiles: qs8_gemm_avx2_tile.h). Activations arrive as u = q + 64 with
+// mode): 4 rows x 16 channels, 4 k per step, and the k-blocked row path over
+// whole panels (tiles: qs8_gemm_avx2_tile.h). Activations arrive as u = q + 64 with
 // q in [-63, 63] (quantizer zero point 0x40), so u in [1, 127] is vpmaddubsw's
 // unsigned operand and the packed weight w in [-127, 127] its signed one: each
 // int16 pair sum u0*w0 + u1*w1 lies in [-2*127*127, 2*127*127] and never
@@ -17,6 +17,7 @@ namespace {
 
 struct U7Step {
   static constexpr int64_t kRowPathRows = kAvx2U7RowPathRows;
+  static constexpr int64_t kRowPathRowsHuge = int8_gemm::kRowPathRowsHuge;
   static constexpr int kTileRows = 4;  // the step's temporary and ones leave room for 8 accumulators
   static __m256i weights(const int8_t* b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)); }
   // c += w * u: u in [1, 127] keeps every pair sum in int16 (avx2_tile::maddubs_step)

@@ -1,5 +1,5 @@
 // int8 GEMM micro-kernels, AVX-VNNI level: vpdpbusd on ymm, 6 rows x 16
-// channels and the one-row path over whole panels (tiles:
+// channels and the k-blocked row path over whole panels (tiles:
 // qs8_gemm_avx2_tile.h), one instruction per 32 u8 x s8 products.
 //
 // As in the AVX-512 VNNI kernel, activations arrive as q ^ 0x80 (= q + 128,
@@ -31,6 +31,7 @@ namespace {
 template <bool Vex>
 struct VnniStep {
   static constexpr int64_t kRowPathRows = kAvxVnniRowPathRows;
+  static constexpr int64_t kRowPathRowsHuge = int8_gemm::kRowPathRowsHuge;
   // 12 accumulators, 2 weights, 1 broadcast. Measured on Zen 4 (EVEX build,
   // 2 threads, interleaved): 1.00 - 1.11x the 4-row tile; on Golden Cove,
   // whose ymm vpdpbusd has a latency of 5 at 2 a cycle, 8 chains would stall.

@@ -8,6 +8,7 @@
 //   S::finish(g, acc, m, n0)       int32 correction of row m, channels [n0, n0 + 8), before
 //                                  the epilogue (encoding offset, pair-safe correction)
 //   S::kRowPathRows                calls of up to this many rows take the row path
+//   S::kRowPathRowsHuge            the same on layers of >= kRowPathHugeWeights weights
 //   S::kTileRows                   rows of the tile (4, or 6 where the step needs no
 //                                  temporaries: 12 accumulators + 2 weights + 1 broadcast)
 // qs8_gemm_4x16c4u7_avx2.cpp: 7-bit activations as q + 64, 3 instructions per step
@@ -174,42 +175,24 @@ inline void tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0, co
     S::row_step(c7, ra, (b) + 224, ones);                   \
   }
 
-// One row x one whole panel (64 channels, 8 accumulators): the panel's bytes
-// in address order. The row tile above takes a 16-channel quarter per pass,
-// i.e. 64 of every 256 bytes, four passes per panel; at M = 1, where the
-// kernel is bound by streaming the weights, that strided pattern measured
-// 13 GB/s on 4096x4096 (Zen 4 capped at AVX2) -- see int8_gemm/README.md.
-template <class S>
-inline void tile_row(const GemmArgs& g, int64_t m, const int8_t* panel, int64_t n0) {
-  const int64_t groups = g.k_pad / kKGroup;
-  const __m256i ones = _mm256_set1_epi16(1);
-  // named accumulators: as an array (updated through references) GCC kept
-  // them in memory, a load and a store per step
-  __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
-  const int8_t* a = g.a + m * g.lda;
-  const int8_t* b = panel;
-  for (int64_t grp = 0; grp < groups; ++grp, b += kPanel * kKGroup) {
-    PYACCEL_AVX2_PANEL_STEP(a, grp, b)
-  }
-  const float sa = g.a_scale[m];
-  const __m256i acc[8] = {c0, c1, c2, c3, c4, c5, c6, c7};
-  for (int v = 0; v < 8; ++v) store8(g, S::finish(g, acc[v], m, n0 + 8 * v), sa, m, n0 + 8 * v);
-}
-
 // Rows [m0, m1) (at most kRowsKbMaxRows) x one whole panel, in k-blocks of
 // kRowsKbGroups groups (16 KiB of the panel): each row's 8 accumulators run
-// over the k-block in address order (tile_row's step); the rows after the
-// first read it from L1; partial sums wait in `sums` between k-blocks. One
-// software stream pulls the panel's bytes into L2 (prefetcht1) one k-block
-// ahead, in address order and on into the next panel, spread evenly over all
-// the rows' steps (4 lines a k group in all: row r of R issues 4 / R, the
-// first rows one more where R does not divide 4), so that the weights stream
-// while every row computes. Measured on Zen 3 (2 threads, 4096^2 / 1024x4096,
+// over the k-block in address order (PYACCEL_AVX2_PANEL_STEP); the rows
+// after the first read it from L1; partial sums wait in `sums` between
+// k-blocks. One software stream pulls the panel's bytes into L2 (prefetcht1)
+// one k-block ahead, in address order and on into the next panel, spread
+// over the rows' steps (4 lines a k group in all: row r of R issues 4 / R,
+// the first rows one more where R does not divide 4; rows 4 - 7 of more than
+// 4 issue none), so that the weights stream while every row computes. The
+// quarter tiles (tile) read a panel 64 of every 256 bytes at a time, which
+// L3 and DRAM serve slowly. Measured on Zen 3 (2 threads, 4096^2 / 1024x4096,
 // interleaved with torch.ao, weights from DRAM): at 2 - 4 rows x1.00 - x1.12 /
 // x1.19 - x1.54 of torch.ao, where on 4096^2 per-row passes over whole panels
-// ran x0.73 - x0.94 and the pair-safe quarter tiles x0.58 - x0.71.
+// ran x0.73 - x0.94 and the pair-safe quarter tiles x0.58 - x0.71; Golden
+// Cove, 4096^2 at 2 - 4 rows, weights from DRAM: AVX-VNNI 1.07 - 1.13 ms with
+// the 6-row tile, 0.59 - 0.62 ms here (M = 1: 0.59 - 0.62).
 constexpr int64_t kRowsKbGroups = 64;
-constexpr int64_t kRowsKbMaxRows = 4;
+constexpr int64_t kRowsKbMaxRows = 8;
 constexpr int kPanelLinesPerGroup = static_cast<int>(kPanel * kKGroup / 64);  // 64-byte lines
 static_assert(kPanelLinesPerGroup == 4, "tile_rows_kb issues 1, 2 or 4 lines a step");
 template <class S>
@@ -233,7 +216,7 @@ inline void tile_rows_kb(const GemmArgs& g, int64_t m0, int64_t m1, const int8_t
       const int8_t* const a = g.a + (m0 + r) * g.lda;
       const int8_t* b = panel + kb * kPanel * kKGroup;
       for (int64_t grp = kb; grp < ke; ++grp, b += kPanel * kKGroup, pf += 64 * lines) {
-        _mm_prefetch(pf, _MM_HINT_T1);
+        if (lines > 0) _mm_prefetch(pf, _MM_HINT_T1);
         if (lines > 1) _mm_prefetch(pf + 64, _MM_HINT_T1);
         if (lines > 2) {
           _mm_prefetch(pf + 128, _MM_HINT_T1);
@@ -252,15 +235,18 @@ inline void tile_rows_kb(const GemmArgs& g, int64_t m0, int64_t m1, const int8_t
   }
 }
 
-// Rows [m0, m1) x panels [p0, p1): up to S::kRowPathRows rows the row path,
+// Rows [m0, m1) x panels [p0, p1): up to S::kRowPathRows rows (on layers of
+// >= kRowPathHugeWeights weights S::kRowPathRowsHuge) the k-blocked row path,
 // the S::kTileRows-row tile beyond.
 template <class S>
 inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  static_assert(S::kRowPathRows <= kRowsKbMaxRows && S::kRowPathRowsHuge <= kRowsKbMaxRows, "one row-path pass");
   const int64_t groups = g.k_pad / kKGroup;
+  const int64_t row_path = g.n * g.k_pad >= kRowPathHugeWeights ? S::kRowPathRowsHuge : S::kRowPathRows;
   for (int64_t p = p0; p < p1; ++p) {
     const int8_t* panel = g.w + p * groups * kPanel * kKGroup;
-    if (m1 - m0 <= S::kRowPathRows) {
-      for (int64_t m = m0; m < m1; ++m) tile_row<S>(g, m, panel, p * kPanel);
+    if (m1 - m0 <= row_path) {
+      tile_rows_kb<S>(g, m0, m1, panel, p * kPanel);
       continue;
     }
     for (int s = 0; s < kPanel / 16; ++s) {

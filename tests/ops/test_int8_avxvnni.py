@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import pyaccel
-from pyaccel import _native
+from pyaccel import _native, ops, reference
 
 _NOPS = re.compile(r"^(?:(?:cs |ds |data16 )*nop[wlq]?\b|xchg\s+%ax,%ax$)")
 
@@ -147,7 +147,7 @@ def test_same_bits_as_the_other_levels(gen):
         pytest.skip("this CPU cannot run the avx_vnni level (no AVX-VNNI, no AVX-512 VNNI)")
     w = quantize_weight_per_channel(torch.randn(130, 1030, generator=gen))
     b = torch.randn(130, generator=gen)
-    for m in (1, 2, 3, 37):
+    for m in (1, 2, 3, 4, 5, 7, 37):
         x = torch.randn(m, 1030, generator=gen) * 3
         for bits in (8, 7):
             outs = {}
@@ -157,6 +157,29 @@ def test_same_bits_as_the_other_levels(gen):
                         outs[isa] = ops.int8_linear_cpu(x, w.values, w.scale, b, None, act_bits=bits)
             for isa, y in outs.items():
                 assert torch.equal(y, outs["avx_vnni"]), (m, bits, isa)
+
+
+@pytest.mark.parametrize("bits", [8, 7])
+def test_row_path_rows_on_huge_layers(gen, bits):
+    """On layers of >= row_path_huge_weights weights the k-blocked row path
+    serves up to row_path_rows_huge rows (4 elsewhere), the 6-row tile more:
+    exact on both sides of each switch, with a partial last panel and k-block
+    and the extreme activations (q + 128 = 255 and 1)."""
+    if not _native.isa_supported("avx_vnni"):
+        pytest.skip("this CPU cannot run the avx_vnni level (no AVX-VNNI, no AVX-512 VNNI)")
+    n, k = 1000, 4196  # >= 4 Mi weights
+    qmax = 127 if bits == 8 else 63
+    w = (torch.randn(n, k, generator=gen) * 40).round().clamp(-127, 127).to(torch.int8)
+    w[:, :4] = torch.tensor([127, -127, 127, -127], dtype=torch.int8)
+    with _native.isa_cap("avx_vnni"):
+        p = _native.lib().kernel_params()["int8" if bits == 8 else "int8_a7"]
+        assert p["row_path_rows"] == 4 and p["row_path_rows_huge"] == 8 and p["row_path_huge_weights"] <= n * k
+        for m in (1, 4, 5, 8, 9):
+            x = torch.randint(-qmax, qmax + 1, (m, k), generator=gen).float()
+            x[:, 0], x[:, 1] = qmax, -qmax
+            y = ops.int8_linear_cpu(x, w, torch.ones(n), None, None, act_bits=bits)
+            ref = reference.int8_matmul_exact(x.to(torch.int8), w).float()
+            assert torch.equal(y, ref), (m, (y - ref).nonzero()[:1].tolist())
 
 
 def test_sparse24_int8_switch_follows_the_cap(gen):

@@ -1,9 +1,9 @@
 """pyaccel::int8_linear: native CPU kernels (every ISA) against the reference.
 
 Tile facts the grid is built from (csrc/int8_gemm/README.md): rows per tile
-MR = 6 (VNNI), 4 (AVX-512 BW), 1 (portable); AVX-VNNI: a one-row path at one
-row, from 2 rows 6 rows x 16 channels (a quarter panel); AVX2: one row at a time up to
-4 rows, above that a 6-row x 8-channel int16 tile over blocks of widened rows
+MR = 6 (VNNI), 4 (AVX-512 BW), 1 (portable); AVX-VNNI: the k-blocked row path
+up to 4 rows (8 on >= 4 Mi weights: test_int8_avxvnni.py), above that 6 rows x
+16 channels (a quarter panel); AVX2: the k-blocked row path up to 4 rows, above that a 6-row x 8-channel int16 tile over blocks of widened rows
 (90 rows a block at K = 1030, 18 at K = 4096); 64-channel panels; k in groups
 of 4; the VNNI kernel blocks K by 256. Integer accumulators must match exactly; the fp32 epilogue computes the
 same expression as the reference, so outputs agree to an ulp.

@@ -174,16 +174,14 @@ def test_same_outputs_with_and_without_the_section_and_on_every_isa(avx2, gen):
         assert ((first.float() - ref.float()).abs() <= tol).all()
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 6])
 def test_big_layer_few_rows(avx2, tuning, gen, m):
-    """With the Intel tuning, layers of >= 4 Mi weights take the path from 2
-    rows (pair_safe_from_rows_huge), others from 5; with the AMD tuning every
-    layer from 5 (the row path's k-blocked stream keeps 2 - 4 rows); one row
-    stays on the row path: exact either way."""
+    """Every layer, either tuning, takes the path from 5 rows (pair_safe_from_rows);
+    1 - 4 rows take the k-blocked row path, which streams the weights in
+    address order: exact either way, on a layer of >= 4 Mi weights with a
+    partial last panel and k-block."""
     params = _native.lib().kernel_params()["int8"]
-    assert params["pair_safe_huge_weights"] == 1024 * 4096
-    assert params["pair_safe_from_rows_huge"] == (2 if tuning == "intel" else 5)
-    assert params["pair_safe_from_rows"] == 5
+    assert params["pair_safe_from_rows"] == params["row_path_rows"] + 1 == 5
     # >= 4 Mi weights, a partial last panel (1000 channels) and k-block (4196 inputs)
     n, k = 1000, 4196
     w = (torch.randn(n, k, generator=gen) * 25).round().clamp(-127, 127).to(torch.int8)
@@ -568,8 +566,9 @@ def test_modules_say_when_they_run_pair_safe(avx2, gen):
     huge = torch.nn.Linear(4096, 1024)
     with torch.no_grad():
         huge.weight.normal_(0.0, 0.02, generator=gen)
-    from_rows = 2 if _native.lib().cpu_info()["tuning"] == "intel" else 5
-    assert f"pair-safe qs8_gemm_4x16c4ps_avx2 from {from_rows} rows" in Int8Linear.from_float(huge).backend()
+    assert "pair-safe qs8_gemm_4x16c4ps_avx2 from 5 rows" in Int8Linear.from_float(huge).backend()
+    q7 = Int8Linear.from_float(huge, act_bits=7).backend()
+    assert "quad-safe qs8_gemm_4x16c4qs_avx2 from 9 rows" in q7, q7
     if _native.isa_supported("avx512_vnni"):  # packed at another level: the int16 tile, and why
         with _native.isa_cap("avx512_vnni"):
             other = Int8Linear.from_float(lin)

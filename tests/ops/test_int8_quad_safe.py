@@ -176,12 +176,14 @@ def test_below_the_row_gate(avx2, gen, m):
     assert torch.equal(run_exact(x, w, packed), exact_ref(x, w))
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 5])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 10])
 def test_huge_layer_rows(avx2, gen, m):
-    """Layers of 4 Mi weights take the path from 2 rows: exact on both sides."""
+    """Layers of 4 Mi weights take the path from 9 rows, the k-blocked row path
+    up to 8 (row_path_rows_huge): exact on both sides."""
     n, k = 1024, 4096
     params = _native.lib().kernel_params()["int8_a7"]
-    assert params["quad_safe_from_rows_huge"] == 2 and params["quad_safe_huge_weights"] == n * k
+    assert params["quad_safe_from_rows_huge"] == params["row_path_rows_huge"] + 1 == 9
+    assert params["quad_safe_huge_weights"] == params["row_path_huge_weights"] == n * k
     w = (torch.randn(n, k, generator=gen) * 25).round().clamp(-127, 127).to(torch.int8)
     w[:, :8] = torch.tensor([127, 127, 127, 127, 127, 127, 5, 0], dtype=torch.int8)
     packed = pack7(w)
