@@ -38,6 +38,7 @@ inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t 
 // sign trick)
 struct SignMul {
   static constexpr int kOctetRows = 0;  // the 4 x 16 tile
+  static constexpr bool kRowPrefetch = true;  // tile_row_table's prefetch stream
   static void madd(__m256i& c, __m256i x, __m256i w, __m256i ones) {
     c = _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x)), ones));
   }
@@ -47,6 +48,10 @@ struct SignMul {
 template <bool Vex>
 struct VnniMul {
   static constexpr int kOctetRows = 12;  // the 12 x 8 tile
+  // none: at one vpdpbusd a step the prefetches cost more than they gain
+  // (Golden Cove, M = 1: hot x1.00 - 1.02 -> x0.92 - 0.95 dense int8 on
+  // MiniLM-sized layers, streamed x1.13 - 1.25 either way)
+  static constexpr bool kRowPrefetch = false;
   static void madd(__m256i& c, __m256i x, __m256i w, __m256i) { dpbusd_ymm<Vex>(c, x, w); }
   static __m256i finish(const GemmArgs& g, __m256i acc, int64_t, int64_t n0) {
     return _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.comp + n0)));
@@ -58,6 +63,7 @@ struct VnniMul {
 // the epilogue adds the residual sums and subtracts comp)
 struct PsMul {
   static constexpr int kOctetRows = 0;  // the 4 x 16 tile
+  static constexpr bool kRowPrefetch = true;
   static void madd(__m256i& c, __m256i x, __m256i w, __m256i ones) { int8_gemm::avx2_tile::maddubs_step(c, w, x, ones); }
   static __m256i finish(const GemmArgs& g, __m256i acc, int64_t m, int64_t n0) {
     const __m256i comp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.comp + n0));
@@ -283,7 +289,18 @@ inline void tile_row(const GemmArgs& g, const int8_t* lanes, int64_t m, int64_t 
 // One row x one whole panel from the control table: per pair of groups one
 // broadcast of the row's 8 inputs, two table loads and two shifts serve the 4
 // octets, then per octet one vpshufb and the multiply (Mul). Named
-// accumulators (as an array GCC kept them on the stack).
+// accumulators (as an array GCC kept them on the stack). With
+// Mul::kRowPrefetch (the AVX2 sign-trick and pair-safe steps) each quad pulls the
+// values (8 lines) and table lines (4) of the quad kRowPfQuads on into L2
+// (prefetcht1; past the panel's end that is the next panel's, which packings
+// and tables hold contiguously): the value stream skips the quads' position
+// bytes, and without it, weights from DRAM, the path ran x0.61 - x1.11 of
+// dense int8 and bimodal on MiniLM-sized layers; with it x1.06 - x1.36
+// (Golden Cove capped at AVX2, M = 1, 2 threads, in-process, 21 rounds;
+// 384x1536, 1536x384, 1024x4096, 4096^2), at a 5 - 8 % cost on cached
+// MiniLM-sized layers (x1.16 - 1.22 -> x1.08 - 1.13 hot). 2, 8 and 16 quads
+// ahead ran the same; prefetcht0 no better.
+constexpr int64_t kRowPfQuads = 4;
 template <class Mul>
 inline void tile_row_table(const GemmArgs& g, const uint8_t* cp, int64_t m, int64_t p) {
   const __m256i ones = _mm256_set1_epi16(1);
@@ -292,6 +309,14 @@ inline void tile_row_table(const GemmArgs& g, const uint8_t* cp, int64_t m, int6
   const uint8_t* b = g.w + p * g.quads * kQuadBytes + kQuadValOffset;
   const uint8_t* t = cp;
   for (int64_t qb = 0; qb < g.quads; ++qb, b += kQuadBytes, t += kCtrlQuadBytes) {
+    if constexpr (Mul::kRowPrefetch) {
+      const char* pv = reinterpret_cast<const char*>(b + kRowPfQuads * kQuadBytes);
+      const char* pt = reinterpret_cast<const char*>(t + kRowPfQuads * kCtrlQuadBytes);
+#pragma GCC unroll 8
+      for (int i = 0; i < kQuadPairs * kPairBytes / 64; ++i) _mm_prefetch(pv + 64 * i, _MM_HINT_T1);
+#pragma GCC unroll 4
+      for (int i = 0; i < kCtrlQuadBytes / 64; ++i) _mm_prefetch(pt + 64 * i, _MM_HINT_T1);
+    }
 #pragma GCC unroll 4
     for (int j = 0; j < kQuadPairs; ++j) {
       const __m256i ab = _mm256_set1_epi64x(load_u64(a + kQuadInputs * qb + 8 * j));
