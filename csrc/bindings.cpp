@@ -193,6 +193,7 @@ py::dict kernel_params() {
   // the pair-safe path serves calls of at least pair_safe_from_rows rows
   e8["pair_safe_from_rows"] = int8_gemm::kPs8MinRows;
   // the row path serves up to row_path_rows_huge rows on layers of at least row_path_huge_weights weights
+  // (counted as n * k_pad: k rounded up to the k group, kr)
   e8["row_path_rows_huge"] = ki.row_path_rows_huge ? ki.row_path_rows_huge : ki.row_path_rows;
   e8["row_path_huge_weights"] = int8_gemm::kRowPathHugeWeights;
   d["int8"] = e8;
@@ -200,7 +201,7 @@ py::dict kernel_params() {
   py::dict e7 = tile_params(k7.name, k7.mr, int8_gemm::kPanel, int8_gemm::kKGroup, k7.row_path_rows);
   // packings get a quad-safe section at this level where at most this fraction of their weights are residual
   // entries; the quad-safe path then serves calls of at least quad_safe_from_rows rows (from
-  // quad_safe_from_rows_huge on layers of at least quad_safe_huge_weights weights)
+  // quad_safe_from_rows_huge on layers of at least quad_safe_huge_weights weights, n * k_pad)
   e7["quad_safe_max_entry_fraction"] = int8_gemm::wants_quad_safe() ? int8_gemm::kPsMaxEntryFraction : 0.0;
   e7["quad_safe_from_rows"] = int8_gemm::kQsMinRows;
   e7["quad_safe_from_rows_huge"] = int8_gemm::kQsMinRowsHuge;

@@ -110,7 +110,7 @@ void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
     const int32_t kind = ps_kind(packed);
     if (kind == kPsPair && kern.gemm == qs8_gemm_6x8c4_avx2 && m >= kPs8MinRows)
       return linear_ps_avx2(kern, x, ldx, x_bf16, m, k, packed, w_scale, bias, y, ldy, y_bf16, nthreads);
-    if (kind == kPsQuad && kern.gemm == qs8_gemm_4x16c4u7_avx2 && m >= qs_min_rows(h.n, h.k))
+    if (kind == kPsQuad && kern.gemm == qs8_gemm_4x16c4u7_avx2 && m >= qs_min_rows(h.n, h.k_pad))
       return linear_qs_avx2(kern, x, ldx, x_bf16, m, k, packed, w_scale, bias, y, ldy, y_bf16, nthreads);
   }
   const size_t ysize = y_bf16 ? 2 : 4;

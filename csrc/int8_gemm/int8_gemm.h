@@ -299,7 +299,7 @@ struct Kernel {
   uint8_t a_zero;       // activation encoding: byte = q + a_zero (0x80, 0x40: uint8 activations)
   QuantizeRowsFn quantize;
   GemmFn gemm;
-  int row_path_rows = 0;  // calls of up to this many rows take the kernel's one-row path (0: none)
+  int row_path_rows = 0;  // calls of up to this many rows take the kernel's row path (0: none)
   int qmax = kQmax8;      // activations in [-qmax, qmax]: 127, or 63 in the 7-bit ladder
   bool panel_ranges = false;  // calls get ranges of panels (the AMX kernel keeps its rows in L2 across them)
   // Tiles that multiply int16 activations (the 8-bit AVX2 kernel): the drivers
@@ -377,7 +377,7 @@ void widen_rows_avx2(const int8_t* a, int64_t lda, int64_t rows, int64_t k_pad, 
 // int16 scratch of row stride a16_stride(k_pad) (counted in the pass's
 // scratch), and gemm gets it: gemm(q, q_scale, lda, a16, r0, rows); a16 is
 // nullptr without widen and in passes of no more than widen_min_rows rows
-// (which the kernel runs on its one-row path).
+// (which the kernel runs on its row path).
 template <typename Gemm>
 void quantized_passes16(QuantizeRowsFn quantize, WidenRowsFn widen, int64_t widen_min_rows, uint8_t a_zero, int qmax,
                         int64_t mr, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t k_pad,
@@ -480,7 +480,7 @@ void qs8_gemm_1x64c4_scalar(const GemmArgs&, int64_t, int64_t, int64_t, int64_t)
 void qs8_gemm_6x8c4_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void qs8_gemm_4x16c4u7_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 // The 7-bit AVX2 kernel's quad-safe path: linear() hands it calls of at
-// least qs_min_rows(n, k) rows on packings with a quad-safe section; fewer
+// least qs_min_rows(n, k_pad) rows on packings with a quad-safe section; fewer
 // rows take the 7-bit kernel on the plain panels. Below those row counts the
 // transposition and the residual sums (and their second pass over the
 // panels' rows) cost what the tile saves (measured, Golden Cove capped at
@@ -493,7 +493,8 @@ void qs8_gemm_4x16c4u7_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t)
 constexpr int64_t kQsMinRows = 24;
 constexpr int64_t kQsMinRowsHuge = kRowPathRowsHuge + 1;
 constexpr int64_t kQsHugeWeights = kRowPathHugeWeights;
-inline int64_t qs_min_rows(int64_t n, int64_t k) { return n * k >= kQsHugeWeights ? kQsMinRowsHuge : kQsMinRows; }
+// k_pad: the layer's inputs rounded up to the k group (as the kernels count weights)
+inline int64_t qs_min_rows(int64_t n, int64_t k_pad) { return n * k_pad >= kQsHugeWeights ? kQsMinRowsHuge : kQsMinRows; }
 void linear_qs_avx2(const Kernel& kern, const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k,
                     const uint8_t* packed, const float* w_scale, const float* bias, void* y, int64_t ldy,
                     bool y_bf16, int nthreads);

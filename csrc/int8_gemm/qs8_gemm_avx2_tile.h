@@ -237,7 +237,9 @@ inline void tile_rows_kb(const GemmArgs& g, int64_t m0, int64_t m1, const int8_t
 
 // Rows [m0, m1) x panels [p0, p1): up to S::kRowPathRows rows (on layers of
 // >= kRowPathHugeWeights weights S::kRowPathRowsHuge) the k-blocked row path,
-// the S::kTileRows-row tile beyond.
+// the S::kTileRows-row tile beyond. The count is this call's: where a layer
+// has fewer panels than threads want, the driver splits a linear's rows into
+// whole-tile chunks (parallel_units_rows), each a call of its own.
 template <class S>
 inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   static_assert(S::kRowPathRows <= kRowsKbMaxRows && S::kRowPathRowsHuge <= kRowsKbMaxRows, "one row-path pass");

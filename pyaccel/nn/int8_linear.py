@@ -234,7 +234,8 @@ class Int8Linear(PackedLinear):
         frac = params["pair_safe_max_entry_fraction" if self.act_bits == 8 else "quad_safe_max_entry_fraction"]
         if self._packed.numel() > C.int8_packed_nbytes(n, k):
             path = "pair_safe" if self.act_bits == 8 else "quad_safe"
-            huge = f"{path}_huge_weights" in params and n * k >= params[f"{path}_huge_weights"]
+            k_pad = -(-k // params["kr"]) * params["kr"]  # the kernels count n * k_pad weights
+            huge = f"{path}_huge_weights" in params and n * k_pad >= params[f"{path}_huge_weights"]
             rows = params[f"{path}_from_rows_huge" if huge else f"{path}_from_rows"]
             kernel = "pair-safe qs8_gemm_4x16c4ps_avx2" if self.act_bits == 8 else "quad-safe qs8_gemm_4x16c4qs_avx2"
             return f"{name[:-1]}; {kernel} from {rows} rows)"

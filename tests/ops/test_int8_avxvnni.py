@@ -19,6 +19,7 @@ import subprocess
 import pytest
 import torch
 
+from _helpers import num_threads
 import pyaccel
 from pyaccel import _native, ops, reference
 
@@ -159,19 +160,21 @@ def test_same_bits_as_the_other_levels(gen):
                 assert torch.equal(y, outs["avx_vnni"]), (m, bits, isa)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bits", [8, 7])
-def test_row_path_rows_on_huge_layers(gen, bits):
+def test_row_path_rows_on_huge_layers(gen, bits, threads):
     """On layers of >= row_path_huge_weights weights the k-blocked row path
     serves up to row_path_rows_huge rows (4 elsewhere), the 6-row tile more:
     exact on both sides of each switch, with a partial last panel and k-block
-    and the extreme activations (q + 128 = 255 and 1)."""
+    and the extreme activations (q + 128 = 255 and 1), on one and two threads
+    (16 panels: each call gets all the rows)."""
     if not _native.isa_supported("avx_vnni"):
         pytest.skip("this CPU cannot run the avx_vnni level (no AVX-VNNI, no AVX-512 VNNI)")
     n, k = 1000, 4196  # >= 4 Mi weights
     qmax = 127 if bits == 8 else 63
     w = (torch.randn(n, k, generator=gen) * 40).round().clamp(-127, 127).to(torch.int8)
     w[:, :4] = torch.tensor([127, -127, 127, -127], dtype=torch.int8)
-    with _native.isa_cap("avx_vnni"):
+    with _native.isa_cap("avx_vnni"), num_threads(threads):
         p = _native.lib().kernel_params()["int8" if bits == 8 else "int8_a7"]
         assert p["row_path_rows"] == 4 and p["row_path_rows_huge"] == 8 and p["row_path_huge_weights"] <= n * k
         for m in (1, 4, 5, 8, 9):

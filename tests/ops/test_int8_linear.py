@@ -75,7 +75,7 @@ def test_empty_k_gives_the_bias(isa, gen):
 def test_accumulator_overflow_boundary(isa):
     # largest |acc| that fits int32: 127*127*k < 2**31 for k = 133_000. The
     # VNNI kernel's uint8 trick wraps in between and must still come out exact.
-    # 20 rows: the AVX2 int16 tile (2 rows take its one-row path).
+    # 20 rows: the AVX2 int16 tile (2 rows take its k-blocked row path).
     k = 133_000
     for m in (2, 20):
         q = torch.full((m, k), 127, dtype=torch.int8)

@@ -175,7 +175,7 @@ def test_same_outputs_with_and_without_the_section_and_on_every_isa(avx2, gen):
 
 
 @pytest.mark.parametrize("m", [1, 2, 4, 5, 6])
-def test_big_layer_few_rows(avx2, tuning, gen, m):
+def test_big_layer_few_rows(avx2, gen, m):
     """Every layer, either tuning, takes the path from 5 rows (pair_safe_from_rows);
     1 - 4 rows take the k-blocked row path, which streams the weights in
     address order: exact either way, on a layer of >= 4 Mi weights with a

@@ -2,7 +2,7 @@
 against the exact integer reference.
 
 Facts the grids come from: the path serves act_bits=7 calls of at least 24
-rows (2 on layers of >= 4 Mi weights: kernel_params()["int8_a7"]) on
+rows (9 on layers of >= 4 Mi weights, counted as n * k_pad: kernel_params()["int8_a7"]) on
 packings with a quad-safe section, which pack_int8_weight(act_bits=7) builds
 at the avx2 level when at most 2 % of the weights become residual entries.
 The tile is 4 rows x 16 channels over 64-channel panels and multiplies two k
@@ -176,10 +176,12 @@ def test_below_the_row_gate(avx2, gen, m):
     assert torch.equal(run_exact(x, w, packed), exact_ref(x, w))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 10])
-def test_huge_layer_rows(avx2, gen, m):
+def test_huge_layer_rows(avx2, gen, m, threads):
     """Layers of 4 Mi weights take the path from 9 rows, the k-blocked row path
-    up to 8 (row_path_rows_huge): exact on both sides."""
+    up to 8 (row_path_rows_huge): exact on both sides, on one and two threads
+    (two split 16 panels, one runs all rows in one call)."""
     n, k = 1024, 4096
     params = _native.lib().kernel_params()["int8_a7"]
     assert params["quad_safe_from_rows_huge"] == params["row_path_rows_huge"] + 1 == 9
@@ -190,7 +192,30 @@ def test_huge_layer_rows(avx2, gen, m):
     assert has_section(packed, n, k)
     x = torch.randint(-63, 64, (m, k), generator=gen).float()
     x[:, 0] = 63.0
-    y = run_exact(x, w, packed)
+    with num_threads(threads):
+        y = run_exact(x, w, packed)
+    assert torch.equal(y.double(), exact_ref(x, w).double())
+
+
+@pytest.mark.parametrize("section", [True, False])
+@pytest.mark.parametrize("m", [4, 6, 7, 8, 9])
+def test_huge_layer_rows_odd_shape(avx2, gen, m, section):
+    """A >= 4 Mi-weight layer with a partial last panel and k-block (1000 x
+    4196), u = 1 and 127 in every row, with a quad-safe section (row path up to
+    8 rows, the path from 9) and without one (uniform weights: the row path up
+    to 8 rows, the unsplit 4-row tile from 9): exact."""
+    n, k = 1000, 4196
+    if section:
+        w = (torch.randn(n, k, generator=gen) * 25).round().clamp(-127, 127).to(torch.int8)
+    else:
+        w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    w[:, :4] = torch.tensor([127, -127, 127, -127], dtype=torch.int8)
+    packed = pack7(w)
+    assert has_section(packed, n, k) == section
+    x = torch.randint(-63, 64, (m, k), generator=gen).float()
+    x[:, 0], x[:, 1] = 63.0, -63.0
+    with num_threads(2):
+        y = run_exact(x, w, packed)
     assert torch.equal(y.double(), exact_ref(x, w).double())
 
 
