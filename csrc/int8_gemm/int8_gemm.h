@@ -57,9 +57,9 @@ static_assert(sizeof(PackedHeader) == 64, "header must stay 64 bytes");
 // Channel c's entries are [lane[c], lane[c + 1]), by ascending k; ek = k,
 // er = r as an int32 whose high int16 is 0 (vpmaddwd's operand).
 // The panels of s come in PsHeader::panel_order: kPsPanels64, NR64K4 like the
-// packing's own panels (the quad-safe sections, and pair-safe ones packed
-// before kPsQuarters existed), or kPsQuarters (the pair-safe sections
-// pack_weights writes now): each 64-channel panel as its four 16-channel
+// packing's own panels (sections that older versions packed: every
+// quad-safe one before they too took kPsQuarters), or kPsQuarters (the pair- and quad-safe
+// sections pack_weights writes now): each 64-channel panel as its four 16-channel
 // quarters one after the other, each quarter k group by k group (16 channels
 // x 4 bytes = one 64-byte line per group), so that the 4 x 16 tile, which
 // runs over one quarter at a time, reads and prefetches it in address order.
@@ -160,8 +160,8 @@ PsHeader write_ps_section(uint8_t* sec, int64_t n, int64_t n_pad, int64_t entrie
 // never decreases, every ek < k_limit and every er's high int16 0 (the
 // kernels index with them: one pass over the entries, vectorized).
 // nullptr, or what is wrong.
-// allow_quad: an int8_gemm packing, where a quad-safe section and a pair-safe
-// one in kPsQuarters order pass too (the 2:4 int8 packings hold pair-safe
+// allow_quad: an int8_gemm packing, where a quad-safe section and either kind
+// in kPsQuarters order pass too (the 2:4 int8 packings hold pair-safe
 // sections of NR64K4-ordered values only).
 const char* check_ps_section(const uint8_t* buf, int64_t nbytes, int64_t offset, int64_t n_pad, int64_t panel_bytes,
                              int64_t k_limit, bool allow_quad = false);

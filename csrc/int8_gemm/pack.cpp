@@ -92,8 +92,8 @@ const char* check_ps_section(const uint8_t* buf, int64_t nbytes, int64_t offset,
   if (p.magic != kPsMagic || p.entries < 0 || p.entries > panel_bytes ||
       (p.kind != kPsPair && (p.kind != kPsQuad || !allow_quad)))
     return "packed weight has a damaged pair-safe section";
-  // panel order: NR64K4 everywhere; kPsQuarters in int8_gemm's pair-safe sections
-  if (p.panel_order != kPsPanels64 && (p.panel_order != kPsQuarters || !allow_quad || p.kind != kPsPair))
+  // panel order: NR64K4 everywhere; kPsQuarters in int8_gemm's sections (pair- and quad-safe)
+  if (p.panel_order != kPsPanels64 && (p.panel_order != kPsQuarters || !allow_quad))
     return "packed weight has a damaged pair-safe section";
   PsHeader want = ps_layout(n_pad, p.entries, panel_bytes, p.kind);
   want.panel_order = p.panel_order;
@@ -155,7 +155,7 @@ void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* o
                                        if (r != 0) emit(kk, r);
                                      });
                                    });
-  const bool quarters = kind == kPsPair;
+  const bool quarters = true;  // both kinds' sections in kPsQuarters order
   if (quarters) {
     PsHeader q = p;
     q.panel_order = kPsQuarters;

@@ -70,8 +70,9 @@ inline void quad_step(__m256i& c, __m256i w0, const __m256i& w1, __m256i u0, __m
 
 // Rows [m, m + MR) x 16 channels (a quarter of a packed panel), MR <= 4: 8
 // accumulators, 3 of the two k groups' 4 weight vectors, ones, 2 broadcasts
-// and 2 temporaries fill the 16 ymm registers. pf: the line of the next
-// quarter-panel to pull into L2 per k group (avx2_tile::next_quarter_lines).
+// and 2 temporaries fill the 16 ymm registers. pf: what to pull into L2
+// (prefetcht1), advancing g.pf_step bytes a k group (0: as the weights; see
+// split_linear::gemm).
 template <int MR>
 inline void quad_tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n0, const int8_t* pf) {
   const int64_t groups = g.k_pad / kKGroup, pairs = groups / 2;
@@ -80,15 +81,18 @@ inline void quad_tile(const GemmArgs& g, int64_t m, const int8_t* sub, int64_t n
   const int8_t *a0 = g.a + m * g.lda, *a1 = a0 + (MR > 1 ? g.lda : 0), *a2 = a0 + (MR > 2 ? 2 * g.lda : 0),
                *a3 = a0 + (MR > 3 ? 3 * g.lda : 0);
   const int8_t* b = sub;
-  constexpr int64_t kGroupBytes = kPanel * kKGroup;
-  for (int64_t j = 0; j < pairs; ++j, b += 2 * kGroupBytes, pf += 2 * kGroupBytes) {
+  // one k group's 16 channels: 64 contiguous bytes in kPsQuarters order, one
+  // 64-byte line of each 256-byte NR64K4 group otherwise
+  const int64_t stride = g.w_quarters ? 16 * kKGroup : kPanel * kKGroup;
+  const int64_t pf_step = g.pf_step ? g.pf_step : stride;
+  for (int64_t j = 0; j < pairs; ++j, b += 2 * stride, pf += 2 * pf_step) {
     const int64_t off = j * 2 * kKGroup;
     _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(pf) + kGroupBytes, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(pf) + pf_step, _MM_HINT_T1);
     const __m256i wa0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)),
                   wa1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32)),
-                  wb0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kGroupBytes));
-    const __m256i* const wb1 = reinterpret_cast<const __m256i*>(b + kGroupBytes + 32);  // a memory operand
+                  wb0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + stride));
+    const __m256i* const wb1 = reinterpret_cast<const __m256i*>(b + stride + 32);  // a memory operand
     PYACCEL_QS_ROW(0) PYACCEL_QS_ROW(1) PYACCEL_QS_ROW(2) PYACCEL_QS_ROW(3)
   }
   if (groups % 2) {  // the last group: the 3-instruction step (not split)

@@ -335,7 +335,7 @@ def test_quarter_order_and_older_panel_order(avx2, gen, n, k):
     """pack_weights writes the pair-safe panels in kPsQuarters order (each
     16-channel quarter of a panel contiguous, k group by k group); a section
     in NR64K4 order (what older packings hold) still runs, with the same
-    outputs; any other order, or a quad-safe kind in quarter order, is refused."""
+    outputs; any other order is refused."""
     C = _native.lib()
     w = edge_weight(n, k, gen)
     packed = pack_int8_weight(w)
@@ -360,7 +360,7 @@ def test_quarter_order_and_older_panel_order(avx2, gen, n, k):
         want = reference.int8_matmul_exact(x_exact.to(torch.int8), w).float()
         for p in (packed, older):
             assert torch.equal(torch.ops.pyaccel.int8_linear(x_exact, w, torch.ones(n), None, p), want), m
-    for order, kind in ((2, 0), (-1, 0), (1, 1)):
+    for order, kind in ((2, 0), (-1, 0), (2, 1)):
         bad = packed.clone()
         bad[base + 56:base + 64].view(torch.int64)[0] = order
         bad[base + 4:base + 8].view(torch.int32)[0] = kind

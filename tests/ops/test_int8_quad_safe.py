@@ -219,6 +219,38 @@ def test_huge_layer_rows_odd_shape(avx2, gen, m, section):
     assert torch.equal(y.double(), exact_ref(x, w).double())
 
 
+@pytest.mark.parametrize("n, k", [(130, 515), (64, 1032), (70, 300)])
+def test_quarter_order_and_older_panel_order(avx2, gen, n, k):
+    """pack_int8_weight(act_bits=7) writes the quad-safe panels in kPsQuarters
+    order (each 16-channel quarter of a panel contiguous, k group by k group);
+    a section in NR64K4 order (what older packings hold) still runs: the same
+    exact integers at the path's row counts, on one and two threads."""
+    C = _native.lib()
+    w = (torch.randn(n, k, generator=gen) * 30).round().clamp(-127, 127).to(torch.int8)
+    w[:, :8] = torch.tensor([127, 127, 4, 0, 127, -127, 3, 1], dtype=torch.int8)
+    packed = pack7(w)
+    base = C.int8_packed_nbytes(n, k)
+    assert packed.numel() > base
+    kind = int(packed[base + 4:base + 8].view(torch.int32))
+    f = packed[base + 8:base + 64].view(torch.int64).tolist()
+    assert kind == 1 and f[6] == 1  # kPsQuad, kPsQuarters
+    n_pad, k_pad = -(-n // 64) * 64, -(-k // 4) * 4
+    at = base + f[4]
+    quarters = packed[at:at + n_pad * k_pad].view(n_pad // 64, 4, k_pad // 4, 16, 4)
+    older = packed.clone()
+    older[at:at + n_pad * k_pad] = quarters.permute(0, 2, 1, 3, 4).reshape(-1)
+    older[base + 56:base + 64].view(torch.int64)[0] = 0
+    assert C.int8_check_packed(older.data_ptr(), older.numel(), n, k) is None
+    for threads in (1, 2):
+        for m in (24, 25, 40):
+            x = torch.randint(-63, 64, (m, k), generator=gen).float()
+            x[:, 0], x[:, 1] = 63.0, -63.0
+            want = exact_ref(x, w)
+            with num_threads(threads):
+                for p in (packed, older):
+                    assert torch.equal(run_exact(x, w, p), want), (threads, m)
+
+
 def test_threshold_decides_the_section(avx2, gen):
     """Gaussian weights get a section; nn.Linear's uniform ones (~13 % of the
     quads to split) do not -- with the same results."""
