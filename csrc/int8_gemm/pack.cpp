@@ -155,13 +155,11 @@ void pack_weights(const int8_t* w, int64_t ldw, int64_t n, int64_t k, uint8_t* o
                                        if (r != 0) emit(kk, r);
                                      });
                                    });
-  const bool quarters = true;  // both kinds' sections in kPsQuarters order
-  if (quarters) {
-    PsHeader q = p;
-    q.panel_order = kPsQuarters;
-    std::memcpy(sec, &q, sizeof(q));
-  }
-  write_panels(w, ldw, n, k, h.n_pad, h.k_pad, kind, reinterpret_cast<int8_t*>(sec + p.panels_offset), quarters);
+  // both kinds' sections in kPsQuarters order
+  PsHeader q = p;
+  q.panel_order = kPsQuarters;
+  std::memcpy(sec, &q, sizeof(q));
+  write_panels(w, ldw, n, k, h.n_pad, h.k_pad, kind, reinterpret_cast<int8_t*>(sec + p.panels_offset), true);
 }
 
 namespace {
