@@ -28,9 +28,10 @@ const Entry kLadder[] = {
      int8_gemm::quantize_rows_avx512},
     // AVX-VNNI: dense int8 at 2 - 7 rows on layers under 4 Mi weights, never
     // on bigger ones (README.md)
-    {{Isa::kAvxVnni, "qs8_s24_gemm_4x16_avxvnni", 12, 0x80, qs8_s24_gemm_4x16_avxvnni, 2, 1, 2, 8},
+    {{Isa::kAvxVnni, "qs8_s24_gemm_4x16_avxvnni", 12, 0x80, qs8_s24_gemm_4x16_avxvnni, 2, kRowPathRowsAvxVnni, 2, 8},
      int8_gemm::quantize_rows_avx2},
-    {{Isa::kAvx2, "qs8_s24_gemm_4x16_avx2", 4, 0x00, qs8_s24_gemm_4x16_avx2, 0, 1}, int8_gemm::quantize_rows_avx2},
+    {{Isa::kAvx2, "qs8_s24_gemm_4x16_avx2", 4, 0x00, qs8_s24_gemm_4x16_avx2, 0, kRowPathRowsAvx2},
+     int8_gemm::quantize_rows_avx2},
     {{Isa::kPortable, "qs8_s24_gemm_1x32_scalar", 1, 0x00, qs8_s24_gemm_1x32_scalar, 0},
      int8_gemm::quantize_rows_scalar},
 };

@@ -1,4 +1,6 @@
-// 2:4 int8 GEMM, AVX2: 4 rows x 16 channels (half a panel, as two halves of 8).
+// 2:4 int8 GEMM, AVX2: 4 rows x 16 channels (half a panel, as two halves of 8);
+// one row, and 2 - Mul::kRowPathRows rows (tile_rows_kb), take row paths over
+// whole panels.
 // Gather as in the VNNI kernel (vpshufb with per-channel control dwords, read
 // from the packing's control table -- layout 5 -- or, without one, decoded
 // once a call and panel for all its row tiles), multiply with
@@ -39,6 +41,7 @@ inline void store8(const GemmArgs& g, __m256i acc, float sa, int64_t m, int64_t 
 struct SignMul {
   static constexpr int kOctetRows = 0;  // the 4 x 16 tile
   static constexpr bool kRowPrefetch = true;  // tile_row_table's prefetch stream
+  static constexpr int kRowPathRows = kRowPathRowsAvx2;  // tile_rows_kb from 2 rows up to this many
   static void madd(__m256i& c, __m256i x, __m256i w, __m256i ones) {
     c = _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x)), ones));
   }
@@ -52,6 +55,7 @@ struct VnniMul {
   // (Golden Cove, M = 1: hot x1.00 - 1.02 -> x0.92 - 0.95 dense int8 on
   // MiniLM-sized layers, streamed x1.13 - 1.25 either way)
   static constexpr bool kRowPrefetch = false;
+  static constexpr int kRowPathRows = kRowPathRowsAvxVnni;
   static void madd(__m256i& c, __m256i x, __m256i w, __m256i) { dpbusd_ymm<Vex>(c, x, w); }
   static __m256i finish(const GemmArgs& g, __m256i acc, int64_t, int64_t n0) {
     return _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.comp + n0)));
@@ -64,6 +68,7 @@ struct VnniMul {
 struct PsMul {
   static constexpr int kOctetRows = 0;  // the 4 x 16 tile
   static constexpr bool kRowPrefetch = true;
+  static constexpr int kRowPathRows = 0;  // gemm_ps runs the tiles only
   static void madd(__m256i& c, __m256i x, __m256i w, __m256i ones) { int8_gemm::avx2_tile::maddubs_step(c, w, x, ones); }
   static __m256i finish(const GemmArgs& g, __m256i acc, int64_t m, int64_t n0) {
     const __m256i comp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.comp + n0));
@@ -335,6 +340,111 @@ inline void tile_row_table(const GemmArgs& g, const uint8_t* cp, int64_t m, int6
     store8(g, Mul::finish(g, acc[v], m, p * kPanel + 8 * v), g.a_scale[m], m, p * kPanel + 8 * v);
 }
 
+// ---- 2 - Mul::kRowPathRows rows: the k-blocked row path ------------------------
+// Rows x one whole panel from the control table, in k-blocks of
+// kRowsKbQuads quads: per k-block the rows go in passes of two (one pass of
+// one for an odd last row), each pass's 8 partial sums in registers over the
+// k-block, in L1 (`sums`) between k-blocks. Per pair of groups a pass loads
+// the 4 value registers and 2 table registers once for both rows, then per
+// row one broadcast of its 8 inputs and per octet one vpshufb and the
+// multiply (Mul). The panel's bytes go in address order (the 4 x 16 tile
+// reads half of each 128-byte pair block per pass, which L3 and DRAM serve
+// slowly), the passes after the first read the k-block from L1. One software
+// stream pulls the values (8 lines a quad) and table lines (4) of the quad
+// kRowsKbPfQuads on into L2 (prefetcht1), spread over the passes (pass i of
+// np issues lines i, i + np, ...), so that the weights stream while every
+// row computes; past the panel's end it runs into the next panel's (packings
+// and tables hold panels contiguously; a scratch table's overrun is only
+// prefetched). Measured on Golden Cove, 2 threads, modules in-process
+// against dense int8 (which runs its own k-blocked row path there), weights
+// cycled from DRAM / cached: 4096^2 and 1024x4096 at 2 - 4 rows x0.79 - 1.07
+// -> x1.05 - 1.43 / x1.05 - 1.43 -> x1.13 - 1.29 at avx2; at avx_vnni, 2 -
+// 6 rows x0.81 - 1.03 -> x1.06 - 1.24 / x1.12 - 1.52 -> x1.10 - 1.36 (README.md).
+constexpr int64_t kRowsKbQuads = 3;
+constexpr int64_t kRowsKbPfQuads = 6;
+constexpr int kRowsKbMaxRows = 8;
+constexpr int kQuadLines = static_cast<int>((kQuadPairs * kPairBytes + kCtrlQuadBytes) / 64);  // 12
+static_assert(kRowPathRowsAvx2 <= kRowsKbMaxRows && kRowPathRowsAvxVnni <= kRowsKbMaxRows, "tile_rows_kb's sums");
+
+// One pass: rows m, m + RP - 1 (RP = 1 or 2) x quads [kb, ke) of panel p
+// (b: its values, t: its table lines at quad kb); partial sums in sm (RP x 4
+// registers) unless first, the outputs stored when last. Pass ip of np
+// issues the prefetch lines ip, ip + np, ... of each quad.
+template <class Mul, int RP>
+inline void kb_pass(const GemmArgs& g, const uint8_t* b, const uint8_t* t, int64_t kb, int64_t ke, int64_t m,
+                    int64_t p, __m256i* sm, bool first, bool last, int ip, int np) {
+  static_assert(RP == 1 || RP == 2, "rows a pass");
+  const __m256i ones = _mm256_set1_epi16(1), z = _mm256_setzero_si256();
+  __m256i c00 = first ? z : _mm256_load_si256(sm), c01 = first ? z : _mm256_load_si256(sm + 1),
+          c02 = first ? z : _mm256_load_si256(sm + 2), c03 = first ? z : _mm256_load_si256(sm + 3);
+  __m256i c10 = z, c11 = z, c12 = z, c13 = z;
+  if (RP > 1 && !first) {
+    c10 = _mm256_load_si256(sm + 4);
+    c11 = _mm256_load_si256(sm + 5);
+    c12 = _mm256_load_si256(sm + 6);
+    c13 = _mm256_load_si256(sm + 7);
+  }
+  const uint8_t* a0 = g.a + m * g.lda;
+  const uint8_t* a1 = RP > 1 ? a0 + g.lda : a0;
+  for (int64_t qb = kb; qb < ke; ++qb, b += kQuadBytes, t += kCtrlQuadBytes) {
+    const char* pv = reinterpret_cast<const char*>(b + kRowsKbPfQuads * kQuadBytes);
+    const char* pt = reinterpret_cast<const char*>(t + kRowsKbPfQuads * kCtrlQuadBytes);
+    for (int l = ip; l < kQuadLines; l += np) _mm_prefetch(l < 8 ? pv + 64 * l : pt + 64 * (l - 8), _MM_HINT_T1);
+#pragma GCC unroll 4
+    for (int j = 0; j < kQuadPairs; ++j) {
+      const __m256i ab0 = _mm256_set1_epi64x(load_u64(a0 + kQuadInputs * qb + 8 * j));
+      const __m256i ab1 = RP > 1 ? _mm256_set1_epi64x(load_u64(a1 + kQuadInputs * qb + 8 * j)) : ab0;
+      const uint8_t* bj = b + j * kPairBytes;
+#define S24KB_OCTETS(h, ca, cb, da, db)                                                              \
+  {                                                                                                  \
+    const __m256i k = ctrl_lo(t + j * kCtrlPairBytes + (h) * kCtrlHalfBytes), kh = ctrl_hi(k);       \
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj + 64 * (h)));          \
+    Mul::madd(ca, _mm256_shuffle_epi8(ab0, k), w, ones);                                             \
+    if (RP > 1) Mul::madd(da, _mm256_shuffle_epi8(ab1, k), w, ones);                                 \
+    const __m256i wh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bj + 64 * (h) + 32));    \
+    Mul::madd(cb, _mm256_shuffle_epi8(ab0, kh), wh, ones);                                           \
+    if (RP > 1) Mul::madd(db, _mm256_shuffle_epi8(ab1, kh), wh, ones);                               \
+  }
+      S24KB_OCTETS(0, c00, c01, c10, c11)
+      S24KB_OCTETS(1, c02, c03, c12, c13)
+#undef S24KB_OCTETS
+    }
+  }
+  const __m256i acc[8] = {c00, c01, c02, c03, c10, c11, c12, c13};
+  for (int r = 0; r < RP; ++r) {
+    if (!last) {
+      for (int v = 0; v < 4; ++v) _mm256_store_si256(sm + 4 * r + v, acc[4 * r + v]);
+      continue;
+    }
+    for (int v = 0; v < 4 && p * kPanel + 8 * v < g.n; ++v)
+      store8(g, Mul::finish(g, acc[4 * r + v], m + r, p * kPanel + 8 * v), g.a_scale[m + r], m + r,
+             p * kPanel + 8 * v);
+  }
+}
+
+// Rows [m0, m1) (2 - kRowsKbMaxRows) x panel p (cp: its control table)
+template <class Mul>
+inline void tile_rows_kb(const GemmArgs& g, const uint8_t* cp, int64_t m0, int64_t m1, int64_t p) {
+  const int64_t rows = m1 - m0;
+  alignas(32) int32_t sums[kRowsKbMaxRows][kPanel];
+  const uint8_t* const values = g.w + p * g.quads * kQuadBytes + kQuadValOffset;
+  const int np = static_cast<int>((rows + 1) / 2);
+  for (int64_t kb = 0; kb < g.quads; kb += kRowsKbQuads) {
+    const int64_t ke = kb + kRowsKbQuads < g.quads ? kb + kRowsKbQuads : g.quads;
+    const uint8_t* b = values + kb * kQuadBytes;
+    const uint8_t* t = cp + kb * kCtrlQuadBytes;
+    const bool first = kb == 0, last = ke == g.quads;
+    for (int64_t r = 0; r < rows; r += 2) {
+      __m256i* sm = reinterpret_cast<__m256i*>(sums[r]);
+      const int ip = static_cast<int>(r / 2);
+      if (r + 1 < rows)
+        kb_pass<Mul, 2>(g, b, t, kb, ke, m0 + r, p, sm, first, last, ip, np);
+      else
+        kb_pass<Mul, 1>(g, b, t, kb, ke, m0 + r, p, sm, first, last, ip, np);
+    }
+  }
+}
+
 thread_local std::vector<int8_t> t_lanes;
 thread_local std::vector<uint8_t> t_ctrl;
 
@@ -364,6 +474,12 @@ inline void gemm(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t 
     build_lanes(reinterpret_cast<const int8_t*>(g.a + m0 * g.lda), groups, t_lanes.data());
     for (int64_t p = p0; p < p1; ++p) tile_row<Mul>(g, t_lanes.data(), m0, p);
     return;
+  }
+  if constexpr (Mul::kRowPathRows > 1) {
+    if (m1 - m0 <= Mul::kRowPathRows) {
+      for (int64_t p = p0; p < p1; ++p) tile_rows_kb<Mul>(g, panel_table(g, p), m0, m1, p);
+      return;
+    }
   }
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* cp = panel_table(g, p);

@@ -138,13 +138,18 @@ struct Kernel {
   // (0: never), up to the sparse_from_rows_* below; measured, see README.md.
   // The modules switch there (dense_wins).
   int dense_from_rows;
-  int row_path_rows = 0;  // calls of up to this many rows take the kernel's one-row path (0: none)
+  // calls of up to this many rows take the kernel's row paths (one row: the
+  // one-row path; from 2: the k-blocked row path, qs8_s24_gemm_4x16_avx2.cpp; 0: none)
+  int row_path_rows = 0;
   // ... until this many rows, from which this kernel wins again (0: never;
   // dense_from_rows or less: no window, never dense): on layers of at least
   // kBigLayerWeights weights, and on smaller ones
   int sparse_from_rows_big = 0, sparse_from_rows_small = 0;
 };
 constexpr int64_t kBigLayerWeights = int64_t(1) << 22;
+// The k-blocked row path's reach (rows per call) in the AVX2 and AVX-VNNI
+// kernels; Kernel::row_path_rows reports it (measured: README.md).
+constexpr int kRowPathRowsAvx2 = 4, kRowPathRowsAvxVnni = 6;
 // The AVX2 kernel's pair-safe path runs calls of at least ps_min_rows(n, k)
 // rows (packings with a section); fewer take the sign-trick tile, whose
 // per-call work is smaller (no transposition, no residual sums over 16-row

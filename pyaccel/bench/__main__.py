@@ -192,7 +192,8 @@ def main(argv=None) -> int:
         rows += sparse24.run(shapes, ms, budget_s=budget, streamed=True, weights=args.weights)
         print("\n== 2:4 sparse + int8 vs pyaccel's dense int8 (same pruned layer) ==")
         print(common.HEADER)
-        rows += sparse24.run_int8(shapes, ms, budget_s=budget, streamed=True, weights=args.weights)
+        ms8 = ms if args.quick else sparse24.INT8_MS
+        rows += sparse24.run_int8(shapes, ms8, budget_s=budget, streamed=True, weights=args.weights)
         guard.mark("sparse24")
     decisions = []
     if "block_sparse" in suites:

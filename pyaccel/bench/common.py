@@ -115,23 +115,25 @@ def measure(suite: str, shape: str, m: int, n: int, k: int, mode: str, cands: Di
     return rows
 
 
-def cases(ms: Sequence[int], streamed: bool, weight_bytes: int):
-    """(m, mode, copies) per M: "hot" with one weight copy and, at M = 1,
-    "streamed" with enough copies (of weight_bytes each) to overflow the caches."""
+def cases(ms: Sequence[int], streamed: bool, weight_bytes: int, streamed_ms: Sequence[int] = (1,)):
+    """(m, mode, copies) per M: "hot" with one weight copy and, at the M in
+    streamed_ms, "streamed" with enough copies (of weight_bytes each) to
+    overflow the caches."""
     for m in ms:
         yield m, "hot", 1
-        if streamed and m == 1:
+        if streamed and m in streamed_ms:
             yield m, "streamed", max(2, math.ceil(STREAM_BYTES / weight_bytes))
 
 
 def measure_layer(suite: str, w: torch.Tensor, b: torch.Tensor, ms: Sequence[int], streamed: bool,
                   weight_bytes: int, make_cands: Callable, ours: Union[str, Sequence[str]], ratio_to: Dict[str, str],
-                  budget_s: float, log=print) -> List[Row]:
+                  budget_s: float, log=print, streamed_ms: Sequence[int] = (1,)) -> List[Row]:
     """Every case of one layer (weight w [N, K], bias b): fresh x, fp64 reference,
-    candidates from make_cands(x, copies) -> (name -> callables, name -> weight bytes)."""
+    candidates from make_cands(x, copies) -> (name -> callables, name -> weight bytes);
+    streamed cases at the M in streamed_ms."""
     n, k = w.shape
     rows: List[Row] = []
-    for m, mode, copies in cases(ms, streamed, weight_bytes):
+    for m, mode, copies in cases(ms, streamed, weight_bytes, streamed_ms):
         x = torch.randn(m, k)
         with torch.inference_mode():
             ref = torch.nn.functional.linear(x.double(), w.double(), b.double())

@@ -424,10 +424,12 @@ def test_int8_minus_128_is_refused(isa, gen, m):
         s24.pack_sparse24_int8(vals, meta, 64)
 
 
-# rows around the row path (1 - 2), the 4- and 6-row tiles and the AVX-VNNI
-# 12 x 8 tile (from 12 rows; one call of 13 rows runs 7 + 6, of 25 9 + 8 + 8, of 35
-# 12 + 12 + 11; with 2 threads rows go in chunks of 12 and the rest, 25 -> 12 + 12 + 1)
-@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 11, 12, 13, 25, 35, 40])
+# rows around the one-row path, the k-blocked row path (2 - 4 rows at avx2, 2 - 6
+# at avx_vnni: passes of 2 rows and one of 1 at odd counts), the 4- and 6-row
+# tiles and the AVX-VNNI 12 x 8 tile (from 12 rows; one call of 13 rows runs 7 + 6,
+# of 25 9 + 8 + 8, of 35 12 + 12 + 11; with 2 threads rows go in chunks of 12 and
+# the rest, 25 -> 12 + 12 + 1)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 25, 35, 40])
 @pytest.mark.parametrize("n,k", NK_GRID)
 def test_int8_kernel_exact(isa, gen, m, n, k):
     """Integer accumulators exact: outputs equal the dense int8 reference to an ulp."""

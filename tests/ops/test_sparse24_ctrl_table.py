@@ -4,8 +4,11 @@ layout 5) against its documented layout and the exact integer reference.
 Facts the grids come from: the packers add the table where the AVX2 or
 the AVX-VNNI kernel is selected; panels of 32 channels in two halves of 16, whose octets 2h and
 2h + 1 share 32 bytes (low and high nibbles); quads of 4 pairs of groups (32
-inputs). The kernel reads the table at one row (the row path), in its 4 x 16
-tiles from 2 rows, in the AVX-VNNI level's 12 x 8 octet tiles from 12 rows
+inputs). The kernel reads the table at one row (the one-row path), in its
+k-blocked row path at 2 - 4 rows (avx2) / 2 - 6 rows (avx_vnni: k-blocks of 3
+quads, passes of 2 rows and one of 1 at odd counts, so K = 72 is one block,
+300 three and a part, 1030 eleven), in its 4 x 16 tiles above those, in the
+AVX-VNNI level's 12 x 8 octet tiles from 12 rows
 and on the pair-safe path (from 32 rows on layers under 4 Mi weights);
 packings without a table (layout 4, e.g. made at another ISA level) are
 decoded per call into the same form. Every combination must give the same
@@ -16,10 +19,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _helpers import num_threads
 from pyaccel import _native, reference
 from pyaccel.formats import sparse24 as s24
 
-M_GRID = [1, 2, 3, 4, 5, 7, 8, 12, 13, 31, 32, 33]
+M_GRID = [1, 2, 3, 4, 5, 6, 7, 8, 12, 13, 31, 32, 33]  # the row paths end at 4 (avx2) and 6 (avx_vnni) rows
 NK_GRID = [(1, 4), (8, 33), (17, 64), (40, 72), (70, 300), (33, 1030)]
 
 
@@ -176,6 +180,18 @@ def test_damaged_table_packings_are_refused(gen):
             buf = torch.empty(C.s24i8_packed_nbytes_ctrl(n, k) + 64, dtype=torch.uint8)
             C.s24i8_pack(vals.data_ptr(), vals.stride(0), pb.data_ptr(), pb.stride(0), n, k, buf.data_ptr(),
                          buf.numel())
+
+
+@pytest.mark.parametrize("level", ["avx2", "avx_vnni"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m", [5, 7, 9, 13])
+def test_row_chunks_of_a_one_panel_layer(gen, level, threads, m):
+    """A layer of one panel and >= 2^19 multiply-adds runs on 2 threads as row
+    chunks of whole tiles (4 rows at avx2, 12 at avx_vnni), so calls of 1 - 4
+    rows reach the row paths from inside a bigger batch."""
+    needs(level)
+    with num_threads(threads):
+        check_all_packings(m, 30, 4100, level, gen)
 
 
 @settings(max_examples=40, deadline=None)
