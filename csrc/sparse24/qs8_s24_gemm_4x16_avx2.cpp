@@ -363,7 +363,8 @@ inline void tile_row_table(const GemmArgs& g, const uint8_t* cp, int64_t m, int6
 constexpr int64_t kRowsKbQuads = 3;
 constexpr int64_t kRowsKbPfQuads = 6;
 constexpr int kRowsKbMaxRows = 8;
-constexpr int kQuadLines = static_cast<int>((kQuadPairs * kPairBytes + kCtrlQuadBytes) / 64);  // 12
+constexpr int kQuadValueLines = static_cast<int>(kQuadPairs * kPairBytes / 64);              // 8
+constexpr int kQuadLines = kQuadValueLines + static_cast<int>(kCtrlQuadBytes / 64);  // + 4 table lines
 static_assert(kRowPathRowsAvx2 <= kRowsKbMaxRows && kRowPathRowsAvxVnni <= kRowsKbMaxRows, "tile_rows_kb's sums");
 
 // One pass: rows m, m + RP - 1 (RP = 1 or 2) x quads [kb, ke) of panel p
@@ -389,7 +390,7 @@ inline void kb_pass(const GemmArgs& g, const uint8_t* b, const uint8_t* t, int64
   for (int64_t qb = kb; qb < ke; ++qb, b += kQuadBytes, t += kCtrlQuadBytes) {
     const char* pv = reinterpret_cast<const char*>(b + kRowsKbPfQuads * kQuadBytes);
     const char* pt = reinterpret_cast<const char*>(t + kRowsKbPfQuads * kCtrlQuadBytes);
-    for (int l = ip; l < kQuadLines; l += np) _mm_prefetch(l < 8 ? pv + 64 * l : pt + 64 * (l - 8), _MM_HINT_T1);
+    for (int l = ip; l < kQuadLines; l += np) _mm_prefetch(l < kQuadValueLines ? pv + 64 * l : pt + 64 * (l - kQuadValueLines), _MM_HINT_T1);
 #pragma GCC unroll 4
     for (int j = 0; j < kQuadPairs; ++j) {
       const __m256i ab0 = _mm256_set1_epi64x(load_u64(a0 + kQuadInputs * qb + 8 * j));
