@@ -21,10 +21,9 @@ namespace {
 // reuse them; at 64 groups it was 32 KiB, all of L1: Zen 3, 2 threads,
 // interleaved, 40 against 64 ran 1.16 - 1.19x at 48 - 128 rows on 384x1536,
 // 1.02 - 1.17x on 1536x384, 1024x4096 and 4096x4096 at 128 rows, the same at
-// 32 rows (one slab a tile)), <= 32 for the 2 x 48 tile (its 3 slabs'
+// 32 rows (one slab a tile)), <= 32 for the 2 x 48 tile (kAvx2Cols2x48KcGroups; its 3 slabs'
 // lines: 24 KiB; on a Golden Cove core 1.1 - 1.2x over 64 at 128 rows).
 constexpr int kAvx2ColsKcGroups = 40;
-constexpr int kAvx2Cols2x48KcGroups = 32;
 constexpr int kIntel = static_cast<int>(Tuning::kIntel), kAmd = static_cast<int>(Tuning::kAmd);
 
 const Kernel kLadder[] = {

@@ -26,9 +26,11 @@
 // rows on 2 threads, 1.09 - 1.24x on one (the four suite shapes). Tiles of
 // 2, 4 or 6 halves from an even half address x as [slab pointer +
 // displacement], one pointer per slab and kept weight (S24_SLAB_PTRS); the
-// others, and the 1-channel tiles, as [slab + offset + displacement]. Row tiles
-// of 7 - 10 half slabs (past 48 rows) run as 1-channel tiles instead (tile1:
-// one decode feeds 14 - 20 FMAs; see s24_gemm_cols_2x48_avx2).
+// others as [slab + offset + displacement]. Row tiles of 7 - 10 half slabs
+// (past 48 rows) run as 1-channel tiles instead (tile1: one decode feeds
+// 14 - 20 FMAs; see s24_gemm_cols_2x48_avx2), from a per-thread copy of the
+// k-block's halves whose slab stride is a compile-time constant: one pointer
+// per kept weight, all its FMAs at [pointer + displacement].
 //
 // The row-tile AVX2 kernel (s24_gemm_4x8_avx2) needs a permute per FMA and
 // chains two FMAs per accumulator and group; these have no permute on the x
@@ -36,6 +38,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <vector>
 
 #include "int8_gemm/int8_gemm.h"  // fp32_to_bf16
 #include "sparse24/sparse24.h"
@@ -326,40 +329,70 @@ inline void tile2_at(const ColsArgs& a, int64_t u0, int64_t u1, int64_t h0, int6
 // ---- 1 channel x 7 - 10 half slabs (Intel, row tiles past 48 rows) -----------
 // One decoded position serves H FMAs (8 at 64 rows, where 2-channel tiles of
 // 4 + 4 halves give 4): H accumulators, each kept weight a vbroadcastss and H
-// memory-operand FMAs. Half h of the tile is half slab h0 + h: slab
-// (h0 + h) / 2, +32 bytes when h0 + h is odd (Odd = h0 & 1), so 6 slab bases
-// serve all 10 halves.
+// memory-operand FMAs. The row tile's half slabs of one k-block are first
+// copied into a per-thread buffer (copy_halves) whose slabs lie a
+// compile-time kXbSlabBytes apart: half h at slab h / 2, +32 bytes when h is
+// odd. Each kept weight then takes one pointer (group + input offset, held in
+// a register) and its H FMAs address [pointer + displacement]; from the slabs
+// of xt (apart by a run-time stride) they took [slab + offset +
+// displacement], which Golden Cove unlaminates. In a synthetic loop (one
+// thread, x in L1) that ran 72 - 77 GFLOP/s against 81 - 84 this way; in the
+// kernel (2 threads, interleaved) 1.03 - 1.08x at 128 rows on 1024x4096 and
+// 4096x4096, within noise on 384x1536 and 1536x384. The copy is once per
+// k-block and row tile per call, reused by all of the call's channels.
+
+// buffer slabs: kAvx2Cols2x48KcGroups groups of 4 inputs x 64 bytes, plus 256
+// bytes so that the lines of one input in consecutive slabs do not map 8 KiB
+// apart (same L1 set)
+constexpr int64_t kXbSlabBytes = kAvx2Cols2x48KcGroups * 256 + 256;
+constexpr int kXbSlabs = 5;  // 10 halves
+thread_local std::vector<float> t_xb;
+
+char* xb_buffer() {
+  const int64_t floats = kXbSlabs * kXbSlabBytes / 4 + 16;
+  if (t_xb.size() < static_cast<size_t>(floats)) t_xb.resize(floats);
+  return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(t_xb.data()) + 63) & ~uintptr_t(63));
+}
+
+// half slabs [h0, h0 + H) of xt, groups [gb, ge) (at most
+// kAvx2Cols2x48KcGroups), into buf: half h at slab h / 2, +32 bytes if h is odd
+inline void copy_halves(const ColsArgs& a, int64_t h0, int64_t H, int64_t gb, int64_t ge, char* buf) {
+  const int64_t lines = (ge - gb) * 4;
+  for (int64_t h = 0; h < H; ++h) {
+    const char* src = reinterpret_cast<const char*>(a.xt + ((h0 + h) >> 1) * slab_floats(a.kp)) + gb * 256 +
+                      32 * ((h0 + h) & 1);
+    char* dst = buf + (h >> 1) * kXbSlabBytes + 32 * (h & 1);
+    for (int64_t l = 0; l < lines; ++l)
+      _mm256_store_ps(reinterpret_cast<float*>(dst + l * 64), _mm256_load_ps(reinterpret_cast<const float*>(src + l * 64)));
+  }
+}
+
 #define S24E_ALL(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7) OP(8) OP(9)
 #define S24E_DECL(h) __m256 c##h = (H <= h || first) ? _mm256_setzero_ps() : _mm256_load_ps(part + h * 8);
 #define S24E_SAVE(h) \
   if (H > h) _mm256_store_ps(part + h * 8, c##h);
-#define S24E_FMA(h, w, o) \
-  if (H > h) fma231(c##h, w, S24_X(h, x) + j * 256 + 32 * ((h + Odd) & 1) + (o));
+#define S24E_FMA(h, w, q) \
+  if (H > h) fma231(c##h, w, q + (h / 2) * kXbSlabBytes + 32 * (h & 1));
 
-// channels [c0, c1) x half slabs [h0, h0 + H) (h0 & 1 == Odd), groups [gb, ge);
-// `part`: 8 * H sums per channel, in order, added to unless `first`
-template <int H, int Odd>
-inline void tile1(const ColsArgs& a, int64_t c0, int64_t c1, int64_t h0, int64_t gb, int64_t ge, bool first,
+// channels [c0, c1) x the H halves copied to xb (copy_halves), groups [gb,
+// ge); `part`: 8 * H sums per channel, in order, added to unless `first`
+template <int H>
+inline void tile1(const ColsArgs& a, int64_t c0, int64_t c1, const char* xb, int64_t gb, int64_t ge, bool first,
                   float* part) {
-  static_assert(H >= 1 && H <= 10, "1 - 10 half slabs");
-  constexpr int kSlabs = (H + Odd + 1) / 2;
-  auto slab = [&](int i) {
-    return reinterpret_cast<const char*>(a.xt + ((h0 >> 1) + (i < kSlabs ? i : 0)) * slab_floats(a.kp) + gb * 4 * 16);
-  };
-  const char *const b0 = slab(0), *const b1 = slab(1), *const b2 = slab(2), *const b3 = slab(3),
-             *const b4 = slab(4), *const b5 = slab(5);
+  static_assert(H >= 1 && H <= 2 * kXbSlabs, "1 - 10 half slabs");
   // (the accumulators c0 .. c9 hide the argument c0 inside the loop)
   const int64_t call0 = c0;
   const char* const next_panel = reinterpret_cast<const char*>(a.w) +
                                  ((c0 / kPanel + 1) * (a.groups_pad / kBlockGroups) + gb / kBlockGroups) * kBlockBytes;
   for (int64_t c = c0; c < c1; ++c, part += 8 * H) {
     S24E_ALL(S24E_DECL)
-    const char *x0 = b0, *x1 = b1, *x2 = b2, *x3 = b3, *x4 = b4, *x5 = b5;
+    const char* x = xb;
     // the second half of a panel pulls the next panel's blocks into L1: its
     // channel c0 + i the block's line i (and line 8), block by block
     const bool pf = (call0 & (kPanel - 1)) == kPanel / 2 && call0 + kPanel / 2 < a.n;
     const char* pfl = next_panel + 64 * (c - call0);
-    for (ChannelStream cs(a, c / kPanel, c & (kPanel - 1), gb, ge); cs.pp < cs.pp_end; cs.next(), pfl += kBlockBytes) {
+    for (ChannelStream cs(a, c / kPanel, c & (kPanel - 1), gb, ge); cs.pp < cs.pp_end;
+         cs.next(), pfl += kBlockBytes, x += kBlockGroups * 256) {
       const uint8_t* const pp = cs.pp;
       const float* const vp = cs.vp;
       if (pf) {
@@ -368,16 +401,19 @@ inline void tile1(const ColsArgs& a, int64_t c0, int64_t c1, int64_t h0, int64_t
       }
 #pragma GCC unroll 4
       for (int j = 0; j < kBlockGroups; ++j) {
+        // inputs 4j + i0 and 4j + i1: 64 * i0 = byte & 0xC0, 64 * i1 = 4 * (byte & 0x30)
         const uint32_t pb = pp[pos_at(j)];
-        const uint64_t o0 = pb & 0xC0u, o1 = 4 * (pb & 0x30u);
+        const char* e = x + j * 256 + (pb & 0xC0u);
+        const char* f = x + j * 256 + 4 * (pb & 0x30u);
+        asm("" : "+r"(e));  // held in a register: the FMAs take base + displacement
+        asm("" : "+r"(f));
         const __m256 w0 = _mm256_broadcast_ss(vp + v0_at(j) / 4);
         const __m256 w1 = _mm256_broadcast_ss(vp + v1_at(j) / 4);
-        S24E_FMA(0, w0, o0) S24E_FMA(1, w0, o0) S24E_FMA(2, w0, o0) S24E_FMA(3, w0, o0) S24E_FMA(4, w0, o0)
-        S24E_FMA(5, w0, o0) S24E_FMA(6, w0, o0) S24E_FMA(7, w0, o0) S24E_FMA(8, w0, o0) S24E_FMA(9, w0, o0)
-        S24E_FMA(0, w1, o1) S24E_FMA(1, w1, o1) S24E_FMA(2, w1, o1) S24E_FMA(3, w1, o1) S24E_FMA(4, w1, o1)
-        S24E_FMA(5, w1, o1) S24E_FMA(6, w1, o1) S24E_FMA(7, w1, o1) S24E_FMA(8, w1, o1) S24E_FMA(9, w1, o1)
+        S24E_FMA(0, w0, e) S24E_FMA(1, w0, e) S24E_FMA(2, w0, e) S24E_FMA(3, w0, e) S24E_FMA(4, w0, e)
+        S24E_FMA(5, w0, e) S24E_FMA(6, w0, e) S24E_FMA(7, w0, e) S24E_FMA(8, w0, e) S24E_FMA(9, w0, e)
+        S24E_FMA(0, w1, f) S24E_FMA(1, w1, f) S24E_FMA(2, w1, f) S24E_FMA(3, w1, f) S24E_FMA(4, w1, f)
+        S24E_FMA(5, w1, f) S24E_FMA(6, w1, f) S24E_FMA(7, w1, f) S24E_FMA(8, w1, f) S24E_FMA(9, w1, f)
       }
-      next_k_block<kSlabs>(x0, x1, x2, x3, x4, x5);
     }
     S24E_ALL(S24E_SAVE)
   }
@@ -499,7 +535,8 @@ void s24_gemm_cols_2x48_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* p
   const int64_t units_end = (a.n + 1) / 2 < 2 * t1 ? (a.n + 1) / 2 : 2 * t1;  // 2-channel tiles
   const int64_t c_end = a.n < 4 * t1 ? a.n : 4 * t1;                            // 1-channel tiles
   const int64_t row_tiles = halves <= 6 ? 1 : (halves + 9) / 10;
-  const int64_t kcg = a.kc_groups;
+  const int64_t kcg = a.kc_groups;  // <= kAvx2Cols2x48KcGroups (cols_kc_groups)
+  char* const xb = halves > 6 ? xb_buffer() : nullptr;
   for (int64_t gb = 0; gb < a.groups_pad; gb += kcg) {
     const int64_t ge = gb + kcg < a.groups_pad ? gb + kcg : a.groups_pad;
     const bool first = gb == 0, last = ge == a.groups_pad;
@@ -512,15 +549,12 @@ void s24_gemm_cols_2x48_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* p
       if (h >= 7) {
         for (int64_t c = 4 * t0; c < c_end;) {
           const int64_t ce = c + 8 < c_end ? c + 8 : c_end;
-          // (the taller tiles come first, so a 10-half tile never starts at an odd half)
-          switch (h * 2 + (h0 & 1)) {
-            case 14: tile1<7, 0>(a, c, ce, h0, gb, ge, first, p); break;
-            case 15: tile1<7, 1>(a, c, ce, h0, gb, ge, first, p); break;
-            case 16: tile1<8, 0>(a, c, ce, h0, gb, ge, first, p); break;
-            case 17: tile1<8, 1>(a, c, ce, h0, gb, ge, first, p); break;
-            case 18: tile1<9, 0>(a, c, ce, h0, gb, ge, first, p); break;
-            case 19: tile1<9, 1>(a, c, ce, h0, gb, ge, first, p); break;
-            default: tile1<10, 0>(a, c, ce, h0, gb, ge, first, p);
+          if (c == 4 * t0) copy_halves(a, h0, h, gb, ge, xb);
+          switch (h) {
+            case 7: tile1<7>(a, c, ce, xb, gb, ge, first, p); break;
+            case 8: tile1<8>(a, c, ce, xb, gb, ge, first, p); break;
+            case 9: tile1<9>(a, c, ce, xb, gb, ge, first, p); break;
+            default: tile1<10>(a, c, ce, xb, gb, ge, first, p);
           }
           if (last) store_row_tile<true>(a, p, h0, h, c, ce);
           p += 8 * h * (ce - c);

@@ -124,6 +124,10 @@ constexpr int64_t kAvx2RowPathRows = 2;
 // 4-input groups, and blocks of about kColsKBlockGroups beyond.
 constexpr int64_t kColsWholeKGroups = 512;
 constexpr int64_t kColsKBlockGroups = 128;
+// The AVX2 2 x 48 column kernel's k-blocks: at most this many groups (its
+// 1-channel tiles copy a k-block of their half slabs into a buffer of this
+// many groups; see s24_gemm_cols_avx2.cpp).
+constexpr int kAvx2Cols2x48KcGroups = 32;
 const Kernel& select_kernel();
 
 void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const uint8_t* packed,
