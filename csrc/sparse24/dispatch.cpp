@@ -21,8 +21,9 @@ namespace {
 // reuse them; at 64 groups it was 32 KiB, all of L1: Zen 3, 2 threads,
 // interleaved, 40 against 64 ran 1.16 - 1.19x at 48 - 128 rows on 384x1536,
 // 1.02 - 1.17x on 1536x384, 1024x4096 and 4096x4096 at 128 rows, the same at
-// 32 rows (one slab a tile)), <= 32 for the 2 x 48 tile (kAvx2Cols2x48KcGroups; its 3 slabs'
-// lines: 24 KiB; on a Golden Cove core 1.1 - 1.2x over 64 at 128 rows).
+// 32 rows (one slab a tile)); the 2 x 48 tile's are the k-blocks of its
+// k-blocked xt, 32 groups (kXtKbGroups: its 3 slabs' lines, 24 KiB; on a
+// Golden Cove core 1.1 - 1.2x over 64 at 128 rows).
 constexpr int kAvx2ColsKcGroups = 40;
 constexpr int kIntel = static_cast<int>(Tuning::kIntel), kAmd = static_cast<int>(Tuning::kAmd);
 
@@ -31,8 +32,8 @@ const Kernel kLadder[] = {
      cols_part_avx512, 8, 16, "s24_gemm_cols_avx512"},
     // AVX2, Intel cores: the 2 x 48 column tile from 24 rows: at 16 rows it measured
     // 0.94 - 1.06x the row kernel, at 24 1.01 - 1.23x (Golden Cove capped at AVX2, 2 threads)
-    {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2, s24_gemm_cols_2x48_avx2, s24_pack_xt_avx2,
-     cols_part_avx2, 4, 24, "s24_gemm_cols_2x48_avx2", kAvx2RowPathRows, kAvx2Cols2x48KcGroups, kIntel},
+    {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2, s24_gemm_cols_2x48_avx2, s24_pack_xt_kb_avx2,
+     cols_part_avx2, 4, 24, "s24_gemm_cols_2x48_avx2", kAvx2RowPathRows, kXtKbGroups, kIntel, true},
     // AVX2, other cores: the 4-channel column tile from 32 rows: at 16 rows it
     // measured 0.86 - 1.04x the row kernel (Zen 4, ymm)
     {Isa::kAvx2, "s24_gemm_4x8_avx2", 4, s24_gemm_4x8_avx2, s24_gemm_cols_4x24_avx2, s24_pack_xt_avx2,
@@ -54,8 +55,10 @@ thread_local std::vector<float> t_xt, t_part;
 // kColsWholeKGroups (the row tile's slab lines, <= 3 x 2048 x 64 B, stay in L2
 // next to the weights); beyond, blocks of about kColsKBlockGroups (measured
 // best at K = 4096, 128 - 512 rows). A kernel with cols_kc_max: blocks of at
-// most that many groups (multiples of 4; the last one may be shorter).
+// most that many groups (multiples of 4; the last one may be shorter); with
+// k-blocked xt, exactly those of the layout (kXtKbGroups, the last shorter).
 int64_t cols_kc_groups(const Kernel& kern, int64_t groups_pad) {
+  if (kern.xt_kblocked) return groups_pad < kXtKbGroups ? groups_pad : kXtKbGroups;
   const int64_t whole = kern.cols_kc_max > 0 ? kern.cols_kc_max : kColsWholeKGroups;
   const int64_t block = kern.cols_kc_max > 0 ? kern.cols_kc_max : kColsKBlockGroups;
   if (groups_pad <= whole) return groups_pad;
@@ -78,12 +81,12 @@ void linear_cols(const Kernel& kern, const PackedHeader& h, const uint8_t* w, co
   const int64_t kp = h.groups_pad * 4, kc = cols_kc_groups(kern, h.groups_pad), tiles = (h.n + kern.cols_nr - 1) / kern.cols_nr;
   const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
   // passes of <= ~8 MiB of transposed x (scratch bounded for any batch)
-  for_each_row_pass(m, kp * 4, kRowPassBytes, 16, [&](int64_t r0, int64_t r1) {
+  for_each_row_pass(m, xt_row_bytes(kern, kp), kRowPassBytes, 16, [&](int64_t r0, int64_t r1) {
     const int64_t rows = r1 - r0, slabs = (rows + 15) / 16;
     const void* xc = static_cast<const char*>(x) + r0 * ldx * xsize;
-    float* xt = aligned_scratch(t_xt, slabs * slab_floats(kp));
+    float* xt = aligned_scratch(t_xt, xt_floats(kern, slabs, kp));
     const ColsArgs a{xt, kp, w, bias, static_cast<char*>(y) + r0 * ldy * ysize, ldy, y_bf16, rows, h.n,
-                     h.groups_pad, kc};
+                     h.groups_pad, kc, xt_kb_floats(kern, slabs)};
     parallel_two_phase(
         slabs, tiles, nthreads,
         [&](int64_t s0, int64_t s1) { kern.pack_xt(xc, ldx, x_bf16, rows, k, kp, xt, s0, s1); },
@@ -124,18 +127,18 @@ void linear_cols_rows(const Kernel& kern, const PackedHeader& h, const uint8_t* 
   const size_t xsize = x_bf16 ? 2 : 4, ysize = y_bf16 ? 2 : 4;
   // passes of <= ~8 MiB of transposed x, as linear_cols; every thread reads
   // the pass's slabs through xt (the calling thread's scratch)
-  for_each_row_pass(m, kp * 4, kRowPassBytes, 16, [&](int64_t r0, int64_t r1) {
-    const int64_t rows = r1 - r0;
+  for_each_row_pass(m, xt_row_bytes(kern, kp), kRowPassBytes, 16, [&](int64_t r0, int64_t r1) {
+    const int64_t rows = r1 - r0, slabs = (rows + 15) / 16;
     const void* xc = static_cast<const char*>(x) + r0 * ldx * xsize;
-    float* xt = aligned_scratch(t_xt, (rows + 15) / 16 * slab_floats(kp));
+    float* xt = aligned_scratch(t_xt, xt_floats(kern, slabs, kp));
     parallel_row_chunks(
         rows, 16, units, rows, nt,
         [&](int, int64_t a0, int64_t a1) { kern.pack_xt(xc, ldx, x_bf16, rows, k, kp, xt, a0 / 16, (a1 + 15) / 16); },
         [&](int, int64_t u, int64_t a0, int64_t a1) {
           const int64_t t0 = tiles * u / units, t1 = tiles * (u + 1) / units;
-          const ColsArgs a{xt + a0 / 16 * slab_floats(kp), kp, w, bias,
+          const ColsArgs a{xt + a0 / 16 * xt_slab_stride(kern, kp), kp, w, bias,
                            static_cast<char*>(y) + (r0 + a0) * ldy * ysize, ldy, y_bf16, a1 - a0, h.n,
-                           h.groups_pad, kc};
+                           h.groups_pad, kc, xt_kb_floats(kern, slabs)};
           kern.cols(a, t0, t1, aligned_scratch(t_part, kern.cols_part(a1 - a0, t1 - t0)));
         });
   });

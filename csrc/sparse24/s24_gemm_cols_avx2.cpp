@@ -1,8 +1,9 @@
 // 2:4 sparse GEMM for many rows, AVX2: the AVX-512 column kernel's scheme
 // (s24_gemm_cols_avx512.cpp) with 256-bit registers. x is transposed into the
-// same 16-row slabs (xt[slab][k][16]: one 64-byte line per input, rows 0-7
-// in its first half, 8-15 in its second); every FMA takes the half line of
-// input 4g + i as its memory operand, so the position only moves an address.
+// same 16-row slabs (one 64-byte line per input, rows 0-7 in its first half,
+// 8-15 in its second: xt[slab][k][16], or k-blocked for the 2 x 48 tile);
+// every FMA takes the half line of input 4g + i as its memory operand, so
+// the position only moves an address.
 // Two tiles, one per core family (cpu_tuning()):
 //
 // 4 x 24 (s24_gemm_cols_4x24_avx2, AMD): 4 channels (a quarter panel) x 3
@@ -23,14 +24,13 @@
 // is no shuffle. Measured on Golden Cove cores (a Sapphire Rapids Xeon capped
 // at AVX2, modules, interleaved): 1.05 - 1.17x the 4 x 16 tile (the AMD tile
 // before it grew to 24 rows) at 32 - 128
-// rows on 2 threads, 1.09 - 1.24x on one (the four suite shapes). Tiles of
-// 2, 4 or 6 halves from an even half address x as [slab pointer +
-// displacement], one pointer per slab and kept weight (S24_SLAB_PTRS); the
-// others as [slab + offset + displacement]. Row tiles of 7 - 10 half slabs
-// (past 48 rows) run as 1-channel tiles instead (tile1: one decode feeds
-// 14 - 20 FMAs; see s24_gemm_cols_2x48_avx2), from a per-thread copy of the
-// k-block's halves whose slab stride is a compile-time constant: one pointer
-// per kept weight, all its FMAs at [pointer + displacement].
+// rows on 2 threads, 1.09 - 1.24x on one (the four suite shapes). Row tiles
+// of 7 - 10 half slabs (past 48 rows) run as 1-channel tiles instead (tile1:
+// one decode feeds 14 - 20 FMAs; see s24_gemm_cols_2x48_avx2). This kernel
+// reads x k-blocked (s24_pack_xt_kb_avx2, kXtKbGroups in sparse24.h): within
+// a k-block the slabs lie a compile-time stride apart, so each kept weight
+// takes one pointer and all its FMAs address [pointer + displacement]
+// (S24_HALF).
 //
 // The row-tile AVX2 kernel (s24_gemm_4x8_avx2) needs a permute per FMA and
 // chains two FMAs per accumulator and group; these have no permute on the x
@@ -38,7 +38,7 @@
 #include <immintrin.h>
 
 #include <cstring>
-#include <vector>
+#include <type_traits>
 
 #include "int8_gemm/int8_gemm.h"  // fp32_to_bf16
 #include "sparse24/sparse24.h"
@@ -142,46 +142,6 @@ inline void tile(const ColsArgs& a, int64_t t, int64_t h0, int64_t gb, int64_t g
   }
 }
 
-// The slab pointers of one kept weight where `pin` (a 2-channel tile of whole
-// slabs): q##i = x##i + o, each held in a register (the asm), so that the
-// weight's FMAs address [q##i + displacement] (with x##i + o as the address
-// GCC emits base + index operands, which Golden Cove unlaminates: two
-// fused-domain uops per FMA). Otherwise q##i = x##i and the FMAs add o.
-template <int Slabs>
-inline void pin_slab_ptrs(const char*& q0, const char*& q1, const char*& q2, const char*& q3, const char*& q4,
-                          const char*& q5) {
-  if (Slabs > 0) asm("" : "+r"(q0));
-  if (Slabs > 1) asm("" : "+r"(q1));
-  if (Slabs > 2) asm("" : "+r"(q2));
-  if (Slabs > 3) asm("" : "+r"(q3));
-  if (Slabs > 4) asm("" : "+r"(q4));
-  if (Slabs > 5) asm("" : "+r"(q5));
-}
-#define S24_SLAB_PTRS(pin, slabs, q, o)                                                                      \
-  const char *q##0 = x0 + ((pin) ? (o) : 0), *q##1 = x1 + ((pin) ? (o) : 0), *q##2 = x2 + ((pin) ? (o) : 0), \
-             *q##3 = x3 + ((pin) ? (o) : 0), *q##4 = x4 + ((pin) ? (o) : 0), *q##5 = x5 + ((pin) ? (o) : 0);  \
-  pin_slab_ptrs<(pin) ? (slabs) : 0>(q##0, q##1, q##2, q##3, q##4, q##5);
-
-// Half h of a tile that starts at an even (Odd 0) or odd half slab: slab
-// pointer q##((h + Odd) / 2), picked at compile time (named variables: GCC
-// kept an array of them in a vector register and extracted them every block)
-#define S24_X(h, q)                                                                                       \
-  ((h + Odd) / 2 == 0 ? q##0 : (h + Odd) / 2 == 1 ? q##1 : (h + Odd) / 2 == 2 ? q##2 : (h + Odd) / 2 == 3 \
-   ? q##3 : (h + Odd) / 2 == 4 ? q##4 : q##5)
-
-// the first `Slabs` slab pointers one k-block on
-template <int Slabs>
-inline void next_k_block(const char*& x0, const char*& x1, const char*& x2, const char*& x3, const char*& x4,
-                         const char*& x5) {
-  constexpr int64_t kStep = kBlockGroups * 4 * 64;
-  x0 += kStep;
-  if (Slabs > 1) x1 += kStep;
-  if (Slabs > 2) x2 += kStep;
-  if (Slabs > 3) x3 += kStep;
-  if (Slabs > 4) x4 += kStep;
-  if (Slabs > 5) x5 += kStep;
-}
-
 // ---- 2 channels x up to 48 rows (Intel) --------------------------------------
 
 // Where channel `lane` of panel `panel` keeps its position bytes (pp, one per
@@ -247,59 +207,63 @@ inline void store_row_tile(const ColsArgs& a, const float* sums, int64_t h0, int
   }
 }
 
+// The 2 x 48 kernel reads k-blocked xt (kXtKbGroups): a row tile at half
+// slab h0 starts from one pointer per k-block (slab h0 / 2 in it), and its half
+// h lies at the compile-time displacement S24_HALF(h) from there: slab (h +
+// Odd) / 2 on (Odd = h0 & 1), +32 bytes when h + Odd is odd. Each kept weight
+// takes one pointer (group + input offset, held in a register by the asm), and
+// all its FMAs address [pointer + displacement]; with a run-time slab stride
+// they took [slab + offset + displacement], base + index operands that Golden
+// Cove unlaminates (two fused-domain uops per FMA).
+#define S24_HALF(h) (((h) + Odd) / 2 * kXtKbSlabFloats * 4 + 32 * (((h) + Odd) & 1))
+// the pointers of a group's two kept weights: inputs 4j + i0 and 4j + i1,
+// 64 * i0 = byte & 0xC0 and 64 * i1 = 4 * (byte & 0x30)
+#define S24_WEIGHT_PTRS(e, f, pb)                  \
+  const char* e = x + j * 256 + ((pb) & 0xC0u);     \
+  const char* f = x + j * 256 + 4 * ((pb) & 0x30u); \
+  asm("" : "+r"(e));                               \
+  asm("" : "+r"(f));
+
 // Accumulators a<h><c> (S24_ACC_DECL): up to 6 half slabs x 2 channels.
 #define S24D_ALL(OP) \
   OP(0, 0) OP(0, 1) OP(1, 0) OP(1, 1) OP(2, 0) OP(2, 1) OP(3, 0) OP(3, 1) OP(4, 0) OP(4, 1) OP(5, 0) OP(5, 1)
 #define S24D_DECL(h, c) S24_ACC_DECL(h, c, 2)
 #define S24D_SAVE(h, c) S24_ACC_SAVE(h, c, 2)
-// half h of the row tile: slab (h0 + h) / 2 (pointer q##i, picked by
-// S24_X), +32 bytes when h0 + h is odd (Odd = h0 & 1)
-#define S24D_FMA(h, c, w, q, o) \
-  if (H > h) fma231(a##h##c, w, S24_X(h, q) + j * 256 + 32 * ((h + Odd) & 1) + (kPin ? 0 : (o)));
-// channel c, group j: the offsets 64 * i0 = byte & 0xC0 and 64 * i1 = 4 * (byte & 0x30)
-#define S24D_CHANNEL(c)                                                                            \
-  {                                                                                                \
-    const uint32_t pb = pp[pos_at(j) + c];                                                         \
-    const uint64_t o0 = pb & 0xC0u, o1 = 4 * (pb & 0x30u);                                         \
-    const __m256 w0 = _mm256_broadcast_ss(vp + v0_at(j) / 4 + c);                                 \
-    const __m256 w1 = _mm256_broadcast_ss(vp + v1_at(j) / 4 + c);                                  \
-    S24_SLAB_PTRS(kPin, kSlabs, e##c, o0) S24_SLAB_PTRS(kPin, kSlabs, f##c, o1)                    \
-    S24D_FMA(0, c, w0, e##c, o0) S24D_FMA(1, c, w0, e##c, o0) S24D_FMA(2, c, w0, e##c, o0)         \
-    S24D_FMA(3, c, w0, e##c, o0) S24D_FMA(4, c, w0, e##c, o0) S24D_FMA(5, c, w0, e##c, o0)         \
-    S24D_FMA(0, c, w1, f##c, o1) S24D_FMA(1, c, w1, f##c, o1) S24D_FMA(2, c, w1, f##c, o1)         \
-    S24D_FMA(3, c, w1, f##c, o1) S24D_FMA(4, c, w1, f##c, o1) S24D_FMA(5, c, w1, f##c, o1)         \
+#define S24D_FMA(h, c, w, q) \
+  if (H > h) fma231(a##h##c, w, q + S24_HALF(h));
+// channel c, group j
+#define S24D_CHANNEL(c)                                                                          \
+  {                                                                                              \
+    const uint32_t pb = pp[pos_at(j) + c];                                                       \
+    S24_WEIGHT_PTRS(e, f, pb)                                                                    \
+    const __m256 w0 = _mm256_broadcast_ss(vp + v0_at(j) / 4 + c);                               \
+    const __m256 w1 = _mm256_broadcast_ss(vp + v1_at(j) / 4 + c);                                \
+    S24D_FMA(0, c, w0, e) S24D_FMA(1, c, w0, e) S24D_FMA(2, c, w0, e) S24D_FMA(3, c, w0, e)      \
+    S24D_FMA(4, c, w0, e) S24D_FMA(5, c, w0, e) S24D_FMA(0, c, w1, f) S24D_FMA(1, c, w1, f)      \
+    S24D_FMA(2, c, w1, f) S24D_FMA(3, c, w1, f) S24D_FMA(4, c, w1, f) S24D_FMA(5, c, w1, f)      \
   }
 
 // 2-channel tiles [u0, u1) (channels 2u, 2u + 1) x half slabs [h0, h0 + H)
-// (h0 & 1 == Odd), groups [gb, ge); `part`: their sums (2 * H * 8 floats a
-// tile, in order), added to unless `first`
+// (h0 & 1 == Odd; xs: slab h0 / 2 of the k-block of groups [gb, ge)); `part`:
+// their sums (2 * H * 8 floats a tile, in order), added to unless `first`
 template <int H, int Odd>
-inline void tile2(const ColsArgs& a, int64_t u0, int64_t u1, int64_t h0, int64_t gb, int64_t ge, bool first,
+inline void tile2(const ColsArgs& a, int64_t u0, int64_t u1, const char* xs, int64_t gb, int64_t ge, bool first,
                   float* part) {
   static_assert(H >= 1 && H <= 6, "1 - 6 half slabs");
-  constexpr int kSlabs = (H + Odd + 1) / 2;
-  // whole slabs (even H from an even half): one pointer per slab and weight, H
-  // / 2 adds for H FMAs; otherwise base + index operands
-  constexpr bool kPin = Odd == 0 && H % 2 == 0;
-  auto slab = [&](int i) {
-    return reinterpret_cast<const char*>(a.xt + ((h0 >> 1) + (i < kSlabs ? i : 0)) * slab_floats(a.kp) + gb * 4 * 16);
-  };
-  const char *const b0 = slab(0), *const b1 = slab(1), *const b2 = slab(2), *const b3 = slab(3),
-             *const b4 = slab(4), *const b5 = slab(5);
   for (int64_t u = u0; u < u1; ++u, part += 16 * H) {
     S24D_ALL(S24D_DECL)
     const ChannelStream cs(a, u >> 3, (u & 7) * 2, gb, ge);
     const uint8_t* pp = cs.pp;
     const uint8_t* const pp_end = cs.pp_end;
     const float* vp = cs.vp;
-    const char *x0 = b0, *x1 = b1, *x2 = b2, *x3 = b3, *x4 = b4, *x5 = b5;
+    const char* x = xs;
     // as in tile1: the second half of a panel pulls the next one's blocks into
     // L1, unit u0 + i lines 2i and 2i + 1 (and line 8) of each block
     const bool pf = (u0 & 7) == 4 && 2 * u0 + 8 < a.n;
     const char* pfl = reinterpret_cast<const char*>(a.w) +
                       ((u0 / 8 + 1) * (a.groups_pad / kBlockGroups) + gb / kBlockGroups) * kBlockBytes +
                       128 * (u - u0);
-    for (; pp < pp_end; pp += kBlockBytes, vp += kBlockBytes / 4, pfl += kBlockBytes) {
+    for (; pp < pp_end; pp += kBlockBytes, vp += kBlockBytes / 4, pfl += kBlockBytes, x += kBlockGroups * 256) {
       if (pf) {
         _mm_prefetch(pfl, _MM_HINT_T0);
         _mm_prefetch(pfl + 64, _MM_HINT_T0);
@@ -309,84 +273,36 @@ inline void tile2(const ColsArgs& a, int64_t u0, int64_t u1, int64_t h0, int64_t
       for (int j = 0; j < kBlockGroups; ++j) {
         S24D_CHANNEL(0) S24D_CHANNEL(1)
       }
-      next_k_block<kSlabs>(x0, x1, x2, x3, x4, x5);
     }
     S24D_ALL(S24D_SAVE)
   }
 }
 
-// tile2 for a row tile at half slab h0 (odd only as the 6-half tile after a
-// 7-half one: 13 halves)
-template <int H>
-inline void tile2_at(const ColsArgs& a, int64_t u0, int64_t u1, int64_t h0, int64_t gb, int64_t ge, bool first,
-                     float* part) {
-  if (h0 & 1)
-    tile2<H, 1>(a, u0, u1, h0, gb, ge, first, part);
-  else
-    tile2<H, 0>(a, u0, u1, h0, gb, ge, first, part);
-}
-
 // ---- 1 channel x 7 - 10 half slabs (Intel, row tiles past 48 rows) -----------
 // One decoded position serves H FMAs (8 at 64 rows, where 2-channel tiles of
 // 4 + 4 halves give 4): H accumulators, each kept weight a vbroadcastss and H
-// memory-operand FMAs. The row tile's half slabs of one k-block are first
-// copied into a per-thread buffer (copy_halves) whose slabs lie a
-// compile-time kXbSlabBytes apart: half h at slab h / 2, +32 bytes when h is
-// odd. Each kept weight then takes one pointer (group + input offset, held in
-// a register) and its H FMAs address [pointer + displacement]; from the slabs
-// of xt (apart by a run-time stride) they took [slab + offset +
-// displacement], which Golden Cove unlaminates. In a synthetic loop (one
-// thread, x in L1) that ran 72 - 77 GFLOP/s against 81 - 84 this way; in the
-// kernel (2 threads, interleaved) 1.03 - 1.08x at 128 rows on 1024x4096 and
-// 4096x4096, within noise on 384x1536 and 1536x384. The copy is once per
-// k-block and row tile per call, reused by all of the call's channels.
-
-// buffer slabs: kAvx2Cols2x48KcGroups groups of 4 inputs x 64 bytes, plus 256
-// bytes so that the lines of one input in consecutive slabs do not map 8 KiB
-// apart (same L1 set)
-constexpr int64_t kXbSlabBytes = kAvx2Cols2x48KcGroups * 256 + 256;
-constexpr int kXbSlabs = 5;  // 10 halves
-thread_local std::vector<float> t_xb;
-
-char* xb_buffer() {
-  const int64_t floats = kXbSlabs * kXbSlabBytes / 4 + 16;
-  if (t_xb.size() < static_cast<size_t>(floats)) t_xb.resize(floats);
-  return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(t_xb.data()) + 63) & ~uintptr_t(63));
-}
-
-// half slabs [h0, h0 + H) of xt, groups [gb, ge) (at most
-// kAvx2Cols2x48KcGroups), into buf: half h at slab h / 2, +32 bytes if h is odd
-inline void copy_halves(const ColsArgs& a, int64_t h0, int64_t H, int64_t gb, int64_t ge, char* buf) {
-  const int64_t lines = (ge - gb) * 4;
-  for (int64_t h = 0; h < H; ++h) {
-    const char* src = reinterpret_cast<const char*>(a.xt + ((h0 + h) >> 1) * slab_floats(a.kp)) + gb * 256 +
-                      32 * ((h0 + h) & 1);
-    char* dst = buf + (h >> 1) * kXbSlabBytes + 32 * (h & 1);
-    for (int64_t l = 0; l < lines; ++l)
-      _mm256_store_ps(reinterpret_cast<float*>(dst + l * 64), _mm256_load_ps(reinterpret_cast<const float*>(src + l * 64)));
-  }
-}
-
+// memory-operand FMAs.
 #define S24E_ALL(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7) OP(8) OP(9)
 #define S24E_DECL(h) __m256 c##h = (H <= h || first) ? _mm256_setzero_ps() : _mm256_load_ps(part + h * 8);
 #define S24E_SAVE(h) \
   if (H > h) _mm256_store_ps(part + h * 8, c##h);
 #define S24E_FMA(h, w, q) \
-  if (H > h) fma231(c##h, w, q + (h / 2) * kXbSlabBytes + 32 * (h & 1));
+  if (H > h) fma231(c##h, w, q + S24_HALF(h));
 
-// channels [c0, c1) x the H halves copied to xb (copy_halves), groups [gb,
-// ge); `part`: 8 * H sums per channel, in order, added to unless `first`
-template <int H>
-inline void tile1(const ColsArgs& a, int64_t c0, int64_t c1, const char* xb, int64_t gb, int64_t ge, bool first,
+// channels [c0, c1) x half slabs [h0, h0 + H) (h0 & 1 == Odd; xs: slab h0 / 2
+// of the k-block of groups [gb, ge)); `part`: 8 * H sums per channel, in
+// order, added to unless `first`
+template <int H, int Odd>
+inline void tile1(const ColsArgs& a, int64_t c0, int64_t c1, const char* xs, int64_t gb, int64_t ge, bool first,
                   float* part) {
-  static_assert(H >= 1 && H <= 2 * kXbSlabs, "1 - 10 half slabs");
+  static_assert(H >= 1 && H <= 10, "1 - 10 half slabs");
   // (the accumulators c0 .. c9 hide the argument c0 inside the loop)
   const int64_t call0 = c0;
   const char* const next_panel = reinterpret_cast<const char*>(a.w) +
                                  ((c0 / kPanel + 1) * (a.groups_pad / kBlockGroups) + gb / kBlockGroups) * kBlockBytes;
   for (int64_t c = c0; c < c1; ++c, part += 8 * H) {
     S24E_ALL(S24E_DECL)
-    const char* x = xb;
+    const char* x = xs;
     // the second half of a panel pulls the next panel's blocks into L1: its
     // channel c0 + i the block's line i (and line 8), block by block
     const bool pf = (call0 & (kPanel - 1)) == kPanel / 2 && call0 + kPanel / 2 < a.n;
@@ -401,12 +317,8 @@ inline void tile1(const ColsArgs& a, int64_t c0, int64_t c1, const char* xb, int
       }
 #pragma GCC unroll 4
       for (int j = 0; j < kBlockGroups; ++j) {
-        // inputs 4j + i0 and 4j + i1: 64 * i0 = byte & 0xC0, 64 * i1 = 4 * (byte & 0x30)
         const uint32_t pb = pp[pos_at(j)];
-        const char* e = x + j * 256 + (pb & 0xC0u);
-        const char* f = x + j * 256 + 4 * (pb & 0x30u);
-        asm("" : "+r"(e));  // held in a register: the FMAs take base + displacement
-        asm("" : "+r"(f));
+        S24_WEIGHT_PTRS(e, f, pb)
         const __m256 w0 = _mm256_broadcast_ss(vp + v0_at(j) / 4);
         const __m256 w1 = _mm256_broadcast_ss(vp + v1_at(j) / 4);
         S24E_FMA(0, w0, e) S24E_FMA(1, w0, e) S24E_FMA(2, w0, e) S24E_FMA(3, w0, e) S24E_FMA(4, w0, e)
@@ -481,7 +393,14 @@ inline void pack_block(const float* x, int64_t ldx, float* out) {
 
 void s24_pack_xt_avx2(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t kp, float* xt,
                       int64_t s0, int64_t s1) {
-  pack_xt_blocks<8>(x, ldx, x_bf16, m, k, kp, xt, s0, s1, pack_block, pack_edge_block);
+  pack_xt_blocks<8>(x, ldx, x_bf16, m, k, kp, s0, s1, SlabLines{xt, kp}, pack_block, pack_edge_block);
+}
+
+// k-blocked (kXtKbGroups) for s24_gemm_cols_2x48_avx2; m: the pass's rows
+void s24_pack_xt_kb_avx2(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t kp, float* xt,
+                         int64_t s0, int64_t s1) {
+  pack_xt_blocks<8>(x, ldx, x_bf16, m, k, kp, s0, s1, KBlockedLines{xt, (m + 15) / 16}, pack_block,
+                    pack_edge_block);
 }
 
 // Channel tiles here are 4 channels: [t0, t1) counts quarter panels. Row
@@ -516,6 +435,19 @@ void s24_gemm_cols_4x24_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* p
   }
 }
 
+// f(H, Odd) as std::integral_constant for a row tile of h half slabs (H <= h
+// <= Max) starting at an odd half slab or not
+template <int H, int Max, typename F>
+inline void with_tile_height(int64_t h, int64_t odd, const F& f) {
+  if constexpr (H < Max) {
+    if (h > H) return with_tile_height<H + 1, Max>(h, odd, f);
+  }
+  if (odd)
+    f(std::integral_constant<int, H>(), std::integral_constant<int, 1>());
+  else
+    f(std::integral_constant<int, H>(), std::integral_constant<int, 0>());
+}
+
 // Channel tiles are 4 channels here too ([t0, t1) counts quarter panels, as
 // the driver and cols_part_avx2 expect). Row tiles, heights balanced: up to 6
 // half slabs run as 2-channel tiles (tile2); past 6 halves, tiles of up to 10,
@@ -535,27 +467,24 @@ void s24_gemm_cols_2x48_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* p
   const int64_t units_end = (a.n + 1) / 2 < 2 * t1 ? (a.n + 1) / 2 : 2 * t1;  // 2-channel tiles
   const int64_t c_end = a.n < 4 * t1 ? a.n : 4 * t1;                            // 1-channel tiles
   const int64_t row_tiles = halves <= 6 ? 1 : (halves + 9) / 10;
-  const int64_t kcg = a.kc_groups;  // <= kAvx2Cols2x48KcGroups (cols_kc_groups)
-  char* const xb = halves > 6 ? xb_buffer() : nullptr;
+  const int64_t kcg = a.kc_groups;  // the k-blocks of xt (kXtKbGroups; all of K when less)
   for (int64_t gb = 0; gb < a.groups_pad; gb += kcg) {
     const int64_t ge = gb + kcg < a.groups_pad ? gb + kcg : a.groups_pad;
     const bool first = gb == 0, last = ge == a.groups_pad;
+    const char* const xk = reinterpret_cast<const char*>(a.xt + gb / kXtKbGroups * a.xt_kb_floats);
     float* p = part;
     int64_t h0 = 0;
     for (int64_t rt = 0; rt < row_tiles; ++rt) {
       const int64_t h = halves / row_tiles + (rt < halves % row_tiles ? 1 : 0);
+      const char* const xs = xk + (h0 >> 1) * kXtKbSlabFloats * 4;
       // 8 channels a call; their rows leave as soon as their tiles are done,
       // so that the stores drain while the next tiles compute
       if (h >= 7) {
         for (int64_t c = 4 * t0; c < c_end;) {
           const int64_t ce = c + 8 < c_end ? c + 8 : c_end;
-          if (c == 4 * t0) copy_halves(a, h0, h, gb, ge, xb);
-          switch (h) {
-            case 7: tile1<7>(a, c, ce, xb, gb, ge, first, p); break;
-            case 8: tile1<8>(a, c, ce, xb, gb, ge, first, p); break;
-            case 9: tile1<9>(a, c, ce, xb, gb, ge, first, p); break;
-            default: tile1<10>(a, c, ce, xb, gb, ge, first, p);
-          }
+          with_tile_height<7, 10>(h, h0 & 1, [&](auto H, auto Odd) {
+            tile1<decltype(H)::value, decltype(Odd)::value>(a, c, ce, xs, gb, ge, first, p);
+          });
           if (last) store_row_tile<true>(a, p, h0, h, c, ce);
           p += 8 * h * (ce - c);
           c = ce;
@@ -563,14 +492,9 @@ void s24_gemm_cols_2x48_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* p
       } else {
         for (int64_t u = 2 * t0; u < units_end;) {
           const int64_t ue = u + 4 < units_end ? u + 4 : units_end;
-          switch (h) {
-            case 6: tile2_at<6>(a, u, ue, h0, gb, ge, first, p); break;
-            case 5: tile2_at<5>(a, u, ue, h0, gb, ge, first, p); break;
-            case 4: tile2_at<4>(a, u, ue, h0, gb, ge, first, p); break;
-            case 3: tile2_at<3>(a, u, ue, h0, gb, ge, first, p); break;
-            case 2: tile2_at<2>(a, u, ue, h0, gb, ge, first, p); break;
-            default: tile2_at<1>(a, u, ue, h0, gb, ge, first, p);
-          }
+          with_tile_height<1, 6>(h, h0 & 1, [&](auto H, auto Odd) {
+            tile2<decltype(H)::value, decltype(Odd)::value>(a, u, ue, xs, gb, ge, first, p);
+          });
           if (last) store_row_tile<false>(a, p, h0, h, 2 * u, 2 * ue);
           p += 16 * h * (ue - u);  // 2 * h * 8 floats a tile
           u = ue;

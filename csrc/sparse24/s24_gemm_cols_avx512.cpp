@@ -187,7 +187,7 @@ inline void pack_block(const float* x, int64_t ldx, float* out) {
 
 void s24_pack_xt_avx512(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t kp, float* xt,
                         int64_t s0, int64_t s1) {
-  pack_xt_blocks<16>(x, ldx, x_bf16, m, k, kp, xt, s0, s1, pack_block, pack_edge_block);
+  pack_xt_blocks<16>(x, ldx, x_bf16, m, k, kp, s0, s1, SlabLines{xt, kp}, pack_block, pack_edge_block);
 }
 
 void s24_gemm_cols_avx512(const ColsArgs& a, int64_t t0, int64_t t1, float* part) {

@@ -83,15 +83,17 @@ struct ColsArgs {
   bool y_bf16;
   int64_t m, n, groups_pad;
   int64_t kc_groups;  // groups per k-block (a multiple of kBlockGroups)
+  int64_t xt_kb_floats = 0;  // k-blocked xt (Kernel::xt_kblocked): floats between k-blocks; else 0
 };
 // channel tiles [t0, t1) (cols_nr channels each) x all rows; `part`: scratch
 // of cols_part(m, t1 - t0) floats (64-byte aligned; the 2 x 48 AVX2 tile keeps
 // its sums there even when kc_groups == groups_pad)
 using ColsFn = void (*)(const ColsArgs&, int64_t t0, int64_t t1, float* part);
 using ColsPartFn = int64_t (*)(int64_t m, int64_t tiles);
-// slabs [s0, s1) of xt from x ([m, k] fp32 or bf16, row stride ldx)
+// slabs [s0, s1) of xt from x ([m, k] fp32 or bf16, row stride ldx): slab s at
+// xt + s * slab_floats(kp), or k-blocked (Kernel::xt_kblocked, below)
 using PackXtFn = void (*)(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, int64_t kp,
-                          float* xt, int64_t s0, int64_t s1);  // slab s at xt + s * slab_floats(kp)
+                          float* xt, int64_t s0, int64_t s1);
 // AVX-512: row tiles of up to 3 slabs x 8 channels; AVX2: 16 floats a row slab and channel
 // (the 4 x 24 tile keeps 32 a half slab and 4 channels, the 2 x 48 tile 2 channels x rows padded to 8)
 inline int64_t cols_part_avx512(int64_t m, int64_t tiles) { return ((m + 15) / 16 + 2) / 3 * tiles * 8 * 3 * 16; }
@@ -115,6 +117,8 @@ struct Kernel {
   // -1: any core; else the core family (a Tuning value) this entry is tuned for:
   // an entry of another family is skipped (see cpu_tuning())
   int tuning = -1;
+  // x transposed k-blocked (pack_xt and cols; see kXtKbGroups) instead of whole slabs
+  bool xt_kblocked = false;
 };
 
 // The AVX2 row kernel's row path (whole 16-channel panel per row) serves
@@ -124,10 +128,32 @@ constexpr int64_t kAvx2RowPathRows = 2;
 // 4-input groups, and blocks of about kColsKBlockGroups beyond.
 constexpr int64_t kColsWholeKGroups = 512;
 constexpr int64_t kColsKBlockGroups = 128;
-// The AVX2 2 x 48 column kernel's k-blocks: at most this many groups (its
-// 1-channel tiles copy a k-block of their half slabs into a buffer of this
-// many groups; see s24_gemm_cols_avx2.cpp).
-constexpr int kAvx2Cols2x48KcGroups = 32;
+
+// K-blocked xt (the AVX2 2 x 48 column kernel): K in k-blocks of kXtKbGroups
+// groups, xt[k-block][slab][kXtKbGroups * 4 inputs][16 rows] fp32; within a
+// k-block the slabs lie kXtKbSlabFloats apart, a compile-time stride, so that
+// the FMAs of one kept weight address every slab of a row tile as [one
+// pointer + displacement]; k-blocks lie (slabs of the pass) x kXtKbSlabFloats
+// apart (ColsArgs::xt_kb_floats), the last one's storage whole. The column
+// kernel's k-blocks are these (cols_kc_groups). The 64 floats past each slab
+// keep one input's lines in consecutive slabs off the same L1 set (8 KiB apart).
+constexpr int64_t kXtKbGroups = 32;
+constexpr int64_t kXtKbSlabFloats = kXtKbGroups * 4 * 16 + 64;
+inline int64_t xt_kblocks(int64_t kp) { return (kp / 4 + kXtKbGroups - 1) / kXtKbGroups; }
+// floats from one slab of xt to the next (a pass's first slab to a chunk's)
+inline int64_t xt_slab_stride(const Kernel& kern, int64_t kp) {
+  return kern.xt_kblocked ? kXtKbSlabFloats : slab_floats(kp);
+}
+// floats of xt for `slabs` slabs of 16 rows
+inline int64_t xt_floats(const Kernel& kern, int64_t slabs, int64_t kp) {
+  return kern.xt_kblocked ? xt_kblocks(kp) * slabs * kXtKbSlabFloats : slabs * slab_floats(kp);
+}
+// ColsArgs::xt_kb_floats for a pass of `slabs` slabs
+inline int64_t xt_kb_floats(const Kernel& kern, int64_t slabs) { return kern.xt_kblocked ? slabs * kXtKbSlabFloats : 0; }
+// bytes of xt per row, for sizing row passes
+inline int64_t xt_row_bytes(const Kernel& kern, int64_t kp) {
+  return kern.xt_kblocked ? xt_kblocks(kp) * kXtKbSlabFloats * 4 / 16 : kp * 4;
+}
 const Kernel& select_kernel();
 
 void linear(const void* x, int64_t ldx, bool x_bf16, int64_t m, int64_t k, const uint8_t* packed,
@@ -141,6 +167,7 @@ void s24_pack_xt_avx512(const void*, int64_t, bool, int64_t, int64_t, int64_t, f
 void s24_gemm_cols_4x24_avx2(const ColsArgs&, int64_t, int64_t, float*);
 void s24_gemm_cols_2x48_avx2(const ColsArgs&, int64_t, int64_t, float*);
 void s24_pack_xt_avx2(const void*, int64_t, bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
+void s24_pack_xt_kb_avx2(const void*, int64_t, bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
 
 }  // namespace sparse24
 }  // namespace pyaccel
