@@ -97,6 +97,13 @@ def measure(suite: str, shape: str, m: int, n: int, k: int, mode: str, cands: Di
     ours = (ours,) if isinstance(ours, str) else tuple(ours)
     errs = {name: (sqnr_db(ref, fns[0]().float()) if ref is not None and not is_floor(name) else None)
             for name, fns in cands.items()}
+    # every weight copy called once first: a fresh module's first call costs far
+    # more than its weights' trip from DRAM (a KVM guest, 1536x384 int8 and 2:4
+    # int8 modules: 180 - 200 us against 43 on the next rotation), and a small
+    # layer's streamed rotation has more copies than the rounds it runs
+    for fns in cands.values():
+        for f in fns:
+            f()
     t = interleaved({name: rotating(fns) for name, fns in cands.items()}, budget_s=budget_s,
                     max_rounds=400 if m <= 8 else 60, inner=1 if mode == "streamed" else 4)
     rows = []
