@@ -37,14 +37,14 @@ inline void for_each_xt_block(int64_t m, int64_t k, int64_t kp, int64_t s0, int6
   }
 }
 
-// Where the lines of slab s from input k0 on start: whole slabs (xt[slab][kp][16],
-// slab_floats(kp) apart) ...
+// out_at for whole slabs (xt[slab][kp][16], slab_floats(kp) apart): where the
+// lines of slab s start at input k0
 struct SlabLines {
   float* xt;
   int64_t kp;
   float* operator()(int64_t s, int64_t k0) const { return xt + s * slab_floats(kp) + k0 * 16; }
 };
-// ... or k-blocked (kXtKbGroups; slabs: the pass's, ceil(m / 16))
+// out_at for k-blocked xt (kXtKbGroups; slabs: the pass's, ceil(m / 16))
 struct KBlockedLines {
   float* xt;
   int64_t slabs;
