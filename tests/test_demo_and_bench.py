@@ -133,3 +133,25 @@ def test_paired_ratio_pairs_rounds_not_medians():
     # no per-round times (or a different count): the ratio of the medians, no spread
     assert paired_ratio(Timing(4.0, 3.0, 5.0, 9), Timing(2.0, 1.0, 3.0, 9)) == (2.0, 2.0, 2.0)
     assert paired_ratio(timing([4.0, 4.0]), timing([2.0, 2.0, 2.0])) == (2.0, 2.0, 2.0)
+
+
+def test_measure_calls_every_weight_copy_before_timing():
+    """A streamed rotation can hold more weight copies than the rounds it runs
+    (small layers: 192 MB of ~1 MB copies); measure() calls each copy once
+    before timing, so no timed call is a fresh module's first call."""
+    import torch
+    from pyaccel.bench.common import measure
+
+    calls = {}
+
+    def copy(name, i):
+        def f():
+            calls[(name, i)] = calls.get((name, i), 0) + 1
+            return torch.ones(1, 4)
+        return f
+    copies = 40  # more than the rounds (min_rounds 7, budget 0) and warm-up calls run
+    cands = {name: [copy(name, i) for i in range(copies)] for name in ("ours", "base")}
+    rows = measure("t", "4x4", 1, 4, 4, "streamed", cands, None, "ours", {}, {"x base": "base"}, budget_s=0.0,
+                   log=lambda *_: None)
+    assert len(rows) == 2
+    assert all(calls.get((name, i), 0) >= 1 for name in cands for i in range(copies))
