@@ -456,8 +456,8 @@ inline void with_tile_height(int64_t h, int64_t odd, const F& f) {
 // thread, kernel alone, K = 384 - 1536): 1-channel tiles of 8 + 8 halves ran
 // 1.05 - 1.07x the 2-channel 6 + 5 + 5 at 128 rows, 8 halves 1.07 - 1.10x
 // 4 + 4 at 64 rows; 12 halves as one 1-channel tile 0.96x 6 + 6. Heights
-// 1 - 2 occur only in a pass of <= 16 rows (K past ~130k inputs: the driver's
-// passes of <= 8 MiB of transposed x). `part` holds every tile's sums, row
+// 1 - 2 occur only in a pass of <= 16 rows (K past ~63k inputs, or the last
+// pass of a batch: the driver's passes of <= 8 MiB of transposed x). `part` holds every tile's sums, row
 // tile by row tile: 8 x halves floats per channel, within cols_part_avx2's 64
 // per 4 channels and 16 rows.
 void s24_gemm_cols_2x48_avx2(const ColsArgs& a, int64_t t0, int64_t t1, float* part) {

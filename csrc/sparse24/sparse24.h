@@ -68,7 +68,9 @@ struct GemmArgs {
 using GemmFn = void (*)(const GemmArgs&, int64_t m0, int64_t m1, int64_t p0, int64_t p1);
 
 // Many rows: x transposed into slabs of 16 rows, xt[slab][kp][16] fp32 (zero
-// past m and k, 64-byte aligned); tiles of 8 channels x up to 48 rows.
+// past m and k, 64-byte aligned; or k-blocked, see kXtKbGroups, where the rest
+// of the last k-block stays unwritten and unread); tiles of 8 channels x up to
+// 48 rows.
 // Slabs start slab_floats(kp) apart: kp * 16 plus 1 KB, so that the lines one
 // nonzero reads from consecutive slabs are not 4 KB apart (Zen 4 ran such
 // loads 5 - 25 % slower in a synthetic test).

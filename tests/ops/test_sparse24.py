@@ -138,8 +138,9 @@ def test_bf16_strided_batched_and_empty(isa, gen, dtype):
 # channel; n = 150: the Intel tile's rows leave 8 channels at a time, from items
 # of channel tiles that start and end off those 8-channel steps), K past one
 # k-block (partial sums between blocks, an uneven last block: AVX2 blocks K at
-# 64 groups (32 on Intel), so k = 333 runs 44 + 40 there (28 + 28 + 28 there);
-# AVX-512 at 128 from 512, k = 2100); both core families' variants (tuning)
+# <= 40 groups on AMD, so k = 333 (84 groups) runs 44 + 40, and in the k-blocks
+# of 32 groups of its k-blocked x on Intel, 32 + 32 + 20; AVX-512 at 128 from
+# 512, k = 2100); both core families' variants (tuning)
 @pytest.mark.parametrize("m", [16, 23, 24, 32, 40, 47, 48, 56, 64, 100, 112, 136, 145, 216])
 @pytest.mark.parametrize("n,k", [(8, 16), (9, 100), (44, 333), (24, 2100), (150, 260)])
 @pytest.mark.parametrize("threads", [1, 2])
@@ -178,8 +179,9 @@ def test_avx2_column_kernel_follows_the_tuning():
 
 
 def test_column_kernel_short_passes(tuning, gen):
-    """K past ~130k inputs: the driver's passes hold <= 16 rows, so the Intel
-    AVX2 column tile runs row tiles of 1 and 2 half slabs (24 rows -> 16 + 8)."""
+    """K past ~63k inputs (8 MiB of transposed x per 16 rows): the driver's
+    passes hold <= 16 rows, so the Intel AVX2 column tile runs row tiles of 1
+    and 2 half slabs (24 rows -> 16 + 8)."""
     if not _native.isa_supported("avx2"):
         pytest.skip("this CPU lacks avx2")
     n, k = 6, 140001
@@ -194,10 +196,42 @@ def test_column_kernel_short_passes(tuning, gen):
         assert_close_k(y, x, w, b)
 
 
+def _poison_scratch(threads):
+    """Leave NaN in every thread's transposed-x and partial-sum scratch: a batch
+    of NaN rows through the column kernel (a full pass of 8 MiB of x)."""
+    n, k = 16, 4096
+    w = torch.zeros(n, k)
+    w[:, 0::4] = 1.0
+    vals, meta = _canon(w)
+    p = s24.pack_sparse24(s24.Sparse24Weight(vals, meta, k))
+    x = torch.full((512, k), float("nan"))
+    for t in sorted({1, threads}):
+        with num_threads(t):
+            torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, None, p)
+
+
+# The column kernel reads only the x it packed: every call runs on scratch left
+# full of NaN, so a read past the packed lines (the rest of a last k-block, the
+# pad between slabs, rows past m) would show. K around the AVX2 8-input blocks
+# and Intel's 128-input k-blocks (1, 3, 127, 128, 256, 333); odd-half row tiles
+# (56: 7, 145: 10 + 9); 2 threads split rows from 96.
+@pytest.mark.parametrize("k", [1, 3, 127, 128, 256, 333])
+@pytest.mark.parametrize("m,threads", [(24, 1), (56, 2), (145, 1), (145, 2)])
+def test_column_kernel_reads_only_what_it_packed(isa, tuning, gen, k, m, threads):
+    w, vals, meta, b, packed = _layer(9, k, gen)
+    x = torch.randn(m, k, generator=gen)
+    _poison_scratch(threads)
+    with num_threads(threads):
+        y = torch.ops.pyaccel.sparse24_linear(x, vals, meta, k, b, packed)
+    assert not torch.isnan(y).any()
+    assert_close_k(y, x, w, b)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_column_kernel_in_several_passes(isa, tuning, gen, threads):
     """Batches past ~8 MiB of x run the column kernel in balanced passes of rows:
-    K = 4100, passes of <= 496 rows (one thread, 1000 rows: 336 + 336 + 328;
+    K = 4100, passes of <= 496 rows (480 with Intel's k-blocked x) (one thread,
+    1000 rows: 336 + 336 + 328;
     two threads: the row split in passes of the same rows, each pass in two
     chunks of whole 16-row slabs); K = 40000, passes of <= 48 rows (one
     thread, 200 rows: 4 x 48 + 8; two threads: the same passes, each split
