@@ -69,13 +69,18 @@ int64_t packed_nbytes(int64_t n, int64_t k, int bh, int bw, int64_t nnzb);
 // partial sums (kept in L1/L2 for the band), so each slab line is read once
 // per band instead of once per block.
 // ~256 channels: a band's partial sums (256 x 4 slabs x 64 B at most) sit in L2.
+// The kernels trust nothing in the lists beyond the header: they clamp each
+// group's entry range to [0, nentries) and read a row as row & (kBandChannels
+// - 1) into partial sums of kBandChannels rows, so a corrupted packing gives
+// wrong numbers, never a read or write out of bounds.
 constexpr int64_t kBandChannels = 256;
+static_assert((kBandChannels & (kBandChannels - 1)) == 0, "row masks need a power of 2");
 inline int64_t band_rows_for(int bh) { return kBandChannels / bh * bh; }
 struct BandLists {
   const int32_t* goff;
   const uint16_t* row;
   const void* w;  // const float [nentries][4]
-  int64_t nbands, ngroups, band_rows;
+  int64_t nbands, ngroups, band_rows, nentries;
   struct Sizes {
     int64_t nbands, ngroups, nentries, goff_offset, row_offset, w_offset, total;  // total 0: no lists
   };

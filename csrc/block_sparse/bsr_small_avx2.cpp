@@ -127,7 +127,7 @@ void bsr_scatter_avx2(const GemmArgs& g, const float* xt, int64_t nslabs, int64_
                       int64_t b0, int64_t b1, int /*sw: 8 here*/) {
   float* part = nullptr;
   {
-    const size_t floats = g.lists.band_rows * 2 * 8 + 8;
+    const size_t floats = kBandChannels * 2 * 8 + 8;  // scatter_groups' row mask
     if (t_part.size() < floats) t_part.resize(floats);
     part = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(t_part.data()) + 31) & ~uintptr_t(31));
   }

@@ -229,7 +229,7 @@ void scatter_band(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m,
 template <typename V>
 void scatter_slabs(const GemmArgs& g, const float* xt, int64_t nslabs, int64_t m, int64_t s0, int64_t s1, int64_t b0,
                    int64_t b1) {
-  float* part = aligned64(t_part, g.lists.band_rows * 4 * V::W);
+  float* part = aligned64(t_part, kBandChannels * 4 * V::W);  // scatter_groups' row mask
   for_each_slab_run<4>(s0, s1, [&](int64_t s, auto run) {
     for (int64_t b = b0; b < b1; ++b) scatter_band<V, decltype(run)::value>(g, xt, nslabs, m, s, b, part);
   });

@@ -73,6 +73,7 @@ BandLists BandLists::at(const uint8_t* lists, const Sizes& z, int bh) {
   b.nbands = z.nbands;
   b.ngroups = z.ngroups;
   b.band_rows = band_rows_for(bh);
+  b.nentries = z.nentries;
   return b;
 }
 
@@ -222,10 +223,17 @@ std::string packing_error_for(const uint8_t* buf, int64_t nbytes, int64_t n, int
     return "expected " + std::to_string(f.total) + " bytes for this packing, the buffer has " +
            std::to_string(nbytes) + ": truncated or not made by the packer";
   // The block pattern: the size check above puts rowptr [nbr + 1] and colk [nnzb]
-  // inside the buffer. Row by row, so that the first block row that differs is named;
-  // crow is the caller's (not validated per call): colk is read only within [0, nnzb).
+  // inside the buffer. First the packing's own pattern, which the kernels index
+  // by (row pointers from 0 to nnzb, non-decreasing; column entries multiples
+  // of bw below k), then against crow / col row by row, so that the first block
+  // row that differs is named; crow is the caller's (not validated per call):
+  // colk is read only within [0, nnzb).
   const int32_t* rowptr = reinterpret_cast<const int32_t*>(buf + hb);
   const int32_t* colk = rowptr + nbr + 1;
+  bool sane = rowptr[0] == 0 && rowptr[nbr] == nnzb;
+  for (int64_t r = 0; sane && r < nbr; ++r) sane = rowptr[r] <= rowptr[r + 1];
+  for (int64_t b = 0; sane && b < nnzb; ++b) sane = colk[b] >= 0 && colk[b] < k && colk[b] % bw == 0;
+  if (!sane) return "the buffer's block pattern is corrupt (row pointers or column entries out of range)";
   for (int64_t r = 0; r < nbr; ++r) {
     bool same = rowptr[r] == crow[r] && rowptr[r + 1] == crow[r + 1];
     const int64_t b0 = std::max<int64_t>(crow[r], 0), b1 = std::min<int64_t>(crow[r + 1], nnzb);

@@ -4,6 +4,7 @@
 #pragma once
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -40,7 +41,8 @@ struct Ymm {
 };
 
 
-// One band over all groups: part[band_rows][S][W] (zeroed here) gets the
+// One band over all groups: part[kBandChannels][S][W] (its first band_rows
+// zeroed here) gets the
 // band's channels x the S slab lines at xs (line: floats between one input's
 // lines and the next input's). Per group of 4 inputs its 4 x S lines are
 // loaded once, then every entry adds w[0..4) x those lines into its channel's
@@ -51,15 +53,17 @@ inline void scatter_groups(const BandLists& bl, const float* xs, int64_t line, i
   std::memset(part, 0, bl.band_rows * L * sizeof(float));
   const int32_t* go = bl.goff + band * (bl.ngroups + 1);
   for (int64_t gi = 0; gi < bl.ngroups; ++gi) {
-    const int32_t e0 = go[gi], e1 = go[gi + 1];
-    if (e0 == e1) continue;
+    // (clamped: see kBandChannels)
+    const int64_t e0 = std::min<int64_t>(std::max<int32_t>(go[gi], 0), bl.nentries);
+    const int64_t e1 = std::min<int64_t>(go[gi + 1], bl.nentries);
+    if (e0 >= e1) continue;
     typename V::T x[4][S];
     const float* xg = xs + 4 * gi * line;
     for (int j = 0; j < 4; ++j)
       for (int t = 0; t < S; ++t) x[j][t] = V::load(xg + j * line + t * V::W);
-    for (int32_t e = e0; e < e1; ++e) {
-      float* p = part + bl.row[e] * L;
-      const float* w = static_cast<const float*>(bl.w) + 4 * static_cast<int64_t>(e);
+    for (int64_t e = e0; e < e1; ++e) {
+      float* p = part + (bl.row[e] & (kBandChannels - 1)) * L;
+      const float* w = static_cast<const float*>(bl.w) + 4 * e;
       const typename V::T w0 = V::set1(w[0]), w1 = V::set1(w[1]), w2 = V::set1(w[2]), w3 = V::set1(w[3]);
 #pragma GCC unroll 4
       for (int t = 0; t < S; ++t) {

@@ -290,6 +290,36 @@ def test_op_raises_for_a_packing_of_another_weight(isa, gen):
     assert_close(op(packed), x, bsf.decompress(bsw), None, f"{isa}: its own packing")
 
 
+@needs_native
+@pytest.mark.parametrize("block", [(1, 4), (2, 8), (3, 4), (16, 16)])
+def test_op_survives_a_corrupted_packing(isa, gen, block):
+    """A packing whose header is intact but whose body was overwritten (band
+    lists, block pattern, values) segfaulted the band-list kernels (fp32, small
+    blocks: the lists' entry offsets and channel rows were trusted). Every
+    region of the buffer, overwritten with 0xFF or random bytes, now gives a
+    ValueError naming `packed` or an output of the right shape, never a crash."""
+    n, k = 72, 264
+    w = _weight(n, k, block, 0.5, gen)
+    bsw = bsf.compress(w, block)
+    good = bsf.pack_block_sparse(bsw)
+    args = (bsw.values, bsw.crow_indices, bsw.col_indices, n, k, None)
+    cut = 16
+    edges = torch.linspace(64, good.numel(), cut + 1).long().tolist()
+    for m in (1, 5, 24):
+        x = torch.randn(m, k, generator=gen)
+        for fill in ("ff", "random"):
+            for a, b in zip(edges, edges[1:]):
+                bad = good.clone()
+                bad[a:b] = 0xFF if fill == "ff" else torch.randint(0, 256, (b - a,), generator=gen, dtype=torch.uint8)
+                try:
+                    y = torch.ops.pyaccel.block_sparse_linear(x, *args, bad)
+                except ValueError as exc:
+                    assert str(exc).startswith("packed: "), str(exc)
+                else:
+                    assert y.shape == (m, n)
+    assert_close(torch.ops.pyaccel.block_sparse_linear(x, *args, good), x, bsf.decompress(bsw), None, isa)
+
+
 def _pattern_weight(rows, gen, block=(16, 16)):
     """A [64, 64] weight keeping, in block row r, the block columns rows[r]."""
     w = torch.zeros(64, 64)
