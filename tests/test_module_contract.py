@@ -485,6 +485,25 @@ def test_torch_export_dynamic_batch(gen, case):
 
 
 # ---- autograd ------------------------------------------------------------------------------
+def test_backward_after_inference_mode(gen, case):
+    """Built, or loaded from a state_dict made, under torch.inference_mode: the
+    packing came out as an inference tensor (carved from a buffer chunk first
+    mapped in inference mode), and a later grad-enabled call raised "Inference
+    tensors cannot be saved for backward". Every tensor the module holds is a
+    normal one."""
+    with torch.inference_mode():
+        built = case.build(48, 32, True, gen)
+        sd = {k: v.clone() for k, v in built.state_dict().items()}
+    loaded = case.build(48, 32, True, gen)
+    loaded.load_state_dict(sd)
+    for what, mod in (("built", built), ("loaded", loaded)):
+        held = [v for v in vars(mod).values() if isinstance(v, torch.Tensor)] + list(mod.buffers())
+        assert not any(t.is_inference() for t in held), what
+        x = torch.randn(6, 48, generator=gen, requires_grad=True)
+        mod(x).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0, what
+
+
 def test_backward_reaches_the_input(gen, case):
     mod = case.build(48, 32, True, gen)
     x = torch.randn(6, 48, generator=gen, requires_grad=True)
@@ -1019,6 +1038,22 @@ def test_conv_jit_trace_fx_compile_export(gen, ccase):
     for n in (1, 5):
         xi = _cx(gen, 16, n, 10, 10)
         assert torch.allclose(ep.module()(xi), mod(xi), rtol=1e-6, atol=1e-6)
+
+
+def test_conv_backward_after_inference_mode(gen, ccase):
+    """Conv modules built under torch.inference_mode hold normal tensors only
+    (test_backward_after_inference_mode)."""
+    with torch.inference_mode():
+        mod = ccase.build(12, 10, gen)
+        sd = {k: v.clone() for k, v in mod.state_dict().items()}
+    loaded = ccase.build(12, 10, gen)
+    loaded.load_state_dict(sd)
+    for what, m in (("built", mod), ("loaded", loaded)):
+        held = [v for v in vars(m).values() if isinstance(v, torch.Tensor)] + list(m.buffers())
+        assert not any(t.is_inference() for t in held), what
+        x = _cx(gen, 12, 2, 8, 9).requires_grad_()
+        m(x).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0, what
 
 
 def test_conv_backward_reaches_the_input(gen, ccase):

@@ -102,7 +102,10 @@ class PackedModule(nn.Module):
         self._sig = self._signature()
         self._invalid = self._canonical_error(self._canonical())
         if self._invalid is None:
-            self._pack()
+            # normal tensors even under torch.inference_mode: an inference tensor
+            # in the packing could not be saved for a later grad-enabled call
+            with torch.inference_mode(False):
+                self._pack()
 
     def _track_versions(self) -> None:
         """Replace each canonical buffer that is an inference tensor (made under
