@@ -326,6 +326,20 @@ def _patterns(p: Optional[Union[str, Sequence[str]]]) -> Optional[Sequence[str]]
     return [p] if isinstance(p, str) else p
 
 
+def _warn_unmatched_include(model: nn.Module, include) -> None:
+    """UserWarning naming each include pattern that matches no module path of
+    `model` (patch would then swap nothing it selects), with a sample path."""
+    if not include:
+        return
+    paths = [p for p, _ in model.named_modules(remove_duplicate=False)]
+    for pattern in include:
+        if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
+            sample = next((p for p in paths if p.count(".") >= 2), paths[-1] if paths else "")
+            warnings.warn(f"patch: include pattern {pattern!r} matches no module path of the model (its paths "
+                          f"look like {sample!r}; a SentenceTransformer's start with '0.model.')",
+                          UserWarning, stacklevel=3)
+
+
 def check_selection_args(filter_fn, include, exclude):
     """(include, exclude) as None, a pattern string or a tuple of them (any
     iterable of strings is taken once); TypeError naming the argument unless
@@ -553,6 +567,7 @@ def patch(
     if block_sparse not in BLOCK_SPARSE_MODES:
         raise ValueError(f"block_sparse: expected one of {BLOCK_SPARSE_MODES}, got {block_sparse!r}")
     include, exclude = check_selection_args(filter_fn, include, exclude)
+    _warn_unmatched_include(model, include)
     given = model
     if not inplace:
         model = deepcopy_model(model)
@@ -648,6 +663,16 @@ def patch(
             for p, text in ((src, f"hands packed signs to {dst}"), (dst, f"takes packed signs from {src}")):
                 if p in by_path and by_path[p].swapped:
                     by_path[p].backend += "; " + text
+    raised = [e for e in report.entries if e.reason and "filter_fn raised" in e.reason]
+    if raised:
+        warnings.warn(f"patch: filter_fn raised for {len(raised)} module(s), left as they were "
+                      f"(first: {raised[0].path or '<root>'}: {raised[0].reason}); filter_fn gets every module a "
+                      "handler looks at (nn.Linear, transformers Conv1D, convs, BatchNorms, activations)",
+                      UserWarning, stacklevel=2)
+    if inplace and report.model is not given and not isinstance(report.model, torch.fx.GraphModule):
+        warnings.warn(f"patch: the model is itself a single replaceable module ({given._get_name()}), which "
+                      f"cannot be replaced in place: the {type(report.model).__name__} is report.model",
+                      UserWarning, stacklevel=2)
     if inplace and isinstance(report.model, torch.fx.GraphModule) and report.model is not given:
         warnings.warn("patch: chains in the model's own forward were fused through torch.fx into a new "
                       "GraphModule; the model passed in has none of those (only fusions inside nn.Sequential "

@@ -485,6 +485,17 @@ def test_torch_export_dynamic_batch(gen, case):
 
 
 # ---- autograd ------------------------------------------------------------------------------
+def test_script_says_it_is_not_supported(gen, case):
+    """torch.jit.script failed inside TorchScript's annotation parser
+    ("Unknown type annotation: 'Optional[Tensor]'"); it now names the module
+    and what to use instead, also from inside a container."""
+    mod = case.build(16, 8, True, gen)
+    for obj in (mod, nn.Sequential(nn.ReLU(), mod)):
+        with pytest.raises(RuntimeError, match=rf"{type(mod).__name__}: torch.jit.script is not supported .*"
+                                               r"torch.jit.trace, torch.compile or torch.export"):
+            torch.jit.script(obj)
+
+
 def test_backward_after_inference_mode(gen, case):
     """Built, or loaded from a state_dict made, under torch.inference_mode: the
     packing came out as an inference tensor (carved from a buffer chunk first

@@ -1,5 +1,6 @@
 """pyaccel.patch: what it swaps, what it leaves (and why), filters, inplace."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -89,8 +90,38 @@ def test_subclass_and_root_module():
     assert type(net[0]) is MyLinear
     assert "subclass MyLinear" in report.skipped[0].reason
     lin = nn.Linear(5, 3)
-    report = pyaccel.patch(lin, quantize="int8")
-    assert isinstance(report.model, Int8Linear)
+    # the root cannot be replaced in place: said (a user kept calling `lin`, still nn.Linear)
+    with pytest.warns(UserWarning, match=r"itself a single replaceable module \(Linear\).*report.model"):
+        report = pyaccel.patch(lin, quantize="int8")
+    assert isinstance(report.model, Int8Linear) and type(lin) is nn.Linear
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(pyaccel.patch(lin.eval(), quantize="int8", inplace=False).model, Int8Linear)
+
+
+def test_selection_mistakes_are_said():
+    """An include pattern that matched nothing and a filter_fn that raised
+    (the README's own `module.out_features` filter on GPT-2's Conv1D) left
+    every layer as it was with nothing said outside the report."""
+    net = _net()
+    with pytest.warns(UserWarning, match=r"include pattern 'encoder\.\*' matches no module path .*'0\.mlp\.0'"):
+        report = pyaccel.patch(net, quantize="int8", include=["*.mlp.*", "encoder.*"])
+    assert {e.path for e in report.swapped} == {"0.mlp.0", "0.mlp.2", "1.mlp.0", "1.mlp.2"}
+
+    class Odd(nn.Module):  # a Linear-like layer without out_features (transformers' Conv1D has nf)
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            del self.proj.out_features
+
+        def forward(self, x):
+            return self.proj(x)
+
+    net = nn.Sequential(Odd(), nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match=r"filter_fn raised for 1 module\(s\).*first: 0\.proj: filter_fn raised "
+                                         r"AttributeError"):
+        report = pyaccel.patch(net, quantize="int8", filter_fn=lambda m, path: m.out_features >= 8)
+    assert [e.path for e in report.swapped] == ["1"]
 
 
 def test_training_flag_and_mixed_models_kept():

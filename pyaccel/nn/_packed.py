@@ -372,6 +372,13 @@ class PackedModule(nn.Module):
         super().__setstate__(state)
         self._repack()
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: say that scripting is not
+        supported (it failed inside TorchScript's annotation parser)."""
+        raise RuntimeError(f"{type(self).__name__}: torch.jit.script is not supported by pyaccel modules (their "
+                           "forward checks arguments in Python and calls custom ops); use torch.jit.trace, "
+                           "torch.compile or torch.export")
+
 
 class PackedLinear(PackedModule):
     """A Linear-kind pyaccel module: ``y = x Wᵀ + b`` with W stored compressed.
