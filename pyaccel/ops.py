@@ -6,6 +6,13 @@ reference (pyaccel.reference) for every other device or when the native library
 is missing. All of them validate their arguments the same way and raise
 ValueError/TypeError naming the argument, what was expected and what came.
 
+``packed`` arguments: the native packing of the canonical weight passed with
+it (what the modules keep in step with their buffers). The CPU ops read its
+header (and, where the op says so, its index tables) and raise ValueError
+``packed: ...`` for a packing of another shape or format, or a truncated one;
+its weight values are not compared with the canonical tensors, so a packing of
+other weights of the same shape gives that packing's result.
+
 Calling a Python-defined torch.library op costs ~10 µs, so inference modules
 call :func:`int8_linear_cpu` directly in eager mode and go through
 ``torch.ops.pyaccel.*`` only when tracing or compiling.

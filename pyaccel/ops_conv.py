@@ -137,7 +137,8 @@ def dws_conv2d(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], pw_weigh
     """Fused depthwise-separable conv (see the module docstring). TypeError /
     ValueError naming the bad argument; on the CPU, ValueError ``packed: ...``
     when `packed` was made for other parameters (channels, window, stride,
-    dilation, activations, biases), is truncated or is no DWS1 packing."""
+    dilation, activations, which biases it holds), is truncated or is no DWS1
+    packing; the weights' and biases' values are not compared."""
     raise NotImplementedError("no kernel for this device")  # pragma: no cover - per-device kernels below
 
 
