@@ -16,6 +16,7 @@ through pyaccel.nn._conv.conv_geometry (TF "same" handled) or reported.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pyaccel import _pattern
@@ -63,6 +64,25 @@ def _is_bn(e: Elem):
 def _is_act(e: Elem):
     a = activation_of(e)
     return a is not None and a.kind != ActKind.PRELU
+
+
+# activations the fused kernels do not compute (the ones they do: activation_of)
+_OTHER_ACT_FNS = (F.gelu, F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.sigmoid, F.tanh, F.softplus,
+                  torch.sigmoid, torch.tanh)
+
+
+def _is_act1(e: Elem):
+    """act1, between the depthwise and the pointwise conv: an activation the
+    kernels lack stops the chain with that reason (after the pointwise conv
+    such a module just stays outside the fused span: _is_act)."""
+    if _is_act(e):
+        return True
+    other = (e.module is not None and type(e.module).__module__ == "torch.nn.modules.activation") or (
+        e.module is None and e.fn in _OTHER_ACT_FNS)
+    if other:
+        return (f"depthwise-separable: activation {e.describe()} between the depthwise and the 1x1 conv is not "
+                "one the fused kernels compute (ReLU, ReLU6, Hardswish, SiLU, Hardtanh)")
+    return False
 
 
 def _is_pointwise(e: Elem):
@@ -113,7 +133,7 @@ DWS_PATTERN = _pattern.register(ChainPattern(
     slots=[
         Slot("dw", _is_depthwise),
         Slot("bn1", _is_bn, optional=True),
-        Slot("act1", _is_act, optional=True),
+        Slot("act1", _is_act1, optional=True),
         Slot("pw", _is_pointwise),
         Slot("bn2", _is_bn, optional=True),
         Slot("act2", _is_act, optional=True),
