@@ -153,10 +153,13 @@ def block_sparse_int8_linear(x: torch.Tensor, values: torch.Tensor, crow_indices
 
 
 def _dws_depthwise(x, dw_weight, dw_bias, stride, dilation, pads, act1):
-    """act1(depthwise conv of zero-padded x), fp32 NCHW."""
+    """act1(depthwise conv of zero-padded x), fp32 NCHW (x [N, C, H, W] or
+    unbatched [C, H, W]). x is taken contiguous (NCHW) first: torch's depthwise
+    conv sums in another order for channels_last input, and the reference
+    must not depend on the memory format."""
     import torch.nn.functional as F
 
-    xf = x.float()
+    xf = x.float().contiguous()
     t, b, l, r = pads
     if t or b or l or r:
         xf = F.pad(xf, (l, r, t, b))
@@ -196,7 +199,11 @@ def dws_conv2d_int8(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[
     """Fused depthwise-separable conv with an int8 pointwise stage: the depthwise
     part as in dws_conv2d (fp32), then per output pixel the channels quantized
     per row (int8_linear's rule) against int8 per-output-channel weights pw_int8
-    [Cout, C] with scales pw_scale [Cout], + bias, act2. x's dtype and memory format."""
+    [Cout, C] with scales pw_scale [Cout], + bias, act2. x [N, C, H, W] or
+    unbatched [C, H, W]; x's dtype and memory format."""
+    if x.dim() == 3:  # unbatched [C, H, W]
+        return dws_conv2d_int8(x.unsqueeze(0), dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, stride, dilation, pads,
+                               act1, act2).squeeze(0)
     rows = _dws_depthwise(x, dw_weight, dw_bias, stride, dilation, pads, act1).permute(0, 2, 3, 1)  # NHWC rows
     y = act2(int8_linear(rows.contiguous(), pw_int8, pw_scale, pw_bias)).permute(0, 3, 1, 2)
     return _in_format_of(y, x)

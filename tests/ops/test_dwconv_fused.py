@@ -477,6 +477,30 @@ def test_int8_pointwise_matches_reference_and_sqnr(isa, gen):
         assert ycl.is_contiguous(memory_format=torch.channels_last) and torch.equal(ycl, y)
 
 
+def test_references_take_unbatched_input_and_ignore_the_memory_format(gen):
+    """reference.dws_conv2d_int8 failed on an unbatched [C, H, W] input ("permute
+    (sparse_coo): number of dimensions ..."), and both references rounded the
+    depthwise sums differently for channels_last input (torch's depthwise conv
+    sums in another order there: 2.9e-3 apart after quantization with a 9 x 9
+    window), where the modules give the same bits for either format."""
+    from pyaccel.nn import FusedDWSeparableInt8Conv2d
+
+    f = _random_module(24, 40, 9, 1, act1="relu6", act2="hardswish", gen=gen)
+    q = FusedDWSeparableInt8Conv2d.from_float(f)
+    g = q.geometry
+    x = torch.randn(2, 24, 17, 15, generator=gen) * 3
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    args8 = (q.dw_weight, q.dw_bias, q.pw_weight_int8, q.pw_scale, q.bias, g.stride, g.dilation, g.pads(17, 15),
+             q.act1, q.act2)
+    args32 = (f.dw_weight, f.dw_bias, f.pw_weight, f.bias, g.stride, g.dilation, g.pads(17, 15), f.act1, f.act2)
+    for ref, args in ((reference.dws_conv2d_int8, args8), (reference.dws_conv2d, args32)):
+        y = ref(x, *args)
+        ycl = ref(xcl, *args)
+        assert ycl.is_contiguous(memory_format=torch.channels_last) and torch.equal(ycl, y), ref.__name__
+        y1 = ref(x[1], *args)  # (torch's convs may sum a batch of one in another order)
+        assert y1.shape == y[1].shape and torch.allclose(y1, y[1], rtol=1e-5, atol=1e-4), ref.__name__
+
+
 @needs_native
 @pytest.mark.parametrize("act2", ACTS)
 def test_int8_pointwise_every_activation(isa, gen, act2):
