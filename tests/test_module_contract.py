@@ -401,6 +401,91 @@ def test_linear_surface(gen, case):
     assert nobias.bias is None and torch.equal(F.linear(x, nobias.weight), nobias(x))
 
 
+_WRITES = {  # each one wrote into a materialized copy and returned normally: a silent no-op
+    "copy_": lambda w: w.copy_(torch.zeros(w.shape)),
+    "add_": lambda w: w.add_(1),
+    "iadd": lambda w: w.__iadd__(1),
+    "init.zeros_": nn.init.zeros_,
+    "init.kaiming_uniform_": nn.init.kaiming_uniform_,
+    "init.orthogonal_": nn.init.orthogonal_,  # writes through w.view_as(q)
+    "data.mul_": lambda w: w.data.mul_(0),
+    "detach().zero_": lambda w: w.detach().zero_(),
+    "t().add_": lambda w: w.t().add_(1),
+    "row.zero_": lambda w: w[0].zero_(),
+    "setitem": lambda w: w.__setitem__(0, 1.0),
+    "split.fill_": lambda w: w.split(2)[0].fill_(0),
+    "out=": lambda w: torch.add(torch.zeros(w.shape), 1, out=w),
+    "data =": lambda w: setattr(w, "data", torch.zeros(w.shape)),
+}
+
+
+@pytest.mark.parametrize("write", list(_WRITES), ids=list(_WRITES))
+def test_weight_view_refuses_writes(gen, case, write):
+    """The view of the effective weight cannot be written (it is computed from
+    the packed buffers); every way to write it raises, naming the buffers to
+    change instead, and the module keeps computing what it computed."""
+    _needs_linear_map(case)
+    mod = case.build(24, 16, True, gen)
+    x = torch.randn(3, 24, generator=gen)
+    y0 = mod(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # materializing for a view op warns
+        refused = (rf"{case.cls.__name__}\.weight is read-only: it is computed from the packed buffers "
+                   r"\(.*load_state_dict")
+        with torch.no_grad(), pytest.raises(RuntimeError, match=refused):
+            _WRITES[write](mod.weight)
+    assert torch.equal(mod(x), y0)
+
+
+def test_weight_view_requires_grad_and_conversions(gen, case):
+    """requires_grad_() raises (it returned a view that required grad while
+    module.weight did not); tolist / numpy / deepcopy / pickle give the dense
+    weight (they failed with torch internals), numpy read-only; .data and
+    .detach() are the view again, computing nothing."""
+    _needs_linear_map(case)
+    import numpy as np
+
+    mod = case.build(24, 16, True, gen)
+    dense = mod.weight.materialize()
+    with pytest.raises(RuntimeError, match="weight cannot require grad"):
+        mod.weight.requires_grad_()
+    with pytest.raises(RuntimeError, match="weight cannot require grad"):
+        mod.weight.requires_grad = True
+    assert not mod.weight.requires_grad_(False).requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert mod.weight.tolist() == dense.tolist()
+        a = mod.weight.numpy()
+        assert np.array_equal(a, dense.numpy()) and not a.flags.writeable
+        assert np.array_equal(np.asarray(mod.weight), dense.numpy()) and not np.asarray(mod.weight).flags.writeable
+        assert np.array(mod.weight).flags.writeable  # numpy.array: the caller's copy
+        for copied in (copy.deepcopy(mod.weight), pickle.loads(pickle.dumps(mod.weight))):
+            assert type(copied) is Tensor and torch.equal(copied, dense)
+            copied.add_(1)  # the caller's own tensor
+        b = io.BytesIO()
+        torch.save(mod.weight, b)
+        b.seek(0)
+        assert torch.equal(torch.load(b, weights_only=True), dense)
+        assert torch.equal(mod.weight.t().contiguous(), dense.t())
+    for same in (mod.weight.data, mod.weight.detach()):
+        assert type(same) is type(mod.weight) and same._module is mod
+
+
+def test_weight_view_warning_names_the_callers_line(gen, case):
+    """The materialization warning points at the line that used the weight
+    (it pointed at torch/utils/_pytree.py)."""
+    _needs_linear_map(case)
+    from pyaccel.nn import _weight
+
+    mod = case.build(24, 16, True, gen)
+    for use in (lambda w: w.sum(), lambda w: w.numpy(), lambda w: copy.deepcopy(w)):
+        _weight._warned.discard(type(mod).__name__)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            use(mod.weight)
+        assert [w.filename for w in caught if "materialized" in str(w.message)] == [__file__]
+
+
 class _CountCalls:
     """Counts calls of `cls` instances (at class level: no hooks on instances)."""
 
