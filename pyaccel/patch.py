@@ -222,6 +222,9 @@ def _linear_like(mod, ctx):
     except SourceSkip as exc:
         return str(exc)
     w, b = src.weight, src.bias
+    if w.numel() == 0:
+        return (f"empty {kind} (in_features {src.in_features}, out_features {src.out_features}): pyaccel "
+                "modules need both >= 1; left as is")
     if w.dtype not in (torch.float32, torch.bfloat16):
         return (f"{w.dtype} weights: pyaccel modules take float32/bfloat16 inputs, and this layer "
                 f"gets {w.dtype} ones; left as is")

@@ -184,6 +184,20 @@ def test_layer_the_kernels_cannot_take_is_left_with_reason():
     assert type(net[1]) is Int8Linear
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_empty_linear_is_left_with_reason(quantize):
+    """nn.Linear(8, 0) gave "could not read the module (RuntimeError): cannot
+    reshape tensor of 0 elements ..."; nn.Linear(0, 8) advised quantize='int8',
+    which then failed: an empty layer is left as is with its own reason."""
+    net = nn.Sequential(nn.Linear(8, 0), nn.Linear(0, 8))
+    report = pyaccel.patch(net, quantize=quantize)
+    assert not report.swapped
+    reasons = {e.path: e.reason for e in report.skipped}
+    assert reasons == {"0": "empty Linear (in_features 8, out_features 0): pyaccel modules need both >= 1; left as is",
+                       "1": "empty Linear (in_features 0, out_features 8): pyaccel modules need both >= 1; left as is"}
+
+
 def test_tied_output_layer_reason_does_not_advise_quantizing():
     """A float layer tied to an embedding stays as is whatever the options: the
     report says so instead of suggesting quantize='int8' (which would skip it too)."""

@@ -119,6 +119,22 @@ def test_errors(gen):
     assert "sparsity=2:4" in repr(m)
 
 
+@pytest.mark.parametrize("shape", [(0, 8), (8, 0), (0, 0)])
+def test_empty_weight_is_refused_naming_it(shape):
+    """from_dense of a weight without rows or columns failed inside torch
+    ("cannot reshape tensor of 0 elements into shape [0, -1, 4]"); the format
+    functions take it (a 2:4 weight, vacuously)."""
+    from pyaccel.nn import Sparse24Int8Linear
+
+    w = torch.zeros(shape)
+    for cls in (Sparse24Linear, Sparse24Int8Linear):
+        with pytest.raises(ValueError, match=rf"weight: expected \[out_features, in_features\] with both >= 1, got "
+                                             rf"shape \({shape[0]}, {shape[1]}\)"):
+            cls.from_dense(w)
+    assert s24.is_24(w) and s24.mask_24(w).shape == shape
+    assert torch.equal(s24.decompress(s24.compress(w)), w)
+
+
 def test_quantize_int8_on_2_4_model_uses_sparse_int8(gen):
     from pyaccel.nn import Sparse24Int8Linear
 

@@ -43,7 +43,7 @@ def _grouped(weight: torch.Tensor) -> torch.Tensor:
     pad = (-k) % GROUP
     if pad:
         weight = torch.nn.functional.pad(weight, (0, pad))
-    return weight.reshape(n, -1, GROUP)
+    return weight.reshape(n, (k + pad) // GROUP, GROUP)  # no -1: an empty weight has 0 rows
 
 
 def mask_24(weight: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ def mask_24(weight: torch.Tensor) -> torch.Tensor:
     g = _grouped(weight.detach().abs().float())
     order = torch.sort(g, dim=-1, descending=True, stable=True).indices[..., :KEEP]
     mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order, True)
-    return mask.reshape(n, -1)[:, :k]
+    return mask.reshape(n, g.shape[1] * GROUP)[:, :k]
 
 
 def is_24(weight: torch.Tensor) -> bool:
@@ -92,7 +92,7 @@ def compress(weight: torch.Tensor) -> Sparse24Weight:
     key = torch.where(nz, pos, pos + GROUP)  # non-zeros sort first, each side in position order
     idx = torch.sort(key, dim=-1).indices[..., :KEEP]
     idx = torch.sort(idx, dim=-1).values  # i0 < i1
-    vals = torch.gather(g, -1, idx).reshape(n, -1)
+    vals = torch.gather(g, -1, idx).reshape(n, KEEP * g.shape[1])
     nib = (idx[..., 0] | (idx[..., 1] << 2)).to(torch.uint8)  # [N, G]
     if nib.shape[1] % 2:
         nib = torch.nn.functional.pad(nib, (0, 1))
@@ -105,7 +105,7 @@ def positions(sw: Sparse24Weight) -> torch.Tensor:
     n = sw.values.shape[0]
     groups = sw.values.shape[1] // KEEP
     m = sw.meta.to(torch.int64)
-    nib = torch.stack([m & 0xF, m >> 4], dim=-1).reshape(n, -1)[:, :groups]
+    nib = torch.stack([m & 0xF, m >> 4], dim=-1).reshape(n, 2 * m.shape[1])[:, :groups]
     return torch.stack([nib & 3, nib >> 2], dim=-1)
 
 
@@ -115,7 +115,7 @@ def decompress(sw: Sparse24Weight) -> torch.Tensor:
     groups = sw.values.shape[1] // KEEP
     dense = torch.zeros(n, groups, GROUP, dtype=sw.values.dtype, device=sw.values.device)
     dense.scatter_(-1, positions(sw), sw.values.reshape(n, groups, KEEP))
-    return dense.reshape(n, -1)[:, :sw.k]
+    return dense.reshape(n, groups * GROUP)[:, :sw.k]
 
 
 def position_bytes(sw: Sparse24Weight) -> torch.Tensor:

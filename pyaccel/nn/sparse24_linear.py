@@ -23,6 +23,14 @@ def _init_24_buffers(mod: nn.Module, values_dtype: torch.dtype, device) -> None:
                                            device=device))
 
 
+def _require_rows_and_columns(weight) -> None:
+    """ValueError naming `weight` for a 2-D weight without rows or columns
+    (the modules need in_features and out_features >= 1)."""
+    if isinstance(weight, Tensor) and weight.dim() == 2 and 0 in weight.shape:
+        raise ValueError(f"weight: expected [out_features, in_features] with both >= 1, got shape "
+                         f"{tuple(weight.shape)}")
+
+
 class _Sparse24Buffers:
     """State-dict versions of the 2:4 modules: version 1 named the position
     buffer "meta" (a name torch.export's unlifted GraphModule reserves); loading
@@ -69,6 +77,7 @@ class Sparse24Linear(_Sparse24Buffers, PackedLinear):
     @classmethod
     def from_dense(cls, weight: Tensor, bias: Optional[Tensor] = None) -> "Sparse24Linear":
         """From a dense [N, K] weight that already follows 2:4 (ValueError if not)."""
+        _require_rows_and_columns(weight)
         sw = s24.compress(weight)  # names the first offending group
         n, k = weight.shape
         if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (n,)):
@@ -146,6 +155,7 @@ class Sparse24Int8Linear(_Sparse24Buffers, PackedLinear):
         first offending group if not): int8 symmetric per output channel (lossy)."""
         from pyaccel.formats.int8 import quantize_weight_per_channel
 
+        _require_rows_and_columns(weight)
         s24.compress(weight)  # raises, naming the group, if the weight is not 2:4
         n, k = weight.shape
         if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (n,)):
