@@ -171,6 +171,28 @@ def test_errors_name_the_argument(gen):
             m(torch.randn(2, 16, device="meta"))
 
 
+@pytest.mark.parametrize("bad", [torch.tensor(7.5), torch.tensor(7.0), torch.tensor(True), torch.tensor([7]) * 1.0,
+                                 7.5, 7.0], ids=["7.5", "7.0-tensor", "bool", "float-1d", "py-7.5", "py-7.0"])
+def test_state_dict_act_bits_must_be_an_integer(gen, bad):
+    """A state_dict act_bits of 7.5 loaded as 7 (int() truncated it) where
+    ``module.act_bits = 7.5`` / ``7.0`` are refused: non-integers are refused
+    on load too, naming the key; nothing is loaded."""
+    src = Int8Linear.from_float(nn.Linear(16, 8), act_bits=7)
+    sd = src.state_dict()
+    sd["act_bits"] = bad
+    mod = Int8Linear.from_float(nn.Linear(16, 8))
+    before = mod.weight_int8.clone()
+    with pytest.raises(RuntimeError, match=r"act_bits: expected the integer 8 or 7"):
+        mod.load_state_dict(sd)
+    assert mod.act_bits == 8 and torch.equal(mod.weight_int8, before)
+    wrapped = nn.Sequential(Int8Linear.from_float(nn.Linear(16, 8)))
+    with pytest.raises(RuntimeError, match=r"0\.act_bits: expected the integer 8 or 7"):
+        wrapped.load_state_dict({f"0.{k}": v for k, v in sd.items()})
+    sd["act_bits"] = torch.tensor(7, dtype=torch.int32)  # any integer dtype
+    mod.load_state_dict(sd)
+    assert mod.act_bits == 7
+
+
 def test_hooks_still_run(gen):
     m = Int8Linear.from_float(nn.Linear(8, 4))
     seen = []

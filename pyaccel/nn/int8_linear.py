@@ -3,6 +3,7 @@ activations quantized per row at run time; int32 accumulation; the
 dequantization and bias are fused into the kernel's epilogue."""
 from __future__ import annotations
 
+import numbers
 from typing import List, Optional
 
 import torch
@@ -25,6 +26,20 @@ try:  # torch.ao's dynamic Linear; absent in some builds
     from torch.ao.nn.quantized.dynamic import Linear as _AoDynamicLinear
 except Exception:  # pragma: no cover
     _AoDynamicLinear = None
+
+
+def _act_bits_entry(value) -> Optional[int]:
+    """A state_dict's act_bits entry as 8 or 7, or None when it is anything
+    else: a float (7.5, and 7.0 as ``module.act_bits = 7.0`` refuses it), a
+    bool, a tensor of another dtype or more than one element."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dtype.is_floating_point or value.dtype.is_complex or \
+                value.dtype == torch.bool or value.device.type == "meta":
+            return None
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) not in ACT_QMAX:
+        return None
+    return int(value)
 
 
 class Int8Linear(PackedLinear):
@@ -178,14 +193,10 @@ class Int8Linear(PackedLinear):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         key = prefix + self._ACT_BITS_KEY
-        bits = state_dict.get(key, 8)
-        try:
-            bits = int(bits)
-        except (TypeError, ValueError, RuntimeError):
-            bits = None
-        if bits not in ACT_QMAX:
-            error_msgs.append(f"{type(self).__name__} ({prefix or 'root'}): act_bits: expected 8 or 7, "
-                              f"got {state_dict.get(key)!r}")
+        bits = _act_bits_entry(state_dict.get(key, 8))
+        if bits is None:
+            error_msgs.append(f"{type(self).__name__} ({prefix or 'root'}): {key}: expected the integer 8 or 7 "
+                              f"(an integer scalar tensor, as state_dict saves it), got {state_dict.get(key)!r}")
             return
         old = self.act_bits
         self.__dict__["_act_bits"] = bits  # repacked once, at the end of the load
