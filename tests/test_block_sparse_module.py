@@ -141,18 +141,25 @@ def test_bsr_int8_round_trip_and_refusals(gen):
             BlockSparseInt8Linear.from_bsr(t, b, weight_scale=bad)
     with pytest.raises(ValueError, match="weight_scale: expected finite scales"):
         BlockSparseInt8Linear.from_bsr(t, b, weight_scale=torch.full((64,), float("nan")))
-    with pytest.warns(UserWarning, match="weight_scale is ignored: torch.float32 blocks are quantized here"):
+    # a weight_scale that would be ignored (the blocks are quantized) is refused, naming the blocks' dtype
+    ignored = r"weight_scale: given with {}, which are quantized here .* so it would be ignored"
+    with pytest.raises(ValueError, match=ignored.format("torch.float32 blocks")):
         BlockSparseInt8Linear.from_bsr(w.to_sparse_bsr((32, 32)), b, weight_scale=q.weight_scale * 9)
     wi = (w * 4).round().to(torch.int16)  # integer blocks, but not int8: quantized like float ones
-    with pytest.warns(UserWarning, match=r"weight_scale is ignored: torch.int16 blocks \(an integer dtype, but not "
-                                         r"int8\) are quantized here"):
-        i16 = BlockSparseInt8Linear.from_bsr(wi.to_sparse_bsr((32, 32)), b, weight_scale=q.weight_scale)
+    with pytest.raises(ValueError, match=ignored.format(r"torch.int16 blocks \(an integer dtype, but not int8\)")):
+        BlockSparseInt8Linear.from_bsr(wi.to_sparse_bsr((32, 32)), b, weight_scale=q.weight_scale)
+    with pytest.raises(ValueError, match=ignored.format(r"torch.uint8 blocks \(an integer dtype, but not int8\)")):
+        BlockSparseInt8Linear.from_bsr(wi.abs().to(torch.uint8).to_sparse_bsr((32, 32)), b,
+                                       weight_scale=q.weight_scale)
+    i16 = BlockSparseInt8Linear.from_bsr(wi.to_sparse_bsr((32, 32)), b)
     assert torch.equal(i16(x), BlockSparseInt8Linear.from_bsr(wi.float().to_sparse_bsr((32, 32)), b)(x))
     wb = w > 0  # bool blocks: not called 'an integer dtype'
-    with pytest.warns(UserWarning, match=r"weight_scale is ignored: torch.bool blocks \(booleans, taken as 0 / 1\) "
-                                         r"are quantized here"):
-        bb = BlockSparseInt8Linear.from_bsr(wb.to_sparse_bsr((32, 32)), b, weight_scale=q.weight_scale)
+    with pytest.raises(ValueError, match=ignored.format(r"torch.bool blocks \(booleans, taken as 0 / 1\)")):
+        BlockSparseInt8Linear.from_bsr(wb.to_sparse_bsr((32, 32)), b, weight_scale=q.weight_scale)
+    bb = BlockSparseInt8Linear.from_bsr(wb.to_sparse_bsr((32, 32)), b)
     assert torch.equal(bb(x), BlockSparseInt8Linear.from_bsr(wb.float().to_sparse_bsr((32, 32)), b)(x))
+    with pytest.raises(ValueError, match=ignored.format("torch.float32 blocks")):
+        BlockSparseInt8Linear.from_weight(bsf.compress(w, (32, 32)), b, weight_scale=q.weight_scale)
     with pytest.raises(ValueError, match="values: expected floating-point"):
         BlockSparseLinear.from_bsr(t, b)
     f = BlockSparseInt8Linear.from_bsr(w.to_sparse_bsr((32, 32)), b)  # float blocks: quantized
@@ -160,6 +167,13 @@ def test_bsr_int8_round_trip_and_refusals(gen):
     padded = torch.nn.functional.pad(w[:60], (0, 0, 0, 4)).to_sparse_bsr((32, 32))
     with pytest.raises(ValueError, match="shape="):
         BlockSparseLinear.from_bsr(padded, b[:60])
+    # shape takes ints only (15.5 was accepted, as 15 rows)
+    for bad in ((60.5, 96), (60, 96.0), (True, 96), (60,), 60, "60, 96", (60, 96, 1)):
+        with pytest.raises(ValueError, match=r"shape: expected \(out_features, in_features\), two ints, got"):
+            BlockSparseLinear.from_bsr(padded, b[:60], shape=bad)
+        with pytest.raises(ValueError, match=r"shape: expected \(out_features, in_features\), two ints, got"):
+            BlockSparseInt8Linear.from_bsr(padded, b[:60], shape=bad)
+    assert BlockSparseLinear.from_bsr(padded, b[:60], shape=torch.Size([60, 96])).out_features == 60
 
 
 @pytest.mark.filterwarnings("ignore:Sparse")

@@ -22,6 +22,7 @@ around. Shapes that are not multiples of the block are padded, never rejected.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -141,14 +142,18 @@ def decompress(bsw: BlockSparseWeight) -> Tensor:
 
 def from_torch_bsr(t: Tensor, shape: Optional[Tuple[int, int]] = None) -> BlockSparseWeight:
     """From a ``torch.sparse_bsr`` tensor [N_pad, K_pad]; `shape` gives the
-    logical (n, k) when it is smaller than the tensor's (padding)."""
+    logical (n, k), two ints, when it is smaller than the tensor's (padding).
+    ValueError naming `weight` or `shape`."""
     if not isinstance(t, Tensor) or t.layout != torch.sparse_bsr:
         raise ValueError(f"weight: expected a torch.sparse_bsr tensor, got {_desc(t)}")
     if t.dim() != 2:
         raise ValueError(f"weight: expected a 2-D BSR tensor, got shape {tuple(t.shape)}")
     vals = t.values()
     bh, bw = int(vals.shape[1]), int(vals.shape[2])
-    n, k = shape if shape is not None else tuple(t.shape)
+    if shape is not None and not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 2 and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in shape)):
+        raise ValueError(f"shape: expected (out_features, in_features), two ints, got {shape!r}")
+    n, k = (int(shape[0]), int(shape[1])) if shape is not None else tuple(t.shape)
     if not (t.shape[0] - bh < n <= t.shape[0] and t.shape[1] - bw < k <= t.shape[1]):
         raise ValueError(f"shape: {tuple((n, k))} does not pad to the BSR tensor's {tuple(t.shape)} "
                          f"with blocks of {(bh, bw)}")

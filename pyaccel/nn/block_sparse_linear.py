@@ -117,7 +117,7 @@ class BlockSparseLinear(PackedLinear):
     def from_bsr(cls, weight: Tensor, bias: Optional[Tensor] = None,
                  shape: Optional[Tuple[int, int]] = None) -> "BlockSparseLinear":
         """From a ``torch.sparse_bsr`` weight [out_pad, in_pad] of floating-point
-        blocks (`shape`: the logical (out, in) when padded). ValueError naming
+        blocks (`shape`: the logical (out, in) when padded, two ints). ValueError naming
         the argument for a tensor of another layout, bad indices, integer values
         or a bias that does not match."""
         return cls.from_weight(_bsr_weight(weight, bias, shape), bias)
@@ -253,8 +253,10 @@ class BlockSparseInt8Linear(BlockSparseLinear):
     @classmethod
     def from_weight(cls, bsw: bsf.BlockSparseWeight, bias: Optional[Tensor] = None,
                     weight_scale: Optional[Tensor] = None) -> "BlockSparseInt8Linear":
-        """From a canonical BSR weight: float values are quantized per output
-        channel (lossy); int8 values are taken as they are, with `weight_scale`."""
+        """From a canonical BSR weight: float values (any dtype but int8) are
+        quantized per output channel (lossy; ValueError naming `weight_scale`
+        if one is given, as it would be ignored); int8 values are taken as
+        they are, with `weight_scale`."""
         err = bsf.canonical_error(bsw)
         if err:
             raise ValueError(err)
@@ -265,8 +267,9 @@ class BlockSparseInt8Linear(BlockSparseLinear):
                 what = f"{dt} blocks" + ("" if dt.is_floating_point else " (booleans, taken as 0 / 1)"
                                          if dt == torch.bool else " (complex: the real part is taken)"
                                          if dt.is_complex else " (an integer dtype, but not int8)")
-                warnings.warn(f"weight_scale is ignored: {what} are quantized here, with scales computed per "
-                              "output channel (pass int8 blocks to keep given scales)", UserWarning, stacklevel=3)
+                raise ValueError(f"weight_scale: given with {what}, which are quantized here with scales computed "
+                                 "per output channel, so it would be ignored: pass int8 blocks with their "
+                                 "weight_scale, or leave weight_scale out to quantize these")
             bsw, weight_scale = bsf.quantize_blocks(bsw)
         elif weight_scale is None:
             raise ValueError("weight_scale: int8 values need their per-channel scales: pass weight_scale= "
@@ -294,11 +297,12 @@ class BlockSparseInt8Linear(BlockSparseLinear):
     def from_bsr(cls, weight: Tensor, bias: Optional[Tensor] = None, shape: Optional[Tuple[int, int]] = None,
                  weight_scale: Optional[Tensor] = None) -> "BlockSparseInt8Linear":
         """From a ``torch.sparse_bsr`` weight [out_pad, in_pad] (`shape`: the
-        logical (out, in) when padded): floating-point blocks are quantized per
-        output channel (lossy); int8 blocks (``to_bsr()`` of this class) are
-        taken as they are, with their `weight_scale` (float32 [out]), so
-        ``from_bsr(m.to_bsr(), m.bias, weight_scale=m.weight_scale)`` gives the
-        same layer back. ValueError naming the argument otherwise."""
+        logical (out, in) when padded, two ints): floating-point blocks are
+        quantized per output channel (lossy; a `weight_scale` given with them
+        is refused, as it would be ignored); int8 blocks (``to_bsr()`` of this
+        class) are taken as they are, with their `weight_scale` (float32
+        [out]), so ``from_bsr(m.to_bsr(), m.bias, weight_scale=m.weight_scale)``
+        gives the same layer back. ValueError naming the argument otherwise."""
         return cls.from_weight(_bsr_weight(weight, bias, shape), bias, weight_scale)
 
     def to_bsr(self) -> Tensor:
