@@ -100,11 +100,11 @@ class Activation:
         return torch.where(x >= 0, x, x * slope)
 
     @staticmethod
-    def parse(spec: Union[str, "Activation", None]) -> "Activation":
+    def parse(spec: Union[str, "Activation", None], name: str = "activation") -> "Activation":
         """An Activation from a name ('none' / 'identity', 'relu', 'relu6', 'hardswish',
         'silu' / 'swish'; any case), an activation module (nn.ReLU, nn.ReLU6,
         nn.Hardswish, nn.SiLU, nn.Hardtanh, nn.Identity), None (none) or itself.
-        ValueError naming `activation` for anything else."""
+        ValueError naming `name` (the caller's argument) for anything else."""
         if isinstance(spec, Activation):
             return spec
         if spec is None:
@@ -112,13 +112,13 @@ class Activation:
         if isinstance(spec, nn.Module):
             act = activation_of(spec) if type(spec) is not nn.Identity else Activation()
             if act is None:
-                raise ValueError(f"activation: expected one of nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, "
+                raise ValueError(f"{name}: expected one of nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, "
                                  f"nn.Hardtanh, nn.Identity or a name, got {spec!r}")
             return act
         names = {"none": ActKind.NONE, "identity": ActKind.NONE, "relu": ActKind.RELU, "relu6": ActKind.RELU6,
                  "hardswish": ActKind.HARDSWISH, "silu": ActKind.SILU, "swish": ActKind.SILU}
         if not isinstance(spec, str) or spec.lower() not in names:
-            raise ValueError(f"activation: expected one of {sorted(names)}, got {spec!r}")
+            raise ValueError(f"{name}: expected one of {sorted(names)}, got {spec!r}")
         return Activation(names[spec.lower()])
 
 

@@ -399,6 +399,30 @@ def test_patch_names_block_sparsity_under_the_minimum_and_from_float_warns():
         BlockSparseLinear.from_float(m[0], (1, 4))
     msgs = [str(c.message) for c in caught if "from_float" in str(c.message)]
     assert len(msgs) == 1 and "no all-zero 32x32 block" in msgs[0]
+    assert "(e.g. block=(1, 4))" in msgs[0]
+
+
+def test_dense_result_warning_does_not_suggest_the_block_given():
+    """from_float(w, block=(1, 4)) on a 2:4 weight told the user to pass
+    block=(1, 4), which they had: it now points at the 2:4 module; for another
+    weight it suggests a block other than the one given."""
+    from pyaccel.formats import sparse24 as s24
+    from pyaccel.nn import BlockSparseInt8Linear, BlockSparseLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        lin.weight.mul_(s24.mask_24(lin.weight))
+    for cls, other in ((BlockSparseLinear, "Sparse24Linear"), (BlockSparseInt8Linear, "Sparse24Int8Linear")):
+        with pytest.warns(UserWarning) as caught:
+            cls.from_float(lin, block=(1, 4))
+        (msg,) = [str(c.message) for c in caught]
+        assert "no all-zero 1x4 block" in msg and "block=(1, 4)" not in msg, msg
+        assert "the weight is 2:4 sparse" in msg.lower() and f"pyaccel.nn.{other}.from_float" in msg, msg
+    dense = torch.nn.Linear(64, 32)
+    with pytest.warns(UserWarning, match=r"no all-zero 1x4 block .* \(e\.g\. block=\(32, 32\)\)") as caught:
+        BlockSparseLinear.from_float(dense, block=(1, 4))
+    assert caught[0].filename == __file__
 
 
 def test_pruning_leaves_tied_weights_alone(gen):

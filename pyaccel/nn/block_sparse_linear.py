@@ -12,6 +12,7 @@ from pyaccel import _native, ops  # noqa: F401  (ops: registers torch.ops.pyacce
 from pyaccel import ops_block_sparse as bops
 from pyaccel.formats import _checks
 from pyaccel.formats import block_sparse as bsf
+from pyaccel.formats import sparse24 as s24
 from pyaccel.nn._packed import PackedLinear, linear_weights
 from pyaccel.reference import INT8_MAX_K
 
@@ -19,14 +20,21 @@ DEFAULT_BLOCK = (32, 32)
 
 
 def _warn_if_dense(mod: "BlockSparseLinear", block: Tuple[int, int], w: Tensor) -> None:
-    """UserWarning when from_float kept every block (density 1.0)."""
+    """UserWarning when from_float kept every block (density 1.0), saying what
+    to do instead: a 2:4 module for a 2:4 weight, else another block shape."""
     if w.numel() and mod.density >= 1.0:
-        import warnings
-
+        bh, bw = block
         zeros = float((w == 0).float().mean())
-        warnings.warn(f"from_float: no all-zero {block[0]}x{block[1]} block in the weight ({zeros:.0%} of its entries "
-                      "are zero): the result is a dense layer in a block-sparse format. Pass the block shape the "
-                      "weight was pruned with (block=(1, 4), ...); pyaccel.patch finds it by itself.",
+        if zeros > 0 and s24.is_24(w):
+            other = "Sparse24Int8Linear" if isinstance(mod, BlockSparseInt8Linear) else "Sparse24Linear"
+            hint = (f"The weight is 2:4 sparse (at most 2 non-zeros in every 4 consecutive inputs), which leaves no "
+                    f"{bh}x{bw} block all zero: pyaccel.nn.{other}.from_float computes it without the zeros")
+        else:
+            example = (1, 4) if (bh, bw) != (1, 4) else (32, 32)
+            hint = (f"Pass the block shape the weight was pruned with (e.g. block={example}); pyaccel.patch finds it "
+                    "by itself")
+        warnings.warn(f"from_float: no all-zero {bh}x{bw} block in the weight ({zeros:.0%} of its entries are "
+                      f"zero): the result is a dense layer in a block-sparse format. {hint}.",
                       UserWarning, stacklevel=3)
 
 

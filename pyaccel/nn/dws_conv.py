@@ -150,12 +150,25 @@ class FusedDWSeparableConv2d(PackedConv2d):
 
     def __setattr__(self, name, value):
         if name in ("act1", "act2"):
-            value = Activation.parse(value)  # a name, an Activation or None, as the constructor takes them
+            value = Activation.parse(value, name)  # a name, a module, an Activation or None
             if value.kind == ActKind.PRELU:
                 raise ValueError(f"{name}: PReLU is not supported by the fused kernel")
+        elif name == "geometry":
+            self._check_geometry(value)
         super().__setattr__(name, value)
         if name in self._BAKED_IN and "_plan" in self.__dict__:
             self._repack()  # now, not at the next call: compiled code does not check _signature
+
+    def _check_geometry(self, g) -> None:
+        """TypeError / ValueError naming `geometry` unless g is a ConvGeometry
+        of the window dw_weight holds (once the buffers exist)."""
+        if not isinstance(g, ConvGeometry):
+            raise TypeError(f"geometry: expected a pyaccel.nn._conv.ConvGeometry (for instance "
+                            f"dataclasses.replace(module.geometry, stride=(2, 2))), got {type(g).__name__} {g!r}")
+        old = self.__dict__.get("geometry")
+        if old is not None and g.kernel != old.kernel:
+            raise ValueError(f"geometry: expected a {old.kernel[0]}x{old.kernel[1]} window (dw_weight's), got "
+                             f"{g.kernel[0]}x{g.kernel[1]}: build a new module for another window size")
 
     def _buffer_specs(self):
         """name -> (dtype, shape) of the canonical buffers."""
@@ -262,18 +275,11 @@ class FusedDWSeparableConv2d(PackedConv2d):
 
 
 def fuse_dws(dw: nn.Conv2d, bn1=None, act1=None, pw: nn.Conv2d = None, bn2=None, act2=None):
-    """FusedDWSeparableConv2d.from_modules with activations given as modules or names."""
-    from pyaccel._pattern import activation_of
-
-    def act(a):
-        if a is None or isinstance(a, (str, Activation)):
-            return Activation.parse(a)
-        r = activation_of(a)
-        if r is None:
-            raise ValueError(f"act: unsupported activation {type(a).__name__}")
-        return r
-
-    return FusedDWSeparableConv2d.from_modules(dw, bn1, act(act1), pw, bn2, act(act2))
+    """FusedDWSeparableConv2d.from_modules with activations given as the
+    constructor takes them (modules, nn.Identity included, names or None);
+    ValueError naming act1 / act2 for another one."""
+    return FusedDWSeparableConv2d.from_modules(dw, bn1, Activation.parse(act1, "act1"), pw, bn2,
+                                               Activation.parse(act2, "act2"))
 
 
 __all__ = ["FusedDWSeparableConv2d", "fuse_dws", "ConvSkip"]

@@ -426,7 +426,7 @@ def test_bad_arguments_name_themselves(gen):
                 cls(8, 8, **{arg: bad})
     with pytest.raises(ValueError, match="act"):
         FusedDWSeparableConv2d(8, 8, act1="gelu")
-    with pytest.raises(ValueError, match="activation: expected one of nn.ReLU"):
+    with pytest.raises(ValueError, match="act1: expected one of nn.ReLU"):
         FusedDWSeparableConv2d(8, 8, act1=nn.GELU())
     with pytest.raises(TypeError, match="fused: expected a float pyaccel.nn.FusedDWSeparableConv2d, got Conv2d"):
         pyaccel.nn.FusedDWSeparableInt8Conv2d.from_float(nn.Conv2d(8, 8, 1))
@@ -572,9 +572,48 @@ def test_module_refuses_an_activation_assignment_the_kernel_lacks(gen):
     y = m(x)
     with pytest.raises(ValueError, match="act2: PReLU is not supported by the fused kernel"):
         m.act2 = Activation(ActKind.PRELU, slope=torch.ones(1))
-    with pytest.raises(ValueError, match="activation: expected one of"):
+    with pytest.raises(ValueError, match="act1: expected one of"):
         m.act1 = "gelu"
     assert m.act1 == Activation(ActKind.RELU) and m.act2 == Activation() and torch.equal(m(x), y)
+
+
+def test_module_refuses_a_geometry_it_cannot_take(gen):
+    """m.geometry = (3, 3) failed with "'tuple' object has no attribute
+    'kernel'" and left the module broken; another window size failed at the
+    repack naming dw_weight, leaving the module with it. Both are refused
+    naming geometry, the module unchanged."""
+    import dataclasses
+
+    m = _random_module(8, 8, act1="relu", act2="none", gen=gen)
+    x = torch.randn(1, 8, 9, 9, generator=gen)
+    y, g = m(x), m.geometry
+    for bad in ((3, 3), None, "tf_same"):
+        with pytest.raises(TypeError, match=r"geometry: expected a pyaccel.nn._conv.ConvGeometry .*got "):
+            m.geometry = bad
+    with pytest.raises(ValueError, match=r"geometry: expected a 3x3 window \(dw_weight's\), got 5x5"):
+        m.geometry = ConvGeometry((5, 5))
+    assert m.geometry == g and torch.equal(m(x), y) and "kernel=3x3" in repr(m)
+    m.geometry = dataclasses.replace(g, stride=(2, 2))  # the suggested way
+    assert m(x).shape == (1, 8, 5, 5)
+
+
+def test_fuse_dws_takes_what_the_constructor_takes(gen):
+    """fuse_dws refused nn.Identity ("act: unsupported activation Identity")
+    though the module's constructor takes it; an unsupported one names the
+    argument."""
+    from pyaccel.nn.dws_conv import fuse_dws
+
+    dw, pw = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 16, 1)
+    x = torch.randn(1, 8, 6, 6, generator=gen)
+    m = fuse_dws(dw, None, nn.Identity(), pw, None, nn.Identity())
+    assert m.act1 == Activation() and m.act2 == Activation()
+    with torch.no_grad():
+        assert torch.allclose(m(x), pw(dw(x)), rtol=1e-5, atol=1e-5)
+    assert fuse_dws(dw, None, "relu6", pw, None, None).act1 == Activation(ActKind.RELU6)
+    with pytest.raises(ValueError, match=r"act1: expected one of nn.ReLU, .*got GELU"):
+        fuse_dws(dw, None, nn.GELU(), pw)
+    with pytest.raises(ValueError, match=r"act2: expected one of nn.ReLU, .*got PReLU"):
+        fuse_dws(dw, None, None, pw, None, nn.PReLU())
 
 
 def _int8_op_with(q, x, packed_dw, packed_pw):
