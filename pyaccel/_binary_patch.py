@@ -19,6 +19,7 @@ from typing import Callable, List, Optional, Tuple
 from torch import nn
 
 from pyaccel.nn.binary import BinaryConv2d, BinaryLinear
+from pyaccel import ops_binary
 from pyaccel.nn.xnor import XnorConv2d, XnorLinear, numeric_padding
 
 _ACTS = (nn.ReLU, nn.Hardtanh, nn.PReLU)  # nn.ReLU6 is a Hardtanh
@@ -52,6 +53,8 @@ def _bn_ok(layer: nn.Module, bn: nn.Module) -> bool:
 def _act_ok(act: nn.Module, n: int) -> bool:
     if not isinstance(act, _ACTS) or type(act) not in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.PReLU):
         return False
+    if isinstance(act, nn.Hardtanh):  # finite bounds, min_val < max_val: what the epilogue clamps to
+        return ops_binary.act_bounds_error("hardtanh", float(act.min_val), float(act.max_val)) is None
     return not isinstance(act, nn.PReLU) or act.weight.numel() in (1, n)
 
 

@@ -9,9 +9,12 @@ out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
 act, act_lo, act_hi)`` -> fp32 [N, OC, OH, OW] in channels_last memory format;
 ``torch.ops.pyaccel.binary_linear(x, weight_bits, wsum, scale, shift, slope,
 out_features, act, act_lo, act_hi)``: its 1 x 1 case on x [..., K] -> [..., N].
+act_lo / act_hi are act='hardtanh''s bounds: finite, act_lo < act_hi
+(ValueError naming them otherwise); other activations ignore them.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import torch
@@ -36,8 +39,22 @@ def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def act_bounds_error(act: str, act_lo: float, act_hi: float) -> Optional[str]:
+    """Why (act_lo, act_hi) cannot be act's bounds, naming them; None when they can.
+    act='hardtanh' clamps to [act_lo, act_hi]: both finite and act_lo < act_hi (as
+    nn.Hardtanh asks): a NaN bound would drop its clamp in the kernels, and reversed
+    bounds give a constant whose value differs between the kernels and torch.clamp.
+    Other activations ignore the bounds."""
+    if act != "hardtanh":
+        return None
+    if not (math.isfinite(act_lo) and math.isfinite(act_hi) and act_lo < act_hi):
+        return (f"act_lo / act_hi: act='hardtanh' clamps to [act_lo, act_hi]: expected finite bounds with "
+                f"act_lo < act_hi, got act_lo={act_lo}, act_hi={act_hi}")
+    return None
+
+
 def check_conv_args(x, weight_bits, wsum, scale, shift, slope, oc, kernel_size, stride, padding, dilation, groups,
-                    padding_mode, act) -> None:
+                    padding_mode, act, act_lo, act_hi) -> None:
     """Raise TypeError/ValueError naming the bad argument of binary_conv2d."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -76,6 +93,9 @@ def check_conv_args(x, weight_bits, wsum, scale, shift, slope, oc, kernel_size, 
         raise ValueError(f"act: expected one of {tuple(ACT_CODES)}, got {act!r}")
     if act == "prelu" and slope is None:
         raise ValueError("slope: act='prelu' needs a float32 slope per output channel")
+    err = act_bounds_error(act, act_lo, act_hi)
+    if err is not None:
+        raise ValueError(err)
     if padding_mode == "zeros" and max(padding) > 0 and max(kh, kw) > 64:
         raise ValueError(f"kernel_size: exact zero padding takes kernels up to 64 x 64, got {kernel_size}")
     oh, ow = (out_size(x.shape[2], kh, stride[0], padding[0], dilation[0]),
@@ -123,7 +143,7 @@ def binary_conv2d(x: Tensor, weight_bits: Tensor, wsum: Tensor, scale: Optional[
                   act_lo: float, act_hi: float) -> Tensor:
     """Binary conv: act(conv(sign x, ±1 weights) * scale + shift), fp32 NCHW-shaped, channels_last memory."""
     check_conv_args(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding, dilation,
-                    groups, padding_mode, act)
+                    groups, padding_mode, act, act_lo, act_hi)
     if x.device.type == "cpu" and _native.available():
         return native_conv(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding,
                            dilation, groups, padding_mode, act, act_lo, act_hi).clone()
@@ -142,7 +162,7 @@ def binary_conv2d(x: Tensor, weight_bits: Tensor, wsum: Tensor, scale: Optional[
 def _(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding, dilation, groups,
       padding_mode, act, act_lo, act_hi):
     check_conv_args(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding, dilation,
-                    groups, padding_mode, act)
+                    groups, padding_mode, act, act_lo, act_hi)
     n, _, h, w = x.shape
     oh = out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
     ow = out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
@@ -189,7 +209,7 @@ def binary_linear(x: Tensor, weight_bits: Tensor, wsum: Tensor, scale: Optional[
     x2 = x.reshape(-1, x.shape[-1])[:, :, None, None]
     if x.device.type == "cuda":  # the Triton linear picks popcount or int8 tl.dot by rows (last_path says which)
         check_conv_args(x2, weight_bits, wsum, scale, shift, slope, out_features, [1, 1], [1, 1], [0, 0], [1, 1], 1,
-                        "zeros", act)
+                        "zeros", act, act_lo, act_hi)
         from pyaccel.kernels import binary as tk
 
         y = tk.linear(x2[:, :, 0, 0], weight_bits, scale, shift, slope, out_features, act, act_lo, act_hi)
@@ -203,7 +223,7 @@ def binary_linear(x: Tensor, weight_bits: Tensor, wsum: Tensor, scale: Optional[
 def _(x, weight_bits, wsum, scale, shift, slope, out_features, act, act_lo, act_hi):
     x2 = x.reshape(-1, x.shape[-1])[:, :, None, None]
     check_conv_args(x2, weight_bits, wsum, scale, shift, slope, out_features, [1, 1], [1, 1], [0, 0], [1, 1], 1,
-                    "zeros", act)
+                    "zeros", act, act_lo, act_hi)
     return x.new_empty((*x.shape[:-1], out_features))
 
 

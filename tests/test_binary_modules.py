@@ -606,3 +606,55 @@ def test_binary_padding_checked_up_front():
         BinaryConv2d(4, 4, 4, padding="same", binary_padding="ones")
     with pytest.raises(ValueError, match="binary_padding"):
         pyaccel.binarize(nn.Sequential(nn.Linear(2, 2)), binary_padding="bogus")
+
+
+# ---- QA findings (binary family) ----------------------------------------------------------------
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("lo,hi", [(NAN, 1.0), (-1.0, NAN), (1.0, -1.0), (0.5, 0.5), (-INF, 1.0), (0.0, INF)])
+def test_hardtanh_bounds_must_be_finite_and_ordered(lo, hi):
+    """A NaN bound dropped its clamp in the kernels; reversed bounds gave a constant
+    (a different one in the kernels and in torch.clamp): both are refused."""
+    with pytest.raises(ValueError, match="act_lo / act_hi"):
+        XnorConv2d(8, 16, 3, padding=1, act="hardtanh", act_lo=lo, act_hi=hi)
+    with pytest.raises(ValueError, match="act_lo / act_hi"):
+        XnorLinear(8, 16, act="hardtanh", act_lo=lo, act_hi=hi)
+    ht = nn.Hardtanh()
+    ht.min_val, ht.max_val = lo, hi  # nn.Hardtanh checks its bounds only when built
+    with pytest.raises(ValueError, match="act: Hardtanh"):
+        XnorConv2d.from_binary(BinaryConv2d(8, 16, 3, padding=1).eval(), None, ht)
+    with pytest.raises(ValueError, match="act: Hardtanh"):
+        XnorLinear.from_binary(BinaryLinear(8, 16).eval(), None, ht)
+
+
+def test_hardtanh_bounds_other_activations_and_assignments(gen):
+    m = XnorConv2d(8, 16, 3, padding=1, act="hardtanh")  # nn.Hardtanh's default bounds
+    assert (m.act_lo, m.act_hi) == (-1.0, 1.0) and "hardtanh(-1, 1)" in repr(m)
+    XnorConv2d(8, 16, 3, act="relu", act_lo=NAN)  # the other activations ignore the bounds
+    with pytest.raises(TypeError, match="act_hi: expected a real number"):
+        XnorLinear(8, 16, act="hardtanh", act_hi="1")
+    x = torch.randn(2, 8, 6, 6, generator=gen)
+    m(x)
+    m(x)  # a native plan for this shape
+    m.act_lo = NAN
+    for call in (m, m._checked_op):
+        with pytest.raises(ValueError, match="act_lo / act_hi"):
+            call(x)
+    m.act_lo = -0.5
+    assert m(x).min() == -0.5
+    lin = XnorLinear(8, 4, act="hardtanh", act_lo=-0.5, act_hi=0.5)
+    lin.act_hi = -1.0
+    with pytest.raises(ValueError, match="act_lo / act_hi"):
+        lin(torch.randn(3, 8, generator=gen))
+
+
+def test_patch_leaves_a_hardtanh_it_cannot_fold(gen):
+    ht = nn.Hardtanh()
+    ht.min_val = NAN
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), BinaryConv2d(8, 8, 3, padding=1), ht).eval()
+    x = torch.randn(2, 3, 5, 5, generator=gen)
+    want = model(x)
+    pyaccel.patch(model)
+    assert isinstance(model[1], XnorConv2d) and model[1].act == "none" and model[2] is ht
+    torch.testing.assert_close(model(x), want, equal_nan=True)

@@ -59,13 +59,18 @@ def fold_epilogue(alpha: Tensor, bias: Optional[Tensor], bn: Optional[nn.Module]
 
 
 def activation_of(act: Optional[nn.Module], oc: int) -> Tuple[str, float, float, Optional[Tensor]]:
-    """(act, lo, hi, slope) epilogue descriptor of nn.ReLU / nn.Hardtanh (ReLU6) / nn.PReLU / None."""
+    """(act, lo, hi, slope) epilogue descriptor of nn.ReLU / nn.Hardtanh (ReLU6) / nn.PReLU / None.
+    ValueError naming act for another module, a Hardtanh whose bounds are not finite with
+    min_val < max_val, or a PReLU with neither 1 nor oc slopes."""
     if act is None or isinstance(act, nn.Identity):
         return "none", 0.0, 0.0, None
     if isinstance(act, nn.ReLU):
         return "relu", 0.0, 0.0, None
     if isinstance(act, nn.Hardtanh):
-        return "hardtanh", float(act.min_val), float(act.max_val), None
+        lo, hi = float(act.min_val), float(act.max_val)
+        if ob.act_bounds_error("hardtanh", lo, hi) is not None:
+            raise ValueError(f"act: {act!r}: expected finite bounds with min_val < max_val")
+        return "hardtanh", lo, hi, None
     if isinstance(act, nn.PReLU):
         w = act.weight.detach().float()
         if w.numel() not in (1, oc):
@@ -110,7 +115,7 @@ class _XnorBase(PackedModule):
     def _init_state(self, bias: bool, act: str, act_lo: float, act_hi: float, device) -> None:
         if act not in ACTIVATIONS:
             raise ValueError(f"act: expected one of {ACTIVATIONS}, got {act!r}")
-        self.act, self.act_lo, self.act_hi = act, float(act_lo), float(act_hi)
+        self.act, self.act_lo, self.act_hi = act, act_lo, act_hi  # the bounds: floats (__setattr__), checked below
         oc = self._oc()
         f32 = dict(dtype=torch.float32, device=device)
         self.register_buffer("weight_bits", torch.zeros(self._bits_shape(), dtype=torch.int64, device=device))
@@ -158,7 +163,9 @@ class _XnorBase(PackedModule):
         devs = {v.device for v in t.values() if isinstance(v, Tensor)}
         if len(devs) > 1:
             return f"weight_bits/scale/bias/slope: on different devices {sorted(map(str, devs))}"
-        return None
+        if self.act not in ACTIVATIONS:
+            return f"act: expected one of {ACTIVATIONS}, got {self.act!r}"
+        return ob.act_bounds_error(self.act, self.act_lo, self.act_hi)
 
     def _pack(self) -> None:
         kh, kw = self._ksize()
@@ -253,6 +260,8 @@ class _XnorBase(PackedModule):
         if name in self._GEOMETRY_ATTRS:
             if name in ("stride", "padding", "dilation", "kernel_size"):
                 value = _pair(value, name)  # a tuple: nothing to mutate behind the plans' back
+            elif name in ("act_lo", "act_hi"):
+                value = _real(name, value)
             self.__dict__["_plan"] = self.__dict__["_plans"] = None
         super().__setattr__(name, value)
         if name in self._GEOMETRY_ATTRS and "weight_bits" in self._buffers:
@@ -302,6 +311,11 @@ class _XnorBase(PackedModule):
         plans[(x.shape, x.stride())] = plan
         self.__dict__["_plan"] = plan
 
+    def _act_repr(self) -> str:
+        if self.act == "hardtanh":
+            return f", act=hardtanh({self.act_lo:g}, {self.act_hi:g})"
+        return f", act={self.act}" if self.act != "none" else ""
+
     # geometry, per subclass
     def _stride(self):
         return (1, 1)
@@ -317,6 +331,16 @@ class _XnorBase(PackedModule):
 
     def _pad_mode(self):
         return "zeros"
+
+
+def _real(name: str, v) -> float:
+    """v as a Python float; TypeError naming the argument for a string or a non-number."""
+    if isinstance(v, (str, bytes)):
+        raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
+    try:
+        return float(v)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name}: expected a real number, got {type(v).__name__}") from None
 
 
 def _input(x, what: str) -> Tensor:
@@ -373,7 +397,12 @@ class XnorConv2d(_XnorBase):
     that is not whole: torch would pad unevenly); padding_mode 'zeros'
     (exact: the border correction makes padded taps count 0) or 'ones'
     (sign(x) padded with +1, as BinaryConv2d(binary_padding='ones') trains);
-    act 'none' / 'relu' / 'hardtanh' (act_lo, act_hi) / 'prelu' (slope).
+    act 'none' / 'relu' / 'hardtanh' / 'prelu' (slope). act_lo, act_hi:
+    hardtanh's clamp [act_lo, act_hi], real numbers (TypeError naming them
+    otherwise), for act='hardtanh' finite with act_lo < act_hi (ValueError
+    naming them otherwise; the default is nn.Hardtanh's -1, 1); the other
+    activations ignore them. Assigning act / act_lo / act_hi later is checked
+    the same way at the next call.
 
     Buffers (the canonical state in state_dict): weight_bits int64
     [groups, ceil(OCg / 32), kh * kw, ceil(Cg / 64), 32] (the packing of
@@ -393,7 +422,7 @@ class XnorConv2d(_XnorBase):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", act: str = "none",
-                 act_lo: float = 0.0, act_hi: float = 0.0, device=None):
+                 act_lo: float = -1.0, act_hi: float = 1.0, device=None):
         super().__init__()
         in_channels, out_channels = _check_int("in_channels", in_channels), _check_int("out_channels", out_channels)
         groups = _check_int("groups", groups)
@@ -563,8 +592,7 @@ class XnorConv2d(_XnorBase):
             s += f", groups={self.groups}"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
-        if self.act != "none":
-            s += f", act={self.act}"
+        s += self._act_repr()
         if self.takes_bits or self.emit_bits:
             s += ", packed signs " + " and ".join(w for w, f in (("in", self.takes_bits), ("out", self.emit_bits)) if f)
         return s + f", bias={self.bias is not None}, backend={self.backend()}"
@@ -586,7 +614,7 @@ class XnorLinear(_XnorBase):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, act: str = "none",
-                 act_lo: float = 0.0, act_hi: float = 0.0, device=None):
+                 act_lo: float = -1.0, act_hi: float = 1.0, device=None):
         super().__init__()
         self.in_features = _check_int("in_features", in_features)
         self.out_features = _check_int("out_features", out_features)
@@ -644,8 +672,7 @@ class XnorLinear(_XnorBase):
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-        if self.act != "none":
-            s += f", act={self.act}"
+        s += self._act_repr()
         return s + f", backend={self.backend()}"
 
 

@@ -232,3 +232,21 @@ def test_opcheck(gen):
     torch.library.opcheck(torch.ops.pyaccel.binary_conv2d.default,
                           (x, bits, wsum, torch.rand(4), None, None, 4, [3, 3], [1, 1], [1, 1], [1, 1], 1, "zeros",
                            "relu", 0.0, 0.0), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("lo,hi", [(float("nan"), 1.0), (1.0, -1.0), (0.25, 0.25), (-float("inf"), 1.0)])
+def test_hardtanh_bounds_are_checked(gen, lo, hi):
+    """A NaN bound dropped its clamp in the kernels; reversed bounds gave a different
+    constant in the kernels and the reference: the op (and its fake) refuse them."""
+    x, w = _x(gen, 1, 8, 5, 5), _x(gen, 4, 8, 3, 3)
+    bits, wsum = bf.pack_conv_weight(w, 1)
+    args = [x, bits, wsum, None, None, None, 4, [3, 3], [1, 1], [1, 1], [1, 1], 1, "zeros", "hardtanh", lo, hi]
+    with pytest.raises(ValueError, match="act_lo / act_hi"):
+        ob.binary_conv2d(*args)
+    with pytest.raises(ValueError, match="act_lo / act_hi"), torch._subclasses.FakeTensorMode() as mode:
+        ob.binary_conv2d(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    lbits, lwsum = bf.pack_conv_weight(_x(gen, 4, 8, 1, 1), 1)
+    with pytest.raises(ValueError, match="act_lo / act_hi"):
+        ob.binary_linear(_x(gen, 3, 8), lbits, lwsum, None, None, None, 4, "hardtanh", lo, hi)
+    args[13] = "relu"  # the other activations ignore the bounds
+    assert ob.binary_conv2d(*args).shape == (1, 4, 5, 5)
