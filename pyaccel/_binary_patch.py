@@ -20,7 +20,7 @@ from torch import nn
 
 from pyaccel.nn.binary import BinaryConv2d, BinaryLinear
 from pyaccel import ops_binary
-from pyaccel.nn.xnor import XnorConv2d, XnorLinear, numeric_padding
+from pyaccel.nn.xnor import XnorConv2d, XnorLinear, check_batchnorm, numeric_padding
 
 _ACTS = (nn.ReLU, nn.Hardtanh, nn.PReLU)  # nn.ReLU6 is a Hardtanh
 
@@ -44,10 +44,17 @@ def unsupported_reason(mod: nn.Module) -> Optional[str]:
 
 
 def _bn_ok(layer: nn.Module, bn: nn.Module) -> bool:
+    """Whether patch folds `bn` after `layer`: exactly the BatchNorm class, tracking running statistics,
+    and one from_binary takes (check_batchnorm)."""
     want = nn.BatchNorm2d if isinstance(layer, BinaryConv2d) else nn.BatchNorm1d
     n = layer.out_channels if isinstance(layer, BinaryConv2d) else layer.out_features
-    return (type(bn) is want and not bn.training and bn.track_running_stats and bn.running_mean is not None
-            and bn.num_features == n)
+    if type(bn) is not want or not bn.track_running_stats:
+        return False
+    try:
+        check_batchnorm(bn, n, want, layer.weight.device)
+    except ValueError:
+        return False
+    return True
 
 
 def _act_ok(act: nn.Module, n: int) -> bool:

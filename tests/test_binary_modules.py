@@ -658,3 +658,37 @@ def test_patch_leaves_a_hardtanh_it_cannot_fold(gen):
     pyaccel.patch(model)
     assert isinstance(model[1], XnorConv2d) and model[1].act == "none" and model[2] is ht
     torch.testing.assert_close(model(x), want, equal_nan=True)
+
+
+@pytest.mark.parametrize("bn,exc,match", [
+    (nn.BatchNorm2d(16), ValueError, r"bn: in training mode .* call \.eval\(\)"),
+    (nn.BatchNorm2d(15).eval(), ValueError, "bn: expected 16 features"),
+    (nn.BatchNorm2d(16, track_running_stats=False).eval(), ValueError, "bn: no running statistics"),
+    (nn.BatchNorm1d(16).eval(), TypeError, "bn: expected an nn.BatchNorm2d"),
+    (nn.LayerNorm(16), TypeError, "bn: expected an nn.BatchNorm2d"),
+])
+def test_from_binary_conv_refuses_a_batchnorm_it_cannot_fold(bn, exc, match):
+    with pytest.raises(exc, match=match):
+        XnorConv2d.from_binary(BinaryConv2d(8, 16, 3, padding=1).eval(), bn)
+
+
+@pytest.mark.parametrize("bn,exc,match", [
+    (nn.BatchNorm1d(16), ValueError, r"bn: in training mode .* call \.eval\(\)"),
+    (nn.BatchNorm1d(15).eval(), ValueError, "bn: expected 16 features"),
+    (nn.BatchNorm1d(16, track_running_stats=False).eval(), ValueError, "bn: no running statistics"),
+    (nn.BatchNorm2d(16).eval(), TypeError, "bn: expected an nn.BatchNorm1d"),
+])
+def test_from_binary_linear_refuses_a_batchnorm_it_cannot_fold(bn, exc, match):
+    with pytest.raises(exc, match=match):
+        XnorLinear.from_binary(BinaryLinear(8, 16).eval(), bn)
+
+
+def test_fold_epilogue_and_prelu_name_their_argument():
+    from pyaccel.nn.xnor import fold_epilogue
+
+    with pytest.raises(ValueError, match="bn: in training mode"):
+        fold_epilogue(torch.ones(16), None, nn.BatchNorm2d(16))
+    with pytest.raises(ValueError, match="act: PReLU with 3 slopes"):
+        XnorConv2d.from_binary(BinaryConv2d(8, 16, 3).eval(), None, nn.PReLU(3))
+    with pytest.raises(ValueError, match="act: expected nn.ReLU"):
+        XnorConv2d.from_binary(BinaryConv2d(8, 16, 3).eval(), None, nn.GELU())

@@ -44,12 +44,37 @@ def _wsum_from_bits(bits: Tensor, oc: int, cg: int, kh: int, kw: int) -> Tensor:
     return w.reshape(oc, cg, kh * kw).sum(1).to(torch.int32)
 
 
+def check_batchnorm(bn, channels: int, want: type = nn.modules.batchnorm._BatchNorm,
+                    device: Optional[torch.device] = None) -> None:
+    """Raise TypeError / ValueError naming ``bn`` unless it is a `want` module
+    (nn.BatchNorm2d after a conv, nn.BatchNorm1d after a linear layer) that an
+    epilogue can fold: in eval mode (training mode normalizes with batch
+    statistics), with running statistics (track_running_stats=True) over
+    `channels` features, on `device` (the layer's) when given."""
+    if not isinstance(bn, want):
+        raise TypeError(f"bn: expected an nn.{want.__name__} or None, got {type(bn).__name__}")
+    if bn.training:
+        raise ValueError("bn: in training mode (it normalizes with batch statistics there); call .eval() before "
+                         "folding")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("bn: no running statistics (track_running_stats=False: it normalizes with batch "
+                         "statistics in eval mode too), so there is nothing to fold")
+    if bn.num_features != channels or bn.running_mean.shape != (channels,) or bn.running_var.shape != (channels,):
+        raise ValueError(f"bn: expected {channels} features (the layer's output channels), got num_features="
+                         f"{bn.num_features}")
+    if device is not None and bn.running_mean.device != device:
+        raise ValueError(f"bn: on {bn.running_mean.device}, expected the layer's device {device}")
+
+
 def fold_epilogue(alpha: Tensor, bias: Optional[Tensor], bn: Optional[nn.Module]) -> Tuple[Tensor, Optional[Tensor]]:
-    """(scale, shift) of alpha * dot + bias followed by an eval-mode BatchNorm (or none)."""
+    """(scale, shift) float32 [OC] of alpha * dot + bias followed by an eval-mode BatchNorm
+    (or none); alpha, bias: [OC]. TypeError / ValueError naming bn where it cannot be
+    folded (:func:`check_batchnorm`)."""
     alpha = alpha.detach().float()
     shift = bias.detach().float() if bias is not None else None
     if bn is None:
         return alpha.clone(), None if shift is None else shift.clone()
+    check_batchnorm(bn, alpha.numel())
     inv = torch.rsqrt(bn.running_var.detach().float() + bn.eps)
     gamma = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(inv)
     beta = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(inv)
@@ -74,9 +99,10 @@ def activation_of(act: Optional[nn.Module], oc: int) -> Tuple[str, float, float,
     if isinstance(act, nn.PReLU):
         w = act.weight.detach().float()
         if w.numel() not in (1, oc):
-            raise ValueError(f"PReLU with {w.numel()} slopes after {oc} channels")
+            raise ValueError(f"act: PReLU with {w.numel()} slopes after {oc} channels (expected 1 or {oc})")
         return "prelu", 0.0, 0.0, w.expand(oc).clone()
-    raise ValueError(f"no epilogue for {type(act).__name__}")
+    raise ValueError(f"act: expected nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.PReLU, nn.Identity or None, got "
+                     f"{type(act).__name__}")
 
 
 def numeric_padding(conv: nn.Conv2d) -> Tuple[int, int]:
@@ -352,9 +378,13 @@ def _input(x, what: str) -> Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
-def _folded(layer: nn.Module, bn: Optional[nn.Module], act: Optional[nn.Module], oc: int, groups: int):
+def _folded(layer: nn.Module, bn: Optional[nn.Module], act: Optional[nn.Module], oc: int, groups: int,
+            bn_type: type):
     """(weight_bits, scale, bias, slope, (act, lo, hi)) of a Binary* training layer with the BatchNorm
-    and the activation that follow it folded in (from_binary of both classes)."""
+    and the activation that follow it folded in (from_binary of both classes). TypeError / ValueError
+    naming bn or act where they cannot be folded."""
+    if bn is not None:
+        check_batchnorm(bn, oc, bn_type, layer.weight.device)
     scale, shift = fold_epilogue(layer.alpha(), layer.bias, bn)
     a, lo, hi, slope = activation_of(act, oc)
     bits, _ = bf.pack_conv_weight(layer.weight.detach(), groups)
@@ -470,8 +500,13 @@ class XnorConv2d(_XnorBase):
     @classmethod
     def from_binary(cls, conv: nn.Conv2d, bn: Optional[nn.Module] = None, act: Optional[nn.Module] = None
                     ) -> "XnorConv2d":
-        """From an eval-mode pyaccel.nn.BinaryConv2d, optionally folding the
-        BatchNorm2d (eval statistics) and the activation that follow it."""
+        """From a pyaccel.nn.BinaryConv2d, optionally folding the nn.BatchNorm2d
+        (running statistics) and the activation (nn.ReLU / ReLU6 / Hardtanh /
+        PReLU) that follow it. TypeError naming conv for another layer;
+        TypeError / ValueError naming bn unless it is an nn.BatchNorm2d in eval
+        mode with running statistics over out_channels features, on the conv's
+        device (:func:`check_batchnorm`); ValueError naming act for an
+        activation with no epilogue (:func:`activation_of`)."""
         from pyaccel.nn.binary import BinaryConv2d
 
         if not isinstance(conv, BinaryConv2d):
@@ -479,7 +514,8 @@ class XnorConv2d(_XnorBase):
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode {conv.padding_mode!r} has no binary kernel (zeros / binary_padding only)")
         padding = numeric_padding(conv)
-        bits, scale, shift, slope, (a, lo, hi) = _folded(conv, bn, act, conv.out_channels, conv.groups)
+        bits, scale, shift, slope, (a, lo, hi) = _folded(conv, bn, act, conv.out_channels, conv.groups,
+                                                          nn.BatchNorm2d)
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
                   conv.groups, shift is not None, conv.binary_padding, a, lo, hi, device="meta")
         new._set_state(bits, scale, shift, slope)
@@ -632,13 +668,14 @@ class XnorLinear(_XnorBase):
     @classmethod
     def from_binary(cls, lin: nn.Linear, bn: Optional[nn.Module] = None, act: Optional[nn.Module] = None
                     ) -> "XnorLinear":
-        """From an eval-mode pyaccel.nn.BinaryLinear, optionally folding a
-        BatchNorm1d (eval statistics) and the activation that follow it."""
+        """From a pyaccel.nn.BinaryLinear, optionally folding an nn.BatchNorm1d
+        (running statistics) and the activation that follow it; errors as
+        XnorConv2d.from_binary's (bn: an nn.BatchNorm1d over out_features)."""
         from pyaccel.nn.binary import BinaryLinear
 
         if not isinstance(lin, BinaryLinear):
             raise TypeError(f"lin: expected a pyaccel.nn.BinaryLinear, got {type(lin).__name__}")
-        bits, scale, shift, slope, (a, lo, hi) = _folded(lin, bn, act, lin.out_features, 1)
+        bits, scale, shift, slope, (a, lo, hi) = _folded(lin, bn, act, lin.out_features, 1, nn.BatchNorm1d)
         new = cls(lin.in_features, lin.out_features, shift is not None, a, lo, hi, device="meta")
         new._set_state(bits, scale, shift, slope)
         # BatchNorm1d and PReLU normalize / scale dim 1: the fold is right for [N, F] inputs only
