@@ -692,3 +692,34 @@ def test_fold_epilogue_and_prelu_name_their_argument():
         XnorConv2d.from_binary(BinaryConv2d(8, 16, 3).eval(), None, nn.PReLU(3))
     with pytest.raises(ValueError, match="act: expected nn.ReLU"):
         XnorConv2d.from_binary(BinaryConv2d(8, 16, 3).eval(), None, nn.GELU())
+
+
+def _handoff_pair(c):
+    def chain():
+        torch.manual_seed(3)
+        return _random_bn_statistics(nn.Sequential(BinaryConv2d(8, c, 3, padding=1), nn.BatchNorm2d(c),
+                                                   BinaryConv2d(c, 24, 3, padding=1), nn.BatchNorm2d(24)))
+    model = chain()
+    pyaccel.patch(model, binary_handoff=True)
+    assert model[0].emit_bits and model[2].takes_bits
+    return model
+
+
+@needs_native
+@pytest.mark.parametrize("c", [16, 96])
+def test_packed_signs_past_the_channels_are_ignored(isa, gen, c):
+    """The taking layer's kernel counted the bits past its input channels in the
+    last word (its torch path did not): now every path ignores them."""
+    model = _handoff_pair(c)
+    x = torch.randn(2, 8, 6, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        bits = model[0](x)
+        assert bits.dtype == torch.int64 and bits.shape == (2, 6, 5, bf.words(c))
+        want = model[2](bits)
+        junk = bits.clone()
+        junk[..., -1] |= torch.randint(0, 2 ** 40, bits.shape[:3], generator=gen) << (c % 64)
+        assert not torch.equal(junk, bits)
+        for _ in range(3):  # the checked call, then the native plan for this shape
+            assert torch.equal(model[2](junk), want)
+        assert torch.equal(model[2]._checked_op(junk), want)  # the torch path
+        assert torch.equal(model[2](bits), want)

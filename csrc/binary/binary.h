@@ -121,7 +121,8 @@ struct ConvArgs {
   int64_t oh, ow;
   // Bit-packed hand-off between binary layers (both optional):
   // xbits: the input as signs already packed, [N][H][W][ceil(C / 64)] uint64
-  //   (bits past C zero), read instead of x; needs groups == 1.
+  //   (bits past C are ignored: masked off as the rows are copied), read
+  //   instead of x; needs groups == 1.
   // ybits: write sign(y) packed the same way, [N][OH][OW][ceil(OC / 64)],
   //   instead of y (bit = y < 0; NaN counts +1, as sign does); the caller
   //   zeroes it (channel blocks store 32-bit halves: OC / groups must be a

@@ -97,6 +97,8 @@ void conv(const ConvArgs& a, int nthreads, double* phase_seconds, const BorderTa
   if (t_packed.size() < need) t_packed.resize(need);
   uint64_t* xb = t_packed.data();
   const int64_t row_words = wp * wpix;
+  // xbits: the valid channel bits of a pixel's last word (C % 64 of them; all for C a multiple of 64)
+  const uint64_t xbits_tail = a.c % 64 ? (uint64_t(1) << (a.c % 64)) - 1 : ~uint64_t(0);
   auto pack_rows = [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t img = r / hp, yy = r % hp - a.ph;
@@ -107,9 +109,12 @@ void conv(const ConvArgs& a, int nthreads, double* phase_seconds, const BorderTa
       }
       std::memset(row, 0, sizeof(uint64_t) * a.pw * wpix);
       std::memset(row + (a.pw + a.w) * wpix, 0, sizeof(uint64_t) * a.pw * wpix);
-      if (a.xbits)  // signs already packed by the previous layer (groups == 1: the same words)
-        std::memcpy(row + a.pw * wpix, a.xbits + (img * a.h + yy) * a.w * wpix, sizeof(uint64_t) * a.w * wpix);
-      else
+      if (a.xbits) {  // signs already packed by the previous layer (groups == 1: the same words)
+        uint64_t* dst = row + a.pw * wpix;
+        std::memcpy(dst, a.xbits + (img * a.h + yy) * a.w * wpix, sizeof(uint64_t) * a.w * wpix);
+        if (xbits_tail != ~uint64_t(0))  // bits past C would count as channels: ignore them
+          for (int64_t px = 0; px < a.w; ++px) dst[px * wpix + wpix - 1] &= xbits_tail;
+      } else
         kern.pack_row(a.x + img * a.sxn + yy * a.sxh, a.c, a.w, a.sxc, a.sxw, G, cg, cw, row + a.pw * wpix);
     }
   };

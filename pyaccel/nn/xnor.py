@@ -526,7 +526,9 @@ class XnorConv2d(_XnorBase):
     # float32 channels_last input in eager mode without autograd, return sign(y)
     # packed as int64 [N, OH, OW, ceil(OC / 64)] (bit 1 = negative; NaN counts
     # +1, as sign does) instead of y; any other input gets the float output.
-    # takes_bits: an int64 input is that form (a float one is taken as usual);
+    # takes_bits: an int64 input is that form (a float one is taken as usual;
+    # bits past in_channels in the last word are ignored: the kernel masks them
+    # off as it copies the rows, the torch path unpacks in_channels bits only);
     # the float output is then channels_last float32, as the float chain's is
     # for such an input. The next binary layer reads only signs, so the chain
     # computes what the float chain computes (same values, dtype and format)
