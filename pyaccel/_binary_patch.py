@@ -5,7 +5,8 @@ the kernel's epilogue.
 Sequences are matched inside nn.Sequential containers (nested ones too, since
 every Sequential in the model is visited): ``binary layer -> [BatchNorm] ->
 [ReLU | ReLU6 | Hardtanh | PReLU]``; the folded BatchNorm / activation are
-replaced by nn.Identity and reported as folded. A binary layer outside a
+replaced by nn.Identity, and the chain is one report entry (its span: the
+binary layer's path, then the folded modules'). A binary layer outside a
 Sequential (or followed by something else) is swapped alone by the handler.
 
 Note for the integrator: issue 13's shared ``pyaccel/_pattern.py`` (chain

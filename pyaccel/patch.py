@@ -84,7 +84,13 @@ class PatchEntry:
 
 @dataclasses.dataclass
 class PatchReport:
-    """What :func:`patch` did. ``print(report)`` shows a table."""
+    """What :func:`patch` did. ``print(report)`` shows a table.
+
+    ``swapped``: the entries of what a pyaccel module replaced, one per module
+    or chain (a binary layer -> BatchNorm -> activation, a depthwise ->
+    pointwise block: one entry whose ``span`` lists every path it replaced);
+    ``skipped``: the entries left as they are, with the reason; ``folded``: how
+    many modules the chains replaced past their heads."""
 
     model: nn.Module
     entries: List[PatchEntry] = dataclasses.field(default_factory=list)
@@ -96,6 +102,12 @@ class PatchReport:
     @property
     def skipped(self) -> List[PatchEntry]:
         return [e for e in self.entries if not e.swapped]
+
+    @property
+    def folded(self) -> int:
+        """How many modules past their chain's head the swapped chains replaced (each chain is
+        one entry in ``swapped``; its ``span`` lists them)."""
+        return sum(len(e.span) - 1 for e in self.swapped if e.span)
 
     def __str__(self) -> str:
         head = ("path", "old type", "new type", "backend / reason")
@@ -111,7 +123,8 @@ class PatchReport:
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3]  # noqa: E731
         lines = [fmt(head), "  ".join("-" * w for w in widths) + "  " + "-" * 16]
         lines += [fmt(r) for r in rows]
-        lines.append(f"{len(self.swapped)} swapped, {len(self.skipped)} skipped")
+        lines.append(f"{len(self.swapped)} swapped, {len(self.skipped)} skipped" + (
+            f" ({self.folded} more modules fused or folded into the swapped ones)" if self.folded else ""))
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -480,12 +493,11 @@ def _fold_binary_chains(model, report, include, exclude, filter_fn) -> None:
         return _lost_hooks(mod) or _tied_reason(mod, path, owners)
 
     for path, old, new, folded in _binary_patch.fold_sequences(model, selected, blocked):
+        # one entry for the chain, as for the other fused chains: one swap, its span naming the folded modules
         what = ", ".join(f"{p} ({t})" for p, t in folded)
-        report.entries.append(PatchEntry(path=path, old_type=old, new_type=type(new).__name__,
-                                         backend=f"{new.backend()}; folded {what}"))
-        for p, t in folded:
-            report.entries.append(PatchEntry(path=p, old_type=t, new_type="Identity",
-                                             backend=f"folded into {path}'s epilogue"))
+        report.entries.append(PatchEntry(path=path, old_type="+".join([old] + [t for _, t in folded]),
+                                         new_type=type(new).__name__, backend=f"{new.backend()}; folded {what}",
+                                         span=[path] + [p for p, _ in folded]))
 
 
 def patch(
@@ -553,15 +565,17 @@ def patch(
     left as they are, each with a report entry saying so; modules inside them
     and inside a replaced one are not looked at.
 
-    Multi-module chains (pyaccel._pattern; e.g. depthwise conv -> BatchNorm2d
-    -> activation -> 1x1 conv -> BatchNorm2d -> activation) are matched first:
-    inside nn.Sequential containers (nested ones included) the head's path gets
-    the fused module and the rest of the span nn.Identity, with one report entry
-    for the span (``entry.span``); a chain in a custom forward is matched
-    through torch.fx, and then ``report.model`` is a new torch.fx.GraphModule
-    (that patch is *not* in place: use ``report.model``; with ``inplace=True``
-    patch then warns). A chain that cannot
-    be fused stays as it is, with the reason on its head's entry.
+    Multi-module chains (binary layer -> BatchNorm -> activation, folded into
+    XnorConv2d / XnorLinear by pyaccel._binary_patch; pyaccel._pattern's, e.g.
+    depthwise conv -> BatchNorm2d -> activation -> 1x1 conv -> BatchNorm2d ->
+    activation) are matched first: inside nn.Sequential containers (nested ones
+    included) the head's path gets the fused module and the rest of the span
+    nn.Identity, with one report entry for the span (``entry.span``); a
+    pyaccel._pattern chain in a custom forward is matched through torch.fx, and
+    then ``report.model`` is a new torch.fx.GraphModule (that patch is *not* in
+    place: use ``report.model``; with ``inplace=True`` patch then warns). A
+    chain that cannot be fused stays as it is, with the reason on its head's
+    entry.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

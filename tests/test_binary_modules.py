@@ -244,9 +244,9 @@ def test_patch_folds_bn_and_activation(gen):
     report = pyaccel.patch(model)
     text = str(report)
     kinds = {e.path: e.new_type for e in report.entries}
-    assert kinds["3"] == "XnorConv2d" and kinds["4"] == "Identity" and kinds["5"] == "Identity"
-    assert kinds["6.0"] == "XnorConv2d" and kinds["7"] == "XnorConv2d"
-    assert kinds["9"] == "XnorLinear" and kinds["10"] == "Identity" and kinds["12"] == "XnorLinear"
+    assert kinds["3"] == "XnorConv2d" and kinds["6.0"] == "XnorConv2d" and kinds["7"] == "XnorConv2d"
+    assert kinds["9"] == "XnorLinear" and kinds["12"] == "XnorLinear"
+    assert all(isinstance(model[i], nn.Identity) for i in (4, 5, 10, 11))
     assert "folded" in text
     assert isinstance(model[0], nn.Conv2d) and isinstance(model[13], nn.Linear)
     with torch.no_grad():
@@ -723,3 +723,20 @@ def test_packed_signs_past_the_channels_are_ignored(isa, gen, c):
             assert torch.equal(model[2](junk), want)
         assert torch.equal(model[2]._checked_op(junk), want)  # the torch path
         assert torch.equal(model[2](bits), want)
+
+
+def test_patch_report_counts_a_folded_chain_as_one_swap():
+    """BatchNorms and activations folded into a binary layer were reported as
+    swaps of their own ("Identity"): 9 swapped for 3 layers on the digits model."""
+    model = _bnn()
+    report = pyaccel.patch(model)
+    swapped = {e.path: e for e in report.swapped}
+    assert sorted(swapped) == ["12", "3", "6.0", "7", "9"], str(report)
+    assert all(e.new_type in ("XnorConv2d", "XnorLinear") for e in swapped.values())
+    assert swapped["3"].span == ["3", "4", "5"] and swapped["6.0"].span == ["6.0", "6.1", "6.2"]
+    assert swapped["9"].span == ["9", "10", "11"] and swapped["7"].span is None
+    assert swapped["3"].old_type == "BinaryConv2d+BatchNorm2d+PReLU"
+    assert report.folded == 6 and not any(e.path in ("4", "5", "10", "11") for e in report.entries)
+    text = str(report)
+    assert f"5 swapped, {len(report.skipped)} skipped (6 more modules fused or folded into the swapped ones)" in text
+    assert "3 .. 5" in text and "folded 4 (BatchNorm2d), 5 (PReLU)" in text
