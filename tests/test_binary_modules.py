@@ -5,6 +5,7 @@ patch's binary rules (BN + activation folded into the epilogue)."""
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -740,3 +741,20 @@ def test_patch_report_counts_a_folded_chain_as_one_swap():
     text = str(report)
     assert f"5 swapped, {len(report.skipped)} skipped (6 more modules fused or folded into the swapped ones)" in text
     assert "3 .. 5" in text and "folded 4 (BatchNorm2d), 5 (PReLU)" in text
+
+
+def test_trace_does_not_warn(gen):
+    """A shape check compared traced sizes (tensors under torch.jit.trace): a TracerWarning per trace."""
+    _, conv = _xconv(gen)
+    lin = XnorLinear.from_binary(BinaryLinear(40, 8).eval(), None, nn.Hardtanh(-0.5, 0.5))
+    handoff = _handoff_pair(16)
+    for m, x in ((conv, torch.randn(2, 20, 6, 6, generator=gen)), (lin, torch.randn(3, 40, generator=gen)),
+                 (handoff, torch.randn(2, 8, 6, 5, generator=gen).contiguous(memory_format=torch.channels_last))):
+        with torch.no_grad():
+            want = m(x)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", category=torch.jit.TracerWarning)
+                traced = torch.jit.trace(m, x)
+            assert torch.equal(traced(x), want)
+    with pytest.raises(ValueError, match=r"x: expected \[N, 20, H, W\]"):
+        torch.jit.trace(conv, torch.randn(2, 21, 6, 6))

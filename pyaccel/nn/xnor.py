@@ -21,6 +21,7 @@ module contract (tests/test_module_contract.py).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -369,6 +370,19 @@ def _real(name: str, v) -> float:
         raise TypeError(f"{name}: expected a real number, got {type(v).__name__}") from None
 
 
+def _sizes(x: Tensor) -> Tuple[int, ...]:
+    """x's sizes as Python ints, for the modules' own shape checks. Under torch.jit.trace
+    sizes are traced tensors and comparing them warns (TracerWarning); the check holds
+    for the example input, a constant of the trace as every Python branch of forward
+    is (later inputs meet the recorded op's checks: rank, dtype, words per group), so
+    the sizes are read with that warning off."""
+    if _tracing_state() is None:
+        return tuple(x.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return tuple(int(s) for s in x.shape)
+
+
 def _input(x, what: str) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -537,9 +551,10 @@ class XnorConv2d(_XnorBase):
     takes_bits = False
 
     def _emits_now(self, x) -> bool:
-        return (type(x) is Tensor and x.dtype is _F32 and x.dim() == 4 and x.shape[1] == self.in_channels
-                and x.numel() > 0 and x.is_cpu and is_channels_last(x) and not (x.requires_grad and _grad_enabled())
-                and not _is_compiling() and _tracing_state() is None and _native.available())
+        # tracing first: under torch.jit.trace, sizes are traced tensors (comparing them warns)
+        return (type(x) is Tensor and _tracing_state() is None and not _is_compiling() and x.dtype is _F32
+                and x.dim() == 4 and x.shape[1] == self.in_channels and x.numel() > 0 and x.is_cpu
+                and is_channels_last(x) and not (x.requires_grad and _grad_enabled()) and _native.available())
 
     def _forward(self, x, fast: bool) -> Tensor:
         if (self.takes_bits and isinstance(x, Tensor) and x.dtype == torch.int64) or (
@@ -551,7 +566,7 @@ class XnorConv2d(_XnorBase):
         squeeze = x.dim() == 3
         if squeeze:
             x = x.unsqueeze(0)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+        if x.dim() != 4 or _sizes(x)[1] != self.in_channels:
             raise ValueError(f"x: expected [N, {self.in_channels}, H, W] or [{self.in_channels}, H, W], "
                              f"got {ob._desc(x)}")
         channels_last = is_channels_last(x)
@@ -563,7 +578,8 @@ class XnorConv2d(_XnorBase):
                 self._remember_plan(x, x.shape, x.stride(), y.shape[2], y.shape[3], 1 if channels_last else 0)
         if y is None:
             y = torch.ops.pyaccel.binary_conv2d(*self._args(x))
-        if not channels_last or y.numel() == 0:  # the op's output is channels_last already
+        # the op's output is channels_last already (traced: in_format, as numel is a traced value there)
+        if not channels_last or _tracing_state() is not None or y.numel() == 0:
             y = in_format(y, channels_last)
         if dtype != torch.float32:  # computed in fp32, returned in x's dtype
             y = y.to(dtype)
@@ -575,16 +591,17 @@ class XnorConv2d(_XnorBase):
         c = self.in_channels
         if self.takes_bits and x.dtype == torch.int64:
             words = bf.words(c)
-            if not isinstance(x, Tensor) or x.dtype != torch.int64 or x.dim() != 4 or x.shape[3] != words:
+            if not isinstance(x, Tensor) or x.dtype != torch.int64 or x.dim() != 4 or _sizes(x)[3] != words:
                 raise ValueError(f"x: this layer takes the packed signs the previous binary layer hands over, "
                                  f"int64 [N, H, W, {words}]; got {ob._desc(x)} (pyaccel.patch(..., "
                                  f"binary_handoff=False), the default, keeps float activations between binary layers)")
-            n, h, w = x.shape[:3]
+            n, h, w = _sizes(x)[:3]
         else:
             x = _input(x, "XnorConv2d")
-            if x.dim() != 4 or x.shape[1] != c:
+            shape = _sizes(x)
+            if len(shape) != 4 or shape[1] != c:
                 raise ValueError(f"x: expected [N, {c}, H, W], got {ob._desc(x)}")
-            n, _, h, w = x.shape
+            n, _, h, w = shape
         self._refresh()
         bits_in = x.dtype == torch.int64
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
@@ -690,7 +707,7 @@ class XnorLinear(_XnorBase):
         dtype = x.dtype if isinstance(x, Tensor) else None
         x = _input(x, "XnorLinear")
         self._refresh()
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
+        if x.dim() < 1 or _sizes(x)[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got {ob._desc(x)}")
         if self.dim1_epilogue and x.dim() != 2:
             raise ValueError(f"x: this layer folds a BatchNorm1d / per-channel PReLU, which act on dim 1: "
