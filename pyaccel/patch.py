@@ -321,6 +321,13 @@ def _unhandled(mod: nn.Module) -> Optional[str]:
     itself (Embedding, MultiheadAttention, custom modules, ...) or is a float
     convolution outside every fused chain; else None."""
     w = getattr(mod, "weight", None)
+    where = type(mod).__module__
+    if where.startswith("torch.ao.nn.") and ".quantized" in where and callable(w):
+        # torch.ao's static quantized modules (prepare / convert): quantized tensors flow between
+        # them; their weight is a method
+        return (f"torch.ao static quantized {type(mod).__name__} (prepare / convert): no pyaccel path for "
+                "quantized-tensor activations; pyaccel takes torch.ao dynamic Linear (quantize_dynamic), or "
+                "the float model with quantize='int8'")
     if isinstance(mod, nn.modules.conv._ConvNd) and isinstance(w, torch.Tensor) and w.is_floating_point():
         if not isinstance(mod, nn.Conv2d) or mod.transposed:
             return f"no pyaccel kernel for {type(mod).__name__}"
@@ -342,18 +349,19 @@ def _patterns(p: Optional[Union[str, Sequence[str]]]) -> Optional[Sequence[str]]
     return [p] if isinstance(p, str) else p
 
 
-def _warn_unmatched_include(model: nn.Module, include) -> None:
+def _warn_unmatched_include(model: nn.Module, include, what: str = "patch", stacklevel: int = 3) -> None:
     """UserWarning naming each include pattern that matches no module path of
-    `model` (patch would then swap nothing it selects), with a sample path."""
+    `model` (`what` -- patch, prune_24, ... -- would then take nothing it
+    selects), with a sample path."""
     if not include:
         return
     paths = [p for p, _ in model.named_modules(remove_duplicate=False)]
-    for pattern in include:
+    for pattern in _patterns(include):
         if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
             sample = next((p for p in paths if p.count(".") >= 2), paths[-1] if paths else "")
-            warnings.warn(f"patch: include pattern {pattern!r} matches no module path of the model (its paths "
+            warnings.warn(f"{what}: include pattern {pattern!r} matches no module path of the model (its paths "
                           f"look like {sample!r}; a SentenceTransformer's start with '0.model.')",
-                          UserWarning, stacklevel=3)
+                          UserWarning, stacklevel=stacklevel)
 
 
 def check_selection_args(filter_fn, include, exclude):
@@ -441,13 +449,14 @@ def tied_owner(mod: nn.Module, path: str, owners) -> Optional[str]:
     parametrization's original -- as tied embeddings and output layers do;
     None when there is none. owners: _param_owners(model)."""
     params = getattr(mod, "_parameters", {})
-    w = params.get("weight")
-    if w is None:
-        w = params.get("weight_orig")
-    if w is None and hasattr(mod, "parametrizations") and "weight" in getattr(mod, "parametrizations", {}):
-        w = mod.parametrizations.weight.original
+    ws = [w for w in (params.get("weight"), params.get("weight_orig")) if w is not None][:1]
+    if not ws and hasattr(mod, "parametrizations") and "weight" in getattr(mod, "parametrizations", {}):
+        plist = mod.parametrizations.weight
+        # one original, or original0, original1, ... (a parametrization whose right_inverse
+        # returns several tensors: weight_norm's g and v)
+        ws = [t for name, t in plist.named_parameters(recurse=False) if name.startswith("original")]
     inside = f"{path}." if path else ""
-    others = [p for p, i in owners.get(id(w), []) if i != id(mod) and not p.startswith(inside)] if w is not None else []
+    others = [p for w in ws for p, i in owners.get(id(w), []) if i != id(mod) and not p.startswith(inside)]
     return (others[0] or "<root>") if others else None
 
 

@@ -22,7 +22,7 @@ from torch.nn.utils import prune as _torch_prune
 
 from pyaccel._linear_source import hf_conv1d_type, module_hooks, read_tensor
 from pyaccel.formats.sparse24 import mask_24
-from pyaccel.patch import _param_owners, check_selection_args, selection_reason, tied_owner
+from pyaccel.patch import _param_owners, _warn_unmatched_include, check_selection_args, selection_reason, tied_owner
 
 MIN_IN_FEATURES = 8
 
@@ -65,6 +65,7 @@ def _choose(model, filter_fn, include, exclude, min_in: int, what: str) -> List[
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     include, exclude = check_selection_args(filter_fn, include, exclude)
+    _warn_unmatched_include(model, include, what, stacklevel=4)
     chosen: List[Tuple[str, nn.Module, str]] = []
     seen = set()
     owners = _param_owners(model)
@@ -86,6 +87,10 @@ def _choose(model, filter_fn, include, exclude, min_in: int, what: str) -> List[
         _check_prunable(mod, path, what)
         seen.add(id(mod))
         chosen.append((path, mod, kind))
+    if not chosen:
+        warnings.warn(f"{what}: no layer to prune (no nn.Linear / transformers Conv1D layer with at least {min_in} "
+                      "inputs passed the selection; pyaccel modules of an earlier patch are not pruned)",
+                      UserWarning, stacklevel=3)
     return chosen
 
 

@@ -758,3 +758,36 @@ def test_trace_does_not_warn(gen):
             assert torch.equal(traced(x), want)
     with pytest.raises(ValueError, match=r"x: expected \[N, 20, H, W\]"):
         torch.jit.trace(conv, torch.randn(2, 21, 6, 6))
+
+
+def test_binarize_refuses_pruned_layers_before_changing_anything():
+    """binarize on a model with a torch.nn.utils.prune-pruned layer failed with
+    torch's "cannot assign 'torch.FloatTensor' as parameter 'weight'" halfway,
+    leaving [Linear, BinaryLinear, BinaryLinear, Linear, Linear]."""
+    from torch.nn.utils import parametrize
+
+    import pyaccel.prune
+
+    def model():
+        return nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)], nn.Linear(16, 4))
+
+    m = model()
+    pyaccel.prune.prune_24(m, include="3")
+    with pytest.raises(ValueError, match=r"binarize: 3 \(Linear\): its weight is pruned with torch.nn.utils.prune"):
+        pyaccel.binarize(m)
+    assert [type(x) for x in m] == [nn.Linear] * 5
+    m = model()
+
+    class Scale(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    # a parametrized layer is a subclass (ParametrizedLinear): left as it is, like every subclass
+    parametrize.register_parametrization(m[2], "weight", Scale())
+    pyaccel.binarize(m)
+    assert [type(x).__name__ for x in m] == ["Linear", "BinaryLinear", "ParametrizedLinear", "BinaryLinear", "Linear"]
+    # the pruned layer left out by filter_fn: the rest converts
+    m = model()
+    pyaccel.prune.prune_24(m, include="3")
+    pyaccel.binarize(m, filter_fn=lambda mod, path: path != "3")
+    assert [type(x).__name__ for x in m] == ["Linear", "BinaryLinear", "BinaryLinear", "Linear", "Linear"]

@@ -155,3 +155,23 @@ def test_measure_calls_every_weight_copy_before_timing():
                    log=lambda *_: None)
     assert len(rows) == 2
     assert all(calls.get((name, i), 0) >= 1 for name in cands for i in range(copies))
+
+
+def test_bench_cli_refuses_bad_arguments_before_running(tmp_path, capsys):
+    """Unknown suite names ran nothing and exited 0; --threads 0 / --budget 0 fell
+    back to the defaults, --budget -1 was taken, --threads -3 ended in a traceback;
+    an unwritable --markdown path failed only after every run."""
+    import pytest
+
+    for argv, what in ((["--suite", "foo"], "--suite"), (["--suite", "int8,,binary"], "--suite"),
+                       (["--threads", "0"], "--threads"), (["--threads", "-3"], "--threads"),
+                       (["--budget", "0"], "--budget"), (["--budget", "-1"], "--budget"),
+                       (["--peak-gops", "0"], "--peak-gops"),
+                       (["--markdown", str(tmp_path / "missing" / "r.md")], "--markdown")):
+        with pytest.raises(SystemExit) as exc:
+            bench_main.main(["--quick", "--no-ort"] + argv)
+        assert exc.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert what in err and "Traceback" not in err, (argv, err)
+    # spaces around names are fine
+    assert bench_main.SUITES and " int8" not in bench_main.SUITES

@@ -107,6 +107,13 @@ def test_selection_mistakes_are_said():
     with pytest.warns(UserWarning, match=r"include pattern 'encoder\.\*' matches no module path .*'0\.mlp\.0'"):
         report = pyaccel.patch(net, quantize="int8", include=["*.mlp.*", "encoder.*"])
     assert {e.path for e in report.swapped} == {"0.mlp.0", "0.mlp.2", "1.mlp.0", "1.mlp.2"}
+    # a single pattern string is one pattern (it was warned about character by character)
+    with pytest.warns(UserWarning) as got:
+        pyaccel.patch(_net(), quantize="int8", include="xyz*")
+    assert [str(w.message).split("'")[1] for w in got if "include pattern" in str(w.message)] == ["xyz*"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pyaccel.patch(_net().eval(), quantize="int8", include="*.mlp.*")
 
     class Odd(nn.Module):  # a Linear-like layer without out_features (transformers' Conv1D has nf)
         def __init__(self):
@@ -212,3 +219,45 @@ def test_tied_output_layer_reason_does_not_advise_quantizing():
         by_path = {e.path: e.reason for e in r.entries}
         assert "tied to 0's" in by_path["1"] and "quantize" not in by_path["1"], by_path
         assert by_path["0"] == "no pyaccel kernel for Embedding"
+
+
+def test_torch_ao_static_quantized_modules_are_reported():
+    """A prepare / convert model said "0 swapped, 0 skipped": its quantized
+    Linear / Conv2d (weight() a method) were not mentioned at all."""
+    import torch.ao.quantization as tq
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.lin, self.dq = tq.QuantStub(), nn.Linear(16, 8), tq.DeQuantStub()
+
+        def forward(self, x):
+            return self.dq(self.lin(self.q(x)))
+
+    m = M().eval()
+    m.qconfig = tq.get_default_qconfig("fbgemm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation warnings
+        prepared = tq.prepare(m)
+        prepared(torch.randn(4, 16))
+        qm = tq.convert(prepared)
+    report = pyaccel.patch(qm)
+    (entry,) = [e for e in report.entries if e.path == "lin"]
+    assert not entry.swapped and "torch.ao static quantized Linear" in entry.reason
+    assert "quantize_dynamic" in entry.reason
+
+
+def test_prune_says_when_it_prunes_nothing():
+    """prune_24 / prune_blocks returned [] without a word when include matched
+    nothing or the model was already patched."""
+    from pyaccel.prune import prune_24, prune_blocks
+
+    with pytest.warns(UserWarning, match=r"prune_24: include pattern 'encoder\.\*' matches no module path"):
+        assert prune_24(_net(), include="encoder.*") == []
+    patched = pyaccel.patch(_net().eval(), quantize="int8").model
+    for fn, kw in ((prune_24, {}), (prune_blocks, {"sparsity": 0.5, "block": (4, 4)})):
+        with pytest.warns(UserWarning, match=rf"{fn.__name__}: no layer to prune"):
+            assert fn(patched, **kw) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert prune_24(_net(), include="*.mlp.*")

@@ -110,6 +110,9 @@ class _GuardTrips:
                 f"for 0.2 s" + (" (rows timed then understate its multi-threaded speed)" if total else ""))
 
 
+SUITES = ("int8", "sparse24", "block_sparse", "minilm", "dwconv", "binary")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pyaccel.bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small shapes, short budget (a smoke run)")
@@ -117,15 +120,15 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-gops", type=float, default=None,
                     help="int8 peak (GOP/s) for the %%-of-peak column; default: measured at start "
                          "on this machine, at the ISA level pyaccel runs at")
-    ap.add_argument("--budget", type=float, default=None, help="seconds of timing per row")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds of timing per row (default 2, --quick 0.3; block_sparse and dwconv use at most 1)")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
     ap.add_argument("--weights", choices=common.WEIGHTS, default="normal",
                     help="weight distribution of the int8 and 2:4 suites' layers: normal = N(0, 0.02), as "
                          "transformer checkpoints are initialized and trained layers roughly are; uniform = "
                          "nn.Linear's default init (the AVX2 8-bit int8 path runs its int16 tile on it)")
     ap.add_argument("--markdown", default=None, help="also write the results as a markdown table here")
-    ap.add_argument("--suite", default="int8,sparse24,block_sparse,minilm,dwconv,binary",
-                    help="comma-separated: int8, sparse24, block_sparse, minilm, dwconv, binary")
+    ap.add_argument("--suite", default=",".join(SUITES), help="comma-separated: " + ", ".join(SUITES))
     ap.add_argument("--popcount-peak", type=float, default=None,
                     help="xor+popcount peak (G binary-MAC/s, this machine's, ISA-matched: shared/tools/peaks) "
                          "for the binary suite's %% column")
@@ -142,6 +145,20 @@ def main(argv=None) -> int:
                     help="pyaccel.tune_malloc() before anything runs: glibc keeps large freed blocks, so no "
                          "candidate (torch's or pyaccel's) page-faults on fresh buffers at every call")
     args = ap.parse_args(argv)
+    suites = [t.strip() for t in args.suite.split(",")]
+    unknown = [t for t in suites if t not in SUITES]
+    if unknown or not suites:
+        ap.error(f"--suite: expected comma-separated names from {', '.join(SUITES)}; got {args.suite!r}")
+    for name in ("threads", "budget", "peak_gops", "fp32_peak", "popcount_peak"):
+        v = getattr(args, name)
+        if v is not None and not v > 0:
+            ap.error(f"--{name.replace('_', '-')}: expected a positive number, got {v}")
+    if args.markdown:  # before the runs: a path that cannot be written would lose them at the end
+        try:
+            with open(args.markdown, "a"):
+                pass
+        except OSError as exc:
+            ap.error(f"--markdown: cannot write {args.markdown!r} ({exc.strerror})")
 
     if args.tune_malloc:
         tuned = pyaccel.tune_malloc()
@@ -175,7 +192,7 @@ def main(argv=None) -> int:
     mem = int8.memory_read_gbs()
     head.append(f"DRAM read bandwidth (torch sum over 256 MB, this run): {mem:.1f} GB/s")
     print("\n".join(head))
-    suites = set(args.suite.split(","))
+    suites = set(suites)
     guard = _GuardTrips()
     budget = args.budget or (0.3 if args.quick else 2.0)
     rows = []
@@ -266,7 +283,7 @@ def main(argv=None) -> int:
                 sub = [r for r in rows if r.suite == suite]
                 f.write(f"### {suite}\n\n" + common.to_markdown(sub, peak) + "\n\n")
             if dws_rows:
-                f.write("### fused depthwise-separable conv (fp32; 2 threads; "
+                f.write(f"### fused depthwise-separable conv (fp32; {torch.get_num_threads()} threads; "
                         f"% peak: pointwise FLOPs / pyaccel time vs {args.fp32_peak or 0:.0f} GFLOP/s)\n\n"
                         + dwconv.to_markdown(dws_rows, args.fp32_peak) + "\n\n")
             if dws_e2e:

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import is_parametrized
 
 from pyaccel.reference_binary import PADDING_MODES, pair
 
@@ -143,6 +144,18 @@ def _call_order(model: nn.Module) -> list:
     return [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
 
 
+def _weight_not_plain(mod: nn.Module):
+    """Why mod's weight is not a plain Parameter binarize can share (pruned by
+    torch.nn.utils.prune, parametrized), or None."""
+    if "weight_orig" in mod._parameters:
+        return "pruned with torch.nn.utils.prune (weight_orig and weight_mask; torch.nn.utils.prune.remove)"
+    if is_parametrized(mod, "weight"):
+        return "parametrized (torch.nn.utils.parametrize; remove_parametrizations)"
+    if not isinstance(mod._parameters.get("weight"), nn.Parameter):
+        return "not an nn.Parameter"
+    return None
+
+
 def binarize(model: nn.Module, filter_fn=None, *, keep_first_last: bool = True,
              binary_padding: str = "zeros") -> nn.Module:
     """Turn float nn.Conv2d / nn.Linear layers of `model` into BinaryConv2d /
@@ -160,7 +173,9 @@ def binarize(model: nn.Module, filter_fn=None, *, keep_first_last: bool = True,
 
     Only exact nn.Conv2d / nn.Linear instances are converted (not subclasses,
     not layers already binary). Raises TypeError for a non-Module model or a
-    non-callable filter_fn.
+    non-callable filter_fn, and ValueError naming the layer, before anything
+    is converted, when a chosen layer's weight is not a plain Parameter
+    (pruned by torch.nn.utils.prune, parametrized).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -189,6 +204,12 @@ def binarize(model: nn.Module, filter_fn=None, *, keep_first_last: bool = True,
         if any(p in skip or (filter_fn is not None and not filter_fn(mod, p)) for p in paths_of[id(mod)]):
             continue
         chosen.append((path, mod))
+    for path, mod in chosen:  # before anything is converted: the model is never left half binarized
+        why = _weight_not_plain(mod)
+        if why is not None:
+            raise ValueError(f"binarize: {path or '<root>'} ({type(mod).__name__}): its weight is {why}; binarize "
+                             "shares plain weight Parameters (remove that first, or leave the layer out with "
+                             "filter_fn)")
     made = {}
     for path, mod in chosen:
         new = made.get(id(mod))
