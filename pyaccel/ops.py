@@ -39,6 +39,17 @@ def _desc(t) -> str:
     return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
 
 
+def check_packed_device(packed, x, name: str = "packed") -> None:
+    """ValueError unless a packing (host bytes) is on the CPU -- or on the meta
+    device with a meta x (tracing). A meta packing with a CPU x sent the call to
+    the fake kernel, which returned uninitialized memory."""
+    if packed is None or not isinstance(packed, Tensor) or packed.device.type == "cpu":
+        return
+    if packed.device.type == "meta" and isinstance(x, Tensor) and x.device.type == "meta":
+        return
+    raise ValueError(f"{name}: expected a CPU tensor (the packing's bytes), got {_desc(packed)}")
+
+
 def check_act_bits(act_bits) -> None:
     """ValueError unless act_bits is the integer 8 (activations in [-127, 127])
     or 7 ([-63, 63]): Python or NumPy ints; a bool, a float such as 7.0 or a
@@ -80,6 +91,7 @@ def check_int8_linear_args(x, w_int8, w_scale, bias, packed=None, act_bits=8) ->
             )
     if packed is not None and (packed.dtype != torch.uint8 or packed.dim() != 1):
         raise TypeError(f"packed: expected a 1-D uint8 tensor from pack_int8_weight, got {_desc(packed)}")
+    check_packed_device(packed, x)
 
 
 def require_tensor(x, name: str = "x") -> None:
@@ -121,6 +133,8 @@ def _native_linear(kind: str, x: Tensor, k: int, n: int, packed: Tensor, w_scale
                    bias: Optional[Tensor]) -> Tensor:
     """The native kernel of `kind` over x's rows (one validated LinearPlan call).
     The contiguous copies of w_scale / bias stay referenced until the call ends."""
+    if n == 0:  # no output channels (an empty w_scale has no data pointer for the plan)
+        return x.new_empty((*x.shape[:-1], 0))
     C = _native.lib()
     ws = w_scale.contiguous() if w_scale is not None else None
     b = bias.contiguous() if bias is not None else None
@@ -269,6 +283,7 @@ def check_sparse24_args(x, values, meta, k, bias, packed=None, values_dtype=torc
             raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {_desc(t)}")
     if packed is not None and (packed.dtype != torch.uint8 or packed.dim() != 1):
         raise TypeError(f"packed: expected a 1-D uint8 tensor from pack_sparse24, got {_desc(packed)}")
+    check_packed_device(packed, x)
 
 
 def sparse24_linear_cpu(x: Tensor, values: Tensor, meta: Tensor, k: int, bias: Optional[Tensor],

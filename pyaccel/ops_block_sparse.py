@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from pyaccel import _native, reference
-from pyaccel.ops import _as_rows, _desc, _FLOAT_IO, _grad_x, _native_linear, require_strided
+from pyaccel.ops import _as_rows, _desc, _FLOAT_IO, _grad_x, _native_linear, check_packed_device, require_strided
 
 
 def check_block_sparse_args(x, values, crow_indices, col_indices, n, k, bias, packed=None,
@@ -67,6 +67,7 @@ def check_block_sparse_args(x, values, crow_indices, col_indices, n, k, bias, pa
     if packed is not None and (packed.dtype != torch.uint8 or packed.dim() != 1):
         packer = "pack_block_sparse_int8" if values_dtype == torch.int8 else "pack_block_sparse"
         raise TypeError(f"packed: expected a 1-D uint8 tensor from {packer}, got {_desc(packed)}")
+    check_packed_device(packed, x)
 
 
 def check_bsr_packing(check, packed: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, n: int,

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from pyaccel import _native, reference
-from pyaccel.ops import require_strided
+from pyaccel.ops import check_packed_device, require_strided
 from pyaccel._pattern import ActKind, Activation
 from pyaccel.nn._conv import ConvGeometry, TF_SAME, from_nhwc, to_nhwc
 
@@ -82,6 +82,7 @@ def check_dws_args(x, dw_weight, dw_bias, pw_weight, pw_bias, packed=None) -> No
             raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {_desc(t)} "
                              f"(move the module with .to({str(x.device)!r}))")
     check_packed_type("packed", packed)
+    check_packed_device(packed, x)
 
 
 def check_packed_type(name: str, packed) -> None:
@@ -238,6 +239,8 @@ def check_dws_int8_args(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, packe
     packings' types here; their headers in the CPU kernel)."""
     check_packed_type("packed_dw", packed_dw)
     check_packed_type("packed_pw", packed_pw)
+    check_packed_device(packed_dw, x, "packed_dw")
+    check_packed_device(packed_pw, x, "packed_pw")
     if not isinstance(pw_int8, Tensor) or pw_int8.dtype != torch.int8 or pw_int8.dim() != 2:
         raise TypeError(f"pw_int8: expected an int8 tensor [Cout, C], got {_desc(pw_int8)}")
     c = dw_weight.shape[0] if isinstance(dw_weight, Tensor) else None

@@ -86,12 +86,28 @@ def sparse24_padding_error(name: str, values: Tensor, meta: Tensor, k: int) -> O
     return None
 
 
+def sparse24_shape_error(values, meta, k, values_name: str = "values", meta_name: str = "meta",
+                         min_k: int = 1) -> Optional[str]:
+    """The canonical 2:4 shapes for k inputs (G = ceil(k / 4) groups): values
+    [N, 2G], meta uint8 [N, ceil(G / 2)], k an int >= min_k."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < min_k:
+        return f"k: expected an int >= {min_k} (the dense weight's inputs), got {k!r}"
+    g = (k + 3) // 4
+    if not isinstance(values, Tensor) or values.dim() != 2 or values.shape[1] != 2 * g:
+        return f"{values_name}: expected [N, {2 * g}] (2 kept of every 4 of k={k} inputs), got {_desc(values)}"
+    n = values.shape[0]
+    err = tensor_error(meta_name, meta, torch.uint8, (n, (g + 1) // 2))
+    return f"{err} (one nibble per group of 4 inputs)" if err else None
+
+
 def require_sparse24_format(values: Tensor, meta: Tensor, k: int, values_name: str = "values",
                             meta_name: str = "meta") -> None:
-    """ValueError naming the argument when meta holds a group without two
+    """ValueError naming the argument when values / meta are not the canonical
+    shapes for k (sparse24_shape_error), meta holds a group without two
     distinct positions, or values a non-zero weight past k (see
     sparse24_meta_error, sparse24_padding_error)."""
-    err = (sparse24_meta_error(meta_name, meta, (k + 3) // 4)
+    err = (sparse24_shape_error(values, meta, k, values_name, meta_name)
+           or sparse24_meta_error(meta_name, meta, (k + 3) // 4)
            or sparse24_padding_error(values_name, values, meta, k))
     if err:
         raise ValueError(err)

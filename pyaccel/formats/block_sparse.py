@@ -171,10 +171,11 @@ def to_torch_bsr(bsw: BlockSparseWeight) -> Tensor:
                                    size=bsw.padded_shape)
 
 
-def canonical_error(bsw: BlockSparseWeight, values_name: str = "values") -> Optional[str]:
+def canonical_error(bsw: BlockSparseWeight, values_name: str = "values", padding: bool = True) -> Optional[str]:
     """Why `bsw` is not a valid canonical form (naming the tensor), or None.
-    Checks shapes, dtypes, index ranges and order; index checks run on the CPU
-    copy of the indices (they are small) and are skipped on the meta device."""
+    Checks shapes, dtypes, index ranges and order, and (padding=True) that the
+    edge blocks hold zeros past n and k; index checks run on the CPU copy of the
+    indices (they are small) and are skipped on the meta device."""
     v, crow, col = bsw.values, bsw.crow_indices, bsw.col_indices
     n, k = bsw.shape
     if not isinstance(v, Tensor) or v.dim() != 3:
@@ -208,7 +209,7 @@ def canonical_error(bsw: BlockSparseWeight, values_name: str = "values") -> Opti
             i = int(bad.nonzero()[0])
             return (f"col_indices: block row {int(rows[i])} has columns {int(cl[i])}, {int(cl[i + 1])} "
                     "(expected strictly increasing: unsorted or duplicate)")
-        if v.device.type != "meta" and (n % bh or k % bw):
+        if padding and v.device.type != "meta" and (n % bh or k % bw):
             vals = v.detach().cpu()
             if n % bh:
                 last = (rows == nb - 1).nonzero().flatten()
@@ -233,6 +234,16 @@ def _pack(bsw: BlockSparseWeight, dtype: torch.dtype, nbytes_fn: str, pack_fn: s
     from pyaccel import _native
     from pyaccel.formats._buffer import packed_buffer
 
+    v = bsw.values
+    if dtype == torch.int8 and (not isinstance(v, Tensor) or v.dtype != torch.int8):
+        raise TypeError(f"values: expected int8 blocks (quantize_blocks makes them), got {_desc(v)}")
+    if dtype == torch.float32 and (not isinstance(v, Tensor) or not v.is_floating_point()):
+        raise TypeError(f"values: expected floating-point blocks, got {_desc(v)}")
+    # the native packer reads int32 indices within their declared lengths: check them first
+    # (values past n and k in edge blocks are packed as zeros)
+    err = canonical_error(bsw, padding=False)
+    if err:
+        raise ValueError(err)
     C = _native.lib()
     if C is None:
         return None

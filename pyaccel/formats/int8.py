@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 
 from pyaccel.formats._buffer import packed_buffer
-from pyaccel.formats._checks import require_int8_values
+from pyaccel.formats._checks import _desc, require_int8_values
 from pyaccel import _native
 from pyaccel.reference import QMAX, quantize_rows_fp32
 
@@ -111,6 +111,8 @@ def pack_int8_weight(values: torch.Tensor, pair_safe: bool = True, name: str = "
     C = _native.lib()
     if C is None:
         return None
+    if not isinstance(values, torch.Tensor) or values.dtype != torch.int8 or values.dim() != 2:
+        raise TypeError(f"{name}: expected a 2-D int8 tensor [N, K], got {_desc(values)}")
     v = values.detach()
     require_int8_values(name, v)
     if v.device.type != "cpu":

@@ -110,7 +110,13 @@ def positions(sw: Sparse24Weight) -> torch.Tensor:
 
 
 def decompress(sw: Sparse24Weight) -> torch.Tensor:
-    """Canonical form -> dense [N, K] (exact)."""
+    """Canonical form -> dense [N, K] (exact). ValueError naming the argument
+    when values / meta are not the canonical shapes for k."""
+    from pyaccel.formats._checks import sparse24_shape_error
+
+    err = sparse24_shape_error(sw.values, sw.meta, sw.k, min_k=0)
+    if err:
+        raise ValueError(err)
     n = sw.values.shape[0]
     groups = sw.values.shape[1] // KEEP
     dense = torch.zeros(n, groups, GROUP, dtype=sw.values.dtype, device=sw.values.device)
@@ -149,10 +155,12 @@ def pack_sparse24_int8(values: torch.Tensor, meta: torch.Tensor, k: int):
     ValueError when values holds -128 (the packings hold [-127, 127] only), meta
     a group without two distinct positions, or the values a non-zero weight past k."""
     from pyaccel import _native
-    from pyaccel.formats._checks import require_int8_values, require_sparse24_format
+    from pyaccel.formats._checks import _desc, require_int8_values, require_sparse24_format
 
-    require_int8_values("values", values.detach())
+    if not isinstance(values, torch.Tensor) or values.dtype != torch.int8:
+        raise TypeError(f"values: expected an int8 tensor, got {_desc(values)}")
     require_sparse24_format(values.detach(), meta.detach(), k)
+    require_int8_values("values", values.detach())
 
     C = _native.lib()
     if C is None:
