@@ -11,6 +11,10 @@ act, act_lo, act_hi)`` -> fp32 [N, OC, OH, OW] in channels_last memory format;
 out_features, act, act_lo, act_hi)``: its 1 x 1 case on x [..., K] -> [..., N].
 act_lo / act_hi are act='hardtanh''s bounds: finite, act_lo < act_hi
 (ValueError naming them otherwise); other activations ignore them.
+weight_bits and wsum must hold pack_conv_weight's values where the kernels
+read them: bits past the input channels in a row's last word must be 0, and
+wsum must be the ±1 weight sums of weight_bits where it is read (exact zero
+padding with padding > 0); each call checks both (ValueError naming them).
 """
 from __future__ import annotations
 
@@ -63,6 +67,10 @@ def check_conv_args(x, weight_bits, wsum, scale, shift, slope, oc, kernel_size, 
         raise TypeError(f"x: expected float32, got {_desc(x)}")
     if x.dim() != 4:
         raise ValueError(f"x: expected a 4-D tensor [N, C, H, W], got {_desc(x)}")
+    for name, v in (("kernel_size", kernel_size), ("stride", stride), ("padding", padding),
+                    ("dilation", dilation)):
+        if len(v) != 2:
+            raise ValueError(f"{name}: expected 2 values (height, width), got {list(v)}")
     kh, kw = kernel_size
     if min(kh, kw, *stride, *dilation) < 1 or min(padding) < 0:
         raise ValueError(f"kernel_size/stride/dilation must be >= 1 and padding >= 0, got {kernel_size}, {stride}, "
@@ -105,6 +113,41 @@ def check_conv_args(x, weight_bits, wsum, scale, shift, slope, oc, kernel_size, 
                          f"with padding {padding}")
 
 
+def wsum_from_bits(weight_bits: Tensor, oc: int, cg: int) -> Tensor:
+    """int32 [OC, kh * kw]: the ±1 weight sum of each output channel and tap
+    (Cg - 2 * popcount) of canonically packed weight_bits [G, NB, T, W, NR]
+    (no bits past Cg): what pack_conv_weight returns as wsum."""
+    groups, nb, taps, _, nr = weight_bits.shape
+    neg = bf.popcount64(weight_bits).sum(3)  # [G, NB, T, NR]
+    neg = neg.permute(0, 1, 3, 2).reshape(groups, nb * nr, taps)[:, :oc // groups]
+    return (cg - 2 * neg).reshape(oc, taps).to(torch.int32)
+
+
+def check_weight_values(weight_bits: Tensor, wsum: Tensor, oc: int, cg: int, padding, padding_mode: str) -> None:
+    """Raise ValueError naming weight_bits / wsum where their values differ from
+    pack_conv_weight's, where that changes what the kernels compute (shapes
+    already checked):
+
+    - weight_bits: a bit set past the Cg input channels in a row's last word
+      (the kernels count it, the reference drops it). O(N * taps) reads.
+    - wsum: only where the kernels read it (exact zero padding, padding > 0;
+      the reference derives it from weight_bits), compared with the sums of
+      weight_bits's bits: O(weights / 64) popcounts, one pass over the
+      weights, as each output pixel's dot products make.
+    """
+    tail = cg % bf.WORD_BITS
+    if tail and bool((weight_bits[..., -1, :] >> tail).any()):
+        raise ValueError(f"weight_bits: bits set past the {cg} input channels per group in a row's last word "
+                         "(the canonical packing, pyaccel.formats.binary.pack_conv_weight, has 0 there)")
+    if padding_mode == "zeros" and max(padding) > 0:
+        want = wsum_from_bits(weight_bits, oc, cg).to(wsum.device)
+        if not torch.equal(wsum, want):
+            bad = (wsum != want).nonzero()[0].tolist()
+            raise ValueError(f"wsum: expected the ±1 weight sums of weight_bits (pack_conv_weight's wsum), got "
+                             f"{int(wsum[bad[0], bad[1]])} at [{bad[0]}, {bad[1]}] where weight_bits gives "
+                             f"{int(want[bad[0], bad[1]])}")
+
+
 def reference_conv(x, weight_bits, scale, shift, slope, oc, kernel_size, stride, padding, dilation, groups,
                    padding_mode, act, act_lo, act_hi) -> Tensor:
     c = x.shape[1]
@@ -144,6 +187,7 @@ def binary_conv2d(x: Tensor, weight_bits: Tensor, wsum: Tensor, scale: Optional[
     """Binary conv: act(conv(sign x, ±1 weights) * scale + shift), fp32 NCHW-shaped, channels_last memory."""
     check_conv_args(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding, dilation,
                     groups, padding_mode, act, act_lo, act_hi)
+    check_weight_values(weight_bits, wsum, out_channels, x.shape[1] // groups, padding, padding_mode)
     if x.device.type == "cpu" and _native.available():
         return native_conv(x, weight_bits, wsum, scale, shift, slope, out_channels, kernel_size, stride, padding,
                            dilation, groups, padding_mode, act, act_lo, act_hi).clone()
@@ -199,17 +243,24 @@ def _backward(ctx, grad_y):
 binary_conv2d.register_autograd(_backward, setup_context=_setup)
 
 
+def linear_input(x) -> Tensor:
+    """x [..., K] as binary_conv2d's [M, K, 1, 1] (ValueError naming x for a
+    scalar or K = 0: a binary dot needs at least one input feature)."""
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x: expected a tensor [..., in_features] with in_features >= 1, got {_desc(x)}")
+    return x.reshape(-1, x.shape[-1])[:, :, None, None]
+
+
 @torch.library.custom_op("pyaccel::binary_linear", mutates_args=())
 def binary_linear(x: Tensor, weight_bits: Tensor, wsum: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                   slope: Optional[Tensor], out_features: int, act: str, act_lo: float, act_hi: float) -> Tensor:
     """Binary linear: act((sign x) @ W±1ᵀ * scale + shift); x fp32 [..., K] -> fp32 [..., out_features]
     (the 1 x 1 case of binary_conv2d, any leading dimensions)."""
-    if not isinstance(x, Tensor) or x.dim() < 1:
-        raise ValueError(f"x: expected a tensor [..., in_features], got {_desc(x)}")
-    x2 = x.reshape(-1, x.shape[-1])[:, :, None, None]
+    x2 = linear_input(x)
     if x.device.type == "cuda":  # the Triton linear picks popcount or int8 tl.dot by rows (last_path says which)
         check_conv_args(x2, weight_bits, wsum, scale, shift, slope, out_features, [1, 1], [1, 1], [0, 0], [1, 1], 1,
                         "zeros", act, act_lo, act_hi)
+        check_weight_values(weight_bits, wsum, out_features, x2.shape[1], [0, 0], "zeros")
         from pyaccel.kernels import binary as tk
 
         y = tk.linear(x2[:, :, 0, 0], weight_bits, scale, shift, slope, out_features, act, act_lo, act_hi)
@@ -221,7 +272,7 @@ def binary_linear(x: Tensor, weight_bits: Tensor, wsum: Tensor, scale: Optional[
 
 @binary_linear.register_fake
 def _(x, weight_bits, wsum, scale, shift, slope, out_features, act, act_lo, act_hi):
-    x2 = x.reshape(-1, x.shape[-1])[:, :, None, None]
+    x2 = linear_input(x)
     check_conv_args(x2, weight_bits, wsum, scale, shift, slope, out_features, [1, 1], [1, 1], [0, 0], [1, 1], 1,
                     "zeros", act, act_lo, act_hi)
     return x.new_empty((*x.shape[:-1], out_features))

@@ -250,3 +250,40 @@ def test_hardtanh_bounds_are_checked(gen, lo, hi):
         ob.binary_linear(_x(gen, 3, 8), lbits, lwsum, None, None, None, 4, "hardtanh", lo, hi)
     args[13] = "relu"  # the other activations ignore the bounds
     assert ob.binary_conv2d(*args).shape == (1, 4, 5, 5)
+
+
+def test_weight_padding_bits_and_wsum_are_checked(gen):
+    """Bits past K in a row's last word were counted by the kernels (|dot| > K)
+    and dropped by the reference; a wrong wsum shifted the kernels' zero-padded
+    border and not the reference's: the op refuses both, naming them."""
+    x, w = _x(gen, 3, 5), _x(gen, 8, 5)
+    bits, wsum = bf.pack_conv_weight(w, 1)
+    junk = bits | ~bf.valid_bits_mask(bits.shape, 8, 5)
+    with pytest.raises(ValueError, match="weight_bits: bits set past the 5 input channels"):
+        ob.binary_linear(x, junk, wsum, None, None, None, 8, "none", 0.0, 0.0)
+    assert torch.equal(ob.binary_linear(x, bits, wsum, None, None, None, 8, "none", 0.0, 0.0),
+                       rb.binary_linear(x, w, None, None))
+    xc, wc = _x(gen, 1, 70, 5, 5), _x(gen, 6, 70, 3, 3)
+    cbits, cwsum = bf.pack_conv_weight(wc, 1)
+    args = [xc, cbits, cwsum, None, None, None, 6, [3, 3], [1, 1], [1, 1], [1, 1], 1, "zeros", "none", 0.0, 0.0]
+    bad = cwsum.clone()
+    bad[2, 4] += 2
+    with pytest.raises(ValueError, match=r"wsum: .* at \[2, 4\]"):
+        ob.binary_conv2d(*args[:2], bad, *args[3:])
+    with pytest.raises(ValueError, match="weight_bits: bits set past the 70"):
+        ob.binary_conv2d(xc, cbits | ~bf.valid_bits_mask(cbits.shape, 6, 70), *args[2:])
+    # wsum is read only for exact zero padding with padding > 0: elsewhere any values match the reference
+    ref = ob.reference_conv(xc, cbits, None, None, None, 6, [3, 3], [1, 1], [0, 0], [1, 1], 1, "zeros", "none", 0, 0)
+    assert torch.equal(ob.binary_conv2d(*args[:2], bad, *args[3:9], [0, 0], *args[10:]), ref)
+
+
+def test_binary_linear_without_features_and_list_lengths(gen):
+    bits, wsum = bf.pack_conv_weight(_x(gen, 4, 8, 3, 3), 1)
+    with pytest.raises(ValueError, match="x: .*in_features >= 1"):
+        ob.binary_linear(torch.zeros(3, 0), bits[:, :, :1, :0], wsum[:, :1], None, None, None, 4, "none", 0.0, 0.0)
+    x = _x(gen, 1, 8, 5, 5)
+    args = [x, bits, wsum, None, None, None, 4, [3, 3], [1, 1], [1, 1], [1, 1], 1, "zeros", "none", 0.0, 0.0]
+    for i, name, bad in ((7, "kernel_size", [3]), (8, "stride", [1, 1, 1]), (9, "padding", [1]),
+                         (10, "dilation", [])):
+        with pytest.raises(ValueError, match=f"{name}: expected 2 values"):
+            ob.binary_conv2d(*args[:i], bad, *args[i + 1:])
