@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from pyaccel import _native, reference
-from pyaccel.formats._checks import require_sparse24_format
+from pyaccel.formats._checks import require_int8_values, require_sparse24_format
 from pyaccel.formats.int8 import pack_int8_weight
 
 _FLOAT_IO = (torch.float32, torch.bfloat16)
@@ -146,9 +146,11 @@ def _native_linear(kind: str, x: Tensor, k: int, n: int, packed: Tensor, w_scale
 def int8_linear_cpu(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor],
                     packed: Optional[Tensor], act_bits: int = 8) -> Tensor:
     """The native CPU int8 linear (arguments already checked). Falls back to the
-    reference when the native library is missing."""
+    reference when the native library is missing, which refuses -128 in w_int8
+    as the native packer does (ValueError naming w_int8)."""
     C = _native.lib()
     if C is None:
+        require_int8_values("w_int8", w_int8)
         return reference.int8_linear(x, w_int8, w_scale, bias, reference.ACT_QMAX[act_bits])
     if packed is None:
         packed = pack_int8_weight(w_int8, name="w_int8", act_bits=act_bits)

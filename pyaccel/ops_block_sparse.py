@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from pyaccel import _native, reference
+from pyaccel.formats._checks import require_int8_values
 from pyaccel.ops import _as_rows, _desc, _FLOAT_IO, _grad_x, _native_linear, check_packed_device, require_strided
 
 
@@ -86,12 +87,28 @@ def check_bsr_packing(check, packed: Tensor, values: Tensor, crow_indices: Tenso
         raise ValueError(f"packed: {err}")
 
 
+def check_reference_indices(values: Tensor, crow_indices: Tensor, col_indices: Tensor, n: int, k: int) -> None:
+    """ValueError naming crow_indices / col_indices where the native packer
+    refuses them (a row pointer that does not start at 0, end at nnzb or
+    increase; a column out of range, unsorted or repeated within a block row),
+    for the reference CPU path, which would otherwise compute with them (a
+    repeated column counts its blocks twice). O(nbr + nnzb)."""
+    from pyaccel.formats.block_sparse import BlockSparseWeight, canonical_error
+
+    # values as a meta tensor: the index checks only (the native path, too,
+    # ignores non-zero weights past n / k in the last block row / column)
+    err = canonical_error(BlockSparseWeight(values.to("meta"), crow_indices, col_indices, (n, k)))
+    if err:
+        raise ValueError(err)
+
+
 def block_sparse_linear_cpu(x, values, crow_indices, col_indices, n, k, bias, packed):
     """The native CPU BSR linear (arguments already checked; `packed` here)."""
     from pyaccel.formats.block_sparse import BlockSparseWeight, pack_block_sparse
 
     C = _native.lib()
     if C is None:
+        check_reference_indices(values, crow_indices, col_indices, n, k)
         return reference.block_sparse_linear(x, values, crow_indices, col_indices, n, k, bias)
     if packed is None:
         packed = pack_block_sparse(BlockSparseWeight(values, crow_indices, col_indices, (n, k)))
@@ -176,6 +193,8 @@ def block_sparse_int8_linear_cpu(x, values, crow_indices, col_indices, n, k, w_s
 
     C = _native.lib()
     if C is None:
+        check_reference_indices(values, crow_indices, col_indices, n, k)
+        require_int8_values("values", values)
         return reference.block_sparse_int8_linear(x, values, crow_indices, col_indices, n, k, w_scale, bias)
     if packed is None:
         packed = pack_block_sparse_int8(BlockSparseWeight(values, crow_indices, col_indices, (n, k)))

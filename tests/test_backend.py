@@ -197,3 +197,29 @@ def test_blanks_around_environment_values(tmp_path):
     out = _run("import warnings; warnings.simplefilter('error')\n"
                "import pyaccel; print(pyaccel.backend_info().cpu_tuning)", tmp_path, PYACCEL_CPU_TUNING=" AMD ")
     assert out == "amd"
+
+
+def test_reference_backend_refuses_what_the_native_packers_refuse(tmp_path):
+    """Without the native library the CPU ops computed with -128 int8 weights
+    and with repeated block columns (counted twice); the native packers refuse
+    both: the reference path now does too, naming the argument."""
+    code = ("import torch, pyaccel\n"
+            "ops = torch.ops.pyaccel\n"
+            "assert not pyaccel.backend_info().native_loaded\n"
+            "x, w = torch.randn(2, 16), torch.ones(8, 16, dtype=torch.int8)\n"
+            "v = torch.ones(2, 4, 4, dtype=torch.int8)\n"
+            "crow, dup = torch.tensor([0, 2, 2], dtype=torch.int32), torch.tensor([1, 1], dtype=torch.int32)\n"
+            "w[3, 5] = -128\n"
+            "v128 = v.clone(); v128[1, 2, 3] = -128\n"
+            "calls = [lambda: ops.int8_linear(x, w, torch.ones(8), None, None),\n"
+            "         lambda: ops.block_sparse_int8_linear(x, v128, crow, torch.tensor([0, 1], dtype=torch.int32), 8, 16,"
+            " torch.ones(8), None, None),\n"
+            "         lambda: ops.block_sparse_linear(x, v.float(), crow, dup, 8, 16, None, None),\n"
+            "         lambda: ops.block_sparse_int8_linear(x, v, crow, dup, 8, 16, torch.ones(8), None, None)]\n"
+            "for f in calls:\n"
+            "    try:\n"
+            "        f(); print('computed')\n"
+            "    except ValueError as e:\n"
+            "        print(str(e).split(':')[0])\n")
+    out = _run(code, tmp_path, PYACCEL_BACKEND="reference")
+    assert out.split() == ["w_int8", "values", "col_indices", "col_indices"], out
