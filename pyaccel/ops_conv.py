@@ -29,6 +29,7 @@ reference (a module repacks for the ISA in use).
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import torch
@@ -50,11 +51,21 @@ def geometry_of(stride: List[int], dilation: List[int], padding: List[int], tf_s
     return ConvGeometry(tuple(kernel), tuple(stride), tuple(dilation), TF_SAME if tf_same else tuple(padding))
 
 
-def act_from(code: int, params: List[float]) -> Activation:
-    kind = ActKind(int(code))
+def act_from(code: int, params: List[float], which: int = 1) -> Activation:
+    """act{which} / act{which}_params as an Activation; ValueError naming them
+    for an unknown code, PReLU, or Hardtanh bounds that are not finite with
+    lo < hi (as nn.Hardtanh asks: a NaN bound would give NaN, reversed bounds a
+    constant). The other activations ignore the params."""
+    try:
+        kind = ActKind(int(code))
+    except ValueError:
+        raise ValueError(f"act{which}: expected an ActKind code {[int(a) for a in ActKind]}, got {code}") from None
     if kind == ActKind.PRELU:
-        raise ValueError("act: PReLU is not supported by dws_conv2d")
+        raise ValueError(f"act{which}: PReLU is not supported by dws_conv2d")
     lo, hi = (params + [-1.0, 1.0])[:2] if params else (-1.0, 1.0)
+    if kind == ActKind.HARDTANH and not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"act{which}_params: Hardtanh clamps to [lo, hi]: expected finite bounds with lo < hi, "
+                         f"got {list(params)}")
     return Activation(kind, float(lo), float(hi))
 
 
@@ -148,7 +159,7 @@ def _run(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, dilation, padding, t
     check_dws_args(x, dw_weight, dw_bias, pw_weight, pw_bias, packed)
     geo = geometry_of(stride, dilation, padding, tf_same, dw_weight.shape[2:])
     geo.out_size(x.shape[2], x.shape[3])
-    a1, a2 = act_from(act1, act1_params), act_from(act2, act2_params)
+    a1, a2 = act_from(act1, act1_params, 1), act_from(act2, act2_params, 2)
     out = device_kernel(x, dw_weight, dw_bias, pw_weight, pw_bias, geo, a1, a2, packed)
     if out is not None:
         return out
@@ -198,6 +209,7 @@ def _dws_cuda(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, dilation, paddi
 def _dws_fake(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, dilation, padding, tf_same, act1, act1_params, act2,
               act2_params, packed):
     check_dws_args(x, dw_weight, dw_bias, pw_weight, pw_bias, packed)
+    act_from(act1, act1_params, 1), act_from(act2, act2_params, 2)
     return _fake_out(x, pw_weight.shape[0], geometry_of(stride, dilation, padding, tf_same, dw_weight.shape[2:]))
 
 
@@ -287,7 +299,7 @@ def _dws_int8_any(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, stride, dil
     check_dws_int8_args(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, packed_dw, packed_pw)
     geo = geometry_of(stride, dilation, padding, tf_same, dw_weight.shape[2:])
     oh, ow = geo.out_size(x.shape[2], x.shape[3])
-    a1, a2 = act_from(act1, act1_params), act_from(act2, act2_params)
+    a1, a2 = act_from(act1, act1_params, 1), act_from(act2, act2_params, 2)
     c, cout = dw_weight.shape[0], pw_int8.shape[0]
     C = _native.lib()
     native = x.is_cpu and C is not None
@@ -317,6 +329,7 @@ dws_conv2d_int8.register_kernel("cuda")(_dws_int8_any)  # the reference on CUDA 
 def _dws_int8_fake(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, stride, dilation, padding, tf_same, act1,
                    act1_params, act2, act2_params, packed_dw, packed_pw):
     check_dws_int8_args(x, dw_weight, dw_bias, pw_int8, pw_scale, pw_bias, packed_dw, packed_pw)
+    act_from(act1, act1_params, 1), act_from(act2, act2_params, 2)
     return _fake_out(x, pw_int8.shape[0], geometry_of(stride, dilation, padding, tf_same, dw_weight.shape[2:]))
 
 

@@ -697,3 +697,25 @@ def test_patch_quantize_int8_mobilenet(gen):
     assert isinstance(model[3][0], FusedDWSeparableInt8Conv2d)
     got = model(x)
     assert 20 * torch.log10(want.norm() / (got - want).norm()) > 25
+
+
+@pytest.mark.parametrize("params", [[float("nan"), 1.0], [1.0, -1.0], [0.5, 0.5], [-1.0, float("inf")]])
+def test_hardtanh_params_are_checked(gen, params):
+    """A NaN bound gave NaN outputs and reversed bounds torch.clamp's error
+    without the argument's name: the ops and their fakes refuse them, naming it."""
+    x = torch.randn(1, 4, 5, 5, generator=gen)
+    dw, pw = torch.randn(4, 1, 3, 3, generator=gen), torch.randn(6, 4, 1, 1, generator=gen)
+    ht, geo = int(ActKind.HARDTANH), ([1, 1], [1, 1], [1, 1, 1, 1], False)
+    for which in (1, 2):
+        acts = [ht, [-1.0, 1.0], ht, [-1.0, 1.0]]
+        acts[2 * which - 1] = params
+        with pytest.raises(ValueError, match=f"act{which}_params: Hardtanh clamps"):
+            torch.ops.pyaccel.dws_conv2d(x, dw, None, pw, None, *geo, *acts, None)
+        with pytest.raises(ValueError, match=f"act{which}_params: Hardtanh clamps"):
+            torch.ops.pyaccel.dws_conv2d_int8(x, dw, None, torch.ones(6, 4, dtype=torch.int8), torch.ones(6),
+                                              None, *geo, *acts, None, None)
+        with pytest.raises(ValueError, match=f"act{which}_params"), torch._subclasses.FakeTensorMode() as mode:
+            torch.ops.pyaccel.dws_conv2d(mode.from_tensor(x), mode.from_tensor(dw), None, mode.from_tensor(pw), None,
+                                         *geo, *acts, None)
+    ok = torch.ops.pyaccel.dws_conv2d(x, dw, None, pw, None, *geo, int(ActKind.RELU), params, ht, [-1.0, 1.0], None)
+    assert ok.shape == (1, 6, 5, 5)  # the other activations ignore the params
