@@ -73,7 +73,8 @@ def selected_isa() -> str:
 
 
 def set_isa_cap(name: str) -> None:
-    """Cap the ISA the native kernels may use ('' removes the cap).
+    """Cap the ISA the native kernels may use (one of ISA_LADDER, any case;
+    '' removes the cap).
 
     A cap only lowers the choice: the level used is the best one at or below
     the cap that the CPU can run (a cap above the CPU's ISA leaves its best one
@@ -91,10 +92,15 @@ def set_isa_cap(name: str) -> None:
 
 
 def isa_supported(name: str) -> bool:
-    """True when this CPU can run kernels of ISA `name`."""
+    """True when this CPU can run kernels of ISA `name` (one of ISA_LADDER, any
+    case, as set_isa_cap takes it); TypeError / ValueError naming isa otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"isa: expected a str (one of {ISA_LADDER}), got {type(name).__name__}")
+    if name.lower() not in ISA_LADDER:
+        raise ValueError(f"isa: expected one of {ISA_LADDER}, got {name!r}")
     if _C is None:
         return False
-    return name in _C.cpu_info()["usable_isas"]
+    return name.lower() in _C.cpu_info()["usable_isas"]
 
 
 @contextlib.contextmanager

@@ -1,8 +1,14 @@
 """Pure-PyTorch references for every pyaccel op.
 
-These define what the kernels compute. Native and Triton kernels are tested
-against them (integer parts exactly), and they run wherever no faster backend
-exists. They work on any device and dtype torch supports.
+These define what the kernels compute, for finite inputs. Native and Triton
+kernels are tested against them (integer parts exactly), and they run wherever
+no faster backend exists. They work on any device and dtype torch supports.
+
+One difference with non-finite x: the sparse references (sparse24_linear,
+block_sparse_linear) multiply by the dense weight, so a NaN or inf in
+x[..., j] gives NaN in every output of that row (0 * inf is NaN), whereas the
+kernels read x[..., j] only for the weights they keep and give NaN only in
+the outputs whose kept weights read it.
 """
 from __future__ import annotations
 
@@ -111,7 +117,10 @@ def int8_linear(
 def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, k: int,
                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W.T + bias for a 2:4 weight in canonical form (pyaccel.formats.sparse24),
-    computed densely in fp32; output in x's dtype."""
+    computed densely in fp32; output in x's dtype. A NaN / inf in x therefore
+    spreads to every output of its row (the pruned weights' 0 * inf is NaN);
+    the kernels spread it only to the outputs whose kept weights read it.
+    For finite x, this is what the kernels compute."""
     from pyaccel.formats.sparse24 import Sparse24Weight, decompress
 
     w = decompress(Sparse24Weight(values, meta, k)).float()
@@ -133,7 +142,10 @@ def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: tor
                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W.T + bias for a block-sparse W in canonical BSR form
     (pyaccel.formats.block_sparse: values [nnzb, bh, bw] fp32, int32 indices),
-    computed densely in fp32; output in x's dtype."""
+    computed densely in fp32; output in x's dtype. A NaN / inf in x therefore
+    spreads to every output of its row (the pruned weights' 0 * inf is NaN);
+    the kernels spread it only to the outputs whose kept weights read it.
+    For finite x, this is what the kernels compute."""
     from pyaccel.formats.block_sparse import BlockSparseWeight, decompress
 
     w = decompress(BlockSparseWeight(values, crow_indices, col_indices, (n, k))).float()

@@ -223,3 +223,16 @@ def test_reference_backend_refuses_what_the_native_packers_refuse(tmp_path):
             "        print(str(e).split(':')[0])\n")
     out = _run(code, tmp_path, PYACCEL_BACKEND="reference")
     assert out.split() == ["w_int8", "values", "col_indices", "col_indices"], out
+
+
+def test_isa_names_are_case_insensitive_everywhere():
+    """isa_supported('AVX2') was False where set_isa_cap('AVX2') capped at avx2:
+    both take any case, and both refuse a name off the ladder."""
+    for name in _native.ISA_LADDER:
+        assert _native.isa_supported(name.upper()) == _native.isa_supported(name)
+    assert _native.isa_supported("PORTABLE") == _native.available()
+    with pytest.raises(ValueError, match="isa: expected one of"):
+        _native.isa_supported("sse2")
+    if _native.available():
+        with _native.isa_cap("PORTABLE") as used:
+            assert used == "portable"
