@@ -118,8 +118,14 @@ def measure(suite: str, shape: str, m: int, n: int, k: int, mode: str, cands: Di
                     med, q1, q3 = paired_ratio(t[b], tm)
                     r.ratios[label], r.ratio_iqr[label] = med, (q1, q3)
         rows.append(r)
+        if suite != _logged_suite[0]:  # console rows name their suite (block shape, sparsity) once
+            _logged_suite[0] = suite
+            log(f"-- {suite}")
         log(format_row(r))
     return rows
+
+
+_logged_suite = [None]  # the suite of the last row measure() logged
 
 
 def cases(ms: Sequence[int], streamed: bool, weight_bytes: int, streamed_ms: Sequence[int] = (1,)):
@@ -167,7 +173,8 @@ def format_row(r: Row) -> str:
 
 
 HEADER = (f"{'W (NxK)':>10} {'M':>4} {'weights':>8} {'candidate':>26} {'median µs':>10} {'IQR':>6} "
-          f"{'GOP/s':>8} {'dB':>6} {'W GB/s':>6}  speed-ups of pyaccel: median (quartiles) of per-round ratios")
+          f"{'GOP/s':>8} {'dB':>6} {'W GB/s':>6}  speed-ups of pyaccel: median (quartiles) of per-round ratios"
+          "\n(dB: SQNR against fp64 of the same layer; % of peak: in the --markdown tables)")
 
 
 def to_markdown(rows: List[Row], peak: Optional[float]) -> str:
