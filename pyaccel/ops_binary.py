@@ -14,12 +14,16 @@ act_lo / act_hi are act='hardtanh''s bounds: finite, act_lo < act_hi
 weight_bits and wsum must hold pack_conv_weight's values where the kernels
 read them: bits past the input channels in a row's last word must be 0, and
 wsum must be the ±1 weight sums of weight_bits where it is read (exact zero
-padding with padding > 0); each call checks both (ValueError naming them).
+padding with padding > 0); a call checks both (ValueError naming them) unless
+the same tensor objects passed the same check before and neither has been
+written since (their version counters unchanged): a module's calls pay the
+pass over the weights (and on CUDA a device sync) once, not per call.
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+import weakref
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -135,6 +139,9 @@ def check_weight_values(weight_bits: Tensor, wsum: Tensor, oc: int, cg: int, pad
       weight_bits's bits: O(weights / 64) popcounts, one pass over the
       weights, as each output pixel's dot products make.
     """
+    need_wsum = padding_mode == "zeros" and max(padding) > 0
+    if _passed_before(weight_bits, wsum, oc, cg, need_wsum):
+        return
     tail = cg % bf.WORD_BITS
     if tail and bool((weight_bits[..., -1, :] >> tail).any()):
         raise ValueError(f"weight_bits: bits set past the {cg} input channels per group in a row's last word "
@@ -146,6 +153,42 @@ def check_weight_values(weight_bits: Tensor, wsum: Tensor, oc: int, cg: int, pad
             raise ValueError(f"wsum: expected the ±1 weight sums of weight_bits (pack_conv_weight's wsum), got "
                              f"{int(wsum[bad[0], bad[1]])} at [{bad[0]}, {bad[1]}] where weight_bits gives "
                              f"{int(want[bad[0], bad[1]])}")
+    _remember_passed(weight_bits, wsum, oc, cg, need_wsum)
+
+
+# Weight tensors that passed check_weight_values: id(weight_bits) -> (weak
+# references to weight_bits and wsum, the state they passed in). An entry
+# counts only for the same live objects (an id can be reused after a tensor
+# is freed), the same data pointers and version counters (every in-place
+# write, load_state_dict's copy_ included, bumps the counter), the same
+# (oc, cg), and a wsum check when this call needs one.
+_PASSED: Dict[int, Tuple] = {}
+_PASSED_MAX = 4096
+
+
+def _state(weight_bits: Tensor, wsum: Tensor, oc: int, cg: int) -> Tuple:
+    return (weight_bits.data_ptr(), weight_bits._version, wsum.data_ptr(), wsum._version, oc, cg)
+
+
+def _passed_before(weight_bits: Tensor, wsum: Tensor, oc: int, cg: int, need_wsum: bool) -> bool:
+    entry = _PASSED.get(id(weight_bits))
+    if entry is None or isinstance(weight_bits, torch._subclasses.FakeTensor):
+        return False
+    bits_ref, wsum_ref, state, wsum_checked = entry
+    return (bits_ref() is weight_bits and wsum_ref() is wsum and state == _state(weight_bits, wsum, oc, cg)
+            and (wsum_checked or not need_wsum))
+
+
+def _remember_passed(weight_bits: Tensor, wsum: Tensor, oc: int, cg: int, wsum_checked: bool) -> None:
+    if isinstance(weight_bits, torch._subclasses.FakeTensor):
+        return
+    if len(_PASSED) >= _PASSED_MAX:  # drop the entries of freed tensors (and, if still full, all)
+        for key in [k for k, e in _PASSED.items() if e[0]() is None or e[1]() is None]:
+            del _PASSED[key]
+        if len(_PASSED) >= _PASSED_MAX:
+            _PASSED.clear()
+    _PASSED[id(weight_bits)] = (weakref.ref(weight_bits), weakref.ref(wsum), _state(weight_bits, wsum, oc, cg),
+                                wsum_checked)
 
 
 def reference_conv(x, weight_bits, scale, shift, slope, oc, kernel_size, stride, padding, dilation, groups,

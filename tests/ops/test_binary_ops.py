@@ -277,6 +277,39 @@ def test_weight_padding_bits_and_wsum_are_checked(gen):
     assert torch.equal(ob.binary_conv2d(*args[:2], bad, *args[3:9], [0, 0], *args[10:]), ref)
 
 
+def test_weight_checks_remembered_until_a_write(gen):
+    """check_weight_values runs its pass over the weights once per tensor
+    state: a later call with the same objects skips it, but an in-place write
+    to weight_bits or wsum (their version counters), other tensors, or a call
+    that reads wsum where the earlier one did not, checks again."""
+    xc, wc = _x(gen, 1, 70, 5, 5), _x(gen, 6, 70, 3, 3)
+    bits, wsum = bf.pack_conv_weight(wc, 1)
+    args = [xc, bits, wsum, None, None, None, 6, [3, 3], [1, 1], [0, 0], [1, 1], 1, "zeros", "none", 0.0, 0.0]
+    calls = []
+    real = ob.wsum_from_bits
+    try:
+        ob.wsum_from_bits = lambda *a: calls.append(1) or real(*a)
+        y0 = ob.binary_conv2d(*args)  # padding 0: wsum not read, not checked
+        assert calls == []
+        args[9] = [1, 1]
+        y1 = ob.binary_conv2d(*args)  # now it is read: checked once
+        assert len(calls) == 1
+        assert torch.equal(ob.binary_conv2d(*args), y1) and len(calls) == 1
+        wsum[2, 4] += 2  # an in-place write: checked again, and refused
+        with pytest.raises(ValueError, match=r"wsum: .* at \[2, 4\]"):
+            ob.binary_conv2d(*args)
+        wsum[2, 4] -= 2
+        assert torch.equal(ob.binary_conv2d(*args), y1) and len(calls) == 3
+        bits[..., -1, :] |= ~bf.valid_bits_mask(bits.shape, 6, 70)[..., -1, :]
+        with pytest.raises(ValueError, match="weight_bits: bits set past the 70"):
+            ob.binary_conv2d(*args)
+        args[1] = bits.clone().copy_(bf.pack_conv_weight(wc, 1)[0])  # another object: checked
+        assert torch.equal(ob.binary_conv2d(*args), y1) and len(calls) == 4
+    finally:
+        ob.wsum_from_bits = real
+    assert y0.shape == (1, 6, 3, 3)
+
+
 def test_binary_linear_without_features_and_list_lengths(gen):
     bits, wsum = bf.pack_conv_weight(_x(gen, 4, 8, 3, 3), 1)
     with pytest.raises(ValueError, match="x: .*in_features >= 1"):
