@@ -22,6 +22,11 @@ def test_bench_quick_runs(tmp_path, capsys):
     text = md.read_text()
     assert "### int8" in text and "### 2:4" in text and "pyaccel int8" in text
     assert re.search(r"late-team guard: (fired \d+ times in this run \(int8 \d+, sparse24 \d+\)|off)", text)
+    # the console rows give % of the header's peak too: int8 rows a number, 2:4 rows (dense-equivalent) none
+    out = capsys.readouterr().out
+    assert "%peak" in out
+    assert re.search(r"pyaccel int8 +[\d.]+ ±.*?[\d.]+ +\d+ +[\d.]+ ", out)
+    assert re.search(r"pyaccel 2:4 fp32 +[\d.]+ ±.*?[\d.]+ +- +[\d.]+ ", out)
 
 
 def test_int8_bench_gives_the_7_bit_row_paired_speed_ups_too():

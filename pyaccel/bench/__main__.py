@@ -172,6 +172,7 @@ def main(argv=None) -> int:
     src32 = "given" if args.fp32_peak else f"measured now: {mix32}"
     args.peak_gops = args.peak_gops or g8 or None
     args.fp32_peak = args.fp32_peak or g32 or None
+    common.PEAKS.update(int8=args.peak_gops, fp32=args.fp32_peak)
     fmt = lambda v: f"{v:.0f}" if v else "n/a (portable level)"
     head = [f"date: {datetime.datetime.now().isoformat(timespec='minutes')}",
             f"cpu: {_cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}",
@@ -273,15 +274,8 @@ def main(argv=None) -> int:
             f.write("\n".join("    " + h for h in head) + "\n\n")
             suites_seen = list(dict.fromkeys(r.suite for r in rows))
             for suite in suites_seen:
-                # int8 rows (dense, 2:4 int8 and BSR int8) against the int8 peak, BSR fp32 against the fp32 one
-                if suite == "int8" or suite.startswith("bsr int8"):
-                    peak = args.peak_gops
-                elif suite.startswith("bsr "):
-                    peak = args.fp32_peak
-                else:
-                    peak = None
                 sub = [r for r in rows if r.suite == suite]
-                f.write(f"### {suite}\n\n" + common.to_markdown(sub, peak) + "\n\n")
+                f.write(f"### {suite}\n\n" + common.to_markdown(sub, common.peak_for(suite)) + "\n\n")
             if dws_rows:
                 f.write(f"### fused depthwise-separable conv (fp32; {torch.get_num_threads()} threads; "
                         f"% peak: pointwise FLOPs / pyaccel time vs {args.fp32_peak or 0:.0f} GFLOP/s)\n\n"

@@ -163,18 +163,39 @@ def ratio_spread(r: Row, label: str) -> str:
     return "" if q1 is None or q1 == q3 else f" ({q1:.2f}-{q3:.2f})"
 
 
+# The running machine's peaks at pyaccel's ISA level (GOP/s), set by the bench's
+# main after it measures them (or takes --peak-gops / --fp32-peak): "int8", "fp32".
+PEAKS: Dict[str, Optional[float]] = {"int8": None, "fp32": None}
+
+
+def peak_for(suite: str) -> Optional[float]:
+    """The peak a suite's GOP/s are a share of: int8 rows (dense int8, BSR int8)
+    the int8 peak, BSR fp32 rows (kept blocks' FLOPs) the fp32 one; None for
+    the rest (2:4 counts dense-equivalent operations, which no peak bounds)."""
+    if suite == "int8" or suite.startswith("bsr int8"):
+        return PEAKS["int8"]
+    if suite.startswith("bsr "):
+        return PEAKS["fp32"]
+    return None
+
+
+def _pct_peak(r: Row, peak: Optional[float]) -> Optional[float]:
+    return 100 * r.gops / peak if peak and r.gops is not None else None
+
+
 def format_row(r: Row) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
     ratios = "  ".join(f"{k} {v:.2f}{ratio_spread(r, k)}" for k, v in r.ratios.items())
     return (f"{r.shape:>10} {r.m:>4} {r.mode:>8} {r.name:>26} {r.timing.median_s * 1e6:>10.1f} "
-            f"±{r.timing.spread * 100:>4.0f}% {f(r.gops, '8.1f'):>8} {f(r.sqnr_db, '6.1f'):>6} "
-            f"{f(r.weight_gbs, '6.1f'):>6}  {ratios}")
+            f"±{r.timing.spread * 100:>4.0f}% {f(r.gops, '8.1f'):>8} {f(_pct_peak(r, peak_for(r.suite)), '5.0f'):>5} "
+            f"{f(r.sqnr_db, '6.1f'):>6} {f(r.weight_gbs, '6.1f'):>6}  {ratios}")
 
 
 HEADER = (f"{'W (NxK)':>10} {'M':>4} {'weights':>8} {'candidate':>26} {'median µs':>10} {'IQR':>6} "
-          f"{'GOP/s':>8} {'dB':>6} {'W GB/s':>6}  speed-ups of pyaccel: median (quartiles) of per-round ratios"
-          "\n(dB: SQNR against fp64 of the same layer; % of peak: in the --markdown tables)")
+          f"{'GOP/s':>8} {'%peak':>5} {'dB':>6} {'W GB/s':>6}  speed-ups of pyaccel: median (quartiles) of "
+          "per-round ratios\n(%peak: of the peak in the bench's header, int8 and block-sparse rows; dB: SQNR against "
+          "fp64 of the same layer)")
 
 
 def to_markdown(rows: List[Row], peak: Optional[float]) -> str:
@@ -185,7 +206,8 @@ def to_markdown(rows: List[Row], peak: Optional[float]) -> str:
         return "" if v is None else format(v, fmt)
     for r in rows:
         bold = "**" if r.ratios else ""
-        pk = f"{100 * r.gops / peak:.0f}" if peak and r.gops is not None else ""
+        pct = _pct_peak(r, peak)
+        pk = "" if pct is None else f"{pct:.0f}"
         ratios = ", ".join(f"{k} {v:.2f}{ratio_spread(r, k)}" for k, v in r.ratios.items())
         out.append(f"| {r.shape} | {r.m} | {r.mode} | {bold}{r.name}{bold} | {r.timing.median_s * 1e6:.1f} | "
                    f"±{r.timing.spread * 100:.0f}% | {f(r.gops, '.1f')} | {pk} | {f(r.sqnr_db, '.1f')} | "
