@@ -11,17 +11,25 @@ from whatever tensor happens to sit in ``.weight``:
   any ``parametrize.cached()`` value.
 * old-style ``torch.nn.utils.weight_norm`` (a WeightNorm pre-hook): g * v / |v|.
 * transformers' ``Conv1D`` (weight [in, out], y = x @ W + b): W.T.
+* a torch sparse weight (``to_sparse_bsr`` and the other sparse layouts):
+  read densely; :class:`LinearSource` keeps its layout and (BSR / BSC) its
+  block shape.
+
+:func:`inference_forward` lends out the module to run its own forward as
+inference does (what the layer costs as the user has it: patch's speed
+check) and puts it back as it was.
 
 Any other hook on the module (a swap would drop it) makes :func:`read_linear`
 raise :class:`SourceSkip` naming the hook. Nothing here imports transformers.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -53,12 +61,19 @@ class LinearSource:
     kind: "Linear" or "Conv1D" (the class under any parametrization wrapper).
     via: how the tensors were read, e.g. ("prune mask on weight",); empty for
         a plain module.
+    layout: the layout of the module's weight tensor ("strided", or e.g.
+        "sparse_bsr" for a weight from ``to_sparse_bsr``, which forward runs
+        through torch's sparse kernels); `weight` is dense either way.
+    blocksize: a sparse_bsr / sparse_bsc weight's block shape, as (rows,
+        cols) of `weight` [out, in] (a Conv1D's transposed); else None.
     """
 
     weight: Tensor
     bias: Optional[Tensor]
     kind: str
     via: Tuple[str, ...] = ()
+    layout: str = "strided"
+    blocksize: Optional[Tuple[int, int]] = None
 
     @property
     def in_features(self) -> int:
@@ -67,6 +82,16 @@ class LinearSource:
     @property
     def out_features(self) -> int:
         return int(self.weight.shape[0])
+
+    @property
+    def forward_steps(self) -> str:
+        """What the module's forward computes each call, in words: "dense
+        F.linear", "torch sparse_bsr F.linear", "prune mask on weight
+        (CustomFromMask) + dense F.linear", "dense Conv1D addmm", ..."""
+        op = "F.linear" if self.kind == "Linear" else "Conv1D addmm"
+        core = f"dense {op}" if self.layout == "strided" else f"torch {self.layout} {op}"
+        recomputed = [v for v in self.via if v.startswith(("prune mask", "parametrization", "weight_norm"))]
+        return " + ".join(recomputed + [core])
 
 
 def hf_conv1d_type() -> Optional[type]:
@@ -228,10 +253,13 @@ def read_linear(mod: nn.Module, *, allow_foreign_hooks: bool = False) -> LinearS
         raise SourceSkip(f"weight: expected a 2-D tensor, got {None if w is None else tuple(w.shape)}")
     if w.device.type == "meta":
         raise SourceSkip("weights are on the meta device: materialize them first")
+    layout, blocksize = "strided", None
     if w.layout != torch.strided:
-        # a sparse weight (torch.sparse_bsr from to_sparse_bsr, CSR, COO, ...): F.linear runs it, and
-        # so does the swap once it is read densely (its zero blocks are found again from the values)
+        # a sparse weight (torch.sparse_bsr from to_sparse_bsr, CSR, COO, ...): F.linear runs it through
+        # torch's sparse kernels, and the swap from the dense values (its zero blocks are found again)
         layout = str(w.layout).replace("torch.", "")
+        if w.layout in (torch.sparse_bsr, torch.sparse_bsc):
+            blocksize = (int(w.values().shape[1]), int(w.values().shape[2]))
         w = w.to_dense()
         via.append(f"{layout} weight read densely")
     if not w.is_floating_point():
@@ -239,9 +267,34 @@ def read_linear(mod: nn.Module, *, allow_foreign_hooks: bool = False) -> LinearS
     if kind == "Conv1D":
         w = w.t()  # Conv1D stores [in, out] and computes x @ W + b
         via.append("Conv1D weight transposed")
+        blocksize = None if blocksize is None else (blocksize[1], blocksize[0])
     if b is not None and tuple(b.shape) != (w.shape[0],):
         raise SourceSkip(f"bias: expected shape ({w.shape[0]},), got {tuple(b.shape)}")
-    return LinearSource(w, b, kind, tuple(via))
+    return LinearSource(w, b, kind, tuple(via), layout, blocksize)
+
+
+@contextlib.contextmanager
+def inference_forward(mod: nn.Module) -> Iterator[nn.Module]:
+    """Yields `mod` set up to run its own forward as inference does, so that
+    what it costs can be timed: the module and its submodules in eval mode (a
+    parametrization such as spectral_norm updates its state in training
+    mode); call it under torch.no_grad. On exit the module is as it was: the
+    training flags are restored, and so are the tensors its
+    torch.nn.utils.prune / weight_norm pre-hooks write into it each call."""
+    written = list(module_hooks(mod)[0])
+    saved = {name: mod.__dict__[name] for name in written if name in mod.__dict__}
+    flags = [(m, m.training) for m in mod.modules()]
+    try:
+        mod.eval()
+        yield mod
+    finally:
+        for m, training in flags:
+            m.training = training
+        for name in written:
+            if name in saved:
+                mod.__dict__[name] = saved[name]
+            else:
+                mod.__dict__.pop(name, None)
 
 
 def own_weight_names(mod: nn.Module) -> List[str]:
@@ -266,8 +319,13 @@ def own_weight_names(mod: nn.Module) -> List[str]:
 
 def _seed_nonleaf(obj: Any, memo: Dict[int, Any], depth: int = 0) -> None:
     if isinstance(obj, Tensor):
-        if not obj.is_leaf and id(obj) not in memo:
+        if id(obj) in memo:
+            return
+        if not obj.is_leaf:
             memo[id(obj)] = obj.detach().clone()
+        elif obj.layout != torch.strided:  # torch's deepcopy refuses sparse tensors (to_sparse_bsr, ...)
+            clone = obj.detach().clone()
+            memo[id(obj)] = nn.Parameter(clone, obj.requires_grad) if isinstance(obj, nn.Parameter) else clone
     elif depth < 3 and isinstance(obj, (list, tuple, set, frozenset)):
         for v in obj:
             _seed_nonleaf(v, memo, depth + 1)
@@ -281,7 +339,10 @@ def deepcopy_model(model: nn.Module) -> nn.Module:
     attributes (the tensor a torch.nn.utils.prune or weight_norm pre-hook
     writes into .weight after a forward with autograd on, activations a module
     kept, ...), which deepcopy refuses: the copy gets detached clones of those
-    (every such hook recomputes its tensor before the next forward anyway).
+    (every such hook recomputes its tensor before the next forward anyway);
+    and for sparse tensors (a ``to_sparse_bsr`` weight Parameter, ...), which
+    it refuses too: the copy gets clones (Parameters stay Parameters, with
+    their requires_grad).
     The original is not changed. RuntimeError naming the cause otherwise."""
     memo: Dict[int, Any] = {}
     for mod in model.modules():

@@ -25,8 +25,10 @@ from torch.nn.utils.parametrize import is_parametrized
 
 from pyaccel import _native, ops
 from pyaccel._linear_source import (
+    LinearSource,
     SourceSkip,
     deepcopy_model,
+    inference_forward,
     linear_kind,
     linear_subclass_of,
     module_hooks,
@@ -253,23 +255,33 @@ def _linear_like(mod, ctx):
     else:
         why = ("weights not 2:4 sparse" if k >= MIN_SPARSE24_K
                else f"in_features {k} < {MIN_SPARSE24_K}, too narrow for the 2:4 kernels")
-        plan = f"dense float {kind} ({why}): pass quantize='int8' to quantize it (lossy)"
-    choice = (_sparse_choice.candidate_block(w) if w.device.type == "cpu" and ctx.block_sparse != "never"
-              else None)
-    if choice is None:
-        if isinstance(plan, str) and w.device.type == "cpu" and ctx.block_sparse != "never":
-            few = _sparse_choice.most_zero_blocks(w)
+        what = f"dense float {kind}" if src.layout == "strided" else f"float {kind} with a torch {src.layout} weight"
+        plan = f"{what} ({why}): pass quantize='int8' to quantize it (lossy)"
+    if w.device.type != "cpu" or ctx.block_sparse == "never":
+        return plan
+    # the shape of a BSR weight and the one the zeros tile (prune_blocks') are scored with the candidates
+    hints = [src.blocksize, _sparse_choice.tiling_block(w)]
+    # a layer left as it is keeps a sparse weight on torch's sparse kernels: measured whatever its zero blocks
+    minimum = 0.0 if isinstance(plan, str) and src.layout != "strided" else _sparse_choice.MIN_ZERO_BLOCKS
+    choices = _sparse_choice.block_choices(w, hints, minimum)
+    if not choices:
+        if isinstance(plan, str):
+            few = _sparse_choice.most_zero_blocks(w, _sparse_choice.shapes_with(hints))
             if few is not None and few.zero_fraction > 0:
                 plan += (f"; {few.zero_fraction:.0%} zero {few.block[0]}x{few.block[1]} blocks, under the "
                          f"{_sparse_choice.MIN_ZERO_BLOCKS:.0%} block-sparse minimum")
         return plan
     if ctx.block_sparse == "always":
         cls = BlockSparseInt8Linear if int8 else BlockSparseLinear
+        choice = choices[0]
         return Build(lambda: _noted(cls.from_dense(w.float(), b, choice.block),
-                                    f"{choice.zero_fraction:.0%} zero {choice.block[0]}x{choice.block[1]} blocks "
-                                    "(block_sparse='always': not measured)"), lossy=int8)
-    # enough zero blocks: measured at build time (only for the layers the filters select)
-    return Build(lambda: _block_sparse_or(plan, w, b, choice, is24, int8), lossy=int8)
+                                    f"{_found(choice)} (block_sparse='always': not measured)"), lossy=int8)
+    # measured at build time (only for the layers the filters select)
+    return Build(lambda: _block_sparse_or(plan, mod, src, choices, is24, int8), lossy=int8)
+
+
+def _found(choice) -> str:
+    return f"{choice.zero_fraction:.0%} zero {choice.block[0]}x{choice.block[1]} blocks"
 
 
 def _noted(mod: nn.Module, note: str) -> nn.Module:
@@ -281,39 +293,57 @@ class Declined(Exception):
     """A Build's make() found the swap not worth making; str(exc) is the reason."""
 
 
-def _block_sparse_or(fallback: Union[Build, str], w: Tensor, b: Optional[Tensor], choice, is24: bool,
+def _block_sparse_or(fallback: Union[Build, str], mod: nn.Module, src: LinearSource, choices, is24: bool,
                      int8: bool) -> nn.Module:
-    """BlockSparseLinear (BlockSparseInt8Linear when quantizing) where it
-    measures faster than the dense module (and than the 2:4 one for a 2:4
-    weight) on the real shape (pyaccel._sparse_choice); else the fallback's
-    module, or Declined with the fallback's reason and the measurement."""
-    bh, bw = choice.block
-    found = f"{choice.zero_fraction:.0%} zero {bh}x{bw} blocks"
+    """BlockSparseLinear (BlockSparseInt8Linear when quantizing), with the
+    faster of the `choices` block shapes, where it measures faster than what
+    the layer runs otherwise -- its own forward (`mod`, e.g. torch's sparse
+    F.linear for a sparse_bsr weight), or the dense Int8Linear when
+    quantizing -- and than the 2:4 module for a 2:4 weight, on the real
+    shape (pyaccel._sparse_choice); else the fallback's module, or Declined
+    with the fallback's reason and the measurement."""
+    w, b = src.weight, src.bias
     wf = w.float()
-    if int8:
-        cands = {"block-sparse": BlockSparseInt8Linear.from_dense(wf, b, choice.block)}
-        if is24:
-            cands["2:4"] = Sparse24Int8Linear.from_dense(w, b)
-        baseline, what = Int8Linear.from_weights(quantize_weight_per_channel(wf), b), "dense int8"
-    else:
-        cands = {"block-sparse": BlockSparseLinear.from_dense(wf, b, choice.block)}
-        if is24:
-            cands["2:4"] = Sparse24Linear.from_dense(w, b)
-        baseline, what = None, "dense"
-    speed = _sparse_choice.measured_speedups(w, b, cands, baseline=baseline)
+    cls = BlockSparseInt8Linear if int8 else BlockSparseLinear
+    cands: Dict[str, nn.Module] = {}
+    found: Dict[str, str] = {}
+    for i, c in enumerate(choices):  # the rule's pick first: "block-sparse"
+        name = "block-sparse" if i == 0 else f"block-sparse {c.block[0]}x{c.block[1]}"
+        cands[name], found[name] = cls.from_dense(wf, b, c.block), _found(c)
+    shapes = list(cands)
+    if is24:
+        cands["2:4"] = Sparse24Int8Linear.from_dense(w, b) if int8 else Sparse24Linear.from_dense(w, b)
+    with inference_forward(mod) as own:
+        if int8:
+            baseline, what = Int8Linear.from_weights(quantize_weight_per_channel(wf), b), "dense int8"
+        else:
+            baseline, what = own, f"the layer's own forward ({src.forward_steps})"
+            try:
+                with torch.no_grad():
+                    own(torch.zeros(1, src.in_features, dtype=w.dtype))
+            except Exception as exc:  # e.g. torch has no bfloat16 sparse_bsr kernel on CPU
+                baseline, what = None, (f"dense F.linear (the layer's own forward, {src.forward_steps}, raises "
+                                        f"{type(exc).__name__})")
+        speed = _sparse_choice.measured_speedups(w, b, cands, baseline=baseline)
     worst = {name: min(s.values()) for name, s in speed.items()}
-    measured = f"measured {_sparse_choice.describe(speed['block-sparse'])} over {what}"
-    if worst["block-sparse"] >= _sparse_choice.MIN_SPEEDUP and not (is24 and worst["2:4"] >= worst["block-sparse"]):
-        mod = cands["block-sparse"]
-        mod.notes = [f"{found}, {measured}"]
-        return mod
-    why = f"{found}, block-sparse {measured}: not taken"
+    best = max(shapes, key=lambda n: worst[n])  # ties: the rule's pick
+
+    def measured(name: str) -> str:
+        others = [f"{found[o]}: {_sparse_choice.describe(speed[o])}" for o in shapes if o != name]
+        return (f"measured {_sparse_choice.describe(speed[name])} over {what}"
+                + (f" (also measured {', '.join(others)})" if others else ""))
+
+    if worst[best] >= _sparse_choice.MIN_SPEEDUP and not (is24 and worst["2:4"] >= worst[best]):
+        new = cands[best]
+        new.notes = [f"{found[best]}, {measured(best)}"]
+        return new
+    why = f"{found[best]}, block-sparse {measured(best)}: not taken"
     if isinstance(fallback, str):
         # the block-sparse finding first: it is why this layer was considered at all
         raise Declined(f"{why} (it needs x{_sparse_choice.MIN_SPEEDUP} at every measured M); otherwise {fallback}")
-    mod = cands["2:4"] if is24 else fallback.make()
-    mod.notes = list(getattr(mod, "notes", [])) + [why]
-    return mod
+    new = cands["2:4"] if is24 else fallback.make()
+    new.notes = list(getattr(new, "notes", [])) + [why]
+    return new
 
 
 def _unhandled(mod: nn.Module) -> Optional[str]:
@@ -537,9 +567,13 @@ def patch(
             should pass other modules (``not isinstance(m, nn.Conv2d) or ...``).
         include / exclude: fnmatch patterns on module paths ("encoder.*.dense").
         inplace: False deep-copies the model first; ``report.model`` is the copy.
-        block_sparse: for Linear layers with >= 30 % zero blocks: "measure"
+        block_sparse: for Linear layers with >= 30 % zero blocks (and, not
+            quantized and not 2:4, those whose weight is a torch sparse tensor,
+            e.g. from ``to_sparse_bsr``, whatever its zero blocks): "measure"
             (default: swap to BlockSparseLinear only where it measures faster
-            on the real shape, pyaccel._sparse_choice; timing-dependent on a
+            than what the layer runs now -- its own forward, torch's sparse
+            F.linear for a sparse weight -- on the real shape,
+            pyaccel._sparse_choice; timing-dependent on a
             busy machine), "always" (swap without measuring: the same module
             structure on every machine for a model whose weights have the zero
             blocks; a fresh unpruned model has none, so to load a saved

@@ -1,6 +1,7 @@
 """BlockSparseLinear, block pruning and patch's choice (the module contract
 itself is in test_module_contract.py)."""
 import io
+import re
 
 import pytest
 import torch
@@ -462,3 +463,247 @@ def test_from_bsr_names_a_wrong_size_bias(gen):
     w = torch.randn(8, 8, generator=gen).to_sparse_bsr((4, 4))
     with pytest.raises(ValueError, match=r"bias: 3 entries for a BSR weight of 8 rows"):
         BlockSparseLinear.from_bsr(w, torch.zeros(3))
+
+
+# ---- the speed check's baseline and block shapes (sparse_bsr weights, prune_blocks' shape) ----------
+
+def _atol(k: int) -> float:
+    """fp32 tolerance for sums of k products of O(1) terms."""
+    return 8 * k * torch.finfo(torch.float32).eps
+
+
+def _bsr_linear(w, b, blocksize):
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    with torch.no_grad():
+        if b is not None:
+            lin.bias.copy_(b)
+    lin.weight = nn.Parameter(w.to_sparse_bsr(blocksize), requires_grad=False)
+    return lin
+
+
+def _recording(seen, speeds):
+    """A measured_speedups stand-in: records the block shapes and the baseline
+    it gets and runs the baseline once (patch must hand over a callable that
+    computes the layer); speeds: candidate name -> speed-up (default 1.0)."""
+    def speedups(w, b, cands, rows=(1, 64), rounds=3, baseline=None):
+        seen.append({"blocks": {n: getattr(m, "block", None) for n, m in cands.items()}, "baseline": baseline,
+                     "dtype": w.dtype})
+        if baseline is not None:
+            seen[-1]["probe"] = baseline(torch.ones(2, w.shape[1], dtype=w.dtype))
+        return {n: {r: speeds.get(n, 1.0) for r in rows} for n in cands}
+    return speedups
+
+
+@pytest.mark.filterwarnings("ignore:Sparse")
+@pytest.mark.parametrize("faster", ["block-sparse", "block-sparse 16x16"])
+def test_bsr_weight_measured_against_its_own_forward_with_its_blocksize(gen, monkeypatch, faster):
+    """A Linear with a sparse_bsr weight runs torch's BSR kernels: patch times
+    the candidates against that forward (not dense F.linear), says so, and
+    scores the BSR's own block shape (48x48, no candidate) alongside the
+    candidates' pick (16x16); the faster of the two is taken."""
+    n, k = 96, 144
+    zero = torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.bool)  # 2x3 blocks of 48x48: half zero
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    w *= ~zero.repeat_interleave(48, 0).repeat_interleave(48, 1)
+    b = torch.randn(n, generator=gen)
+    model = nn.Sequential(_bsr_linear(w, b, (48, 48))).eval()  # torch's BSR F.linear takes square blocks only
+    x = torch.randn(5, k, generator=gen)
+    with torch.no_grad():
+        ref = model(x)
+    seen = []
+    monkeypatch.setattr(_sparse_choice, "measured_speedups", _recording(seen, {faster: 3.0}))
+    rep = pyaccel.patch(model, inplace=False)
+    assert seen[0]["blocks"] == {"block-sparse": (48, 48), "block-sparse 16x16": (16, 16)}
+    # the baseline is the layer as it is: torch's BSR F.linear
+    ones = torch.ones(2, k)
+    assert torch.allclose(seen[0]["probe"], ones @ w.t() + b, rtol=0, atol=_atol(k))
+    e = rep.entries[0]
+    assert e.new_type == "BlockSparseLinear", str(rep)
+    taken, other = ("48x48", "16x16") if faster == "block-sparse" else ("16x16", "48x48")
+    assert f"50% zero {taken} blocks, measured x3.00 at M=1 / x3.00 at M=64 over the layer's own forward " \
+           "(torch sparse_bsr F.linear)" in e.backend, e.backend
+    assert f"also measured 50% zero {other} blocks: x1.00 at M=1" in e.backend
+    assert rep.model[0].block == tuple(int(v) for v in taken.split("x"))
+    with torch.no_grad():
+        assert torch.allclose(rep.model(x), ref, rtol=0, atol=_atol(k))
+    assert model[0].weight.layout == torch.sparse_bsr  # inplace=False: the original keeps its BSR weight
+
+
+@pytest.mark.filterwarnings("ignore:Sparse")
+def test_bsr_weight_real_measurement(gen):
+    """The tester's case (48x64, 16x16 blocks, half zero), with the real timing:
+    whatever it decides, the report says what it measured against, and the
+    model computes what it did."""
+    w = torch.randn(48, 64, generator=gen) / 8
+    w *= bsf.block_mask(w, (16, 16), 0.5)
+    b = torch.randn(48, generator=gen)
+    model = nn.Sequential(_bsr_linear(w, b, (16, 16))).eval()
+    x = torch.randn(3, 64, generator=gen)
+    rep = pyaccel.patch(model, inplace=False)
+    e = rep.entries[0]
+    assert "50% zero 16x16 blocks" in (e.backend or e.reason), str(rep)
+    assert "over the layer's own forward (torch sparse_bsr F.linear)" in (e.backend or e.reason), str(rep)
+    with torch.no_grad():
+        assert torch.allclose(rep.model(x), x @ w.t() + b, rtol=0, atol=_atol(64))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse")
+def test_bsr_weight_with_few_zero_blocks_is_still_measured(gen, monkeypatch):
+    """Under MIN_ZERO_BLOCKS a sparse weight would stay on torch's sparse
+    kernels: it is measured (and swapped by block_sparse='always') whatever
+    its zero blocks, unless the layer is quantized or 2:4 (it leaves torch's
+    path then anyway); a dense weight with as few zero blocks is not measured."""
+    w = torch.randn(64, 64, generator=gen) / 8
+    b = torch.randn(64, generator=gen)
+    x = torch.randn(4, 64, generator=gen)
+    model = nn.Sequential(_bsr_linear(w, b, (16, 16))).eval()
+    seen = []
+    monkeypatch.setattr(_sparse_choice, "measured_speedups", _recording(seen, {"block-sparse": 2.0}))
+    rep = pyaccel.patch(model, inplace=False)
+    e = rep.entries[0]
+    assert len(seen) == 1 and e.new_type == "BlockSparseLinear", str(rep)
+    assert e.backend.endswith("0% zero 64x64 blocks, measured x2.00 at M=1 / x2.00 at M=64 over the layer's own "
+                              "forward (torch sparse_bsr F.linear)"), e.backend
+    with torch.no_grad():
+        assert torch.allclose(rep.model(x), x @ w.t() + b, rtol=0, atol=_atol(64))
+    monkeypatch.setattr(_sparse_choice, "measured_speedups", _recording(seen, {"block-sparse": 1.1}))
+    e = pyaccel.patch(model, inplace=False).entries[0]
+    assert e.new_type is None and e.reason.startswith("0% zero 64x64 blocks, block-sparse measured x1.10 at M=1")
+    assert "not taken (it needs x1.15 at every measured M); otherwise float Linear with a torch sparse_bsr " \
+           "weight (weights not 2:4 sparse)" in e.reason, e.reason
+    monkeypatch.setattr(_sparse_choice, "measured_speedups", lambda *a, **k: pytest.fail("not measured"))
+    e = pyaccel.patch(model, inplace=False, block_sparse="always").entries[0]
+    assert e.new_type == "BlockSparseLinear" and "0% zero 64x64 blocks (block_sparse='always'" in e.backend
+    assert pyaccel.patch(model, inplace=False, quantize="int8").entries[0].new_type == "Int8Linear"
+    assert pyaccel.patch(model, inplace=False, block_sparse="never").entries[0].new_type is None
+    dense = nn.Sequential(nn.Linear(64, 64))
+    assert "dense float Linear" in pyaccel.patch(dense, inplace=False).entries[0].reason
+
+
+@pytest.mark.filterwarnings("ignore:Sparse")
+def test_bsr_weight_whose_forward_raises_is_measured_against_dense(gen, monkeypatch):
+    """torch has no bfloat16 sparse_bsr kernel on CPU: the layer's forward
+    raises, so the baseline is dense F.linear, and the report says why."""
+    w = torch.randn(64, 64, generator=gen) / 8
+    w *= bsf.block_mask(w, (16, 16), 0.75)
+    model = nn.Sequential(_bsr_linear(w.bfloat16(), None, (16, 16))).eval()
+    with pytest.raises(Exception):
+        model(torch.randn(2, 64).bfloat16())
+    seen = []
+    monkeypatch.setattr(_sparse_choice, "measured_speedups", _recording(seen, {"block-sparse": 0.5}))
+    e = pyaccel.patch(model, inplace=False).entries[0]
+    assert seen[0]["baseline"] is None and seen[0]["dtype"] == torch.bfloat16
+    assert "over dense F.linear (the layer's own forward, torch sparse_bsr F.linear, raises NotImplementedError)" \
+        in e.reason, e.reason
+    monkeypatch.undo()
+    bsr = BlockSparseLinear.from_dense(w, None, (16, 16))
+    speed = _sparse_choice.measured_speedups(w.bfloat16(), None, {"bsr": bsr}, rows=(1, 4),
+                                             rounds=1)  # bfloat16 inputs for a bfloat16 weight
+    assert all(s > 0 for s in speed["bsr"].values())
+
+
+def test_prune_masked_and_parametrized_layers_are_measured_as_they_run(gen, monkeypatch):
+    """The baseline of a masked / parametrized layer is its own forward (the
+    mask or parametrization recomputed each call), run as inference: the
+    module is left as it was (the tensor the prune hook wrote, the training
+    flags, spectral_norm's power-iteration state)."""
+    k = 128
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    lin = nn.Linear(k, 64)
+    pyaccel.prune.prune_blocks(nn.Sequential(lin), 0.75, block=(16, 16))
+    lin(torch.randn(2, k, generator=gen)).sum().backward()  # a training forward: .weight is a non-leaf tensor now
+    written = lin.__dict__["weight"]
+    sn = nn.Linear(k, 64)
+    with torch.no_grad():
+        sn.weight.mul_(bsf.block_mask(sn.weight, (16, 16), 0.75))
+    nn.utils.parametrizations.spectral_norm(sn)
+    sn(torch.randn(2, k, generator=gen))  # one power iteration
+    state = {kk: v.clone() for kk, v in sn.state_dict().items()}
+    model = nn.Sequential(lin, sn)  # training mode
+    seen = []
+    monkeypatch.setattr(_sparse_choice, "measured_speedups", _recording(seen, {}))  # x1.00: declined
+    rep = pyaccel.patch(model)
+    ones = torch.ones(2, k)
+    with torch.no_grad():
+        want = [ones @ (lin.weight_orig * lin.weight_mask).t() + lin.bias, sn.eval()(ones)]
+    sn.train()
+    for s, ref in zip(seen, want):
+        assert torch.allclose(s["probe"], ref, rtol=0, atol=_atol(k))
+    reasons = [e.reason for e in rep.entries]
+    assert "75% zero 16x16 blocks, block-sparse measured x1.00 at M=1 / x1.00 at M=64 over the layer's own " \
+           "forward (prune mask on weight (CustomFromMask) + dense F.linear): not taken" in reasons[0], reasons[0]
+    assert "over the layer's own forward (parametrization on weight + dense F.linear)" in reasons[1], reasons[1]
+    assert lin.__dict__["weight"] is written and lin.training and sn.training
+    assert all(m.training for m in sn.parametrizations.modules())
+    assert all(torch.equal(state[kk], v) for kk, v in sn.state_dict().items())  # _u, _v not iterated
+
+
+def test_tiling_block_finds_the_pruned_shape(gen):
+    from pyaccel.formats.sparse24 import mask_24
+
+    w = torch.randn(100, 70, generator=gen)  # neither side a multiple of 3: padded edge blocks
+    w3 = w * bsf.block_mask(w, (3, 3), 0.9)
+    assert _sparse_choice.tiling_block(w3) == (3, 3)
+    assert _sparse_choice.tiling_block(w3.bfloat16()) == (3, 3)
+    assert _sparse_choice.tiling_block(w * bsf.block_mask(w, (2, 8), 0.6)) == (2, 8)
+    assert _sparse_choice.tiling_block(w * bsf.block_mask(w, (1, 2), 0.6)) is None  # under 4 entries
+    for plain in (w, torch.zeros_like(w), w * mask_24(w), w * (torch.rand(w.shape, generator=gen) > 0.5)):
+        assert _sparse_choice.tiling_block(plain) is None
+    kept = w3.clone()
+    kept[0:3, 0:3] = 1.0
+    kept[1, 1] = 0.0  # an exact zero inside a kept block: only 1x1 tiles
+    assert _sparse_choice.tiling_block(kept) is None
+    cols = w.clone()
+    cols[:, 9:18] = 0  # all rows alike: the candidates' shapes find zero columns
+    assert _sparse_choice.tiling_block(cols) is None
+    big = torch.randn(256, 256, generator=gen)
+    big[:128, :128] = 0
+    big[128:, 128:] = 0
+    assert _sparse_choice.tiling_block(big) == (64, 64)  # 128 tiles; sides capped at MAX_TILING_SIDE
+    assert _sparse_choice.shapes_with([(3, 3), None, (32, 32), (2, 2)])[:3] == ((64, 64), (32, 32), (16, 16))
+    assert _sparse_choice.shapes_with([(3, 3), (2, 2)])[-4:] == ((3, 3), (1, 8), (2, 2), (1, 4))
+
+
+def test_prune_blocks_shape_is_a_candidate_also_after_a_state_dict_round_trip(gen, monkeypatch):
+    """prune_blocks(block=(3, 3)): patch scores 3x3 (90 % zero) next to the
+    candidates' pick (1x4, ~81 %) and takes the faster -- with the live mask,
+    after make_permanent, and in a fresh model loaded from either state_dict."""
+    k = 120
+
+    def fresh():
+        torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+        return nn.Sequential(nn.Linear(k, 90), nn.ReLU(), nn.Linear(90, 40)).eval()
+
+    model = fresh()
+    pyaccel.prune.prune_blocks(model, 0.9, block=(3, 3), include="0")
+    masked_sd = {kk: v.clone() for kk, v in model.state_dict().items()}
+    x = torch.randn(6, k, generator=gen)
+    with torch.no_grad():
+        ref = model(x)
+
+    def check(m, what):
+        seen = []
+        monkeypatch.setattr(_sparse_choice, "measured_speedups", _recording(seen, {"block-sparse": 2.0}))
+        rep = pyaccel.patch(m, inplace=False)
+        assert [s["blocks"] for s in seen] == [{"block-sparse": (3, 3), "block-sparse 1x4": (1, 4)}], what
+        e = rep.entries[0]
+        assert e.new_type == "BlockSparseLinear", what
+        assert "90% zero 3x3 blocks, measured x2.00 at M=1 / x2.00 at M=64 over the layer's own forward (" \
+            in e.backend, (what, e.backend)
+        assert re.search(r"also measured 8\d% zero 1x4 blocks: x1\.00 at M=1", e.backend), e.backend
+        assert rep.model[0].block == (3, 3)
+        with torch.no_grad():
+            assert torch.allclose(rep.model(x), ref, rtol=0, atol=_atol(k)), what
+
+    check(model, "live mask")
+    loaded = fresh()
+    torch.nn.utils.prune.identity(loaded[0], "weight")  # what loading a masked state_dict takes
+    loaded.load_state_dict(masked_sd)
+    check(loaded, "masked state_dict")
+    pyaccel.prune.make_permanent(model)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    loaded = fresh()
+    loaded.load_state_dict(torch.load(buf, weights_only=True))
+    check(loaded, "permanent state_dict")

@@ -476,6 +476,33 @@ def test_inplace_false_parametrized_weight_norm_and_kept_activations(gen):
     assert copied[1].last.grad_fn is None and torch.equal(copied[1].last, model[1].last)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse")
+def test_inplace_false_with_sparse_weights(gen):
+    """copy.deepcopy refuses sparse tensors (a to_sparse_bsr weight Parameter,
+    a sparse buffer): the copy gets clones, Parameters with their requires_grad."""
+    lin = _linear(gen, 32, 16)
+    dense = lin.weight.detach().clone()
+    lin.weight = nn.Parameter(dense.to_sparse_bsr((8, 8)), requires_grad=False)
+    lin.bias.requires_grad_(True)
+    holder = nn.Module()
+    holder.register_buffer("table", _randn(gen, 6, 6).to_sparse())
+    model = nn.Sequential(lin, holder)
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(model)
+    copied = deepcopy_model(model)
+    w = copied[0].weight
+    assert type(w) is nn.Parameter and w is not lin.weight and not w.requires_grad
+    assert w.layout == torch.sparse_bsr and torch.equal(w.to_dense(), dense)
+    assert copied[0].bias.requires_grad and copied[0].bias is not lin.bias
+    t = copied[1].table
+    assert t is not holder.table and t.layout == torch.sparse_coo
+    assert torch.equal(t.to_dense(), holder.table.to_dense())
+    assert lin.weight.layout == torch.sparse_bsr  # the original is not changed
+    x = _randn(gen, 3, 32)
+    with torch.no_grad():
+        assert torch.equal(copied[0](x), lin(x))
+
+
 # ---- 5. true skip reasons ----------------------------------------------------------------
 
 def test_torch_ao_float16_dynamic_linear_reason(gen):
