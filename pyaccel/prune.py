@@ -22,7 +22,8 @@ from torch.nn.utils import prune as _torch_prune
 
 from pyaccel._linear_source import hf_conv1d_type, module_hooks, read_tensor
 from pyaccel.formats.sparse24 import mask_24
-from pyaccel.patch import _param_owners, _warn_unmatched_include, check_selection_args, selection_reason, tied_owner
+from pyaccel._patch_select import (_param_owners, _warn_unmatched_include, check_selection_args, selection_reason,
+                                   tied_owner)
 
 MIN_IN_FEATURES = 8
 

@@ -23,7 +23,7 @@ from pyaccel.nn import Int8Linear, Sparse24Int8Linear, Sparse24Linear
 
 from _helpers import sqnr_db
 
-patch_mod = importlib.import_module("pyaccel.patch")  # pyaccel.patch is the function
+handlers_mod = importlib.import_module("pyaccel._patch_handlers")  # the handlers patch calls
 
 
 def _randn(gen, *shape):
@@ -549,14 +549,14 @@ def test_other_skip_reasons_are_true(gen):
 # ---- a bad layer never aborts the others -------------------------------------------------
 
 def test_builder_error_is_reported_and_others_swapped(gen, monkeypatch):
-    real = patch_mod.quantize_weight_per_channel
+    real = handlers_mod.quantize_weight_per_channel
 
     def flaky(w):
         if w.shape[0] == 24:
             raise RuntimeError("simulated packing failure")
         return real(w)
 
-    monkeypatch.setattr(patch_mod, "quantize_weight_per_channel", flaky)
+    monkeypatch.setattr(handlers_mod, "quantize_weight_per_channel", flaky)
     net = nn.Sequential(_linear(gen, 16, 24), _linear(gen, 24, 8))
     report = pyaccel.patch(net, quantize="int8")
     assert type(net[0]) is nn.Linear and isinstance(net[1], Int8Linear)
@@ -569,7 +569,7 @@ def test_handler_error_is_reported_and_others_swapped(gen, monkeypatch):
             raise KeyError("boom")
         return None
 
-    monkeypatch.setattr(patch_mod, "_HANDLERS", [broken] + list(patch_mod._HANDLERS))
+    monkeypatch.setattr(handlers_mod, "_HANDLERS", [broken] + list(handlers_mod._HANDLERS))
     net = nn.Sequential(_linear(gen, 16, 24), _linear(gen, 24, 8))
     report = pyaccel.patch(net, quantize="int8")
     assert type(net[0]) is nn.Linear and isinstance(net[1], Int8Linear)
