@@ -317,6 +317,22 @@ def own_weight_names(mod: nn.Module) -> List[str]:
 
 # ---- copying a model (patch(inplace=False)) ----------------------------------------
 
+def _sparse_clone(obj: Tensor) -> Tensor:
+    """A clone of a sparse leaf tensor with its requires_grad; a Parameter is
+    rebuilt with its own class as Parameter.__deepcopy__ does (nn.Parameter
+    where that class's constructor does not take (data, requires_grad))."""
+    clone = obj.detach().clone()
+    if not isinstance(obj, nn.Parameter):
+        return clone.requires_grad_(obj.requires_grad)
+    try:
+        new = type(obj)(clone, obj.requires_grad)
+    except Exception:
+        new = None
+    if not isinstance(new, nn.Parameter):
+        new = nn.Parameter(clone, obj.requires_grad)
+    return new
+
+
 def _seed_nonleaf(obj: Any, memo: Dict[int, Any], depth: int = 0) -> None:
     if isinstance(obj, Tensor):
         if id(obj) in memo:
@@ -324,8 +340,7 @@ def _seed_nonleaf(obj: Any, memo: Dict[int, Any], depth: int = 0) -> None:
         if not obj.is_leaf:
             memo[id(obj)] = obj.detach().clone()
         elif obj.layout != torch.strided:  # torch's deepcopy refuses sparse tensors (to_sparse_bsr, ...)
-            clone = obj.detach().clone()
-            memo[id(obj)] = nn.Parameter(clone, obj.requires_grad) if isinstance(obj, nn.Parameter) else clone
+            memo[id(obj)] = _sparse_clone(obj)
     elif depth < 3 and isinstance(obj, (list, tuple, set, frozenset)):
         for v in obj:
             _seed_nonleaf(v, memo, depth + 1)
@@ -341,8 +356,9 @@ def deepcopy_model(model: nn.Module) -> nn.Module:
     kept, ...), which deepcopy refuses: the copy gets detached clones of those
     (every such hook recomputes its tensor before the next forward anyway);
     and for sparse tensors (a ``to_sparse_bsr`` weight Parameter, ...), which
-    it refuses too: the copy gets clones (Parameters stay Parameters, with
-    their requires_grad).
+    it refuses too: the copy gets clones with their requires_grad
+    (Parameters stay Parameters of their class where its constructor takes
+    (data, requires_grad), as torch's own Parameter copy requires).
     The original is not changed. RuntimeError naming the cause otherwise."""
     memo: Dict[int, Any] = {}
     for mod in model.modules():

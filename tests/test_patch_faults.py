@@ -503,6 +503,32 @@ def test_inplace_false_with_sparse_weights(gen):
         assert torch.equal(copied[0](x), lin(x))
 
 
+class _TaggedParameter(nn.Parameter):
+    """A Parameter subclass (as libraries define to tag weights)."""
+
+
+@pytest.mark.filterwarnings("ignore:Sparse")
+def test_inplace_false_sparse_tensors_keep_requires_grad_and_parameter_class(gen):
+    """A sparse leaf tensor that is no Parameter keeps requires_grad in the
+    copy, and a sparse Parameter of a subclass stays of that class (as
+    torch's own Parameter copy does for dense ones)."""
+    holder = nn.Module()
+    holder.t = _randn(gen, 4, 4).to_sparse().requires_grad_()
+    holder.frozen = _randn(gen, 4, 4).to_sparse()
+    holder.p = _TaggedParameter(_randn(gen, 8, 8).to_sparse_bsr((4, 4)), requires_grad=False)
+    holder.q = _TaggedParameter(_randn(gen, 8, 8).to_sparse_csr())
+    holder.d = _TaggedParameter(_randn(gen, 3, 3))  # dense: copy.deepcopy's own path
+    copied = deepcopy_model(holder)
+    assert copied.t.requires_grad and copied.t.is_leaf and copied.t is not holder.t
+    assert copied.t.layout == torch.sparse_coo and torch.equal(copied.t.to_dense(), holder.t.to_dense())
+    assert not copied.frozen.requires_grad
+    for name, grad in (("p", False), ("q", True), ("d", True)):
+        t, orig = getattr(copied, name), getattr(holder, name)
+        assert type(t) is _TaggedParameter and t.requires_grad is grad and t is not orig, name
+        assert t.layout == orig.layout and torch.equal(t.to_dense(), orig.to_dense()), name
+    assert [n for n, _ in copied.named_parameters()] == [n for n, _ in holder.named_parameters()]
+
+
 # ---- 5. true skip reasons ----------------------------------------------------------------
 
 def test_torch_ao_float16_dynamic_linear_reason(gen):
