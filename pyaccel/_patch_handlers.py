@@ -10,6 +10,7 @@ import dataclasses
 from typing import Callable, Dict, List, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
@@ -27,6 +28,7 @@ from pyaccel._linear_source import (
 from pyaccel.formats import sparse24 as s24
 from pyaccel.formats.int8 import from_torch_ao_dynamic_linear, quantize_weight_per_channel
 from pyaccel import _sparse_choice
+from pyaccel._sparse_choice import DENSE, DENSE_INT8, OWN, Baseline
 from pyaccel.nn.block_sparse_linear import BlockSparseInt8Linear, BlockSparseLinear
 from pyaccel.nn.int8_linear import Int8Linear, _AoDynamicLinear  # (torch.ao's dynamic Linear, or None)
 from pyaccel.nn.sparse24_linear import Sparse24Int8Linear, Sparse24Linear
@@ -127,7 +129,10 @@ def _linear_like(mod, ctx):
     plain), from the weight it computes with (pyaccel._linear_source):
     already 2:4 along in_features: Sparse24Linear (lossless), or
     Sparse24Int8Linear with quantize="int8"; dense: Int8Linear with
-    quantize="int8", else left as is."""
+    quantize="int8", else left as is. On CPU, with enough zero blocks (or a
+    torch sparse weight): BlockSparseLinear / BlockSparseInt8Linear instead
+    where the speed check takes it (:func:`_block_sparse_or`), or unmeasured
+    with block_sparse="always"."""
     kind = linear_kind(mod)
     if kind is None:
         sub = linear_subclass_of(mod)
@@ -151,7 +156,10 @@ def _linear_like(mod, ctx):
         return (f"{w.dtype} weights: pyaccel modules take float32/bfloat16 inputs, and this layer "
                 f"gets {w.dtype} ones; left as is")
     k = src.in_features
-    is24 = k >= MIN_SPARSE24_K and s24.is_24(w)
+    kept = int(torch.count_nonzero(w))
+    # 2:4 keeps at most KEEP of every GROUP inputs: a weight with more non-zeros cannot be 2:4 (is_24 not run)
+    is24 = (k >= MIN_SPARSE24_K and kept <= s24.KEEP * -(-k // s24.GROUP) * src.out_features
+            and s24.is_24(w))
     int8 = ctx.quantize == "int8"
     if is24:
         plan: Union[Build, str] = Build((lambda: Sparse24Int8Linear.from_dense(w, b)) if int8
@@ -166,18 +174,9 @@ def _linear_like(mod, ctx):
         plan = f"{what} ({why}): pass quantize='int8' to quantize it (lossy)"
     if w.device.type != "cpu" or ctx.block_sparse == "never":
         return plan
-    # the shape of a BSR weight and the one the zeros tile (prune_blocks') are scored with the candidates
-    hints = [src.blocksize, _sparse_choice.tiling_block(w)]
-    # a layer left as it is keeps a sparse weight on torch's sparse kernels: measured whatever its zero blocks
-    minimum = 0.0 if isinstance(plan, str) and src.layout != "strided" else _sparse_choice.MIN_ZERO_BLOCKS
-    choices = _sparse_choice.block_choices(w, hints, minimum)
+    choices, note = _block_shapes(w, w.numel() - kept, src, plan)
     if not choices:
-        if isinstance(plan, str):
-            few = _sparse_choice.most_zero_blocks(w, _sparse_choice.shapes_with(hints))
-            if few is not None and few.zero_fraction > 0:
-                plan += (f"; {few.zero_fraction:.0%} zero {few.block[0]}x{few.block[1]} blocks, under the "
-                         f"{_sparse_choice.MIN_ZERO_BLOCKS:.0%} block-sparse minimum")
-        return plan
+        return plan + note if isinstance(plan, str) else plan
     if ctx.block_sparse == "always":
         cls = BlockSparseInt8Linear if int8 else BlockSparseLinear
         choice = choices[0]
@@ -185,6 +184,27 @@ def _linear_like(mod, ctx):
                                     f"{_found(choice)} (block_sparse='always': not measured)"), lossy=int8)
     # measured at build time (only for the layers the filters select)
     return Build(lambda: _block_sparse_or(plan, mod, src, choices, is24, int8), lossy=int8)
+
+
+def _block_shapes(w: torch.Tensor, zeros: int, src: LinearSource, plan: Union[Build, str]):
+    """(the block shapes to measure -- rule steps 1-2 of pyaccel._sparse_choice
+    --, a note for a layer left as is when there are none: its most zero
+    blocks, under the minimum); zeros: w's zero entries."""
+    # a layer left as it is keeps a sparse weight on torch's sparse kernels: measured whatever its zero blocks
+    minimum = 0.0 if isinstance(plan, str) and src.layout != "strided" else _sparse_choice.MIN_ZERO_BLOCKS
+    if not _sparse_choice.any_could_reach(w.shape, zeros, minimum):
+        return [], ""  # a dense weight, or one with a few stray zeros: not scored
+    nz = _sparse_choice.nonzero_map(w)
+    # the shape of a BSR weight and the one the zeros tile (prune_blocks') are scored with the candidates
+    tiling = (_sparse_choice.tiling_block(w, nonzero=nz)
+              if _sparse_choice.tiling_could_reach(w.shape, zeros, minimum) else None)
+    hints = [_sparse_choice.usable_hint(src.blocksize), tiling]
+    fracs = _sparse_choice.block_fractions(w, _sparse_choice.shapes_with(hints), nonzero=nz)
+    choices = _sparse_choice.block_choices(fracs, minimum)
+    few = _sparse_choice.most_zero_blocks(fracs)
+    if choices or few is None or few.zero_fraction == 0:
+        return choices, ""
+    return [], (f"; {_found(few)}, under the {_sparse_choice.MIN_ZERO_BLOCKS:.0%} block-sparse minimum")
 
 
 def _found(choice) -> str:
@@ -200,15 +220,39 @@ class Declined(Exception):
     """A Build's make() found the swap not worth making; str(exc) is the reason."""
 
 
+def _float_baselines(own: nn.Module, src: LinearSource, left_as_is: bool):
+    """(runners, Baselines, the exception's name if the layer's own forward
+    raises, else None) of a float layer's speed check: dense F.linear on the
+    effective weight, and `own`, the layer's forward run as inference, where
+    that is something else (rule step 3 of pyaccel._sparse_choice)."""
+    w, b = src.weight, None if src.bias is None else src.bias.to(src.weight.dtype)
+    runners: Dict[str, Callable] = {DENSE: lambda x: F.linear(x, w, b)}
+    if src.forward_steps == "dense F.linear":  # a plain Linear: its own forward is the dense baseline
+        return runners, [Baseline(DENSE, "the layer's own forward (dense F.linear)", _sparse_choice.MIN_SPEEDUP)], None
+    try:
+        with torch.no_grad():
+            own(torch.zeros(1, src.in_features, dtype=w.dtype))
+    except Exception as exc:  # torch has no kernel: bfloat16 or non-square-block BSR, COO on CPU
+        raised = type(exc).__name__
+        label = DENSE if left_as_is else f"{DENSE} (the layer's own forward, {src.forward_steps}, raises {raised})"
+        return runners, [Baseline(DENSE, label, _sparse_choice.MIN_SPEEDUP)], raised
+    runners[OWN] = own
+    return runners, [Baseline(OWN, f"{OWN} ({src.forward_steps})", _sparse_choice.MIN_SPEEDUP),
+                     Baseline(DENSE, DENSE, 1.0)], None
+
+
 def _block_sparse_or(fallback: Union[Build, str], mod: nn.Module, src: LinearSource, choices, is24: bool,
                      int8: bool) -> nn.Module:
     """BlockSparseLinear (BlockSparseInt8Linear when quantizing), with the
-    faster of the `choices` block shapes, where it measures faster than what
-    the layer runs otherwise -- its own forward (`mod`, e.g. torch's sparse
-    F.linear for a sparse_bsr weight), or the dense Int8Linear when
-    quantizing -- and than the 2:4 module for a 2:4 weight, on the real
-    shape (pyaccel._sparse_choice); else the fallback's module, or Declined
-    with the fallback's reason and the measurement."""
+    faster of the `choices` block shapes, where rule step 3 of
+    pyaccel._sparse_choice takes it: at every probe M, x MIN_SPEEDUP over the
+    layer's own forward (`mod` run as inference: e.g. torch's sparse F.linear
+    for a sparse_bsr weight, a prune mask recomputed each call) and at least
+    as fast as dense F.linear -- or x MIN_SPEEDUP over the dense Int8Linear
+    when quantizing --, and faster than the 2:4 module for a 2:4 weight;
+    whatever the speed where the layer's own forward raises and the layer
+    would stay as it is. Else the fallback's module, or Declined with the
+    block-sparse finding, which condition failed and the fallback's reason."""
     w, b = src.weight, src.bias
     wf = w.float()
     cls = BlockSparseInt8Linear if int8 else BlockSparseLinear
@@ -222,32 +266,46 @@ def _block_sparse_or(fallback: Union[Build, str], mod: nn.Module, src: LinearSou
         cands["2:4"] = Sparse24Int8Linear.from_dense(w, b) if int8 else Sparse24Linear.from_dense(w, b)
     with inference_forward(mod) as own:
         if int8:
-            baseline, what = Int8Linear.from_weights(quantize_weight_per_channel(wf), b), "dense int8"
+            runners = {DENSE_INT8: Int8Linear.from_weights(quantize_weight_per_channel(wf), b)}
+            bases, raised = [Baseline(DENSE_INT8, DENSE_INT8, _sparse_choice.MIN_SPEEDUP)], None
         else:
-            baseline, what = own, f"the layer's own forward ({src.forward_steps})"
-            try:
-                with torch.no_grad():
-                    own(torch.zeros(1, src.in_features, dtype=w.dtype))
-            except Exception as exc:  # e.g. torch has no bfloat16 sparse_bsr kernel on CPU
-                baseline, what = None, (f"dense F.linear (the layer's own forward, {src.forward_steps}, raises "
-                                        f"{type(exc).__name__})")
-        speed = _sparse_choice.measured_speedups(w, b, cands, baseline=baseline)
-    worst = {name: min(s.values()) for name, s in speed.items()}
-    best = max(shapes, key=lambda n: worst[n])  # ties: the rule's pick
+            runners, bases, raised = _float_baselines(own, src, left_as_is=isinstance(fallback, str))
+        times = _sparse_choice.measured_times(w, {**runners, **cands})
+    rank = bases[-1]  # dense F.linear (dense Int8Linear): the block shapes are ranked by their slower speed-up over it
+
+    def worst(name: str) -> float:
+        return min(_sparse_choice.speedups(times, name, rank).values())
+
+    def short(name: str) -> List[str]:
+        return _sparse_choice.shortfall(times, name, bases)
+
+    best = max(shapes, key=lambda n: (not short(n), worst(n)))  # ties: the rule's pick
 
     def measured(name: str) -> str:
-        others = [f"{found[o]}: {_sparse_choice.describe(speed[o])}" for o in shapes if o != name]
-        return (f"measured {_sparse_choice.describe(speed[name])} over {what}"
+        others = [f"{found[o]}: {_sparse_choice.describe_over(times, o, bases, labels=False)}"
+                  for o in shapes if o != name]
+        return (f"measured {_sparse_choice.describe_over(times, name, bases)}"
                 + (f" (also measured {', '.join(others)})" if others else ""))
 
-    if worst[best] >= _sparse_choice.MIN_SPEEDUP and not (is24 and worst["2:4"] >= worst[best]):
+    if raised is not None and isinstance(fallback, str):
+        # a module that computes the layer's function beats one that fails
+        new = cands[best]
+        new.notes = [f"{found[best]}, the layer's own forward ({src.forward_steps}) raises {raised}: swapped "
+                     f"whatever the speed; {measured(best)}"]
+        return new
+    failed = short(best)
+    if not failed and not (is24 and worst("2:4") >= worst(best)):
         new = cands[best]
         new.notes = [f"{found[best]}, {measured(best)}"]
         return new
-    why = f"{found[best]}, block-sparse {measured(best)}: not taken"
+    needs = " and ".join(f"x{base.need:.2f} over {base.key}" for base in bases)
+    why = (f"{found[best]}, block-sparse {measured(best)}: not taken ("
+           + (f"{'; '.join(failed)}: it needs {needs} at every measured M)" if failed else
+              f"2:4 measured {_sparse_choice.describe(_sparse_choice.speedups(times, '2:4', rank))} over "
+              f"{rank.key}, as fast or faster)"))
     if isinstance(fallback, str):
         # the block-sparse finding first: it is why this layer was considered at all
-        raise Declined(f"{why} (it needs x{_sparse_choice.MIN_SPEEDUP} at every measured M); otherwise {fallback}")
+        raise Declined(f"{why}; otherwise {fallback}")
     new = cands["2:4"] if is24 else fallback.make()
     new.notes = list(getattr(new, "notes", [])) + [why]
     return new

@@ -131,10 +131,13 @@ def patch(
         block_sparse: for Linear layers with >= 30 % zero blocks (and, not
             quantized and not 2:4, those whose weight is a torch sparse tensor,
             e.g. from ``to_sparse_bsr``, whatever its zero blocks): "measure"
-            (default: swap to BlockSparseLinear only where it measures faster
-            than what the layer runs now -- its own forward, torch's sparse
-            F.linear for a sparse weight -- on the real shape,
-            pyaccel._sparse_choice; timing-dependent on a
+            (default: swap to BlockSparseLinear only where, on the real
+            shape at M = 1 and 64, it measures >= 1.15x faster than the
+            layer's own forward -- torch's sparse F.linear for a sparse
+            weight, a prune mask recomputed each call -- and at least as
+            fast as dense F.linear, or >= 1.15x faster than dense Int8Linear
+            with quantize="int8"; whatever its speed where the layer's own
+            forward raises; pyaccel._sparse_choice; timing-dependent on a
             busy machine), "always" (swap without measuring: the same module
             structure on every machine for a model whose weights have the zero
             blocks; a fresh unpruned model has none, so to load a saved

@@ -10,6 +10,7 @@ from torch import nn
 import pyaccel
 import pyaccel.prune
 from pyaccel import _sparse_choice
+from pyaccel._linear_source import deepcopy_model
 from pyaccel.formats import block_sparse as bsf
 from pyaccel.nn import BlockSparseLinear, Sparse24Linear
 
@@ -17,6 +18,31 @@ from pyaccel.nn import BlockSparseLinear, Sparse24Linear
 def _mlp(gen):
     torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
     return nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 64))
+
+
+_BASELINES = (_sparse_choice.DENSE, _sparse_choice.OWN, _sparse_choice.DENSE_INT8)
+
+
+def _fake_times(speeds=None, times=None, seen=None):
+    """A measured_times stand-in: every baseline takes 1 s a call and
+    candidate `name` 1 / speeds[name] s (default 1 s), unless times[name]
+    gives its time (a number, or {M: time}); appends to `seen` what it got:
+    the runner names, the candidates' block shapes, the weight's dtype, and
+    the layer's own forward run once on ones ("probe")."""
+    speeds, times = dict(speeds or {}), dict(times or {})
+
+    def measured_times(w, runners, rows=_sparse_choice.PROBE_ROWS, rounds=5):
+        if seen is not None:
+            seen.append({"runners": list(runners), "dtype": w.dtype,
+                         "blocks": {n: m.block for n, m in runners.items() if n.startswith("block-sparse")}})
+            if _sparse_choice.OWN in runners:
+                seen[-1]["probe"] = runners[_sparse_choice.OWN](torch.ones(2, w.shape[1], dtype=w.dtype))
+        out = {}
+        for name in runners:
+            t = times.get(name, 1.0 if name in _BASELINES else 1.0 / speeds.get(name, 1.0))
+            out[name] = {m: t[m] if isinstance(t, dict) else t for m in rows}
+        return out
+    return measured_times
 
 
 def test_prune_blocks_masks_follow_training(gen):
@@ -60,11 +86,11 @@ def test_patch_swaps_only_where_measured_faster(gen, monkeypatch):
     # measurements are machine-dependent: fix them, check the rule
     fake = {0.9: 3.0, 0.5: 0.8}
 
-    def speedups(w, b, cands, rows=(1, 64), rounds=3, baseline=None):
+    def times(w, runners, rows=(1, 64), rounds=5):
         z = round(bsf.zero_block_fraction(w, (32, 32)), 1)
-        return {name: {r: fake[z] for r in rows} for name in cands}
+        return _fake_times({name: fake[z] for name in runners})(w, runners, rows, rounds)
 
-    monkeypatch.setattr(_sparse_choice, "measured_speedups", speedups)
+    monkeypatch.setattr(_sparse_choice, "measured_times", times)
     report = pyaccel.patch(m)
     kinds = {e.path: (e.new_type, e.reason or e.backend) for e in report.entries}
     assert kinds["0"][0] == "BlockSparseLinear" and "90% zero 32x32 blocks" in kinds["0"][1]
@@ -83,9 +109,7 @@ def test_two_four_and_block_sparse_goes_to_the_faster(gen, monkeypatch):
 
         lin.weight.mul_(mask_24(lin.weight))
     for bsr_speed, expect in [(4.0, "BlockSparseLinear"), (1.2, "Sparse24Linear")]:
-        monkeypatch.setattr(_sparse_choice, "measured_speedups",
-                            lambda w, b, c, rows=(1, 64), rounds=3, baseline=None, s=bsr_speed: {
-                                "block-sparse": {1: s, 64: s}, "2:4": {1: 2.0, 64: 2.0}})
+        monkeypatch.setattr(_sparse_choice, "measured_times", _fake_times({"block-sparse": bsr_speed, "2:4": 2.0}))
         report = pyaccel.patch(nn.Sequential(lin), inplace=False)
         assert report.entries[0].new_type == expect
 
@@ -94,9 +118,9 @@ def test_real_measurement_runs(gen):
     """The unpatched measurement path, on a small layer (the decision itself is machine-dependent)."""
     w = torch.randn(64, 64, generator=gen)
     w *= bsf.block_mask(w, (16, 16), 0.9)
-    speed = _sparse_choice.measured_speedups(w, None, {"bsr": BlockSparseLinear.from_dense(w, None, (16, 16))},
-                                             rows=(1, 4), rounds=1)
-    assert set(speed["bsr"]) == {1, 4} and all(s > 0 for s in speed["bsr"].values())
+    times = _sparse_choice.measured_times(w, {"bsr": BlockSparseLinear.from_dense(w, None, (16, 16)),
+                                              "dense": lambda x: x @ w.t()}, rows=(1, 4), rounds=1)
+    assert all(set(t) == {1, 4} and all(v > 0 for v in t.values()) for t in times.values())
     assert _sparse_choice.candidate_block(w).block == (16, 16)
     assert _sparse_choice.candidate_block(torch.randn(64, 64, generator=gen)) is None
 
@@ -245,17 +269,14 @@ def test_quantize_int8_takes_block_sparse_int8(gen, monkeypatch):
     pyaccel.prune.prune_blocks(m, 0.9, block=(16, 16), include=["2"])
     x = torch.randn(5, 256, generator=gen)
     ref = m(x)
-    seen = {}
-
-    def speedups(w, b, cands, rows=(1, 64), rounds=3, baseline=None):
-        seen["baseline"] = type(baseline).__name__
-        return {name: {r: 3.0 for r in rows} for name in cands}
-
-    monkeypatch.setattr(_sparse_choice, "measured_speedups", speedups)
+    seen = []
+    monkeypatch.setattr(_sparse_choice, "measured_times", _fake_times({"block-sparse": 3.0}, seen=seen))
     report = pyaccel.patch(m, quantize="int8")
     types = {e.path: e.new_type for e in report.entries}
     assert types == {"0": "Int8Linear", "2": "BlockSparseInt8Linear", "4": "Int8Linear"}
-    assert seen["baseline"] == "Int8Linear" and report.entries[1].lossy
+    # quantizing, the baseline is the dense Int8Linear alone
+    assert seen[0]["runners"] == [_sparse_choice.DENSE_INT8, "block-sparse"] and report.entries[1].lossy
+    assert "measured x3.00 at M=1 / x3.00 at M=64 over dense int8" in report.entries[1].backend
     from _helpers import sqnr_db
 
     assert sqnr_db(ref, m(x)) > 30
@@ -265,9 +286,7 @@ def test_filtered_layers_are_not_measured(gen, monkeypatch):
     m = _mlp(gen)
     pyaccel.prune.prune_blocks(m, 0.9, block=(32, 32))
     calls = []
-    monkeypatch.setattr(_sparse_choice, "measured_speedups",
-                        lambda w, b, c, rows=(1, 64), rounds=3, baseline=None: calls.append(1) or {
-                            n: {r: 3.0 for r in rows} for n in c})
+    monkeypatch.setattr(_sparse_choice, "measured_times", _fake_times({"block-sparse": 3.0}, seen=calls))
     report = pyaccel.patch(m, include=["2"])
     assert len(calls) == 1 and [e.new_type for e in report.entries] == [None, "BlockSparseLinear", None]
     assert all("excluded" in e.reason for e in report.entries if e.path != "2")
@@ -276,7 +295,7 @@ def test_filtered_layers_are_not_measured(gen, monkeypatch):
 def test_block_sparse_modes_and_tied_weights(gen, monkeypatch):
     m = _mlp(gen)
     pyaccel.prune.prune_blocks(m, 0.5, block=(32, 32), include=["0"])
-    monkeypatch.setattr(_sparse_choice, "measured_speedups",
+    monkeypatch.setattr(_sparse_choice, "measured_times",
                         lambda *a, **k: pytest.fail("'always' and 'never' do not measure"))
     r = pyaccel.patch(m, inplace=False, block_sparse="always")
     assert r.entries[0].new_type == "BlockSparseLinear" and "not measured" in r.entries[0].backend
@@ -474,31 +493,17 @@ def _atol(k: int) -> float:
 
 def _bsr_linear(w, b, blocksize):
     lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
-    with torch.no_grad():
-        if b is not None:
-            lin.bias.copy_(b)
+    if b is not None:
+        lin.bias = nn.Parameter(b.clone())  # b's dtype: a bfloat16 layer has a bfloat16 bias
     lin.weight = nn.Parameter(w.to_sparse_bsr(blocksize), requires_grad=False)
     return lin
-
-
-def _recording(seen, speeds):
-    """A measured_speedups stand-in: records the block shapes and the baseline
-    it gets and runs the baseline once (patch must hand over a callable that
-    computes the layer); speeds: candidate name -> speed-up (default 1.0)."""
-    def speedups(w, b, cands, rows=(1, 64), rounds=3, baseline=None):
-        seen.append({"blocks": {n: getattr(m, "block", None) for n, m in cands.items()}, "baseline": baseline,
-                     "dtype": w.dtype})
-        if baseline is not None:
-            seen[-1]["probe"] = baseline(torch.ones(2, w.shape[1], dtype=w.dtype))
-        return {n: {r: speeds.get(n, 1.0) for r in rows} for n in cands}
-    return speedups
 
 
 @pytest.mark.filterwarnings("ignore:Sparse")
 @pytest.mark.parametrize("faster", ["block-sparse", "block-sparse 16x16"])
 def test_bsr_weight_measured_against_its_own_forward_with_its_blocksize(gen, monkeypatch, faster):
     """A Linear with a sparse_bsr weight runs torch's BSR kernels: patch times
-    the candidates against that forward (not dense F.linear), says so, and
+    the candidates against that forward and dense F.linear, says so, and
     scores the BSR's own block shape (48x48, no candidate) alongside the
     candidates' pick (16x16); the faster of the two is taken."""
     n, k = 96, 144
@@ -511,29 +516,50 @@ def test_bsr_weight_measured_against_its_own_forward_with_its_blocksize(gen, mon
     with torch.no_grad():
         ref = model(x)
     seen = []
-    monkeypatch.setattr(_sparse_choice, "measured_speedups", _recording(seen, {faster: 3.0}))
+    monkeypatch.setattr(_sparse_choice, "measured_times", _fake_times({faster: 3.0}, seen=seen))
     rep = pyaccel.patch(model, inplace=False)
     assert seen[0]["blocks"] == {"block-sparse": (48, 48), "block-sparse 16x16": (16, 16)}
-    # the baseline is the layer as it is: torch's BSR F.linear
+    assert seen[0]["runners"][:2] == [_sparse_choice.DENSE, _sparse_choice.OWN]
+    # the layer's own forward: torch's BSR F.linear
     ones = torch.ones(2, k)
     assert torch.allclose(seen[0]["probe"], ones @ w.t() + b, rtol=0, atol=_atol(k))
     e = rep.entries[0]
     assert e.new_type == "BlockSparseLinear", str(rep)
     taken, other = ("48x48", "16x16") if faster == "block-sparse" else ("16x16", "48x48")
     assert f"50% zero {taken} blocks, measured x3.00 at M=1 / x3.00 at M=64 over the layer's own forward " \
-           "(torch sparse_bsr F.linear)" in e.backend, e.backend
-    assert f"also measured 50% zero {other} blocks: x1.00 at M=1" in e.backend
+           "(torch sparse_bsr F.linear), x3.00 / x3.00 over dense F.linear" in e.backend, e.backend
+    assert f"also measured 50% zero {other} blocks: x1.00 at M=1 / x1.00 at M=64, x1.00 / x1.00 over dense " \
+           "F.linear" in e.backend, e.backend
     assert rep.model[0].block == tuple(int(v) for v in taken.split("x"))
     with torch.no_grad():
         assert torch.allclose(rep.model(x), ref, rtol=0, atol=_atol(k))
     assert model[0].weight.layout == torch.sparse_bsr  # inplace=False: the original keeps its BSR weight
 
 
+_SPEEDS = re.compile(r"measured x([\d.]+) at M=1 / x([\d.]+) at M=64 over the layer's own forward \(.*?\), "
+                     r"x([\d.]+) / x([\d.]+) over dense F\.linear")
+
+
+def _check_rule(e):
+    """The entry's decision follows the reported figures: swapped exactly
+    when both speed-ups over the layer's own forward are >= MIN_SPEEDUP and
+    both over dense F.linear >= 1."""
+    text = e.backend or e.reason
+    found = _SPEEDS.search(text)
+    assert found, text
+    own1, own64, dense1, dense64 = found.groups()
+    passes = (min(float(own1), float(own64)) >= _sparse_choice.MIN_SPEEDUP
+              and min(float(dense1), float(dense64)) >= 1.0)
+    # the figures are rounded to 2 digits: a figure right at a threshold may read either way
+    near = any(abs(float(v) - t) < 0.006 for v, t in ((own1, 1.15), (own64, 1.15), (dense1, 1.0), (dense64, 1.0)))
+    assert near or passes == (e.new_type is not None), text
+
+
 @pytest.mark.filterwarnings("ignore:Sparse")
 def test_bsr_weight_real_measurement(gen):
     """The tester's case (48x64, 16x16 blocks, half zero), with the real timing:
-    whatever it decides, the report says what it measured against, and the
-    model computes what it did."""
+    whatever it decides, the report says what it measured against, the
+    decision follows the figures, and the model computes what it did."""
     w = torch.randn(48, 64, generator=gen) / 8
     w *= bsf.block_mask(w, (16, 16), 0.5)
     b = torch.randn(48, generator=gen)
@@ -542,9 +568,102 @@ def test_bsr_weight_real_measurement(gen):
     rep = pyaccel.patch(model, inplace=False)
     e = rep.entries[0]
     assert "50% zero 16x16 blocks" in (e.backend or e.reason), str(rep)
-    assert "over the layer's own forward (torch sparse_bsr F.linear)" in (e.backend or e.reason), str(rep)
+    assert "over the layer's own forward (torch sparse_bsr F.linear), x" in (e.backend or e.reason), str(rep)
+    _check_rule(e)
     with torch.no_grad():
         assert torch.allclose(rep.model(x), x @ w.t() + b, rtol=0, atol=_atol(64))
+
+
+def test_masked_layer_slower_than_dense_is_not_swapped_real_timing(gen):
+    """The review's case, timed for real: 384 x 384 under a prune mask with
+    35 % zero 1x4 blocks. The mask multiply makes the layer's own forward
+    several times slower than the GEMV at one row, so block-sparse measures
+    well over x1.15 against it -- but it is slower than dense F.linear at
+    M = 1 (x0.4 - 0.6 on the 2-core test machine, x0.7 on Golden Cove), so
+    the layer stays; the same weights made permanent stay too."""
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    m = nn.Sequential(nn.Linear(384, 384)).eval()
+    pyaccel.prune.prune_blocks(m, 0.35, block=(1, 4))
+    p = deepcopy_model(m)
+    pyaccel.prune.make_permanent(p)
+    e = pyaccel.patch(m, inplace=False).entries[0]
+    assert e.new_type is None, e.backend
+    assert "35% zero 1x4 blocks, block-sparse measured" in e.reason, e.reason
+    assert "over the layer's own forward (prune mask on weight (CustomFromMask) + dense F.linear), x" in e.reason
+    assert "slower than dense F.linear at M=1" in e.reason, e.reason
+    _check_rule(e)
+    e = pyaccel.patch(p, inplace=False).entries[0]
+    assert e.new_type is None and "over the layer's own forward (dense F.linear): not taken (under x1.15 over " \
+        "dense F.linear at M=1" in e.reason, e.reason
+
+
+def _masked(gen, n=64, k=96):
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    m = nn.Sequential(nn.Linear(k, n)).eval()
+    pyaccel.prune.prune_blocks(m, 0.75, block=(16, 16))
+    return m
+
+
+@pytest.mark.parametrize("case", ["own slow, block-sparse slower than dense", "own slow, block-sparse >= dense",
+                                  "slower than dense at M=1 only", "own as fast as dense, under x1.15 over it"])
+def test_rule_needs_both_speedups_controlled_times(gen, monkeypatch, case):
+    """Rule step 3 with fixed timings (seconds per call): a layer under a
+    prune mask is swapped only if block-sparse is x1.15 over its own forward
+    AND at least as fast as dense F.linear at every probe M; the report gives
+    both and, when declined, the condition that failed."""
+    own, dense = {1: 4.0, 64: 2.0}, {1: 1.0, 64: 1.0}
+    bsr, swapped, why = {
+        "own slow, block-sparse slower than dense": ({1: 1.25, 64: 1.25}, False,
+                                                     "slower than dense F.linear at M=1, M=64"),
+        "own slow, block-sparse >= dense": ({1: 1.0, 64: 0.8}, True, None),
+        "slower than dense at M=1 only": ({1: 1.1, 64: 0.5}, False, "slower than dense F.linear at M=1:"),
+        "own as fast as dense, under x1.15 over it": ({1: 0.9, 64: 0.9}, False,
+                                                      "under x1.15 over the layer's own forward at M=1, M=64"),
+    }[case]
+    if case.startswith("own as fast"):
+        own = dense
+    m = _masked(gen)
+    x = torch.randn(5, 96, generator=gen)
+    with torch.no_grad():
+        ref = m(x)
+    seen = []
+    monkeypatch.setattr(_sparse_choice, "measured_times", _fake_times(
+        times={_sparse_choice.OWN: own, _sparse_choice.DENSE: dense, "block-sparse": bsr}, seen=seen))
+    rep = pyaccel.patch(m, inplace=False)
+    assert seen[0]["runners"] == [_sparse_choice.DENSE, _sparse_choice.OWN, "block-sparse"]
+    e = rep.entries[0]
+    s_own = " / ".join(f"x{own[r] / bsr[r]:.2f} at M={r}" for r in (1, 64))
+    s_dense = " / ".join(f"x{dense[r] / bsr[r]:.2f}" for r in (1, 64))
+    figures = (f"75% zero 16x16 blocks, {'' if swapped else 'block-sparse '}measured {s_own} over the layer's own "
+               f"forward (prune mask on weight (CustomFromMask) + dense F.linear), {s_dense} over dense F.linear")
+    if swapped:
+        assert e.new_type == "BlockSparseLinear" and e.backend.endswith(figures), e.backend
+        with torch.no_grad():
+            assert torch.allclose(rep.model(x), ref, rtol=0, atol=_atol(96))
+    else:
+        assert e.new_type is None and e.reason.startswith(f"{figures}: not taken ({why}"), e.reason
+        assert "it needs x1.15 over the layer's own forward and x1.00 over dense F.linear at every measured M); " \
+               "otherwise dense float Linear" in e.reason, e.reason
+
+
+def test_rule_for_a_plain_layer_controlled_times(gen, monkeypatch):
+    """A plain Linear's own forward is dense F.linear: it is timed once, and
+    the rule is x1.15 over it (the same weights as under a mask, made
+    permanent)."""
+    m = _masked(gen)
+    pyaccel.prune.make_permanent(m)
+    for speed, swapped in ((1.2, True), (1.1, False)):
+        seen = []
+        monkeypatch.setattr(_sparse_choice, "measured_times", _fake_times({"block-sparse": speed}, seen=seen))
+        e = pyaccel.patch(m, inplace=False).entries[0]
+        assert seen[0]["runners"] == [_sparse_choice.DENSE, "block-sparse"]
+        figures = f"measured x{speed:.2f} at M=1 / x{speed:.2f} at M=64 over the layer's own forward (dense F.linear)"
+        if swapped:
+            assert e.new_type == "BlockSparseLinear" and e.backend.endswith(f"75% zero 16x16 blocks, {figures}")
+        else:
+            assert e.new_type is None and e.reason.startswith(
+                f"75% zero 16x16 blocks, block-sparse {figures}: not taken (under x1.15 over dense F.linear at M=1, "
+                "M=64: it needs x1.15 over dense F.linear at every measured M); otherwise dense float Linear"), e.reason
 
 
 @pytest.mark.filterwarnings("ignore:Sparse")
@@ -558,20 +677,21 @@ def test_bsr_weight_with_few_zero_blocks_is_still_measured(gen, monkeypatch):
     x = torch.randn(4, 64, generator=gen)
     model = nn.Sequential(_bsr_linear(w, b, (16, 16))).eval()
     seen = []
-    monkeypatch.setattr(_sparse_choice, "measured_speedups", _recording(seen, {"block-sparse": 2.0}))
+    monkeypatch.setattr(_sparse_choice, "measured_times", _fake_times({"block-sparse": 2.0}, seen=seen))
     rep = pyaccel.patch(model, inplace=False)
     e = rep.entries[0]
     assert len(seen) == 1 and e.new_type == "BlockSparseLinear", str(rep)
     assert e.backend.endswith("0% zero 64x64 blocks, measured x2.00 at M=1 / x2.00 at M=64 over the layer's own "
-                              "forward (torch sparse_bsr F.linear)"), e.backend
+                              "forward (torch sparse_bsr F.linear), x2.00 / x2.00 over dense F.linear"), e.backend
     with torch.no_grad():
         assert torch.allclose(rep.model(x), x @ w.t() + b, rtol=0, atol=_atol(64))
-    monkeypatch.setattr(_sparse_choice, "measured_speedups", _recording(seen, {"block-sparse": 1.1}))
+    monkeypatch.setattr(_sparse_choice, "measured_times", _fake_times({"block-sparse": 1.1}))
     e = pyaccel.patch(model, inplace=False).entries[0]
     assert e.new_type is None and e.reason.startswith("0% zero 64x64 blocks, block-sparse measured x1.10 at M=1")
-    assert "not taken (it needs x1.15 at every measured M); otherwise float Linear with a torch sparse_bsr " \
-           "weight (weights not 2:4 sparse)" in e.reason, e.reason
-    monkeypatch.setattr(_sparse_choice, "measured_speedups", lambda *a, **k: pytest.fail("not measured"))
+    assert "not taken (under x1.15 over the layer's own forward at M=1, M=64: it needs x1.15 over the layer's own " \
+           "forward and x1.00 over dense F.linear at every measured M); otherwise float Linear with a torch " \
+           "sparse_bsr weight (weights not 2:4 sparse)" in e.reason, e.reason
+    monkeypatch.setattr(_sparse_choice, "measured_times", lambda *a, **k: pytest.fail("not measured"))
     e = pyaccel.patch(model, inplace=False, block_sparse="always").entries[0]
     assert e.new_type == "BlockSparseLinear" and "0% zero 64x64 blocks (block_sparse='always'" in e.backend
     assert pyaccel.patch(model, inplace=False, quantize="int8").entries[0].new_type == "Int8Linear"
@@ -580,33 +700,84 @@ def test_bsr_weight_with_few_zero_blocks_is_still_measured(gen, monkeypatch):
     assert "dense float Linear" in pyaccel.patch(dense, inplace=False).entries[0].reason
 
 
+def _failing_forward_layer(kind, w, b):
+    """A Linear whose own forward raises on CPU: torch has no bfloat16
+    sparse_bsr kernel, MKL no non-square BSR blocks, addmm no sparse_coo
+    second operand."""
+    if kind == "bfloat16 sparse_bsr":
+        return _bsr_linear(w.bfloat16(), b.bfloat16(), (16, 16)), "torch sparse_bsr F.linear", "NotImplementedError"
+    if kind == "8x16 sparse_bsr":
+        return _bsr_linear(w, b, (8, 16)), "torch sparse_bsr F.linear", "RuntimeError"
+    lin = _bsr_linear(w, b, (16, 16))
+    lin.weight = nn.Parameter(w.to_sparse(), requires_grad=False)
+    return lin, "torch sparse_coo F.linear", "RuntimeError"
+
+
 @pytest.mark.filterwarnings("ignore:Sparse")
-def test_bsr_weight_whose_forward_raises_is_measured_against_dense(gen, monkeypatch):
-    """torch has no bfloat16 sparse_bsr kernel on CPU: the layer's forward
-    raises, so the baseline is dense F.linear, and the report says why."""
-    w = torch.randn(64, 64, generator=gen) / 8
+@pytest.mark.parametrize("kind", ["bfloat16 sparse_bsr", "8x16 sparse_bsr", "sparse_coo"])
+def test_layer_whose_forward_raises_is_swapped_whatever_the_speed(gen, monkeypatch, kind):
+    """A layer that cannot run is swapped to the fastest block shape even when
+    that is slower than dense F.linear (x0.5 here): a module that computes the
+    layer's function beats one that fails. The report says so, with the
+    figures over dense F.linear; the original model still raises."""
+    w = torch.randn(64, 96, generator=gen) / 8
     w *= bsf.block_mask(w, (16, 16), 0.75)
-    model = nn.Sequential(_bsr_linear(w.bfloat16(), None, (16, 16))).eval()
-    with pytest.raises(Exception):
-        model(torch.randn(2, 64).bfloat16())
+    b = torch.randn(64, generator=gen)
+    lin, steps, exc = _failing_forward_layer(kind, w, b)
+    model = nn.Sequential(lin).eval()
+    dtype = lin.weight.dtype
+    x = torch.randn(3, 96, generator=gen).to(dtype)
+    with pytest.raises(Exception), torch.no_grad():
+        model(x)
     seen = []
-    monkeypatch.setattr(_sparse_choice, "measured_speedups", _recording(seen, {"block-sparse": 0.5}))
-    e = pyaccel.patch(model, inplace=False).entries[0]
-    assert seen[0]["baseline"] is None and seen[0]["dtype"] == torch.bfloat16
-    assert "over dense F.linear (the layer's own forward, torch sparse_bsr F.linear, raises NotImplementedError)" \
-        in e.reason, e.reason
-    monkeypatch.undo()
-    bsr = BlockSparseLinear.from_dense(w, None, (16, 16))
-    speed = _sparse_choice.measured_speedups(w.bfloat16(), None, {"bsr": bsr}, rows=(1, 4),
-                                             rounds=1)  # bfloat16 inputs for a bfloat16 weight
-    assert all(s > 0 for s in speed["bsr"].values())
+    monkeypatch.setattr(_sparse_choice, "measured_times", _fake_times({"block-sparse": 0.5}, seen=seen))
+    rep = pyaccel.patch(model, inplace=False)
+    e = rep.entries[0]
+    assert seen[0]["runners"][0] == _sparse_choice.DENSE and _sparse_choice.OWN not in seen[0]["runners"]
+    assert seen[0]["dtype"] == dtype
+    assert e.new_type == "BlockSparseLinear", str(rep)
+    assert f"the layer's own forward ({steps}) raises {exc}: swapped whatever the speed; measured x0.50 at M=1 " \
+           "/ x0.50 at M=64 over dense F.linear" in e.backend, e.backend
+    want = x.float() @ w.to(dtype).float().t() + b.to(dtype).float()
+    tol = _atol(96) if dtype == torch.float32 else 0.05
+    with torch.no_grad():
+        assert torch.allclose(rep.model(x).float(), want, rtol=tol, atol=tol)
+    if kind == "bfloat16 sparse_bsr":  # the real timing too: swapped whatever it measures
+        monkeypatch.undo()
+        e = pyaccel.patch(model, inplace=False).entries[0]
+        assert e.new_type == "BlockSparseLinear" and "swapped whatever the speed" in e.backend, e.backend
+
+
+@pytest.mark.filterwarnings("ignore:Sparse")
+def test_bsr_blocksize_hint_has_the_tiling_limits(gen, monkeypatch):
+    """A sparse_bsr weight's block shape is a hint only within the limits of
+    tiling_block's (sides <= MAX_HINT_SIDE, >= MIN_HINT_AREA entries): a
+    to_sparse_bsr((1, 1)) weight does not become a 1x1-block module, not
+    even with block_sparse='always' (unmeasured), nor a 128x128 one."""
+    assert _sparse_choice.usable_hint((1, 1)) is None and _sparse_choice.usable_hint((1, 2)) is None
+    assert _sparse_choice.usable_hint((128, 128)) is None and _sparse_choice.usable_hint((1, 128)) is None
+    assert _sparse_choice.usable_hint((2, 2)) == (2, 2) and _sparse_choice.usable_hint((64, 64)) == (64, 64)
+    assert _sparse_choice.usable_hint(None) is None
+    w = torch.randn(256, 256, generator=gen) / 16
+    w *= bsf.block_mask(w, (128, 128), 0.5)
+    x = torch.randn(2, 256, generator=gen)
+    monkeypatch.setattr(_sparse_choice, "measured_times", lambda *a, **k: pytest.fail("not measured"))
+    for blocksize, want in (((1, 1), (64, 64)), ((128, 128), (64, 64))):
+        model = nn.Sequential(_bsr_linear(w, None, blocksize)).eval()
+        rep = pyaccel.patch(model, inplace=False, block_sparse="always")
+        assert rep.entries[0].new_type == "BlockSparseLinear" and rep.model[0].block == want, str(rep)
+        with torch.no_grad():
+            assert torch.allclose(rep.model(x), x @ w.t(), rtol=0, atol=_atol(256))
+    u = torch.randn(64, 64, generator=gen) * (torch.rand(64, 64, generator=gen) > 0.5)  # unstructured zeros
+    rep = pyaccel.patch(nn.Sequential(_bsr_linear(u, None, (1, 1))), inplace=False, block_sparse="always")
+    assert rep.model[0].block in _sparse_choice.CANDIDATE_BLOCKS, str(rep)
 
 
 def test_prune_masked_and_parametrized_layers_are_measured_as_they_run(gen, monkeypatch):
-    """The baseline of a masked / parametrized layer is its own forward (the
-    mask or parametrization recomputed each call), run as inference: the
-    module is left as it was (the tensor the prune hook wrote, the training
-    flags, spectral_norm's power-iteration state)."""
+    """The own forward of a masked / parametrized layer (the mask or
+    parametrization recomputed each call) is timed as inference, next to
+    dense F.linear: the module is left as it was (the tensor the prune hook
+    wrote, the training flags, spectral_norm's power-iteration state)."""
     k = 128
     torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
     lin = nn.Linear(k, 64)
@@ -621,18 +792,21 @@ def test_prune_masked_and_parametrized_layers_are_measured_as_they_run(gen, monk
     state = {kk: v.clone() for kk, v in sn.state_dict().items()}
     model = nn.Sequential(lin, sn)  # training mode
     seen = []
-    monkeypatch.setattr(_sparse_choice, "measured_speedups", _recording(seen, {}))  # x1.00: declined
+    monkeypatch.setattr(_sparse_choice, "measured_times", _fake_times(seen=seen))  # x1.00: declined
     rep = pyaccel.patch(model)
     ones = torch.ones(2, k)
     with torch.no_grad():
         want = [ones @ (lin.weight_orig * lin.weight_mask).t() + lin.bias, sn.eval()(ones)]
     sn.train()
+    assert len(seen) == 2
     for s, ref in zip(seen, want):
+        assert s["runners"] == [_sparse_choice.DENSE, _sparse_choice.OWN, "block-sparse"]
         assert torch.allclose(s["probe"], ref, rtol=0, atol=_atol(k))
     reasons = [e.reason for e in rep.entries]
     assert "75% zero 16x16 blocks, block-sparse measured x1.00 at M=1 / x1.00 at M=64 over the layer's own " \
-           "forward (prune mask on weight (CustomFromMask) + dense F.linear): not taken" in reasons[0], reasons[0]
-    assert "over the layer's own forward (parametrization on weight + dense F.linear)" in reasons[1], reasons[1]
+           "forward (prune mask on weight (CustomFromMask) + dense F.linear), x1.00 / x1.00 over dense F.linear: " \
+           "not taken (under x1.15 over the layer's own forward at M=1, M=64" in reasons[0], reasons[0]
+    assert "over the layer's own forward (parametrization on weight + dense F.linear), x1.00" in reasons[1], reasons[1]
     assert lin.__dict__["weight"] is written and lin.training and sn.training
     assert all(m.training for m in sn.parametrizations.modules())
     assert all(torch.equal(state[kk], v) for kk, v in sn.state_dict().items())  # _u, _v not iterated
@@ -649,19 +823,100 @@ def test_tiling_block_finds_the_pruned_shape(gen):
     assert _sparse_choice.tiling_block(w * bsf.block_mask(w, (1, 2), 0.6)) is None  # under 4 entries
     for plain in (w, torch.zeros_like(w), w * mask_24(w), w * (torch.rand(w.shape, generator=gen) > 0.5)):
         assert _sparse_choice.tiling_block(plain) is None
-    kept = w3.clone()
-    kept[0:3, 0:3] = 1.0
-    kept[1, 1] = 0.0  # an exact zero inside a kept block: only 1x1 tiles
-    assert _sparse_choice.tiling_block(kept) is None
     cols = w.clone()
     cols[:, 9:18] = 0  # all rows alike: the candidates' shapes find zero columns
     assert _sparse_choice.tiling_block(cols) is None
     big = torch.randn(256, 256, generator=gen)
     big[:128, :128] = 0
     big[128:, 128:] = 0
-    assert _sparse_choice.tiling_block(big) == (64, 64)  # 128 tiles; sides capped at MAX_TILING_SIDE
+    assert _sparse_choice.tiling_block(big) == (64, 64)  # 128 tiles; sides capped at MAX_HINT_SIDE
     assert _sparse_choice.shapes_with([(3, 3), None, (32, 32), (2, 2)])[:3] == ((64, 64), (32, 32), (16, 16))
     assert _sparse_choice.shapes_with([(3, 3), (2, 2)])[-4:] == ((3, 3), (1, 8), (2, 2), (1, 4))
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (100, 70), (384, 1536)])
+def test_tiling_block_looks_through_stray_zeros(gen, shape):
+    """Exact zeros among the kept weights (one, or 0.1 % of them) leave the
+    pruned shape found; a shape they do not tile is still refused."""
+    w = torch.randn(*shape, generator=gen)
+    w *= bsf.block_mask(w, (3, 3), 0.5)
+    one = w.clone()
+    i, j = (one != 0).nonzero()[0]  # the review's case: one exact zero inside a kept block
+    one[i, j] = 0
+    assert _sparse_choice.tiling_block(one) == (3, 3)
+    kept = w.clone()
+    kept[0:3, 0:3] = 1.0
+    kept[1, 1] = 0.0
+    assert _sparse_choice.tiling_block(kept) == (3, 3)
+    few = w * (torch.rand(w.shape, generator=gen) > 0.001)
+    assert _sparse_choice.tiling_block(few) == (3, 3)
+    # unstructured zeros on top of the blocks (40 % of the kept weights) are no stray zeros
+    many = w * (torch.rand(w.shape, generator=gen) > 0.4)
+    assert _sparse_choice.tiling_block(many) is None
+
+
+def test_stray_zero_keeps_a_pruned_layer_in_the_measurement(gen, monkeypatch):
+    """prune_blocks(block=(3, 3), 0.5) and one kept weight exactly 0: the
+    layer is measured with its 3x3 shape, not reported under the minimum
+    (the best candidate shape has about 13 % zero blocks)."""
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    m = nn.Sequential(nn.Linear(96, 96)).eval()
+    pyaccel.prune.prune_blocks(m, 0.5, block=(3, 3))
+    pyaccel.prune.make_permanent(m)
+    with torch.no_grad():
+        i, j = (m[0].weight != 0).nonzero()[0]
+        m[0].weight[i, j] = 0
+    x = torch.randn(4, 96, generator=gen)
+    with torch.no_grad():
+        ref = m(x)
+    seen = []
+    monkeypatch.setattr(_sparse_choice, "measured_times", _fake_times({"block-sparse": 2.0}, seen=seen))
+    rep = pyaccel.patch(m, inplace=False)
+    assert seen and seen[0]["blocks"]["block-sparse"] == (3, 3), str(rep)
+    assert rep.entries[0].new_type == "BlockSparseLinear" and "50% zero 3x3 blocks" in rep.entries[0].backend
+    with torch.no_grad():
+        assert torch.allclose(rep.model(x), ref, rtol=0, atol=_atol(96))
+
+
+def test_scoring_matches_zero_block_fraction_and_its_bounds(gen):
+    """block_fractions (from one nonzero map) equals zero_block_fraction;
+    the bounds the handler skips scoring with hold for every shape with
+    sides <= 64, padded edge blocks included."""
+    shapes = [(64, 64), (1, 4), (3, 3), (5, 7), (64, 1), (2, 64), (32, 32)]
+    for n, k in ((100, 70), (65, 129), (64, 64), (7, 200)):
+        for sparsity in (0.0, 0.3, 0.9):
+            w = torch.randn(n, k, generator=gen)
+            w *= bsf.block_mask(w, (5, 3), sparsity)
+            w[-1, :] = 0  # the last row zero: the padded edge blocks of most shapes are all zero
+            zeros = int((w == 0).sum())
+            for b, f in _sparse_choice.block_fractions(w, shapes):
+                assert f == bsf.zero_block_fraction(w, b), (n, k, b)
+                for minimum in (f, f - 1e-9):  # a shape that reaches `minimum`: the bounds must allow it
+                    assert _sparse_choice.any_could_reach((n, k), zeros, minimum), (n, k, b, f)
+                    assert _sparse_choice.tiling_could_reach((n, k), zeros, minimum), (n, k, b, f)
+    assert not _sparse_choice.any_could_reach((4096, 4096), 1228, 0.3)  # 4096 blocks of 64x64
+    assert _sparse_choice.any_could_reach((4096, 4096), 1229, 0.3)
+    assert not _sparse_choice.tiling_could_reach((4096, 4096), int(0.26 * 4096 ** 2), 0.3)
+
+
+def test_planning_skips_scoring_where_no_shape_can_reach_the_minimum(gen, monkeypatch):
+    """A dense weight with a few stray zeros is not scored at all; one with
+    10 % zero 1x4 blocks (1024 x 1024) is scored for the report's note but
+    tiling_block is not run (no shape of its can reach 30 %)."""
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    dense = nn.Linear(1024, 1024)
+    with torch.no_grad():
+        dense.weight[3, :5] = 0
+    monkeypatch.setattr(_sparse_choice, "block_fractions", lambda *a, **k: pytest.fail("scored"))
+    monkeypatch.setattr(_sparse_choice, "tiling_block", lambda *a, **k: pytest.fail("tiling_block run"))
+    e = pyaccel.patch(nn.Sequential(dense), inplace=False).entries[0]
+    assert e.reason == "dense float Linear (weights not 2:4 sparse): pass quantize='int8' to quantize it (lossy)"
+    monkeypatch.undo()
+    monkeypatch.setattr(_sparse_choice, "tiling_block", lambda *a, **k: pytest.fail("tiling_block run"))
+    with torch.no_grad():
+        dense.weight.mul_(bsf.block_mask(dense.weight, (1, 4), 0.1))
+    e = pyaccel.patch(nn.Sequential(dense), inplace=False).entries[0]
+    assert e.reason.endswith("; 10% zero 1x4 blocks, under the 30% block-sparse minimum"), e.reason
 
 
 def test_prune_blocks_shape_is_a_candidate_also_after_a_state_dict_round_trip(gen, monkeypatch):
@@ -683,14 +938,14 @@ def test_prune_blocks_shape_is_a_candidate_also_after_a_state_dict_round_trip(ge
 
     def check(m, what):
         seen = []
-        monkeypatch.setattr(_sparse_choice, "measured_speedups", _recording(seen, {"block-sparse": 2.0}))
+        monkeypatch.setattr(_sparse_choice, "measured_times", _fake_times({"block-sparse": 2.0}, seen=seen))
         rep = pyaccel.patch(m, inplace=False)
         assert [s["blocks"] for s in seen] == [{"block-sparse": (3, 3), "block-sparse 1x4": (1, 4)}], what
         e = rep.entries[0]
         assert e.new_type == "BlockSparseLinear", what
         assert "90% zero 3x3 blocks, measured x2.00 at M=1 / x2.00 at M=64 over the layer's own forward (" \
             in e.backend, (what, e.backend)
-        assert re.search(r"also measured 8\d% zero 1x4 blocks: x1\.00 at M=1", e.backend), e.backend
+        assert re.search(r"also measured 8\d% zero 1x4 blocks: x1\.00 at M=1 / x1\.00 at M=64", e.backend), e.backend
         assert rep.model[0].block == (3, 3)
         with torch.no_grad():
             assert torch.allclose(rep.model(x), ref, rtol=0, atol=_atol(k)), what
