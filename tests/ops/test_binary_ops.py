@@ -310,6 +310,32 @@ def test_weight_checks_remembered_until_a_write(gen):
     assert y0.shape == (1, 6, 3, 3)
 
 
+def test_weight_checks_miss_writes_without_a_version_bump(gen):
+    """The documented limit of the remembered checks: a write that moves no
+    version counter (.data, .numpy()) is not seen by the next call; a write
+    through the tensor itself, or new tensor objects, are checked again."""
+    xc, wc = _x(gen, 1, 70, 5, 5), _x(gen, 6, 70, 3, 3)
+    bits, wsum = bf.pack_conv_weight(wc, 1)
+    args = [xc, bits, wsum, None, None, None, 6, [3, 3], [1, 1], [1, 1], [1, 1], 1, "zeros", "none", 0.0, 0.0]
+    y = ob.binary_conv2d(*args)
+    good = wsum.clone()
+    wsum.numpy()[2, 0] += 2  # no version bump: not seen (documented)
+    assert not torch.equal(ob.binary_conv2d(*args), y)
+    args[2] = wsum.clone()  # new objects: checked
+    with pytest.raises(ValueError, match=r"wsum: .* at \[2, 0\]"):
+        ob.binary_conv2d(*args)
+    args[2] = wsum
+    wsum.data[2, 0] -= 2  # .data: no version bump either; the values are right again
+    assert torch.equal(ob.binary_conv2d(*args), y)
+    wsum.data[2, 0] += 2
+    with torch.no_grad():
+        wsum.copy_(wsum.clone())  # a write through the tensor itself: checked again
+    with pytest.raises(ValueError, match=r"wsum: .* at \[2, 0\]"):
+        ob.binary_conv2d(*args)
+    wsum.copy_(good)
+    assert torch.equal(ob.binary_conv2d(*args), y)
+
+
 def test_binary_linear_without_features_and_list_lengths(gen):
     bits, wsum = bf.pack_conv_weight(_x(gen, 4, 8, 3, 3), 1)
     with pytest.raises(ValueError, match="x: .*in_features >= 1"):
