@@ -25,8 +25,28 @@ def test_bench_quick_runs(tmp_path, capsys):
     # the console rows give % of the header's peak too: int8 rows a number, 2:4 rows (dense-equivalent) none
     out = capsys.readouterr().out
     assert "%peak" in out
-    assert re.search(r"pyaccel int8 +[\d.]+ ±.*?[\d.]+ +\d+ +[\d.]+ ", out)
+    assert re.search(r"pyaccel int8 +[\d.]+ ±.*?[\d.]+ +[\d.]+ +[\d.]+ ", out)
     assert re.search(r"pyaccel 2:4 fp32 +[\d.]+ ±.*?[\d.]+ +- +[\d.]+ ", out)
+
+
+def test_percent_of_peak_per_row():
+    """Each row against its own arithmetic's peak: int8 candidates the int8
+    peak, fp32 ones (dense or sparse) the fp32 peak, bf16 rows and the 2:4
+    suites (dense-equivalent operations) none; one decimal below 10 %."""
+    from pyaccel.bench import common
+    row = lambda suite, name, gops: common.Row(suite, "8x8", 1, "hot", name, None, gops, None)  # noqa: E731
+    saved = dict(common.PEAKS)
+    try:
+        common.PEAKS.update(int8=400.0, fp32=100.0)
+        assert common.pct_text(row("int8", "pyaccel int8", 200.0), "-") == "50"
+        assert common.pct_text(row("int8", "torch.ao int8", 20.0), "-") == "5.0"
+        assert common.pct_text(row("int8", "torch fp32", 50.0), "-") == "50"
+        assert common.pct_text(row("int8", "torch bf16", 50.0), "-") == "-"
+        assert common.pct_text(row("bsr 32x32 90%", "torch BSR mm", 10.0), "-") == "10"
+        assert common.pct_text(row("bsr int8 32x32 90%", "pyaccel BSR int8", 40.0), "-") == "10"
+        assert common.pct_text(row("2:4", "pyaccel 2:4 fp32", 50.0), "-") == "-"
+    finally:
+        common.PEAKS.update(saved)
 
 
 def test_int8_bench_gives_the_7_bit_row_paired_speed_ups_too():

@@ -275,7 +275,7 @@ def main(argv=None) -> int:
             suites_seen = list(dict.fromkeys(r.suite for r in rows))
             for suite in suites_seen:
                 sub = [r for r in rows if r.suite == suite]
-                f.write(f"### {suite}\n\n" + common.to_markdown(sub, common.peak_for(suite)) + "\n\n")
+                f.write(f"### {suite}\n\n" + common.to_markdown(sub) + "\n\n")
             if dws_rows:
                 f.write(f"### fused depthwise-separable conv (fp32; {torch.get_num_threads()} threads; "
                         f"% peak: pointwise FLOPs / pyaccel time vs {args.fp32_peak or 0:.0f} GFLOP/s)\n\n"

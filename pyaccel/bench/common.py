@@ -168,19 +168,31 @@ def ratio_spread(r: Row, label: str) -> str:
 PEAKS: Dict[str, Optional[float]] = {"int8": None, "fp32": None}
 
 
-def peak_for(suite: str) -> Optional[float]:
-    """The peak a suite's GOP/s are a share of: int8 rows (dense int8, BSR int8)
-    the int8 peak, BSR fp32 rows (kept blocks' FLOPs) the fp32 one; None for
-    the rest (2:4 counts dense-equivalent operations, which no peak bounds)."""
-    if suite == "int8" or suite.startswith("bsr int8"):
+def peak_for(suite: str, name: str) -> Optional[float]:
+    """The peak candidate `name`'s GOP/s in `suite` are a share of, or None: in
+    the int8 and block-sparse suites, int8 candidates (pyaccel's, torch.ao's,
+    ONNX Runtime's) the int8 peak and fp32 ones (dense or sparse) the fp32 one;
+    bf16 rows, memory floors and the 2:4 suites (dense-equivalent operations,
+    which no peak bounds) none."""
+    if not (suite == "int8" or suite.startswith("bsr ")):
+        return None
+    if "int8" in name or name.startswith("torch.ao"):
         return PEAKS["int8"]
-    if suite.startswith("bsr "):
+    if "fp32" in name or name in ("torch BSR mm", "torch CSR mm"):
         return PEAKS["fp32"]
     return None
 
 
-def _pct_peak(r: Row, peak: Optional[float]) -> Optional[float]:
+def pct_peak(r: Row) -> Optional[float]:
+    """r's GOP/s as a % of its peak (peak_for), or None."""
+    peak = peak_for(r.suite, r.name)
     return 100 * r.gops / peak if peak and r.gops is not None else None
+
+
+def pct_text(r: Row, none: str) -> str:
+    """pct_peak as text: one decimal below 10 %, whole percent above; `none` without one."""
+    pct = pct_peak(r)
+    return none if pct is None else f"{pct:.1f}" if pct < 10 else f"{pct:.0f}"
 
 
 def format_row(r: Row) -> str:
@@ -188,17 +200,17 @@ def format_row(r: Row) -> str:
         return "-" if v is None else format(v, fmt)
     ratios = "  ".join(f"{k} {v:.2f}{ratio_spread(r, k)}" for k, v in r.ratios.items())
     return (f"{r.shape:>10} {r.m:>4} {r.mode:>8} {r.name:>26} {r.timing.median_s * 1e6:>10.1f} "
-            f"±{r.timing.spread * 100:>4.0f}% {f(r.gops, '8.1f'):>8} {f(_pct_peak(r, peak_for(r.suite)), '5.0f'):>5} "
+            f"±{r.timing.spread * 100:>4.0f}% {f(r.gops, '8.1f'):>8} {pct_text(r, '-'):>5} "
             f"{f(r.sqnr_db, '6.1f'):>6} {f(r.weight_gbs, '6.1f'):>6}  {ratios}")
 
 
 HEADER = (f"{'W (NxK)':>10} {'M':>4} {'weights':>8} {'candidate':>26} {'median µs':>10} {'IQR':>6} "
           f"{'GOP/s':>8} {'%peak':>5} {'dB':>6} {'W GB/s':>6}  speed-ups of pyaccel: median (quartiles) of "
-          "per-round ratios\n(%peak: of the peak in the bench's header, int8 and block-sparse rows; dB: SQNR against "
-          "fp64 of the same layer)")
+          "per-round ratios\n(%peak: of the int8 or fp32 peak in the bench's header, int8 and block-sparse suites; "
+          "dB: SQNR against fp64 of the same layer)")
 
 
-def to_markdown(rows: List[Row], peak: Optional[float]) -> str:
+def to_markdown(rows: List[Row]) -> str:
     out = ["| W (N×K) | M | weights | candidate | median µs | IQR | GOP/s | % peak | SQNR dB | W GB/s | speed-ups: per-round median (quartiles) |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -206,8 +218,7 @@ def to_markdown(rows: List[Row], peak: Optional[float]) -> str:
         return "" if v is None else format(v, fmt)
     for r in rows:
         bold = "**" if r.ratios else ""
-        pct = _pct_peak(r, peak)
-        pk = "" if pct is None else f"{pct:.0f}"
+        pk = pct_text(r, "")
         ratios = ", ".join(f"{k} {v:.2f}{ratio_spread(r, k)}" for k, v in r.ratios.items())
         out.append(f"| {r.shape} | {r.m} | {r.mode} | {bold}{r.name}{bold} | {r.timing.median_s * 1e6:.1f} | "
                    f"±{r.timing.spread * 100:.0f}% | {f(r.gops, '.1f')} | {pk} | {f(r.sqnr_db, '.1f')} | "
