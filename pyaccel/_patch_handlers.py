@@ -176,6 +176,8 @@ def _linear_like(mod, ctx):
         return plan
     choices, note = _block_shapes(w, w.numel() - kept, src, plan)
     if not choices:
+        if isinstance(plan, str) and src.layout != "strided":
+            note += _raises_note(mod, src)
         return plan + note if isinstance(plan, str) else plan
     if ctx.block_sparse == "always":
         cls = BlockSparseInt8Linear if int8 else BlockSparseLinear
@@ -184,6 +186,19 @@ def _linear_like(mod, ctx):
                                     f"{_found(choice)} (block_sparse='always': not measured)"), lossy=int8)
     # measured at build time (only for the layers the filters select)
     return Build(lambda: _block_sparse_or(plan, mod, src, choices, is24, int8), lossy=int8)
+
+
+def _raises_note(mod: nn.Module, src: LinearSource) -> str:
+    """For a layer with a torch sparse weight that patch leaves as is: a note
+    when its own forward raises (torch has no CPU kernel for some sparse
+    layouts and dtypes), else ''."""
+    try:
+        with inference_forward(mod) as own, torch.no_grad():
+            own(torch.zeros(1, src.in_features, dtype=src.weight.dtype))
+    except Exception as exc:
+        return (f"; its own forward raises {type(exc).__name__} (torch has no CPU kernel for this {src.layout} "
+                "weight): make the weight dense (.to_dense()) to run it")
+    return ""
 
 
 def _block_shapes(w: torch.Tensor, zeros: int, src: LinearSource, plan: Union[Build, str]):

@@ -234,10 +234,12 @@ def tiling_block(w: Tensor, *, nonzero: Optional[Tensor] = None) -> Optional[Blo
     all-zero blocks are at most STRAY_ZEROS of the entries of its other
     blocks. For a weight pruned with ``prune_blocks(block=(3, 3))`` it is
     (3, 3) or a multiple of it, also when some kept weights are exactly 0.
-    None when w has no zero or only zeros, when all its rows or all its
-    columns have (nearly) the same zero pattern (zero rows or columns: the
-    candidate shapes find those), and when only shapes of fewer than
-    MIN_HINT_AREA entries tile (2:4 or unstructured zeros). `nonzero`:
+    Where all rows have (nearly) the same zero pattern -- whole zero
+    columns, as torch's ``prune.random_structured(dim=1)`` or ``ln_structured``
+    over inputs leave -- any row count tiles and the side is MAX_HINT_SIDE
+    (zero rows likewise give MAX_HINT_SIDE columns). None when w has no zero
+    or only zeros, and when only shapes of fewer than MIN_HINT_AREA entries
+    tile (2:4 or unstructured zeros). `nonzero`:
     nonzero_map(w), if already computed. Reads the zero pattern four times
     (~75 ms for 4096 x 4096 on this project's 2-core test machine)."""
     nz = nonzero_map(w) if nonzero is None else nonzero
@@ -246,10 +248,12 @@ def tiling_block(w: Tensor, *, nonzero: Optional[Tensor] = None) -> Optional[Blo
     if kept in (0, n * k):
         return None
     u = nz.view(torch.uint8)  # XOR and an int32 sum: about twice as fast as != and a bool sum
-    rows = _tiling_side((u[1:] ^ u[:-1]).sum(1, dtype=torch.int32), max(1.0, EDGE_SHARE * 2 * kept / n))
-    cols = None if rows is None else _tiling_side((u[:, 1:] ^ u[:, :-1]).sum(0, dtype=torch.int32),
-                                                  max(1.0, EDGE_SHARE * 2 * kept / k))
-    if rows is None or cols is None or rows * cols < MIN_HINT_AREA:
+    # no line where the pattern changes: every group size tiles that way
+    rows = _tiling_side((u[1:] ^ u[:-1]).sum(1, dtype=torch.int32), max(1.0, EDGE_SHARE * 2 * kept / n)) \
+        or MAX_HINT_SIDE
+    cols = _tiling_side((u[:, 1:] ^ u[:, :-1]).sum(0, dtype=torch.int32), max(1.0, EDGE_SHARE * 2 * kept / k)) \
+        or MAX_HINT_SIDE
+    if rows * cols < MIN_HINT_AREA:
         return None
     zero_blocks = ~_kept_blocks(nz, (rows, cols))
     nb, kb = zero_blocks.shape

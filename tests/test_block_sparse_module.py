@@ -590,11 +590,13 @@ def test_masked_layer_slower_than_dense_is_not_swapped_real_timing(gen):
     assert e.new_type is None, e.backend
     assert "35% zero 1x4 blocks, block-sparse measured" in e.reason, e.reason
     assert "over the layer's own forward (prune mask on weight (CustomFromMask) + dense F.linear), x" in e.reason
-    assert "slower than dense F.linear at M=1" in e.reason, e.reason
+    # which M fails depends on the machine's load: with another test process on the 2 cores, torch's
+    # 2-thread F.linear at one row can take 100x its quiet time, and then M = 64 fails instead
+    assert "slower than dense F.linear at M=" in e.reason, e.reason
     _check_rule(e)
     e = pyaccel.patch(p, inplace=False).entries[0]
     assert e.new_type is None and "over the layer's own forward (dense F.linear): not taken (under x1.15 over " \
-        "dense F.linear at M=1" in e.reason, e.reason
+        "dense F.linear at M=" in e.reason, e.reason
 
 
 def _masked(gen, n=64, k=96):
@@ -824,8 +826,12 @@ def test_tiling_block_finds_the_pruned_shape(gen):
     for plain in (w, torch.zeros_like(w), w * mask_24(w), w * (torch.rand(w.shape, generator=gen) > 0.5)):
         assert _sparse_choice.tiling_block(plain) is None
     cols = w.clone()
-    cols[:, 9:18] = 0  # all rows alike: the candidates' shapes find zero columns
-    assert _sparse_choice.tiling_block(cols) is None
+    cols[:, 9:18] = 0  # all rows alike: any row count tiles (MAX_HINT_SIDE); the columns in groups of 9
+    assert _sparse_choice.tiling_block(cols) == (_sparse_choice.MAX_HINT_SIDE, 9)
+    assert _sparse_choice.tiling_block(cols.t()) == (9, _sparse_choice.MAX_HINT_SIDE)
+    some = w.clone()
+    some[:, torch.randperm(70, generator=gen)[:35]] = 0  # torch's prune.random_structured(dim=1): one column a group
+    assert _sparse_choice.tiling_block(some) == (_sparse_choice.MAX_HINT_SIDE, 1)
     big = torch.randn(256, 256, generator=gen)
     big[:128, :128] = 0
     big[128:, 128:] = 0
