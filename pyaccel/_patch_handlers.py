@@ -188,17 +188,25 @@ def _linear_like(mod, ctx):
     return Build(lambda: _block_sparse_or(plan, mod, src, choices, is24, int8), lossy=int8)
 
 
-def _raises_note(mod: nn.Module, src: LinearSource) -> str:
-    """For a layer with a torch sparse weight that patch leaves as is: a note
-    when its own forward raises (torch has no CPU kernel for some sparse
-    layouts and dtypes), else ''."""
+def _own_forward_raises(own: nn.Module, src: LinearSource) -> Optional[str]:
+    """The name of the exception the layer's forward (`own`, run as inference)
+    raises on one row of zeros, or None: torch has no CPU kernel for some
+    sparse layouts and dtypes (bfloat16 or non-square-block BSR, COO)."""
     try:
-        with inference_forward(mod) as own, torch.no_grad():
+        with torch.no_grad():
             own(torch.zeros(1, src.in_features, dtype=src.weight.dtype))
     except Exception as exc:
-        return (f"; its own forward raises {type(exc).__name__} (torch has no CPU kernel for this {src.layout} "
-                "weight): make the weight dense (.to_dense()) to run it")
-    return ""
+        return type(exc).__name__
+    return None
+
+
+def _raises_note(mod: nn.Module, src: LinearSource) -> str:
+    """For a layer with a torch sparse weight that patch leaves as is: a note
+    when its own forward raises, else ''."""
+    with inference_forward(mod) as own:
+        raised = _own_forward_raises(own, src)
+    return ("" if raised is None else f"; its own forward raises {raised} (torch has no CPU kernel for this "
+            f"{src.layout} weight): make the weight dense (.to_dense()) to run it")
 
 
 def _block_shapes(w: torch.Tensor, zeros: int, src: LinearSource, plan: Union[Build, str]):
@@ -244,11 +252,8 @@ def _float_baselines(own: nn.Module, src: LinearSource, left_as_is: bool):
     runners: Dict[str, Callable] = {DENSE: lambda x: F.linear(x, w, b)}
     if src.forward_steps == "dense F.linear":  # a plain Linear: its own forward is the dense baseline
         return runners, [Baseline(DENSE, "the layer's own forward (dense F.linear)", _sparse_choice.MIN_SPEEDUP)], None
-    try:
-        with torch.no_grad():
-            own(torch.zeros(1, src.in_features, dtype=w.dtype))
-    except Exception as exc:  # torch has no kernel: bfloat16 or non-square-block BSR, COO on CPU
-        raised = type(exc).__name__
+    raised = _own_forward_raises(own, src)
+    if raised is not None:
         label = DENSE if left_as_is else f"{DENSE} (the layer's own forward, {src.forward_steps}, raises {raised})"
         return runners, [Baseline(DENSE, label, _sparse_choice.MIN_SPEEDUP)], raised
     runners[OWN] = own
