@@ -126,7 +126,8 @@ def patch(
             asked about every module of its span (convs, BatchNorms,
             activations) and stays unless all pass: a filter meant for convs
             should pass other modules (``not isinstance(m, nn.Conv2d) or ...``).
-        include / exclude: fnmatch patterns on module paths ("encoder.*.dense").
+        include / exclude: fnmatch patterns on module paths ("encoder.*.dense");
+            UserWarning for an include pattern that matches no path.
         inplace: False deep-copies the model first; ``report.model`` is the copy.
         block_sparse: for Linear layers with >= 30 % zero blocks (and, not
             quantized and not 2:4, those whose weight is a torch sparse tensor,

@@ -127,6 +127,9 @@ def prune_24(model: nn.Module, *, filter_fn: Optional[Callable[[nn.Module, str],
     it). A module found at several paths is pruned once. Returns the paths of
     the pruned layers (first path of each). ValueError, before anything is
     pruned, if a chosen layer's weight cannot be pruned (parametrized, ...).
+    UserWarning for a weight tied to another module's (left unpruned: the
+    mask would change the other module too), an include pattern that matches
+    no module path, and a call that prunes nothing.
     """
     return _apply_masks(_choose(model, filter_fn, include, exclude, MIN_IN_FEATURES, "prune_24"), mask_24)
 
