@@ -71,6 +71,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from pyaccel.formats.block_sparse import kept_blocks
+
 CANDIDATE_BLOCKS: Tuple[Tuple[int, int], ...] = ((64, 64), (32, 32), (16, 16), (8, 8), (4, 4), (1, 8), (1, 4))
 MIN_ZERO_BLOCKS = 0.3
 MIN_SPEEDUP = 1.15
@@ -120,21 +122,9 @@ def nonzero_map(w: Tensor) -> Tensor:
     return (w.detach() != 0).contiguous()
 
 
-def _kept_blocks(nz: Tensor, block: Block) -> Tensor:
-    """[ceil(n / bh), ceil(k / bw)] bool: the blocks of the nonzero map `nz`
-    holding a non-zero (edge blocks padded with zeros)."""
-    (n, k), (bh, bw) = nz.shape, block
-    nb, kb = -(-n // bh), -(-k // bw)
-    if nb * bh != n or kb * bw != k:
-        padded = torch.zeros(nb * bh, kb * bw, dtype=torch.bool, device=nz.device)
-        padded[:n, :k] = nz
-        nz = padded
-    return nz.view(nb, bh, kb, bw).any(3).any(1)
-
-
 def _fraction(nz: Tensor, block: Block) -> float:
     """pyaccel.formats.block_sparse.zero_block_fraction, from the nonzero map."""
-    kept = _kept_blocks(nz, block)
+    kept = kept_blocks(nz, block)
     return 1.0 - float(kept.float().mean()) if kept.numel() else 0.0
 
 
@@ -255,7 +245,7 @@ def tiling_block(w: Tensor, *, nonzero: Optional[Tensor] = None) -> Optional[Blo
         or MAX_HINT_SIDE
     if rows * cols < MIN_HINT_AREA:
         return None
-    zero_blocks = ~_kept_blocks(nz, (rows, cols))
+    zero_blocks = ~kept_blocks(nz, (rows, cols))
     nb, kb = zero_blocks.shape
     # the real (unpadded) entries of each block row / column: the last may be short
     rs = torch.full((nb,), float(rows), dtype=torch.float64)

@@ -86,10 +86,23 @@ def block_norms(weight: Tensor, block: Block) -> Tensor:
     return _blocks(weight.detach().float(), check_block(block)).pow(2).sum((-1, -2)).sqrt()
 
 
+def kept_blocks(nonzero: Tensor, block: Block) -> Tensor:
+    """bool [ceil(n / bh), ceil(k / bw)]: which blocks of the nonzero map
+    `nonzero` (bool [n, k], weight != 0) hold a non-zero (edge blocks padded
+    with zeros)."""
+    (n, k), (bh, bw) = nonzero.shape, block
+    nb, kb = -(-n // bh), -(-k // bw)
+    if nb * bh != n or kb * bw != k:
+        padded = torch.zeros(nb * bh, kb * bw, dtype=torch.bool, device=nonzero.device)
+        padded[:n, :k] = nonzero
+        nonzero = padded
+    return nonzero.reshape(nb, bh, kb, bw).any(3).any(1)
+
+
 def zero_block_fraction(weight: Tensor, block: Block) -> float:
     """Fraction of the (padded) weight's blocks that are all zero."""
-    nz = (_blocks(weight.detach(), check_block(block)) != 0).flatten(-2).any(-1)
-    return 1.0 - float(nz.float().mean()) if nz.numel() else 0.0
+    kept = kept_blocks(weight.detach() != 0, check_block(block))
+    return 1.0 - float(kept.float().mean()) if kept.numel() else 0.0
 
 
 def block_mask(weight: Tensor, block: Block, sparsity: float) -> Tensor:
